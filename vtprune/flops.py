@@ -1,0 +1,396 @@
+r"""Analytic prefill FLOPs and KV-cache bytes of the VLMs vtprune patches.
+
+Everything here is a pure function of ``transformers`` config objects (only attributes are read;
+no weights, no forward pass), so it is cheap enough to call after every pruned forward
+(``vtprune.stats(model).prefill_flops``) and in sweeps over budgets.
+
+Counting convention
+-------------------
+* 1 multiply-add = 2 FLOPs.  Every matrix product is counted: every linear layer (including the
+  MLP gate, q/k/v/o projections, lm_head, projector, patch merger), the convolutional patch
+  embedding (as the matmul it is), and the two attention products ``Q K^T`` and ``A V``.
+  This is what :class:`torch.utils.flop_counter.FlopCounterMode` counts, and the tests check it.
+* Causal attention is counted as the full ``S x S`` rectangle, as ``FlopCounterMode`` counts a
+  causal SDPA call (and as the dense kernels actually compute it, up to tiling).
+* Not counted: element-wise work (RMSNorm/LayerNorm, activations, the gate product, softmax, the
+  attention scale, residual adds, bias adds, the RoPE tables and their application) and embedding
+  look-ups.  (transformers 5.x builds the RoPE tables element-wise, so ``FlopCounterMode`` does not
+  see them either; older versions used an ``inv_freq @ positions`` matmul of ~``S * Dh`` FLOPs per
+  forward, negligible.)
+* Dense compute only: padding in a batch is counted (every row is ``S`` long), sliding-window
+  attention is counted as full, and MoE decoders are not modelled.
+
+Symbols
+-------
+``S``  tokens a decoder layer processes (queries); ``K`` keys it attends to (``K = S`` in prefill);
+``D``  hidden size; ``H`` attention heads; ``Hkv`` key/value heads (GQA); ``Dh`` head dim
+(``config.head_dim`` or ``D // H``); ``I`` MLP intermediate size; ``V`` vocabulary size;
+``L`` number of decoder layers; ``T`` tokens that go through lm_head; ``B`` batch size.
+
+Decoder (LLaMA / Qwen2 style: GQA attention + gated SiLU MLP), one layer, one sequence::
+
+    q_proj      2 * S * D * H*Dh
+    k_proj      2 * S * D * Hkv*Dh
+    v_proj      2 * S * D * Hkv*Dh
+    o_proj      2 * S * H*Dh * D
+    Q K^T       2 * S * K * H*Dh
+    A V         2 * S * K * H*Dh
+    MLP         3 * 2 * S * D * I          (gate_proj, up_proj, down_proj)
+
+    prefill  = B * ( sum_{l<L} layer(S_l, K=S_l) + 2 * T * D * V )        (lm_head on T tokens)
+    kv_bytes = 2 * Hkv * Dh * bytes(dtype) * B * sum_{l<L} S_l               (k and v)
+
+``S_l`` may differ per layer (visual tokens pruned before layer K: ``S_l = S`` for ``l < K`` and the
+pruned length after).  ``T`` defaults to 1: ``generate`` computes prefill logits for the last
+position only.
+
+CLIP ViT + LLaVA projector (LLaVA-1.5, LLaVA-NeXT), per image (per crop for LLaVA-NeXT AnyRes),
+with ``P`` patch size, ``C`` channels, ``N = (image_size // P)**2`` patches, ``Sv = N + 1`` tokens
+(CLS), ``Dv``, ``Iv``, ``Lv`` the vision hidden / intermediate size / layers, ``Dt`` the LLM hidden
+size, ``F`` the number of feature layers concatenated (1 unless ``vision_feature_layer`` is a list)::
+
+    patch conv  2 * N * C*P*P * Dv
+    per layer   4 * 2 * Sv * Dv * Dv        (q, k, v, out_proj)
+              + 2 * 2 * Sv * Sv * Dv        (Q K^T, A V; bidirectional)
+              + 2 * 2 * Sv * Dv * Iv        (fc1, fc2)
+    projector   2 * Np * F*Dv * Dt + 2 * Np * Dt * Dt
+                (Np = N with vision_feature_select_strategy "default" (CLS dropped), N + 1 with "full")
+
+HF runs *all* ``Lv`` encoder layers even though LLaVA reads layer -2 (``CLIPEncoder`` loops over
+every layer and the wanted hidden state is picked afterwards), so all ``Lv`` layers are counted.
+
+Qwen2-VL ViT, per entry ``(t, h, w)`` of ``image_grid_thw``: ``n = t*h*w`` patches, ``Tp`` temporal
+patch size, ``De = embed_dim``, ``Iv = int(De * mlp_ratio)``, ``Lv = depth``, ``m`` spatial merge size,
+``Dout`` the merger output size (``vision_config.hidden_size``)::
+
+    patch conv  2 * n * C*Tp*P*P * De
+    per block   4 * 2 * n * De * De         (qkv (3 matmuls' worth) + proj)
+              + 2 * 2 * t * (h*w)**2 * De   (full attention within each frame of each image)
+              + 2 * 2 * n * De * Iv         (fc1, fc2)
+    merger      2 * (n/m**2) * (m*m*De)**2 + 2 * (n/m**2) * (m*m*De) * Dout
+
+Qwen2.5-VL ViT: as Qwen2-VL with ``De = hidden_size``, a gated MLP (``3 * 2 * n * De * Iv`` with
+``Iv = intermediate_size``) and ``Dout = out_hidden_size``.  Blocks listed in
+``fullatt_block_indexes`` attend within each frame (``4 * t * (h*w)**2 * De``); all other blocks
+use window attention.  HF partitions each frame's ``(h/m) x (w/m)`` grid of merged tokens into
+windows of ``ws x ws`` merged tokens, ``ws = window_size // m // P``, the last row/column of windows
+being smaller; a window of ``r x c`` merged tokens holds ``m*m*r*c`` patches.  With ``r_i`` the
+window row heights (``ws, ..., ws, (h/m) % ws``) and ``c_j`` the column widths::
+
+    windowed attention  2 * 2 * De * t * m**4 * (sum_i r_i**2) * (sum_j c_j**2)
+
+Vision FLOPs are for all the images given (``num_images`` / all rows of ``image_grid_thw``); they
+are not multiplied by the batch size.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "decoder_layer_flops",
+    "decoder_prefill_flops",
+    "vision_flops",
+    "prefill_flops",
+    "kv_cache_bytes",
+    "SUPPORTED_MODEL_TYPES",
+]
+
+#: top-level ``config.model_type`` values :func:`vision_flops` / :func:`prefill_flops` understand.
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+_CLIP_VISION_TYPES = ("clip_vision_model",)
+
+
+# --------------------------------------------------------------------------- input checking
+def _as_count(value, name: str) -> int:
+    """A non-negative Python int from an int-like (int, numpy/torch integer scalar)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a non-negative int, got bool {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be a non-negative int, got tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = value.item()
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} {value!r}") from None
+    if out < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {out}")
+    return out
+
+
+def _require(cfg, attr: str, what: str):
+    value = getattr(cfg, attr, None)
+    if value is None:
+        raise ValueError(f"{what} ({type(cfg).__name__}) has no `{attr}`; cannot count its FLOPs")
+    return value
+
+
+def _text_config(config):
+    """Accept a text config or a top-level VLM config (use its ``text_config``)."""
+    sub = getattr(config, "text_config", None)
+    return sub if sub is not None else config
+
+
+def _attn_dims(text_config) -> tuple[int, int, int, int]:
+    """(D, H, Hkv, Dh) of a decoder config."""
+    what = "text config"
+    d = _require(text_config, "hidden_size", what)
+    h = _require(text_config, "num_attention_heads", what)
+    hkv = getattr(text_config, "num_key_value_heads", None) or h
+    dh = getattr(text_config, "head_dim", None) or d // h
+    return int(d), int(h), int(hkv), int(dh)
+
+
+def _num_layers(text_config) -> int:
+    return int(_require(text_config, "num_hidden_layers", "text config"))
+
+
+def _layer_lens(text_config, layer_seq_lens, name: str = "layer_seq_lens") -> list[int]:
+    """One sequence length per decoder layer, from an int or a per-layer sequence."""
+    num_layers = _num_layers(text_config)
+    if isinstance(layer_seq_lens, torch.Tensor):
+        if layer_seq_lens.dim() == 0:
+            return [_as_count(layer_seq_lens, name)] * num_layers
+        if layer_seq_lens.dim() != 1:
+            raise ValueError(f"{name} must be an int or a 1-D sequence with one length per decoder layer, "
+                             f"got a tensor of shape {tuple(layer_seq_lens.shape)}")
+        layer_seq_lens = layer_seq_lens.tolist()
+    if hasattr(layer_seq_lens, "ndim") and hasattr(layer_seq_lens, "tolist"):     # numpy array / scalar
+        if layer_seq_lens.ndim == 0:
+            return [_as_count(layer_seq_lens.item(), name)] * num_layers
+        if layer_seq_lens.ndim != 1:
+            raise ValueError(f"{name} must be an int or a 1-D sequence with one length per decoder layer, "
+                             f"got an array of shape {tuple(layer_seq_lens.shape)}")
+        layer_seq_lens = layer_seq_lens.tolist()
+    if isinstance(layer_seq_lens, (str, bytes)) or not isinstance(layer_seq_lens, Sequence):
+        if hasattr(layer_seq_lens, "__index__"):
+            return [_as_count(layer_seq_lens, name)] * num_layers
+        raise TypeError(f"{name} must be an int or a sequence of ints (one per decoder layer), "
+                        f"got {type(layer_seq_lens).__name__} {layer_seq_lens!r}")
+    lens = [_as_count(v, f"{name}[{i}]") for i, v in enumerate(layer_seq_lens)]
+    if len(lens) != num_layers:
+        raise ValueError(f"{name} has {len(lens)} entries but the model has num_hidden_layers={num_layers}; "
+                         f"give one length per decoder layer, or a single int for all layers")
+    return lens
+
+
+# --------------------------------------------------------------------------- decoder
+def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None) -> int:
+    """FLOPs of one LLaMA/Qwen2-style decoder layer for one sequence.
+
+    ``seq_len`` queries attend to ``kv_len`` keys (default ``seq_len``: prefill; ``seq_len=1`` and
+    ``kv_len=past+1`` is one decode step).  Counts q/k/v/o projections (GQA: k and v project to
+    ``Hkv*Dh``), ``Q K^T`` and ``A V`` as full ``seq_len x kv_len`` products, and the gated MLP
+    (3 matmuls of ``D x I``).  See the module docstring for the formula.
+    """
+    text_config = _text_config(text_config)
+    s = _as_count(seq_len, "seq_len")
+    k = s if kv_len is None else _as_count(kv_len, "kv_len")
+    d, h, hkv, dh = _attn_dims(text_config)
+    inter = int(_require(text_config, "intermediate_size", "text config"))
+    proj = 2 * s * d * (h * dh) * 2 + 2 * s * d * (hkv * dh) * 2   # q, o  +  k, v
+    attn = 2 * 2 * s * k * h * dh                                   # QK^T, AV
+    mlp = 3 * 2 * s * d * inter                                      # gate, up, down
+    return proj + attn + mlp
+
+
+def _lm_head_flops(text_config, tokens: int) -> int:
+    d = int(_require(text_config, "hidden_size", "text config"))
+    vocab = int(_require(text_config, "vocab_size", "text config"))
+    return 2 * tokens * d * vocab
+
+
+def decoder_prefill_flops(text_config, layer_seq_lens, batch: int = 1, lm_head_tokens: int = 1) -> int:
+    """Prefill FLOPs of the decoder: every layer at its own length, plus lm_head.
+
+    ``layer_seq_lens``: one int (all layers see the same length) or one length per decoder layer
+    (``len == num_hidden_layers``).  ``lm_head_tokens``: positions whose logits are computed
+    (``generate`` computes only the last one: default 1).  Everything is multiplied by ``batch``.
+    A top-level VLM config is accepted too (its ``text_config`` is used).
+    """
+    text_config = _text_config(text_config)
+    lens = _layer_lens(text_config, layer_seq_lens)
+    b = _as_count(batch, "batch")
+    t = _as_count(lm_head_tokens, "lm_head_tokens")
+    per_seq = sum(decoder_layer_flops(text_config, s) for s in lens) + _lm_head_flops(text_config, t)
+    return b * per_seq
+
+
+def kv_cache_bytes(text_config, layer_seq_lens, batch: int = 1, dtype=torch.float16) -> int:
+    """Bytes of the KV cache after prefill: ``2 * Hkv * Dh * bytes(dtype) * batch * sum_l S_l``.
+
+    ``layer_seq_lens`` as in :func:`decoder_prefill_flops` (each layer caches its own length).
+    ``dtype``: a ``torch.dtype`` or its name (``"bfloat16"``).
+    """
+    text_config = _text_config(text_config)
+    lens = _layer_lens(text_config, layer_seq_lens)
+    b = _as_count(batch, "batch")
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise TypeError(f"dtype {dtype!r} is not a torch dtype name (e.g. 'float16', 'bfloat16', 'float32')")
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__} {dtype!r}")
+    _, _, hkv, dh = _attn_dims(text_config)
+    return 2 * hkv * dh * dtype.itemsize * b * sum(lens)
+
+
+# --------------------------------------------------------------------------- vision towers
+def _vit_layer_flops(tokens: int, dim: int, inter: int, mlp_matmuls: int, attn_sq: int) -> int:
+    """One ViT block: q,k,v,out (4 D x D), attention with ``attn_sq = sum of segment_len**2``,
+    MLP of ``mlp_matmuls`` D x I matmuls."""
+    return 4 * 2 * tokens * dim * dim + 2 * 2 * attn_sq * dim + mlp_matmuls * 2 * tokens * dim * inter
+
+
+def _llava_vision_flops(config, num_images: int) -> int:
+    vcfg = _require(config, "vision_config", f"{config.model_type} config")
+    vtype = getattr(vcfg, "model_type", None)
+    if vtype not in _CLIP_VISION_TYPES:
+        raise ValueError(f"vision tower of model_type {vtype!r} in a {config.model_type!r} config is not supported; "
+                         f"supported: {list(_CLIP_VISION_TYPES)}")
+    what = "CLIP vision config"
+    dv = int(_require(vcfg, "hidden_size", what))
+    iv = int(_require(vcfg, "intermediate_size", what))
+    lv = int(_require(vcfg, "num_hidden_layers", what))
+    p = int(_require(vcfg, "patch_size", what))
+    c = int(getattr(vcfg, "num_channels", 3) or 3)
+    n = (int(_require(vcfg, "image_size", what)) // p) ** 2
+    s = n + 1                                                         # + CLS
+    dt = int(_require(_text_config(config), "hidden_size", "text config"))
+
+    feature_layer = getattr(config, "vision_feature_layer", -2)
+    n_feat = 1 if isinstance(feature_layer, int) else len(feature_layer)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; supported: 'default', 'full'")
+    n_proj = n if strategy == "default" else s
+
+    per_image = (
+        2 * n * c * p * p * dv                                        # patch embedding conv
+        + lv * _vit_layer_flops(s, dv, iv, 2, s * s)                  # all encoder layers
+        + 2 * n_proj * (n_feat * dv) * dt + 2 * n_proj * dt * dt      # projector linear_1, linear_2
+    )
+    return num_images * per_image
+
+
+def _grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
+    if image_grid_thw is None:
+        raise ValueError("image_grid_thw is required for Qwen2-VL / Qwen2.5-VL configs: an [n, 3] tensor or a "
+                         "list of (t, h, w) patch grids, one per image or video")
+    if isinstance(image_grid_thw, torch.Tensor) or hasattr(image_grid_thw, "tolist"):
+        rows = image_grid_thw.tolist()
+    else:
+        rows = list(image_grid_thw)
+    if rows and not isinstance(rows[0], (list, tuple)) and len(rows) == 3:
+        rows = [rows]                                                  # a single (t, h, w)
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)) or len(row) != 3:
+            raise ValueError(f"image_grid_thw[{i}] must be (t, h, w), got {row!r}")
+        out.append(tuple(_as_count(v, f"image_grid_thw[{i}][{j}]") for j, v in enumerate(row)))
+    return out
+
+
+def _check_merge(grid, m: int, i: int) -> None:
+    t, h, w = grid
+    if h % m or w % m:
+        raise ValueError(f"image_grid_thw[{i}] = {grid}: h and w must be multiples of spatial_merge_size={m}")
+
+
+def _window_sizes(length: int, ws: int) -> list[int]:
+    """Window extents along one axis: ws, ..., ws, remainder (HF pads to a multiple of ws)."""
+    full, rem = divmod(length, ws)
+    return [ws] * full + ([rem] if rem else [])
+
+
+def _qwen_vision_flops(config, image_grid_thw, qwen25: bool) -> int:
+    vcfg = _require(config, "vision_config", f"{config.model_type} config")
+    what = f"{config.model_type} vision config"
+    p = int(_require(vcfg, "patch_size", what))
+    tp = int(_require(vcfg, "temporal_patch_size", what))
+    c = int(getattr(vcfg, "in_channels", 3) or 3)
+    m = int(_require(vcfg, "spatial_merge_size", what))
+    depth = int(_require(vcfg, "depth", what))
+    if qwen25:
+        de = int(_require(vcfg, "hidden_size", what))
+        iv = int(_require(vcfg, "intermediate_size", what))
+        dout = int(_require(vcfg, "out_hidden_size", what))
+        mlp_matmuls = 3                                                # gated MLP
+        # HF tests `layer_num in fullatt_block_indexes`: plain membership, no negative indexing
+        full_blocks = {int(i) for i in (getattr(vcfg, "fullatt_block_indexes", None) or ())}
+        ws = int(_require(vcfg, "window_size", what)) // m // p
+        if ws <= 0:
+            raise ValueError(f"window_size={vcfg.window_size} is smaller than spatial_merge_size*patch_size="
+                             f"{m * p}: no window can be formed")
+    else:
+        de = int(_require(vcfg, "embed_dim", what))
+        iv = int(de * _require(vcfg, "mlp_ratio", what))
+        dout = int(_require(vcfg, "hidden_size", what))
+        mlp_matmuls = 2
+        full_blocks = set(range(depth))
+        ws = 0
+
+    dm = de * m * m                                                    # merger hidden size
+    total = 0
+    for i, grid in enumerate(_grid_rows(image_grid_thw)):
+        _check_merge(grid, m, i)
+        t, h, w = grid
+        n = t * h * w
+        full_sq = t * (h * w) ** 2                                     # attention within each frame
+        if ws:
+            rows = _window_sizes(h // m, ws)
+            cols = _window_sizes(w // m, ws)
+            win_sq = t * m ** 4 * sum(r * r for r in rows) * sum(cc * cc for cc in cols)
+        else:
+            win_sq = full_sq
+        total += 2 * n * c * tp * p * p * de                           # patch embedding conv3d
+        for blk in range(depth):
+            total += _vit_layer_flops(n, de, iv, mlp_matmuls, full_sq if blk in full_blocks else win_sq)
+        nm = n // (m * m)
+        total += 2 * nm * dm * dm + 2 * nm * dm * dout                 # patch merger MLP
+    return total
+
+
+def vision_flops(config, num_images: int = 1, image_grid_thw=None) -> int:
+    """FLOPs of the vision tower + projector of a top-level VLM config.
+
+    ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES`:
+
+    * ``llava`` / ``llava_next`` (CLIP ViT): ``num_images`` images of ``image_size`` (for LLaVA-NeXT,
+      crops: base image + AnyRes patches, all of them in the batch).  ``image_grid_thw`` must be None.
+    * ``qwen2_vl`` / ``qwen2_5_vl``: token counts from ``image_grid_thw`` (an ``[n, 3]`` tensor or a list
+      of ``(t, h, w)`` patch grids, one per image/video in the batch); ``num_images`` is not used.
+
+    The count covers all images given; it is not multiplied by any batch size.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("llava", "llava_next"):
+        if image_grid_thw is not None:
+            raise ValueError(f"image_grid_thw is only used for qwen2_vl / qwen2_5_vl configs, got it for "
+                             f"model_type {model_type!r}; pass num_images instead")
+        return _llava_vision_flops(config, _as_count(num_images, "num_images"))
+    if model_type == "qwen2_vl":
+        return _qwen_vision_flops(config, image_grid_thw, qwen25=False)
+    if model_type == "qwen2_5_vl":
+        return _qwen_vision_flops(config, image_grid_thw, qwen25=True)
+    raise ValueError(f"model_type {model_type!r} ({type(config).__name__}) is not supported by vtprune.flops; "
+                     f"supported: {list(SUPPORTED_MODEL_TYPES)} (pass the top-level VLM config)")
+
+
+def prefill_flops(config, layer_seq_lens, batch: int = 1, num_images: int = 1, image_grid_thw=None,
+                  lm_head_tokens: int = 1) -> int:
+    """Vision tower + projector (:func:`vision_flops`) plus decoder prefill
+    (:func:`decoder_prefill_flops` on ``config.text_config``) of a top-level VLM config.
+
+    ``num_images`` / ``image_grid_thw`` describe all images of the batch; ``batch`` multiplies only
+    the decoder part.
+    """
+    vis = vision_flops(config, num_images=num_images, image_grid_thw=image_grid_thw)
+    text_config = _require(config, "text_config", f"{getattr(config, 'model_type', None)!r} config")
+    return vis + decoder_prefill_flops(text_config, layer_seq_lens, batch=batch, lm_head_tokens=lm_head_tokens)
