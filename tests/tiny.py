@@ -1,0 +1,185 @@
+"""Tiny random-weight VLMs of every supported family, built from configs, with matching prompts.
+
+``build(family)`` -> (model, make_inputs) where ``make_inputs(batch_specs)`` builds left-padded model inputs.
+A batch spec per row is ``(text_before, n_images, text_after)``; token ids are drawn from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+VOCAB = 96
+IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, PAD_ID = 90, 91, 92, 93, 0
+
+_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    pad_token_id=PAD_ID,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56, patch_size=14
+)
+
+
+def _finish(model):
+    model.eval()
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model
+
+
+def build(family: str, seed: int = 0, attn: str = "sdpa"):
+    torch.manual_seed(seed)
+    if family == "llava":
+        cfg = LlavaConfig(
+            vision_config=CLIPVisionConfig(**_CLIP),
+            text_config=LlamaConfig(**_TEXT),
+            image_token_id=IMAGE_ID,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        model = LlavaForConditionalGeneration(cfg)
+    elif family == "llava_next":
+        cfg = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**_CLIP),
+            text_config=LlamaConfig(**_TEXT),
+            image_token_id=IMAGE_ID,
+            image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        model = LlavaNextForConditionalGeneration(cfg)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        if family == "qwen2_vl":
+            vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+            cls_cfg, cls_model = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        else:
+            vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56,
+                          fullatt_block_indexes=[1])
+            cls_cfg, cls_model = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        cfg = cls_cfg(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VSTART_ID,
+            vision_end_token_id=VEND_ID,
+        )
+        model = cls_model(cfg)
+    else:
+        raise ValueError(family)
+    model.config._attn_implementation = attn
+    for sub in (model.config.text_config, model.config.vision_config):
+        sub._attn_implementation = attn
+    return _finish(model)
+
+
+def _llava_images(model, n_images, gen):
+    pix = torch.randn(n_images, 3, 56, 56, generator=gen)
+    n = (56 // 14) ** 2
+    return {"pixel_values": pix}, [n] * n_images
+
+
+def _next_images(model, n_images, gen):
+    sizes = [[56, 112], [112, 112], [112, 56]]
+    sizes = torch.tensor([sizes[i % 3] for i in range(n_images)])
+    pix = torch.randn(n_images, 5, 3, 56, 56, generator=gen)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pix, sizes).pooler_output
+    return {"pixel_values": pix, "image_sizes": sizes}, [f.shape[0] for f in feats]
+
+
+def _qwen_images(model, n_images, gen):
+    grids = [[1, 8, 8], [1, 6, 10], [1, 8, 6]]
+    grids = torch.tensor([grids[i % 3] for i in range(n_images)])
+    patches = int(grids.prod(-1).sum())
+    pix = torch.randn(patches, 3 * 2 * 14 * 14, generator=gen)
+    return {"pixel_values": pix, "image_grid_thw": grids}, [int(g.prod()) // 4 for g in grids]
+
+
+_IMAGES = {"llava": _llava_images, "llava_next": _next_images, "qwen2_vl": _qwen_images, "qwen2_5_vl": _qwen_images}
+
+
+def make_inputs(model, family: str, specs, seed: int = 0):
+    """Left-padded inputs for rows ``specs = [(text_before, n_images, text_after), ...]``."""
+    gen = torch.Generator().manual_seed(seed)
+    total_images = sum(s[1] for s in specs)
+    image_kwargs, lengths = _IMAGES[family](model, total_images, gen) if total_images else ({}, [])
+    qwen = family.startswith("qwen")
+    rows, types = [], []
+    it = iter(lengths)
+    for before, n_img, after in specs:
+        ids = torch.randint(3, 80, (before,), generator=gen).tolist()
+        tt = [0] * before
+        for _ in range(n_img):
+            n = next(it)
+            block = ([VSTART_ID] if qwen else []) + [IMAGE_ID] * n + ([VEND_ID] if qwen else [])
+            ids += block
+            tt += ([0] if qwen else []) + [1] * n + ([0] if qwen else [])
+        more = torch.randint(3, 80, (after,), generator=gen).tolist()
+        ids += more
+        tt += [0] * after
+        rows.append(ids)
+        types.append(tt)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    tti = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, types)):
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+        tti[i, width - len(r) :] = torch.tensor(t)
+    out = {"input_ids": input_ids, "attention_mask": mask, **image_kwargs}
+    if qwen:
+        out["mm_token_type_ids"] = tti
+    return out
+
+
+def split_rows(model, family, specs, seed=0):
+    """The same rows as ``make_inputs(specs)``, each built alone (same token ids and images)."""
+    batch = make_inputs(model, family, specs, seed)
+    singles = []
+    img0 = 0
+    for i, spec in enumerate(specs):
+        n_img = spec[1]
+        real = batch["attention_mask"][i].bool()
+        one = {"input_ids": batch["input_ids"][i, real][None], "attention_mask": batch["attention_mask"][i, real][None]}
+        if "mm_token_type_ids" in batch:
+            one["mm_token_type_ids"] = batch["mm_token_type_ids"][i, real][None]
+        if n_img:
+            if family == "llava":
+                one["pixel_values"] = batch["pixel_values"][img0 : img0 + n_img]
+            elif family == "llava_next":
+                one["pixel_values"] = batch["pixel_values"][img0 : img0 + n_img]
+                one["image_sizes"] = batch["image_sizes"][img0 : img0 + n_img]
+            else:
+                grids = batch["image_grid_thw"]
+                start = int(grids[:img0].prod(-1).sum())
+                stop = start + int(grids[img0 : img0 + n_img].prod(-1).sum())
+                one["pixel_values"] = batch["pixel_values"][start:stop]
+                one["image_grid_thw"] = grids[img0 : img0 + n_img]
+        img0 += n_img
+        singles.append(one)
+    return batch, singles

@@ -1,0 +1,48 @@
+"""Model-family adapters, keyed on ``config.model_type``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ModelAdapter
+from .llava import LlavaAdapter, LlavaNextAdapter
+from .qwen_vl import QwenVLAdapter
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {
+    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter) for t in cls.model_types
+}
+
+#: families whose mechanism differs enough that they are refused explicitly (not silently mis-pruned)
+_NOT_YET = {
+    "qwen3_vl": "Qwen3-VL injects DeepStack features into early decoder layers at visual positions; pruning "
+    "them alongside the visual tokens is not implemented yet",
+    "llava_onevision": "LLaVA-OneVision's AnyRes-max packing and video pooling are not mapped yet",
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get_adapter(model) -> ModelAdapter:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in _NOT_YET:
+        raise NotImplementedError(f"model_type {model_type!r} is not supported yet: {_NOT_YET[model_type]}")
+    cls = _ADAPTERS.get(model_type)
+    if cls is None:
+        raise ValueError(
+            f"{type(model).__name__} (model_type={model_type!r}) has no visual tokens vtprune knows how to prune; "
+            f"supported model types: {', '.join(supported_model_types())}"
+        )
+    if not hasattr(model, "model") or not hasattr(model.model, "language_model"):
+        raise ValueError(
+            f"{type(model).__name__} has model_type {model_type!r} but is not a *ForConditionalGeneration model "
+            "with .model.language_model; pass the full VLM (e.g. LlavaForConditionalGeneration)"
+        )
+    return cls(model)
+
+
+__all__ = ["ModelAdapter", "get_adapter", "supported_model_types"]

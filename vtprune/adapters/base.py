@@ -1,0 +1,84 @@
+"""What vtprune needs to know about a VLM family, in one object per ``config.model_type``.
+
+An adapter only *locates* things (modules, token ids, default positions); the pruning mechanics live in
+``vtprune.engine`` and are shared by every family.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ModelAdapter:
+    """Base adapter for stock HF ``*ForConditionalGeneration`` VLMs whose inner model is ``model.model``
+    with ``language_model`` (decoder with ``layers`` and ``norm``) and ``get_image_features``."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: the vision tower prepends a CLS token whose attention row can score patches
+    has_cls_token: ClassVar[bool] = False
+    #: names of the inner-model methods that return per-image projected features in ``pooler_output``
+    feature_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
+    #: position ids are 3-D (M-RoPE) rather than 1-D
+    mrope: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.inner = model.model
+        self.config = model.config
+
+    # -- modules --------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.inner.language_model
+
+    @property
+    def text_config(self):
+        return self.config.text_config
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.language_model.norm
+
+    def vision_attention_modules(self) -> list[nn.Module]:
+        """Self-attention modules of the vision encoder layers, in order (for CLS-attention signals)."""
+        raise NotImplementedError(f"{type(self).__name__} has no CLS-attention signal")
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        ids = [getattr(self.config, "image_token_id", None), getattr(self.config, "video_token_id", None)]
+        return tuple(int(i) for i in ids if i is not None)
+
+    def rope_fn(self):
+        """The family's ``apply_rotary_pos_emb(q, k, cos, sin)`` as the decoder attention calls it."""
+        attn = self.decoder_layers[0].self_attn
+        return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    def layer_type(self, index: int) -> str:
+        types = getattr(self.text_config, "layer_types", None)
+        return types[index] if types else "full_attention"
+
+    # -- positions --------------------------------------------------------------------------------
+    def default_position_ids(self, batch: int, seq: int, past: int, device) -> torch.Tensor:
+        """Position ids the decoder computes when none are passed (1-D: ``arange + past``)."""
+        return (torch.arange(seq, device=device) + past).unsqueeze(0).expand(batch, -1)
+
+    # -- CLS scores per visual token ----------------------------------------------------------------
+    def crop_counts(self, call: dict[str, Any], num_images: int) -> list[int]:
+        """Number of vision-tower crops per image of a ``get_image_features`` call."""
+        return [1] * num_images
+
+    def pack_crop_scores(self, scores: torch.Tensor, call: dict[str, Any], index: int) -> torch.Tensor:
+        """Map per-crop patch scores ``[crops, P]`` of image ``index`` of a ``get_image_features`` call (its bound
+        arguments ``call``) to that image's visual tokens ``[n]``."""
+        return scores.reshape(-1)
+
+    def unsupported_llm_stage(self) -> str | None:
+        """Why llm-stage pruning is not possible on this family (None: it is)."""
+        return None

@@ -1,0 +1,66 @@
+"""LLaVA-1.5 (``llava``) and LLaVA-NeXT (``llava_next``): CLIP tower with CLS token, Llama-style LM."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from .base import ModelAdapter
+
+
+class LlavaAdapter(ModelAdapter):
+    model_types = ("llava",)
+    has_cls_token = True
+
+    def vision_attention_modules(self):
+        tower = self.inner.vision_tower
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise ValueError(
+                f"vision tower {type(tower).__name__} has no CLIP-style encoder.layers; the CLS signal needs a "
+                "CLIP vision tower"
+            )
+        return [layer.self_attn for layer in encoder.layers]
+
+    def check_cls_strategy(self) -> None:
+        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise ValueError(
+                f"CLS-attention scoring needs vision_feature_select_strategy='default' (CLS dropped from the "
+                f"visual tokens), got {strategy!r}"
+            )
+        if getattr(self.config.vision_config, "model_type", "clip_vision_model") not in (
+            "clip_vision_model", "clip"
+        ):
+            raise ValueError(
+                f"the 'cls' signal needs a CLIP vision tower with a CLS token; this model's vision tower is "
+                f"{self.config.vision_config.model_type!r}"
+            )
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    model_types = ("llava_next",)
+
+    def crop_counts(self, call: dict[str, Any], num_images: int) -> list[int]:
+        module = sys.modules[type(self.inner).__module__]
+        vcfg = self.config.vision_config
+        return [
+            module.image_size_to_num_patches(
+                image_size=size, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=vcfg.image_size
+            )
+            for size in call["image_sizes"]
+        ]
+
+    def pack_crop_scores(self, scores, call, index):
+        # Reuse the model's own packing (AnyRes reshape + unpad + newline column) on a 1-channel "feature";
+        # newline tokens carry no patch of their own: they get the image's lowest score.
+        strategy = call.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        size = torch.as_tensor(call["image_sizes"])[index : index + 1]
+        newline = torch.full((1,), float("-inf"), dtype=scores.dtype, device=scores.device)
+        packed, _ = self.inner.pack_image_features([scores.unsqueeze(-1)], size, strategy, newline)
+        packed = (packed[0] if isinstance(packed, (list, tuple)) else packed).reshape(-1)
+        finite = torch.isfinite(packed)
+        floor = packed[finite].min() if bool(finite.any()) else packed.new_zeros(())
+        return torch.where(finite, packed, floor)

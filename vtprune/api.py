@@ -1,0 +1,94 @@
+"""The public verbs: ``patch``, ``unpatch``, ``patched``, ``stats``, ``list_methods``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from torch import nn
+
+from .adapters import get_adapter
+from .config import PruneConfig
+from .engine import Session
+from .registry import get_method, list_methods
+from .stats import PruneStats
+
+_ATTR = "_vtprune_session"
+
+__all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched"]
+
+
+def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneConfig:
+    if isinstance(method, PruneConfig):
+        if options:
+            raise TypeError(
+                f"pass options either in the config or as keywords, not both (got a {type(method).__name__} "
+                f"and keywords {sorted(options)})"
+            )
+        get_method(method.method)  # registered?
+        return method
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a registered name or a config instance, got {type(method).__name__}; "
+            f"names: {', '.join(list_methods())}"
+        )
+    spec = get_method(method)
+    try:
+        return spec.config_cls(**options)
+    except TypeError as err:
+        if "unexpected keyword" not in str(err):
+            raise
+        import dataclasses
+
+        allowed = sorted(f.name for f in dataclasses.fields(spec.config_cls))
+        unknown = sorted(set(options) - set(allowed))
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; allowed: {allowed}") from None
+
+
+def patch(model: nn.Module, method: str | PruneConfig, **options: Any) -> nn.Module:
+    """Make ``model`` prune its visual tokens with ``method``; in place, returns the model.
+
+    ``vtprune.patch(model, "fastv", keep=64)`` or ``vtprune.patch(model, vtprune.FastVConfig(keep=64))``.
+    """
+    adapter = get_adapter(model)
+    if getattr(model, _ATTR, None) is not None:
+        current = getattr(model, _ATTR).method.name
+        raise ValueError(
+            f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first"
+        )
+    config = _make_config(method, options)
+    spec = get_method(config.method)
+    session = Session(model, adapter, spec.method_cls(config))
+    session.install()
+    setattr(model, _ATTR, session)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove everything ``patch`` installed; the model behaves exactly as before. Returns the model."""
+    session = getattr(model, _ATTR, None)
+    if session is None:
+        raise ValueError(f"{type(model).__name__} is not patched by vtprune; nothing to unpatch")
+    session.remove()
+    delattr(model, _ATTR)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, method: str | PruneConfig, **options: Any):
+    """``with vtprune.patched(model, "cls", ratio=0.25): ...`` — unpatches on exit, even on error."""
+    patch(model, method, **options)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+
+
+def stats(model: nn.Module) -> PruneStats | None:
+    """``PruneStats`` of the last forward pass of a patched model that had visual tokens, else None."""
+    session = getattr(model, _ATTR, None)
+    return None if session is None else session.stats

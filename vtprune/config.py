@@ -1,0 +1,82 @@
+"""Method configs: one dataclass per method, sharing the budget fields and a JSON round trip.
+
+Every method config derives from :class:`PruneConfig`, which holds the token budget:
+``keep=N`` (visual tokens kept per image) or ``ratio=r`` (fraction kept, 0 < r <= 1), never both.
+Method-specific configs live beside their method in ``vtprune/methods/`` and are re-exported by ``vtprune``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    """Budget shared by all methods. Exactly one of ``keep`` / ``ratio`` must be given."""
+
+    keep: int | None = None
+    ratio: float | None = None
+
+    #: registry name of the method this config belongs to (set by ``@register_method``)
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.keep is not None and self.ratio is not None:
+            raise ValueError(
+                f"give either keep= or ratio=, not both (got keep={self.keep!r}, ratio={self.ratio!r})"
+            )
+        if self.keep is None and self.ratio is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a budget: keep=N (visual tokens kept per image, N >= 1) "
+                "or ratio=r (fraction kept, 0 < r <= 1)"
+            )
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, int):
+                raise TypeError(f"keep must be an int >= 1, got {self.keep!r} ({type(self.keep).__name__})")
+            if self.keep < 1:
+                raise ValueError(f"keep must be >= 1 (visual tokens kept per image), got {self.keep}")
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+                raise TypeError(f"ratio must be a float in (0, 1], got {self.ratio!r} ({type(self.ratio).__name__})")
+            if not (0.0 < float(self.ratio) <= 1.0) or math.isnan(self.ratio):
+                raise ValueError(f"ratio must be in (0, 1] (fraction of visual tokens kept), got {self.ratio}")
+            self.ratio = float(self.ratio)
+
+    def budget(self, n: int) -> int:
+        """Number of tokens to keep out of ``n`` visual tokens of one image (``min(keep, n)`` or
+        ``max(1, round(ratio * n))``)."""
+        if n <= 0:
+            return 0
+        if self.keep is not None:
+            return min(self.keep, n)
+        return min(n, max(1, round(self.ratio * n)))
+
+    # -- JSON round trip ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "PruneConfig":
+        from .registry import get_method
+
+        if not isinstance(data, dict) or "method" not in data:
+            raise ValueError(f"a config dict needs a 'method' key, got {data!r}")
+        data = dict(data)
+        spec = get_method(data.pop("method"))
+        names = {f.name for f in dataclasses.fields(spec.config_cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {spec.name!r}; allowed: {sorted(names)}"
+            )
+        return spec.config_cls(**data)
+
+    @staticmethod
+    def from_json(text: str) -> "PruneConfig":
+        return PruneConfig.from_dict(json.loads(text))

@@ -1,0 +1,576 @@
+"""The pruning engine: the hooks one ``patch`` installs on one model instance, and what they do.
+
+Flow of one forward of a patched VLM (``model.model`` is the inner VLM, ``LM`` its language model):
+
+1. pre-hook on the inner VLM: note ``input_ids`` and whether this is a new prompt with images (prefill) or a
+   decode step continuing a pruned prompt;
+2. wrapped ``get_image_features`` / ``get_video_features``: keep each image's projected features (and, while
+   they run, the CLS rows of the requested vision layers, from hooks on ``q_proj`` / ``k_proj``);
+3. pre-hook on the LM — *vision stage*: select per image, drop the other visual tokens from ``inputs_embeds``,
+   the 2-D mask and the position ids (rows re-left-padded to a common length; kept tokens keep their original
+   position ids); decode steps get the mask compressed to the pruned cache;
+4. *llm stage*: a pre-hook on layer K-1's attention recomputes the needed rows from its q/k; a pre-hook on layer
+   K selects and shortens the hidden states; layers >= K get a mask, rotary tables and (no) position ids for the
+   shorter sequence, in prefill and in every decode step (their KV cache is shorter than layers < K's);
+5. forward hook on the inner VLM: record :class:`PruneStats`, clear the per-forward state.
+
+Nothing changes a class or the attention implementation; ``remove`` undoes everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from . import flops
+from .adapters import ModelAdapter
+from .methods.base import ImageInputs, Method
+from .signals import cls_attention_rows, decoder_qk, query_attention
+from .stats import PruneStats
+
+
+@dataclass
+class Layout:
+    """How a pruned prompt was compacted: slot j of row b holds original column ``gather[b, j]`` (valid slots),
+    rows are left-padded to a common length. Kept for the decode steps that continue that prompt."""
+
+    gather: torch.Tensor  # [B, L'] long
+    valid: torch.Tensor  # [B, L'] bool
+    seq_len: int  # S, the unpruned prompt length
+    cache: Any = None  # weakref to the KV cache this prompt filled
+
+    @staticmethod
+    def from_keep(keep: torch.Tensor) -> "Layout":
+        b, s = keep.shape
+        counts = keep.sum(1)
+        width = int(counts.max())
+        gather = torch.zeros(b, width, dtype=torch.long, device=keep.device)
+        valid = torch.zeros(b, width, dtype=torch.bool, device=keep.device)
+        for row in range(b):
+            cols = keep[row].nonzero().squeeze(1)
+            gather[row, width - cols.numel() :] = cols
+            valid[row, width - cols.numel() :] = True
+        return Layout(gather, valid, s)
+
+    def take(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Gather the kept columns of ``x`` along its sequence dim ``dim`` (batch dim is ``dim - 1``)."""
+        dim = dim % x.ndim
+        b, w = self.gather.shape
+        shape = list(x.shape)
+        shape[dim - 1] = b
+        x = x.expand(*shape)
+        idx_shape = [1] * x.ndim
+        idx_shape[dim - 1], idx_shape[dim] = b, w
+        idx = self.gather.view(idx_shape).expand(*shape[:dim], w, *shape[dim + 1 :])
+        return x.gather(dim, idx)
+
+    def compress_mask(self, mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
+        """A 2-D mask over ``S + t`` unpruned columns -> over the ``L' + t`` cached ones."""
+        if mask is None:
+            if bool(self.valid.all()):
+                return None
+            mask = torch.ones(self.gather.shape[0], total, dtype=torch.long, device=self.gather.device)
+        if mask.ndim != 2:
+            raise ValueError(f"pruned models need a 2-D attention_mask, got shape {tuple(mask.shape)}")
+        head = self.take(mask[:, : self.seq_len], 1) * self.valid.to(mask.dtype)
+        return torch.cat([head, mask[:, self.seq_len :]], dim=1)
+
+
+@dataclass
+class ImageInfo:
+    """What the wrapped feature method recorded about one image (keyed by its feature tensor)."""
+
+    crops: int
+    grid: torch.Tensor | None  # [1, 3] (t, h, w) for Qwen-VL
+    cls_attention: torch.Tensor | None  # [crops, L, H, 1+P] CLS rows of the requested vision layers
+    pack: Any  # per-crop patch scores [crops, P] -> per visual token [n]
+
+
+@dataclass
+class Unit:
+    """One image's (or video's) visual tokens in the prompt."""
+
+    row: int
+    positions: torch.Tensor  # ascending sequence positions in the (padded) prompt row
+    features: torch.Tensor | None = None
+    info: ImageInfo | None = None
+    kept: torch.Tensor | None = None
+
+
+@dataclass
+class Forward:
+    """Per-forward state of a patched model."""
+
+    input_ids: torch.Tensor | None
+    prefill: bool
+    features: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # visual token id -> per-image features
+    units: list[Unit] = field(default_factory=list)
+    mask2d: torch.Tensor | None = None  # bool [B, S]: the prompt's real tokens
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides for decoder layers >= K
+    scrub_position_ids: bool = False
+    select_ms: float = 0.0
+    done: bool = False
+
+
+class Session:
+    """Everything one ``patch`` installed on one model; ``remove()`` undoes it."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, method: Method):
+        self.model, self.adapter, self.method = model, adapter, method
+        self.config = method.config
+        self.num_layers = len(adapter.decoder_layers)
+        self.layer = method.layer(self.num_layers) if method.stage == "llm" else None
+        self.vision_layers: list[int] = []
+        if "cls_attention" in method.signals:
+            if not adapter.has_cls_token:
+                raise ValueError(
+                    f"method {method.name!r} needs the vision tower's CLS attention, but "
+                    f"{adapter.config.model_type!r} models have no CLS token; use a method that does not need it "
+                    "(e.g. 'fastv', 'random')"
+                )
+            adapter.check_cls_strategy()
+            self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
+        if method.stage == "llm" and (why := adapter.unsupported_llm_stage()):
+            raise ValueError(f"method {method.name!r} prunes inside the LLM, which {why}")
+        self.visual_ids = adapter.visual_token_ids()
+        self.fwd: Forward | None = None
+        self.layout: Layout | None = None
+        self.stats: PruneStats | None = None
+        self._handles: list = []
+        self._wrapped: list[tuple[object, str]] = []
+        self._rope = adapter.rope_fn() if method.stage == "llm" else None
+        self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
+        self._cls_rows: list | None = None
+        self._cls_q: torch.Tensor | None = None
+
+    # -- install / remove ---------------------------------------------------------------------------
+    def install(self) -> None:
+        a = self.adapter
+        try:
+            self._hook(self.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+            self._hook(a.inner.register_forward_pre_hook(self._inner_pre, with_kwargs=True))
+            self._hook(a.inner.register_forward_hook(self._inner_post, always_call=True))
+            self._hook(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+            for name in a.feature_methods:
+                if hasattr(a.inner, name):
+                    self._wrap_features(name)
+            for i in self.vision_layers:
+                attn = a.vision_attention_modules()[i]
+                self._hook(attn.q_proj.register_forward_hook(self._cls_q_hook))
+                self._hook(attn.k_proj.register_forward_hook(self._make_cls_k_hook(attn)))
+            for i, layer in enumerate(a.decoder_layers):
+                self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            if self.layer is not None:
+                attn = a.decoder_layers[self.layer - 1].self_attn
+                self._hook(attn.register_forward_pre_hook(self._signal_hook, with_kwargs=True))
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for obj, name in self._wrapped:
+            obj.__dict__.pop(name, None)
+        self._handles, self._wrapped = [], []
+        self.fwd = self.layout = None
+
+    def _hook(self, handle) -> None:
+        self._handles.append(handle)
+
+    def _wrap_features(self, name: str) -> None:
+        """Wrap ``inner.get_image_features`` (or ``get_video_features``) on this instance: record, for each image's
+        feature tensor, what the methods and FLOPs need (CLS rows, crops, grid). ``generate`` calls it before the
+        forward and hands the features over in ``mm_encoder_outputs``; a plain forward calls it inside."""
+        inner = self.adapter.inner
+        original = getattr(inner, name)
+        signature = inspect.signature(original)
+        token_id = self._feature_token_id(name)
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            call = signature.bind(*args, **kwargs).arguments
+            self._cls_rows = [] if self.vision_layers else None
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                rows, self._cls_rows = self._cls_rows, None
+            self._record_features(call, list(out.pooler_output), rows, token_id)
+            return out
+
+        inner.__dict__[name] = wrapped
+        self._wrapped.append((inner, name))
+
+    def _feature_token_id(self, name: str) -> int:
+        key = "video_token_id" if "video" in name else "image_token_id"
+        return int(getattr(self.adapter.config, key))
+
+    def _record_features(self, call: dict, feats: list[torch.Tensor], rows, token_id: int) -> None:
+        self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
+        grid = call.get("image_grid_thw", call.get("video_grid_thw"))
+        grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
+        counts = self.adapter.crop_counts(call, len(feats))
+        per_image = torch.split(torch.stack(rows, dim=1), counts) if rows else [None] * len(feats)
+        for i, feat in enumerate(feats):
+            info = ImageInfo(
+                crops=counts[i],
+                grid=grid[i : i + 1] if grid is not None else None,
+                cls_attention=per_image[i],
+                pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
+            )
+            self._image_info[id(feat)] = (weakref.ref(feat), info)
+        if self.fwd is not None and self.fwd.prefill:  # called inside a forward (not by generate beforehand)
+            self.fwd.features.setdefault(token_id, []).extend(feats)
+
+    def _info(self, feat: torch.Tensor) -> "ImageInfo | None":
+        entry = self._image_info.get(id(feat))
+        return entry[1] if entry is not None and entry[0]() is feat else None
+
+    # -- vision-side hooks ----------------------------------------------------------------------------
+    def _cls_q_hook(self, module, args, output):
+        if self._cls_rows is not None:
+            self._cls_q = output[:, :1]
+
+    def _make_cls_k_hook(self, attn):
+        def hook(module, args, output):
+            if self._cls_rows is not None:
+                self._cls_rows.append(cls_attention_rows(self._cls_q, output, attn.num_heads, attn.scale))
+
+        return hook
+
+    # -- top-level / inner hooks ----------------------------------------------------------------------
+    def _top_pre(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                "labels are not supported on a pruned model: its logits cover only the kept positions. "
+                "Compute the loss on an unpatched model (vtprune.unpatch or the vtprune.patched context)."
+            )
+
+    def _inner_pre(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None else 0
+        has_visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+        has_visual = has_visual or bool(kwargs.get("mm_encoder_outputs"))
+        if past_len == 0:
+            self.layout = None
+        elif self.layout is not None and (self.layout.cache is None or self.layout.cache() is not past):
+            self.layout = None  # another prompt's cache: this one was not pruned by us
+        if has_visual and past_len > 0 and self.layout is not None:
+            raise ValueError(
+                "new images on a KV cache that vtprune pruned are not supported; start a new prompt "
+                "(past_key_values=None) or unpatch first"
+            )
+        if has_visual and past_len == 0:
+            if input_ids is None:
+                raise ValueError(
+                    "a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens"
+                )
+            self.fwd = Forward(input_ids=input_ids, prefill=True)
+            for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
+                if encoded is not None:
+                    token_id = self._feature_token_id(modality)
+                    self.fwd.features.setdefault(token_id, []).extend(encoded.pooler_output)
+        elif self.layout is not None:
+            self.fwd = Forward(input_ids=input_ids, prefill=False)
+        else:
+            self.fwd = None
+
+    def _inner_post(self, module, args, kwargs_or_output, output=None):
+        fwd, self.fwd = self.fwd, None
+        if fwd is not None and fwd.done:
+            self.stats = self._make_stats(fwd)
+
+    # -- language model ---------------------------------------------------------------------------------
+    def _lm_pre(self, module, args, kwargs):
+        fwd = self.fwd
+        if fwd is None:
+            return None
+        embeds = kwargs["inputs_embeds"]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError(f"pruned models need a 2-D attention_mask, got shape {tuple(mask.shape)}")
+        if not fwd.prefill:
+            return self._lm_decode(kwargs, embeds, mask)
+        b, s = embeds.shape[:2]
+        fwd.mask2d = torch.ones(b, s, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        fwd.units = self._find_units(fwd)
+        if not fwd.units:
+            self.fwd = None
+            return None
+        if self.method.stage == "llm":
+            fwd.layer_kwargs["pending"] = True
+            return None
+        t0 = time.perf_counter()
+        keep = self._select(fwd, lambda unit: self._vision_inputs(fwd, unit))
+        fwd.select_ms += (time.perf_counter() - t0) * 1e3
+        fwd.done = True
+        if keep is None:
+            return None
+        layout = self._start_layout(keep, kwargs.get("past_key_values"))
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = self.adapter.default_position_ids(b, s, 0, embeds.device)
+        kwargs["inputs_embeds"] = layout.take(embeds, 1)
+        kwargs["attention_mask"] = layout.compress_mask(
+            torch.ones(b, s, dtype=torch.long, device=embeds.device) if mask is None else mask, s
+        )
+        if kwargs["attention_mask"] is None:  # always pass a mask: kept position ids have gaps
+            kwargs["attention_mask"] = torch.ones(layout.gather.shape, dtype=torch.long, device=embeds.device)
+        kwargs["position_ids"] = layout.take(pos, -1)
+        fwd.scrub_position_ids = True
+        return args, kwargs
+
+    def _lm_decode(self, kwargs, embeds, mask):
+        layout, fwd = self.layout, self.fwd
+        past = kwargs.get("past_key_values")
+        q = embeds.shape[1]
+        cached = past.get_seq_length() if past is not None else 0
+        if self.method.stage == "llm":
+            unpruned_total = cached + q
+            fwd.layer_kwargs["decode_mask"] = layout.compress_mask(mask, unpruned_total)
+            return None
+        pruned = layout.gather.shape[1]
+        unpruned_past = cached + layout.seq_len - pruned
+        kwargs["attention_mask"] = layout.compress_mask(mask, unpruned_past + q)
+        if kwargs.get("position_ids") is None:
+            pos = self.adapter.default_position_ids(embeds.shape[0], q, unpruned_past, embeds.device)
+            deltas = getattr(self.adapter.inner, "rope_deltas", None)
+            if self.adapter.mrope and deltas is not None:
+                pos = pos + deltas.to(pos.device)
+            kwargs["position_ids"] = pos
+        return (), kwargs
+
+    def _start_layout(self, keep: torch.Tensor, past) -> Layout:
+        layout = Layout.from_keep(keep)
+        layout.cache = weakref.ref(past) if past is not None else None
+        self.layout = layout if past is not None else None
+        return layout
+
+    # -- units and selection --------------------------------------------------------------------------
+    def _find_units(self, fwd: Forward) -> list[Unit]:
+        ids = fwd.input_ids
+        units: list[Unit] = []
+        for token_id in self.visual_ids:
+            where = (ids == token_id).nonzero()  # row-major [(row, col)]
+            if where.numel() == 0:
+                continue
+            feats = fwd.features.get(token_id)
+            if feats is not None:
+                lengths = [f.shape[0] for f in feats]
+                if sum(lengths) != where.shape[0]:
+                    raise ValueError(
+                        f"{where.shape[0]} visual placeholder tokens (id {token_id}) but the vision features "
+                        f"have {sum(lengths)} tokens"
+                    )
+                chunks = torch.split(where, lengths)
+            else:  # features given by the caller (mm_encoder_outputs): one unit per contiguous run
+                chunks = _runs(where)
+            for i, chunk in enumerate(chunks):
+                rows = chunk[:, 0].unique()
+                if rows.numel() != 1:
+                    raise ValueError("an image's visual tokens span several batch rows; check the prompt")
+                unit = Unit(row=int(rows[0]), positions=chunk[:, 1])
+                if feats is not None:
+                    unit.features, unit.info = feats[i], self._info(feats[i])
+                units.append(unit)
+        needs = self.method.signals & {"features", "cls_attention"}
+        if units and needs and any(u.info is None or u.features is None for u in units):
+            raise ValueError(
+                f"method {self.method.name!r} needs {sorted(needs)} from the vision tower; pass pixel_values "
+                "(features computed by an unpatched model carry no signals)"
+            )
+        return units
+
+    def _select(self, fwd: Forward, make_inputs) -> torch.Tensor | None:
+        """Run the method on every unit. Returns the keep mask [B, S] over the prompt's real tokens (padding
+        dropped too: rows are re-padded), or None when no visual token is dropped (then nothing changes)."""
+        keep = fwd.mask2d.clone()
+        dropped = False
+        for unit in fwd.units:
+            n = unit.positions.numel()
+            inputs = make_inputs(unit)
+            if inputs.k >= n:
+                unit.kept = torch.arange(n, device=unit.positions.device)
+                continue
+            kept = self.method.select(inputs).to(unit.positions.device)
+            _check_selection(self.method.name, kept, n, inputs.k)
+            unit.kept = kept
+            keep[unit.row, unit.positions] = False
+            keep[unit.row, unit.positions[kept]] = True
+            dropped = True
+        return keep if dropped else None
+
+    def _vision_inputs(self, fwd: Forward, unit: Unit) -> ImageInputs:
+        n = unit.positions.numel()
+        return ImageInputs(
+            n=n,
+            k=self.config.budget(n),
+            features=unit.features,
+            cls_attention=unit.info.cls_attention if unit.info else None,
+            pack_crop_scores=unit.info.pack if unit.info else None,
+            image_start=int(unit.positions[0]),
+        )
+
+    # -- decoder layers (llm stage, position-id scrubbing) -------------------------------------------------
+    def _signal_hook(self, module, args, kwargs):
+        fwd = self.fwd
+        if fwd is None or not fwd.layer_kwargs.get("pending"):
+            return None
+        t0 = time.perf_counter()
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        mask = fwd.mask2d
+        cols = torch.arange(mask.shape[1], device=mask.device)
+        last = torch.where(mask, cols, -1).max(dim=1).values
+        need_q = "text_attention" in self.method.signals
+        q, k = decoder_qk(module, hidden, kwargs["position_embeddings"], self._rope, last, need_query=need_q)
+        if need_q:
+            visible = mask & (cols[None, :] <= last[:, None])
+            fwd.signals["text_attention"] = query_attention(q, k, module.scaling, visible)
+        if "keys" in self.method.signals:
+            fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
+        fwd.select_ms += (time.perf_counter() - t0) * 1e3
+        return None
+
+    def _make_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            fwd = self.fwd
+            if fwd is None:
+                return None
+            if index == self.layer:
+                return self._at_prune_layer(fwd, args, kwargs)
+            if self.layer is not None and index > self.layer and "masks" in fwd.layer_kwargs:
+                kwargs.update(fwd.layer_kwargs["override"])
+                kwargs["attention_mask"] = fwd.layer_kwargs["masks"][self.adapter.layer_type(index)]
+                return args, kwargs
+            if fwd.scrub_position_ids:
+                kwargs["position_ids"] = None
+                return args, kwargs
+            return None
+
+        return hook
+
+    def _at_prune_layer(self, fwd: Forward, args, kwargs):
+        past = kwargs.get("past_key_values")
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if not fwd.prefill:
+            masks = self._layer_masks(hidden, fwd.layer_kwargs.get("decode_mask"), past)
+            fwd.layer_kwargs.update(masks=masks, override={})
+            kwargs["attention_mask"] = masks[self.adapter.layer_type(self.layer)]
+            return (hidden,), kwargs
+        if not fwd.layer_kwargs.pop("pending", False):
+            return None
+        t0 = time.perf_counter()
+        keep = self._select(fwd, lambda unit: self._llm_inputs(fwd, unit, hidden))
+        fwd.select_ms += (time.perf_counter() - t0) * 1e3
+        fwd.done = True
+        fwd.signals.clear()
+        if keep is None:
+            return None
+        layout = self._start_layout(keep, past)
+        hidden = layout.take(hidden, 1)
+        mask2d = layout.compress_mask(fwd.mask2d.long(), layout.seq_len)
+        if mask2d is None:
+            mask2d = torch.ones(layout.gather.shape, dtype=torch.long, device=hidden.device)
+        cos, sin = kwargs["position_embeddings"]
+        override = {"position_embeddings": (layout.take(cos, 1), layout.take(sin, 1)), "position_ids": None}
+        masks = self._layer_masks(hidden, mask2d, past)
+        fwd.layer_kwargs.update(masks=masks, override=override)
+        kwargs.update(override)
+        kwargs["attention_mask"] = masks[self.adapter.layer_type(self.layer)]
+        return (hidden,), kwargs
+
+    def _layer_masks(self, hidden, mask2d, past) -> dict[str, Any]:
+        common = dict(
+            config=self.adapter.language_model.config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=past,
+            position_ids=None,
+            layer_idx=self.layer,
+        )
+        masks = {"full_attention": create_causal_mask(**common)}
+        types = {self.adapter.layer_type(i) for i in range(self.layer, self.num_layers)}
+        if "sliding_attention" in types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**common)
+        return masks
+
+    def _llm_inputs(self, fwd: Forward, unit: Unit, hidden: torch.Tensor) -> ImageInputs:
+        n = unit.positions.numel()
+        start = int(unit.positions[0])
+        if int(unit.positions[-1]) - start + 1 != n:
+            raise ValueError(f"method {self.method.name!r} needs each image's visual tokens to be contiguous")
+        row = unit.row
+        signals = fwd.signals
+        return ImageInputs(
+            n=n,
+            k=self.config.budget(n),
+            features=unit.features,
+            hidden=hidden[row],
+            keys=signals["keys"][row] if "keys" in signals else None,
+            text_attention=signals["text_attention"][row] if "text_attention" in signals else None,
+            image_start=start,
+            final_norm=self.adapter.final_norm,
+        )
+
+    # -- stats ----------------------------------------------------------------------------------------------
+    def _make_stats(self, fwd: Forward) -> PruneStats:
+        b = fwd.mask2d.shape[0]
+        n_in, n_kept = [0] * b, [0] * b
+        kept_indices: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        for unit in fwd.units:
+            n = unit.positions.numel()
+            kept_indices[unit.row].append(unit.kept.cpu() + n_in[unit.row])
+            n_in[unit.row] += n
+            n_kept[unit.row] += unit.kept.numel()
+        real = fwd.mask2d.sum(1).tolist()
+        text_cfg = self.adapter.text_config
+        k = self.layer or 0
+        full = pruned = 0
+        for row in range(b):
+            short = real[row] - (n_in[row] - n_kept[row])
+            full += flops.decoder_prefill_flops(text_cfg, real[row])
+            pruned += flops.decoder_prefill_flops(text_cfg, [real[row]] * k + [short] * (self.num_layers - k))
+        vision = self._vision_flops(fwd)
+        return PruneStats(
+            visual_tokens_in=n_in,
+            visual_tokens_kept=n_kept,
+            stage=self.method.stage,
+            layer=self.layer,
+            select_ms=fwd.select_ms,
+            prefill_flops=pruned + vision,
+            prefill_flops_full=full + vision,
+            kept_indices=[torch.cat(k_) if k_ else torch.zeros(0, dtype=torch.long) for k_ in kept_indices],
+        )
+
+    def _vision_flops(self, fwd: Forward) -> int:
+        infos = [u.info for u in fwd.units if u.info is not None]
+        if not infos:
+            return 0  # features computed elsewhere: the vision tower did not run here
+        if self.adapter.mrope:
+            return flops.vision_flops(self.adapter.config, image_grid_thw=torch.cat([i.grid for i in infos]))
+        return flops.vision_flops(self.adapter.config, num_images=sum(i.crops for i in infos))
+
+
+def _runs(where: torch.Tensor) -> list[torch.Tensor]:
+    """Split row-major (row, col) pairs into contiguous runs."""
+    if where.shape[0] == 0:
+        return []
+    breaks = ((where[1:, 0] != where[:-1, 0]) | (where[1:, 1] != where[:-1, 1] + 1)).nonzero().squeeze(1) + 1
+    return list(torch.tensor_split(where, breaks.tolist()))
+
+
+def _check_selection(name: str, kept: torch.Tensor, n: int, k: int) -> None:
+    if kept.dtype != torch.long or kept.ndim != 1 or kept.numel() != k:
+        raise RuntimeError(f"method {name!r} returned {tuple(kept.shape)} {kept.dtype}; expected {k} int64 indices")
+    if k and (int(kept.min()) < 0 or int(kept.max()) >= n or bool((kept[1:] <= kept[:-1]).any())):
+        raise RuntimeError(f"method {name!r} returned indices that are not ascending, unique and in [0, {n})")

@@ -1,0 +1,79 @@
+"""What a pruning method is: a config, the signals it needs, the stage it acts at, and ``select``.
+
+A method never asks which model it is in: the engine hands it an :class:`ImageInputs` per image (or video)
+whose signals were gathered by the adapter-driven hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+from ..config import PruneConfig
+
+#: signal names a method may ask for
+VISION_SIGNALS = frozenset({"features", "cls_attention"})
+LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden"})
+
+
+@dataclass
+class ImageInputs:
+    """Everything a method may read about one image's (or video's) visual tokens.
+
+    Vision stage: ``features`` ``[n, D]`` projected visual tokens; ``cls_attention`` ``[C, L, H, 1+P]`` CLS rows of
+    the requested vision layers for each of the image's ``C`` crops, and ``pack_crop_scores`` maps per-crop patch
+    scores ``[C, P]`` to the image's ``n`` visual tokens.
+    LLM stage (layer K): ``hidden`` ``[S, D]`` input of layer K for the image's sample (padding removed),
+    ``keys`` ``[S, Hkv*Dh]`` post-RoPE keys of layer K-1, ``text_attention`` ``[H, S]`` attention of the last
+    prompt token at layer K-1, ``image_start`` the image's first position in those ``S`` tokens.
+    """
+
+    n: int
+    k: int
+    features: torch.Tensor | None = None
+    cls_attention: torch.Tensor | None = None
+    pack_crop_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
+    hidden: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    text_attention: torch.Tensor | None = None
+    image_start: int = 0
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Method:
+    """Base class of registered methods (see ``vtprune.registry.register_method``)."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[PruneConfig]]
+    stage: ClassVar[str] = "vision"  # "vision": after the projector; "llm": before decoder layer K
+    signals: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
+
+    def layer(self, num_layers: int) -> int | None:
+        """Decoder layer K before which an llm-stage method prunes (None for vision-stage methods)."""
+        return None
+
+    def vision_layers(self, num_layers: int) -> list[int]:
+        """Vision-encoder layers whose CLS attention rows this method reads (``cls_attention`` signal)."""
+        return []
+
+    def select(self, image: ImageInputs) -> torch.Tensor:
+        """Ascending image-relative indices (int64) of the ``image.k`` visual tokens to keep."""
+        raise NotImplementedError
+
+
+def check_layer(name: str, layer: int, num_layers: int) -> int:
+    """Validate an llm-stage pruning layer K (1 <= K < num_layers)."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"{name}: layer must be an int, got {layer!r}")
+    if not 1 <= layer < num_layers:
+        raise ValueError(
+            f"{name}: layer={layer} is out of range for a {num_layers}-layer language model; allowed: "
+            f"1 <= layer <= {num_layers - 1} (the signals come from layer K-1)"
+        )
+    return layer

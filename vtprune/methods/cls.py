@@ -1,0 +1,55 @@
+"""``cls`` — VTC-CLS (THU-MIG/VTC-CLS): score each patch by the CLS token's attention to it, summed over the
+vision layers ``start_layer .. L-2`` (official slice ``attentions[start_layer:-1]``: the last layer excluded)
+of the head-mean CLS row; keep the top-k, in original order.
+
+Acts at the vision stage. The official code prunes before the projector; here the projector has already run
+(the kept tokens are identical; only the projector's cost on dropped tokens differs). The CLS rows are
+recomputed from each layer's q/k outputs, so the tower keeps its fast attention.
+Default ``start_layer``: ``2 * L // 3`` of an L-layer tower (16 of 24 for CLIP ViT-L, the official default).
+LLaVA-NeXT: every crop's patches are scored by that crop's CLS token and mapped through the model's own AnyRes
+packing; the row-separator (newline) tokens get their image's lowest score.
+Only towers with a CLS token (CLIP) have this signal; others raise at ``patch`` time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import functional as F
+from ..config import PruneConfig
+from ..registry import register_method
+from .base import ImageInputs, Method
+
+
+@dataclass
+class CLSConfig(PruneConfig):
+    start_layer: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.start_layer is not None and (
+            isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int) or self.start_layer < 0
+        ):
+            raise ValueError(f"start_layer must be None or an int >= 0, got {self.start_layer!r}")
+
+
+@register_method("cls", CLSConfig)
+class VTCCLS(Method):
+    stage = "vision"
+    signals = frozenset({"cls_attention"})
+
+    def vision_layers(self, num_layers: int) -> list[int]:
+        start = 2 * num_layers // 3 if self.config.start_layer is None else self.config.start_layer
+        layers = list(range(start, num_layers - 1))
+        if not layers:
+            raise ValueError(
+                f"cls: start_layer={start} leaves no vision layer to score with in a {num_layers}-layer tower "
+                f"(layers start_layer .. {num_layers - 2} are used); allowed: 0 <= start_layer <= {num_layers - 2}"
+            )
+        return layers
+
+    def select(self, image: ImageInputs) -> torch.Tensor:
+        crop_scores = F.cls_scores(image.cls_attention, slice(None))  # [C, P]
+        return F.topk_indices(image.pack_crop_scores(crop_scores), image.k)

@@ -1,0 +1,59 @@
+"""Method registry: ``@register_method`` adds a method class under a name; lookups suggest close names."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from .config import PruneConfig
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    method_cls: type
+    config_cls: type[PruneConfig]
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, config_cls: type[PruneConfig]):
+    """Class decorator: register a :class:`vtprune.methods.base.Method` subclass under ``name``."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, PruneConfig)):
+        raise TypeError(f"config_cls must be a PruneConfig subclass, got {config_cls!r}")
+
+    def wrap(method_cls):
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered (by {_METHODS[name].method_cls.__name__})")
+        config_cls.method = name
+        method_cls.name = name
+        method_cls.config_cls = config_cls
+        _METHODS[name] = MethodSpec(name, method_cls, config_cls)
+        return method_cls
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a name (str) or a config instance, got {type(name).__name__}")
+    spec = _METHODS.get(name)
+    if spec is None:
+        close = difflib.get_close_matches(name, _METHODS, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(list_methods())}")
+    return spec
+
+
+def config_for(spec: MethodSpec | None = None, config: PruneConfig | None = None) -> MethodSpec:
+    """The spec owning a config instance."""
+    for s in _METHODS.values():
+        if type(config) is s.config_cls:
+            return s
+    raise TypeError(f"{type(config).__name__} is not the config of a registered method")

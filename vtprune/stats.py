@@ -1,0 +1,32 @@
+"""``PruneStats``: what the last pruning forward pass did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PruneStats:
+    """Statistics of the last forward pass of a patched model that had visual tokens.
+
+    Lists have one entry per sample (batch row). ``kept_indices[b]`` are the ascending indices of the kept visual
+    tokens of sample b, relative to that sample's visual tokens in prompt order (all its images concatenated);
+    for llm-stage methods, those kept at the pruning layer. FLOPs are analytic (``vtprune.flops``), summed over
+    the batch's real (unpadded) tokens, vision tower and projector included.
+    """
+
+    visual_tokens_in: list[int]
+    visual_tokens_kept: list[int]
+    stage: str
+    layer: int | None
+    select_ms: float
+    prefill_flops: int
+    prefill_flops_full: int
+    kept_indices: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def flops_ratio(self) -> float:
+        """``prefill_flops / prefill_flops_full``."""
+        return self.prefill_flops / self.prefill_flops_full if self.prefill_flops_full else 1.0
