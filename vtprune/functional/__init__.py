@@ -1,0 +1,33 @@
+"""Pure tensor algorithms of vtprune: tensors in, tensors out; no model knowledge, no hooks.
+
+Conventions shared by every function:
+
+* indices are 0-based into the visual tokens of one image and returned as int64 on the input's
+  device;
+* ties go to the lower index;
+* scores and similarities are computed in float32 (float64 when the input is float64), whatever
+  the input dtype (bf16 / fp16 are upcast);
+* "selection order" means the order in which a greedy algorithm picked the tokens (sort the
+  result to keep tokens in their original order);
+* bad input raises ``ValueError`` / ``TypeError`` naming what was given and what is allowed.
+
+The exact math of each method, and the official code it follows, is in each docstring.
+"""
+
+from .dart import dart_select
+from .debias import debias_scores, pad_mask
+from .diversity import kcenter_select, maxsum_select
+from .scores import cls_scores, topk_indices
+from .zoo import zoo_select, zoo_sensitivity
+
+__all__ = [
+    "cls_scores",
+    "topk_indices",
+    "dart_select",
+    "kcenter_select",
+    "maxsum_select",
+    "pad_mask",
+    "debias_scores",
+    "zoo_sensitivity",
+    "zoo_select",
+]

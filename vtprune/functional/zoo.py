@@ -1,0 +1,139 @@
+"""ZOO-Prune: zeroth-order sensitivity of the projector and sensitivity-weighted diversity."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable
+
+import torch
+
+from ._common import check_int, check_k, check_tensor, compute_dtype, cosine_to, unit_rows
+
+__all__ = ["zoo_sensitivity", "zoo_select"]
+
+
+def _check_projector_dtype(projector, dtype: torch.dtype) -> None:
+    if not isinstance(projector, torch.nn.Module):
+        return
+    for name, p in projector.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            raise TypeError(
+                f"projector parameter {name!r} has dtype {p.dtype}, but the sensitivity is computed "
+                f"in {dtype} (x is {'float64' if dtype == torch.float64 else 'not float64'}); pass a "
+                f"projector in {dtype}, e.g. copy.deepcopy(projector).to({dtype}) "
+                "(in fp16/bf16 most x + h*u round back to x)")
+
+
+def zoo_sensitivity(projector: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    directions: torch.Tensor, h: float = 0.01,
+                    chunk_size: int = 8192) -> torch.Tensor:
+    """Zeroth-order (central-difference) sensitivity of the projector at each token.
+
+    ``S(i) = (1/m) sum_j || (P(x_i + h u_j) - P(x_i - h u_j)) / (2h) ||_2``
+
+    the literal estimator of ZOO-Prune ("Training-Free Token Pruning via Zeroth-Order Gradient
+    Estimation in VLMs"; no public code yet), with one bank of directions shared by all tokens
+    (paper defaults ``m = 64`` unit Gaussian directions, ``h = 0.01``).
+
+    Computed in float32 (float64 if ``x`` is float64): ``x`` and ``directions`` are cast, and the
+    projector is called under ``torch.no_grad()`` with autocast disabled. The caller passes a
+    projector that runs in that dtype (e.g. a float32 copy of a bf16 projector); an
+    ``nn.Module`` whose floating parameters have another dtype raises ``TypeError``. The ``2 m N``
+    perturbed inputs go through the projector in chunks of at most ``chunk_size`` rows.
+
+    Args:
+        projector: callable ``[*, D] -> [*, D']`` applied row-wise (e.g. the multimodal projector).
+        x: ``[N, D]`` projector inputs (vision features of the visual tokens).
+        directions: ``[m, D]`` unit-norm direction rows ``u_j`` (used as given, not renormalised).
+        h: finite-difference step, > 0.
+        chunk_size: maximum number of rows per projector call (>= 2).
+
+    Returns:
+        ``[N]`` sensitivities, float32 (float64 for float64 ``x``), on ``x.device``.
+    """
+    if not callable(projector):
+        raise TypeError(f"projector must be callable ([*, D] -> [*, D']), got {type(projector).__name__}")
+    check_tensor("x", x, ndim=2, shape_hint="[N, D]", finite=True)
+    check_tensor("directions", directions, ndim=2, shape_hint="[m, D]", finite=True)
+    n, d = x.shape
+    m = directions.shape[0]
+    if n < 1 or d < 1:
+        raise ValueError(f"x must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
+    if m < 1 or directions.shape[1] != d:
+        raise ValueError(f"directions must be [m, D] with m >= 1 and D = {d} (x's feature size), "
+                         f"got shape {tuple(directions.shape)}")
+    if isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h) or h <= 0:
+        raise ValueError(f"h must be a finite number > 0, got {h!r}")
+    chunk_size = check_int("chunk_size", chunk_size, 2)
+    dtype = compute_dtype(x)
+    _check_projector_dtype(projector, dtype)
+
+    xs = x.to(dtype)
+    us = directions.to(device=x.device, dtype=dtype)
+    h = float(h)
+    total = m * n  # pairs (j, i), j-major: pair p -> j = p // n, i = p % n
+    pairs_per_call = chunk_size // 2
+    norms = torch.empty(total, dtype=dtype, device=x.device)
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        for start in range(0, total, pairs_per_call):
+            p = torch.arange(start, min(start + pairs_per_call, total), device=x.device)
+            base = xs.index_select(0, p % n)
+            step = h * us.index_select(0, p // n)
+            out = projector(torch.cat([base + step, base - step]))
+            if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != 2 * p.numel():
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"projector must map [rows, D] to [rows, D'] row-wise; for "
+                                 f"{2 * p.numel()} rows it returned {got}")
+            out = out.to(dtype).reshape(2 * p.numel(), -1)
+            plus, minus = out[: p.numel()], out[p.numel():]
+            norms[start:start + p.numel()] = ((plus - minus) / (2.0 * h)).norm(dim=-1)
+    return norms.view(m, n).mean(dim=0)
+
+
+def zoo_select(sensitivity: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
+    """ZOO-Prune greedy selection: sensitive tokens that are dissimilar to those already kept.
+
+    ``S' = (S - min S) / (max S - min S)`` (constant ``S`` -> all ones); first pick
+    ``argmax_i S'(i)``; then repeatedly
+    ``argmax_{i not selected} S'(i) * (1 - max_{j selected} cos(z_i, z_j))`` with ``z = features``
+    (the projected features ``P(x)``). ZOO-Prune paper (no public code yet). Ties go to the lower
+    index; a running maximum of cosine similarity is updated with one row per step (O(N k D)).
+    Computed in float32 (float64 if either input is float64).
+
+    Args:
+        sensitivity: ``[N]`` sensitivities (e.g. from :func:`zoo_sensitivity`).
+        features: ``[N, D']`` features used for the cosine redundancy term.
+        k: number of tokens to select, ``1 <= k <= N``.
+
+    Returns:
+        int64 ``[k]`` indices in selection order, on ``features.device``.
+    """
+    check_tensor("sensitivity", sensitivity, ndim=1, shape_hint="[N]", finite=True)
+    check_tensor("features", features, ndim=2, shape_hint="[N, D]", finite=True)
+    n = features.shape[0]
+    if sensitivity.shape[0] != n or features.shape[1] < 1:
+        raise ValueError(f"sensitivity [N] and features [N, D] must agree on N (D >= 1), got "
+                         f"{tuple(sensitivity.shape)} and {tuple(features.shape)}")
+    k = check_k(k, n)
+    dtype = compute_dtype(sensitivity, features)
+    device = features.device
+    s = sensitivity.to(device=device, dtype=dtype)
+    lo, hi = s.min(), s.max()
+    span = hi - lo
+    s = torch.where(span > 0, (s - lo) / torch.where(span > 0, span, 1.0), torch.ones_like(s))
+    z = unit_rows(features, dtype)
+
+    selected = torch.empty(k, dtype=torch.long, device=device)
+    max_cos = torch.full((n,), float("-inf"), dtype=dtype, device=device)
+    taken = torch.zeros(n, dtype=torch.bool, device=device)
+    cur = torch.argmax(s).view(1)
+    for t in range(k):
+        selected[t:t + 1] = cur
+        if t == k - 1:
+            break
+        taken.index_fill_(0, cur, True)
+        torch.maximum(max_cos, cosine_to(z, cur), out=max_cos)
+        score = (s * (1.0 - max_cos)).masked_fill_(taken, float("-inf"))
+        cur = torch.argmax(score).view(1)
+    return selected
