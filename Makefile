@@ -1,0 +1,26 @@
+# The whole set-up is `make demo` / `make test`: each creates .venv and installs what it needs from PyPI.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vtprune-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vtprune demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) eval/bench/prefill.py --threads 1 --repeats 15 --out eval/results/prefill.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info
