@@ -19,6 +19,11 @@ ROWS = [(5, 1, 4), (2, 1, 9)]  # (text before, images, text after) per batch row
 
 
 def _last_logits(model, inputs):
+    if "mm_token_type_ids" not in inputs and "position_ids" not in inputs:
+        # number positions from the mask as generate() does (a plain forward would shift left-padded rows,
+        # which changes position-dependent signals such as DART's post-RoPE key norms)
+        mask = inputs["attention_mask"]
+        inputs = dict(inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     with torch.no_grad():
         return model(**inputs).logits[:, -1].float()
 

@@ -45,6 +45,8 @@ def _finish(model):
     model.eval()
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    # a random model must not emit placeholder ids (a re-forward would then see more image tokens than images)
+    model.generation_config.suppress_tokens = [IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, PAD_ID]
     return model
 
 

@@ -570,7 +570,9 @@ def _runs(where: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _check_selection(name: str, kept: torch.Tensor, n: int, k: int) -> None:
-    if kept.dtype != torch.long or kept.ndim != 1 or kept.numel() != k:
-        raise RuntimeError(f"method {name!r} returned {tuple(kept.shape)} {kept.dtype}; expected {k} int64 indices")
-    if k and (int(kept.min()) < 0 or int(kept.max()) >= n or bool((kept[1:] <= kept[:-1]).any())):
+    """A method returns about ``k`` ascending unique int64 indices in [0, n) (a method may round its budget,
+    e.g. DART's official rounding)."""
+    if kept.dtype != torch.long or kept.ndim != 1 or not 1 <= kept.numel() <= n:
+        raise RuntimeError(f"method {name!r} returned {tuple(kept.shape)} {kept.dtype}; expected ~{k} int64 indices")
+    if int(kept.min()) < 0 or int(kept.max()) >= n or bool((kept[1:] <= kept[:-1]).any()):
         raise RuntimeError(f"method {name!r} returned indices that are not ascending, unique and in [0, {n})")

@@ -2,7 +2,12 @@
 
 from .base import ImageInputs, Method
 from .cls import CLSConfig, VTCCLS
+from .dart import DART, DARTConfig
+from .divprune import DivPrune, DivPruneConfig
 from .fastv import FastV, FastVConfig
 from .random import RandomConfig, RandomPrune
 
-__all__ = ["ImageInputs", "Method", "CLSConfig", "FastVConfig", "RandomConfig", "VTCCLS", "FastV", "RandomPrune"]
+__all__ = [
+    "ImageInputs", "Method", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
+    "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune",
+]

@@ -1,0 +1,72 @@
+"""``dart`` (ZichenWen1/DART): duplication matters more than importance.
+
+LLM stage, before decoder layer K (default 2), prefill only. Pivots: the ``image_pivots`` image tokens and the
+``text_pivots`` text tokens (every token after the image) with the largest L1 norm of layer K-1's post-RoPE keys.
+For each pivot in ascending position order (our reading of the official Python-set iteration), the remaining
+image tokens least cosine-similar to it — on layer K-1's output states after the LLM's final RMSNorm, weight
+included — are picked and leave the pool. Kept = image pivots + picks, in original order, original positions.
+
+Budget: by default exactly ``keep`` tokens: ``min(image_pivots, k)`` image pivots plus ``k - pivots`` picks split
+as evenly as possible over the pivots (earlier pivots take the remainder). ``budget_rounding="official"``
+reproduces the official LLaVA-1.5 code, ``per_pivot = k // 8`` for every pivot, so 64 / 128 / 192 keep 68 / 132
+/ 196 tokens. Math: ``vtprune.functional.dart_select``. With several images in one prompt, each image is pruned
+on its own and "text after the image" includes later images' tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import functional as F
+from ..config import PruneConfig
+from ..registry import register_method
+from .base import ImageInputs, Method, check_layer
+
+_ROUNDING = ("exact", "official")
+
+
+@dataclass
+class DARTConfig(PruneConfig):
+    layer: int = 2
+    image_pivots: int = 4
+    text_pivots: int = 4
+    budget_rounding: str = "exact"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("layer", "image_pivots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.text_pivots, bool) or not isinstance(self.text_pivots, int) or self.text_pivots < 0:
+            raise ValueError(f"text_pivots must be an int >= 0, got {self.text_pivots!r}")
+        if self.budget_rounding not in _ROUNDING:
+            raise ValueError(f"budget_rounding must be one of {_ROUNDING}, got {self.budget_rounding!r}")
+
+
+@register_method("dart", DARTConfig)
+class DART(Method):
+    stage = "llm"
+    signals = frozenset({"keys", "hidden"})
+
+    def layer(self, num_layers: int) -> int:
+        return check_layer("dart", self.config.layer, num_layers)
+
+    def select(self, image: ImageInputs) -> torch.Tensor:
+        cfg, n, k = self.config, image.n, image.k
+        text_after = image.hidden.shape[0] - image.image_start - n
+        image_pivots = min(cfg.image_pivots, k)
+        pivots = image_pivots + min(cfg.text_pivots, text_after)
+        if cfg.budget_rounding == "official":
+            per_pivot = k // 8
+        else:
+            base, extra = divmod(k - image_pivots, pivots)
+            per_pivot = [base + (i < extra) for i in range(pivots)]
+        with torch.no_grad():
+            normed = image.final_norm(image.hidden)
+        return F.dart_select(
+            normed, image.keys, image.image_start, n, per_pivot, image_pivots=image_pivots,
+            text_pivots=cfg.text_pivots,
+        )
