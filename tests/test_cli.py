@@ -1,0 +1,77 @@
+"""The ``vtprune`` command line: ``demo`` prints one row per registered method (plus ``unpatched``) with the right
+kept counts; unknown commands and bad options are argparse errors (exit status 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+import vtprune
+from vtprune import cli
+from vtprune.demo import build_demo_llava
+
+
+def _table_rows(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        if not line.startswith("|") or line.startswith("|:") or line.startswith("|-"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == "method":
+            assert cells == list(cli.DEMO_HEADERS)
+            continue
+        assert cells[0] not in rows, f"duplicate row {cells[0]}"
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_demo_table(capsys):
+    assert cli.main(["demo", "--budgets", "16"]) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    _, inputs = build_demo_llava()
+    n = int((inputs["input_ids"] == 32000).sum())
+    assert n == 256
+    assert rows["unpatched"][1:3] == ["-", f"{n}/{n}"]
+    assert rows["unpatched"][4] == "1.000" and rows["unpatched"][6] == "1.00x"
+    skipped = {line.split(":")[0].removeprefix("skipped ") for line in out.splitlines() if line.startswith("skipped ")}
+    assert set(rows) | skipped == {"unpatched", *vtprune.list_methods()}
+    assert not set(rows) & skipped
+    assert {"random", "fastv", "cls"} <= set(rows)  # these all run on LLaVA
+    for method in set(rows) - {"unpatched"}:
+        cells = rows[method]
+        assert cells[1] == "16"
+        assert cells[2] == f"16/{n}", cells
+        assert float(cells[3]) < float(rows["unpatched"][3])
+        assert 0 < float(cells[4]) < 1
+        assert float(cells[5]) > 0 and cells[6].endswith("x")
+
+
+def test_unknown_command_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["no-such-command"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["demo", "--budgets", "0"], ["demo", "--budgets", "a,b"], ["demo", "--threads", "0"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "usage: vtprune" in capsys.readouterr().err
+
+
+def test_demo_skips_a_method_that_cannot_patch(monkeypatch, capsys):
+    import vtprune.demo
+
+    def fake_patch(model, method, **options):
+        if method == "cls":
+            raise ValueError("cls needs a CLS token (test)")
+        return vtprune.patch(model, method, **options)
+
+    monkeypatch.setattr(vtprune.demo, "list_methods", lambda: ["cls", "random"])
+    monkeypatch.setattr(vtprune.demo, "patch", fake_patch)
+    assert cli.main(["demo", "--budgets", "8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert set(_table_rows(out)) == {"unpatched", "random"}
+    assert "skipped cls: cls needs a CLS token (test)" in out
