@@ -60,14 +60,19 @@ def check_tensor(
     return x
 
 
+def as_int(value, what: str) -> int:
+    """``value`` as a Python int (bools and non-integers rejected: "``what``, got ...")."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what}, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what}, got {type(value).__name__} {value!r}") from None
+
+
 def check_int(name: str, value, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
     """Return ``value`` as a Python int (bools rejected), checking ``minimum <= value <= maximum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    v = as_int(value, f"{name} must be an int")
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
         lo = "-inf" if minimum is None else str(minimum)
         hi = "inf" if maximum is None else str(maximum)
@@ -77,12 +82,7 @@ def check_int(name: str, value, minimum: Optional[int] = None, maximum: Optional
 
 def check_k(k, n: int, what: str = "tokens") -> int:
     """A budget ``k`` must be an int in ``[1, n]``."""
-    if isinstance(k, bool):
-        raise TypeError(f"k must be an int, got bool {k!r}")
-    try:
-        v = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}") from None
+    v = as_int(k, "k must be an int")
     if not 1 <= v <= n:
         raise ValueError(f"k must be in [1, {n}] (the number of {what}), got {v}")
     return v

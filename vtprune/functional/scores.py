@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Sequence, Union
 
 import torch
 
-from ._common import check_k, check_tensor, compute_dtype, topk_lowtie
+from ._common import as_int, check_k, check_tensor, compute_dtype, topk_lowtie
 
 __all__ = ["cls_scores", "topk_indices"]
 
@@ -35,12 +34,7 @@ def _layer_indices(layers, num_layers: int) -> list:
         raise ValueError("layers is an empty sequence; give at least one layer index")
     out = []
     for item in items:
-        if isinstance(item, bool):
-            raise TypeError(f"layers must contain ints, got bool {item!r}")
-        try:
-            i = operator.index(item)
-        except TypeError:
-            raise TypeError(f"layers must contain ints, got {type(item).__name__} {item!r}") from None
+        i = as_int(item, "layers must contain ints")
         if not -num_layers <= i < num_layers:
             raise ValueError(f"layer index {i} is out of range for {num_layers} layers "
                              f"(allowed: {-num_layers} .. {num_layers - 1})")
