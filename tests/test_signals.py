@@ -10,23 +10,17 @@ from vtprune.signals import query_attention
 def test_last_token_attention_equals_eager_attention_weights(model_factory):
     model = model_factory("llava", attn="eager")
     inputs = make_inputs(model, "llava", [(3, 1, 4), (8, 1, 2)])
-    captured = {}
-    session_attr = vtprune.api._ATTR
+    seen = []
     with vtprune.patched(model, "fastv", keep=4, layer=2), torch.no_grad():
-        session = getattr(model, session_attr)
-        original = session._signal_hook
-
-        def spy(module, args, kwargs):
-            out = original(module, args, kwargs)
-            captured.update(session.fwd.signals)
-            return out
-
-        session._handles[-1].remove()
-        session._hook(model.model.language_model.layers[1].self_attn.register_forward_pre_hook(spy, with_kwargs=True))
+        method = getattr(model, vtprune.api._ATTR).method
+        select = method.select
+        method.select = lambda image: seen.append(image.text_attention) or select(image)
         model(**inputs)
     with torch.no_grad():
-        eager = model(**inputs, output_attentions=True).attentions[1]  # [B, H, S, S]
-    torch.testing.assert_close(captured["text_attention"], eager[:, :, -1].float(), rtol=1e-5, atol=1e-6)
+        eager = model(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1: [B, H, S, S]
+    assert len(seen) == 2
+    for row, attention in enumerate(seen):
+        torch.testing.assert_close(attention, eager[row, :, -1].float(), rtol=1e-5, atol=1e-6)
 
 
 def test_cls_rows_equal_eager_clip_attention(model_factory):

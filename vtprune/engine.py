@@ -33,7 +33,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from . import flops
 from .adapters import ModelAdapter
 from .methods.base import ImageInputs, Method
-from .signals import cls_attention_rows, decoder_qk, query_attention
+from .signals import cls_attention_rows, query_attention, rope_keys, rope_query
 from .stats import PruneStats
 
 
@@ -171,7 +171,10 @@ class Session:
                 self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
             if self.layer is not None:
                 attn = a.decoder_layers[self.layer - 1].self_attn
-                self._hook(attn.register_forward_pre_hook(self._signal_hook, with_kwargs=True))
+                self._hook(attn.register_forward_pre_hook(self._signal_pre, with_kwargs=True))
+                self._hook(attn.k_proj.register_forward_hook(self._signal_k))
+                if "text_attention" in self.method.signals:
+                    self._hook(attn.q_proj.register_forward_hook(self._signal_q))
         except Exception:
             self.remove()
             raise
@@ -422,24 +425,40 @@ class Session:
         )
 
     # -- decoder layers (llm stage, position-id scrubbing) -------------------------------------------------
-    def _signal_hook(self, module, args, kwargs):
+    def _pending(self) -> Forward | None:
         fwd = self.fwd
-        if fwd is None or not fwd.layer_kwargs.get("pending"):
-            return None
-        t0 = time.perf_counter()
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        mask = fwd.mask2d
-        cols = torch.arange(mask.shape[1], device=mask.device)
-        last = torch.where(mask, cols, -1).max(dim=1).values
-        need_q = "text_attention" in self.method.signals
-        q, k = decoder_qk(module, hidden, kwargs["position_embeddings"], self._rope, last, need_query=need_q)
-        if need_q:
-            visible = mask & (cols[None, :] <= last[:, None])
-            fwd.signals["text_attention"] = query_attention(q, k, module.scaling, visible)
+        return fwd if fwd is not None and fwd.layer_kwargs.get("pending") else None
+
+    def _signal_pre(self, module, args, kwargs):
+        if fwd := self._pending():
+            fwd.signals["_rope"] = kwargs["position_embeddings"]
+
+    def _signal_q(self, module, args, output):
+        if fwd := self._pending():
+            rows = torch.arange(output.shape[0], device=output.device)
+            fwd.signals["_q"] = output[rows, self._last_positions(fwd)]
+
+    def _signal_k(self, module, args, output):
+        if fwd := self._pending():
+            fwd.signals["_k"] = output
+
+    def _last_positions(self, fwd: Forward) -> torch.Tensor:
+        cols = torch.arange(fwd.mask2d.shape[1], device=fwd.mask2d.device)
+        return torch.where(fwd.mask2d, cols, -1).max(dim=1).values
+
+    def _llm_signals(self, fwd: Forward) -> None:
+        """Layer K-1's signals from its captured q_proj / k_proj outputs (RoPE applied here, nothing recomputed)."""
+        attn = self.adapter.decoder_layers[self.layer - 1].self_attn
+        rope = fwd.signals.pop("_rope")
+        k = rope_keys(attn, fwd.signals.pop("_k"), rope, self._rope)
+        if "text_attention" in self.method.signals:
+            last = self._last_positions(fwd)
+            q = rope_query(attn, fwd.signals.pop("_q"), rope, last, self._rope)
+            cols = torch.arange(fwd.mask2d.shape[1], device=fwd.mask2d.device)
+            visible = fwd.mask2d & (cols[None, :] <= last[:, None])
+            fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
         if "keys" in self.method.signals:
             fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
-        fwd.select_ms += (time.perf_counter() - t0) * 1e3
-        return None
 
     def _make_layer_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -470,6 +489,7 @@ class Session:
         if not fwd.layer_kwargs.pop("pending", False):
             return None
         t0 = time.perf_counter()
+        self._llm_signals(fwd)
         keep = self._select(fwd, lambda unit: self._llm_inputs(fwd, unit, hidden))
         fwd.select_ms += (time.perf_counter() - t0) * 1e3
         fwd.done = True

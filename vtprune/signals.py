@@ -1,8 +1,9 @@
 """Cheap attention signals, recomputed from one layer's q/k so the model keeps its fast attention kernel.
 
 * ``cls_attention_rows``: the CLS query's attention row of a CLIP vision layer (one query, all keys).
-* ``decoder_qk`` + ``query_attention``: the attention of one query position (the last prompt token) over all
-  keys of a decoder layer, post-RoPE, GQA-aware, padding masked.
+* ``rope_keys`` / ``rope_query`` + ``query_attention``: the attention of one query position (the last prompt
+  token) over all keys of a decoder layer, post-RoPE, GQA-aware, padding masked, from the layer's own
+  ``q_proj`` / ``k_proj`` outputs.
 
 All returned probabilities are float32 (float64 if the inputs are float64).
 """
@@ -31,41 +32,29 @@ def cls_attention_rows(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: 
     return logits.softmax(dim=-1)
 
 
-def decoder_qk(
-    attn: nn.Module,
-    hidden: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    rope_fn,
-    query_index: torch.Tensor | None = None,
-    need_query: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Post-RoPE keys of a decoder attention layer, and the post-RoPE query of one position per row.
-
-    ``hidden`` is the attention input ``[B, S, D]`` (already input-normed). ``query_index`` ``[B]`` picks the query
-    position of each row. Returns ``(q [B, H, 1, Dh] or None, k [B, Hkv, S, Dh])`` in the model dtype.
-    """
-    b, s, _ = hidden.shape
-    head_dim = attn.head_dim
-    cos, sin = position_embeddings
-    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-
-    k = attn.k_proj(hidden).view(b, s, -1, head_dim)
+def rope_keys(attn: nn.Module, k_out: torch.Tensor, position_embeddings, rope_fn) -> torch.Tensor:
+    """Post-RoPE keys ``[B, Hkv, S, Dh]`` from a decoder attention's ``k_proj`` output ``[B, S, Hkv*Dh]`` (the
+    layer's own output, captured by a hook: nothing is recomputed)."""
+    b, s, _ = k_out.shape
+    cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
+    k = k_out.view(b, s, -1, attn.head_dim)
     if getattr(attn, "k_norm", None) is not None:
         k = attn.k_norm(k)
     k = k.transpose(1, 2)
-    k = rope_fn(k, k, cos, sin)[1]
+    return rope_fn(k, k, cos, sin)[1]
 
-    q = None
-    if need_query:
-        rows = torch.arange(b, device=hidden.device)
-        hq = hidden[rows, query_index].unsqueeze(1)  # [B, 1, D]
-        q = attn.q_proj(hq).view(b, 1, -1, head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        q = q.transpose(1, 2)
-        cq, sq = cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1)
-        q = rope_fn(q, q, cq, sq)[0]
-    return q, k
+
+def rope_query(attn: nn.Module, q_rows: torch.Tensor, position_embeddings, index: torch.Tensor, rope_fn):
+    """Post-RoPE query ``[B, H, 1, Dh]`` of one position per row from ``q_proj`` output rows ``[B, H*Dh]`` taken
+    at positions ``index [B]``."""
+    b = q_rows.shape[0]
+    rows = torch.arange(b, device=q_rows.device)
+    cos, sin = (t.expand(b, -1, -1)[rows, index].unsqueeze(1) for t in position_embeddings)
+    q = q_rows.view(b, 1, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)
+    return rope_fn(q, q, cos, sin)[0]
 
 
 def query_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, key_mask: torch.Tensor) -> torch.Tensor:
