@@ -32,17 +32,7 @@ def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneCon
             f"method must be a registered name or a config instance, got {type(method).__name__}; "
             f"names: {', '.join(list_methods())}"
         )
-    spec = get_method(method)
-    try:
-        return spec.config_cls(**options)
-    except TypeError as err:
-        if "unexpected keyword" not in str(err):
-            raise
-        import dataclasses
-
-        allowed = sorted(f.name for f in dataclasses.fields(spec.config_cls))
-        unknown = sorted(set(options) - set(allowed))
-        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; allowed: {allowed}") from None
+    return get_method(method).make_config(options)
 
 
 def patch(model: nn.Module, method: str | PruneConfig, **options: Any) -> nn.Module:

@@ -68,14 +68,7 @@ class PruneConfig:
         if not isinstance(data, dict) or "method" not in data:
             raise ValueError(f"a config dict needs a 'method' key, got {data!r}")
         data = dict(data)
-        spec = get_method(data.pop("method"))
-        names = {f.name for f in dataclasses.fields(spec.config_cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for method {spec.name!r}; allowed: {sorted(names)}"
-            )
-        return spec.config_cls(**data)
+        return get_method(data.pop("method")).make_config(data, error=ValueError)
 
     @staticmethod
     def from_json(text: str) -> "PruneConfig":

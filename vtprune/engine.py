@@ -114,6 +114,7 @@ class Forward:
     features: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # visual token id -> per-image features
     units: list[Unit] = field(default_factory=list)
     mask2d: torch.Tensor | None = None  # bool [B, S]: the prompt's real tokens
+    last: torch.Tensor | None = None  # [B] position of each row's last real token (llm stage)
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides for decoder layers >= K
     scrub_position_ids: bool = False
@@ -288,7 +289,7 @@ class Session:
         else:
             self.fwd = None
 
-    def _inner_post(self, module, args, kwargs_or_output, output=None):
+    def _inner_post(self, module, args, output):
         fwd, self.fwd = self.fwd, None
         if fwd is not None and fwd.done:
             self.stats = self._make_stats(fwd)
@@ -311,6 +312,8 @@ class Session:
             self.fwd = None
             return None
         if self.method.stage == "llm":
+            cols = torch.arange(s, device=embeds.device)
+            fwd.last = torch.where(fwd.mask2d, cols, -1).max(dim=1).values
             fwd.layer_kwargs["pending"] = True
             return None
         t0 = time.perf_counter()
@@ -324,11 +327,10 @@ class Session:
         if pos is None:
             pos = self.adapter.default_position_ids(b, s, 0, embeds.device)
         kwargs["inputs_embeds"] = layout.take(embeds, 1)
+        # always pass a mask (kept position ids have gaps, which transformers would read as packed sequences)
         kwargs["attention_mask"] = layout.compress_mask(
             torch.ones(b, s, dtype=torch.long, device=embeds.device) if mask is None else mask, s
         )
-        if kwargs["attention_mask"] is None:  # always pass a mask: kept position ids have gaps
-            kwargs["attention_mask"] = torch.ones(layout.gather.shape, dtype=torch.long, device=embeds.device)
         kwargs["position_ids"] = layout.take(pos, -1)
         fwd.scrub_position_ids = True
         return args, kwargs
@@ -436,15 +438,11 @@ class Session:
     def _signal_q(self, module, args, output):
         if fwd := self._pending():
             rows = torch.arange(output.shape[0], device=output.device)
-            fwd.signals["_q"] = output[rows, self._last_positions(fwd)]
+            fwd.signals["_q"] = output[rows, fwd.last]
 
     def _signal_k(self, module, args, output):
         if fwd := self._pending():
             fwd.signals["_k"] = output
-
-    def _last_positions(self, fwd: Forward) -> torch.Tensor:
-        cols = torch.arange(fwd.mask2d.shape[1], device=fwd.mask2d.device)
-        return torch.where(fwd.mask2d, cols, -1).max(dim=1).values
 
     def _llm_signals(self, fwd: Forward) -> None:
         """Layer K-1's signals from its captured q_proj / k_proj outputs (RoPE applied here, nothing recomputed)."""
@@ -452,10 +450,9 @@ class Session:
         rope = fwd.signals.pop("_rope")
         k = rope_keys(attn, fwd.signals.pop("_k"), rope, self._rope)
         if "text_attention" in self.method.signals:
-            last = self._last_positions(fwd)
-            q = rope_query(attn, fwd.signals.pop("_q"), rope, last, self._rope)
+            q = rope_query(attn, fwd.signals.pop("_q"), rope, fwd.last, self._rope)
             cols = torch.arange(fwd.mask2d.shape[1], device=fwd.mask2d.device)
-            visible = fwd.mask2d & (cols[None, :] <= last[:, None])
+            visible = fwd.mask2d & (cols[None, :] <= fwd.last[:, None])
             fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
         if "keys" in self.method.signals:
             fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
@@ -499,8 +496,6 @@ class Session:
         layout = self._start_layout(keep, past)
         hidden = layout.take(hidden, 1)
         mask2d = layout.compress_mask(fwd.mask2d.long(), layout.seq_len)
-        if mask2d is None:
-            mask2d = torch.ones(layout.gather.shape, dtype=torch.long, device=hidden.device)
         cos, sin = kwargs["position_embeddings"]
         override = {"position_embeddings": (layout.take(cos, 1), layout.take(sin, 1)), "position_ids": None}
         masks = self._layer_masks(hidden, mask2d, past)

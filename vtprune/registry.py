@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import dataclasses
 from dataclasses import dataclass
 
 from .config import PruneConfig
@@ -13,6 +14,14 @@ class MethodSpec:
     name: str
     method_cls: type
     config_cls: type[PruneConfig]
+
+    def make_config(self, options: dict, error: type[Exception] = TypeError) -> PruneConfig:
+        """The method's config from keyword options; unknown names raise ``error`` listing the allowed ones."""
+        allowed = sorted(f.name for f in dataclasses.fields(self.config_cls))
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise error(f"unknown option(s) {unknown} for method {self.name!r}; allowed: {allowed}")
+        return self.config_cls(**options)
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -49,11 +58,3 @@ def get_method(name: str) -> MethodSpec:
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(list_methods())}")
     return spec
-
-
-def config_for(spec: MethodSpec | None = None, config: PruneConfig | None = None) -> MethodSpec:
-    """The spec owning a config instance."""
-    for s in _METHODS.values():
-        if type(config) is s.config_cls:
-            return s
-    raise TypeError(f"{type(config).__name__} is not the config of a registered method")
