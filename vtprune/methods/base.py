@@ -43,6 +43,16 @@ class ImageInputs:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class Selection:
+    """What a merging method returns instead of bare indices: the ascending kept indices and, for each kept token,
+    the vector that replaces it (vision stage: the projected feature; llm stage: the hidden state entering layer
+    K), e.g. the mean of the tokens merged into it. Kept tokens keep their original position ids."""
+
+    kept: torch.Tensor  # [k] int64, ascending
+    merged: torch.Tensor | None = None  # [k, D]
+
+
 class Method:
     """Base class of registered methods (see ``vtprune.registry.register_method``)."""
 
@@ -62,8 +72,9 @@ class Method:
         """Vision-encoder layers whose CLS attention rows this method reads (``cls_attention`` signal)."""
         return []
 
-    def select(self, image: ImageInputs) -> torch.Tensor:
-        """Ascending image-relative indices (int64) of the ``image.k`` visual tokens to keep."""
+    def select(self, image: ImageInputs) -> "torch.Tensor | Selection":
+        """Ascending image-relative indices (int64) of the ``image.k`` visual tokens to keep, or a
+        :class:`Selection` when the kept tokens' vectors are replaced (merging methods)."""
         raise NotImplementedError
 
 
