@@ -32,7 +32,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from . import flops
 from .adapters import ModelAdapter
-from .methods.base import ImageInputs, Method
+from .methods.base import ImageInputs, Method, Selection
 from .signals import cls_attention_rows, query_attention, rope_keys, rope_query
 from .stats import PruneStats
 
@@ -103,6 +103,7 @@ class Unit:
     features: torch.Tensor | None = None
     info: ImageInfo | None = None
     kept: torch.Tensor | None = None
+    merged: torch.Tensor | None = None  # [len(kept), D] replacement vectors of a merging method
 
 
 @dataclass
@@ -326,7 +327,7 @@ class Session:
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = self.adapter.default_position_ids(b, s, 0, embeds.device)
-        kwargs["inputs_embeds"] = layout.take(embeds, 1)
+        kwargs["inputs_embeds"] = layout.take(self._merge(fwd, embeds), 1)
         # always pass a mask (kept position ids have gaps, which transformers would read as packed sequences)
         kwargs["attention_mask"] = layout.compress_mask(
             torch.ones(b, s, dtype=torch.long, device=embeds.device) if mask is None else mask, s
@@ -407,13 +408,33 @@ class Session:
             if inputs.k >= n:
                 unit.kept = torch.arange(n, device=unit.positions.device)
                 continue
-            kept = self.method.select(inputs).to(unit.positions.device)
+            kept = self.method.select(inputs)
+            if isinstance(kept, Selection):
+                unit.merged = kept.merged
+                kept = kept.kept
+            kept = kept.to(unit.positions.device)
             _check_selection(self.method.name, kept, n, inputs.k)
             unit.kept = kept
             keep[unit.row, unit.positions] = False
             keep[unit.row, unit.positions[kept]] = True
             dropped = True
         return keep if dropped else None
+
+    def _merge(self, fwd: Forward, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, S, D] with each merging unit's kept rows replaced by its merged vectors (a copy if any)."""
+        merging = [u for u in fwd.units if u.merged is not None]
+        if not merging:
+            return x
+        x = x.clone()
+        for unit in merging:
+            cols = unit.positions[unit.kept]
+            if tuple(unit.merged.shape) != (cols.numel(), x.shape[-1]):
+                raise RuntimeError(
+                    f"method {self.method.name!r} returned merged vectors of shape {tuple(unit.merged.shape)}; "
+                    f"expected {(cols.numel(), x.shape[-1])} (one per kept token)"
+                )
+            x[unit.row, cols] = unit.merged.to(device=x.device, dtype=x.dtype)
+        return x
 
     def _vision_inputs(self, fwd: Forward, unit: Unit) -> ImageInputs:
         n = unit.positions.numel()
@@ -494,7 +515,7 @@ class Session:
         if keep is None:
             return None
         layout = self._start_layout(keep, past)
-        hidden = layout.take(hidden, 1)
+        hidden = layout.take(self._merge(fwd, hidden), 1)
         mask2d = layout.compress_mask(fwd.mask2d.long(), layout.seq_len)
         cos, sin = kwargs["position_embeddings"]
         override = {"position_embeddings": (layout.take(cos, 1), layout.take(sin, 1)), "position_ids": None}
