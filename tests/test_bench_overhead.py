@@ -1,0 +1,97 @@
+"""eval/bench/overhead.py on the tiny model: one row per registered method, a timed layer that really is the model's
+layer 0 in prefill (checked against the unpatched model's own hidden states), verdicts that follow the numbers, and
+argparse errors for bad flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.demo import build_random_llava
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_overhead", os.path.join(ROOT, "eval", "bench", "overhead.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+overhead = _load()
+
+
+def _rows(text: str) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        if not line.startswith("|") or line.startswith("|:"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "method":
+            assert tuple(cells) == overhead.HEADERS
+            continue
+        rows.append(cells)
+    return rows
+
+
+def test_small_run_has_one_row_per_method(tmp_path, capsys):
+    out = tmp_path / "overhead.md"
+    assert overhead.main(["--small", "--repeats", "2", "--warmup", "0", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "command: `" in text and "--small" in text and "threads: 1" in text
+    rows = _rows(text)
+    assert [r[0] for r in rows] == vtprune.list_methods()
+    assert _rows(capsys.readouterr().out) == rows  # printed too
+    for method in ("random", "fastv", "cls", "dart", "divprune"):  # these run on LLaVA
+        (row,) = [r for r in rows if r[0] == method]
+        assert row[3] == "64" and row[4] == "64", row
+        select, layer, ratio = float(row[5]), float(row[8]), float(row[9])
+        outside = float(row[7]) if row[7] != "-" else 0.0
+        assert select > 0 and layer > 0
+        assert ratio == pytest.approx((select + outside) / layer, rel=0.02, abs=2e-4)
+        assert row[10] == ("yes" if ratio <= 1 else "**no**")
+    by_name = {r[0]: r for r in rows}
+    assert by_name["fastv"][1:3] == ["llm", "2"] and by_name["random"][1:3] == ["vision", "-"]
+    assert by_name["cls"][7] != "-" and by_name["random"][7] == "-"  # CLS rows are computed in the tower hooks
+
+
+def test_methods_subset_and_several_budgets(tmp_path):
+    out = tmp_path / "o.md"
+    assert overhead.main(["--small", "--repeats", "1", "--warmup", "0", "--methods", "fastv,random",
+                          "--keep", "16,32", "--out", str(out)]) == 0
+    rows = _rows(out.read_text())
+    assert [(r[0], r[3], r[4]) for r in rows] == [
+        ("fastv", "16", "16"), ("fastv", "32", "32"), ("random", "16", "16"), ("random", "32", "32"),
+    ]
+
+
+def test_layers_needed_matches_the_pruning_layer():
+    assert overhead.layers_needed("random", 8, vision_layers=4, max_layers=4) == (1, None)
+    assert overhead.layers_needed("fastv", 8, vision_layers=4, max_layers=4) == (3, None)  # K=2 < num_layers
+    n, reason = overhead.layers_needed("fastv", 8, vision_layers=4, max_layers=2)
+    assert n is None and "layer=2" in reason
+
+
+def test_timed_layer_is_layer_0_of_the_prefill():
+    model, inputs = build_random_llava(text_layers=2)
+    with torch.no_grad():
+        hs = model(**inputs, output_hidden_states=True).hidden_states
+    run = overhead.one_layer(model, hs[0])
+    torch.testing.assert_close(run(), hs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--keep", "0"], ["--keep", "a"], ["--methods", "nope"], ["--threads", "0"], ["--warmup", "-1"]]
+)
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        overhead.main(["--small", *argv])
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
