@@ -9,7 +9,7 @@
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .api import is_patched, list_methods, patch, patched, stats, unpatch
 from .config import PruneConfig
-from .methods import CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, RandomConfig
+from .methods import CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, RandomConfig, ZOOConfig
 from .registry import register_method
 from .stats import PruneStats
 
@@ -18,4 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "register_method",
     "PruneConfig", "PruneStats", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
+    "ZOOConfig",
 ]

@@ -19,6 +19,7 @@ Nothing changes a class or the attention implementation; ``remove`` undoes every
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import time
@@ -91,6 +92,7 @@ class ImageInfo:
     crops: int
     grid: torch.Tensor | None  # [1, 3] (t, h, w) for Qwen-VL
     cls_attention: torch.Tensor | None  # [crops, L, H, 1+P] CLS rows of the requested vision layers
+    projector_inputs: torch.Tensor | None  # [crops, P, D_in] what the projector received
     pack: Any  # per-crop patch scores [crops, P] -> per visual token [n]
 
 
@@ -153,6 +155,8 @@ class Session:
         self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
         self._cls_rows: list | None = None
         self._cls_q: torch.Tensor | None = None
+        self._projector_in: list | None = None
+        self._projector32: nn.Module | None = None
 
     # -- install / remove ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -165,6 +169,8 @@ class Session:
             for name in a.feature_methods:
                 if hasattr(a.inner, name):
                     self._wrap_features(name)
+            if "projector_inputs" in self.method.signals:
+                self._hook(a.projector_module().register_forward_pre_hook(self._projector_hook))
             for i in self.vision_layers:
                 attn = a.vision_attention_modules()[i]
                 self._hook(attn.q_proj.register_forward_hook(self._cls_q_hook))
@@ -205,11 +211,13 @@ class Session:
         def wrapped(*args, **kwargs):
             call = signature.bind(*args, **kwargs).arguments
             self._cls_rows = [] if self.vision_layers else None
+            self._projector_in = [] if "projector_inputs" in self.method.signals else None
             try:
                 out = original(*args, **kwargs)
             finally:
                 rows, self._cls_rows = self._cls_rows, None
-            self._record_features(call, list(out.pooler_output), rows, token_id)
+                projected, self._projector_in = self._projector_in, None
+            self._record_features(call, list(out.pooler_output), rows, projected, token_id)
             return out
 
         inner.__dict__[name] = wrapped
@@ -219,17 +227,24 @@ class Session:
         key = "video_token_id" if "video" in name else "image_token_id"
         return int(getattr(self.adapter.config, key))
 
-    def _record_features(self, call: dict, feats: list[torch.Tensor], rows, token_id: int) -> None:
+    def _record_features(self, call: dict, feats: list[torch.Tensor], rows, projected, token_id: int) -> None:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
         grid = call.get("image_grid_thw", call.get("video_grid_thw"))
         grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
         counts = self.adapter.crop_counts(call, len(feats))
         per_image = torch.split(torch.stack(rows, dim=1), counts) if rows else [None] * len(feats)
+        if projected:
+            if len(projected) != 1:
+                raise RuntimeError(f"the projector ran {len(projected)} times in one feature call; expected once")
+            projector_inputs = self.adapter.split_projector_inputs(projected[0], call, counts)
+        else:
+            projector_inputs = [None] * len(feats)
         for i, feat in enumerate(feats):
             info = ImageInfo(
                 crops=counts[i],
                 grid=grid[i : i + 1] if grid is not None else None,
                 cls_attention=per_image[i],
+                projector_inputs=projector_inputs[i],
                 pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
             )
             self._image_info[id(feat)] = (weakref.ref(feat), info)
@@ -241,6 +256,19 @@ class Session:
         return entry[1] if entry is not None and entry[0]() is feat else None
 
     # -- vision-side hooks ----------------------------------------------------------------------------
+    def _projector_hook(self, module, args):
+        if self._projector_in is not None:
+            self._projector_in.append(args[0].detach())
+
+    def _float32_projector(self) -> nn.Module:
+        """The per-token projector in float32 (a copy, made once, when the model runs in another dtype)."""
+        if self._projector32 is None:
+            proj = self.adapter.projector()
+            if any(p.dtype != torch.float32 for p in proj.parameters()):
+                proj = copy.deepcopy(proj).float()
+            self._projector32 = proj
+        return self._projector32
+
     def _cls_q_hook(self, module, args, output):
         if self._cls_rows is not None:
             self._cls_q = output[:, :1]
@@ -389,7 +417,7 @@ class Session:
                 if feats is not None:
                     unit.features, unit.info = feats[i], self._info(feats[i])
                 units.append(unit)
-        needs = self.method.signals & {"features", "cls_attention"}
+        needs = self.method.signals & {"features", "cls_attention", "projector_inputs"}
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(
                 f"method {self.method.name!r} needs {sorted(needs)} from the vision tower; pass pixel_values "
@@ -444,6 +472,8 @@ class Session:
             features=unit.features,
             cls_attention=unit.info.cls_attention if unit.info else None,
             pack_crop_scores=unit.info.pack if unit.info else None,
+            projector_inputs=unit.info.projector_inputs if unit.info else None,
+            projector=self._float32_projector() if "projector_inputs" in self.method.signals else None,
             image_start=int(unit.positions[0]),
         )
 

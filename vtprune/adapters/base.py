@@ -79,6 +79,20 @@ class ModelAdapter:
         arguments ``call``) to that image's visual tokens ``[n]``."""
         return scores.reshape(-1)
 
+    # -- projector (zoo, visionzip) -------------------------------------------------------------------
+    def projector_module(self) -> nn.Module:
+        """The module that maps vision-tower features to LM tokens; its input is captured for ``projector_inputs``."""
+        raise NotImplementedError(f"{type(self).__name__} does not locate its projector")
+
+    def projector(self) -> nn.Module:
+        """The projector as a per-token map ``[N, D_in] -> [N, D_lm]`` (sharing the model's weights)."""
+        raise NotImplementedError(f"{type(self).__name__} does not locate its projector")
+
+    def split_projector_inputs(self, captured: torch.Tensor, call: dict[str, Any], counts: list[int]) -> list[torch.Tensor]:
+        """The projector's input of one ``get_image_features`` call -> per image ``[crops, P, D_in]``, each crop's
+        rows in the order that :meth:`pack_crop_scores` expects."""
+        raise NotImplementedError(f"{type(self).__name__} does not locate its projector")
+
     def unsupported_llm_stage(self) -> str | None:
         """Why llm-stage pruning is not possible on this family (None: it is)."""
         return None

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 import torch
+from torch import nn
 
 from .base import ModelAdapter
 
@@ -23,6 +24,20 @@ class LlavaAdapter(ModelAdapter):
                 "CLIP vision tower"
             )
         return [layer.self_attn for layer in encoder.layers]
+
+    def projector_module(self):
+        return self.inner.multi_modal_projector
+
+    def projector(self):
+        proj = self.inner.multi_modal_projector
+        if all(hasattr(proj, n) for n in ("linear_1", "act", "linear_2")):  # Linear -> act -> Linear
+            return nn.Sequential(proj.linear_1, proj.act, proj.linear_2)
+        return proj
+
+    def split_projector_inputs(self, captured, call, counts):
+        if call.get("image_sizes") is not None and self.config.model_type == "llava":
+            raise ValueError("projector inputs of LLaVA models called with image_sizes (Pixtral-style) are not mapped")
+        return list(torch.split(captured, counts))
 
     def check_cls_strategy(self) -> None:
         strategy = getattr(self.config, "vision_feature_select_strategy", "default")

@@ -18,7 +18,7 @@ from .dart import dart_select
 from .debias import debias_scores, pad_mask
 from .diversity import kcenter_select, maxsum_select
 from .scores import cls_scores, topk_indices
-from .zoo import zoo_select, zoo_sensitivity
+from .zoo import zoo_select, zoo_sensitivity, zoo_sensitivity_jvp
 
 __all__ = [
     "cls_scores",
@@ -29,5 +29,6 @@ __all__ = [
     "pad_mask",
     "debias_scores",
     "zoo_sensitivity",
+    "zoo_sensitivity_jvp",
     "zoo_select",
 ]

@@ -6,8 +6,9 @@ from .dart import DART, DARTConfig
 from .divprune import DivPrune, DivPruneConfig
 from .fastv import FastV, FastVConfig
 from .random import RandomConfig, RandomPrune
+from .zoo import ZOOConfig, ZOOPrune
 
 __all__ = [
     "ImageInputs", "Method", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
-    "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune",
+    "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune", "ZOOConfig", "ZOOPrune",
 ]

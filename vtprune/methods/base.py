@@ -14,7 +14,7 @@ import torch
 from ..config import PruneConfig
 
 #: signal names a method may ask for
-VISION_SIGNALS = frozenset({"features", "cls_attention"})
+VISION_SIGNALS = frozenset({"features", "cls_attention", "projector_inputs"})
 LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden"})
 
 
@@ -28,6 +28,8 @@ class ImageInputs:
     LLM stage (layer K): ``hidden`` ``[S, D]`` input of layer K for the image's sample (padding removed),
     ``keys`` ``[S, Hkv*Dh]`` post-RoPE keys of layer K-1, ``text_attention`` ``[H, S]`` attention of the last
     prompt token at layer K-1, ``image_start`` the image's first position in those ``S`` tokens.
+    ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),
+    ``projector`` the per-token projector ``[N, D_in] -> [N, D]`` in float32 (a float32 copy for fp16/bf16 models).
     """
 
     n: int
@@ -40,6 +42,8 @@ class ImageInputs:
     text_attention: torch.Tensor | None = None
     image_start: int = 0
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    projector_inputs: torch.Tensor | None = None
+    projector: torch.nn.Module | None = None
     extra: dict = field(default_factory=dict)
 
 
