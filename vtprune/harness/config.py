@@ -1,0 +1,261 @@
+"""Sweep configs: what to run (models x methods x budgets x tasks), parsed and checked before anything loads.
+
+A config is YAML (or the same structure as a dict)::
+
+    name: llava15_7b                 # optional; default: the file name
+    output_dir: runs/llava15_7b      # optional; results.jsonl goes there (default: runs/<name>)
+    include_path: ../../eval/tasks   # optional; folder(s) of local lmms-eval tasks
+    batch_size: 1                    # optional
+    limit: null                      # optional; documents per task (quick runs)
+    device: cuda                     # optional; default: cuda when available, else cpu
+    dtype: float16                   # optional; default: auto (the checkpoint's dtype)
+    models:
+      - pretrained: llava-hf/llava-1.5-7b-hf       # local path or hub id
+        name: llava-1.5-7b                         # optional label (default: last part of pretrained)
+        model_args: {attn_implementation: sdpa}    # optional loading options (device_map, revision, ...)
+    methods:
+      - fastv                                      # a registered method with its default options
+      - {method: dart, options: {layer: 2}, name: dart-l2}   # options go to the method's config
+    budgets: [64, 128, 192]                        # visual tokens kept per image (keep=N)
+    tasks:
+      - gqa                                        # metric: the task's first metric, scale 100, max 100
+      - {task: mme, metric: mme_perception_score, scale: 1, max: 2000}
+
+Every cell (model, method, budget, task) is run, and each model's unpruned baseline (method ``none``) on every
+task. ``scale`` turns the task's metric into the number a paper reports (100 for a 0-1 accuracy); ``max`` is
+that number's full score, used to put every task on 0-100 for the table's Avg column.
+
+Relative paths (``output_dir``, ``include_path``, a local ``pretrained``) are taken relative to the config
+file (a dict config: to ``base_dir``, default the working directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..registry import get_method
+from .model import LOAD_ARGS, UNPRUNED
+
+__all__ = ["SweepConfig", "ModelSpec", "MethodSpec", "TaskSpec", "load_config"]
+
+_TOP_KEYS = {"name", "output_dir", "include_path", "batch_size", "limit", "device", "dtype", "models", "methods",
+             "budgets", "tasks"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    pretrained: str
+    model_args: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str  # label in results and tables
+    method: str  # registered method name, or "none"
+    options: dict[str, Any]
+
+    def options_key(self) -> str:
+        return json.dumps(self.options, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    metric: str | None  # None: the task's first metric (resolved by the sweep's task check)
+    scale: float = 100.0
+    max: float = 100.0
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    name: str
+    output_dir: Path
+    include_path: list[Path]
+    models: list[ModelSpec]
+    methods: list[MethodSpec]
+    budgets: list[int]
+    tasks: list[TaskSpec]
+    batch_size: int = 1
+    limit: int | None = None
+    device: str | None = None
+    dtype: str = "auto"
+
+    @property
+    def results_path(self) -> Path:
+        return self.output_dir / "results.jsonl"
+
+    def cells(self) -> list[tuple[ModelSpec, MethodSpec, int | None, TaskSpec]]:
+        """Every cell in run order: per model, the unpruned baseline first, then method x budget, each on
+        every task."""
+        baseline = MethodSpec(UNPRUNED, UNPRUNED, {})
+        out = []
+        for model in self.models:
+            for task in self.tasks:
+                out.append((model, baseline, None, task))
+            for method in self.methods:
+                for budget in self.budgets:
+                    for task in self.tasks:
+                        out.append((model, method, budget, task))
+        return out
+
+
+def _fail(where: str, message: str):
+    raise ValueError(f"sweep config: {where}: {message}")
+
+
+def _check_keys(where: str, given: dict, allowed: set[str], required: set[str] = frozenset()) -> None:
+    if not isinstance(given, dict):
+        _fail(where, f"expected a mapping, got {type(given).__name__} {given!r}")
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        _fail(where, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(given))
+    if missing:
+        _fail(where, f"missing key(s) {missing}")
+
+
+def _positive_int(where: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(where, f"expected an int >= 1, got {value!r}")
+    return value
+
+
+def _list(where: str, value) -> list:
+    if not isinstance(value, list) or not value:
+        _fail(where, f"expected a non-empty list, got {value!r}")
+    return value
+
+
+def _path(base: Path, value, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        _fail(where, f"expected a path, got {value!r}")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _parse_model(i: int, item, base: Path) -> ModelSpec:
+    where = f"models[{i}]"
+    if isinstance(item, str):
+        item = {"pretrained": item}
+    _check_keys(where, item, {"pretrained", "name", "model_args"}, {"pretrained"})
+    pretrained = item["pretrained"]
+    if not isinstance(pretrained, str) or not pretrained:
+        _fail(where, f"pretrained must be a local path or a hub id, got {pretrained!r}")
+    local = _path(base, pretrained, where)
+    if local.exists() or not _HUB_ID.match(pretrained):
+        pretrained = str(local.resolve())  # a path (checked later), not a hub id
+    model_args = item.get("model_args") or {}
+    _check_keys(f"{where}.model_args", model_args, set(LOAD_ARGS))
+    name = item.get("name") or Path(pretrained.rstrip("/")).name
+    if not isinstance(name, str):
+        _fail(where, f"name must be a string, got {name!r}")
+    return ModelSpec(name, pretrained, dict(model_args))
+
+
+def _parse_method(i: int, item, budgets: list[int]) -> MethodSpec:
+    where = f"methods[{i}]"
+    if isinstance(item, str):
+        item = {"method": item}
+    _check_keys(where, item, {"method", "options", "name"}, {"method"})
+    method, options = item["method"], item.get("options") or {}
+    if method == UNPRUNED:
+        _fail(where, f"the unpruned baseline ({UNPRUNED!r}) is always run; list only pruning methods")
+    if not isinstance(options, dict):
+        _fail(where, f"options must be a mapping, got {options!r}")
+    for budget_key in ("keep", "ratio"):
+        if budget_key in options:
+            _fail(where, f"give budgets in the top-level 'budgets' list, not as the option {budget_key!r}")
+    try:
+        spec = get_method(method)
+        for budget in budgets:
+            spec.make_config({"keep": budget, **options}, error=ValueError)
+    except (ValueError, TypeError) as err:
+        _fail(where, str(err))
+    name = item.get("name") or method
+    if not isinstance(name, str):
+        _fail(where, f"name must be a string, got {name!r}")
+    return MethodSpec(name, method, dict(options))
+
+
+def _parse_task(i: int, item) -> TaskSpec:
+    where = f"tasks[{i}]"
+    if isinstance(item, str):
+        item = {"task": item}
+    _check_keys(where, item, {"task", "metric", "scale", "max"}, {"task"})
+    task, metric = item["task"], item.get("metric")
+    if not isinstance(task, str) or not task:
+        _fail(where, f"task must be an lmms-eval task name, got {task!r}")
+    if metric is not None and not isinstance(metric, str):
+        _fail(where, f"metric must be a string, got {metric!r}")
+    numbers = {}
+    for key in ("scale", "max"):
+        value = item.get(key, 100.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            _fail(where, f"{key} must be a number > 0, got {value!r}")
+        numbers[key] = float(value)
+    return TaskSpec(task, metric, numbers["scale"], numbers["max"])
+
+
+def _unique(where: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        _fail(where, f"duplicate name(s) {dupes}; give each entry a distinct 'name'")
+
+
+def load_config(config: str | Path | dict, base_dir: str | Path | None = None) -> SweepConfig:
+    """Parse and check a sweep config (a YAML path or a dict). Methods and their options are checked here
+    against the registry; tasks and models by :func:`vtprune.harness.sweep.check_config`. Raises ValueError."""
+    if isinstance(config, (str, Path)):
+        import yaml
+
+        path = Path(config)
+        if not path.is_file():
+            raise ValueError(f"sweep config {str(path)!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        base = path.resolve().parent
+        default_name = path.stem
+    elif isinstance(config, dict):
+        data, base, default_name = config, Path(base_dir or ".").resolve(), "sweep"
+    else:
+        raise TypeError(f"config must be a YAML path or a dict, got {type(config).__name__}")
+    _check_keys("top level", data, _TOP_KEYS, {"models", "methods", "budgets", "tasks"})
+
+    budgets = [_positive_int(f"budgets[{i}]", b) for i, b in enumerate(_list("budgets", data["budgets"]))]
+    if len(set(budgets)) != len(budgets):
+        _fail("budgets", f"duplicate budgets in {budgets}")
+    models = [_parse_model(i, m, base) for i, m in enumerate(_list("models", data["models"]))]
+    methods = [_parse_method(i, m, budgets) for i, m in enumerate(_list("methods", data["methods"]))]
+    tasks = [_parse_task(i, t) for i, t in enumerate(_list("tasks", data["tasks"]))]
+    _unique("models", [m.name for m in models])
+    _unique("methods", [m.name for m in methods])
+    _unique("tasks", [t.task for t in tasks])
+
+    name = data.get("name") or default_name
+    include = data.get("include_path") or []
+    include = [include] if isinstance(include, str) else include
+    if not isinstance(include, list):
+        _fail("include_path", f"expected a path or a list of paths, got {include!r}")
+    include_paths = [_path(base, p, "include_path").resolve() for p in include]
+    for p in include_paths:
+        if not p.is_dir():
+            _fail("include_path", f"{str(p)!r} is not a folder")
+    output_dir = _path(base, data["output_dir"], "output_dir") if data.get("output_dir") else Path("runs") / name
+    limit = data.get("limit")
+    if limit is not None:
+        limit = _positive_int("limit", limit)
+    device, dtype = data.get("device"), data.get("dtype", "auto")
+    for key, value in (("device", device), ("dtype", dtype)):
+        if value is not None and not isinstance(value, str):
+            _fail(key, f"expected a string, got {value!r}")
+    return SweepConfig(
+        name=str(name), output_dir=output_dir, include_path=include_paths, models=models, methods=methods,
+        budgets=budgets, tasks=tasks, batch_size=_positive_int("batch_size", data.get("batch_size", 1)),
+        limit=limit, device=device, dtype=dtype,
+    )

@@ -1,0 +1,298 @@
+"""Run a sweep: every (model, method, budget, task) cell of a config through lmms-eval, one row per cell.
+
+:func:`run_sweep` is what ``vtprune sweep CONFIG.yaml`` calls; Python callers use it directly::
+
+    rows = vtprune.harness.run_sweep("configs/sweeps/smoke.yaml", limit=16)
+
+Before any model loads, :func:`check_config` resolves every task (and its metric) in lmms-eval's task index,
+reads every model's config (a local folder, or the hub's ``config.json`` only) and patches a weightless
+(meta-device) copy of each model with each method, so unknown tasks, models and methods, and methods a model
+cannot run, fail first. Each model is then loaded once; each cell runs ``lmms_eval.evaluator.simple_evaluate``
+in-process with a :class:`~vtprune.harness.model.VTPrune` wrapping the loaded model, so an lmms-eval failure
+raises instead of being reported as a zero exit status, and a result that lacks the metric, is NaN, or was
+computed from fewer answers than the documents evaluated raises too.
+
+Rows are appended to ``results.jsonl`` as cells finish; a cell whose row is already there (same model, method,
+options, budget, task, metric and limit) is skipped, so an interrupted sweep resumes where it stopped. Under
+``accelerate launch`` every process runs every cell on its share of the documents (lmms-eval shards them), the
+per-request records of all processes are gathered, and the main process writes the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import gc
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..adapters import supported_model_types
+from ..api import patch, unpatch
+from .config import MethodSpec, ModelSpec, SweepConfig, TaskSpec, load_config
+from .model import UNPRUNED, VTPrune, load_pretrained, method_config
+
+__all__ = ["run_sweep", "check_config", "read_results", "cell_key", "RESULT_FIELDS"]
+
+#: the fields of a results.jsonl row, in order
+RESULT_FIELDS = (
+    "config", "model", "pretrained", "method", "method_name", "options", "budget", "task", "metric", "value",
+    "score", "max", "limit", "n", "batch_size", "visual_tokens_in", "visual_tokens", "prefill_tflops",
+    "prefill_ms", "select_ms", "kv_cache_mb", "peak_memory_mb", "device", "dtype", "world_size", "time",
+)
+_KEY_FIELDS = ("model", "pretrained", "method", "method_name", "options", "budget", "task", "metric", "limit")
+
+
+def cell_key(row: dict) -> str:
+    """What identifies a cell: a row with the same key is the same cell (and is skipped on resume)."""
+    return json.dumps({k: row.get(k) for k in _KEY_FIELDS}, sort_keys=True)
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of a results.jsonl (or of the results.jsonl in a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.jsonl"
+    if not path.is_file():
+        raise ValueError(f"no results file at {str(path)!r}")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not a JSON row ({err})") from None
+    return rows
+
+
+# -- checks before anything loads ----------------------------------------------------------------------------------
+def _task_manager(include_path: list[Path], names: list[str]):
+    """lmms-eval's task index: only the local folders when they hold every task (fast), else with the built-ins."""
+    import lmms_eval.models  # noqa: F401  (sets lmms-eval's log level before the task index logs)
+    from lmms_eval.tasks import TaskManager
+
+    paths = [str(p) for p in include_path]
+    if paths:
+        local = TaskManager("WARNING", include_path=paths, include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local
+    return TaskManager("WARNING", include_path=paths or None)
+
+
+def _resolve_metric(tm, spec: TaskSpec) -> str:
+    if spec.task not in tm.all_tasks:
+        close = difflib.get_close_matches(spec.task, tm.all_tasks, n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown lmms-eval task {spec.task!r}.{hint} (list them with `lmms-eval --tasks list`; "
+                         "local tasks need include_path)")
+    if tm.task_index[spec.task]["type"] != "task":
+        raise ValueError(f"{spec.task!r} is an lmms-eval {tm.task_index[spec.task]['type']}, not a task; list its tasks")
+    metrics = [m["metric"] for m in tm._get_config(spec.task).get("metric_list", []) if isinstance(m, dict)]
+    if spec.metric is None:
+        if not metrics:
+            raise ValueError(f"task {spec.task!r} declares no metric_list; give 'metric' in the config")
+        return metrics[0]
+    if metrics and spec.metric not in metrics:
+        raise ValueError(f"task {spec.task!r} has no metric {spec.metric!r}; its metrics: {metrics}")
+    return spec.metric
+
+
+def _model_config(spec: ModelSpec):
+    from transformers import AutoConfig
+
+    trust = bool(spec.model_args.get("trust_remote_code", False))
+    path = Path(spec.pretrained)
+    if path.is_absolute():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {spec.name!r}: {spec.pretrained!r} is not a folder with a config.json "
+                             "(and not a hub id such as llava-hf/llava-1.5-7b-hf)")
+    try:
+        config = AutoConfig.from_pretrained(spec.pretrained, trust_remote_code=trust,
+                                            **({"revision": spec.model_args["revision"]}
+                                               if spec.model_args.get("revision") else {}))
+    except Exception as err:  # noqa: BLE001 - any failure to resolve the model is reported the same way
+        raise ValueError(f"model {spec.name!r}: cannot read the config of {spec.pretrained!r} ({type(err).__name__}: "
+                         f"{err})") from err
+    if config.model_type not in supported_model_types():
+        raise ValueError(f"model {spec.name!r} ({spec.pretrained}) has model_type {config.model_type!r}; vtprune "
+                         f"supports {supported_model_types()}")
+    return config
+
+
+def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budget: int) -> None:
+    """Patch a weightless (meta-device) copy of the model with every method: a method the model cannot run
+    (e.g. CLS attention on a model without a CLS token) fails here, before any weight is read."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    for m in methods:
+        try:
+            patch(model, method_config(m.method, keep=budget, **m.options))
+        except (ValueError, TypeError, NotImplementedError) as err:
+            raise ValueError(f"method {m.name!r} cannot run on model {spec.name!r}: {err}") from err
+        unpatch(model)
+
+
+def check_config(cfg: SweepConfig) -> tuple[Any, dict[str, str]]:
+    """Resolve tasks, metrics and models and try every method on every model, without loading weights.
+    Returns (lmms-eval TaskManager, task -> metric). Raises ValueError on the first problem."""
+    tm = _task_manager(cfg.include_path, [t.task for t in cfg.tasks])
+    metrics = {t.task: _resolve_metric(tm, t) for t in cfg.tasks}
+    for spec in cfg.models:
+        _check_methods(spec, _model_config(spec), cfg.methods, cfg.budgets[0])
+    return tm, metrics
+
+
+# -- running -------------------------------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _init_distributed() -> str | None:
+    """Under ``accelerate launch`` (WORLD_SIZE > 1): start the process group; return this process's device."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return str(Accelerator().device)
+
+
+def _gather(obj):
+    """``[obj of each process]`` (just ``[obj]`` without torch.distributed)."""
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return statistics.fmean(values) if values else None
+
+
+def _run_cell(cfg: SweepConfig, tm, model, processor, model_spec: ModelSpec, method: MethodSpec,
+              budget: int | None, task: TaskSpec, metric: str, limit: int | None) -> dict | None:
+    from lmms_eval.evaluator import simple_evaluate
+
+    keep = None if method.method == UNPRUNED else budget
+    lm = VTPrune(model=model, processor=processor, method=method.method, keep=keep, batch_size=cfg.batch_size,
+                 **method.options)
+    results = simple_evaluate(model=lm, tasks=[task.task], limit=limit, task_manager=tm, log_samples=False,
+                              bootstrap_iters=0, verbosity="WARNING", batch_size=cfg.batch_size)
+    records = [r for part in _gather(lm.records) for r in part]
+    peaks = [p for p in _gather(lm.peak_memory_bytes) if p is not None]
+    rank, world = _world()
+    if rank != 0:
+        return None
+    where = f"{model_spec.name} / {method.name} / budget {budget} / {task.task}"
+    if not results or task.task not in results.get("results", {}):
+        raise RuntimeError(f"lmms-eval returned no result for {where}")
+    got = results["results"][task.task]
+    value = got.get(f"{metric},none")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        available = sorted(k.split(",")[0] for k in got if k.endswith(",none") and "stderr" not in k)
+        raise RuntimeError(f"lmms-eval gave {metric!r} = {value!r} for {where}; metrics it reported: {available}")
+    n_docs = results.get("n-samples", {}).get(task.task, {}).get("effective")
+    if n_docs is not None and len(records) != n_docs:
+        raise RuntimeError(f"{where}: the model answered {len(records)} requests for {n_docs} documents")
+    if not records:
+        raise RuntimeError(f"{where}: lmms-eval sent no request to the model")
+    return {
+        "config": cfg.name, "model": model_spec.name, "pretrained": model_spec.pretrained, "method": method.name,
+        "method_name": method.method, "options": method.options, "budget": keep, "task": task.task,
+        "metric": metric, "value": float(value), "score": float(value) * task.scale, "max": task.max,
+        "limit": limit, "n": len(records), "batch_size": cfg.batch_size,
+        "visual_tokens_in": _mean(r.visual_tokens_in for r in records),
+        "visual_tokens": _mean(r.visual_tokens_kept for r in records),
+        "prefill_tflops": _mean(r.prefill_tflops for r in records),
+        "prefill_ms": _mean(r.prefill_ms for r in records),
+        "select_ms": _mean(r.select_ms for r in records),
+        "kv_cache_mb": _mean(r.kv_cache_mb for r in records),
+        "peak_memory_mb": max(peaks) / 2**20 if peaks else None,
+        "device": str(lm.device), "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def run_sweep(
+    config: str | Path | dict | SweepConfig,
+    *,
+    output_dir: str | Path | None = None,
+    limit: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    base_dir: str | Path | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Run every cell of ``config`` (a YAML path, a dict, or a parsed :class:`SweepConfig`) that is not in its
+    results.jsonl yet; return the rows of all its cells, in run order (on processes other than the main one
+    under ``accelerate launch``: an empty list).
+
+    ``output_dir`` and ``limit`` override the config's; ``resume=False`` starts a fresh results.jsonl.
+    ``on_row`` is called with each new row as it is written."""
+    from tqdm import tqdm
+
+    cfg = config if isinstance(config, SweepConfig) else load_config(config, base_dir)
+    if output_dir is not None:
+        cfg = dataclasses.replace(cfg, output_dir=Path(output_dir))
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        cfg = dataclasses.replace(cfg, limit=limit)
+    tm, metrics = check_config(cfg)
+
+    distributed_device = _init_distributed()
+    rank, _ = _world()
+    path = cfg.results_path
+    existing = read_results(path) if resume and path.is_file() else []
+    done = {cell_key(r): r for r in existing}
+    cells = []
+    for model_spec, method, budget, task in cfg.cells():
+        probe = {"model": model_spec.name, "pretrained": model_spec.pretrained, "method": method.name,
+                 "method_name": method.method, "options": method.options, "budget": budget, "task": task.task,
+                 "metric": metrics[task.task], "limit": cfg.limit}
+        cells.append((cell_key(probe), model_spec, method, budget, task))
+    pending = [c for c in cells if c[0] not in done]
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            path.write_text("")
+    bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc=f"sweep {cfg.name}", unit="cell",
+               disable=not progress or rank != 0)
+    try:
+        loaded_name, model, processor = None, None, None
+        for key, model_spec, method, budget, task in pending:
+            if model_spec.name != loaded_name:
+                model = processor = None
+                gc.collect()
+                args = {"device": cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"), "dtype": cfg.dtype,
+                        **model_spec.model_args}
+                if distributed_device is not None:
+                    args["device"] = distributed_device
+                model, processor = load_pretrained(model_spec.pretrained, **args)
+                loaded_name = model_spec.name
+            bar.set_postfix_str(f"{model_spec.name} {method.name} {budget or ''} {task.task}".replace("  ", " "))
+            row = _run_cell(cfg, tm, model, processor, model_spec, method, budget, task, metrics[task.task], cfg.limit)
+            if row is not None:
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                done[key] = row
+                if on_row is not None:
+                    on_row(row)
+            bar.update(1)
+    finally:
+        bar.close()
+    return [done[c[0]] for c in cells] if rank == 0 else []
