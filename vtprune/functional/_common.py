@@ -91,7 +91,8 @@ def check_k(k, n: int, what: str = "tokens") -> int:
 def unit_rows(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rows of ``x`` (cast to ``dtype``) divided by ``max(||row||_2, eps)``."""
     x = x.to(dtype or compute_dtype(x))
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    # the native ops (csrc/ops.cpp unit_rows) make the same ATen calls: bitwise identical unit rows
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
 
 
 def _row_block(x: torch.Tensor) -> int:

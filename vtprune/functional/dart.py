@@ -6,6 +6,7 @@ from typing import Sequence, Union
 
 import torch
 
+from .. import kernels
 from ._common import check_int, check_tensor, compute_dtype, cosine_to_row, topk_lowtie, unit_rows
 
 __all__ = ["dart_select"]
@@ -57,7 +58,8 @@ def dart_select(hidden: torch.Tensor, keys: torch.Tensor, image_start: int, imag
     Returns:
         int64 ascending image-relative indices (``0 .. image_len - 1``) of the kept tokens, image
         pivots included, on ``hidden.device``. Cosine and norms are computed in float32 (float64
-        for float64 input).
+        for float64 input). Step 3 runs in one native call (``torch.ops.vtprune.dart_pick``) when
+        ``vtprune.kernels`` has it for the device, with the same rules (see ``VTPRUNE_NO_EXT``).
     """
     check_tensor("hidden", hidden, ndim=2, shape_hint="[S, D]", finite=True)
     check_tensor("keys", keys, ndim=2, shape_hint="[S, Dk]", finite=True)
@@ -83,6 +85,11 @@ def dart_select(hidden: torch.Tensor, keys: torch.Tensor, image_start: int, imag
 
     units = unit_rows(hidden, dtype)
     image_units = units[image_start:image_end]
+
+    if kernels.native(device):  # the per-pivot loop in one native call (csrc/cpu/select.cpp, csrc/cuda)
+        picks = torch.ops.vtprune.dart_pick(image_units.contiguous(), units[pivots].contiguous(),
+                                            img_piv.contiguous(), counts)
+        return torch.cat([img_piv, picks]).sort().values
 
     available = torch.ones(image_len, dtype=torch.bool, device=device)
     available[img_piv] = False

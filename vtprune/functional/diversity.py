@@ -4,6 +4,12 @@ Both run k sequential greedy steps. Each step computes one similarity row (the n
 every token, O(N D)) and updates a running minimum / sum, so a selection costs O(N k D) after the
 first pick. With ``first=None`` the first pick needs every token's nearest-neighbour distance
 (O(N^2 D)); it is computed in row blocks so no N x N matrix is ever held in memory.
+
+When the native ops are loaded for the input's device (``vtprune.kernels``), the greedy steps run in one
+C++/OpenMP or CUDA call (``torch.ops.vtprune.kcenter`` / ``maxsum``); unit rows and the first pick are made
+with the same ATen calls as here, and the steps follow the same rules (running min / sum, selected tokens
+masked, lower index on ties), so both paths return the same indices. ``VTPRUNE_NO_EXT=1`` forces this file's
+pure-torch code.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .. import kernels
 from ._common import (
     BLOCK_ELEMENTS,
     check_int,
@@ -114,9 +121,17 @@ def kcenter_select(features: torch.Tensor, k: int, first: Optional[int] = None,
     n = features.shape[0]
     k = check_k(k, n)
     first = _check_first(first, n)
-    dtype = compute_dtype(features)
-    device = features.device
-    x = unit_rows(features, dtype) if metric == "cosine" else features.to(dtype)
+    x = features.to(compute_dtype(features))
+    if kernels.native(x.device):
+        return torch.ops.vtprune.kcenter(x.contiguous(), [0, n], k, [-1 if first is None else first], metric)[0]
+    return _kcenter_torch(x, k, first, metric)
+
+
+def _kcenter_torch(x: torch.Tensor, k: int, first: Optional[int], metric: str) -> torch.Tensor:
+    """Pure-torch greedy k-center on ``x`` (compute dtype, raw rows); arguments already checked."""
+    n, device, dtype = x.shape[0], x.device, x.dtype
+    if metric == "cosine":
+        x = unit_rows(x, dtype)
 
     if first is None:
         cur = _farthest_nearest_neighbour(x, metric)
@@ -162,9 +177,16 @@ def maxsum_select(features: torch.Tensor, k: int, first: Optional[int] = None) -
     n = features.shape[0]
     k = check_k(k, n)
     first = _check_first(first, n)
-    dtype = compute_dtype(features)
-    device = features.device
-    x = unit_rows(features, dtype)
+    x = features.to(compute_dtype(features))
+    if kernels.native(x.device):
+        return torch.ops.vtprune.maxsum(x.contiguous(), [0, n], k, [-1 if first is None else first])[0]
+    return _maxsum_torch(x, k, first)
+
+
+def _maxsum_torch(x: torch.Tensor, k: int, first: Optional[int]) -> torch.Tensor:
+    """Pure-torch greedy max-sum on ``x`` (compute dtype, raw rows); arguments already checked."""
+    n, device, dtype = x.shape[0], x.device, x.dtype
+    x = unit_rows(x, dtype)
 
     if first is None:
         cur = _farthest_nearest_neighbour(x, "cosine")
