@@ -4,6 +4,8 @@ Commands so far:
 
 * ``demo`` — a tiny random-weight LLaVA-1.5 model, every registered method at a few token budgets: visual tokens
   kept, analytic prefill FLOPs and measured prefill latency (``vtprune.demo``).
+* ``sweep`` / ``table`` / ``plot`` — evaluation sweeps through lmms-eval, paper-style tables, accuracy-vs-cost
+  plots (``vtprune.harness``; needs the ``vtprune[eval]`` extra).
 
 The CLI only parses arguments and prints: the work lives in the library (``vtprune.demo``, later the harness).
 To add a command, write ``_add_<name>(subparsers)`` (which registers its parser and sets ``func`` to a
@@ -108,9 +110,142 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# -- sweep / table / plot (vtprune.harness) ----------------------------------------------------------------------------
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run models x methods x budgets x tasks through lmms-eval into results.jsonl",
+        description="Run every cell of a sweep config (models x methods x token budgets x lmms-eval tasks, plus "
+        "each model's unpruned baseline) and append one row per cell to OUTPUT_DIR/results.jsonl. Cells already "
+        "there are skipped, so an interrupted sweep resumes. Tasks, models and methods are checked before any "
+        "model loads. Multi-GPU: accelerate launch -m vtprune.cli sweep CONFIG.",
+    )
+    p.add_argument("config", help="sweep config (YAML), e.g. configs/sweeps/smoke.yaml")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="evaluate only the first N documents of each task (quick runs; a separate cell)")
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="where results.jsonl goes (default: the "
+                   "config's output_dir, else runs/<config name>)")
+    p.add_argument("--no-resume", action="store_true", help="start a fresh results.jsonl instead of skipping "
+                   "finished cells")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from .harness import load_config, run_sweep
+
+    try:
+        cfg = load_config(args.config)
+        out = args.output_dir or cfg.output_dir
+        rows = run_sweep(cfg, output_dir=out, limit=args.limit, resume=not args.no_resume, progress=not args.quiet)
+    except ValueError as err:
+        print(f"vtprune sweep: error: {err}", file=sys.stderr)
+        return 2
+    if rows:
+        path = f"{out}/results.jsonl"
+        print(f"vtprune sweep: {len(rows)} cells in {path}; next: vtprune table {path} && vtprune plot {path}")
+    return 0
+
+
+def _results_arg(p) -> None:
+    p.add_argument("results", help="a results.jsonl written by `vtprune sweep` (or its folder)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the results file's folder)")
+
+
+def _load_results(args):
+    from pathlib import Path
+
+    from .harness import read_results
+
+    rows = read_results(args.results)
+    path = Path(args.results)
+    return rows, Path(args.out) if args.out else (path if path.is_dir() else path.parent)
+
+
+def _add_table(sub) -> None:
+    p = sub.add_parser(
+        "table",
+        help="paper-style tables (Markdown, CSV, LaTeX) from sweep results",
+        description="Rows method x budget (unpruned first), columns: each task's score, Avg (tasks on 0-100), "
+        "Rel. % (mean of value / unpruned value), visual tokens, prefill TFLOPs and prefill ms per request. One "
+        "table per model and limit. Writes table.md, table.csv, table.tex and prints the Markdown.",
+    )
+    _results_arg(p)
+    p.set_defaults(func=_cmd_table)
+
+
+def _cmd_table(args) -> int:
+    from .harness import write_tables
+
+    try:
+        rows, out = _load_results(args)
+        paths = write_tables(rows, out)
+    except ValueError as err:
+        print(f"vtprune table: error: {err}", file=sys.stderr)
+        return 2
+    print(paths["md"].read_text(), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="accuracy vs prefill FLOPs and vs visual tokens (PNG) from sweep results",
+        description="Writes accuracy_vs_flops.png and accuracy_vs_tokens.png: one panel per model and limit, a "
+        "line per method over its budgets, the unpruned model as a star.",
+    )
+    _results_arg(p)
+    p.add_argument("--y", choices=("avg", "rel"), default="avg",
+                   help="accuracy axis: Avg score (default) or Rel. %% of the unpruned model")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args) -> int:
+    from .harness import plot_results
+
+    try:
+        rows, out = _load_results(args)
+        paths = plot_results(rows, out, y=args.y)
+    except ValueError as err:
+        print(f"vtprune plot: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+# -- calibrate -------------------------------------------------------------------------------------------------------
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the positional attention trend of a model for debiased pruning (fastv debias_weights=PATH)",
+        description="Run a VLM on calibration images (one per prompt, the processor's chat template), record the "
+        "attention of the last prompt token over the image tokens at layer K-1, fit its positional trend "
+        "(cubic or exponential) and write a profile JSON for `debias_weights=PATH`.",
+    )
+    p.add_argument("model", help="local model folder or hub id (AutoModelForImageTextToText + AutoProcessor)")
+    p.add_argument("images", nargs="+", help="calibration image files (one size per model: same token count)")
+    p.add_argument("--layer", type=_positive_int, default=2, help="pruning layer K (default: 2, as FastV)")
+    p.add_argument("--kind", choices=("cubic", "exp"), default="cubic", help="trend to fit (default: cubic)")
+    p.add_argument("--prompt", default="Describe the image.", help="text after the image")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> int:
+    from .debias import calibrate_files
+
+    profile = calibrate_files(args.model, args.images, layer=args.layer, kind=args.kind, prompt=args.prompt)
+    profile.save(args.out)
+    coeffs = ", ".join(f"{c:.6g}" for c in profile.coefficients)
+    print(f"fitted a {profile.kind} trend ({coeffs}) at layer {profile.layer} on {profile.images} image(s) -> "
+          f"{args.out}")
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
 #: every subcommand: a function that adds its parser to the subparsers (and sets ``func``)
-_COMMANDS: tuple[Callable, ...] = (_add_demo,)
+_COMMANDS: tuple[Callable, ...] = (_add_demo, _add_sweep, _add_table, _add_plot, _add_calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,10 @@ A config is YAML (or the same structure as a dict)::
       - gqa                                        # metric: the task's first metric, scale 100, max 100
       - {task: mme, metric: mme_perception_score, scale: 1, max: 2000}
 
+A model entry may be ``{random: llava, seed: 0, name: ...}`` instead of ``pretrained``: a tiny random-weight
+LLaVA with the shapes benchmark's processor (:mod:`vtprune.harness.tiny`), saved under
+``<output_dir>/models/<name>-seed<seed>`` on first use; it makes a sweep runnable offline.
+
 Every cell (model, method, budget, task) is run, and each model's unpruned baseline (method ``none``) on every
 task. ``scale`` turns the task's metric into the number a paper reports (100 for a 0-1 accuracy); ``max`` is
 that number's full score, used to put every task on 0-100 for the table's Avg column.
@@ -39,6 +43,7 @@ from typing import Any
 
 from ..registry import get_method
 from .model import LOAD_ARGS, UNPRUNED
+from .tiny import RANDOM_PRESETS
 
 __all__ = ["SweepConfig", "ModelSpec", "MethodSpec", "TaskSpec", "load_config"]
 
@@ -50,8 +55,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str
-    pretrained: str
+    pretrained: str  # local path or hub id; for a random model, where the sweep saves it (set when it runs)
     model_args: dict[str, Any]
+    random: str | None = None  # a preset of vtprune.harness.tiny: build a random-weight model instead
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +150,30 @@ def _parse_model(i: int, item, base: Path) -> ModelSpec:
     where = f"models[{i}]"
     if isinstance(item, str):
         item = {"pretrained": item}
-    _check_keys(where, item, {"pretrained", "name", "model_args"}, {"pretrained"})
+    _check_keys(where, item, {"pretrained", "random", "seed", "name", "model_args"})
+    if ("pretrained" in item) == ("random" in item):
+        _fail(where, "give exactly one of 'pretrained' (a local path or hub id) or 'random' (a preset: "
+              f"{list(RANDOM_PRESETS)})")
+    model_args = item.get("model_args") or {}
+    _check_keys(f"{where}.model_args", model_args, set(LOAD_ARGS))
+    if "random" in item:
+        if item["random"] not in RANDOM_PRESETS:
+            _fail(where, f"unknown random model preset {item['random']!r}; available: {list(RANDOM_PRESETS)}")
+        seed = item.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            _fail(where, f"seed must be an int, got {seed!r}")
+        name = item.get("name") or f"random-{item['random']}"
+        if not isinstance(name, str):
+            _fail(where, f"name must be a string, got {name!r}")
+        return ModelSpec(name, "", dict(model_args), random=item["random"], seed=seed)
+    if "seed" in item:
+        _fail(where, "'seed' applies to random models only")
     pretrained = item["pretrained"]
     if not isinstance(pretrained, str) or not pretrained:
         _fail(where, f"pretrained must be a local path or a hub id, got {pretrained!r}")
     local = _path(base, pretrained, where)
     if local.exists() or not _HUB_ID.match(pretrained):
         pretrained = str(local.resolve())  # a path (checked later), not a hub id
-    model_args = item.get("model_args") or {}
-    _check_keys(f"{where}.model_args", model_args, set(LOAD_ARGS))
     name = item.get("name") or Path(pretrained.rstrip("/")).name
     if not isinstance(name, str):
         _fail(where, f"name must be a string, got {name!r}")

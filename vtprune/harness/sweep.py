@@ -36,6 +36,7 @@ from ..adapters import supported_model_types
 from ..api import patch, unpatch
 from .config import MethodSpec, ModelSpec, SweepConfig, TaskSpec, load_config
 from .model import UNPRUNED, VTPrune, load_pretrained, method_config
+from .tiny import random_model_config, save_random_model
 
 __all__ = ["run_sweep", "check_config", "read_results", "cell_key", "RESULT_FIELDS"]
 
@@ -105,6 +106,9 @@ def _resolve_metric(tm, spec: TaskSpec) -> str:
 
 def _model_config(spec: ModelSpec):
     from transformers import AutoConfig
+
+    if spec.random is not None:
+        return random_model_config(spec.random)
 
     trust = bool(spec.model_args.get("trust_remote_code", False))
     path = Path(spec.pretrained)
@@ -227,6 +231,18 @@ def _run_cell(cfg: SweepConfig, tm, model, processor, model_spec: ModelSpec, met
     }
 
 
+def _materialize(spec: ModelSpec, output_dir: Path, rank: int) -> ModelSpec:
+    """A random model's spec pointing at its saved copy (saved by the main process on first use)."""
+    if spec.random is None:
+        return spec
+    path = (output_dir / "models" / f"{spec.name}-seed{spec.seed}").resolve()
+    if rank == 0 and not (path / "config.json").is_file():
+        save_random_model(path, spec.random, spec.seed)
+    if _world()[1] > 1:
+        torch.distributed.barrier()
+    return dataclasses.replace(spec, pretrained=str(path))
+
+
 def run_sweep(
     config: str | Path | dict | SweepConfig,
     *,
@@ -256,6 +272,7 @@ def run_sweep(
 
     distributed_device = _init_distributed()
     rank, _ = _world()
+    cfg = dataclasses.replace(cfg, models=[_materialize(m, cfg.output_dir, rank) for m in cfg.models])
     path = cfg.results_path
     existing = read_results(path) if resume and path.is_file() else []
     done = {cell_key(r): r for r in existing}
