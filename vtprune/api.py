@@ -15,7 +15,7 @@ from .stats import PruneStats
 
 _ATTR = "_vtprune_session"
 
-__all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched"]
+__all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "set_image_sizes"]
 
 
 def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneConfig:
@@ -82,3 +82,23 @@ def stats(model: nn.Module) -> PruneStats | None:
     """``PruneStats`` of the last forward pass of a patched model that had visual tokens, else None."""
     session = getattr(model, _ATTR, None)
     return None if session is None else session.stats
+
+
+def set_image_sizes(model: nn.Module, sizes) -> None:
+    """Original ``(width, height)`` of each image of the *next* prompt, in order, for methods that mask the padding
+    of padded-to-square LLaVA-1.5 images (``fastv`` with ``debias=True``). Used by the next forward (or
+    ``generate``) that carries images, then forgotten. ``sizes=None`` clears them."""
+    session = getattr(model, _ATTR, None)
+    if session is None:
+        raise ValueError(f"{type(model).__name__} is not patched by vtprune; patch it before setting image sizes")
+    if sizes is None:
+        session.image_sizes = None
+        return
+    try:
+        sizes = [tuple(s) for s in sizes]
+    except TypeError:
+        raise TypeError(f"sizes must be a list of (width, height) pairs, got {sizes!r}") from None
+    for s in sizes:
+        if len(s) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s):
+            raise ValueError(f"each image size must be a (width, height) pair of positive ints, got {s!r}")
+    session.image_sizes = sizes

@@ -104,6 +104,7 @@ class Unit:
     positions: torch.Tensor  # ascending sequence positions in the (padded) prompt row
     features: torch.Tensor | None = None
     info: ImageInfo | None = None
+    real_mask: torch.Tensor | None = None  # [n] bool, from the image's original size (set_image_sizes)
     kept: torch.Tensor | None = None
     merged: torch.Tensor | None = None  # [len(kept), D] replacement vectors of a merging method
 
@@ -114,6 +115,7 @@ class Forward:
 
     input_ids: torch.Tensor | None
     prefill: bool
+    image_sizes: list | None = None  # original (w, h) per image, from set_image_sizes
     features: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # visual token id -> per-image features
     units: list[Unit] = field(default_factory=list)
     mask2d: torch.Tensor | None = None  # bool [B, S]: the prompt's real tokens
@@ -157,6 +159,7 @@ class Session:
         self._cls_q: torch.Tensor | None = None
         self._projector_in: list | None = None
         self._projector32: nn.Module | None = None
+        self.image_sizes: list | None = None  # for the next prompt (vtprune.set_image_sizes)
 
     # -- install / remove ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -308,7 +311,8 @@ class Session:
                 raise ValueError(
                     "a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens"
                 )
-            self.fwd = Forward(input_ids=input_ids, prefill=True)
+            self.fwd = Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes)
+            self.image_sizes = None
             for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
                 if encoded is not None:
                     token_id = self._feature_token_id(modality)
@@ -417,6 +421,8 @@ class Session:
                 if feats is not None:
                     unit.features, unit.info = feats[i], self._info(feats[i])
                 units.append(unit)
+        if fwd.image_sizes is not None:
+            self._attach_real_masks(fwd, units)
         needs = self.method.signals & {"features", "cls_attention", "projector_inputs"}
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(
@@ -424,6 +430,16 @@ class Session:
                 "(features computed by an unpatched model carry no signals)"
             )
         return units
+
+    def _attach_real_masks(self, fwd: Forward, units: list[Unit]) -> None:
+        images = [u for u in units if int(fwd.input_ids[u.row, u.positions[0]]) == self.adapter.config.image_token_id]
+        if len(images) != len(fwd.image_sizes):
+            raise ValueError(f"vtprune.set_image_sizes gave {len(fwd.image_sizes)} size(s) but the prompt has "
+                             f"{len(images)} image(s); give one (width, height) per image, in order")
+        threshold = getattr(self.config, "pad_threshold", 0.5)
+        for unit, size in zip(images, fwd.image_sizes):
+            mask = self.adapter.real_patch_mask(size, unit.positions.numel(), threshold)
+            unit.real_mask = mask.to(unit.positions.device)
 
     def _select(self, fwd: Forward, make_inputs) -> torch.Tensor | None:
         """Run the method on every unit. Returns the keep mask [B, S] over the prompt's real tokens (padding
@@ -474,6 +490,7 @@ class Session:
             pack_crop_scores=unit.info.pack if unit.info else None,
             projector_inputs=unit.info.projector_inputs if unit.info else None,
             projector=self._float32_projector() if "projector_inputs" in self.method.signals else None,
+            real_mask=unit.real_mask,
             image_start=int(unit.positions[0]),
         )
 
@@ -586,6 +603,7 @@ class Session:
             text_attention=signals["text_attention"][row] if "text_attention" in signals else None,
             image_start=start,
             final_norm=self.adapter.final_norm,
+            real_mask=unit.real_mask,
         )
 
     # -- stats ----------------------------------------------------------------------------------------------

@@ -93,6 +93,14 @@ class ModelAdapter:
         rows in the order that :meth:`pack_crop_scores` expects."""
         raise NotImplementedError(f"{type(self).__name__} does not locate its projector")
 
+    def real_patch_mask(self, image_size, n: int, threshold: float) -> torch.Tensor:
+        """``[n]`` bool: which of an image's ``n`` visual tokens hold real content when the processor padded the
+        image (original ``(w, h)``) to a centred square (attention debiasing)."""
+        raise ValueError(
+            f"{self.config.model_type!r} models do not pad images to a square (no padding mask applies); "
+            "vtprune.set_image_sizes is for LLaVA-1.5-style pad-to-square preprocessing"
+        )
+
     def unsupported_llm_stage(self) -> str | None:
         """Why llm-stage pruning is not possible on this family (None: it is)."""
         return None

@@ -39,6 +39,15 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError("projector inputs of LLaVA models called with image_sizes (Pixtral-style) are not mapped")
         return list(torch.split(captured, counts))
 
+    def real_patch_mask(self, image_size, n, threshold):
+        from .. import functional as F
+
+        vcfg = self.config.vision_config
+        grid = vcfg.image_size // vcfg.patch_size
+        if self.config.model_type != "llava" or n != grid * grid:
+            return super().real_patch_mask(image_size, n, threshold)
+        return F.pad_mask(image_size, grid=grid, resolution=vcfg.image_size, threshold=threshold)
+
     def check_cls_strategy(self) -> None:
         strategy = getattr(self.config, "vision_feature_select_strategy", "default")
         if strategy != "default":

@@ -15,7 +15,7 @@ The exact math of each method, and the official code it follows, is in each docs
 """
 
 from .dart import dart_select
-from .debias import debias_scores, pad_mask
+from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
 from .scores import cls_scores, topk_indices
 from .zoo import zoo_select, zoo_sensitivity, zoo_sensitivity_jvp
@@ -28,6 +28,8 @@ __all__ = [
     "maxsum_select",
     "pad_mask",
     "debias_scores",
+    "trend_weights",
+    "fit_trend",
     "zoo_sensitivity",
     "zoo_sensitivity_jvp",
     "zoo_select",

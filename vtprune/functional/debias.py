@@ -11,7 +11,11 @@ import torch
 
 from ._common import check_int, check_tensor, compute_dtype
 
-__all__ = ["pad_mask", "debias_scores"]
+__all__ = ["pad_mask", "debias_scores", "trend_weights", "fit_trend"]
+
+#: official FastV recency trend of intcomp/attention-bias: p(i) = 1 + 3.0152e-3 i - 1.45979e-5 i^2 + 2.56911e-8 i^3
+FASTV_CUBIC = (1.0, 3.0152e-3, -1.45979e-5, 2.56911e-8)
+_TRENDS = ("cubic", "exp")
 
 
 def _real_fractions(lo: Fraction, hi: Fraction, grid: int, patch: Fraction) -> list:
@@ -122,3 +126,54 @@ def _check_broadcast(name: str, t: torch.Tensor, scores: torch.Tensor) -> None:
         raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to scores of shape "
                          f"{tuple(scores.shape)} (give [N] = [{scores.shape[-1]}] or a shape "
                          "broadcastable to scores)")
+
+
+def trend_weights(n: int, kind: str, coefficients: Sequence[float]) -> torch.Tensor:
+    """Recency de-trending weights ``w_i = trend(0) / trend(i)`` for image-token index ``i = 0 .. n-1`` (float32).
+
+    * ``kind="cubic"``: ``trend(i) = c0 + c1 i + c2 i^2 + c3 i^3`` (``coefficients = (c0, c1, c2, c3)``; the
+      official FastV vector is :data:`FASTV_CUBIC`);
+    * ``kind="exp"``: ``trend(i) = exp(beta i)`` (``coefficients = (beta,)``), so ``w_i = exp(-beta i)``, the
+      form intcomp/attention-bias ships for the other pruners (beta about 0.0017-0.0046).
+
+    A trend that is not positive on ``0 .. n-1`` raises ``ValueError`` (its weights would flip or blow up).
+    """
+    n = check_int("n", n, 1)
+    if kind not in _TRENDS:
+        raise ValueError(f"kind must be one of {_TRENDS}, got {kind!r}")
+    coeffs = [float(c) for c in coefficients]
+    want = 4 if kind == "cubic" else 1
+    if len(coeffs) != want or not all(math.isfinite(c) for c in coeffs):
+        raise ValueError(f"a {kind!r} trend needs {want} finite coefficient(s), got {list(coefficients)!r}")
+    i = torch.arange(n, dtype=torch.float64)
+    if kind == "exp":
+        return torch.exp(-coeffs[0] * i).float()
+    trend = coeffs[0] + coeffs[1] * i + coeffs[2] * i**2 + coeffs[3] * i**3
+    if not bool((trend > 0).all()):
+        raise ValueError(f"the cubic trend {coeffs} is not positive on 0..{n - 1}; it cannot be de-trended")
+    return (trend[0] / trend).float()
+
+
+def fit_trend(mean_attention: torch.Tensor, kind: str) -> tuple[float, ...]:
+    """Fit the positional trend of ``mean_attention[i]`` (attention to image token ``i`` averaged over images):
+    least squares of a cubic polynomial normalised to ``trend(0) = 1`` (``kind="cubic"``), or of
+    ``log a(i) = log A + beta i`` (``kind="exp"``, returns ``(beta,)``). Input of :func:`trend_weights`."""
+    check_tensor("mean_attention", mean_attention, ndim=1, shape_hint="[N]", finite=True)
+    if kind not in _TRENDS:
+        raise ValueError(f"kind must be one of {_TRENDS}, got {kind!r}")
+    a = mean_attention.double()
+    n = a.shape[0]
+    if n < 4:
+        raise ValueError(f"need at least 4 positions to fit a trend, got {n}")
+    i = torch.arange(n, dtype=torch.float64)
+    if kind == "exp":
+        if not bool((a > 0).all()):
+            raise ValueError("an exponential trend needs positive mean attention at every position")
+        design = torch.stack([torch.ones_like(i), i], dim=1)
+        sol = torch.linalg.lstsq(design, a.log()[:, None]).solution[:, 0]
+        return (float(sol[1]),)
+    design = torch.stack([i**p for p in range(4)], dim=1)
+    sol = torch.linalg.lstsq(design, a[:, None]).solution[:, 0]
+    if not float(sol[0]) > 0:
+        raise ValueError(f"the fitted cubic trend has a non-positive value at position 0 ({float(sol[0]):.3g})")
+    return tuple(float(c / sol[0]) for c in sol)

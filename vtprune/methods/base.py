@@ -30,6 +30,8 @@ class ImageInputs:
     prompt token at layer K-1, ``image_start`` the image's first position in those ``S`` tokens.
     ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),
     ``projector`` the per-token projector ``[N, D_in] -> [N, D]`` in float32 (a float32 copy for fp16/bf16 models).
+    ``real_mask`` ``[n]`` bool, True where a token covers real image content rather than the padding of a
+    padded-to-square image (only when the image sizes were given with ``vtprune.set_image_sizes``).
     """
 
     n: int
@@ -44,6 +46,7 @@ class ImageInputs:
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     projector_inputs: torch.Tensor | None = None
     projector: torch.nn.Module | None = None
+    real_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -4,10 +4,18 @@ token attends to most at layer K-1 (attention averaged over heads).
 The official code switches the model to eager attention to read the weights; here the one row needed is
 recomputed from layer K-1's post-RoPE q/k (``vtprune.signals``), so SDPA / FlashAttention stay on.
 The budget is per image (official FastV: one image, keep R tokens).
+
+``debias=True`` applies attention debiasing (intcomp/attention-bias, ``vtprune.debias``): scores are multiplied
+by recency weights ``w_i = trend(0) / trend(i)`` over the image-token index ``i`` — ``debias_weights="cubic"``
+(the official FastV vector, default), ``"exp"`` (``exp(-debias_beta * i)``), ``"none"`` (no re-weighting) or the
+path of a profile fitted by ``vtprune calibrate`` — and, when the image sizes of a padded-to-square LLaVA-1.5
+prompt were given (``vtprune.set_image_sizes``), padding patches (more than ``pad_threshold`` padding) score 0
+and the budget is capped at the number of real patches. Without sizes there is no padding mask.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,15 +25,40 @@ from ..config import PruneConfig
 from ..registry import register_method
 from .base import ImageInputs, Method, check_layer
 
+_BUILTIN_WEIGHTS = ("cubic", "exp", "none")
+_DEFAULT_BETA = 0.003
+
 
 @dataclass
 class FastVConfig(PruneConfig):
     layer: int = 2
+    debias: bool = False
+    debias_weights: str = "cubic"
+    debias_beta: float = _DEFAULT_BETA
+    pad_threshold: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"layer must be an int >= 1 (prune before decoder layer K), got {self.layer!r}")
+        if not isinstance(self.debias, bool):
+            raise TypeError(f"debias must be True or False, got {self.debias!r}")
+        if not isinstance(self.debias_weights, str) or not self.debias_weights:
+            raise TypeError(f"debias_weights must be one of {_BUILTIN_WEIGHTS} or a profile path, "
+                            f"got {self.debias_weights!r}")
+        beta = self.debias_beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+            raise ValueError(f"debias_beta must be a finite number, got {beta!r}")
+        t = self.pad_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"pad_threshold must be a number in [0, 1], got {t!r}")
+        changed = [n for n, default in (("debias_weights", "cubic"), ("debias_beta", _DEFAULT_BETA),
+                                        ("pad_threshold", 0.5)) if getattr(self, n) != default]
+        if changed and not self.debias:
+            raise ValueError(f"{changed} only apply with debias=True; pass debias=True or drop them")
+        if self.debias_beta != _DEFAULT_BETA and self.debias_weights != "exp":
+            raise ValueError(f"debias_beta applies to debias_weights='exp' only (got debias_weights="
+                             f"{self.debias_weights!r})")
 
 
 @register_method("fastv", FastVConfig)
@@ -33,10 +66,42 @@ class FastV(Method):
     stage = "llm"
     signals = frozenset({"text_attention"})
 
+    def __init__(self, config: FastVConfig):
+        super().__init__(config)
+        self.profile = None
+        if config.debias and config.debias_weights != "none":
+            from ..debias import builtin_profile, load_profile
+
+            if config.debias_weights in _BUILTIN_WEIGHTS:
+                self.profile = builtin_profile(config.debias_weights, config.debias_beta)
+            else:
+                self.profile = load_profile(config.debias_weights)
+
     def layer(self, num_layers: int) -> int:
         return check_layer("fastv", self.config.layer, num_layers)
 
+    def scores(self, image: ImageInputs) -> torch.Tensor:
+        """Head-mean attention of the last prompt token to each of the image's tokens."""
+        return image.text_attention.mean(dim=0)[image.image_start : image.image_start + image.n]
+
     def select(self, image: ImageInputs) -> torch.Tensor:
-        row = image.text_attention.mean(dim=0)
-        scores = row[image.image_start : image.image_start + image.n]
-        return F.topk_indices(scores, image.k)
+        scores, k = self.scores(image), image.k
+        if self.config.debias:
+            weight = self.profile.weights(image.n) if self.profile is not None else None
+            mask = image.real_mask
+            scores = F.debias_scores(scores, weight, mask)
+            if mask is not None:
+                k = min(k, max(1, int(mask.sum())))
+        return F.topk_indices(scores, k)
+
+
+class AttentionRecorder(FastV):
+    """Not registered: keeps every token and records each image's attention row (``vtprune.debias.calibrate``)."""
+
+    def __init__(self, config: FastVConfig):
+        super().__init__(config)
+        self.rows: list[torch.Tensor] = []
+
+    def select(self, image: ImageInputs) -> torch.Tensor:
+        self.rows.append(self.scores(image).float().cpu())
+        return torch.arange(image.n, device=image.text_attention.device)
