@@ -33,4 +33,8 @@ def model_factory():
 
 def supports(method: str, family: str) -> bool:
     """Whether ``method`` has its signals on ``family`` (CLS attention needs a CLS token)."""
-    return not (method in ("cls",) and family.startswith("qwen"))
+    return not (method in CLS_METHODS and family.startswith("qwen"))
+
+
+#: methods that need the vision tower's CLS attention (LLaVA families only)
+CLS_METHODS = ("cls", "todre", "visionzip")

@@ -125,6 +125,9 @@ class Forward:
     scrub_position_ids: bool = False
     select_ms: float = 0.0
     done: bool = False
+    drop_mask: torch.Tensor | None = None  # bool [B, L'] real tokens entering the LM (late drop)
+    drop_visual: torch.Tensor | None = None  # bool [B, L'] which of them are visual tokens
+    dropped: list[bool] | None = None  # per row: every visual token dropped at the late-drop layer
 
 
 class Session:
@@ -135,6 +138,9 @@ class Session:
         self.config = method.config
         self.num_layers = len(adapter.decoder_layers)
         self.layer = method.layer(self.num_layers) if method.stage == "llm" else None
+        self.drop_layer = method.drop_layer(self.num_layers) if method.stage == "vision" else None
+        #: the first decoder layer whose sequence is shorter than the LM's input (llm stage or late drop)
+        self.cut = self.layer if self.layer is not None else self.drop_layer
         self.vision_layers: list[int] = []
         if "cls_attention" in method.signals:
             if not adapter.has_cls_token:
@@ -145,15 +151,17 @@ class Session:
                 )
             adapter.check_cls_strategy()
             self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
-        if method.stage == "llm" and (why := adapter.unsupported_llm_stage()):
+        if self.cut is not None and (why := adapter.unsupported_llm_stage()):
             raise ValueError(f"method {method.name!r} prunes inside the LLM, which {why}")
         self.visual_ids = adapter.visual_token_ids()
         self.fwd: Forward | None = None
         self.layout: Layout | None = None
+        self.drop_layout: Layout | None = None  # the late drop's compaction of the prompt that entered the LM
         self.stats: PruneStats | None = None
         self._handles: list = []
         self._wrapped: list[tuple[object, str]] = []
-        self._rope = adapter.rope_fn() if method.stage == "llm" else None
+        self._rope = adapter.rope_fn() if self.cut is not None else None
+        self._needs_text_attention = "text_attention" in method.signals or self.drop_layer is not None
         self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
         self._cls_rows: list | None = None
         self._cls_q: torch.Tensor | None = None
@@ -180,11 +188,11 @@ class Session:
                 self._hook(attn.k_proj.register_forward_hook(self._make_cls_k_hook(attn)))
             for i, layer in enumerate(a.decoder_layers):
                 self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
-            if self.layer is not None:
-                attn = a.decoder_layers[self.layer - 1].self_attn
+            if self.cut is not None:
+                attn = a.decoder_layers[self.cut - 1].self_attn
                 self._hook(attn.register_forward_pre_hook(self._signal_pre, with_kwargs=True))
                 self._hook(attn.k_proj.register_forward_hook(self._signal_k))
-                if "text_attention" in self.method.signals:
+                if self._needs_text_attention:
                     self._hook(attn.q_proj.register_forward_hook(self._signal_q))
         except Exception:
             self.remove()
@@ -196,7 +204,7 @@ class Session:
         for obj, name in self._wrapped:
             obj.__dict__.pop(name, None)
         self._handles, self._wrapped = [], []
-        self.fwd = self.layout = None
+        self.fwd = self.layout = self.drop_layout = None
 
     def _hook(self, handle) -> None:
         self._handles.append(handle)
@@ -298,9 +306,9 @@ class Session:
         has_visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
         has_visual = has_visual or bool(kwargs.get("mm_encoder_outputs"))
         if past_len == 0:
-            self.layout = None
+            self.layout = self.drop_layout = None
         elif self.layout is not None and (self.layout.cache is None or self.layout.cache() is not past):
-            self.layout = None  # another prompt's cache: this one was not pruned by us
+            self.layout = self.drop_layout = None  # another prompt's cache: this one was not pruned by us
         if has_visual and past_len > 0 and self.layout is not None:
             raise ValueError(
                 "new images on a KV cache that vtprune pruned are not supported; start a new prompt "
@@ -366,6 +374,13 @@ class Session:
         )
         kwargs["position_ids"] = layout.take(pos, -1)
         fwd.scrub_position_ids = True
+        if self.drop_layer is not None:  # the late drop reads the compacted prompt
+            visual = torch.isin(fwd.input_ids, torch.tensor(self.visual_ids, device=fwd.input_ids.device))
+            fwd.drop_mask = kwargs["attention_mask"].bool()
+            fwd.drop_visual = layout.take(visual, 1) & layout.valid
+            cols = torch.arange(fwd.drop_mask.shape[1], device=embeds.device)
+            fwd.last = torch.where(fwd.drop_mask, cols, -1).max(dim=1).values
+            fwd.layer_kwargs["pending"] = True
         return args, kwargs
 
     def _lm_decode(self, kwargs, embeds, mask):
@@ -380,6 +395,8 @@ class Session:
         pruned = layout.gather.shape[1]
         unpruned_past = cached + layout.seq_len - pruned
         kwargs["attention_mask"] = layout.compress_mask(mask, unpruned_past + q)
+        if self.drop_layout is not None:
+            fwd.layer_kwargs["decode_mask"] = self.drop_layout.compress_mask(kwargs["attention_mask"], cached + q)
         if kwargs.get("position_ids") is None:
             pos = self.adapter.default_position_ids(embeds.shape[0], q, unpruned_past, embeds.device)
             deltas = getattr(self.adapter.inner, "rope_deltas", None)
@@ -512,15 +529,16 @@ class Session:
         if fwd := self._pending():
             fwd.signals["_k"] = output
 
-    def _llm_signals(self, fwd: Forward) -> None:
-        """Layer K-1's signals from its captured q_proj / k_proj outputs (RoPE applied here, nothing recomputed)."""
-        attn = self.adapter.decoder_layers[self.layer - 1].self_attn
+    def _llm_signals(self, fwd: Forward, mask2d: torch.Tensor) -> None:
+        """Layer K-1's signals from its captured q_proj / k_proj outputs (RoPE applied here, nothing recomputed);
+        ``mask2d`` marks the real tokens of the sequence that layer saw."""
+        attn = self.adapter.decoder_layers[self.cut - 1].self_attn
         rope = fwd.signals.pop("_rope")
         k = rope_keys(attn, fwd.signals.pop("_k"), rope, self._rope)
-        if "text_attention" in self.method.signals:
+        if self._needs_text_attention:
             q = rope_query(attn, fwd.signals.pop("_q"), rope, fwd.last, self._rope)
-            cols = torch.arange(fwd.mask2d.shape[1], device=fwd.mask2d.device)
-            visible = fwd.mask2d & (cols[None, :] <= fwd.last[:, None])
+            cols = torch.arange(mask2d.shape[1], device=mask2d.device)
+            visible = mask2d & (cols[None, :] <= fwd.last[:, None])
             fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
         if "keys" in self.method.signals:
             fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
@@ -532,7 +550,9 @@ class Session:
                 return None
             if index == self.layer:
                 return self._at_prune_layer(fwd, args, kwargs)
-            if self.layer is not None and index > self.layer and "masks" in fwd.layer_kwargs:
+            if index == self.drop_layer and (out := self._at_drop_layer(fwd, args, kwargs)) is not None:
+                return out
+            if self.cut is not None and index > self.cut and "masks" in fwd.layer_kwargs:
                 kwargs.update(fwd.layer_kwargs["override"])
                 kwargs["attention_mask"] = fwd.layer_kwargs["masks"][self.adapter.layer_type(index)]
                 return args, kwargs
@@ -547,14 +567,11 @@ class Session:
         past = kwargs.get("past_key_values")
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if not fwd.prefill:
-            masks = self._layer_masks(hidden, fwd.layer_kwargs.get("decode_mask"), past)
-            fwd.layer_kwargs.update(masks=masks, override={})
-            kwargs["attention_mask"] = masks[self.adapter.layer_type(self.layer)]
-            return (hidden,), kwargs
+            return self._decode_at_cut(fwd, hidden, kwargs, past)
         if not fwd.layer_kwargs.pop("pending", False):
             return None
         t0 = time.perf_counter()
-        self._llm_signals(fwd)
+        self._llm_signals(fwd, fwd.mask2d)
         keep = self._select(fwd, lambda unit: self._llm_inputs(fwd, unit, hidden))
         fwd.select_ms += (time.perf_counter() - t0) * 1e3
         fwd.done = True
@@ -562,14 +579,53 @@ class Session:
         if keep is None:
             return None
         layout = self._start_layout(keep, past)
-        hidden = layout.take(self._merge(fwd, hidden), 1)
-        mask2d = layout.compress_mask(fwd.mask2d.long(), layout.seq_len)
+        return self._shorten(fwd, layout, self._merge(fwd, hidden), fwd.mask2d, kwargs, past)
+
+    def _at_drop_layer(self, fwd: Forward, args, kwargs):
+        """Late drop (e.g. ToDRE stage 2): every visual token of a row whose last prompt token gives them too
+        little attention at layer K2-1 leaves the sequence from layer K2 on. None: nothing to do here."""
+        past = kwargs.get("past_key_values")
+        if not fwd.prefill:
+            if self.drop_layout is None:
+                return None
+            return self._decode_at_cut(fwd, args[0] if args else kwargs.pop("hidden_states"), kwargs, past)
+        if not fwd.layer_kwargs.pop("pending", False):
+            return None
+        t0 = time.perf_counter()
+        self._llm_signals(fwd, fwd.drop_mask)
+        share = (fwd.signals.pop("text_attention").mean(1) * fwd.drop_visual).sum(1)
+        fwd.signals.clear()
+        has_visual = fwd.drop_visual.any(1)
+        fwd.dropped = [bool(v) and self.method.drop_all(float(x)) for x, v in zip(share, has_visual)]
+        fwd.select_ms += (time.perf_counter() - t0) * 1e3
+        if not any(fwd.dropped):
+            return None
+        rows = torch.tensor(fwd.dropped, device=fwd.drop_mask.device)
+        layout = Layout.from_keep(fwd.drop_mask & ~(fwd.drop_visual & rows[:, None]))
+        layout.cache = weakref.ref(past) if past is not None else None
+        self.drop_layout = layout if past is not None else None
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return self._shorten(fwd, layout, hidden, fwd.drop_mask, kwargs, past)
+
+    def _decode_at_cut(self, fwd: Forward, hidden, kwargs, past):
+        """A decode step at the cut layer: layers >= cut get masks sized for their shorter cache."""
+        masks = self._layer_masks(hidden, fwd.layer_kwargs.get("decode_mask"), past)
+        fwd.layer_kwargs.update(masks=masks, override={"position_ids": None})
+        kwargs["attention_mask"] = masks[self.adapter.layer_type(self.cut)]
+        kwargs["position_ids"] = None
+        return (hidden,), kwargs
+
+    def _shorten(self, fwd: Forward, layout: Layout, hidden, mask2d, kwargs, past):
+        """Compact the cut layer's input (hidden states, rotary tables, masks) with ``layout``; layers after it get
+        the same overrides."""
+        hidden = layout.take(hidden, 1)
+        mask2d = layout.compress_mask(mask2d.long(), layout.seq_len)
         cos, sin = kwargs["position_embeddings"]
         override = {"position_embeddings": (layout.take(cos, 1), layout.take(sin, 1)), "position_ids": None}
         masks = self._layer_masks(hidden, mask2d, past)
         fwd.layer_kwargs.update(masks=masks, override=override)
         kwargs.update(override)
-        kwargs["attention_mask"] = masks[self.adapter.layer_type(self.layer)]
+        kwargs["attention_mask"] = masks[self.adapter.layer_type(self.cut)]
         return (hidden,), kwargs
 
     def _layer_masks(self, hidden, mask2d, past) -> dict[str, Any]:
@@ -579,10 +635,10 @@ class Session:
             attention_mask=mask2d,
             past_key_values=past,
             position_ids=None,
-            layer_idx=self.layer,
+            layer_idx=self.cut,
         )
         masks = {"full_attention": create_causal_mask(**common)}
-        types = {self.adapter.layer_type(i) for i in range(self.layer, self.num_layers)}
+        types = {self.adapter.layer_type(i) for i in range(self.cut, self.num_layers)}
         if "sliding_attention" in types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**common)
         return masks
@@ -619,11 +675,15 @@ class Session:
         real = fwd.mask2d.sum(1).tolist()
         text_cfg = self.adapter.text_config
         k = self.layer or 0
+        dropped = fwd.dropped or [False] * b
         full = pruned = 0
         for row in range(b):
             short = real[row] - (n_in[row] - n_kept[row])
+            lengths = [real[row]] * k + [short] * (self.num_layers - k)
+            if dropped[row]:  # late drop: no visual token from that layer on
+                lengths[self.drop_layer :] = [short - n_kept[row]] * (self.num_layers - self.drop_layer)
             full += flops.decoder_prefill_flops(text_cfg, real[row])
-            pruned += flops.decoder_prefill_flops(text_cfg, [real[row]] * k + [short] * (self.num_layers - k))
+            pruned += flops.decoder_prefill_flops(text_cfg, lengths)
         vision = self._vision_flops(fwd)
         return PruneStats(
             visual_tokens_in=n_in,
@@ -634,6 +694,8 @@ class Session:
             prefill_flops=pruned + vision,
             prefill_flops_full=full + vision,
             kept_indices=[torch.cat(k_) if k_ else torch.zeros(0, dtype=torch.long) for k_ in kept_indices],
+            late_drop_layer=self.drop_layer,
+            late_dropped=fwd.dropped,
         )
 
     def _vision_flops(self, fwd: Forward) -> int:

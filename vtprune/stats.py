@@ -25,6 +25,10 @@ class PruneStats:
     prefill_flops: int
     prefill_flops_full: int
     kept_indices: list[torch.Tensor] = field(default_factory=list)
+    #: methods with a late drop (``todre``): the decoder layer, and per sample whether every visual token left
+    #: there (``visual_tokens_kept`` counts the tokens kept before it)
+    late_drop_layer: int | None = None
+    late_dropped: list[bool] | None = None
 
     @property
     def flops_ratio(self) -> float:

@@ -6,9 +6,11 @@ from .dart import DART, DARTConfig
 from .divprune import DivPrune, DivPruneConfig
 from .fastv import FastV, FastVConfig
 from .random import RandomConfig, RandomPrune
+from .todre import ToDRE, ToDREConfig
 from .zoo import ZOOConfig, ZOOPrune
 
 __all__ = [
     "ImageInputs", "Method", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
     "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune", "ZOOConfig", "ZOOPrune",
+    "ToDREConfig", "ToDRE",
 ]

@@ -75,6 +75,16 @@ class Method:
         """Decoder layer K before which an llm-stage method prunes (None for vision-stage methods)."""
         return None
 
+    def drop_layer(self, num_layers: int) -> int | None:
+        """Vision-stage methods only: a decoder layer K2 at which :meth:`drop_all` may remove every remaining
+        visual token of a sample (None: no late drop)."""
+        return None
+
+    def drop_all(self, share: float) -> bool:
+        """Whether a sample whose last prompt token puts ``share`` of its (head-mean) attention on the visual
+        tokens at layer K2-1 loses all of them from layer K2 on."""
+        return False
+
     def vision_layers(self, num_layers: int) -> list[int]:
         """Vision-encoder layers whose CLS attention rows this method reads (``cls_attention`` signal)."""
         return []

@@ -1,0 +1,90 @@
+"""``todre`` — ToDRE, diversity-driven two-stage token reduction (paper; no public code: REFERENCES.md).
+
+Stage 1 (vision stage, on the projected features z, distance ``1 - cos``): greedy diversity selection whose first
+pick is the patch with the highest CLS attention of the vision layer ``cls_layer`` (default ``L-2``, the layer
+whose output LLaVA feeds the projector; head-mean row, CLS key dropped; AnyRes: the base image's patches only).
+``diversity="kcenter"`` (paper v1, default): repeatedly add ``argmax_i min_{s in S} d(i, s)``;
+``diversity="maxsum"`` (paper v2): repeatedly add ``argmin_i sum_{s in S} cos(i, s)``. Kept in original order.
+
+Stage 2 (``late_drop=True``, default): at decoder layer ``drop_layer`` (default ``7L/8``, rounded down), if the
+last prompt token puts less than ``drop_threshold`` (0.10) of its head-mean attention at layer ``drop_layer - 1``
+on the sample's visual tokens, every visual token of that sample leaves the sequence for the remaining layers and
+all decode steps (our reading of the paper's "task-relevance" stage: REFERENCES.md). A budget that keeps every
+token (``ratio=1``) prunes nothing at either stage.
+
+Needs the vision tower's CLS token (CLIP): LLaVA-1.5 and LLaVA-NeXT; Qwen-VL towers have none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import functional as F
+from ..config import PruneConfig
+from ..registry import register_method
+from .base import ImageInputs, Method, check_layer
+
+_DIVERSITY = ("kcenter", "maxsum")
+
+
+@dataclass
+class ToDREConfig(PruneConfig):
+    diversity: str = "kcenter"
+    cls_layer: int | None = None
+    late_drop: bool = True
+    drop_layer: int | None = None
+    drop_threshold: float = 0.10
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.diversity not in _DIVERSITY:
+            raise ValueError(f"diversity must be one of {_DIVERSITY}, got {self.diversity!r}")
+        for name in ("cls_layer", "drop_layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+        if not isinstance(self.late_drop, bool):
+            raise TypeError(f"late_drop must be True or False, got {self.late_drop!r}")
+        t = self.drop_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"drop_threshold must be a number in [0, 1] (attention share), got {t!r}")
+        if not self.late_drop and (self.drop_layer is not None or self.drop_threshold != 0.10):
+            raise ValueError("drop_layer / drop_threshold only apply with late_drop=True")
+
+
+@register_method("todre", ToDREConfig)
+class ToDRE(Method):
+    stage = "vision"
+    signals = frozenset({"features", "cls_attention"})
+
+    def vision_layers(self, num_layers: int) -> list[int]:
+        layer = num_layers - 2 if self.config.cls_layer is None else self.config.cls_layer
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"todre: cls_layer={layer} is out of range for a {num_layers}-layer vision tower; "
+                             f"allowed: 0 <= cls_layer <= {num_layers - 1}")
+        return [layer]
+
+    def drop_layer(self, num_layers: int) -> int | None:
+        if not self.config.late_drop:
+            return None
+        layer = 7 * num_layers // 8 if self.config.drop_layer is None else self.config.drop_layer
+        return check_layer("todre drop_layer", layer, num_layers)
+
+    def drop_all(self, share: float) -> bool:
+        return share < self.config.drop_threshold
+
+    def pivot(self, image: ImageInputs) -> int:
+        """Index of the visual token with the highest CLS attention (base image only for AnyRes)."""
+        crop_scores = F.cls_scores(image.cls_attention, slice(None))  # [C, P]
+        crop_scores[1:] = float("-inf")  # AnyRes: crop 0 is the base image
+        return int(F.topk_indices(image.pack_crop_scores(crop_scores), 1)[0])
+
+    def select(self, image: ImageInputs) -> torch.Tensor:
+        first = self.pivot(image)
+        if self.config.diversity == "kcenter":
+            order = F.kcenter_select(image.features, image.k, first=first)
+        else:
+            order = F.maxsum_select(image.features, image.k, first=first)
+        return order.sort().values
