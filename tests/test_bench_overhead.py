@@ -65,10 +65,11 @@ def test_small_run_has_one_row_per_method(tmp_path, capsys):
 def test_methods_subset_and_several_budgets(tmp_path):
     out = tmp_path / "o.md"
     assert overhead.main(["--small", "--repeats", "1", "--warmup", "0", "--methods", "fastv,random",
-                          "--keep", "16,32", "--out", str(out)]) == 0
+                          "--keep", "16,32", "--variant", "fastv:layer=1", "--out", str(out)]) == 0
     rows = _rows(out.read_text())
-    assert [(r[0], r[3], r[4]) for r in rows] == [
-        ("fastv", "16", "16"), ("fastv", "32", "32"), ("random", "16", "16"), ("random", "32", "32"),
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [
+        ("fastv", "2", "16", "16"), ("fastv", "2", "32", "32"), ("random", "-", "16", "16"),
+        ("random", "-", "32", "32"), ("fastv layer=1", "1", "16", "16"), ("fastv layer=1", "1", "32", "32"),
     ]
 
 
@@ -88,7 +89,11 @@ def test_timed_layer_is_layer_0_of_the_prefill():
 
 
 @pytest.mark.parametrize(
-    "argv", [["--keep", "0"], ["--keep", "a"], ["--methods", "nope"], ["--threads", "0"], ["--warmup", "-1"]]
+    "argv",
+    [
+        ["--keep", "0"], ["--keep", "a"], ["--methods", "nope"], ["--threads", "0"], ["--warmup", "-1"],
+        ["--variant", "fastv"], ["--variant", "nope:a=1"], ["--variant", "fastv:nope=1"], ["--variant", "fastv:layer=0"],
+    ],
 )
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -21,7 +21,9 @@ Timed in interleaved rounds (``vtprune.timing``: every variant once per round, o
   the prompt's 651 hidden states, with its rotary embeddings and the causal mask the model itself builds.
 
     PYTHONPATH=. .venv/bin/python eval/bench/overhead.py --threads 1 --repeats 5 --keep 64,192 \
-        --out eval/results/overhead.md
+        --variant zoo:sketch=256 --out eval/results/overhead.md
+
+``--variant METHOD:key=value`` adds a row for a method with non-default options (e.g. a cheaper estimator).
 
 ``--small`` runs the same code on the tiny demo-sized LLaVA in a few seconds (used by the tests).
 """
@@ -64,24 +66,26 @@ SMALL = dict(
 
 @dataclass
 class Row:
-    method: str
+    method: str  # the table's label: the method name, plus its options for --variant rows
     keep: int | None
     stage: str = "-"
-    layer: int | None = None
+    layer: str = "-"
     kept: int = 0
     select: list[float] | None = None  # select_ms of the timed runs
     outside: float = 0.0  # median ms of selection signal work outside select_ms
     skipped: str | None = None
 
 
-def layers_needed(method: str, keep: int, vision_layers: int, max_layers: int) -> tuple[int | None, str | None]:
-    """Fewest LM layers a LLaVA needs for ``patch(model, method, keep=keep)`` to succeed (a tiny probe model with the
-    benchmark's vision depth), or ``(None, reason)`` when no count up to ``max_layers`` works."""
+def layers_needed(
+    method: str, keep: int, vision_layers: int, max_layers: int, options: dict | None = None
+) -> tuple[int | None, str | None]:
+    """Fewest LM layers a LLaVA needs for ``patch(model, method, keep=keep, **options)`` to succeed (a tiny probe
+    model with the benchmark's vision depth), or ``(None, reason)`` when no count up to ``max_layers`` works."""
     reason = None
     for n in range(1, max_layers + 1):
         probe, _ = _probe_model(n, vision_layers)
         try:
-            vtprune.patch(probe, method, keep=keep)
+            vtprune.patch(probe, method, keep=keep, **(options or {}))
         except ValueError as err:
             reason = str(err)
             continue
@@ -125,11 +129,11 @@ def one_layer(model, hidden: torch.Tensor):
     return run
 
 
-def cls_signal_work(model, method: str, keep: int):
+def cls_signal_work(model, method: str, keep: int, options: dict | None = None):
     """The CLS attention rows the vision hooks compute for ``method`` (one ``cls_attention_rows`` per hooked vision
     layer, on q/k of the tower's shape), as a timed callable; None when the method does not read them."""
     spec = get_method(method)
-    impl = spec.method_cls(spec.make_config({"keep": keep}))
+    impl = spec.method_cls(spec.make_config({"keep": keep, **(options or {})}))
     if "cls_attention" not in impl.signals:
         return None
     attn = get_adapter(model).vision_attention_modules()
@@ -147,10 +151,39 @@ def cls_signal_work(model, method: str, keep: int):
     return run
 
 
+def _layers(st) -> str:
+    """Where the method acted in the LM: llm-stage layer K, and the late-drop layer of two-stage methods."""
+    late = getattr(st, "late_drop_layer", None)
+    layer = "-" if st.layer is None else str(st.layer)
+    return layer if late is None else f"{layer}, late drop {late}"
+
+
 def _median_iqr(values: list[float]) -> tuple[float, float, float]:
     t = sorted(values)
     q1, q3 = statistics.quantiles(t, n=4)[0::2] if len(t) > 1 else (t[0], t[0])
     return statistics.median(t), q1, q3
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[low]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _variant(text: str) -> tuple[str, str, dict]:
+    """``METHOD:key=value[,key=value]`` -> (label, method, options)."""
+    method, sep, rest = text.partition(":")
+    pairs = [p for p in rest.split(",") if p.strip()]
+    if not sep or not pairs or any("=" not in p for p in pairs):
+        raise argparse.ArgumentTypeError(f"--variant takes METHOD:key=value[,key=value], got {text!r}")
+    options = {k.strip(): _value(v.strip()) for k, v in (p.split("=", 1) for p in pairs)}
+    return f"{method.strip()} " + " ".join(f"{k}={v}" for k, v in options.items()), method.strip(), options
 
 
 def _keeps(text: str) -> list[int]:
@@ -180,6 +213,15 @@ def _command_line(argv) -> str:
     return env + " ".join(shlex.quote(w) for w in words)
 
 
+def _native_ops() -> str:
+    try:
+        from vtprune.kernels import available
+    except ImportError:
+        return "none in this version"
+    state = available()
+    return ", ".join(f"{k} {'loaded' if v else 'not loaded'}" for k, v in state.items())
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -205,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default 1)")
     p.add_argument("--keep", type=_keeps, default=[64], help="comma-separated budgets (default 64)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the registered methods (default: all)")
+    p.add_argument("--variant", type=_variant, action="append", default=[],
+                   help="extra row: a method with non-default options, METHOD:key=value[,key=value] (repeatable)")
     p.add_argument("--text-layers", type=_positive, default=None,
                    help="LM layers of the benchmark model (default: the most any method needs)")
     p.add_argument("--max-layers", type=_positive, default=8, help="most LM layers tried per method (default 8)")
@@ -221,12 +265,23 @@ def main(argv=None) -> int:
         if unknown or not wanted:
             p.error(f"--methods: unknown {unknown or args.methods!r}; registered: {', '.join(methods)}")
         methods = wanted
+    for label, method, options in args.variant:
+        if method not in vtprune.list_methods():
+            p.error(f"--variant {label!r}: unknown method {method!r}; registered: {', '.join(vtprune.list_methods())}")
+        try:
+            get_method(method).make_config({"keep": args.keep[0], **options})
+        except (TypeError, ValueError) as err:
+            p.error(f"--variant {label!r}: {err}")
+    entries = [(m, m, {}) for m in methods] + list(args.variant)
     command = _command_line(argv)
     shape = SMALL if args.small else REAL
 
     t_start = time.perf_counter()
     with num_threads(args.threads):
-        need = {m: layers_needed(m, args.keep[0], shape["vision_layers"], args.max_layers) for m in methods}
+        need = {
+            label: layers_needed(method, args.keep[0], shape["vision_layers"], args.max_layers, options)
+            for label, method, options in entries
+        }
         counts = [n for n, _ in need.values() if n is not None]
         text_layers = args.text_layers or max(counts, default=1)
         model, inputs = build_random_llava(**shape, text_layers=text_layers, seed=args.seed)
@@ -241,16 +296,16 @@ def main(argv=None) -> int:
         signal_variants: dict[str, str] = {}  # method -> variant name of its outside-select signal work
         samples: dict[str, list[float]] = {}
 
-        for method in methods:
-            n_layers, reason = need[method]
+        for label, method, options in entries:
+            n_layers, reason = need[label]
             if n_layers is None or n_layers > text_layers:
-                rows.append(Row(method, None, skipped=reason or f"needs {n_layers} LM layers, model has {text_layers}"))
+                rows.append(Row(label, None, skipped=reason or f"needs {n_layers} LM layers, model has {text_layers}"))
                 continue
             for keep in args.keep:
-                row = Row(method, keep)
+                row = Row(label, keep)
                 rows.append(row)
                 try:
-                    with vtprune.patched(model, method, keep=keep):
+                    with vtprune.patched(model, method, keep=keep, **options):
                         prefill(model, inputs)
                         st = vtprune.stats(model)
                 except Exception as err:  # report it in the table rather than stop the whole benchmark
@@ -259,8 +314,8 @@ def main(argv=None) -> int:
                 if st is None:
                     row.skipped = "the patched prefill recorded no PruneStats"
                     continue
-                row.stage, row.layer, row.kept = st.stage, st.layer, st.visual_tokens_kept[0]
-                name = f"{method} keep={keep}"
+                row.stage, row.layer, row.kept = st.stage, _layers(st), st.visual_tokens_kept[0]
+                name = f"{label} keep={keep}"
                 samples[name] = []
 
                 def timed(name=name):
@@ -268,13 +323,14 @@ def main(argv=None) -> int:
                     samples[name].append(vtprune.stats(model).select_ms)
 
                 variants[name] = timed
-                contexts[name] = lambda m=method, k=keep: vtprune.patched(model, m, keep=k)
-                if method not in signal_variants and (work := cls_signal_work(model, method, keep)) is not None:
-                    signal_variants[method] = f"{method} CLS rows (vision hooks)"
-                    variants[signal_variants[method]] = work
+                contexts[name] = lambda m=method, k=keep, o=options: vtprune.patched(model, m, keep=k, **o)
+                if label not in signal_variants and (work := cls_signal_work(model, method, keep, options)):
+                    signal_variants[label] = f"{label} CLS rows (vision hooks)"
+                    variants[signal_variants[label]] = work
 
         times = interleaved_times_ms(variants, repeats=args.repeats, warmup=args.warmup, contexts=contexts)
         threads = torch.get_num_threads()
+        native = _native_ops()
     elapsed = time.perf_counter() - t_start
 
     layer_ms, layer_q1, layer_q3 = _median_iqr(times[LAYER])
@@ -289,7 +345,7 @@ def main(argv=None) -> int:
         outside = statistics.median(times[signal_variants[row.method]]) if row.method in signal_variants else 0.0
         ratio = (sel + outside) / layer_ms
         lines.append(
-            f"| {row.method} | {row.stage} | {'-' if row.layer is None else row.layer} | {row.keep} | {row.kept} "
+            f"| {row.method} | {row.stage} | {row.layer} | {row.keep} | {row.kept} "
             f"| {sel:.2f} | {q1:.2f}–{q3:.2f} | {f'{outside:.2f}' if row.method in signal_variants else '-'} "
             f"| {layer_ms:.1f} | {ratio:.4f} | {'yes' if ratio <= 1 else '**no**'} |"
         )
@@ -316,7 +372,8 @@ def main(argv=None) -> int:
         "selections.",
         "select ms: `vtprune.stats(model).select_ms` of a full patched prefill — the engine's clock around the "
         "method's `select` and the signal post-processing (llm stage: RoPE of the captured q/k rows and the "
-        "attention row of the last prompt token). Capturing layer outputs with hooks costs no compute.",
+        "attention row of the last prompt token; two-stage methods: both stages, the late drop's attention share "
+        "included). Capturing layer outputs and projector inputs with hooks costs no compute.",
         "signal ms outside select: for methods that read the vision tower's CLS attention, the CLS attention rows "
         "the tower hooks compute while the tower runs (not in `select_ms`); timed separately in the same rounds and "
         "added to select ms for the ratio and the verdict.",
@@ -334,6 +391,7 @@ def main(argv=None) -> int:
             f"- threads: {threads} (both sides); CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs visible), "
             "shared with other agents' tests and benchmarks while this ran: absolute times are noisy, the "
             "interleaved rounds keep the comparison fair",
+            f"- native ops (csrc/, used by vtprune.functional when loaded): {native}",
             f"- wall time of the run: {elapsed:.0f} s",
         ])
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
