@@ -160,7 +160,7 @@ def _layers(st) -> str:
 
 def _median_iqr(values: list[float]) -> tuple[float, float, float]:
     t = sorted(values)
-    q1, q3 = statistics.quantiles(t, n=4)[0::2] if len(t) > 1 else (t[0], t[0])
+    q1, q3 = statistics.quantiles(t, n=4, method="inclusive")[0::2] if len(t) > 1 else (t[0], t[0])
     return statistics.median(t), q1, q3
 
 
