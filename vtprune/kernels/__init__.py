@@ -66,7 +66,7 @@ def _jit_build() -> None:
     sources = _sources(cuda)
     if not sources:
         raise RuntimeError(f"no C++ sources under {source_dir()} (an installed wheel without the extension)")
-    kwargs = dict(extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    kwargs = dict(extra_cflags=["-O3", "-fopenmp"] + os.environ.get("VTPRUNE_CFLAGS", "").split(), extra_ldflags=["-fopenmp"], is_python_module=False)
     if cuda:
         kwargs["extra_cuda_cflags"] = ["-O3"]
     cpp_extension.load(name="vtprune_native_cuda" if cuda else "vtprune_native", sources=sources, **kwargs)

@@ -1,0 +1,168 @@
+"""Native ops vs pure torch: wall time of vtprune's selection kernels on random features.
+
+Grid: N in {576, 2880, 11520} tokens, D in {1024, 4096}, k in {64, 10% of N}, batch in {1, 8} images, greedy k-center
+(cosine) with a given first pick (the greedy steps, which the native op fuses). Extra rows: DivPrune's first pick
+(``first=None``, a blocked matmul that both paths share), max-sum, DART's per-pivot picks and DBDPC (PACT).
+Native = one ``torch.ops.vtprune`` call per batch; pure torch = the functional code under ``VTPRUNE_NO_EXT``
+semantics, one call per image. Variants are interleaved and the median of the repeats is reported; every cell
+also checks that both paths return identical indices.
+
+    python eval/bench/kernels.py --threads 1 --out eval/results/kernels.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from vtprune import kernels
+from vtprune.functional import cluster, dart, diversity
+from vtprune.functional._common import unit_rows
+
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - start) * 1e3, out
+
+
+def _compare(native, torch_fn, repeats: int) -> tuple[float, float, bool]:
+    """Median ms of each variant (interleaved) and whether the outputs are equal."""
+    tn, tt, same = [], [], True
+    for _ in range(repeats):
+        a, out_n = _timed(native)
+        b, out_t = _timed(torch_fn)
+        tn.append(a)
+        tt.append(b)
+        same = same and torch.equal(out_n, out_t)
+    return statistics.median(tn), statistics.median(tt), same
+
+
+def _repeats(work: float) -> int:
+    """Fewer repeats for huge cells (work ~ multiply-adds of the pure-torch path)."""
+    return 5 if work < 2e9 else 3 if work < 2e10 else 1
+
+
+def greedy_cells(args):
+    rows = []
+    for n in (576, 2880, 11520):
+        for d in (1024, 4096):
+            for k in (64, n // 10):
+                for batch in (1, 8):
+                    work = batch * n * d * k
+                    if work > args.max_work:
+                        rows.append((n, d, k, batch, None))
+                        continue
+                    g = torch.Generator().manual_seed(n + d + k + batch)
+                    x = torch.randn(batch * n, d, generator=g)
+                    offsets = [i * n for i in range(batch + 1)]
+                    first = [0] * batch
+                    native = lambda: torch.ops.vtprune.kcenter(x, offsets, k, first, "cosine")  # noqa: E731
+                    pure = lambda: torch.stack([  # noqa: E731
+                        diversity._kcenter_torch(x[i * n:(i + 1) * n], k, 0, "cosine") for i in range(batch)])
+                    rows.append((n, d, k, batch, _compare(native, pure, _repeats(work))))
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def extra_cells():
+    rows = []
+    for n, d in ((576, 4096), (2880, 4096)):
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, d, generator=g)
+        k = 64
+        reps = _repeats(n * n * d)
+        rows.append(("kcenter, first=None (DivPrune)", n, d, k, _compare(
+            lambda: torch.ops.vtprune.kcenter(x, [0, n], k, [-1], "cosine")[0],
+            lambda: diversity._kcenter_torch(x, k, None, "cosine"), reps)))
+        rows.append(("maxsum, first=None", n, d, k, _compare(
+            lambda: torch.ops.vtprune.maxsum(x, [0, n], k, [-1])[0],
+            lambda: diversity._maxsum_torch(x, k, None), reps)))
+        units = unit_rows(x)
+        pivots = units[:8]
+        excluded = torch.arange(4)
+        counts = [(k - 4) // 8] * 8
+
+        def dart_torch():
+            available = torch.ones(n, dtype=torch.bool)
+            available[excluded] = False
+            picks = []
+            for t, c in enumerate(counts):
+                sims = dart.cosine_to_row(units, pivots[t:t + 1]).masked_fill_(~available, float("inf"))
+                chosen = dart.topk_lowtie(sims, c, largest=False)
+                available[chosen] = False
+                picks.append(chosen)
+            return torch.cat(picks)
+
+        rows.append(("dart per-pivot picks (8 pivots)", n, d, k, _compare(
+            lambda: torch.ops.vtprune.dart_pick(units, pivots, excluded, counts), dart_torch, 5)))
+        keys = torch.randn(n, 128, generator=g)  # one head's worth of key features
+        dist, rank = cluster._distances(keys, cluster.PACT_DC)
+        rows.append(("dbdpc centres + labels, cutoff 0.9", n, 128, None, _compare(
+            lambda: torch.ops.vtprune.dbdpc(dist, rank, 0.9),
+            lambda: cluster._dbdpc_torch(dist, rank, 0.9), 3)))
+        print(rows[-4:], flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--max-work", type=float, default=6e10,
+                        help="skip grid cells whose batch*N*D*k exceeds this (pure torch would take minutes)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    state = kernels.available()
+    if not state["cpp"]:
+        raise SystemExit("the native CPU ops are not available; build them (pip install -e .) first")
+    grid = greedy_cells(args)
+    extra = extra_cells()
+
+    lines = [
+        "# Native ops vs pure torch (CPU)",
+        "",
+        f"Command: `python eval/bench/kernels.py --threads {args.threads} --out eval/results/kernels.md`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{args.threads} thread(s). The machine (2 cores) was shared with other agents' jobs while this ran, so "
+        "timings are noisy: variants are interleaved and medians reported. No GPU was available to this session: "
+        "the CUDA kernels were compiled, not timed (the H200 goal is unmeasured).",
+        "",
+        "Greedy k-center (cosine), first pick given: native = one `torch.ops.vtprune.kcenter` call for the batch, "
+        "pure = `vtprune.functional` torch code per image. Identical = both returned the same indices.",
+        "",
+        "| N | D | k | batch | native ms | pure torch ms | speed-up | identical |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for n, d, k, batch, res in grid:
+        if res is None:
+            lines.append(f"| {n} | {d} | {k} | {batch} | skipped | skipped | | |")
+            continue
+        tn, tt, same = res
+        lines.append(f"| {n} | {d} | {k} | {batch} | {tn:.1f} | {tt:.1f} | {tt / tn:.2f}x | {'yes' if same else 'NO'} |")
+    lines += [
+        "",
+        f"Skipped: cells with batch x N x D x k > {args.max_work:.0e} (the pure-torch side alone would take minutes).",
+        "",
+        "Other ops, batch 1:",
+        "",
+        "| op | N | D | k | native ms | pure torch ms | speed-up | identical |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for name, n, d, k, (tn, tt, same) in extra:
+        lines.append(f"| {name} | {n} | {d} | {k if k else '-'} | {tn:.1f} | {tt:.1f} | {tt / tn:.2f}x | "
+                     f"{'yes' if same else 'NO'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
