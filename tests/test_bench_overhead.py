@@ -100,3 +100,28 @@ def test_bad_flags_exit_2(argv, capsys):
         overhead.main(["--small", *argv])
     assert exc.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", [m for m in vtprune.list_methods() if m in ("cls", "todre", "visionzip")])
+def test_timed_hook_signals_have_the_engines_shapes(method):
+    """The outside-select work timed for a method is the work its vision hooks really do: same layers, same shapes
+    as the signals the engine hands to the method's ``select``."""
+    model, inputs = build_random_llava()
+    seen = {}
+    with vtprune.patched(model, method, keep=16):
+        impl = model._vtprune_session.method
+        original = impl.select
+
+        def spy(image):
+            seen["cls"], seen["keys"] = image.cls_attention, image.vision_keys
+            return original(image)
+
+        impl.select = spy
+        with torch.no_grad():
+            model(**inputs)
+    rows, keys = overhead.vision_hook_work(model, method, 16)()
+    assert rows.shape == seen["cls"].shape
+    assert (keys is None) == (seen["keys"] is None)
+    if keys is not None:
+        assert keys.shape == seen["keys"].shape
+    assert overhead.vision_hook_work(model, "random", 16) is None

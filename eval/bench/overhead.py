@@ -14,9 +14,9 @@ Timed in interleaved rounds (``vtprune.timing``: every variant once per round, o
 * per method x keep: a full prefill of the patched model; the number recorded is the engine's own
   ``vtprune.stats(model).select_ms`` (the method's ``select`` plus the signal post-processing: for llm-stage methods
   RoPE on the captured keys/query and the attention row);
-* per method whose signals include ``cls_attention``: the CLS attention rows that the vision-tower hooks compute
-  while the tower runs (``vtprune.signals.cls_attention_rows`` on [1, 577, 1024] q/k, once per hooked layer) —
-  selection work outside ``select_ms``, added to it for the verdict;
+* per method whose signals include ``cls_attention`` / ``vision_keys``: what the vision-tower hooks compute while
+  the tower runs (``vtprune.signals.cls_attention_rows`` on [1, 577, 1024] q/k and the head-mean keys, once per
+  hooked layer) — selection work outside ``select_ms``, added to it for the verdict;
 * ``one layer``: decoder layer 0 of that LM (a ``LlamaDecoderLayer`` of the 4096 / 11008 / 32-head config) alone on
   the prompt's 651 hidden states, with its rotary embeddings and the causal mask the model itself builds.
 
@@ -71,8 +71,6 @@ class Row:
     stage: str = "-"
     layer: str = "-"
     kept: int = 0
-    select: list[float] | None = None  # select_ms of the timed runs
-    outside: float = 0.0  # median ms of selection signal work outside select_ms
     skipped: str | None = None
 
 
@@ -129,24 +127,34 @@ def one_layer(model, hidden: torch.Tensor):
     return run
 
 
-def cls_signal_work(model, method: str, keep: int, options: dict | None = None):
-    """The CLS attention rows the vision hooks compute for ``method`` (one ``cls_attention_rows`` per hooked vision
-    layer, on q/k of the tower's shape), as a timed callable; None when the method does not read them."""
+def vision_hook_work(model, method: str, keep: int, options: dict | None = None):
+    """The selection signals the engine's vision-tower hooks compute while the tower runs (outside ``select_ms``),
+    as a timed callable, or None when the method reads none: for a method that reads ``cls_attention`` or
+    ``vision_keys``, per hooked vision layer the CLS attention row (``cls_attention_rows``) and, for
+    ``vision_keys``, the head-mean of that layer's keys; then the per-layer results stacked, as the engine does.
+    On random q/k of the tower's shape ``[1, 1+P, E]``."""
     spec = get_method(method)
     impl = spec.method_cls(spec.make_config({"keep": keep, **(options or {})}))
-    if "cls_attention" not in impl.signals:
+    if not impl.signals & {"cls_attention", "vision_keys"}:
         return None
     attn = get_adapter(model).vision_attention_modules()
     hooked = impl.vision_layers(len(attn))
+    keys = "vision_keys" in impl.signals
     vcfg = model.config.vision_config
     tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, tokens, vcfg.hidden_size, generator=gen)
-    k = torch.randn(1, tokens, vcfg.hidden_size, generator=gen)
+    q = torch.randn(1, tokens, vcfg.hidden_size, generator=gen).to(model.dtype)
+    k = torch.randn(1, tokens, vcfg.hidden_size, generator=gen).to(model.dtype)
 
     def run():
+        rows, means = [], []
         with torch.no_grad():
-            return [cls_attention_rows(q[:, :1], k, attn[i].num_heads, attn[i].scale) for i in hooked]
+            for i in hooked:
+                heads = attn[i].num_heads
+                rows.append(cls_attention_rows(q[:, :1], k, heads, attn[i].scale))
+                if keys:
+                    means.append(k.view(1, tokens, heads, -1).mean(2))
+            return torch.stack(rows, dim=1), torch.stack(means, dim=1) if means else None
 
     return run
 
@@ -324,8 +332,8 @@ def main(argv=None) -> int:
 
                 variants[name] = timed
                 contexts[name] = lambda m=method, k=keep, o=options: vtprune.patched(model, m, keep=k, **o)
-                if label not in signal_variants and (work := cls_signal_work(model, method, keep, options)):
-                    signal_variants[label] = f"{label} CLS rows (vision hooks)"
+                if label not in signal_variants and (work := vision_hook_work(model, method, keep, options)):
+                    signal_variants[label] = f"{label} vision-hook signals"
                     variants[signal_variants[label]] = work
 
         times = interleaved_times_ms(variants, repeats=args.repeats, warmup=args.warmup, contexts=contexts)
@@ -374,9 +382,10 @@ def main(argv=None) -> int:
         "method's `select` and the signal post-processing (llm stage: RoPE of the captured q/k rows and the "
         "attention row of the last prompt token; two-stage methods: both stages, the late drop's attention share "
         "included). Capturing layer outputs and projector inputs with hooks costs no compute.",
-        "signal ms outside select: for methods that read the vision tower's CLS attention, the CLS attention rows "
-        "the tower hooks compute while the tower runs (not in `select_ms`); timed separately in the same rounds and "
-        "added to select ms for the ratio and the verdict.",
+        "signal ms outside select: for methods that read the vision tower's CLS attention or keys, what the tower "
+        "hooks compute while the tower runs (not in `select_ms`): per hooked layer the CLS attention row and, for "
+        "`vision_keys`, the head-mean keys; timed separately in the same rounds (same shapes, random q/k) and added "
+        "to select ms for the ratio and the verdict.",
         "ratio = (select ms + signal ms outside select) / one-layer ms; within budget when <= 1.",
     ]
     body = "\n\n".join([table, "Notes:\n" + "\n".join(f"- {n}" for n in notes)])
