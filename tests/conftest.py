@@ -33,8 +33,12 @@ def model_factory():
 
 def supports(method: str, family: str) -> bool:
     """Whether ``method`` has its signals on ``family`` (CLS attention needs a CLS token)."""
+    if method in SINGLE_CROP_METHODS and family == "llava_next":
+        return False
     return not (method in CLS_METHODS and family.startswith("qwen"))
 
 
 #: methods that need the vision tower's CLS attention (LLaVA families only)
 CLS_METHODS = ("cls", "todre", "visionzip")
+#: methods that do not handle AnyRes / multi-crop images yet
+SINGLE_CROP_METHODS = ("visionzip",)

@@ -93,6 +93,7 @@ class ImageInfo:
     grid: torch.Tensor | None  # [1, 3] (t, h, w) for Qwen-VL
     cls_attention: torch.Tensor | None  # [crops, L, H, 1+P] CLS rows of the requested vision layers
     projector_inputs: torch.Tensor | None  # [crops, P, D_in] what the projector received
+    vision_keys: torch.Tensor | None  # [crops, L, 1+P, Dh] head-mean keys of the requested vision layers
     pack: Any  # per-crop patch scores [crops, P] -> per visual token [n]
 
 
@@ -142,7 +143,7 @@ class Session:
         #: the first decoder layer whose sequence is shorter than the LM's input (llm stage or late drop)
         self.cut = self.layer if self.layer is not None else self.drop_layer
         self.vision_layers: list[int] = []
-        if "cls_attention" in method.signals:
+        if method.signals & {"cls_attention", "vision_keys"}:
             if not adapter.has_cls_token:
                 raise ValueError(
                     f"method {method.name!r} needs the vision tower's CLS attention, but "
@@ -150,6 +151,11 @@ class Session:
                     "(e.g. 'fastv', 'random')"
                 )
             adapter.check_cls_strategy()
+            if adapter.multi_crop and not method.multi_crop:
+                raise ValueError(
+                    f"method {method.name!r} does not support AnyRes / multi-crop images ({adapter.config.model_type!r}) "
+                    "yet; use it on single-crop LLaVA-1.5-style models"
+                )
             self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
         if self.cut is not None and (why := adapter.unsupported_llm_stage()):
             raise ValueError(f"method {method.name!r} prunes inside the LLM, which {why}")
@@ -164,6 +170,7 @@ class Session:
         self._needs_text_attention = "text_attention" in method.signals or self.drop_layer is not None
         self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
         self._cls_rows: list | None = None
+        self._vision_keys: list | None = None
         self._cls_q: torch.Tensor | None = None
         self._projector_in: list | None = None
         self._projector32: nn.Module | None = None
@@ -222,13 +229,15 @@ class Session:
         def wrapped(*args, **kwargs):
             call = signature.bind(*args, **kwargs).arguments
             self._cls_rows = [] if self.vision_layers else None
+            self._vision_keys = [] if "vision_keys" in self.method.signals else None
             self._projector_in = [] if "projector_inputs" in self.method.signals else None
             try:
                 out = original(*args, **kwargs)
             finally:
                 rows, self._cls_rows = self._cls_rows, None
+                keys, self._vision_keys = self._vision_keys, None
                 projected, self._projector_in = self._projector_in, None
-            self._record_features(call, list(out.pooler_output), rows, projected, token_id)
+            self._record_features(call, list(out.pooler_output), rows, keys, projected, token_id)
             return out
 
         inner.__dict__[name] = wrapped
@@ -238,12 +247,13 @@ class Session:
         key = "video_token_id" if "video" in name else "image_token_id"
         return int(getattr(self.adapter.config, key))
 
-    def _record_features(self, call: dict, feats: list[torch.Tensor], rows, projected, token_id: int) -> None:
+    def _record_features(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, token_id: int) -> None:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
         grid = call.get("image_grid_thw", call.get("video_grid_thw"))
         grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
         counts = self.adapter.crop_counts(call, len(feats))
         per_image = torch.split(torch.stack(rows, dim=1), counts) if rows else [None] * len(feats)
+        keys = torch.split(torch.stack(keys, dim=1), counts) if keys else [None] * len(feats)
         if projected:
             if len(projected) != 1:
                 raise RuntimeError(f"the projector ran {len(projected)} times in one feature call; expected once")
@@ -255,6 +265,7 @@ class Session:
                 crops=counts[i],
                 grid=grid[i : i + 1] if grid is not None else None,
                 cls_attention=per_image[i],
+                vision_keys=keys[i],
                 projector_inputs=projector_inputs[i],
                 pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
             )
@@ -288,6 +299,9 @@ class Session:
         def hook(module, args, output):
             if self._cls_rows is not None:
                 self._cls_rows.append(cls_attention_rows(self._cls_q, output, attn.num_heads, attn.scale))
+            if self._vision_keys is not None:
+                c, t, e = output.shape
+                self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
 
         return hook
 
@@ -440,7 +454,7 @@ class Session:
                 units.append(unit)
         if fwd.image_sizes is not None:
             self._attach_real_masks(fwd, units)
-        needs = self.method.signals & {"features", "cls_attention", "projector_inputs"}
+        needs = self.method.signals & {"features", "cls_attention", "projector_inputs", "vision_keys"}
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(
                 f"method {self.method.name!r} needs {sorted(needs)} from the vision tower; pass pixel_values "
@@ -504,6 +518,7 @@ class Session:
             k=self.config.budget(n),
             features=unit.features,
             cls_attention=unit.info.cls_attention if unit.info else None,
+            vision_keys=unit.info.vision_keys if unit.info else None,
             pack_crop_scores=unit.info.pack if unit.info else None,
             projector_inputs=unit.info.projector_inputs if unit.info else None,
             projector=self._float32_projector() if "projector_inputs" in self.method.signals else None,

@@ -24,6 +24,8 @@ class ModelAdapter:
     feature_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     #: position ids are 3-D (M-RoPE) rather than 1-D
     mrope: ClassVar[bool] = False
+    #: an image may be several vision-tower crops (AnyRes)
+    multi_crop: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -66,6 +66,7 @@ class LlavaAdapter(ModelAdapter):
 
 class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
+    multi_crop = True
 
     def crop_counts(self, call: dict[str, Any], num_images: int) -> list[int]:
         module = sys.modules[type(self.inner).__module__]

@@ -17,6 +17,7 @@ The exact math of each method, and the official code it follows, is in each docs
 from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
+from .merge import visionzip_select
 from .scores import cls_scores, topk_indices
 from .zoo import zoo_select, zoo_sensitivity, zoo_sensitivity_jvp
 
@@ -33,4 +34,5 @@ __all__ = [
     "zoo_sensitivity",
     "zoo_sensitivity_jvp",
     "zoo_select",
+    "visionzip_select",
 ]

@@ -7,10 +7,11 @@ from .divprune import DivPrune, DivPruneConfig
 from .fastv import FastV, FastVConfig
 from .random import RandomConfig, RandomPrune
 from .todre import ToDRE, ToDREConfig
+from .visionzip import VisionZip, VisionZipConfig
 from .zoo import ZOOConfig, ZOOPrune
 
 __all__ = [
     "ImageInputs", "Method", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
     "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune", "ZOOConfig", "ZOOPrune",
-    "ToDREConfig", "ToDRE",
+    "ToDREConfig", "ToDRE", "VisionZipConfig", "VisionZip",
 ]

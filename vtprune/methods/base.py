@@ -14,7 +14,7 @@ import torch
 from ..config import PruneConfig
 
 #: signal names a method may ask for
-VISION_SIGNALS = frozenset({"features", "cls_attention", "projector_inputs"})
+VISION_SIGNALS = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs"})
 LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden"})
 
 
@@ -28,6 +28,7 @@ class ImageInputs:
     LLM stage (layer K): ``hidden`` ``[S, D]`` input of layer K for the image's sample (padding removed),
     ``keys`` ``[S, Hkv*Dh]`` post-RoPE keys of layer K-1, ``text_attention`` ``[H, S]`` attention of the last
     prompt token at layer K-1, ``image_start`` the image's first position in those ``S`` tokens.
+    ``vision_keys`` ``[C, L, 1+P, Dh]`` head-mean keys (``k_proj`` outputs) of the same vision layers.
     ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),
     ``projector`` the per-token projector ``[N, D_in] -> [N, D]`` in float32 (a float32 copy for fp16/bf16 models).
     ``real_mask`` ``[n]`` bool, True where a token covers real image content rather than the padding of a
@@ -38,6 +39,7 @@ class ImageInputs:
     k: int
     features: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
+    vision_keys: torch.Tensor | None = None
     pack_crop_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
     hidden: torch.Tensor | None = None
     keys: torch.Tensor | None = None
@@ -67,6 +69,10 @@ class Method:
     config_cls: ClassVar[type[PruneConfig]]
     stage: ClassVar[str] = "vision"  # "vision": after the projector; "llm": before decoder layer K
     signals: ClassVar[frozenset[str]] = frozenset()
+    #: whether the method handles AnyRes / multi-crop images (LLaVA-NeXT)
+    multi_crop: ClassVar[bool] = True
+    #: whether ``select`` returns a :class:`Selection` with merged vectors (not only kept indices)
+    merges: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig):
         self.config = config

@@ -1,0 +1,80 @@
+"""``visionzip`` (dvlab-research/VisionZip): dominant tokens by CLS attention plus contextual tokens merged by key
+similarity; exactly ``keep`` tokens reach the LLM.
+
+Vision stage, on the vision layer the projector reads (``L-2`` for LLaVA's feature layer -2, the official
+``attentions[-2]`` / ``hidden_states[-2]`` / ``layers[-2]`` keys): ``keep - contextual`` dominant patches with the
+highest CLS attention (summed over heads), then the remaining patches are merged onto ``contextual`` evenly spaced
+targets by cosine similarity of that layer's head-mean keys; each target becomes itself plus the mean of the
+patches merged into it, in the vision tower's space, and is then projected (``vtprune.functional.visionzip_select``).
+Default ``contextual``: ``round(keep * 10 / 64)`` — the official 54 + 10 for 64, 108 + 20 for 128, 162 + 30 for 192.
+
+Where this differs from the official code (documented deviations):
+
+* the official LLaVA code feeds the CLS token as one of the dominant tokens (``dominant`` counts it); HF LLaVA
+  drops CLS from the visual tokens, so here every dominant slot is a patch;
+* the official code concatenates [dominant, contextual] and numbers them consecutively; here every kept token keeps
+  its original position id (a contextual token sits at its target's position), like every vtprune method.
+
+Needs a CLIP tower with a CLS token, one crop per image (LLaVA-1.5); AnyRes (LLaVA-NeXT) is not supported yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import functional as F
+from ..config import PruneConfig
+from ..registry import register_method
+from .base import ImageInputs, Method, Selection
+
+
+@dataclass
+class VisionZipConfig(PruneConfig):
+    contextual: int | None = None
+    layer: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("contextual", "layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+
+    def split(self, k: int) -> tuple[int, int]:
+        """``(dominant, contextual)`` for a budget of ``k`` tokens."""
+        contextual = round(k * 10 / 64) if self.contextual is None else self.contextual
+        if contextual >= k and k > 1:
+            raise ValueError(f"visionzip: contextual={contextual} leaves no dominant token in a budget of {k}; "
+                             f"allowed: contextual < keep")
+        contextual = min(contextual, k - 1)
+        return k - contextual, contextual
+
+
+@register_method("visionzip", VisionZipConfig)
+class VisionZip(Method):
+    stage = "vision"
+    signals = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs"})
+    multi_crop = False
+    merges = True
+
+    def vision_layers(self, num_layers: int) -> list[int]:
+        layer = num_layers - 2 if self.config.layer is None else self.config.layer
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"visionzip: layer={layer} is out of range for a {num_layers}-layer vision tower; "
+                             f"allowed: 0 <= layer <= {num_layers - 1}")
+        return [layer]
+
+    def select(self, image: ImageInputs) -> Selection:
+        dominant, contextual = self.config.split(image.k)
+        scores = F.cls_scores(image.cls_attention, slice(None))[0]  # [P], head mean (same ranking as the sum)
+        keys = image.vision_keys[0, 0, 1:]  # [P, Dh], CLS dropped
+        kept, merge = F.visionzip_select(scores, keys, dominant, contextual)
+        merged = image.features[kept].clone()
+        context = (merge != 0).sum(dim=1) > 1  # targets that absorbed other tokens
+        if bool(context.any()):
+            hidden = merge[context] @ image.projector_inputs[0].float()
+            with torch.no_grad():
+                merged[context] = image.projector(hidden).to(merged.dtype)
+        return Selection(kept, merged)
