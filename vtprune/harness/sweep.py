@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import gc
 import json
 import math
@@ -73,17 +74,23 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 # -- checks before anything loads ----------------------------------------------------------------------------------
-def _task_manager(include_path: list[Path], names: list[str]):
-    """lmms-eval's task index: only the local folders when they hold every task (fast), else with the built-ins."""
+@functools.lru_cache(maxsize=8)
+def _index(paths: tuple[str, ...], include_defaults: bool):
     import lmms_eval.models  # noqa: F401  (sets lmms-eval's log level before the task index logs)
     from lmms_eval.tasks import TaskManager
 
-    paths = [str(p) for p in include_path]
+    return TaskManager("WARNING", include_path=list(paths) or None, include_defaults=include_defaults)
+
+
+def _task_manager(include_path: list[Path], names: list[str]):
+    """lmms-eval's task index: only the local folders when they hold every task (fast), else with the built-ins
+    (reading those takes seconds: the index is kept for the process)."""
+    paths = tuple(str(p) for p in include_path)
     if paths:
-        local = TaskManager("WARNING", include_path=paths, include_defaults=False)
+        local = _index(paths, False)
         if all(n in local.all_tasks for n in names):
             return local
-    return TaskManager("WARNING", include_path=paths or None)
+    return _index(paths, True)
 
 
 def _resolve_metric(tm, spec: TaskSpec) -> str:

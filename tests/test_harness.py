@@ -1,0 +1,254 @@
+"""vtprune.harness without running a sweep: config checks (before any model loads), the lmms-eval plugin's
+arguments and registration, table maths on hand-made rows, the real-benchmark configs against lmms-eval's
+task index."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+
+from vtprune import cli  # noqa: E402
+from vtprune.harness import config as hconfig  # noqa: E402
+from vtprune.harness import sweep as hsweep  # noqa: E402
+from vtprune.harness.model import VTPrune  # noqa: E402
+from vtprune.harness.tables import build_tables, to_csv, to_latex, to_markdown  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = REPO / "eval" / "tasks"
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if anything tries to load model weights."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config error was reported")
+
+    monkeypatch.setattr(hsweep, "load_pretrained", refuse)
+    monkeypatch.setattr(hsweep, "save_random_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tmp_path_factory):
+    """Only a config.json of a small LLaVA (no weights): enough for every check before loading."""
+    from vtprune.harness.tiny import random_model_config
+
+    path = tmp_path_factory.mktemp("llava_config")
+    random_model_config().save_pretrained(path)
+    return path
+
+
+def _config(model_dir, **over):
+    cfg = {"models": [{"pretrained": str(model_dir), "name": "tiny"}], "methods": ["random"], "budgets": [16],
+           "tasks": ["vtprune_shapes"], "include_path": str(TASKS), "device": "cpu"}
+    cfg.update(over)
+    return cfg
+
+
+# -- config errors, all raised before anything loads ------------------------------------------------------------------
+def test_unknown_method_before_loading(tiny_llava_dir, no_loading, tmp_path):
+    with pytest.raises(ValueError, match=r"methods\[1\].*unknown method 'dartt'.*Did you mean 'dart'"):
+        hsweep.run_sweep(_config(tiny_llava_dir, methods=["random", "dartt"]), output_dir=tmp_path)
+
+
+def test_unknown_method_option_before_loading(tiny_llava_dir, no_loading, tmp_path):
+    bad = {"method": "dart", "options": {"layers": 2}}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['layers'\] for method 'dart'.*allowed"):
+        hsweep.run_sweep(_config(tiny_llava_dir, methods=[bad]), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="budgets"):
+        hsweep.run_sweep(_config(tiny_llava_dir, methods=[{"method": "dart", "options": {"keep": 3}}]),
+                         output_dir=tmp_path)
+
+
+def test_bad_budgets_and_keys(tiny_llava_dir):
+    with pytest.raises(ValueError, match=r"budgets\[1\]: expected an int >= 1, got 0"):
+        hconfig.load_config(_config(tiny_llava_dir, budgets=[16, 0]))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['budget'\]"):
+        hconfig.load_config({**_config(tiny_llava_dir), "budget": [1]})
+    with pytest.raises(ValueError, match="always run"):
+        hconfig.load_config(_config(tiny_llava_dir, methods=["none"]))
+    with pytest.raises(ValueError, match="duplicate name"):
+        hconfig.load_config(_config(tiny_llava_dir, methods=["fastv", "fastv"]))
+
+
+def test_unknown_task_before_loading(tiny_llava_dir, no_loading, tmp_path):
+    with pytest.raises(ValueError, match="unknown lmms-eval task 'vtprune_shape'.*Did you mean 'vtprune_shapes'"):
+        hsweep.run_sweep(_config(tiny_llava_dir, tasks=["vtprune_shape"]), output_dir=tmp_path)
+
+
+def test_unknown_metric_before_loading(tiny_llava_dir, no_loading, tmp_path):
+    with pytest.raises(ValueError, match="no metric 'accuracy'.*exact_match"):
+        hsweep.run_sweep(_config(tiny_llava_dir, tasks=[{"task": "vtprune_shapes", "metric": "accuracy"}]),
+                         output_dir=tmp_path)
+
+
+def test_unknown_model_before_loading(no_loading, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="is not a folder with a config.json"):
+        hsweep.run_sweep(_config(tmp_path / "missing"), output_dir=tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network in tests
+    with pytest.raises(ValueError, match="cannot read the config of 'nobody-xyz/no-such-vlm'"):
+        hsweep.run_sweep(_config("nobody-xyz/no-such-vlm"), output_dir=tmp_path)
+    (tmp_path / "bert").mkdir()
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path / "bert")
+    with pytest.raises(ValueError, match="model_type 'bert'; vtprune supports"):
+        hsweep.run_sweep(_config(tmp_path / "bert"), output_dir=tmp_path)
+
+
+def test_method_the_model_cannot_run_before_loading(no_loading, tmp_path):
+    """CLS attention on Qwen2-VL (no CLS token) is refused from the config alone (a meta-device model)."""
+    import tiny
+
+    model = tiny.build("qwen2_vl")
+    model.config.save_pretrained(tmp_path / "qwen")
+    with pytest.raises(ValueError, match="method 'cls' cannot run on model 'qwen'.*no CLS token"):
+        hsweep.run_sweep(_config(tmp_path / "qwen", methods=["fastv", "cls"],
+                                 models=[{"pretrained": str(tmp_path / "qwen"), "name": "qwen"}]),
+                         output_dir=tmp_path)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys, no_loading):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [x]\nmethods: [nope]\nbudgets: [4]\ntasks: [vtprune_shapes]\n")
+    assert cli.main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "vtprune sweep: error:" in err and "unknown method 'nope'" in err
+    assert cli.main(["sweep", str(tmp_path / "nothing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text("include_path: tasks_here\nmodels: [{pretrained: m}]\nmethods: [random]\nbudgets: [2]\n"
+                    "tasks: [t]\n")
+    with pytest.raises(ValueError, match="tasks_here.*is not a folder"):
+        hconfig.load_config(path)
+    (tmp_path / "tasks_here").mkdir()
+    cfg = hconfig.load_config(path)
+    assert cfg.models[0].pretrained == str((tmp_path / "m").resolve())
+    assert cfg.include_path == [(tmp_path / "tasks_here").resolve()]
+    assert cfg.output_dir == Path("runs") / "c"
+    hub = hconfig.load_config({"models": ["llava-hf/llava-1.5-7b-hf"], "methods": ["fastv"], "budgets": [64],
+                               "tasks": ["gqa"]}, base_dir=tmp_path)
+    assert hub.models[0].pretrained == "llava-hf/llava-1.5-7b-hf" and hub.models[0].name == "llava-1.5-7b-hf"
+
+
+# -- the lmms-eval plugin ------------------------------------------------------------------------------------------------
+def test_plugin_is_registered_with_lmms_eval():
+    from lmms_eval.models import get_model
+
+    assert get_model("vtprune") is VTPrune
+
+
+def test_plugin_model_args_are_checked_before_loading(tmp_path):
+    missing = tmp_path / "no-model"
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\] for method 'dart'"):
+        VTPrune.create_from_arg_string(f"pretrained={missing},method=dart,keep=16,layer=2,bogus=1")
+    with pytest.raises(ValueError, match="unknown method 'fastvv'"):
+        VTPrune.create_from_arg_string(f"pretrained={missing},method=fastvv,keep=16")
+    with pytest.raises(ValueError, match="needs a budget"):
+        VTPrune.create_from_arg_string(f"pretrained={missing},method=fastv")
+    with pytest.raises(ValueError, match="takes no budget"):
+        VTPrune.create_from_arg_string(f"pretrained={missing},keep=16")
+
+
+# -- tables --------------------------------------------------------------------------------------------------------------
+def _row(method, budget, task, value, *, scale=100.0, maximum=100.0, tokens=8, tflops=1.0, ms=10.0, n=10,
+         limit=None, model="m"):
+    return {"model": model, "limit": limit, "method": method, "budget": budget, "task": task, "value": value,
+            "score": value * scale, "max": maximum, "visual_tokens": tokens, "prefill_tflops": tflops,
+            "prefill_ms": ms, "n": n}
+
+
+def _maths_rows():
+    return [
+        _row("none", None, "acc", 0.80, tokens=576, tflops=4.0, ms=100.0),
+        _row("none", None, "mme", 1500.0, scale=1, maximum=2000, tokens=576, tflops=4.0, ms=100.0),
+        _row("fastv", 64, "acc", 0.60, tflops=1.0, ms=30.0, n=10),
+        _row("fastv", 64, "mme", 1200.0, scale=1, maximum=2000, tflops=2.0, ms=50.0, n=30),
+        _row("dart", 64, "acc", 0.70),
+        _row("dart", 64, "mme", 0.0, scale=1, maximum=2000),  # superseded by the next row (last one wins)
+        _row("dart", 64, "mme", 1350.0, scale=1, maximum=2000),
+        _row("fastv", 128, "acc", 0.75),  # mme missing: no Avg / Rel.
+    ]
+
+
+def test_table_maths():
+    (table,) = build_tables(_maths_rows())
+    assert table.tasks == ["acc", "mme"]
+    assert [(r.label, r.budget) for r in table.rows] == [("Unpruned", None), ("fastv", 128), ("fastv", 64),
+                                                         ("dart", 64)]
+    base, fastv128, fastv64, dart64 = table.rows
+    assert base.avg == pytest.approx((80 + 1500 / 2000 * 100) / 2)
+    assert base.rel == pytest.approx(100.0)
+    assert fastv64.scores == {"acc": pytest.approx(60.0), "mme": 1200.0}
+    assert fastv64.avg == pytest.approx((60 + 60) / 2)
+    assert fastv64.rel == pytest.approx((0.60 / 0.80 + 1200 / 1500) / 2 * 100)
+    assert dart64.rel == pytest.approx((0.70 / 0.80 + 1350 / 1500) / 2 * 100)
+    assert fastv128.avg is None and fastv128.rel is None
+    # cost columns: request-weighted means over the row's tasks
+    assert fastv64.tflops == pytest.approx((1.0 * 10 + 2.0 * 30) / 40)
+    assert fastv64.prefill_ms == pytest.approx((30.0 * 10 + 50.0 * 30) / 40)
+    assert base.tokens == 576
+
+
+def test_table_formats_agree():
+    tables = build_tables(_maths_rows())
+    md = to_markdown(tables).splitlines()
+    assert md[0] == "### m" and md[2].split("|")[1].strip() == "Method"
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in md[4:]]
+    assert body[2][:6] == ["fastv", "64", "60.0", "1200.0", "60.0", f"{(0.75 + 0.8) / 2 * 100:.1f}"]
+    assert body[1][4:6] == ["-", "-"]
+    csv_rows = [line.split(",") for line in to_csv(tables).strip().splitlines()]
+    assert csv_rows[0][:6] == ["model", "limit", "method", "budget", "acc", "mme"]
+    assert csv_rows[3][2:4] == ["fastv", "64"] and float(csv_rows[3][7]) == pytest.approx((0.75 + 0.8) / 2 * 100)
+    tex = to_latex(tables)
+    assert r"\toprule" in tex and r"Rel. \%" in tex and "fastv & 64 & 60.0 & 1200.0 & 60.0" in tex
+
+
+def test_rel_is_undefined_against_a_zero_baseline():
+    rows = [_row("none", None, "acc", 0.0), _row("fastv", 4, "acc", 0.5)]
+    (table,) = build_tables(rows)
+    assert table.rows[1].avg == pytest.approx(50.0) and table.rows[1].rel is None
+    assert math.isclose(table.rows[0].avg, 0.0)
+
+
+def test_tables_split_by_model_and_limit():
+    rows = [_row("none", None, "acc", 0.5), _row("none", None, "acc", 0.4, limit=8),
+            _row("none", None, "acc", 0.3, model="other")]
+    assert [t.title for t in build_tables(rows)] == ["m", "m (limit 8)", "other"]
+
+
+def test_read_results_errors(tmp_path):
+    with pytest.raises(ValueError, match="no results file"):
+        hsweep.read_results(tmp_path)
+    (tmp_path / "results.jsonl").write_text(json.dumps({"a": 1}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"results.jsonl:2: not a JSON row"):
+        hsweep.read_results(tmp_path)
+
+
+# -- the real-benchmark configs ---------------------------------------------------------------------------------------
+def test_benchmark_configs_name_real_tasks_and_metrics():
+    """The shipped configs parse, and every task and metric exists in lmms-eval's own task index (offline: the
+    index is read from the installed package; the datasets and models would come from the hub)."""
+    tm = None
+    for name in ("llava15_7b", "qwen25vl_7b"):
+        cfg = hconfig.load_config(REPO / "configs" / "sweeps" / f"{name}.yaml")
+        assert cfg.budgets == [64, 128, 192]
+        assert {t.task for t in cfg.tasks} == {"gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img",
+                                               "textvqa_val", "vqav2_val"}
+        tm = tm or hsweep._task_manager([], [t.task for t in cfg.tasks])
+        for t in cfg.tasks:
+            assert hsweep._resolve_metric(tm, t) == t.metric
+    assert hconfig.load_config(REPO / "configs/sweeps/llava15_7b.yaml").models[0].pretrained == \
+        "llava-hf/llava-1.5-7b-hf"
+    assert hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml").models[0].pretrained == \
+        "Qwen/Qwen2.5-VL-7B-Instruct"
