@@ -73,3 +73,14 @@ class PruneConfig:
     @staticmethod
     def from_json(text: str) -> "PruneConfig":
         return PruneConfig.from_dict(json.loads(text))
+
+    @staticmethod
+    def from_yaml(path) -> "PruneConfig":
+        """A config from a YAML mapping with a ``method`` key (the presets in ``configs/methods/*.yaml``)."""
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{str(path)!r} must hold a YAML mapping with a 'method' key, got {type(data).__name__}")
+        return PruneConfig.from_dict(data)

@@ -1,0 +1,34 @@
+"""configs/methods/*.yaml: one preset per registered method, loadable, and equal to the code's paper defaults."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import vtprune
+from vtprune import registry
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs" / "methods"
+
+
+@pytest.mark.parametrize("method", vtprune.list_methods())
+def test_every_method_has_a_preset_with_the_code_defaults(method):
+    path = PRESETS / f"{method}.yaml"
+    assert path.is_file(), f"no preset {path.name} for registered method {method!r}"
+    cfg = vtprune.PruneConfig.from_yaml(path)
+    spec = registry.get_method(method)
+    assert type(cfg) is spec.config_cls
+    for field in dataclasses.fields(cfg):
+        if field.name in ("keep", "ratio"):
+            continue
+        assert getattr(cfg, field.name) == field.default, (method, field.name)
+
+
+def test_bad_preset_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ValueError, match="YAML mapping"):
+        vtprune.PruneConfig.from_yaml(bad)
+    bad.write_text("method: dart\nkeep: 64\nlayr: 3\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['layr'\]"):
+        vtprune.PruneConfig.from_yaml(bad)
