@@ -4,6 +4,7 @@ argparse errors for bad flags."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -26,6 +27,11 @@ def _load():
 
 
 overhead = _load()
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny():
+    return build_random_llava()
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -81,7 +87,7 @@ def test_layers_needed_matches_the_pruning_layer():
 
 
 def test_timed_layer_is_layer_0_of_the_prefill():
-    model, inputs = build_random_llava(text_layers=2)
+    model, inputs = _tiny()
     with torch.no_grad():
         hs = model(**inputs, output_hidden_states=True).hidden_states
     run = overhead.one_layer(model, hs[0])
@@ -106,7 +112,7 @@ def test_bad_flags_exit_2(argv, capsys):
 def test_timed_hook_signals_have_the_engines_shapes(method):
     """The outside-select work timed for a method is the work its vision hooks really do: same layers, same shapes
     as the signals the engine hands to the method's ``select``."""
-    model, inputs = build_random_llava()
+    model, inputs = _tiny()
     seen = {}
     with vtprune.patched(model, method, keep=16):
         impl = model._vtprune_session.method
