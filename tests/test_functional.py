@@ -669,9 +669,10 @@ def test_zoo_select_errors():
 
 
 def test_public_api():
-    assert sorted(F.__all__) == sorted([
+    # the DESIGN.md contract; later functions may be added beside them
+    assert set(F.__all__) >= {
         "cls_scores", "topk_indices", "dart_select", "kcenter_select", "maxsum_select",
-        "pad_mask", "debias_scores", "zoo_sensitivity", "zoo_select"])
+        "pad_mask", "debias_scores", "zoo_sensitivity", "zoo_select"}
     for name in F.__all__:
         assert getattr(F, name).__doc__
 
