@@ -1,8 +1,10 @@
 """Synthetic shapes benchmark: seeded scenes of small coloured shapes on a grey cluttered background.
 
 Every scene is a 224x224 RGB image (a 16x16 grid of 14-pixel CLIP patches) holding 1-4 small objects
-(circle, square, triangle; six colours; a few patches each) over grey clutter (lines, dots, outlines), so
-most visual tokens are background and a pruning method that drops the object patches loses the answer.
+(circle, square, triangle; six colours; 20-26 px, centred within 2 px of a patch-grid corner so that each
+object covers about 2x2 of the 256 patches and every such patch shows a recognisable quarter of it) over
+grey clutter (lines, dots, rectangles, grey outline decoys of the shapes), so most visual tokens are
+background and a pruning method that drops the object patches loses the answer.
 
 Question types (each answer is one lowercase word):
 
@@ -48,8 +50,9 @@ COUNT_WORDS = ("zero", "one", "two", "three")
 QUESTION_TYPES = ("color", "count", "exists", "position")
 MAX_OBJECTS = 4
 MAX_PER_SHAPE = 3
-SIZE_RANGE = (18, 26)  # object extent in pixels: 2-4 patches each
-MIN_DX = 24  # horizontal centre distance for position questions
+SIZE_RANGE = (20, 26)  # object extent in pixels
+JITTER = 2  # object centres lie within this many pixels of a patch-grid corner: each covers about 2x2 patches
+MIN_DX = 2 * PATCH  # horizontal centre distance for position questions
 SPLITS = {"train": 0, "test": 1}
 DEFAULT_SEED = 1234
 
@@ -128,11 +131,12 @@ def make_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scen
         if sum(o.shape == shape for o in objects) >= MAX_PER_SHAPE:
             continue
         size = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
-        margin = size // 2 + 4
         for _ in range(100):
-            cx, cy = (int(v) for v in rng.integers(margin, IMAGE_SIZE - margin, size=2))
-            # keep a gap of a few pixels between objects
-            if all(max(abs(cx - o.cx), abs(cy - o.cy)) > (size + o.size) / 2 + 6 for o in objects):
+            # centre near a patch-grid corner (jittered): the object spans about 2x2 patches
+            gx, gy = (int(v) for v in rng.integers(1, GRID, size=2))
+            cx, cy = (int(g * PATCH + j) for g, j in zip((gx, gy), rng.integers(-JITTER, JITTER + 1, size=2)))
+            # at least one free patch between objects
+            if all(max(abs(cx - o.cx), abs(cy - o.cy)) >= 3 * PATCH for o in objects):
                 break
         else:
             continue
@@ -402,6 +406,46 @@ def build_processor():
 def chat(question: str) -> list[dict]:
     """The one-turn conversation of a benchmark question (image first, then the question)."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def answer(model, processor, image, question: str, max_new_tokens: int = 4) -> str:
+    """The model's answer word through the plain Hugging Face route (chat template, processor, ``generate``)."""
+    import torch
+
+    text = processor.apply_chat_template(chat(question), add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    words = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).split()
+    return words[0].lower() if words else ""
+
+
+def evaluate(model_dir: str | Path, test_path: str | Path, limit: int | None = None, log=None) -> dict:
+    """Exact-match accuracy of the model in ``model_dir`` on a split file, overall and per question type,
+    through ``AutoProcessor`` + ``LlavaForConditionalGeneration.generate`` one question at a time."""
+    import time
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    rows = load_split(test_path)[:limit]
+    root = Path(test_path).parent
+    hits: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
+    t0 = time.time()
+    for n, row in enumerate(rows):
+        image = Image.open(root / row["image"]).convert("RGB")
+        hits[row["type"]].append(answer(model, processor, image, row["question"]) == row["answer"])
+        if log is not None and (n + 1) % 100 == 0:
+            log(f"evaluated {n + 1}/{len(rows)}")
+    flat = [h for v in hits.values() for h in v]
+    return {
+        "n": len(flat),
+        "accuracy": round(sum(flat) / max(1, len(flat)), 4),
+        "per_type": {t: round(sum(v) / len(v), 4) for t, v in hits.items() if v},
+        "per_type_n": {t: len(v) for t, v in hits.items() if v},
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
