@@ -134,8 +134,8 @@ class VTPrune(lmms):
         from accelerate import Accelerator
 
         self.accelerator = Accelerator()
-        if self.accelerator.num_processes > 1:
-            device = f"cuda:{self.accelerator.local_process_index}"
+        if self.accelerator.num_processes > 1:  # accelerate launch: one device per process (data parallel)
+            device = str(self.accelerator.device)
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
         elif device is None:
