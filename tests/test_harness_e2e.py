@@ -131,8 +131,6 @@ def test_sweep_rows_match_an_independent_route(sweep, model_dir):
         assert r["prefill_ms"] > 0 and r["peak_memory_mb"] is None  # peak memory is measured on CUDA only
     by = {(r["method"], r["budget"]): r for r in rows}
     assert by[("dart", 16)]["prefill_tflops"] < by[("dart", 64)]["prefill_tflops"] < by[("none", None)]["prefill_tflops"]
-    # the random model answers with benchmark words only: some right, not all (a real spread of scores)
-    assert 0 < sum(r["value"] for r in rows) < len(rows)
 
 
 def test_resume_skips_finished_cells(sweep, monkeypatch):
