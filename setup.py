@@ -16,11 +16,30 @@ def native_extensions():
     if not sources or os.environ.get("VTPRUNE_NO_EXT") == "1":
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return [], {}
-    ext = CppExtension("vtprune._C", sources, extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+    flags = {"extra_compile_args": ["-O3", "-fopenmp"], "extra_link_args": ["-fopenmp"]}
+    # CUDA kernels only on request: nvcc takes minutes here, the CPU build seconds (see README, native ops)
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    if os.environ.get("VTPRUNE_CUDA") == "1" and torch.version.cuda and CUDA_HOME and cuda_sources:
+        flags["extra_compile_args"] = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}
+        ext = CUDAExtension("vtprune._C", sources + cuda_sources, **flags)
+    else:
+        ext = CppExtension("vtprune._C", sources, **flags)
+
+    class OptionalBuildExtension(BuildExtension.with_options(no_python_abi_suffix=True)):
+        """A failed native build never fails the install: vtprune then JIT-builds or uses pure torch."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # compiler missing or broken toolchain
+                print(f"WARNING: vtprune native ops not built ({type(exc).__name__}: {exc}); "
+                      "vtprune will JIT-build them on first use or fall back to pure torch")
+
+    return [ext], {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = native_extensions()
