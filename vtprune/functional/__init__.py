@@ -14,6 +14,7 @@ Conventions shared by every function:
 The exact math of each method, and the official code it follows, is in each docstring.
 """
 
+from .cluster import dbdpc_cluster, pact_merge
 from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
@@ -35,4 +36,6 @@ __all__ = [
     "zoo_sensitivity_jvp",
     "zoo_select",
     "visionzip_select",
+    "dbdpc_cluster",
+    "pact_merge",
 ]

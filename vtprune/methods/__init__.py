@@ -5,6 +5,7 @@ from .cls import CLSConfig, VTCCLS
 from .dart import DART, DARTConfig
 from .divprune import DivPrune, DivPruneConfig
 from .fastv import FastV, FastVConfig
+from .pact import PACT, PACTConfig
 from .random import RandomConfig, RandomPrune
 from .todre import ToDRE, ToDREConfig
 from .visionzip import VisionZip, VisionZipConfig
