@@ -12,6 +12,10 @@ in-process with a :class:`~vtprune.harness.model.VTPrune` wrapping the loaded mo
 raises instead of being reported as a zero exit status, and a result that lacks the metric, is NaN, or was
 computed from fewer answers than the documents evaluated raises too.
 
+Per cell, visual tokens, prefill TFLOPs, select ms and KV-cache MiB are means over the requests, prefill ms
+the median over the requests (one batch slowed by another process does not move it), peak memory the CUDA
+peak of the cell (None on CPU).
+
 Rows are appended to ``results.jsonl`` as cells finish; a cell whose row is already there (same model, method,
 options, budget, task, metric and limit) is skipped, so an interrupted sweep resumes where it stopped. Under
 ``accelerate launch`` every process runs every cell on its share of the documents (lmms-eval shards them), the
@@ -229,7 +233,7 @@ def _run_cell(cfg: SweepConfig, tm, model, processor, model_spec: ModelSpec, met
         "visual_tokens_in": _mean(r.visual_tokens_in for r in records),
         "visual_tokens": _mean(r.visual_tokens_kept for r in records),
         "prefill_tflops": _mean(r.prefill_tflops for r in records),
-        "prefill_ms": _mean(r.prefill_ms for r in records),
+        "prefill_ms": statistics.median(r.prefill_ms for r in records),  # robust to one slow batch
         "select_ms": _mean(r.select_ms for r in records),
         "kv_cache_mb": _mean(r.kv_cache_mb for r in records),
         "peak_memory_mb": max(peaks) / 2**20 if peaks else None,

@@ -8,7 +8,8 @@ order they first appear. Columns:
 * ``Rel. %``: the mean over tasks of ``value / unpruned value * 100`` (the same model and limit), shown when the
   row and the unpruned row have every task and no unpruned value is 0;
 * ``Tokens``: visual tokens kept per image; ``TFLOPs``: analytic prefill TFLOPs per request; ``Prefill ms``:
-  measured prefill per request; all three averaged over the row's tasks, weighted by their requests.
+  measured prefill per request (each cell's median); all three averaged over the row's tasks, weighted by their
+  requests.
 
 When results.jsonl holds the same cell more than once, the last row wins. Markdown, CSV and LaTeX render the
 same numbers (CSV unrounded).
