@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtprune-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean cuda-build
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,3 +24,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Compile (JIT, cached) the CUDA kernels of csrc/cuda with nvcc and check they load (minutes; no GPU needed).
+CUDA_HOME ?= /usr/local/cuda
+cuda-build: $(STAMP)
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} VTPRUNE_CUDA=1 $(PY) -c \
+	  "import vtprune.kernels as K; s = K.available(); print(s); assert s['cuda'], 'CUDA kernels did not build'"
