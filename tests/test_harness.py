@@ -252,3 +252,16 @@ def test_benchmark_configs_name_real_tasks_and_metrics():
         "llava-hf/llava-1.5-7b-hf"
     assert hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml").models[0].pretrained == \
         "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def test_benchmark_config_methods_run_on_their_models():
+    """Every method of a shipped config patches its model's architecture (weightless: transformers' default
+    LlavaConfig / Qwen2_5_VLConfig are the 7B architectures), and llava15_7b lists every registered method."""
+    import vtprune
+    from transformers import LlavaConfig, Qwen2_5_VLConfig
+
+    llava = hconfig.load_config(REPO / "configs/sweeps/llava15_7b.yaml")
+    qwen = hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml")
+    assert {m.method for m in llava.methods} == set(vtprune.list_methods())
+    hsweep._check_methods(llava.models[0], LlavaConfig(), llava.methods, 64)
+    hsweep._check_methods(qwen.models[0], Qwen2_5_VLConfig(), qwen.methods, 64)
