@@ -9,7 +9,10 @@
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .api import is_patched, list_methods, patch, patched, set_image_sizes, stats, unpatch
 from .config import PruneConfig
-from .methods import CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, RandomConfig, ToDREConfig, VisionZipConfig, ZOOConfig
+from .methods import (
+    CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, PACTConfig, RandomConfig, ToDREConfig, VisionZipConfig,
+    ZOOConfig,
+)
 from .registry import register_method
 from .stats import PruneStats
 
@@ -18,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "register_method", "set_image_sizes",
     "PruneConfig", "PruneStats", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
-    "ZOOConfig", "ToDREConfig", "VisionZipConfig",
+    "ZOOConfig", "ToDREConfig", "VisionZipConfig", "PACTConfig",
 ]

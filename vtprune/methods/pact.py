@@ -62,6 +62,7 @@ class PACTConfig(PruneConfig):
 class PACT(Method):
     stage = "llm"
     signals = frozenset({"keys", "hidden"})
+    merges = True
 
     def layer(self, num_layers: int) -> int:
         layer = self.config.layer if self.config.layer is not None else min(PACT_LAYER, num_layers - 1)
