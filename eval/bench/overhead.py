@@ -20,8 +20,12 @@ Timed in interleaved rounds (``vtprune.timing``: every variant once per round, o
 * ``one layer``: decoder layer 0 of that LM (a ``LlamaDecoderLayer`` of the 4096 / 11008 / 32-head config) alone on
   the prompt's 651 hidden states, with its rotary embeddings and the causal mask the model itself builds.
 
-    PYTHONPATH=. .venv/bin/python eval/bench/overhead.py --threads 1 --repeats 5 --keep 64,192 \
+    PYTHONPATH=. .venv/bin/python eval/bench/overhead.py --threads 1 --repeats 3 --keep 64,192 --text-layers 5 \
         --variant zoo:sketch=256 --out eval/results/overhead.md
+
+``--text-layers 5`` lets PACT prune before its official layer 4 (its default clamps K to L-1 in shorter LMs; the
+selection work is the same at any K, on the same 651 tokens). About 12 CPU-minutes at 1 thread, about 7.5 GB.
+More ``--repeats`` on a quieter machine.
 
 ``--variant METHOD:key=value`` adds a row for a method with non-default options (e.g. a cheaper estimator).
 
@@ -362,14 +366,15 @@ def main(argv=None) -> int:
         "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|:--|",
         *lines,
     ])
+    layers_why = "set by --text-layers" if args.text_layers else "the most any method needs"
     vcfg = cfg.vision_config
     layer_cls = type(model.model.language_model.layers[0]).__name__
     setup = (
         f"Random-weight LLaVA-1.5 layout: CLIP tower {vcfg.image_size} px / patch {vcfg.patch_size} ({n_visual} "
         f"patches + CLS), {vcfg.hidden_size} wide (MLP {vcfg.intermediate_size}, {vcfg.num_attention_heads} heads) x "
         f"{vcfg.num_hidden_layers} layers; projector to {tcfg.hidden_size}; Llama LM {tcfg.hidden_size} wide (MLP "
-        f"{tcfg.intermediate_size}, {tcfg.num_attention_heads} heads) x {text_layers} layers (the most any method "
-        f"needs: {', '.join(f'{m} {n}' for m, (n, _) in need.items() if n is not None)}). Prompt: {seq} tokens "
+        f"{tcfg.intermediate_size}, {tcfg.num_attention_heads} heads) x {text_layers} layers ({layers_why}; the fewest "
+        f"each method accepts: {', '.join(f'{m} {n}' for m, (n, _) in need.items() if n is not None)}). Prompt: {seq} tokens "
         f"({n_visual} visual + {seq - n_visual} text), batch 1, fp32, SDPA, no grad. Median of {args.repeats} "
         f"interleaved rounds after {args.warmup} warm-up run(s) per variant."
     )
