@@ -346,16 +346,19 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
 
     layer_ms, layer_q1, layer_q3 = _median_iqr(times[LAYER])
-    lines = []
+    lines, over, cannot = [], [], []
     for row in rows:
         if row.skipped is not None:
             keep = "-" if row.keep is None else str(row.keep)
+            cannot.append(f"{row.method}" + ("" if row.keep is None else f" keep={row.keep}"))
             lines.append(f"| {row.method} | - | - | {keep} | - | - | - | - | {layer_ms:.1f} | - | cannot run: "
                          f"{row.skipped.replace('|', '/')} |")
             continue
         sel, q1, q3 = _median_iqr(samples[f"{row.method} keep={row.keep}"][-args.repeats:])
         outside = statistics.median(times[signal_variants[row.method]]) if row.method in signal_variants else 0.0
         ratio = (sel + outside) / layer_ms
+        if ratio > 1:
+            over.append(f"{row.method} keep={row.keep} ({ratio:.2f}x one layer)")
         lines.append(
             f"| {row.method} | {row.stage} | {row.layer} | {row.keep} | {row.kept} "
             f"| {sel:.2f} | {q1:.2f}–{q3:.2f} | {f'{outside:.2f}' if row.method in signal_variants else '-'} "
@@ -393,7 +396,10 @@ def main(argv=None) -> int:
         "to select ms for the ratio and the verdict.",
         "ratio = (select ms + signal ms outside select) / one-layer ms; within budget when <= 1.",
     ]
-    body = "\n\n".join([table, "Notes:\n" + "\n".join(f"- {n}" for n in notes)])
+    verdict = "Verdict: " + (
+        f"over budget: {', '.join(over)}" if over else "every method that ran is within budget"
+    ) + (f"; could not run: {', '.join(cannot)}" if cannot else "") + "."
+    body = "\n\n".join([table, verdict, "Notes:\n" + "\n".join(f"- {n}" for n in notes)])
     print(setup + "\n\n" + body)
     print(f"\n({elapsed:.0f} s)")
     if args.out:
