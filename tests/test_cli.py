@@ -1,4 +1,4 @@
-"""The ``vtprune`` command line: ``demo`` prints one row per registered method (plus ``unpatched``) with the right
+"""The ``vtprune`` command line: ``bench`` prints one row per registered method (plus ``unpatched``) with the right
 kept counts; unknown commands and bad options are argparse errors (exit status 2)."""
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ def _table_rows(out: str) -> dict[str, list[str]]:
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0] == "method":
-            assert cells == list(cli.DEMO_HEADERS)
+            assert cells == list(cli.BENCH_HEADERS)
             continue
         assert cells[0] not in rows, f"duplicate row {cells[0]}"
         rows[cells[0]] = cells
     return rows
 
 
-def test_demo_table(capsys):
-    assert cli.main(["demo", "--budgets", "16"]) == 0
+def test_bench_table(capsys):
+    assert cli.main(["bench", "--budgets", "16"]) == 0
     out = capsys.readouterr().out
     rows = _table_rows(out)
     _, inputs = build_demo_llava()
@@ -53,7 +53,7 @@ def test_unknown_command_is_an_argparse_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [[], ["demo", "--budgets", "0"], ["demo", "--budgets", "a,b"], ["demo", "--threads", "0"]])
+@pytest.mark.parametrize("argv", [[], ["bench", "--budgets", "0"], ["bench", "--budgets", "a,b"], ["bench", "--threads", "0"], ["demo", "--limit", "0"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
@@ -61,7 +61,7 @@ def test_bad_arguments_exit_2(argv, capsys):
     assert "usage: vtprune" in capsys.readouterr().err
 
 
-def test_demo_skips_a_method_that_cannot_patch(monkeypatch, capsys):
+def test_bench_skips_a_method_that_cannot_patch(monkeypatch, capsys):
     import vtprune.demo
 
     def fake_patch(model, method, **options):
@@ -71,7 +71,7 @@ def test_demo_skips_a_method_that_cannot_patch(monkeypatch, capsys):
 
     monkeypatch.setattr(vtprune.demo, "list_methods", lambda: ["cls", "random"])
     monkeypatch.setattr(vtprune.demo, "patch", fake_patch)
-    assert cli.main(["demo", "--budgets", "8", "--repeats", "1"]) == 0
+    assert cli.main(["bench", "--budgets", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert set(_table_rows(out)) == {"unpatched", "random"}
     assert "skipped cls: cls needs a CLS token (test)" in out

@@ -141,11 +141,11 @@ def test_profile_file_and_trend_errors(tmp_path):
 
 def test_calibrate_command_writes_a_profile_that_fastv_loads(tmp_path):
     from PIL import Image
-    from tiny import save_shapes_llava
 
     from vtprune.cli import main
+    from vtprune.harness.tiny import save_random_model
 
-    model_dir = save_shapes_llava(tmp_path / "model")
+    model_dir = save_random_model(tmp_path / "model", seed=0)
     paths = []
     for i in range(2):
         p = tmp_path / f"{i}.png"

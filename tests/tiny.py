@@ -186,25 +186,3 @@ def split_rows(model, family, specs, seed=0):
         singles.append(one)
     return batch, singles
 
-
-def save_shapes_llava(path, seed: int = 0):
-    """A tiny random-weight LLaVA for 224 px images (256 visual tokens) with the shapes benchmark's processor
-    (``vtprune.shapes.build_processor``), saved to ``path`` so it loads with ``from_pretrained``. Returns ``path``."""
-    from vtprune.shapes import build_processor
-
-    processor = build_processor()
-    tok = processor.tokenizer
-    torch.manual_seed(seed)
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=224, patch_size=14),
-        text_config=LlamaConfig(**dict(_TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path

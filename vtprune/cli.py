@@ -1,15 +1,18 @@
 """The ``vtprune`` command line: ``vtprune <command> [options]``.
 
-Commands so far:
+Commands:
 
-* ``demo`` — a tiny random-weight LLaVA-1.5 model, every registered method at a few token budgets: visual tokens
-  kept, analytic prefill FLOPs and measured prefill latency (``vtprune.demo``).
+* ``demo`` — the bundled tiny VLM (models/tiny-llava-shapes) with every method x budget on the synthetic shapes
+  task, through the harness: accuracy / FLOPs / latency table and plot (``vtprune.harness.demo``);
 * ``sweep`` / ``table`` / ``plot`` — evaluation sweeps through lmms-eval, paper-style tables, accuracy-vs-cost
-  plots (``vtprune.harness``; needs the ``vtprune[eval]`` extra).
+  plots (``vtprune.harness``; needs the ``vtprune[eval]`` extra);
+* ``calibrate`` — fit a model's positional attention trend for debiased pruning (``vtprune.debias``);
+* ``bench`` — a tiny random-weight LLaVA-1.5, every method at a few budgets: visual tokens kept, analytic prefill
+  FLOPs and measured prefill latency (``vtprune.demo``).
 
-The CLI only parses arguments and prints: the work lives in the library (``vtprune.demo``, later the harness).
-To add a command, write ``_add_<name>(subparsers)`` (which registers its parser and sets ``func`` to a
-``_cmd_<name>(args) -> int``) and list it in ``_COMMANDS``.
+The CLI only parses arguments and prints: the work lives in the library. To add a command, write
+``_add_<name>(subparsers)`` (which registers its parser and sets ``func`` to a ``_cmd_<name>(args) -> int``) and
+list it in ``_COMMANDS``.
 """
 
 from __future__ import annotations
@@ -57,12 +60,42 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align
 
 
 # -- demo ------------------------------------------------------------------------------------------------------------
-DEMO_HEADERS = ("method", "budget", "visual tokens kept", "prefill GFLOPs", "FLOPs ratio", "prefill ms", "speed-up")
-
-
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
+        help="sweep every method x budget on the bundled tiny VLM: accuracy / FLOPs / latency table and plot",
+        description="Run configs/sweeps/demo.yaml: the bundled models/tiny-llava-shapes (a LLaVA-architecture VLM "
+        "trained on the synthetic shapes task) with every registered method at 25/11/5%% of its 256 visual tokens "
+        "plus the unpruned model, on eval/tasks/vtprune_shapes, through the lmms-eval harness. Prints the table "
+        "and writes results.jsonl, table.md/.csv/.tex and the accuracy plots to eval/results/demo/.",
+    )
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="evaluate only the first N questions (default: the whole test split)")
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="default: eval/results/demo")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .harness.demo import run_demo
+
+    try:
+        paths = run_demo(output_dir=args.output_dir, limit=args.limit, progress=not args.quiet)
+    except ValueError as err:
+        print(f"vtprune demo: error: {err}", file=sys.stderr)
+        return 2
+    print(paths["md"].read_text(), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+# -- bench ------------------------------------------------------------------------------------------------------------
+BENCH_HEADERS = ("method", "budget", "visual tokens kept", "prefill GFLOPs", "FLOPs ratio", "prefill ms", "speed-up")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
         help="prune a tiny random-weight LLaVA with every method: tokens kept, FLOPs, latency",
         description="Build a tiny random-weight LLaVA-1.5-architecture model (CLIP 224/14: 256 visual tokens, "
         "4-layer Llama LM), run one image + prompt through every registered method at each budget (keep=N) and "
@@ -76,10 +109,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
                    help="timed prefill runs per variant; the median is reported (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_bench)
 
 
-def _cmd_demo(args) -> int:
+def _cmd_bench(args) -> int:
     from .demo import run_demo
     from .timing import num_threads
 
@@ -102,9 +135,9 @@ def _cmd_demo(args) -> int:
             f"{r.prefill_ms:.1f}",
             f"{r.speedup:.2f}x",
         ))
-    print(f"vtprune demo: random-weight LLaVA-1.5 (CLIP 224/14, Llama 256x4), 1 image, {threads} thread(s), "
+    print(f"vtprune bench: random-weight LLaVA-1.5 (CLIP 224/14, Llama 256x4), 1 image, {threads} thread(s), "
           f"prefill = median of {args.repeats} interleaved runs, logits_to_keep=1")
-    print(format_table(DEMO_HEADERS, table))
+    print(format_table(BENCH_HEADERS, table))
     for line in skipped:
         print(line)
     return 0
@@ -245,7 +278,7 @@ def _cmd_calibrate(args) -> int:
 
 # -- entry point -----------------------------------------------------------------------------------------------------
 #: every subcommand: a function that adds its parser to the subparsers (and sets ``func``)
-_COMMANDS: tuple[Callable, ...] = (_add_demo, _add_sweep, _add_table, _add_plot, _add_calibrate)
+_COMMANDS: tuple[Callable, ...] = (_add_demo, _add_sweep, _add_table, _add_plot, _add_calibrate, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

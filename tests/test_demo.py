@@ -1,0 +1,43 @@
+"""`vtprune demo` / `make demo`: the demo sweep config covers every method on the bundled model, and run_demo
+writes the table, plots and results of a (here: tiny, random-model) sweep."""
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+
+import vtprune  # noqa: E402
+from vtprune.harness import config as hconfig  # noqa: E402
+from vtprune.harness.demo import DEMO_CONFIG, run_demo  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_sweeps_every_method_on_the_bundled_model():
+    cfg = hconfig.load_config(DEMO_CONFIG)
+    assert {m.method for m in cfg.methods} == set(vtprune.list_methods())
+    assert cfg.budgets == [64, 28, 13]  # 25 / 11 / 5 % of 256 visual tokens
+    model = Path(cfg.models[0].pretrained)
+    assert model == REPO / "models" / "tiny-llava-shapes" and (model / "model.safetensors").is_file()
+    assert cfg.output_dir == REPO / "eval" / "results" / "demo"
+
+
+def test_run_demo_writes_tables_plots_and_results(tmp_path):
+    from vtprune.timing import num_threads
+
+    config = tmp_path / "demo.yaml"
+    config.write_text(
+        f"name: demo-test\ninclude_path: {REPO / 'eval' / 'tasks'}\ndevice: cpu\ndtype: float32\nbatch_size: 4\n"
+        "models:\n  - {random: llava, seed: 0, name: tiny}\nmethods: [random, divprune]\nbudgets: [13]\n"
+        "tasks:\n  - {task: vtprune_shapes, metric: exact_match, scale: 100}\n"
+    )
+    with num_threads(1):
+        paths = run_demo(config, output_dir=tmp_path / "out", limit=4, progress=False)
+    for key in ("md", "csv", "tex", "results"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0
+    assert {p.suffix for p in paths.values()} >= {".md", ".csv", ".tex", ".png", ".jsonl"}
+    table = paths["md"].read_text()
+    assert "random" in table and "divprune" in table
+    with pytest.raises(ValueError, match="runs from a clone"):
+        run_demo(tmp_path / "missing.yaml")
