@@ -26,6 +26,22 @@ def _check_projector_dtype(projector, dtype: torch.dtype) -> None:
                 "(in fp16/bf16 most x + h*u round back to x)")
 
 
+def _check_inputs(projector, x, directions) -> tuple[int, int, int]:
+    """Validate the sensitivity inputs; returns ``(N, D, m)``."""
+    if not callable(projector):
+        raise TypeError(f"projector must be callable ([*, D] -> [*, D']), got {type(projector).__name__}")
+    check_tensor("x", x, ndim=2, shape_hint="[N, D]", finite=True)
+    check_tensor("directions", directions, ndim=2, shape_hint="[m, D]", finite=True)
+    n, d = x.shape
+    m = directions.shape[0]
+    if n < 1 or d < 1:
+        raise ValueError(f"x must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
+    if m < 1 or directions.shape[1] != d:
+        raise ValueError(f"directions must be [m, D] with m >= 1 and D = {d} (x's feature size), "
+                         f"got shape {tuple(directions.shape)}")
+    return n, d, m
+
+
 def zoo_sensitivity(projector: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                     directions: torch.Tensor, h: float = 0.01,
                     chunk_size: int = 8192) -> torch.Tensor:
@@ -53,17 +69,7 @@ def zoo_sensitivity(projector: Callable[[torch.Tensor], torch.Tensor], x: torch.
     Returns:
         ``[N]`` sensitivities, float32 (float64 for float64 ``x``), on ``x.device``.
     """
-    if not callable(projector):
-        raise TypeError(f"projector must be callable ([*, D] -> [*, D']), got {type(projector).__name__}")
-    check_tensor("x", x, ndim=2, shape_hint="[N, D]", finite=True)
-    check_tensor("directions", directions, ndim=2, shape_hint="[m, D]", finite=True)
-    n, d = x.shape
-    m = directions.shape[0]
-    if n < 1 or d < 1:
-        raise ValueError(f"x must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
-    if m < 1 or directions.shape[1] != d:
-        raise ValueError(f"directions must be [m, D] with m >= 1 and D = {d} (x's feature size), "
-                         f"got shape {tuple(directions.shape)}")
+    n, d, m = _check_inputs(projector, x, directions)
     if isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h) or h <= 0:
         raise ValueError(f"h must be a finite number > 0, got {h!r}")
     chunk_size = check_int("chunk_size", chunk_size, 2)
@@ -141,17 +147,7 @@ def zoo_sensitivity_jvp(projector: Callable[[torch.Tensor], torch.Tensor], x: to
     Returns:
         ``[N]`` sensitivities on ``x.device``.
     """
-    if not callable(projector):
-        raise TypeError(f"projector must be callable ([*, D] -> [*, D']), got {type(projector).__name__}")
-    check_tensor("x", x, ndim=2, shape_hint="[N, D]", finite=True)
-    check_tensor("directions", directions, ndim=2, shape_hint="[m, D]", finite=True)
-    n, d = x.shape
-    m = directions.shape[0]
-    if n < 1 or d < 1:
-        raise ValueError(f"x must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
-    if m < 1 or directions.shape[1] != d:
-        raise ValueError(f"directions must be [m, D] with m >= 1 and D = {d} (x's feature size), "
-                         f"got shape {tuple(directions.shape)}")
+    n, d, m = _check_inputs(projector, x, directions)
     chunk_size = check_int("chunk_size", chunk_size, 1)
     dtype = compute_dtype(x)
     _check_projector_dtype(projector, dtype)
