@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.demo import build_random_llava
+from vtprune.latency import build_random_llava
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import pytest
 
 import vtprune
 from vtprune import cli
-from vtprune.demo import build_demo_llava
+from vtprune.latency import build_small_llava
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:
@@ -28,7 +28,7 @@ def test_bench_table(capsys):
     assert cli.main(["bench", "--budgets", "16"]) == 0
     out = capsys.readouterr().out
     rows = _table_rows(out)
-    _, inputs = build_demo_llava()
+    _, inputs = build_small_llava()
     n = int((inputs["input_ids"] == 32000).sum())
     assert n == 256
     assert rows["unpatched"][1:3] == ["-", f"{n}/{n}"]
@@ -62,15 +62,15 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 
 def test_bench_skips_a_method_that_cannot_patch(monkeypatch, capsys):
-    import vtprune.demo
+    import vtprune.latency
 
     def fake_patch(model, method, **options):
         if method == "cls":
             raise ValueError("cls needs a CLS token (test)")
         return vtprune.patch(model, method, **options)
 
-    monkeypatch.setattr(vtprune.demo, "list_methods", lambda: ["cls", "random"])
-    monkeypatch.setattr(vtprune.demo, "patch", fake_patch)
+    monkeypatch.setattr(vtprune.latency, "list_methods", lambda: ["cls", "random"])
+    monkeypatch.setattr(vtprune.latency, "patch", fake_patch)
     assert cli.main(["bench", "--budgets", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert set(_table_rows(out)) == {"unpatched", "random"}

@@ -8,7 +8,7 @@ Commands:
   plots (``vtprune.harness``; needs the ``vtprune[eval]`` extra);
 * ``calibrate`` — fit a model's positional attention trend for debiased pruning (``vtprune.debias``);
 * ``bench`` — a tiny random-weight LLaVA-1.5, every method at a few budgets: visual tokens kept, analytic prefill
-  FLOPs and measured prefill latency (``vtprune.demo``).
+  FLOPs and measured prefill latency (``vtprune.latency``).
 
 The CLI only parses arguments and prints: the work lives in the library. To add a command, write
 ``_add_<name>(subparsers)`` (which registers its parser and sets ``func`` to a ``_cmd_<name>(args) -> int``) and
@@ -113,14 +113,14 @@ def _add_bench(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .demo import run_demo
+    from .latency import run_latency
     from .timing import num_threads
 
     with num_threads(args.threads):
         import torch
 
         threads = torch.get_num_threads()
-        rows = run_demo(budgets=args.budgets, repeats=args.repeats, seed=args.seed)
+        rows = run_latency(budgets=args.budgets, repeats=args.repeats, seed=args.seed)
     table, skipped = [], []
     for r in rows:
         if r.skipped is not None:

@@ -6,6 +6,7 @@
   hits all variants alike. A variant may come with a context (e.g. ``vtprune.patched(model, ...)``) that is
   entered around each of its calls but outside the timed region.
 * :func:`num_threads` — run a block with a given number of torch intra-op threads, restoring it afterwards.
+* :func:`cpu_model` — the CPU's model name, for benchmark reports.
 
 CUDA work is synchronised before the clock is read, so GPU timings are real too.
 """
@@ -13,6 +14,7 @@ CUDA work is synchronised before the clock is read, so GPU timings are real too.
 from __future__ import annotations
 
 import contextlib
+import platform
 import statistics
 import time
 from typing import Any, Callable, ContextManager, Mapping
@@ -110,3 +112,15 @@ def num_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``), for benchmark reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

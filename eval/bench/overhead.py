@@ -50,10 +50,10 @@ from transformers.masking_utils import create_causal_mask
 
 import vtprune
 from vtprune.adapters import get_adapter
-from vtprune.demo import build_random_llava, prefill
+from vtprune.latency import build_random_llava, prefill
 from vtprune.registry import get_method
 from vtprune.signals import cls_attention_rows
-from vtprune.timing import interleaved_times_ms, num_threads
+from vtprune.timing import cpu_model, interleaved_times_ms, num_threads
 
 LAYER = "one layer"
 
@@ -234,17 +234,6 @@ def _native_ops() -> str:
     return ", ".join(f"{k} {'loaded' if v else 'not loaded'}" for k, v in state.items())
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 HEADERS = (
     "method", "stage", "layer", "keep", "kept", "select ms (median)", "p25–p75", "signal ms outside select",
     "one-layer ms", "ratio", "within budget",
@@ -408,7 +397,7 @@ def main(argv=None) -> int:
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, vtprune {vtprune.__version__}, "
             f"Python {platform.python_version()}",
-            f"- threads: {threads} (both sides); CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs visible), "
+            f"- threads: {threads} (both sides); CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible), "
             "shared with other agents' tests and benchmarks while this ran: absolute times are noisy, the "
             "interleaved rounds keep the comparison fair",
             f"- native ops (csrc/, used by vtprune.functional when loaded): {native}",

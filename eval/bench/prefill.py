@@ -31,8 +31,8 @@ import torch
 import transformers
 
 import vtprune
-from vtprune.demo import build_random_llava, prefill
-from vtprune.timing import interleaved_times_ms, num_threads
+from vtprune.latency import build_random_llava, prefill
+from vtprune.timing import cpu_model, interleaved_times_ms, num_threads
 
 GOAL_KEEP_ALL = 3.0  # % over unpatched allowed for keep-all
 GOAL_IDEAL = 10.0  # % over the ideal allowed for the pruned model
@@ -74,17 +74,6 @@ def ideal_variant(model, inputs, kept: torch.Tensor):
             return model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, logits_to_keep=1)
 
     return run
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _command_line(argv) -> str:

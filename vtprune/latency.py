@@ -1,10 +1,10 @@
-"""A self-contained demo: a random-weight LLaVA-1.5-architecture model built from configs (no download), one
+"""Latency without downloads: a random-weight LLaVA-1.5-architecture model built from configs (no download), one
 image and a short prompt, every registered method at a few budgets, with analytic FLOPs and measured prefill time.
 
 * :func:`build_random_llava` — any size of random LLaVA-1.5 (CLIP tower + 2-layer MLP projector + Llama LM) and
   one prompt ``BOS, text, <image> x N, text``; also used by ``eval/bench/prefill.py``.
-* :func:`build_demo_llava` — the small one the demo and notebooks use (224 px / patch 14: 256 visual tokens).
-* :func:`run_demo` — the rows of the demo table (``vtprune demo`` prints them).
+* :func:`build_small_llava` — a small one (224 px / patch 14: 256 visual tokens) for a quick table.
+* :func:`run_latency` — the rows of the latency table (``vtprune bench`` prints them).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from . import flops
 from .api import list_methods, patch, patched, stats, unpatch
 from .timing import interleaved_median_ms
 
-__all__ = ["build_random_llava", "build_demo_llava", "prefill", "DemoRow", "run_demo", "DEFAULT_BUDGETS"]
+__all__ = ["build_random_llava", "build_small_llava", "prefill", "LatencyRow", "run_latency", "DEFAULT_BUDGETS"]
 
 #: LLaVA-1.5's vocabulary (32000 Llama tokens + image token + padding to a multiple of 64) and image token id
 VOCAB_SIZE = 32064
@@ -100,8 +100,8 @@ def build_random_llava(
     return model, inputs
 
 
-def build_demo_llava(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The demo model: CLIP tower 224 px / patch 14 (256 patches + CLS), 128 wide, 4 layers; Llama LM 256 wide,
+def build_small_llava(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The small model: CLIP tower 224 px / patch 14 (256 patches + CLS), 128 wide, 4 layers; Llama LM 256 wide,
     4 layers; one image and a 20-token text prompt (276 tokens). Builds in well under a second."""
     return build_random_llava(seed=seed)
 
@@ -113,8 +113,8 @@ def prefill(model: nn.Module, inputs: dict[str, torch.Tensor]):
 
 
 @dataclass
-class DemoRow:
-    """One row of the demo table. ``skipped`` holds the reason when the method cannot run on the model."""
+class LatencyRow:
+    """One row of the latency table. ``skipped`` holds the reason when the method cannot run on the model."""
 
     method: str
     budget: int | None
@@ -127,32 +127,32 @@ class DemoRow:
     skipped: str | None = None
 
 
-def run_demo(
+def run_latency(
     budgets=DEFAULT_BUDGETS,
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
     model: nn.Module | None = None,
     inputs: dict[str, torch.Tensor] | None = None,
-) -> list[DemoRow]:
-    """Rows of the demo table: ``unpatched`` first, then every registered method x budget (``keep=budget``).
+) -> list[LatencyRow]:
+    """Rows of the latency table: ``unpatched`` first, then every registered method x budget (``keep=budget``).
 
     Prefill time is the median of ``repeats`` interleaved rounds (every variant once per round), so the
     speed-ups compare numbers measured under the same conditions. A method whose ``patch`` raises ValueError on
     this model gives one row with ``skipped`` set."""
     if model is None or inputs is None:
-        model, inputs = build_demo_llava(seed)
+        model, inputs = build_small_llava(seed)
     budgets = [int(b) for b in budgets]
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     seq = inputs["input_ids"].shape[1]
 
-    rows = [DemoRow("unpatched", None, n_visual, n_visual, flops.prefill_flops(model.config, seq) / 1e9)]
+    rows = [LatencyRow("unpatched", None, n_visual, n_visual, flops.prefill_flops(model.config, seq) / 1e9)]
     contexts = {}
     for method in list_methods():
         try:
             patch(model, method, keep=budgets[0] if budgets else 1)
         except ValueError as err:
-            rows.append(DemoRow(method, None, skipped=str(err)))
+            rows.append(LatencyRow(method, None, skipped=str(err)))
             continue
         unpatch(model)
         for budget in budgets:
@@ -160,7 +160,7 @@ def run_demo(
                 prefill(model, inputs)  # also the warm-up
                 st = stats(model)
             rows.append(
-                DemoRow(
+                LatencyRow(
                     method,
                     budget,
                     st.visual_tokens_in[0],
