@@ -13,12 +13,20 @@ import math
 from typing import Any, ClassVar
 
 
+#: how kept tokens are numbered: their original position ids, or consecutively ("compact", 1-D positions only)
+POSITIONS = ("original", "compact")
+
+
 @dataclasses.dataclass
 class PruneConfig:
-    """Budget shared by all methods. Exactly one of ``keep`` / ``ratio`` must be given."""
+    """Budget shared by all methods. Exactly one of ``keep`` / ``ratio`` must be given. ``positions``: kept
+    tokens keep their original position ids (default; decode continues from the unpruned length) or
+    ``"compact"``: they are renumbered 0, 1, ... as if the dropped tokens had never been in the prompt (decode
+    continues from the pruned length; 1-D positions only, i.e. LLaVA families)."""
 
     keep: int | None = None
     ratio: float | None = None
+    positions: str = "original"
 
     #: registry name of the method this config belongs to (set by ``@register_method``)
     method: ClassVar[str] = ""
@@ -44,6 +52,9 @@ class PruneConfig:
             if not (0.0 < float(self.ratio) <= 1.0) or math.isnan(self.ratio):
                 raise ValueError(f"ratio must be in (0, 1] (fraction of visual tokens kept), got {self.ratio}")
             self.ratio = float(self.ratio)
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS} (kept tokens keep their position ids, or are "
+                             f"renumbered consecutively), got {self.positions!r}")
 
     def budget(self, n: int) -> int:
         """Number of tokens to keep out of ``n`` visual tokens of one image (``min(keep, n)`` or

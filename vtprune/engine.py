@@ -47,6 +47,11 @@ class Layout:
     valid: torch.Tensor  # [B, L'] bool
     seq_len: int  # S, the unpruned prompt length
     cache: Any = None  # weakref to the KV cache this prompt filled
+    shift: torch.Tensor | None = None  # [B] real tokens dropped per row (positions="compact")
+
+    def compact_positions(self) -> torch.Tensor:
+        """``[B, L']`` position ids numbering each row's kept tokens 0, 1, ... (padding slots get 0)."""
+        return (self.valid.long().cumsum(1) - 1).clamp(min=0)
 
     @staticmethod
     def from_keep(keep: torch.Tensor) -> "Layout":
@@ -157,6 +162,15 @@ class Session:
                     "yet; use it on single-crop LLaVA-1.5-style models"
                 )
             self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
+        self.compact = self.config.positions == "compact"
+        if self.compact and adapter.mrope:
+            raise ValueError(
+                f"positions='compact' renumbers 1-D position ids; {adapter.config.model_type!r} uses 3-D M-RoPE "
+                "positions, whose image-grid layout has no compact form: use positions='original'"
+            )
+        if self.compact and self.drop_layer is not None:
+            raise ValueError(f"positions='compact' is not supported with {method.name!r}'s late drop; "
+                             "use positions='original' (or turn the late drop off)")
         if self.cut is not None and (why := adapter.unsupported_llm_stage()):
             raise ValueError(f"method {method.name!r} prunes inside the LLM, which {why}")
         self.visual_ids = adapter.visual_token_ids()
@@ -386,7 +400,7 @@ class Session:
         kwargs["attention_mask"] = layout.compress_mask(
             torch.ones(b, s, dtype=torch.long, device=embeds.device) if mask is None else mask, s
         )
-        kwargs["position_ids"] = layout.take(pos, -1)
+        kwargs["position_ids"] = layout.compact_positions() if self.compact else layout.take(pos, -1)
         fwd.scrub_position_ids = True
         if self.drop_layer is not None:  # the late drop reads the compacted prompt
             visual = torch.isin(fwd.input_ids, torch.tensor(self.visual_ids, device=fwd.input_ids.device))
@@ -405,6 +419,11 @@ class Session:
         if self.method.stage == "llm":
             unpruned_total = cached + q
             fwd.layer_kwargs["decode_mask"] = layout.compress_mask(mask, unpruned_total)
+            if self.compact:
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    pos = self.adapter.default_position_ids(embeds.shape[0], q, cached, embeds.device)
+                fwd.layer_kwargs["decode_positions"] = pos - layout.shift[:, None].to(pos.device)
             return None
         pruned = layout.gather.shape[1]
         unpruned_past = cached + layout.seq_len - pruned
@@ -417,11 +436,14 @@ class Session:
             if self.adapter.mrope and deltas is not None:
                 pos = pos + deltas.to(pos.device)
             kwargs["position_ids"] = pos
+        if self.compact:
+            kwargs["position_ids"] = kwargs["position_ids"] - layout.shift[:, None].to(kwargs["position_ids"].device)
         return (), kwargs
 
     def _start_layout(self, keep: torch.Tensor, past) -> Layout:
         layout = Layout.from_keep(keep)
         layout.cache = weakref.ref(past) if past is not None else None
+        layout.shift = self.fwd.mask2d.sum(1) - keep.sum(1)
         self.layout = layout if past is not None else None
         return layout
 
@@ -625,7 +647,11 @@ class Session:
     def _decode_at_cut(self, fwd: Forward, hidden, kwargs, past):
         """A decode step at the cut layer: layers >= cut get masks sized for their shorter cache."""
         masks = self._layer_masks(hidden, fwd.layer_kwargs.get("decode_mask"), past)
-        fwd.layer_kwargs.update(masks=masks, override={"position_ids": None})
+        override = {"position_ids": None}
+        if "decode_positions" in fwd.layer_kwargs:  # positions="compact": layers >= K number the pruned sequence
+            override["position_embeddings"] = self._rotary(hidden, fwd.layer_kwargs["decode_positions"])
+            kwargs.update(override)
+        fwd.layer_kwargs.update(masks=masks, override=override)
         kwargs["attention_mask"] = masks[self.adapter.layer_type(self.cut)]
         kwargs["position_ids"] = None
         return (hidden,), kwargs
@@ -635,13 +661,21 @@ class Session:
         the same overrides."""
         hidden = layout.take(hidden, 1)
         mask2d = layout.compress_mask(mask2d.long(), layout.seq_len)
-        cos, sin = kwargs["position_embeddings"]
-        override = {"position_embeddings": (layout.take(cos, 1), layout.take(sin, 1)), "position_ids": None}
+        if self.compact:
+            rope = self._rotary(hidden, layout.compact_positions())
+        else:
+            cos, sin = kwargs["position_embeddings"]
+            rope = (layout.take(cos, 1), layout.take(sin, 1))
+        override = {"position_embeddings": rope, "position_ids": None}
         masks = self._layer_masks(hidden, mask2d, past)
         fwd.layer_kwargs.update(masks=masks, override=override)
         kwargs.update(override)
         kwargs["attention_mask"] = masks[self.adapter.layer_type(self.cut)]
         return (hidden,), kwargs
+
+    def _rotary(self, hidden, position_ids):
+        """The LM's rotary tables ``(cos, sin)`` for ``position_ids`` (positions="compact" after pruning)."""
+        return self.adapter.language_model.rotary_emb(hidden, position_ids)
 
     def _layer_masks(self, hidden, mask2d, past) -> dict[str, Any]:
         common = dict(
