@@ -83,3 +83,22 @@ def test_compact_is_refused_where_it_has_no_meaning(model_factory):
     with pytest.raises(ValueError, match="positions must be one of"):
         vtprune.patch(model_factory("llava"), "random", keep=3, positions="packed")
     assert vtprune.RandomConfig(keep=3, positions="compact").to_dict()["positions"] == "compact"
+
+
+def test_beam_search_on_a_pruned_model_equals_the_kept_token_prompt(model_factory):
+    # beam search expands and reorders the batch and its KV cache; every beam of a sample shares one layout
+    model = model_factory("llava")
+    inputs = make_inputs(model, "llava", [(5, 1, 4)])
+    with vtprune.patched(model, "divprune", keep=5), torch.no_grad():
+        model(**inputs)
+        kept = vtprune.stats(model).kept_indices[0]
+        beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)[:, -4:]
+    keep, visual = _keep_mask(model, inputs, kept)
+    inner = model.model
+    with torch.no_grad():
+        embeds = inner.get_input_embeddings()(inputs["input_ids"])
+        embeds[0, visual] = inner.get_image_features(inputs["pixel_values"]).pooler_output[0]
+        pos = torch.arange(keep.numel())[keep][None]
+        ref = model.generate(inputs_embeds=embeds[:, keep], position_ids=pos, attention_mask=torch.ones_like(pos),
+                             max_new_tokens=4, num_beams=3, do_sample=False)[:, -4:]
+    assert torch.equal(beams, ref)
