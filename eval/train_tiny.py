@@ -12,9 +12,14 @@ scene for every image; the test split uses other seeds) in two stages:
    followed by ``--questions`` question/answer segments packed into one sequence: every segment sees the
    image prefix and itself only, at the same positions as a one-question prompt, so one forward pass trains
    many questions per image exactly as they are asked at test time. The loss is cross-entropy on the answer
-   word and the end-of-sequence token after it, plus (``--attn-weight``) a grounding loss that asks one
-   attention head of layer ``--attn-layer`` at the answer position to look at the patches of the named object
-   (the BOS token when there is none).
+   word and the end-of-sequence token after it, plus (``--attn-weight``, fading out over the second half) a
+   grounding loss: two heads of LM layer 0 at each shape word attend to the patches of the objects of that
+   shape (and to their anchor patches and BOS in the proportion n:1, a count), two heads of layer 1 at the
+   answer position attend to the shape word(s) (or the colour word), and training-only linear read-outs of
+   those states predict the colours, mean x and number of the objects named.
+
+Each stage ends at its step count or at its share of ``--max-minutes`` of wall clock, whichever comes first
+(the learning-rate schedule follows the further along of the two), so a run on a loaded machine ends on time.
 
 ``--eval-only`` (and the end of training) scores the saved model through the plain Hugging Face route
 (``AutoProcessor`` + ``LlavaForConditionalGeneration.generate``) on ``eval/tasks/vtprune_shapes/test.jsonl``.
@@ -318,11 +323,12 @@ def grounding_targets(scene: S.Scene, q: S.Question, owner: np.ndarray, image_st
     return rows, readouts
 
 
-def lm_forward(model, feats: torch.Tensor, batch: dict, attn_layer: int, want_attn: bool):
+def lm_forward(model, feats: torch.Tensor, batch: dict, want_attn: bool):
     """Packed forward of the projector + Llama (stock modules, custom mask/positions).
 
-    Returns answer logits [B,Q,V], eos logits [B,Q,V] and (optionally) the attention log-probs of heads 0/1 of
-    ``attn_layer`` from each answer query position [B,Q,2,T]."""
+    Returns answer logits [B,Q,V], eos logits [B,Q,V] and, with ``want_attn``, the log-attention of heads 0/1
+    of layers 0 and 1 at the supervised query rows ``[2, B, Q*GROUND_ROWS, 2, T]`` together with the hidden
+    states at the read-out rows (shape words after layer 0, answer position after layer 1)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     lm = model.model.language_model
@@ -432,6 +438,7 @@ def train_vision(model, heads, stream, args, log):
                 + " " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
         step += 1
     log(f"vision stage: {step} steps")
+    return step
 
 
 def S_CLS_LAYER(model) -> int:
@@ -475,7 +482,7 @@ def train_language(model, packer, stream, args, log, test_probe, readout, budget
             feats = feats.hidden_states[model.config.vision_feature_layer][:, 1:].float()
         want_attn = args.attn_weight > 0
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            ans_logits, eos_logits, attn_logp = lm_forward(model, feats, batch, args.attn_layer, want_attn)
+            ans_logits, eos_logits, attn_logp = lm_forward(model, feats, batch, want_attn)
         v = batch["valid"]
         ans_loss = F.cross_entropy(ans_logits.float()[v], batch["ans_t"][v])
         eos_loss = F.cross_entropy(eos_logits.float()[v], torch.full_like(batch["ans_t"][v], packer.eos))
@@ -499,6 +506,7 @@ def train_language(model, packer, stream, args, log, test_probe, readout, budget
             log(f"lm {step:5d} probe " + test_probe())
         step += 1
     log(f"language stage: {step} steps")
+    return step
 
 
 class Readout(nn.Module):
@@ -565,7 +573,7 @@ def packed_probe(model, packer, rows, root: Path, args):
             items = [[(S.Question(r["type"], r["question"], r["answer"]), ([], [])) for r in by_image[k]]
                      for k in chunk]
             batch = packer.batch(items)
-            logits, _, _ = lm_forward(model, feats, batch, 0, False)
+            logits, _, _ = lm_forward(model, feats, batch, False)
             pred = logits.argmax(-1)
             for b, k in enumerate(chunk):
                 for s, r in enumerate(by_image[k]):
@@ -660,7 +668,12 @@ and another stream), {info['train_images']} images in all, each asked several ra
    to 0 over the last {1 - info['args']['attn_keep']:.0%} of the steps): KL between the attention of two heads and the generator's
    ground truth. Layer 0 at each shape word: head 0 over the patches of the objects of that shape, head 1
    over their anchor patches plus BOS in proportion n:1 (a count read-out); layer 1 at the answer position:
-   heads 0/1 on the shape word(s) (and the colour word of existence questions).
+   heads 0/1 on the shape word(s) (and the colour word of existence questions). Training-only linear
+   read-outs of the shape words' states after layer 0 and of the answer position after layer 1 predict the
+   colours, mean x and number of the objects of the named shape(s).
+
+Each stage stops at its step count or at its share of `--max-minutes` of wall clock, whichever comes
+first; this run took {info['vision_steps_done']} vision and {info['lm_steps_done']} language steps.
 
 The training-only heads are not saved; the checkpoint is a plain LLaVA. Because of the auxiliary losses, the
 CLS token of the tower attends to the objects (as in CLIP models trained on captions) and the LM's early layers
@@ -694,7 +707,6 @@ def parse_args(argv=None):
     p.add_argument("--questions", type=int, default=24, help="question segments packed per image")
     p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--attn-weight", type=float, default=1.0, help="grounding loss weight (0: off)")
-    p.add_argument("--attn-layer", type=int, default=0)
     p.add_argument("--attn-keep", type=float, default=0.5, help="fraction of LM steps at full grounding weight")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--bf16", type=int, default=1, help="bf16 autocast for the matmuls (1/0)")
@@ -741,15 +753,17 @@ def main(argv=None):
     if args.vision_init:  # pilot runs: reuse a tower from --save-vision (not for the shipped model)
         model.model.vision_tower.load_state_dict(torch.load(args.vision_init))
         stream.index = args.vision_steps * args.vision_batch
+        vision_steps = 0
     else:
-        train_vision(model, heads, stream, args, log)
+        vision_steps = train_vision(model, heads, stream, args, log)
     if args.save_vision:
         torch.save(model.model.vision_tower.state_dict(), args.save_vision)
     t_vision = time.time() - t0
     log(f"vision stage: {t_vision:.0f} s")
     readout = nn.ModuleList([Readout(args.text_width), Readout(args.text_width)])
-    train_language(model, packer, stream, args, log, lambda: packed_probe(model, packer, test_rows, test_root, args),
-                   readout, args.max_minutes * 60 - (time.time() - t0) if args.max_minutes else None)
+    probe = lambda: packed_probe(model, packer, test_rows, test_root, args)  # noqa: E731
+    lm_budget = args.max_minutes * 60 - (time.time() - t0) if args.max_minutes else None
+    lm_steps = train_language(model, packer, stream, args, log, probe, readout, lm_budget)
     t_train = time.time() - t0
     cpu_train = time.process_time() - c0
     log(f"training: {t_train:.0f} s ({t_vision:.0f} s vision + {t_train - t_vision:.0f} s language), "
@@ -761,7 +775,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    info = {"train_seconds": round(t_train), "vision_seconds": round(t_vision), "train_images": stream.index,
+    info = {"vision_steps_done": vision_steps, "lm_steps_done": lm_steps, "train_seconds": round(t_train),
+            "vision_seconds": round(t_vision), "train_images": stream.index,
             "parameters": n_params, "argv": sys.argv[1:], "args": vars(args)}
     (out / "training_log.txt").write_text("\n".join(log_lines) + "\n")
     result = S.evaluate(out, args.test, limit=args.eval_limit, log=log)
