@@ -693,6 +693,8 @@ def parse_args(argv=None):
     p.add_argument("--test", default=str(ROOT / "eval" / "tasks" / "vtprune_shapes" / "test.jsonl"))
     p.add_argument("--eval-only", action="store_true", help="only score the saved model (generate route)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
+    p.add_argument("--prune", nargs="*", default=[], metavar="METHOD:KEEP",
+                   help="with --eval-only: also score under vtprune.patched(model, METHOD, keep=KEEP)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vision-width", type=int, default=64)
@@ -733,8 +735,15 @@ def main(argv=None):
         log_lines.append(msg)
 
     if args.eval_only:
+        specs = [spec.partition(":")[::2] for spec in args.prune]
+        for spec, (method, keep) in zip(args.prune, specs):
+            if not method or not keep.isdigit():
+                raise ValueError(f"--prune takes METHOD:KEEP (e.g. cls:13), got {spec!r}")
         result = S.evaluate(out, args.test, limit=args.eval_limit, log=log)
         log(json.dumps(result))
+        for method, keep in specs:
+            pruned = S.evaluate(out, args.test, limit=args.eval_limit, prune=(method, int(keep)))
+            log(f"{method} keep={keep}: " + json.dumps(pruned))
         return result
 
     processor = S.build_processor()

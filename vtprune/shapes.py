@@ -420,10 +420,16 @@ def answer(model, processor, image, question: str, max_new_tokens: int = 4) -> s
     return words[0].lower() if words else ""
 
 
-def evaluate(model_dir: str | Path, test_path: str | Path, limit: int | None = None, log=None) -> dict:
+def evaluate(model_dir: str | Path, test_path: str | Path, limit: int | None = None, log=None,
+             prune: tuple[str, int] | None = None) -> dict:
     """Exact-match accuracy of the model in ``model_dir`` on a split file, overall and per question type,
-    through ``AutoProcessor`` + ``LlavaForConditionalGeneration.generate`` one question at a time."""
+    through ``AutoProcessor`` + ``LlavaForConditionalGeneration.generate`` one question at a time.
+
+    ``prune=(method, keep)`` evaluates under ``vtprune.patched(model, method, keep=keep)``."""
+    import contextlib
     import time
+
+    from . import api
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -433,11 +439,13 @@ def evaluate(model_dir: str | Path, test_path: str | Path, limit: int | None = N
     root = Path(test_path).parent
     hits: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
     t0 = time.time()
-    for n, row in enumerate(rows):
-        image = Image.open(root / row["image"]).convert("RGB")
-        hits[row["type"]].append(answer(model, processor, image, row["question"]) == row["answer"])
-        if log is not None and (n + 1) % 100 == 0:
-            log(f"evaluated {n + 1}/{len(rows)}")
+    ctx = api.patched(model, prune[0], keep=prune[1]) if prune is not None else contextlib.nullcontext()
+    with ctx:
+        for n, row in enumerate(rows):
+            image = Image.open(root / row["image"]).convert("RGB")
+            hits[row["type"]].append(answer(model, processor, image, row["question"]) == row["answer"])
+            if log is not None and (n + 1) % 100 == 0:
+                log(f"evaluated {n + 1}/{len(rows)}")
     flat = [h for v in hits.values() for h in v]
     return {
         "n": len(flat),
