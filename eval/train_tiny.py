@@ -211,7 +211,7 @@ class Packer:
         if ids != self.prefix + q + self.tail + a + [self.eos]:
             raise ValueError(f"packed layout does not match the chat template: {text!r}")
 
-    def batch(self, items: list[list[tuple[S.Question, list[int]]]]):
+    def batch(self, items: list[list[tuple[S.Question, tuple[list, list]]]]):
         """``items[b]``: (question, [(shape word index in the question, target token positions), ...]) per
         segment of image b.
 
@@ -413,7 +413,7 @@ class SceneStream:
 def train_vision(model, heads, stream, args, log):
     params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    cls_layer = S_CLS_LAYER(model)
+    cls_layer = cls_layer_index(model)
     t0 = time.time()
     progress = Progress(args.vision_steps, args.max_minutes * 60 * args.vision_share if args.max_minutes else None)
     step = 0
@@ -441,7 +441,7 @@ def train_vision(model, heads, stream, args, log):
     return step
 
 
-def S_CLS_LAYER(model) -> int:
+def cls_layer_index(model) -> int:
     """The vision layer whose CLS row the ``cls`` pruning method reads by default (2L//3 of L layers)."""
     return 2 * model.config.vision_config.num_hidden_layers // 3
 
