@@ -305,3 +305,17 @@ def test_not_yet_supported_families_say_so():
     )
     with pytest.raises(NotImplementedError, match="DeepStack"):
         vtprune.patch(Qwen3VLForConditionalGeneration(cfg), "random", keep=4)
+
+
+@pytest.mark.parametrize("method,family", SUPPORTED)
+def test_inference_mode_gives_the_same_selection(method, family, model_factory):
+    # lmms-eval and most serving code run models under torch.inference_mode
+    model = model_factory(family)
+    inputs = make_inputs(model, family, [(5, 1, 4)])
+    with vtprune.patched(model, method, keep=3):
+        with torch.no_grad():
+            ref = _last_logits(model, inputs)
+            kept = vtprune.stats(model).kept_indices
+        with torch.inference_mode():
+            assert torch.equal(_last_logits(model, inputs), ref)
+            assert all(torch.equal(a, b) for a, b in zip(vtprune.stats(model).kept_indices, kept))

@@ -132,3 +132,16 @@ def test_bf16_model_scores_in_float32(model_factory):
 def test_bad_zoo_options(options, match, model_factory):
     with pytest.raises(ValueError, match=match):
         vtprune.patch(model_factory("llava"), "zoo", keep=4, **options)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])  # MLP fast path and the generic JVP path
+def test_zoo_runs_under_inference_mode(family, model_factory):
+    model = model_factory(family)
+    inputs = make_inputs(model, family, [(3, 1, 4)])
+    with vtprune.patched(model, "zoo", keep=3, num_directions=4):
+        with torch.no_grad():
+            model(**inputs)
+            ref = vtprune.stats(model).kept_indices[0]
+        with torch.inference_mode():  # how lmms-eval and most serving code call models
+            model(**inputs)
+            assert torch.equal(vtprune.stats(model).kept_indices[0], ref)

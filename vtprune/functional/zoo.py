@@ -108,9 +108,10 @@ def _mlp_parts(projector):
 
 
 def _elementwise_slope(act, pre: torch.Tensor) -> torch.Tensor:
-    """``act'(pre)`` of an elementwise activation (the gradient of ``sum(act(pre))``)."""
-    with torch.enable_grad():
-        pre = pre.detach().requires_grad_(True)
+    """``act'(pre)`` of an elementwise activation (the gradient of ``sum(act(pre))``); works under
+    ``torch.inference_mode`` too (the input is cloned into a normal tensor)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        pre = pre.detach().clone().requires_grad_(True)
         return torch.autograd.grad(act(pre).sum(), pre)[0]
 
 
@@ -171,15 +172,17 @@ def zoo_sensitivity_jvp(projector: Callable[[torch.Tensor], torch.Tensor], x: to
         else:
             sk = None
             for start in range(0, n, rows):
-                chunk = xs[start:start + rows]
+                with torch.inference_mode(False):  # forward AD needs normal tensors: clone out of inference mode
+                    chunk = xs[start:start + rows].clone()
+                    tangent = us.clone()[:, None, :].expand(m, chunk.shape[0], d)
 
-                def directional(t, chunk=chunk):
-                    return torch.func.jvp(projector, (chunk,), (t,))[1]
+                    def directional(t, chunk=chunk):
+                        return torch.func.jvp(projector, (chunk,), (t,))[1]
 
-                # vmap over the tangents only: the unbatched primal pass runs once per chunk
-                with warnings.catch_warnings():  # torch's forward-AD set-up warns once about torch.jit.script
-                    warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
-                    tangents = torch.func.vmap(directional)(us[:, None, :].expand(m, chunk.shape[0], d))
+                    # vmap over the tangents only: the unbatched primal pass runs once per chunk
+                    with warnings.catch_warnings():  # torch's forward-AD set-up warns once about torch.jit.script
+                        warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+                        tangents = torch.func.vmap(directional)(tangent)
                 tangents = tangents.reshape(m, chunk.shape[0], -1)  # [m, c, D']
                 if sk is None:
                     sk = _check_sketch(sketch, tangents.shape[-1], dtype, x.device) if sketch is not None else False
