@@ -19,8 +19,8 @@ def test_demo_config_sweeps_every_method_on_the_bundled_model():
     assert {m.method for m in cfg.methods} == set(vtprune.list_methods())
     assert cfg.budgets == [64, 28, 13]  # 25 / 11 / 5 % of 256 visual tokens
     model = Path(cfg.models[0].pretrained)
-    assert model == REPO / "models" / "tiny-llava-shapes" and (model / "model.safetensors").is_file()
-    assert cfg.output_dir == REPO / "eval" / "results" / "demo"
+    assert model.resolve() == REPO / "models" / "tiny-llava-shapes" and (model / "model.safetensors").is_file()
+    assert cfg.output_dir.resolve() == REPO / "eval" / "results" / "demo"
 
 
 def test_run_demo_writes_tables_plots_and_results(tmp_path):

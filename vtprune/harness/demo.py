@@ -27,7 +27,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, *, output_dir: str | Path | None 
     from .config import load_config
 
     cfg = load_config(config)
-    out = Path(output_dir) if output_dir is not None else cfg.output_dir
+    out = (Path(output_dir) if output_dir is not None else cfg.output_dir).resolve()
     rows = run_sweep(cfg, output_dir=out, limit=limit, resume=False, progress=progress)
     paths = dict(write_tables(rows, out))
     paths.update(plot_results(rows, out))
