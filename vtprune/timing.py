@@ -6,7 +6,7 @@
   hits all variants alike. A variant may come with a context (e.g. ``vtprune.patched(model, ...)``) that is
   entered around each of its calls but outside the timed region.
 * :func:`num_threads` — run a block with a given number of torch intra-op threads, restoring it afterwards.
-* :func:`cpu_model` — the CPU's model name, for benchmark reports.
+* :func:`cpu_model` — the CPU's model name, and :func:`provenance` — the lines a benchmark report starts with.
 
 CUDA work is synchronised before the clock is read, so GPU timings are real too.
 """
@@ -124,3 +124,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def provenance(command: str, threads: str) -> list[str]:
+    """Markdown bullet lines of a benchmark report: the command, date, library versions, threads and CPU."""
+    import datetime
+    import os
+
+    import transformers
+
+    from . import __version__
+
+    return [
+        f"- command: `{command}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, vtprune {__version__}, "
+        f"Python {platform.python_version()}",
+        f"- threads: {threads}; CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible)",
+    ]

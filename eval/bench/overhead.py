@@ -35,9 +35,7 @@ More ``--repeats`` on a quieter machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -45,7 +43,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import transformers
 from transformers.masking_utils import create_causal_mask
 
 import vtprune
@@ -53,7 +50,7 @@ from vtprune.adapters import get_adapter
 from vtprune.latency import build_random_llava, prefill
 from vtprune.registry import get_method
 from vtprune.signals import cls_attention_rows
-from vtprune.timing import cpu_model, interleaved_times_ms, num_threads
+from vtprune.timing import interleaved_times_ms, num_threads, provenance
 
 LAYER = "one layer"
 
@@ -392,14 +389,9 @@ def main(argv=None) -> int:
     print(setup + "\n\n" + body)
     print(f"\n({elapsed:.0f} s)")
     if args.out:
-        meta = "\n".join([
-            f"- command: `{command}`",
-            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"- torch {torch.__version__}, transformers {transformers.__version__}, vtprune {vtprune.__version__}, "
-            f"Python {platform.python_version()}",
-            f"- threads: {threads} (both sides); CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible), "
-            "shared with other agents' tests and benchmarks while this ran: absolute times are noisy, the "
-            "interleaved rounds keep the comparison fair",
+        meta = "\n".join(provenance(command, f"{threads} (both sides)") + [
+            "- the machine was shared with other jobs while this ran: absolute times are noisy, the interleaved "
+            "rounds keep the comparison fair",
             f"- native ops (csrc/, used by vtprune.functional when loaded): {native}",
             f"- wall time of the run: {elapsed:.0f} s",
         ])

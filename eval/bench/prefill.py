@@ -19,20 +19,17 @@ rounds (every variant once per round, order reversed every other round, so drift
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 
 import torch
-import transformers
 
 import vtprune
 from vtprune.latency import build_random_llava, prefill
-from vtprune.timing import cpu_model, interleaved_times_ms, num_threads
+from vtprune.timing import interleaved_times_ms, num_threads, provenance
 
 GOAL_KEEP_ALL = 3.0  # % over unpatched allowed for keep-all
 GOAL_IDEAL = 10.0  # % over the ideal allowed for the pruned model
@@ -184,13 +181,7 @@ def main(argv=None) -> int:
     print(setup + "\n\n" + body)
     print(f"\n({elapsed:.0f} s)")
     if args.out:
-        meta = "\n".join([
-            f"- command: `{command}`",
-            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"- torch {torch.__version__}, transformers {transformers.__version__}, vtprune {vtprune.__version__}, "
-            f"Python {platform.python_version()}",
-            f"- threads: {threads}; CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible)",
-        ])
+        meta = "\n".join(provenance(command, str(threads)))
         with open(args.out, "w") as f:
             f.write(f"# Prefill latency: patched vs unpatched vs ideal\n\n{setup}\n\n{meta}\n\n{body}\n")
         print(f"wrote {args.out}")

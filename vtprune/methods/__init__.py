@@ -14,5 +14,5 @@ from .zoo import ZOOConfig, ZOOPrune
 __all__ = [
     "ImageInputs", "Method", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
     "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune", "ZOOConfig", "ZOOPrune",
-    "ToDREConfig", "ToDRE", "VisionZipConfig", "VisionZip",
+    "ToDREConfig", "ToDRE", "VisionZipConfig", "VisionZip", "PACTConfig", "PACT",
 ]
