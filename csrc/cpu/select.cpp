@@ -86,25 +86,25 @@ void maxsum_image(const T* x, int64_t n, int64_t d, int64_t k, int64_t first, in
   }
 }
 
-// Shared driver: prepare rows and first picks with ATen (as the pure-torch code does), then run `image` on
-// each image.
+// Shared driver: one image at a time (bounded memory: a batch of large images is never normalised at once),
+// rows and first pick prepared with the same ATen calls as the pure-torch code, then `image` runs the greedy loop.
 template <typename Image>
 at::Tensor run_greedy(const at::Tensor& x_in, at::IntArrayRef offsets_in, int64_t k, at::IntArrayRef first,
                       bool l2, Image image) {
   const auto offsets = check_offsets(x_in, offsets_in, k, first);
   TORCH_CHECK_VALUE(x_in.device().is_cpu(), "x must be a CPU tensor here, got ", x_in.device());
-  const at::Tensor x = (l2 ? x_in : unit_rows(x_in)).contiguous();
-  const at::Tensor firsts = first_picks(x, offsets, first, l2);
   const int64_t images = static_cast<int64_t>(offsets.size()) - 1;
-  at::Tensor out = at::empty({images, k}, x.options().dtype(at::kLong));
-  const int64_t* f = firsts.data_ptr<int64_t>();
+  at::Tensor out = at::empty({images, k}, x_in.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vtprune_greedy", [&] {
-    const scalar_t* base = x.data_ptr<scalar_t>();
-    const int64_t d = x.size(1);
-    for (int64_t b = 0; b < images; ++b)
-      image(base + offsets[b] * d, offsets[b + 1] - offsets[b], d, f[b], o + b * k);
-  });
+  for (int64_t b = 0; b < images; ++b) {
+    const int64_t n = offsets[b + 1] - offsets[b];
+    const at::Tensor rows = x_in.narrow(0, offsets[b], n);
+    const at::Tensor x = (l2 ? rows : unit_rows(rows)).contiguous();
+    const int64_t f = first[b] >= 0 ? first[b] : farthest_nearest_neighbour(x, l2).item<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vtprune_greedy", [&] {
+      image(x.data_ptr<scalar_t>(), n, x.size(1), f, o + b * k);
+    });
+  }
   return out;
 }
 

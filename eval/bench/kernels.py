@@ -13,8 +13,9 @@ also checks that both paths return identical indices.
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -22,11 +23,22 @@ import torch
 from vtprune import kernels
 from vtprune.functional import cluster, dart, diversity
 from vtprune.functional._common import unit_rows
+from vtprune.timing import cpu_model
+
+
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _timed(fn) -> tuple[float, object]:
+    _sync()
     start = time.perf_counter()
     out = fn()
+    _sync()
     return (time.perf_counter() - start) * 1e3, out
 
 
@@ -58,7 +70,7 @@ def greedy_cells(args):
                         rows.append((n, d, k, batch, None))
                         continue
                     g = torch.Generator().manual_seed(n + d + k + batch)
-                    x = torch.randn(batch * n, d, generator=g)
+                    x = torch.randn(batch * n, d, generator=g).to(DEVICE)
                     offsets = [i * n for i in range(batch + 1)]
                     first = [0] * batch
                     native = lambda: torch.ops.vtprune.kcenter(x, offsets, k, first, "cosine")  # noqa: E731
@@ -73,7 +85,7 @@ def extra_cells():
     rows = []
     for n, d in ((576, 4096), (2880, 4096)):
         g = torch.Generator().manual_seed(n)
-        x = torch.randn(n, d, generator=g)
+        x = torch.randn(n, d, generator=g).to(DEVICE)
         k = 64
         reps = _repeats(n * n * d)
         rows.append(("kcenter, first=None (DivPrune)", n, d, k, _compare(
@@ -84,11 +96,11 @@ def extra_cells():
             lambda: diversity._maxsum_torch(x, k, None), reps)))
         units = unit_rows(x)
         pivots = units[:8]
-        excluded = torch.arange(4)
+        excluded = torch.arange(4, device=DEVICE)
         counts = [(k - 4) // 8] * 8
 
         def dart_torch():
-            available = torch.ones(n, dtype=torch.bool)
+            available = torch.ones(n, dtype=torch.bool, device=DEVICE)
             available[excluded] = False
             picks = []
             for t, c in enumerate(counts):
@@ -100,7 +112,7 @@ def extra_cells():
 
         rows.append(("dart per-pivot picks (8 pivots)", n, d, k, _compare(
             lambda: torch.ops.vtprune.dart_pick(units, pivots, excluded, counts), dart_torch, 5)))
-        keys = torch.randn(n, 128, generator=g)  # one head's worth of key features
+        keys = torch.randn(n, 128, generator=g).to(DEVICE)  # one head's worth of key features
         dist, rank = cluster._distances(keys, cluster.PACT_DC)
         rows.append(("dbdpc centres + labels, cutoff 0.9", n, 128, None, _compare(
             lambda: torch.ops.vtprune.dbdpc(dist, rank, 0.9),
@@ -112,26 +124,32 @@ def extra_cells():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the features live: the CPU (C++/OpenMP) or the CUDA kernels")
     parser.add_argument("--out", default=None)
     parser.add_argument("--max-work", type=float, default=6e10,
                         help="skip grid cells whose batch*N*D*k exceeds this (pure torch would take minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     state = kernels.available()
-    if not state["cpp"]:
-        raise SystemExit("the native CPU ops are not available; build them (pip install -e .) first")
+    needed = "cuda" if args.device == "cuda" else "cpp"
+    if not state[needed]:
+        raise SystemExit(f"the native {needed} ops are not available; build them first (pip install -e ., "
+                         "VTPRUNE_CUDA=1 for the CUDA kernels)")
     grid = greedy_cells(args)
     extra = extra_cells()
 
     lines = [
         "# Native ops vs pure torch (CPU)",
         "",
-        f"Command: `python eval/bench/kernels.py --threads {args.threads} --out eval/results/kernels.md`",
+        f"Command: `python eval/bench/{' '.join(['kernels.py'] + sys.argv[1:])}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} thread(s). The machine (2 cores) was shared with other agents' jobs while this ran, so "
-        "timings are noisy: variants are interleaved and medians reported. No GPU was available to this session: "
-        "the CUDA kernels were compiled, not timed (the H200 goal is unmeasured).",
+        f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
+        f"{args.threads} thread(s); device: "
+        + (torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU")
+        + ". Variants are interleaved and medians reported (other jobs on the machine make absolute times noisy).",
         "",
         "Greedy k-center (cosine), first pick given: native = one `torch.ops.vtprune.kcenter` call for the batch, "
         "pure = `vtprune.functional` torch code per image. Identical = both returned the same indices.",
