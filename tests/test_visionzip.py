@@ -92,15 +92,3 @@ def test_default_split_follows_the_official_ratios():
 def test_bad_visionzip_options(options, match, model_factory):
     with pytest.raises(ValueError, match=match):
         vtprune.patch(model_factory("llava"), "visionzip", keep=4, **options)
-
-
-@pytest.mark.parametrize("method", ["visionzip", "todre"])
-def test_default_vision_layer_is_the_one_the_projector_reads(method):
-    from tiny import build
-
-    model = build("llava", seed=1)
-    layers = len(model.model.vision_tower.encoder.layers)
-    for feature_layer, expected in ((-2, layers - 2), (-1, layers - 1)):
-        model.config.vision_feature_layer = feature_layer
-        with vtprune.patched(model, method, keep=4):
-            assert model._vtprune_session.vision_layers == [expected]

@@ -161,8 +161,7 @@ class Session:
                     f"method {method.name!r} does not support AnyRes / multi-crop images ({adapter.config.model_type!r}) "
                     "yet; use it on single-crop LLaVA-1.5-style models"
                 )
-            num_vision = len(adapter.vision_attention_modules())
-            self.vision_layers = method.vision_layers(num_vision, adapter.feature_layer(num_vision))
+            self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
         self.compact = self.config.positions == "compact"
         if self.compact and adapter.mrope:
             raise ValueError(

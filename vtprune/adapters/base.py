@@ -49,10 +49,6 @@ class ModelAdapter:
     def final_norm(self) -> nn.Module:
         return self.language_model.norm
 
-    def feature_layer(self, num_layers: int) -> int | None:
-        """Index of the vision layer whose output the projector reads (None when it is not one layer)."""
-        return None
-
     def vision_attention_modules(self) -> list[nn.Module]:
         """Self-attention modules of the vision encoder layers, in order (for CLS-attention signals)."""
         raise NotImplementedError(f"{type(self).__name__} has no CLS-attention signal")

@@ -25,14 +25,6 @@ class LlavaAdapter(ModelAdapter):
             )
         return [layer.self_attn for layer in encoder.layers]
 
-    def feature_layer(self, num_layers):
-        # hidden_states[0] is the embeddings, hidden_states[i] the output of layer i-1
-        layer = getattr(self.config, "vision_feature_layer", -2)
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            return None  # several layers concatenated
-        index = num_layers + layer if layer < 0 else layer - 1
-        return index if 0 <= index < num_layers else None
-
     def projector_module(self):
         return self.inner.multi_modal_projector
 

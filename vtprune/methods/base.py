@@ -91,9 +91,8 @@ class Method:
         tokens at layer K2-1 loses all of them from layer K2 on."""
         return False
 
-    def vision_layers(self, num_layers: int, feature_layer: int | None = None) -> list[int]:
-        """Vision-encoder layers whose CLS attention rows (and keys) this method reads, out of ``num_layers``;
-        ``feature_layer`` is the layer whose output the projector reads (None: unknown, take ``L-2`` as LLaVA)."""
+    def vision_layers(self, num_layers: int) -> list[int]:
+        """Vision-encoder layers whose CLS attention rows this method reads (``cls_attention`` signal)."""
         return []
 
     def select(self, image: ImageInputs) -> "torch.Tensor | Selection":

@@ -40,7 +40,7 @@ class VTCCLS(Method):
     stage = "vision"
     signals = frozenset({"cls_attention"})
 
-    def vision_layers(self, num_layers: int, feature_layer: int | None = None) -> list[int]:
+    def vision_layers(self, num_layers: int) -> list[int]:
         start = 2 * num_layers // 3 if self.config.start_layer is None else self.config.start_layer
         layers = list(range(start, num_layers - 1))
         if not layers:

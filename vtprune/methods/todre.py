@@ -1,8 +1,8 @@
 """``todre`` — ToDRE, diversity-driven two-stage token reduction (paper; no public code: REFERENCES.md).
 
 Stage 1 (vision stage, on the projected features z, distance ``1 - cos``): greedy diversity selection whose first
-pick is the patch with the highest CLS attention of the vision layer ``cls_layer`` (default: the layer whose
-output the projector reads, ``L-2`` for LLaVA-1.5; head-mean row, CLS key dropped; AnyRes: the base image's patches only).
+pick is the patch with the highest CLS attention of the vision layer ``cls_layer`` (default ``L-2``, the layer
+whose output LLaVA feeds the projector; head-mean row, CLS key dropped; AnyRes: the base image's patches only).
 ``diversity="kcenter"`` (paper v1, default): repeatedly add ``argmax_i min_{s in S} d(i, s)``;
 ``diversity="maxsum"`` (paper v2): repeatedly add ``argmin_i sum_{s in S} cos(i, s)``. Kept in original order.
 
@@ -59,10 +59,8 @@ class ToDRE(Method):
     stage = "vision"
     signals = frozenset({"features", "cls_attention"})
 
-    def vision_layers(self, num_layers: int, feature_layer: int | None = None) -> list[int]:
-        layer = self.config.cls_layer
-        if layer is None:
-            layer = num_layers - 2 if feature_layer is None else feature_layer
+    def vision_layers(self, num_layers: int) -> list[int]:
+        layer = num_layers - 2 if self.config.cls_layer is None else self.config.cls_layer
         if not 0 <= layer < num_layers:
             raise ValueError(f"todre: cls_layer={layer} is out of range for a {num_layers}-layer vision tower; "
                              f"allowed: 0 <= cls_layer <= {num_layers - 1}")

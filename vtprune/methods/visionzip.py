@@ -1,9 +1,8 @@
 """``visionzip`` (dvlab-research/VisionZip): dominant tokens by CLS attention plus contextual tokens merged by key
 similarity; exactly ``keep`` tokens reach the LLM.
 
-Vision stage, on the vision layer whose output the projector reads (``layer``, default: the model's feature layer,
-``L-2`` for LLaVA's ``vision_feature_layer=-2``, as the official ``attentions[-2]`` / ``hidden_states[-2]`` /
-``layers[-2]`` keys): ``keep - contextual`` dominant patches with the
+Vision stage, on the vision layer the projector reads (``L-2`` for LLaVA's feature layer -2, the official
+``attentions[-2]`` / ``hidden_states[-2]`` / ``layers[-2]`` keys): ``keep - contextual`` dominant patches with the
 highest CLS attention (summed over heads), then the remaining patches are merged onto ``contextual`` evenly spaced
 targets by cosine similarity of that layer's head-mean keys; each target becomes itself plus the mean of the
 patches merged into it, in the vision tower's space, and is then projected (``vtprune.functional.visionzip_select``).
@@ -60,10 +59,8 @@ class VisionZip(Method):
     multi_crop = False
     merges = True
 
-    def vision_layers(self, num_layers: int, feature_layer: int | None = None) -> list[int]:
-        layer = self.config.layer
-        if layer is None:
-            layer = num_layers - 2 if feature_layer is None else feature_layer
+    def vision_layers(self, num_layers: int) -> list[int]:
+        layer = num_layers - 2 if self.config.layer is None else self.config.layer
         if not 0 <= layer < num_layers:
             raise ValueError(f"visionzip: layer={layer} is out of range for a {num_layers}-layer vision tower; "
                              f"allowed: 0 <= layer <= {num_layers - 1}")
