@@ -7,12 +7,21 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace vtprune {
 namespace cpu {
 
 constexpr int kLanes = 16;
+
+// Rounding tolerance of a length-d dot product, 4 sqrt(d) eps (vtprune.functional._common.near_zero_tol):
+// distances below it are exact duplicates.
+template <typename T>
+inline T near_zero_tol(int64_t d) {
+  return T(4) * std::sqrt(static_cast<T>(d < 1 ? 1 : d)) * std::numeric_limits<T>::epsilon();
+}
 
 template <typename T>
 inline T combine(const T* acc) {

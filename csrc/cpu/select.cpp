@@ -60,10 +60,11 @@ void kcenter_image(const T* x, int64_t n, int64_t d, int64_t k, int64_t first, b
     out[t] = cur;
     if (t == k - 1) break;
     const T* c = x + cur * d;
+    const T tol = cpu::near_zero_tol<T>(d);
     auto value = [&](int64_t i) -> T {
       if (l2) return cpu::sq_dist(x + i * d, c, d);
-      const T cos = std::min<T>(std::max<T>(cpu::dot(x + i * d, c, d), T(-1)), T(1));
-      return T(1) - cos;
+      const T dist = T(1) - std::min<T>(std::max<T>(cpu::dot(x + i * d, c, d), T(-1)), T(1));
+      return dist <= tol ? T(0) : dist;  // a duplicate of a pick is at distance exactly 0 (exact ties)
     };
     auto update = [](T old, T v) { return std::min(old, v); };
     cur = greedy_step(min_dist.data(), n, d, cur, -std::numeric_limits<T>::infinity(), true, value, update);
@@ -78,8 +79,10 @@ void maxsum_image(const T* x, int64_t n, int64_t d, int64_t k, int64_t first, in
     out[t] = cur;
     if (t == k - 1) break;
     const T* c = x + cur * d;
+    const T tol = cpu::near_zero_tol<T>(d);
     auto value = [&](int64_t i) -> T {
-      return std::min<T>(std::max<T>(cpu::dot(x + i * d, c, d), T(-1)), T(1));
+      const T cos = std::min<T>(std::max<T>(cpu::dot(x + i * d, c, d), T(-1)), T(1));
+      return cos >= T(1) - tol ? T(1) : cos;  // a duplicate of a pick has cosine exactly 1
     };
     auto update = [](T old, T v) { return old + v; };
     cur = greedy_step(sim_sum.data(), n, d, cur, std::numeric_limits<T>::infinity(), false, value, update);

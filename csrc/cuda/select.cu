@@ -106,12 +106,17 @@ __global__ void greedy_step_kernel(const T* __restrict__ x, const int64_t* __res
     }
     acc = warp_sum(acc);
     T s = state[base + i];
+    // duplicates of a pick: distance exactly 0 / cosine exactly 1 (same tolerance as the CPU and torch code)
+    const T tol = T(4) * sqrt(static_cast<T>(d < 1 ? 1 : d)) * (sizeof(T) == 4 ? T(1.1920928955078125e-07)
+                                                                              : T(2.220446049250313e-16));
     if (MODE == kCosine) {
-      s = min(s, T(1) - min(max(acc, T(-1)), T(1)));
+      const T dist = T(1) - min(max(acc, T(-1)), T(1));
+      s = min(s, dist <= tol ? T(0) : dist);
     } else if (MODE == kL2) {
       s = min(s, acc);
     } else {
-      s = s + min(max(acc, T(-1)), T(1));
+      const T cos = min(max(acc, T(-1)), T(1));
+      s = s + (cos >= T(1) - tol ? T(1) : cos);
     }
     if (i == cur) s = taken;
     if (lane == 0) state[base + i] = s;

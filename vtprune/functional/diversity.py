@@ -140,12 +140,14 @@ def _kcenter_torch(x: torch.Tensor, k: int, first: Optional[int], metric: str) -
     selected = torch.empty(k, dtype=torch.long, device=device)
     # For metric="l2" the running minimum holds squared distances: same order, same ties.
     min_dist = torch.full((n,), float("inf"), dtype=dtype, device=device)
+    tol = near_zero_tol(dtype, x.shape[1])
     for t in range(k):
         selected[t:t + 1] = cur
         if t == k - 1:
             break
         if metric == "cosine":
             row = 1.0 - cosine_to(x, cur)
+            row.masked_fill_(row <= tol, 0.0)  # a duplicate of a pick is at distance exactly 0 (exact ties)
         else:
             row = sq_l2_to(x, cur)
         torch.minimum(min_dist, row, out=min_dist)
@@ -194,11 +196,13 @@ def _maxsum_torch(x: torch.Tensor, k: int, first: Optional[int]) -> torch.Tensor
         cur = torch.tensor([first], dtype=torch.long, device=device)
     selected = torch.empty(k, dtype=torch.long, device=device)
     sim_sum = torch.zeros(n, dtype=dtype, device=device)
+    tol = near_zero_tol(dtype, x.shape[1])
     for t in range(k):
         selected[t:t + 1] = cur
         if t == k - 1:
             break
-        sim_sum += cosine_to(x, cur)
+        sims = cosine_to(x, cur)
+        sim_sum += sims.masked_fill_(sims >= 1.0 - tol, 1.0)  # a duplicate of a pick has cosine exactly 1
         sim_sum.index_fill_(0, cur, float("inf"))  # never re-pick a selected token
         cur = torch.argmin(sim_sum).view(1)
     return selected
