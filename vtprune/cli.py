@@ -18,6 +18,7 @@ list it in ``_COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Callable, Sequence
 
@@ -43,6 +44,21 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
     return value
+
+
+def _user_errors(cmd: Callable) -> Callable:
+    """A ``ValueError`` from the library (bad config, unknown task, missing file, ...) becomes
+    ``vtprune <command>: error: ...`` on stderr and exit status 2, like argparse errors."""
+
+    @functools.wraps(cmd)
+    def run(args) -> int:
+        try:
+            return cmd(args)
+        except ValueError as err:
+            print(f"vtprune {args.command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
@@ -76,14 +92,11 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+@_user_errors
 def _cmd_demo(args) -> int:
     from .harness.demo import run_demo
 
-    try:
-        paths = run_demo(output_dir=args.output_dir, limit=args.limit, progress=not args.quiet)
-    except ValueError as err:
-        print(f"vtprune demo: error: {err}", file=sys.stderr)
-        return 2
+    paths = run_demo(output_dir=args.output_dir, limit=args.limit, progress=not args.quiet)
     print(paths["md"].read_text(), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -164,16 +177,13 @@ def _add_sweep(sub) -> None:
     p.set_defaults(func=_cmd_sweep)
 
 
+@_user_errors
 def _cmd_sweep(args) -> int:
     from .harness import load_config, run_sweep
 
-    try:
-        cfg = load_config(args.config)
-        out = args.output_dir or cfg.output_dir
-        rows = run_sweep(cfg, output_dir=out, limit=args.limit, resume=not args.no_resume, progress=not args.quiet)
-    except ValueError as err:
-        print(f"vtprune sweep: error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    out = args.output_dir or cfg.output_dir
+    rows = run_sweep(cfg, output_dir=out, limit=args.limit, resume=not args.no_resume, progress=not args.quiet)
     if rows:
         path = f"{out}/results.jsonl"
         print(f"vtprune sweep: {len(rows)} cells in {path}; next: vtprune table {path} && vtprune plot {path}")
@@ -207,15 +217,12 @@ def _add_table(sub) -> None:
     p.set_defaults(func=_cmd_table)
 
 
+@_user_errors
 def _cmd_table(args) -> int:
     from .harness import write_tables
 
-    try:
-        rows, out = _load_results(args)
-        paths = write_tables(rows, out)
-    except ValueError as err:
-        print(f"vtprune table: error: {err}", file=sys.stderr)
-        return 2
+    rows, out = _load_results(args)
+    paths = write_tables(rows, out)
     print(paths["md"].read_text(), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -234,15 +241,12 @@ def _add_plot(sub) -> None:
     p.set_defaults(func=_cmd_plot)
 
 
+@_user_errors
 def _cmd_plot(args) -> int:
     from .harness import plot_results
 
-    try:
-        rows, out = _load_results(args)
-        paths = plot_results(rows, out, y=args.y)
-    except ValueError as err:
-        print(f"vtprune plot: error: {err}", file=sys.stderr)
-        return 2
+    rows, out = _load_results(args)
+    paths = plot_results(rows, out, y=args.y)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

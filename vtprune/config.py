@@ -17,6 +17,15 @@ from typing import Any, ClassVar
 POSITIONS = ("original", "compact")
 
 
+def check_int_option(name: str, value, minimum: int = 0, *, optional: bool = False, hint: str = "") -> None:
+    """Validate an int option of a method config (a bool is not an int; ``optional``: None is allowed)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = f"None or an int >= {minimum}" if optional else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}{hint}, got {value!r}")
+
+
 @dataclasses.dataclass
 class PruneConfig:
     """Budget shared by all methods. Exactly one of ``keep`` / ``ratio`` must be given. ``positions``: kept

@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -41,6 +42,12 @@ inline T dot(const T* a, const T* b, int64_t d) {
   T tail = 0;
   for (; i < d; ++i) tail += a[i] * b[i];
   return combine(acc) + tail;
+}
+
+// Cosine of two unit rows, clamped to [-1, 1].
+template <typename T>
+inline T unit_cosine(const T* a, const T* b, int64_t d) {
+  return std::min<T>(std::max<T>(dot(a, b, d), T(-1)), T(1));
 }
 
 template <typename T>

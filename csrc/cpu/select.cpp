@@ -55,15 +55,15 @@ int64_t greedy_step(T* state, int64_t n, int64_t d, int64_t cur, T taken, bool m
 template <typename T>
 void kcenter_image(const T* x, int64_t n, int64_t d, int64_t k, int64_t first, bool l2, int64_t* out) {
   std::vector<T> min_dist(n, std::numeric_limits<T>::infinity());
+  const T tol = cpu::near_zero_tol<T>(d);
   int64_t cur = first;
   for (int64_t t = 0; t < k; ++t) {
     out[t] = cur;
     if (t == k - 1) break;
     const T* c = x + cur * d;
-    const T tol = cpu::near_zero_tol<T>(d);
     auto value = [&](int64_t i) -> T {
       if (l2) return cpu::sq_dist(x + i * d, c, d);
-      const T dist = T(1) - std::min<T>(std::max<T>(cpu::dot(x + i * d, c, d), T(-1)), T(1));
+      const T dist = T(1) - cpu::unit_cosine(x + i * d, c, d);
       return dist <= tol ? T(0) : dist;  // a duplicate of a pick is at distance exactly 0 (exact ties)
     };
     auto update = [](T old, T v) { return std::min(old, v); };
@@ -74,14 +74,14 @@ void kcenter_image(const T* x, int64_t n, int64_t d, int64_t k, int64_t first, b
 template <typename T>
 void maxsum_image(const T* x, int64_t n, int64_t d, int64_t k, int64_t first, int64_t* out) {
   std::vector<T> sim_sum(n, T(0));
+  const T tol = cpu::near_zero_tol<T>(d);
   int64_t cur = first;
   for (int64_t t = 0; t < k; ++t) {
     out[t] = cur;
     if (t == k - 1) break;
     const T* c = x + cur * d;
-    const T tol = cpu::near_zero_tol<T>(d);
     auto value = [&](int64_t i) -> T {
-      const T cos = std::min<T>(std::max<T>(cpu::dot(x + i * d, c, d), T(-1)), T(1));
+      const T cos = cpu::unit_cosine(x + i * d, c, d);
       return cos >= T(1) - tol ? T(1) : cos;  // a duplicate of a pick has cosine exactly 1
     };
     auto update = [](T old, T v) { return old + v; };
@@ -139,7 +139,7 @@ void dart_impl(const T* u, const T* p, int64_t n, int64_t d, at::IntArrayRef cou
     const T* piv = p + static_cast<int64_t>(t) * d;
 #pragma omp parallel for num_threads(cpu::threads_for(n * d)) schedule(static)
     for (int64_t i = 0; i < n; ++i)
-      if (available[i]) sims[i] = std::min<T>(std::max<T>(cpu::dot(u + i * d, piv, d), T(-1)), T(1));
+      if (available[i]) sims[i] = cpu::unit_cosine(u + i * d, piv, d);
     pool.clear();
     for (int64_t i = 0; i < n; ++i)
       if (available[i]) pool.push_back(i);

@@ -89,6 +89,8 @@ __global__ void greedy_step_kernel(const T* __restrict__ x, const int64_t* __res
   const int64_t cur = cur_s;
   const T* c = x + (base + cur) * d;
   const T taken = maximize ? -std::numeric_limits<T>::infinity() : std::numeric_limits<T>::infinity();
+  // duplicates of a pick: distance exactly 0 / cosine exactly 1 (same tolerance as the CPU and torch code)
+  const T tol = T(4) * sqrt(static_cast<T>(d < 1 ? 1 : d)) * std::numeric_limits<T>::epsilon();
   T bv = 0;
   int64_t bi = -1;
   for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -106,9 +108,6 @@ __global__ void greedy_step_kernel(const T* __restrict__ x, const int64_t* __res
     }
     acc = warp_sum(acc);
     T s = state[base + i];
-    // duplicates of a pick: distance exactly 0 / cosine exactly 1 (same tolerance as the CPU and torch code)
-    const T tol = T(4) * sqrt(static_cast<T>(d < 1 ? 1 : d)) * (sizeof(T) == 4 ? T(1.1920928955078125e-07)
-                                                                              : T(2.220446049250313e-16));
     if (MODE == kCosine) {
       const T dist = T(1) - min(max(acc, T(-1)), T(1));
       s = min(s, dist <= tol ? T(0) : dist);

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional as F
-from ..config import PruneConfig
+from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from .base import ImageInputs, Method
 
@@ -29,10 +29,7 @@ class CLSConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.start_layer is not None and (
-            isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int) or self.start_layer < 0
-        ):
-            raise ValueError(f"start_layer must be None or an int >= 0, got {self.start_layer!r}")
+        check_int_option("start_layer", self.start_layer, 0, optional=True)
 
 
 @register_method("cls", CLSConfig)

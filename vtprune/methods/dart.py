@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional as F
-from ..config import PruneConfig
+from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from .base import ImageInputs, Method, check_layer
 
@@ -36,12 +36,9 @@ class DARTConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("layer", "image_pivots"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.text_pivots, bool) or not isinstance(self.text_pivots, int) or self.text_pivots < 0:
-            raise ValueError(f"text_pivots must be an int >= 0, got {self.text_pivots!r}")
+        check_int_option("layer", self.layer, 1)
+        check_int_option("image_pivots", self.image_pivots, 1)
+        check_int_option("text_pivots", self.text_pivots, 0)
         if self.budget_rounding not in _ROUNDING:
             raise ValueError(f"budget_rounding must be one of {_ROUNDING}, got {self.budget_rounding!r}")
 

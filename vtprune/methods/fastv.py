@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional as F
-from ..config import PruneConfig
+from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from .base import ImageInputs, Method, check_layer
 
@@ -39,8 +39,7 @@ class FastVConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer must be an int >= 1 (prune before decoder layer K), got {self.layer!r}")
+        check_int_option("layer", self.layer, 1, hint=" (prune before decoder layer K)")
         if not isinstance(self.debias, bool):
             raise TypeError(f"debias must be True or False, got {self.debias!r}")
         if not isinstance(self.debias_weights, str) or not self.debias_weights:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional as F
-from ..config import PruneConfig
+from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from .base import ImageInputs, Method, check_layer
 
@@ -41,10 +41,8 @@ class ToDREConfig(PruneConfig):
         super().__post_init__()
         if self.diversity not in _DIVERSITY:
             raise ValueError(f"diversity must be one of {_DIVERSITY}, got {self.diversity!r}")
-        for name in ("cls_layer", "drop_layer"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+        check_int_option("cls_layer", self.cls_layer, 0, optional=True)
+        check_int_option("drop_layer", self.drop_layer, 0, optional=True)
         if not isinstance(self.late_drop, bool):
             raise TypeError(f"late_drop must be True or False, got {self.late_drop!r}")
         t = self.drop_threshold

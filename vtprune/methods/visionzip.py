@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional as F
-from ..config import PruneConfig
+from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from .base import ImageInputs, Method, Selection
 
@@ -37,10 +37,8 @@ class VisionZipConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("contextual", "layer"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+        check_int_option("contextual", self.contextual, 0, optional=True)
+        check_int_option("layer", self.layer, 0, optional=True)
 
     def split(self, k: int) -> tuple[int, int]:
         """``(dominant, contextual)`` for a budget of ``k`` tokens."""

@@ -33,16 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional as F
-from ..config import PruneConfig
+from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from .base import ImageInputs, Method
 
 _ESTIMATORS = ("jvp", "literal")
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -56,8 +51,8 @@ class ZOOConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive_int("num_directions", self.num_directions)
-        _positive_int("chunk_size", self.chunk_size, 2)
+        check_int_option("num_directions", self.num_directions, 1)
+        check_int_option("chunk_size", self.chunk_size, 2)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if isinstance(self.h, bool) or not isinstance(self.h, (int, float)) or not 0 < float(self.h) < float("inf"):
@@ -66,7 +61,7 @@ class ZOOConfig(PruneConfig):
         if self.estimator not in _ESTIMATORS:
             raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {self.estimator!r}")
         if self.sketch is not None:
-            _positive_int("sketch", self.sketch)
+            check_int_option("sketch", self.sketch, 1)
             if self.estimator != "jvp":
                 raise ValueError(f"sketch={self.sketch} needs estimator='jvp' (the literal estimator has no sketch)")
 
