@@ -1,5 +1,11 @@
 """vtprune.flops: analytic FLOPs vs torch's FlopCounterMode on tiny random models, per-layer
-lengths, KV-cache bytes and error messages."""
+lengths, KV-cache bytes and error messages.
+
+The counted models run with ``attn_implementation="eager"``: their attention products are plain
+matmuls (``aten.bmm``), which every torch version's FlopCounterMode counts. Whether a CPU
+``scaled_dot_product_attention`` call is counted depends on the torch version (torch 2.14 does not
+count it), so an SDPA model would make these cross-checks version-dependent. Eager and SDPA compute
+the same products, so the analytic formula is the same for both."""
 
 import numpy as np
 import pytest
@@ -23,7 +29,17 @@ from transformers import (
 from vtprune import flops
 
 REL_TOL = 0.05
-_ATTN_OPS = ("scaled_dot_product", "bmm")
+_ATTN_OPS = ("bmm",)   # eager attention: Q K^T and A V are batched matmuls
+
+
+def _eager(model_cls, cfg):
+    """A model of ``cfg`` whose attention (text and vision) runs eagerly, so FlopCounterMode sees it as matmuls
+    on every torch version (see the module docstring)."""
+    model = model_cls._from_config(cfg, attn_implementation="eager").eval()
+    subs = [model.config] + [getattr(model.config, n) for n in ("text_config", "vision_config")
+                             if getattr(model.config, n, None) is not None]
+    assert all(c._attn_implementation == "eager" for c in subs), [c._attn_implementation for c in subs]
+    return model
 
 
 def _count(fn):
@@ -31,6 +47,8 @@ def _count(fn):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    # eager models only: an SDPA call would be counted or not depending on the torch version
+    assert not any("scaled_dot_product" in op for op in by_op), by_op
     attn = sum(n for op, n in by_op.items() if any(a in op for a in _ATTN_OPS))
     return counter.get_total_flops(), attn
 
@@ -90,7 +108,7 @@ def test_decoder_prefill_matches_flop_counter(family):
         cfg = Qwen2Config(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
                           num_attention_heads=6, num_key_value_heads=2)
         cls = Qwen2ForCausalLM
-    model = cls._from_config(cfg, attn_implementation="sdpa").eval()
+    model = _eager(cls, cfg)
     batch, seq = 2, 37
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     ref, ref_attn = _count(lambda: model(input_ids=ids, logits_to_keep=1, use_cache=False))
@@ -149,7 +167,7 @@ def _prune_from_layer(model, k, keep):
 def test_per_layer_lengths_match_pruned_model():
     torch.manual_seed(0)
     cfg = _llama_cfg()   # 4 layers
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    model = _eager(LlamaForCausalLM, cfg)
     seq, k = 40, 2
     keep = torch.arange(0, seq, 3)   # 14 tokens from layer 2 on
     lens = [seq] * k + [len(keep)] * (cfg.num_hidden_layers - k)
@@ -179,7 +197,7 @@ def test_per_layer_lengths_match_pruned_model():
 def test_llava_clip_tower_and_projector_match_flop_counter():
     torch.manual_seed(0)
     cfg = _llava_cfg()
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    model = _eager(LlavaForConditionalGeneration, cfg)
     n_img = 3
     pix = torch.randn(n_img, 3, 32, 32)
     ref, ref_attn = _count(lambda: model.model.get_image_features(pixel_values=pix))
@@ -189,7 +207,7 @@ def test_llava_clip_tower_and_projector_match_flop_counter():
     assert ref_attn == n_img * 3 * 4 * 17 * 17 * 64
     # "full" keeps CLS for the projector
     cfg_full = _llava_cfg(vision_feature_select_strategy="full")
-    model_full = LlavaForConditionalGeneration._from_config(cfg_full, attn_implementation="sdpa").eval()
+    model_full = _eager(LlavaForConditionalGeneration, cfg_full)
     ref_full, _ = _count(lambda: model_full.model.get_image_features(pixel_values=pix))
     assert _rel(flops.vision_flops(cfg_full, num_images=n_img), ref_full) < REL_TOL
     # LLaVA-NeXT: same tower/projector, num_images counts crops
@@ -200,7 +218,7 @@ def test_llava_clip_tower_and_projector_match_flop_counter():
 def test_qwen2vl_tower_matches_flop_counter():
     torch.manual_seed(0)
     cfg = _qwen2vl_cfg()
-    model = Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    model = _eager(Qwen2VLForConditionalGeneration, cfg)
     grid = torch.tensor([[1, 8, 12], [2, 4, 4]])   # an image and a 2-frame video
     pix = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
     ref, ref_attn = _count(lambda: model.model.get_image_features(pixel_values=pix, image_grid_thw=grid))
@@ -214,7 +232,7 @@ def test_qwen2vl_tower_matches_flop_counter():
 def test_qwen25vl_tower_window_attention_matches_flop_counter():
     torch.manual_seed(0)
     cfg = _qwen25vl_cfg(fullatt=(1, 3))
-    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    model = _eager(Qwen2_5_VLForConditionalGeneration, cfg)
     grid = torch.tensor([[1, 12, 20], [2, 8, 8]])
     pix = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
     ref, ref_attn = _count(lambda: model.model.get_image_features(pixel_values=pix, image_grid_thw=grid))

@@ -29,9 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-from . import flops
+from . import compat, flops
 from .adapters import ModelAdapter
 from .methods.base import ImageInputs, Method, Selection
 from .signals import cls_attention_rows, query_attention, rope_keys, rope_query
@@ -46,8 +44,12 @@ class Layout:
     gather: torch.Tensor  # [B, L'] long
     valid: torch.Tensor  # [B, L'] bool
     seq_len: int  # S, the unpruned prompt length
-    cache: Any = None  # weakref to the KV cache this prompt filled
     shift: torch.Tensor | None = None  # [B] real tokens dropped per row (positions="compact")
+
+    @property
+    def dropped(self) -> int:
+        """Columns the compaction removed: ``S - L'``."""
+        return self.seq_len - self.gather.shape[1]
 
     def compact_positions(self) -> torch.Tensor:
         """``[B, L']`` position ids numbering each row's kept tokens 0, 1, ... (padding slots get 0)."""
@@ -91,6 +93,58 @@ class Layout:
 
 
 @dataclass
+class PrunedPrompt:
+    """The bookkeeping of a pruned prompt, stored on the KV cache it filled (one source of truth: whoever holds
+    the cache holds its layout, whichever call, loop or turn continues it).
+
+    ``layout`` is the compaction at the first prune point: from decoder layer ``start`` on (0 for the vision
+    entry) each layer's cache holds ``layout``'s kept columns; ``drop`` (a late drop at ``drop_layer``) compacts
+    further what entered the LM. The cache reports the *unpruned* length to its consumers (``get_seq_length``:
+    generate's new-token slicing, default and M-RoPE decode positions), so decode positions continue from the
+    unpruned prompt; its mask functions keep seeing what each layer stores (:func:`vtprune.compat.report_lengths`).
+    """
+
+    layout: Layout
+    start: int
+    drop: Layout | None = None
+    drop_layer: int | None = None
+
+    def hidden(self, layer_idx: int) -> int:
+        """Prompt columns that layer ``layer_idx``'s cache does not hold."""
+        n = self.layout.dropped if layer_idx >= self.start else 0
+        if self.drop is not None and layer_idx >= self.drop_layer:
+            n += self.drop.dropped
+        return n
+
+
+_PROMPT_ATTR = "_vtprune_pruned_prompt"
+
+
+def pruned_prompt(cache) -> PrunedPrompt | None:
+    """The :class:`PrunedPrompt` a cache was filled by (None: not a cache vtprune pruned)."""
+    return None if cache is None else getattr(cache, _PROMPT_ATTR, None)
+
+
+def attach_prompt(cache, prompt: PrunedPrompt) -> None:
+    if compat.is_static(cache):
+        raise ValueError(_STATIC_CACHE)
+    cache.__dict__[_PROMPT_ATTR] = prompt
+    compat.report_lengths(cache, lambda layer_idx, stored: stored + prompt.hidden(layer_idx))
+
+
+def detach_prompt(cache) -> None:
+    cache.__dict__.pop(_PROMPT_ATTR, None)
+    compat.restore_lengths(cache)
+
+
+_STATIC_CACHE = (
+    "a static KV cache (StaticCache, cache_implementation='static' or any pre-allocated, compileable cache) is not "
+    "supported on a pruned model: its pre-built masks assume the unpruned length. Use the default dynamic cache "
+    "(DynamicCache, or no cache argument)"
+)
+
+
+@dataclass
 class ImageInfo:
     """What the wrapped feature method recorded about one image (keyed by its feature tensor)."""
 
@@ -121,6 +175,7 @@ class Forward:
 
     input_ids: torch.Tensor | None
     prefill: bool
+    prompt: PrunedPrompt | None = None  # prefill: the layout being built; decode: the one the cache holds
     image_sizes: list | None = None  # original (w, h) per image, from set_image_sizes
     features: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # visual token id -> per-image features
     units: list[Unit] = field(default_factory=list)
@@ -175,9 +230,11 @@ class Session:
             raise ValueError(f"method {method.name!r} prunes inside the LLM, which {why}")
         self.visual_ids = adapter.visual_token_ids()
         self.fwd: Forward | None = None
-        self.layout: Layout | None = None
-        self.drop_layout: Layout | None = None  # the late drop's compaction of the prompt that entered the LM
         self.stats: PruneStats | None = None
+        #: selections by unit (row, first position) reused by every forward of one generate(use_cache=False) call:
+        #: without a cache each step re-runs the prompt, and a selection that reads the last token would move
+        self._sticky: dict | None = None
+        self._reselects = self.cut is not None
         self._handles: list = []
         self._wrapped: list[tuple[object, str]] = []
         self._rope = adapter.rope_fn() if self.cut is not None else None
@@ -201,6 +258,8 @@ class Session:
             for name in a.feature_methods:
                 if hasattr(a.inner, name):
                     self._wrap_features(name)
+            if self._reselects and hasattr(self.model, "generate"):
+                self._wrap_generate()
             if "projector_inputs" in self.method.signals:
                 self._hook(a.projector_module().register_forward_pre_hook(self._projector_hook))
             for i in self.vision_layers:
@@ -225,7 +284,7 @@ class Session:
         for obj, name in self._wrapped:
             obj.__dict__.pop(name, None)
         self._handles, self._wrapped = [], []
-        self.fwd = self.layout = self.drop_layout = None
+        self.fwd = None
 
     def _hook(self, handle) -> None:
         self._handles.append(handle)
@@ -256,6 +315,27 @@ class Session:
 
         inner.__dict__[name] = wrapped
         self._wrapped.append((inner, name))
+
+    def _wrap_generate(self) -> None:
+        """``generate(use_cache=False)`` re-runs the whole sequence at every step; a method whose selection reads
+        the last token (llm stage, late drop) would then re-select with each new token as the "last prompt token".
+        For the duration of such a call the first forward's selections are reused, so generation without cache
+        gives the tokens generation with cache gives."""
+        model = self.model
+        original = model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            config = kwargs.get("generation_config") or model.generation_config
+            use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+            outer, self._sticky = self._sticky, (None if use_cache is not False else {})
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._sticky = outer
+
+        model.__dict__["generate"] = generate
+        self._wrapped.append((model, "generate"))
 
     def _feature_token_id(self, name: str) -> int:
         key = "video_token_id" if "video" in name else "image_token_id"
@@ -326,41 +406,60 @@ class Session:
                 "labels are not supported on a pruned model: its logits cover only the kept positions. "
                 "Compute the loss on an unpatched model (vtprune.unpatch or the vtprune.patched context)."
             )
+        has_visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+        if self.adapter.mrope and has_visual and kwargs.get("mm_token_type_ids") is None:
+            raise ValueError(
+                f"{self.adapter.config.model_type!r} needs mm_token_type_ids with pixel_values / pixel_values_videos "
+                "to number the visual tokens' 3-D M-RoPE positions (without it the model falls back to 1-D positions "
+                "and the kept tokens would lose theirs): pass the processor's mm_token_type_ids (1 for image "
+                "tokens, 2 for video tokens, 0 elsewhere)"
+            )
 
     def _inner_pre(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None else 0
+        cache = compat.get_cache(kwargs)
+        stored = compat.stored_length(cache)
+        prompt = pruned_prompt(cache)
+        if prompt is not None and stored == 0:  # the cache was reset: whatever comes is a new prompt
+            detach_prompt(cache)
+            prompt = None
         has_visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
         has_visual = has_visual or bool(kwargs.get("mm_encoder_outputs"))
-        if past_len == 0:
-            self.layout = self.drop_layout = None
-        elif self.layout is not None and (self.layout.cache is None or self.layout.cache() is not past):
-            self.layout = self.drop_layout = None  # another prompt's cache: this one was not pruned by us
-        if has_visual and past_len > 0 and self.layout is not None:
-            raise ValueError(
-                "new images on a KV cache that vtprune pruned are not supported; start a new prompt "
-                "(past_key_values=None) or unpatch first"
-            )
-        if has_visual and past_len == 0:
-            if input_ids is None:
+        if prompt is not None:
+            if has_visual:
                 raise ValueError(
-                    "a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens"
+                    "new images on a KV cache that vtprune pruned are not supported; start a new prompt "
+                    "(no cache) or unpatch first"
                 )
-            self.fwd = Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes)
-            self.image_sizes = None
-            for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
-                if encoded is not None:
-                    token_id = self._feature_token_id(modality)
-                    self.fwd.features.setdefault(token_id, []).extend(encoded.pooler_output)
-        elif self.layout is not None:
-            self.fwd = Forward(input_ids=input_ids, prefill=False)
-        else:
+            self.fwd = Forward(input_ids=input_ids, prefill=False, prompt=prompt)
+            return
+        if not has_visual:
             self.fwd = None
+            return
+        if cache is not None and compat.is_static(cache):
+            raise ValueError(_STATIC_CACHE)
+        if stored > 0:
+            raise ValueError(
+                f"images in a forward that continues a KV cache already holding {stored} positions (a later turn or a "
+                "prefix cache): vtprune prunes the visual tokens of a prompt's first forward. Put the images in the "
+                "conversation's first prompt, or unpatch to run this turn unpruned"
+            )
+        if input_ids is None:
+            raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
+        self.fwd = Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes)
+        self.image_sizes = None
+        for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
+            if encoded is not None:
+                token_id = self._feature_token_id(modality)
+                self.fwd.features.setdefault(token_id, []).extend(encoded.pooler_output)
 
     def _inner_post(self, module, args, output):
         fwd, self.fwd = self.fwd, None
-        if fwd is not None and fwd.done:
+        if fwd is None or not fwd.prefill:
+            return
+        if fwd.prompt is not None and output is not None and (cache := compat.output_cache(output)) is not None:
+            attach_prompt(cache, fwd.prompt)  # the cache now holds the pruned prompt: it carries its layout
+        if fwd.done:
             self.stats = self._make_stats(fwd)
 
     # -- language model ---------------------------------------------------------------------------------
@@ -391,7 +490,7 @@ class Session:
         fwd.done = True
         if keep is None:
             return None
-        layout = self._start_layout(keep, kwargs.get("past_key_values"))
+        layout = self._start_layout(fwd, keep, start=0)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = self.adapter.default_position_ids(b, s, 0, embeds.device)
@@ -412,39 +511,38 @@ class Session:
         return args, kwargs
 
     def _lm_decode(self, kwargs, embeds, mask):
-        layout, fwd = self.layout, self.fwd
-        past = kwargs.get("past_key_values")
+        """A forward that continues a pruned prompt's cache (a decode step, or a later text turn of ``q`` tokens).
+        ``mask`` covers the unpruned columns (``S + t``, as the unpatched model's would); the cache reports the
+        unpruned length, so the host numbers positions as for the unpruned prompt."""
+        fwd = self.fwd
+        prompt = fwd.prompt
+        cache = compat.get_cache(kwargs)
         q = embeds.shape[1]
-        cached = past.get_seq_length() if past is not None else 0
-        if self.method.stage == "llm":
-            unpruned_total = cached + q
-            fwd.layer_kwargs["decode_mask"] = layout.compress_mask(mask, unpruned_total)
+        past = cache.get_seq_length()  # unpruned length (PrunedPrompt)
+        if self.compact:  # kept tokens renumbered: later positions shift down by what each row dropped
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = self.adapter.default_position_ids(embeds.shape[0], q, past, embeds.device)
+            pos = pos - prompt.layout.shift[:, None].to(pos.device)
+        if prompt.start > 0:  # llm stage: layers < K hold the whole prompt, masks of layers >= K come at the cut
+            fwd.layer_kwargs["decode_mask"] = prompt.layout.compress_mask(mask, past + q)
             if self.compact:
-                pos = kwargs.get("position_ids")
-                if pos is None:
-                    pos = self.adapter.default_position_ids(embeds.shape[0], q, cached, embeds.device)
-                fwd.layer_kwargs["decode_positions"] = pos - layout.shift[:, None].to(pos.device)
+                fwd.layer_kwargs["decode_positions"] = pos
             return None
-        pruned = layout.gather.shape[1]
-        unpruned_past = cached + layout.seq_len - pruned
-        kwargs["attention_mask"] = layout.compress_mask(mask, unpruned_past + q)
-        if self.drop_layout is not None:
-            fwd.layer_kwargs["decode_mask"] = self.drop_layout.compress_mask(kwargs["attention_mask"], cached + q)
-        if kwargs.get("position_ids") is None:
-            pos = self.adapter.default_position_ids(embeds.shape[0], q, unpruned_past, embeds.device)
-            deltas = getattr(self.adapter.inner, "rope_deltas", None)
-            if self.adapter.mrope and deltas is not None:
-                pos = pos + deltas.to(pos.device)
-            kwargs["position_ids"] = pos
+        kwargs["attention_mask"] = prompt.layout.compress_mask(mask, past + q)
+        if prompt.drop is not None:
+            stored = compat.stored_length(cache, 0)
+            fwd.layer_kwargs["decode_mask"] = prompt.drop.compress_mask(kwargs["attention_mask"], stored + q)
         if self.compact:
-            kwargs["position_ids"] = kwargs["position_ids"] - layout.shift[:, None].to(kwargs["position_ids"].device)
+            kwargs["position_ids"] = pos
         return (), kwargs
 
-    def _start_layout(self, keep: torch.Tensor, past) -> Layout:
+    def _start_layout(self, fwd: Forward, keep: torch.Tensor, start: int) -> Layout:
+        """The compaction of this prefill's first prune point (at decoder layer ``start``; 0: the vision entry);
+        it goes onto the cache with the prompt at the end of the forward."""
         layout = Layout.from_keep(keep)
-        layout.cache = weakref.ref(past) if past is not None else None
-        layout.shift = self.fwd.mask2d.sum(1) - keep.sum(1)
-        self.layout = layout if past is not None else None
+        layout.shift = fwd.mask2d.sum(1) - keep.sum(1)
+        fwd.prompt = PrunedPrompt(layout=layout, start=start)
         return layout
 
     # -- units and selection --------------------------------------------------------------------------
@@ -474,6 +572,7 @@ class Session:
                 if feats is not None:
                     unit.features, unit.info = feats[i], self._info(feats[i])
                 units.append(unit)
+        units.sort(key=lambda u: (u.row, int(u.positions[0])))  # each sample's visual tokens in prompt order
         if fwd.image_sizes is not None:
             self._attach_real_masks(fwd, units)
         needs = self.method.signals & {"features", "cls_attention", "projector_inputs", "vision_keys"}
@@ -501,16 +600,22 @@ class Session:
         dropped = False
         for unit in fwd.units:
             n = unit.positions.numel()
-            inputs = make_inputs(unit)
-            if inputs.k >= n:
-                unit.kept = torch.arange(n, device=unit.positions.device)
-                continue
-            kept = self.method.select(inputs)
+            key = (unit.row, int(unit.positions[0]), n)
+            if self._sticky is not None and key in self._sticky:  # generate(use_cache=False): reuse the prompt's
+                kept = self._sticky[key]
+            else:
+                inputs = make_inputs(unit)
+                if inputs.k >= n:
+                    unit.kept = torch.arange(n, device=unit.positions.device)
+                    continue
+                kept = self.method.select(inputs)
+                if self._sticky is not None:
+                    self._sticky[key] = kept
             if isinstance(kept, Selection):
                 unit.merged = kept.merged
                 kept = kept.kept
             kept = kept.to(unit.positions.device)
-            _check_selection(self.method.name, kept, n, inputs.k)
+            _check_selection(self.method.name, kept, n, self.config.budget(n))
             unit.kept = kept
             keep[unit.row, unit.positions] = False
             keep[unit.row, unit.positions[kept]] = True
@@ -566,12 +671,17 @@ class Session:
         if fwd := self._pending():
             fwd.signals["_k"] = output
 
-    def _llm_signals(self, fwd: Forward, mask2d: torch.Tensor) -> None:
+    def _llm_signals(self, fwd: Forward, mask2d: torch.Tensor, renumber: bool) -> None:
         """Layer K-1's signals from its captured q_proj / k_proj outputs (RoPE applied here, nothing recomputed);
-        ``mask2d`` marks the real tokens of the sequence that layer saw."""
+        ``mask2d`` marks the real tokens of the sequence that layer saw. ``renumber`` (1-D positions, the prompt as
+        the model received it): RoPE at positions numbered from the attention mask, whatever position ids the
+        caller passed, so position-dependent signals (DART's post-RoPE key norms) do not depend on left padding."""
         attn = self.adapter.decoder_layers[self.cut - 1].self_attn
         rope = fwd.signals.pop("_rope")
-        k = rope_keys(attn, fwd.signals.pop("_k"), rope, self._rope)
+        k_out = fwd.signals.pop("_k")
+        if renumber and not self.adapter.mrope:
+            rope = self._rotary(k_out, (mask2d.long().cumsum(1) - 1).clamp(min=0))
+        k = rope_keys(attn, k_out, rope, self._rope)
         if self._needs_text_attention:
             q = rope_query(attn, fwd.signals.pop("_q"), rope, fwd.last, self._rope)
             cols = torch.arange(mask2d.shape[1], device=mask2d.device)
@@ -601,52 +711,53 @@ class Session:
         return hook
 
     def _at_prune_layer(self, fwd: Forward, args, kwargs):
-        past = kwargs.get("past_key_values")
+        cache = compat.get_cache(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if not fwd.prefill:
-            return self._decode_at_cut(fwd, hidden, kwargs, past)
+            return self._decode_at_cut(fwd, hidden, kwargs, cache)
         if not fwd.layer_kwargs.pop("pending", False):
             return None
         t0 = time.perf_counter()
-        self._llm_signals(fwd, fwd.mask2d)
+        self._llm_signals(fwd, fwd.mask2d, renumber=True)
         keep = self._select(fwd, lambda unit: self._llm_inputs(fwd, unit, hidden))
         fwd.select_ms += (time.perf_counter() - t0) * 1e3
         fwd.done = True
         fwd.signals.clear()
         if keep is None:
             return None
-        layout = self._start_layout(keep, past)
-        return self._shorten(fwd, layout, self._merge(fwd, hidden), fwd.mask2d, kwargs, past)
+        layout = self._start_layout(fwd, keep, start=self.layer)
+        return self._shorten(fwd, layout, self._merge(fwd, hidden), fwd.mask2d, kwargs, cache)
 
     def _at_drop_layer(self, fwd: Forward, args, kwargs):
         """Late drop (e.g. ToDRE stage 2): every visual token of a row whose last prompt token gives them too
         little attention at layer K2-1 leaves the sequence from layer K2 on. None: nothing to do here."""
-        past = kwargs.get("past_key_values")
+        cache = compat.get_cache(kwargs)
         if not fwd.prefill:
-            if self.drop_layout is None:
+            if fwd.prompt.drop is None:
                 return None
-            return self._decode_at_cut(fwd, args[0] if args else kwargs.pop("hidden_states"), kwargs, past)
+            return self._decode_at_cut(fwd, args[0] if args else kwargs.pop("hidden_states"), kwargs, cache)
         if not fwd.layer_kwargs.pop("pending", False):
             return None
         t0 = time.perf_counter()
-        self._llm_signals(fwd, fwd.drop_mask)
+        self._llm_signals(fwd, fwd.drop_mask, renumber=False)
         share = (fwd.signals.pop("text_attention").mean(1) * fwd.drop_visual).sum(1)
         fwd.signals.clear()
         has_visual = fwd.drop_visual.any(1)
         fwd.dropped = [bool(v) and self.method.drop_all(float(x)) for x, v in zip(share, has_visual)]
+        if self._sticky is not None:  # generate(use_cache=False): the prompt's decisions hold for every step
+            fwd.dropped = self._sticky.setdefault("late_drop", fwd.dropped)
         fwd.select_ms += (time.perf_counter() - t0) * 1e3
         if not any(fwd.dropped):
             return None
         rows = torch.tensor(fwd.dropped, device=fwd.drop_mask.device)
         layout = Layout.from_keep(fwd.drop_mask & ~(fwd.drop_visual & rows[:, None]))
-        layout.cache = weakref.ref(past) if past is not None else None
-        self.drop_layout = layout if past is not None else None
+        fwd.prompt.drop, fwd.prompt.drop_layer = layout, self.drop_layer
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        return self._shorten(fwd, layout, hidden, fwd.drop_mask, kwargs, past)
+        return self._shorten(fwd, layout, hidden, fwd.drop_mask, kwargs, cache)
 
-    def _decode_at_cut(self, fwd: Forward, hidden, kwargs, past):
+    def _decode_at_cut(self, fwd: Forward, hidden, kwargs, cache):
         """A decode step at the cut layer: layers >= cut get masks sized for their shorter cache."""
-        masks = self._layer_masks(hidden, fwd.layer_kwargs.get("decode_mask"), past)
+        masks = self._layer_masks(hidden, fwd.layer_kwargs.get("decode_mask"), cache)
         override = {"position_ids": None}
         if "decode_positions" in fwd.layer_kwargs:  # positions="compact": layers >= K number the pruned sequence
             override["position_embeddings"] = self._rotary(hidden, fwd.layer_kwargs["decode_positions"])
@@ -656,7 +767,7 @@ class Session:
         kwargs["position_ids"] = None
         return (hidden,), kwargs
 
-    def _shorten(self, fwd: Forward, layout: Layout, hidden, mask2d, kwargs, past):
+    def _shorten(self, fwd: Forward, layout: Layout, hidden, mask2d, kwargs, cache):
         """Compact the cut layer's input (hidden states, rotary tables, masks) with ``layout``; layers after it get
         the same overrides."""
         hidden = layout.take(hidden, 1)
@@ -667,7 +778,7 @@ class Session:
             cos, sin = kwargs["position_embeddings"]
             rope = (layout.take(cos, 1), layout.take(sin, 1))
         override = {"position_embeddings": rope, "position_ids": None}
-        masks = self._layer_masks(hidden, mask2d, past)
+        masks = self._layer_masks(hidden, mask2d, cache)
         fwd.layer_kwargs.update(masks=masks, override=override)
         kwargs.update(override)
         kwargs["attention_mask"] = masks[self.adapter.layer_type(self.cut)]
@@ -677,20 +788,10 @@ class Session:
         """The LM's rotary tables ``(cos, sin)`` for ``position_ids`` (positions="compact" after pruning)."""
         return self.adapter.language_model.rotary_emb(hidden, position_ids)
 
-    def _layer_masks(self, hidden, mask2d, past) -> dict[str, Any]:
-        common = dict(
-            config=self.adapter.language_model.config,
-            inputs_embeds=hidden,
-            attention_mask=mask2d,
-            past_key_values=past,
-            position_ids=None,
-            layer_idx=self.cut,
-        )
-        masks = {"full_attention": create_causal_mask(**common)}
+    def _layer_masks(self, hidden, mask2d, cache) -> dict[str, Any]:
+        """Masks of layers >= the cut for their (shorter) sequence and cache, by layer type."""
         types = {self.adapter.layer_type(i) for i in range(self.cut, self.num_layers)}
-        if "sliding_attention" in types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**common)
-        return masks
+        return compat.causal_masks(self.adapter.language_model.config, hidden, mask2d, cache, self.cut, types)
 
     def _llm_inputs(self, fwd: Forward, unit: Unit, hidden: torch.Tensor) -> ImageInputs:
         n = unit.positions.numel()

@@ -15,6 +15,11 @@ class PruneStats:
     tokens of sample b, relative to that sample's visual tokens in prompt order (all its images concatenated);
     for llm-stage methods, those kept at the pruning layer. FLOPs are analytic (``vtprune.flops``), summed over
     the batch's real (unpadded) tokens, vision tower and projector included.
+
+    A "sample" is a row of the batch the prefill actually ran on. ``generate`` expands a batch of ``B`` prompts
+    to ``B * k`` rows before the prefill, ``k = max(num_beams, num_return_sequences)`` (row ``b * k + j`` is copy
+    ``j`` of prompt ``b``): after ``generate(num_beams=2)`` on one prompt the lists have 2 entries (the copies
+    keep the same tokens), and the FLOPs count ``k`` prefills per prompt, as they ran.
     """
 
     visual_tokens_in: list[int]

@@ -43,9 +43,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
 import vtprune
+from vtprune import compat
 from vtprune.adapters import get_adapter
 from vtprune.latency import build_random_llava, prefill
 from vtprune.registry import get_method
@@ -115,10 +115,8 @@ def one_layer(model, hidden: torch.Tensor):
     positions = torch.arange(s, device=hidden.device)[None]
     with torch.no_grad():
         rotary = lm.rotary_emb(hidden, positions)
-    mask = create_causal_mask(
-        config=lm.config, inputs_embeds=hidden, attention_mask=torch.ones(1, s, dtype=torch.long),
-        past_key_values=None, position_ids=positions,
-    )
+    ones = torch.ones(1, s, dtype=torch.long)
+    mask = compat.causal_masks(lm.config, hidden, ones, None, 0, {"full_attention"})["full_attention"]
 
     def run(h: torch.Tensor = hidden) -> torch.Tensor:
         with torch.no_grad():

@@ -5,7 +5,10 @@ of the head-mean CLS row; keep the top-k, in original order.
 Acts at the vision stage. The official code prunes before the projector; here the projector has already run
 (the kept tokens are identical; only the projector's cost on dropped tokens differs). The CLS rows are
 recomputed from each layer's q/k outputs, so the tower keeps its fast attention.
-Default ``start_layer``: ``2 * L // 3`` of an L-layer tower (16 of 24 for CLIP ViT-L, the official default).
+Default ``start_layer``: ``2 * L // 3`` of an L-layer tower (16 of 24 for CLIP ViT-L, the official default),
+clamped to ``L - 2`` so that shallow towers keep one layer to score with (3 layers: ``[1]``, 2 layers: ``[0]``);
+an explicit ``start_layer`` is never clamped and raises ``ValueError`` if it leaves no layer. A 1-layer tower has
+no layer before its last one, so ``cls`` cannot run on it.
 LLaVA-NeXT: every crop's patches are scored by that crop's CLS token and mapped through the model's own AnyRes
 packing; the row-separator (newline) tokens get their image's lowest score.
 Only towers with a CLS token (CLIP) have this signal; others raise at ``patch`` time.
@@ -25,6 +28,10 @@ from .base import ImageInputs, Method
 
 @dataclass
 class CLSConfig(PruneConfig):
+    """VTC-CLS options. ``start_layer``: first vision layer whose CLS row is summed (0-based; the layers used are
+    ``start_layer .. L-2``); None: ``min(2 * L // 3, L - 2)``. Raises ``ValueError`` if it is neither None nor an int
+    >= 0; a start that leaves no layer in the model's tower raises at ``patch`` time."""
+
     start_layer: int | None = None
 
     def __post_init__(self):
@@ -38,7 +45,16 @@ class VTCCLS(Method):
     signals = frozenset({"cls_attention"})
 
     def vision_layers(self, num_layers: int) -> list[int]:
-        start = 2 * num_layers // 3 if self.config.start_layer is None else self.config.start_layer
+        """Vision layers ``start_layer .. L-2`` of an ``L``-layer tower (official ``attentions[start_layer:-1]``).
+        The default start ``2L // 3`` is clamped to ``L - 2``; an explicit one that leaves no layer raises."""
+        if num_layers < 2:
+            raise ValueError(
+                f"cls: a {num_layers}-layer vision tower has no layer before its last one to score with "
+                "(VTC-CLS sums layers start_layer .. L-2); it needs a tower of at least 2 layers"
+            )
+        start = self.config.start_layer
+        if start is None:
+            start = min(2 * num_layers // 3, num_layers - 2)
         layers = list(range(start, num_layers - 1))
         if not layers:
             raise ValueError(

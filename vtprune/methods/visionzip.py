@@ -32,6 +32,14 @@ from .base import ImageInputs, Method, Selection
 
 @dataclass
 class VisionZipConfig(PruneConfig):
+    """VisionZip options. ``contextual``: merged tokens per image (None: ``round(k * 10 / 64)`` of the image's
+    budget ``k``); ``layer``: the vision layer read (None: ``L - 2``).
+
+    Raises ``ValueError`` if an option is neither None nor an int >= 0, or if ``keep`` is given and an explicit
+    ``contextual >= keep`` would leave no dominant token. With ``ratio=`` the budget is only known per image, so
+    that check happens in :meth:`split`, at forward time.
+    """
+
     contextual: int | None = None
     layer: int | None = None
 
@@ -39,13 +47,27 @@ class VisionZipConfig(PruneConfig):
         super().__post_init__()
         check_int_option("contextual", self.contextual, 0, optional=True)
         check_int_option("layer", self.layer, 0, optional=True)
+        if self.keep is not None and self.contextual is not None and self.contextual >= self.keep:
+            raise ValueError(
+                f"visionzip: contextual={self.contextual} leaves no dominant token in keep={self.keep} "
+                f"(keep = dominant + contextual); allowed: 0 <= contextual < keep, or contextual=None "
+                f"(round(keep * 10 / 64) = {round(self.keep * 10 / 64)})"
+            )
 
-    def split(self, k: int) -> tuple[int, int]:
-        """``(dominant, contextual)`` for a budget of ``k`` tokens."""
+    def split(self, k: int, n: int | None = None) -> tuple[int, int]:
+        """``(dominant, contextual)`` for a budget of ``k`` tokens (of an image's ``n`` visual tokens, if given,
+        for the error message). Raises ``ValueError`` if an explicit ``contextual`` leaves no dominant token in
+        ``k > 1`` (with ``keep=N``: an image with fewer than ``keep`` tokens; with ``ratio=r``: a small image or
+        ratio); a budget of 1 token is one dominant token."""
         contextual = round(k * 10 / 64) if self.contextual is None else self.contextual
-        if contextual >= k and k > 1:
-            raise ValueError(f"visionzip: contextual={contextual} leaves no dominant token in a budget of {k}; "
-                             f"allowed: contextual < keep")
+        if contextual >= k > 1:
+            budget = f"keep={self.keep}" if self.keep is not None else f"ratio={self.ratio}"
+            of = f" of {n} visual tokens" if n is not None else ""
+            raise ValueError(
+                f"visionzip: contextual={contextual} leaves no dominant token in a budget of {k} tokens "
+                f"({budget}{of}); allowed: contextual < the per-image budget. Lower contextual, raise the budget, "
+                "or use contextual=None (round(budget * 10 / 64))"
+            )
         contextual = min(contextual, k - 1)
         return k - contextual, contextual
 
@@ -65,7 +87,7 @@ class VisionZip(Method):
         return [layer]
 
     def select(self, image: ImageInputs) -> Selection:
-        dominant, contextual = self.config.split(image.k)
+        dominant, contextual = self.config.split(image.k, image.n)
         scores = F.cls_scores(image.cls_attention, slice(None))[0]  # [P], head mean (same ranking as the sum)
         keys = image.vision_keys[0, 0, 1:]  # [P, Dh], CLS dropped
         kept, merge = F.visionzip_select(scores, keys, dominant, contextual)

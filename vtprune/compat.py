@@ -1,0 +1,129 @@
+"""The one place that knows transformers' calling conventions (supported: transformers >= 5.23, < 6).
+
+Everything vtprune reads from or passes to transformers' modelling code goes through here, so the next rename
+is a one-line change:
+
+* the KV-cache keyword of forwards, decoder layers and mask functions: ``past_key_values=`` up to 5.23,
+  ``cache=`` from 5.24 (the old name is a deprecated alias there until 5.40), and the output field that returns
+  the cache (``past_key_values`` / ``cache``);
+* ``create_causal_mask`` / ``create_sliding_window_causal_mask`` arguments (``cache`` / ``past_key_values``);
+* how a cache reports its length: ``Cache.get_seq_length(layer_idx)`` (what generate, position ids and
+  ``rope_deltas`` consumers read) and ``Cache.get_query_offset(layer_idx)`` (what the mask functions read), and
+  which caches are static (pre-allocated, ``is_compileable``);
+* Qwen's M-RoPE ``rope_deltas`` (kept on the inner model).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import masking_utils
+
+#: the oldest transformers release vtprune is tested with (pyproject's floor; ``make test-oldest``)
+MIN_TRANSFORMERS = "5.23.0"
+#: keyword names a host may use for the KV cache, newest first
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def transformers_version() -> Version:
+    return Version(transformers.__version__)
+
+
+def check_transformers() -> None:
+    """Raise a clear ``ImportError`` when the installed transformers is older than vtprune supports."""
+    found = transformers_version()
+    if found < Version(MIN_TRANSFORMERS) or found.major >= 6:
+        raise ImportError(
+            f"vtprune supports transformers >= {MIN_TRANSFORMERS}, < 6; found {transformers.__version__}. "
+            f"Install a supported release: pip install 'transformers>={MIN_TRANSFORMERS},<6'"
+        )
+
+
+# -- the cache keyword --------------------------------------------------------------------------------------
+def get_cache(kwargs: dict[str, Any]):
+    """The KV cache a forward / decoder layer was called with (under either keyword), or None."""
+    for name in CACHE_KEYWORDS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def output_cache(output: Any):
+    """The cache a model output carries (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
+    for name in CACHE_KEYWORDS:
+        value = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(fn) -> str:
+    params = inspect.signature(fn).parameters
+    for name in CACHE_KEYWORDS:
+        if name in params:
+            return name
+    raise TypeError(f"{fn.__qualname__} takes none of the cache keywords {CACHE_KEYWORDS}: unsupported transformers")
+
+
+def causal_masks(config, inputs_embeds: torch.Tensor, attention_mask, cache, layer_idx: int,
+                 layer_types: set[str]) -> dict[str, Any]:
+    """The decoder's masks for ``inputs_embeds`` ``[B, q, D]`` over ``cache`` (at ``layer_idx``) and the 2-D
+    ``attention_mask`` ``[B, cached + q]`` (or None), keyed by layer type (``full_attention`` and, when
+    ``layer_types`` has it, ``sliding_attention``), as the host's decoder builds them."""
+    common = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=None)
+    fn = masking_utils.create_causal_mask
+    masks = {"full_attention": fn(**common, **{_cache_keyword(fn): cache}, layer_idx=layer_idx)}
+    if "sliding_attention" in layer_types:
+        fn = masking_utils.create_sliding_window_causal_mask
+        masks["sliding_attention"] = fn(**common, **{_cache_keyword(fn): cache}, layer_idx=layer_idx)
+    return masks
+
+
+# -- cache lengths ----------------------------------------------------------------------------------------
+def stored_length(cache, layer_idx: int = 0) -> int:
+    """How many positions layer ``layer_idx`` of ``cache`` physically holds (whatever the cache reports to its
+    other consumers; see :func:`vtprune.engine` 's pruned caches)."""
+    if cache is None:
+        return 0
+    return int(type(cache).get_seq_length(cache, layer_idx))
+
+
+def is_static(cache) -> bool:
+    """A pre-allocated cache (``StaticCache`` and kin: ``cache_implementation="static"``)."""
+    return bool(getattr(cache, "is_compileable", False))
+
+
+def report_lengths(cache, logical) -> None:
+    """Make ``cache`` report ``logical(layer_idx, stored)`` as its length to every consumer that asks
+    ``get_seq_length`` (generate's slicing of new tokens, default position ids, M-RoPE decode positions), while
+    the mask functions (``get_query_offset``) keep seeing what each layer stores. On this instance only."""
+    cls = type(cache)
+
+    def get_seq_length(layer_idx: int = 0) -> int:
+        return logical(layer_idx, int(cls.get_seq_length(cache, layer_idx)))
+
+    def get_query_offset(layer_idx: int = 0) -> int:
+        return int(cls.get_seq_length(cache, layer_idx))
+
+    cache.__dict__["get_seq_length"] = get_seq_length
+    cache.__dict__["get_query_offset"] = get_query_offset
+
+
+def restore_lengths(cache) -> None:
+    """Undo :func:`report_lengths`."""
+    cache.__dict__.pop("get_seq_length", None)
+    cache.__dict__.pop("get_query_offset", None)
+
+
+# -- M-RoPE ---------------------------------------------------------------------------------------------------
+def rope_deltas(inner) -> torch.Tensor | None:
+    """Qwen-VL's per-row M-RoPE offset ``[B, 1]`` (decode position = text position + delta), kept on the inner
+    model by its last prefill."""
+    return getattr(inner, "rope_deltas", None)
