@@ -1,29 +1,71 @@
-# The whole set-up is `make demo` / `make test`: each creates .venv and installs what it needs from PyPI.
+# The whole set-up is `make demo` / `make test`: each creates .venv and installs the committed lock
+# (requirements/lock.txt: every package, direct and transitive, at the exact version the suite passed with).
+#   make test-latest   the newest releases pyproject allows, in .venv-latest (CI runs it after `make test`)
+#   make test-oldest   pyproject's floors (requirements/oldest.txt), in .venv-oldest
+#   make lock          regenerate both lock files with pip-tools (then run the three test targets)
+#   make gpu-check     the prepared GPU check (eval/gpu/README.md; run on a GPU machine, never in CI)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtprune-installed
+PIP := -m pip install -q --disable-pip-version-check
+PYTEST := -m pytest -q -p no:cacheprovider tests
+# the second environments JIT-build csrc/ into their own cache instead of sharing .venv's in-place vtprune/_C
+ISOLATED_EXT = VTPRUNE_JIT=1 TORCH_EXTENSIONS_DIR=$(abspath $(1))/torch_extensions
 
-.PHONY: demo test bench clean cuda-build
+.PHONY: demo test bench lock test-latest test-oldest gpu-check clean cuda-build
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): requirements/lock.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
-	$(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,eval]"
+	$(PY) $(PIP) --no-deps -r requirements/lock.txt
+	$(PY) $(PIP) --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/vtprune demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m vtprune.compat --versions
+	$(PY) $(PYTEST)
 
 bench: $(STAMP)
 	$(PY) eval/bench/prefill.py --threads 1 --repeats 15 --out eval/results/prefill.md
 
+# Newest releases: upgraded eagerly on every run, whatever the venv held before.
+test-latest:
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python $(PIP) --upgrade pip "setuptools>=77" wheel
+	.venv-latest/bin/python $(PIP) --upgrade --upgrade-strategy eager torch torchvision
+	VTPRUNE_NO_EXT=1 .venv-latest/bin/python $(PIP) --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,eval]"
+	.venv-latest/bin/python -m pip check
+	.venv-latest/bin/python -m vtprune.compat --versions
+	$(call ISOLATED_EXT,.venv-latest) .venv-latest/bin/python $(PYTEST)
+
+test-oldest: .venv-oldest/.vtprune-installed
+	.venv-oldest/bin/python -m vtprune.compat --versions
+	$(call ISOLATED_EXT,.venv-oldest) .venv-oldest/bin/python $(PYTEST)
+
+.venv-oldest/.vtprune-installed: requirements/oldest.txt pyproject.toml setup.py
+	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python $(PIP) --no-deps -r requirements/oldest.txt
+	VTPRUNE_NO_EXT=1 .venv-oldest/bin/python $(PIP) --no-deps --no-build-isolation -e .
+	.venv-oldest/bin/python -m pip check
+	touch $@
+
+lock:
+	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/python $(PIP) "pip-tools==7.6.2")
+	rm -f requirements/lock.txt requirements/oldest.txt
+	.venv-tools/bin/pip-compile -q --allow-unsafe --extra dev --extra eval --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements/lock.txt pyproject.toml requirements/lock.in
+	.venv-tools/bin/pip-compile -q --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements/oldest.txt requirements/oldest.in
+
+gpu-check:
+	bash eval/gpu/check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-tools build *.egg-info
 
 # Compile (JIT, cached) the CUDA kernels of csrc/cuda with nvcc and check they load (minutes; no GPU needed).
 CUDA_HOME ?= /usr/local/cuda

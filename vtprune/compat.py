@@ -127,3 +127,21 @@ def rope_deltas(inner) -> torch.Tensor | None:
     """Qwen-VL's per-row M-RoPE offset ``[B, 1]`` (decode position = text position + delta), kept on the inner
     model by its last prefill."""
     return getattr(inner, "rope_deltas", None)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages vtprune's behaviour depends on (what a test run had installed)."""
+    import platform
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "torchvision", "lmms_eval", "filelock", "numpy", "accelerate"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "-"
+    return found
+
+
+if __name__ == "__main__":  # python -m vtprune.compat --versions (the test targets print it first)
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))

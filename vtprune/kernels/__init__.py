@@ -13,7 +13,9 @@ code otherwise; both return identical indices (see ``vtprune.functional`` for th
 
 Loading, on first use: the prebuilt extension ``vtprune._C`` (``pip install -e .`` builds it), else a JIT build
 of ``csrc/`` with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``), else pure torch
-with one warning. ``VTPRUNE_NO_EXT=1`` forces pure torch; ``VTPRUNE_CUDA=1`` JIT-builds ``csrc/`` with its CUDA
+with one warning. ``VTPRUNE_NO_EXT=1`` forces pure torch; ``VTPRUNE_JIT=1`` JIT-builds even where a prebuilt
+extension exists (a second environment, with another torch, beside the one that built ``vtprune/_C``; set
+``TORCH_EXTENSIONS_DIR`` per environment); ``VTPRUNE_CUDA=1`` JIT-builds ``csrc/`` with its CUDA
 sources (``nvcc`` and a CUDA build of torch needed; ``CUDA_HOME`` = the toolkit root, ``TORCH_CUDA_ARCH_LIST=9.0``
 for H100/H200; minutes of nvcc) instead of importing a CPU-only prebuilt extension. ``VTPRUNE_CFLAGS`` adds C++
 flags to the JIT build (e.g. ``-march=native``).
@@ -83,7 +85,7 @@ def _load() -> dict:
         return {"cpp": False, "cuda": False}
     error = None
     try:
-        if os.environ.get("VTPRUNE_CUDA") != "1" and _prebuilt_is_fresh():
+        if os.environ.get("VTPRUNE_CUDA") != "1" and os.environ.get("VTPRUNE_JIT") != "1" and _prebuilt_is_fresh():
             import vtprune._C  # noqa: F401
         else:
             _jit_build()
