@@ -9,9 +9,10 @@ Counting convention
 * 1 multiply-add = 2 FLOPs.  Every matrix product is counted: every linear layer (including the
   MLP gate, q/k/v/o projections, lm_head, projector, patch merger), the convolutional patch
   embedding (as the matmul it is), and the two attention products ``Q K^T`` and ``A V``.
-  This is what :class:`torch.utils.flop_counter.FlopCounterMode` counts, and the tests check it.
-* Causal attention is counted as the full ``S x S`` rectangle, as ``FlopCounterMode`` counts a
-  causal SDPA call (and as the dense kernels actually compute it, up to tiling).
+  This is what :class:`torch.utils.flop_counter.FlopCounterMode` counts; the tests check it on models run with
+  eager attention (explicit matmuls, counted by every torch version: some do not count CPU SDPA calls).
+* Causal attention is counted as the full ``S x S`` rectangle, as the eager path and the dense kernels
+  compute it (up to tiling).
 * Not counted: element-wise work (RMSNorm/LayerNorm, activations, the gate product, softmax, the
   attention scale, residual adds, bias adds, the RoPE tables and their application) and embedding
   look-ups.  (transformers 5.x builds the RoPE tables element-wise, so ``FlopCounterMode`` does not

@@ -8,8 +8,9 @@ entering layer K. Math: ``vtprune.functional.pact_merge``.
 Budget: official PACT is cutoff-driven (``cutoff=0.21`` keeps a data-dependent number of tokens). Here ``keep`` /
 ``ratio`` give exactly ``k`` tokens per image: the cutoff is the smallest one ``>= cutoff`` (default 0) whose
 DBDPC has at most ``k`` centres, and if that leaves fewer, the tokens farthest from their centre become centres
-too (every token then joins its nearest centre). With ``cutoff=0.21`` and a budget that does not bind, the
-official data-dependent count is kept.
+too (every token then joins its nearest centre), so the method always keeps exactly ``k``. The official
+data-dependent count (cutoff 0.21, no budget) is ``vtprune.functional.pact_merge(hidden, keys, k=None,
+cutoff=0.21)``.
 
 Where this differs from the official code (our reading, documented):
 

@@ -1,4 +1,4 @@
-"""``todre`` — ToDRE, diversity-driven two-stage token reduction (paper; no public code: REFERENCES.md).
+"""``todre`` — ToDRE, diversity-driven two-stage token reduction (paper; no public code: docs/methods.md).
 
 Stage 1 (vision stage, on the projected features z, distance ``1 - cos``): greedy diversity selection whose first
 pick is the patch with the highest CLS attention of the vision layer ``cls_layer`` (default ``L-2``, the layer
@@ -9,7 +9,7 @@ whose output LLaVA feeds the projector; head-mean row, CLS key dropped; AnyRes: 
 Stage 2 (``late_drop=True``, default): at decoder layer ``drop_layer`` (default ``7L/8``, rounded down), if the
 last prompt token puts less than ``drop_threshold`` (0.10) of its head-mean attention at layer ``drop_layer - 1``
 on the sample's visual tokens, every visual token of that sample leaves the sequence for the remaining layers and
-all decode steps (our reading of the paper's "task-relevance" stage: REFERENCES.md). A budget that keeps every
+all decode steps (our reading of the paper's "task-relevance" stage: docs/methods.md). A budget that keeps every
 token (``ratio=1``) prunes nothing at either stage.
 
 Needs the vision tower's CLS token (CLIP): LLaVA-1.5 and LLaVA-NeXT; Qwen-VL towers have none.

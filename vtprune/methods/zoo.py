@@ -1,12 +1,12 @@
 """``zoo`` — ZOO-Prune, "Training-Free Token Pruning via Zeroth-Order Gradient Estimation in VLMs" (no public
-code yet; REFERENCES.md).
+code yet; docs/methods.md).
 
 Vision stage, using only the projector P. Each visual token's sensitivity is the mean norm of P's response to small
 perturbations of its input, ``S(i) = mean_j ||(P(x_i + h u_j) - P(x_i - h u_j)) / 2h||`` over ``m`` unit Gaussian
 directions (defaults m=64, h=0.01); ``S`` is min-max normalised, the first pick is the most sensitive token, then
 ``argmax_i S(i) * (1 - max_{j kept} cos(z_i, z_j))`` on the projected features z. Kept tokens in original order.
 
-Our reading (REFERENCES.md): one bank of directions shared by all tokens, drawn from a generator seeded by
+Our reading (docs/methods.md): one bank of directions shared by all tokens, drawn from a generator seeded by
 ``seed``; cosine on projected features; computed in float32 even for fp16/bf16 models (a float32 copy of the
 projector), since in half precision most ``x + h u`` round back to ``x``.
 
