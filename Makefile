@@ -10,6 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtprune-installed
 PIP := -m pip install -q --disable-pip-version-check
 PYTEST := -m pytest -q -p no:cacheprovider tests
+VERSIONS := -c "from vtprune.compat import versions; print('versions:', versions())"
 # the second environments JIT-build csrc/ into their own cache instead of sharing .venv's in-place vtprune/_C
 ISOLATED_EXT = VTPRUNE_JIT=1 TORCH_EXTENSIONS_DIR=$(abspath $(1))/torch_extensions
 
@@ -26,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vtprune demo
 
 test: $(STAMP)
-	$(PY) -m vtprune.compat --versions
+	$(PY) $(VERSIONS)
 	$(PY) $(PYTEST)
 
 bench: $(STAMP)
@@ -39,11 +40,11 @@ test-latest:
 	.venv-latest/bin/python $(PIP) --upgrade --upgrade-strategy eager torch torchvision
 	VTPRUNE_NO_EXT=1 .venv-latest/bin/python $(PIP) --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,eval]"
 	.venv-latest/bin/python -m pip check
-	.venv-latest/bin/python -m vtprune.compat --versions
+	.venv-latest/bin/python $(VERSIONS)
 	$(call ISOLATED_EXT,.venv-latest) .venv-latest/bin/python $(PYTEST)
 
 test-oldest: .venv-oldest/.vtprune-installed
-	.venv-oldest/bin/python -m vtprune.compat --versions
+	.venv-oldest/bin/python $(VERSIONS)
 	$(call ISOLATED_EXT,.venv-oldest) .venv-oldest/bin/python $(PYTEST)
 
 .venv-oldest/.vtprune-installed: requirements/oldest.txt pyproject.toml setup.py

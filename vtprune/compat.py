@@ -142,6 +142,3 @@ def versions() -> dict[str, str]:
             found[name] = "-"
     return found
 
-
-if __name__ == "__main__":  # python -m vtprune.compat --versions (the test targets print it first)
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))

@@ -142,7 +142,7 @@ def main():
     extra = extra_cells()
 
     lines = [
-        "# Native ops vs pure torch (CPU)",
+        f"# Native ops vs pure torch ({'CUDA' if DEVICE.type == 'cuda' else 'CPU'})",
         "",
         f"Command: `python eval/bench/{' '.join(['kernels.py'] + sys.argv[1:])}`",
         "",
