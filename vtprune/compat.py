@@ -15,6 +15,7 @@ is a one-line change:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any
@@ -55,11 +56,14 @@ def get_cache(kwargs: dict[str, Any]):
 
 
 def output_cache(output: Any):
-    """The cache a model output carries (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
+    """The cache a model output carries (field ``cache`` from 5.24, ``past_key_values`` before), or None. Reads only
+    the field the output class declares (5.24's ``past_key_values`` property is a deprecated alias that logs)."""
+    if not dataclasses.is_dataclass(output):
+        return None
+    declared = {f.name for f in dataclasses.fields(output)}
     for name in CACHE_KEYWORDS:
-        value = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
-        if value is not None:
-            return value
+        if name in declared:
+            return getattr(output, name)
     return None
 
 

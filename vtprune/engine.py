@@ -406,7 +406,8 @@ class Session:
                 "labels are not supported on a pruned model: its logits cover only the kept positions. "
                 "Compute the loss on an unpatched model (vtprune.unpatch or the vtprune.patched context)."
             )
-        has_visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+        visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+        has_visual = any(kwargs.get(k) is not None for k in visual_keys) or bool(kwargs.get("mm_encoder_outputs"))
         if self.adapter.mrope and has_visual and kwargs.get("mm_token_type_ids") is None:
             raise ValueError(
                 f"{self.adapter.config.model_type!r} needs mm_token_type_ids with pixel_values / pixel_values_videos "
@@ -519,9 +520,11 @@ class Session:
         cache = compat.get_cache(kwargs)
         q = embeds.shape[1]
         past = cache.get_seq_length()  # unpruned length (PrunedPrompt)
-        if self.compact:  # kept tokens renumbered: later positions shift down by what each row dropped
+        if self.compact:  # kept tokens renumbered from each row's first real token, dropped ones not counted
             pos = kwargs.get("position_ids")
-            if pos is None:
+            if pos is None and mask is not None:  # number from the mask, as the compacted prompt was
+                pos = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -q:]
+            elif pos is None:
                 pos = self.adapter.default_position_ids(embeds.shape[0], q, past, embeds.device)
             pos = pos - prompt.layout.shift[:, None].to(pos.device)
         if prompt.start > 0:  # llm stage: layers < K hold the whole prompt, masks of layers >= K come at the cut
