@@ -99,19 +99,9 @@ def extra_cells():
         excluded = torch.arange(4, device=DEVICE)
         counts = [(k - 4) // 8] * 8
 
-        def dart_torch():
-            available = torch.ones(n, dtype=torch.bool, device=DEVICE)
-            available[excluded] = False
-            picks = []
-            for t, c in enumerate(counts):
-                sims = dart.cosine_to_row(units, pivots[t:t + 1]).masked_fill_(~available, float("inf"))
-                chosen = dart.topk_lowtie(sims, c, largest=False)
-                available[chosen] = False
-                picks.append(chosen)
-            return torch.cat(picks)
-
         rows.append(("dart per-pivot picks (8 pivots)", n, d, k, _compare(
-            lambda: torch.ops.vtprune.dart_pick(units, pivots, excluded, counts), dart_torch, 5)))
+            lambda: torch.ops.vtprune.dart_pick(units, pivots, excluded, counts),
+            lambda: dart.dart_pick_torch(units, pivots, excluded, counts), 5)))
         keys = torch.randn(n, 128, generator=g).to(DEVICE)  # one head's worth of key features
         dist, rank = cluster._distances(keys, cluster.PACT_DC)
         rows.append(("dbdpc centres + labels, cutoff 0.9", n, 128, None, _compare(

@@ -102,15 +102,7 @@ def native_greedy(x: torch.Tensor, offsets, k: int, first, mode: str) -> torch.T
 def pure_dart(units: torch.Tensor, pivots: torch.Tensor, excluded: torch.Tensor, counts) -> torch.Tensor:
     from vtprune.functional import dart
 
-    available = torch.ones(units.shape[0], dtype=torch.bool, device=units.device)
-    available[excluded] = False
-    picks = []
-    for t, c in enumerate(counts):
-        sims = dart.cosine_to_row(units, pivots[t:t + 1]).masked_fill_(~available, float("inf"))
-        chosen = dart.topk_lowtie(sims, c, largest=False)
-        available[chosen] = False
-        picks.append(chosen)
-    return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long, device=units.device)
+    return dart.dart_pick_torch(units, pivots, excluded, counts)
 
 
 def compare_dart(got, want, units64, pivots64, counts, dtype) -> str:

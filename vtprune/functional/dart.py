@@ -91,20 +91,30 @@ def dart_select(hidden: torch.Tensor, keys: torch.Tensor, image_start: int, imag
                                             img_piv.contiguous(), counts)
         return torch.cat([img_piv, picks]).sort().values
 
-    available = torch.ones(image_len, dtype=torch.bool, device=device)
-    available[img_piv] = False
-    remaining = image_len - n_img_piv
-    picks = [img_piv]
+    picks = dart_pick_torch(image_units, units[pivots], img_piv, counts)
+    return torch.cat([img_piv, picks]).sort().values
+
+
+def dart_pick_torch(units: torch.Tensor, pivots: torch.Tensor, excluded: torch.Tensor, counts) -> torch.Tensor:
+    """Pure-torch reference of the native ``torch.ops.vtprune.dart_pick``: DART's per-pivot picks.
+
+    ``units`` ``[N, D]`` unit-norm image rows, ``pivots`` ``[P, D]`` unit-norm pivot rows, ``excluded`` ``[E]`` image
+    rows never picked (the image pivots), ``counts`` ``P`` ints. Pivot ``t`` in turn takes the ``counts[t]`` available
+    rows least cosine-similar to it (ties to the lower index) and removes them from the pool; stops when the pool
+    is empty. Returns the picks ``[<= sum(counts)]`` int64, in pick order."""
+    available = torch.ones(units.shape[0], dtype=torch.bool, device=units.device)
+    available[excluded] = False
+    remaining = int(available.sum())
+    picks = [torch.zeros(0, dtype=torch.long, device=units.device)]
     for t, count in enumerate(counts):
         if remaining == 0:
             break
         take = min(count, remaining)
         if take == 0:
             continue
-        sims = cosine_to_row(image_units, units[pivots[t]].unsqueeze(0))
-        row = sims.masked_fill_(~available, float("inf"))
+        row = cosine_to_row(units, pivots[t].unsqueeze(0)).masked_fill_(~available, float("inf"))
         chosen = topk_lowtie(row, take, largest=False)
         available[chosen] = False
         remaining -= take
         picks.append(chosen)
-    return torch.cat(picks).sort().values
+    return torch.cat(picks)
