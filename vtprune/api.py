@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from . import compat
 from .adapters import get_adapter
 from .config import PruneConfig
 from .engine import Session
@@ -39,7 +40,9 @@ def patch(model: nn.Module, method: str | PruneConfig, **options: Any) -> nn.Mod
     """Make ``model`` prune its visual tokens with ``method``; in place, returns the model.
 
     ``vtprune.patch(model, "fastv", keep=64)`` or ``vtprune.patch(model, vtprune.FastVConfig(keep=64))``.
+    Raises ``ImportError`` when the installed transformers is outside the supported range (>= 5.23, < 6).
     """
+    compat.check_transformers()
     adapter = get_adapter(model)
     if getattr(model, _ATTR, None) is not None:
         current = getattr(model, _ATTR).method.name
