@@ -47,7 +47,7 @@ def test_cls_patches_and_runs_on_shallow_towers(vision_layers, layers):
     inputs = make_inputs(model, "llava", [(4, 1, 5)])
     keep = 5
     with vtprune.patched(model, "cls", keep=keep), torch.no_grad():
-        assert getattr(model, vtprune.api._ATTR).vision_layers == layers
+        assert getattr(model, vtprune.api._ATTR).capture.vision_layers == layers
         logits = model(**inputs).logits
         st = vtprune.stats(model)
     assert torch.isfinite(logits).all()
@@ -70,7 +70,7 @@ def test_cls_explicit_start_layer_that_leaves_no_layer_raises(vision_layers, sta
     assert not vtprune.is_patched(model)
     # an explicit start inside the range is used as given (not clamped)
     with vtprune.patched(model, "cls", keep=4, start_layer=0):
-        assert getattr(model, vtprune.api._ATTR).vision_layers == list(range(vision_layers - 1))
+        assert getattr(model, vtprune.api._ATTR).capture.vision_layers == list(range(vision_layers - 1))
 
 
 def test_cls_on_a_one_layer_tower_raises():

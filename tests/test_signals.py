@@ -29,7 +29,7 @@ def test_cls_rows_equal_eager_clip_attention(model_factory):
     with vtprune.patched(model, "cls", keep=4, start_layer=1), torch.no_grad():
         session = getattr(model, vtprune.api._ATTR)
         out = model.model.get_image_features(inputs["pixel_values"])
-        info = session._info(out.pooler_output[1])
+        info = session.capture.info(out.pooler_output[1])
     with torch.no_grad():
         eager = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
     # layers 1..L-2 = [1, 2] of 4; image 1, its single crop

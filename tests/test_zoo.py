@@ -113,7 +113,7 @@ def test_bf16_model_scores_in_float32(model_factory):
     with vtprune.patched(model, "zoo", keep=5, num_directions=8), torch.no_grad():
         model(**inputs)
         session = model._vtprune_session
-        assert all(p.dtype == torch.float32 for p in session._projector32.parameters())
+        assert all(p.dtype == torch.float32 for p in session.capture.float32_projector().parameters())
         assert vtprune.stats(model).visual_tokens_kept == [5]
     assert model.model.multi_modal_projector.linear_1.weight.dtype == proj_dtype == torch.bfloat16
 

@@ -8,6 +8,18 @@ import torch
 
 
 @dataclass
+class StageStats:
+    """What one prune point did in the last pruning forward pass (an entry of ``PruneStats.stages``)."""
+
+    method: str
+    stage: str  # "vision" (after the projector) or "llm" (inside the language model)
+    layer: int | None  # decoder layer K the point acts before (None: the vision entry)
+    visual_tokens_kept: list[int]  # per sample, after this point (a late drop: 0 for the samples it emptied)
+    select_ms: float
+    late_drop: bool = False  # an all-or-nothing late drop (ToDRE stage 2)
+
+
+@dataclass
 class PruneStats:
     """Statistics of the last forward pass of a patched model that had visual tokens.
 
@@ -34,6 +46,9 @@ class PruneStats:
     #: there (``visual_tokens_kept`` counts the tokens kept before it)
     late_drop_layer: int | None = None
     late_dropped: list[bool] | None = None
+    #: one entry per prune point that ran, in the order they act (a schedule of several methods, or a method's
+    #: own several points)
+    stages: list[StageStats] = field(default_factory=list)
 
     @property
     def flops_ratio(self) -> float:

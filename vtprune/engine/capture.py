@@ -1,0 +1,167 @@
+"""Vision-side capture: what the vision tower and projector tell the engine about each image, while they run.
+
+Owns :class:`VisionCapture`: it wraps the inner model's ``get_image_features`` / ``get_video_features`` on the
+instance and records, per image feature tensor (:class:`ImageInfo`), its crops, its M-RoPE grid, and the signals
+the vision-stage method asked for: CLS attention rows and head-mean keys of the requested vision layers (hooks on
+their ``q_proj`` / ``k_proj``, one row recomputed, no eager attention) and the projector's input. ``generate``
+calls the feature method before the forward and hands the features over in ``mm_encoder_outputs``; a plain
+forward calls it inside: either way :meth:`VisionCapture.info` finds an image's record from its feature tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter
+from ..methods.base import Method
+from ..signals import cls_attention_rows
+
+
+@dataclass
+class ImageInfo:
+    """What the wrapped feature method recorded about one image (keyed by its feature tensor)."""
+
+    crops: int
+    grid: torch.Tensor | None  # [1, 3] (t, h, w) for Qwen-VL
+    cls_attention: torch.Tensor | None  # [crops, L, H, 1+P] CLS rows of the requested vision layers
+    projector_inputs: torch.Tensor | None  # [crops, P, D_in] what the projector received
+    vision_keys: torch.Tensor | None  # [crops, L, 1+P, Dh] head-mean keys of the requested vision layers
+    pack: Any  # per-crop patch scores [crops, P] -> per visual token [n]
+
+
+class VisionCapture:
+    """The vision-side hooks of one patch. ``method`` is the schedule's vision-entry method (None: none), whose
+    signals are captured; ``on_features(token_id, feats)`` receives the features computed inside a forward."""
+
+    def __init__(self, adapter: ModelAdapter, method: Method | None, on_features: Callable):
+        self.adapter = adapter
+        self.signals = method.signals if method is not None else frozenset()
+        self.on_features = on_features
+        self.vision_layers: list[int] = []
+        if self.signals & {"cls_attention", "vision_keys"}:
+            if not adapter.has_cls_token:
+                raise ValueError(
+                    f"method {method.name!r} needs the vision tower's CLS attention, but "
+                    f"{adapter.config.model_type!r} models have no CLS token; use a method that does not need it "
+                    "(e.g. 'fastv', 'random')"
+                )
+            adapter.check_cls_strategy()
+            if adapter.multi_crop and not method.multi_crop:
+                raise ValueError(
+                    f"method {method.name!r} does not support AnyRes / multi-crop images "
+                    f"({adapter.config.model_type!r}) yet; use it on single-crop LLaVA-1.5-style models"
+                )
+            self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
+        self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
+        self._cls_rows: list | None = None
+        self._vision_keys: list | None = None
+        self._cls_q: torch.Tensor | None = None
+        self._projector_in: list | None = None
+        self._projector32: nn.Module | None = None
+
+    def install(self, hook: Callable, wrap: Callable) -> None:
+        """Register the hooks through ``hook(handle)`` and the wrapped methods through ``wrap(obj, name, fn)``."""
+        a = self.adapter
+        for name in a.feature_methods:
+            if hasattr(a.inner, name):
+                wrap(a.inner, name, self._wrapped_features(name))
+        if "projector_inputs" in self.signals:
+            hook(a.projector_module().register_forward_pre_hook(self._projector_hook))
+        for i in self.vision_layers:
+            attn = a.vision_attention_modules()[i]
+            hook(attn.q_proj.register_forward_hook(self._cls_q_hook))
+            hook(attn.k_proj.register_forward_hook(self._make_cls_k_hook(attn)))
+
+    def token_id(self, name: str) -> int:
+        """The placeholder token id of a feature method (``get_video_features``: videos) or modality name."""
+        key = "video_token_id" if "video" in name else "image_token_id"
+        return int(getattr(self.adapter.config, key))
+
+    def info(self, feat: torch.Tensor) -> ImageInfo | None:
+        entry = self._image_info.get(id(feat))
+        return entry[1] if entry is not None and entry[0]() is feat else None
+
+    def float32_projector(self) -> nn.Module:
+        """The per-token projector in float32 (a copy, made once, when the model runs in another dtype)."""
+        if self._projector32 is None:
+            proj = self.adapter.projector()
+            if any(p.dtype != torch.float32 for p in proj.parameters()):
+                proj = copy.deepcopy(proj).float()
+            self._projector32 = proj
+        return self._projector32
+
+    # -- the wrapped feature methods -------------------------------------------------------------------------
+    def _wrapped_features(self, name: str):
+        original = getattr(self.adapter.inner, name)
+        signature = inspect.signature(original)
+        token_id = self.token_id(name)
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            call = signature.bind(*args, **kwargs).arguments
+            self._cls_rows = [] if self.vision_layers else None
+            self._vision_keys = [] if "vision_keys" in self.signals else None
+            self._projector_in = [] if "projector_inputs" in self.signals else None
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                rows, self._cls_rows = self._cls_rows, None
+                keys, self._vision_keys = self._vision_keys, None
+                projected, self._projector_in = self._projector_in, None
+            feats = list(out.pooler_output)
+            self._record(call, feats, rows, keys, projected)
+            self.on_features(token_id, feats)
+            return out
+
+        return wrapped
+
+    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected) -> None:
+        self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
+        grid = call.get("image_grid_thw", call.get("video_grid_thw"))
+        grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
+        counts = self.adapter.crop_counts(call, len(feats))
+        per_image = torch.split(torch.stack(rows, dim=1), counts) if rows else [None] * len(feats)
+        keys = torch.split(torch.stack(keys, dim=1), counts) if keys else [None] * len(feats)
+        if projected:
+            if len(projected) != 1:
+                raise RuntimeError(f"the projector ran {len(projected)} times in one feature call; expected once")
+            projector_inputs = self.adapter.split_projector_inputs(projected[0], call, counts)
+        else:
+            projector_inputs = [None] * len(feats)
+        for i, feat in enumerate(feats):
+            info = ImageInfo(
+                crops=counts[i],
+                grid=grid[i : i + 1] if grid is not None else None,
+                cls_attention=per_image[i],
+                vision_keys=keys[i],
+                projector_inputs=projector_inputs[i],
+                pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
+            )
+            self._image_info[id(feat)] = (weakref.ref(feat), info)
+
+    # -- vision tower / projector hooks ----------------------------------------------------------------------
+    def _projector_hook(self, module, args):
+        if self._projector_in is not None:
+            self._projector_in.append(args[0].detach())
+
+    def _cls_q_hook(self, module, args, output):
+        if self._cls_rows is not None:
+            self._cls_q = output[:, :1]
+
+    def _make_cls_k_hook(self, attn):
+        def hook(module, args, output):
+            if self._cls_rows is not None:
+                self._cls_rows.append(cls_attention_rows(self._cls_q, output, attn.num_heads, attn.scale))
+            if self._vision_keys is not None:
+                c, t, e = output.shape
+                self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
+
+        return hook

@@ -1,0 +1,216 @@
+"""Prune points: where a method acts, and what acting there does to the sequence.
+
+Owns :class:`PrunePoint` (a method at the vision entry, before decoder layer K, or a late drop at K) and
+:class:`Forward` (the state of one forward pass: the current sequence after the points so far), and the three
+things a point does in prefill: read its signals (layer K-1's q/k, recomputed attention rows), select per unit
+(:meth:`PrunePoint.select`), and compact the sequence it acts on (:func:`compact`); plus the masks and positions
+of the layers after it, in prefill and in every step that continues a pruned cache (:func:`decode_at`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .. import compat
+from ..methods.base import ImageInputs, Method, Selection
+from ..signals import query_attention, rope_keys, rope_query
+from .layout import Layout, PrunedPrompt
+from .units import Unit, check_selection
+
+VISION, LLM, LATE_DROP = "vision", "llm", "late_drop"
+
+
+@dataclass
+class PrunePoint:
+    """``method`` acting at ``layer`` (0: the vision entry, after the projector; K: before decoder layer K).
+    ``kind``: ``"vision"``, ``"llm"`` or ``"late_drop"`` (every visual token of a row, or none: ToDRE stage 2)."""
+
+    method: Method
+    layer: int
+    kind: str
+
+    @property
+    def stage(self) -> str:
+        return VISION if self.kind == VISION else LLM
+
+    @property
+    def needs_text_attention(self) -> bool:
+        return self.kind == LATE_DROP or "text_attention" in self.method.signals
+
+    def describe(self) -> str:
+        where = "the vision entry" if self.kind == VISION else f"decoder layer {self.layer}"
+        return f"{self.method.name!r} ({'late drop' if self.kind == LATE_DROP else self.stage}) at {where}"
+
+
+@dataclass
+class PointRecord:
+    """What one point did in one prefill (for :class:`vtprune.stats.PruneStats`)."""
+
+    point: PrunePoint
+    kept: list[int]  # visual tokens per row after the point
+    dropped: list[int]  # real tokens per row the point removed
+    select_ms: float
+    late_dropped: list[bool] | None = None
+
+
+@dataclass
+class Forward:
+    """Per-forward state of a patched model. In prefill, ``cols`` / ``real`` describe the current sequence: slot j of
+    row b holds prompt column ``cols[b, j]``, a real token where ``real[b, j]``."""
+
+    input_ids: torch.Tensor | None
+    prefill: bool
+    prompt: PrunedPrompt | None = None  # prefill: being built; continuation: the one the cache holds
+    image_sizes: list | None = None
+    features: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # token id -> per-image features
+    units: list[Unit] = field(default_factory=list)
+    mask2d: torch.Tensor | None = None  # bool [B, S]: the prompt's real tokens
+    cols: torch.Tensor | None = None  # [B, L] long
+    real: torch.Tensor | None = None  # [B, L] bool
+    next_point: int = 0  # index of the next decoder point to run (prefill)
+    signals: dict[str, Any] = field(default_factory=dict)
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)  # masks / overrides for layers after a point
+    override_from: int | None = None  # layers > this one take layer_kwargs
+    scrub_position_ids: bool = False
+    records: list[PointRecord] = field(default_factory=list)
+    decode_masks: dict[int, Any] = field(default_factory=dict)  # continuation: per stage start, its 2-D mask
+    decode_positions: torch.Tensor | None = None  # continuation, positions="compact"
+
+    @property
+    def last(self) -> torch.Tensor:
+        """``[B]`` slot of each row's last real token in the current sequence."""
+        cols = torch.arange(self.real.shape[1], device=self.real.device)
+        return torch.where(self.real, cols, -1).max(dim=1).values
+
+    def slots(self, unit: Unit) -> torch.Tensor:
+        """Slots of ``unit``'s present tokens in the current sequence (ascending)."""
+        row_cols = torch.where(self.real[unit.row], self.cols[unit.row], -1)
+        slot_of = torch.full((int(row_cols.max()) + 1,), -1, dtype=torch.long, device=row_cols.device)
+        real = row_cols >= 0
+        slot_of[row_cols[real]] = torch.arange(row_cols.numel(), device=row_cols.device)[real]
+        return slot_of[unit.positions[unit.present]]
+
+
+def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.Tensor], ImageInputs],
+           sticky: dict | None) -> torch.Tensor | None:
+    """Run ``point``'s method on every unit. Returns the keep mask ``[B, L]`` over the current sequence's real
+    tokens, or None when no visual token is dropped; narrows each unit's ``present`` and sets its ``merged``."""
+    keep = fwd.real.clone()
+    dropped = False
+    config = point.method.config
+    for unit in fwd.units:
+        unit.merged = None
+        n = unit.present.numel()
+        slots = fwd.slots(unit)
+        key = (point.layer, unit.key, n)
+        if sticky is not None and key in sticky:  # generate(use_cache=False): reuse the prompt's selection
+            kept = sticky[key]
+        else:
+            if config.budget(n) >= n:
+                continue
+            kept = point.method.select(make_inputs(unit, slots))
+            if sticky is not None:
+                sticky[key] = kept
+        if isinstance(kept, Selection):
+            unit.merged = kept.merged
+            kept = kept.kept
+        kept = kept.to(slots.device)
+        check_selection(point.method.name, kept, n, config.budget(n))
+        unit.present = unit.present[kept]
+        keep[unit.row, slots] = False
+        keep[unit.row, slots[kept]] = True
+        dropped = True
+    return keep if dropped else None
+
+
+def merge(fwd: Forward, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` ``[B, L, D]`` with each merging unit's kept rows replaced by its merged vectors (a copy if any)."""
+    merging = [u for u in fwd.units if u.merged is not None]
+    if not merging:
+        return x
+    x = x.clone()
+    for unit in merging:
+        slots = fwd.slots(unit)
+        if tuple(unit.merged.shape) != (slots.numel(), x.shape[-1]):
+            raise RuntimeError(
+                f"method {name!r} returned merged vectors of shape {tuple(unit.merged.shape)}; "
+                f"expected {(slots.numel(), x.shape[-1])} (one per kept token)"
+            )
+        x[unit.row, slots] = unit.merged.to(device=x.device, dtype=x.dtype)
+    return x
+
+
+def compact(fwd: Forward, keep: torch.Tensor, start: int) -> Layout:
+    """Compact the current sequence to ``keep``'s columns from layer ``start`` on (the layout joins the prompt's)."""
+    layout = Layout.from_keep(keep)
+    layout.shift = fwd.real.sum(1) - keep.sum(1)
+    fwd.cols = layout.take(fwd.cols, 1)
+    fwd.real = layout.valid.clone()
+    if fwd.prompt is None:
+        fwd.prompt = PrunedPrompt()
+    fwd.prompt.stages.append((start, layout))
+    return layout
+
+
+def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary) -> None:
+    """Layer K-1's signals from its captured q_proj / k_proj outputs, on the current sequence. 1-D positions are
+    numbered from the attention mask (whatever the caller passed), so position-dependent signals (DART's post-RoPE
+    key norms) do not depend on left padding."""
+    attn = adapter.decoder_layers[point.layer - 1].self_attn
+    rope = fwd.signals.pop("_rope")
+    k_out = fwd.signals.pop("_k")
+    if not adapter.mrope:
+        numbered = (fwd.mask2d.long().cumsum(1) - 1).clamp(min=0)
+        rope = rotary(k_out, numbered.gather(1, fwd.cols))
+    k = rope_keys(attn, k_out, rope, rope_fn)
+    last = fwd.last
+    if point.needs_text_attention:
+        q = rope_query(attn, fwd.signals.pop("_q"), rope, last, rope_fn)
+        cols = torch.arange(fwd.real.shape[1], device=fwd.real.device)
+        visible = fwd.real & (cols[None, :] <= last[:, None])
+        fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
+    if "keys" in point.method.signals:
+        fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
+
+
+def shorten(fwd: Forward, layout: Layout, start: int, hidden, kwargs, cache, masks_fn, rotary, compact_positions):
+    """The cut layer's inputs (hidden states, rotary tables, masks) for the compacted sequence; the layers after it
+    get the same overrides."""
+    hidden = layout.take(hidden, 1)
+    if compact_positions:
+        rope = rotary(hidden, layout.compact_positions())
+    else:
+        cos, sin = kwargs["position_embeddings"]
+        rope = (layout.take(cos, 1), layout.take(sin, 1))
+    override = {"position_embeddings": rope, "position_ids": None}
+    masks = masks_fn(hidden, fwd.real.long(), cache, start)
+    fwd.layer_kwargs.update(masks=masks, override=override)
+    fwd.override_from = start
+    kwargs.update(override)
+    return hidden, masks
+
+
+def decode_at(fwd: Forward, start: int, hidden, kwargs, cache, masks_fn, rotary):
+    """A continuation step at a stage's start layer: that layer and the ones after it get masks sized for their
+    shorter cache (and, positions="compact", rotary tables of the renumbered positions)."""
+    masks = masks_fn(hidden, fwd.decode_masks[start], cache, start)
+    override = {"position_ids": None}
+    if fwd.decode_positions is not None and start > 0:
+        override["position_embeddings"] = rotary(hidden, fwd.decode_positions)
+    fwd.layer_kwargs.update(masks=masks, override=override)
+    fwd.override_from = start
+    kwargs.update(override)
+    return masks
+
+
+def layer_masks(adapter, num_layers: int):
+    """``fn(hidden, mask2d, cache, start)``: the masks of layers >= ``start`` for their sequence, by layer type."""
+
+    def fn(hidden, mask2d, cache, start):
+        types = {adapter.layer_type(i) for i in range(start, num_layers)}
+        return compat.causal_masks(adapter.language_model.config, hidden, mask2d, cache, start, types)
+
+    return fn

@@ -1,0 +1,431 @@
+"""The session: everything one ``patch`` installs on one model instance, and the flow of one forward pass.
+
+Flow of a forward of a patched VLM (``model.model`` is the inner VLM, ``LM`` its language model), top to bottom:
+
+1. ``_inner_pre`` (pre-hook on the inner VLM): a prompt with images on an empty cache starts a prefill; a call
+   whose cache holds a pruned prompt (:class:`~.layout.PrunedPrompt`) continues it; anything else is left alone.
+2. The wrapped feature methods (:mod:`.capture`) record each image's features and vision-side signals.
+3. ``_lm_pre`` (pre-hook on the LM): prefill finds the units (:mod:`.units`) and runs the vision-entry point
+   (select, merge, compact ``inputs_embeds`` / mask / position ids); a continuation compresses its mask through
+   the prompt's stages (the cache reports the unpruned length, so positions continue as for the unpruned prompt).
+4. Decoder points (:mod:`.points`): hooks on layer K-1's attention capture its q/k; the pre-hook of layer K
+   selects and compacts (prefill) or sets the continuation's masks; layers after a point get its masks / rotary
+   tables. Any number of points run in one forward, in layer order.
+5. ``_inner_post``: the prompt's layout goes onto the cache it filled; :mod:`.stats` records ``PruneStats``.
+
+Nothing changes a class or the attention implementation; ``remove`` undoes everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+from torch import nn
+
+from .. import compat
+from ..adapters import ModelAdapter
+from ..methods.base import ImageInputs, Method
+from ..stats import PruneStats
+from . import points as P
+from .capture import VisionCapture
+from .layout import STATIC_CACHE, attach_prompt, detach_prompt, pruned_prompt
+from .stats import make_stats
+from .units import Unit, attach_real_masks, find_units
+
+
+def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
+    """The prune points of a schedule, in the order they act; two at one point raise ``ValueError``."""
+    pts = []
+    for method in methods:
+        if method.stage == "llm":
+            pts.append(P.PrunePoint(method, method.layer(num_layers), P.LLM))
+        else:
+            pts.append(P.PrunePoint(method, 0, P.VISION))
+            if (k2 := method.drop_layer(num_layers)) is not None:
+                pts.append(P.PrunePoint(method, k2, P.LATE_DROP))
+    pts.sort(key=lambda p: p.layer)
+    for a, b in zip(pts, pts[1:]):
+        if a.layer == b.layer:
+            raise ValueError(f"two methods act at one prune point: {a.describe()} and {b.describe()}; "
+                             "a schedule takes one method per point (vision entry, or decoder layer K)")
+    return pts
+
+
+class Session:
+    """Everything one ``patch`` installed on one model; ``remove()`` undoes it. ``methods``: one method, or a
+    schedule of several (each acting at its own points)."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, methods: Method | list[Method]):
+        self.model, self.adapter = model, adapter
+        self.methods = [methods] if isinstance(methods, Method) else list(methods)
+        self.method = self.methods[0]
+        self.num_layers = len(adapter.decoder_layers)
+        self.points = build_points(self.methods, self.num_layers)
+        self.decoder_points = {p.layer: p for p in self.points if p.kind != P.VISION}
+        vision = next((p.method for p in self.points if p.kind == P.VISION), None)
+        self.capture = VisionCapture(adapter, vision, self._on_features)
+        self.compact = any(m.config.positions == "compact" for m in self.methods)
+        if self.compact and adapter.mrope:
+            raise ValueError(
+                f"positions='compact' renumbers 1-D position ids; {adapter.config.model_type!r} uses 3-D M-RoPE "
+                "positions, whose image-grid layout has no compact form: use positions='original'"
+            )
+        if self.compact and len(self.points) > 1:
+            raise ValueError(f"positions='compact' needs a single prune point; this schedule has {len(self.points)} "
+                             f"({', '.join(p.describe() for p in self.points)}): use positions='original'")
+        if self.decoder_points and (why := adapter.unsupported_llm_stage()):
+            names = sorted({p.method.name for p in self.decoder_points.values()})
+            raise ValueError(f"method(s) {names} prune inside the LLM, which {why}")
+        self.visual_ids = adapter.visual_token_ids()
+        self.pad_threshold = next((m.config.pad_threshold for m in self.methods
+                                   if hasattr(m.config, "pad_threshold")), 0.5)
+        self.fwd: P.Forward | None = None
+        self.stats: PruneStats | None = None
+        #: generate(use_cache=False) re-runs the prompt at every step: selections are reused for the whole call
+        self._sticky: dict | None = None
+        self._handles: list = []
+        self._wrapped: list[tuple[object, str]] = []
+        self._rope = adapter.rope_fn() if self.decoder_points else None
+        self._masks = P.layer_masks(adapter, self.num_layers)
+        self.image_sizes: list | None = None  # for the next prompt (vtprune.set_image_sizes)
+
+    # -- install / remove -----------------------------------------------------------------------------------
+    def install(self) -> None:
+        a = self.adapter
+        try:
+            self._hook(self.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+            self._hook(a.inner.register_forward_pre_hook(self._inner_pre, with_kwargs=True))
+            self._hook(a.inner.register_forward_hook(self._inner_post, always_call=True))
+            self._hook(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+            self.capture.install(self._hook, self._wrap)
+            if self.decoder_points and hasattr(self.model, "generate"):
+                self._wrap(self.model, "generate", self._wrapped_generate())
+            for i, layer in enumerate(a.decoder_layers):
+                self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            for point in self.decoder_points.values():
+                attn = a.decoder_layers[point.layer - 1].self_attn
+                self._hook(attn.register_forward_pre_hook(self._signal_hook(point, "_rope"), with_kwargs=True))
+                self._hook(attn.k_proj.register_forward_hook(self._signal_hook(point, "_k")))
+                if point.needs_text_attention:
+                    self._hook(attn.q_proj.register_forward_hook(self._signal_hook(point, "_q")))
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for obj, name in self._wrapped:
+            obj.__dict__.pop(name, None)
+        self._handles, self._wrapped = [], []
+        self.fwd = None
+
+    def _hook(self, handle) -> None:
+        self._handles.append(handle)
+
+    def _wrap(self, obj, name: str, fn) -> None:
+        obj.__dict__[name] = fn
+        self._wrapped.append((obj, name))
+
+    def _wrapped_generate(self):
+        """``generate(use_cache=False)`` re-runs the whole sequence at every step, and a decoder point would
+        re-select with each new token as the "last prompt token": for such a call the first forward's selections
+        are reused, so generation without cache gives the tokens generation with cache gives."""
+        original = self.model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            config = kwargs.get("generation_config") or self.model.generation_config
+            use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+            outer, self._sticky = self._sticky, (None if use_cache is not False else {})
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._sticky = outer
+
+        return generate
+
+    def _on_features(self, token_id: int, feats: list[torch.Tensor]) -> None:
+        if self.fwd is not None and self.fwd.prefill:  # computed inside a forward (not by generate beforehand)
+            self.fwd.features.setdefault(token_id, []).extend(feats)
+
+    # -- top-level / inner model ----------------------------------------------------------------------------
+    def _top_pre(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                "labels are not supported on a pruned model: its logits cover only the kept positions. "
+                "Compute the loss on an unpatched model (vtprune.unpatch or the vtprune.patched context)."
+            )
+        visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+        has_visual = any(kwargs.get(k) is not None for k in visual_keys) or bool(kwargs.get("mm_encoder_outputs"))
+        if self.adapter.mrope and has_visual and kwargs.get("mm_token_type_ids") is None:
+            raise ValueError(
+                f"{self.adapter.config.model_type!r} needs mm_token_type_ids with pixel_values / pixel_values_videos "
+                "to number the visual tokens' 3-D M-RoPE positions (without it the model falls back to 1-D positions "
+                "and the kept tokens would lose theirs): pass the processor's mm_token_type_ids (1 for image "
+                "tokens, 2 for video tokens, 0 elsewhere)"
+            )
+
+    def _inner_pre(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = compat.get_cache(kwargs)
+        stored = compat.stored_length(cache)
+        prompt = pruned_prompt(cache)
+        if prompt is not None and stored == 0:  # the cache was reset: whatever comes is a new prompt
+            detach_prompt(cache)
+            prompt = None
+        has_visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+        has_visual = has_visual or bool(kwargs.get("mm_encoder_outputs"))
+        if prompt is not None:
+            if has_visual:
+                raise ValueError("new images on a KV cache that vtprune pruned are not supported; start a new "
+                                 "prompt (no cache) or unpatch first")
+            self.fwd = P.Forward(input_ids=input_ids, prefill=False, prompt=prompt)
+            return
+        if not has_visual:
+            self.fwd = None
+            return
+        if cache is not None and compat.is_static(cache):
+            raise ValueError(STATIC_CACHE)
+        if stored > 0:
+            raise ValueError(
+                f"images in a forward that continues a KV cache already holding {stored} positions (a later turn or a "
+                "prefix cache): vtprune prunes the visual tokens of a prompt's first forward. Put the images in the "
+                "conversation's first prompt, or unpatch to run this turn unpruned"
+            )
+        if input_ids is None:
+            raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
+        self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes)
+        self.image_sizes = None
+        for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
+            if encoded is not None:
+                self.fwd.features.setdefault(self.capture.token_id(modality), []).extend(encoded.pooler_output)
+
+    def _inner_post(self, module, args, output):
+        fwd, self.fwd = self.fwd, None
+        if fwd is None or not fwd.prefill:
+            return
+        if fwd.prompt is not None and output is not None and (cache := compat.output_cache(output)) is not None:
+            attach_prompt(cache, fwd.prompt)  # the cache now holds the pruned prompt: it carries its layout
+        if fwd.records:
+            self.stats = make_stats(fwd, self.adapter, self.num_layers, self.points)
+
+    # -- language model: units, the vision entry, continuations ---------------------------------------------
+    def _lm_pre(self, module, args, kwargs):
+        fwd = self.fwd
+        if fwd is None:
+            return None
+        embeds = kwargs["inputs_embeds"]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError(f"pruned models need a 2-D attention_mask, got shape {tuple(mask.shape)}")
+        if not fwd.prefill:
+            return self._continue(fwd, kwargs, embeds, mask)
+        b, s = embeds.shape[:2]
+        fwd.mask2d = torch.ones(b, s, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        fwd.units = self._find_units(fwd)
+        if not fwd.units:
+            self.fwd = None
+            return None
+        fwd.cols = torch.arange(s, device=embeds.device).expand(b, -1)
+        fwd.real = fwd.mask2d.clone()
+        first = self.points[0]
+        if first.kind != P.VISION:
+            return None
+        t0 = time.perf_counter()
+        keep = P.select(first, fwd, lambda unit, slots: self._vision_inputs(first, unit), self._sticky)
+        self._record(fwd, first, keep, t0)
+        if keep is None:
+            return None
+        embeds = P.merge(fwd, embeds, first.method.name)
+        layout = P.compact(fwd, keep, start=0)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = self.adapter.default_position_ids(b, s, 0, embeds.device)
+        kwargs["inputs_embeds"] = layout.take(embeds, 1)
+        # always pass a mask (kept position ids have gaps, which transformers would read as packed sequences)
+        kwargs["attention_mask"] = layout.compress_mask(fwd.mask2d.long(), s)
+        kwargs["position_ids"] = layout.compact_positions() if self.compact else layout.take(pos, -1)
+        fwd.scrub_position_ids = True
+        return args, kwargs
+
+    def _continue(self, fwd: P.Forward, kwargs, embeds, mask):
+        """A forward that continues a pruned prompt's cache (a decode step, or a later text turn of ``q`` tokens).
+        ``mask`` covers the unpruned columns (``S + t``, as the unpatched model's would); the cache reports the
+        unpruned length, so the host numbers positions as for the unpruned prompt."""
+        cache = compat.get_cache(kwargs)
+        q = embeds.shape[1]
+        past = cache.get_seq_length()  # unpruned length (PrunedPrompt)
+        fwd.decode_masks = fwd.prompt.masks(mask, past + q)
+        if self.compact:  # kept tokens renumbered from each row's first real token, dropped ones not counted
+            pos = kwargs.get("position_ids")
+            if pos is None and mask is not None:  # number from the mask, as the compacted prompt was
+                pos = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -q:]
+            elif pos is None:
+                pos = self.adapter.default_position_ids(embeds.shape[0], q, past, embeds.device)
+            fwd.decode_positions = pos - fwd.prompt.stages[0][1].shift[:, None].to(pos.device)
+        if 0 not in fwd.decode_masks:
+            return None  # the vision entry dropped nothing: the LM's input is as unpatched
+        kwargs["attention_mask"] = fwd.decode_masks[0]
+        if self.compact:
+            kwargs["position_ids"] = fwd.decode_positions
+        return (), kwargs
+
+    def _find_units(self, fwd: P.Forward) -> list[Unit]:
+        units = find_units(fwd.input_ids, self.visual_ids, fwd.features, self.capture.info)
+        if fwd.image_sizes is not None:
+            attach_real_masks(self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold)
+        needs = self.capture.signals & {"features", "cls_attention", "projector_inputs", "vision_keys"}
+        if units and needs and any(u.info is None or u.features is None for u in units):
+            raise ValueError(
+                f"method {self.points[0].method.name!r} needs {sorted(needs)} from the vision tower; pass "
+                "pixel_values (features computed by an unpatched model carry no signals)"
+            )
+        return units
+
+    def _vision_inputs(self, point: P.PrunePoint, unit: Unit) -> ImageInputs:
+        n = unit.positions.numel()
+        info = unit.info
+        return ImageInputs(
+            n=n,
+            k=point.method.config.budget(n),
+            features=unit.features,
+            cls_attention=info.cls_attention if info else None,
+            vision_keys=info.vision_keys if info else None,
+            pack_crop_scores=info.pack if info else None,
+            projector_inputs=info.projector_inputs if info else None,
+            projector=self.capture.float32_projector() if "projector_inputs" in point.method.signals else None,
+            real_mask=unit.real_mask,
+            image_start=int(unit.positions[0]),
+        )
+
+    def _record(self, fwd: P.Forward, point: P.PrunePoint, keep, t0: float, late_dropped=None) -> None:
+        b = fwd.real.shape[0]
+        kept = [0] * b
+        for unit in fwd.units:
+            kept[unit.row] += unit.present.numel()
+        if late_dropped is not None:
+            kept = [0 if d else k for k, d in zip(kept, late_dropped)]
+        dropped = (fwd.real.sum(1) - keep.sum(1)).tolist() if keep is not None else [0] * b
+        fwd.records.append(P.PointRecord(point, kept, dropped, (time.perf_counter() - t0) * 1e3, late_dropped))
+
+    # -- decoder layers: signals, points, the layers after them ---------------------------------------------
+    def _signal_hook(self, point: P.PrunePoint, name: str):
+        def hook(module, args, out_or_kwargs, output=None):
+            fwd = self.fwd
+            if fwd is None or not fwd.prefill or self._pending(fwd) is not point:
+                return None
+            if name == "_rope":
+                fwd.signals["_rope"] = out_or_kwargs["position_embeddings"]
+            elif name == "_q":
+                fwd.signals["_q"] = out_or_kwargs[torch.arange(out_or_kwargs.shape[0]), fwd.last]
+            else:
+                fwd.signals["_k"] = out_or_kwargs
+            return None
+
+        return hook
+
+    def _pending(self, fwd: P.Forward) -> P.PrunePoint | None:
+        """The next decoder point this prefill will reach (None: none, or no unit)."""
+        if fwd.cols is None:
+            return None
+        ahead = [p for p in self.points if p.kind != P.VISION and p.layer >= fwd.next_point]
+        return ahead[0] if ahead else None
+
+    def _make_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            fwd = self.fwd
+            if fwd is None:
+                return None
+            point = self.decoder_points.get(index)
+            if point is not None:
+                out = self._at_point(fwd, point, args, kwargs)
+                if out is not None:
+                    return out
+            if fwd.override_from is not None and index > fwd.override_from:
+                kwargs.update(fwd.layer_kwargs["override"])
+                kwargs["attention_mask"] = fwd.layer_kwargs["masks"][self.adapter.layer_type(index)]
+                return args, kwargs
+            if fwd.scrub_position_ids:
+                kwargs["position_ids"] = None
+                return args, kwargs
+            return None
+
+        return hook
+
+    def _at_point(self, fwd: P.Forward, point: P.PrunePoint, args, kwargs):
+        cache = compat.get_cache(kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not fwd.prefill:
+            if point.layer not in fwd.decode_masks:
+                return None
+            kwargs.pop("hidden_states", None)
+            masks = P.decode_at(fwd, point.layer, hidden, kwargs, cache, self._masks, self._rotary)
+            kwargs["attention_mask"] = masks[self.adapter.layer_type(point.layer)]
+            return (hidden,), kwargs
+        if fwd.cols is None or self._pending(fwd) is not point:
+            return None
+        fwd.next_point = point.layer + 1
+        if point.kind == P.LATE_DROP and not self._ran(fwd, point.method):
+            fwd.signals.clear()
+            return None  # the method's own first point kept everything: so does its late drop
+        t0 = time.perf_counter()
+        P.llm_signals(point, fwd, self.adapter, self._rope, self._rotary)
+        late_dropped = None
+        if point.kind == P.LATE_DROP:
+            keep, late_dropped = self._late_drop(fwd, point)
+        else:
+            keep = P.select(point, fwd, lambda unit, slots: self._llm_inputs(fwd, point, unit, slots, hidden),
+                            self._sticky)
+        fwd.signals.clear()
+        self._record(fwd, point, keep, t0, late_dropped)
+        if keep is None:
+            return None
+        kwargs.pop("hidden_states", None)
+        hidden = P.merge(fwd, hidden, point.method.name)
+        layout = P.compact(fwd, keep, start=point.layer)
+        hidden, masks = P.shorten(fwd, layout, point.layer, hidden, kwargs, cache, self._masks, self._rotary,
+                                  self.compact)
+        kwargs["attention_mask"] = masks[self.adapter.layer_type(point.layer)]
+        return (hidden,), kwargs
+
+    def _ran(self, fwd: P.Forward, method: Method) -> bool:
+        return any(r.point.method is method and sum(r.dropped) > 0 for r in fwd.records)
+
+    def _late_drop(self, fwd: P.Forward, point: P.PrunePoint):
+        """Every visual token of a row whose last prompt token gives them too little attention at layer K2-1."""
+        ids = fwd.input_ids.gather(1, fwd.cols)
+        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)) & fwd.real
+        share = (fwd.signals.pop("text_attention").mean(1) * visual).sum(1)
+        dropped = [bool(v) and point.method.drop_all(float(x)) for x, v in zip(share, visual.any(1))]
+        if self._sticky is not None:  # generate(use_cache=False): the prompt's decisions hold for every step
+            dropped = self._sticky.setdefault(("late_drop", point.layer), dropped)
+        if not any(dropped):
+            return None, dropped
+        rows = torch.tensor(dropped, device=visual.device)
+        return fwd.real & ~(visual & rows[:, None]), dropped
+
+    def _llm_inputs(self, fwd: P.Forward, point: P.PrunePoint, unit: Unit, slots, hidden) -> ImageInputs:
+        n = slots.numel()
+        start = int(slots[0])
+        if int(slots[-1]) - start + 1 != n:
+            raise ValueError(f"method {point.method.name!r} needs each image's visual tokens to be contiguous")
+        signals = fwd.signals
+        real = unit.real_mask[unit.present] if unit.real_mask is not None else None
+        return ImageInputs(
+            n=n,
+            k=point.method.config.budget(n),
+            features=unit.features[unit.present] if unit.features is not None else None,
+            hidden=hidden[unit.row],
+            keys=signals["keys"][unit.row] if "keys" in signals else None,
+            text_attention=signals["text_attention"][unit.row] if "text_attention" in signals else None,
+            image_start=start,
+            final_norm=self.adapter.final_norm,
+            real_mask=real,
+        )
+
+    def _rotary(self, hidden, position_ids):
+        """The LM's rotary tables ``(cos, sin)`` for ``position_ids``."""
+        return self.adapter.language_model.rotary_emb(hidden, position_ids)

@@ -1,0 +1,64 @@
+"""Stats: :class:`vtprune.stats.PruneStats` of one prefill, from what each prune point recorded.
+
+Owns the per-point entries (``PruneStats.stages``), the top-level counts (what reaches the last decoder layer,
+kept indices relative to each image's original visual tokens) and the analytic FLOPs, which count every point:
+each decoder layer is charged for the sequence it actually ran on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import flops
+from ..stats import PruneStats, StageStats
+from .points import LATE_DROP, Forward
+
+
+def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
+    b = fwd.mask2d.shape[0]
+    n_in, n_kept = [0] * b, [0] * b
+    kept_indices: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    for unit in fwd.units:
+        kept_indices[unit.row].append(unit.present.cpu() + n_in[unit.row])
+        n_in[unit.row] += unit.positions.numel()
+        n_kept[unit.row] += unit.present.numel()
+    real = fwd.mask2d.sum(1).tolist()
+    text_cfg = adapter.text_config
+    full = pruned = 0
+    for row in range(b):
+        lengths = [real[row]] * num_layers
+        for record in fwd.records:
+            for i in range(record.point.layer, num_layers):
+                lengths[i] -= record.dropped[row]
+        full += flops.decoder_prefill_flops(text_cfg, real[row])
+        pruned += flops.decoder_prefill_flops(text_cfg, lengths)
+    vision = _vision_flops(fwd, adapter)
+    selecting = [r for r in fwd.records if r.point.kind != LATE_DROP]
+    late = next((r for r in fwd.records if r.point.kind == LATE_DROP), None)
+    main = selecting[-1].point if selecting else fwd.records[0].point
+    return PruneStats(
+        visual_tokens_in=n_in,
+        visual_tokens_kept=n_kept,
+        stage=main.stage,
+        layer=main.layer if main.stage == "llm" else None,
+        select_ms=sum(r.select_ms for r in fwd.records),
+        prefill_flops=pruned + vision,
+        prefill_flops_full=full + vision,
+        kept_indices=[torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in kept_indices],
+        late_drop_layer=next((p.layer for p in points if p.kind == LATE_DROP), None),
+        late_dropped=late.late_dropped if late is not None else None,
+        stages=[
+            StageStats(method=r.point.method.name, stage=r.point.stage, layer=r.point.layer if r.point.layer else None,
+                       visual_tokens_kept=list(r.kept), select_ms=r.select_ms, late_drop=r.point.kind == LATE_DROP)
+            for r in fwd.records
+        ],
+    )
+
+
+def _vision_flops(fwd: Forward, adapter) -> int:
+    infos = [u.info for u in fwd.units if u.info is not None]
+    if not infos:
+        return 0  # features computed elsewhere: the vision tower did not run here
+    if adapter.mrope:
+        return flops.vision_flops(adapter.config, image_grid_thw=torch.cat([i.grid for i in infos]))
+    return flops.vision_flops(adapter.config, num_images=sum(i.crops for i in infos))

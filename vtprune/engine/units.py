@@ -1,0 +1,95 @@
+"""Units: one image's (or one video's) visual tokens in one prompt row, and what each prune point kept of them.
+
+Owns :class:`Unit` and :func:`find_units` (locating each image's placeholder run in ``input_ids`` and pairing it
+with its features and vision-side record), the padding masks of padded-to-square images
+(``vtprune.set_image_sizes``) and the check of what a method returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..adapters import ModelAdapter
+from .capture import ImageInfo
+
+
+@dataclass
+class Unit:
+    """One image's (or video's) visual tokens in the prompt. ``present`` indexes the unit's original visual tokens
+    still in the sequence (every prune point narrows it); ``merged`` replaces the vectors of the last point's
+    kept tokens (merging methods)."""
+
+    row: int
+    positions: torch.Tensor  # ascending columns of the unit's tokens in the (padded) prompt row
+    features: torch.Tensor | None = None
+    info: ImageInfo | None = None
+    real_mask: torch.Tensor | None = None  # [n] bool, from the image's original size (set_image_sizes)
+    present: torch.Tensor | None = None  # [n'] ascending indices into the unit's n original tokens
+    merged: torch.Tensor | None = None  # [n', D] replacement vectors of a merging method, this point
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.row, int(self.positions[0])
+
+
+def find_units(input_ids: torch.Tensor, visual_ids, features: dict, info: Callable) -> list[Unit]:
+    """Every image / video of the prompt ``input_ids`` ``[B, S]``, in prompt order per row. ``features[token_id]``
+    are the per-image feature tensors the vision tower produced (None: given by the caller, one unit per
+    contiguous placeholder run); ``info(feat)`` their vision-side records."""
+    units: list[Unit] = []
+    for token_id in visual_ids:
+        where = (input_ids == token_id).nonzero()  # row-major [(row, col)]
+        if where.numel() == 0:
+            continue
+        feats = features.get(token_id)
+        if feats is not None:
+            lengths = [f.shape[0] for f in feats]
+            if sum(lengths) != where.shape[0]:
+                raise ValueError(
+                    f"{where.shape[0]} visual placeholder tokens (id {token_id}) but the vision features "
+                    f"have {sum(lengths)} tokens"
+                )
+            chunks = torch.split(where, lengths)
+        else:
+            chunks = _runs(where)
+        for i, chunk in enumerate(chunks):
+            rows = chunk[:, 0].unique()
+            if rows.numel() != 1:
+                raise ValueError("an image's visual tokens span several batch rows; check the prompt")
+            unit = Unit(row=int(rows[0]), positions=chunk[:, 1])
+            unit.present = torch.arange(chunk.shape[0], device=chunk.device)
+            if feats is not None:
+                unit.features, unit.info = feats[i], info(feats[i])
+            units.append(unit)
+    units.sort(key=lambda u: u.key)  # each sample's visual tokens in prompt order
+    return units
+
+
+def attach_real_masks(adapter: ModelAdapter, input_ids, units: list[Unit], sizes, threshold: float) -> None:
+    """Padding masks of padded-to-square images from their original ``(w, h)`` sizes (one per image, in order)."""
+    images = [u for u in units if int(input_ids[u.row, u.positions[0]]) == adapter.config.image_token_id]
+    if len(images) != len(sizes):
+        raise ValueError(f"vtprune.set_image_sizes gave {len(sizes)} size(s) but the prompt has "
+                         f"{len(images)} image(s); give one (width, height) per image, in order")
+    for unit, size in zip(images, sizes):
+        unit.real_mask = adapter.real_patch_mask(size, unit.positions.numel(), threshold).to(unit.positions.device)
+
+
+def check_selection(name: str, kept: torch.Tensor, n: int, k: int) -> None:
+    """A method returns about ``k`` ascending unique int64 indices in [0, n) (a method may round its budget,
+    e.g. DART's official rounding)."""
+    if kept.dtype != torch.long or kept.ndim != 1 or not 1 <= kept.numel() <= n:
+        raise RuntimeError(f"method {name!r} returned {tuple(kept.shape)} {kept.dtype}; expected ~{k} int64 indices")
+    if int(kept.min()) < 0 or int(kept.max()) >= n or bool((kept[1:] <= kept[:-1]).any()):
+        raise RuntimeError(f"method {name!r} returned indices that are not ascending, unique and in [0, {n})")
+
+
+def _runs(where: torch.Tensor) -> list[torch.Tensor]:
+    """Split row-major (row, col) pairs into contiguous runs."""
+    if where.shape[0] == 0:
+        return []
+    breaks = ((where[1:, 0] != where[:-1, 0]) | (where[1:, 1] != where[:-1, 1] + 1)).nonzero().squeeze(1) + 1
+    return list(torch.tensor_split(where, breaks.tolist()))
