@@ -36,22 +36,43 @@ def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneCon
     return get_method(method).make_config(options)
 
 
-def patch(model: nn.Module, method: str | PruneConfig, **options: Any) -> nn.Module:
+def _make_configs(method, options: dict[str, Any]) -> list[PruneConfig]:
+    """One config, or a schedule's configs (a list / tuple of config instances)."""
+    if not isinstance(method, (list, tuple)):
+        return [_make_config(method, options)]
+    if options:
+        raise TypeError(f"a schedule (a list of configs) takes its options inside each config, not as keywords "
+                        f"(got keywords {sorted(options)})")
+    if not method:
+        raise ValueError("an empty schedule: give one or more method configs, e.g. "
+                         "[vtprune.DivPruneConfig(keep=128), vtprune.FastVConfig(keep=64, layer=2)]")
+    for i, item in enumerate(method):
+        if not isinstance(item, PruneConfig):
+            raise TypeError(f"schedule element {i} is a {type(item).__name__} ({item!r}); each element must be a "
+                            "method config instance (e.g. vtprune.FastVConfig(keep=64)), with its own budget")
+        get_method(item.method)  # registered?
+    return list(method)
+
+
+def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **options: Any) -> nn.Module:
     """Make ``model`` prune its visual tokens with ``method``; in place, returns the model.
 
-    ``vtprune.patch(model, "fastv", keep=64)`` or ``vtprune.patch(model, vtprune.FastVConfig(keep=64))``.
-    Raises ``ImportError`` when the installed transformers is outside the supported range (>= 5.23, < 6).
+    ``vtprune.patch(model, "fastv", keep=64)`` or ``vtprune.patch(model, vtprune.FastVConfig(keep=64))``; a
+    schedule composes methods: ``vtprune.patch(model, [vtprune.DivPruneConfig(keep=128), vtprune.FastVConfig(keep=64,
+    layer=2)])`` — each acts at its own prune points (vision entry, decoder layer K) in the order they come in the
+    model, a later one on what earlier ones kept, its budget counting those. Two methods at one point raise
+    ``ValueError``. Raises ``ImportError`` when the installed transformers is outside the supported range.
     """
     compat.check_transformers()
     adapter = get_adapter(model)
     if getattr(model, _ATTR, None) is not None:
-        current = getattr(model, _ATTR).method.name
+        current = "+".join(m.name for m in getattr(model, _ATTR).methods)
         raise ValueError(
             f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first"
         )
-    config = _make_config(method, options)
-    spec = get_method(config.method)
-    session = Session(model, adapter, spec.method_cls(config))
+    configs = _make_configs(method, options)
+    methods = [get_method(c.method).method_cls(c) for c in configs]
+    session = Session(model, adapter, methods)
     session.install()
     setattr(model, _ATTR, session)
     return model
@@ -72,8 +93,9 @@ def is_patched(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, method: str | PruneConfig, **options: Any):
-    """``with vtprune.patched(model, "cls", ratio=0.25): ...`` — unpatches on exit, even on error."""
+def patched(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **options: Any):
+    """``with vtprune.patched(model, "cls", ratio=0.25): ...`` — unpatches on exit, even on error. Takes what
+    :func:`patch` takes (a schedule too)."""
     patch(model, method, **options)
     try:
         yield model

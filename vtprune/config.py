@@ -95,12 +95,16 @@ class PruneConfig:
         return PruneConfig.from_dict(json.loads(text))
 
     @staticmethod
-    def from_yaml(path) -> "PruneConfig":
-        """A config from a YAML mapping with a ``method`` key (the presets in ``configs/methods/*.yaml``)."""
+    def from_yaml(path) -> "PruneConfig | list[PruneConfig]":
+        """A config from a YAML mapping with a ``method`` key (the presets in ``configs/methods/*.yaml``), or a
+        schedule from a YAML list of such mappings (``vtprune.patch`` takes either)."""
         import yaml
 
         with open(path) as f:
             data = yaml.safe_load(f)
+        if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+            return [PruneConfig.from_dict(item) for item in data]
         if not isinstance(data, dict):
-            raise ValueError(f"{str(path)!r} must hold a YAML mapping with a 'method' key, got {type(data).__name__}")
+            raise ValueError(f"{str(path)!r} must hold a YAML mapping with a 'method' key (or a list of them: a "
+                             f"schedule), got {type(data).__name__}")
         return PruneConfig.from_dict(data)
