@@ -155,6 +155,41 @@ def compact(fwd: Forward, keep: torch.Tensor, start: int) -> Layout:
     return layout
 
 
+def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final_norm) -> ImageInputs:
+    """What a decoder point's method reads about one unit: its present tokens at ``slots`` of the current sequence."""
+    n = slots.numel()
+    start = int(slots[0])
+    if int(slots[-1]) - start + 1 != n:
+        raise ValueError(f"method {point.method.name!r} needs each image's visual tokens to be contiguous")
+    signals = fwd.signals
+    return ImageInputs(
+        n=n,
+        k=point.method.config.budget(n),
+        features=unit.features[unit.present] if unit.features is not None else None,
+        hidden=hidden[unit.row],
+        keys=signals["keys"][unit.row] if "keys" in signals else None,
+        text_attention=signals["text_attention"][unit.row] if "text_attention" in signals else None,
+        image_start=start,
+        final_norm=final_norm,
+        real_mask=unit.real_mask[unit.present] if unit.real_mask is not None else None,
+    )
+
+
+def late_drop(fwd: Forward, point: PrunePoint, visual_ids, sticky: dict | None):
+    """ToDRE stage 2: every visual token of a row whose last prompt token gives them too little (head-mean)
+    attention at layer K2-1 leaves. Returns ``(keep [B, L] or None, dropped per row)``."""
+    ids = fwd.input_ids.gather(1, fwd.cols)
+    visual = torch.isin(ids, torch.tensor(visual_ids, device=ids.device)) & fwd.real
+    share = (fwd.signals.pop("text_attention").mean(1) * visual).sum(1)
+    dropped = [bool(v) and point.method.drop_all(float(x)) for x, v in zip(share, visual.any(1))]
+    if sticky is not None:  # generate(use_cache=False): the prompt's decisions hold for every step
+        dropped = sticky.setdefault(("late_drop", point.layer), dropped)
+    if not any(dropped):
+        return None, dropped
+    rows = torch.tensor(dropped, device=visual.device)
+    return fwd.real & ~(visual & rows[:, None]), dropped
+
+
 def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary) -> None:
     """Layer K-1's signals from its captured q_proj / k_proj outputs, on the current sequence. 1-D positions are
     numbered from the attention mask (whatever the caller passed), so position-dependent signals (DART's post-RoPE

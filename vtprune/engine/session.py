@@ -375,9 +375,10 @@ class Session:
         P.llm_signals(point, fwd, self.adapter, self._rope, self._rotary)
         late_dropped = None
         if point.kind == P.LATE_DROP:
-            keep, late_dropped = self._late_drop(fwd, point)
+            keep, late_dropped = P.late_drop(fwd, point, self.visual_ids, self._sticky)
         else:
-            keep = P.select(point, fwd, lambda unit, slots: self._llm_inputs(fwd, point, unit, slots, hidden),
+            final_norm = self.adapter.final_norm
+            keep = P.select(point, fwd, lambda unit, slots: P.llm_inputs(fwd, point, unit, slots, hidden, final_norm),
                             self._sticky)
         fwd.signals.clear()
         self._record(fwd, point, keep, t0, late_dropped)
@@ -393,38 +394,6 @@ class Session:
 
     def _ran(self, fwd: P.Forward, method: Method) -> bool:
         return any(r.point.method is method and sum(r.dropped) > 0 for r in fwd.records)
-
-    def _late_drop(self, fwd: P.Forward, point: P.PrunePoint):
-        """Every visual token of a row whose last prompt token gives them too little attention at layer K2-1."""
-        ids = fwd.input_ids.gather(1, fwd.cols)
-        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)) & fwd.real
-        share = (fwd.signals.pop("text_attention").mean(1) * visual).sum(1)
-        dropped = [bool(v) and point.method.drop_all(float(x)) for x, v in zip(share, visual.any(1))]
-        if self._sticky is not None:  # generate(use_cache=False): the prompt's decisions hold for every step
-            dropped = self._sticky.setdefault(("late_drop", point.layer), dropped)
-        if not any(dropped):
-            return None, dropped
-        rows = torch.tensor(dropped, device=visual.device)
-        return fwd.real & ~(visual & rows[:, None]), dropped
-
-    def _llm_inputs(self, fwd: P.Forward, point: P.PrunePoint, unit: Unit, slots, hidden) -> ImageInputs:
-        n = slots.numel()
-        start = int(slots[0])
-        if int(slots[-1]) - start + 1 != n:
-            raise ValueError(f"method {point.method.name!r} needs each image's visual tokens to be contiguous")
-        signals = fwd.signals
-        real = unit.real_mask[unit.present] if unit.real_mask is not None else None
-        return ImageInputs(
-            n=n,
-            k=point.method.config.budget(n),
-            features=unit.features[unit.present] if unit.features is not None else None,
-            hidden=hidden[unit.row],
-            keys=signals["keys"][unit.row] if "keys" in signals else None,
-            text_attention=signals["text_attention"][unit.row] if "text_attention" in signals else None,
-            image_start=start,
-            final_norm=self.adapter.final_norm,
-            real_mask=real,
-        )
 
     def _rotary(self, hidden, position_ids):
         """The LM's rotary tables ``(cos, sin)`` for ``position_ids``."""
