@@ -15,7 +15,7 @@ pytest.importorskip("lmms_eval")
 from vtprune import cli  # noqa: E402
 from vtprune.harness import config as hconfig  # noqa: E402
 from vtprune.harness import sweep as hsweep  # noqa: E402
-from vtprune.harness.model import VTPrune  # noqa: E402
+from vtprune.harness.model import VTPrune, method_config  # noqa: E402
 from vtprune.harness.tables import build_tables, to_csv, to_latex, to_markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,37 @@ def test_unknown_model_before_loading(no_loading, tmp_path, monkeypatch):
         tmp_path / "bert")
     with pytest.raises(ValueError, match="model_type 'bert'; vtprune supports"):
         hsweep.run_sweep(_config(tmp_path / "bert"), output_dir=tmp_path)
+
+
+def test_a_schedule_is_a_method_of_the_sweep(tiny_llava_dir):
+    schedule = [{"method": "divprune", "ratio": 0.5}, {"method": "fastv", "layer": 2}]
+    cfg = hconfig.load_config(_config(tiny_llava_dir, budgets=[4, 8],
+                                      methods=["random", {"name": "divprune+fastv", "schedule": schedule}]))
+    spec = cfg.methods[1]
+    assert (spec.name, spec.method, spec.options) == ("divprune+fastv", "schedule", {"schedule": schedule})
+    configs = method_config(spec.method, keep=8, **spec.options)
+    assert [c.method for c in configs] == ["divprune", "fastv"]
+    assert (configs[0].ratio, configs[0].keep) == (0.5, None) and (configs[1].keep, configs[1].layer) == (8, 2)
+
+
+@pytest.mark.parametrize("schedule,match", [
+    ([{"method": "divprune", "ratio": 0.5}, {"method": "fastv", "keep": 3}], r"last step\) takes the cell's budget"),
+    ([{"method": "divprune"}, {"method": "fastv"}], r"schedule\[0\] \('divprune'\) needs its own budget"),
+    ([{"method": "fastv"}], "two or more"),
+    ([{"method": "divprune", "ratio": 0.5}, {"method": "fastvv"}], "unknown method 'fastvv'"),
+    ([{"method": "divprune", "ratio": 0.5}, "fastv"], r"schedule\[1\] must be a mapping"),
+])
+def test_bad_schedules_before_loading(tiny_llava_dir, schedule, match):
+    with pytest.raises(ValueError, match=match):
+        hconfig.load_config(_config(tiny_llava_dir, methods=[{"name": "s", "schedule": schedule}]))
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['name'\]|name"):
+        hconfig.load_config(_config(tiny_llava_dir, methods=[{"schedule": schedule}]))
+
+
+def test_a_schedule_two_methods_at_one_point_fails_before_loading(tiny_llava_dir, no_loading, tmp_path):
+    schedule = [{"method": "divprune", "ratio": 0.5}, {"method": "random"}]
+    with pytest.raises(ValueError, match="cannot run on model.*two methods act at one prune point"):
+        hsweep.run_sweep(_config(tiny_llava_dir, methods=[{"name": "s", "schedule": schedule}]), output_dir=tmp_path)
 
 
 def test_method_the_model_cannot_run_before_loading(no_loading, tmp_path):

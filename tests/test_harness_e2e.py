@@ -1,4 +1,4 @@
-"""End to end, offline: a sweep of 2 methods x 2 budgets (+ the unpruned baseline) on a tiny random LLaVA saved
+"""End to end, offline: a sweep of 3 methods (one a schedule) x 2 budgets (+ the unpruned baseline) on a tiny random LLaVA saved
 locally, through lmms-eval and the local vtprune_shapes task; then the table and plot commands.
 
 The rows are checked against an independent route: the same documents answered one at a time with plain
@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 TASK_DIR = REPO / "eval" / "tasks" / "vtprune_shapes"
 LIMIT = 12
 BUDGETS = [16, 64]
-METHODS = [("random", {}), ("dart", {"layer": 2})]  # a vision-stage and an llm-stage (layer 2) method
+# a vision-stage method, an llm-stage (layer 2) method, and a schedule of both (divprune keeps 96, then dart)
+SCHEDULE = [{"method": "divprune", "keep": 96}, {"method": "dart", "layer": 2}]
+METHODS = [("random", {}), ("dart", {"layer": 2}), ("schedule", {"schedule": SCHEDULE})]
 MAX_NEW = 4  # the task's max_new_tokens
 
 
@@ -56,7 +58,7 @@ def sweep(model_dir, tmp_path_factory):
     config = {
         "name": "e2e",
         "models": [{"pretrained": str(model_dir), "name": "tiny"}],
-        "methods": [{"method": m, "options": o} for m, o in METHODS],
+        "methods": [{"method": m, "options": o} if m != "schedule" else {"name": "schedule", **o} for m, o in METHODS],
         "budgets": BUDGETS,
         "tasks": [{"task": "vtprune_shapes", "metric": "exact_match", "scale": 100}],
         "include_path": str(TASK_DIR.parent),
@@ -94,14 +96,21 @@ def _reference(model_dir):
                 fl.append(flops.prefill_flops(model.config, seq))
                 kv.append(flops.kv_cache_bytes(text_cfg, seq, dtype=torch.float32))
             else:
-                with vtprune.patched(model, method, keep=budget, **options), torch.no_grad():
+                if method == "schedule":  # divprune keeps 96 at the vision entry, dart keeps the budget at layer 2
+                    first = vtprune.PruneConfig.from_dict(SCHEDULE[0])
+                    second = vtprune.PruneConfig.from_dict({**SCHEDULE[1], "keep": budget})
+                    lengths = [seq - (256 - 96)] * 2 + [seq - (256 - budget)] * (layers - 2)
+                    how = {"method": [first, second]}
+                else:
+                    k = options.get("layer", 0)
+                    lengths = [seq] * k + [seq - (256 - budget)] * (layers - k)
+                    how = {"method": method, "keep": budget, **options}
+                with vtprune.patched(model, **how), torch.no_grad():
                     ids = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
                     st = vtprune.stats(model)
                 kept.append(st.visual_tokens_kept[0])
                 fl.append(st.prefill_flops)
-                k = options.get("layer", 0)
-                short = seq - (256 - budget)
-                kv.append(flops.kv_cache_bytes(text_cfg, [seq] * k + [short] * (layers - k), dtype=torch.float32))
+                kv.append(flops.kv_cache_bytes(text_cfg, lengths, dtype=torch.float32))
             words = processor.tokenizer.decode(ids[0, seq:], skip_special_tokens=True).split()
             correct.append(bool(words) and words[0] == doc["answer"])
         out[(method, budget)] = (statistics.fmean(correct), statistics.fmean(kept), statistics.fmean(fl) / 1e12,

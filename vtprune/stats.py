@@ -50,6 +50,18 @@ class PruneStats:
     #: own several points)
     stages: list[StageStats] = field(default_factory=list)
 
+    def sequence_lengths(self, row: int, prompt_len: int, num_layers: int) -> list[int]:
+        """Per decoder layer, the length of the prompt that layer ran on and cached for sample ``row``, whose
+        unpruned prompt has ``prompt_len`` real tokens (every prune point counted, a late drop too)."""
+        lengths = []
+        for i in range(num_layers):
+            kept = self.visual_tokens_in[row]
+            for stage in self.stages:
+                if (stage.layer or 0) <= i:
+                    kept = stage.visual_tokens_kept[row]
+            lengths.append(prompt_len - (self.visual_tokens_in[row] - kept))
+        return lengths
+
     @property
     def flops_ratio(self) -> float:
         """``prefill_flops / prefill_flops_full``."""

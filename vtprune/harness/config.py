@@ -16,6 +16,8 @@ A config is YAML (or the same structure as a dict)::
     methods:
       - fastv                                      # a registered method with its default options
       - {method: dart, options: {layer: 2}, name: dart-l2}   # options go to the method's config
+      - name: divprune+fastv                       # a schedule: methods composed (vtprune.patch with a list);
+        schedule: [{method: divprune, ratio: 0.5}, {method: fastv, layer: 2}]   # the last step gets the budget
     budgets: [64, 128, 192]                        # visual tokens kept per image (keep=N)
     tasks:
       - gqa                                        # metric: the task's first metric, scale 100, max 100
@@ -41,8 +43,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..registry import get_method
-from .model import LOAD_ARGS, UNPRUNED
+from .model import LOAD_ARGS, SCHEDULE, UNPRUNED, method_config
 from .tiny import RANDOM_PRESETS
 
 __all__ = ["SweepConfig", "ModelSpec", "MethodSpec", "TaskSpec", "load_config"]
@@ -184,6 +185,9 @@ def _parse_method(i: int, item, budgets: list[int]) -> MethodSpec:
     where = f"methods[{i}]"
     if isinstance(item, str):
         item = {"method": item}
+    if isinstance(item, dict) and "schedule" in item:  # a composed method: {name, schedule: [{method, ...}, ...]}
+        _check_keys(where, item, {"schedule", "name"}, {"schedule", "name"})
+        item = {"method": SCHEDULE, "options": {"schedule": item["schedule"]}, "name": item["name"]}
     _check_keys(where, item, {"method", "options", "name"}, {"method"})
     method, options = item["method"], item.get("options") or {}
     if method == UNPRUNED:
@@ -194,9 +198,8 @@ def _parse_method(i: int, item, budgets: list[int]) -> MethodSpec:
         if budget_key in options:
             _fail(where, f"give budgets in the top-level 'budgets' list, not as the option {budget_key!r}")
     try:
-        spec = get_method(method)
         for budget in budgets:
-            spec.make_config({"keep": budget, **options}, error=ValueError)
+            method_config(method, keep=budget, **options)
     except (ValueError, TypeError) as err:
         _fail(where, str(err))
     name = item.get("name") or method

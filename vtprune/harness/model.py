@@ -53,6 +53,8 @@ __all__ = ["VTPrune", "RequestRecord", "manifest", "method_config", "UNPRUNED", 
 MODEL_NAME = "vtprune"
 #: the method name of the unpruned baseline
 UNPRUNED = "none"
+#: the method name of a composed schedule (options: schedule=[{"method": ..., ...}, ...])
+SCHEDULE = "schedule"
 #: model_args that configure loading, not the method
 LOAD_ARGS = ("device", "dtype", "device_map", "attn_implementation", "trust_remote_code", "revision")
 #: generation kwargs of lmms-eval tasks that are passed to ``generate``; others are ignored with a warning
@@ -70,17 +72,42 @@ def manifest():
 
 
 def method_config(method: str | None, keep: int | None = None, ratio: float | None = None,
-                  **options: Any) -> PruneConfig | None:
+                  **options: Any) -> PruneConfig | list[PruneConfig] | None:
     """The validated config of ``method`` at the given budget, or None for the unpruned model (``none``).
 
+    ``method="schedule"`` composes methods (``vtprune.patch`` with a list): ``schedule=[{"method": "divprune",
+    "ratio": 0.33}, {"method": "fastv", "layer": 2}]``, each element a method's options; every element but the
+    last carries its own budget, the last one gets ``keep`` / ``ratio`` (the visual tokens that reach the end).
     Unknown methods or options and bad budgets raise ValueError (TypeError for wrongly typed values)."""
-    if method is None or method == UNPRUNED:
-        given = {k: v for k, v in (("keep", keep), ("ratio", ratio)) if v is not None} | options
-        if given:
-            raise ValueError(f"method {UNPRUNED!r} (unpruned) takes no budget or options, got {given}")
-        return None
     budget = {k: v for k, v in (("keep", keep), ("ratio", ratio)) if v is not None}
+    if method is None or method == UNPRUNED:
+        if budget or options:
+            raise ValueError(f"method {UNPRUNED!r} (unpruned) takes no budget or options, got {budget | options}")
+        return None
+    if method == SCHEDULE:
+        return _schedule_configs(options, budget)
     return get_method(method).make_config({**budget, **options}, error=ValueError)
+
+
+def _schedule_configs(options: dict[str, Any], budget: dict[str, Any]) -> list[PruneConfig]:
+    steps = options.get("schedule")
+    if set(options) != {"schedule"} or not isinstance(steps, (list, tuple)) or len(steps) < 2:
+        raise ValueError(f"method {SCHEDULE!r} takes one option, schedule: a list of two or more method option "
+                         f"mappings ({{'method': NAME, ...}}), got {options!r}")
+    configs = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or not isinstance(step.get("method"), str):
+            raise ValueError(f"schedule[{i}] must be a mapping with a 'method' name, got {step!r}")
+        opts = {k: v for k, v in step.items() if k != "method"}
+        last = i == len(steps) - 1
+        if last and ({"keep", "ratio"} & set(opts)):
+            raise ValueError(f"schedule[{i}] (the last step) takes the cell's budget; remove its "
+                             f"{sorted({'keep', 'ratio'} & set(opts))}")
+        if not last and not ({"keep", "ratio"} & set(opts)):
+            raise ValueError(f"schedule[{i}] ({step['method']!r}) needs its own budget (keep or ratio); only the "
+                             "last step takes the cell's budget")
+        configs.append(get_method(step["method"]).make_config({**(budget if last else {}), **opts}, error=ValueError))
+    return configs
 
 
 @dataclasses.dataclass
@@ -126,7 +153,12 @@ class VTPrune(lmms):
         del max_batch_size  # lmms-eval passes it; batches have a fixed size here
         # everything about the method is checked before any weight is read
         self.prune_config = method_config(method, keep, ratio, **options)
-        self.method = UNPRUNED if self.prune_config is None else self.prune_config.method
+        if self.prune_config is None:
+            self.method = UNPRUNED
+        elif isinstance(self.prune_config, list):
+            self.method = "+".join(c.method for c in self.prune_config)
+        else:
+            self.method = self.prune_config.method
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -266,19 +298,19 @@ class VTPrune(lmms):
         answers = [self._stop(t, until) for t in self.processor.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
         real_lens = inputs["attention_mask"].sum(1).tolist()
         st = stats(self._model)
+        num_layers = self._model.config.get_text_config().num_hidden_layers
         if st is previous:  # no image in this batch: nothing went through the pruning path
             n_in = n_kept = [0] * rows
-            batch_flops, layer, select_ms = sum(flops.decoder_prefill_flops(self._model.config, n) for n in real_lens), 0, 0.0
+            batch_flops, select_ms = sum(flops.decoder_prefill_flops(self._model.config, n) for n in real_lens), 0.0
+            lengths = [[n] * num_layers for n in real_lens]
         else:
-            n_in, n_kept, batch_flops, layer, select_ms = (
-                st.visual_tokens_in, st.visual_tokens_kept, st.prefill_flops, st.layer or 0, st.select_ms)
-        num_layers = self._model.config.get_text_config().num_hidden_layers
+            n_in, n_kept, batch_flops, select_ms = (
+                st.visual_tokens_in, st.visual_tokens_kept, st.prefill_flops, st.select_ms)
+            lengths = [st.sequence_lengths(i, real_lens[i], num_layers) for i in range(rows)]
         prefill_ms = (prefill_end[0] - start) * 1e3
         pad = self.pad_token_id
         for i in range(rows):
-            short = real_lens[i] - (n_in[i] - n_kept[i])
-            kv = flops.kv_cache_bytes(self._model.config, [real_lens[i]] * layer + [short] * (num_layers - layer),
-                                      dtype=self._model.dtype)
+            kv = flops.kv_cache_bytes(self._model.config, lengths[i], dtype=self._model.dtype)
             new_tokens = int((new_ids[i] != pad).sum()) if pad is not None else new_ids.shape[1]
             record = RequestRecord(
                 task=tasks[i], doc_id=int(doc_ids[i]), batch_size=rows,
