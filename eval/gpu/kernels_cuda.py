@@ -68,14 +68,22 @@ def greedy_gap(x64: torch.Tensor, prefix: list[int], a: int, b: int, mode: str) 
     return abs(sa - sb) / max(abs(sa), abs(sb), 1e-12)
 
 
-def compare_selection(got: torch.Tensor, want: torch.Tensor, x64: torch.Tensor, mode: str, dtype) -> str:
-    """'ok', 'near-tie (gap ...)' or 'MISMATCH ...' for one image's selection order."""
+def first_difference(got: torch.Tensor, want: torch.Tensor):
+    """``(verdict, got, want, j)``: verdict 'ok' / 'MISMATCH: lengths ...' when that settles it (else None), the
+    index lists, and the first step where they part."""
     got, want = got.cpu().tolist(), want.cpu().tolist()
     if got == want:
-        return "ok"
+        return "ok", got, want, None
     if len(got) != len(want):
-        return f"MISMATCH: lengths {len(got)} vs {len(want)}"
-    j = next(i for i, (p, q) in enumerate(zip(got, want)) if p != q)
+        return f"MISMATCH: lengths {len(got)} vs {len(want)}", got, want, None
+    return None, got, want, next(i for i, (p, q) in enumerate(zip(got, want)) if p != q)
+
+
+def compare_selection(got: torch.Tensor, want: torch.Tensor, x64: torch.Tensor, mode: str, dtype) -> str:
+    """'ok', 'near-tie (gap ...)' or 'MISMATCH ...' for one image's selection order."""
+    verdict, got, want, j = first_difference(got, want)
+    if verdict is not None:
+        return verdict
     gap = greedy_gap(x64, want[:j], got[j], want[j], mode)
     if gap <= NEAR_TIE[dtype]:
         return f"near-tie at step {j} (float64 gap {gap:.1e})"
@@ -106,12 +114,9 @@ def pure_dart(units: torch.Tensor, pivots: torch.Tensor, excluded: torch.Tensor,
 
 
 def compare_dart(got, want, units64, pivots64, counts, dtype) -> str:
-    got, want = got.cpu().tolist(), want.cpu().tolist()
-    if got == want:
-        return "ok"
-    if len(got) != len(want):
-        return f"MISMATCH: lengths {len(got)} vs {len(want)}"
-    j = next(i for i, (p, q) in enumerate(zip(got, want)) if p != q)
+    verdict, got, want, j = first_difference(got, want)
+    if verdict is not None:
+        return verdict
     t, acc = 0, 0
     while t < len(counts) and acc + counts[t] <= j:
         acc += counts[t]
