@@ -339,19 +339,18 @@ class Session:
             fwd = self.fwd
             if fwd is None:
                 return None
-            point = self.decoder_points.get(index)
-            if point is not None:
-                out = self._at_point(fwd, point, args, kwargs)
-                if out is not None:
-                    return out
-            if fwd.override_from is not None and index > fwd.override_from:
+            changed = True
+            if fwd.override_from is not None and index > fwd.override_from:  # after an earlier point
                 kwargs.update(fwd.layer_kwargs["override"])
                 kwargs["attention_mask"] = fwd.layer_kwargs["masks"][self.adapter.layer_type(index)]
-                return args, kwargs
-            if fwd.scrub_position_ids:
+            elif fwd.scrub_position_ids:  # after the vision entry: kept position ids have gaps
                 kwargs["position_ids"] = None
-                return args, kwargs
-            return None
+            else:
+                changed = False
+            point = self.decoder_points.get(index)
+            if point is not None and (out := self._at_point(fwd, point, args, kwargs)) is not None:
+                return out  # a point here: it starts from this layer's inputs as the earlier points left them
+            return (args, kwargs) if changed else None
 
         return hook
 
