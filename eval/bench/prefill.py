@@ -11,7 +11,8 @@ rounds (every variant once per round, order reversed every other round, so drift
   d. ``ideal``: the unpatched vision tower + projector on the full image, then the unpatched model fed only the kept
      tokens (``inputs_embeds``, their original position ids, mask of ones) — the limit for (c)
                                                            goal: (c) within 10% of (d)
-  e. every other registered method at ``keep=<keep>`` (informative)
+  e. every other registered method at ``keep=<keep>``, and a schedule (divprune keep=3*keep at the vision entry,
+     then fastv keep=<keep> before layer 2) (informative)
 
     PYTHONPATH=. .venv/bin/python eval/bench/prefill.py --threads 1 --repeats 15 --out eval/results/prefill.md
 """
@@ -102,11 +103,13 @@ def main(argv=None) -> int:
         checks = []
         ref = prefill(model, inputs).logits
 
-        def add_patched(name, method, keep):
+        def add_patched(name, method, keep=None):
+            """``method``: a registered name (with ``keep``) or a schedule (a list of configs)."""
+            options = {} if keep is None else {"keep": keep}
             try:
-                vtprune.patch(model, method, keep=keep)
+                vtprune.patch(model, method, **options)
             except ValueError as err:
-                notes.append(f"skipped {method}: {err}")
+                notes.append(f"skipped {name}: {err}")
                 return None
             try:
                 out = prefill(model, inputs).logits
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
             finally:
                 vtprune.unpatch(model)
             variants[name] = run
-            contexts[name] = lambda: vtprune.patched(model, method, keep=keep)
+            contexts[name] = lambda: vtprune.patched(model, method, **options)
             tokens[name] = st.visual_tokens_kept[0]
             ratio[name] = st.flops_ratio
             return out, st
@@ -133,6 +136,9 @@ def main(argv=None) -> int:
         for method in vtprune.list_methods():
             if method != "cls":
                 add_patched(f"{method} keep={args.keep}", method, args.keep)
+        first = min(3 * args.keep, n_visual)  # a schedule: divprune at the vision entry, then fastv before layer 2
+        add_patched(f"divprune keep={first} + fastv keep={args.keep} (schedule)",
+                    [vtprune.DivPruneConfig(keep=first), vtprune.FastVConfig(keep=args.keep, layer=2)])
 
         times = interleaved_times_ms(variants, repeats=args.repeats, warmup=args.warmup, contexts=contexts)
         elapsed = time.perf_counter() - t_start
