@@ -238,9 +238,9 @@ def test_hand_written_decode_loop_equals_generate(method, family, batch, model_f
         ref_kept = vtprune.stats(model).kept_indices
         logits, cache, _ = _manual_loop(model, x, 5)
         kept = vtprune.stats(model).kept_indices
+        assert cache.get_seq_length() == x["input_ids"].shape[1] + 4  # the unpruned length
     assert all(torch.equal(a, b) for a, b in zip(kept, ref_kept))
     torch.testing.assert_close(logits, torch.stack(ref.logits).float(), rtol=1e-4, atol=1e-4)
-    assert cache.get_seq_length() == x["input_ids"].shape[1] + 4  # the unpruned length
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -264,9 +264,9 @@ def test_qwen_decode_loop_on_an_explicit_dynamic_cache(method, family, batch, mo
         finally:
             hook.remove()
         logits, cache, first = _manual_loop(model, x, 4, cache=DynamicCache(config=model.config))
+        assert cache.get_seq_length() == x["input_ids"].shape[1] + 3
     assert first[-3:, :, 0].tolist() == seen[1][-3:, :, 0].tolist() == expected_first.tolist()
     torch.testing.assert_close(logits, torch.stack(ref.logits).float(), rtol=1e-4, atol=1e-4)
-    assert cache.get_seq_length() == x["input_ids"].shape[1] + 3
 
 
 # -- 3. static caches are refused ----------------------------------------------------------------------------------
@@ -473,3 +473,67 @@ def test_forward_without_cache_uses_no_deprecated_cache_name(method, model_facto
         with vtprune.patched(model, method, keep=5):
             model(**x, use_cache=False)
     assert not [m for m in said if "deprecated" in m]
+
+
+# -- 9. copies of a pruned cache, and caches that outlive their patch -------------------------------------------------
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_a_deep_copy_of_a_pruned_cache_continues_like_the_original(method, model_factory):
+    """The copy reports its own length (not the original's, which grew meanwhile) and continues identically."""
+    import copy
+
+    model = model_factory("llava")
+    x = make_inputs(model, "llava", [(5, 1, 4), (2, 1, 9)])
+    with vtprune.patched(model, method, keep=6):
+        o1 = model.generate(**x, max_new_tokens=3, **GREEDY)
+        snap = copy.deepcopy(_cache_of(o1))
+        ids2 = torch.cat([o1.sequences, torch.tensor([[11, 12], [13, 14]])], 1)
+        turn = dict(input_ids=ids2, attention_mask=torch.cat([x["attention_mask"], torch.ones(2, 5, dtype=torch.long)],
+                                                                1), max_new_tokens=3, **GREEDY)
+        length = snap.get_seq_length()
+        on_original = model.generate(**turn, **{_cache_kw(model): _cache_of(o1)})
+        assert snap.get_seq_length() == length  # the original grew; the copy did not
+        on_copy = model.generate(**turn, **{_cache_kw(model): snap})
+    assert torch.equal(on_copy.sequences, on_original.sequences)
+    torch.testing.assert_close(torch.stack(on_copy.logits), torch.stack(on_original.logits), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_a_pruned_cache_after_unpatch_or_another_patch_is_refused(method, model_factory):
+    model = model_factory("llava")
+    x = make_inputs(model, "llava", [(5, 1, 4)])
+    with vtprune.patched(model, method, keep=6):
+        cache = _cache_of(model.generate(**x, max_new_tokens=2, **GREEDY))
+    ids = torch.tensor([[11]])
+    step = dict(input_ids=ids, attention_mask=torch.ones(1, x["input_ids"].shape[1] + 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="patch that pruned a prompt can continue its cache"):
+        model(**step, **{_cache_kw(model): cache})  # unpatched model
+    with vtprune.patched(model, "random", keep=6):
+        with pytest.raises(ValueError, match="patch that pruned a prompt can continue its cache"):
+            model(**step, **{_cache_kw(model): cache})  # another patch
+
+
+def test_a_patched_model_cannot_be_deep_copied(model_factory):
+    import copy
+
+    model = model_factory("llava")
+    with vtprune.patched(model, "random", keep=4):
+        with pytest.raises(TypeError, match="cannot be deep-copied.*unpatch"):
+            copy.deepcopy(model)
+    copy.deepcopy(model)  # unpatched: fine
+
+
+def test_sequence_lengths_checks_its_arguments(model_factory):
+    model = model_factory("llava")
+    x = make_inputs(model, "llava", [(5, 1, 4)])
+    with vtprune.patched(model, [vtprune.DivPruneConfig(keep=8), vtprune.FastVConfig(keep=4, layer=2)]):
+        with torch.no_grad():
+            model(**x)
+        st = vtprune.stats(model)
+    s = x["input_ids"].shape[1]
+    assert st.sequence_lengths(0, s, 4) == [s - 8, s - 8, s - 12, s - 12]
+    for args, error, match in [((1, s, 4), ValueError, r"row=1 is out of range; allowed: 0 <= row <= 0"),
+                               ((-1, s, 4), ValueError, "row=-1"), ((0, 3, 4), ValueError, "prompt_len=3"),
+                               ((0, s, 2), ValueError, "num_layers=2 but a prune point acts at layer 2"),
+                               ((0, float(s), 4), TypeError, "prompt_len must be an int")]:
+        with pytest.raises(error, match=match):
+            st.sequence_lengths(*args)

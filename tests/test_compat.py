@@ -65,7 +65,7 @@ def test_report_lengths_changes_what_consumers_read_not_what_masks_read():
     k = torch.zeros(1, 2, 7, 4)
     cache.update(k, k, 0)
     cache.update(k[:, :, :3], k[:, :, :3], 1)
-    compat.report_lengths(cache, lambda layer, stored: stored + 10 * (layer + 1))
+    compat.report_lengths(cache, lambda c, layer: 10 * (layer + 1))
     assert cache.get_seq_length() == 17 and cache.get_seq_length(1) == 23
     assert cache.get_query_offset(0) == 7 and cache.get_query_offset(1) == 3
     assert compat.stored_length(cache, 0) == 7 and compat.stored_length(cache, 1) == 3
@@ -94,3 +94,18 @@ def test_versions_lists_the_packages_behaviour_depends_on():
     assert found["torch"] == torch.__version__.split("+")[0] or found["torch"] == torch.__version__
     assert found["transformers"] == transformers.__version__
     assert {"python", "lmms_eval", "filelock", "numpy"} <= set(found)
+
+
+def test_reported_lengths_follow_a_deep_copy():
+    """The overrides are bound to the cache they describe: a copy reports its own length, not the original's."""
+    import copy
+
+    cache = DynamicCache()
+    k = torch.zeros(1, 2, 5, 4)
+    cache.update(k, k, 0)
+    cache.__dict__["hidden_columns"] = 10
+    compat.report_lengths(cache, lambda c, layer: c.__dict__["hidden_columns"])
+    snap = copy.deepcopy(cache)
+    cache.update(k[:, :, :2], k[:, :, :2], 0)  # the original grows; the copy must not
+    assert cache.get_seq_length() == 17 and cache.get_query_offset(0) == 7
+    assert snap.get_seq_length() == 15 and snap.get_query_offset(0) == 5

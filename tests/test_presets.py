@@ -27,8 +27,20 @@ def test_every_method_has_a_preset_with_the_code_defaults(method):
 def test_bad_preset_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n")
-    with pytest.raises(ValueError, match="YAML mapping"):
+    with pytest.raises(ValueError, match="schedule element 0 is a str"):
+        vtprune.PruneConfig.from_yaml(bad)
+    bad.write_text("3\n")
+    with pytest.raises(ValueError, match="must hold a YAML mapping"):
         vtprune.PruneConfig.from_yaml(bad)
     bad.write_text("method: dart\nkeep: 64\nlayr: 3\n")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['layr'\]"):
         vtprune.PruneConfig.from_yaml(bad)
+
+
+@pytest.mark.parametrize("text,match", [("[]\n", "empty list"), ("- divprune\n- {method: fastv, keep: 4}\n",
+                                                                  "schedule element 0 is a str")])
+def test_bad_yaml_schedules_name_the_problem(tmp_path, text, match):
+    path = tmp_path / "schedule.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        vtprune.PruneConfig.from_yaml(path)

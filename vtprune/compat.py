@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 from typing import Any
 
 import torch
@@ -104,20 +105,22 @@ def is_static(cache) -> bool:
     return bool(getattr(cache, "is_compileable", False))
 
 
-def report_lengths(cache, logical) -> None:
-    """Make ``cache`` report ``logical(layer_idx, stored)`` as its length to every consumer that asks
+def report_lengths(cache, hidden) -> None:
+    """Make ``cache`` report ``stored + hidden(cache, layer_idx)`` as its length to every consumer that asks
     ``get_seq_length`` (generate's slicing of new tokens, default position ids, M-RoPE decode positions), while
-    the mask functions (``get_query_offset``) keep seeing what each layer stores. On this instance only."""
+    the mask functions (``get_query_offset``) keep seeing what each layer stores. On this instance only, as methods
+    bound to it: ``copy.deepcopy`` of the cache rebinds them to the copy (``hidden`` must read the cache it is given,
+    not a closed-over one)."""
     cls = type(cache)
 
-    def get_seq_length(layer_idx: int = 0) -> int:
-        return logical(layer_idx, int(cls.get_seq_length(cache, layer_idx)))
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(cls.get_seq_length(self, layer_idx)) + hidden(self, layer_idx)
 
-    def get_query_offset(layer_idx: int = 0) -> int:
-        return int(cls.get_seq_length(cache, layer_idx))
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return int(cls.get_seq_length(self, layer_idx))
 
-    cache.__dict__["get_seq_length"] = get_seq_length
-    cache.__dict__["get_query_offset"] = get_query_offset
+    cache.__dict__["get_seq_length"] = types.MethodType(get_seq_length, cache)
+    cache.__dict__["get_query_offset"] = types.MethodType(get_query_offset, cache)
 
 
 def restore_lengths(cache) -> None:

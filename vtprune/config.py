@@ -102,7 +102,13 @@ class PruneConfig:
 
         with open(path) as f:
             data = yaml.safe_load(f)
-        if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        if isinstance(data, list):
+            if not data:
+                raise ValueError(f"{str(path)!r} holds an empty list: a schedule needs one or more method mappings")
+            for i, item in enumerate(data):
+                if not isinstance(item, dict):
+                    raise ValueError(f"{str(path)!r}: schedule element {i} is a {type(item).__name__} ({item!r}); "
+                                     "each element must be a mapping with a 'method' key and its options")
             return [PruneConfig.from_dict(item) for item in data]
         if not isinstance(data, dict):
             raise ValueError(f"{str(path)!r} must hold a YAML mapping with a 'method' key (or a list of them: a "

@@ -53,6 +53,18 @@ class PruneStats:
     def sequence_lengths(self, row: int, prompt_len: int, num_layers: int) -> list[int]:
         """Per decoder layer, the length of the prompt that layer ran on and cached for sample ``row``, whose
         unpruned prompt has ``prompt_len`` real tokens (every prune point counted, a late drop too)."""
+        rows = len(self.visual_tokens_in)
+        for name, value, low, high in (("row", row, 0, rows - 1), ("num_layers", num_layers, 1, None),
+                                       ("prompt_len", prompt_len, self.visual_tokens_in[row] if 0 <= row < rows
+                                        else 0, None)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < low or (high is not None and value > high):
+                allowed = f"{low} <= {name} <= {high}" if high is not None else f"{name} >= {low}"
+                raise ValueError(f"{name}={value} is out of range; allowed: {allowed}")
+        if self.stages and num_layers <= max(s.layer or 0 for s in self.stages):
+            raise ValueError(f"num_layers={num_layers} but a prune point acts at layer "
+                             f"{max(s.layer or 0 for s in self.stages)}: give the model's decoder layer count")
         lengths = []
         for i in range(num_layers):
             kept = self.visual_tokens_in[row]

@@ -10,6 +10,7 @@ and M-RoPE decode positions) while the mask functions see what each layer stores
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -81,9 +82,14 @@ class PrunedPrompt:
 
     ``stages`` are the prompt's compactions in the order they act, each ``(start, layout)``: from decoder layer
     ``start`` on (0: the vision entry) each layer's cache holds that layout's kept columns of the previous one.
+    ``owner`` is the patch (session) that pruned it: only that patch can continue the cache.
     """
 
     stages: list[tuple[int, Layout]] = field(default_factory=list)
+    owner: Any = None
+
+    def __deepcopy__(self, memo):  # a copied cache shares the (immutable) layouts and the owner
+        return PrunedPrompt(list(self.stages), self.owner)
 
     def hidden(self, layer_idx: int) -> int:
         """Prompt columns that layer ``layer_idx``'s cache does not hold."""
@@ -119,7 +125,21 @@ def attach_prompt(cache, prompt: PrunedPrompt) -> None:
     if compat.is_static(cache):
         raise ValueError(STATIC_CACHE)
     cache.__dict__[_PROMPT_ATTR] = prompt
-    compat.report_lengths(cache, lambda layer_idx, stored: stored + prompt.hidden(layer_idx))
+    compat.report_lengths(cache, _hidden)
+
+
+def _hidden(cache, layer_idx: int) -> int:
+    prompt = pruned_prompt(cache)
+    if prompt.owner is not None and not prompt.owner.installed:
+        raise ValueError(ORPHANED_CACHE)
+    return prompt.hidden(layer_idx)
+
+
+ORPHANED_CACHE = (
+    "this KV cache holds a prompt that a vtprune patch pruned, and that patch is no longer installed (unpatch, or "
+    "another patch since): only the patch that pruned a prompt can continue its cache. Start a new prompt (no "
+    "cache), or keep the patch while you continue the conversation"
+)
 
 
 def detach_prompt(cache) -> None:

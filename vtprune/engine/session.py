@@ -30,7 +30,7 @@ from ..methods.base import ImageInputs, Method
 from ..stats import PruneStats
 from . import points as P
 from .capture import VisionCapture
-from .layout import STATIC_CACHE, attach_prompt, detach_prompt, pruned_prompt
+from .layout import ORPHANED_CACHE, STATIC_CACHE, attach_prompt, detach_prompt, pruned_prompt
 from .stats import make_stats
 from .units import Unit, attach_real_masks, find_units
 
@@ -90,6 +90,11 @@ class Session:
         self._rope = adapter.rope_fn() if self.decoder_points else None
         self._masks = P.layer_masks(adapter, self.num_layers)
         self.image_sizes: list | None = None  # for the next prompt (vtprune.set_image_sizes)
+        self.installed = False
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a model patched by vtprune cannot be deep-copied (its hooks and wrapped methods belong to "
+                        "this instance): vtprune.unpatch(model), copy it, then patch each copy")
 
     # -- install / remove -----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -113,6 +118,7 @@ class Session:
         except Exception:
             self.remove()
             raise
+        self.installed = True
 
     def remove(self) -> None:
         for h in self._handles:
@@ -121,6 +127,7 @@ class Session:
             obj.__dict__.pop(name, None)
         self._handles, self._wrapped = [], []
         self.fwd = None
+        self.installed = False
 
     def _hook(self, handle) -> None:
         self._handles.append(handle)
@@ -179,9 +186,11 @@ class Session:
         has_visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
         has_visual = has_visual or bool(kwargs.get("mm_encoder_outputs"))
         if prompt is not None:
+            if prompt.owner is not self:
+                raise ValueError(ORPHANED_CACHE)
             if has_visual:
                 raise ValueError("new images on a KV cache that vtprune pruned are not supported; start a new "
-                                 "prompt (no cache) or unpatch first")
+                                 "prompt (no cache)")
             self.fwd = P.Forward(input_ids=input_ids, prefill=False, prompt=prompt)
             return
         if not has_visual:
@@ -208,6 +217,7 @@ class Session:
         if fwd is None or not fwd.prefill:
             return
         if fwd.prompt is not None and output is not None and (cache := compat.output_cache(output)) is not None:
+            fwd.prompt.owner = self
             attach_prompt(cache, fwd.prompt)  # the cache now holds the pruned prompt: it carries its layout
         if fwd.records:
             self.stats = make_stats(fwd, self.adapter, self.num_layers, self.points)
