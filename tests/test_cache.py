@@ -537,3 +537,10 @@ def test_sequence_lengths_checks_its_arguments(model_factory):
                                ((0, float(s), 4), TypeError, "prompt_len must be an int")]:
         with pytest.raises(error, match=match):
             st.sequence_lengths(*args)
+
+
+def test_a_cache_that_is_not_a_transformers_cache_is_named(model_factory):
+    model = model_factory("llava")
+    x = make_inputs(model, "llava", [(5, 1, 4)])
+    with vtprune.patched(model, "random", keep=4), pytest.raises(TypeError, match="must be a transformers Cache.*tuple"):
+        model(**x, **{_cache_kw(model): ((torch.zeros(1),),)})

@@ -117,6 +117,8 @@ def test_fit_trend_recovers_known_trends():
         (dict(debias_weights="exp"), ValueError, r"only apply with debias=True"),
         (dict(debias=True, debias_beta=0.01), ValueError, "applies to debias_weights='exp' only"),
         (dict(debias=True, debias_weights="/nonexistent/profile.json"), ValueError, "does not exist"),
+        (dict(debias=True, debias_weights="bogus"), ValueError, r"takes 'cubic', 'exp', 'none' or the path"),
+        (dict(debias=True, debias_weights="exp", debias_beta=-1.0), ValueError, "debias_beta must be a finite number >= 0"),
         (dict(debias="yes"), TypeError, "debias must be True or False"),
         (dict(debias=True, pad_threshold=2), ValueError, r"pad_threshold must be a number in \[0, 1\]"),
     ],

@@ -97,6 +97,9 @@ def stored_length(cache, layer_idx: int = 0) -> int:
     other consumers; see :func:`vtprune.engine` 's pruned caches)."""
     if cache is None:
         return 0
+    if not callable(getattr(type(cache), "get_seq_length", None)):
+        raise TypeError(f"the KV cache must be a transformers Cache (e.g. DynamicCache, or none), got "
+                        f"{type(cache).__name__}")
     return int(type(cache).get_seq_length(cache, layer_idx))
 
 

@@ -64,7 +64,8 @@ def builtin_profile(kind: str, beta: float = 0.003) -> DebiasProfile:
 def load_profile(path: str | os.PathLike) -> DebiasProfile:
     """A profile written by :meth:`DebiasProfile.save` (``vtprune calibrate``)."""
     if not os.path.isfile(path):
-        raise ValueError(f"debias profile file {str(path)!r} does not exist (write one with `vtprune calibrate`)")
+        raise ValueError(f"debias profile file {str(path)!r} does not exist: debias_weights takes 'cubic', 'exp', "
+                         "'none' or the path of a profile written by `vtprune calibrate`")
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or data.pop("vtprune_debias_profile", None) != 1:

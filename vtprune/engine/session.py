@@ -74,7 +74,8 @@ class Session:
             )
         if self.compact and len(self.points) > 1:
             raise ValueError(f"positions='compact' needs a single prune point; this schedule has {len(self.points)} "
-                             f"({', '.join(p.describe() for p in self.points)}): use positions='original'")
+                             f"({', '.join(p.describe() for p in self.points)}): use positions='original' (for "
+                             "todre, late_drop=False leaves it one point)")
         if self.decoder_points and (why := adapter.unsupported_llm_stage()):
             names = sorted({p.method.name for p in self.decoder_points.values()})
             raise ValueError(f"method(s) {names} prune inside the LLM, which {why}")

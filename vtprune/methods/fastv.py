@@ -46,8 +46,9 @@ class FastVConfig(PruneConfig):
             raise TypeError(f"debias_weights must be one of {_BUILTIN_WEIGHTS} or a profile path, "
                             f"got {self.debias_weights!r}")
         beta = self.debias_beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
-            raise ValueError(f"debias_beta must be a finite number, got {beta!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"debias_beta must be a finite number >= 0 (weights exp(-beta * i) must not grow with "
+                             f"position), got {beta!r}")
         t = self.pad_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise ValueError(f"pad_threshold must be a number in [0, 1], got {t!r}")
