@@ -2,7 +2,6 @@
 committed without outputs."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,7 @@ row run alone, the model before patching.
 import pytest
 import torch
 from conftest import supports
-from tiny import FAMILIES, make_inputs, split_rows
+from tiny import FAMILIES, make_inputs, run_recording_layer_lengths, split_rows
 
 import vtprune
 
@@ -59,22 +59,7 @@ def test_layers_after_pruning_point_see_text_plus_k(method, family, model_factor
     model = model_factory(family)
     inputs = make_inputs(model, family, [(6, 1, 5)])
     seq = inputs["input_ids"].shape[1]
-    seen = []
-    vtprune.patch(model, method, keep=3)  # the spies run after the engine's own layer hooks
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda mod, a, kw, i=i: seen.append((i, (a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True
-        )
-        for i, layer in enumerate(model.model.language_model.layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = vtprune.stats(model)
-    finally:
-        for h in hooks:
-            h.remove()
-        vtprune.unpatch(model)
+    seen, st = run_recording_layer_lengths(model, inputs, method, keep=3)
     n = st.visual_tokens_in[0]
     assert st.visual_tokens_kept == [3] and n > 3
     assert st.kept_indices[0].tolist() == sorted(st.kept_indices[0].tolist()) and len(st.kept_indices[0]) == 3

@@ -38,6 +38,7 @@ from tiny import (
     VIDEO_ID,
     VSTART_ID,
     make_inputs,
+    run_recording_layer_lengths,
     split_rows,
 )
 
@@ -149,22 +150,7 @@ def test_layers_see_text_plus_each_budget_and_stats_per_point(first, second, fam
     with vtprune.patched(model, _cfg(first, keep=K1)), torch.no_grad():  # the first method alone
         model(**inputs)
         alone = vtprune.stats(model)
-    seen = []
-    vtprune.patch(model, [_cfg(first, keep=K1), _cfg(second, keep=K2)])  # spies run after the engine's layer hooks
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda mod, a, kw, i=i: seen.append((i, (a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True
-        )
-        for i, layer in enumerate(model.model.language_model.layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = vtprune.stats(model)
-    finally:
-        for h in hooks:
-            h.remove()
-        vtprune.unpatch(model)
+    seen, st = run_recording_layer_lengths(model, inputs, [_cfg(first, keep=K1), _cfg(second, keep=K2)])
     n = st.visual_tokens_in[0]
     assert n > K1 and alone.visual_tokens_in == [n] and alone.visual_tokens_kept == [K1]
     # sequence lengths: full prompt before the first point, text + K1 between the points, text + K2 after
@@ -345,23 +331,8 @@ def test_todre_late_drop_and_fastv_make_three_points(model_factory):
     model = model_factory("llava")
     inputs = make_inputs(model, "llava", [(6, 1, 5)])
     seq = inputs["input_ids"].shape[1]
-    seen = []
     todre = vtprune.ToDREConfig(keep=K1, drop_threshold=1.0)  # late drop at 7 * 4 // 8 = 3, always taken
-    vtprune.patch(model, [todre, vtprune.FastVConfig(keep=K2, layer=2)])
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda mod, a, kw, i=i: seen.append((i, (a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True
-        )
-        for i, layer in enumerate(model.model.language_model.layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = vtprune.stats(model)
-    finally:
-        for h in hooks:
-            h.remove()
-        vtprune.unpatch(model)
+    seen, st = run_recording_layer_lengths(model, inputs, [todre, vtprune.FastVConfig(keep=K2, layer=2)])
     n = st.visual_tokens_in[0]
     assert [(s.method, s.stage, s.layer, s.visual_tokens_kept, s.late_drop) for s in st.stages] == [
         ("todre", "vision", None, [K1], False),

@@ -186,3 +186,28 @@ def split_rows(model, family, specs, seed=0):
         singles.append(one)
     return batch, singles
 
+
+
+def run_recording_layer_lengths(model, inputs, method, **options):
+    """Patch ``model`` with ``method`` (a name with ``options``, a config or a schedule), run one forward and
+    unpatch. Returns ``(seen, stats)``: ``seen`` = ``[(layer index, sequence length)]`` as each decoder layer
+    received it (the spies are added after the engine's own layer hooks, so they see what the engine left)."""
+    import vtprune
+
+    seen = []
+    vtprune.patch(model, method, **options)
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda mod, a, kw, i=i: seen.append((i, (a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+    finally:
+        for h in hooks:
+            h.remove()
+        vtprune.unpatch(model)
+    return seen, st
