@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import supports
 from tiny import FAMILIES, make_inputs, run_recording_layer_lengths, split_rows
+from tiny import greedy as _generate
+from tiny import last_logits as _last_logits
 
 import vtprune
 
@@ -18,19 +20,6 @@ UNSUPPORTED = [c for c in CASES if not supports(*c)]
 ROWS = [(5, 1, 4), (2, 1, 9)]  # (text before, images, text after) per batch row
 
 
-def _last_logits(model, inputs):
-    if "mm_token_type_ids" not in inputs and "position_ids" not in inputs:
-        # number positions from the mask as generate() does (a plain forward would shift left-padded rows,
-        # which changes position-dependent signals such as DART's post-RoPE key norms)
-        mask = inputs["attention_mask"]
-        inputs = dict(inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    with torch.no_grad():
-        return model(**inputs).logits[:, -1].float()
-
-
-def _generate(model, inputs, n=4, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)[:, -n:]
 
 
 @pytest.mark.parametrize("method,family", SUPPORTED)

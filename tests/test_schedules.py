@@ -41,6 +41,8 @@ from tiny import (
     run_recording_layer_lengths,
     split_rows,
 )
+from tiny import greedy as _generate
+from tiny import last_logits as _last_logits
 
 import vtprune
 from vtprune import flops
@@ -110,18 +112,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _last_logits(model, inputs):
-    if "mm_token_type_ids" not in inputs and "position_ids" not in inputs:
-        # positions numbered from the mask, as generate() does (position-dependent signals: DART's key norms)
-        mask = inputs["attention_mask"]
-        inputs = dict(inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    with torch.no_grad():
-        return model(**inputs).logits[:, -1].float()
-
-
-def _generate(model, inputs, n=4, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)[:, -n:]
 
 
 def _first_point_layer(spec) -> int:

@@ -211,3 +211,19 @@ def run_recording_layer_lengths(model, inputs, method, **options):
             h.remove()
         vtprune.unpatch(model)
     return seen, st
+
+
+def last_logits(model, inputs):
+    """Last-position logits (float32) of one forward; 1-D-position models get position ids numbered from the mask,
+    as ``generate`` numbers them (so a left-padded row and the row alone see the same positions)."""
+    if "mm_token_type_ids" not in inputs and "position_ids" not in inputs:
+        mask = inputs["attention_mask"]
+        inputs = dict(inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1].float()
+
+
+def greedy(model, inputs, n=4, **kw):
+    """The ``n`` tokens greedy ``generate`` appends."""
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)[:, -n:]
