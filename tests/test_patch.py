@@ -20,8 +20,6 @@ UNSUPPORTED = [c for c in CASES if not supports(*c)]
 ROWS = [(5, 1, 4), (2, 1, 9)]  # (text before, images, text after) per batch row
 
 
-
-
 @pytest.mark.parametrize("method,family", SUPPORTED)
 def test_keep_all_is_bit_identical(method, family, model_factory):
     model = model_factory(family)

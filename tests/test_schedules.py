@@ -112,8 +112,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-
-
 def _first_point_layer(spec) -> int:
     return 0 if spec[1] is None else spec[1]
 
