@@ -54,13 +54,12 @@ test-oldest: .venv-oldest/.vtprune-installed
 	.venv-oldest/bin/python -m pip check
 	touch $@
 
+COMPILE := .venv-tools/bin/pip-compile -q --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 lock:
 	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/python $(PIP) "pip-tools==7.6.2")
 	rm -f requirements/lock.txt requirements/oldest.txt
-	.venv-tools/bin/pip-compile -q --allow-unsafe --extra dev --extra eval --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --output-file requirements/lock.txt pyproject.toml requirements/lock.in
-	.venv-tools/bin/pip-compile -q --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --output-file requirements/oldest.txt requirements/oldest.in
+	$(COMPILE) --extra dev --extra eval --output-file requirements/lock.txt pyproject.toml requirements/lock.in
+	$(COMPILE) --output-file requirements/oldest.txt requirements/oldest.in
 
 gpu-check:
 	bash eval/gpu/check.sh

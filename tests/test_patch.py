@@ -7,7 +7,7 @@ row run alone, the model before patching.
 import pytest
 import torch
 from conftest import supports
-from tiny import FAMILIES, make_inputs, run_recording_layer_lengths, split_rows
+from tiny import FAMILIES, assert_keep_all_is_bit_identical, make_inputs, run_recording_layer_lengths, split_rows
 from tiny import greedy as _generate
 from tiny import last_logits as _last_logits
 
@@ -23,14 +23,7 @@ ROWS = [(5, 1, 4), (2, 1, 9)]  # (text before, images, text after) per batch row
 @pytest.mark.parametrize("method,family", SUPPORTED)
 def test_keep_all_is_bit_identical(method, family, model_factory):
     model = model_factory(family)
-    inputs = make_inputs(model, family, ROWS)
-    ref_logits, ref_tokens = _last_logits(model, inputs), _generate(model, inputs)
-    with vtprune.patched(model, method, ratio=1.0):
-        assert torch.equal(_last_logits(model, inputs), ref_logits)
-        assert torch.equal(_generate(model, inputs), ref_tokens)
-        st = vtprune.stats(model)
-        assert st.visual_tokens_kept == st.visual_tokens_in
-        assert st.prefill_flops == st.prefill_flops_full
+    assert_keep_all_is_bit_identical(model, make_inputs(model, family, ROWS), method, ratio=1.0)
 
 
 @pytest.mark.parametrize("method,family", UNSUPPORTED)

@@ -37,6 +37,7 @@ from tiny import (
     VEND_ID,
     VIDEO_ID,
     VSTART_ID,
+    assert_keep_all_is_bit_identical,
     make_inputs,
     run_recording_layer_lengths,
     split_rows,
@@ -121,13 +122,7 @@ def _first_point_layer(spec) -> int:
 def test_keep_all_schedule_is_bit_identical(first, second, family, model_factory):
     model = model_factory(family)
     inputs = make_inputs(model, family, [(5, 1, 4), (2, 1, 9)])
-    ref_logits, ref_tokens = _last_logits(model, inputs), _generate(model, inputs)
-    with vtprune.patched(model, [_cfg(first, ratio=1.0), _cfg(second, ratio=1.0)]):
-        assert torch.equal(_last_logits(model, inputs), ref_logits)
-        assert torch.equal(_generate(model, inputs), ref_tokens)
-        st = vtprune.stats(model)
-        assert st.visual_tokens_kept == st.visual_tokens_in
-        assert st.prefill_flops == st.prefill_flops_full
+    assert_keep_all_is_bit_identical(model, inputs, [_cfg(first, ratio=1.0), _cfg(second, ratio=1.0)])
 
 
 @pytest.mark.parametrize("first,second,family", CASES)

@@ -227,3 +227,17 @@ def greedy(model, inputs, n=4, **kw):
     """The ``n`` tokens greedy ``generate`` appends."""
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)[:, -n:]
+
+
+def assert_keep_all_is_bit_identical(model, inputs, method, **options):
+    """Patched with a budget that keeps everything, ``model`` gives the unpatched last logits and greedy tokens
+    bit for bit, and its stats say nothing was pruned."""
+    import vtprune
+
+    ref_logits, ref_tokens = last_logits(model, inputs), greedy(model, inputs)
+    with vtprune.patched(model, method, **options):
+        assert torch.equal(last_logits(model, inputs), ref_logits)
+        assert torch.equal(greedy(model, inputs), ref_tokens)
+        st = vtprune.stats(model)
+        assert st.visual_tokens_kept == st.visual_tokens_in
+        assert st.prefill_flops == st.prefill_flops_full

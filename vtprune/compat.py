@@ -9,8 +9,7 @@ is a one-line change:
 * ``create_causal_mask`` / ``create_sliding_window_causal_mask`` arguments (``cache`` / ``past_key_values``);
 * how a cache reports its length: ``Cache.get_seq_length(layer_idx)`` (what generate, position ids and
   ``rope_deltas`` consumers read) and ``Cache.get_query_offset(layer_idx)`` (what the mask functions read), and
-  which caches are static (pre-allocated, ``is_compileable``);
-* Qwen's M-RoPE ``rope_deltas`` (kept on the inner model).
+  which caches are static (pre-allocated, ``is_compileable``).
 """
 
 from __future__ import annotations
@@ -32,13 +31,9 @@ MIN_TRANSFORMERS = "5.23.0"
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
-def transformers_version() -> Version:
-    return Version(transformers.__version__)
-
-
 def check_transformers() -> None:
     """Raise a clear ``ImportError`` when the installed transformers is older than vtprune supports."""
-    found = transformers_version()
+    found = Version(transformers.__version__)
     if found < Version(MIN_TRANSFORMERS) or found.major >= 6:
         raise ImportError(
             f"vtprune supports transformers >= {MIN_TRANSFORMERS}, < 6; found {transformers.__version__}. "
@@ -130,13 +125,6 @@ def restore_lengths(cache) -> None:
     """Undo :func:`report_lengths`."""
     cache.__dict__.pop("get_seq_length", None)
     cache.__dict__.pop("get_query_offset", None)
-
-
-# -- M-RoPE ---------------------------------------------------------------------------------------------------
-def rope_deltas(inner) -> torch.Tensor | None:
-    """Qwen-VL's per-row M-RoPE offset ``[B, 1]`` (decode position = text position + delta), kept on the inner
-    model by its last prefill."""
-    return getattr(inner, "rope_deltas", None)
 
 
 def versions() -> dict[str, str]:

@@ -19,6 +19,19 @@ class StageStats:
     late_drop: bool = False  # an all-or-nothing late drop (ToDRE stage 2)
 
 
+def layer_lengths(stages: list[StageStats], row: int, visual_in: int, prompt_len: int, num_layers: int) -> list[int]:
+    """Per decoder layer, the prompt length sample ``row`` ran on: ``prompt_len`` less the visual tokens that the
+    points acting at or before that layer removed (``visual_in`` before the first point)."""
+    lengths = []
+    for i in range(num_layers):
+        kept = visual_in
+        for stage in stages:
+            if (stage.layer or 0) <= i:
+                kept = stage.visual_tokens_kept[row]
+        lengths.append(prompt_len - (visual_in - kept))
+    return lengths
+
+
 @dataclass
 class PruneStats:
     """Statistics of the last forward pass of a patched model that had visual tokens.
@@ -65,14 +78,7 @@ class PruneStats:
         if self.stages and num_layers <= max(s.layer or 0 for s in self.stages):
             raise ValueError(f"num_layers={num_layers} but a prune point acts at layer "
                              f"{max(s.layer or 0 for s in self.stages)}: give the model's decoder layer count")
-        lengths = []
-        for i in range(num_layers):
-            kept = self.visual_tokens_in[row]
-            for stage in self.stages:
-                if (stage.layer or 0) <= i:
-                    kept = stage.visual_tokens_kept[row]
-            lengths.append(prompt_len - (self.visual_tokens_in[row] - kept))
-        return lengths
+        return layer_lengths(self.stages, row, self.visual_tokens_in[row], prompt_len, num_layers)
 
     @property
     def flops_ratio(self) -> float:

@@ -15,9 +15,8 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
-from typing import Any, ContextManager
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -103,50 +102,6 @@ def provenance_lines(info: Mapping[str, Any], command: str) -> list[str]:
         f"- vtprune native ops loaded: {info['native_ops']}; flash_attn (FlashAttention-2) importable: "
         f"{info['flash_attn_2']}",
     ]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """One call's time: CUDA events around it on a GPU (after draining queued work), else the host clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def interleaved_ms(variants: Mapping[str, Callable[[], Any]], contexts: Mapping[str, Callable[[], ContextManager]],
-                   device: torch.device, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Every variant timed once per round, the order reversed every other round (drift hits all alike); a
-    variant's context (e.g. ``vtprune.patched(...)``) is entered around each call, outside the timed region."""
-    import contextlib
-
-    names = list(variants)
-
-    def ctx(name):
-        make = contexts.get(name)
-        return make() if make else contextlib.nullcontext()
-
-    for name in names:
-        with ctx(name):
-            for _ in range(warmup):
-                variants[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else reversed(names):
-            with ctx(name):
-                times[name].append(time_once_ms(variants[name], device))
-    return times
 
 
 def median(xs) -> float:

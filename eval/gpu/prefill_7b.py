@@ -6,8 +6,9 @@ One prompt: BOS + 4 text tokens, 576 image tokens, 35 text tokens (616), repeate
 unpatched model, then every method of ``vtprune.list_methods()`` at ``keep`` = 64 / 128 / 192 visual tokens. Each
 variant first runs once untimed (its stats, analytic FLOPs ratio, selection time and peak memory are read there;
 a method that fails reports its error on its row and is left out of the timing), then all variants are timed in
-interleaved rounds (each variant once per round, order reversed every other round) with CUDA events around each
-prefill (``logits_to_keep=1``, no grad, SDPA), the patch entered and left outside the timed region; medians
+interleaved rounds (each variant once per round, order reversed every other round; ``vtprune.timing``, which reads the
+clock after CUDA synchronises) around each prefill (``logits_to_keep=1``, no grad, SDPA), the patch entered and left
+outside the timed region; medians
 reported. The report is rewritten after each batch size, so a stage killed by its time limit keeps what it had.
 
     VTPRUNE_CUDA=1 python eval/gpu/prefill_7b.py --out eval/results/gpu/prefill_7b.md     # on a GPU (~1-2 min)
@@ -26,6 +27,7 @@ import common
 import torch
 
 import vtprune
+from vtprune import timing
 
 VOCAB, IMAGE_ID = 32064, 32000
 REAL = dict(image_size=336, patch_size=14, v_hidden=1024, v_inter=4096, v_layers=24, v_heads=16,
@@ -123,7 +125,7 @@ def run_batch(model, inputs, n_visual, budgets, methods, device, repeats, warmup
             contexts[name] = lambda m=method, k=keep: vtprune.patched(model, m, keep=k)
             rows.append(row)
     print(f"  timing {len(variants)} variants x {repeats} rounds ...", flush=True)
-    times = common.interleaved_ms(variants, contexts, device, repeats=repeats, warmup=warmup)
+    times = timing.interleaved_times_ms(variants, repeats=repeats, warmup=warmup, contexts=contexts)
     base = statistics.median(times["unpatched"])
     for row in rows:
         t = sorted(times.get(row["variant"], []))

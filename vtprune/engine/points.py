@@ -3,7 +3,7 @@
 Owns :class:`PrunePoint` (a method at the vision entry, before decoder layer K, or a late drop at K) and
 :class:`Forward` (the state of one forward pass: the current sequence after the points so far), and the three
 things a point does in prefill: read its signals (layer K-1's q/k, recomputed attention rows), select per unit
-(:meth:`PrunePoint.select`), and compact the sequence it acts on (:func:`compact`); plus the masks and positions
+(:func:`select`), and compact the sequence it acts on (:func:`compact`); plus the masks and positions
 of the layers after it, in prefill and in every step that continues a pruned cache (:func:`decode_at`).
 """
 
@@ -51,7 +51,7 @@ class PointRecord:
 
     point: PrunePoint
     kept: list[int]  # visual tokens per row after the point
-    dropped: list[int]  # real tokens per row the point removed
+    pruned: bool  # the point removed tokens (compacted the sequence)
     select_ms: float
     late_dropped: list[bool] | None = None
 
@@ -70,7 +70,6 @@ class Forward:
     mask2d: torch.Tensor | None = None  # bool [B, S]: the prompt's real tokens
     cols: torch.Tensor | None = None  # [B, L] long
     real: torch.Tensor | None = None  # [B, L] bool
-    next_point: int = 0  # index of the next decoder point to run (prefill)
     signals: dict[str, Any] = field(default_factory=dict)
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # masks / overrides for layers after a point
     override_from: int | None = None  # layers > this one take layer_kwargs
@@ -104,13 +103,14 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
     for unit in fwd.units:
         unit.merged = None
         n = unit.present.numel()
+        k = config.budget(n)
+        if k >= n:  # keeps everything: the method is not called (nor stored for reuse)
+            continue
         slots = fwd.slots(unit)
         key = (point.layer, unit.key, n)
         if sticky is not None and key in sticky:  # generate(use_cache=False): reuse the prompt's selection
             kept = sticky[key]
         else:
-            if config.budget(n) >= n:
-                continue
             kept = point.method.select(make_inputs(unit, slots))
             if sticky is not None:
                 sticky[key] = kept
@@ -118,7 +118,7 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
             unit.merged = kept.merged
             kept = kept.kept
         kept = kept.to(slots.device)
-        check_selection(point.method.name, kept, n, config.budget(n))
+        check_selection(point.method.name, kept, n, k)
         unit.present = unit.present[kept]
         keep[unit.row, slots] = False
         keep[unit.row, slots[kept]] = True

@@ -319,14 +319,13 @@ class Session:
             kept[unit.row] += unit.present.numel()
         if late_dropped is not None:
             kept = [0 if d else k for k, d in zip(kept, late_dropped)]
-        dropped = (fwd.real.sum(1) - keep.sum(1)).tolist() if keep is not None else [0] * b
-        fwd.records.append(P.PointRecord(point, kept, dropped, (time.perf_counter() - t0) * 1e3, late_dropped))
+        fwd.records.append(P.PointRecord(point, kept, keep is not None, (time.perf_counter() - t0) * 1e3, late_dropped))
 
     # -- decoder layers: signals, points, the layers after them ---------------------------------------------
     def _signal_hook(self, point: P.PrunePoint, name: str):
         def hook(module, args, out_or_kwargs, output=None):
             fwd = self.fwd
-            if fwd is None or not fwd.prefill or self._pending(fwd) is not point:
+            if fwd is None or not fwd.prefill or fwd.cols is None:  # prefill, units found: points run in layer order
                 return None
             if name == "_rope":
                 fwd.signals["_rope"] = out_or_kwargs["position_embeddings"]
@@ -337,13 +336,6 @@ class Session:
             return None
 
         return hook
-
-    def _pending(self, fwd: P.Forward) -> P.PrunePoint | None:
-        """The next decoder point this prefill will reach (None: none, or no unit)."""
-        if fwd.cols is None:
-            return None
-        ahead = [p for p in self.points if p.kind != P.VISION and p.layer >= fwd.next_point]
-        return ahead[0] if ahead else None
 
     def _make_layer_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -375,9 +367,8 @@ class Session:
             masks = P.decode_at(fwd, point.layer, hidden, kwargs, cache, self._masks, self._rotary)
             kwargs["attention_mask"] = masks[self.adapter.layer_type(point.layer)]
             return (hidden,), kwargs
-        if fwd.cols is None or self._pending(fwd) is not point:
+        if fwd.cols is None:
             return None
-        fwd.next_point = point.layer + 1
         if point.kind == P.LATE_DROP and not self._ran(fwd, point.method):
             fwd.signals.clear()
             return None  # the method's own first point kept everything: so does its late drop
@@ -403,7 +394,7 @@ class Session:
         return (hidden,), kwargs
 
     def _ran(self, fwd: P.Forward, method: Method) -> bool:
-        return any(r.point.method is method and sum(r.dropped) > 0 for r in fwd.records)
+        return any(r.point.method is method and r.pruned for r in fwd.records)
 
     def _rotary(self, hidden, position_ids):
         """The LM's rotary tables ``(cos, sin)`` for ``position_ids``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import flops
-from ..stats import PruneStats, StageStats
+from ..stats import PruneStats, StageStats, layer_lengths
 from .points import LATE_DROP, Forward
 
 
@@ -22,15 +22,17 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
         kept_indices[unit.row].append(unit.present.cpu() + n_in[unit.row])
         n_in[unit.row] += unit.positions.numel()
         n_kept[unit.row] += unit.present.numel()
+    stages = [
+        StageStats(method=r.point.method.name, stage=r.point.stage, layer=r.point.layer if r.point.layer else None,
+                   visual_tokens_kept=list(r.kept), select_ms=r.select_ms, late_drop=r.point.kind == LATE_DROP)
+        for r in fwd.records
+    ]
     real = fwd.mask2d.sum(1).tolist()
     text_cfg = adapter.text_config
     full = pruned = 0
     for row in range(b):
-        lengths = [real[row]] * num_layers
-        for record in fwd.records:
-            for i in range(record.point.layer, num_layers):
-                lengths[i] -= record.dropped[row]
         full += flops.decoder_prefill_flops(text_cfg, real[row])
+        lengths = layer_lengths(stages, row, n_in[row], real[row], num_layers)
         pruned += flops.decoder_prefill_flops(text_cfg, lengths)
     vision = _vision_flops(fwd, adapter)
     selecting = [r for r in fwd.records if r.point.kind != LATE_DROP]
@@ -47,11 +49,7 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
         kept_indices=[torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in kept_indices],
         late_drop_layer=next((p.layer for p in points if p.kind == LATE_DROP), None),
         late_dropped=late.late_dropped if late is not None else None,
-        stages=[
-            StageStats(method=r.point.method.name, stage=r.point.stage, layer=r.point.layer if r.point.layer else None,
-                       visual_tokens_kept=list(r.kept), select_ms=r.select_ms, late_drop=r.point.kind == LATE_DROP)
-            for r in fwd.records
-        ],
+        stages=stages,
     )
 
 
