@@ -50,7 +50,7 @@ def test_causal_masks_match_the_host_call_and_warn_nothing():
     mask2d = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a deprecated keyword would raise here
-        ours = compat.causal_masks(cfg, hidden, mask2d, None, 0, {"full_attention"})
+        ours = compat.causal_masks(cfg, hidden, mask2d, None, {"full_attention": 0})
     ref = masking_utils.create_causal_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask2d,
                                            position_ids=None, **{_host_keyword(): None})
     assert set(ours) == {"full_attention"}

@@ -18,9 +18,19 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
+#: Qwen3-VL / Qwen3.5 families (interleaved M-RoPE; DeepStack: qwen3_vl*; hybrid linear/full attention: qwen3_5*)
+QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 VOCAB = 96
 IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, PAD_ID = 90, 91, 92, 93, 0
 
@@ -90,12 +100,47 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
             vision_end_token_id=VEND_ID,
         )
         model = cls_model(cfg)
+    elif family in QWEN3:
+        model = _qwen3(family)
     else:
         raise ValueError(family)
     model.config._attn_implementation = attn
     for sub in (model.config.text_config, model.config.vision_config):
         sub._attn_implementation = attn
     return _finish(model)
+
+
+_QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+#: Qwen3.5: layers 1 and 2 are full attention, so the default decoder points (fastv / dart K=2, pact K=3) read a
+#: full-attention layer; a linear layer comes before (0) and after (3) them. Layer 0 being linear makes layer=1 a
+#: refused point
+QWEN35_LAYER_TYPES = ["linear_attention", "full_attention", "full_attention", "linear_attention"]
+
+
+def _qwen3(family: str):
+    """Tiny Qwen3-VL (DeepStack taps both vision layers: levels added after decoder layers 0 and 1) and Qwen3.5
+    (Gated DeltaNet + gated full attention, partial rotary) models, dense or MoE."""
+    text = dict(_TEXT, head_dim=16)
+    ids = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VSTART_ID,
+               vision_end_token_id=VEND_ID)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True}
+    if family.startswith("qwen3_vl"):
+        text["rope_parameters"] = dict(rope, mrope_section=[2, 3, 3])
+        vision = dict(_QWEN3_VISION, deepstack_visual_indexes=[0, 1])
+        cfg_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if family.endswith("moe")
+                              else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    else:
+        text.update(layer_types=QWEN35_LAYER_TYPES, linear_key_head_dim=8, linear_value_head_dim=8,
+                    linear_num_key_heads=2, linear_num_value_heads=4, linear_conv_kernel_dim=4,
+                    rope_parameters=dict(rope, mrope_section=[2, 1, 1], partial_rotary_factor=0.5))
+        vision = dict(_QWEN3_VISION)
+        cfg_cls, model_cls = ((Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if family.endswith("moe")
+                              else (Qwen3_5Config, Qwen3_5ForConditionalGeneration))
+    if family.endswith("moe"):
+        text.update(_MOE, shared_expert_intermediate_size=32) if family.startswith("qwen3_5") else text.update(_MOE)
+    return model_cls(cfg_cls(vision_config=vision, text_config=text, **ids))
 
 
 def _llava_images(model, n_images, gen):
@@ -121,7 +166,7 @@ def _qwen_images(model, n_images, gen):
     return {"pixel_values": pix, "image_grid_thw": grids}, [int(g.prod()) // 4 for g in grids]
 
 
-_IMAGES = {"llava": _llava_images, "llava_next": _next_images, "qwen2_vl": _qwen_images, "qwen2_5_vl": _qwen_images}
+_IMAGES = {"llava": _llava_images, "llava_next": _next_images, **{f: _qwen_images for f in FAMILIES if "qwen" in f}}
 
 
 def make_inputs(model, family: str, specs, seed: int = 0):

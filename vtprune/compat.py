@@ -6,7 +6,8 @@ is a one-line change:
 * the KV-cache keyword of forwards, decoder layers and mask functions: ``past_key_values=`` up to 5.23,
   ``cache=`` from 5.24 (the old name is a deprecated alias there until 5.40), and the output field that returns
   the cache (``past_key_values`` / ``cache``);
-* ``create_causal_mask`` / ``create_sliding_window_causal_mask`` arguments (``cache`` / ``past_key_values``);
+* the mask function of each decoder layer type (``create_causal_mask``, ``create_sliding_window_causal_mask``,
+  ``create_recurrent_attention_mask``) and their arguments (``cache`` / ``past_key_values``);
 * how a cache reports its length: ``Cache.get_seq_length(layer_idx)`` (what generate, position ids and
   ``rope_deltas`` consumers read) and ``Cache.get_query_offset(layer_idx)`` (what the mask functions read), and
   which caches are static (pre-allocated, ``is_compileable``).
@@ -72,18 +73,40 @@ def _cache_keyword(fn) -> str:
     raise TypeError(f"{fn.__qualname__} takes none of the cache keywords {CACHE_KEYWORDS}: unsupported transformers")
 
 
-def causal_masks(config, inputs_embeds: torch.Tensor, attention_mask, cache, layer_idx: int,
-                 layer_types: set[str]) -> dict[str, Any]:
-    """The decoder's masks for ``inputs_embeds`` ``[B, q, D]`` over ``cache`` (at ``layer_idx``) and the 2-D
-    ``attention_mask`` ``[B, cached + q]`` (or None), keyed by layer type (``full_attention`` and, when
-    ``layer_types`` has it, ``sliding_attention``), as the host's decoder builds them."""
+def causal_masks(config, inputs_embeds: torch.Tensor, attention_mask, cache, layers: dict[str, int]) -> dict[str, Any]:
+    """The decoder's masks for ``inputs_embeds`` ``[B, q, D]`` over ``cache`` and the 2-D ``attention_mask``
+    ``[B, cached + q]`` (or None), keyed by layer type, as the host's decoder builds them. ``layers`` maps each layer
+    type the masks are for (``full_attention``, ``sliding_attention``, ``linear_attention``: Gated DeltaNet /
+    Mamba-style layers, which take the 2-D padding mask of the local sequence) to a layer index of that type whose
+    cache sizes the mask."""
     common = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=None)
-    fn = masking_utils.create_causal_mask
-    masks = {"full_attention": fn(**common, **{_cache_keyword(fn): cache}, layer_idx=layer_idx)}
-    if "sliding_attention" in layer_types:
-        fn = masking_utils.create_sliding_window_causal_mask
-        masks["sliding_attention"] = fn(**common, **{_cache_keyword(fn): cache}, layer_idx=layer_idx)
+    masks = {}
+    for kind, layer_idx in layers.items():
+        fn = _MASK_FUNCTIONS.get(kind)
+        if fn is None:
+            raise NotImplementedError(f"decoder layers of type {kind!r} are not supported by vtprune yet "
+                                      f"(known: {sorted(_MASK_FUNCTIONS)})")
+        fn = getattr(masking_utils, fn)
+        extra = {} if kind == "linear_attention" else {"layer_idx": layer_idx}
+        masks[kind] = fn(**common, **{_cache_keyword(fn): cache}, **extra)
     return masks
+
+
+#: the host's mask function for each decoder layer type
+_MASK_FUNCTIONS = {
+    "full_attention": "create_causal_mask",
+    "sliding_attention": "create_sliding_window_causal_mask",
+    "linear_attention": "create_recurrent_attention_mask",
+}
+
+
+def length_layer(cache, layer_idx: int = 0) -> int:
+    """The layer whose stored length ``cache.get_seq_length(layer_idx)`` reads: hybrid caches (linear-attention
+    layers keep a fixed-size state, not a sequence) answer layer 0 from their first attention layer."""
+    layers = getattr(cache, "layers", None)
+    if layer_idx != 0 or not layers or hasattr(layers[0], "get_seq_length"):
+        return layer_idx
+    return next((i for i, layer in enumerate(layers) if hasattr(layer, "get_seq_length")), layer_idx)
 
 
 # -- cache lengths ----------------------------------------------------------------------------------------
@@ -112,7 +135,7 @@ def report_lengths(cache, hidden) -> None:
     cls = type(cache)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(cls.get_seq_length(self, layer_idx)) + hidden(self, layer_idx)
+        return int(cls.get_seq_length(self, layer_idx)) + hidden(self, length_layer(self, layer_idx))
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return int(cls.get_seq_length(self, layer_idx))

@@ -18,8 +18,8 @@ Counting convention
   look-ups.  (transformers 5.x builds the RoPE tables element-wise, so ``FlopCounterMode`` does not
   see them either; older versions used an ``inv_freq @ positions`` matmul of ~``S * Dh`` FLOPs per
   forward, negligible.)
-* Dense compute only: padding in a batch is counted (every row is ``S`` long), sliding-window
-  attention is counted as full, and MoE decoders are not modelled.
+* Dense compute only: padding in a batch is counted (every row is ``S`` long) and sliding-window
+  attention is counted as full. MoE layers count the experts each token is routed to (top-k).
 
 Symbols
 -------
@@ -80,6 +80,35 @@ window row heights (``ws, ..., ws, (h/m) % ws``) and ``c_j`` the column widths::
 
     windowed attention  2 * 2 * De * t * m**4 * (sum_i r_i**2) * (sum_j c_j**2)
 
+Qwen3-VL / Qwen3.5 ViT (``qwen3_vl``, ``qwen3_vl_moe``, ``qwen3_5``, ``qwen3_5_moe``): as Qwen2-VL with
+``De = hidden_size``, a plain 2-matmul MLP (``Iv = intermediate_size``), full attention within each frame in every
+block (the learned position embedding is interpolated with look-ups and element-wise weights: not counted), and
+``1 + len(deepstack_visual_indexes)`` patch mergers of the same shape (the main one and one per DeepStack tap;
+Qwen3.5 has none)::
+
+    mergers     (1 + taps) * (2 * (n/m**2) * (m*m*De)**2 + 2 * (n/m**2) * (m*m*De) * Dout)
+
+Decoder layer kinds beyond LLaMA / Qwen2 (``text_config.layer_types``, one sequence of ``S`` tokens):
+
+* Qwen3.5 full attention is gated: ``q_proj`` maps to ``2*H*Dh`` (query and output gate), ``+ 2 * S * D * H*Dh``.
+* Qwen3.5 Gated DeltaNet (``linear_attention``), with ``Hk``/``Hv`` key/value heads of ``dk``/``dv`` dims,
+  ``Kd = Hk*dk``, ``Vd = Hv*dv``, conv kernel ``w``, chunk ``C = 64`` and ``Sp = ceil(S / C) * C``::
+
+      projections  2 * S * D * (2*Kd + Vd)  +  2 * S * D * Vd  +  2 * 2 * S * D * Hv  +  2 * S * Vd * D
+      conv1d       2 * (S + w - 1) * (2*Kd + Vd) * w          (depthwise, padded output, as computed)
+      chunked rule Hv * Sp * (4*C*dk + 2*C*dv + 6*dk*dv)       (intra-chunk products and the scan)
+      UT solves    Hv * (Sp / C) * C*(C-1) * (dv + dk)         (two unit-triangular solves per chunk)
+
+  The state a linear layer keeps for decoding does not grow with ``S``: ``Hv*dk*dv`` recurrent + ``(2*Kd+Vd)*w``
+  conv values per sequence (:func:`linear_state_bytes`); :func:`kv_cache_bytes` counts attention layers only.
+* MoE MLP (``num_experts``, top-``k`` routing, ``moe_intermediate_size`` ``Ie``; Qwen3-VL-MoE: every
+  ``decoder_sparse_step``-th layer not in ``mlp_only_layers``; Qwen3.5-MoE: every layer), active compute::
+
+      router 2 * S * D * E  +  experts k * 3 * 2 * S * D * Ie  (+ shared expert 3 * 2 * S * D * Is + gate 2 * S * D)
+
+  FlopCounterMode sees the experts only when they run eagerly (``grouped_mm`` is not counted); the tests count
+  them that way.
+
 Vision FLOPs are for all the images given (``num_images`` / all rows of ``image_grid_thw``); they
 are not multiplied by the batch size.
 """
@@ -97,11 +126,16 @@ __all__ = [
     "vision_flops",
     "prefill_flops",
     "kv_cache_bytes",
+    "linear_state_bytes",
     "SUPPORTED_MODEL_TYPES",
 ]
 
 #: top-level ``config.model_type`` values :func:`vision_flops` / :func:`prefill_flops` understand.
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
+                         "qwen3_5_moe")
+_QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+#: chunk length of transformers' chunked gated delta rule (``torch_chunk_gated_delta_rule``)
+DELTA_RULE_CHUNK = 64
 _CLIP_VISION_TYPES = ("clip_vision_model",)
 
 
@@ -181,23 +215,89 @@ def _layer_lens(text_config, layer_seq_lens, name: str = "layer_seq_lens") -> li
 
 
 # --------------------------------------------------------------------------- decoder
-def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None) -> int:
-    """FLOPs of one LLaMA/Qwen2-style decoder layer for one sequence.
+def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None, layer: int = 0) -> int:
+    """FLOPs of decoder layer ``layer`` for one sequence.
 
     ``seq_len`` queries attend to ``kv_len`` keys (default ``seq_len``: prefill; ``seq_len=1`` and
-    ``kv_len=past+1`` is one decode step).  Counts q/k/v/o projections (GQA: k and v project to
-    ``Hkv*Dh``), ``Q K^T`` and ``A V`` as full ``seq_len x kv_len`` products, and the gated MLP
-    (3 matmuls of ``D x I``).  See the module docstring for the formula.
+    ``kv_len=past+1`` is one decode step). Full-attention layers: q/k/v/o projections (GQA: k and v project to
+    ``Hkv*Dh``; Qwen3.5's gated query doubles q_proj), ``Q K^T`` and ``A V`` as full ``seq_len x kv_len``
+    products. Linear-attention layers (Qwen3.5 Gated DeltaNet, ``text_config.layer_types``): projections, the
+    depthwise conv and the chunked delta rule (``kv_len`` is not used: the state has a fixed size). MLP: gated
+    (3 matmuls of ``D x I``), or the routed experts of an MoE layer. See the module docstring for the formulas.
     """
     text_config = _text_config(text_config)
     s = _as_count(seq_len, "seq_len")
     k = s if kv_len is None else _as_count(kv_len, "kv_len")
-    d, h, hkv, dh = _attn_dims(text_config)
-    inter = int(_require(text_config, "intermediate_size", "text config"))
-    proj = 2 * s * d * (h * dh) * 2 + 2 * s * d * (hkv * dh) * 2   # q, o  +  k, v
-    attn = 2 * 2 * s * k * h * dh                                   # QK^T, AV
-    mlp = 3 * 2 * s * d * inter                                      # gate, up, down
-    return proj + attn + mlp
+    layer = _as_count(layer, "layer")
+    if layer >= _num_layers(text_config):
+        raise ValueError(f"layer {layer} out of range for a decoder of {_num_layers(text_config)} layers")
+    if _layer_type(text_config, layer) == "linear_attention":
+        mixer = _linear_attention_flops(text_config, s)
+    else:
+        d, h, hkv, dh = _attn_dims(text_config)
+        q_out = h * dh * (2 if _gated_query(text_config) else 1)
+        proj = 2 * s * d * q_out + 2 * s * (h * dh) * d + 2 * s * d * (hkv * dh) * 2   # q, o  +  k, v
+        mixer = proj + 2 * 2 * s * k * h * dh                                            # QK^T, AV
+    return mixer + _mlp_flops(text_config, s, layer)
+
+
+def _layer_type(text_config, layer: int) -> str:
+    types = getattr(text_config, "layer_types", None)
+    return types[layer] if types else "full_attention"
+
+
+def _gated_query(text_config) -> bool:
+    return getattr(text_config, "model_type", "") in ("qwen3_5_text", "qwen3_5_moe_text")
+
+
+def _linear_attention_flops(text_config, s: int) -> int:
+    what = "linear-attention text config"
+    d = int(_require(text_config, "hidden_size", what))
+    hk, hv = int(_require(text_config, "linear_num_key_heads", what)), int(_require(text_config, "linear_num_value_heads", what))
+    dk, dv = int(_require(text_config, "linear_key_head_dim", what)), int(_require(text_config, "linear_value_head_dim", what))
+    w = int(_require(text_config, "linear_conv_kernel_dim", what))
+    kd, vd = hk * dk, hv * dv
+    c = DELTA_RULE_CHUNK
+    sp = -(-s // c) * c
+    proj = 2 * s * d * (2 * kd + vd) + 2 * s * d * vd + 2 * 2 * s * d * hv + 2 * s * vd * d
+    conv = 2 * (s + w - 1) * (2 * kd + vd) * w if s else 0
+    rule = hv * sp * (4 * c * dk + 2 * c * dv + 6 * dk * dv)
+    solves = hv * (sp // c) * c * (c - 1) * (dv + dk)
+    return proj + conv + rule + solves
+
+
+def _mlp_flops(text_config, s: int, layer: int) -> int:
+    d = int(_require(text_config, "hidden_size", "text config"))
+    experts = int(getattr(text_config, "num_experts", 0) or 0)
+    sparse = experts > 0 and layer not in (getattr(text_config, "mlp_only_layers", None) or ()) and (
+        (layer + 1) % int(getattr(text_config, "decoder_sparse_step", 1) or 1) == 0)
+    if not sparse:
+        inter = int(_require(text_config, "intermediate_size", "text config"))
+        return 3 * 2 * s * d * inter                                     # gate, up, down
+    top_k = int(_require(text_config, "num_experts_per_tok", "MoE text config"))
+    ie = int(_require(text_config, "moe_intermediate_size", "MoE text config"))
+    out = 2 * s * d * experts + top_k * 3 * 2 * s * d * ie               # router, routed experts
+    shared = int(getattr(text_config, "shared_expert_intermediate_size", 0) or 0)
+    if shared:
+        out += 3 * 2 * s * d * shared + 2 * s * d                        # shared expert and its gate
+    return out
+
+
+def linear_state_bytes(text_config, batch: int = 1, dtype=torch.float16) -> int:
+    """Bytes of the decoding state of the linear-attention layers (0 for a decoder without them): per layer and
+    sequence ``Hv*dk*dv`` recurrent values (transformers keeps them in float32) + ``(2*Kd + Vd) * (w)`` conv values
+    (in ``dtype``). Independent of the prompt length: pruning does not change it."""
+    text_config = _text_config(text_config)
+    b = _as_count(batch, "batch")
+    dtype = _dtype(dtype)
+    layers = [i for i in range(_num_layers(text_config)) if _layer_type(text_config, i) == "linear_attention"]
+    if not layers:
+        return 0
+    hk, hv = int(text_config.linear_num_key_heads), int(text_config.linear_num_value_heads)
+    dk, dv = int(text_config.linear_key_head_dim), int(text_config.linear_value_head_dim)
+    w = int(text_config.linear_conv_kernel_dim)
+    per_layer = hv * dk * dv * torch.float32.itemsize + (2 * hk * dk + hv * dv) * w * dtype.itemsize
+    return b * len(layers) * per_layer
 
 
 def _lm_head_flops(text_config, tokens: int) -> int:
@@ -218,12 +318,14 @@ def decoder_prefill_flops(text_config, layer_seq_lens, batch: int = 1, lm_head_t
     lens = _layer_lens(text_config, layer_seq_lens)
     b = _as_count(batch, "batch")
     t = _as_count(lm_head_tokens, "lm_head_tokens")
-    per_seq = sum(decoder_layer_flops(text_config, s) for s in lens) + _lm_head_flops(text_config, t)
+    per_seq = sum(decoder_layer_flops(text_config, s, layer=i) for i, s in enumerate(lens))
+    per_seq += _lm_head_flops(text_config, t)
     return b * per_seq
 
 
 def kv_cache_bytes(text_config, layer_seq_lens, batch: int = 1, dtype=torch.float16) -> int:
-    """Bytes of the KV cache after prefill: ``2 * Hkv * Dh * bytes(dtype) * batch * sum_l S_l``.
+    """Bytes of the KV cache after prefill: ``2 * Hkv * Dh * bytes(dtype) * batch * sum_l S_l`` over the attention
+    layers (linear-attention layers keep a fixed-size state instead: :func:`linear_state_bytes`).
 
     ``layer_seq_lens`` as in :func:`decoder_prefill_flops` (each layer caches its own length).
     ``dtype``: a ``torch.dtype`` or its name (``"bfloat16"``).
@@ -231,6 +333,13 @@ def kv_cache_bytes(text_config, layer_seq_lens, batch: int = 1, dtype=torch.floa
     text_config = _text_config(text_config)
     lens = _layer_lens(text_config, layer_seq_lens)
     b = _as_count(batch, "batch")
+    dtype = _dtype(dtype)
+    _, _, hkv, dh = _attn_dims(text_config)
+    cached = sum(n for i, n in enumerate(lens) if _layer_type(text_config, i) != "linear_attention")
+    return 2 * hkv * dh * dtype.itemsize * b * cached
+
+
+def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(resolved, torch.dtype):
@@ -238,8 +347,7 @@ def kv_cache_bytes(text_config, layer_seq_lens, batch: int = 1, dtype=torch.floa
         dtype = resolved
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__} {dtype!r}")
-    _, _, hkv, dh = _attn_dims(text_config)
-    return 2 * hkv * dh * dtype.itemsize * b * sum(lens)
+    return dtype
 
 
 # --------------------------------------------------------------------------- vision towers
@@ -310,6 +418,28 @@ def _window_sizes(length: int, ws: int) -> list[int]:
     return [ws] * full + ([rem] if rem else [])
 
 
+def _qwen3_vision_flops(config, image_grid_thw) -> int:
+    vcfg = _require(config, "vision_config", f"{config.model_type} config")
+    what = f"{config.model_type} vision config"
+    p, tp = int(_require(vcfg, "patch_size", what)), int(_require(vcfg, "temporal_patch_size", what))
+    c = int(getattr(vcfg, "in_channels", 3) or 3)
+    m, depth = int(_require(vcfg, "spatial_merge_size", what)), int(_require(vcfg, "depth", what))
+    de, iv = int(_require(vcfg, "hidden_size", what)), int(_require(vcfg, "intermediate_size", what))
+    dout = int(_require(vcfg, "out_hidden_size", what))
+    mergers = 1 + len(getattr(vcfg, "deepstack_visual_indexes", None) or ())
+    dm = de * m * m
+    total = 0
+    for i, grid in enumerate(_grid_rows(image_grid_thw)):
+        _check_merge(grid, m, i)
+        t, h, w = grid
+        n = t * h * w
+        total += 2 * n * c * tp * p * p * de                           # patch embedding conv3d
+        total += depth * _vit_layer_flops(n, de, iv, 2, t * (h * w) ** 2)
+        nm = n // (m * m)
+        total += mergers * (2 * nm * dm * dm + 2 * nm * dm * dout)     # main + DeepStack mergers
+    return total
+
+
 def _qwen_vision_flops(config, image_grid_thw, qwen25: bool) -> int:
     vcfg = _require(config, "vision_config", f"{config.model_type} config")
     what = f"{config.model_type} vision config"
@@ -365,8 +495,9 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None) -> int:
 
     * ``llava`` / ``llava_next`` (CLIP ViT): ``num_images`` images of ``image_size`` (for LLaVA-NeXT,
       crops: base image + AnyRes patches, all of them in the batch).  ``image_grid_thw`` must be None.
-    * ``qwen2_vl`` / ``qwen2_5_vl``: token counts from ``image_grid_thw`` (an ``[n, 3]`` tensor or a list
-      of ``(t, h, w)`` patch grids, one per image/video in the batch); ``num_images`` is not used.
+    * ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl`` / ``qwen3_vl_moe`` / ``qwen3_5`` / ``qwen3_5_moe``: token counts
+      from ``image_grid_thw`` (an ``[n, 3]`` tensor or a list of ``(t, h, w)`` patch grids, one per image/video in
+      the batch); ``num_images`` is not used.
 
     The count covers all images given; it is not multiplied by any batch size.
     """
@@ -380,6 +511,8 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None) -> int:
         return _qwen_vision_flops(config, image_grid_thw, qwen25=False)
     if model_type == "qwen2_5_vl":
         return _qwen_vision_flops(config, image_grid_thw, qwen25=True)
+    if model_type in _QWEN3_TYPES:
+        return _qwen3_vision_flops(config, image_grid_thw)
     raise ValueError(f"model_type {model_type!r} ({type(config).__name__}) is not supported by vtprune.flops; "
                      f"supported: {list(SUPPORTED_MODEL_TYPES)} (pass the top-level VLM config)")
 

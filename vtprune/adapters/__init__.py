@@ -6,16 +6,14 @@ from torch import nn
 
 from .base import ModelAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
-from .qwen_vl import QwenVLAdapter
+from .qwen_vl import Qwen3VLAdapter, Qwen35Adapter, QwenVLAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
-    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter) for t in cls.model_types
+    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Qwen3VLAdapter, Qwen35Adapter) for t in cls.model_types
 }
 
 #: families whose mechanism differs enough that they are refused explicitly (not silently mis-pruned)
 _NOT_YET = {
-    "qwen3_vl": "Qwen3-VL injects DeepStack features into early decoder layers at visual positions; pruning "
-    "them alongside the visual tokens is not implemented yet",
     "llava_onevision": "LLaVA-OneVision's AnyRes-max packing and video pooling are not mapped yet",
 }
 

@@ -26,6 +26,10 @@ class ModelAdapter:
     mrope: ClassVar[bool] = False
     #: an image may be several vision-tower crops (AnyRes)
     multi_crop: ClassVar[bool] = False
+    #: name of the text model's method that adds DeepStack features to the visual rows (None: no DeepStack)
+    deepstack_method: ClassVar[str | None] = None
+    #: ``q_proj`` outputs the query and an output gate per head (``[.., H, 2*Dh]``, query first: Qwen3.5)
+    gated_query: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -59,12 +63,17 @@ class ModelAdapter:
 
     def rope_fn(self):
         """The family's ``apply_rotary_pos_emb(q, k, cos, sin)`` as the decoder attention calls it."""
-        attn = self.decoder_layers[0].self_attn
+        attn = next(layer.self_attn for layer in self.decoder_layers if hasattr(layer, "self_attn"))
         return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
     def layer_type(self, index: int) -> str:
         types = getattr(self.text_config, "layer_types", None)
         return types[index] if types else "full_attention"
+
+    def has_attention(self, index: int) -> bool:
+        """Decoder layer ``index`` has softmax self-attention (``self_attn`` with q/k projections), whose q/k give
+        attention-based signals; linear-attention (Gated DeltaNet) layers do not."""
+        return hasattr(self.decoder_layers[index], "self_attn")
 
     # -- positions --------------------------------------------------------------------------------
     def default_position_ids(self, batch: int, seq: int, past: int, device) -> torch.Tensor:

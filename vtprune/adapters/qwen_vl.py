@@ -1,4 +1,12 @@
-"""Qwen2-VL (``qwen2_vl``) and Qwen2.5-VL (``qwen2_5_vl``): ViT without CLS token, M-RoPE positions."""
+"""Qwen-VL families: ViT without CLS token, 2x2 patch merger, M-RoPE (3-D t/h/w) positions.
+
+* Qwen2-VL (``qwen2_vl``), Qwen2.5-VL (``qwen2_5_vl``, windowed vision attention);
+* Qwen3-VL (``qwen3_vl``, ``qwen3_vl_moe``): interleaved M-RoPE (the position ids are still 3-D integers; only the
+  rotary kernel interleaves frequencies) and DeepStack (extra merged features of early vision layers, added to the
+  visual rows after the first decoder layers; see :mod:`vtprune.engine.deepstack`);
+* Qwen3.5 (``qwen3_5``, ``qwen3_5_moe``): Qwen3-VL's vision without DeepStack, a decoder that interleaves Gated
+  DeltaNet (``linear_attention``) layers with gated full-attention layers (``text_config.layer_types``).
+"""
 
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ class QwenVLAdapter(ModelAdapter):
         return self.inner.visual.merger
 
     def projector(self):
-        return _MergerPerToken(self.inner.visual.merger, self.inner.visual.merger.ln_q.weight.shape[0])
+        return _MergerPerToken(self.inner.visual.merger, self.vit_dim())
 
     def split_projector_inputs(self, captured, call, counts):
         visual = self.inner.visual
@@ -53,6 +61,36 @@ class QwenVLAdapter(ModelAdapter):
             return visual.get_window_index(grid)[0]
         return get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
 
+    def vit_dim(self) -> int:
+        return self.inner.visual.merger.ln_q.weight.shape[0]
+
     def default_position_ids(self, batch, seq, past, device):
         pos = super().default_position_ids(batch, seq, past, device)
         return pos.unsqueeze(0).expand(3, -1, -1)
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL and its MoE variant. DeepStack: ``get_image_features`` also returns ``deepstack_features`` (one
+    merged feature map per tapped vision layer); the text model adds level ``i`` to the visual rows after decoder
+    layer ``i`` through ``deepstack_method``, which the engine wraps so every level follows the kept tokens."""
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    #: the text model's method that adds one DeepStack level to the visual rows: ``fn(hidden, visual_pos_masks,
+    #: level_rows)`` (transformers' Qwen3VLTextModel)
+    deepstack_method = "_deepstack_process"
+
+    def vit_dim(self) -> int:
+        return int(self.config.vision_config.hidden_size)
+
+    def _window_index(self, grid):
+        return None  # no windowed vision attention: the merger sees patches in order
+
+
+class Qwen35Adapter(Qwen3VLAdapter):
+    """Qwen3.5 and its MoE variant: Qwen3-VL's vision (no DeepStack) and a hybrid decoder. Only full-attention
+    layers have ``self_attn`` (q_proj gives query and output gate per head); Gated DeltaNet layers keep a fixed-size
+    recurrent state, so a decoder point at K shortens their sequence like any layer's."""
+
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    deepstack_method = None
+    gated_query = True

@@ -17,6 +17,7 @@ import torch
 from .. import compat
 from ..methods.base import ImageInputs, Method, Selection
 from ..signals import query_attention, rope_keys, rope_query
+from .deepstack import DeepStack
 from .layout import Layout, PrunedPrompt
 from .units import Unit, check_selection
 
@@ -77,6 +78,7 @@ class Forward:
     records: list[PointRecord] = field(default_factory=list)
     decode_masks: dict[int, Any] = field(default_factory=dict)  # continuation: per stage start, its 2-D mask
     decode_positions: torch.Tensor | None = None  # continuation, positions="compact"
+    deepstack: DeepStack | None = None  # prefill of a DeepStack model (Qwen3-VL): the levels' rows per slot
 
     @property
     def last(self) -> torch.Tensor:
@@ -101,7 +103,7 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
     dropped = False
     config = point.method.config
     for unit in fwd.units:
-        unit.merged = None
+        unit.merged = unit.merge_from = None
         n = unit.present.numel()
         k = config.budget(n)
         if k >= n:  # keeps everything: the method is not called (nor stored for reuse)
@@ -116,6 +118,8 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
                 sticky[key] = kept
         if isinstance(kept, Selection):
             unit.merged = kept.merged
+            if kept.merged is not None:
+                unit.merge_from = (slots, kept.kept.to(slots.device), kept.weights)
             kept = kept.kept
         kept = kept.to(slots.device)
         check_selection(point.method.name, kept, n, k)
@@ -140,6 +144,8 @@ def merge(fwd: Forward, x: torch.Tensor, name: str) -> torch.Tensor:
                 f"expected {(slots.numel(), x.shape[-1])} (one per kept token)"
             )
         x[unit.row, slots] = unit.merged.to(device=x.device, dtype=x.dtype)
+        if fwd.deepstack is not None:
+            fwd.deepstack.merge(unit.row, *unit.merge_from, name)
     return x
 
 
@@ -149,6 +155,8 @@ def compact(fwd: Forward, keep: torch.Tensor, start: int) -> Layout:
     layout.shift = fwd.real.sum(1) - keep.sum(1)
     fwd.cols = layout.take(fwd.cols, 1)
     fwd.real = layout.valid.clone()
+    if fwd.deepstack is not None:
+        fwd.deepstack.compact(layout)
     if fwd.prompt is None:
         fwd.prompt = PrunedPrompt()
     fwd.prompt.stages.append((start, layout))
@@ -159,20 +167,36 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
     """What a decoder point's method reads about one unit: its present tokens at ``slots`` of the current sequence."""
     n = slots.numel()
     start = int(slots[0])
-    if int(slots[-1]) - start + 1 != n:
-        raise ValueError(f"method {point.method.name!r} needs each image's visual tokens to be contiguous")
+    order = None
+    if int(slots[-1]) - start + 1 != n:  # a video whose frames are separated by timestamp text (Qwen3-VL)
+        order = span_order(slots, hidden.shape[1])
     signals = fwd.signals
+
+    def view(x, dim=0):  # the row as the method sees it: the unit's tokens one contiguous span from ``start``
+        return x if order is None else x.index_select(dim, order.to(x.device))
+
     return ImageInputs(
         n=n,
         k=point.method.config.budget(n),
         features=unit.features[unit.present] if unit.features is not None else None,
-        hidden=hidden[unit.row],
-        keys=signals["keys"][unit.row] if "keys" in signals else None,
-        text_attention=signals["text_attention"][unit.row] if "text_attention" in signals else None,
+        hidden=view(hidden[unit.row]),
+        keys=view(signals["keys"][unit.row]) if "keys" in signals else None,
+        text_attention=view(signals["text_attention"][unit.row], 1) if "text_attention" in signals else None,
         image_start=start,
         final_norm=final_norm,
         real_mask=unit.real_mask[unit.present] if unit.real_mask is not None else None,
     )
+
+
+def span_order(slots: torch.Tensor, length: int) -> torch.Tensor:
+    """``[length]`` permutation of a row's slots that makes ``slots`` (ascending, not contiguous) one contiguous span
+    starting at ``slots[0]``: the slots before it, the unit's slots, then every other slot after ``slots[0]`` in order
+    (so the text between a video's frames counts as text after the video)."""
+    inside = torch.zeros(length, dtype=torch.bool, device=slots.device)
+    inside[slots] = True
+    cols = torch.arange(length, device=slots.device)
+    rest = cols[(cols > slots[0]) & ~inside]
+    return torch.cat([cols[: int(slots[0])], slots, rest])
 
 
 def late_drop(fwd: Forward, point: PrunePoint, visual_ids, sticky: dict | None):
@@ -203,7 +227,7 @@ def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary) -> No
     k = rope_keys(attn, k_out, rope, rope_fn)
     last = fwd.last
     if point.needs_text_attention:
-        q = rope_query(attn, fwd.signals.pop("_q"), rope, last, rope_fn)
+        q = rope_query(attn, fwd.signals.pop("_q"), rope, last, rope_fn, gated=adapter.gated_query)
         cols = torch.arange(fwd.real.shape[1], device=fwd.real.device)
         visible = fwd.real & (cols[None, :] <= last[:, None])
         fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
@@ -245,7 +269,9 @@ def layer_masks(adapter, num_layers: int):
     """``fn(hidden, mask2d, cache, start)``: the masks of layers >= ``start`` for their sequence, by layer type."""
 
     def fn(hidden, mask2d, cache, start):
-        types = {adapter.layer_type(i) for i in range(start, num_layers)}
-        return compat.causal_masks(adapter.language_model.config, hidden, mask2d, cache, start, types)
+        first = {}  # each layer type of layers >= start -> its first layer (whose cache sizes that type's mask)
+        for i in range(start, num_layers):
+            first.setdefault(adapter.layer_type(i), i)
+        return compat.causal_masks(adapter.language_model.config, hidden, mask2d, cache, first)
 
     return fn

@@ -30,6 +30,7 @@ from ..methods.base import ImageInputs, Method
 from ..stats import PruneStats
 from . import points as P
 from .capture import VisionCapture
+from .deepstack import DeepStack
 from .layout import ORPHANED_CACHE, STATIC_CACHE, attach_prompt, detach_prompt, pruned_prompt
 from .stats import make_stats
 from .units import Unit, attach_real_masks, find_units
@@ -51,6 +52,21 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
             raise ValueError(f"two methods act at one prune point: {a.describe()} and {b.describe()}; "
                              "a schedule takes one method per point (vision entry, or decoder layer K)")
     return pts
+
+
+def check_signal_layer(point: P.PrunePoint, adapter: ModelAdapter, num_layers: int) -> None:
+    """A decoder point at K reads its signals from layer K-1's softmax attention (q/k): refuse, naming the layer
+    types, when layer K-1 is a linear-attention layer (Qwen3.5's Gated DeltaNet) that has none."""
+    signal_layer = point.layer - 1
+    if adapter.has_attention(signal_layer):
+        return
+    ok = [k + 1 for k in range(num_layers - 1) if adapter.has_attention(k)]
+    types = [adapter.layer_type(i) for i in range(num_layers)]
+    raise ValueError(
+        f"{point.describe()} reads its signal from decoder layer {signal_layer}'s attention, but that layer is "
+        f"{types[signal_layer]!r} (no softmax attention to score tokens with; layer_types: {types}). Prune before a "
+        f"layer that follows a full-attention layer: layer={ok[:8]}{'...' if len(ok) > 8 else ''}"
+    )
 
 
 class Session:
@@ -79,6 +95,8 @@ class Session:
         if self.decoder_points and (why := adapter.unsupported_llm_stage()):
             names = sorted({p.method.name for p in self.decoder_points.values()})
             raise ValueError(f"method(s) {names} prune inside the LLM, which {why}")
+        for point in self.decoder_points.values():
+            check_signal_layer(point, adapter, self.num_layers)
         self.visual_ids = adapter.visual_token_ids()
         self.pad_threshold = next((m.config.pad_threshold for m in self.methods
                                    if hasattr(m.config, "pad_threshold")), 0.5)
@@ -110,6 +128,8 @@ class Session:
                 self._wrap(self.model, "generate", self._wrapped_generate())
             for i, layer in enumerate(a.decoder_layers):
                 self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            if a.deepstack_method is not None:
+                self._wrap(a.language_model, a.deepstack_method, self._wrapped_deepstack())
             for point in self.decoder_points.values():
                 attn = a.decoder_layers[point.layer - 1].self_attn
                 self._hook(attn.register_forward_pre_hook(self._signal_hook(point, "_rope"), with_kwargs=True))
@@ -154,6 +174,20 @@ class Session:
                 self._sticky = outer
 
         return generate
+
+    def _wrapped_deepstack(self):
+        """The text model's DeepStack injection: once a point compacted or merged the sequence, each level's rows
+        go to the slots that hold them (:class:`~.deepstack.DeepStack`); otherwise the host's own call."""
+        original = getattr(self.adapter.language_model, self.adapter.deepstack_method)
+
+        @functools.wraps(original)
+        def inject(hidden_states, visual_pos_masks, visual_embeds, *args, **kwargs):
+            fwd = self.fwd
+            if fwd is not None and fwd.prefill and fwd.deepstack is not None and fwd.deepstack.changed:
+                return fwd.deepstack.inject(hidden_states, visual_embeds)
+            return original(hidden_states, visual_pos_masks, visual_embeds, *args, **kwargs)
+
+        return inject
 
     def _on_features(self, token_id: int, feats: list[torch.Tensor]) -> None:
         if self.fwd is not None and self.fwd.prefill:  # computed inside a forward (not by generate beforehand)
@@ -242,6 +276,8 @@ class Session:
             return None
         fwd.cols = torch.arange(s, device=embeds.device).expand(b, -1)
         fwd.real = fwd.mask2d.clone()
+        if self.adapter.deepstack_method is not None and kwargs.get("deepstack_visual_embeds") is not None:
+            fwd.deepstack = DeepStack.from_host(kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"])
         first = self.points[0]
         if first.kind != P.VISION:
             return None
@@ -259,6 +295,8 @@ class Session:
         # always pass a mask (kept position ids have gaps, which transformers would read as packed sequences)
         kwargs["attention_mask"] = layout.compress_mask(fwd.mask2d.long(), s)
         kwargs["position_ids"] = layout.compact_positions() if self.compact else layout.take(pos, -1)
+        if fwd.deepstack is not None:  # the host's own copy, kept consistent with the sequence (injection: ours)
+            kwargs["visual_pos_masks"] = fwd.deepstack.index >= 0
         fwd.scrub_position_ids = True
         return args, kwargs
 

@@ -29,6 +29,8 @@ class Unit:
     real_mask: torch.Tensor | None = None  # [n] bool, from the image's original size (set_image_sizes)
     present: torch.Tensor | None = None  # [n'] ascending indices into the unit's n original tokens
     merged: torch.Tensor | None = None  # [n', D] replacement vectors of a merging method, this point
+    #: a merging method's selection at this point: (slots before it, kept indices into them, Selection.weights)
+    merge_from: tuple | None = None
 
     @property
     def key(self) -> tuple[int, int]:

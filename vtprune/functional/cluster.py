@@ -53,6 +53,7 @@ class PactMerge(NamedTuple):
     merged: torch.Tensor  # [C, D], hidden's dtype
     sizes: torch.Tensor  # [C] int64, tokens merged into each kept token (itself included)
     cutoff: float  # the cutoff used
+    assignment: torch.Tensor  # [N] int64: the kept token (0..C-1) each input token merged into, -1 if dropped
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf) -> float:
@@ -200,8 +201,9 @@ def pact_merge(hidden: torch.Tensor, keys: torch.Tensor, k: Optional[int] = None
         dc: density bandwidth (official 2).
 
     Returns:
-        :class:`PactMerge` ``(kept, merged, sizes, cutoff)``: ascending kept (centre) indices into the N tokens,
-        ``[C, D]`` merged vectors, ``[C]`` cluster sizes, and the cutoff used.
+        :class:`PactMerge` ``(kept, merged, sizes, cutoff, assignment)``: ascending kept (centre) indices into the
+        N tokens, ``[C, D]`` merged vectors, ``[C]`` cluster sizes, the cutoff used, and ``[N]`` the kept token each
+        input token merged into (-1: dropped).
     """
     check_tensor("hidden", hidden, ndim=2, shape_hint="[N, D]", finite=True)
     check_tensor("keys", keys, ndim=2, shape_hint="[N, Dk]", finite=True)
@@ -253,4 +255,6 @@ def pact_merge(hidden: torch.Tensor, keys: torch.Tensor, k: Optional[int] = None
     sums.index_add_(0, groups, hidden[members].to(dtype))
     sizes = torch.bincount(groups, minlength=centres.numel())
     merged = (sums / sizes.unsqueeze(1).to(dtype)).to(hidden.dtype)
-    return PactMerge(clustered[centres], merged, sizes, float(cutoff))
+    assignment = torch.full((n,), -1, dtype=torch.long, device=device)
+    assignment[members] = groups
+    return PactMerge(clustered[centres], merged, sizes, float(cutoff), assignment)

@@ -60,6 +60,9 @@ class Selection:
 
     kept: torch.Tensor  # [k] int64, ascending
     merged: torch.Tensor | None = None  # [k, D]
+    #: ``[k, n]`` float: ``merged[i] = sum_j weights[i, j] * x[j]`` over the unit's ``n`` input vectors (how the
+    #: engine merges other per-token streams the same way, e.g. Qwen3-VL's DeepStack levels). None: not given
+    weights: torch.Tensor | None = None
 
 
 class Method:
@@ -111,3 +114,13 @@ def check_layer(name: str, layer: int, num_layers: int) -> int:
             f"1 <= layer <= {num_layers - 1} (the signals come from layer K-1)"
         )
     return layer
+
+
+def merge_weights(assignment: torch.Tensor, k: int) -> torch.Tensor:
+    """``[k, n]`` mean-merge weights (:attr:`Selection.weights`) from ``assignment [n]``: the kept token (0..k-1)
+    each input token merged into, -1 for dropped tokens. Row ``i`` averages the tokens assigned to ``i``."""
+    n = assignment.numel()
+    weights = torch.zeros(k, n, dtype=torch.float32, device=assignment.device)
+    member = assignment >= 0
+    weights[assignment[member], torch.arange(n, device=assignment.device)[member]] = 1.0
+    return weights / weights.sum(1, keepdim=True).clamp(min=1.0)

@@ -36,7 +36,7 @@ from .. import functional as F
 from ..config import PruneConfig
 from ..functional.cluster import PACT_DC
 from ..registry import register_method
-from .base import ImageInputs, Method, Selection, check_layer
+from .base import ImageInputs, Method, Selection, check_layer, merge_weights
 
 #: official reduction layer (configs/pact.json "layer_for_reduction": 4)
 PACT_LAYER = 4
@@ -74,4 +74,4 @@ class PACT(Method):
         with torch.no_grad():
             out = F.pact_merge(image.hidden[span], image.keys[span], k=image.k, cutoff=self.config.cutoff,
                                dc=self.config.dc)
-        return Selection(kept=out.kept, merged=out.merged)
+        return Selection(kept=out.kept, merged=out.merged, weights=merge_weights(out.assignment, out.kept.numel()))

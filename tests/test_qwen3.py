@@ -1,0 +1,237 @@
+"""Qwen3-VL (DeepStack, interleaved M-RoPE, video frames with timestamps) and Qwen3.5 (Gated DeltaNet + full
+attention) against independent routes built by hand from the unpatched model's own modules:
+
+* vision entry: the unpatched text model fed the kept tokens' embeddings, their original 3-D positions,
+  ``visual_pos_masks`` of the kept tokens and every DeepStack level sliced to them;
+* decoder points: a layer-by-layer reference that runs layers < K on the whole prompt, slices the hidden states,
+  rotary tables and DeepStack rows to the kept tokens, and runs layers >= K (linear or not) on the rest.
+"""
+
+import sys
+
+import pytest
+import torch
+from tiny import IMAGE_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, greedy, last_logits, make_inputs, split_rows
+
+import vtprune
+
+DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe")
+
+
+def _visual_features(inner, inputs, token_id):
+    """(main features [V, D], DeepStack levels [[V, D], ...]) of the prompt's images or videos, in prompt order."""
+    if token_id == IMAGE_ID:
+        out = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    else:
+        out = inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    levels = [torch.cat(list(level)) for level in (getattr(out, "deepstack_features", None) or [])]
+    return torch.cat(list(out.pooler_output)), levels
+
+
+def _prompt(model, inputs, token_id=IMAGE_ID):
+    """Embeddings with the visual features in place, 3-D positions, the visual mask and DeepStack levels."""
+    inner = model.model
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        embeds = inner.get_input_embeddings()(ids)
+        feats, levels = _visual_features(inner, inputs, token_id)
+        visual = ids == token_id
+        embeds[visual] = feats
+        pos, _ = inner.get_rope_index(ids, image_grid_thw=inputs.get("image_grid_thw"),
+                                      video_grid_thw=inputs.get("video_grid_thw"),
+                                      attention_mask=inputs["attention_mask"],
+                                      mm_token_type_ids=inputs["mm_token_type_ids"])
+    return embeds, pos, visual, levels
+
+
+def _keep_columns(visual_row: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Bool [S]: every text column and the kept visual ones (``kept`` indexes the row's visual tokens)."""
+    cols = visual_row.nonzero().squeeze(1)
+    keep = ~visual_row
+    keep[cols[kept]] = True
+    return keep
+
+
+def _vision_route(model, inputs, kept, token_id=IMAGE_ID):
+    """Last logits of the unpatched text model fed only the kept tokens (batch of one)."""
+    embeds, pos, visual, levels = _prompt(model, inputs, token_id)
+    keep = _keep_columns(visual[0], kept)
+    extra = {}
+    if levels:  # DeepStack: the kept tokens' rows of every level, the mask of the kept visual tokens
+        rows = kept.sort().values
+        extra = dict(visual_pos_masks=visual[:, keep], deepstack_visual_embeds=[lvl[rows] for lvl in levels])
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep],
+                                            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+                                            **extra).last_hidden_state
+        return model.lm_head(hidden[:, -1]).float()
+
+
+def _layer_route(model, inputs, kept, layer):
+    """Last logits of a layer-by-layer run that drops the unkept visual tokens before decoder layer ``layer``."""
+    embeds, pos, visual, levels = _prompt(model, inputs)
+    lm = model.model.language_model
+    keep = _keep_columns(visual[0], kept)
+    vis_rows = torch.full(visual.shape[1:], -1, dtype=torch.long)
+    vis_rows[visual[0]] = torch.arange(int(visual.sum()))
+    with torch.no_grad():
+        h = embeds
+        cos, sin = lm.rotary_emb(h, pos)
+        for i, decoder_layer in enumerate(lm.layers):
+            if i == layer:
+                h, cos, sin, vis_rows = h[:, keep], cos[:, keep], sin[:, keep], vis_rows[keep]
+            h = decoder_layer(h, position_embeddings=(cos, sin), attention_mask=None, position_ids=None)
+            if i < len(levels):  # DeepStack level i joins the visual rows still present
+                present = vis_rows >= 0
+                h = h.clone()
+                h[0, present] = h[0, present] + levels[i][vis_rows[present]]
+        return model.lm_head(lm.norm(h)[:, -1]).float()
+
+
+@pytest.mark.parametrize("family", QWEN3)
+@pytest.mark.parametrize("method", ["random", "divprune", "zoo"])
+def test_vision_entry_equals_text_model_fed_kept_tokens_and_deepstack(family, method, model_factory):
+    model = model_factory(family)
+    inputs = make_inputs(model, family, [(6, 2, 5)])
+    with vtprune.patched(model, method, keep=5):
+        logits = last_logits(model, inputs)
+        st = vtprune.stats(model)
+    assert st.visual_tokens_kept == [10]  # two images, 5 each
+    torch.testing.assert_close(logits, _vision_route(model, inputs, st.kept_indices[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", QWEN3)
+@pytest.mark.parametrize("method,layer", [("fastv", 1), ("fastv", 2), ("dart", 2), ("pact", 3)])
+def test_decoder_point_equals_layer_by_layer_reference(family, method, layer, model_factory):
+    """Layer 1 on Qwen3-VL: DeepStack level 1 (added after layer 1) must follow the kept tokens. On the tiny
+    Qwen3.5, layer 0 is linear attention, so K=1 is refused (see the test below)."""
+    if family.startswith("qwen3_5") and layer == 1:
+        pytest.skip("K=1 reads linear-attention layer 0 on the tiny Qwen3.5: refused, tested below")
+    if method == "pact" and family in DEEPSTACK:
+        pytest.skip("merging at a DeepStack layer is checked in test_merging_point_merges_deepstack_levels")
+    model = model_factory(family)
+    inputs = make_inputs(model, family, [(6, 1, 5)])
+    with vtprune.patched(model, method, keep=4, layer=layer):
+        logits = last_logits(model, inputs)
+        st = vtprune.stats(model)
+    assert st.layer == layer and st.visual_tokens_kept == [4]
+    if method == "pact":  # merged vectors: compare the mechanics only where pact keeps tokens unmerged
+        return
+    torch.testing.assert_close(logits, _layer_route(model, inputs, st.kept_indices[0], layer), rtol=1e-4, atol=1e-4)
+
+
+def test_merging_point_merges_deepstack_levels_like_the_main_vectors(model_factory):
+    """pact before layer 1 of Qwen3-VL merges clusters; DeepStack level 1 (added after layer 1) must be merged with
+    the same clusters: the patched model equals a reference that merges hidden states and level rows by hand."""
+    from vtprune import functional as F
+    from vtprune.signals import rope_keys
+
+    model = model_factory("qwen3_vl")
+    inputs = make_inputs(model, "qwen3_vl", [(6, 1, 5)])
+    with vtprune.patched(model, "pact", keep=4, layer=1):
+        logits = last_logits(model, inputs)
+    embeds, pos, visual, levels = _prompt(model, inputs)
+    lm = model.model.language_model
+    cols = visual[0].nonzero().squeeze(1)
+    with torch.no_grad():
+        cos, sin = lm.rotary_emb(embeds, pos)
+        h = lm.layers[0](embeds, position_embeddings=(cos, sin), attention_mask=None, position_ids=None).clone()
+        h[0, cols] = h[0, cols] + levels[0]
+        attn = lm.layers[0].self_attn
+        k_out = attn.k_proj(lm.layers[0].input_layernorm(embeds))
+        keys = rope_keys(attn, k_out, (cos, sin), sys.modules[type(attn).__module__].apply_rotary_pos_emb)
+        keys = keys.transpose(1, 2).reshape(1, keys.shape[2], -1)[0, cols]
+        out = F.pact_merge(h[0, cols], keys, k=4)
+        merged_level1 = torch.stack([levels[1][out.assignment == c].mean(0) for c in range(4)])
+        keep = _keep_columns(visual[0], out.kept)
+        h[0, cols[out.kept]] = out.merged
+        h, cos, sin = h[:, keep], cos[:, keep], sin[:, keep]
+        for i in range(1, len(lm.layers)):
+            h = lm.layers[i](h, position_embeddings=(cos, sin), attention_mask=None, position_ids=None)
+            if i == 1:
+                slots = keep.nonzero().squeeze(1)
+                at = torch.isin(slots, cols[out.kept]).nonzero().squeeze(1)
+                h = h.clone()
+                h[0, at] = h[0, at] + merged_level1
+        ref = model.lm_head(lm.norm(h)[:, -1]).float()
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_point_after_a_linear_attention_layer_is_refused_naming_layer_types(family, model_factory):
+    model = model_factory(family)
+    with pytest.raises(ValueError, match=r"linear_attention.*layer_types.*layer=\[2, 3\]"):
+        vtprune.patch(model, "fastv", keep=4, layer=1)
+    assert not vtprune.is_patched(model)
+
+
+@pytest.mark.parametrize("family", QWEN3)
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_batch_with_cache_and_beam_search_equals_rows_alone(family, method, model_factory):
+    model = model_factory(family)
+    specs = [(3, 1, 4), (9, 2, 2)]
+    batch, singles = split_rows(model, family, specs)
+    with vtprune.patched(model, method, ratio=0.4):
+        tokens = greedy(model, batch)
+        beams = greedy(model, batch, num_beams=2)
+        assert torch.equal(greedy(model, batch, use_cache=False), tokens)
+        for i, one in enumerate(singles):
+            assert torch.equal(greedy(model, one)[0], tokens[i])
+            assert torch.equal(greedy(model, one, num_beams=2)[0], beams[i])
+
+
+def _video(frames=2, h=4, w=6, timestamps=(11, 12)):
+    """A Qwen3-VL video prompt: per temporal patch, a timestamp token, <vision_start>, its tokens, <vision_end>."""
+    gen = torch.Generator().manual_seed(1)
+    grid = torch.tensor([[frames, h, w]])
+    per_frame = h * w // 4
+    ids, types = [5, 6], [0, 0]
+    for f in range(frames):
+        ids += [timestamps[f % len(timestamps)], VSTART_ID] + [VIDEO_ID] * per_frame + [VEND_ID]
+        types += [0, 0] + [2] * per_frame + [0]
+    ids += [7, 8, 9]
+    types += [0, 0, 0]
+    return dict(
+        input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pixel_values_videos=torch.randn(int(grid.prod()), 3 * 2 * 14 * 14, generator=gen), video_grid_thw=grid,
+        mm_token_type_ids=torch.tensor([types]),
+    ), frames * per_frame
+
+
+@pytest.mark.parametrize("family", QWEN3)
+@pytest.mark.parametrize("method", ["random", "divprune"])
+def test_video_budget_covers_all_frames_and_keeps_timestamps(family, method, model_factory):
+    model = model_factory(family)
+    inputs, n = _video(frames=2)
+    with vtprune.patched(model, method, keep=5):
+        logits = last_logits(model, inputs)
+        tokens = greedy(model, inputs)
+        st = vtprune.stats(model)
+    assert st.visual_tokens_in == [n] and st.visual_tokens_kept == [5]  # one budget for the whole video
+    torch.testing.assert_close(logits, _vision_route(model, inputs, st.kept_indices[0], VIDEO_ID),
+                               rtol=1e-5, atol=1e-5)
+    assert tokens.shape == (1, 4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_decoder_point_on_a_video_spanning_timestamped_frames(family, model_factory):
+    """fastv / dart see a video's frames as one span (the timestamps between frames count as text after it)."""
+    model = model_factory(family)
+    inputs, n = _video(frames=2)
+    for method in ("fastv", "dart"):
+        with vtprune.patched(model, method, keep=6, layer=2):
+            tokens = greedy(model, inputs)
+            assert torch.equal(greedy(model, inputs, use_cache=False), tokens)
+            st = vtprune.stats(model)
+        assert st.visual_tokens_in == [n] and st.visual_tokens_kept == [6]
+
+
+def test_flops_and_state_bytes_of_the_hybrid_decoder(model_factory):
+    """Pruning shortens the attention layers' KV cache; the linear layers' state does not depend on the length."""
+    from vtprune import flops
+
+    model = model_factory("qwen3_5")
+    text = model.config.text_config
+    full = flops.kv_cache_bytes(text, 100)
+    assert full == 2 * text.num_key_value_heads * text.head_dim * 2 * 100 * 2  # two full-attention layers, fp16
+    assert flops.linear_state_bytes(text) > 0 and flops.linear_state_bytes(model_factory("qwen3_vl").config) == 0
