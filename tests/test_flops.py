@@ -306,3 +306,48 @@ def test_bad_inputs_raise_informative_errors():
         flops.vision_flops(_qwen2vl_cfg(), image_grid_thw=[(1, 4)])
     with pytest.raises(ValueError, match="num_images"):
         flops.vision_flops(_llava_cfg(), num_images=-1)
+
+
+# ------------------------------------------------------------------ Qwen3-VL / Qwen3.5 (DeepStack, Gated DeltaNet, MoE)
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_qwen3_decoders_match_flop_counter(family):
+    """Dense, MoE (experts run eagerly so FlopCounterMode sees each routed token) and hybrid decoders, at a length
+    that pads the delta rule's last chunk. FlopCounterMode does not count ``linalg.solve_triangular``: the two
+    unit-triangular solves per chunk and value head (C*(C-1) FLOPs per right-hand column) are added by hand."""
+    import tiny
+
+    torch.manual_seed(0)
+    cfg = tiny.build(family).config
+    model = type(tiny.build(family))._from_config(cfg, attn_implementation="eager",
+                                                  experts_implementation="eager").eval()
+    text = cfg.text_config
+    seq = 70
+    ref, _ = _count(lambda: model.model.language_model(inputs_embeds=torch.randn(1, seq, text.hidden_size)))
+    mine = flops.decoder_prefill_flops(text, seq, lm_head_tokens=0)
+    linear = [t for t in (getattr(text, "layer_types", None) or []) if t == "linear_attention"]
+    c = flops.DELTA_RULE_CHUNK
+    solves = len(linear) * text.linear_num_value_heads * 2 * c * (c - 1) * (
+        text.linear_key_head_dim + text.linear_value_head_dim) if linear else 0   # 2 chunks at seq 70
+    assert mine == ref + solves, (mine, ref, solves)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_qwen3_towers_match_flop_counter(family):
+    """Qwen3-VL counts its two DeepStack mergers beside the main one; Qwen3.5 has only the main merger."""
+    import tiny
+
+    torch.manual_seed(0)
+    cfg = tiny.build(family).config
+    model = type(tiny.build(family))._from_config(cfg, attn_implementation="eager").eval()
+    grid = torch.tensor([[1, 8, 12], [2, 4, 4]])
+    pix = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    ref, ref_attn = _count(lambda: model.model.get_image_features(pixel_values=pix, image_grid_thw=grid))
+    mine = flops.vision_flops(cfg, image_grid_thw=grid)
+    assert mine == ref, (mine, ref)
+    v = cfg.vision_config
+    assert ref_attn == v.depth * 4 * v.hidden_size * (96 ** 2 + 2 * 16 ** 2)   # full attention within each frame
+    taps = len(getattr(v, "deepstack_visual_indexes", None) or ())
+    dm = v.hidden_size * 4
+    merger = sum(2 * n * dm * dm + 2 * n * dm * v.out_hidden_size for n in (24, 8))
+    no_taps = type(cfg)(**{**cfg.to_dict(), "vision_config": {**v.to_dict(), "deepstack_visual_indexes": []}})
+    assert mine - flops.vision_flops(no_taps, image_grid_thw=grid) == taps * merger
