@@ -235,3 +235,47 @@ def test_flops_and_state_bytes_of_the_hybrid_decoder(model_factory):
     full = flops.kv_cache_bytes(text, 100)
     assert full == 2 * text.num_key_value_heads * text.head_dim * 2 * 100 * 2  # two full-attention layers, fp16
     assert flops.linear_state_bytes(text) > 0 and flops.linear_state_bytes(model_factory("qwen3_vl").config) == 0
+
+
+@pytest.fixture
+def first_k():
+    """A vision-entry method that keeps the first k tokens of a unit (so a video's later frames get none)."""
+    from dataclasses import dataclass
+
+    from vtprune import registry
+    from vtprune.config import PruneConfig
+    from vtprune.methods.base import Method
+
+    cfg = dataclass(type("_FirstKConfig", (PruneConfig,), {}))
+    cls = type("_FirstK", (Method,), dict(stage="vision", signals=frozenset(),
+                                           select=lambda self, image: torch.arange(image.k)))
+    registry.register_method("_first_k", cfg)(cls)
+    yield "_first_k"
+    registry._METHODS.pop("_first_k")
+
+
+def test_refill_frames_by_hand():
+    from vtprune.engine.units import refill_frames
+
+    # frames of 6, 6, 6 tokens; the method kept 4 tokens of frame 0 only
+    assert refill_frames(torch.tensor([0, 1, 2, 3]), [6, 6, 6]).tolist() == [0, 1, 9, 15]
+    # already one per frame: unchanged; a budget below the frame count leaves frames empty
+    assert refill_frames(torch.tensor([0, 7, 12]), [6, 6, 6]).tolist() == [0, 7, 12]
+    assert refill_frames(torch.tensor([4]), [6, 6]).tolist() == [4]
+    # ties between donors: the later frame gives its highest kept token
+    assert refill_frames(torch.tensor([0, 1, 6, 7]), [6, 6, 6]).tolist() == [0, 1, 6, 15]
+
+
+@pytest.mark.parametrize("empty_frames,expected", [("refill", [0, 1, 2, 3, 9, 15]), ("allow", [0, 1, 2, 3, 4, 5])])
+def test_video_frames_keep_a_token_unless_the_config_allows_empty_frames(first_k, empty_frames, expected,
+                                                                         model_factory):
+    model = model_factory("qwen3_vl")
+    inputs, n = _video(frames=3, timestamps=(11, 12, 13))  # 3 frames of 6 tokens
+    with vtprune.patched(model, first_k, keep=6, empty_frames=empty_frames):
+        logits = last_logits(model, inputs)
+        st = vtprune.stats(model)
+    assert st.kept_indices[0].tolist() == expected
+    torch.testing.assert_close(logits, _vision_route(model, inputs, st.kept_indices[0], VIDEO_ID),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="empty_frames"):
+        vtprune.patch(model, "random", keep=4, empty_frames="drop")

@@ -26,6 +26,9 @@ def check_int_option(name: str, value, minimum: int = 0, *, optional: bool = Fal
         raise ValueError(f"{name} must be {kind}{hint}, got {value!r}")
 
 
+EMPTY_FRAMES = ("refill", "allow")
+
+
 @dataclasses.dataclass
 class PruneConfig:
     """Budget shared by all methods. Exactly one of ``keep`` / ``ratio`` must be given. ``positions``: kept
@@ -36,6 +39,11 @@ class PruneConfig:
     keep: int | None = None
     ratio: float | None = None
     positions: str = "original"
+    #: a video whose frames are separate blocks (Qwen3-VL / Qwen3.5: timestamp text between frames) has one budget
+    #: for the whole video. ``"refill"``: a frame the method left without tokens gets its centre token back, taken
+    #: from the frame keeping the most (possible when the budget covers a token per frame); ``"allow"``: the
+    #: method's selection stands, frames may keep no token
+    empty_frames: str = "refill"
 
     #: registry name of the method this config belongs to (set by ``@register_method``)
     method: ClassVar[str] = ""
@@ -61,6 +69,8 @@ class PruneConfig:
             if not (0.0 < float(self.ratio) <= 1.0) or math.isnan(self.ratio):
                 raise ValueError(f"ratio must be in (0, 1] (fraction of visual tokens kept), got {self.ratio}")
             self.ratio = float(self.ratio)
+        if self.empty_frames not in EMPTY_FRAMES:
+            raise ValueError(f"empty_frames must be one of {EMPTY_FRAMES}, got {self.empty_frames!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS} (kept tokens keep their position ids, or are "
                              f"renumbered consecutively), got {self.positions!r}")

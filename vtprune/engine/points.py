@@ -19,7 +19,7 @@ from ..methods.base import ImageInputs, Method, Selection
 from ..signals import query_attention, rope_keys, rope_query
 from .deepstack import DeepStack
 from .layout import Layout, PrunedPrompt
-from .units import Unit, check_selection
+from .units import Unit, check_selection, frame_sizes, refill_frames
 
 VISION, LLM, LATE_DROP = "vision", "llm", "late_drop"
 
@@ -123,6 +123,8 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
             kept = kept.kept
         kept = kept.to(slots.device)
         check_selection(point.method.name, kept, n, k)
+        if config.empty_frames == "refill" and unit.merge_from is None and (sizes := frame_sizes(unit)):
+            kept = refill_frames(kept, sizes)
         unit.present = unit.present[kept]
         keep[unit.row, slots] = False
         keep[unit.row, slots[kept]] = True

@@ -95,3 +95,34 @@ def _runs(where: torch.Tensor) -> list[torch.Tensor]:
         return []
     breaks = ((where[1:, 0] != where[:-1, 0]) | (where[1:, 1] != where[:-1, 1] + 1)).nonzero().squeeze(1) + 1
     return list(torch.tensor_split(where, breaks.tolist()))
+
+
+def frame_sizes(unit: Unit) -> list[int] | None:
+    """Token counts of the frames of a video unit whose frames are separate placeholder runs (text between them:
+    Qwen3-VL / Qwen3.5 timestamps), None for a unit that is one run."""
+    pos = unit.positions[unit.present]
+    breaks = ((pos[1:] - pos[:-1]) > 1).nonzero().squeeze(1) + 1
+    if breaks.numel() == 0:
+        return None
+    edges = [0, *breaks.tolist(), pos.numel()]
+    return [b - a for a, b in zip(edges, edges[1:])]
+
+
+def refill_frames(kept: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``kept`` (ascending indices into the unit's tokens, frames of ``sizes`` tokens in order) with every empty
+    frame given its centre token back, taken from the frame that keeps the most (ties: the later frame; its
+    highest kept index goes). Keeps the count; a budget below the number of frames leaves the rest empty."""
+    starts = torch.tensor([0, *sizes[:-1]], device=kept.device).cumsum(0)
+    frame = torch.bucketize(kept, starts, right=True) - 1
+    counts = torch.bincount(frame, minlength=len(sizes)).tolist()
+    kept = kept.tolist()
+    for f, size in enumerate(sizes):
+        if counts[f] or max(counts) < 2:
+            continue
+        donor = max(range(len(sizes)), key=lambda g: (counts[g], g))
+        lo, hi = int(starts[donor]), int(starts[donor]) + sizes[donor]
+        kept.remove(max(i for i in kept if lo <= i < hi))
+        kept.append(int(starts[f]) + size // 2)
+        counts[donor] -= 1
+        counts[f] += 1
+    return torch.tensor(sorted(kept), dtype=torch.long, device=starts.device)
