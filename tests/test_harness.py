@@ -271,7 +271,7 @@ def test_benchmark_configs_name_real_tasks_and_metrics():
     """The shipped configs parse, and every task and metric exists in lmms-eval's own task index (offline: the
     index is read from the installed package; the datasets and models would come from the hub)."""
     tm = None
-    for name in ("llava15_7b", "qwen25vl_7b"):
+    for name in ("llava15_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35"):
         cfg = hconfig.load_config(REPO / "configs" / "sweeps" / f"{name}.yaml")
         assert cfg.budgets == [64, 128, 192]
         assert {t.task for t in cfg.tasks} == {"gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img",
@@ -296,3 +296,24 @@ def test_benchmark_config_methods_run_on_their_models():
     assert {m.method for m in llava.methods} == set(vtprune.list_methods())
     hsweep._check_methods(llava.models[0], LlavaConfig(), llava.methods, 64)
     hsweep._check_methods(qwen.models[0], Qwen2_5_VLConfig(), qwen.methods, 64)
+
+
+def test_qwen3_benchmark_configs_run_on_their_architectures():
+    """Qwen3-VL-8B and Qwen3.5-9B (transformers' default Qwen3_5Config is the 9B decoder: 32 layers, a full-attention
+    layer every 4th) patch with every listed method; fastv at its default K=2 is refused on Qwen3.5 (layer 1 is
+    linear attention), which is why the config runs it at K=4."""
+    import vtprune
+    from transformers import Qwen3_5Config, Qwen3VLConfig
+
+    q3 = hconfig.load_config(REPO / "configs/sweeps/qwen3vl_8b.yaml")
+    q35 = hconfig.load_config(REPO / "configs/sweeps/qwen35.yaml")
+    assert q3.models[0].pretrained == "Qwen/Qwen3-VL-8B-Instruct" and q35.models[0].pretrained == "Qwen/Qwen3.5-9B"
+    cfg35 = Qwen3_5Config()
+    assert cfg35.text_config.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+    hsweep._check_methods(q3.models[0], Qwen3VLConfig(), q3.methods, 64)
+    hsweep._check_methods(q35.models[0], cfg35, q35.methods, 64)
+    fastv = [m for m in q35.methods if m.method == "fastv"][:1]
+    with pytest.raises(ValueError, match="linear_attention"):
+        hsweep._check_methods(q35.models[0], cfg35, [type(fastv[0])(**{**vars(fastv[0]), "options": {}})], 64)
+    assert {m.method for m in q3.methods} == {m.method for m in q35.methods} == \
+        {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip")}

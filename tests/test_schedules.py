@@ -92,6 +92,12 @@ PAIRS_BY_FAMILY = {
     "llava_next": [("random", "fastv"), ("cls", "dart"), ("todre", "pact"), ("zoo", "fastv"), ("fastv@1", "dart@2")],
     "qwen2_vl": [("divprune", "fastv"), ("zoo", "dart"), ("random", "pact"), ("dart@1", "fastv@3")],
     "qwen2_5_vl": [("random", "fastv"), ("divprune", "pact"), ("fastv@2", "pact@3"), ("fastv@1", "dart@2")],
+    # DeepStack levels (injected after layers 0 and 1) sliced at the vision entry and again at layer 1 / 2
+    "qwen3_vl": [("divprune", "fastv"), ("fastv@1", "dart@2")],
+    "qwen3_vl_moe": [("random", "pact")],
+    # hybrid decoder: layer 0 linear, so no point at K=1; layers after the points include a linear one
+    "qwen3_5": [("zoo", "fastv"), ("fastv@2", "pact@3")],
+    "qwen3_5_moe": [("random", "dart")],
 }
 assert set(PAIRS_BY_FAMILY) == set(FAMILIES)
 CASES = [
