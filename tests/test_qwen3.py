@@ -14,8 +14,17 @@ import torch
 from tiny import IMAGE_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, greedy, last_logits, make_inputs, split_rows
 
 import vtprune
+from vtprune import compat
 
 DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe")
+
+
+def _generate_cache_keyword(model) -> str:
+    """``cache`` (transformers >= 5.24) or ``past_key_values`` (5.23), as the model's forward names it."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return next(name for name in compat.CACHE_KEYWORDS if name in params)
 
 
 def _visual_features(inner, inputs, token_id):
@@ -279,3 +288,33 @@ def test_video_frames_keep_a_token_unless_the_config_allows_empty_frames(first_k
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="empty_frames"):
         vtprune.patch(model, "random", keep=4, empty_frames="drop")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
+@pytest.mark.parametrize("method", ["random", "divprune"])
+def test_second_turn_on_a_pruned_cache_equals_the_conversation_run_without_cache(family, method, model_factory):
+    """A second ``generate`` on the pruned cache (new text only) gives what the whole conversation, images included,
+    gives when pruned from scratch without a cache (a vision-entry selection does not depend on the text)."""
+    model = model_factory(family)
+    x = make_inputs(model, family, [(5, 1, 4)])
+    kw = dict(do_sample=False, return_dict_in_generate=True)
+    with vtprune.patched(model, method, keep=5):
+        o1 = model.generate(**x, max_new_tokens=4, **kw)
+        ids2 = torch.cat([o1.sequences, torch.tensor([[11, 12, 13]])], 1)
+        cache = compat.output_cache(o1)
+        o2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), max_new_tokens=4,
+                            **{_generate_cache_keyword(model): cache}, **kw)
+        types = torch.cat([x["mm_token_type_ids"], torch.zeros(1, ids2.shape[1] - x["input_ids"].shape[1],
+                                                                 dtype=torch.long)], 1)
+        ref = model.generate(**{**x, "input_ids": ids2, "attention_mask": torch.ones_like(ids2),
+                                "mm_token_type_ids": types}, max_new_tokens=4, use_cache=False, **kw)
+    assert torch.equal(o2.sequences, ref.sequences)
+
+
+def test_frame_sizes_count_present_tokens_of_each_original_run():
+    from vtprune.engine.units import Unit, frame_sizes
+
+    image = Unit(row=0, positions=torch.arange(3, 9), present=torch.tensor([0, 2, 5]))  # one run, gaps from pruning
+    assert frame_sizes(image) is None
+    video = Unit(row=0, positions=torch.tensor([2, 3, 4, 7, 8, 9, 12, 13]), present=torch.tensor([0, 2, 6, 7]))
+    assert frame_sizes(video) == [2, 0, 2]

@@ -116,7 +116,7 @@ def one_layer(model, hidden: torch.Tensor):
     with torch.no_grad():
         rotary = lm.rotary_emb(hidden, positions)
     ones = torch.ones(1, s, dtype=torch.long)
-    mask = compat.causal_masks(lm.config, hidden, ones, None, 0, {"full_attention"})["full_attention"]
+    mask = compat.causal_masks(lm.config, hidden, ones, None, {"full_attention": 0})["full_attention"]
 
     def run(h: torch.Tensor = hidden) -> torch.Tensor:
         with torch.no_grad():

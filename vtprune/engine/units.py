@@ -98,26 +98,28 @@ def _runs(where: torch.Tensor) -> list[torch.Tensor]:
 
 
 def frame_sizes(unit: Unit) -> list[int] | None:
-    """Token counts of the frames of a video unit whose frames are separate placeholder runs (text between them:
-    Qwen3-VL / Qwen3.5 timestamps), None for a unit that is one run."""
-    pos = unit.positions[unit.present]
+    """For a video unit whose frames are separate placeholder runs in the prompt (text between them: Qwen3-VL /
+    Qwen3.5 timestamps), how many of each frame's tokens are still present, in order (0: an earlier point removed
+    the whole frame); None for a unit that is one run (an image, or a video without text between frames)."""
+    pos = unit.positions
     breaks = ((pos[1:] - pos[:-1]) > 1).nonzero().squeeze(1) + 1
     if breaks.numel() == 0:
         return None
-    edges = [0, *breaks.tolist(), pos.numel()]
-    return [b - a for a, b in zip(edges, edges[1:])]
+    frame = torch.bucketize(unit.present, breaks, right=True)
+    return torch.bincount(frame, minlength=breaks.numel() + 1).tolist()
 
 
 def refill_frames(kept: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """``kept`` (ascending indices into the unit's tokens, frames of ``sizes`` tokens in order) with every empty
     frame given its centre token back, taken from the frame that keeps the most (ties: the later frame; its
-    highest kept index goes). Keeps the count; a budget below the number of frames leaves the rest empty."""
+    highest kept index goes). Keeps the count; a budget below the number of frames leaves the rest empty, and a frame
+    of size 0 (already removed) stays so."""
     starts = torch.tensor([0, *sizes[:-1]], device=kept.device).cumsum(0)
     frame = torch.bucketize(kept, starts, right=True) - 1
     counts = torch.bincount(frame, minlength=len(sizes)).tolist()
     kept = kept.tolist()
     for f, size in enumerate(sizes):
-        if counts[f] or max(counts) < 2:
+        if counts[f] or not size or max(counts) < 2:
             continue
         donor = max(range(len(sizes)), key=lambda g: (counts[g], g))
         lo, hi = int(starts[donor]), int(starts[donor]) + sizes[donor]
