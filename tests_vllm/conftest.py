@@ -26,7 +26,12 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def requests_(tmp_path_factory):
-    """A fixed mix: one image, another size, two images in one prompt, a 4-frame video (grid 2 x 8 x 8)."""
+    """A fixed mix: one image, another size, two images in one prompt, a 4-frame video (grid 2 x 8 x 8).
+
+    The video runs at 4 fps: 0.5 s per temporal patch x 4 tokens per second puts its two temporal positions 2 apart
+    (M-RoPE's time scaling is exercised) and below its spatial extent, where vLLM and transformers agree on the
+    positions of the text after a video (vLLM continues from the video's largest position + 1, transformers from
+    its first position + max(h, w); they differ when the time positions reach further)."""
     root = tmp_path_factory.mktemp("media")
     rng = np.random.default_rng(0)
 
@@ -44,7 +49,7 @@ def requests_(tmp_path_factory):
         dict(prompt=f"w9 {img} w10 w11", images=[image("b", 112, 168)], video=None, fps=2.0),
         dict(prompt=f"w12 {img} w13 {img} w14", images=[image("c", 112, 112), image("d", 168, 112)], video=None,
              fps=2.0),
-        dict(prompt=f"w20 w21 {vid} w22", images=[], video=video, fps=2.0),
+        dict(prompt=f"w20 w21 {vid} w22", images=[], video=video, fps=4.0),
     ]
 
 

@@ -27,6 +27,8 @@ def main(spec_path: str, out_path: str) -> None:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
+    from vtprune.vllm import pruning_log
+
     llm = LLM(model=spec["checkpoint"], hf_overrides=spec.get("hf_overrides"), dtype="float32", max_model_len=1024,
               limit_mm_per_prompt={"image": 2, "video": 1}, enforce_eager=True, max_num_seqs=8,
               distributed_executor_backend=None if spec.get("multiprocess") else "uni", seed=0)
@@ -44,7 +46,7 @@ def main(spec_path: str, out_path: str) -> None:
         prompts.append({"prompt": request["prompt"], "multi_modal_data": data})
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    log = llm.apply_model(lambda model: getattr(model, "vtprune_log", None))[0]
+    log = llm.apply_model(pruning_log)[0]
     result = {"outputs": [{"tokens": list(o.outputs[0].token_ids), "prompt_len": len(o.prompt_token_ids)}
                           for o in outputs], "log": log}
     with open(out_path, "w") as f:

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 from .setting import KEY, overrides, read, servable_methods
 
-__all__ = ["register", "overrides", "read", "servable_methods", "KEY", "ARCHITECTURES"]
+__all__ = ["register", "overrides", "read", "servable_methods", "pruning_log", "KEY", "ARCHITECTURES"]
 
 #: vLLM architectures the plugin replaces with its pruning subclass (inert without a ``vtprune`` setting)
 ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen2_5_VL"}
 
 _registered = False
+
+
+def pruning_log(model) -> list[dict] | None:
+    """What the served model's pruning kept, item by item in the order the vision encoder ran them (dicts with
+    ``modality``, ``n``, ``kept``, ``select_ms``); None for a model the plugin does not serve. Read it from the
+    engine with ``llm.apply_model(vtprune.vllm.pruning_log)`` (one list per worker)."""
+    return getattr(model, "vtprune_log", None)
 
 
 def register() -> None:
