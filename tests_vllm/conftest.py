@@ -62,6 +62,8 @@ def run_json(python: str, script: str, spec: dict, tmp, timeout: int = 600):
         os.remove(out_path)
     root = os.path.dirname(HERE)
     env = dict(os.environ, PYTHONPATH=root)  # this checkout's vtprune, whatever the venv has installed
+    if python != sys.executable:  # the reference uses its own venv's native kernels
+        env.pop("VTPRUNE_NO_EXT", None)
     proc = subprocess.run([python, os.path.join(HERE, script), spec_path, out_path], capture_output=True, text=True,
                           timeout=timeout, cwd=root, env=env)
     if not os.path.exists(out_path):
