@@ -65,13 +65,13 @@ def _model(path: str, seed: int) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
-def _processor(path: str) -> None:
+def _processor(path: str, max_pixels: int) -> None:
     common = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                   image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
                   do_convert_rgb=True, patch_size=PATCH, temporal_patch_size=TEMPORAL, merge_size=MERGE)
     image = dict(common, image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
-                 size={"shortest_edge": PIXELS[0], "longest_edge": PIXELS[1]}, min_pixels=PIXELS[0],
-                 max_pixels=PIXELS[1])
+                 size={"shortest_edge": PIXELS[0], "longest_edge": max_pixels}, min_pixels=PIXELS[0],
+                 max_pixels=max_pixels)
     video = dict(common, video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2_5_VLProcessor",
                  size={"shortest_edge": PIXELS[0], "longest_edge": PIXELS[1]}, min_pixels=PIXELS[0],
                  max_pixels=PIXELS[1], do_sample_frames=False)
@@ -80,12 +80,13 @@ def _processor(path: str) -> None:
             json.dump(data, f, indent=1)
 
 
-def build(path: str, seed: int = 0) -> str:
-    """Write the tiny checkpoint (weights, config, tokenizer, processor configs) to ``path``; returns ``path``."""
+def build(path: str, seed: int = 0, max_pixels: int = PIXELS[1]) -> str:
+    """Write the tiny checkpoint (weights, config, tokenizer, processor configs) to ``path``; returns ``path``.
+    ``max_pixels``: the image processor's cap (larger images are resized down to it)."""
     os.makedirs(path, exist_ok=True)
     _model(path, seed)
     _tokenizer(path)
-    _processor(path)
+    _processor(path, max_pixels)
     return path
 
 
