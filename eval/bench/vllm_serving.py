@@ -85,7 +85,7 @@ def run_one(args, overrides) -> dict:
     import vtprune.vllm
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=args.checkpoint, hf_overrides=overrides, dtype=args.dtype, max_model_len=args.max_model_len,
+        model=args.checkpoint, hf_overrides=overrides or {}, dtype=args.dtype, max_model_len=args.max_model_len,
         limit_mm_per_prompt={"image": 2}, max_num_seqs=args.requests, enforce_eager=args.enforce_eager, seed=0))
     warmup, *prompts = _prompts(args.requests + 1, args.image, args.tiny)  # distinct images: no cache hits
 
@@ -138,9 +138,10 @@ def main(argv=None):
         open(os.path.join(tmp, "vtprune_tiny"), "w").close()
     rows = []
     for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(CONFIGS[name])] + [
-            a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out")]
-        cmd += ["--checkpoint", args.checkpoint] if "--checkpoint" not in cmd else []
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(CONFIGS[name]),
+               "--checkpoint", args.checkpoint, "--dtype", args.dtype, "--image", str(args.image),
+               "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+               "--max-model-len", str(args.max_model_len)] + (["--enforce-eager"] if args.enforce_eager else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -164,6 +165,8 @@ def _report(args, rows):
     command = "VTPRUNE_NO_EXT=1 VLLM_CPU_KVCACHE_SPACE=4 PYTHONPATH=. .venv-vllm/bin/python eval/bench/vllm_serving.py " + \
         " ".join(shlex.quote(a) for a in sys.argv[1:])
     base = rows[0][1]
+    model = ("the tiny random-weight Qwen2.5-VL of tests_vllm/checkpoint.py (2 LM layers x 128 wide, 2 ViT layers "
+             "x 64 wide)" if args.tiny else args.checkpoint)
     lines = [
         "# vLLM serving: pruned vs unpruned (vtprune.vllm plugin)",
         "",
@@ -171,8 +174,7 @@ def _report(args, rows):
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         f"- vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}, {os.cpu_count()} logical CPUs visible",
-        f"- model: {'the tiny random-weight Qwen2.5-VL of tests_vllm/checkpoint.py (2 LM layers x 128 wide, '
-                   '2 ViT layers x 64 wide)' if args.tiny else args.checkpoint}, dtype {args.dtype}",
+        f"- model: {model}, dtype {args.dtype}",
         f"- mix: {args.requests} requests at once (half one {args.image}-px image, half two {args.image * 3 // 4}-px "
         f"images), {args.max_tokens} greedy tokens each, after one warm-up request",
         "",
