@@ -112,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--image", type=int, default=448, help="side of the one-image prompts' image, px")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--enforce-eager", action="store_true", default=None)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of " + ", ".join(CONFIGS))
     parser.add_argument("--out", help="markdown table to write")
@@ -140,8 +140,9 @@ def main(argv=None):
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(CONFIGS[name]),
                "--checkpoint", args.checkpoint, "--dtype", args.dtype, "--image", str(args.image),
-               "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
-               "--max-model-len", str(args.max_model_len)] + (["--enforce-eager"] if args.enforce_eager else [])
+               "--requests", str(args.requests), "--max-tokens", str(args.max_tokens)]
+        cmd += (["--enforce-eager"] if args.enforce_eager else []) + (
+            ["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
