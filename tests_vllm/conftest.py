@@ -1,0 +1,116 @@
+"""Fixtures of the vLLM plugin tests (``make test-vllm``: run in vLLM's own venv, never by ``make test``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import checkpoint  # noqa: E402
+
+MAX_TOKENS = 5
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    return checkpoint.build(str(tmp_path_factory.mktemp("qwen2_5_vl")))
+
+
+@pytest.fixture(scope="session")
+def requests_(tmp_path_factory):
+    """A fixed mix: one image, another size, two images in one prompt, a 4-frame video (grid 2 x 8 x 8).
+
+    The video runs at 4 fps: 0.5 s per temporal patch x 4 tokens per second puts its two temporal positions 2 apart
+    (M-RoPE's time scaling is exercised) and below its spatial extent, where vLLM and transformers agree on the
+    positions of the text after a video (vLLM continues from the video's largest position + 1, transformers from
+    its first position + max(h, w); they differ when the time positions reach further)."""
+    root = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+
+    def image(name, h, w):
+        path = str(root / f"{name}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        return path
+
+    video = str(root / "video.npy")
+    np.save(video, rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8))
+    img = "<|vision_start|><|image_pad|><|vision_end|>"
+    vid = "<|vision_start|><|video_pad|><|vision_end|>"
+    return [
+        dict(prompt=f"w3 w4 {img} w5 w6 w7", images=[image("a", 112, 112)], video=None, fps=2.0),
+        dict(prompt=f"w9 {img} w10 w11", images=[image("b", 112, 168)], video=None, fps=2.0),
+        dict(prompt=f"w12 {img} w13 {img} w14", images=[image("c", 112, 112), image("d", 168, 112)], video=None,
+             fps=2.0),
+        dict(prompt=f"w20 w21 {vid} w22", images=[], video=video, fps=4.0),
+    ]
+
+
+def run_json(python: str, script: str, spec: dict, tmp, timeout: int = 600):
+    """Run ``script SPEC OUT`` with ``python``; returns (parsed OUT or None, CompletedProcess)."""
+    spec_path, out_path = str(tmp / "spec.json"), str(tmp / "out.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    root = os.path.dirname(HERE)
+    env = dict(os.environ, PYTHONPATH=root)  # this checkout's vtprune, whatever the venv has installed
+    if python != sys.executable:  # the reference uses its own venv's native kernels
+        env.pop("VTPRUNE_NO_EXT", None)
+    proc = subprocess.run([python, os.path.join(HERE, script), spec_path, out_path], capture_output=True, text=True,
+                          timeout=timeout, cwd=root, env=env)
+    if not os.path.exists(out_path):
+        return None, proc
+    with open(out_path) as f:
+        return json.load(f), proc
+
+
+def hf_python() -> str:
+    """vtprune's own environment (its transformers release) for the Hugging Face reference."""
+    python = os.environ.get("VTPRUNE_HF_PYTHON")
+    if not python or not os.path.exists(python):
+        raise RuntimeError(f"set VTPRUNE_HF_PYTHON to the python of vtprune's own venv (make test-vllm sets it to "
+                           f".venv/bin/python); got {python!r}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def serve(ckpt, requests_, tmp_path_factory):
+    """``serve(hf_overrides, multiprocess=False)`` -> vLLM's outputs for the request mix (cached per configuration)."""
+    cache = {}
+
+    def run(overrides, multiprocess=False, requests=None):
+        key = json.dumps([overrides, multiprocess, requests], sort_keys=True)
+        if key not in cache:
+            spec = dict(checkpoint=ckpt, hf_overrides=overrides, max_tokens=MAX_TOKENS, multiprocess=multiprocess,
+                        requests=requests or requests_)
+            out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path_factory.mktemp("vllm"))
+            assert out is not None, f"vLLM run failed ({overrides}):\n{proc.stderr[-4000:]}"
+            cache[key] = out
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def hf(ckpt, requests_, tmp_path_factory):
+    """``hf(method_dict_or_None)`` -> vtprune's Hugging Face path on the same checkpoint and requests."""
+    cache = {}
+
+    def run(method):
+        key = json.dumps(method, sort_keys=True)
+        if key not in cache:
+            spec = dict(checkpoint=ckpt, method=method, max_tokens=MAX_TOKENS, requests=requests_)
+            out, proc = run_json(hf_python(), "hf_reference.py", spec, tmp_path_factory.mktemp("hf"))
+            assert out is not None, f"Hugging Face reference failed ({method}):\n{proc.stderr[-4000:]}"
+            cache[key] = out
+        return cache[key]
+
+    return run

@@ -1,0 +1,128 @@
+"""The vLLM plugin against two independent routes: vLLM without the plugin's pruning (keep-all must not change a
+token) and vtprune's Hugging Face path (``hf_reference.py``, in vtprune's own venv) on the same checkpoint, images
+and video: the same kept tokens, the same pruned prompt length and the same greedy tokens."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from conftest import run_json
+from vtprune.vllm import setting
+
+PRUNED = {
+    "random": {"method": "random", "keep": 5, "seed": 3},
+    "divprune": {"method": "divprune", "ratio": 0.4},
+}
+
+
+def _items(log):
+    return Counter((e["modality"], e["n"], tuple(e["kept"])) for e in log)
+
+
+def test_stock_vllm_equals_hugging_face(serve, hf):
+    """The comparison itself is sound: unpruned, vLLM and transformers give the same greedy tokens here."""
+    ours, ref = serve(None), hf(None)
+    assert [o["tokens"] for o in ours["outputs"]] == [r["tokens"] for r in ref]
+    assert ours["log"] == []  # the plugin's class serves it, and without a setting it prunes nothing
+
+
+def test_keep_all_equals_vllm_without_pruning(serve):
+    stock = serve(None)
+    keep_all = serve({"vtprune": {"method": "divprune", "ratio": 1.0}})
+    assert keep_all["outputs"] == stock["outputs"]  # tokens and prompt lengths
+    assert keep_all["log"] and all(e["kept"] == list(range(e["n"])) for e in keep_all["log"])
+
+
+@pytest.mark.parametrize("name", sorted(PRUNED))
+def test_pruned_equals_hugging_face_path(serve, hf, requests_, name):
+    """A batch of requests (one image, another size, two images, a video) served together equals each request run
+    alone through ``vtprune.patch`` on the same checkpoint: kept tokens, prompt lengths, greedy tokens."""
+    method = PRUNED[name]
+    ours, ref = serve({"vtprune": method}), hf(method)
+    stock = serve(None)
+    expected = Counter()
+    for request, r, s, o in zip(requests_, ref, stock["outputs"], ours["outputs"]):
+        n_items = len(request["images"]) + bool(request["video"])
+        assert len(r["kept"]) == n_items
+        # the pruned prompt is the unpruned one less the dropped visual tokens
+        dropped = sum(n - len(kept) for n, kept in zip(_sizes(request, s, stock, requests_), r["kept"]))
+        assert o["prompt_len"] == s["prompt_len"] - dropped > 0
+        assert o["tokens"] == r["tokens"]
+    for request, r in zip(requests_, ref):
+        for n, kept, modality in zip(_item_sizes(request), r["kept"], _modalities(request)):
+            expected[(modality, n, tuple(kept))] += 1
+    assert _items(ours["log"]) == expected
+    assert any(len(e["kept"]) < e["n"] for e in ours["log"])
+
+
+def _modalities(request):
+    return ["image"] * len(request["images"]) + (["video"] if request["video"] else [])
+
+
+def _item_sizes(request):
+    """Visual tokens per item of the fixed mix (112 px = 8 patches of 14, merged 2 x 2; 4 frames = 2 temporal)."""
+    from PIL import Image
+
+    sizes = []
+    for path in request["images"]:
+        w, h = Image.open(path).size
+        sizes.append((h // 28) * (w // 28))
+    if request["video"]:
+        sizes.append(2 * 4 * 4)
+    return sizes
+
+
+def _sizes(request, *_):
+    return _item_sizes(request)
+
+
+def test_plugin_runs_in_every_process(serve):
+    """Default multiprocess engine: the front-end process sizes the prompt, the engine process prunes."""
+    method = {"vtprune": PRUNED["divprune"]}
+    alone, multi = serve(method), serve(method, multiprocess=True)
+    assert multi["outputs"] == alone["outputs"]
+    assert _items(multi["log"]) == _items(alone["log"])
+
+
+def test_in_llm_method_fails_at_startup(ckpt, requests_, tmp_path):
+    spec = dict(checkpoint=ckpt, hf_overrides={"vtprune": {"method": "fastv", "keep": 4}}, max_tokens=1,
+                multiprocess=False, requests=requests_[:1])
+    out, proc = run_json(__import__("sys").executable, "serve_once.py", spec, tmp_path)
+    assert out is None and proc.returncode != 0
+    assert "method 'fastv' cannot run in vLLM: it prunes inside the language model" in proc.stderr
+
+
+class _Cfg:
+    def __init__(self, value):
+        self.vtprune = value
+        self.num_hidden_layers = 4
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"method": "fastv", "keep": 4}, "prunes inside the language model"),
+    ({"method": "dart", "keep": 4}, "prunes inside the language model"),
+    ({"method": "visionzip", "keep": 4}, "cannot run in vLLM"),
+    ({"method": "todre", "keep": 4}, "cannot run in vLLM"),
+    ({"method": "divprun", "keep": 4}, "Did you mean 'divprune'"),
+    ({"method": "divprune"}, "needs a budget"),
+    ({"method": "divprune", "keep": 4, "ratio": 0.5}, "not both"),
+    ({"method": "divprune", "keep": 4, "metrc": "l2"}, "unknown option(s) ['metrc']"),
+    ({"keep": 4}, "a mapping with a 'method' key"),
+    ("{not json", "not valid JSON"),
+    ({"method": "random", "keep": 4, "positions": "compact"}, "positions='compact' is not supported"),
+])
+def test_bad_setting_is_refused(value, message):
+    with pytest.raises(ValueError) as err:
+        setting.read(_Cfg(value))
+    assert message in str(err.value)
+
+
+def test_setting_round_trip():
+    assert setting.read(_Cfg(None)) is None
+    text = setting.overrides({"method": "divprune", "ratio": 0.25})
+    assert setting.read(_Cfg(json.loads(text)["vtprune"])).ratio == 0.25
+    assert setting.read(_Cfg(json.dumps({"method": "random", "keep": 7}))).budget(20) == 7
+    assert {"random", "divprune"} <= set(setting.servable_methods()) and "fastv" not in setting.servable_methods()
