@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa:
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 
 METHODS = vtprune.list_vit_methods()
-HOSTS = ["timm", "timm_registers", "clip", "siglip", "open_clip", "open_clip_seq_first"]
+HOSTS = ["timm", "timm_registers", "clip", "siglip", "open_clip", "open_clip_seq_first", "open_clip_clip"]
 IMG = 32
 
 
@@ -38,6 +38,10 @@ def _build(host):
         return CLIPVisionModel(CLIPVisionConfig(**cfg)).eval()
     if host == "siglip":
         return SiglipVisionModel(SiglipVisionConfig(**cfg)).eval()
+    if host == "open_clip_clip":
+        vision = dict(image_size=IMG, patch_size=4, width=32, layers=4, head_width=8, mlp_ratio=2)
+        text = dict(context_length=8, vocab_size=50, width=32, heads=4, layers=2)
+        return open_clip.model.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
     model = OCViT(image_size=IMG, patch_size=4, width=32, layers=4, heads=4, mlp_ratio=2, output_dim=16).eval()
     if host == "open_clip_seq_first":
         model.transformer.batch_first = False
@@ -59,6 +63,8 @@ def _run(model, x):
     if isinstance(model, (CLIPVisionModel, SiglipVisionModel)):
         out = model(pixel_values=x)
         return torch.cat([out.last_hidden_state.mean(1), out.pooler_output], dim=-1)
+    if isinstance(model, open_clip.model.CLIP):
+        return model.encode_image(x)
     return model(x)
 
 
@@ -67,6 +73,8 @@ def _blocks(model):
         return list(model.blocks)
     if isinstance(model, OCViT):
         return list(model.transformer.resblocks)
+    if isinstance(model, open_clip.model.CLIP):
+        return list(model.visual.transformer.resblocks)
     return list(getattr(model, "vision_model", model).encoder.layers)
 
 
@@ -208,3 +216,34 @@ def test_bad_input():
     with pytest.raises(ValueError, match="not both"):
         vtprune.ToMeConfig(r=4, ratio=0.5)
     assert not vtprune.is_patched(model)
+
+
+def test_vit_flops_against_flop_counter():
+    """``vtprune.flops.vit_flops`` with the per-block token counts of a patched run against torch's FlopCounterMode on
+    eager attention; the counter also sees ToMe's similarity products (A x B per merging block) and the head."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vtprune.flops import vit_flops
+
+    model = _model("timm")
+    x = _images(2)
+    head = 2 * 2 * model.head.in_features * model.head.out_features
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    try:
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as counter:
+                model(x)
+            assert counter.get_total_flops() == vit_flops(model, batch=2) + head
+            with vtprune.patched(model, "tome", ratio=0.5):
+                with FlopCounterMode(display=False) as counter:
+                    model(x)
+                st = vtprune.stats(model)
+        dh = model.blocks[0].attn.head_dim
+        sim = sum(2 * 2 * ((t + 1) // 2) * (t // 2) * dh for t, t_out in st.block_flops_tokens if t_out < t)
+        assert counter.get_total_flops() == st.flops + head + sim
+        assert st.flops == vit_flops(model, st.block_flops_tokens, batch=2) < st.flops_full
+        assert st.block_flops_tokens[-1][0] <= 1 + 32
+    finally:
+        for blk in model.blocks:
+            blk.attn.fused_attn = True

@@ -41,6 +41,10 @@ class ViTHost:
     def scale(self, block) -> float:
         raise NotImplementedError
 
+    def dims(self) -> tuple[int, int, int]:
+        """``(hidden size D, MLP hidden size I, patch-embedding weight elements D*C*P*P)`` for ``vtprune.flops``."""
+        raise NotImplementedError
+
     def qk_modules(self, block) -> tuple[nn.Module, nn.Module] | None:
         """Modules whose forward outputs are this block's queries and keys (see :meth:`to_heads`), or None when
         they must be recomputed from the block's normalised input (:meth:`recompute_qk`)."""
@@ -94,6 +98,10 @@ class TimmHost(ViTHost):
     def scale(self, block):
         return block.attn.scale
 
+    def dims(self):
+        blk = self.blocks[0]
+        return blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features, self.model.patch_embed.proj.weight.numel()
+
     def qk_modules(self, block):
         return block.attn.q_norm, block.attn.k_norm  # outputs [B, H, T, Dh]
 
@@ -134,6 +142,11 @@ class HFHost(ViTHost):
 
     def scale(self, block):
         return block.self_attn.scale
+
+    def dims(self):
+        blk = self.blocks[0]
+        return (blk.self_attn.embed_dim, blk.mlp.fc1.out_features,
+                self.core.embeddings.patch_embedding.weight.numel())
 
     def qk_modules(self, block):
         return block.self_attn.q_proj, block.self_attn.k_proj  # outputs [B, T, H * Dh]
@@ -182,6 +195,10 @@ class OpenCLIPHost(ViTHost):
 
     def scale(self, block):
         return (block.attn.embed_dim // block.attn.num_heads) ** -0.5
+
+    def dims(self):
+        blk = self.blocks[0]
+        return blk.attn.embed_dim, blk.mlp.c_fc.out_features, self.visual.conv1.weight.numel()
 
     def qk_modules(self, block):
         return None

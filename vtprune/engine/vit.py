@@ -32,8 +32,17 @@ class ViTStats:
     patch_tokens_in: int
     patch_tokens_last: int
     block_tokens: list[int] = field(default_factory=list)
+    block_tokens_out: list[int] = field(default_factory=list)
     select_ms: float = 0.0
+    flops: int = 0
+    flops_full: int = 0
     stage: str = "vit"
+
+    @property
+    def block_flops_tokens(self) -> list[tuple[int, int]]:
+        """Per block ``(tokens entering, tokens after the block's reduction)`` (what ``vtprune.flops.vit_flops``
+        takes)."""
+        return list(zip(self.block_tokens, self.block_tokens_out))
 
     @property
     def visual_tokens_in(self) -> list[int]:
@@ -53,6 +62,7 @@ class _State:
         self.schedule = None
         self.q = self.k = None
         self.tokens = []
+        self.tokens_out = []
         self.select_s = 0.0
         self.batch = 0
         self.patches_in = 0
@@ -161,10 +171,17 @@ class ViTSession:
         return forward
 
     def _finish(self, index, out, seq_first):
+        from ..flops import vit_flops
+
         state = self.state
+        state.tokens_out.append(out.shape[0 if seq_first else 1])
         if index != len(self.host.blocks) - 1:
             return
-        self.stats = ViTStats(
+        stats = ViTStats(
             method=self.method.name, batch=state.batch, num_prefix=self.host.num_prefix,
             patch_tokens_in=state.patches_in, patch_tokens_last=state.tokens[-1] - self.host.num_prefix,
-            block_tokens=list(state.tokens), select_ms=state.select_s * 1e3)
+            block_tokens=list(state.tokens), block_tokens_out=list(state.tokens_out), select_ms=state.select_s * 1e3)
+        if state.patches_in == self.host.num_patches():
+            stats.flops = vit_flops(self.model, stats.block_flops_tokens, batch=state.batch)
+            stats.flops_full = vit_flops(self.model, batch=state.batch)
+        self.stats = stats
