@@ -1,10 +1,11 @@
 """Train the bundled tiny timm ViT (``models/tiny-vit-shapes``) from scratch on CPU: shapes classification.
 
-Task: a classification version of the shapes benchmark (``vtprune/shapes.py``): a 224x224 scene with exactly one
-object (circle / square / triangle in one of six colours, 20-26 px, about 2x2 of the 196 16-pixel patches) on the
-benchmark's grey clutter (lines, dots, rectangles, grey outline decoys); the label is the object's (shape, colour)
-pair, 18 classes. Most patches are background, so a token-reduction method that loses the object's patches loses
-the answer.
+Task: a classification version of the shapes benchmark (``vtprune/shapes.py``): a scene with exactly one object
+(circle / square / triangle in one of six colours) on the benchmark's grey clutter (lines, dots, rectangles, grey
+outline decoys), rendered at 224x224 and box-downsampled to ``--image-size`` (default 112: the object is 10-13 px,
+within 1-4 of the 49 16-pixel patches); the label is the object's (colour, shape) pair, 18 classes. Most patches
+are background, so a token-reduction method that loses the object's patches loses the answer. (112 px keeps a CPU
+run to minutes on a shared 2-core machine; ``--image-size 224`` gives 196 patches.)
 
 Model: a stock ``timm.models.vision_transformer.VisionTransformer`` (patch 16, CLS token, class-token pooling),
 trained with AdamW on a fresh scene per image (``train`` split) and scored on the first ``--test-images`` scenes of
@@ -37,19 +38,23 @@ CLASSES = [f"{c} {s}" for s in S.SHAPES for c in S.COLOR_NAMES]
 
 
 PATCH = 16
-GRID = S.IMAGE_SIZE // PATCH  # 14
 
 
-def scene_and_label(split: str, index: int, seed: int, dense: bool = False):
-    """``(image uint8 [224, 224, 3], label)``, and with ``dense`` the per-patch target ``[14, 14]`` (label + 1 where
-    a patch holds >= 16 of the object's pixels, else 0)."""
+def scene_and_label(split: str, index: int, seed: int, size: int = 112, dense: bool = False):
+    """``(image uint8 [size, size, 3], label)``, and with ``dense`` the per-patch target ``[G, G]`` (``G = size //
+    16``; label + 1 where a patch holds >= 16 of the object's pixels at that size, else 0)."""
+    if S.IMAGE_SIZE % size:
+        raise ValueError(f"size must divide {S.IMAGE_SIZE}, got {size}")
+    f = S.IMAGE_SIZE // size
     scene = S.make_scene(S.scene_rng(seed, split, index), num_objects=1)
     obj = scene.objects[0]
     label = CLASSES.index(f"{obj.color} {obj.shape}")
-    image = np.asarray(S.render(scene))
+    image = S.render(scene)
+    image = np.asarray(image.reduce(f) if f > 1 else image)
     if not dense:
         return image, label
-    cover = S.object_masks(scene)[0].reshape(GRID, PATCH, GRID, PATCH).sum(axis=(1, 3))
+    g, p = size // PATCH, PATCH * f
+    cover = S.object_masks(scene)[0].reshape(g, p, g, p).sum(axis=(1, 3)) / (f * f)
     return image, label, np.where(cover >= 16, label + 1, 0)
 
 
@@ -76,8 +81,8 @@ def load(path: str | Path):
     return model.eval(), config
 
 
-def test_set(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [scene_and_label("test", i, seed) for i in range(n)]
+def test_set(n: int, seed: int, size: int = 112) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [scene_and_label("test", i, seed, size) for i in range(n)]
     return pixels(np.stack([im for im, _ in items])), torch.tensor([lab for _, lab in items])
 
 
@@ -94,7 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=S.DEFAULT_SEED)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1: OpenMP threads spin badly on a loaded shared machine")
+    p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
@@ -117,16 +123,17 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if args.eval_only:
         model, config = load(out)
-        x, y = test_set(args.test_images, args.data_seed)
+        x, y = test_set(args.test_images, args.data_seed, config["timm_kwargs"]["img_size"])
         print(f"test accuracy {accuracy(model, x, y):.4f} on {len(y)} images")
         return
     torch.manual_seed(args.seed)
     config = {
         "architecture": "timm.models.vision_transformer.VisionTransformer",
-        "timm_kwargs": dict(img_size=S.IMAGE_SIZE, patch_size=16, embed_dim=args.width, depth=args.depth,
+        "timm_kwargs": dict(img_size=args.image_size, patch_size=PATCH, embed_dim=args.width, depth=args.depth,
                             num_heads=args.heads, mlp_ratio=2.0, num_classes=len(CLASSES), global_pool="token"),
         "classes": CLASSES,
-        "normalization": "(x / 255 - 0.5) / 0.25, x uint8 RGB 224x224",
+        "normalization": f"(x / 255 - 0.5) / 0.25, x uint8 RGB {args.image_size}x{args.image_size} (the 224x224 "
+                         "scene box-downsampled: PIL Image.reduce)",
         "task": "shapes classification: the (colour, shape) of the single object of a vtprune.shapes scene",
     }
     model = build_vit(config)
@@ -137,7 +144,7 @@ def main(argv=None) -> None:
                                                                and "token" not in n)]
     opt = torch.optim.AdamW([{"params": decay + [dense_head.weight], "weight_decay": args.weight_decay},
                              {"params": no_decay + [dense_head.bias], "weight_decay": 0.0}], lr=args.lr)
-    x_test, y_test = test_set(args.test_images, args.data_seed)
+    x_test, y_test = test_set(args.test_images, args.data_seed, args.image_size)
     budget = args.max_minutes * 60.0
     out.mkdir(parents=True, exist_ok=True)
     log_lines = [f"parameters: {params / 1e6:.3f} M"]
@@ -155,7 +162,8 @@ def main(argv=None) -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1.0 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr
-        items = [scene_and_label("train", index + i, args.data_seed, dense=True) for i in range(args.batch)]
+        items = [scene_and_label("train", index + i, args.data_seed, args.image_size, dense=True)
+                 for i in range(args.batch)]
         index += args.batch
         images = np.stack([it[0] for it in items])
         dense = np.stack([it[2] for it in items])

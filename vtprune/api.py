@@ -106,7 +106,11 @@ def _patch_vit(model: nn.Module, host, method, options: dict[str, Any]) -> nn.Mo
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
         raise ValueError(f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first")
     method_cls, _ = get_vit_method(config.method)
-    session = ViTSession(model, host, method_cls(config))
+    vit_method = method_cls(config)
+    patches = host.num_patches()
+    if patches:  # a budget the method cannot reach fails here, not at the first forward
+        vit_method.schedule(patches, len(host.blocks))
+    session = ViTSession(model, host, vit_method)
     session.install()
     setattr(model, _ATTR, session)
     return model
