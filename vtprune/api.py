@@ -65,6 +65,10 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
     layer=2)])`` — each acts at its own prune points (vision entry, decoder layer K) in the order they come in the
     model, a later one on what earlier ones kept, its budget counting those. Two methods at one point raise
     ``ValueError``. Raises ``ImportError`` when the installed transformers is outside the supported range.
+
+    A plain vision transformer (timm ``VisionTransformer``, transformers ``CLIPVisionModel`` / ``SiglipVisionModel``,
+    open_clip ``CLIP`` / ``VisionTransformer``) takes one of ``vtprune.list_vit_methods()`` instead, acting between
+    its blocks: ``vtprune.patch(vit, "tome", ratio=0.5)``.
     """
     compat.check_transformers()
     host = find_vit_host(model) if isinstance(model, nn.Module) else None
