@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", nargs="*", default=[], metavar="METHOD:OPTION=VALUE",
+                   help="extra table rows (not plotted): a method with one option changed, at every ratio")
     p.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timing per row")
     return p.parse_args(argv)
 
@@ -75,6 +77,12 @@ def main(argv=None):
         for ratio in args.ratios:
             with vtprune.patched(model, method, ratio=ratio):
                 rows.append(measure(model, x, y, xb, args, (method, ratio)))
+    for variant in args.variants:
+        method, _, option = variant.partition(":")
+        key, _, value = option.partition("=")
+        for ratio in args.ratios:
+            with vtprune.patched(model, method, ratio=ratio, **{key: json.loads(value)}):
+                rows.append(measure(model, x, y, xb, args, (f"{method} ({key}={value})", ratio)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
@@ -106,7 +114,7 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(6, 4))
     base = rows[0]
     for method in methods:
-        pts = [base] + [r for r in rows if r["method"] == method]
+        pts = [base] + [r for r in rows if r["method"] == method]  # variants have other names: not plotted
         ax.plot([p["gflops"] for p in pts], [p["accuracy"] for p in pts], marker="o", label=method)
     ax.scatter([base["gflops"]], [base["accuracy"]], color="black", zorder=5, label="unreduced")
     ax.set_xlabel("GFLOPs / image (analytic)")
