@@ -243,3 +243,21 @@ def test_vit_flops_against_flop_counter():
     finally:
         for blk in model.blocks:
             blk.attn.fused_attn = True
+
+
+def test_bundled_tiny_vit_loads_and_reduces():
+    """The committed tiny ViT: stock timm weights that classify the shapes test scenes well above chance (1/18), and
+    keep doing so with half of the patch tokens merged away (the full table: eval/results/vit)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "eval"))
+    import train_tiny_vit as T
+
+    model, config = T.load(os.path.join(os.path.dirname(__file__), os.pardir, "models", "tiny-vit-shapes"))
+    x, y = T.test_set(100, T.S.DEFAULT_SEED, config["timm_kwargs"]["img_size"])
+    full = T.accuracy(model, x, y)
+    assert full > 0.5
+    with vtprune.patched(model, "tome", ratio=0.5):
+        assert T.accuracy(model, x, y) > 0.5
+        assert vtprune.stats(model).patch_tokens_last == 24
