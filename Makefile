@@ -40,7 +40,7 @@ test-latest:
 	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python $(PIP) --upgrade pip "setuptools>=77" wheel
 	.venv-latest/bin/python $(PIP) --upgrade --upgrade-strategy eager torch torchvision
-	VTPRUNE_NO_EXT=1 .venv-latest/bin/python $(PIP) --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,eval]"
+	VTPRUNE_NO_EXT=1 .venv-latest/bin/python $(PIP) --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,eval,vit]"
 	.venv-latest/bin/python -m pip check
 	.venv-latest/bin/python $(VERSIONS)
 	$(call ISOLATED_EXT,.venv-latest) .venv-latest/bin/python $(PYTEST)
@@ -77,7 +77,7 @@ COMPILE := .venv-tools/bin/pip-compile -q --allow-unsafe --strip-extras --no-emi
 lock:
 	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/python $(PIP) "pip-tools==7.6.2")
 	rm -f requirements/lock.txt requirements/oldest.txt
-	$(COMPILE) --extra dev --extra eval --output-file requirements/lock.txt pyproject.toml requirements/lock.in
+	$(COMPILE) --extra dev --extra eval --extra vit --output-file requirements/lock.txt pyproject.toml requirements/lock.in
 	$(COMPILE) --output-file requirements/oldest.txt requirements/oldest.in
 
 gpu-check:

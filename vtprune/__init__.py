@@ -13,6 +13,7 @@ from .methods import (
     CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, PACTConfig, RandomConfig, ToDREConfig, VisionZipConfig,
     ZOOConfig,
 )
+from .methods.vit import PiToMeConfig, ToMeConfig, ZeroTPruneConfig, list_vit_methods
 from .registry import register_method
 from .stats import PruneStats
 
@@ -21,5 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "register_method", "set_image_sizes",
     "PruneConfig", "PruneStats", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
-    "ZOOConfig", "ToDREConfig", "VisionZipConfig", "PACTConfig",
+    "ZOOConfig", "ToDREConfig", "VisionZipConfig", "PACTConfig", "ToMeConfig", "PiToMeConfig", "ZeroTPruneConfig",
+    "list_vit_methods",
 ]

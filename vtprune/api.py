@@ -9,8 +9,11 @@ from torch import nn
 
 from . import compat
 from .adapters import get_adapter
+from .adapters.vit import find_vit_host, vit_host_names
 from .config import PruneConfig
 from .engine import Session
+from .engine.vit import ViTSession
+from .methods.vit import get_vit_method, list_vit_methods, make_vit_config
 from .registry import get_method, list_methods
 from .stats import PruneStats
 
@@ -62,8 +65,20 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
     layer=2)])`` — each acts at its own prune points (vision entry, decoder layer K) in the order they come in the
     model, a later one on what earlier ones kept, its budget counting those. Two methods at one point raise
     ``ValueError``. Raises ``ImportError`` when the installed transformers is outside the supported range.
+
+    A plain vision transformer (timm ``VisionTransformer``, transformers ``CLIPVisionModel`` / ``SiglipVisionModel``,
+    open_clip ``CLIP`` / ``VisionTransformer``) takes one of ``vtprune.list_vit_methods()`` instead, acting between
+    its blocks: ``vtprune.patch(vit, "tome", ratio=0.5)``.
     """
     compat.check_transformers()
+    host = find_vit_host(model) if isinstance(model, nn.Module) else None
+    if host is not None:  # token reduction inside a vision transformer (vtprune.methods.vit)
+        return _patch_vit(model, host, method, options)
+    if _is_vit_method(method):
+        raise ValueError(
+            f"method {getattr(method, 'method', method)!r} reduces tokens inside a vision transformer, and "
+            f"{type(model).__name__} is not one vtprune knows; supported: {'; '.join(vit_host_names())} "
+            "(in-VLM vision-tower merging is not implemented yet)")
     adapter = get_adapter(model)
     if getattr(model, _ATTR, None) is not None:
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
@@ -73,6 +88,33 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
     configs = _make_configs(method, options)
     methods = [get_method(c.method).method_cls(c) for c in configs]
     session = Session(model, adapter, methods)
+    session.install()
+    setattr(model, _ATTR, session)
+    return model
+
+
+def _is_vit_method(method) -> bool:
+    name = method.method if isinstance(method, PruneConfig) else method
+    return isinstance(name, str) and name in list_vit_methods()
+
+
+def _patch_vit(model: nn.Module, host, method, options: dict[str, Any]) -> nn.Module:
+    if isinstance(method, (list, tuple)):
+        raise TypeError("a vision transformer takes one token-reduction method, not a schedule (list)")
+    name = getattr(method, "method", method)
+    if not _is_vit_method(method) and isinstance(name, str) and name in list_methods():
+        raise ValueError(f"{type(model).__name__} is a vision transformer ({host.name}); method {name!r} prunes a "
+                         f"VLM's visual tokens. Methods that act inside a ViT: {', '.join(list_vit_methods())}")
+    config = make_vit_config(method, options)
+    if getattr(model, _ATTR, None) is not None:
+        current = "+".join(m.name for m in getattr(model, _ATTR).methods)
+        raise ValueError(f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first")
+    method_cls, _ = get_vit_method(config.method)
+    vit_method = method_cls(config)
+    patches = host.num_patches()
+    if patches:  # a budget the method cannot reach fails here, not at the first forward
+        vit_method.schedule(patches, len(host.blocks))
+    session = ViTSession(model, host, vit_method)
     session.install()
     setattr(model, _ATTR, session)
     return model

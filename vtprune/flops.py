@@ -528,3 +528,42 @@ def prefill_flops(config, layer_seq_lens, batch: int = 1, num_images: int = 1, i
     vis = vision_flops(config, num_images=num_images, image_grid_thw=image_grid_thw)
     text_config = _require(config, "text_config", f"{getattr(config, 'model_type', None)!r} config")
     return vis + decoder_prefill_flops(text_config, layer_seq_lens, batch=batch, lm_head_tokens=lm_head_tokens)
+
+
+# --------------------------------------------------------------------------- token reduction inside a ViT
+def vit_block_flops(dim: int, inter: int, tokens_in: int, tokens_out: int | None = None) -> int:
+    """One pre-norm ViT block whose token count drops from ``tokens_in`` to ``tokens_out`` between attention and MLP
+    (where ToMe / PiToMe / Zero-TPrune act; ``None``: no drop): q, k, v, out projections and the two attention products
+    on ``tokens_in`` tokens, the two MLP matmuls (``D x I``, ``I x D``) on ``tokens_out``. The method's own work (the
+    similarity / attention-row products of its plan) is not counted."""
+    t_in = _as_count(tokens_in, "tokens_in")
+    t_out = t_in if tokens_out is None else _as_count(tokens_out, "tokens_out")
+    return 4 * 2 * t_in * dim * dim + 2 * 2 * t_in * t_in * dim + 2 * 2 * t_out * dim * inter
+
+
+def vit_flops(model, block_tokens=None, batch: int = 1) -> int:
+    """Analytic FLOPs of a ViT host's patch embedding and transformer blocks (heads and pooling not counted), for
+    ``batch`` images. ``block_tokens``: per block, the ``(tokens_in, tokens_out)`` pair (or a plain int for a block
+    that keeps its tokens), e.g. from ``vtprune.stats(model).block_flops_tokens`` of a patched ViT; None = the
+    unreduced model. Hosts: timm ``VisionTransformer``, transformers ``CLIPVisionModel`` / ``SiglipVisionModel``,
+    open_clip ``CLIP`` / ``VisionTransformer``. Raises ``ValueError`` for other models or a list of the wrong
+    length."""
+    from .adapters.vit import find_vit_host, vit_host_names
+
+    host = find_vit_host(model)
+    if host is None:
+        raise ValueError(f"{type(model).__name__} is not a vision transformer vtprune.flops knows; supported: "
+                         f"{'; '.join(vit_host_names())}")
+    dim, inter, patch_weight = host.dims()
+    n = host.num_patches()
+    total = host.num_prefix + n
+    if block_tokens is None:
+        block_tokens = [total] * len(host.blocks)
+    block_tokens = list(block_tokens)
+    if len(block_tokens) != len(host.blocks):
+        raise ValueError(f"block_tokens has {len(block_tokens)} entries for a {len(host.blocks)}-block model")
+    flops = 2 * n * patch_weight
+    for entry in block_tokens:
+        t_in, t_out = entry if isinstance(entry, (tuple, list)) else (entry, entry)
+        flops += vit_block_flops(dim, inter, t_in, t_out)
+    return _as_count(batch, "batch") * flops

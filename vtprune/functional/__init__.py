@@ -20,6 +20,10 @@ from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
 from .merge import visionzip_select
 from .scores import cls_scores, topk_indices
+from .vit import (
+    merge_tokens, pitome_margins, pitome_match, reduction_schedule, tome_match, tome_schedule, wpr_scores,
+    zerotprune_match,
+)
 from .zoo import zoo_select, zoo_sensitivity, zoo_sensitivity_jvp
 
 __all__ = [
@@ -38,4 +42,12 @@ __all__ = [
     "visionzip_select",
     "dbdpc_cluster",
     "pact_merge",
+    "tome_match",
+    "tome_schedule",
+    "pitome_match",
+    "pitome_margins",
+    "wpr_scores",
+    "zerotprune_match",
+    "merge_tokens",
+    "reduction_schedule",
 ]
