@@ -179,3 +179,17 @@ def test_cli_end_to_end_and_table_column(tmp_path):
     with pytest.raises(ValueError, match="transfer_epsilon"):
         R.RobustnessConfig(epsilons=[4], transfer_epsilon=8)
     assert cli.main(["robustness", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_method_that_cannot_run_on_the_model_is_reported(monkeypatch, tmp_path):
+    original = R.Runner.patch
+
+    def patch(self, method, budget):
+        if method == "fastv":
+            raise ValueError("fastv: not on this model (test)")
+        return original(self, method, budget)
+
+    monkeypatch.setattr(R.Runner, "patch", patch)
+    rows = R.run_robustness(_config(methods=["fastv"]), output_dir=tmp_path, progress=False)
+    assert rows and all(r["reachable"] is False and "not on this model" in r["reason"] for r in rows)
+    assert "unreachable: cannot patch" in (tmp_path / "table.md").read_text()

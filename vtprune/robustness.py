@@ -50,7 +50,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -144,7 +144,8 @@ class RobustnessConfig:
             raise ValueError(f"step_size must be a number > 0 (units of 1/255) or None, got {self.step_size!r}")
         unknown = [p for p in self.perturbations if p not in PERTURBATIONS]
         if not isinstance(self.perturbations, list) or unknown:
-            raise ValueError(f"unknown perturbation(s) {unknown or self.perturbations!r}; allowed: {list(PERTURBATIONS)}")
+            raise ValueError(f"unknown perturbation(s) {unknown or self.perturbations!r}; "
+                             f"allowed: {list(PERTURBATIONS)}")
         bad = [p for p in self.defense_perturbations if p != "caa" and p not in self.perturbations]
         if bad:
             raise ValueError(f"defense_perturbations {bad} are not among perturbations {self.perturbations} "
@@ -693,7 +694,14 @@ def run_robustness(config: RobustnessConfig | None = None, *, output_dir: str | 
         runner = Runner(cfg.model)
         items = load_items(cfg.task, cfg.scene_seed, cfg.limit)
         batches = _batches(items, cfg.batch_size)
-        cells = [(m, b) for m in methods for b in cfg.budgets]
+        cannot = {}  # method -> why it cannot run on this model (reported in its rows, not skipped silently)
+        for m in methods:
+            try:
+                with runner.patch(m, cfg.budgets[0]):
+                    pass
+            except (ValueError, TypeError) as err:
+                cannot[m] = f"cannot patch {runner.name}: {err}"
+        cells = [(m, b) for m in methods for b in cfg.budgets if m not in cannot]
         transfer = cfg.transfer_epsilon is not None
         bar = tqdm(total=len(cells) * len(batches) * (4 if transfer else 3), desc="vtprune robustness",
                    unit="step", disable=not progress)
@@ -811,6 +819,11 @@ def run_robustness(config: RobustnessConfig | None = None, *, output_dir: str | 
                 rows.append(_row(runner.name, method, budget, "transfer", tally, clean, epsilon=cfg.transfer_epsilon,
                                  source_method=s[0], source_budget=s[1]))
         bar.close()
+    for m, why in cannot.items():
+        rows += [{"model": runner.name, "method": m, "budget": b, "perturbation": p, **({"epsilon": e} if e else {}),
+                  "kept_jaccard": None, "accuracy": None, "accuracy_unpruned": None, "attack_success": None, "n": 0,
+                  "reachable": False, "reason": why}
+                 for b in cfg.budgets for p, e in [("none", None), *[("caa", e) for e in cfg.epsilons]]]
     for row in rows:
         row["limit"] = cfg.limit
     if write:
@@ -1011,7 +1024,8 @@ def plot_robustness(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
     ax.set_ylabel("kept-set Jaccard vs clean (mean over benign perturbations)")
     ax.set_title("Ranking stability")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     paths["stability"] = out / "stability_vs_budget.png"
     fig.savefig(paths["stability"], dpi=120)
@@ -1033,7 +1047,8 @@ def plot_robustness(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
         ax.set_xlabel("epsilon (x 1/255)")
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("accuracy % under CAA (solid: pruned, dashed: unpruned)")
-    axes[0][-1].legend(fontsize="small")
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
     paths["attack"] = out / "accuracy_under_attack.png"
     fig.savefig(paths["attack"], dpi=120)
