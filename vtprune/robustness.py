@@ -1021,7 +1021,7 @@ def plot_robustness(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, marker="o", label=m)
     ax.set_xlabel("visual tokens kept (of 256)")
-    ax.set_ylabel("kept-set Jaccard vs clean (mean over benign perturbations)")
+    ax.set_ylabel("kept-set Jaccard vs clean (benign mean)")
     ax.set_title("Ranking stability")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -1046,7 +1046,7 @@ def plot_robustness(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
         ax.set_title(f"keep {b}")
         ax.set_xlabel("epsilon (x 1/255)")
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("accuracy % under CAA (solid: pruned, dashed: unpruned)")
+    axes[0][0].set_ylabel("accuracy % (solid: pruned, dashed: unpruned)")
     if axes[0][-1].get_legend_handles_labels()[0]:
         axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
