@@ -915,14 +915,16 @@ def render_markdown(rows: list[dict], cfg: RobustnessConfig | None = None) -> st
     for c in summary:
         if c.get("unreachable"):
             body.append([c["method"], c["budget"], "-", _pct(c.get("accuracy_clean")),
-                         *["n/a"] * (3 * len(eps)), "unreachable: " + c["unreachable"]])
+                         *["n/a"] * (4 * len(eps)), "unreachable: " + c["unreachable"]])
             continue
         body.append([c["method"], c["budget"], c.get("surrogate") or "-", _pct(c.get("accuracy_clean")),
                      *[_pct(c.get(f"caa{e}_accuracy")) for e in eps],
                      *[_pct(c.get(f"caa{e}_accuracy_unpruned")) for e in eps],
-                     *[_pct(c.get(f"caa{e}_success")) for e in eps], ""])
+                     *[_pct(c.get(f"caa{e}_success")) for e in eps],
+                     *["-" if c.get(f"caa{e}_jaccard") is None else f"{c[f'caa{e}_jaccard']:.3f}" for e in eps], ""])
     parts.append(_md(["method", "budget", "surrogate", "acc clean", *[f"acc CAA {e}/255" for e in eps],
-                      *[f"unpruned acc CAA {e}/255" for e in eps], *[f"success {e}/255" for e in eps], "note"],
+                      *[f"unpruned acc CAA {e}/255" for e in eps], *[f"success {e}/255" for e in eps],
+                      *[f"J CAA {e}/255" for e in eps], "note"],
                      body))
     sources, targets, cells = transfer_matrix(rows)
     if sources:
