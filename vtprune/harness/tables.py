@@ -10,6 +10,9 @@ order they first appear. Columns:
 * ``Tokens``: visual tokens kept per image; ``TFLOPs``: analytic prefill TFLOPs per request; ``Prefill ms``:
   measured prefill per request (each cell's median); all three averaged over the row's tasks, weighted by their
   requests.
+* ``CAA succ. %``, only when the results also hold rows of ``vtprune robustness`` for the same model (rows with a
+  ``perturbation``): the compression-aware attack's success rate on that method and budget at the largest epsilon
+  (``-``: not measured, or the attack cannot reach the method).
 
 When results.jsonl holds the same cell more than once, the last row wins. Markdown, CSV and LaTeX render the
 same numbers (CSV unrounded).
@@ -40,6 +43,7 @@ class TableRow:
     tokens: float | None
     tflops: float | None
     prefill_ms: float | None
+    robust: float | None = None  # CAA success rate in % (robustness rows)
 
     @property
     def label(self) -> str:
@@ -52,6 +56,7 @@ class Table:
     limit: int | None
     tasks: list[str]
     rows: list[TableRow]
+    robust_eps: int | None = None  # epsilon (x 1/255) of the CAA column; None: no robustness rows
 
     @property
     def title(self) -> str:
@@ -65,7 +70,14 @@ def _weighted(rows: list[dict], key: str) -> float | None:
 
 
 def build_tables(results: list[dict]) -> list[Table]:
-    """Group result rows into :class:`Table` objects (one per model and limit)."""
+    """Group result rows into :class:`Table` objects (one per model and limit). Robustness rows (with a
+    ``perturbation``) only fill the ``CAA succ. %`` column of their model's tables."""
+    robust = [r for r in results if "perturbation" in r]
+    results = [r for r in results if "perturbation" not in r]
+    caa: dict[str, dict] = {}
+    for r in robust:
+        if r["perturbation"] == "caa" and not r.get("defense"):
+            caa.setdefault(r["model"], {}).setdefault(r["epsilon"], {})[(r["method"], r["budget"])] = r
     latest: dict[tuple, dict] = {}
     for r in results:
         latest[(r["model"], r.get("limit"), r["method"], r.get("budget"), r["task"])] = r
@@ -98,13 +110,20 @@ def build_tables(results: list[dict]) -> list[Table]:
                 tokens=_weighted(present, "visual_tokens"), tflops=_weighted(present, "prefill_tflops"),
                 prefill_ms=_weighted(present, "prefill_ms"),
             ))
-        tables.append(Table(model, limit, tasks, out))
+        eps = max(caa.get(model, {}), default=None)
+        if eps is not None:
+            for row in out:
+                hit = caa[model][eps].get((row.method, row.budget))
+                if hit is not None and hit.get("attack_success") is not None:
+                    row.robust = 100 * hit["attack_success"]
+        tables.append(Table(model, limit, tasks, out, eps))
     return tables
 
 
 # -- rendering -------------------------------------------------------------------------------------------------------
 def _headers(table: Table) -> list[str]:
-    return ["Method", "Budget", *table.tasks, "Avg", "Rel. %", "Tokens", "TFLOPs", "Prefill ms"]
+    extra = [f"CAA succ. % ({table.robust_eps}/255)"] if table.robust_eps is not None else []
+    return ["Method", "Budget", *table.tasks, "Avg", "Rel. %", "Tokens", "TFLOPs", "Prefill ms", *extra]
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -118,7 +137,7 @@ def _cells(table: Table, row: TableRow) -> list[str]:
         row.label, "-" if row.budget is None else str(row.budget),
         *[_fmt(row.scores.get(t), ".1f") for t in table.tasks],
         _fmt(row.avg, ".1f"), _fmt(row.rel, ".1f"), _fmt(row.tokens, ".0f"), _fmt(row.tflops, ".3g"),
-        _fmt(row.prefill_ms, ".1f"),
+        _fmt(row.prefill_ms, ".1f"), *([_fmt(row.robust, ".1f")] if table.robust_eps is not None else []),
     ]
 
 
@@ -142,13 +161,16 @@ def to_csv(tables: list[Table]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     tasks = list(dict.fromkeys(t for table in tables for t in table.tasks))
+    robust = any(table.robust_eps is not None for table in tables)
     writer.writerow(["model", "limit", "method", "budget", *tasks, "avg", "rel_pct", "tokens", "prefill_tflops",
-                     "prefill_ms"])
+                     "prefill_ms", *(["caa_success_pct", "caa_epsilon"] if robust else [])])
     for table in tables:
         for r in table.rows:
+            extra = ["" if r.robust is None else r.robust, "" if table.robust_eps is None else table.robust_eps]
             writer.writerow([table.model, "" if table.limit is None else table.limit, r.label,
                              "" if r.budget is None else r.budget, *[r.scores.get(t, "") for t in tasks],
-                             *["" if v is None else v for v in (r.avg, r.rel, r.tokens, r.tflops, r.prefill_ms)]])
+                             *["" if v is None else v for v in (r.avg, r.rel, r.tokens, r.tflops, r.prefill_ms)],
+                             *(extra if robust else [])])
     return buf.getvalue()
 
 
