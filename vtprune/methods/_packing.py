@@ -1,0 +1,24 @@
+"""Which crop patch each of an image's visual tokens carries, from the model's own packing (``pack_crop_scores``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ImageInputs
+
+
+def packed_patches(image: ImageInputs) -> tuple[torch.Tensor, int, int]:
+    """``(ids, C, P)``: ``ids`` ``[n]`` int64, for each of the image's ``n`` visual tokens the flat index ``c * P + p``
+    of the crop patch it carries (crop ``c`` of ``C``, patch ``p`` of ``P``, as in ``projector_inputs`` ``[C, P, .]``),
+    or -1 for a token that carries no patch (a LLaVA-NeXT row separator: the packing gives it the image's lowest
+    score, i.e. it repeats the id of a patch packed before it). Needs the ``projector_inputs`` signal."""
+    c, p = image.projector_inputs.shape[:2]
+    device = image.projector_inputs.device
+    flat = torch.arange(c * p, dtype=torch.float64, device=device).view(c, p)
+    packed = image.pack_crop_scores(flat).round().long()
+    n = packed.numel()
+    if n != image.n:
+        raise RuntimeError(f"the model's packing gave {n} tokens for an image of {image.n} visual tokens")
+    order = torch.arange(n, device=device)
+    first = torch.full((c * p,), n, dtype=torch.long, device=device).scatter_reduce_(0, packed, order, "amin")
+    return torch.where(first[packed] == order, packed, -1), c, p
