@@ -15,10 +15,12 @@ def packed_patches(image: ImageInputs) -> tuple[torch.Tensor, int, int]:
     c, p = image.projector_inputs.shape[:2]
     device = image.projector_inputs.device
     flat = torch.arange(c * p, dtype=torch.float64, device=device).view(c, p)
-    packed = image.pack_crop_scores(flat).round().long()
+    packed = image.pack_crop_scores(flat)
     n = packed.numel()
-    if n != image.n:
-        raise RuntimeError(f"the model's packing gave {n} tokens for an image of {image.n} visual tokens")
+    if n != image.n or packed.dtype != torch.float64 or not bool((packed == packed.round()).all()):
+        raise RuntimeError(f"the model's packing did not map patch ids exactly ({n} tokens of dtype {packed.dtype} for "
+                           f"an image of {image.n} visual tokens)")
+    packed = packed.long()
     order = torch.arange(n, device=device)
     first = torch.full((c * p,), n, dtype=torch.long, device=device).scatter_reduce_(0, packed, order, "amin")
     return torch.where(first[packed] == order, packed, -1), c, p
