@@ -19,6 +19,8 @@ __all__ = ["vispruner_select", "cdpruner_select", "cdpruner_relevance", "pool_wi
 
 #: tokens the official VisPruner removes per duplicate-removal round
 VISPRUNER_ROUND = 8
+#: largest residual similarity matrix VisPruner computes once (2**26 float32 = 256 MiB); above it, per round
+GRAM_ELEMENTS = 1 << 26
 
 
 def vispruner_select(cls_attn: torch.Tensor, features: torch.Tensor, k: int, important_ratio: float = 0.5
@@ -40,6 +42,11 @@ def vispruner_select(cls_attn: torch.Tensor, features: torch.Tensor, k: int, imp
       the survivors as ``R // 2 - r``); here the unpaired last A token is scored against B like every other A token.
     * ``T_div = 0`` (``important_ratio = 1``): plain top-k by attention (the official loop would remove residual
       tokens until B is empty and then fail on an empty maximum).
+
+    The residual tokens' cosine similarities are computed once (one ``R x R`` product, up to ``GRAM_ELEMENTS``
+    entries) and each round reads its ``A x B`` block from them, where the official code recomputes that block every
+    round (about ``N / 8`` rounds); the values are the same dot products (a different summation blocking can change
+    their last bits, so near-ties may break differently, as they do under the official code's own rounding).
 
     Args:
         cls_attn: ``[N]`` head-mean attention of the [CLS] query to each patch (softmax over all keys including
@@ -68,15 +75,24 @@ def vispruner_select(cls_attn: torch.Tensor, features: torch.Tensor, k: int, imp
     if n_div == 0:
         residual = residual[:0]
     units = unit_rows(features, dt)
+    # the residual tokens' cosine similarities, once (the official code recomputes A x B every round: ~N / 8 rounds
+    # of an (R/2)^2 C product); above GRAM_ELEMENTS entries, per round as the official code does
+    gram = None
+    if residual.numel() ** 2 <= GRAM_ELEMENTS:
+        gram = units[residual] @ units[residual].T
+        pos = torch.arange(residual.numel(), device=residual.device)  # positions into gram
+    else:
+        pos = residual
     while True:
-        r = min(VISPRUNER_ROUND, residual.numel() - n_div)
+        r = min(VISPRUNER_ROUND, pos.numel() - n_div)
         if r <= 0:
             break
-        a, b = residual[0::2], residual[1::2]
-        scores = (units[a] @ units[b].T).max(dim=1).values
-        ranked = topk_lowtie(scores, a.numel())  # descending score, ties -> earlier in A
-        residual = torch.cat([a[ranked[min(r, a.numel()):]], b])
-    return torch.cat([important, residual]).sort().values
+        a, b = pos[0::2], pos[1::2]
+        sim = gram.index_select(0, a).index_select(1, b) if gram is not None else units[a] @ units[b].T
+        ranked = topk_lowtie(sim.max(dim=1).values, a.numel())  # descending score, ties -> earlier in A
+        pos = torch.cat([a[ranked[min(r, a.numel()):]], b])
+    kept = residual[pos] if gram is not None else pos
+    return torch.cat([important, kept]).sort().values
 
 
 def _theta_exponent(theta) -> float:
