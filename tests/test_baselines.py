@@ -337,3 +337,26 @@ def test_pool_anyres_pools_every_crop(model_factory):
     assert st.kept_indices[0][0] == 0  # the base crop's first window starts at its first patch
     st = _kept_after_patch(model, inputs, "pool", keep=2)  # below the number of grids: the largest grids
     assert st.visual_tokens_kept == [2]
+
+
+def test_pool_pools_each_temporal_step_of_a_video(model_factory):
+    from test_cache import _video_then_image
+
+    model = model_factory("qwen2_vl")
+    x, nv, ni = _video_then_image()  # video: 2 steps of 2 x 3 tokens; image: 4 x 4
+    with vtprune.patched(model, "pool", keep=4), torch.no_grad():
+        model(**x)
+        st = vtprune.stats(model)
+    # each step's share is 2 windows of its 2 x 3 grid (columns 0-1 and 1-2); the image's 4 are its 2 x 2 pooling
+    assert st.kept_indices[0].tolist() == [0, 1, 6, 7] + [nv + i for i in (0, 2, 8, 10)]
+
+
+def test_cdpruner_llm_variant_without_text_after_the_image_reads_the_text_before(model_factory):
+    model = model_factory("llava")
+    inputs = make_inputs(model, "llava", [(5, 1, 0)])
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0].double()
+        text = model.model.get_input_embeddings()(ids[ids != model.config.image_token_id]).double()
+    st = _kept_after_patch(model, inputs, "cdpruner", keep=5)
+    assert st.kept_indices[0].tolist() == _cdpruner_official(feats, feats, text, 5)

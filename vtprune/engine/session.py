@@ -304,12 +304,13 @@ class Session:
         info = unit.info
         signals = point.method.signals
         extra = {"grid": info.grid if info else None}
-        if "prompt_embeds" in signals:  # the row's real text tokens after the image, as the LLM receives them
+        if "prompt_embeds" in signals:  # the row's real text tokens after the image (all of them if none follows)
             fwd = self.fwd
             after = torch.zeros_like(fwd.mask2d[unit.row])
             after[int(unit.positions[-1]) + 1:] = True
             visual = torch.isin(fwd.input_ids[unit.row], torch.tensor(self.visual_ids, device=after.device))
-            extra["prompt_embeds"] = embeds[unit.row, after & fwd.mask2d[unit.row] & ~visual]
+            text = fwd.mask2d[unit.row] & ~visual
+            extra["prompt_embeds"] = embeds[unit.row, after & text if bool((after & text).any()) else text]
         if "instruction" in signals:
             texts = self.fwd.signals.get("instructions")
             if texts is not None and len(texts) != self.fwd.input_ids.shape[0]:
