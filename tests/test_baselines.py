@@ -301,7 +301,7 @@ def test_pool_feeds_window_means_at_first_positions(family, model_factory):
     kw = {k: inputs[k] for k in ("image_sizes", "image_grid_thw") if k in inputs}
     with torch.no_grad():
         feats = model.model.get_image_features(inputs["pixel_values"], **kw).pooler_output[0]
-    h, w = (4, 4) if family == "llava" else (4, 4)  # tiny.py: 56 px / 14 -> 4 x 4; qwen grid 8 x 8 / 2 -> 4 x 4
+    h, w = 4, 4  # tiny.py: LLaVA 56 px / 14 -> 4 x 4; Qwen grid 8 x 8 patches / 2 -> 4 x 4
     grid = feats.T.reshape(1, -1, h, w)
     pooled = torch.nn.functional.adaptive_avg_pool2d(grid, (2, 2))[0].reshape(feats.shape[1], -1).T
     kept = [0, 2, 8, 10]
@@ -343,7 +343,7 @@ def test_pool_pools_each_temporal_step_of_a_video(model_factory):
     from test_cache import _video_then_image
 
     model = model_factory("qwen2_vl")
-    x, nv, ni = _video_then_image()  # video: 2 steps of 2 x 3 tokens; image: 4 x 4
+    x, nv, _ = _video_then_image()  # video: 2 steps of 2 x 3 tokens; image: 4 x 4
     with vtprune.patched(model, "pool", keep=4), torch.no_grad():
         model(**x)
         st = vtprune.stats(model)

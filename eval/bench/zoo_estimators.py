@@ -101,8 +101,10 @@ def main(argv=None) -> int:
             if image == 0:
                 for name, options in [("literal", {"estimator": "literal"})] + estimators():
                     runs = (1, 0) if name == "literal" else (3, 1)  # the literal estimator: one timed run
-                    cost[name].append(median_ms(lambda o=options: kept_set(sensitivity(projector, x, z, 0, o), z,
-                                                                           keeps[0]), repeats=runs[0], warmup=runs[1]))
+                    def once(o=options, p=projector, x=x, z=z):
+                        return kept_set(sensitivity(p, x, z, 0, o), z, keeps[0])
+
+                    cost[name].append(median_ms(once, repeats=runs[0], warmup=runs[1]))
             print(f"image {image} done ({time.perf_counter() - start:.0f} s)", flush=True)
         threads = torch.get_num_threads()
     elapsed = time.perf_counter() - start

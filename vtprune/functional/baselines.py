@@ -15,7 +15,7 @@ import torch
 
 from ._common import check_int, check_k, check_tensor, compute_dtype, topk_lowtie, unit_rows
 
-__all__ = ["vispruner_select", "cdpruner_select", "cdpruner_relevance", "pool_windows"]
+__all__ = ["cdpruner_relevance", "cdpruner_select", "pool_windows", "vispruner_select"]
 
 #: tokens the official VisPruner removes per duplicate-removal round
 VISPRUNER_ROUND = 8
