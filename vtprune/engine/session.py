@@ -211,6 +211,7 @@ class Session:
         if input_ids is None:
             raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
         self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes)
+        self.image_sizes = None
         self.fwd.signals["instructions"], self.instructions = self.instructions, None
         for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
             if encoded is not None:
