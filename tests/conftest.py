@@ -39,6 +39,6 @@ def supports(method: str, family: str) -> bool:
 
 
 #: methods that need the vision tower's CLS attention (LLaVA families only)
-CLS_METHODS = ("cls", "todre", "visionzip")
+CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
 #: methods that do not handle AnyRes / multi-crop images yet
 SINGLE_CROP_METHODS = ("visionzip",)

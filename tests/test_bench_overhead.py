@@ -136,3 +136,16 @@ def test_timed_hook_signals_have_the_engines_shapes(method):
     if keys is not None:
         assert keys.shape == seen["keys"].shape
     assert overhead.vision_hook_work(model, "random", 16) is None
+
+
+def test_sizes_run_times_the_growing_selections_against_a_layer_at_each_size(tmp_path):
+    out = tmp_path / "sizes.md"
+    assert overhead.main(["--small", "--sizes", "40,90", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "--sizes 40,90" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "_select" in line]
+    assert [(r[0].strip(), int(r[1]), int(r[2])) for r in rows] == [
+        ("cdpruner_select", 40, 4), ("vispruner_select", 40, 4), ("cdpruner_select", 90, 10),
+        ("vispruner_select", 90, 10)]
+    for r in rows:  # ratio = ms / one-layer ms, as printed
+        assert abs(float(r[6]) - float(r[3]) / float(r[5])) < 1e-2 * max(1.0, float(r[6]))

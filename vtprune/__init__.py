@@ -7,11 +7,11 @@
 """
 
 from . import methods as _methods  # noqa: F401  (registers the methods)
-from .api import is_patched, list_methods, patch, patched, set_image_sizes, stats, unpatch
+from .api import is_patched, list_methods, patch, patched, set_image_sizes, set_instructions, stats, unpatch
 from .config import PruneConfig
 from .methods import (
     CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, PACTConfig, RandomConfig, ToDREConfig, VisionZipConfig,
-    ZOOConfig,
+    ZOOConfig, VisPrunerConfig, CDPrunerConfig, PoolConfig,
 )
 from .methods.vit import PiToMeConfig, ToMeConfig, ZeroTPruneConfig, list_vit_methods
 from .registry import register_method
@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "register_method", "set_image_sizes",
+    "set_instructions",
     "PruneConfig", "PruneStats", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
     "ZOOConfig", "ToDREConfig", "VisionZipConfig", "PACTConfig", "ToMeConfig", "PiToMeConfig", "ZeroTPruneConfig",
-    "list_vit_methods",
+    "list_vit_methods", "VisPrunerConfig", "CDPrunerConfig", "PoolConfig",
 ]

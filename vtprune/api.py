@@ -19,7 +19,8 @@ from .stats import PruneStats
 
 _ATTR = "_vtprune_session"
 
-__all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "set_image_sizes"]
+__all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "set_image_sizes",
+           "set_instructions"]
 
 
 def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneConfig:
@@ -169,3 +170,18 @@ def set_image_sizes(model: nn.Module, sizes) -> None:
         if len(s) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s):
             raise ValueError(f"each image size must be a (width, height) pair of positive ints, got {s!r}")
     session.image_sizes = sizes
+
+
+def set_instructions(model: nn.Module, texts) -> None:
+    """The instruction (question) of each prompt row of the *next* prompt, for methods that score visual tokens by
+    their relevance to it (``cdpruner`` with ``text="clip"``): a list of one ``str`` per batch row. Used by the next
+    forward (or ``generate``) that carries images, then forgotten. ``texts=None`` clears them."""
+    session = getattr(model, _ATTR, None)
+    if session is None:
+        raise ValueError(f"{type(model).__name__} is not patched by vtprune; patch it before setting instructions")
+    if texts is None:
+        session.instructions = None
+        return
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"texts must be a list of str (one instruction per prompt row), got {texts!r}")
+    session.instructions = list(texts)

@@ -30,6 +30,15 @@ More ``--repeats`` on a quieter machine.
 ``--variant METHOD:key=value`` adds a row for a method with non-default options (e.g. a cheaper estimator).
 
 ``--small`` runs the same code on the tiny demo-sized LLaVA in a few seconds (used by the tests).
+
+``--sizes N1,N2,...`` times instead the selection functions whose cost grows with the image's token count —
+CDPruner's greedy DPP (``vtprune.functional.cdpruner_select`` on ``[N, 4096]`` projected tokens and ``[N, 768]`` CLIP
+embeddings, k = N / 9, about 64 of 576) and VisPruner's duplicate removal (``vispruner_select`` on ``[N, 1024]``
+vision features, same k) — against one 7B-wide decoder layer on ``N + 75`` hidden states, at AnyRes / video token
+counts (LLaVA-NeXT up to 2,880; a 16-frame Qwen video ~ 5,000 and more):
+
+    PYTHONPATH=. .venv/bin/python eval/bench/overhead.py --threads 1 --repeats 3 --sizes 576,2880,5760 \
+        --out eval/results/overhead_sizes.md
 """
 
 from __future__ import annotations
@@ -235,6 +244,74 @@ HEADERS = (
 )
 
 
+def size_variants(n: int, text_hidden: int, text_layer, seed: int = 0) -> dict:
+    """Timed callables at ``n`` visual tokens: CDPruner's and VisPruner's selection functions (LLaVA widths) and one
+    decoder layer (``text_layer``: a callable on ``[1, n + 75, text_hidden]`` hidden states)."""
+    from vtprune import functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    k = max(1, n // 9)
+    feats = torch.randn(n, text_hidden, generator=gen)
+    clip_img, clip_txt = torch.randn(n, 768, generator=gen), torch.randn(1, 768, generator=gen)
+    vis_feats, attn = torch.randn(n, 1024, generator=gen), torch.rand(n, generator=gen)
+    hidden = torch.randn(1, n + 75, text_hidden, generator=gen)
+    return {
+        f"cdpruner_select N={n}": lambda: F.cdpruner_select(feats, clip_img, clip_txt, k),
+        f"vispruner_select N={n}": lambda: F.vispruner_select(attn, vis_feats, k, 0.5),
+        f"{LAYER} N={n}": lambda: text_layer(hidden),
+    }
+
+
+def sizes_report(args, command: str) -> int:
+    sizes = args.sizes
+    t_start = time.perf_counter()
+    shape = SMALL if args.small else REAL
+    with num_threads(args.threads):
+        model, _ = build_random_llava(**{**shape, "image_size": 28, "vision_hidden": 32, "vision_intermediate": 64,
+                                         "vision_layers": 2, "vision_heads": 2}, text_layers=1, seed=args.seed)
+        hidden_size = model.config.text_config.hidden_size
+        layer = model.model.language_model.layers[0]
+        lm = model.model.language_model
+
+        def text_layer(h):
+            s = h.shape[1]
+            positions = torch.arange(s)[None]
+            with torch.no_grad():
+                rotary = lm.rotary_emb(h, positions)
+                mask = compat.causal_masks(lm.config, h, torch.ones(1, s, dtype=torch.long), None, 0,
+                                           {"full_attention"})["full_attention"]
+                return layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+
+        variants = {}
+        for n in sizes:
+            variants.update(size_variants(n, hidden_size, text_layer, args.seed))
+        times = interleaved_times_ms(variants, repeats=args.repeats, warmup=args.warmup)
+        threads = torch.get_num_threads()
+    elapsed = time.perf_counter() - t_start
+    lines = []
+    for n in sizes:
+        layer_ms = _median_iqr(times[f"{LAYER} N={n}"])[0]
+        for fn in ("cdpruner_select", "vispruner_select"):
+            ms, q1, q3 = _median_iqr(times[f"{fn} N={n}"])
+            lines.append(f"| {fn} | {n} | {max(1, n // 9)} | {ms:.2f} | {q1:.2f}–{q3:.2f} | {layer_ms:.1f} | "
+                         f"{ms / layer_ms:.4f} |")
+    table = "\n".join(["| function | N | k | ms (median) | p25–p75 | one-layer ms (N + 75 tokens) | ratio |",
+                       "|:--|--:|--:|--:|--:|--:|--:|", *lines])
+    setup = (f"Selection functions alone at N visual tokens (k = N // 9) vs one Llama decoder layer {hidden_size} wide "
+             f"(MLP {model.config.text_config.intermediate_size}, {model.config.text_config.num_attention_heads} heads) "
+             f"on N + 75 hidden states; fp32, no grad, median of {args.repeats} interleaved rounds after "
+             f"{args.warmup} warm-up run(s).")
+    print(setup + "\n\n" + table + f"\n\n({elapsed:.0f} s)")
+    if args.out:
+        meta = "\n".join(provenance(command, f"{threads} (both sides)") + [
+            f"- native ops: {_native_ops()}", f"- wall time of the run: {elapsed:.0f} s"])
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(f"# Selection cost at AnyRes / video token counts\n\n{setup}\n\n{meta}\n\n{table}\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=_positive, default=1,
@@ -251,6 +328,9 @@ def main(argv=None) -> int:
     p.add_argument("--small", action="store_true", help="tiny model (seconds; for tests), same code")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the Markdown report to this path")
+    p.add_argument("--sizes", type=_keeps, default=None,
+                   help="comma-separated visual-token counts: time CDPruner's / VisPruner's selection functions there "
+                        "against one decoder layer, instead of the per-method table")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
@@ -270,6 +350,8 @@ def main(argv=None) -> int:
             p.error(f"--variant {label!r}: {err}")
     entries = [(m, m, {}) for m in methods] + list(args.variant)
     command = _command_line(argv)
+    if args.sizes:
+        return sizes_report(args, command)
     shape = SMALL if args.small else REAL
 
     t_start = time.perf_counter()

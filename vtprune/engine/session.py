@@ -109,6 +109,7 @@ class Session:
         self._rope = adapter.rope_fn() if self.decoder_points else None
         self._masks = P.layer_masks(adapter, self.num_layers)
         self.image_sizes: list | None = None  # for the next prompt (vtprune.set_image_sizes)
+        self.instructions: list | None = None  # for the next prompt (vtprune.set_instructions)
         self.installed = False
 
     def __deepcopy__(self, memo):
@@ -124,7 +125,9 @@ class Session:
             self._hook(a.inner.register_forward_hook(self._inner_post, always_call=True))
             self._hook(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
             self.capture.install(self._hook, self._wrap)
-            if self.decoder_points and hasattr(self.model, "generate"):
+            # decoder points, and vision points that read the prompt's text, select from what follows the image
+            reads_text = any(p.method.signals & {"prompt_embeds", "instruction"} for p in self.points)
+            if (self.decoder_points or reads_text) and hasattr(self.model, "generate"):
                 self._wrap(self.model, "generate", self._wrapped_generate())
             for i, layer in enumerate(a.decoder_layers):
                 self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
@@ -243,6 +246,7 @@ class Session:
             raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
         self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes)
         self.image_sizes = None
+        self.fwd.signals["instructions"], self.instructions = self.instructions, None
         for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
             if encoded is not None:
                 self.fwd.features.setdefault(self.capture.token_id(modality), []).extend(encoded.pooler_output)
@@ -282,7 +286,7 @@ class Session:
         if first.kind != P.VISION:
             return None
         t0 = time.perf_counter()
-        keep = P.select(first, fwd, lambda unit, slots: self._vision_inputs(first, unit), self._sticky)
+        keep = P.select(first, fwd, lambda unit, slots: self._vision_inputs(first, unit, embeds), self._sticky)
         self._record(fwd, first, keep, t0)
         if keep is None:
             return None
@@ -334,9 +338,24 @@ class Session:
             )
         return units
 
-    def _vision_inputs(self, point: P.PrunePoint, unit: Unit) -> ImageInputs:
+    def _vision_inputs(self, point: P.PrunePoint, unit: Unit, embeds: torch.Tensor) -> ImageInputs:
         n = unit.positions.numel()
         info = unit.info
+        signals = point.method.signals
+        extra = {"grid": info.grid if info else None}
+        if "prompt_embeds" in signals:  # the row's real text tokens after the image (all of them if none follows)
+            fwd = self.fwd
+            after = torch.zeros_like(fwd.mask2d[unit.row])
+            after[int(unit.positions[-1]) + 1:] = True
+            visual = torch.isin(fwd.input_ids[unit.row], torch.tensor(self.visual_ids, device=after.device))
+            text = fwd.mask2d[unit.row] & ~visual
+            extra["prompt_embeds"] = embeds[unit.row, after & text if bool((after & text).any()) else text]
+        if "instruction" in signals:
+            texts = self.fwd.signals.get("instructions")
+            if texts is not None and len(texts) != self.fwd.input_ids.shape[0]:
+                raise ValueError(f"vtprune.set_instructions gave {len(texts)} text(s) for a batch of "
+                                 f"{self.fwd.input_ids.shape[0]} prompt(s); give one instruction per prompt row")
+            extra["instruction"] = texts[unit.row] if texts is not None else None
         return ImageInputs(
             n=n,
             k=point.method.config.budget(n),
@@ -345,9 +364,10 @@ class Session:
             vision_keys=info.vision_keys if info else None,
             pack_crop_scores=info.pack if info else None,
             projector_inputs=info.projector_inputs if info else None,
-            projector=self.capture.float32_projector() if "projector_inputs" in point.method.signals else None,
+            projector=self.capture.float32_projector() if "projector_inputs" in signals else None,
             real_mask=unit.real_mask,
             image_start=int(unit.positions[0]),
+            extra=extra,
         )
 
     def _record(self, fwd: P.Forward, point: P.PrunePoint, keep, t0: float, late_dropped=None) -> None:

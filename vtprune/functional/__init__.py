@@ -14,6 +14,7 @@ Conventions shared by every function:
 The exact math of each method, and the official code it follows, is in each docstring.
 """
 
+from .baselines import cdpruner_relevance, cdpruner_select, pool_windows, vispruner_select
 from .cluster import dbdpc_cluster, pact_merge
 from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
@@ -50,4 +51,8 @@ __all__ = [
     "zerotprune_match",
     "merge_tokens",
     "reduction_schedule",
+    "vispruner_select",
+    "cdpruner_select",
+    "cdpruner_relevance",
+    "pool_windows",
 ]

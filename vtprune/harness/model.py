@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .. import flops
-from ..api import is_patched, patch, stats, unpatch
+from ..api import is_patched, patch, set_instructions, stats, unpatch
 from ..config import PruneConfig
 from ..methods import RandomConfig
 from ..registry import get_method
@@ -270,6 +270,7 @@ class VTPrune(lmms):
         gen_kwargs, until = self._gen_kwargs(all_gen_kwargs[0])
 
         if not getattr(self._model, _WARM, False):  # the first generate of a model pays one-off costs: untimed
+            set_instructions(self._model, list(contexts))
             with torch.inference_mode():
                 self._model.generate(**inputs, **gen_kwargs)
             setattr(self._model, _WARM, True)
@@ -283,6 +284,7 @@ class VTPrune(lmms):
 
         handle = self._model.register_forward_hook(first_forward)
         try:
+            set_instructions(self._model, list(contexts))  # the task's text: cdpruner text="clip" reads it
             _sync(self._device)
             start = time.perf_counter()
             with torch.inference_mode():

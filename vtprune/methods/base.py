@@ -14,7 +14,8 @@ import torch
 from ..config import PruneConfig
 
 #: signal names a method may ask for
-VISION_SIGNALS = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs"})
+VISION_SIGNALS = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs", "prompt_embeds",
+                            "instruction"})
 LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden"})
 
 
@@ -33,6 +34,10 @@ class ImageInputs:
     ``projector`` the per-token projector ``[N, D_in] -> [N, D]`` in float32 (a float32 copy for fp16/bf16 models).
     ``real_mask`` ``[n]`` bool, True where a token covers real image content rather than the padding of a
     padded-to-square image (only when the image sizes were given with ``vtprune.set_image_sizes``).
+    ``extra``: ``"grid"`` the image's ``[1, 3]`` (t, h, w) patch grid (Qwen-VL; None elsewhere); with signal
+    ``prompt_embeds``, ``"prompt_embeds"`` ``[T, D]`` the LLM input embeddings of the sample's real text tokens after
+    the image; with signal ``instruction``, ``"instruction"`` the sample's text from ``vtprune.set_instructions``
+    (None when none was given).
     """
 
     n: int

@@ -3,12 +3,16 @@ code yet; docs/methods.md).
 
 Vision stage, using only the projector P. Each visual token's sensitivity is the mean norm of P's response to small
 perturbations of its input, ``S(i) = mean_j ||(P(x_i + h u_j) - P(x_i - h u_j)) / 2h||`` over ``m`` unit Gaussian
-directions (defaults m=64, h=0.01); ``S`` is min-max normalised, the first pick is the most sensitive token, then
+directions (paper m=64, h=0.01; default m=32, see below); ``S`` is min-max normalised, the first pick is the most sensitive token, then
 ``argmax_i S(i) * (1 - max_{j kept} cos(z_i, z_j))`` on the projected features z. Kept tokens in original order.
 
 Our reading (docs/methods.md): one bank of directions shared by all tokens, drawn from a generator seeded by
 ``seed``; cosine on projected features; computed in float32 even for fp16/bf16 models (a float32 copy of the
 projector), since in half precision most ``x + h u`` round back to ``x``.
+
+Default ``num_directions=32``: the cheapest estimator whose kept sets differ from the paper's literal estimator
+(m=64) by no more than that estimator differs from itself across seeds, at LLaVA-1.5-7B projector widths
+(``eval/bench/zoo_estimators.py``, ``eval/results/zoo_estimators.md``); ``num_directions=64`` is the paper's.
 
 Estimators (``estimator=``):
 
@@ -42,7 +46,7 @@ _ESTIMATORS = ("jvp", "literal")
 
 @dataclass
 class ZOOConfig(PruneConfig):
-    num_directions: int = 64
+    num_directions: int = 32
     h: float = 0.01
     seed: int = 0
     estimator: str = "jvp"
