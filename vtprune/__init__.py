@@ -11,7 +11,7 @@ from .api import is_patched, list_methods, patch, patched, set_image_sizes, stat
 from .config import PruneConfig
 from .methods import (
     CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, PACTConfig, RandomConfig, ToDREConfig, VisionZipConfig,
-    ZOOConfig,
+    ZOOConfig, PDropConfig, SparseVLMConfig,
 )
 from .registry import register_method
 from .stats import PruneStats
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "register_method", "set_image_sizes",
     "PruneConfig", "PruneStats", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
-    "ZOOConfig", "ToDREConfig", "VisionZipConfig", "PACTConfig",
+    "ZOOConfig", "ToDREConfig", "VisionZipConfig", "PACTConfig", "PDropConfig", "SparseVLMConfig",
 ]

@@ -40,7 +40,7 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
     pts = []
     for method in methods:
         if method.stage == "llm":
-            pts.append(P.PrunePoint(method, method.layer(num_layers), P.LLM))
+            pts.extend(P.PrunePoint(method, k, P.LLM) for k in method.layers(num_layers))
         else:
             pts.append(P.PrunePoint(method, 0, P.VISION))
             if (k2 := method.drop_layer(num_layers)) is not None:
@@ -72,14 +72,17 @@ class Session:
                 f"positions='compact' renumbers 1-D position ids; {adapter.config.model_type!r} uses 3-D M-RoPE "
                 "positions, whose image-grid layout has no compact form: use positions='original'"
             )
-        if self.compact and len(self.points) > 1:
-            raise ValueError(f"positions='compact' needs a single prune point; this schedule has {len(self.points)} "
-                             f"({', '.join(p.describe() for p in self.points)}): use positions='original' (for "
-                             "todre, late_drop=False leaves it one point)")
+        if self.compact and len(self.methods) > 1:
+            raise ValueError(f"positions='compact' needs a single method; this schedule has {len(self.methods)} "
+                             f"({', '.join(p.describe() for p in self.points)}): use positions='original'")
+        if self.compact and any(p.kind == P.LATE_DROP for p in self.points):
+            raise ValueError("positions='compact' does not combine with a late drop (todre): pass late_drop=False or "
+                             "positions='original'")
         if self.decoder_points and (why := adapter.unsupported_llm_stage()):
             names = sorted({p.method.name for p in self.decoder_points.values()})
             raise ValueError(f"method(s) {names} prune inside the LLM, which {why}")
         self.visual_ids = adapter.visual_token_ids()
+        self._needs_embeds = any("prompt_embeds" in p.method.signals for p in self.decoder_points.values())
         self.pad_threshold = next((m.config.pad_threshold for m in self.methods
                                    if hasattr(m.config, "pad_threshold")), 0.5)
         self.fwd: P.Forward | None = None
@@ -111,11 +114,15 @@ class Session:
             for i, layer in enumerate(a.decoder_layers):
                 self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
             for point in self.decoder_points.values():
+                if not P.reads_previous_layer(point):
+                    continue
                 attn = a.decoder_layers[point.layer - 1].self_attn
                 self._hook(attn.register_forward_pre_hook(self._signal_hook(point, "_rope"), with_kwargs=True))
                 self._hook(attn.k_proj.register_forward_hook(self._signal_hook(point, "_k")))
                 if point.needs_text_attention:
                     self._hook(attn.q_proj.register_forward_hook(self._signal_hook(point, "_q")))
+                if "queries" in point.method.signals:
+                    self._hook(attn.q_proj.register_forward_hook(self._signal_hook(point, "_q_all")))
         except Exception:
             self.remove()
             raise
@@ -242,6 +249,9 @@ class Session:
             return None
         fwd.cols = torch.arange(s, device=embeds.device).expand(b, -1)
         fwd.real = fwd.mask2d.clone()
+        fwd.visual_ids = torch.tensor(self.visual_ids, device=embeds.device)
+        if self._needs_embeds:
+            fwd.prompt_embeds = embeds
         first = self.points[0]
         if first.kind != P.VISION:
             return None
@@ -276,12 +286,15 @@ class Session:
                 pos = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -q:]
             elif pos is None:
                 pos = self.adapter.default_position_ids(embeds.shape[0], q, past, embeds.device)
-            fwd.decode_positions = pos - fwd.prompt.stages[0][1].shift[:, None].to(pos.device)
+            shift = torch.zeros_like(pos[:, 0])
+            for start, layout in fwd.prompt.stages:  # each stage's tokens are renumbered after its compaction
+                shift = shift + layout.shift.to(pos.device)
+                fwd.decode_positions[start] = pos - shift[:, None]
         if 0 not in fwd.decode_masks:
             return None  # the vision entry dropped nothing: the LM's input is as unpatched
         kwargs["attention_mask"] = fwd.decode_masks[0]
         if self.compact:
-            kwargs["position_ids"] = fwd.decode_positions
+            kwargs["position_ids"] = fwd.decode_positions[0]
         return (), kwargs
 
     def _find_units(self, fwd: P.Forward) -> list[Unit]:
@@ -331,6 +344,8 @@ class Session:
                 fwd.signals["_rope"] = out_or_kwargs["position_embeddings"]
             elif name == "_q":
                 fwd.signals["_q"] = out_or_kwargs[torch.arange(out_or_kwargs.shape[0]), fwd.last]
+            elif name == "_q_all":
+                fwd.signals["_q_all"] = out_or_kwargs
             else:
                 fwd.signals["_k"] = out_or_kwargs
             return None
@@ -373,7 +388,8 @@ class Session:
             fwd.signals.clear()
             return None  # the method's own first point kept everything: so does its late drop
         t0 = time.perf_counter()
-        P.llm_signals(point, fwd, self.adapter, self._rope, self._rotary)
+        P.llm_signals(point, fwd, self.adapter, self._rope, self._rotary, hidden, kwargs.get("position_embeddings"),
+                      self.compact)
         late_dropped = None
         if point.kind == P.LATE_DROP:
             keep, late_dropped = P.late_drop(fwd, point, self.visual_ids, self._sticky)

@@ -19,6 +19,7 @@ from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
 from .merge import visionzip_select
+from .pyramid import dpc_knn_merge, pdrop_select, sparsevlm_raters, sparsevlm_rank_count, sparsevlm_select
 from .scores import cls_scores, topk_indices
 from .zoo import zoo_select, zoo_sensitivity, zoo_sensitivity_jvp
 
@@ -38,4 +39,9 @@ __all__ = [
     "visionzip_select",
     "dbdpc_cluster",
     "pact_merge",
+    "pdrop_select",
+    "sparsevlm_raters",
+    "sparsevlm_select",
+    "sparsevlm_rank_count",
+    "dpc_knn_merge",
 ]

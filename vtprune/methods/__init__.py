@@ -6,7 +6,9 @@ from .dart import DART, DARTConfig
 from .divprune import DivPrune, DivPruneConfig
 from .fastv import FastV, FastVConfig
 from .pact import PACT, PACTConfig
+from .pdrop import PDrop, PDropConfig
 from .random import RandomConfig, RandomPrune
+from .sparsevlm import SparseVLM, SparseVLMConfig
 from .todre import ToDRE, ToDREConfig
 from .visionzip import VisionZip, VisionZipConfig
 from .zoo import ZOOConfig, ZOOPrune
@@ -15,4 +17,5 @@ __all__ = [
     "ImageInputs", "Method", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
     "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune", "ZOOConfig", "ZOOPrune",
     "ToDREConfig", "ToDRE", "VisionZipConfig", "VisionZip", "PACTConfig", "PACT",
+    "PDropConfig", "PDrop", "SparseVLMConfig", "SparseVLM",
 ]
