@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import supports
+from conftest import MULTI_POINT_METHODS, supports
 from tiny import (
     FAMILIES,
     IMAGE_ID,
@@ -58,7 +58,7 @@ def _stage(name: str) -> str:
 
 
 VISION = [m for m in vtprune.list_methods() if _stage(m) == "vision"]
-LLM = [m for m in vtprune.list_methods() if _stage(m) == "llm"]
+LLM = [m for m in vtprune.list_methods() if _stage(m) == "llm" and m not in MULTI_POINT_METHODS]  # one-point ones
 
 
 def _default_layer(name: str) -> int:

@@ -143,7 +143,7 @@ class PDrop(Method):
         else:
             average = cfg.keep if cfg.keep is not None else cfg.ratio * n
             ratios = stage_ratios(n, float(average), layers, num_layers)
-        return {k: max(1, int(n * r)) for k, r in zip(layers, ratios)}
+        return {k: max(1, int(n * r + 1e-9)) for k, r in zip(layers, ratios)}  # + 1e-9: a bisected 0.5 is 0.5
 
     def point_budget(self, n: int, n_original: int, layer: int) -> int:
         return self.schedule(n_original, self._num_layers)[layer]
