@@ -173,12 +173,23 @@ def test_pdrop_budget_maps_to_the_official_pyramid():
         PDrop(vtprune.PDropConfig(keep=64)).schedule(576, 32)
 
 
+def test_pdrop_last_stage_budget_and_shallow_models():
+    last = PDrop(vtprune.PDropConfig(keep=64, budget_kind="last"))
+    assert last.layers(32) == [8, 16, 24] and last.schedule(576, 32) == {8: 276, 16: 133, 24: 64}  # lam = (1/9)^(1/3)
+    shallow = PDrop(vtprune.PDropConfig(keep=64, budget_kind="last"))
+    assert shallow.layers(3) == [1, 2] and shallow.schedule(256, 3) == {1: 128, 2: 64}  # the demo model
+    with pytest.raises(ValueError, match="room for only 2 of the 3"):
+        PDrop(vtprune.PDropConfig(ratios=(0.5, 0.25, 0.125))).layers(3)
+
+
 def test_sparsevlm_counts_follow_the_official_table():
     method = vtprune.registry.get_method("sparsevlm").method_cls(vtprune.SparseVLMConfig(keep=128))
     assert method.layers(32) == [3, 7, 16]  # after the official pruning layers 2, 6, 15
     assert method.counts(576) == [303, 110, 36]
     assert [method.point_budget(576, 576, k) for k in (3, 7, 16)] == [303, 110, 36]
     assert method.point_budget(100, 576, 7) == 100  # a count at or above the tokens left keeps them all
+    shallow = vtprune.registry.get_method("sparsevlm").method_cls(vtprune.SparseVLMConfig(keep=64))
+    assert shallow.layers(3) == [1, 2] and shallow.counts(256) == [round(c * 64 / 128) for c in (110, 36)]
     half = vtprune.registry.get_method("sparsevlm").method_cls(vtprune.SparseVLMConfig(keep=96))
     half.layers(32)
     assert half.counts(288) == [round(c * 96 / 192) for c in (300, 200, 110)]  # 1/3 of 288: the 192 row, halved
@@ -191,6 +202,8 @@ def test_sparsevlm_counts_follow_the_official_table():
     (dict(method="pdrop", ratio=0.5, layers=(2, 1)), ValueError, "strictly ascending"),
     (dict(method="pdrop", ratio=0.5, layers=(1, 4)), ValueError, "layer=4 is out of range"),
     (dict(method="pdrop", ratio=0.5, layers="12"), TypeError, "layers must be a sequence"),
+    (dict(method="pdrop", ratio=0.5, budget_kind="final"), ValueError, "budget_kind must be one of"),
+    (dict(method="pdrop", ratios=(0.5,), budget_kind="last"), ValueError, "not to an explicit ratios"),
     (dict(method="sparsevlm", keep=4, version="v2.0"), ValueError, "SparseVLM\\+"),
     (dict(method="sparsevlm", keep=4, counts=(3, 2)), ValueError, "not both"),
     (dict(method="sparsevlm", counts=(3, 2), layers=(0, 1, 2)), ValueError, "one entry per pruning layer"),

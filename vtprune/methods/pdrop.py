@@ -11,10 +11,13 @@ Budget: ``ratios=...`` gives the schedule directly (then no ``keep`` / ``ratio``
 ``ratio=r``) is the AVERAGE number (fraction) of visual tokens per decoder layer, as papers report, and maps to the
 pyramid ``ratios = (lam, lam^2, lam^3, ...)`` with ``lam`` solved (bisection) so that the layer-average is the budget
 (the official 0.5 / 0.25 / 0.125 is ``lam = 0.5``). A budget below what the first stage alone costs
-(``n * layers[0] / L``) cannot be met: a ``ValueError`` says so and names earlier ``layers``.
+(``n * layers[0] / L``) cannot be met: a ``ValueError`` names that floor. ``budget_kind="last"``: the budget is
+what is left after the last drop instead, ``lam = (keep / n) ** (1 / stages)`` (for sweeps that compare the tokens
+a method ends with; our addition).
 
 ``layers=None`` (default): the official boundaries scaled to the model's depth L, ``(L/4, L/2, 3L/4)`` rounded
-down (8, 16, 24 on 32-layer models; the official 13B script keeps 8, 16, 24: pass them). Positions: the official
+down (8, 16, 24 on 32-layer models; the official 13B script keeps 8, 16, 24: pass them); on models of fewer than
+4 layers the boundaries that collide merge (a 3-layer model: 1, 2). Positions: the official
 code renumbers the kept tokens after every drop; that is ``positions="compact"`` here (1-D positions only). The
 default is ``positions="original"`` (kept tokens keep their position ids, as every vtprune method; it also works on
 M-RoPE models): a documented deviation (docs/methods.md).
@@ -61,12 +64,21 @@ def check_layer_list(name: str, layers: tuple[int, ...], num_layers: int) -> lis
     return list(layers)
 
 
+BUDGETS = ("average", "last")
+
+
 @dataclass
 class PDropConfig(PruneConfig):
     layers: tuple | None = None
     ratios: tuple | None = None
+    budget_kind: str = "average"
 
     def __post_init__(self):
+        if self.budget_kind not in BUDGETS:
+            raise ValueError(f"budget_kind must be one of {BUDGETS} (keep= / ratio= as the average visual tokens per "
+                             f"layer, or as the tokens left after the last drop), got {self.budget_kind!r}")
+        if self.ratios is not None and self.budget_kind != "average":
+            raise ValueError("budget_kind applies to a budget (keep= / ratio=), not to an explicit ratios= schedule")
         self.layers = _check_tuple("layers", self.layers, "ints >= 1 (prune before decoder layer K)", _is_layer)
         self.ratios = _check_tuple("ratios", self.ratios, "fractions in (0, 1]", _is_ratio)
         if self.ratios is not None:
@@ -127,7 +139,10 @@ class PDrop(Method):
         layers = self.config.layers
         if layers is None:
             n = 3 if self.config.ratios is None else len(self.config.ratios)
-            layers = tuple(max(1, (s + 1) * num_layers // (n + 1)) for s in range(n))
+            layers = tuple(sorted({max(1, (s + 1) * num_layers // (n + 1)) for s in range(n)}))
+            if len(layers) < n and self.config.ratios is not None:
+                raise ValueError(f"pdrop: a {num_layers}-layer language model has room for only {len(layers)} of the "
+                                 f"{n} default stage boundaries; pass layers= with one layer per ratio")
         return check_layer_list("pdrop", layers, num_layers)
 
     def layer(self, num_layers: int) -> int:
@@ -140,10 +155,16 @@ class PDrop(Method):
         cfg = self.config
         if cfg.ratios is not None:
             ratios = list(cfg.ratios)
+        elif cfg.budget_kind == "last":  # the pyramid whose last stage keeps the budget
+            lam = (min(cfg.budget(n), n) / n) ** (1.0 / len(layers))
+            ratios = [lam ** (s + 1) for s in range(len(layers))]
         else:
             average = cfg.keep if cfg.keep is not None else cfg.ratio * n
             ratios = stage_ratios(n, float(average), layers, num_layers)
-        return {k: max(1, int(n * r + 1e-9)) for k, r in zip(layers, ratios)}  # + 1e-9: a bisected 0.5 is 0.5
+        counts = {k: max(1, int(n * r + 1e-9)) for k, r in zip(layers, ratios)}  # + 1e-9: a bisected 0.5 is 0.5
+        if cfg.ratios is None and cfg.budget_kind == "last":
+            counts[layers[-1]] = cfg.budget(n)  # exactly the budget after the last drop
+        return counts
 
     def point_budget(self, n: int, n_original: int, layer: int) -> int:
         return self.schedule(n_original, self._num_layers)[layer]

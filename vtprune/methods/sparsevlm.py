@@ -117,8 +117,8 @@ class SparseVLM(Method):
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         layers = self.config.layers
-        if layers is None:
-            layers = tuple(int(l * num_layers / 32 + 0.5) for l in _LAYERS[self.config.version])
+        if layers is None:  # scaled to the depth; on shallow models the layers that collide merge into one
+            layers = tuple(sorted({int(l * num_layers / 32 + 0.5) for l in _LAYERS[self.config.version]}))
             if self.config.counts is not None and len(self.config.counts) != len(layers):
                 raise ValueError(f"sparsevlm: counts has {len(self.config.counts)} entries but the default layers "
                                  f"{list(layers)} are {len(layers)}; pass layers= too")
@@ -139,10 +139,10 @@ class SparseVLM(Method):
             return list(cfg.counts)
         row, factor = cfg.row(n)
         table = V15_COUNTS[row]
-        if len(table) != len(self._points):
+        if len(self._points) > len(table):
             raise ValueError(f"sparsevlm v1.5: the official counts {table} are for 3 pruning layers, got "
                              f"{len(self._points)} layers; pass counts= with one count per layer")
-        return [max(1, round(c * factor)) for c in table]
+        return [max(1, round(c * factor)) for c in table[len(table) - len(self._points):]]  # fewer layers: the last
 
     def keeps_all(self) -> bool:
         cfg = self.config
