@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -373,7 +374,11 @@ def _route(model, inputs, name, compact):
 @pytest.mark.parametrize("name", ["pdrop", "sparsevlm"])
 @pytest.mark.parametrize("compact", [False, True], ids=["original", "compact"])
 def test_equals_layer_by_layer_route(name, compact, model_factory):
-    model = model_factory("llava")
+    model = copy.deepcopy(model_factory("llava"))  # norms with non-unit weights: layer K's input norm is not K-1's
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.input_layernorm.weight.copy_(0.5 + torch.rand(layer.input_layernorm.weight.shape, generator=gen))
     inputs = make_inputs(model, "llava", [(6, 1, 5)])
     cfg = vtprune.PruneConfig.from_dict({**CONFIGS[name].to_dict(), "positions": "compact" if compact else "original"})
     with vtprune.patched(model, cfg), torch.no_grad():
