@@ -387,3 +387,98 @@ def test_equals_layer_by_layer_route(name, compact, model_factory):
     ref, counts = _route(model, inputs, name, compact)
     assert [s.visual_tokens_kept[0] for s in st.stages] == counts
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def _live_route(model, inputs, name):
+    """Row 0 on the UNPATCHED model at its own positions (any family): every layer sees the whole prompt, with a 4-D
+    mask hiding the tokens dropped so far; each stage's ranking is recomputed by hand in hooks — PyramidDrop from
+    layer K's input (pre-hook), SparseVLM from the pruning layer's input and output (its merged tokens overwrite
+    their centres' rows, as the default position rule says). Returns (last logits, [count per stage])."""
+    lm = model.model.language_model
+    ids = inputs["input_ids"][0]
+    s = ids.numel()
+    visual = (ids == IMAGE_ID).nonzero().squeeze(1)
+    n0 = visual.numel()
+    text = torch.arange(int(visual[-1]) + 1, s)
+    present = visual.clone()  # columns of the image's tokens still in the sequence
+    hidden = torch.zeros(s, dtype=torch.bool)
+    state, counts = {}, []
+
+    def mask(dtype):
+        allowed = torch.ones(s, s, dtype=torch.bool).tril() & ~hidden[None, :]
+        return torch.zeros(s, s, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+    def pre(i):
+        def hook(mod, args, kwargs):
+            nonlocal present
+            x = (args[0] if args else kwargs["hidden_states"])[0]
+            if i == 0:
+                state["embeds"] = x.clone()
+            cos, sin = (t[0] for t in kwargs["position_embeddings"])
+            if name == "pdrop" and i in (1, 2, 3):
+                q, k = _qk(mod, x, cos, sin)
+                logits = (q[:, -1:] @ k.transpose(1, 2))[:, 0] / math.sqrt(q.shape[-1])
+                p = logits.masked_fill(hidden[None], float("-inf")).softmax(-1).mean(0)[present]
+                keep = int(n0 * {1: 0.5, 2: 0.25, 3: 0.125}[i])
+                drop = present[[j for j in range(present.numel()) if j not in _ref_top(p.tolist(), keep)]]
+                hidden[drop] = True
+                present = present[torch.tensor(_ref_top(p.tolist(), keep))]
+                counts.append(keep)
+            state["x"], state["rope"] = x, (cos, sin)
+            kwargs["attention_mask"] = mask(x.dtype)
+            return args, kwargs
+
+        return hook
+
+    def post(i):
+        def hook(mod, args, kwargs, out):
+            nonlocal present
+            if name != "sparsevlm" or i not in (0, 1, 2):
+                return None
+            y = out[0] if isinstance(out, tuple) else out
+            x, (cos, sin) = state["x"], state["rope"]
+            emb = state["embeds"]
+            m = (emb[visual] @ emb[text].T).softmax(1).mean(0)
+            raters = text[m > m.mean()]
+            q, k = _qk(mod, x, cos, sin)
+            logits = (q[:, raters] @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+            visible = (torch.arange(s)[None, :] <= raters[:, None]) & ~hidden[None, :]
+            attn = logits.masked_fill(~visible, float("-inf")).softmax(-1)[:, :, present]
+            n = present.numel()
+            kept, merged, centres = _ref_sparsevlm(attn.double(), y[0, present].double(), min((8, 5, 3)[i], n - 1))
+            y = y.clone()
+            y[0, present[centres]] = merged.to(y.dtype)
+            carriers = torch.tensor(sorted(kept + centres))
+            hidden[present[[j for j in range(n) if j not in carriers.tolist()]]] = True
+            present = present[carriers]
+            counts.append(present.numel())
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
+    hooks += [layer.register_forward_hook(post(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].float()
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, counts
+
+
+@pytest.mark.parametrize("name", ["pdrop", "sparsevlm"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+def test_original_positions_equal_masked_route_on_the_unpatched_model(name, family, model_factory):
+    model = copy.deepcopy(model_factory(family))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.input_layernorm.weight.copy_(0.5 + torch.rand(layer.input_layernorm.weight.shape, generator=gen))
+    inputs = make_inputs(model, family, [(6, 1, 5)])
+    with vtprune.patched(model, CONFIGS[name]), torch.no_grad():
+        logits = model(**inputs).logits[0, -1].float()
+        st = vtprune.stats(model)
+    ref, counts = _live_route(model, inputs, name)
+    assert [s.visual_tokens_kept[0] for s in st.stages] == counts
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
