@@ -468,7 +468,7 @@ def _live_route(model, inputs, name):
 
 
 @pytest.mark.parametrize("name", ["pdrop", "sparsevlm"])
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])  # llava_next: 2 clusters
 def test_original_positions_equal_masked_route_on_the_unpatched_model(name, family, model_factory):
     model = copy.deepcopy(model_factory(family))
     gen = torch.Generator().manual_seed(2)
