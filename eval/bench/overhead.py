@@ -47,16 +47,12 @@ import torch
 import vtprune
 from vtprune import compat
 from vtprune.adapters import get_adapter
-from vtprune.latency import build_random_llava, prefill
+from vtprune.latency import BENCH_OPTIONS, build_random_llava, prefill
 from vtprune.registry import get_method
 from vtprune.signals import cls_attention_rows
 from vtprune.timing import interleaved_times_ms, num_threads, provenance
 
 LAYER = "one layer"
-#: options a method's row runs with: pdrop's keep= is an average over the LM's layers, which the few layers of the
-#: benchmark LM cannot bring down to 64 / 192 of 576; with budget_kind="last" keep is what its last drop leaves (its
-#: selection work, three rankings, is the same)
-DEFAULT_OPTIONS = {"pdrop": {"budget_kind": "last"}}
 
 #: LLaVA-1.5-7B shapes (CLIP ViT-L/14-336 + Vicuna-7B widths) and the tiny --small model
 REAL = dict(
@@ -272,7 +268,7 @@ def main(argv=None) -> int:
             get_method(method).make_config({"keep": args.keep[0], **options})
         except (TypeError, ValueError) as err:
             p.error(f"--variant {label!r}: {err}")
-    entries = [(m, m, dict(DEFAULT_OPTIONS.get(m, {}))) for m in methods] + list(args.variant)
+    entries = [(m, m, dict(BENCH_OPTIONS.get(m, {}))) for m in methods] + list(args.variant)
     command = _command_line(argv)
     shape = SMALL if args.small else REAL
 
