@@ -26,7 +26,9 @@ VISION, LLM, LATE_DROP = "vision", "llm", "late_drop"
 @dataclass
 class PrunePoint:
     """``method`` acting at ``layer`` (0: the vision entry, after the projector; K: before decoder layer K).
-    ``kind``: ``"vision"``, ``"llm"`` or ``"late_drop"`` (every visual token of a row, or none: ToDRE stage 2)."""
+    ``kind``: ``"vision"``, ``"llm"`` or ``"late_drop"`` (every visual token of a row, or none: ToDRE stage 2).
+    A multi-point llm method (``Method.layers`` returns several layers: pdrop, sparsevlm) has one point per layer,
+    each with its own budget (``Method.point_budget``)."""
 
     method: Method
     layer: int
