@@ -31,6 +31,19 @@ def model_factory():
     return get
 
 
+def budget(method: str, keep: int) -> dict:
+    """``keep=`` for ``method``; methods whose ``keep`` is an average over decoder layers (``pdrop``), which a tiny
+    4-layer model cannot meet below ``n / 4``, get their official schedule instead (``ratios=(0.5, 0.25, 0.125)``)."""
+    return {"ratios": (0.5, 0.25, 0.125)} if method in AVERAGE_BUDGET_METHODS else {"keep": keep}
+
+
+#: methods that prune at several decoder layers (their own checks: tests/test_pyramid.py); checks that assume one
+#: prune point with ``keep`` tokens after it skip them
+MULTI_POINT_METHODS = ("pdrop", "sparsevlm")
+#: methods whose ``keep`` is the average number of visual tokens over the decoder layers
+AVERAGE_BUDGET_METHODS = ("pdrop",)
+
+
 def supports(method: str, family: str) -> bool:
     """Whether ``method`` has its signals on ``family`` (CLS attention needs a CLS token)."""
     if method in SINGLE_CROP_METHODS and family == "llava_next":

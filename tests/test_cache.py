@@ -16,7 +16,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import supports
+from conftest import budget, supports
 from tiny import (
     FAMILIES,
     QWEN3,
@@ -336,7 +336,7 @@ def test_plain_forward_on_left_padded_batch_equals_rows_alone(method, family, ke
     batch, singles = split_rows(model, family, PAD_ROWS)
     if family == "llava":
         assert (1 - batch["attention_mask"]).sum(1).tolist() == [0, 3]
-    with vtprune.patched(model, method, keep=keep), torch.no_grad():
+    with vtprune.patched(model, method, **budget(method, keep)), torch.no_grad():
         logits = model(**batch).logits[:, -1].float()
         st = vtprune.stats(model)
         for i, one in enumerate(singles):

@@ -40,7 +40,10 @@ def test_bench_table(capsys):
     for method in set(rows) - {"unpatched"}:
         cells = rows[method]
         assert cells[1] == "16"
-        assert cells[2] == f"16/{n}", cells
+        if method == "sparsevlm":  # its per-layer counts come from the official table, plus recycled tokens
+            assert 0 < int(cells[2].split("/")[0]) < n and cells[2].endswith(f"/{n}"), cells
+        else:
+            assert cells[2] == f"16/{n}", cells
         assert float(cells[3]) < float(rows["unpatched"][3])
         assert 0 < float(cells[4]) < 1
         assert float(cells[5]) > 0 and cells[6].endswith("x")

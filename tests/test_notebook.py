@@ -32,7 +32,8 @@ def test_quickstart_notebook_runs(monkeypatch):
     import vtprune
 
     assert set(namespace["kept"]) == set(vtprune.list_methods())
-    assert all(len(k) == namespace["KEEP"] for k in namespace["kept"].values())
+    keep = namespace["KEEP"]  # sparsevlm: its official per-layer counts end below the budget
+    assert all(len(k) == keep if m != "sparsevlm" else 0 < len(k) < keep for m, k in namespace["kept"].items())
     sheet = eval("viz.compare(image, kept, grid=shapes.GRID, size=shapes.IMAGE_SIZE)", namespace)
     assert sheet.width > 224 * len(namespace["kept"])
     assert float(namespace["results"][0][1]) >= 0.5  # the trained model answers most of its questions

@@ -6,7 +6,7 @@ row run alone, the model before patching.
 
 import pytest
 import torch
-from conftest import supports
+from conftest import MULTI_POINT_METHODS, budget, supports
 from tiny import FAMILIES, assert_keep_all_is_bit_identical, make_inputs, run_recording_layer_lengths, split_rows
 from tiny import greedy as _generate
 from tiny import last_logits as _last_logits
@@ -34,7 +34,7 @@ def test_unsupported_signal_raises(method, family, model_factory):
     assert not vtprune.is_patched(model)
 
 
-@pytest.mark.parametrize("method,family", SUPPORTED)
+@pytest.mark.parametrize("method,family", [c for c in SUPPORTED if c[0] not in MULTI_POINT_METHODS])
 def test_layers_after_pruning_point_see_text_plus_k(method, family, model_factory):
     model = model_factory(family)
     inputs = make_inputs(model, family, [(6, 1, 5)])
@@ -119,7 +119,8 @@ def test_left_padded_batch_equals_rows_alone(method, family, model_factory):
             torch.testing.assert_close(_last_logits(model, one)[0], logits[i], rtol=1e-4, atol=1e-4)
             assert vtprune.stats(model).visual_tokens_kept == [kept[i]]
             assert torch.equal(_generate(model, one)[0], tokens[i])
-    assert len(set(kept)) > 1 or family == "llava"  # rows keep different numbers of tokens
+    assert len(set(kept)) > 1 or family == "llava" or method == "pdrop"  # rows keep different numbers of tokens
+    # (pdrop at ratio=0.3: the last stage keeps int(n lam^3) = 1 of both llava_next images)
 
 
 @pytest.mark.parametrize("method,family", [c for c in SUPPORTED if vtprune.registry.get_method(c[0]).method_cls.stage == "vision"])
@@ -141,7 +142,7 @@ def test_unpatch_restores_model_exactly(method, family, model_factory):
         return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
 
     before = hook_counts()
-    vtprune.patch(model, method, keep=3)
+    vtprune.patch(model, method, **budget(method, 3))
     assert model.config._attn_implementation == impl == "sdpa"
     assert not torch.equal(_last_logits(model, inputs), ref)
     vtprune.unpatch(model)
@@ -277,7 +278,7 @@ def test_inference_mode_gives_the_same_selection(method, family, model_factory):
     # lmms-eval and most serving code run models under torch.inference_mode
     model = model_factory(family)
     inputs = make_inputs(model, family, [(5, 1, 4)])
-    with vtprune.patched(model, method, keep=3):
+    with vtprune.patched(model, method, **budget(method, 3)):
         with torch.no_grad():
             ref = _last_logits(model, inputs)
             kept = vtprune.stats(model).kept_indices

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import supports
+from conftest import MULTI_POINT_METHODS, supports
 from tiny import (
     FAMILIES,
     IMAGE_ID,
@@ -58,7 +58,7 @@ def _stage(name: str) -> str:
 
 
 VISION = [m for m in vtprune.list_methods() if _stage(m) == "vision"]
-LLM = [m for m in vtprune.list_methods() if _stage(m) == "llm"]
+LLM = [m for m in vtprune.list_methods() if _stage(m) == "llm" and m not in MULTI_POINT_METHODS]  # one-point ones
 
 
 def _default_layer(name: str) -> int:
@@ -376,9 +376,9 @@ def test_todre_late_drop_colliding_with_an_llm_point_raises(model_factory):
         ([vtprune.FastVConfig(keep=8, layer=2), vtprune.DARTConfig(keep=4, layer=2)], {}, ValueError,
          r"one prune point.*'fastv'.*layer 2.*'dart'.*layer 2"),
         ([vtprune.RandomConfig(keep=8, positions="compact"), vtprune.FastVConfig(keep=4)], {}, ValueError,
-         "compact.*single prune point"),
+         "compact.*single method"),
         ([vtprune.RandomConfig(keep=8), vtprune.FastVConfig(keep=4, positions="compact")], {}, ValueError,
-         "compact.*single prune point"),
+         "compact.*single method"),
     ],
     ids=["empty", "string", "dict", "keywords", "two-vision", "two-llm-same-layer", "compact-first",
          "compact-second"],

@@ -11,7 +11,7 @@ from .api import is_patched, list_methods, patch, patched, set_image_sizes, set_
 from .config import PruneConfig
 from .methods import (
     CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, PACTConfig, RandomConfig, ToDREConfig, VisionZipConfig,
-    ZOOConfig, VisPrunerConfig, CDPrunerConfig, PoolConfig,
+    ZOOConfig, VisPrunerConfig, CDPrunerConfig, PoolConfig, PDropConfig, SparseVLMConfig,
 )
 from .methods.vit import PiToMeConfig, ToMeConfig, ZeroTPruneConfig, list_vit_methods
 from .registry import register_method
@@ -24,5 +24,5 @@ __all__ = [
     "set_instructions",
     "PruneConfig", "PruneStats", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
     "ZOOConfig", "ToDREConfig", "VisionZipConfig", "PACTConfig", "ToMeConfig", "PiToMeConfig", "ZeroTPruneConfig",
-    "list_vit_methods", "VisPrunerConfig", "CDPrunerConfig", "PoolConfig",
+    "list_vit_methods", "VisPrunerConfig", "CDPrunerConfig", "PoolConfig", "PDropConfig", "SparseVLMConfig",
 ]

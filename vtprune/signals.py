@@ -61,6 +61,27 @@ def rope_query(attn: nn.Module, q_rows: torch.Tensor, position_embeddings, index
     return rope_fn(q, q, cos, sin)[0]
 
 
+def rope_queries(attn: nn.Module, q_out: torch.Tensor, position_embeddings, rope_fn, gated: bool = False):
+    """Post-RoPE queries ``[B, H, S, Dh]`` of every position from a decoder attention's ``q_proj`` output
+    ``[B, S, H*Dh]`` (``gated``: ``[B, S, H*2*Dh]``, each head's query then its output gate, as in Qwen3.5)."""
+    b, s, _ = q_out.shape
+    cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
+    q = q_out.view(b, s, -1, 2 * attn.head_dim)[..., : attn.head_dim] if gated else q_out.view(b, s, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)
+    return rope_fn(q, q, cos, sin)[0]
+
+
+def rows_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, key_mask: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities ``[H, R, S]`` of ``R`` query rows of one sequence: ``q [H, R, Dh]``, ``k [Hkv, S, Dh]``
+    (GQA: each kv head serves ``H / Hkv`` query heads), ``key_mask [R, S]`` bool (False: not visible)."""
+    dt = _score_dtype(q)
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    logits = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scaling
+    return logits.masked_fill(~key_mask[None], float("-inf")).softmax(dim=-1)
+
+
 def query_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, key_mask: torch.Tensor) -> torch.Tensor:
     """Attention probabilities of one query per row over all keys: ``[B, H, S]``.
 

@@ -56,7 +56,7 @@ import torch
 import vtprune
 from vtprune import compat
 from vtprune.adapters import get_adapter
-from vtprune.latency import build_random_llava, prefill
+from vtprune.latency import BENCH_OPTIONS, build_random_llava, prefill
 from vtprune.registry import get_method
 from vtprune.signals import cls_attention_rows
 from vtprune.timing import interleaved_times_ms, num_threads, provenance
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
             get_method(method).make_config({"keep": args.keep[0], **options})
         except (TypeError, ValueError) as err:
             p.error(f"--variant {label!r}: {err}")
-    entries = [(m, m, {}) for m in methods] + list(args.variant)
+    entries = [(m, m, dict(BENCH_OPTIONS.get(m, {}))) for m in methods] + list(args.variant)
     command = _command_line(argv)
     if args.sizes:
         return sizes_report(args, command)

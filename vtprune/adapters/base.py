@@ -53,6 +53,15 @@ class ModelAdapter:
     def final_norm(self) -> nn.Module:
         return self.language_model.norm
 
+    def input_norm(self, index: int) -> nn.Module:
+        """The norm decoder layer ``index`` applies to its input before attention (PyramidDrop's ranking)."""
+        layer = self.decoder_layers[index]
+        norm = getattr(layer, "input_layernorm", None)
+        if norm is None:
+            raise ValueError(f"decoder layer {index} of {self.config.model_type!r} has no input_layernorm; "
+                             "its attention cannot be recomputed on its input (signal 'layer_attention')")
+        return norm
+
     def vision_attention_modules(self) -> list[nn.Module]:
         """Self-attention modules of the vision encoder layers, in order (for CLS-attention signals)."""
         raise NotImplementedError(f"{type(self).__name__} has no CLS-attention signal")

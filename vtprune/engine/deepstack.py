@@ -44,9 +44,13 @@ class DeepStack:
         self.index = layout.take(self.index, 1).masked_fill(~layout.valid, -1)
         self.changed = True
 
-    def merge(self, row: int, slots: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor | None, name: str) -> None:
-        """A merging method replaced the vectors of ``slots[kept]`` (row ``row``) by ``weights [k, n] @`` the vectors of
-        ``slots`` (the unit's tokens before it selected): every level's rows are merged the same way."""
+    def merge(self, row: int, slots: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor | None, name: str,
+              layer: int = 0) -> None:
+        """A merging method at decoder layer ``layer`` (0: vision entry) replaced the vectors of ``slots[kept]`` (row
+        ``row``) by ``weights [k, n] @`` the vectors of ``slots`` (the unit's tokens before it selected): every level
+        still to be injected (level i joins after layer i, so those with ``i >= layer``) is merged the same way."""
+        if layer >= len(self.banks):
+            return  # every level was injected before this point: nothing left to merge
         if weights is None:
             raise ValueError(f"method {name!r} merges tokens without saying how (Selection.weights): the DeepStack "
                              "levels of the merged tokens cannot be merged the same way; use a selecting method or "

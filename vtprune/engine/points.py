@@ -16,7 +16,7 @@ import torch
 
 from .. import compat
 from ..methods.base import ImageInputs, Method, Selection
-from ..signals import query_attention, rope_keys, rope_query
+from ..signals import query_attention, rope_keys, rope_queries, rope_query, rows_attention
 from .deepstack import DeepStack
 from .layout import Layout, PrunedPrompt
 from .units import Unit, check_selection, frame_sizes, refill_frames
@@ -27,7 +27,9 @@ VISION, LLM, LATE_DROP = "vision", "llm", "late_drop"
 @dataclass
 class PrunePoint:
     """``method`` acting at ``layer`` (0: the vision entry, after the projector; K: before decoder layer K).
-    ``kind``: ``"vision"``, ``"llm"`` or ``"late_drop"`` (every visual token of a row, or none: ToDRE stage 2)."""
+    ``kind``: ``"vision"``, ``"llm"`` or ``"late_drop"`` (every visual token of a row, or none: ToDRE stage 2).
+    A multi-point llm method (``Method.layers`` returns several layers: pdrop, sparsevlm) has one point per layer,
+    each with its own budget (``Method.point_budget``)."""
 
     method: Method
     layer: int
@@ -77,7 +79,9 @@ class Forward:
     scrub_position_ids: bool = False
     records: list[PointRecord] = field(default_factory=list)
     decode_masks: dict[int, Any] = field(default_factory=dict)  # continuation: per stage start, its 2-D mask
-    decode_positions: torch.Tensor | None = None  # continuation, positions="compact"
+    decode_positions: dict[int, torch.Tensor] = field(default_factory=dict)  # continuation, "compact": per stage
+    prompt_embeds: torch.Tensor | None = None  # prefill: the LM's input embeddings (signal prompt_embeds)
+    visual_ids: torch.Tensor | None = None  # the placeholder token ids of visual tokens
     deepstack: DeepStack | None = None  # prefill of a DeepStack model (Qwen3-VL): the levels' rows per slot
 
     @property
@@ -101,11 +105,10 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
     tokens, or None when no visual token is dropped; narrows each unit's ``present`` and sets its ``merged``."""
     keep = fwd.real.clone()
     dropped = False
-    config = point.method.config
     for unit in fwd.units:
         unit.merged = unit.merge_from = None
         n = unit.present.numel()
-        k = config.budget(n)
+        k = point.method.point_budget(n, unit.positions.numel(), point.layer)
         if k >= n:  # keeps everything: the method is not called (nor stored for reuse)
             continue
         slots = fwd.slots(unit)
@@ -113,7 +116,9 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
         if sticky is not None and key in sticky:  # generate(use_cache=False): reuse the prompt's selection
             kept = sticky[key]
         else:
-            kept = point.method.select(make_inputs(unit, slots))
+            inputs = make_inputs(unit, slots)
+            inputs.k, inputs.layer, inputs.n_original = k, point.layer, unit.positions.numel()
+            kept = point.method.select(inputs)
             if sticky is not None:
                 sticky[key] = kept
         if isinstance(kept, Selection):
@@ -132,7 +137,7 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
     return keep if dropped else None
 
 
-def merge(fwd: Forward, x: torch.Tensor, name: str) -> torch.Tensor:
+def merge(fwd: Forward, x: torch.Tensor, name: str, layer: int = 0) -> torch.Tensor:
     """``x`` ``[B, L, D]`` with each merging unit's kept rows replaced by its merged vectors (a copy if any)."""
     merging = [u for u in fwd.units if u.merged is not None]
     if not merging:
@@ -147,7 +152,7 @@ def merge(fwd: Forward, x: torch.Tensor, name: str) -> torch.Tensor:
             )
         x[unit.row, slots] = unit.merged.to(device=x.device, dtype=x.dtype)
         if fwd.deepstack is not None:
-            fwd.deepstack.merge(unit.row, *unit.merge_from, name)
+            fwd.deepstack.merge(unit.row, *unit.merge_from, name, layer)
     return x
 
 
@@ -177,9 +182,9 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
     def view(x, dim=0):  # the row as the method sees it: the unit's tokens one contiguous span from ``start``
         return x if order is None else x.index_select(dim, order.to(x.device))
 
-    return ImageInputs(
+    inputs = ImageInputs(
         n=n,
-        k=point.method.config.budget(n),
+        k=0,  # set by select (the point's budget)
         features=unit.features[unit.present] if unit.features is not None else None,
         hidden=view(hidden[unit.row]),
         keys=view(signals["keys"][unit.row]) if "keys" in signals else None,
@@ -188,6 +193,34 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
         final_norm=final_norm,
         real_mask=unit.real_mask[unit.present] if unit.real_mask is not None else None,
     )
+    if "queries" in signals:
+        inputs.attention_rows = _attention_rows(fwd, unit.row, *signals["queries"])
+    if "prompt_embeds" in point.method.signals:
+        row = fwd.input_ids[unit.row]
+        cols = torch.arange(row.numel(), device=row.device)
+        text = fwd.mask2d[unit.row] & (cols > unit.positions[-1]) & ~torch.isin(row, fwd.visual_ids.to(row.device))
+        inputs.prompt_embeds = fwd.prompt_embeds[unit.row]
+        inputs.image_columns = unit.positions
+        inputs.text_columns = text.nonzero().squeeze(1)
+    return inputs
+
+
+def _attention_rows(fwd: Forward, row: int, q_all, k, scaling):
+    """``fn(columns [R]) -> [H, R, S]``: layer K-1's attention of the tokens at original prompt ``columns`` (present
+    in the current sequence) of ``row`` over its current slots (causal, padding masked)."""
+
+    def fn(columns: torch.Tensor) -> torch.Tensor:
+        real, cols = fwd.real[row], fwd.cols[row]
+        slot_of = torch.full((int(fwd.mask2d.shape[1]),), -1, dtype=torch.long, device=cols.device)
+        slot_of[cols[real]] = torch.arange(cols.numel(), device=cols.device)[real]
+        slots = slot_of[columns.to(cols.device)]
+        if bool((slots < 0).any()):
+            raise ValueError("attention_rows: some query columns are not in the current sequence")
+        key_slots = torch.arange(cols.numel(), device=cols.device)
+        visible = real[None, :] & (key_slots[None, :] <= slots[:, None])
+        return rows_attention(q_all[row][:, slots], k[row], scaling, visible)
+
+    return fn
 
 
 def span_order(slots: torch.Tensor, length: int) -> torch.Tensor:
@@ -216,25 +249,54 @@ def late_drop(fwd: Forward, point: PrunePoint, visual_ids, sticky: dict | None):
     return fwd.real & ~(visual & rows[:, None]), dropped
 
 
-def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary) -> None:
-    """Layer K-1's signals from its captured q_proj / k_proj outputs, on the current sequence. 1-D positions are
-    numbered from the attention mask (whatever the caller passed), so position-dependent signals (DART's post-RoPE
-    key norms) do not depend on left padding."""
-    attn = adapter.decoder_layers[point.layer - 1].self_attn
-    rope = fwd.signals.pop("_rope")
-    k_out = fwd.signals.pop("_k")
-    if not adapter.mrope:
-        numbered = (fwd.mask2d.long().cumsum(1) - 1).clamp(min=0)
-        rope = rotary(k_out, numbered.gather(1, fwd.cols))
-    k = rope_keys(attn, k_out, rope, rope_fn)
+def positions_1d(fwd: Forward, compact: bool) -> torch.Tensor:
+    """1-D positions of the current sequence's slots: numbered from the attention mask (whatever the caller passed,
+    so position-dependent signals do not depend on left padding), or, ``positions="compact"``, each row's present
+    tokens counted 0, 1, ... (what every compaction renumbers them to)."""
+    if compact:
+        return (fwd.real.long().cumsum(1) - 1).clamp(min=0)
+    numbered = (fwd.mask2d.long().cumsum(1) - 1).clamp(min=0)
+    return numbered.gather(1, fwd.cols)
+
+
+def reads_previous_layer(point: PrunePoint) -> bool:
+    """Whether ``point`` reads layer K-1's q/k (captured by hooks on that layer)."""
+    return point.kind == LATE_DROP or bool(point.method.signals & {"text_attention", "keys", "queries"})
+
+
+def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary, hidden=None, layer_rope=None,
+                compact: bool = False) -> None:
+    """The point's signals on the current sequence: from layer K-1's captured q_proj / k_proj outputs
+    (``text_attention``, ``keys``, ``queries``), or recomputed on layer K's input ``hidden`` with layer K's input
+    norm, q/k projections and rotary tables ``layer_rope`` (``layer_attention``)."""
+    signals = point.method.signals
     last = fwd.last
-    if point.needs_text_attention:
-        q = rope_query(attn, fwd.signals.pop("_q"), rope, last, rope_fn, gated=adapter.gated_query)
-        cols = torch.arange(fwd.real.shape[1], device=fwd.real.device)
-        visible = fwd.real & (cols[None, :] <= last[:, None])
+    cols = torch.arange(fwd.real.shape[1], device=fwd.real.device)
+    visible = fwd.real & (cols[None, :] <= last[:, None])
+    if reads_previous_layer(point):
+        attn = adapter.decoder_layers[point.layer - 1].self_attn
+        rope = fwd.signals.pop("_rope")
+        k_out = fwd.signals.pop("_k")
+        if not adapter.mrope:
+            rope = rotary(k_out, positions_1d(fwd, compact))
+        k = rope_keys(attn, k_out, rope, rope_fn)
+        if point.needs_text_attention:
+            q = rope_query(attn, fwd.signals.pop("_q"), rope, last, rope_fn, gated=adapter.gated_query)
+            fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
+        if "keys" in signals:
+            fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
+        if "queries" in signals:
+            fwd.signals["queries"] = (rope_queries(attn, fwd.signals.pop("_q_all"), rope, rope_fn, gated=adapter.gated_query),
+                                      k, attn.scaling)
+    if "layer_attention" in signals:
+        attn = adapter.decoder_layers[point.layer].self_attn
+        with torch.no_grad():
+            x = adapter.input_norm(point.layer)(hidden)
+            rope = layer_rope if adapter.mrope else rotary(hidden, positions_1d(fwd, compact))
+            k = rope_keys(attn, attn.k_proj(x), rope, rope_fn)
+            q_rows = attn.q_proj(x[torch.arange(x.shape[0], device=x.device), last])
+            q = rope_query(attn, q_rows, rope, last, rope_fn, gated=adapter.gated_query)
         fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
-    if "keys" in point.method.signals:
-        fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
 
 
 def shorten(fwd: Forward, layout: Layout, start: int, hidden, kwargs, cache, masks_fn, rotary, compact_positions):
@@ -259,8 +321,8 @@ def decode_at(fwd: Forward, start: int, hidden, kwargs, cache, masks_fn, rotary)
     shorter cache (and, positions="compact", rotary tables of the renumbered positions)."""
     masks = masks_fn(hidden, fwd.decode_masks[start], cache, start)
     override = {"position_ids": None}
-    if fwd.decode_positions is not None and start > 0:
-        override["position_embeddings"] = rotary(hidden, fwd.decode_positions)
+    if start in fwd.decode_positions and start > 0:
+        override["position_embeddings"] = rotary(hidden, fwd.decode_positions[start])
     fwd.layer_kwargs.update(masks=masks, override=override)
     fwd.override_from = start
     kwargs.update(override)

@@ -41,7 +41,7 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
     pts = []
     for method in methods:
         if method.stage == "llm":
-            pts.append(P.PrunePoint(method, method.layer(num_layers), P.LLM))
+            pts.extend(P.PrunePoint(method, k, P.LLM) for k in method.layers(num_layers))
         else:
             pts.append(P.PrunePoint(method, 0, P.VISION))
             if (k2 := method.drop_layer(num_layers)) is not None:
@@ -55,18 +55,21 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
 
 
 def check_signal_layer(point: P.PrunePoint, adapter: ModelAdapter, num_layers: int) -> None:
-    """A decoder point at K reads its signals from layer K-1's softmax attention (q/k): refuse, naming the layer
-    types, when layer K-1 is a linear-attention layer (Qwen3.5's Gated DeltaNet) that has none."""
-    signal_layer = point.layer - 1
-    if adapter.has_attention(signal_layer):
-        return
-    ok = [k + 1 for k in range(num_layers - 1) if adapter.has_attention(k)]
-    types = [adapter.layer_type(i) for i in range(num_layers)]
-    raise ValueError(
-        f"{point.describe()} reads its signal from decoder layer {signal_layer}'s attention, but that layer is "
-        f"{types[signal_layer]!r} (no softmax attention to score tokens with; layer_types: {types}). Prune before a "
-        f"layer that follows a full-attention layer: layer={ok[:8]}{'...' if len(ok) > 8 else ''}"
-    )
+    """A decoder point at K reads its signals from layer K-1's softmax attention (q/k), or layer K's own (PyramidDrop):
+    refuse, naming the layer types, when that layer is a linear-attention layer (Qwen3.5's Gated DeltaNet)."""
+    own = "layer_attention" in point.method.signals  # PyramidDrop: layer K's own attention
+    signal_layers = ([point.layer - 1] if P.reads_previous_layer(point) else []) + ([point.layer] if own else [])
+    for signal_layer in signal_layers:
+        if adapter.has_attention(signal_layer):
+            continue
+        shift = 0 if signal_layer == point.layer else 1
+        ok = [k + shift for k in range(num_layers) if adapter.has_attention(k) and 1 <= k + shift < num_layers]
+        types = [adapter.layer_type(i) for i in range(num_layers)]
+        raise ValueError(
+            f"{point.describe()} reads its signal from decoder layer {signal_layer}'s attention, but that layer is "
+            f"{types[signal_layer]!r} (no softmax attention to score tokens with; layer_types: {types}). Prune before "
+            f"a layer K whose signal layer is full attention: layer={ok[:8]}{'...' if len(ok) > 8 else ''}"
+        )
 
 
 class Session:
@@ -88,16 +91,19 @@ class Session:
                 f"positions='compact' renumbers 1-D position ids; {adapter.config.model_type!r} uses 3-D M-RoPE "
                 "positions, whose image-grid layout has no compact form: use positions='original'"
             )
-        if self.compact and len(self.points) > 1:
-            raise ValueError(f"positions='compact' needs a single prune point; this schedule has {len(self.points)} "
-                             f"({', '.join(p.describe() for p in self.points)}): use positions='original' (for "
-                             "todre, late_drop=False leaves it one point)")
+        if self.compact and len(self.methods) > 1:
+            raise ValueError(f"positions='compact' needs a single method; this schedule has {len(self.methods)} "
+                             f"({', '.join(p.describe() for p in self.points)}): use positions='original'")
+        if self.compact and any(p.kind == P.LATE_DROP for p in self.points):
+            raise ValueError("positions='compact' does not combine with a late drop (todre): pass late_drop=False or "
+                             "positions='original'")
         if self.decoder_points and (why := adapter.unsupported_llm_stage()):
             names = sorted({p.method.name for p in self.decoder_points.values()})
             raise ValueError(f"method(s) {names} prune inside the LLM, which {why}")
         for point in self.decoder_points.values():
             check_signal_layer(point, adapter, self.num_layers)
         self.visual_ids = adapter.visual_token_ids()
+        self._needs_embeds = any("prompt_embeds" in p.method.signals for p in self.decoder_points.values())
         self.pad_threshold = next((m.config.pad_threshold for m in self.methods
                                    if hasattr(m.config, "pad_threshold")), 0.5)
         self.fwd: P.Forward | None = None
@@ -134,11 +140,15 @@ class Session:
             if a.deepstack_method is not None:
                 self._wrap(a.language_model, a.deepstack_method, self._wrapped_deepstack())
             for point in self.decoder_points.values():
+                if not P.reads_previous_layer(point):
+                    continue
                 attn = a.decoder_layers[point.layer - 1].self_attn
                 self._hook(attn.register_forward_pre_hook(self._signal_hook(point, "_rope"), with_kwargs=True))
                 self._hook(attn.k_proj.register_forward_hook(self._signal_hook(point, "_k")))
                 if point.needs_text_attention:
                     self._hook(attn.q_proj.register_forward_hook(self._signal_hook(point, "_q")))
+                if "queries" in point.method.signals:
+                    self._hook(attn.q_proj.register_forward_hook(self._signal_hook(point, "_q_all")))
         except Exception:
             self.remove()
             raise
@@ -280,6 +290,9 @@ class Session:
             return None
         fwd.cols = torch.arange(s, device=embeds.device).expand(b, -1)
         fwd.real = fwd.mask2d.clone()
+        fwd.visual_ids = torch.tensor(self.visual_ids, device=embeds.device)
+        if self._needs_embeds:
+            fwd.prompt_embeds = embeds
         if self.adapter.deepstack_method is not None and kwargs.get("deepstack_visual_embeds") is not None:
             fwd.deepstack = DeepStack.from_host(kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"])
         first = self.points[0]
@@ -318,12 +331,15 @@ class Session:
                 pos = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -q:]
             elif pos is None:
                 pos = self.adapter.default_position_ids(embeds.shape[0], q, past, embeds.device)
-            fwd.decode_positions = pos - fwd.prompt.stages[0][1].shift[:, None].to(pos.device)
+            shift = torch.zeros_like(pos[:, 0])
+            for start, layout in fwd.prompt.stages:  # each stage's tokens are renumbered after its compaction
+                shift = shift + layout.shift.to(pos.device)
+                fwd.decode_positions[start] = pos - shift[:, None]
         if 0 not in fwd.decode_masks:
             return None  # the vision entry dropped nothing: the LM's input is as unpatched
         kwargs["attention_mask"] = fwd.decode_masks[0]
         if self.compact:
-            kwargs["position_ids"] = fwd.decode_positions
+            kwargs["position_ids"] = fwd.decode_positions[0]
         return (), kwargs
 
     def _find_units(self, fwd: P.Forward) -> list[Unit]:
@@ -389,6 +405,8 @@ class Session:
                 fwd.signals["_rope"] = out_or_kwargs["position_embeddings"]
             elif name == "_q":
                 fwd.signals["_q"] = out_or_kwargs[torch.arange(out_or_kwargs.shape[0]), fwd.last]
+            elif name == "_q_all":
+                fwd.signals["_q_all"] = out_or_kwargs
             else:
                 fwd.signals["_k"] = out_or_kwargs
             return None
@@ -431,7 +449,8 @@ class Session:
             fwd.signals.clear()
             return None  # the method's own first point kept everything: so does its late drop
         t0 = time.perf_counter()
-        P.llm_signals(point, fwd, self.adapter, self._rope, self._rotary)
+        P.llm_signals(point, fwd, self.adapter, self._rope, self._rotary, hidden, kwargs.get("position_embeddings"),
+                      self.compact)
         late_dropped = None
         if point.kind == P.LATE_DROP:
             keep, late_dropped = P.late_drop(fwd, point, self.visual_ids, self._sticky)
@@ -444,7 +463,7 @@ class Session:
         if keep is None:
             return None
         kwargs.pop("hidden_states", None)
-        hidden = P.merge(fwd, hidden, point.method.name)
+        hidden = P.merge(fwd, hidden, point.method.name, point.layer)
         layout = P.compact(fwd, keep, start=point.layer)
         hidden, masks = P.shorten(fwd, layout, point.layer, hidden, kwargs, cache, self._masks, self._rotary,
                                   self.compact)

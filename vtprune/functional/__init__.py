@@ -20,6 +20,7 @@ from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
 from .merge import visionzip_select
+from .pyramid import dpc_knn_merge, pdrop_select, sparsevlm_raters, sparsevlm_rank_count, sparsevlm_select
 from .scores import cls_scores, topk_indices
 from .vit import (
     merge_tokens, pitome_margins, pitome_match, reduction_schedule, tome_match, tome_schedule, wpr_scores,
@@ -55,4 +56,9 @@ __all__ = [
     "cdpruner_select",
     "cdpruner_relevance",
     "pool_windows",
+    "pdrop_select",
+    "sparsevlm_raters",
+    "sparsevlm_select",
+    "sparsevlm_rank_count",
+    "dpc_knn_merge",
 ]

@@ -8,7 +8,9 @@ from .divprune import DivPrune, DivPruneConfig
 from .fastv import FastV, FastVConfig
 from .pact import PACT, PACTConfig
 from .pool import Pool, PoolConfig
+from .pdrop import PDrop, PDropConfig
 from .random import RandomConfig, RandomPrune
+from .sparsevlm import SparseVLM, SparseVLMConfig
 from .todre import ToDRE, ToDREConfig
 from .visionzip import VisionZip, VisionZipConfig
 from .vispruner import VisPruner, VisPrunerConfig
@@ -19,4 +21,5 @@ __all__ = [
     "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune", "ZOOConfig", "ZOOPrune",
     "ToDREConfig", "ToDRE", "VisionZipConfig", "VisionZip", "PACTConfig", "PACT",
     "VisPrunerConfig", "VisPruner", "CDPrunerConfig", "CDPruner", "PoolConfig", "Pool",
+    "PDropConfig", "PDrop", "SparseVLMConfig", "SparseVLM",
 ]

@@ -16,7 +16,7 @@ from ..config import PruneConfig
 #: signal names a method may ask for
 VISION_SIGNALS = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs", "prompt_embeds",
                             "instruction"})
-LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden"})
+LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden", "layer_attention", "queries", "prompt_embeds"})
 
 
 @dataclass
@@ -38,6 +38,16 @@ class ImageInputs:
     ``prompt_embeds``, ``"prompt_embeds"`` ``[T, D]`` the LLM input embeddings of the sample's real text tokens after
     the image; with signal ``instruction``, ``"instruction"`` the sample's text from ``vtprune.set_instructions``
     (None when none was given).
+    Multi-point methods (:meth:`Method.layers`): ``layer`` the point's decoder layer K (0: vision entry) and
+    ``n_original`` the image's visual token count before any point. Signal ``layer_attention``: ``text_attention``
+    is then the last prompt token's attention at layer K itself, recomputed on layer K's input (its input norm,
+    q/k projections and rotary tables) instead of layer K-1's. Signal ``queries``: ``attention_rows(columns)``
+    gives ``[H, R, S]`` attention probabilities of layer K-1 for the query tokens at the original prompt
+    ``columns [R]`` (present text tokens) over the ``S`` slots of the current sequence (causal, padding masked).
+    Signal ``prompt_embeds`` at a decoder point (SparseVLM; at the vision entry it fills ``extra`` as above):
+    ``prompt_embeds`` ``[S0, D]`` the language model's input embeddings of the row
+    (original prompt columns), ``image_columns`` ``[n_original]`` the image's columns in it and ``text_columns``
+    the columns of the real non-visual tokens after the image.
     """
 
     n: int
@@ -54,6 +64,12 @@ class ImageInputs:
     projector_inputs: torch.Tensor | None = None
     projector: torch.nn.Module | None = None
     real_mask: torch.Tensor | None = None
+    layer: int = 0
+    n_original: int = 0
+    attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prompt_embeds: torch.Tensor | None = None
+    image_columns: torch.Tensor | None = None
+    text_columns: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -88,6 +104,17 @@ class Method:
     def layer(self, num_layers: int) -> int | None:
         """Decoder layer K before which an llm-stage method prunes (None for vision-stage methods)."""
         return None
+
+    def layers(self, num_layers: int) -> list[int]:
+        """Decoder layers before which an llm-stage method prunes, one prune point each (default: one point,
+        :meth:`layer`). A multi-point method (``pdrop``, ``sparsevlm``) returns several, ascending."""
+        return [self.layer(num_layers)]
+
+    def point_budget(self, n: int, n_original: int, layer: int) -> int:
+        """Tokens to keep at the point before decoder ``layer`` (0: the vision entry) of an image that has ``n`` of
+        its ``n_original`` visual tokens left (default: the config's budget of ``n``). Multi-point methods give
+        each point its own count; a count ``>= n`` skips the point for that image."""
+        return self.config.budget(n)
 
     def drop_layer(self, num_layers: int) -> int | None:
         """Vision-stage methods only: a decoder layer K2 at which :meth:`drop_all` may remove every remaining

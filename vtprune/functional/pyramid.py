@@ -1,0 +1,201 @@
+"""PyramidDrop (Cooperx521/PyramidDrop, CVPR 2025) and SparseVLM (Gumpest/SparseVLMs, ICML 2025): the in-LLM,
+multi-stage pruners. Each stage's selection is a pure function here; the stages are run by ``vtprune.methods``.
+
+Official code read: PyramidDrop commit 6444f304 (``llava/model/modeling_llama_pdrop.py``: ``pdrop_rank_drop``);
+SparseVLM v1.5 branch at 26a5f488 (``llava/model/language_model/modelling_sparse_llama.py``, ``score.py``,
+``utils.py: cluster_and_merge``) and the first release 91fb6d98 (``score.py: attn_postprocess_rank``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._common import check_int, check_k, check_tensor, compute_dtype, topk_lowtie
+
+__all__ = ["pdrop_select", "sparsevlm_raters", "sparsevlm_select", "sparsevlm_rank_count", "dpc_knn_merge"]
+
+
+def pdrop_select(query: torch.Tensor, keys: torch.Tensor, image_start: int, image_len: int, keep: int,
+                 scale: Optional[float] = None) -> torch.Tensor:
+    """PyramidDrop's selection at one stage boundary: the image tokens the last instruction token attends to most.
+
+    ``p = softmax(query . keys^T * scale)`` per head over all ``S`` keys, averaged over heads; the ``keep`` image
+    tokens (positions ``image_start .. image_start + image_len - 1``) with the largest ``p`` are kept (ties -> lower
+    index). Official ``pdrop_rank_drop``: layer K's input norm, ``q_proj`` / ``k_proj`` and RoPE applied to the
+    output of layer K-1 (the stage boundary "after K layers"), the query at the last prompt token, the causal mask.
+    The official code casts the softmax to the model dtype before the head mean; here everything is float32
+    (float64 for float64 input).
+
+    Args:
+        query: ``[H, Dh]`` post-RoPE query of the last instruction token, one row per head.
+        keys: ``[H, S, Dh]`` post-RoPE keys of the ``S`` tokens the query sees (grouped-query models: expand the
+            kv heads to ``H`` first); the image must lie inside them.
+        image_start, image_len: the image's first position in ``keys`` and its number of tokens (``>= 1``).
+        keep: tokens to keep, ``1 <= keep <= image_len``.
+        scale: logit scale, default ``1 / sqrt(Dh)`` (the official ``math.sqrt(head_dim)``).
+
+    Returns:
+        int64 ``[keep]`` ascending, relative to the image (0 = the token at ``image_start``).
+    """
+    check_tensor("query", query, ndim=2, shape_hint="[H, Dh]", finite=True)
+    check_tensor("keys", keys, ndim=3, shape_hint="[H, S, Dh]", finite=True)
+    h, s, dh = keys.shape
+    if tuple(query.shape) != (h, dh):
+        raise ValueError(f"query must be [H, Dh] = {[h, dh]} to match keys [H, S, Dh] = {list(keys.shape)}, "
+                         f"got {list(query.shape)}")
+    image_start = check_int("image_start", image_start, 0)
+    image_len = check_int("image_len", image_len, 1)
+    if image_start + image_len > s:
+        raise ValueError(f"the image (positions {image_start}..{image_start + image_len - 1}) must lie inside the "
+                         f"{s} keys")
+    keep = check_k(keep, image_len, "image tokens")
+    if scale is None:
+        scale = 1.0 / math.sqrt(dh)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    dt = compute_dtype(query, keys)
+    logits = torch.einsum("hd,hsd->hs", query.to(dt), keys.to(dt)) * scale
+    p = logits.softmax(dim=-1).mean(dim=0)[image_start:image_start + image_len]
+    return topk_lowtie(p, keep).sort().values
+
+
+def sparsevlm_raters(vis_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's text raters, chosen once from the language model's input embeddings.
+
+    ``m = mean_v softmax_t(V T^T)`` (softmax over the text tokens, then the mean over image tokens); the raters are
+    the text tokens with ``m_t > mean(m)`` (official ``torch.where(m_v_t > m_v_t.mean())``, Section 3.2.2).
+    Computed in float32 (the official code multiplies in the model dtype). When every ``m_t`` is equal (e.g. one
+    text token) no token is strictly above the mean: then every text token is a rater (the official code would
+    average an empty set and keep arbitrary tokens).
+
+    Args:
+        vis_embeds: ``[V, D]`` the image's token embeddings (the projector's output, as the LLM receives it).
+        text_embeds: ``[T, D]`` the embeddings of the text after the image (official: every token after it).
+
+    Returns:
+        int64 ascending indices into ``text_embeds``.
+    """
+    check_tensor("vis_embeds", vis_embeds, ndim=2, shape_hint="[V, D]", finite=True)
+    check_tensor("text_embeds", text_embeds, ndim=2, shape_hint="[T, D]", finite=True)
+    if vis_embeds.shape[0] < 1 or text_embeds.shape[0] < 1:
+        raise ValueError(f"sparsevlm_raters needs at least one image and one text token, got V={vis_embeds.shape[0]}"
+                         f", T={text_embeds.shape[0]}")
+    if vis_embeds.shape[1] != text_embeds.shape[1]:
+        raise ValueError(f"vis_embeds [V, D] and text_embeds [T, D] must share D, got {vis_embeds.shape[1]} and "
+                         f"{text_embeds.shape[1]}")
+    dt = compute_dtype(vis_embeds, text_embeds)
+    m = (vis_embeds.to(dt) @ text_embeds.to(dt).T).softmax(dim=1).mean(dim=0)
+    raters = (m > m.mean()).nonzero().squeeze(1)
+    if raters.numel() == 0:
+        raters = torch.arange(m.numel(), device=m.device)
+    return raters
+
+
+def _rater_scores(attn: torch.Tensor) -> torch.Tensor:
+    check_tensor("attn", attn, ndim=3, shape_hint="[H, R, V]", finite=True)
+    if min(attn.shape) < 1:
+        raise ValueError(f"attn [H, R, V] must have at least one head, rater and image token, got {list(attn.shape)}")
+    return attn.to(compute_dtype(attn)).mean(dim=0)  # [R, V]
+
+
+def sparsevlm_rank_count(attn: torch.Tensor, scale: float, bias: float) -> int:
+    """SparseVLM's first-release token count (91fb6d98 ``attn_postprocess_rank``): ``min(int(rank(P) * scale +
+    bias), V - 1)`` with ``P`` the head-mean rater x image attention ``[R, V]`` and ``rank`` from
+    ``torch.linalg.matrix_rank`` (default tolerance) in float32. When ``rank(P) == V`` the official layer prunes
+    nothing: then ``V`` is returned. The count is at least 1.
+
+    Args:
+        attn: ``[H, R, V]`` rater rows' attention probabilities over the image tokens, per head.
+        scale, bias: the per-budget constants (official 192 -> (13.5, 0), 128 -> (9, 6), 64 -> (0.8, 0)).
+    """
+    p = _rater_scores(attn)
+    for name, v in (("scale", scale), ("bias", bias)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    v = p.shape[1]
+    rank = int(torch.linalg.matrix_rank(p.float()))
+    if rank == v:
+        return v
+    return max(1, min(int(rank * scale + bias), v - 1))
+
+
+def dpc_knn_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseVLM's recycling clusterer (official ``cluster_and_merge``, DPC-KNN), deterministic.
+
+    Distances ``d_ij = ||x_i - x_j|| / sqrt(D)``; density ``rho_i = exp(-mean of d^2 over the `clusters` nearest
+    tokens, itself included)``; ``delta_i`` = distance to the nearest token of strictly higher density (the largest
+    distance of the matrix for the densest); centres = the ``clusters`` largest ``rho * delta`` (ties -> lower
+    index); every token joins its nearest centre (ties -> the earlier centre), a centre itself; each cluster becomes
+    ``sum(members) / (count + 1e-6)`` (the official weighting). The official code adds ``1e-6 * rand`` to the
+    densities; here there is no noise and every tie goes to the lower index.
+
+    Args:
+        x: ``[N, D]`` the tokens to cluster (SparseVLM: the best-scored pruned tokens, in descending score order).
+        clusters: ``1 <= clusters <= N``.
+
+    Returns:
+        ``(merged [clusters, D] in x's dtype, centres [clusters] int64 indices into x)``, in centre order (the
+        ``rho * delta`` ranking).
+    """
+    check_tensor("x", x, ndim=2, shape_hint="[N, D]", finite=True)
+    n, d = x.shape
+    c = check_k(clusters, n, "tokens to cluster")
+    dt = compute_dtype(x)
+    xf = x.to(dt)
+    dist = torch.cdist(xf, xf, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)
+    nearest = torch.sort(dist, dim=1, stable=True).values[:, :c]
+    density = (-(nearest ** 2).mean(dim=1)).exp()
+    denser = density[None, :] > density[:, None]  # [i, j]: j denser than i
+    delta = torch.where(denser, dist, dist.max()).min(dim=1).values
+    centres = topk_lowtie(delta * density, c)
+    assign = dist[:, centres].argmin(dim=1)  # first minimum: the earlier centre
+    assign[centres] = torch.arange(c, device=x.device)
+    counts = torch.zeros(c, dtype=dt, device=x.device).index_add_(0, assign, torch.ones(n, dtype=dt, device=x.device))
+    sums = torch.zeros(c, d, dtype=dt, device=x.device).index_add_(0, assign, xf)
+    return (sums / (counts[:, None] + 1e-6)).to(x.dtype), centres
+
+
+def sparsevlm_select(attn: torch.Tensor, hidden: torch.Tensor, k: int, recycle: bool = True,
+                     return_centres: bool = False):
+    """SparseVLM's selection at one pruning layer (v1.5 and first release), with token recycling.
+
+    Score of image token v = mean over heads, then over rater rows, of the rater->image attention; the ``k`` best
+    are kept (ties -> lower index). Recycling (``recycle=True``, official v1.5 and first release): of the ``P``
+    pruned tokens, the ``int(0.3 P) + 1`` best-scored (descending score, ties -> lower index) are clustered by
+    :func:`dpc_knn_merge` into ``int(that / 10) + 1`` clusters, each merged into one token; the official code places
+    the merged tokens right after the kept image tokens, in centre order.
+
+    Args:
+        attn: ``[H, R, V]`` attention probabilities of the ``R`` rater rows over the ``V`` image tokens, per head
+            (the pruning layer's own attention).
+        hidden: ``[V, D]`` the image tokens' output states of the pruning layer (what is merged).
+        k: tokens to keep, ``1 <= k <= V`` (the official count is ``min(count, V - 1)``: at least one pruned).
+        recycle: merge part of the pruned tokens (no merged tokens when ``False`` or when nothing is pruned).
+        return_centres: also return the cluster centres as indices into the ``V`` image tokens.
+
+    Returns:
+        ``(kept [k] int64 ascending, merged [C, D] in hidden's dtype)`` (``C = 0`` without recycling), plus
+        ``centres [C]`` (image-relative, in the order of ``merged``) when ``return_centres``.
+    """
+    scores = _rater_scores(attn).mean(dim=0)  # [V]
+    check_tensor("hidden", hidden, ndim=2, shape_hint="[V, D]", finite=True)
+    v = scores.numel()
+    if hidden.shape[0] != v:
+        raise ValueError(f"hidden must have one row per image token (V={v} from attn [H, R, V]), got "
+                         f"{hidden.shape[0]} rows")
+    if not isinstance(recycle, bool):
+        raise TypeError(f"recycle must be True or False, got {recycle!r}")
+    k = check_k(k, v, "image tokens")
+    order = topk_lowtie(scores, v)  # descending score, ties -> lower index
+    kept = order[:k].sort().values
+    pruned = order[k:]  # descending score
+    merged = hidden.new_zeros(0, hidden.shape[1])
+    centres = torch.zeros(0, dtype=torch.long, device=hidden.device)
+    if recycle and pruned.numel() > 0:
+        best = pruned[: int(pruned.numel() * 0.3) + 1]
+        merged, local = dpc_knn_merge(hidden[best], int(best.numel() / 10) + 1)
+        centres = best[local]
+    return (kept, merged, centres) if return_centres else (kept, merged)

@@ -1,0 +1,187 @@
+"""``sparsevlm`` — SparseVLM (Gumpest/SparseVLMs, ICML 2025): text-guided visual token sparsification in the LLM.
+
+Raters, chosen from the LLM's input embeddings: the text tokens after the image whose (image-averaged) softmax
+affinity to the image tokens is above the mean (``vtprune.functional.sparsevlm_raters``; multi-image prompts: the
+non-visual tokens after the image). At each pruning layer ``l`` (``layers``, 0-based, official v1.5 ``(2, 6, 15)``)
+the layer runs on the full current sequence; an image token's score is its head-mean, rater-mean attention from the
+raters at layer ``l``; the top ``count`` are kept and the layer's output is pruned, i.e. a prune point before decoder
+layer ``l + 1``. Recycling: of the pruned tokens the ``int(0.3 P) + 1`` best-scored are clustered (DPC-KNN) into
+``int(that / 10) + 1`` merged tokens, which later pruning layers score like any image token
+(``vtprune.functional.sparsevlm_select``; deterministic: no density noise, ties to the lower index).
+
+``version="v1.5"`` (default, the v1.5 branch): fixed per-budget counts, official for 576-token images
+``192 -> (300, 200, 110)``, ``128 -> (303, 110, 36)``, ``64 -> (66, 30, 17)``; another budget / image size takes
+the row of the nearest budget fraction ``keep / n`` with its counts scaled by ``keep / keep_row`` (rounded, at
+least 1); ``counts=`` gives them directly. ``version="v1"`` (first release 91fb6d98): layers ``(2, 6, 15, 19)``, the count at each layer is
+``min(int(rank(P) * scale + bias), V - 1)`` (``sparsevlm_rank_count``), (scale, bias) 192 -> (13.5, 0),
+128 -> (9, 6), 64 -> (0.8, 0) (nearest budget fraction otherwise), or ``scale=`` / ``bias=``. SparseVLM+ (v2.0) is
+not offered. A count at or above the image's current tokens keeps them all (the official ``min(count, V - 1)``
+would still drop and recycle one).
+
+Positions: the official code renumbers the sequence after every pruning layer and places the merged tokens right
+after the kept image tokens: ``positions="compact"`` (1-D positions only) reproduces that exactly. The default
+``positions="original"`` keeps every kept token's position id; a merged token then takes the slot and position id
+of its cluster centre (a pruned token), so it sits among the kept tokens in position order (documented deviation).
+Either way ``PruneStats.kept_indices`` lists the cluster centres among the kept tokens (they carry merged tokens).
+Layers default to the official ones scaled to the model's depth L (``round(l * L / 32)``; unchanged on 32 layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import functional as F
+from ..config import PruneConfig
+from ..registry import register_method
+from .base import ImageInputs, Method, Selection
+from .pdrop import _check_tuple, check_layer_list
+
+VERSIONS = ("v1.5", "v1")
+_LAYERS = {"v1.5": (2, 6, 15), "v1": (2, 6, 15, 19)}
+#: v1.5 per-budget counts for a 576-token image (score.py, sparse_token_dict)
+V15_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+#: first-release (scale, bias) per budget
+V1_RANK = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+_IMAGE = 576
+
+
+def _number(name, v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+
+
+@dataclass
+class SparseVLMConfig(PruneConfig):
+    version: str = "v1.5"
+    layers: tuple | None = None
+    counts: tuple | None = None
+    scale: float | None = None
+    bias: float | None = None
+    recycle: bool = True
+
+    def __post_init__(self):
+        if self.version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS} (SparseVLM+ / v2.0 is not offered), got "
+                             f"{self.version!r}")
+        self.layers = _check_tuple("layers", self.layers, "ints >= 0 (0-based pruning layers)",
+                                   lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        self.counts = _check_tuple("counts", self.counts, "ints >= 1",
+                                   lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        _number("scale", self.scale)
+        _number("bias", self.bias)
+        if not isinstance(self.recycle, bool):
+            raise TypeError(f"recycle must be True or False, got {self.recycle!r}")
+        if self.version == "v1" and self.counts is not None:
+            raise ValueError("counts= applies to version='v1.5'; version='v1' counts by rank (scale=, bias=)")
+        if self.version == "v1.5" and (self.scale is not None or self.bias is not None):
+            raise ValueError("scale= / bias= apply to version='v1' (rank-based counts); v1.5 takes counts=")
+        if (self.scale is None) != (self.bias is None):
+            raise ValueError(f"give scale= and bias= together, got scale={self.scale!r}, bias={self.bias!r}")
+        explicit = self.counts is not None or self.scale is not None
+        if explicit:
+            if self.keep is not None or self.ratio is not None:
+                raise ValueError("give either counts= / scale=+bias= (the per-layer rule) or a budget keep= / ratio=, "
+                                 f"not both (got keep={self.keep}, ratio={self.ratio})")
+            if self.counts is not None and self.layers is not None and len(self.counts) != len(self.layers):
+                raise ValueError(f"layers and counts need one entry per pruning layer, got {list(self.layers)} and "
+                                 f"{list(self.counts)}")
+            self.ratio = 1.0  # the base class wants a budget; the rule above replaces it
+            super().__post_init__()
+            self.ratio = None
+            return
+        super().__post_init__()
+
+    def budget(self, n: int) -> int:
+        """Tokens left after the last pruning layer (before recycling) of an ``n``-token image; with an explicit
+        rule (``counts`` / ``scale``) its last count (v1: ``n - 1``, the rank decides)."""
+        if self.keep is None and self.ratio is None:
+            return min(n, self.counts[-1]) if self.counts is not None else max(1, n - 1)
+        return super().budget(n)
+
+    def row(self, n: int) -> tuple[int, float]:
+        """The official budget row nearest to this budget's fraction of an ``n``-token image, and the factor that
+        scales its counts: ``keep / keep_row`` (the row's counts as fractions of 576 tokens, times ``n``, times the
+        ratio of the budget fractions)."""
+        keep = self.keep if self.keep is not None else self.ratio * n
+        row = min(V15_COUNTS, key=lambda b: (abs(keep / n - b / _IMAGE), -b))
+        return row, keep / row
+
+
+@register_method("sparsevlm", SparseVLMConfig)
+class SparseVLM(Method):
+    stage = "llm"
+    signals = frozenset({"queries", "hidden", "prompt_embeds"})
+    merges = True
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        layers = self.config.layers
+        if layers is None:  # scaled to the depth; on shallow models the layers that collide merge into one
+            layers = tuple(sorted({int(l * num_layers / 32 + 0.5) for l in _LAYERS[self.config.version]}))
+            if self.config.counts is not None and len(self.config.counts) != len(layers):
+                raise ValueError(f"sparsevlm: counts has {len(self.config.counts)} entries but the default layers "
+                                 f"{list(layers)} are {len(layers)}; pass layers= too")
+        return [k - 1 for k in check_layer_list("sparsevlm (pruning layer + 1)", tuple(l + 1 for l in layers),
+                                                num_layers)]
+
+    def layers(self, num_layers: int) -> list[int]:
+        self._points = [l + 1 for l in self.pruning_layers(num_layers)]
+        return self._points
+
+    def layer(self, num_layers: int) -> int:
+        return self.layers(num_layers)[0]
+
+    def counts(self, n: int) -> list[int]:
+        """v1.5 per-point counts for an image of ``n`` original visual tokens."""
+        cfg = self.config
+        if cfg.counts is not None:
+            return list(cfg.counts)
+        row, factor = cfg.row(n)
+        table = V15_COUNTS[row]
+        if len(self._points) > len(table):
+            raise ValueError(f"sparsevlm v1.5: the official counts {table} are for 3 pruning layers, got "
+                             f"{len(self._points)} layers; pass counts= with one count per layer")
+        return [max(1, round(c * factor)) for c in table[len(table) - len(self._points):]]  # fewer layers: the last
+
+    def keeps_all(self) -> bool:
+        cfg = self.config
+        return cfg.counts is None and cfg.scale is None and cfg.keep is None and cfg.ratio == 1.0
+
+    def point_budget(self, n: int, n_original: int, layer: int) -> int:
+        if self.keeps_all():
+            return n
+        if self.config.version == "v1":
+            return n - 1 if n > 1 else n  # the count comes from the rank, in select
+        count = self.counts(n_original)[self._points.index(layer)]
+        return n if count >= n else count
+
+    def rank_rule(self, n: int) -> tuple[float, float]:
+        cfg = self.config
+        if cfg.scale is not None:
+            return cfg.scale, cfg.bias
+        return V1_RANK[cfg.row(n)[0]]
+
+    def select(self, image: ImageInputs) -> torch.Tensor | Selection:
+        n = image.n
+        if image.text_columns.numel() == 0:
+            raise ValueError("sparsevlm needs text after the image (its raters); the prompt has none")
+        with torch.no_grad():
+            raters = F.sparsevlm_raters(image.prompt_embeds[image.image_columns],
+                                        image.prompt_embeds[image.text_columns])
+            attn = image.attention_rows(image.text_columns[raters])[:, :, image.image_start : image.image_start + n]
+            k = image.k
+            if self.config.version == "v1":
+                k = F.sparsevlm_rank_count(attn, *self.rank_rule(image.n_original))
+            hidden = image.hidden[image.image_start : image.image_start + n]
+            kept, merged, centres = F.sparsevlm_select(attn, hidden, min(k, n), recycle=self.config.recycle,
+                                                       return_centres=True)
+        if merged.shape[0] == 0:
+            return kept
+        carriers = torch.cat([kept, centres]).sort().values
+        if self.config.positions == "compact":  # official: merged tokens right after the kept ones
+            vectors = torch.cat([hidden[kept], merged])
+        else:  # each merged token at its centre's slot and position id
+            vectors = hidden[carriers].clone()
+            vectors[torch.searchsorted(carriers, centres)] = merged
+        return Selection(carriers, vectors)
