@@ -48,6 +48,8 @@ def supports(method: str, family: str) -> bool:
     """Whether ``method`` has its signals on ``family`` (CLS attention needs a CLS token)."""
     if method in SINGLE_CROP_METHODS and family == "llava_next":
         return False
+    if method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5"):
+        return False  # a default point reads a linear-attention layer of the tiny Qwen3.5: refused
     return not (method in CLS_METHODS and family.startswith("qwen"))
 
 
@@ -55,3 +57,7 @@ def supports(method: str, family: str) -> bool:
 CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
 #: methods that do not handle AnyRes / multi-crop images yet
 SINGLE_CROP_METHODS = ("visionzip",)
+#: multi-point methods whose default points read a linear-attention layer of the tiny Qwen3.5 (layers 0 and 3):
+#: pdrop's last point (layer 3's own attention), sparsevlm's first (layer 0); tests/test_qwen3.py runs them at
+#: full-attention layers
+REFUSED_ON_TINY_QWEN35 = ("pdrop", "sparsevlm")

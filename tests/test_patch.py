@@ -29,7 +29,7 @@ def test_keep_all_is_bit_identical(method, family, model_factory):
 @pytest.mark.parametrize("method,family", UNSUPPORTED)
 def test_unsupported_signal_raises(method, family, model_factory):
     model = model_factory(family)
-    with pytest.raises(ValueError, match="CLS|multi-crop"):
+    with pytest.raises(ValueError, match="CLS|multi-crop|linear_attention"):
         vtprune.patch(model, method, keep=4)
     assert not vtprune.is_patched(model)
 

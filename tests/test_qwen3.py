@@ -318,3 +318,23 @@ def test_frame_sizes_count_present_tokens_of_each_original_run():
     assert frame_sizes(image) is None
     video = Unit(row=0, positions=torch.tensor([2, 3, 4, 7, 8, 9, 12, 13]), present=torch.tensor([0, 2, 6, 7]))
     assert frame_sizes(video) == [2, 0, 2]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_vl"])
+@pytest.mark.parametrize("method,options", [("pdrop", dict(layers=[1, 2], ratios=[0.5, 0.25])),
+                                            ("sparsevlm", dict(layers=[1, 2], keep=4))])
+def test_multi_point_methods_at_full_attention_layers(family, method, options, model_factory):
+    """PyramidDrop reads layer K's own attention, SparseVLM layer K-1's: on the tiny Qwen3.5 their default points
+    (pdrop's last at layer 3, sparsevlm's first at K-1 = 0) read linear attention and are refused; at points whose
+    signal layers are full attention they run, and batched rows equal rows alone."""
+    model = model_factory(family)
+    if family == "qwen3_5":
+        with pytest.raises(ValueError, match="linear_attention"):
+            vtprune.patch(model, method, keep=4) if method == "sparsevlm" else vtprune.patch(model, method, ratio=0.5)
+    batch, singles = split_rows(model, family, [(3, 1, 4), (9, 2, 2)])
+    with vtprune.patched(model, method, **options):
+        tokens = greedy(model, batch)
+        points = [k + (method == "sparsevlm") for k in options["layers"]]  # sparsevlm prunes after layer k
+        assert [s.layer for s in vtprune.stats(model).stages] == points
+        for i, one in enumerate(singles):
+            assert torch.equal(greedy(model, one)[0], tokens[i])

@@ -128,7 +128,7 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
             kept = kept.kept
         kept = kept.to(slots.device)
         check_selection(point.method.name, kept, n, k)
-        if config.empty_frames == "refill" and unit.merge_from is None and (sizes := frame_sizes(unit)):
+        if point.method.config.empty_frames == "refill" and unit.merge_from is None and (sizes := frame_sizes(unit)):
             kept = refill_frames(kept, sizes)
         unit.present = unit.present[kept]
         keep[unit.row, slots] = False

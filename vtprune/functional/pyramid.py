@@ -122,7 +122,7 @@ def sparsevlm_rank_count(attn: torch.Tensor, scale: float, bias: float) -> int:
     return max(1, min(int(rank * scale + bias), v - 1))
 
 
-def dpc_knn_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dpc_knn_merge(x: torch.Tensor, clusters: int, return_weights: bool = False):
     """SparseVLM's recycling clusterer (official ``cluster_and_merge``, DPC-KNN), deterministic.
 
     Distances ``d_ij = ||x_i - x_j|| / sqrt(D)``; density ``rho_i = exp(-mean of d^2 over the `clusters` nearest
@@ -138,7 +138,8 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.T
 
     Returns:
         ``(merged [clusters, D] in x's dtype, centres [clusters] int64 indices into x)``, in centre order (the
-        ``rho * delta`` ranking).
+        ``rho * delta`` ranking), plus with ``return_weights`` the ``[clusters, N]`` float32 weights with
+        ``merged = weights @ x`` (``1 / (count + 1e-6)`` on each cluster's members).
     """
     check_tensor("x", x, ndim=2, shape_hint="[N, D]", finite=True)
     n, d = x.shape
@@ -155,11 +156,16 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.T
     assign[centres] = torch.arange(c, device=x.device)
     counts = torch.zeros(c, dtype=dt, device=x.device).index_add_(0, assign, torch.ones(n, dtype=dt, device=x.device))
     sums = torch.zeros(c, d, dtype=dt, device=x.device).index_add_(0, assign, xf)
-    return (sums / (counts[:, None] + 1e-6)).to(x.dtype), centres
+    merged = (sums / (counts[:, None] + 1e-6)).to(x.dtype)
+    if not return_weights:
+        return merged, centres
+    weights = torch.zeros(c, n, dtype=torch.float32, device=x.device)
+    weights[assign, torch.arange(n, device=x.device)] = (1.0 / (counts[assign] + 1e-6)).float()
+    return merged, centres, weights
 
 
 def sparsevlm_select(attn: torch.Tensor, hidden: torch.Tensor, k: int, recycle: bool = True,
-                     return_centres: bool = False):
+                     return_centres: bool = False, return_weights: bool = False):
     """SparseVLM's selection at one pruning layer (v1.5 and first release), with token recycling.
 
     Score of image token v = mean over heads, then over rater rows, of the rater->image attention; the ``k`` best
@@ -175,6 +181,7 @@ def sparsevlm_select(attn: torch.Tensor, hidden: torch.Tensor, k: int, recycle: 
         k: tokens to keep, ``1 <= k <= V`` (the official count is ``min(count, V - 1)``: at least one pruned).
         recycle: merge part of the pruned tokens (no merged tokens when ``False`` or when nothing is pruned).
         return_centres: also return the cluster centres as indices into the ``V`` image tokens.
+        return_weights: also return (after the centres) ``[C, V]`` float32 weights with ``merged = weights @ hidden``.
 
     Returns:
         ``(kept [k] int64 ascending, merged [C, D] in hidden's dtype)`` (``C = 0`` without recycling), plus
@@ -194,8 +201,12 @@ def sparsevlm_select(attn: torch.Tensor, hidden: torch.Tensor, k: int, recycle: 
     pruned = order[k:]  # descending score
     merged = hidden.new_zeros(0, hidden.shape[1])
     centres = torch.zeros(0, dtype=torch.long, device=hidden.device)
+    weights = torch.zeros(0, v, dtype=torch.float32, device=hidden.device)
     if recycle and pruned.numel() > 0:
         best = pruned[: int(pruned.numel() * 0.3) + 1]
-        merged, local = dpc_knn_merge(hidden[best], int(best.numel() / 10) + 1)
+        merged, local, local_weights = dpc_knn_merge(hidden[best], int(best.numel() / 10) + 1, return_weights=True)
         centres = best[local]
-    return (kept, merged, centres) if return_centres else (kept, merged)
+        weights = torch.zeros(local.numel(), v, dtype=torch.float32, device=hidden.device)
+        weights[:, best] = local_weights
+    out = (kept, merged) + ((centres,) if return_centres or return_weights else ())
+    return out + ((weights,) if return_weights else ())

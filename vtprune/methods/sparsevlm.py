@@ -174,14 +174,17 @@ class SparseVLM(Method):
             if self.config.version == "v1":
                 k = F.sparsevlm_rank_count(attn, *self.rank_rule(image.n_original))
             hidden = image.hidden[image.image_start : image.image_start + n]
-            kept, merged, centres = F.sparsevlm_select(attn, hidden, min(k, n), recycle=self.config.recycle,
-                                                       return_centres=True)
+            kept, merged, centres, mix = F.sparsevlm_select(attn, hidden, min(k, n), recycle=self.config.recycle,
+                                                            return_weights=True)
         if merged.shape[0] == 0:
             return kept
         carriers = torch.cat([kept, centres]).sort().values
+        own = torch.nn.functional.one_hot(kept, n).float()  # a kept token carries itself
         if self.config.positions == "compact":  # official: merged tokens right after the kept ones
-            vectors = torch.cat([hidden[kept], merged])
+            vectors, weights = torch.cat([hidden[kept], merged]), torch.cat([own, mix])
         else:  # each merged token at its centre's slot and position id
             vectors = hidden[carriers].clone()
-            vectors[torch.searchsorted(carriers, centres)] = merged
-        return Selection(carriers, vectors)
+            weights = torch.nn.functional.one_hot(carriers, n).float()
+            at = torch.searchsorted(carriers, centres)
+            vectors[at], weights[at] = merged, mix
+        return Selection(carriers, vectors, weights=weights)
