@@ -316,4 +316,4 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
     with pytest.raises(ValueError, match="linear_attention"):
         hsweep._check_methods(q35.models[0], cfg35, [type(fastv[0])(**{**vars(fastv[0]), "options": {}})], 64)
     assert {m.method for m in q3.methods} == {m.method for m in q35.methods} == \
-        {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip", "vispruner")}
+        {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}

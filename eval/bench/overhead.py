@@ -278,8 +278,8 @@ def sizes_report(args, command: str) -> int:
             positions = torch.arange(s)[None]
             with torch.no_grad():
                 rotary = lm.rotary_emb(h, positions)
-                mask = compat.causal_masks(lm.config, h, torch.ones(1, s, dtype=torch.long), None, 0,
-                                           {"full_attention"})["full_attention"]
+                mask = compat.causal_masks(lm.config, h, torch.ones(1, s, dtype=torch.long), None,
+                                           {"full_attention": 0})["full_attention"]
                 return layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
 
         variants = {}
