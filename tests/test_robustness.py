@@ -164,7 +164,8 @@ def test_cli_end_to_end_and_table_column(tmp_path):
     assert {r["perturbation"] for r in rows} == {"none", "shift1", "caa", "transfer"}
     table = (out / "table.md").read_text()
     assert "unreachable" in table and "fastv" in table
-    # a sweep's results with these rows appended get a CAA column in `vtprune table`
+    # a sweep's results with these rows appended get a CAA column in `vtprune table` (the harness: eval extra)
+    pytest.importorskip("lmms_eval")
     from vtprune.harness.tables import to_markdown, build_tables
 
     sweep = [{"model": "tiny-llava-shapes", "method": m, "budget": b, "task": "t", "value": 0.5, "score": 50.0,
