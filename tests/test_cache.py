@@ -12,7 +12,6 @@ another name:
 
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from tiny import (
     VEND_ID,
     VIDEO_ID,
     VSTART_ID,
+    cache_keyword,
     make_inputs,
     split_rows,
 )
@@ -38,8 +38,6 @@ GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
 # -- transformers' cache keyword (``cache=`` from 5.24, ``past_key_values=`` before) -------------------------------
-def _cache_kw(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_of(out):
@@ -184,7 +182,7 @@ def test_second_turn_on_a_pruned_cache_equals_unpatched_model_fed_kept_tokens(me
         cache = _cache_of(o1)
         assert cache.get_seq_length() == s + 5  # the unpruned length: prompt + 5 decoded tokens hold KV
         o2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), max_new_tokens=4,
-                            **{_cache_kw(model): cache}, **GREEDY)
+                            **{cache_keyword(model): cache}, **GREEDY)
         assert torch.equal(o2.sequences[:, : ids2.shape[1]], ids2)
         assert _cache_of(o2).get_seq_length() == ids2.shape[1] + 3
     ref1, ref_logits1 = _reference(model, family, x, kept, x["input_ids"], 6, layer=layer)
@@ -204,7 +202,7 @@ LOOP_ROWS = {1: [(5, 1, 4)], 2: [(5, 1, 4), (2, 1, 9)]}  # batch 2: row 0 left-p
 def _manual_loop(model, x, n, cache=None):
     """``model(**x)`` then ``n - 1`` single-token steps on the returned cache, no generate; per-step last logits
     [n, B, V], the cache, and the position ids the language model received at the first decode step."""
-    kw = _cache_kw(model)
+    kw = cache_keyword(model)
     first = dict(x, use_cache=True)
     if cache is not None:
         first[kw] = cache
@@ -283,7 +281,7 @@ def test_static_cache_is_refused_and_the_model_stays_usable(method, family, mode
 
     model = model_factory(family)
     x = make_inputs(model, family, [(5, 1, 4)])
-    kw = _cache_kw(model)
+    kw = cache_keyword(model)
     with vtprune.patched(model, method, keep=5), torch.no_grad():
         before = model.generate(**x, max_new_tokens=4, do_sample=False)
         with pytest.raises(ValueError, match="static"):
@@ -427,7 +425,7 @@ def test_compact_decode_loop_and_second_turn_continue_from_pruned_length(method,
         o1 = model.generate(**x, max_new_tokens=6, **GREEDY)
         ids2 = torch.cat([o1.sequences, more], 1)
         o2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), max_new_tokens=4,
-                            **{_cache_kw(model): _cache_of(o1)}, **GREEDY)
+                            **{cache_keyword(model): _cache_of(o1)}, **GREEDY)
     ref1, ref_logits1 = _reference(model, "llava", x, kept, x["input_ids"], 6, compact=True)
     torch.testing.assert_close(logits, ref_logits1[:5], rtol=1e-4, atol=1e-4)  # the hand-written loop
     assert torch.equal(o1.sequences[:, s:], ref1)
@@ -496,9 +494,9 @@ def test_a_deep_copy_of_a_pruned_cache_continues_like_the_original(method, model
         turn = dict(input_ids=ids2, attention_mask=torch.cat([x["attention_mask"], torch.ones(2, 5, dtype=torch.long)],
                                                                 1), max_new_tokens=3, **GREEDY)
         length = snap.get_seq_length()
-        on_original = model.generate(**turn, **{_cache_kw(model): _cache_of(o1)})
+        on_original = model.generate(**turn, **{cache_keyword(model): _cache_of(o1)})
         assert snap.get_seq_length() == length  # the original grew; the copy did not
-        on_copy = model.generate(**turn, **{_cache_kw(model): snap})
+        on_copy = model.generate(**turn, **{cache_keyword(model): snap})
     assert torch.equal(on_copy.sequences, on_original.sequences)
     torch.testing.assert_close(torch.stack(on_copy.logits), torch.stack(on_original.logits), rtol=0, atol=0)
 
@@ -512,10 +510,10 @@ def test_a_pruned_cache_after_unpatch_or_another_patch_is_refused(method, model_
     ids = torch.tensor([[11]])
     step = dict(input_ids=ids, attention_mask=torch.ones(1, x["input_ids"].shape[1] + 2, dtype=torch.long))
     with pytest.raises(ValueError, match="patch that pruned a prompt can continue its cache"):
-        model(**step, **{_cache_kw(model): cache})  # unpatched model
+        model(**step, **{cache_keyword(model): cache})  # unpatched model
     with vtprune.patched(model, "random", keep=6):
         with pytest.raises(ValueError, match="patch that pruned a prompt can continue its cache"):
-            model(**step, **{_cache_kw(model): cache})  # another patch
+            model(**step, **{cache_keyword(model): cache})  # another patch
 
 
 def test_a_patched_model_cannot_be_deep_copied(model_factory):
@@ -549,4 +547,4 @@ def test_a_cache_that_is_not_a_transformers_cache_is_named(model_factory):
     model = model_factory("llava")
     x = make_inputs(model, "llava", [(5, 1, 4)])
     with vtprune.patched(model, "random", keep=4), pytest.raises(TypeError, match="must be a transformers Cache.*tuple"):
-        model(**x, **{_cache_kw(model): ((torch.zeros(1),),)})
+        model(**x, **{cache_keyword(model): ((torch.zeros(1),),)})

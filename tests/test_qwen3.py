@@ -11,20 +11,13 @@ import sys
 
 import pytest
 import torch
-from tiny import IMAGE_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, greedy, last_logits, make_inputs, split_rows
+from tiny import (IMAGE_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, cache_keyword, greedy, last_logits, make_inputs,
+                  split_rows)
 
 import vtprune
 from vtprune import compat
 
 DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe")
-
-
-def _generate_cache_keyword(model) -> str:
-    """``cache`` (transformers >= 5.24) or ``past_key_values`` (5.23), as the model's forward names it."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return next(name for name in compat.CACHE_KEYWORDS if name in params)
 
 
 def _visual_features(inner, inputs, token_id):
@@ -303,7 +296,7 @@ def test_second_turn_on_a_pruned_cache_equals_the_conversation_run_without_cache
         ids2 = torch.cat([o1.sequences, torch.tensor([[11, 12, 13]])], 1)
         cache = compat.output_cache(o1)
         o2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), max_new_tokens=4,
-                            **{_generate_cache_keyword(model): cache}, **kw)
+                            **{cache_keyword(model): cache}, **kw)
         types = torch.cat([x["mm_token_type_ids"], torch.zeros(1, ids2.shape[1] - x["input_ids"].shape[1],
                                                                  dtype=torch.long)], 1)
         ref = model.generate(**{**x, "input_ids": ids2, "attention_mask": torch.ones_like(ids2),

@@ -258,6 +258,14 @@ def run_recording_layer_lengths(model, inputs, method, **options):
     return seen, st
 
 
+def cache_keyword(model) -> str:
+    """The KV-cache keyword of ``model``'s forward and ``generate``: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (5.23)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def last_logits(model, inputs):
     """Last-position logits (float32) of one forward; 1-D-position models get position ids numbered from the mask,
     as ``generate`` numbers them (so a left-padded row and the row alone see the same positions)."""

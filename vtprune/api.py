@@ -152,13 +152,18 @@ def stats(model: nn.Module) -> PruneStats | None:
     return None if session is None else session.stats
 
 
+def _patched_session(model: nn.Module, doing: str):
+    session = getattr(model, _ATTR, None)
+    if session is None:
+        raise ValueError(f"{type(model).__name__} is not patched by vtprune; patch it before {doing}")
+    return session
+
+
 def set_image_sizes(model: nn.Module, sizes) -> None:
     """Original ``(width, height)`` of each image of the *next* prompt, in order, for methods that mask the padding
     of padded-to-square LLaVA-1.5 images (``fastv`` with ``debias=True``). Used by the next forward (or
     ``generate``) that carries images, then forgotten. ``sizes=None`` clears them."""
-    session = getattr(model, _ATTR, None)
-    if session is None:
-        raise ValueError(f"{type(model).__name__} is not patched by vtprune; patch it before setting image sizes")
+    session = _patched_session(model, "setting image sizes")
     if sizes is None:
         session.image_sizes = None
         return
@@ -176,9 +181,7 @@ def set_instructions(model: nn.Module, texts) -> None:
     """The instruction (question) of each prompt row of the *next* prompt, for methods that score visual tokens by
     their relevance to it (``cdpruner`` with ``text="clip"``): a list of one ``str`` per batch row. Used by the next
     forward (or ``generate``) that carries images, then forgotten. ``texts=None`` clears them."""
-    session = getattr(model, _ATTR, None)
-    if session is None:
-        raise ValueError(f"{type(model).__name__} is not patched by vtprune; patch it before setting instructions")
+    session = _patched_session(model, "setting instructions")
     if texts is None:
         session.instructions = None
         return

@@ -47,23 +47,17 @@ def rope_keys(attn: nn.Module, k_out: torch.Tensor, position_embeddings, rope_fn
 def rope_query(attn: nn.Module, q_rows: torch.Tensor, position_embeddings, index: torch.Tensor, rope_fn,
                gated: bool = False):
     """Post-RoPE query ``[B, H, 1, Dh]`` of one position per row from ``q_proj`` output rows ``[B, H*Dh]`` taken
-    at positions ``index [B]``. ``gated``: the rows are ``[B, H*2*Dh]``, each head's query followed by its output
-    gate (Qwen3.5's gated attention); the gate is dropped."""
+    at positions ``index [B]`` (``gated``: as in :func:`rope_queries`)."""
     b = q_rows.shape[0]
     rows = torch.arange(b, device=q_rows.device)
-    cos, sin = (t.expand(b, -1, -1)[rows, index].unsqueeze(1) for t in position_embeddings)
-    if gated:
-        q_rows = q_rows.view(b, -1, 2 * attn.head_dim)[..., : attn.head_dim].reshape(b, -1)
-    q = q_rows.view(b, 1, -1, attn.head_dim)
-    if getattr(attn, "q_norm", None) is not None:
-        q = attn.q_norm(q)
-    q = q.transpose(1, 2)
-    return rope_fn(q, q, cos, sin)[0]
+    at = tuple(t.expand(b, -1, -1)[rows, index].unsqueeze(1) for t in position_embeddings)
+    return rope_queries(attn, q_rows.unsqueeze(1), at, rope_fn, gated=gated)
 
 
 def rope_queries(attn: nn.Module, q_out: torch.Tensor, position_embeddings, rope_fn, gated: bool = False):
     """Post-RoPE queries ``[B, H, S, Dh]`` of every position from a decoder attention's ``q_proj`` output
-    ``[B, S, H*Dh]`` (``gated``: ``[B, S, H*2*Dh]``, each head's query then its output gate, as in Qwen3.5)."""
+    ``[B, S, H*Dh]`` (``gated``: ``[B, S, H*2*Dh]``, each head's query then its output gate, as in Qwen3.5's gated
+    attention; the gate is dropped)."""
     b, s, _ = q_out.shape
     cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
     q = q_out.view(b, s, -1, 2 * attn.head_dim)[..., : attn.head_dim] if gated else q_out.view(b, s, -1, attn.head_dim)

@@ -7,6 +7,7 @@ with its features and vision-side record), the padding masks of padded-to-square
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +32,11 @@ class Unit:
     merged: torch.Tensor | None = None  # [n', D] replacement vectors of a merging method, this point
     #: a merging method's selection at this point: (slots before it, kept indices into them, Selection.weights)
     merge_from: tuple | None = None
+
+    @functools.cached_property
+    def frame_breaks(self) -> torch.Tensor:
+        """Indices into the unit's tokens where a new placeholder run starts (a video frame after timestamp text)."""
+        return ((self.positions[1:] - self.positions[:-1]) > 1).nonzero().squeeze(1) + 1
 
     @property
     def key(self) -> tuple[int, int]:
@@ -101,8 +107,7 @@ def frame_sizes(unit: Unit) -> list[int] | None:
     """For a video unit whose frames are separate placeholder runs in the prompt (text between them: Qwen3-VL /
     Qwen3.5 timestamps), how many of each frame's tokens are still present, in order (0: an earlier point removed
     the whole frame); None for a unit that is one run (an image, or a video without text between frames)."""
-    pos = unit.positions
-    breaks = ((pos[1:] - pos[:-1]) > 1).nonzero().squeeze(1) + 1
+    breaks = unit.frame_breaks
     if breaks.numel() == 0:
         return None
     frame = torch.bucketize(unit.present, breaks, right=True)
