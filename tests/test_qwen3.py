@@ -331,3 +331,29 @@ def test_multi_point_methods_at_full_attention_layers(family, method, options, m
         assert [s.layer for s in vtprune.stats(model).stages] == points
         for i, one in enumerate(singles):
             assert torch.equal(greedy(model, one)[0], tokens[i])
+
+
+def test_attention_rows_of_a_video_spanning_frames_follow_the_span_view(model_factory, monkeypatch):
+    """SparseVLM's rater attention on a Qwen3-VL video (frames separated by timestamps) comes in the same contiguous
+    view as its hidden states: the span ``image_start .. +n`` holds the video tokens' columns, checked against the
+    eager model's attention weights."""
+    from vtprune.methods.sparsevlm import SparseVLM
+
+    model = model_factory("qwen3_vl", attn="eager")
+    inputs, n = _video(frames=2)
+    seen = {}
+    original = SparseVLM.select
+
+    def spy(self, image):
+        s = image.image_start
+        seen["rows"] = image.attention_rows(image.text_columns)[..., s : s + n].float()
+        seen["text"] = image.text_columns
+        return original(self, image)
+
+    monkeypatch.setattr(SparseVLM, "select", spy)
+    with vtprune.patched(model, "sparsevlm", layers=[1], keep=4), torch.no_grad():
+        model(**inputs)
+    with torch.no_grad():
+        ref = model(**inputs, output_attentions=True).attentions[1][0]  # layer 1: [H, S, S]
+    video = (inputs["input_ids"][0] == VIDEO_ID).nonzero().squeeze(1)
+    torch.testing.assert_close(seen["rows"], ref[:, seen["text"]][:, :, video].float(), rtol=1e-5, atol=1e-6)

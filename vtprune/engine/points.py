@@ -194,7 +194,8 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
         real_mask=unit.real_mask[unit.present] if unit.real_mask is not None else None,
     )
     if "queries" in signals:
-        inputs.attention_rows = _attention_rows(fwd, unit.row, *signals["queries"])
+        rows = _attention_rows(fwd, unit.row, *signals["queries"])
+        inputs.attention_rows = rows if order is None else (lambda columns: view(rows(columns), 2))
     if "prompt_embeds" in point.method.signals:
         row = fwd.input_ids[unit.row]
         cols = torch.arange(row.numel(), device=row.device)
