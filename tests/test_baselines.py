@@ -269,6 +269,41 @@ def test_cdpruner_clip_variant_matches_reading(words, model_factory):
     assert kept.tolist() == _cdpruner_official(feats, img, txt, 6)
 
 
+def test_cdpruner_clip_variant_accepts_open_clip(model_factory):
+    """An open_clip CLIP (and its SimpleTokenizer, untruncated: two 77-token segments) gives the kept set of the
+    reading with ``ln_post(h) @ proj`` and ``encode_text`` per segment."""
+    open_clip = pytest.importorskip("open_clip")
+    model = model_factory("llava")
+    inputs = make_inputs(model, "llava", [(4, 1, 6)])
+    torch.manual_seed(0)
+    width = model.config.vision_config.hidden_size
+    clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=56, patch_size=14, width=width, layers=1,
+                                                              head_width=16, mlp_ratio=2),
+                                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    tok = open_clip.get_tokenizer("ViT-B-32")  # the bundled BPE vocabulary: offline
+    question = " ".join(["red square left of the blue circle"] * 12)  # > 77 tokens
+    ids = [tok.sot_token_id, *tok.encode(question), tok.eot_token_id]
+    assert 77 < len(ids) <= 154
+    with torch.no_grad():
+        h = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][0, 1:]
+        img = (clip.visual.ln_post(h) @ clip.visual.proj).double()
+        txt = clip.encode_text(torch.tensor(ids + [0] * (154 - len(ids))).view(2, 77)).double()
+        feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0].double()
+    with vtprune.patched(model, "cdpruner", keep=6, text="clip", clip_model=clip, clip_tokenizer=tok), \
+            torch.no_grad():
+        vtprune.set_instructions(model, [question])
+        model(**inputs)
+        kept = vtprune.stats(model).kept_indices[0]
+    assert kept.tolist() == _cdpruner_official(feats, img, txt, 6)
+    with pytest.raises(ValueError, match="needs clip_tokenizer"):
+        with vtprune.patched(model, "cdpruner", keep=6, text="clip", clip_model=clip), torch.no_grad():
+            vtprune.set_instructions(model, [question])
+            model(**inputs)
+    clip.visual.proj = None
+    with pytest.raises(TypeError, match="no output projection"):
+        vtprune.CDPrunerConfig(keep=4, text="clip", clip_model=clip)
+
+
 def test_cdpruner_clip_variant_bad_inputs(model_factory):
     with pytest.raises(ValueError, match="needs clip_model"):
         vtprune.patch(model_factory("llava"), "cdpruner", keep=4, text="clip")
@@ -276,7 +311,7 @@ def test_cdpruner_clip_variant_bad_inputs(model_factory):
         vtprune.CDPrunerConfig(keep=4, text="bert")
     with pytest.raises(ValueError, match="would be unused"):
         vtprune.CDPrunerConfig(keep=4, clip_model="x")
-    with pytest.raises(TypeError, match="CLIPModel"):
+    with pytest.raises(TypeError, match="CLIPModel .* or an open_clip CLIP"):
         vtprune.CDPrunerConfig(keep=4, text="clip", clip_model=torch.nn.Linear(2, 2))
     cfg = vtprune.CDPrunerConfig(keep=4, text="clip", clip_model="some/clip")
     assert vtprune.PruneConfig.from_json(cfg.to_json()) == cfg

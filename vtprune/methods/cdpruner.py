@@ -11,8 +11,9 @@ Where the relevance comes from (``text=``):
   patch states of the vision layer the projector reads (the projector's input); text side: the CLIP text tower of
   the same checkpoint, on the instruction given with ``vtprune.set_instructions`` (tokenised with the CLIP
   tokenizer, zero-padded to a multiple of 77 tokens, one embedding per 77-token segment). ``clip_model``: a
-  transformers ``CLIPModel`` or a path / hub name loaded with ``CLIPModel.from_pretrained``; ``clip_tokenizer``: a
-  tokenizer (``tokenizer(text)["input_ids"]``) or a path (None: ``clip_model``'s path). LLaVA families (CLIP
+  transformers ``CLIPModel``, a path / hub name loaded with ``CLIPModel.from_pretrained``, or an open_clip ``CLIP``
+  (e.g. ``open_clip.create_model("ViT-L-14-336", pretrained="openai")``); ``clip_tokenizer``: a tokenizer
+  (``tokenizer(text)["input_ids"]``, or open_clip's ``SimpleTokenizer``) or a path (None: ``clip_model``'s path). LLaVA families (CLIP
   towers) only.
 * ``"llm"`` (default; NOT the paper's): the LLM's own input space, for families without a CLIP text tower. Image
   side: the projected tokens themselves; text side: the LLM input embeddings of the sample's text tokens after the
@@ -43,6 +44,60 @@ _TEXTS = ("llm", "clip")
 CLIP_CONTEXT = 77
 
 
+class ClipSpace:
+    """CLIP's joint embedding space from a transformers ``CLIPModel`` or an open_clip ``CLIP`` (``open_clip_torch``).
+
+    ``image(h)``: ``[N, W]`` vision-tower patch states -> ``[N, C]`` joint-space embeddings (transformers:
+    ``visual_projection(post_layernorm(h))``; open_clip: ``ln_post(h) @ proj``, the same map). ``text(ids)``:
+    ``[M, 77]`` token ids -> ``[M, C]`` (transformers: ``text_projection`` of the pooled output at the EOS token;
+    open_clip: ``encode_text``, pooled at the EOT token). Raises ``TypeError`` for any other object."""
+
+    def __init__(self, model: Any):
+        if all(hasattr(model, p) for p in ("text_model", "text_projection", "vision_model", "visual_projection")):
+            self.kind = "transformers"
+            self.width = int(model.vision_model.post_layernorm.normalized_shape[0])
+            self.device = model.visual_projection.weight.device
+        elif hasattr(model, "encode_text") and all(hasattr(getattr(model, "visual", None), p)
+                                                   for p in ("ln_post", "proj")):
+            if model.visual.proj is None:
+                raise TypeError("clip_model is an open_clip CLIP whose vision tower has no output projection "
+                                "(visual.proj is None); CDPruner needs the joint-space projection")
+            self.kind = "open_clip"
+            self.width = int(model.visual.ln_post.normalized_shape[0])
+            self.device = model.visual.proj.device
+        else:
+            raise TypeError(f"clip_model must be a transformers CLIPModel (or its path) or an open_clip CLIP "
+                            f"(encode_text, visual.ln_post, visual.proj); got {type(model).__name__}")
+        self.model = model
+
+    def image(self, states: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.kind == "transformers":
+            w = m.visual_projection.weight
+            return m.visual_projection(m.vision_model.post_layernorm(states.to(w.device, w.dtype)))
+        proj = m.visual.proj
+        return m.visual.ln_post(states.to(proj.device, proj.dtype)) @ proj
+
+    def text(self, ids: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.kind == "transformers":
+            return m.text_projection(m.text_model(input_ids=ids).pooler_output)
+        return m.encode_text(ids)
+
+
+def clip_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """The CLIP token ids of ``text`` with start and end tokens, untruncated: a transformers tokenizer
+    (``tokenizer(text)["input_ids"]``) or open_clip's ``SimpleTokenizer`` (``encode`` plus ``sot_token_id`` /
+    ``eot_token_id``; its ``__call__`` would truncate to 77 tokens)."""
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id") and hasattr(tokenizer, "eot_token_id"):
+        return [int(tokenizer.sot_token_id), *map(int, tokenizer.encode(text)), int(tokenizer.eot_token_id)]
+    out = tokenizer(text)
+    if not hasattr(out, "__getitem__") or "input_ids" not in out:
+        raise TypeError(f"clip_tokenizer must return a mapping with 'input_ids' (a transformers tokenizer) or be "
+                        f"open_clip's SimpleTokenizer; {type(tokenizer).__name__} returned {type(out).__name__}")
+    return [int(i) for i in out["input_ids"]]
+
+
 @dataclass
 class CDPrunerConfig(PruneConfig):
     """CDPruner options: ``text`` (``"llm"`` default, not the paper's; ``"clip"`` the paper's), ``clip_model`` /
@@ -70,10 +125,7 @@ class CDPrunerConfig(PruneConfig):
         if tok is not None and not isinstance(tok, str) and not callable(tok):
             raise TypeError(f"clip_tokenizer must be None, a path or a callable tokenizer, got {type(tok).__name__}")
         if self.clip_model is not None and not isinstance(self.clip_model, str):
-            for part in ("text_model", "text_projection", "vision_model", "visual_projection"):
-                if not hasattr(self.clip_model, part):
-                    raise TypeError(f"clip_model must be a transformers CLIPModel (or its path); "
-                                    f"{type(self.clip_model).__name__} has no {part!r}")
+            ClipSpace(self.clip_model)  # validates: a transformers CLIPModel or an open_clip CLIP
 
     def to_dict(self) -> dict[str, Any]:
         out = {"method": self.method}
@@ -103,8 +155,8 @@ class CDPruner(Method):
         self._clip = self._tokenizer = None
         self._text_cache: dict[str, torch.Tensor] = {}
 
-    def clip(self):
-        """``(CLIPModel, tokenizer)``, loaded on first use when given as paths."""
+    def clip(self) -> "tuple[ClipSpace, Any]":
+        """``(ClipSpace, tokenizer)``, loaded on first use when given as paths."""
         if self._clip is None:
             cfg = self.config
             model, tok = cfg.clip_model, cfg.clip_tokenizer
@@ -116,25 +168,23 @@ class CDPruner(Method):
                 tok = cfg.clip_model if isinstance(cfg.clip_model, str) else getattr(model, "name_or_path", None)
                 if not tok:
                     raise ValueError("cdpruner text='clip' with an in-memory clip_model needs clip_tokenizer= "
-                                     "(a CLIP tokenizer or its path)")
+                                     "(a CLIP tokenizer or its path; for open_clip: open_clip.get_tokenizer(name))")
             if isinstance(tok, str):
                 from transformers import AutoTokenizer
 
                 tok = AutoTokenizer.from_pretrained(tok)
-            self._clip, self._tokenizer = model, tok
+            self._clip, self._tokenizer = ClipSpace(model), tok
         return self._clip, self._tokenizer
 
     def text_embeds(self, text: str) -> torch.Tensor:
         """``[M, C]`` CLIP text embeddings of ``text``: one per 77-token segment of its zero-padded token ids."""
         if text not in self._text_cache:
-            model, tok = self.clip()
-            ids = list(tok(text)["input_ids"])
+            space, tok = self.clip()
+            ids = clip_token_ids(tok, text)
             ids += [0] * (-len(ids) % CLIP_CONTEXT)
-            device = model.text_projection.weight.device
-            ids = torch.tensor(ids, dtype=torch.long, device=device).view(-1, CLIP_CONTEXT)
+            ids = torch.tensor(ids, dtype=torch.long, device=space.device).view(-1, CLIP_CONTEXT)
             with torch.no_grad():
-                pooled = model.text_model(input_ids=ids).pooler_output
-                self._text_cache[text] = model.text_projection(pooled).float()
+                self._text_cache[text] = space.text(ids).float()
         return self._text_cache[text]
 
     def select(self, image: ImageInputs) -> torch.Tensor:
@@ -150,18 +200,16 @@ class CDPruner(Method):
             raise ValueError("cdpruner text='clip' needs each prompt's instruction: call "
                              "vtprune.set_instructions(model, [question, ...]) (one str per batch row) before the "
                              "forward / generate call")
-        model, _ = self.clip()
+        space, _ = self.clip()
         ids, _, _ = packed_patches(image)
         tokens = (ids >= 0).nonzero().squeeze(1)
         states = image.projector_inputs.reshape(-1, image.projector_inputs.shape[-1])[ids[tokens]]
-        vision = model.vision_model
-        if states.shape[-1] != vision.post_layernorm.normalized_shape[0]:
+        if states.shape[-1] != space.width:
             raise ValueError(f"cdpruner text='clip': the projector's input has width {states.shape[-1]} but "
-                             f"clip_model's vision tower has width {vision.post_layernorm.normalized_shape[0]}; "
+                             f"clip_model's vision tower has width {space.width}; "
                              "clip_model must be the checkpoint of the VLM's own CLIP vision tower")
         with torch.no_grad():
-            weight = model.visual_projection.weight
-            embeds = model.visual_projection(vision.post_layernorm(states.to(weight.device, weight.dtype))).float()
+            embeds = space.image(states).float()
         text = self.text_embeds(instruction).to(embeds.device)
         k = min(image.k, tokens.numel())
         kept = tokens[F.cdpruner_select(image.features[tokens], embeds, text, k, cfg.theta).to(tokens.device)]
