@@ -66,6 +66,24 @@ def test_benign_perturbations():
         R.perturb(x, "blur", gen)
 
 
+def test_method_options_reach_the_method_and_bad_ones_are_refused(runner):
+    from vtprune import api
+
+    assert R.load_config().method_options == {"pdrop": {"budget_kind": "last"}}  # the committed run's
+    runner.method_options = {"pdrop": {"budget_kind": "last"}}
+    try:
+        with runner.patch("pdrop", 13):
+            assert getattr(runner.pruned, api._ATTR).methods[0].config.budget_kind == "last"
+    finally:
+        runner.method_options = {}
+    with runner.patch("pdrop", 13):
+        assert getattr(runner.pruned, api._ATTR).methods[0].config.budget_kind != "last"
+    for bad, message in [([1], "must be a mapping"), ({"pdrop": {"keep": 3}}, "other than keep"),
+                         ({"pdrp": {}}, "pdrop"), ({"pdrop": {"budget_kind": "most"}}, "budget_kind")]:
+        with pytest.raises(ValueError, match=message):
+            _config(method_options=bad)
+
+
 @pytest.mark.parametrize("method", vtprune.list_methods())
 def test_every_method_is_attacked_or_reported_unreachable(method):
     surrogate, reason = R.surrogate_for(method)
@@ -74,9 +92,10 @@ def test_every_method_is_attacked_or_reported_unreachable(method):
         assert surrogate is None and "never on the image" in reason
 
 
-@pytest.mark.parametrize("method", ["cls", "fastv"])
+@pytest.mark.parametrize("method", ["cls", "fastv", "pdrop"])
 def test_exact_surrogates_rank_like_the_method(runner, items, method):
-    """An exact surrogate's top-k is the method's own kept set (read from the same inputs, independently)."""
+    """An exact surrogate's top-k is the method's own kept set (read from the same inputs, independently); pdrop at
+    its first point, the one the audit probes."""
     surrogate, _ = R.surrogate_for(method)
     assert surrogate.exact
     x, text = torch.stack([it.image for it in items]), runner.text_inputs(items)
@@ -88,9 +107,27 @@ def test_exact_surrogates_rank_like_the_method(runner, items, method):
         seen.append(torch.equal(top.cpu(), kept.cpu()))
         return kept
 
-    with runner.patch(method, 13), runner.probe(fn), torch.no_grad():
-        runner.forward(runner.pruned, x, text)
+    runner.method_options = {"pdrop": {"budget_kind": "last"}}
+    try:
+        with runner.patch(method, 13), runner.probe(fn), torch.no_grad():
+            runner.forward(runner.pruned, x, text)
+    finally:
+        runner.method_options = {}
     assert seen == [True] * len(items)
+
+
+def test_multi_point_methods_are_audited_at_their_first_point(runner, items):
+    x, text = torch.stack([it.image for it in items]), runner.text_inputs(items)
+    runner.method_options = {"pdrop": {"budget_kind": "last"}}
+    try:
+        with runner.patch("pdrop", 13):
+            _, kept, _ = runner.predict_pruned(x, text)
+            stages = vtprune.stats(runner.pruned).stages
+            assert runner.selections(x, text) == kept  # the stopped forward probes the same point
+    finally:
+        runner.method_options = {}
+    assert len(stages) == 2 and stages[-1].visual_tokens_kept == [13] * len(items)
+    assert [len(k) for k in kept] == stages[0].visual_tokens_kept and all(len(k) > 13 for k in kept)
 
 
 def test_attack_raises_its_objective_respects_the_ball_and_drops_critical_tokens(runner, items):

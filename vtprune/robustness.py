@@ -85,13 +85,15 @@ PERTURBATIONS = {
 @dataclass
 class RobustnessConfig:
     """What :func:`run_robustness` measures. Paths are relative to the working directory (or, from
-    :func:`load_config`, to the config file). ``methods`` None: every registered method. ``epsilons`` and
+    :func:`load_config`, to the config file). ``methods`` None: every registered method; ``method_options`` maps a
+    method name to options its config gets besides ``keep`` (e.g. ``{"pdrop": {"budget_kind": "last"}}``). ``epsilons`` and
     ``transfer_epsilon`` in units of 1/255; ``step_size`` None: ``2.5 * epsilon / steps`` (Madry et al.)."""
 
     model: str = "models/tiny-llava-shapes"
     task: str = "eval/tasks/vtprune_shapes"
     scene_seed: int = shapes.DEFAULT_SEED
     methods: list[str] | None = None
+    method_options: dict[str, dict] = field(default_factory=dict)
     budgets: list[int] = field(default_factory=lambda: [64, 28, 13])
     perturbations: list[str] = field(default_factory=lambda: list(PERTURBATIONS))
     epsilons: list[int] = field(default_factory=lambda: [4, 8])
@@ -156,6 +158,15 @@ class RobustnessConfig:
                                  f"method), got {self.methods!r}")
             for m in self.methods:
                 get_method(m)  # unknown names raise ValueError with suggestions
+        if not isinstance(self.method_options, dict):
+            raise ValueError(f"method_options must be a mapping of method name -> options, got "
+                             f"{self.method_options!r}")
+        for m, options in self.method_options.items():
+            spec = get_method(m)
+            if not isinstance(options, dict) or {"keep", "ratio"} & set(options):
+                raise ValueError(f"method_options[{m!r}] must be a mapping of {m}'s options other than keep / ratio "
+                                 f"(the budgets set keep), got {options!r}")
+            spec.make_config({"keep": self.budgets[0], **options})  # unknown / bad options raise here
 
     def method_names(self) -> list[str]:
         return list(self.methods) if self.methods is not None else list_methods()
@@ -229,6 +240,18 @@ def _key_isolation(method, image: ImageInputs) -> torch.Tensor:
     return _isolation(image.keys[image.image_start: image.image_start + image.n])
 
 
+def _dpp_gain(method, image: ImageInputs) -> torch.Tensor:
+    """CDPruner's first greedy-MAP gain is ``L_ii = r_i^2`` and every later one ``r_i^2`` times the part of token i
+    not explained by the picked tokens: ``r^2 * (1 - max cos to a neighbour)`` with ``r`` its relevance (``text="llm"``:
+    to the prompt's LLM embeddings; ``"clip"``: read from the CLIP joint space without gradient, so 1 here)."""
+    from . import functional as F
+
+    text = image.extra.get("prompt_embeds")
+    rel = (F.cdpruner_relevance(image.features.float(), text.float()) if text is not None and text.shape[0]
+           else image.features.new_ones(image.n, dtype=torch.float32))
+    return rel.pow(2) * _isolation(image.features)
+
+
 def _dart_duplication(method, image: ImageInputs) -> torch.Tensor:
     cfg = method.config
     start, n = image.image_start, image.n
@@ -258,6 +281,12 @@ SURROGATES: dict[str, Surrogate] = {
     "dart": Surrogate("pivot-duplication", "tokens least cosine-similar to a pivot are kept -> minus the lowest "
                       "cosine similarity of the (final-normed) hidden state to the key-norm pivots (pivot choice "
                       "held fixed)", _dart_duplication),
+    "pdrop": Surrogate("layer-attention", "the method's own score at its first point: head-mean attention of the last "
+                       "prompt token at that layer, recomputed on its input (later points are not attacked)",
+                       _text_attention, exact=True),
+    "cdpruner": Surrogate("dpp-gain", "greedy DPP MAP -> each token's squared relevance to the prompt times its "
+                          "cosine distance to the nearest neighbour (its marginal gain against its closest "
+                          "competitor)", _dpp_gain),
     "pact": Surrogate("key-isolation", "density-peak clustering of the keys keeps isolated tokens as their own "
                       "centres -> cosine distance of each key to its nearest neighbour", _key_isolation),
 }
@@ -416,9 +445,10 @@ class Runner:
     """The bundled model twice (plain, and one to patch), the processor, and batched helpers. Images are
     ``[B, 3, H, W]`` in [0, 1]; the CLIP normalisation is applied here, differentiably."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, method_options: dict[str, dict] | None = None):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+        self.method_options = dict(method_options or {})
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"model folder {str(model_dir)!r} has no config.json (expected models/tiny-llava-shapes)")
@@ -454,18 +484,26 @@ class Runner:
 
     @contextlib.contextmanager
     def patch(self, method: str, budget: int):
+        """The pruned model patched with ``method`` at ``keep=budget`` and the run's ``method_options`` for it."""
         spec = get_method(method)
-        with api.patched(self.pruned, spec.make_config({"keep": budget})):
+        with api.patched(self.pruned, spec.make_config({"keep": budget, **self.method_options.get(method, {})})):
             yield self.pruned
 
     @contextlib.contextmanager
     def probe(self, fn: Callable):
-        """Route every ``select`` call of the patched method through ``fn(original_select, image, call_index)``."""
+        """Route every ``select`` call of the patched method at its first prune point through
+        ``fn(original_select, image, call_index)``. A multi-point method (``pdrop``, ``sparsevlm``) is audited at its
+        first point: its later points select as usual from what the first one kept."""
         method = getattr(self.pruned, api._ATTR).methods[0]
         original = method.select
         calls = [0]
+        first = [None]  # the decoder layer of the first point seen in this forward (0: the vision entry)
 
         def select(image):
+            if first[0] is None or calls[0] == 0:
+                first[0] = image.layer
+            if image.layer != first[0]:
+                return original(image)
             i = calls[0]
             calls[0] += 1
             return fn(original, image, i)
@@ -691,7 +729,7 @@ def run_robustness(config: RobustnessConfig | None = None, *, output_dir: str | 
     cfg = config if config is not None else load_config()
     methods = cfg.method_names()
     with num_threads(cfg.threads):
-        runner = Runner(cfg.model)
+        runner = Runner(cfg.model, cfg.method_options)
         items = load_items(cfg.task, cfg.scene_seed, cfg.limit)
         batches = _batches(items, cfg.batch_size)
         cannot = {}  # method -> why it cannot run on this model (reported in its rows, not skipped silently)
