@@ -193,7 +193,9 @@ class _Pruning:
         loaded = super().load_weights(weights)
         if self._needs_projector():  # before the linear layers are pre-packed (vLLM's CPU kernels drop weights)
             merger = self.visual.merger
-            self.vtprune_projector = PerTokenMerger(merger, merger.hidden_size // self.visual.spatial_merge_unit)
+            # not a submodule: vLLM's loader checks that every parameter of the model came from the checkpoint
+            object.__setattr__(self, "vtprune_projector",
+                               PerTokenMerger(merger, merger.hidden_size // self.visual.spatial_merge_unit))
         return loaded
 
     # -- the merger's input per token ---------------------------------------------------------------------------
