@@ -204,11 +204,20 @@ class _Pruning:
         if not self._needs_projector():
             yield
             return
-        handle = self.visual.merger.register_forward_pre_hook(lambda module, args: into.append(args[0].detach()))
+        # vLLM's compile decorator calls ``self.forward`` directly (module hooks do not run): wrap the instance's
+        # forward for the duration of the call
+        merger = self.visual.merger
+        original = merger.forward
+
+        def forward(x, *args, **kwargs):
+            into.append(x.detach())
+            return original(x, *args, **kwargs)
+
+        merger.forward = forward
         try:
             yield
         finally:
-            handle.remove()
+            del merger.forward
 
     def _merger_token_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         """Merged-token order of the merger's input rows -> prompt order (None: the same)."""
@@ -219,7 +228,7 @@ class _Pruning:
             return [None] * len(sizes)
         if len(captured) != 1:
             raise RuntimeError(f"vtprune.vllm: the patch merger ran {len(captured)} times for one batch of items; "
-                               "expected once")
+                               "expected once (a compiled vision encoder, compile_mm_encoder, hides its input)")
         unit = self.visual.spatial_merge_unit
         tokens = captured[0].reshape(-1, unit * captured[0].shape[-1])
         order = self._merger_token_order(grid_thw)
