@@ -302,9 +302,9 @@ class _Pruning:
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if inputs is None:
                 continue
-            if inputs["type"] not in ("pixel_values", "pixel_values_videos"):
-                raise ValueError(f"vtprune.vllm prunes {modality}s given as pixels; got precomputed embeddings "
-                                 f"({inputs['type']!r})")
+            if inputs["type"] not in ("pixel_values", "pixel_values_videos") and self._needs_projector():
+                raise ValueError(f"method {self.vtprune_config.method!r} needs the patch merger's input, which "
+                                 f"precomputed {modality} embeddings ({inputs['type']!r}) do not carry; send pixels")
             if modality == "image":
                 embeds, proj = self._items("image", inputs)
                 out += self._prune(embeds, inputs["image_grid_thw"], "image", [1.0] * len(embeds), proj)
