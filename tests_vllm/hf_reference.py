@@ -42,7 +42,7 @@ def _inputs(processor, request):
 def _split(kept: torch.Tensor, inputs) -> list[list[int]]:
     """Sample-relative kept indices -> per item (images, then videos, in prompt order)."""
     ids = inputs["input_ids"][0]
-    spans, sizes = [], []
+    sizes = []
     visual = torch.isin(ids, torch.tensor([IMAGE_ID, VIDEO_ID]))
     where = visual.nonzero().squeeze(1).tolist()
     start = 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from functools import partial
 
 import numpy as np
 import torch
@@ -361,7 +360,7 @@ class _Pruning:
         positions = mrope_positions.clone()
         out = []
         for i, emb in enumerate(multimodal_embeddings):
-            start, end = runs[first + i]
+            start, _ = runs[first + i]
             values = _decode(emb[:, -EXTRA:]).to(positions.device)  # [m, 4]
             base = positions[0, start - 1] + 1  # the item's first position: one past the vision-start token
             positions[:, start + values[:, 0]] = base + values[:, 1:].T
