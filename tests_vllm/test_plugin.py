@@ -103,6 +103,19 @@ def test_in_llm_method_fails_at_startup(ckpt, requests_, tmp_path):
     assert "method 'fastv' cannot run in vLLM: it prunes inside the language model" in proc.stderr
 
 
+@pytest.mark.parametrize("method, compilation, message", [
+    ("divprune", {"cudagraph_mm_encoder": True}, "cannot run with compilation_config.cudagraph_mm_encoder=True"),
+    ("zoo", {"compile_mm_encoder": True}, "a compiled vision encoder (compilation_config.compile_mm_encoder=True)"),
+])
+def test_encoder_compilation_that_hides_the_selection_is_refused(ckpt, requests_, tmp_path, method, compilation,
+                                                                 message):
+    spec = dict(checkpoint=ckpt, hf_overrides={"vtprune": PRUNED[method]}, max_tokens=1, multiprocess=False,
+                requests=requests_[:1], compilation_config=compilation)
+    out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
+    assert out is None and proc.returncode != 0
+    assert message in proc.stderr
+
+
 def test_qwen3_video_is_refused_at_startup(ckpts, requests_qwen3, tmp_path):
     """Qwen3-VL's per-frame runs cannot be sized before selection: an engine that would accept videos does not
     start, and says how to serve images only."""

@@ -171,7 +171,7 @@ class _Pruning:
     #: the vision tower's output channels per row beyond the projected feature (Qwen3-VL: DeepStack levels)
     _levels = 0
 
-    def _init_vtprune(self) -> None:
+    def _init_vtprune(self, vllm_config) -> None:
         self.vtprune_config = setting.read(self.config)
         self.vtprune_method = None
         self.vtprune_projector: PerTokenMerger | None = None
@@ -184,6 +184,14 @@ class _Pruning:
             raise ValueError("vtprune cannot be combined with vLLM's video pruning (EVS): the 'vtprune' setting and "
                              f"video_pruning_rate={self.video_pruning_rate} were both given; give one of them")
         self.vtprune_method = setting.method(self.vtprune_config)
+        compilation = vllm_config.compilation_config
+        if getattr(compilation, "cudagraph_mm_encoder", False):
+            raise ValueError("vtprune cannot run with compilation_config.cudagraph_mm_encoder=True: the encoder's CUDA "
+                             "graph replaces embed_multimodal, where the plugin selects the kept tokens; turn it off")
+        if self._needs_projector() and getattr(compilation, "compile_mm_encoder", False):
+            raise ValueError(f"method {self.vtprune_config.method!r} reads the patch merger's input, which a compiled "
+                             "vision encoder (compilation_config.compile_mm_encoder=True) does not show; turn it off "
+                             "or use a method that needs only the projected tokens (divprune, pool, random)")
 
     def _needs_projector(self) -> bool:
         return self.vtprune_method is not None and "projector_inputs" in self.vtprune_method.signals
@@ -377,7 +385,7 @@ class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_vtprune()
+        self._init_vtprune(vllm_config)
 
     def _merger_token_order(self, grid_thw):
         # the merger runs in window order; the tower puts its output back with these indices
@@ -404,7 +412,7 @@ class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_vtprune()
+        self._init_vtprune(vllm_config)
         if self.vtprune_config is None:
             return
         self._levels = self.deepstack_num_level if self.use_deepstack else 0
