@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -20,37 +21,81 @@ MAX_TOKENS = 5
 
 
 @pytest.fixture(scope="session")
-def ckpt(tmp_path_factory):
-    return checkpoint.build(str(tmp_path_factory.mktemp("qwen2_5_vl")))
+def ckpts(tmp_path_factory):
+    """``ckpts(family)`` -> the tiny checkpoint of ``family`` (built once per session)."""
+    built = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = checkpoint.build(str(tmp_path_factory.mktemp(family)), family=family)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def requests_(tmp_path_factory):
+def ckpt(ckpts):
+    return ckpts("qwen2_5_vl")
+
+
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+VID = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory):
+    """``media(name, h, w)`` -> the path of a random PNG (the same pixels for the same arguments)."""
+    root = tmp_path_factory.mktemp("media")
+
+    def image(name, h, w):
+        path = str(root / f"{name}_{h}x{w}.png")
+        if not os.path.exists(path):
+            rng = np.random.default_rng(zlib.crc32(f"{name}_{h}x{w}".encode()))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        return path
+
+    return image
+
+
+@pytest.fixture(scope="session")
+def requests_(tmp_path_factory, media):
     """A fixed mix: one image, another size, two images in one prompt, a 4-frame video (grid 2 x 8 x 8).
 
     The video runs at 4 fps: 0.5 s per temporal patch x 4 tokens per second puts its two temporal positions 2 apart
     (M-RoPE's time scaling is exercised) and below its spatial extent, where vLLM and transformers agree on the
     positions of the text after a video (vLLM continues from the video's largest position + 1, transformers from
     its first position + max(h, w); they differ when the time positions reach further)."""
-    root = tmp_path_factory.mktemp("media")
+    root = tmp_path_factory.mktemp("video")
     rng = np.random.default_rng(0)
-
-    def image(name, h, w):
-        path = str(root / f"{name}.png")
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        return path
-
     video = str(root / "video.npy")
     np.save(video, rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8))
-    img = "<|vision_start|><|image_pad|><|vision_end|>"
-    vid = "<|vision_start|><|video_pad|><|vision_end|>"
     return [
-        dict(prompt=f"w3 w4 {img} w5 w6 w7", images=[image("a", 112, 112)], video=None, fps=2.0),
-        dict(prompt=f"w9 {img} w10 w11", images=[image("b", 112, 168)], video=None, fps=2.0),
-        dict(prompt=f"w12 {img} w13 {img} w14", images=[image("c", 112, 112), image("d", 168, 112)], video=None,
+        dict(prompt=f"w3 w4 {IMG} w5 w6 w7", images=[media("a", 112, 112)], video=None, fps=2.0),
+        dict(prompt=f"w9 {IMG} w10 w11", images=[media("b", 112, 168)], video=None, fps=2.0),
+        dict(prompt=f"w12 {IMG} w13 {IMG} w14", images=[media("c", 112, 112), media("d", 168, 112)], video=None,
              fps=2.0),
-        dict(prompt=f"w20 w21 {vid} w22", images=[], video=video, fps=4.0),
+        dict(prompt=f"w20 w21 {VID} w22", images=[], video=video, fps=4.0),
     ]
+
+
+@pytest.fixture(scope="session")
+def requests_qwen3(media):
+    """Qwen3-VL's mix (images only; 16-pixel patches: 128 px = 4 merged tokens): one image, another size, two images
+    in one prompt, an image at the end of the prompt."""
+    return [
+        dict(prompt=f"w3 w4 {IMG} w5 w6 w7", images=[media("a", 128, 128)], video=None, fps=2.0),
+        dict(prompt=f"w9 {IMG} w10 w11", images=[media("b", 128, 192)], video=None, fps=2.0),
+        dict(prompt=f"w12 {IMG} w13 {IMG} w14", images=[media("c", 128, 128), media("d", 192, 128)], video=None,
+             fps=2.0),
+        dict(prompt=f"w30 w31 w32 {IMG}", images=[media("e", 160, 160)], video=None, fps=2.0),
+    ]
+
+
+#: per family: the request mix fixture and vLLM's per-prompt item limits (Qwen3-VL: no video, see QWEN3_VIDEO_REFUSAL)
+FAMILY = {
+    "qwen2_5_vl": ("requests_", {"image": 2, "video": 1}),
+    "qwen3_vl": ("requests_qwen3", {"image": 2, "video": 0}),
+}
 
 
 def run_json(python: str, script: str, spec: dict, tmp, timeout: int = 600):
@@ -82,17 +127,20 @@ def hf_python() -> str:
 
 
 @pytest.fixture(scope="session")
-def serve(ckpt, requests_, tmp_path_factory):
-    """``serve(hf_overrides, multiprocess=False)`` -> vLLM's outputs for the request mix (cached per configuration)."""
+def serve(ckpts, request, tmp_path_factory):
+    """``serve(hf_overrides, multiprocess=False, requests=None, family="qwen2_5_vl")`` -> vLLM's outputs for the
+    family's request mix (cached per configuration)."""
     cache = {}
 
-    def run(overrides, multiprocess=False, requests=None):
-        key = json.dumps([overrides, multiprocess, requests], sort_keys=True)
+    def run(overrides, multiprocess=False, requests=None, family="qwen2_5_vl"):
+        key = json.dumps([overrides, multiprocess, requests, family], sort_keys=True)
         if key not in cache:
-            spec = dict(checkpoint=ckpt, hf_overrides=overrides, max_tokens=MAX_TOKENS, multiprocess=multiprocess,
-                        requests=requests or requests_)
+            mix, limits = FAMILY[family]
+            spec = dict(checkpoint=ckpts(family), hf_overrides=overrides, max_tokens=MAX_TOKENS,
+                        multiprocess=multiprocess, requests=requests or request.getfixturevalue(mix),
+                        limit_mm_per_prompt=limits)
             out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path_factory.mktemp("vllm"))
-            assert out is not None, f"vLLM run failed ({overrides}):\n{proc.stderr[-4000:]}"
+            assert out is not None, f"vLLM run failed ({family}, {overrides}):\n{proc.stderr[-4000:]}"
             cache[key] = out
         return cache[key]
 
@@ -100,16 +148,18 @@ def serve(ckpt, requests_, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hf(ckpt, requests_, tmp_path_factory):
-    """``hf(method_dict_or_None)`` -> vtprune's Hugging Face path on the same checkpoint and requests."""
+def hf(ckpts, request, tmp_path_factory):
+    """``hf(method_dict_or_None, family="qwen2_5_vl")`` -> vtprune's Hugging Face path on the same checkpoint and
+    requests."""
     cache = {}
 
-    def run(method):
-        key = json.dumps(method, sort_keys=True)
+    def run(method, family="qwen2_5_vl"):
+        key = json.dumps([method, family], sort_keys=True)
         if key not in cache:
-            spec = dict(checkpoint=ckpt, method=method, max_tokens=MAX_TOKENS, requests=requests_)
+            spec = dict(checkpoint=ckpts(family), method=method, max_tokens=MAX_TOKENS,
+                        requests=request.getfixturevalue(FAMILY[family][0]))
             out, proc = run_json(hf_python(), "hf_reference.py", spec, tmp_path_factory.mktemp("hf"))
-            assert out is not None, f"Hugging Face reference failed ({method}):\n{proc.stderr[-4000:]}"
+            assert out is not None, f"Hugging Face reference failed ({family}, {method}):\n{proc.stderr[-4000:]}"
             cache[key] = out
         return cache[key]
 

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.video_utils import VideoMetadata
 
 import vtprune
@@ -42,7 +42,7 @@ def _inputs(processor, request):
 def _split(kept: torch.Tensor, inputs) -> list[list[int]]:
     """Sample-relative kept indices -> per item (images, then videos, in prompt order)."""
     ids = inputs["input_ids"][0]
-    spans, sizes = [], []
+    sizes = []
     visual = torch.isin(ids, torch.tensor([IMAGE_ID, VIDEO_ID]))
     where = visual.nonzero().squeeze(1).tolist()
     start = 0
@@ -62,7 +62,7 @@ def main(requests_path: str, out_path: str) -> None:
     with open(requests_path) as f:
         spec = json.load(f)
     processor = AutoProcessor.from_pretrained(spec["checkpoint"])
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(spec["checkpoint"], dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(spec["checkpoint"], dtype=torch.float32).eval()
     IMAGE_ID, VIDEO_ID = model.config.image_token_id, model.config.video_token_id
     if spec["method"] is not None:
         vtprune.patch(model, PruneConfig.from_dict(spec["method"]))

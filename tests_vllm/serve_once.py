@@ -3,7 +3,9 @@
     python tests_vllm/serve_once.py SPEC.json OUT.json
 
 ``SPEC.json``: ``{"checkpoint": DIR, "hf_overrides": {...} or null, "max_tokens": N, "multiprocess": bool,
-"requests": [...]}`` (requests as in ``hf_reference.py``). ``OUT.json``: per request the greedy ``tokens`` and the
+"requests": [...], "limit_mm_per_prompt": {...} (optional; default 2 images, 1 video), "compilation_config": {...}
+(optional)}`` (requests as in
+``hf_reference.py``). ``OUT.json``: per request the greedy ``tokens`` and the
 ``prompt_len`` vLLM scheduled, plus ``log``: what the plugin's model recorded (``vtprune_log``; None for a model
 without it). One engine per process: every test configuration starts from a clean vLLM.
 """
@@ -29,8 +31,10 @@ def main(spec_path: str, out_path: str) -> None:
 
     from vtprune.vllm import pruning_log
 
+    limits = spec.get("limit_mm_per_prompt", {"image": 2, "video": 1})
     llm = LLM(model=spec["checkpoint"], hf_overrides=spec.get("hf_overrides"), dtype="float32", max_model_len=1024,
-              limit_mm_per_prompt={"image": 2, "video": 1}, enforce_eager=True, max_num_seqs=8,
+              limit_mm_per_prompt=limits, enforce_eager=True, max_num_seqs=8,
+              compilation_config=spec.get("compilation_config"),
               distributed_executor_backend=None if spec.get("multiprocess") else "uni", seed=0)
     prompts = []
     for request in spec["requests"]:

@@ -5,6 +5,7 @@ and video: the same kept tokens, the same pruned prompt length and the same gree
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 
 import pytest
@@ -15,44 +16,51 @@ from vtprune.vllm import setting
 PRUNED = {
     "random": {"method": "random", "keep": 5, "seed": 3},
     "divprune": {"method": "divprune", "ratio": 0.4},
+    "pool": {"method": "pool", "ratio": 0.3},  # merges: the kept rows carry window means (and merged DeepStack levels)
+    "zoo": {"method": "zoo", "ratio": 0.4},  # the patch merger's input per token and a per-token merger
 }
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
 
 def _items(log):
     return Counter((e["modality"], e["n"], tuple(e["kept"])) for e in log)
 
 
-def test_stock_vllm_equals_hugging_face(serve, hf):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stock_vllm_equals_hugging_face(serve, hf, family):
     """The comparison itself is sound: unpruned, vLLM and transformers give the same greedy tokens here."""
-    ours, ref = serve(None), hf(None)
+    ours, ref = serve(None, family=family), hf(None, family=family)
     assert [o["tokens"] for o in ours["outputs"]] == [r["tokens"] for r in ref]
     assert ours["log"] == []  # the plugin's class serves it, and without a setting it prunes nothing
 
 
-def test_keep_all_equals_vllm_without_pruning(serve):
-    stock = serve(None)
-    keep_all = serve({"vtprune": {"method": "divprune", "ratio": 1.0}})
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_equals_vllm_without_pruning(serve, family):
+    stock = serve(None, family=family)
+    keep_all = serve({"vtprune": {"method": "divprune", "ratio": 1.0}}, family=family)
     assert keep_all["outputs"] == stock["outputs"]  # tokens and prompt lengths
     assert keep_all["log"] and all(e["kept"] == list(range(e["n"])) for e in keep_all["log"])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", sorted(PRUNED))
-def test_pruned_equals_hugging_face_path(serve, hf, requests_, name):
-    """A batch of requests (one image, another size, two images, a video) served together equals each request run
-    alone through ``vtprune.patch`` on the same checkpoint: kept tokens, prompt lengths, greedy tokens."""
+def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
+    """A batch of requests (Qwen2.5-VL: one image, another size, two images, a video; Qwen3-VL: images, DeepStack
+    levels following the kept rows) served together equals each request run alone through ``vtprune.patch`` on the
+    same checkpoint: kept tokens, prompt lengths, greedy tokens."""
+    requests_ = request.getfixturevalue("requests_" if family == "qwen2_5_vl" else "requests_qwen3")
     method = PRUNED[name]
-    ours, ref = serve({"vtprune": method}), hf(method)
-    stock = serve(None)
+    ours, ref = serve({"vtprune": method}, family=family), hf(method, family=family)
+    stock = serve(None, family=family)
     expected = Counter()
-    for request, r, s, o in zip(requests_, ref, stock["outputs"], ours["outputs"]):
-        n_items = len(request["images"]) + bool(request["video"])
-        assert len(r["kept"]) == n_items
+    for req, r, s, o in zip(requests_, ref, stock["outputs"], ours["outputs"]):
+        sizes = _item_sizes(req, family)
+        assert len(r["kept"]) == len(sizes)
         # the pruned prompt is the unpruned one less the dropped visual tokens
-        dropped = sum(n - len(kept) for n, kept in zip(_sizes(request, s, stock, requests_), r["kept"]))
+        dropped = sum(n - len(kept) for n, kept in zip(sizes, r["kept"]))
         assert o["prompt_len"] == s["prompt_len"] - dropped > 0
         assert o["tokens"] == r["tokens"]
-    for request, r in zip(requests_, ref):
-        for n, kept, modality in zip(_item_sizes(request), r["kept"], _modalities(request)):
+        for n, kept, modality in zip(sizes, r["kept"], _modalities(req)):
             expected[(modality, n, tuple(kept))] += 1
     assert _items(ours["log"]) == expected
     assert any(len(e["kept"]) < e["n"] for e in ours["log"])
@@ -62,21 +70,21 @@ def _modalities(request):
     return ["image"] * len(request["images"]) + (["video"] if request["video"] else [])
 
 
-def _item_sizes(request):
-    """Visual tokens per item of the fixed mix (112 px = 8 patches of 14, merged 2 x 2; 4 frames = 2 temporal)."""
+def _item_sizes(request, family="qwen2_5_vl"):
+    """Visual tokens per item of the fixed mix (one merged token per 2 x 2 patches: 28 px for Qwen2.5-VL's 14-pixel
+    patches, 32 px for Qwen3-VL's 16; the 4-frame 112-px video is 2 temporal steps of 4 x 4)."""
     from PIL import Image
 
+    from checkpoint import MERGE, PATCHES
+
+    side = PATCHES[family] * MERGE
     sizes = []
     for path in request["images"]:
         w, h = Image.open(path).size
-        sizes.append((h // 28) * (w // 28))
+        sizes.append((h // side) * (w // side))
     if request["video"]:
         sizes.append(2 * 4 * 4)
     return sizes
-
-
-def _sizes(request, *_):
-    return _item_sizes(request)
 
 
 def test_plugin_runs_in_every_process(serve):
@@ -90,9 +98,33 @@ def test_plugin_runs_in_every_process(serve):
 def test_in_llm_method_fails_at_startup(ckpt, requests_, tmp_path):
     spec = dict(checkpoint=ckpt, hf_overrides={"vtprune": {"method": "fastv", "keep": 4}}, max_tokens=1,
                 multiprocess=False, requests=requests_[:1])
-    out, proc = run_json(__import__("sys").executable, "serve_once.py", spec, tmp_path)
+    out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
     assert out is None and proc.returncode != 0
     assert "method 'fastv' cannot run in vLLM: it prunes inside the language model" in proc.stderr
+
+
+@pytest.mark.parametrize("method, compilation, message", [
+    ("divprune", {"cudagraph_mm_encoder": True}, "cannot run with compilation_config.cudagraph_mm_encoder=True"),
+    ("zoo", {"compile_mm_encoder": True}, "a compiled vision encoder (compilation_config.compile_mm_encoder=True)"),
+])
+def test_encoder_compilation_that_hides_the_selection_is_refused(ckpt, requests_, tmp_path, method, compilation,
+                                                                 message):
+    spec = dict(checkpoint=ckpt, hf_overrides={"vtprune": PRUNED[method]}, max_tokens=1, multiprocess=False,
+                requests=requests_[:1], compilation_config=compilation)
+    out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
+    assert out is None and proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_qwen3_video_is_refused_at_startup(ckpts, requests_qwen3, tmp_path):
+    """Qwen3-VL's per-frame runs cannot be sized before selection: an engine that would accept videos does not
+    start, and says how to serve images only."""
+    spec = dict(checkpoint=ckpts("qwen3_vl"), hf_overrides={"vtprune": PRUNED["divprune"]}, max_tokens=1,
+                multiprocess=False, requests=requests_qwen3[:1], limit_mm_per_prompt={"image": 1, "video": 1})
+    out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
+    assert out is None and proc.returncode != 0
+    assert "vtprune.vllm does not prune Qwen3-VL videos" in proc.stderr
+    assert "--limit-mm-per-prompt '{\"video\": 0}'" in proc.stderr
 
 
 class _Cfg:
@@ -106,6 +138,9 @@ class _Cfg:
     ({"method": "dart", "keep": 4}, "prunes inside the language model"),
     ({"method": "visionzip", "keep": 4}, "cannot run in vLLM"),
     ({"method": "todre", "keep": 4}, "cannot run in vLLM"),
+    ({"method": "vispruner", "keep": 4}, "needs the signal(s) ['cls_attention']"),
+    ({"method": "cdpruner", "keep": 4}, "needs the signal(s) ['prompt_embeds']"),
+    ({"method": "pdrop", "keep": 4}, "prunes inside the language model"),
     ({"method": "divprun", "keep": 4}, "Did you mean 'divprune'"),
     ({"method": "divprune"}, "needs a budget"),
     ({"method": "divprune", "keep": 4, "ratio": 0.5}, "not both"),
@@ -125,4 +160,4 @@ def test_setting_round_trip():
     text = setting.overrides({"method": "divprune", "ratio": 0.25})
     assert setting.read(_Cfg(json.loads(text)["vtprune"])).ratio == 0.25
     assert setting.read(_Cfg(json.dumps({"method": "random", "keep": 7}))).budget(20) == 7
-    assert {"random", "divprune"} <= set(setting.servable_methods()) and "fastv" not in setting.servable_methods()
+    assert setting.servable_methods() == ["divprune", "pool", "random", "zoo"]

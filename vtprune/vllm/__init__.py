@@ -1,4 +1,5 @@
-"""vtprune in vLLM: pre-LLM visual-token pruning in vLLM's Qwen2.5-VL, as a ``vllm.general_plugins`` plugin.
+"""vtprune in vLLM: pre-LLM visual-token pruning in vLLM's Qwen2.5-VL and Qwen3-VL (images; Qwen2.5-VL also
+videos), as a ``vllm.general_plugins`` plugin.
 
 Install with ``pip install 'vtprune[vllm]'``; vLLM then calls :func:`register` in every process it starts. A
 deployment turns pruning on with ``--hf-overrides '{"vtprune": {"method": "divprune", "ratio": 0.25}}'`` (see
@@ -15,7 +16,8 @@ from .setting import KEY, overrides, read, servable_methods
 __all__ = ["register", "overrides", "read", "servable_methods", "pruning_log", "KEY", "ARCHITECTURES"]
 
 #: vLLM architectures the plugin replaces with its pruning subclass (inert without a ``vtprune`` setting)
-ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen2_5_VL"}
+ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen2_5_VL",
+                 "Qwen3VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen3VL"}
 
 _registered = False
 

@@ -1,4 +1,4 @@
-"""vLLM's Qwen2.5-VL with pre-LLM visual-token pruning (registered by :func:`vtprune.vllm.register`).
+"""vLLM's Qwen2.5-VL and Qwen3-VL with pre-LLM visual-token pruning (registered by :func:`vtprune.vllm.register`).
 
 How a pruned request runs (the same steps as vLLM's own video pruning, EVS, for any pre-LLM vtprune method):
 
@@ -7,39 +7,60 @@ How a pruned request runs (the same steps as vLLM's own video pruning, EVS, for 
 2. :meth:`get_mrope_input_positions` numbers the pruned prompt as the unpruned one: text after an item keeps its
    unpruned M-RoPE positions, so decode positions continue from the unpruned length (as vtprune's Hugging Face
    path does);
-3. ``embed_multimodal`` runs the stock vision tower, hands each item's projected tokens ``[n, D]`` to the method's
-   ``select`` (the code the Hugging Face path runs, ``vtprune.functional``) and returns the ``k`` kept rows, each
-   with extra channels carrying its rank among the kept tokens and its original (t, h, w) position;
+3. ``embed_multimodal`` runs the stock vision tower, hands each item's projected tokens ``[n, D]`` (and, for methods
+   that ask, the patch merger's input per token with a float32 per-token copy of the merger, and the item's
+   (t, h, w) grid) to the method's ``select`` (the code the Hugging Face path runs, ``vtprune.functional``) and
+   returns the ``k`` kept rows (a merging method's merged vectors; Qwen3-VL: each row's DeepStack channels sliced,
+   or merged with the method's weights, the same way), each with extra channels carrying its rank among the kept
+   tokens and its original (t, h, w) position;
 4. :meth:`recompute_mrope_positions` (called by the model runner once pruning is enabled there) strips those
    channels and writes the kept tokens' original positions into the request's M-RoPE positions.
 
-Without a ``vtprune`` setting in the model config the class behaves exactly as vLLM's stock model.
+Qwen3-VL videos are refused (see :data:`QWEN3_VIDEO_REFUSAL`). Without a ``vtprune`` setting in the model config
+both classes behave exactly as vLLM's stock models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
-from functools import partial
 
 import numpy as np
 import torch
+from torch import nn
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from ..methods.base import ImageInputs
+from ..methods.base import ImageInputs, Selection
 from . import setting
 
 #: extra channels appended to each kept row: (rank, t, h, w), each as two base-256 digits so that they are exact
 #: in bf16 / fp16 (integers up to 256 are exact there) for values below 65536
 _DIGITS = 2
 EXTRA = 4 * _DIGITS
+
+#: why Qwen3-VL videos are refused with a vtprune setting
+QWEN3_VIDEO_REFUSAL = (
+    "vtprune.vllm does not prune Qwen3-VL videos: Qwen3-VL lays a video out as one placeholder run per frame between "
+    "timestamp text ('<t seconds>'), vLLM sizes those runs before the vision tower runs, and how many tokens a "
+    "method keeps in each frame is known only after it selects (vtprune's Hugging Face path keeps every kept token "
+    "in its own frame). vLLM's EVS instead puts all retained tokens in the first frame's run, ahead of the later "
+    "frames' timestamps, a different prompt. Serve Qwen3-VL with vtprune for images only: start vLLM with "
+    "--limit-mm-per-prompt '{\"video\": 0}' (or use vLLM's --video-pruning-rate without vtprune)"
+)
 
 
 def _encode(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,6 +86,58 @@ def grid_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> np.ndarray:
     return grid.reshape(3, -1)
 
 
+class PerTokenMerger(nn.Module):
+    """A float32 copy of a Qwen-VL patch merger as a per-token map ``[N, unit * D_vit]`` (a merged token's patches,
+    concatenated, in the order the merger reads them) -> ``[N, D_lm]``: norm, Linear, GELU, Linear, as the merger
+    computes (what vtprune's Hugging Face path hands ``zoo`` as ``projector``).
+
+    Built from the merger's parameters when the weights load: vLLM's CPU linear layers drop their weight tensors
+    afterwards (pre-packed kernels), and ``torch.func.jvp`` needs plain torch operations."""
+
+    def __init__(self, merger: nn.Module, vit_dim: int):
+        super().__init__()
+        norm = getattr(merger, "ln_q", None) or getattr(merger, "norm", None)
+        fc1 = merger.mlp[0] if hasattr(merger, "mlp") else getattr(merger, "linear_fc1", None)
+        fc2 = merger.mlp[2] if hasattr(merger, "mlp") else getattr(merger, "linear_fc2", None)
+        if norm is None or fc1 is None or fc2 is None:
+            raise RuntimeError(f"vtprune.vllm: unknown patch merger layout ({type(merger).__name__}); expected a "
+                               "norm and two linear layers")
+        self.vit_dim = vit_dim
+        self.postshuffle = bool(getattr(merger, "use_postshuffle_norm", False))
+        if isinstance(norm, nn.LayerNorm):
+            self.rms, self.eps = False, float(norm.eps)
+        elif hasattr(norm, "variance_epsilon"):  # vLLM's RMSNorm
+            self.rms, self.eps = True, float(norm.variance_epsilon)
+        else:
+            raise RuntimeError(f"vtprune.vllm: unknown patch-merger norm {type(norm).__name__}")
+
+        def copy(t):
+            return None if t is None else nn.Parameter(t.detach().float().clone(), requires_grad=False)
+
+        self.norm_weight, self.norm_bias = copy(norm.weight), copy(getattr(norm, "bias", None))
+        self.w1, self.b1 = copy(fc1.weight), copy(fc1.bias)
+        self.w2, self.b2 = copy(fc2.weight), copy(fc2.bias)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
+        return nn.functional.layer_norm(x, x.shape[-1:], self.norm_weight, self.norm_bias, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self._norm(x) if self.postshuffle else self._norm(x.reshape(-1, self.vit_dim)).reshape(n, -1)
+        x = nn.functional.gelu(nn.functional.linear(x, self.w1, self.b1))
+        return nn.functional.linear(x, self.w2, self.b2)
+
+
+def _pruned_replacement(config, update: PromptReplacement) -> PromptReplacement:
+    def pruned(item_idx: int):
+        full = update.replacement(item_idx)
+        return full[:1] * config.budget(len(full))
+
+    return PromptReplacement(modality=update.modality, target=update.target, replacement=pruned)
+
+
 class VTPruneQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
     """Placeholder runs sized to the kept count of the deployment's method and budget."""
 
@@ -73,25 +146,35 @@ class VTPruneQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
         config = setting.read(self.info.get_hf_config())
         if config is None:
             return updates
-
-        def pruned(item_idx: int, update: PromptReplacement):
-            full = update.replacement(item_idx)
-            return full[:1] * config.budget(len(full))
-
-        return [PromptReplacement(modality=u.modality, target=u.target, replacement=partial(pruned, update=u))
-                for u in updates]
+        return [_pruned_replacement(config, u) for u in updates]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    VTPruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
-)
-class VTPruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
-    """vLLM's ``Qwen2_5_VLForConditionalGeneration`` with the deployment's vtprune method before the LLM."""
+class VTPruneQwen3VLProcessor(Qwen3VLMultiModalProcessor):
+    """Image placeholder runs sized to the kept count; a video is refused (:data:`QWEN3_VIDEO_REFUSAL`)."""
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        config = setting.read(self.info.get_hf_config())
+        if config is None:
+            return updates
+
+        def refuse(item_idx: int):
+            raise ValueError(QWEN3_VIDEO_REFUSAL)
+
+        return [_pruned_replacement(config, u) if u.modality == "image"
+                else PromptReplacement(modality=u.modality, target=u.target, replacement=refuse) for u in updates]
+
+
+class _Pruning:
+    """What the pruning model classes share (mixed in before vLLM's model class)."""
+
+    #: the vision tower's output channels per row beyond the projected feature (Qwen3-VL: DeepStack levels)
+    _levels = 0
+
+    def _init_vtprune(self, vllm_config) -> None:
         self.vtprune_config = setting.read(self.config)
         self.vtprune_method = None
+        self.vtprune_projector: PerTokenMerger | None = None
         #: what each pruned item kept, in the order the encoder ran them: dicts with ``modality``, ``n``, ``kept``
         #: (ascending indices into the item's visual tokens) and ``select_ms`` (read with ``LLM.apply_model``)
         self.vtprune_log: list[dict] = []
@@ -101,26 +184,122 @@ class VTPruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             raise ValueError("vtprune cannot be combined with vLLM's video pruning (EVS): the 'vtprune' setting and "
                              f"video_pruning_rate={self.video_pruning_rate} were both given; give one of them")
         self.vtprune_method = setting.method(self.vtprune_config)
+        compilation = vllm_config.compilation_config
+        if getattr(compilation, "cudagraph_mm_encoder", False):
+            raise ValueError("vtprune cannot run with compilation_config.cudagraph_mm_encoder=True: the encoder's CUDA "
+                             "graph replaces embed_multimodal, where the plugin selects the kept tokens; turn it off")
+        if self._needs_projector() and getattr(compilation, "compile_mm_encoder", False):
+            raise ValueError(f"method {self.vtprune_config.method!r} reads the patch merger's input, which a compiled "
+                             "vision encoder (compilation_config.compile_mm_encoder=True) does not show; turn it off "
+                             "or use a method that needs only the projected tokens (divprune, pool, random)")
+
+    def _needs_projector(self) -> bool:
+        return self.vtprune_method is not None and "projector_inputs" in self.vtprune_method.signals
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        if self._needs_projector():  # before the linear layers are pre-packed (vLLM's CPU kernels drop weights)
+            merger = self.visual.merger
+            # not a submodule: vLLM's loader checks that every parameter of the model came from the checkpoint
+            object.__setattr__(self, "vtprune_projector",
+                               PerTokenMerger(merger, merger.hidden_size // self.visual.spatial_merge_unit))
+        return loaded
+
+    # -- the merger's input per token ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _capture_merger_inputs(self, into: list):
+        if not self._needs_projector():
+            yield
+            return
+        # vLLM's compile decorator calls ``self.forward`` directly (module hooks do not run): wrap the instance's
+        # forward for the duration of the call
+        merger = self.visual.merger
+        original = merger.forward
+
+        def forward(x, *args, **kwargs):
+            into.append(x.detach())
+            return original(x, *args, **kwargs)
+
+        merger.forward = forward
+        try:
+            yield
+        finally:
+            del merger.forward
+
+    def _merger_token_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Merged-token order of the merger's input rows -> prompt order (None: the same)."""
+        return None
+
+    def _split_projector_inputs(self, captured: list, grid_thw: torch.Tensor, sizes: list[int]):
+        if not self._needs_projector():
+            return [None] * len(sizes)
+        if len(captured) != 1:
+            raise RuntimeError(f"vtprune.vllm: the patch merger ran {len(captured)} times for one batch of items; "
+                               "expected once (a compiled vision encoder, compile_mm_encoder, hides its input)")
+        unit = self.visual.spatial_merge_unit
+        tokens = captured[0].reshape(-1, unit * captured[0].shape[-1])
+        order = self._merger_token_order(grid_thw)
+        if order is not None:
+            tokens = tokens[order.to(tokens.device)]
+        return list(torch.split(tokens, sizes))
 
     # -- which tokens each item keeps ---------------------------------------------------------------------------
+    def _items(self, modality: str, inputs) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+        captured: list = []
+        with self._capture_merger_inputs(captured):
+            if modality == "image":
+                embeds = self._process_image_input(inputs)
+            else:
+                embeds = self._process_video_input(inputs)
+        grid = inputs[f"{modality}_grid_thw"]
+        return embeds, self._split_projector_inputs(captured, grid, [e.shape[0] for e in embeds])
+
+    def _inputs(self, main: torch.Tensor, k: int, grid: tuple[int, int, int], projector_inputs) -> ImageInputs:
+        projector = None
+        if projector_inputs is not None:
+            projector = self.vtprune_projector
+            check = projector(projector_inputs.float())
+            scale = float(main.float().abs().max()) + 1e-6
+            if not torch.allclose(check, main.float(), rtol=0.0, atol=0.02 * scale):
+                raise RuntimeError("vtprune.vllm: the float32 copy of the patch merger does not reproduce the vision "
+                                   "tower's output (this vLLM version lays the merger out differently)")
+            projector_inputs = projector_inputs.unsqueeze(0)
+        return ImageInputs(n=main.shape[0], k=k, features=main, projector_inputs=projector_inputs,
+                           projector=projector, pack_crop_scores=lambda scores: scores.reshape(-1),
+                           extra={"grid": torch.tensor([grid])})
+
     def _prune(self, embeds: Sequence[torch.Tensor], grid_thw: torch.Tensor, modality: str,
-               t_factors: Sequence[float]) -> tuple[torch.Tensor, ...]:
+               t_factors: Sequence[float], projector_inputs: Sequence) -> tuple[torch.Tensor, ...]:
         merge = self.visual.spatial_merge_size
+        width = embeds[0].shape[1] // (1 + self._levels) if embeds else 0
         out = []
-        for emb, (t, h, w), t_factor in zip(embeds, grid_thw.tolist(), t_factors):
+        for emb, (t, h, w), t_factor, proj in zip(embeds, grid_thw.tolist(), t_factors, projector_inputs):
             n = emb.shape[0]
             k = self.vtprune_config.budget(n)
+            main = emb[:, :width]
             start = time.perf_counter()
-            kept = self.vtprune_method.select(ImageInputs(n=n, k=k, features=emb))
+            chosen = self.vtprune_method.select(self._inputs(main, k, (t, h, w), proj))
             select_ms = (time.perf_counter() - start) * 1e3
-            kept = torch.as_tensor(kept, dtype=torch.long).cpu()
+            sel = chosen if isinstance(chosen, Selection) else Selection(torch.as_tensor(chosen))
+            kept = torch.as_tensor(sel.kept, dtype=torch.long).cpu()
             if kept.numel() != k:
                 raise RuntimeError(f"vtprune.vllm: method {self.vtprune_config.method!r} kept {kept.numel()} of {n} "
                                    f"tokens but the prompt was sized for {k}")
+            at = kept.to(emb.device)
+            rows = [main[at] if sel.merged is None else sel.merged.to(emb.device, emb.dtype)]
+            for i in range(self._levels):  # DeepStack levels follow the kept rows (merged: with the same weights)
+                level = emb[:, width * (1 + i): width * (2 + i)]
+                if sel.merged is None:
+                    rows.append(level[at])
+                elif sel.weights is None:
+                    raise ValueError(f"method {self.vtprune_config.method!r} merges tokens without their merge "
+                                     "weights (Selection.weights): the DeepStack levels cannot follow them")
+                else:
+                    rows.append((sel.weights.to(emb.device, torch.float32) @ level.float()).to(emb.dtype))
             pos = torch.from_numpy(grid_positions(t, h // merge, w // merge, t_factor))[:, kept]
             values = torch.cat([torch.arange(k)[None], pos]).T  # [k, 4]: rank, t, h, w
             self.vtprune_log.append(dict(modality=modality, n=n, kept=kept.tolist(), select_ms=select_ms))
-            out.append(torch.cat([emb[kept.to(emb.device)], _encode(values, emb.dtype).to(emb.device)], dim=1))
+            out.append(torch.cat(rows + [_encode(values, emb.dtype).to(emb.device)], dim=1))
         return tuple(out)
 
     def embed_multimodal(self, **kwargs: object):
@@ -128,19 +307,28 @@ class VTPruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             return super().embed_multimodal(**kwargs)
         out: tuple[torch.Tensor, ...] = ()
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if inputs is None:
+                continue
+            if inputs["type"] not in ("pixel_values", "pixel_values_videos") and self._needs_projector():
+                raise ValueError(f"method {self.vtprune_config.method!r} needs the patch merger's input, which "
+                                 f"precomputed {modality} embeddings ({inputs['type']!r}) do not carry; send pixels")
             if modality == "image":
-                embeds = self._process_image_input(inputs)
-                out += self._prune(embeds, inputs["image_grid_thw"], "image", [1.0] * len(embeds))
+                embeds, proj = self._items("image", inputs)
+                out += self._prune(embeds, inputs["image_grid_thw"], "image", [1.0] * len(embeds), proj)
             elif modality == "video":
-                embeds = self._process_video_input(inputs)
-                seconds = inputs.get("second_per_grid_ts")
-                per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-                factors = ([1.0] * len(embeds) if seconds is None
-                           else [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()])
-                out += self._prune(embeds, inputs["video_grid_thw"], "video", factors)
+                embeds, proj = self._items("video", inputs)
+                out += self._prune(embeds, inputs["video_grid_thw"], "video", self._time_factors(inputs, embeds),
+                                   proj)
         return out
 
+    def _time_factors(self, inputs, embeds) -> list[float]:
+        raise ValueError(QWEN3_VIDEO_REFUSAL)
+
     # -- positions ------------------------------------------------------------------------------------------------
+    def _grids(self, mm_features):
+        """``(offset, t, h, w, t_factor)`` of each item, in prompt order (h, w in merged tokens)."""
+        raise NotImplementedError
+
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """The pruned prompt's positions: text as in the unpruned prompt; each item's ``k`` placeholders hold
         stand-ins until :meth:`recompute_mrope_positions` writes the kept tokens' original positions."""
@@ -148,7 +336,7 @@ class VTPruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
         chunks, st, next_pos = [], 0, 0
-        for offset, t, h, w, t_factor in self.iter_mm_grid_thw(mm_features):
+        for offset, t, h, w, t_factor in self._grids(mm_features):
             text_len = offset - st
             chunks.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_pos)
             full = grid_positions(t, h, w, t_factor) + text_len + next_pos
@@ -166,7 +354,8 @@ class VTPruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
         """Write the kept tokens' original positions (carried in the extra channels) into ``mrope_positions``
         ``[3, N]`` of the whole prompt; ``multimodal_embeddings`` are the slices of the items this step's chunk
-        covers, in prompt order (a slice may be part of an item under chunked prefill)."""
+        covers, in prompt order (a slice may be part of an item under chunked prefill). Returns the rows without
+        the extra channels (Qwen3-VL: the projected feature and its DeepStack levels, as vLLM splits them)."""
         if self.vtprune_config is None:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
@@ -179,10 +368,61 @@ class VTPruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         positions = mrope_positions.clone()
         out = []
         for i, emb in enumerate(multimodal_embeddings):
-            start, end = runs[first + i]
+            start, _ = runs[first + i]
             values = _decode(emb[:, -EXTRA:]).to(positions.device)  # [m, 4]
             base = positions[0, start - 1] + 1  # the item's first position: one past the vision-start token
             positions[:, start + values[:, 0]] = base + values[:, 1:].T
             out.append(emb[:, :-EXTRA])
         delta = int(positions.max()) + 1 - ids.numel()
         return out, positions, delta
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VTPruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's ``Qwen2_5_VLForConditionalGeneration`` with the deployment's vtprune method before the LLM."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_vtprune(vllm_config)
+
+    def _merger_token_order(self, grid_thw):
+        # the merger runs in window order; the tower puts its output back with these indices
+        meta = self.visual.prepare_encoder_metadata(grid_thw.tolist())
+        return meta["reverse_indices"]
+
+    def _time_factors(self, inputs, embeds):
+        seconds = inputs.get("second_per_grid_ts")
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        return ([1.0] * len(embeds) if seconds is None
+                else [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()])
+
+    def _grids(self, mm_features):
+        return self.iter_mm_grid_thw(mm_features)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VTPruneQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
+    """vLLM's ``Qwen3VLForConditionalGeneration`` with the deployment's vtprune method before the LLM, on images
+    (several per prompt); every DeepStack level follows the kept rows. Videos are refused
+    (:data:`QWEN3_VIDEO_REFUSAL`)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "model"):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_vtprune(vllm_config)
+        if self.vtprune_config is None:
+            return
+        self._levels = self.deepstack_num_level if self.use_deepstack else 0
+        if self.multimodal_config.get_limit_per_prompt("video") > 0:
+            raise ValueError(QWEN3_VIDEO_REFUSAL)
+
+    def _grids(self, mm_features):
+        merge = self.config.vision_config.spatial_merge_size
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if f.modality != "image":
+                raise ValueError(QWEN3_VIDEO_REFUSAL)
+            t, h, w = f.data["image_grid_thw"].data.tolist()
+            yield f.mm_position.offset, t, h // merge, w // merge, 1.0

@@ -20,30 +20,42 @@ from ..registry import get_method, list_methods
 
 #: the key of the model config (``--hf-overrides``) that holds the setting
 KEY = "vtprune"
-#: signals the vLLM plugin hands a method: the projected visual tokens of one image / video
-SIGNALS = frozenset({"features"})
+#: signals the vLLM plugin hands a method: the projected visual tokens of one image / video (``features``, with its
+#: (t, h, w) grid) and the patch merger's input per token with a float32 per-token copy of the merger
+#: (``projector_inputs``, ``projector``)
+SIGNALS = frozenset({"features", "projector_inputs"})
+
+#: why the plugin cannot give a signal
+_MISSING = {
+    "cls_attention": "the vision tower's CLS attention (Qwen-VL vision towers have no CLS token)",
+    "vision_keys": "the vision tower's keys of a CLS-token layer (Qwen-VL vision towers have no CLS token)",
+    "prompt_embeds": "the prompt's text embeddings (vLLM runs the vision encoder on the image alone, before and "
+                     "apart from the prompt's text)",
+    "instruction": "the prompt's instruction text (vLLM runs the vision encoder on the image alone)",
+}
 
 
 def servable_methods(num_layers: int = 32) -> list[str]:
-    """Registered methods the vLLM plugin can run: vision stage, only :data:`SIGNALS`, no merged vectors, no late
-    drop inside the language model, and a kept count equal to the config's budget (the processor sizes the prompt
-    before the vision tower runs)."""
-    return [name for name in list_methods() if _refusal(name, num_layers) is None]
+    """Registered methods the vLLM plugin can run (with their default options): vision stage, only
+    :data:`SIGNALS`, no late drop inside the language model, and a kept count equal to the config's budget (the
+    processor sizes the prompt before the vision tower runs). Merging methods are served (the merged vectors replace
+    the kept rows; Qwen3-VL's DeepStack levels are merged with the same weights)."""
+    return [name for name in list_methods() if _refusal(get_method(name).config_cls(keep=1), num_layers) is None]
 
 
-def _refusal(name: str, num_layers: int) -> str | None:
-    spec = get_method(name)
-    cls = spec.method_cls
+def _refusal(config: PruneConfig, num_layers: int) -> str | None:
+    """Why ``config``'s method cannot run in vLLM, or None."""
+    cls = get_method(config.method).method_cls
     if cls.stage != "vision":
         return (f"it prunes inside the language model (stage {cls.stage!r}, from attention or hidden states of a "
                 "decoder layer), which vLLM's paged attention does not expose")
-    missing = sorted(cls.signals - SIGNALS)
+    method = cls(config)  # some methods' signals depend on their options (cdpruner's text=)
+    missing = sorted(method.signals - SIGNALS)
     if missing:
-        return f"it needs the signal(s) {missing}, and the vLLM plugin provides only {sorted(SIGNALS)}"
-    if cls.merges:
-        return "it merges tokens (replaces the kept vectors), which the vLLM plugin does not support"
-    probe = spec.config_cls(keep=1)
-    if cls(probe).drop_layer(num_layers) is not None:
+        reasons = "; ".join(_MISSING.get(m, m) for m in missing)
+        return (f"it needs the signal(s) {missing}, which the vLLM plugin cannot give: {reasons}. The plugin gives "
+                f"{sorted(SIGNALS)}")
+    if method.drop_layer(num_layers) is not None:
         return "it drops visual tokens again inside the language model (a late drop)"
     return None
 
@@ -66,7 +78,7 @@ def read(hf_config: Any) -> PruneConfig | None:
     text = getattr(hf_config, "text_config", hf_config)
     num_layers = int(getattr(text, "num_hidden_layers"))
     config = PruneConfig.from_dict(dict(raw))  # unknown method / option, bad budget: ValueError
-    why = _refusal(config.method, num_layers)
+    why = _refusal(config, num_layers)
     if why is not None:
         raise ValueError(f"method {config.method!r} cannot run in vLLM: {why}. Methods the vLLM plugin serves: "
                          f"{', '.join(servable_methods(num_layers))}")
