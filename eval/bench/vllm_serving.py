@@ -86,7 +86,8 @@ def run_one(args, overrides) -> dict:
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=args.checkpoint, hf_overrides=overrides or {}, dtype=args.dtype, max_model_len=args.max_model_len,
-        limit_mm_per_prompt={"image": 2}, max_num_seqs=args.requests, enforce_eager=args.enforce_eager, seed=0))
+        # image prompts only; "video": 0 lets the plugin serve Qwen3-VL, whose video it refuses at start-up
+        limit_mm_per_prompt={"image": 2, "video": 0}, max_num_seqs=args.requests, enforce_eager=args.enforce_eager, seed=0))
     warmup, *prompts = _prompts(args.requests + 1, args.image, args.tiny)  # distinct images: no cache hits
 
     async def main():
