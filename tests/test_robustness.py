@@ -116,6 +116,25 @@ def test_exact_surrogates_rank_like_the_method(runner, items, method):
     assert seen == [True] * len(items)
 
 
+@pytest.mark.parametrize("method", [m for m in vtprune.list_methods() if R.surrogate_for(m)[0] is not None])
+def test_every_surrogate_has_a_gradient_on_the_pixels(runner, items, method):
+    """The attack can move every reachable method: its surrogate scores are not detached from the image (a signal
+    computed under no_grad would leave PGD at the clean image)."""
+    surrogate, _ = R.surrogate_for(method)
+    one = items[:1]
+    text = runner.text_inputs(one)
+    x = torch.stack([it.image for it in one]).requires_grad_(True)
+    runner.method_options = {"pdrop": {"budget_kind": "last"}}
+    try:
+        with runner.patch(method, 13):
+            objective = R.caa_objective(runner, x, text, one, surrogate, 13, penalty=0.0)
+    finally:
+        runner.method_options = {}
+    (grad,) = torch.autograd.grad(objective.sum(), x, allow_unused=True)
+    critical_room = bool(objective.detach()[0] < 0)  # a critical token still among the top k: something to push
+    assert critical_room and grad is not None and bool(grad.abs().sum() > 0)
+
+
 def test_multi_point_methods_are_audited_at_their_first_point(runner, items):
     x, text = torch.stack([it.image for it in items]), runner.text_inputs(items)
     runner.method_options = {"pdrop": {"budget_kind": "last"}}

@@ -291,12 +291,13 @@ def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary, hidde
                                       k, attn.scaling)
     if "layer_attention" in signals:
         attn = adapter.decoder_layers[point.layer].self_attn
-        with torch.no_grad():
-            x = adapter.input_norm(point.layer)(hidden)
-            rope = layer_rope if adapter.mrope else rotary(hidden, positions_1d(fwd, compact))
-            k = rope_keys(attn, attn.k_proj(x), rope, rope_fn)
-            q_rows = attn.q_proj(x[torch.arange(x.shape[0], device=x.device), last])
-            q = rope_query(attn, q_rows, rope, last, rope_fn, gated=adapter.gated_query)
+        # differentiable like the captured signals (the compression-aware attack reaches pdrop through it); under
+        # inference (no_grad / inference_mode) it builds no graph
+        x = adapter.input_norm(point.layer)(hidden)
+        rope = layer_rope if adapter.mrope else rotary(hidden, positions_1d(fwd, compact))
+        k = rope_keys(attn, attn.k_proj(x), rope, rope_fn)
+        q_rows = attn.q_proj(x[torch.arange(x.shape[0], device=x.device), last])
+        q = rope_query(attn, q_rows, rope, last, rope_fn, gated=adapter.gated_query)
         fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
 
 
