@@ -378,6 +378,7 @@ class Session:
             features=unit.features,
             cls_attention=info.cls_attention if info else None,
             vision_keys=info.vision_keys if info else None,
+            received=info.received if info else None,
             pack_crop_scores=info.pack if info else None,
             projector_inputs=info.projector_inputs if info else None,
             projector=self.capture.float32_projector() if "projector_inputs" in signals else None,

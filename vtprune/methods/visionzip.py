@@ -27,7 +27,8 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
-from .base import ImageInputs, Method, Selection
+from ..signals import check_importance
+from .base import ImageInputs, Method, Selection, crop_importance
 
 
 @dataclass
@@ -42,9 +43,11 @@ class VisionZipConfig(PruneConfig):
 
     contextual: int | None = None
     layer: int | None = None
+    importance: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        check_importance(self.importance)
         check_int_option("contextual", self.contextual, 0, optional=True)
         check_int_option("layer", self.layer, 0, optional=True)
         if self.keep is not None and self.contextual is not None and self.contextual >= self.keep:
