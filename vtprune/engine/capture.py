@@ -40,6 +40,7 @@ class ImageInfo:
     vision_keys: torch.Tensor | None  # [crops, L, 1+P, Dh] head-mean keys (received: [crops, L, P, Dh], patches)
     received: torch.Tensor | None  # [crops, L, P] attention each patch receives (importance="received")
     pack: Any  # per-crop patch scores [crops, P] -> per visual token [n]
+    token_patches: Any = None  # (crops, P) -> [n, m] the crop patches each visual token carries
 
 
 class VisionCapture:
@@ -167,6 +168,7 @@ class VisionCapture:
                 received=received[i],
                 projector_inputs=projector_inputs[i],
                 pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
+                token_patches=functools.partial(self.adapter.token_patches, call, i),
             )
             self._image_info[id(feat)] = (weakref.ref(feat), info)
 

@@ -380,6 +380,7 @@ class Session:
             vision_keys=info.vision_keys if info else None,
             received=info.received if info else None,
             pack_crop_scores=info.pack if info else None,
+            token_patches=info.token_patches if info else None,
             projector_inputs=info.projector_inputs if info else None,
             projector=self.capture.float32_projector() if "projector_inputs" in signals else None,
             real_mask=unit.real_mask,

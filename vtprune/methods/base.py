@@ -34,6 +34,8 @@ class ImageInputs:
     ``importance="received"`` instead ``received`` ``[C, L, P]``, the attention each patch receives at those layers
     (mean over heads and queries; ``cls_attention`` is then None) and ``vision_keys`` ``[C, L, P, Dh]`` the head-mean
     keys as the layer uses them (after its rotary embedding), patches only. :func:`crop_importance` reads either.
+    ``token_patches(C, P)`` ``[n, m]`` int64: the flat crop patches ``c * P + p`` each visual token carries (``m`` per
+    token, e.g. Qwen's 2x2 merge unit), -1 for a token that carries none (LLaVA-NeXT's row separators).
     ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),
     ``projector`` the per-token projector ``[N, D_in] -> [N, D]`` in float32 (a float32 copy for fp16/bf16 models).
     ``real_mask`` ``[n]`` bool, True where a token covers real image content rather than the padding of a
@@ -61,6 +63,7 @@ class ImageInputs:
     vision_keys: torch.Tensor | None = None
     received: torch.Tensor | None = None
     pack_crop_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
+    token_patches: Callable[[int, int], torch.Tensor] | None = None
     hidden: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
