@@ -86,6 +86,48 @@ def test_llava_tome_against_independent_route(model_factory):
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_llava_next_tome_against_independent_route(model_factory):
+    """AnyRes: 5 crops merged on their own; the model's own packing (unpad removes 2 of the 8 grid rows of a 90x112
+    image) decides which patches stay; newlines stay; a merged token keeps its representative among its patches
+    that stay."""
+    model = model_factory("llava_next")
+    inner = model.model
+    gen = torch.Generator().manual_seed(5)
+    pix, sizes = torch.randn(1, 5, 3, 56, 56, generator=gen), torch.tensor([[90, 112]])
+    with torch.no_grad():
+        n = inner.get_image_features(pix, sizes).pooler_output[0].shape[0]
+        ids = torch.tensor([[7, 8, 9] + [model.config.image_token_id] * n + [10, 11, 12, 13]])
+        h, source = _eager_tower_tome(model, pix[0], r=2, read=3)
+        feats = inner.multi_modal_projector(h[:, 1:])  # [5, k, D]
+        flat = torch.arange(5 * P, dtype=torch.float64).view(5, P, 1)
+        packed, _ = inner.pack_image_features([flat], sizes, "default", torch.tensor([-1.0], dtype=torch.float64))
+        packed = packed[0].reshape(-1).long().tolist()  # per visual token: crop * P + patch, -1 = newline
+        assert len(packed) == n < 5 * P + 8 + 8
+        stays = set(i for i in packed if i >= 0)
+        vectors = {}  # visual token index -> vector
+        for c in range(5):
+            for j, members in enumerate(source[c, 1:]):
+                alive = members & torch.tensor([c * P + q in stays for q in range(P)])
+                if alive.any():
+                    vectors[packed.index(c * P + _representative(alive))] = feats[c, j]
+        for t, i in enumerate(packed):
+            if i < 0:
+                vectors[t] = inner.image_newline
+        kept = sorted(vectors)
+        cols = [0, 1, 2] + [3 + t for t in kept] + list(range(3 + n, 7 + n))
+        x = model.get_input_embeddings()(ids)[0]
+        for t in kept:
+            x[3 + t] = vectors[t]
+        pos = torch.tensor(cols)[None]
+        want = model(inputs_embeds=x[cols][None], position_ids=pos, attention_mask=torch.ones_like(pos)).logits[:, -1]
+    assert len(kept) < 5 * (P - 6) + 8  # some merged tokens lay wholly in the unpadded-away rows
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "image_sizes": sizes}
+    with vtprune.patched(model, "tome", r=2):
+        got = last_logits(model, inputs)
+        assert vtprune.stats(model).kept_indices[0].tolist() == kept
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_half_budget_reaches_the_read_layer_and_the_llm(family, model_factory):
     model = model_factory(family)
