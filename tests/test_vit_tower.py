@@ -12,6 +12,7 @@ from test_vit_functional import _official_tome
 from tiny import assert_keep_all_is_bit_identical, greedy, last_logits, make_inputs, split_rows
 
 import vtprune
+from vtprune import flops
 from vtprune.methods.vit import ToMeConfig
 
 FAMILIES = ["llava", "llava_next"]
@@ -155,6 +156,14 @@ def test_half_budget_reaches_the_read_layer_and_the_llm(family, model_factory):
                 assert all(k <= c * P // 2 + nl for k, c, nl in zip(kept, crops, newlines)), kept
             assert seen_llm[-1] == max(r - n + k for r, n, k in zip(real, n_in, kept))  # the LLM's prefill
             assert st.prefill_flops < st.prefill_flops_full
+            if family == "llava" and method == "tome":  # 16 -> 8 patches over blocks 0..2: 3, 3, 2 (CLS + patches)
+                blocks = [(17, 14), (14, 11), (11, 9), (9, 9)]
+                tower = flops.vit_flops(model.model.vision_tower) - flops.vit_flops(model.model.vision_tower, blocks)
+                projector = 2 * (P - P // 2) * (32 * 64 + 64 * 64)  # linear_1 (32 -> 64), linear_2 (64 -> 64)
+                text = model.config.text_config
+                llm = sum(flops.decoder_prefill_flops(text, r) - flops.decoder_prefill_flops(text, r - n + k)
+                          for r, n, k in zip(real, n_in, kept))
+                assert st.prefill_flops_full - st.prefill_flops == llm + 2 * (tower + projector)
     finally:
         for s in spies:
             s.remove()
@@ -243,5 +252,13 @@ def test_bad_input(model_factory):
     qwen = model_factory("qwen2_vl")
     with pytest.raises(ValueError, match="supports \\['llava', 'llava_next'\\]"):
         vtprune.patch(qwen, "tome", ratio=0.5)
-    with pytest.raises(ValueError, match="neither one vtprune knows"):
+    with pytest.raises(ValueError, match="not one vtprune knows .*, nor a VLM"):
         vtprune.patch(torch.nn.Linear(2, 2), "tome", ratio=0.5)
+
+
+def test_harness_names_a_tower_method():
+    hmodel = pytest.importorskip("vtprune.harness.model", exc_type=ImportError)
+    config = hmodel.method_config("pitome", keep=64, margin=0.9)
+    assert isinstance(config, vtprune.PiToMeConfig) and (config.keep, config.margin) == (64, 0.9)
+    with pytest.raises(TypeError, match="unknown option"):
+        hmodel.method_config("tome", keep=64, layer=2)

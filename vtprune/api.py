@@ -91,7 +91,7 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
             raise
         raise ValueError(
             f"method {getattr(tower, 'method', tower)!r} reduces tokens inside a vision transformer, and "
-            f"{type(model).__name__} is neither one vtprune knows ({'; '.join(vit_host_names())}) nor a VLM whose "
+            f"{type(model).__name__} is not one vtprune knows ({'; '.join(vit_host_names())}), nor a VLM whose "
             f"vision tower it merges in ({', '.join(TOWER_FAMILIES)})") from None
     if getattr(model, _ATTR, None) is not None:
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
