@@ -37,7 +37,7 @@ from ..functional import vit as FV
 from .base import ImageInputs, Method, Selection
 from .vit import ViTMethod, get_vit_method
 
-__all__ = ["TowerMerge", "TOWER_FAMILIES"]
+__all__ = ["TOWER_FAMILIES", "TowerMerge"]
 
 #: VLM families whose vision tower can merge tokens
 TOWER_FAMILIES = ("llava", "llava_next")
