@@ -170,6 +170,45 @@ def test_zerotprune_against_reading():
         assert dest[bi][dest[bi] >= 0].tolist() == list(range(t_out))
 
 
+def _author_tokenrank(logits, tau=1.0, iters=5):
+    """A from-scratch reading of the Zero-TPrune author's pre-paper TokenRank (Hongjiew/Transformer_pruning,
+    commit 52a4607, ``tokenrank_deit_prune.py`` ``Attention.get_importance`` with ``d=0``): the head-mean of the
+    scaled logits over ``tau``, exponentiated and row-normalised into ``M``, and a uniform row vector multiplied
+    by ``M`` ``iters`` times; CLS (token 0) left out of the result. (No official Zero-TPrune release exists; see
+    docs/methods.md.)"""
+    b, _, n, _ = logits.shape
+    attn = (logits / tau).mean(1).exp()
+    m = attn / attn.sum(-1, keepdim=True)
+    dist = torch.full((b, 1, n), 1.0 / n, dtype=logits.dtype)
+    for _ in range(iters):
+        dist = dist @ m
+    return dist.view(b, n)[:, 1:]
+
+
+def test_wpr_and_importance_pruning_against_the_authors_tokenrank():
+    g = torch.Generator().manual_seed(3)
+    b, n = 2, 17
+    logits = torch.randn(b, 1, n, n, generator=g, dtype=torch.float64) * 2
+    # one head: WPR on the attention probabilities is the author's propagation (same direction, start, steps)
+    got = V.wpr_scores(logits.softmax(-1), iterations=5)
+    torch.testing.assert_close(got[:, 1:], _author_tokenrank(logits, iters=5))
+    # several heads: per head the same; WPR averages the heads' scores (Alg. 1), the pre-paper code averaged logits
+    heads = torch.randn(b, 3, n, n, generator=g, dtype=torch.float64)
+    per_head = torch.stack([_author_tokenrank(heads[:, h : h + 1]) for h in range(3)], 1)
+    torch.testing.assert_close(V.wpr_scores(heads.softmax(-1), iterations=5)[:, 1:], per_head.mean(1))
+    # its pruning (eval branch, retain_rate): keep the top int(N * rate) non-CLS tokens by importance = the
+    # I-stage alone (no S-stage)
+    importance = _author_tokenrank(logits)
+    keep_n = int((n - 1) * 0.7)
+    want = importance.argsort(-1, descending=True)[:, :keep_n].sort(-1).values + 1
+    dest, t_out = V.zerotprune_match(V.wpr_scores(logits.softmax(-1), 5), torch.randn(b, n, 4, generator=g),
+                                     n - 1 - keep_n, 0, protected=1)
+    assert t_out == 1 + keep_n
+    for bi in range(b):
+        kept = (dest[bi] >= 0).nonzero().squeeze(1)
+        assert kept[0] == 0 and kept[1:].tolist() == want[bi].tolist()
+
+
 def test_merge_keep_all_is_identity_and_sizes_add_up():
     x = torch.randn(2, 10, 4)
     dest, t_out = V.tome_match(x, 0)

@@ -13,6 +13,7 @@ from .adapters.vit import find_vit_host, vit_host_names
 from .config import PruneConfig
 from .engine import Session
 from .engine.vit import ViTSession
+from .methods.tower import TOWER_FAMILIES, TowerMerge
 from .methods.vit import get_vit_method, list_vit_methods, make_vit_config
 from .registry import get_method, list_methods
 from .stats import PruneStats
@@ -24,6 +25,8 @@ __all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched",
 
 
 def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneConfig:
+    if _is_vit_method(method):  # merging inside the VLM's vision tower (vtprune.methods.tower)
+        return make_vit_config(method, options)
     if isinstance(method, PruneConfig):
         if options:
             raise TypeError(
@@ -54,7 +57,8 @@ def _make_configs(method, options: dict[str, Any]) -> list[PruneConfig]:
         if not isinstance(item, PruneConfig):
             raise TypeError(f"schedule element {i} is a {type(item).__name__} ({item!r}); each element must be a "
                             "method config instance (e.g. vtprune.FastVConfig(keep=64)), with its own budget")
-        get_method(item.method)  # registered?
+        if not _is_vit_method(item):
+            get_method(item.method)  # registered?
     return list(method)
 
 
@@ -69,25 +73,33 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
 
     A plain vision transformer (timm ``VisionTransformer``, transformers ``CLIPVisionModel`` / ``SiglipVisionModel``,
     open_clip ``CLIP`` / ``VisionTransformer``) takes one of ``vtprune.list_vit_methods()`` instead, acting between
-    its blocks: ``vtprune.patch(vit, "tome", ratio=0.5)``.
+    its blocks: ``vtprune.patch(vit, "tome", ratio=0.5)``. On a LLaVA-1.5 / LLaVA-NeXT model, such a method merges
+    inside the vision tower (budget: patch tokens per crop at the layer the projector reads) and the merged tokens
+    are the image's visual tokens (``vtprune.methods.tower``); it takes the vision entry of a schedule:
+    ``vtprune.patch(llava, [vtprune.ToMeConfig(keep=64), vtprune.FastVConfig(keep=32, layer=2)])``.
     """
     compat.check_transformers()
     host = find_vit_host(model) if isinstance(model, nn.Module) else None
     if host is not None:  # token reduction inside a vision transformer (vtprune.methods.vit)
         return _patch_vit(model, host, method, options)
-    if _is_vit_method(method):
+    steps = method if isinstance(method, (list, tuple)) else [method]
+    tower = next((m for m in steps if _is_vit_method(m)), None)
+    try:
+        adapter = get_adapter(model)
+    except (ValueError, TypeError):
+        if tower is None:
+            raise
         raise ValueError(
-            f"method {getattr(method, 'method', method)!r} reduces tokens inside a vision transformer, and "
-            f"{type(model).__name__} is not one vtprune knows; supported: {'; '.join(vit_host_names())} "
-            "(in-VLM vision-tower merging is not implemented yet)")
-    adapter = get_adapter(model)
+            f"method {getattr(tower, 'method', tower)!r} reduces tokens inside a vision transformer, and "
+            f"{type(model).__name__} is not one vtprune knows ({'; '.join(vit_host_names())}), nor a VLM whose "
+            f"vision tower it merges in ({', '.join(TOWER_FAMILIES)})") from None
     if getattr(model, _ATTR, None) is not None:
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
         raise ValueError(
             f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first"
         )
     configs = _make_configs(method, options)
-    methods = [get_method(c.method).method_cls(c) for c in configs]
+    methods = [TowerMerge(c) if _is_vit_method(c) else get_method(c.method).method_cls(c) for c in configs]
     session = Session(model, adapter, methods)
     session.install()
     setattr(model, _ATTR, session)

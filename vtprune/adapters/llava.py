@@ -69,6 +69,13 @@ class LlavaAdapter(ModelAdapter):
             )
 
 
+    def pack_crop_index(self, call, index: int, crops: int, tokens: int) -> torch.Tensor:
+        """``[n]`` int64: for each of image ``index``'s ``n`` visual tokens (of a ``get_image_features`` call, bound
+        arguments ``call``), the flat index ``c * tokens + t`` of the projector output row it comes from (crop
+        ``c``, row ``t`` of ``tokens``), or -1 for a token of no row (LLaVA-NeXT's newline). LLaVA-1.5: the rows."""
+        return torch.arange(crops * tokens)
+
+
 class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     multi_crop = True
@@ -94,3 +101,13 @@ class LlavaNextAdapter(LlavaAdapter):
         finite = torch.isfinite(packed)
         floor = packed[finite].min() if bool(finite.any()) else packed.new_zeros(())
         return torch.where(finite, packed, floor)
+
+    def pack_crop_index(self, call, index, crops, tokens):
+        # the model's own packing (AnyRes reshape + unpad + newline column) of each row's flat index
+        strategy = call.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        size = torch.as_tensor(call["image_sizes"])[index : index + 1]
+        ids = torch.arange(crops * tokens, dtype=torch.float64).view(crops, tokens, 1)
+        newline = torch.full((1,), -1.0, dtype=torch.float64)
+        packed, _ = self.inner.pack_image_features([ids], size, strategy, newline)
+        packed = (packed[0] if isinstance(packed, (list, tuple)) else packed).reshape(-1)
+        return packed.round().long()

@@ -131,6 +131,9 @@ class Session:
             self._hook(a.inner.register_forward_hook(self._inner_post, always_call=True))
             self._hook(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
             self.capture.install(self._hook, self._wrap)
+            for method in self.methods:  # a method acting inside the vision tower (vtprune.methods.tower)
+                if hasattr(method, "install_in"):
+                    method.install_in(a, self._hook, self._wrap)
             # decoder points, and vision points that read the prompt's text, select from what follows the image
             reads_text = any(p.method.signals & {"prompt_embeds", "instruction"} for p in self.points)
             if (self.decoder_points or reads_text) and hasattr(self.model, "generate"):
@@ -270,6 +273,9 @@ class Session:
             attach_prompt(cache, fwd.prompt)  # the cache now holds the pruned prompt: it carries its layout
         if fwd.records:
             self.stats = make_stats(fwd, self.adapter, self.num_layers, self.points)
+            for method in self.methods:
+                if hasattr(method, "adjust_stats"):
+                    method.adjust_stats(self.stats, fwd)
 
     # -- language model: units, the vision entry, continuations ---------------------------------------------
     def _lm_pre(self, module, args, kwargs):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..functional import vit as FV
 
 
@@ -64,14 +66,20 @@ class _State:
         self.select_s = 0.0
         self.batch = 0
         self.patches_in = 0
+        self.group = None  # [B, P] (track_groups): slot each original patch's content sits in, -1 = dropped
 
 
 class ViTSession:
-    def __init__(self, model, host, method):
+    """The blocks of one ViT host, patched to run ``method``. ``track_groups``: follow every original patch to the
+    token its content ends up in (``state.group`` ``[B, P]``: the slot, prefix tokens counted, or -1 for a dropped
+    patch), for a host that maps the reduced tokens back to patch positions (a VLM's vision tower)."""
+
+    def __init__(self, model, host, method, track_groups: bool = False):
         self.model = model
         self.host = host
         self.method = method
         self.methods = [method]
+        self.track_groups = track_groups
         self.state = _State()
         self.stats: ViTStats | None = None
         self._handles = []
@@ -130,6 +138,8 @@ class ViTSession:
                 state.schedule = method.schedule(patches, num_blocks)
                 state.batch = x.shape[1 if seq_first else 0]
                 state.patches_in = patches
+                if self.track_groups:
+                    state.group = (torch.arange(patches, device=x.device) + protected).expand(state.batch, -1)
             r = state.schedule[index] if state.schedule is not None else 0
             state.tokens.append(x.shape[0 if seq_first else 1])
             if r == 0 and state.size is None:
@@ -160,6 +170,9 @@ class ViTSession:
                     attn = logits.softmax(dim=-1)
                 dest, t_out = method.plan(index, num_blocks, r, metric, attn, protected)
                 h, state.size = FV.merge_tokens(h, dest, t_out, size)
+                if state.group is not None:
+                    moved = dest.gather(1, state.group.clamp(min=0))
+                    state.group = torch.where(state.group >= 0, moved, state.group)
                 state.select_s += time.perf_counter() - t0
             h = host.mlp_half(block, h)
             out = h.transpose(0, 1) if seq_first else h

@@ -23,7 +23,7 @@ from ._common import as_int, check_int, check_tensor, compute_dtype
 
 __all__ = [
     "tome_match", "tome_schedule", "pitome_match", "pitome_margins", "wpr_scores", "zerotprune_match",
-    "merge_tokens", "reduction_schedule",
+    "merge_tokens", "reduction_schedule", "group_representatives",
 ]
 
 
@@ -315,3 +315,49 @@ def merge_tokens(x: torch.Tensor, dest: torch.Tensor, t_out: int,
     num = x.new_zeros(b, t_out, c).scatter_add_(1, idx.expand(b, t, c), x * w)
     den = x.new_zeros(b, t_out, 1).scatter_add_(1, idx, w)
     return num / den, den
+
+
+def group_representatives(group: torch.Tensor, width: int, present: torch.Tensor | None = None) -> torch.Tensor:
+    """One patch position per merged token: where a VLM places a token merged inside its vision tower.
+
+    ``group`` ``[B, P]`` int64: for each of an image's ``P`` patches (row-major on a grid ``width`` patches wide),
+    the merged token its content ended up in (any id ``>= 0``), or ``-1`` for a dropped patch. ``present``
+    ``[B, P]`` bool (None: all): the patches that still have a place in the output (LLaVA-NeXT's unpadding removes
+    some). Each token's representative is, among its present member patches, the one nearest (Euclidean, in patch
+    units) to their centroid; ties go to the lower index. A token none of whose members is present gets none.
+
+    Returns ``[B, P]`` bool, True at the representatives (one per token with a present member). A vtprune
+    convention (the ToMe / PiToMe / Zero-TPrune codes classify from the CLS token and never place merged tokens).
+    """
+    check_tensor("group", group, ndim=2, shape_hint="[B, P]")
+    if group.dtype != torch.long:
+        raise TypeError(f"group must be int64, got {group.dtype}")
+    width = check_int("width", width, 1)
+    b, p = group.shape
+    if p % width:
+        raise ValueError(f"{p} patches do not fill rows of width={width}")
+    member = group >= 0
+    if present is not None:
+        if tuple(present.shape) != (b, p) or present.dtype != torch.bool:
+            raise ValueError(f"present must be a [B, P] = {(b, p)} bool tensor, got {tuple(present.shape)} "
+                             f"{present.dtype}")
+        member = member & present
+    if not bool(member.any()):
+        return member
+    ids = torch.where(member, group, 0)
+    slots = int(ids.max()) + 1
+    index = torch.arange(p, device=group.device)
+    coords = torch.stack([index // width, index % width], -1).to(torch.float64).expand(b, p, 2)
+    w = member.to(torch.float64)
+    count = torch.zeros(b, slots, dtype=torch.float64, device=group.device).scatter_add_(1, ids, w)
+    total = torch.zeros(b, slots, 2, dtype=torch.float64, device=group.device).scatter_add_(
+        1, ids[..., None].expand(b, p, 2), coords * w[..., None])
+    centre = total / count.clamp(min=1.0)[..., None]
+    dist = ((coords - centre.gather(1, ids[..., None].expand(b, p, 2))) ** 2).sum(-1)
+    dist = torch.where(member, dist, torch.full_like(dist, float("inf")))
+    best = torch.full((b, slots), float("inf"), dtype=torch.float64, device=group.device).scatter_reduce_(
+        1, ids, dist, "amin")
+    nearest = member & (dist == best.gather(1, ids))
+    first = torch.full((b, slots), p, dtype=torch.long, device=group.device).scatter_reduce_(
+        1, ids, torch.where(nearest, index.expand(b, p), p), "amin")
+    return nearest & (index.expand(b, p) == first.gather(1, ids))

@@ -89,6 +89,13 @@ class _ViTConfig(PruneConfig):
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
 
+    def budget(self, n: int) -> int:
+        """The budget's count of ``n`` tokens; with the method's own per-layer option instead of a budget, ``n`` (the
+        per-layer option decides how many tokens remain)."""
+        if self.keep is None and self.ratio is None:
+            return max(n, 0)
+        return super().budget(n)
+
 
 class ViTMethod:
     """A method acting between the blocks of a ViT: a per-block reduction schedule and a per-block plan."""
