@@ -46,15 +46,17 @@ AVERAGE_BUDGET_METHODS = ("pdrop",)
 
 def supports(method: str, family: str) -> bool:
     """Whether ``method`` has its signals on ``family`` (CLS attention needs a CLS token)."""
-    if method in SINGLE_CROP_METHODS and family == "llava_next":
+    if method in SINGLE_CROP_METHODS and family in tiny.ANYRES:
         return False
     if method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5"):
         return False  # a default point reads a linear-attention layer of the tiny Qwen3.5: refused
-    return not (method in CLS_METHODS and family.startswith("qwen"))
+    return not (method in CLS_METHODS and family in NO_CLS_FAMILIES)
 
 
 #: methods that need the vision tower's CLS attention (LLaVA families only)
 CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
+#: families whose vision tower has no CLS token (Qwen's ViT, SigLIP)
+NO_CLS_FAMILIES = tuple(f for f in tiny.FAMILIES if f.startswith("qwen")) + ("llava_onevision",)
 #: methods that do not handle AnyRes / multi-crop images yet
 SINGLE_CROP_METHODS = ("visionzip",)
 #: multi-point methods whose default points read a linear-attention layer of the tiny Qwen3.5 (layers 0 and 3):

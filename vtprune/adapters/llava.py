@@ -1,4 +1,5 @@
-"""LLaVA-1.5 (``llava``) and LLaVA-NeXT (``llava_next``): CLIP tower with CLS token, Llama-style LM."""
+"""LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``) and LLaVA-NeXT-Video (``llava_next_video``): CLIP tower with CLS
+token, Llama-style LM; LLaVA-OneVision (``llava_onevision``): SigLIP tower without CLS token, Qwen2 LM."""
 
 from __future__ import annotations
 
@@ -85,7 +86,106 @@ class LlavaNextAdapter(LlavaAdapter):
         size = torch.as_tensor(call["image_sizes"])[index : index + 1]
         newline = torch.full((1,), float("-inf"), dtype=scores.dtype, device=scores.device)
         packed, _ = self.inner.pack_image_features([scores.unsqueeze(-1)], size, strategy, newline)
-        packed = (packed[0] if isinstance(packed, (list, tuple)) else packed).reshape(-1)
-        finite = torch.isfinite(packed)
-        floor = packed[finite].min() if bool(finite.any()) else packed.new_zeros(())
-        return torch.where(finite, packed, floor)
+        return _floor_newlines((packed[0] if isinstance(packed, (list, tuple)) else packed).reshape(-1))
+
+
+def _floor_newlines(packed: torch.Tensor) -> torch.Tensor:
+    """Row-separator (newline) tokens were packed as ``-inf``: they carry no patch and get the image's lowest score."""
+    finite = torch.isfinite(packed)
+    floor = packed[finite].min() if bool(finite.any()) else packed.new_zeros(())
+    return torch.where(finite, packed, floor)
+
+
+def _video_frames(call: dict[str, Any], num_videos: int) -> list[int]:
+    """Frames per video of a ``get_video_features(pixel_values_videos [B, F, C, H, W])`` call."""
+    pix = call["pixel_values_videos"]
+    if pix.dim() != 5:
+        raise ValueError(f"pixel_values_videos of shape {tuple(pix.shape)}; expected [videos, frames, C, H, W]")
+    return [int(pix.shape[1])] * num_videos
+
+
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-Video (``llava_next_video``): LLaVA-NeXT's CLIP tower and AnyRes images, plus videos. A video's
+    frames each run through the tower as one crop; the model's ``vision_resampler`` pools each frame's patch grid
+    (average / max pooling, stride ``spatial_pool_stride``) *before* the projector, and the frames' pooled tokens
+    follow each other with no newline token. Crops of a video = its frames; its projector inputs ``[F, P', D]`` are
+    the pooled features; per-patch scores ``[F, P]`` (CLS rows) are pooled by the model's own resampler."""
+
+    model_types = ("llava_next_video",)
+    feature_methods = ("get_image_features", "get_video_features")
+
+    def crop_counts(self, call, num_images):
+        if "pixel_values_videos" in call:
+            return _video_frames(call, num_images)
+        return super().crop_counts(call, num_images)
+
+    def pack_crop_scores(self, scores, call, index):
+        if "pixel_values_videos" not in call:
+            return super().pack_crop_scores(scores, call, index)
+        vcfg = self.config.vision_config
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        if scores.shape[-1] != patches:  # already one score per pooled token (the projector's input)
+            return scores.reshape(-1)
+        mode = getattr(self.config, "spatial_pool_mode", "average")
+        if mode not in ("average", "max"):
+            raise ValueError(
+                f"llava_next_video pools video frames with spatial_pool_mode={mode!r} (a learned convolution): a "
+                "per-patch score has no pooled counterpart; patch scores need spatial_pool_mode 'average' or 'max'"
+            )
+        pooled = self.inner.vision_resampler(scores.unsqueeze(-1))  # [F, P', 1]: the model's own pooling
+        return pooled.reshape(-1)
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision (``llava_onevision``): SigLIP tower (no CLS token, ``vision_feature_select_strategy='full'``),
+    Qwen2 LM. Images: AnyRes-max packing (base crop, then the crop grid unpadded to the image's aspect ratio, bilinearly
+    downscaled when it exceeds ``anyres_max_N`` crops' worth of patches, one newline token per row); an image of a
+    multi-image prompt (``batch_num_images > 1``) is its base crop only, plus one newline. Videos: every frame is a
+    crop; the projector runs per patch, then each frame's grid is bilinearly pooled to ``ceil(h/2) x ceil(w/2)``
+    (``apply_pooling``) and one newline token ends the video. Per-patch scores ``[crops, P]`` go through the model's own
+    packing / pooling (bilinear blends of scores where the model blends features); newline tokens get the image's
+    lowest score."""
+
+    model_types = ("llava_onevision",)
+    has_cls_token = False
+    feature_methods = ("get_image_features", "get_video_features")
+
+    def vision_attention_modules(self):
+        tower = self.inner.vision_tower
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise ValueError(f"vision tower {type(tower).__name__} has no SigLIP-style encoder.layers")
+        return [layer.self_attn for layer in encoder.layers]
+
+    def check_cls_strategy(self) -> None:
+        raise ValueError(
+            f"the 'cls' signal needs a vision tower with a CLS token; llava_onevision's tower is "
+            f"{self.config.vision_config.model_type!r} (SigLIP, no CLS token)"
+        )
+
+    def crop_counts(self, call, num_images):
+        if "pixel_values_videos" in call:
+            return _video_frames(call, num_images)
+        module = sys.modules[type(self.inner).__module__]
+        vcfg = self.config.vision_config
+        per_row = call.get("batch_num_images")
+        patching = [True] * num_images if per_row is None else [int(n) == 1 for n in per_row for _ in range(int(n))]
+        if len(patching) != num_images:
+            raise ValueError(f"batch_num_images {list(per_row)} counts {len(patching)} images; the call has {num_images}")
+        return [
+            module.image_size_to_num_patches(
+                image_size=size, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=vcfg.image_size
+            ) if anyres else 1
+            for size, anyres in zip(call["image_sizes"], patching)
+        ]
+
+    def pack_crop_scores(self, scores, call, index):
+        newline = torch.full((1,), float("-inf"), dtype=scores.dtype, device=scores.device)
+        if "pixel_values_videos" in call:  # the model's own 2x2 bilinear pooling per frame, one newline at the end
+            pooled = self.inner.apply_pooling(scores.unsqueeze(-1)).reshape(-1)
+            return _floor_newlines(torch.cat([pooled, newline]))
+        aspect = call.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        size = torch.as_tensor(call["image_sizes"])[index : index + 1]
+        packed, _ = self.inner.pack_image_features([scores.unsqueeze(-1)], size, image_newline=newline,
+                                                   vision_aspect_ratio=aspect)
+        return _floor_newlines(packed[0].reshape(-1))
