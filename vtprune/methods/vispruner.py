@@ -60,6 +60,13 @@ class VisPruner(Method):
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         attn = F.cls_scores(image.cls_attention, slice(None)).reshape(-1)  # [C * P] head mean, CLS key dropped
+        if attn.numel() != image.projector_inputs.shape[0] * image.projector_inputs.shape[1]:
+            raise ValueError(
+                f"vispruner pairs each patch's [CLS] attention with the projector's input of that patch, but the "
+                f"projector received {tuple(image.projector_inputs.shape[:2])} (crops, tokens) for "
+                f"{(image.cls_attention.shape[0], image.cls_attention.shape[-1] - 1)} patches: the model "
+                "pools patches before its projector (LLaVA-NeXT-Video's video frames); use 'cls' or 'divprune' there"
+            )
         feats = image.projector_inputs.reshape(attn.numel(), -1)
         ids, _, _ = packed_patches(image)
         tokens = (ids >= 0).nonzero().squeeze(1)  # the visual tokens that carry a patch, ascending
