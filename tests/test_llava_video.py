@@ -20,8 +20,8 @@ FAMS = ("llava_next_video", "llava_onevision")
 
 @contextlib.contextmanager
 def _aspect(model, value):
-    """LLaVA-OneVision with another ``vision_aspect_ratio`` (``anyres_max_1``: the tiny 2x2-crop images are
-    downscaled, as a 7B model's images beyond 9 crops' worth of patches are)."""
+    """LLaVA-OneVision with another ``vision_aspect_ratio`` (``anyres_max_2``: the tiny 2x2-crop images, 8x8 patches,
+    are downscaled to 5x5, as a 7B model's images beyond 9 crops' worth of patches are; 1x2-crop images are not)."""
     old = model.config.vision_aspect_ratio
     model.config.vision_aspect_ratio = value
     try:
@@ -58,23 +58,23 @@ def _check_packing(adapter, per_crop, feats, counts, call, newline):
             assert torch.equal(packed[is_newline], packed.min().expand(int(is_newline.sum())))
 
 
-@pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres_max_1"])
+@pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres_max_2"])
 def test_onevision_image_packing_is_the_models_own(aspect, model_factory):
     model = model_factory("llava_onevision")
     adapter = get_adapter(model)
-    # rows: one image alone (AnyRes crops), two images (base crop each); anyres_max_1 downscales the 2x2-crop image
-    inputs = make_inputs(model, "llava_onevision", [(1, 1, 1), (1, 2, 1), (1, 1, 1)])
+    # rows: one image alone (AnyRes crops) twice, two images (base crop each); anyres_max_2 downscales the 2x2 crops
+    inputs = make_inputs(model, "llava_onevision", [(1, 1, 1), (1, 1, 1), (1, 2, 1)])
     call = {k: inputs[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
     with _aspect(model, aspect):
         _, out, result = _projector_io(model, lambda: model.model.get_image_features(**call))
         feats = list(result.pooler_output)
         counts = adapter.crop_counts(call, len(feats))
-        assert counts == [3, 1, 1, 5]  # 56x112: base + 1x2 crops; multi-image: base only; 112x112: base + 2x2
+        assert counts == [3, 5, 1, 1]  # 56x112: base + 1x2 crops; 112x112: base + 2x2; multi-image: base only
         newline = model.model.image_newline.to(out.dtype)
         _check_packing(adapter, out, feats, counts, call, newline)
     n = [f.shape[0] for f in feats]
-    # 112x112 with anyres_max_1: the 8x8 grid exceeds 1 crop's 4x4 patches by 2x -> bilinear 5x5, 5 newlines
-    assert n == [16 + 4 * 9, 17, 17, 16 + (5 * 6 if aspect == "anyres_max_1" else 8 * 9)]
+    # 112x112 with anyres_max_2: the 8x8 grid is 2x two crops' 4x4 patches -> ratio sqrt(2): bilinear 5x5, 5 newlines
+    assert n == [16 + 4 * 9, 16 + (5 * 6 if aspect == "anyres_max_2" else 8 * 9), 17, 17]
 
 
 def test_next_video_image_packing_is_the_models_own(model_factory):
@@ -211,20 +211,21 @@ def test_beam_search_equals_the_kept_token_prompt(family, model_factory):
 @pytest.mark.parametrize("method", ["random", "zoo"])
 def test_onevision_downscaled_and_multi_image_prompts_equal_the_kept_token_prompt(method, model_factory):
     model = model_factory("llava_onevision")
-    # row 0: one 112x112 image, downscaled (anyres_max_1); row 1: two images of one prompt (base crop + newline each)
-    batch = make_inputs(model, "llava_onevision", [(3, 1, 2), (2, 2, 3)], seed=3)
+    # rows: a 56x112 image (not downscaled); a 112x112 image, downscaled (anyres_max_2); two images of one prompt
+    # (base crop + newline each)
     inner = model.model
-    with _aspect(model, "anyres_max_1"), vtprune.patched(model, method, ratio=0.4), torch.no_grad():
+    with _aspect(model, "anyres_max_2"), vtprune.patched(model, method, ratio=0.4), torch.no_grad():
+        batch = make_inputs(model, "llava_onevision", [(3, 1, 2), (4, 1, 1), (2, 2, 3)], seed=3)
         st_logits = model(**batch, position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
         st = vtprune.stats(model)
         call = {k: batch[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
         feats = torch.cat(list(inner.get_image_features(**call).pooler_output))
-    assert st.visual_tokens_in == [16 + 5 * 6, 2 * 17]
+    assert st.visual_tokens_in == [16 + 4 * 9, 16 + 5 * 6, 2 * 17]
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     visual_all = batch["input_ids"] == IMAGE_ID
     with torch.no_grad():
         embeds = embeds.masked_scatter(visual_all[..., None], feats)
-        for row in range(2):
+        for row in range(3):
             real = batch["attention_mask"][row].bool()
             visual = (visual_all[row] & real)[real].nonzero().squeeze(1)
             keep = torch.ones(int(real.sum()), dtype=torch.bool)
@@ -238,8 +239,8 @@ def test_onevision_downscaled_and_multi_image_prompts_equal_the_kept_token_promp
 
 def test_methods_that_need_one_patch_per_token_refuse_blended_tokens(model_factory):
     model = model_factory("llava_onevision")
-    downscaled = make_inputs(model, "llava_onevision", [(3, 1, 2)], seed=3)  # 112x112 -> 5x5
-    with _aspect(model, "anyres_max_1"), vtprune.patched(model, "pool", keep=4), torch.no_grad():
+    with _aspect(model, "anyres_max_2"), vtprune.patched(model, "pool", keep=4), torch.no_grad():
+        downscaled = make_inputs(model, "llava_onevision", [(3, 1, 2), (4, 1, 1)], seed=3)  # row 1: 112x112 -> 5x5
         with pytest.raises(ValueError, match="blend several patches.*anyres_max downscale"):
             model(**downscaled)
     _, (video,), _ = _video_batch(model, [(2, 3)])
@@ -273,9 +274,9 @@ def _eager(family, **config):
 @pytest.mark.parametrize("family", FAMS)
 def test_towers_and_video_frames_match_flop_counter(family):
     model = _eager(family)
-    pix = torch.randn(4, 3, 56, 56)  # 4 crops
-    ref = _count(lambda: model.model.get_image_features(pix, image_sizes=torch.tensor([[56, 56]] * 4)))
-    mine = flops.vision_flops(model.config, num_images=4)
+    pix = torch.randn(2, 5, 3, 56, 56)  # 2 images of 5 crops (base + 2x2)
+    ref = _count(lambda: model.model.get_image_features(pix, image_sizes=torch.tensor([[112, 112]] * 2)))
+    mine = flops.vision_flops(model.config, num_images=10)
     assert abs(mine - ref) / ref < 0.05, (mine, ref)
     video = torch.randn(2, 3, 3, 56, 56)  # 2 videos of 3 frames
     ref = _count(lambda: model.model.get_video_features(video))
