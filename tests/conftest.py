@@ -50,15 +50,14 @@ def supports(method: str, family: str) -> bool:
         return False
     if method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5"):
         return False  # a default point reads a linear-attention layer of the tiny Qwen3.5: refused
-    return not (method in CLS_METHODS and family in NO_CLS_FAMILIES)
+    return True
 
 
-#: methods that need the vision tower's CLS attention (LLaVA families only)
+#: CLS-scored methods: the vision tower's CLS attention where it has a CLS token (LLaVA), else (default
+#: importance="received") the attention each patch receives (Qwen-VL); tests/test_received.py
 CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
-#: families whose vision tower has no CLS token (Qwen's ViT, SigLIP)
-NO_CLS_FAMILIES = tuple(f for f in tiny.FAMILIES if f.startswith("qwen")) + ("llava_onevision",)
 #: methods that do not handle AnyRes / multi-crop images yet
-SINGLE_CROP_METHODS = ("visionzip",)
+SINGLE_CROP_METHODS = ()
 #: multi-point methods whose default points read a linear-attention layer of the tiny Qwen3.5 (layers 0 and 3):
 #: pdrop's last point (layer 3's own attention), sparsevlm's first (layer 0); tests/test_qwen3.py runs them at
 #: full-attention layers

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ModelAdapter
+from .base import ModelAdapter, qk_from_projections
 
 
 class LlavaAdapter(ModelAdapter):
@@ -25,6 +25,9 @@ class LlavaAdapter(ModelAdapter):
                 "CLIP vision tower"
             )
         return [layer.self_attn for layer in encoder.layers]
+
+    def vision_qk(self, module, args, kwargs):
+        return qk_from_projections(module, args, kwargs)  # CLIP: q_proj / k_proj on [crops, 1 + P, D]
 
     def projector_module(self):
         return self.inner.multi_modal_projector
@@ -49,13 +52,15 @@ class LlavaAdapter(ModelAdapter):
             return super().real_patch_mask(image_size, n, threshold)
         return F.pad_mask(image_size, grid=grid, resolution=vcfg.image_size, threshold=threshold)
 
-    def check_cls_strategy(self) -> None:
+    def check_cls_strategy(self, importance: str = "cls") -> None:
         strategy = getattr(self.config, "vision_feature_select_strategy", "default")
         if strategy != "default":
             raise ValueError(
-                f"CLS-attention scoring needs vision_feature_select_strategy='default' (CLS dropped from the "
-                f"visual tokens), got {strategy!r}"
+                f"importance={importance!r} scoring needs vision_feature_select_strategy='default' (CLS dropped "
+                f"from the visual tokens), got {strategy!r}"
             )
+        if importance != "cls":
+            return
         if getattr(self.config.vision_config, "model_type", "clip_vision_model") not in (
             "clip_vision_model", "clip"
         ):
@@ -135,6 +140,20 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         pooled = self.inner.vision_resampler(scores.unsqueeze(-1))  # [F, P', 1]: the model's own pooling
         return pooled.reshape(-1)
 
+    def token_patches(self, call, index, crops, patches):
+        if "pixel_values_videos" not in call:
+            return super().token_patches(call, index, crops, patches)
+        # a video token is the pool of one stride x stride window of its frame's patch grid (row-major windows)
+        side, stride = round(patches**0.5), int(getattr(self.config, "spatial_pool_stride", 2))
+        if side * side != patches:
+            raise ValueError(f"llava_next_video: a frame of {patches} patches is not a square grid")
+        pooled = side // stride
+        rows = torch.arange(pooled).repeat_interleave(pooled) * stride  # window's top row, per pooled token
+        cols = torch.arange(pooled).repeat(pooled) * stride
+        offsets = torch.tensor([a * side + b for a in range(stride) for b in range(stride)])
+        frame = (rows * side + cols)[:, None] + offsets  # [P', stride**2]
+        return (torch.arange(crops)[:, None, None] * patches + frame).reshape(-1, stride * stride)
+
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision (``llava_onevision``): SigLIP tower (no CLS token, ``vision_feature_select_strategy='full'``),
@@ -157,11 +176,30 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             raise ValueError(f"vision tower {type(tower).__name__} has no SigLIP-style encoder.layers")
         return [layer.self_attn for layer in encoder.layers]
 
-    def check_cls_strategy(self) -> None:
-        raise ValueError(
-            f"the 'cls' signal needs a vision tower with a CLS token; llava_onevision's tower is "
-            f"{self.config.vision_config.model_type!r} (SigLIP, no CLS token)"
-        )
+    def check_cls_strategy(self, importance: str = "received") -> None:
+        # received attention is read per patch; every patch must be a visual token (SigLIP: strategy "full")
+        strategy = getattr(self.config, "vision_feature_select_strategy", "full")
+        if strategy != "full":
+            raise ValueError(
+                f"importance={importance!r} on llava_onevision needs vision_feature_select_strategy='full' (SigLIP has "
+                f"no CLS token: every patch is a visual token), got {strategy!r}, which drops the first patch"
+            )
+
+    def token_patches(self, call, index, crops, patches):
+        if "pixel_values_videos" in call:
+            raise ValueError(
+                "llava_onevision pools each video frame bilinearly (apply_pooling), so a video token blends patches "
+                "with unequal weights and carries no set of patches of its own: methods that read per-token vision "
+                "keys (visionzip) cannot run on its videos; use 'cls', 'divprune' or 'zoo' there"
+            )
+        try:
+            return super().token_patches(call, index, crops, patches)
+        except ValueError:
+            raise ValueError(
+                "this llava_onevision image's AnyRes grid is bilinearly downscaled (anyres_max: more patches than "
+                "the limit), so its tokens blend patches and carry no set of patches of their own: methods that "
+                "read per-token vision keys (visionzip) cannot run on it; use 'cls', 'divprune' or 'zoo'"
+            ) from None
 
     def crop_counts(self, call, num_images):
         if "pixel_values_videos" in call:

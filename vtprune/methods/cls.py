@@ -23,7 +23,8 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
-from .base import ImageInputs, Method
+from ..signals import check_importance
+from .base import ImageInputs, Method, crop_importance
 
 
 @dataclass
@@ -33,10 +34,12 @@ class CLSConfig(PruneConfig):
     >= 0; a start that leaves no layer in the model's tower raises at ``patch`` time."""
 
     start_layer: int | None = None
+    importance: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         check_int_option("start_layer", self.start_layer, 0, optional=True)
+        check_importance(self.importance)
 
 
 @register_method("cls", CLSConfig)
@@ -64,5 +67,5 @@ class VTCCLS(Method):
         return layers
 
     def select(self, image: ImageInputs) -> torch.Tensor:
-        crop_scores = F.cls_scores(image.cls_attention, slice(None))  # [C, P]
+        crop_scores = crop_importance(image)  # [C, P]
         return F.topk_indices(image.pack_crop_scores(crop_scores), image.k)

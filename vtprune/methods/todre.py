@@ -24,7 +24,8 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
-from .base import ImageInputs, Method, check_layer
+from ..signals import check_importance
+from .base import ImageInputs, Method, check_layer, crop_importance
 
 _DIVERSITY = ("kcenter", "maxsum")
 
@@ -36,9 +37,11 @@ class ToDREConfig(PruneConfig):
     late_drop: bool = True
     drop_layer: int | None = None
     drop_threshold: float = 0.10
+    importance: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        check_importance(self.importance)
         if self.diversity not in _DIVERSITY:
             raise ValueError(f"diversity must be one of {_DIVERSITY}, got {self.diversity!r}")
         check_int_option("cls_layer", self.cls_layer, 0, optional=True)
@@ -75,7 +78,7 @@ class ToDRE(Method):
 
     def pivot(self, image: ImageInputs) -> int:
         """Index of the visual token with the highest CLS attention (base image only for AnyRes)."""
-        crop_scores = F.cls_scores(image.cls_attention, slice(None))  # [C, P]
+        crop_scores = crop_importance(image)  # [C, P]
         crop_scores[1:] = float("-inf")  # AnyRes: crop 0 is the base image
         return int(F.topk_indices(image.pack_crop_scores(crop_scores), 1)[0])
 

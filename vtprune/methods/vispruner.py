@@ -25,7 +25,8 @@ from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ._packing import packed_patches
-from .base import ImageInputs, Method
+from ..signals import check_importance
+from .base import ImageInputs, Method, crop_importance
 
 
 @dataclass
@@ -35,9 +36,11 @@ class VisPrunerConfig(PruneConfig):
 
     important_ratio: float = 0.5
     layer: int | None = None
+    importance: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        check_importance(self.importance)
         r = self.important_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
             raise ValueError(f"important_ratio must be a number in [0, 1] (fraction of the budget chosen by [CLS] "
@@ -59,19 +62,12 @@ class VisPruner(Method):
         return [layer]
 
     def select(self, image: ImageInputs) -> torch.Tensor:
-        attn = F.cls_scores(image.cls_attention, slice(None)).reshape(-1)  # [C * P] head mean, CLS key dropped
-        if attn.numel() != image.projector_inputs.shape[0] * image.projector_inputs.shape[1]:
-            raise ValueError(
-                f"vispruner pairs each patch's [CLS] attention with the projector's input of that patch, but the "
-                f"projector received {tuple(image.projector_inputs.shape[:2])} (crops, tokens) for "
-                f"{(image.cls_attention.shape[0], image.cls_attention.shape[-1] - 1)} patches: the model "
-                "pools patches before its projector (LLaVA-NeXT-Video's video frames); use 'cls' or 'divprune' there"
-            )
-        feats = image.projector_inputs.reshape(attn.numel(), -1)
+        attn = image.pack_crop_scores(crop_importance(image))  # [n] per visual token (separators: lowest)
+        feats = image.projector_inputs.reshape(-1, image.projector_inputs.shape[-1])
         ids, _, _ = packed_patches(image)
         tokens = (ids >= 0).nonzero().squeeze(1)  # the visual tokens that carry a patch, ascending
         k = min(image.k, tokens.numel())
-        chosen = F.vispruner_select(attn[ids[tokens]], feats[ids[tokens]], k, self.config.important_ratio)
+        chosen = F.vispruner_select(attn[tokens], feats[ids[tokens]], k, self.config.important_ratio)
         kept = tokens[chosen]
         if image.k > k:  # budget beyond the patches: add row separators, first ones first
             extra = (ids < 0).nonzero().squeeze(1)[: image.k - k]
