@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vtprune
 from vtprune import flops
+from vtprune import functional as F
 from vtprune.adapters import get_adapter
 
 FAMS = ("llava_next_video", "llava_onevision")
@@ -136,8 +137,8 @@ def _greedy(model, inputs, n=4, **kw):
         return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)[:, -n:]
 
 
-VIDEO_CASES = [("llava_next_video", m) for m in ("random", "divprune", "zoo", "cls", "todre")] + [
-    ("llava_onevision", m) for m in ("random", "divprune", "zoo")]
+VIDEO_CASES = [("llava_next_video", m) for m in ("random", "divprune", "zoo", "cls", "todre", "vispruner")] + [
+    ("llava_onevision", m) for m in ("random", "divprune", "zoo", "cls", "todre")]
 
 
 @pytest.mark.parametrize("family,method", VIDEO_CASES)
@@ -237,20 +238,19 @@ def test_onevision_downscaled_and_multi_image_prompts_equal_the_kept_token_promp
             torch.testing.assert_close(st_logits[row], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_methods_that_need_one_patch_per_token_refuse_blended_tokens(model_factory):
+@pytest.mark.parametrize("method,match", [("pool", "blend several patches.*anyres_max downscale"),
+                                          ("vispruner", "blend several patches"),
+                                          ("visionzip", "bilinearly downscaled.*visionzip")])
+def test_methods_that_need_one_patch_per_token_refuse_blended_tokens(method, match, model_factory):
     model = model_factory("llava_onevision")
-    with _aspect(model, "anyres_max_2"), vtprune.patched(model, "pool", keep=4), torch.no_grad():
+    with _aspect(model, "anyres_max_2"), vtprune.patched(model, method, keep=4), torch.no_grad():
         downscaled = make_inputs(model, "llava_onevision", [(3, 1, 2), (4, 1, 1)], seed=3)  # row 1: 112x112 -> 5x5
-        with pytest.raises(ValueError, match="blend several patches.*anyres_max downscale"):
+        with pytest.raises(ValueError, match=match):
             model(**downscaled)
     _, (video,), _ = _video_batch(model, [(2, 3)])
-    with vtprune.patched(model, "pool", keep=4), torch.no_grad(), pytest.raises(ValueError, match="blend several"):
+    match = "bilinearly.*visionzip" if method == "visionzip" else "blend several patches.*video pooling"
+    with vtprune.patched(model, method, keep=4), torch.no_grad(), pytest.raises(ValueError, match=match):
         model(**video)
-    nxt = model_factory("llava_next_video")
-    _, (video,), _ = _video_batch(nxt, [(2, 3)])
-    with vtprune.patched(nxt, "vispruner", keep=4), torch.no_grad():
-        with pytest.raises(ValueError, match="pools patches before its projector"):
-            nxt(**video)
 
 
 # -- FLOPs: SigLIP towers and video frames vs FlopCounterMode ----------------------------------------------------------
@@ -306,3 +306,82 @@ def test_siglip_head_and_errors():
         flops.vision_flops(_eager("llava").config, num_frames=2)
     with pytest.raises(ValueError, match="num_frames is for llava_next_video"):
         flops.vision_flops(_eager("qwen2_vl").config, image_grid_thw=[(1, 4, 4)], num_frames=2)
+
+
+# -- importance="received": SigLIP (OneVision's default) and CLIP video frames, against an eager copy ------------------
+def _received_capture(model, inputs, feature_call, **options):
+    """The capture's records of one feature call (``feature_call(inner)``) made on the patched model."""
+    with vtprune.patched(model, "cls", keep=5, start_layer=1, **options), torch.no_grad():
+        session = getattr(model, vtprune.api._ATTR)
+        out = feature_call(model.model)
+        feats = session.capture.split_features(out.pooler_output)
+        infos = [session.capture.info(f) for f in feats]
+        model(**inputs)
+        kept = vtprune.stats(model).kept_indices
+    return infos, kept
+
+
+def _eager_received(model, pixels):
+    """[crops, L, P]: attention weights of vision layers 1 and 2 of an eager copy, averaged over heads and over every
+    query (CLIP's CLS query included), per patch key (CLIP: the CLS key column dropped)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.config.vision_config._attn_implementation = "eager"
+    with torch.no_grad():
+        attn = ref.model.vision_tower(pixels, output_attentions=True).attentions
+    cls = 1 if model.config.model_type == "llava_next_video" else 0
+    return torch.stack([attn[i].float().mean(dim=(1, 2))[:, cls:] for i in (1, 2)], dim=1)
+
+
+def test_onevision_received_equals_eager_attention_packed_by_hand(model_factory):
+    model = model_factory("llava_onevision")
+    inputs = make_inputs(model, "llava_onevision", [(3, 1, 4)])  # one 56x112 image: base crop + 1x2 crops
+    call = {k: inputs[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
+    infos, kept = _received_capture(model, inputs, lambda inner: inner.get_image_features(**call))
+    (info,) = infos
+    assert info.crops == 3 and info.cls_attention is None  # SigLIP: importance defaults to "received"
+    expected = _eager_received(model, inputs["pixel_values"][0, :3])
+    torch.testing.assert_close(info.received, expected, rtol=1e-5, atol=1e-7)
+    scores = expected.sum(1)  # [3, 16]
+    # AnyRes by hand: the base crop's 16 patches, then the 4 x 8 grid of the two crops row by row, each row + newline
+    rows = [torch.cat([scores[1 + col // 4, r * 4 + col % 4].view(1) for col in range(8)]) for r in range(4)]
+    floor = scores.min()
+    by_hand = torch.cat([scores[0]] + [torch.cat([row, floor.view(1)]) for row in rows])
+    torch.testing.assert_close(info.pack(info.received.sum(1)), by_hand, rtol=1e-5, atol=1e-7)
+    assert kept[0].tolist() == F.topk_indices(by_hand, 5).tolist()
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_video_received_equals_eager_attention_pooled_by_hand(family, model_factory):
+    model = model_factory(family)
+    _, (inputs,), _ = _video_batch(model, [(2, 3)], frames=3)
+    pix = inputs["pixel_values_videos"]
+    infos, kept = _received_capture(model, inputs, lambda inner: inner.get_video_features(pix),
+                                    importance="received")
+    (info,) = infos
+    assert info.crops == 3 and info.cls_attention is None
+    expected = _eager_received(model, pix[0])
+    torch.testing.assert_close(info.received, expected, rtol=1e-5, atol=1e-7)
+    # both families pool each frame's 4x4 grid to 2x2 (tiny: bilinear 4 -> 2 and AvgPool2d(2) are both the mean of
+    # each 2x2 window); OneVision appends one newline token with the lowest score
+    pooled = expected.sum(1).view(3, 2, 2, 2, 2).mean(dim=(2, 4)).reshape(-1)
+    if family == "llava_onevision":
+        pooled = torch.cat([pooled, pooled.min().view(1)])
+    torch.testing.assert_close(info.pack(info.received.sum(1)), pooled, rtol=1e-5, atol=1e-7)
+    assert kept[0].tolist() == F.topk_indices(pooled, 5).tolist()
+    if family == "llava_next_video":  # the patches each pooled token carries: its 2x2 window
+        assert info.token_patches(3, 16)[:2].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+def test_onevision_received_needs_every_patch_as_a_token(model_factory):
+    model = model_factory("llava_onevision")
+    model.config.vision_feature_select_strategy = "default"  # drops SigLIP's first patch: scores would not map
+    try:
+        with pytest.raises(ValueError, match="vision_feature_select_strategy='full'.*drops the first patch"):
+            vtprune.patch(model, "cls", keep=4)
+        with pytest.raises(ValueError, match="importance='cls' needs the vision tower's CLS attention"):
+            vtprune.patch(model, "todre", keep=4, importance="cls")
+    finally:
+        model.config.vision_feature_select_strategy = "full"
+    assert not vtprune.is_patched(model)
