@@ -206,10 +206,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return _video_frames(call, num_images)
         module = sys.modules[type(self.inner).__module__]
         vcfg = self.config.vision_config
-        per_row = call.get("batch_num_images")
+        per_row = call.get("batch_num_images")  # as the model reads it: an image of a multi-image row is one crop
         patching = [True] * num_images if per_row is None else [int(n) == 1 for n in per_row for _ in range(int(n))]
-        if len(patching) != num_images:
-            raise ValueError(f"batch_num_images {list(per_row)} counts {len(patching)} images; the call has {num_images}")
         return [
             module.image_size_to_num_patches(
                 image_size=size, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=vcfg.image_size
