@@ -171,7 +171,8 @@ def test_pruned_video_equals_unpatched_model_fed_kept_tokens(family, method, mod
         flops.vision_flops(model.config, num_images=0, num_frames=3)
 
 
-@pytest.mark.parametrize("family,method", [(f, m) for f in FAMS for m in ("divprune", "fastv")])
+@pytest.mark.parametrize("family,method", [(f, m) for f in FAMS for m in ("divprune", "fastv")]
+                         + [("llava_next_video", "visionzip")])
 def test_video_batch_equals_rows_alone_and_cache_equals_no_cache(family, method, model_factory):
     model = model_factory(family)
     batch, singles, _ = _video_batch(model, [(2, 6), (7, 2)], frames=2)

@@ -36,7 +36,10 @@ def _eager_qwen_blocks(model, inputs, layer):
     ref.config.vision_config._attn_implementation = _RECORD
     _SEEN.clear()
     with torch.no_grad():
-        ref.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        if "pixel_values_videos" in inputs:
+            ref.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        else:
+            ref.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     target = ref.model.visual.blocks[layer].attn
     return [(w[0], k[0]) for m, w, k in _SEEN if m is target]
 
@@ -86,6 +89,27 @@ def test_qwen_received_equals_eager_attention_pooled_by_hand(family, model_facto
         assert info.token_patches(1, patches.numel()).tolist() == torch.arange(patches.numel()).view(-1, 4).tolist()
     first = received.split(sizes)[0].reshape(-1, 4).mean(1)
     assert kept[0][:5].tolist() == F.topk_indices(first, 5).tolist()  # cls keeps the top-5 of the first image
+
+
+def test_qwen_video_received_per_frame_window(model_factory):
+    """A Qwen2.5-VL video of 2 temporal patches x 4 x 6: its windowed layer attends within 2 windows per frame."""
+    from test_video import _video_inputs
+
+    family = "qwen2_5_vl"
+    model = model_factory(family)
+    inputs, n = _video_inputs()
+    with vtprune.patched(model, "cls", keep=5), torch.no_grad():
+        session = getattr(model, vtprune.api._ATTR)
+        out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        info = session.capture.info(out.pooler_output[0])
+        model(**inputs)
+        kept = vtprune.stats(model).kept_indices[0]
+    blocks = _eager_qwen_blocks(model, inputs, 0)
+    assert [w.shape[-1] for w, _ in blocks] == [16, 8, 16, 8]
+    received = _unwindow(torch.cat([w.float().mean(dim=(0, 1)) for w, _ in blocks]), model, inputs["video_grid_thw"])
+    torch.testing.assert_close(info.received[0, 0], received, rtol=1e-5, atol=1e-7)
+    tokens = received.reshape(-1, 4).mean(1)
+    assert tokens.numel() == n and kept.tolist() == F.topk_indices(tokens, 5).tolist()
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
@@ -192,10 +216,40 @@ def test_visionzip_on_qwen_reads_merge_units(model_factory):
     scores, unit_keys = received.reshape(-1, 4).mean(1), keys.reshape(-1, 4 * keys.shape[-1])
     k = 7
     kept, merge = _hand_visionzip(scores, unit_keys, k)
+    assert bool(((merge != 0).sum(1) > 1).any())  # some contextual token absorbed others
     with vtprune.patched(model, "visionzip", keep=k), torch.no_grad():
-        model(**inputs)
+        logits = model(**inputs).logits[:, -1]
         st = vtprune.stats(model)
     assert st.kept_indices[0].tolist() == kept.tolist()
+    # the unpatched LM fed the kept tokens at their original positions, contextual ones = merger(target + mean)
+    inner, merger = model.model, model.model.visual.merger
+    seen = []
+    hook = merger.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            feats = inner.get_image_features(inputs["pixel_values"], grid).pooler_output[0]
+    finally:
+        hook.remove()
+    states = _unwindow(seen[0], model, grid)  # [patches, D] the merger's input, in patch order
+    units = states.reshape(-1, 4 * states.shape[-1])  # one row per token: its 4 patches concatenated
+    with torch.no_grad():
+        vectors = feats[kept].clone()
+        for row, weights in enumerate(merge):
+            if int((weights != 0).sum()) > 1:
+                vectors[row] = merger((weights @ units).reshape(4, -1))[0]
+        ids = inputs["input_ids"][0]
+        visual = (ids == model.config.image_token_id).nonzero().squeeze(1)
+        embeds = inner.get_input_embeddings()(inputs["input_ids"])
+        embeds[0, visual[kept]] = vectors
+        pos, _ = inner.get_rope_index(inputs["input_ids"], image_grid_thw=grid, video_grid_thw=None,
+                                      attention_mask=inputs["attention_mask"],
+                                      mm_token_type_ids=inputs["mm_token_type_ids"])
+        keep = torch.ones(ids.numel(), dtype=torch.bool)
+        keep[visual] = False
+        keep[visual[kept]] = True
+        ref = model(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep],
+                    attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long)).logits[:, -1]
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_visionzip_anyres_selects_within_each_crop(model_factory):

@@ -46,9 +46,9 @@ def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, A
 def qk_from_projections(module: nn.Module, args: tuple, kwargs: dict) -> VisionQK:
     """:meth:`ModelAdapter.vision_qk` of a CLIP / SigLIP-style attention module: ``q_proj`` / ``k_proj`` linear maps
     on ``hidden_states [C, T, D]`` (one row per crop, every token of a crop attending to every other), attributes
-    ``num_heads``, ``head_dim`` and ``scale``, no rotary embedding, no q/k norm (applied when the module has
-    ``q_norm`` / ``k_norm``). Raises ``ValueError`` if the call carries an attention mask (padded crops are not
-    described by :class:`VisionQK`)."""
+    ``num_heads``, ``head_dim`` and ``scale``, no rotary embedding; ``q_norm`` / ``k_norm`` when the module has them
+    (InternViT), over the whole projection or per head as their weight's size says. Raises ``ValueError`` if the call
+    carries an attention mask (padded crops are not described by :class:`VisionQK`)."""
     bound = bound_arguments(module, args, kwargs)
     mask = bound.get("attention_mask")
     if mask is not None:
@@ -56,10 +56,18 @@ def qk_from_projections(module: nn.Module, args: tuple, kwargs: dict) -> VisionQ
                          "towers whose crops attend without masks")
     hidden = bound["hidden_states"]
     c, t, _ = hidden.shape
-    q = module.q_proj(hidden).view(c * t, -1, module.head_dim)
-    k = module.k_proj(hidden).view(c * t, -1, module.head_dim)
-    if getattr(module, "q_norm", None) is not None:
-        q, k = module.q_norm(q), module.k_norm(k)
+    dh = module.head_dim
+
+    def heads(x, norm):  # [C, T, H * Dh] -> [C * T, H, Dh], normed as the module norms it
+        if norm is None:
+            return x.reshape(c * t, -1, dh)
+        weight = getattr(norm, "weight", None)
+        if weight is not None and weight.numel() == dh:
+            return norm(x.reshape(c * t, -1, dh))
+        return norm(x).reshape(c * t, -1, dh)
+
+    q = heads(module.q_proj(hidden), getattr(module, "q_norm", None))
+    k = heads(module.k_proj(hidden), getattr(module, "k_norm", None))
     cu = torch.arange(c + 1, device=hidden.device, dtype=torch.long) * t
     return VisionQK(q, k, cu, float(module.scale))
 

@@ -54,7 +54,7 @@ class LlavaAdapter(ModelAdapter):
 
     def check_cls_strategy(self, importance: str = "cls") -> None:
         strategy = getattr(self.config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
+        if self.has_cls_token and strategy != "default":  # CLS would be a visual token: scores cannot map
             raise ValueError(
                 f"importance={importance!r} scoring needs vision_feature_select_strategy='default' (CLS dropped "
                 f"from the visual tokens), got {strategy!r}"

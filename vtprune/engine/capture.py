@@ -195,11 +195,10 @@ class VisionCapture:
     def _received_hook(self, module, args, kwargs):
         if self._received is None:
             return None
-        with torch.no_grad():
-            qk = self.adapter.vision_qk(module, args, kwargs)
-            self._received.append(F.received_attention(qk.q, qk.k, qk.cu_seqlens, qk.scaling))
-            if self._vision_keys is not None:
-                self._vision_keys.append(qk.k.detach().mean(1))
+        qk = self.adapter.vision_qk(module, args, kwargs)  # differentiable, like the CLS rows (robustness attacks)
+        self._received.append(F.received_attention(qk.q, qk.k, qk.cu_seqlens, qk.scaling))
+        if self._vision_keys is not None:
+            self._vision_keys.append(qk.k.detach().mean(1))
         return None
 
     def _cls_q_hook(self, module, args, output):

@@ -12,7 +12,8 @@ on the sample's visual tokens, every visual token of that sample leaves the sequ
 all decode steps (our reading of the paper's "task-relevance" stage: docs/methods.md). A budget that keeps every
 token (``ratio=1``) prunes nothing at either stage.
 
-Needs the vision tower's CLS token (CLIP): LLaVA-1.5 and LLaVA-NeXT; Qwen-VL towers have none.
+The pivot reads the vision tower's CLS row (``importance="cls"``, default where the tower has a CLS token) or the
+attention each patch receives (``importance="received"``, default elsewhere, e.g. Qwen-VL; docs/methods.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _DIVERSITY = ("kcenter", "maxsum")
 
 @dataclass
 class ToDREConfig(PruneConfig):
+    """ToDRE options (module docstring). ``importance``: the pivot's score, ``"cls"``, ``"received"`` or None (``"cls"``
+    where the vision tower has a CLS token, ``"received"`` elsewhere)."""
+
     diversity: str = "kcenter"
     cls_layer: int | None = None
     late_drop: bool = True

@@ -15,7 +15,13 @@ Where this differs from the official code (documented deviations):
 * the official code concatenates [dominant, contextual] and numbers them consecutively; here every kept token keeps
   its original position id (a contextual token sits at its target's position), like every vtprune method.
 
-Needs a CLIP tower with a CLS token, one crop per image (LLaVA-1.5); AnyRes (LLaVA-NeXT) is not supported yet.
+AnyRes (LLaVA-NeXT): per crop, as the official LLaVA-NeXT code does: the image's budget split evenly over its crops,
+each crop's own selection over its tokens (an explicit ``contextual`` is per crop); row separators are kept only
+when the budget exceeds the patches (the official code keeps none: its ``image_newline_expanded`` is never used).
+``importance`` (docs/methods.md): ``"cls"`` (default where the tower has a CLS token) or ``"received"`` (the attention
+each patch receives; default elsewhere). On Qwen the tokens are merge units: a token's score is its unit's mean, its
+key the unit's 4 head-mean (post-RoPE) keys concatenated, and a contextual token the merger applied to merged
+concatenated patch states.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from .base import ImageInputs, Method, Selection, crop_importance
 @dataclass
 class VisionZipConfig(PruneConfig):
     """VisionZip options. ``contextual``: merged tokens per image (None: ``round(k * 10 / 64)`` of the image's
-    budget ``k``); ``layer``: the vision layer read (None: ``L - 2``).
+    budget ``k``; AnyRes: per crop); ``layer``: the vision layer read (None: ``L - 2``); ``importance``: ``"cls"``,
+    ``"received"`` or None (``"cls"`` where the tower has a CLS token, else ``"received"``).
 
     Raises ``ValueError`` if an option is neither None nor an int >= 0, or if ``keep`` is given and an explicit
     ``contextual >= keep`` would leave no dominant token. With ``ratio=`` the budget is only known per image, so

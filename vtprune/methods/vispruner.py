@@ -12,7 +12,9 @@ Rules and deviations (docs/methods.md): an odd residual count (where the officia
 token like the others; ``important_ratio=1`` is plain top-k. AnyRes (LLaVA-NeXT): one selection over all the
 image's patches (every crop's patches scored by its own crop's [CLS] row, features of the same layer), within the
 image's budget; row-separator tokens carry no patch and are kept only if the budget exceeds the patches (the
-official code selects T tokens in every crop and keeps every separator). Needs a CLIP tower with a CLS token.
+official code selects T tokens in every crop and keeps every separator). ``importance``: the [CLS] row (default
+where the tower has a CLS token) or the attention each patch receives (default elsewhere, e.g. Qwen-VL, whose
+"patches" are then merge units: one projector row per token; docs/methods.md).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .base import ImageInputs, Method, crop_importance
 @dataclass
 class VisPrunerConfig(PruneConfig):
     """VisPruner options. ``important_ratio``: fraction of the budget chosen by [CLS] attention (official 0.5), a
-    number in [0, 1]; ``layer``: the vision layer read (None: ``L - 2``, the layer LLaVA's projector reads)."""
+    number in [0, 1]; ``layer``: the vision layer read (None: ``L - 2``, the layer LLaVA's projector reads);
+    ``importance``: ``"cls"``, ``"received"`` or None (``"cls"`` where the tower has a CLS token, else ``"received"``)."""
 
     important_ratio: float = 0.5
     layer: int | None = None
