@@ -46,7 +46,7 @@ AVERAGE_BUDGET_METHODS = ("pdrop",)
 
 def refused(method: str, family: str) -> bool:
     """Whether patching ``family`` with ``method`` raises (its signal or point does not exist there)."""
-    if method in SINGLE_CROP_METHODS and family == "llava_next":
+    if method in SINGLE_CROP_METHODS and family in tiny.ANYRES:
         return True
     return method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5")  # a default point reads a linear layer
 
@@ -60,6 +60,8 @@ def supports(method: str, family: str) -> bool:
         return False
     if method in CLS_METHODS and family.startswith("qwen"):
         return method in RECEIVED_MATRIX[family]
+    if method in CLS_METHODS and family == "llava_next_video":  # its images are llava_next's (CLS rows, AnyRes):
+        return method == "cls"  # the others run on its videos in tests/test_llava_video.py
     return True
 
 

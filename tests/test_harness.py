@@ -273,7 +273,7 @@ def test_benchmark_configs_name_real_tasks_and_metrics():
     """The shipped configs parse, and every task and metric exists in lmms-eval's own task index (offline: the
     index is read from the installed package; the datasets and models would come from the hub)."""
     tm = None
-    for name in ("llava15_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35"):
+    for name in ("llava15_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35", "llava_onevision_7b"):
         cfg = hconfig.load_config(REPO / "configs" / "sweeps" / f"{name}.yaml")
         assert cfg.budgets == [64, 128, 192]
         assert {t.task for t in cfg.tasks} == {"gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img",
@@ -319,3 +319,13 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
         hsweep._check_methods(q35.models[0], cfg35, [type(fastv[0])(**{**vars(fastv[0]), "options": {}})], 64)
     assert {m.method for m in q3.methods} == {m.method for m in q35.methods} == \
         {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
+
+
+def test_llava_onevision_benchmark_config_runs_on_its_architecture():
+    """LLaVA-OneVision-7B (transformers' default LlavaOnevisionConfig: SigLIP so400m, Qwen2-7B) patches with every
+    listed method: those that run on a CLS-free AnyRes-max model."""
+    from transformers import LlavaOnevisionConfig
+
+    ov = hconfig.load_config(REPO / "configs/sweeps/llava_onevision_7b.yaml")
+    assert ov.models[0].pretrained == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    hsweep._check_methods(ov.models[0], LlavaOnevisionConfig(), ov.methods, 64)

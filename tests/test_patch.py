@@ -259,20 +259,6 @@ def test_labels_on_pruned_model_raise(model_factory):
         model(**inputs, labels=inputs["input_ids"])
 
 
-def test_not_yet_supported_families_say_so():
-    """(DeepStack Qwen3-VL routes: tests/test_qwen3.py, which feeds the sliced DeepStack levels too.)"""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-    cfg = LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=28, patch_size=14),
-        text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64),
-    )
-    with pytest.raises(NotImplementedError, match="AnyRes-max"):
-        vtprune.patch(LlavaOnevisionForConditionalGeneration(cfg), "random", keep=4)
-
-
 @pytest.mark.parametrize("method,family", SUPPORTED)
 def test_inference_mode_gives_the_same_selection(method, family, model_factory):
     # lmms-eval and most serving code run models under torch.inference_mode

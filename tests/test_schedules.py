@@ -90,6 +90,8 @@ LLM_PAIRS = [("fastv@1", "dart@2"), ("dart@1", "fastv@3"), ("fastv@2", "pact@3")
 PAIRS_BY_FAMILY = {
     "llava": [(v, lm) for v in VISION for lm in LLM] + LLM_PAIRS,
     "llava_next": [("random", "fastv"), ("cls", "dart"), ("todre", "pact"), ("zoo", "fastv"), ("fastv@1", "dart@2")],
+    "llava_next_video": [("cls", "fastv"), ("pool", "dart")],
+    "llava_onevision": [("zoo", "fastv"), ("random", "pact")],
     "qwen2_vl": [("divprune", "fastv"), ("zoo", "dart"), ("random", "pact"), ("dart@1", "fastv@3")],
     "qwen2_5_vl": [("random", "fastv"), ("divprune", "pact"), ("fastv@2", "pact@3"), ("fastv@1", "dart@2")],
     # DeepStack levels (injected after layers 0 and 1) sliced at the vision entry and again at layer 1 / 2

@@ -14,6 +14,11 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -26,11 +31,14 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
+FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
 #: Qwen3-VL / Qwen3.5 families (interleaved M-RoPE; DeepStack: qwen3_vl*; hybrid linear/full attention: qwen3_5*)
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+#: LLaVA families with AnyRes (multi-crop) images
+ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
 VOCAB = 96
 IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, PAD_ID = 90, 91, 92, 93, 0
 
@@ -49,6 +57,8 @@ _TEXT = dict(
 _CLIP = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56, patch_size=14
 )
+
+_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 
 
 def _finish(model):
@@ -76,11 +86,38 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
             vision_config=CLIPVisionConfig(**_CLIP),
             text_config=LlamaConfig(**_TEXT),
             image_token_id=IMAGE_ID,
-            image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+            image_grid_pinpoints=_PINPOINTS,
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )
         model = LlavaNextForConditionalGeneration(cfg)
+    elif family == "llava_next_video":
+        cfg = LlavaNextVideoConfig(
+            vision_config=CLIPVisionConfig(**_CLIP),
+            text_config=LlamaConfig(**_TEXT),
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            image_grid_pinpoints=_PINPOINTS,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            spatial_pool_mode="average",
+            spatial_pool_stride=2,
+        )
+        model = LlavaNextVideoForConditionalGeneration(cfg)
+    elif family == "llava_onevision":
+        # SigLIP (no CLS token, all patches are tokens), Qwen2 LM; anyres_max_9 (the checkpoints' setting) never
+        # downscales the tiny images (at most 2x2 crops); tests/test_llava_video.py sets anyres_max_1 to downscale
+        cfg = LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**_CLIP, vision_use_head=False),
+            text_config=Qwen2Config(**_TEXT),
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            image_grid_pinpoints=_PINPOINTS,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        )
+        model = LlavaOnevisionForConditionalGeneration(cfg)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
         if family == "qwen2_vl":
@@ -149,13 +186,28 @@ def _llava_images(model, n_images, gen):
     return {"pixel_values": pix}, [n] * n_images
 
 
-def _next_images(model, n_images, gen):
+def _next_images(model, n_images, gen, per_row=None):
     sizes = [[56, 112], [112, 112], [112, 56]]
     sizes = torch.tensor([sizes[i % 3] for i in range(n_images)])
     pix = torch.randn(n_images, 5, 3, 56, 56, generator=gen)
+    kwargs = {"pixel_values": pix, "image_sizes": sizes}
+    if model.config.model_type == "llava_onevision":  # an image of a multi-image prompt is its base crop only
+        kwargs["batch_num_images"] = torch.tensor(per_row)
     with torch.no_grad():
-        feats = model.model.get_image_features(pix, sizes).pooler_output
-    return {"pixel_values": pix, "image_sizes": sizes}, [f.shape[0] for f in feats]
+        feats = model.model.get_image_features(**kwargs).pooler_output
+    return kwargs, [f.shape[0] for f in feats]
+
+
+def video_inputs(model, frames=(2,), seed=0):
+    """``pixel_values_videos`` ``[V, F, 3, 56, 56]`` of ``len(frames)`` videos of ``frames[0]`` frames each (the
+    LLaVA video families batch videos of one length) and each video's number of placeholder tokens."""
+    if len(set(frames)) != 1:
+        raise ValueError(f"videos of one batch share a frame count, got {frames}")
+    gen = torch.Generator().manual_seed(seed)
+    pix = torch.randn(len(frames), frames[0], 3, 56, 56, generator=gen)
+    with torch.no_grad():
+        feats = model.model.get_video_features(pix).pooler_output
+    return {"pixel_values_videos": pix}, [f.shape[0] for f in feats]
 
 
 def _qwen_images(model, n_images, gen):
@@ -166,14 +218,15 @@ def _qwen_images(model, n_images, gen):
     return {"pixel_values": pix, "image_grid_thw": grids}, [int(g.prod()) // 4 for g in grids]
 
 
-_IMAGES = {"llava": _llava_images, "llava_next": _next_images, **{f: _qwen_images for f in FAMILIES if "qwen" in f}}
+_IMAGES = {"llava": _llava_images, **{f: _next_images for f in ANYRES}, **{f: _qwen_images for f in FAMILIES if "qwen" in f}}
 
 
 def make_inputs(model, family: str, specs, seed: int = 0):
     """Left-padded inputs for rows ``specs = [(text_before, n_images, text_after), ...]``."""
     gen = torch.Generator().manual_seed(seed)
     total_images = sum(s[1] for s in specs)
-    image_kwargs, lengths = _IMAGES[family](model, total_images, gen) if total_images else ({}, [])
+    extra = {"per_row": [s[1] for s in specs]} if family == "llava_onevision" else {}
+    image_kwargs, lengths = _IMAGES[family](model, total_images, gen, **extra) if total_images else ({}, [])
     qwen = family.startswith("qwen")
     rows, types = [], []
     it = iter(lengths)
@@ -218,9 +271,11 @@ def split_rows(model, family, specs, seed=0):
         if n_img:
             if family == "llava":
                 one["pixel_values"] = batch["pixel_values"][img0 : img0 + n_img]
-            elif family == "llava_next":
+            elif family in ANYRES:
                 one["pixel_values"] = batch["pixel_values"][img0 : img0 + n_img]
                 one["image_sizes"] = batch["image_sizes"][img0 : img0 + n_img]
+                if "batch_num_images" in batch:
+                    one["batch_num_images"] = batch["batch_num_images"][i : i + 1]
             else:
                 grids = batch["image_grid_thw"]
                 start = int(grids[:img0].prod(-1).sum())

@@ -60,6 +60,19 @@ size, ``F`` the number of feature layers concatenated (1 unless ``vision_feature
 HF runs *all* ``Lv`` encoder layers even though LLaVA reads layer -2 (``CLIPEncoder`` loops over
 every layer and the wanted hidden state is picked afterwards), so all ``Lv`` layers are counted.
 
+SigLIP ViT (LLaVA-OneVision): as CLIP with no CLS token (``Sv = N``, the projector sees ``Np = N`` tokens with
+either strategy); the position embedding is a look-up. When ``vision_use_head`` is set (LLaVA-OneVision's
+checkpoints unset it) the attention-pooling head runs too, with one probe query::
+
+    head        2 * Dv*Dv + 2 * 2 * N * Dv*Dv + 2 * 2 * N * Dv + 2 * Dv*Dv + 2 * 2 * Dv * Iv
+                (probe q, k and v of the patches, the probe's attention row and its values, out_proj, MLP)
+
+Video frames (``num_frames``): each frame runs through the tower like one crop. LLaVA-OneVision projects every
+patch, then pools (bilinear, not counted): a frame costs what a crop costs. LLaVA-NeXT-Video pools each frame's
+grid before the projector (``vision_resampler``: average / max pooling, not counted; a ``conv`` resampler counts
+``2 * N' * s*s*Dv * Dv'``), so its projector sees ``N' = (sqrt(N) // s)**2`` tokens per frame (``s`` the pool
+stride).
+
 Qwen2-VL ViT, per entry ``(t, h, w)`` of ``image_grid_thw``: ``n = t*h*w`` patches, ``Tp`` temporal
 patch size, ``De = embed_dim``, ``Iv = int(De * mlp_ratio)``, ``Lv = depth``, ``m`` spatial merge size,
 ``Dout`` the merger output size (``vision_config.hidden_size``)::
@@ -131,12 +144,14 @@ __all__ = [
 ]
 
 #: top-level ``config.model_type`` values :func:`vision_flops` / :func:`prefill_flops` understand.
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
                          "qwen3_5_moe")
 _QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: chunk length of transformers' chunked gated delta rule (``torch_chunk_gated_delta_rule``)
 DELTA_RULE_CHUNK = 64
 _CLIP_VISION_TYPES = ("clip_vision_model",)
+_SIGLIP_VISION_TYPES = ("siglip_vision_model",)
+_LLAVA_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
 
 
 # --------------------------------------------------------------------------- input checking
@@ -357,20 +372,21 @@ def _vit_layer_flops(tokens: int, dim: int, inter: int, mlp_matmuls: int, attn_s
     return 4 * 2 * tokens * dim * dim + 2 * 2 * attn_sq * dim + mlp_matmuls * 2 * tokens * dim * inter
 
 
-def _llava_vision_flops(config, num_images: int) -> int:
+def _llava_vision_flops(config, num_images: int, num_frames: int = 0) -> int:
     vcfg = _require(config, "vision_config", f"{config.model_type} config")
     vtype = getattr(vcfg, "model_type", None)
-    if vtype not in _CLIP_VISION_TYPES:
+    if vtype not in _CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES:
         raise ValueError(f"vision tower of model_type {vtype!r} in a {config.model_type!r} config is not supported; "
-                         f"supported: {list(_CLIP_VISION_TYPES)}")
-    what = "CLIP vision config"
+                         f"supported: {list(_CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES)}")
+    siglip = vtype in _SIGLIP_VISION_TYPES
+    what = f"{'SigLIP' if siglip else 'CLIP'} vision config"
     dv = int(_require(vcfg, "hidden_size", what))
     iv = int(_require(vcfg, "intermediate_size", what))
     lv = int(_require(vcfg, "num_hidden_layers", what))
     p = int(_require(vcfg, "patch_size", what))
     c = int(getattr(vcfg, "num_channels", 3) or 3)
     n = (int(_require(vcfg, "image_size", what)) // p) ** 2
-    s = n + 1                                                         # + CLS
+    s = n if siglip else n + 1                                        # + CLS (CLIP)
     dt = int(_require(_text_config(config), "hidden_size", "text config"))
 
     feature_layer = getattr(config, "vision_feature_layer", -2)
@@ -378,14 +394,32 @@ def _llava_vision_flops(config, num_images: int) -> int:
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; supported: 'default', 'full'")
-    n_proj = n if strategy == "default" else s
+    n_proj = n if strategy == "default" or siglip else s
 
-    per_image = (
-        2 * n * c * p * p * dv                                        # patch embedding conv
-        + lv * _vit_layer_flops(s, dv, iv, 2, s * s)                  # all encoder layers
-        + 2 * n_proj * (n_feat * dv) * dt + 2 * n_proj * dt * dt      # projector linear_1, linear_2
-    )
-    return num_images * per_image
+    def projector(tokens: int) -> int:                                # linear_1, linear_2
+        return 2 * tokens * (n_feat * dv) * dt + 2 * tokens * dt * dt
+
+    tower = 2 * n * c * p * p * dv + lv * _vit_layer_flops(s, dv, iv, 2, s * s)  # patch conv + all encoder layers
+    if siglip and getattr(vcfg, "vision_use_head", False):           # attention-pooling head, one probe query
+        tower += 2 * dv * dv + 2 * 2 * n * dv * dv + 2 * 2 * n * dv + 2 * dv * dv + 2 * 2 * dv * iv
+    total = num_images * (tower + projector(n_proj))
+    if num_frames:
+        if config.model_type not in ("llava_next_video", "llava_onevision"):
+            raise ValueError(f"num_frames is for video models (llava_next_video, llava_onevision), got it for "
+                             f"model_type {config.model_type!r}")
+        frame = tower + projector(n_proj)
+        if config.model_type == "llava_next_video":                   # pooled before the projector
+            stride = int(getattr(config, "spatial_pool_stride", 2))
+            side = int(round(n_proj**0.5)) // stride
+            frame = tower + projector(side * side)
+            if getattr(config, "spatial_pool_mode", "average") == "conv":
+                out = int(getattr(config, "spatial_pool_out_channels", None) or dv)
+                if out != n_feat * dv:
+                    raise ValueError(f"spatial_pool_out_channels={out} differs from the projector's input width "
+                                     f"{n_feat * dv}: such a model cannot run")
+                frame += 2 * side * side * stride * stride * dv * out
+        total += num_frames * frame
+    return total
 
 
 def _grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
@@ -488,13 +522,15 @@ def _qwen_vision_flops(config, image_grid_thw, qwen25: bool) -> int:
     return total
 
 
-def vision_flops(config, num_images: int = 1, image_grid_thw=None) -> int:
+def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: int = 0) -> int:
     """FLOPs of the vision tower + projector of a top-level VLM config.
 
     ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES`:
 
-    * ``llava`` / ``llava_next`` (CLIP ViT): ``num_images`` images of ``image_size`` (for LLaVA-NeXT,
-      crops: base image + AnyRes patches, all of them in the batch).  ``image_grid_thw`` must be None.
+    * ``llava`` / ``llava_next`` / ``llava_next_video`` (CLIP ViT), ``llava_onevision`` (SigLIP ViT): ``num_images``
+      images of ``image_size`` (for the AnyRes families, crops: base image + AnyRes patches, all of them in the
+      batch) and ``num_frames`` video frames (``llava_next_video``, ``llava_onevision``; all videos of the batch).
+      ``image_grid_thw`` must be None.
     * ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl`` / ``qwen3_vl_moe`` / ``qwen3_5`` / ``qwen3_5_moe``: token counts
       from ``image_grid_thw`` (an ``[n, 3]`` tensor or a list of ``(t, h, w)`` patch grids, one per image/video in
       the batch); ``num_images`` is not used.
@@ -502,11 +538,14 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None) -> int:
     The count covers all images given; it is not multiplied by any batch size.
     """
     model_type = getattr(config, "model_type", None)
-    if model_type in ("llava", "llava_next"):
+    if model_type in _LLAVA_TYPES:
         if image_grid_thw is not None:
             raise ValueError(f"image_grid_thw is only used for qwen2_vl / qwen2_5_vl configs, got it for "
                              f"model_type {model_type!r}; pass num_images instead")
-        return _llava_vision_flops(config, _as_count(num_images, "num_images"))
+        return _llava_vision_flops(config, _as_count(num_images, "num_images"), _as_count(num_frames, "num_frames"))
+    if num_frames:
+        raise ValueError(f"num_frames is for llava_next_video / llava_onevision configs, got it for model_type "
+                         f"{model_type!r}; Qwen-VL videos are rows of image_grid_thw")
     if model_type == "qwen2_vl":
         return _qwen_vision_flops(config, image_grid_thw, qwen25=False)
     if model_type == "qwen2_5_vl":
@@ -518,14 +557,14 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None) -> int:
 
 
 def prefill_flops(config, layer_seq_lens, batch: int = 1, num_images: int = 1, image_grid_thw=None,
-                  lm_head_tokens: int = 1) -> int:
+                  lm_head_tokens: int = 1, num_frames: int = 0) -> int:
     """Vision tower + projector (:func:`vision_flops`) plus decoder prefill
     (:func:`decoder_prefill_flops` on ``config.text_config``) of a top-level VLM config.
 
-    ``num_images`` / ``image_grid_thw`` describe all images of the batch; ``batch`` multiplies only
+    ``num_images`` / ``num_frames`` / ``image_grid_thw`` describe all images and videos of the batch; ``batch`` multiplies only
     the decoder part.
     """
-    vis = vision_flops(config, num_images=num_images, image_grid_thw=image_grid_thw)
+    vis = vision_flops(config, num_images=num_images, image_grid_thw=image_grid_thw, num_frames=num_frames)
     text_config = _require(config, "text_config", f"{getattr(config, 'model_type', None)!r} config")
     return vis + decoder_prefill_flops(text_config, layer_seq_lens, batch=batch, lm_head_tokens=lm_head_tokens)
 

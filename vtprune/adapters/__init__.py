@@ -5,17 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
-from .llava import LlavaAdapter, LlavaNextAdapter
+from .llava import LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen3VLAdapter, Qwen35Adapter, QwenVLAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
-    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Qwen3VLAdapter, Qwen35Adapter) for t in cls.model_types
+    t: cls
+    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, QwenVLAdapter,
+                Qwen3VLAdapter, Qwen35Adapter)
+    for t in cls.model_types
 }
 
 #: families whose mechanism differs enough that they are refused explicitly (not silently mis-pruned)
-_NOT_YET = {
-    "llava_onevision": "LLaVA-OneVision's AnyRes-max packing and video pooling are not mapped yet",
-}
+_NOT_YET: dict[str, str] = {}
 
 
 def supported_model_types() -> list[str]:

@@ -1,4 +1,5 @@
-"""LLaVA-1.5 (``llava``) and LLaVA-NeXT (``llava_next``): CLIP tower with CLS token, Llama-style LM."""
+"""LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``) and LLaVA-NeXT-Video (``llava_next_video``): CLIP tower with CLS
+token, Llama-style LM; LLaVA-OneVision (``llava_onevision``): SigLIP tower without CLS token, Qwen2 LM."""
 
 from __future__ import annotations
 
@@ -97,10 +98,7 @@ class LlavaNextAdapter(LlavaAdapter):
         size = torch.as_tensor(call["image_sizes"])[index : index + 1]
         newline = torch.full((1,), float("-inf"), dtype=scores.dtype, device=scores.device)
         packed, _ = self.inner.pack_image_features([scores.unsqueeze(-1)], size, strategy, newline)
-        packed = (packed[0] if isinstance(packed, (list, tuple)) else packed).reshape(-1)
-        finite = torch.isfinite(packed)
-        floor = packed[finite].min() if bool(finite.any()) else packed.new_zeros(())
-        return torch.where(finite, packed, floor)
+        return _floor_newlines((packed[0] if isinstance(packed, (list, tuple)) else packed).reshape(-1))
 
     def pack_crop_index(self, call, index, crops, tokens):
         # the model's own packing (AnyRes reshape + unpad + newline column) of each row's flat index
@@ -111,3 +109,136 @@ class LlavaNextAdapter(LlavaAdapter):
         packed, _ = self.inner.pack_image_features([ids], size, strategy, newline)
         packed = (packed[0] if isinstance(packed, (list, tuple)) else packed).reshape(-1)
         return packed.round().long()
+
+
+def _floor_newlines(packed: torch.Tensor) -> torch.Tensor:
+    """Row-separator (newline) tokens were packed as ``-inf``: they carry no patch and get the image's lowest score."""
+    finite = torch.isfinite(packed)
+    floor = packed[finite].min() if bool(finite.any()) else packed.new_zeros(())
+    return torch.where(finite, packed, floor)
+
+
+def _video_frames(call: dict[str, Any], num_videos: int) -> list[int]:
+    """Frames per video of a ``get_video_features(pixel_values_videos [B, F, C, H, W])`` call."""
+    pix = call["pixel_values_videos"]
+    if pix.dim() != 5:
+        raise ValueError(f"pixel_values_videos of shape {tuple(pix.shape)}; expected [videos, frames, C, H, W]")
+    return [int(pix.shape[1])] * num_videos
+
+
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-Video (``llava_next_video``): LLaVA-NeXT's CLIP tower and AnyRes images, plus videos. A video's
+    frames each run through the tower as one crop; the model's ``vision_resampler`` pools each frame's patch grid
+    (average / max pooling, stride ``spatial_pool_stride``) *before* the projector, and the frames' pooled tokens
+    follow each other with no newline token. Crops of a video = its frames; its projector inputs ``[F, P', D]`` are
+    the pooled features; per-patch scores ``[F, P]`` (CLS rows) are pooled by the model's own resampler."""
+
+    model_types = ("llava_next_video",)
+    feature_methods = ("get_image_features", "get_video_features")
+
+    def crop_counts(self, call, num_images):
+        if "pixel_values_videos" in call:
+            return _video_frames(call, num_images)
+        return super().crop_counts(call, num_images)
+
+    def pack_crop_scores(self, scores, call, index):
+        if "pixel_values_videos" not in call:
+            return super().pack_crop_scores(scores, call, index)
+        vcfg = self.config.vision_config
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        if scores.shape[-1] != patches:  # already one score per pooled token (the projector's input)
+            return scores.reshape(-1)
+        mode = getattr(self.config, "spatial_pool_mode", "average")
+        if mode not in ("average", "max"):
+            raise ValueError(
+                f"llava_next_video pools video frames with spatial_pool_mode={mode!r} (a learned convolution): a "
+                "per-patch score has no pooled counterpart; patch scores need spatial_pool_mode 'average' or 'max'"
+            )
+        pooled = self.inner.vision_resampler(scores.unsqueeze(-1))  # [F, P', 1]: the model's own pooling
+        return pooled.reshape(-1)
+
+    def token_patches(self, call, index, crops, patches):
+        if "pixel_values_videos" not in call:
+            return super().token_patches(call, index, crops, patches)
+        # a video token is the pool of one stride x stride window of its frame's patch grid (row-major windows)
+        side, stride = round(patches**0.5), int(getattr(self.config, "spatial_pool_stride", 2))
+        if side * side != patches:
+            raise ValueError(f"llava_next_video: a frame of {patches} patches is not a square grid")
+        pooled = side // stride
+        rows = torch.arange(pooled).repeat_interleave(pooled) * stride  # window's top row, per pooled token
+        cols = torch.arange(pooled).repeat(pooled) * stride
+        offsets = torch.tensor([a * side + b for a in range(stride) for b in range(stride)])
+        frame = (rows * side + cols)[:, None] + offsets  # [P', stride**2]
+        return (torch.arange(crops)[:, None, None] * patches + frame).reshape(-1, stride * stride)
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision (``llava_onevision``): SigLIP tower (no CLS token, ``vision_feature_select_strategy='full'``),
+    Qwen2 LM. Images: AnyRes-max packing (base crop, then the crop grid unpadded to the image's aspect ratio, bilinearly
+    downscaled when it exceeds ``anyres_max_N`` crops' worth of patches, one newline token per row); an image of a
+    multi-image prompt (``batch_num_images > 1``) is its base crop only, plus one newline. Videos: every frame is a
+    crop; the projector runs per patch, then each frame's grid is bilinearly pooled to ``ceil(h/2) x ceil(w/2)``
+    (``apply_pooling``) and one newline token ends the video. Per-patch scores ``[crops, P]`` go through the model's own
+    packing / pooling (bilinear blends of scores where the model blends features); newline tokens get the image's
+    lowest score."""
+
+    model_types = ("llava_onevision",)
+    has_cls_token = False
+    feature_methods = ("get_image_features", "get_video_features")
+
+    def vision_attention_modules(self):
+        tower = self.inner.vision_tower
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise ValueError(f"vision tower {type(tower).__name__} has no SigLIP-style encoder.layers")
+        return [layer.self_attn for layer in encoder.layers]
+
+    def check_cls_strategy(self, importance: str = "received") -> None:
+        # received attention is read per patch; every patch must be a visual token (SigLIP: strategy "full")
+        strategy = getattr(self.config, "vision_feature_select_strategy", "full")
+        if strategy != "full":
+            raise ValueError(
+                f"importance={importance!r} on llava_onevision needs vision_feature_select_strategy='full' (SigLIP has "
+                f"no CLS token: every patch is a visual token), got {strategy!r}, which drops the first patch"
+            )
+
+    def token_patches(self, call, index, crops, patches):
+        if "pixel_values_videos" in call:
+            raise ValueError(
+                "llava_onevision pools each video frame bilinearly (apply_pooling), so a video token blends patches "
+                "with unequal weights and carries no set of patches of its own: methods that read per-token vision "
+                "keys (visionzip) cannot run on its videos; use 'cls', 'divprune' or 'zoo' there"
+            )
+        try:
+            return super().token_patches(call, index, crops, patches)
+        except ValueError:
+            raise ValueError(
+                "this llava_onevision image's AnyRes grid is bilinearly downscaled (anyres_max: more patches than "
+                "the limit), so its tokens blend patches and carry no set of patches of their own: methods that "
+                "read per-token vision keys (visionzip) cannot run on it; use 'cls', 'divprune' or 'zoo'"
+            ) from None
+
+    def crop_counts(self, call, num_images):
+        if "pixel_values_videos" in call:
+            return _video_frames(call, num_images)
+        module = sys.modules[type(self.inner).__module__]
+        vcfg = self.config.vision_config
+        per_row = call.get("batch_num_images")  # as the model reads it: an image of a multi-image row is one crop
+        patching = [True] * num_images if per_row is None else [int(n) == 1 for n in per_row for _ in range(int(n))]
+        return [
+            module.image_size_to_num_patches(
+                image_size=size, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=vcfg.image_size
+            ) if anyres else 1
+            for size, anyres in zip(call["image_sizes"], patching)
+        ]
+
+    def pack_crop_scores(self, scores, call, index):
+        newline = torch.full((1,), float("-inf"), dtype=scores.dtype, device=scores.device)
+        if "pixel_values_videos" in call:  # the model's own 2x2 bilinear pooling per frame, one newline at the end
+            pooled = self.inner.apply_pooling(scores.unsqueeze(-1)).reshape(-1)
+            return _floor_newlines(torch.cat([pooled, newline]))
+        aspect = call.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        size = torch.as_tensor(call["image_sizes"])[index : index + 1]
+        packed, _ = self.inner.pack_image_features([scores.unsqueeze(-1)], size, image_newline=newline,
+                                                   vision_aspect_ratio=aspect)
+        return _floor_newlines(packed[0].reshape(-1))

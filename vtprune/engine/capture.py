@@ -67,6 +67,10 @@ class VisionCapture:
                 )
             self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
         self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
+        #: feature methods that return one tensor for all videos (LLaVA-OneVision / -NeXT-Video ``[V, n, D]``): the
+        #: per-video views recorded for it, so that the same tensor handed back in ``mm_encoder_outputs`` (generate)
+        #: finds the records (iterating a tensor makes new view objects each time)
+        self._stacked: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
         self._cls_rows: list | None = None
         self._received: list | None = None
         self._vision_keys: list | None = None
@@ -94,6 +98,14 @@ class VisionCapture:
         """The placeholder token id of a feature method (``get_video_features``: videos) or modality name."""
         key = "video_token_id" if "video" in name else "image_token_id"
         return int(getattr(self.adapter.config, key))
+
+    def split_features(self, pooler_output) -> list[torch.Tensor]:
+        """A feature method's ``pooler_output`` (a list of per-image tensors, or one stacked tensor) as the per-image
+        tensors the capture recorded (the same objects, so :meth:`info` finds their records)."""
+        entry = self._stacked.get(id(pooler_output)) if isinstance(pooler_output, torch.Tensor) else None
+        if entry is not None and entry[0]() is pooler_output:
+            return entry[1]
+        return list(pooler_output)
 
     def info(self, feat: torch.Tensor) -> ImageInfo | None:
         entry = self._image_info.get(id(feat))
@@ -130,6 +142,9 @@ class VisionCapture:
                 keys, self._vision_keys = self._vision_keys, None
                 projected, self._projector_in = self._projector_in, None
             feats = list(out.pooler_output)
+            if isinstance(out.pooler_output, torch.Tensor):
+                self._stacked = {k: v for k, v in self._stacked.items() if v[0]() is not None}
+                self._stacked[id(out.pooler_output)] = (weakref.ref(out.pooler_output), feats)
             self._record(call, feats, rows, keys, projected, got)
             self.on_features(token_id, feats)
             return out

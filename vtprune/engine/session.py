@@ -262,7 +262,8 @@ class Session:
         self.fwd.signals["instructions"], self.instructions = self.instructions, None
         for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
             if encoded is not None:
-                self.fwd.features.setdefault(self.capture.token_id(modality), []).extend(encoded.pooler_output)
+                feats = self.capture.split_features(encoded.pooler_output)
+                self.fwd.features.setdefault(self.capture.token_id(modality), []).extend(feats)
 
     def _inner_post(self, module, args, output):
         fwd, self.fwd = self.fwd, None

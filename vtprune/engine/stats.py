@@ -54,9 +54,13 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
 
 
 def _vision_flops(fwd: Forward, adapter) -> int:
-    infos = [u.info for u in fwd.units if u.info is not None]
-    if not infos:
+    units = [u for u in fwd.units if u.info is not None]
+    if not units:
         return 0  # features computed elsewhere: the vision tower did not run here
     if adapter.mrope:
-        return flops.vision_flops(adapter.config, image_grid_thw=torch.cat([i.grid for i in infos]))
-    return flops.vision_flops(adapter.config, num_images=sum(i.crops for i in infos))
+        return flops.vision_flops(adapter.config, image_grid_thw=torch.cat([u.info.grid for u in units]))
+    video_id = getattr(adapter.config, "video_token_id", None)
+    video = [int(fwd.input_ids[u.row, u.positions[0]]) == video_id for u in units]
+    frames = sum(u.info.crops for u, v in zip(units, video) if v)  # a video's crops are its frames
+    crops = sum(u.info.crops for u, v in zip(units, video) if not v)
+    return flops.vision_flops(adapter.config, num_images=crops, **({"num_frames": frames} if frames else {}))

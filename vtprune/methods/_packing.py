@@ -21,6 +21,13 @@ def packed_patches(image: ImageInputs) -> tuple[torch.Tensor, int, int]:
     flat = torch.arange(c * p, dtype=torch.float64, device=device).view(c, p)
     packed = image.pack_crop_scores(flat)
     n = packed.numel()
+    if n == image.n and packed.dtype == torch.float64 and not bool((packed == packed.round()).all()):
+        raise ValueError(
+            "this method needs each visual token to carry one vision patch, but this image's (or video's) visual "
+            "tokens blend several patches: the model interpolates its features (LLaVA-OneVision's anyres_max "
+            "downscale of a large image, LLaVA-OneVision's bilinear video pooling). Use a method that scores tokens "
+            "(e.g. 'random', 'divprune', 'zoo', 'fastv', 'dart') on such inputs"
+        )
     if n != image.n or packed.dtype != torch.float64 or not bool((packed == packed.round()).all()):
         raise RuntimeError(f"the model's packing did not map patch ids exactly ({n} tokens of dtype {packed.dtype} for "
                            f"an image of {image.n} visual tokens)")
