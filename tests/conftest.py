@@ -46,17 +46,19 @@ AVERAGE_BUDGET_METHODS = ("pdrop",)
 
 def supports(method: str, family: str) -> bool:
     """Whether ``method`` has its signals on ``family`` (CLS attention needs a CLS token)."""
-    if method in SINGLE_CROP_METHODS and family == "llava_next":
+    if method in SINGLE_CROP_METHODS and family in MULTI_CROP_FAMILIES:
         return False
     if method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5"):
         return False  # a default point reads a linear-attention layer of the tiny Qwen3.5: refused
     return not (method in CLS_METHODS and family.startswith("qwen"))
 
 
-#: methods that need the vision tower's CLS attention (LLaVA families only)
+#: methods that need the vision tower's CLS attention (LLaVA families and InternVL)
 CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
 #: methods that do not handle AnyRes / multi-crop images yet
 SINGLE_CROP_METHODS = ("visionzip",)
+#: families whose images are several vision-tower crops (LLaVA-NeXT's AnyRes, InternVL's tiles)
+MULTI_CROP_FAMILIES = ("llava_next", "internvl")
 #: multi-point methods whose default points read a linear-attention layer of the tiny Qwen3.5 (layers 0 and 3):
 #: pdrop's last point (layer 3's own attention), sparsevlm's first (layer 0); tests/test_qwen3.py runs them at
 #: full-attention layers

@@ -30,6 +30,9 @@ class ModelAdapter:
     deepstack_method: ClassVar[str | None] = None
     #: ``q_proj`` outputs the query and an output gate per head (``[.., H, 2*Dh]``, query first: Qwen3.5)
     gated_query: ClassVar[bool] = False
+    #: the feature method returns one feature tensor per tile, not per image; an image is the contiguous placeholder
+    #: run of its consecutive tiles, which the engine joins into one unit (InternVL)
+    tiled: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -65,6 +68,23 @@ class ModelAdapter:
     def vision_attention_modules(self) -> list[nn.Module]:
         """Self-attention modules of the vision encoder layers, in order (for CLS-attention signals)."""
         raise NotImplementedError(f"{type(self).__name__} has no CLS-attention signal")
+
+    def vision_qk_modules(self, attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The submodules of vision attention ``attn`` (an entry of :meth:`vision_attention_modules`) whose outputs are
+        the queries and keys its attention uses, ``[crops, tokens, H * Dh]`` (the CLS signal hooks them).
+        Default: ``q_proj`` / ``k_proj`` (CLIP)."""
+        return attn.q_proj, attn.k_proj
+
+    def pool_patch_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """CLS attention rows ``[..., 1 + P]`` over a crop's CLS key and raw patches -> rows over the CLS key and the
+        crop's rows of the projector's input, as the model pools patches into tokens before the projector
+        (InternVL's pixel shuffle). Default: one token per patch, unchanged."""
+        return rows
+
+    def pool_patch_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Per-patch vectors ``[..., 1 + P, Dh]`` (CLS first) -> the same per projector-input row, as
+        :meth:`pool_patch_rows`. Default: unchanged."""
+        return keys
 
     def visual_token_ids(self) -> tuple[int, ...]:
         ids = [getattr(self.config, "image_token_id", None), getattr(self.config, "video_token_id", None)]

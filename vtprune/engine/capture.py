@@ -11,6 +11,7 @@ forward calls it inside: either way :meth:`VisionCapture.info` finds an image's 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import weakref
@@ -61,6 +62,9 @@ class VisionCapture:
                 )
             self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
         self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
+        #: the last feature call's per-tile records when its ``pooler_output`` was one stacked tensor (InternVL):
+        #: ``generate`` hands such features back as new views (or, for beams, a re-stacked copy), found by content
+        self._stacked: list[tuple[torch.Tensor, ImageInfo]] = []
         self._cls_rows: list | None = None
         self._vision_keys: list | None = None
         self._cls_q: torch.Tensor | None = None
@@ -77,8 +81,9 @@ class VisionCapture:
             hook(a.projector_module().register_forward_pre_hook(self._projector_hook))
         for i in self.vision_layers:
             attn = a.vision_attention_modules()[i]
-            hook(attn.q_proj.register_forward_hook(self._cls_q_hook))
-            hook(attn.k_proj.register_forward_hook(self._make_cls_k_hook(attn)))
+            q_mod, k_mod = a.vision_qk_modules(attn)
+            hook(q_mod.register_forward_hook(self._cls_q_hook))
+            hook(k_mod.register_forward_hook(self._make_cls_k_hook(attn)))
 
     def token_id(self, name: str) -> int:
         """The placeholder token id of a feature method (``get_video_features``: videos) or modality name."""
@@ -87,7 +92,22 @@ class VisionCapture:
 
     def info(self, feat: torch.Tensor) -> ImageInfo | None:
         entry = self._image_info.get(id(feat))
-        return entry[1] if entry is not None and entry[0]() is feat else None
+        if entry is not None and entry[0]() is feat:
+            return entry[1]
+        for same_view in (True, False):  # a new view of a recorded tile first, then a copy of one (beam expansion)
+            for recorded, info in self._stacked:
+                if recorded.shape != feat.shape or recorded.dtype != feat.dtype or recorded.device != feat.device:
+                    continue
+                if same_view and recorded.data_ptr() == feat.data_ptr() and recorded.stride() == feat.stride():
+                    return info
+                if not same_view and torch.equal(recorded, feat):
+                    return info
+        return None
+
+    def clear(self) -> None:
+        """Drop the records kept for stacked features (at unpatch)."""
+        self._stacked = []
+        self._image_info = {}
 
     def float32_projector(self) -> nn.Module:
         """The per-token projector in float32 (a copy, made once, when the model runs in another dtype)."""
@@ -117,19 +137,23 @@ class VisionCapture:
                 keys, self._vision_keys = self._vision_keys, None
                 projected, self._projector_in = self._projector_in, None
             feats = list(out.pooler_output)
-            self._record(call, feats, rows, keys, projected)
+            self._record(call, feats, rows, keys, projected, stacked=isinstance(out.pooler_output, torch.Tensor))
             self.on_features(token_id, feats)
             return out
 
         return wrapped
 
-    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected) -> None:
+    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, stacked: bool = False) -> None:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
+        self._stacked = []
         grid = call.get("image_grid_thw", call.get("video_grid_thw"))
         grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
         counts = self.adapter.crop_counts(call, len(feats))
-        per_image = torch.split(torch.stack(rows, dim=1), counts) if rows else [None] * len(feats)
-        keys = torch.split(torch.stack(keys, dim=1), counts) if keys else [None] * len(feats)
+        # per raw patch -> per row of the projector's input, as the model pools patches (InternVL's pixel shuffle)
+        rows = self.adapter.pool_patch_rows(torch.stack(rows, dim=1)) if rows else None
+        keys = self.adapter.pool_patch_keys(torch.stack(keys, dim=1)) if keys else None
+        per_image = torch.split(rows, counts) if rows is not None else [None] * len(feats)
+        keys = torch.split(keys, counts) if keys is not None else [None] * len(feats)
         if projected:
             if len(projected) != 1:
                 raise RuntimeError(f"the projector ran {len(projected)} times in one feature call; expected once")
@@ -146,6 +170,8 @@ class VisionCapture:
                 pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
             )
             self._image_info[id(feat)] = (weakref.ref(feat), info)
+            if stacked:
+                self._stacked.append((feat, info))
 
     # -- vision tower / projector hooks ----------------------------------------------------------------------
     def _projector_hook(self, module, args):
@@ -165,3 +191,21 @@ class VisionCapture:
                 self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
 
         return hook
+
+
+def join_infos(infos: list[ImageInfo | None]) -> ImageInfo | None:
+    """One image's record from the records of its consecutive tiles (``adapter.tiled``): crops concatenated in tile
+    order, the packing of each tile applied to its own crops. None if any tile has no record."""
+    if len(infos) == 1 or any(i is None for i in infos):
+        return infos[0] if len(infos) == 1 else None
+    counts = [i.crops for i in infos]
+
+    def cat(name):
+        parts = [getattr(i, name) for i in infos]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    def pack(scores: torch.Tensor) -> torch.Tensor:
+        return torch.cat([i.pack(s) for i, s in zip(infos, torch.split(scores, counts))])
+
+    joined = {f.name: cat(f.name) for f in dataclasses.fields(ImageInfo) if f.name not in ("crops", "pack")}
+    return ImageInfo(crops=sum(counts), pack=pack, **joined)
