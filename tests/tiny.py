@@ -150,14 +150,14 @@ def _qwen3(family: str):
 
 #: InternVL tiles per image, in turn: 2 tiles + thumbnail, one tile alone, 3 tiles + thumbnail
 INTERNVL_TILES = (3, 1, 4)
-#: LLM tokens per InternVL tile: 56 / 7 = 8 x 8 patches, pixel-shuffled to 4 x 4
-INTERNVL_TILE_TOKENS = 16
+#: LLM tokens per InternVL tile: 28 / 7 = 4 x 4 patches, pixel-shuffled to 2 x 2
+INTERNVL_TILE_TOKENS = 4
 
 
 def _internvl():
     """Tiny InternVL: InternViT (CLS token, q/k RMS norms as in InternViT-6B, biased q/k/v as in InternViT-300M) of
-    8 x 8 patches per tile, pixel shuffle 0.5 (16 tokens per tile), a Qwen3 decoder (q/k norms, as InternVL3.5's)."""
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56,
+    4 x 4 patches per tile, pixel shuffle 0.5 (4 tokens per tile), a Qwen3 decoder (q/k norms, as InternVL3.5's)."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=28,
                   patch_size=7, use_qk_norm=True, attention_bias=True)
     text = dict(_TEXT, model_type="qwen3", head_dim=16)
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
@@ -167,7 +167,7 @@ def _internvl():
 
 def _internvl_images(model, n_images, gen):
     tiles = [INTERNVL_TILES[i % len(INTERNVL_TILES)] for i in range(n_images)]
-    pix = torch.randn(sum(tiles), 3, 56, 56, generator=gen)
+    pix = torch.randn(sum(tiles), 3, 28, 28, generator=gen)
     return {"pixel_values": pix}, [t * INTERNVL_TILE_TOKENS for t in tiles]
 
 
