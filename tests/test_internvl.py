@@ -44,16 +44,29 @@ def test_projector_rows_are_the_pixel_shuffled_patches(model_factory):
     assert adapter.pack_crop_scores(scores[:, :4], {}, 0).tolist() == [0.0, 1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="neither per raw patch"):
         adapter.pack_crop_scores(scores[:, :9], {}, 0)
+    # several crops (joined tiles): each crop's patches map to its own tokens
+    two = torch.arange(32, dtype=torch.float64).view(2, 16)
+    assert torch.equal(adapter.pack_crop_scores(two, {}, 0)[4:], adapter.pack_crop_scores(two[1:], {}, 0))
 
 
-def test_cls_scores_equal_eager_attention_pooled_by_hand(model_factory):
-    """The CLS rows vtprune recomputes (after InternViT's q/k norms, pooled through the pixel shuffle) equal the eager
-    tower's attention weights pooled by hand, and ``cls`` keeps the top tokens of the hand-computed scores over all
-    tiles of the image."""
+def _top_tokens_by_hand(patch_scores, k):
+    """``patch_scores`` [tiles, 16] (4 x 4 patches per tile) -> the ascending indices of the image's k best tokens,
+    a token's score being the sum over its 2 x 2 patches, tiles in order."""
+    ids = _by_hand(4)
+    tokens = torch.cat([torch.stack([tile[i].sum() for i in ids]) for tile in patch_scores])
+    assert tokens.numel() == patch_scores.shape[0] * INTERNVL_TILE_TOKENS
+    return tokens.topk(k).indices.sort().values.tolist()
+
+
+@pytest.mark.parametrize("importance", ["cls", "received"])
+def test_scores_equal_eager_attention_pooled_by_hand(importance, model_factory):
+    """The CLS rows / the attention each patch receives that vtprune recomputes (after InternViT's q/k norms) equal the
+    eager tower's attention weights, and ``cls`` keeps the top tokens of the scores pooled through the pixel shuffle
+    by hand, over all tiles of the image."""
     model = model_factory("internvl", attn="eager")
     inputs = make_inputs(model, "internvl", [(3, 1, 4)])  # one image of 3 tiles (2 + thumbnail)
     tiles = INTERNVL_TILES[0]
-    with vtprune.patched(model, "cls", keep=5, start_layer=1), torch.no_grad():
+    with vtprune.patched(model, "cls", keep=5, start_layer=1, importance=importance), torch.no_grad():
         session = getattr(model, vtprune.api._ATTR)
         out = model.model.get_image_features(inputs["pixel_values"])
         infos = [session.capture.info(out.pooler_output[t]) for t in range(tiles)]
@@ -61,16 +74,17 @@ def test_cls_scores_equal_eager_attention_pooled_by_hand(model_factory):
         kept = vtprune.stats(model).kept_indices[0]
     with torch.no_grad():
         eager = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions
-    ids = _by_hand(4)
-    scores = []
-    for t in range(tiles):
-        rows = torch.stack([eager[1][t, :, 0], eager[2][t, :, 0]])  # layers 1..L-2 of 4: [L, H, 1+P]
-        pooled = torch.cat([rows[..., :1], torch.stack([rows[..., 1:][..., i].sum(-1) for i in ids], -1)], -1)
-        torch.testing.assert_close(infos[t].cls_attention[0], pooled.float(), rtol=1e-5, atol=1e-6)
-        scores.append(pooled[..., 1:].mean(1).sum(0))  # head mean, summed over layers: [T]
-    scores = torch.cat(scores)
-    assert scores.numel() == tiles * INTERNVL_TILE_TOKENS
-    assert kept.tolist() == scores.topk(5).indices.sort().values.tolist()
+    weights = torch.stack([eager[1], eager[2]], 1)  # layers 1..L-2 of 4: [tiles, L, H, 1+P, 1+P]
+    if importance == "cls":
+        expected = weights[:, :, :, 0]  # CLS query rows [tiles, L, H, 1+P]
+        got = torch.cat([i.cls_attention for i in infos])
+        scores = expected[..., 1:].mean(2).sum(1)  # head mean, CLS key dropped, summed over layers: [tiles, P]
+    else:
+        expected = weights.mean(dim=(2, 3))[..., 1:]  # mean over heads and queries (CLS too), patch keys [tiles, L, P]
+        got = torch.cat([i.received for i in infos])
+        scores = expected.sum(1)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+    assert kept.tolist() == _top_tokens_by_hand(scores, 5)
 
 
 def test_tiles_of_an_image_share_one_budget(model_factory):
@@ -88,7 +102,7 @@ def test_tiles_of_an_image_share_one_budget(model_factory):
         vtprune.flops.decoder_prefill_flops(model.config.text_config, int(n)) for n in inputs["attention_mask"].sum(1))
 
 
-@pytest.mark.parametrize("method", ["cls", "vispruner", "dart"])
+@pytest.mark.parametrize("method", ["cls", "vispruner", "visionzip", "dart"])
 def test_beam_search_and_cache_rows_alone(method, model_factory):
     """generate encodes the tiles beforehand and, for beams, re-stacks them: the signals still reach the method."""
     model = model_factory("internvl")
@@ -100,10 +114,27 @@ def test_beam_search_and_cache_rows_alone(method, model_factory):
             assert torch.equal(greedy(model, one, num_beams=2)[0], beams[i])
 
 
+def test_visionzip_works_per_tile_with_pixel_shuffled_keys(model_factory):
+    """Per tile: dominant tokens by the pooled CLS scores, contextual ones merged by the cosine of their 2 x 2 patches'
+    keys concatenated (token_patches); every kept token lies in its tile's share of the budget."""
+    model = model_factory("internvl")
+    adapter = get_adapter(model)
+    ids = adapter.token_patches({}, 0, 2, 16)
+    assert torch.equal(ids, torch.cat([_by_hand(4), _by_hand(4) + 16]))
+    inputs = make_inputs(model, "internvl", [(3, 1, 4)])  # 3 tiles of 4 tokens
+    with vtprune.patched(model, "visionzip", keep=6, contextual=0, layer=2), torch.no_grad():
+        model(**inputs)
+        kept = vtprune.stats(model).kept_indices[0]
+    assert torch.bincount(kept // INTERNVL_TILE_TOKENS, minlength=3).tolist() == [2, 2, 2]  # budget split evenly
+    with torch.no_grad():
+        eager = model_factory("internvl", attn="eager").model.vision_tower(
+            pixel_values=inputs["pixel_values"], output_attentions=True).attentions[2]
+    tiles = [_top_tokens_by_hand(eager[t:t + 1, :, 0, 1:].mean(1), 2) for t in range(3)]
+    assert kept.tolist() == [t * INTERNVL_TILE_TOKENS + i for t, top in enumerate(tiles) for i in top]
+
+
 def test_refusals_say_why(model_factory):
     model = model_factory("internvl")
-    with pytest.raises(ValueError, match="multi-crop"):
-        vtprune.patch(model, "visionzip", keep=4)
     model.config.vision_feature_select_strategy = "full"
     try:
         with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):

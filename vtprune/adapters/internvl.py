@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ModelAdapter
+from .base import ModelAdapter, qk_from_projections
 
 
 class InternVLAdapter(ModelAdapter):
@@ -65,16 +65,16 @@ class InternVLAdapter(ModelAdapter):
     def visual_token_ids(self) -> tuple[int, ...]:
         return (int(self.config.image_token_id),)  # videos use the image token too (one <img> run per frame)
 
-    def check_cls_strategy(self) -> None:
+    def check_cls_strategy(self, importance: str = "cls") -> None:
         strategy = getattr(self.config, "vision_feature_select_strategy", "default")
         if strategy != "default":
             raise ValueError(
-                f"CLS-attention scoring needs vision_feature_select_strategy='default' (CLS dropped before the pixel "
-                f"shuffle), got {strategy!r}"
+                f"importance={importance!r} scoring needs vision_feature_select_strategy='default' (CLS dropped before "
+                f"the pixel shuffle), got {strategy!r}"
             )
         vtype = getattr(self.config.vision_config, "model_type", None)
         if vtype != "internvl_vision":
-            raise ValueError(f"the 'cls' signal of an InternVL model needs its InternViT tower (model_type "
+            raise ValueError(f"importance={importance!r} on an InternVL model needs its InternViT tower (model_type "
                              f"'internvl_vision'); this model's vision tower is {vtype!r}")
 
     # -- the pixel shuffle, on patch ids -----------------------------------------------------------
@@ -128,23 +128,18 @@ class InternVLAdapter(ModelAdapter):
         raise ValueError(f"InternVL tile scores over {p} entries are neither per raw patch ({raw} per tile) nor per "
                          f"LLM token ({tokens} per tile)")
 
-    def pool_patch_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Attention rows over one tile's tokens ``[..., 1 + P]`` (CLS key first, then the ``P`` raw patches) ->
-        ``[..., 1 + T]`` over the CLS key and the ``T`` LLM tokens: each token's column is the sum of its 2 x 2
-        patches' columns (the pixel shuffle), so a row stays a probability distribution."""
-        p = rows.shape[-1] - 1
-        ids = self.token_patch_ids(p, rows.device)
-        return torch.cat([rows[..., :1], rows[..., 1:][..., ids].sum(-1)], dim=-1)
+    def token_patches(self, call: dict[str, Any], index: int, crops: int, patches: int) -> torch.Tensor:
+        """``[crops * T, 4]``: the flat ids ``c * P + p`` of the patches each LLM token of the tile's crops carries,
+        in the order the pixel shuffle concatenates them (:meth:`token_patch_ids`)."""
+        ids = self.token_patch_ids(patches)
+        return torch.cat([ids + c * patches for c in range(crops)])
 
-    def pool_patch_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """Per-token vectors of one tile ``[..., 1 + P, Dh]`` (CLS first) -> ``[..., 1 + T, f * Dh]``: each LLM
-        token's vector is the concatenation of its ``f = 4`` patches' vectors in pixel-shuffle order, as the model
-        concatenates features; the CLS vector is repeated ``f`` times to the same width."""
-        p = keys.shape[-2] - 1
-        ids = self.token_patch_ids(p, keys.device)
-        tokens = keys[..., 1:, :][..., ids, :].flatten(-2)  # [..., T, f * Dh]
-        cls = keys[..., :1, :].repeat(*([1] * (keys.ndim - 1)), ids.shape[1])  # [..., 1, f * Dh]
-        return torch.cat([cls, tokens], dim=-2)
+    # -- attention each patch receives (importance="received") -------------------------------------
+    def vision_qk(self, module, args, kwargs):
+        """InternViT attention: ``q_proj`` / ``k_proj`` on ``[tiles, 1 + P, D]`` then the whole-width ``q_norm`` /
+        ``k_norm`` (RMSNorm on InternViT-6B, identity elsewhere), no rotary embedding; each tile attends within itself
+        (CLS included). Split per tile by the default :meth:`split_vision_tokens` (CLS dropped)."""
+        return qk_from_projections(module, args, kwargs)
 
     # -- projector ---------------------------------------------------------------------------------
     def projector_module(self):
