@@ -66,7 +66,8 @@ def supports(method: str, family: str) -> bool:
 
 
 #: CLS-scored methods: the vision tower's CLS attention where it has a CLS token (LLaVA), else (default
-#: importance="received") the attention each patch receives (Qwen-VL); tests/test_received.py
+#: importance="received") the attention each patch receives (Qwen-VL); tests/test_received.py. InternVL has a CLS
+#: token: its default is "cls" (tests/test_internvl.py checks "received" there too)
 CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
 #: which CLS-scored methods the method x family tests run on each Qwen family (every method on at least one
 #: family; visionzip where tokens are merge units in window order and where DeepStack levels are merged)
@@ -80,6 +81,8 @@ RECEIVED_MATRIX = {
 }
 #: methods that do not handle AnyRes / multi-crop images yet
 SINGLE_CROP_METHODS = ()
+#: families whose images are several vision-tower crops (LLaVA-NeXT's AnyRes, InternVL's tiles)
+MULTI_CROP_FAMILIES = ("llava_next", "internvl")
 #: multi-point methods whose default points read a linear-attention layer of the tiny Qwen3.5 (layers 0 and 3):
 #: pdrop's last point (layer 3's own attention), sparsevlm's first (layer 0); tests/test_qwen3.py runs them at
 #: full-attention layers

@@ -249,6 +249,32 @@ def test_qwen25vl_tower_window_attention_matches_flop_counter():
         4 * 64 * 2 * (full_sq - win_sq)
 
 
+def test_internvl_tower_pixel_shuffle_and_projector_match_flop_counter():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = InternVLConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=[56, 56], patch_size=[14, 14], use_qk_norm=True),
+        text_config=_qwen_text(rope_parameters={"rope_type": "default"}),
+        image_seq_length=4,
+    )
+    model = _eager(InternVLForConditionalGeneration, cfg)
+    tiles = 5
+    pix = torch.randn(tiles, 3, 56, 56)
+    ref, ref_attn = _count(lambda: model.model.get_image_features(pixel_values=pix))
+    mine = flops.vision_flops(cfg, num_images=tiles)
+    assert _rel(mine, ref) < REL_TOL, (mine, ref)
+    # every tile: 16 patches + CLS, all 3 layers; projector on 4 shuffled tokens of 4 * 64 channels
+    assert ref_attn == tiles * 3 * 4 * 17 * 17 * 64
+    projector = tiles * (2 * 4 * 256 * 96 + 2 * 4 * 96 * 96)
+    assert mine - projector == tiles * (2 * 16 * 3 * 14 * 14 * 64 + 3 * (8 * 17 * 64 * 64 + 4 * 17 * 17 * 64
+                                                                        + 4 * 17 * 64 * 128))
+    assert flops.prefill_flops(cfg, 40, num_images=tiles) == mine + flops.decoder_prefill_flops(cfg.text_config, 40)
+    with pytest.raises(ValueError, match="num_images"):
+        flops.vision_flops(cfg, image_grid_thw=[(1, 4, 4)])
+
+
 def test_prefill_flops_is_vision_plus_decoder():
     cfg = _qwen2vl_cfg()
     grid = [(1, 8, 12)]

@@ -273,7 +273,7 @@ def test_benchmark_configs_name_real_tasks_and_metrics():
     """The shipped configs parse, and every task and metric exists in lmms-eval's own task index (offline: the
     index is read from the installed package; the datasets and models would come from the hub)."""
     tm = None
-    for name in ("llava15_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35", "llava_onevision_7b"):
+    for name in ("llava15_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35", "llava_onevision_7b", "internvl3_5_8b"):
         cfg = hconfig.load_config(REPO / "configs" / "sweeps" / f"{name}.yaml")
         assert cfg.budgets == [64, 128, 192]
         assert {t.task for t in cfg.tasks} == {"gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img",
@@ -329,3 +329,16 @@ def test_llava_onevision_benchmark_config_runs_on_its_architecture():
     ov = hconfig.load_config(REPO / "configs/sweeps/llava_onevision_7b.yaml")
     assert ov.models[0].pretrained == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
     hsweep._check_methods(ov.models[0], LlavaOnevisionConfig(), ov.methods, 64)
+
+
+def test_internvl_benchmark_config_runs_on_its_architecture():
+    """InternVL3.5-8B (transformers' default InternVLConfig vision tower is InternViT-300M at 448 px; a Qwen3 decoder)
+    patches with every listed method (the CLS-scored ones with importance="cls"); pdrop is the one left out."""
+    import vtprune
+    from transformers import InternVLConfig
+
+    cfg = hconfig.load_config(REPO / "configs/sweeps/internvl3_5_8b.yaml")
+    assert cfg.models[0].pretrained == "OpenGVLab/InternVL3_5-8B-HF"
+    arch = InternVLConfig(text_config={"model_type": "qwen3"})
+    hsweep._check_methods(cfg.models[0], arch, cfg.methods, 64)
+    assert {m.method for m in cfg.methods} == {m for m in vtprune.list_methods() if m != "pdrop"}

@@ -100,6 +100,8 @@ PAIRS_BY_FAMILY = {
     # hybrid decoder: layer 0 linear, so no point at K=1; layers after the points include a linear one
     "qwen3_5": [("zoo", "fastv"), ("fastv@2", "pact@3")],
     "qwen3_5_moe": [("random", "dart")],
+    # tiles joined into one image; CLS rows pooled through the pixel shuffle
+    "internvl": [("cls", "dart"), ("vispruner", "fastv"), ("fastv@1", "dart@2")],
 }
 assert set(PAIRS_BY_FAMILY) == set(FAMILIES)
 CASES = [

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny import ANYRES, FAMILIES, make_inputs
+from tiny import ANYRES, FAMILIES, INTERNVL_TILE_TOKENS, make_inputs
 
 import vtprune
 from vtprune import functional as F
@@ -33,8 +33,10 @@ def test_projector_of_captured_inputs_gives_the_visual_tokens(family, model_fact
         model(**inputs)
     assert len(seen) == 2
     for image in seen:
-        assert image.projector_inputs.shape[:2] == (1, image.n)
-        torch.testing.assert_close(image.projector(image.projector_inputs[0]), image.features, rtol=1e-5, atol=1e-5)
+        crops = image.n // INTERNVL_TILE_TOKENS if family == "internvl" else 1  # InternVL: one crop per tile
+        assert image.projector_inputs.shape[:2] == (crops, image.n // crops)
+        torch.testing.assert_close(image.projector(image.projector_inputs.flatten(0, 1)), image.features, rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_llava_next_crops_pack_to_every_visual_token(model_factory, monkeypatch):

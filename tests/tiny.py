@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -34,7 +36,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
+FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl"]
 #: Qwen3-VL / Qwen3.5 families (interleaved M-RoPE; DeepStack: qwen3_vl*; hybrid linear/full attention: qwen3_5*)
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: LLaVA families with AnyRes (multi-crop) images
@@ -139,6 +142,8 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
         model = cls_model(cfg)
     elif family in QWEN3:
         model = _qwen3(family)
+    elif family == "internvl":
+        model = _internvl()
     else:
         raise ValueError(family)
     model.config._attn_implementation = attn
@@ -180,6 +185,29 @@ def _qwen3(family: str):
     return model_cls(cfg_cls(vision_config=vision, text_config=text, **ids))
 
 
+#: InternVL tiles per image, in turn: 2 tiles + thumbnail, one tile alone, 3 tiles + thumbnail
+INTERNVL_TILES = (3, 1, 4)
+#: LLM tokens per InternVL tile: 28 / 7 = 4 x 4 patches, pixel-shuffled to 2 x 2
+INTERNVL_TILE_TOKENS = 4
+
+
+def _internvl():
+    """Tiny InternVL: InternViT (CLS token, q/k RMS norms as in InternViT-6B, biased q/k/v as in InternViT-300M) of
+    4 x 4 patches per tile, pixel shuffle 0.5 (4 tokens per tile), a Qwen3 decoder (q/k norms, as InternVL3.5's)."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=28,
+                  patch_size=7, use_qk_norm=True, attention_bias=True)
+    text = dict(_TEXT, model_type="qwen3", head_dim=16)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
+                         image_seq_length=INTERNVL_TILE_TOKENS, downsample_ratio=0.5)
+    return InternVLForConditionalGeneration(cfg)
+
+
+def _internvl_images(model, n_images, gen):
+    tiles = [INTERNVL_TILES[i % len(INTERNVL_TILES)] for i in range(n_images)]
+    pix = torch.randn(sum(tiles), 3, 28, 28, generator=gen)
+    return {"pixel_values": pix}, [t * INTERNVL_TILE_TOKENS for t in tiles]
+
+
 def _llava_images(model, n_images, gen):
     pix = torch.randn(n_images, 3, 56, 56, generator=gen)
     n = (56 // 14) ** 2
@@ -218,7 +246,8 @@ def _qwen_images(model, n_images, gen):
     return {"pixel_values": pix, "image_grid_thw": grids}, [int(g.prod()) // 4 for g in grids]
 
 
-_IMAGES = {"llava": _llava_images, **{f: _next_images for f in ANYRES}, **{f: _qwen_images for f in FAMILIES if "qwen" in f}}
+_IMAGES = {"llava": _llava_images, **{f: _next_images for f in ANYRES}, "internvl": _internvl_images,
+           **{f: _qwen_images for f in FAMILIES if "qwen" in f}}
 
 
 def make_inputs(model, family: str, specs, seed: int = 0):
@@ -228,6 +257,7 @@ def make_inputs(model, family: str, specs, seed: int = 0):
     extra = {"per_row": [s[1] for s in specs]} if family == "llava_onevision" else {}
     image_kwargs, lengths = _IMAGES[family](model, total_images, gen, **extra) if total_images else ({}, [])
     qwen = family.startswith("qwen")
+    wrap = qwen or family == "internvl"  # <vision_start> / <img> ... <vision_end> / </img> around each image
     rows, types = [], []
     it = iter(lengths)
     for before, n_img, after in specs:
@@ -235,9 +265,9 @@ def make_inputs(model, family: str, specs, seed: int = 0):
         tt = [0] * before
         for _ in range(n_img):
             n = next(it)
-            block = ([VSTART_ID] if qwen else []) + [IMAGE_ID] * n + ([VEND_ID] if qwen else [])
+            block = ([VSTART_ID] if wrap else []) + [IMAGE_ID] * n + ([VEND_ID] if wrap else [])
             ids += block
-            tt += ([0] if qwen else []) + [1] * n + ([0] if qwen else [])
+            tt += ([0] if wrap else []) + [1] * n + ([0] if wrap else [])
         more = torch.randint(3, 80, (after,), generator=gen).tolist()
         ids += more
         tt += [0] * after
@@ -276,6 +306,10 @@ def split_rows(model, family, specs, seed=0):
                 one["image_sizes"] = batch["image_sizes"][img0 : img0 + n_img]
                 if "batch_num_images" in batch:
                     one["batch_num_images"] = batch["batch_num_images"][i : i + 1]
+            elif family == "internvl":
+                tiles = [INTERNVL_TILES[i % len(INTERNVL_TILES)] for i in range(img0 + n_img)]
+                start = sum(tiles[:img0])
+                one["pixel_values"] = batch["pixel_values"][start : start + sum(tiles[img0:])]
             else:
                 grids = batch["image_grid_thw"]
                 start = int(grids[:img0].prod(-1).sum())

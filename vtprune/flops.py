@@ -101,6 +101,20 @@ Qwen3.5 has none)::
 
     mergers     (1 + taps) * (2 * (n/m**2) * (m*m*De)**2 + 2 * (n/m**2) * (m*m*De) * Dout)
 
+InternViT + pixel shuffle + InternVL projector (``internvl``), per tile (InternVL cuts an image into tiles of
+``image_size`` plus a thumbnail; every tile runs through the tower on its own), with ``N = (H/P_h) * (W/P_w)``
+patches of a tile (``image_size`` / ``patch_size``, pairs), ``Sv = N + 1`` tokens (CLS), ``Dv``, ``Iv``, ``Lv`` as
+for CLIP, ``r`` = ``downsample_ratio`` (0.5) and ``f = 1 / r**2`` patches per LLM token::
+
+    patch conv  2 * N * C*P_h*P_w * Dv
+    per layer   4 * 2 * Sv * Dv * Dv        (q, k, v, projection_layer)
+              + 2 * 2 * Sv * Sv * Dv        (Q K^T, A V; bidirectional)
+              + 2 * 2 * Sv * Dv * Iv        (fc1, fc2)
+    projector   2 * (N/f) * (f*Dv) * Dt + 2 * (N/f) * Dt * Dt      (linear_1, linear_2 on the shuffled tokens)
+
+The pixel shuffle is a reshape (no FLOPs); q/k norms (InternViT-6B), the layer scales and the projector's LayerNorm
+are element-wise. All ``Lv`` layers run whatever ``vision_feature_layer`` is read.
+
 Decoder layer kinds beyond LLaMA / Qwen2 (``text_config.layer_types``, one sequence of ``S`` tokens):
 
 * Qwen3.5 full attention is gated: ``q_proj`` maps to ``2*H*Dh`` (query and output gate), ``+ 2 * S * D * H*Dh``.
@@ -144,8 +158,8 @@ __all__ = [
 ]
 
 #: top-level ``config.model_type`` values :func:`vision_flops` / :func:`prefill_flops` understand.
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
-                         "qwen3_5_moe")
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
+                         "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl")
 _QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: chunk length of transformers' chunked gated delta rule (``torch_chunk_gated_delta_rule``)
 DELTA_RULE_CHUNK = 64
@@ -422,6 +436,48 @@ def _llava_vision_flops(config, num_images: int, num_frames: int = 0) -> int:
     return total
 
 
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or an (h, w) pair, got {value!r}")
+        return _as_count(value[0], name), _as_count(value[1], name)
+    v = _as_count(value, name)
+    return v, v
+
+
+def _internvl_vision_flops(config, num_tiles: int) -> int:
+    vcfg = _require(config, "vision_config", "internvl config")
+    vtype = getattr(vcfg, "model_type", None)
+    if vtype != "internvl_vision":
+        raise ValueError(f"vision tower of model_type {vtype!r} in an 'internvl' config is not supported; supported: "
+                         "['internvl_vision']")
+    what = "InternViT vision config"
+    dv = int(_require(vcfg, "hidden_size", what))
+    iv = int(_require(vcfg, "intermediate_size", what))
+    lv = int(_require(vcfg, "num_hidden_layers", what))
+    (h, w), (ph, pw) = _pair(_require(vcfg, "image_size", what), "image_size"), _pair(_require(vcfg, "patch_size", what),
+                                                                                       "patch_size")
+    c = int(getattr(vcfg, "num_channels", 3) or 3)
+    n = (h // ph) * (w // pw)
+    s = n + 1                                                         # + CLS
+    ratio = float(_require(config, "downsample_ratio", "internvl config"))
+    f = round(1 / ratio) ** 2                                         # patches per LLM token
+    if n % f:
+        raise ValueError(f"a tile of {n} patches cannot be pixel-shuffled by downsample_ratio={ratio}")
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported for InternVL (its pixel "
+                         "shuffle needs the square patch grid without CLS); supported: 'default'")
+    dt = int(_require(_text_config(config), "hidden_size", "text config"))
+    tokens = n // f
+    per_tile = (
+        2 * n * c * ph * pw * dv                                      # patch embedding conv
+        + lv * _vit_layer_flops(s, dv, iv, 2, s * s)                  # all encoder layers
+        + 2 * tokens * (f * dv) * dt + 2 * tokens * dt * dt           # projector linear_1, linear_2
+    )
+    return num_tiles * per_tile
+
+
 def _grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
     if image_grid_thw is None:
         raise ValueError("image_grid_thw is required for Qwen2-VL / Qwen2.5-VL configs: an [n, 3] tensor or a "
@@ -531,6 +587,7 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: i
       images of ``image_size`` (for the AnyRes families, crops: base image + AnyRes patches, all of them in the
       batch) and ``num_frames`` video frames (``llava_next_video``, ``llava_onevision``; all videos of the batch).
       ``image_grid_thw`` must be None.
+    * ``internvl``: ``num_images`` tiles (every tile of every image, thumbnails included: ``pixel_values.shape[0]``).
     * ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl`` / ``qwen3_vl_moe`` / ``qwen3_5`` / ``qwen3_5_moe``: token counts
       from ``image_grid_thw`` (an ``[n, 3]`` tensor or a list of ``(t, h, w)`` patch grids, one per image/video in
       the batch); ``num_images`` is not used.
@@ -546,6 +603,11 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: i
     if num_frames:
         raise ValueError(f"num_frames is for llava_next_video / llava_onevision configs, got it for model_type "
                          f"{model_type!r}; Qwen-VL videos are rows of image_grid_thw")
+    if model_type == "internvl":
+        if image_grid_thw is not None:
+            raise ValueError("image_grid_thw is only used for Qwen-VL configs, got it for model_type 'internvl'; pass "
+                             "num_images (the number of tiles) instead")
+        return _internvl_vision_flops(config, _as_count(num_images, "num_images"))
     if model_type == "qwen2_vl":
         return _qwen_vision_flops(config, image_grid_thw, qwen25=False)
     if model_type == "qwen2_5_vl":

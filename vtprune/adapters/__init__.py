@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen3VLAdapter, Qwen35Adapter, QwenVLAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
     t: cls
     for cls in (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, QwenVLAdapter,
-                Qwen3VLAdapter, Qwen35Adapter)
+                Qwen3VLAdapter, Qwen35Adapter, InternVLAdapter)
     for t in cls.model_types
 }
 

@@ -89,6 +89,9 @@ class ModelAdapter:
     deepstack_method: ClassVar[str | None] = None
     #: ``q_proj`` outputs the query and an output gate per head (``[.., H, 2*Dh]``, query first: Qwen3.5)
     gated_query: ClassVar[bool] = False
+    #: the feature method returns one feature tensor per tile, not per image; an image is the contiguous placeholder
+    #: run of its consecutive tiles, which the engine joins into one unit (InternVL)
+    tiled: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -126,6 +129,12 @@ class ModelAdapter:
         ``vision_layers`` is entry ``i``). Used by the CLS signal (hooks on their ``q_proj`` / ``k_proj``) and by
         ``importance="received"`` (a forward pre-hook with kwargs on the module itself, see :meth:`vision_qk`)."""
         raise NotImplementedError(f"{type(self).__name__} has no vision-attention signal")
+
+    def vision_qk_modules(self, attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The submodules of vision attention ``attn`` (an entry of :meth:`vision_attention_modules`) whose outputs are
+        the queries and keys its attention uses, ``[crops, tokens, H * Dh]`` (the CLS signal hooks them).
+        Default: ``q_proj`` / ``k_proj`` (CLIP)."""
+        return attn.q_proj, attn.k_proj
 
     def visual_token_ids(self) -> tuple[int, ...]:
         ids = [getattr(self.config, "image_token_id", None), getattr(self.config, "video_token_id", None)]

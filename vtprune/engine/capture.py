@@ -14,6 +14,7 @@ forward calls it inside: either way :meth:`VisionCapture.info` finds an image's 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import weakref
@@ -70,7 +71,10 @@ class VisionCapture:
         #: feature methods that return one tensor for all videos (LLaVA-OneVision / -NeXT-Video ``[V, n, D]``): the
         #: per-video views recorded for it, so that the same tensor handed back in ``mm_encoder_outputs`` (generate)
         #: finds the records (iterating a tensor makes new view objects each time)
-        self._stacked: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
+        self._stacked_views: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
+        #: the last feature call's per-tile records when its ``pooler_output`` was one stacked tensor (InternVL):
+        #: ``generate`` hands such features back as new views (or, for beams, a re-stacked copy), found by content
+        self._stacked: list[tuple[torch.Tensor, ImageInfo]] = []
         self._cls_rows: list | None = None
         self._received: list | None = None
         self._vision_keys: list | None = None
@@ -91,8 +95,9 @@ class VisionCapture:
             if self.importance == "received":
                 hook(attn.register_forward_pre_hook(self._received_hook, with_kwargs=True))
                 continue
-            hook(attn.q_proj.register_forward_hook(self._cls_q_hook))
-            hook(attn.k_proj.register_forward_hook(self._make_cls_k_hook(attn)))
+            q_mod, k_mod = a.vision_qk_modules(attn)
+            hook(q_mod.register_forward_hook(self._cls_q_hook))
+            hook(k_mod.register_forward_hook(self._make_cls_k_hook(attn)))
 
     def token_id(self, name: str) -> int:
         """The placeholder token id of a feature method (``get_video_features``: videos) or modality name."""
@@ -102,14 +107,30 @@ class VisionCapture:
     def split_features(self, pooler_output) -> list[torch.Tensor]:
         """A feature method's ``pooler_output`` (a list of per-image tensors, or one stacked tensor) as the per-image
         tensors the capture recorded (the same objects, so :meth:`info` finds their records)."""
-        entry = self._stacked.get(id(pooler_output)) if isinstance(pooler_output, torch.Tensor) else None
+        entry = self._stacked_views.get(id(pooler_output)) if isinstance(pooler_output, torch.Tensor) else None
         if entry is not None and entry[0]() is pooler_output:
             return entry[1]
         return list(pooler_output)
 
     def info(self, feat: torch.Tensor) -> ImageInfo | None:
         entry = self._image_info.get(id(feat))
-        return entry[1] if entry is not None and entry[0]() is feat else None
+        if entry is not None and entry[0]() is feat:
+            return entry[1]
+        for same_view in (True, False):  # a new view of a recorded tile first, then a copy of one (beam expansion)
+            for recorded, info in self._stacked:
+                if recorded.shape != feat.shape or recorded.dtype != feat.dtype or recorded.device != feat.device:
+                    continue
+                if same_view and recorded.data_ptr() == feat.data_ptr() and recorded.stride() == feat.stride():
+                    return info
+                if not same_view and torch.equal(recorded, feat):
+                    return info
+        return None
+
+    def clear(self) -> None:
+        """Drop the records kept for stacked features (at unpatch)."""
+        self._stacked = []
+        self._stacked_views = {}
+        self._image_info = {}
 
     def float32_projector(self) -> nn.Module:
         """The per-token projector in float32 (a copy, made once, when the model runs in another dtype)."""
@@ -143,16 +164,18 @@ class VisionCapture:
                 projected, self._projector_in = self._projector_in, None
             feats = list(out.pooler_output)
             if isinstance(out.pooler_output, torch.Tensor):
-                self._stacked = {k: v for k, v in self._stacked.items() if v[0]() is not None}
-                self._stacked[id(out.pooler_output)] = (weakref.ref(out.pooler_output), feats)
-            self._record(call, feats, rows, keys, projected, got)
+                self._stacked_views = {k: v for k, v in self._stacked_views.items() if v[0]() is not None}
+                self._stacked_views[id(out.pooler_output)] = (weakref.ref(out.pooler_output), feats)
+            self._record(call, feats, rows, keys, projected, got, stacked=isinstance(out.pooler_output, torch.Tensor))
             self.on_features(token_id, feats)
             return out
 
         return wrapped
 
-    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, received=None) -> None:
+    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, received=None,
+                stacked: bool = False) -> None:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
+        self._stacked = []
         grid = call.get("image_grid_thw", call.get("video_grid_thw"))
         grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
         counts = self.adapter.crop_counts(call, len(feats))
@@ -186,6 +209,8 @@ class VisionCapture:
                 token_patches=functools.partial(self.adapter.token_patches, call, i),
             )
             self._image_info[id(feat)] = (weakref.ref(feat), info)
+            if stacked:
+                self._stacked.append((feat, info))
 
     # -- vision tower / projector hooks ----------------------------------------------------------------------
     def _projector_hook(self, module, args):
@@ -214,3 +239,30 @@ class VisionCapture:
                 self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
 
         return hook
+
+
+def join_infos(infos: list[ImageInfo | None]) -> ImageInfo | None:
+    """One image's record from the records of its consecutive tiles (``adapter.tiled``): crops concatenated in tile
+    order, the packing of each tile applied to its own crops. None if any tile has no record."""
+    if len(infos) == 1 or any(i is None for i in infos):
+        return infos[0] if len(infos) == 1 else None
+    counts = [i.crops for i in infos]
+
+    def cat(name):
+        parts = [getattr(i, name) for i in infos]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    def pack(scores: torch.Tensor) -> torch.Tensor:
+        return torch.cat([i.pack(s) for i, s in zip(infos, torch.split(scores, counts))])
+
+    def token_patches(crops: int, patches: int) -> torch.Tensor:
+        parts, offset = [], 0
+        for info, c in zip(infos, counts):
+            ids = info.token_patches(c, patches)
+            parts.append(torch.where(ids >= 0, ids + offset * patches, ids))
+            offset += c
+        return torch.cat(parts)
+
+    calls = ("crops", "pack", "token_patches")
+    joined = {f.name: cat(f.name) for f in dataclasses.fields(ImageInfo) if f.name not in calls}
+    return ImageInfo(crops=sum(counts), pack=pack, token_patches=token_patches, **joined)

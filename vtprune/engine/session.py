@@ -163,6 +163,7 @@ class Session:
         for obj, name in self._wrapped:
             obj.__dict__.pop(name, None)
         self._handles, self._wrapped = [], []
+        self.capture.clear()
         self.fwd = None
         self.installed = False
 
@@ -350,7 +351,7 @@ class Session:
         return (), kwargs
 
     def _find_units(self, fwd: P.Forward) -> list[Unit]:
-        units = find_units(fwd.input_ids, self.visual_ids, fwd.features, self.capture.info)
+        units = find_units(fwd.input_ids, self.visual_ids, fwd.features, self.capture.info, tiled=self.adapter.tiled)
         if fwd.image_sizes is not None:
             attach_real_masks(self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold)
         needs = self.capture.signals & {"features", "cls_attention", "projector_inputs", "vision_keys"}

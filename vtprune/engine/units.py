@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..adapters import ModelAdapter
-from .capture import ImageInfo
+from .capture import ImageInfo, join_infos
 
 
 @dataclass
@@ -43,10 +43,11 @@ class Unit:
         return self.row, int(self.positions[0])
 
 
-def find_units(input_ids: torch.Tensor, visual_ids, features: dict, info: Callable) -> list[Unit]:
+def find_units(input_ids: torch.Tensor, visual_ids, features: dict, info: Callable, tiled: bool = False) -> list[Unit]:
     """Every image / video of the prompt ``input_ids`` ``[B, S]``, in prompt order per row. ``features[token_id]``
     are the per-image feature tensors the vision tower produced (None: given by the caller, one unit per
-    contiguous placeholder run); ``info(feat)`` their vision-side records."""
+    contiguous placeholder run); ``info(feat)`` their vision-side records. ``tiled``: the feature tensors are tiles
+    (InternVL), and consecutive tiles whose tokens form one contiguous placeholder run are one image (one unit)."""
     units: list[Unit] = []
     for token_id in visual_ids:
         where = (input_ids == token_id).nonzero()  # row-major [(row, col)]
@@ -60,9 +61,11 @@ def find_units(input_ids: torch.Tensor, visual_ids, features: dict, info: Callab
                     f"{where.shape[0]} visual placeholder tokens (id {token_id}) but the vision features "
                     f"have {sum(lengths)} tokens"
                 )
-            chunks = torch.split(where, lengths)
+            chunks = list(torch.split(where, lengths))
+            groups = _join_tiles(chunks) if tiled else [[i] for i in range(len(chunks))]
+            chunks = [torch.cat([chunks[i] for i in g]) for g in groups]
         else:
-            chunks = _runs(where)
+            chunks, groups = _runs(where), None
         for i, chunk in enumerate(chunks):
             rows = chunk[:, 0].unique()
             if rows.numel() != 1:
@@ -70,7 +73,9 @@ def find_units(input_ids: torch.Tensor, visual_ids, features: dict, info: Callab
             unit = Unit(row=int(rows[0]), positions=chunk[:, 1])
             unit.present = torch.arange(chunk.shape[0], device=chunk.device)
             if feats is not None:
-                unit.features, unit.info = feats[i], info(feats[i])
+                parts = [feats[j] for j in groups[i]]
+                unit.features = parts[0] if len(parts) == 1 else torch.cat(parts)
+                unit.info = join_infos([info(f) for f in parts])
             units.append(unit)
     units.sort(key=lambda u: u.key)  # each sample's visual tokens in prompt order
     return units
@@ -93,6 +98,20 @@ def check_selection(name: str, kept: torch.Tensor, n: int, k: int) -> None:
         raise RuntimeError(f"method {name!r} returned {tuple(kept.shape)} {kept.dtype}; expected ~{k} int64 indices")
     if int(kept.min()) < 0 or int(kept.max()) >= n or bool((kept[1:] <= kept[:-1]).any()):
         raise RuntimeError(f"method {name!r} returned indices that are not ascending, unique and in [0, {n})")
+
+
+def _join_tiles(chunks: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``chunks`` (each a tile's row-major (row, col) pairs, in order) grouped into images: a tile whose
+    first token directly follows the previous tile's last token in the same row continues that image."""
+    groups: list[list[int]] = []
+    for i, chunk in enumerate(chunks):
+        if groups and chunk.shape[0] and chunks[i - 1].shape[0]:
+            (r0, c0), (r1, c1) = chunks[i - 1][-1].tolist(), chunk[0].tolist()
+            if r0 == r1 and c1 == c0 + 1:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def _runs(where: torch.Tensor) -> list[torch.Tensor]:
