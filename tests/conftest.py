@@ -50,9 +50,11 @@ def supports(method: str, family: str) -> bool:
         return False
     if method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5"):
         return False  # a default point reads a linear-attention layer of the tiny Qwen3.5: refused
-    return not (method in CLS_METHODS and family.startswith("qwen"))
+    return not (method in CLS_METHODS and family in NO_CLS_FAMILIES)
 
 
+#: families whose vision tower has no CLS token (Qwen's ViT, Gemma 3's SigLIP)
+NO_CLS_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3")
 #: methods that need the vision tower's CLS attention (LLaVA families only)
 CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
 #: methods that do not handle AnyRes / multi-crop images yet

@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen_vl import Qwen3VLAdapter, Qwen35Adapter, QwenVLAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
-    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Qwen3VLAdapter, Qwen35Adapter) for t in cls.model_types
+    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Qwen3VLAdapter, Qwen35Adapter, Gemma3Adapter)
+    for t in cls.model_types
 }
 
 #: families whose mechanism differs enough that they are refused explicitly (not silently mis-pruned)
