@@ -98,6 +98,8 @@ PAIRS_BY_FAMILY = {
     # hybrid decoder: layer 0 linear, so no point at K=1; layers after the points include a linear one
     "qwen3_5": [("zoo", "fastv"), ("fastv@2", "pact@3")],
     "qwen3_5_moe": [("random", "dart")],
+    # image blocks rebuilt at the vision entry and again at layer 1 / 2; local and global layers after each point
+    "gemma3": [("divprune", "fastv"), ("zoo", "pact"), ("fastv@1", "dart@2")],
 }
 assert set(PAIRS_BY_FAMILY) == set(FAMILIES)
 CASES = [
