@@ -61,9 +61,10 @@ class VisionCapture:
                 )
             self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
         self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
-        #: images of a batched ``pooler_output`` tensor ``[images, n, D]`` (Gemma 3): iterating it makes a new view
-        #: per image at each use, so those are found by address and shape while the batched tensor lives
-        self._by_address: dict[tuple, tuple[weakref.ref, ImageInfo]] = {}
+        #: per placeholder token id, the last feature call's batched ``pooler_output`` tensor ``[images, n, D]``
+        #: (Gemma 3) and its images' records: iterating the tensor makes new views, and ``generate`` repeats it for
+        #: beams, so its images are found by value (held until that feature method runs again)
+        self._batched: dict[int, tuple[torch.Tensor, list[ImageInfo]]] = {}
         self._cls_rows: list | None = None
         self._vision_keys: list | None = None
         self._cls_q: torch.Tensor | None = None
@@ -92,8 +93,12 @@ class VisionCapture:
         entry = self._image_info.get(id(feat))
         if entry is not None and entry[0]() is feat:
             return entry[1]
-        entry = self._by_address.get(_address(feat))
-        return entry[1] if entry is not None and entry[0]() is not None else None
+        for batched, infos in self._batched.values():
+            if batched.shape[1:] == feat.shape and batched.device == feat.device:
+                for image, info in zip(batched, infos):
+                    if torch.equal(image, feat):
+                        return info
+        return None
 
     def float32_projector(self) -> nn.Module:
         """The per-token projector in float32 (a copy, made once, when the model runs in another dtype)."""
@@ -123,16 +128,16 @@ class VisionCapture:
                 keys, self._vision_keys = self._vision_keys, None
                 projected, self._projector_in = self._projector_in, None
             feats = list(out.pooler_output)
-            batched = out.pooler_output if isinstance(out.pooler_output, torch.Tensor) else None
-            self._record(call, feats, rows, keys, projected, batched)
+            infos = self._record(call, feats, rows, keys, projected)
+            if isinstance(out.pooler_output, torch.Tensor):
+                self._batched[token_id] = (out.pooler_output.detach(), infos)
             self.on_features(token_id, feats)
             return out
 
         return wrapped
 
-    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, batched=None) -> None:
+    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected) -> list[ImageInfo]:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
-        self._by_address = {k: v for k, v in self._by_address.items() if v[0]() is not None}
         grid = call.get("image_grid_thw", call.get("video_grid_thw"))
         grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
         counts = self.adapter.crop_counts(call, len(feats))
@@ -144,6 +149,7 @@ class VisionCapture:
             projector_inputs = self.adapter.split_projector_inputs(projected[0], call, counts)
         else:
             projector_inputs = [None] * len(feats)
+        infos = []
         for i, feat in enumerate(feats):
             info = ImageInfo(
                 crops=counts[i],
@@ -154,8 +160,8 @@ class VisionCapture:
                 pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
             )
             self._image_info[id(feat)] = (weakref.ref(feat), info)
-            if batched is not None:
-                self._by_address[_address(feat)] = (weakref.ref(batched), info)
+            infos.append(info)
+        return infos
 
     # -- vision tower / projector hooks ----------------------------------------------------------------------
     def _projector_hook(self, module, args):
@@ -176,7 +182,3 @@ class VisionCapture:
 
         return hook
 
-
-def _address(feat: torch.Tensor) -> tuple:
-    """Where a feature tensor's values live: (device, address of its first element, shape, strides)."""
-    return feat.device, feat.data_ptr(), tuple(feat.shape), feat.stride()

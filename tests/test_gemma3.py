@@ -1,0 +1,77 @@
+"""Gemma 3: what the method x family tests do not reach (they run every method on the tiny Gemma 3 too).
+
+Independent routes: the unpatched model fed only the kept tokens (their ``token_type_ids``: one bidirectional block
+per image's kept tokens), eager attention weights, the projector's pooling done by hand.
+"""
+
+import pytest
+import torch
+from tiny import make_inputs
+
+import vtprune
+
+
+def _kept_prompt(model, inputs, kept):
+    """The unpatched model's inputs for the prompt of the kept tokens (row 0): kept ids, their token types and
+    original positions, and a ``get_image_features`` that returns the kept tokens' features."""
+    ids = inputs["input_ids"][0]
+    visual = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    keep[visual] = False
+    keep[visual[kept]] = True
+    route = dict(input_ids=ids[keep][None], attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+                 token_type_ids=inputs["token_type_ids"][0, keep][None],
+                 position_ids=torch.arange(ids.numel())[keep][None], pixel_values=inputs["pixel_values"])
+    original = model.model.get_image_features
+
+    def kept_features(pixel_values, **kwargs):
+        out = original(pixel_values, **kwargs)
+        out.pooler_output = out.pooler_output[:, kept]
+        return out
+
+    return route, kept_features
+
+
+def test_beam_search_equals_the_kept_token_prompt(model_factory, monkeypatch):
+    model = model_factory("gemma3")
+    inputs = make_inputs(model, "gemma3", [(5, 1, 4)])
+    with vtprune.patched(model, "divprune", keep=5), torch.no_grad():
+        model(**inputs)
+        kept = vtprune.stats(model).kept_indices[0]
+        beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)[:, -4:]
+    route, kept_features = _kept_prompt(model, inputs, kept)
+    monkeypatch.setattr(model.model, "get_image_features", kept_features)  # the unpatched model, kept features
+    with torch.no_grad():
+        ref = model.generate(**route, max_new_tokens=4, num_beams=3, do_sample=False)[:, -4:]
+    assert torch.equal(beams, ref)
+
+
+def test_patch_scores_pool_as_the_projector_pools(model_factory):
+    model = model_factory("gemma3")
+    adapter = vtprune.adapters.get_adapter(model)
+    scores = torch.randn(1, 64, dtype=torch.float64)
+    by_hand = scores.view(4, 2, 4, 2).mean((1, 3)).reshape(-1)  # 8 x 8 patches, 2 x 2 windows, row-major tokens
+    torch.testing.assert_close(adapter.pack_crop_scores(scores, {}, 0), by_hand, rtol=0, atol=1e-12)
+    assert torch.equal(adapter.pack_crop_scores(scores[:, :16], {}, 0), scores[0, :16])  # already per token
+    with pytest.raises(ValueError, match=r"\[1, 64\] \(patches\) or \[1, 16\]"):
+        adapter.pack_crop_scores(scores[:, :10], {}, 0)
+
+
+@pytest.mark.parametrize("layer", [2, 3])  # reads layer 1 (global) / layer 2 (sliding: only its window is seen)
+def test_last_token_attention_equals_eager_attention_weights(layer, model_factory):
+    model = model_factory("gemma3", attn="eager")
+    inputs = make_inputs(model, "gemma3", [(3, 1, 4), (8, 1, 2)])
+    seen = []
+    with vtprune.patched(model, "fastv", keep=4, layer=layer), torch.no_grad():
+        method = getattr(model, vtprune.api._ATTR).method
+        select = method.select
+        method.select = lambda image: seen.append(image.text_attention) or select(image)
+        model(**inputs)
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True).attentions[layer - 1]  # [B, H, S, S]
+    assert len(seen) == 2
+    for row, attention in enumerate(seen):
+        torch.testing.assert_close(attention, eager[row, :, -1].float(), rtol=1e-5, atol=1e-6)
+    if layer == 3:  # the window (8 slots) hides the image from the last token at the sliding layer
+        assert float(seen[0][:, : -8].abs().sum()) == 0.0
+
