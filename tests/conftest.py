@@ -44,21 +44,41 @@ MULTI_POINT_METHODS = ("pdrop", "sparsevlm")
 AVERAGE_BUDGET_METHODS = ("pdrop",)
 
 
-def supports(method: str, family: str) -> bool:
-    """Whether ``method`` has its signals on ``family`` (CLS attention needs a CLS token)."""
+def refused(method: str, family: str) -> bool:
+    """Whether patching ``family`` with ``method`` raises (its signal or point does not exist there)."""
     if method in SINGLE_CROP_METHODS and family == "llava_next":
+        return True
+    return method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5")  # a default point reads a linear layer
+
+
+def supports(method: str, family: str) -> bool:
+    """Whether the method x family tests run ``method`` on ``family``: every pair that is not :func:`refused`, except
+    that the CLS-scored methods run on the Qwen families through :data:`RECEIVED_MATRIX` only (their signal,
+    importance="received", is checked on every family by tests/test_received.py; the full 4 x 6 product would add
+    minutes to the suite)."""
+    if refused(method, family):
         return False
-    if method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5"):
-        return False  # a default point reads a linear-attention layer of the tiny Qwen3.5: refused
-    return not (method in CLS_METHODS and family in NO_CLS_FAMILIES)
+    if method in CLS_METHODS and family in RECEIVED_MATRIX:
+        return method in RECEIVED_MATRIX[family]
+    return True
 
 
-#: families whose vision tower has no CLS token (Qwen's ViT, Gemma 3's SigLIP)
-NO_CLS_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3")
-#: methods that need the vision tower's CLS attention (LLaVA families only)
+#: CLS-scored methods: the vision tower's CLS attention where it has a CLS token (LLaVA), else (default
+#: importance="received") the attention each patch receives (Qwen-VL); tests/test_received.py
 CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
+#: which CLS-scored methods the method x family tests run on each Qwen family (every method on at least one
+#: family; visionzip where tokens are merge units in window order and where DeepStack levels are merged)
+RECEIVED_MATRIX = {
+    "qwen2_vl": ("cls",),
+    "qwen2_5_vl": ("visionzip",),
+    "qwen3_vl": ("visionzip",),
+    "qwen3_vl_moe": ("todre",),
+    "qwen3_5": ("cls",),
+    "qwen3_5_moe": ("vispruner",),
+    "gemma3": ("cls", "todre", "visionzip", "vispruner"),  # SigLIP without CLS, scores pooled as the projector pools
+}
 #: methods that do not handle AnyRes / multi-crop images yet
-SINGLE_CROP_METHODS = ("visionzip",)
+SINGLE_CROP_METHODS = ()
 #: multi-point methods whose default points read a linear-attention layer of the tiny Qwen3.5 (layers 0 and 3):
 #: pdrop's last point (layer 3's own attention), sparsevlm's first (layer 0); tests/test_qwen3.py runs them at
 #: full-attention layers

@@ -75,3 +75,69 @@ def test_last_token_attention_equals_eager_attention_weights(layer, model_factor
     if layer == 3:  # the window (8 slots) hides the image from the last token at the sliding layer
         assert float(seen[0][:, : -8].abs().sum()) == 0.0
 
+
+
+def test_received_equals_eager_attention_pooled_by_hand(model_factory):
+    """importance="received" (the default on Gemma's CLS-free SigLIP): the attention each patch receives at the layers
+    the method reads, against an eager copy of the tower, then each token's 2 x 2 window averaged by hand."""
+    import copy
+
+    from vtprune import functional as F
+
+    model = model_factory("gemma3")
+    inputs = make_inputs(model, "gemma3", [(3, 2, 4)])
+    with vtprune.patched(model, "cls", keep=5, start_layer=1), torch.no_grad():  # vision layers [1, 2] of 4
+        session = getattr(model, vtprune.api._ATTR)
+        out = model.model.get_image_features(inputs["pixel_values"])
+        infos = [session.capture.info(f) for f in out.pooler_output]
+        model(**inputs)
+        kept = vtprune.stats(model).kept_indices[0]
+    ref = copy.deepcopy(model)
+    ref.config.vision_config._attn_implementation = "eager"
+    with torch.no_grad():
+        attn = ref.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    expected = torch.stack([attn[i].float().mean(dim=(1, 2)) for i in (1, 2)], dim=1)  # [images, L, 64 patches]
+    for i, info in enumerate(infos):
+        assert info.cls_attention is None and info.received.shape == (1, 2, 64)
+        torch.testing.assert_close(info.received[0], expected[i], rtol=1e-5, atol=1e-7)
+        tokens = expected[i].sum(0).view(4, 2, 4, 2).mean((1, 3)).reshape(-1)  # 2 x 2 windows of the 8 x 8 grid
+        torch.testing.assert_close(info.pack(info.received.sum(1)), tokens, rtol=1e-5, atol=1e-7)
+        if i == 0:
+            assert kept[:5].tolist() == F.topk_indices(tokens, 5).tolist()
+    windows = infos[0].token_patches(1, 64)  # token 0: patches 0, 1, 8, 9; token 1: 2, 3, 10, 11
+    assert windows[:2].tolist() == [[0, 1, 8, 9], [2, 3, 10, 11]] and windows.shape == (16, 4)
+
+
+def test_visionzip_contextual_tokens_are_the_projector_of_merged_windows(model_factory):
+    """visionzip on Gemma 3: a contextual token is the projector applied to the weighted mean of the merged tokens'
+    patch states (window by window): checked by feeding those states, tiled over the patch grid, through the model's
+    own projector module (its average pooling, norm and projection)."""
+    model = model_factory("gemma3")
+    inputs = make_inputs(model, "gemma3", [(3, 1, 4)])
+    seen = []
+    from vtprune.methods.visionzip import VisionZip
+
+    original = VisionZip.select
+
+    def spy(self, image):
+        out = original(self, image)
+        seen.append((image, out))
+        return out
+
+    VisionZip.select = spy
+    try:
+        with vtprune.patched(model, "visionzip", keep=7), torch.no_grad():
+            model(**inputs)
+    finally:
+        VisionZip.select = original
+    image, sel = seen[0]
+    states = image.projector_inputs[0].reshape(16, 4, -1)  # [tokens, 2 x 2 patches, D]
+    proj = model.model.multi_modal_projector
+    context = (sel.weights != 0).sum(1) > 1
+    assert bool(context.any())
+    with torch.no_grad():
+        for row in context.nonzero().squeeze(1).tolist():
+            mixed = (sel.weights[row][:, None, None] * states).sum(0)  # [4, D]: the window's merged patches
+            grid = mixed.view(2, 2, -1).repeat(4, 4, 1)  # an 8 x 8 tower output whose every window is this one
+            expected = proj(grid.reshape(1, 64, -1))[0, 0]
+            torch.testing.assert_close(sel.merged[row].float(), expected.float(), rtol=1e-5, atol=1e-6)

@@ -134,13 +134,15 @@ def test_a_schedule_two_methods_at_one_point_fails_before_loading(tiny_llava_dir
 
 
 def test_method_the_model_cannot_run_before_loading(no_loading, tmp_path):
-    """CLS attention on Qwen2-VL (no CLS token) is refused from the config alone (a meta-device model)."""
+    """CLS attention on Qwen2-VL (no CLS token; importance="cls") is refused from the config alone (a meta-device
+    model)."""
     import tiny
 
     model = tiny.build("qwen2_vl")
     model.config.save_pretrained(tmp_path / "qwen")
+    methods = ["fastv", {"method": "cls", "options": {"importance": "cls"}, "name": "cls"}]
     with pytest.raises(ValueError, match="method 'cls' cannot run on model 'qwen'.*no CLS token"):
-        hsweep.run_sweep(_config(tmp_path / "qwen", methods=["fastv", "cls"],
+        hsweep.run_sweep(_config(tmp_path / "qwen", methods=methods,
                                  models=[{"pretrained": str(tmp_path / "qwen"), "name": "qwen"}]),
                          output_dir=tmp_path)
 
@@ -321,8 +323,9 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
 
 def test_gemma3_benchmark_config_runs_on_its_architecture():
     """Gemma-3-4B-it's architecture (transformers' default Gemma3Config with the 4B's decoder: 34 layers, a global layer
-    every 6th, window 1024) patches with every listed method: every registered one but the CLS-scored ones and
-    pdrop (whose first stage alone costs more than 64 tokens per layer on average)."""
+    every 6th, window 1024) patches with every listed method: every registered one but the CLS-scored ones (which
+    run there with importance="received", left out as in the Qwen sweeps) and pdrop (whose first stage alone costs
+    more than 64 tokens per layer on average)."""
     import vtprune
     from transformers import Gemma3Config
 

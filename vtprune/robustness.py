@@ -199,9 +199,9 @@ class Surrogate:
 
 
 def _cls_scores(method, image: ImageInputs) -> torch.Tensor:
-    from . import functional as F
+    from .methods.base import crop_importance
 
-    return image.pack_crop_scores(F.cls_scores(image.cls_attention, slice(None)))
+    return image.pack_crop_scores(crop_importance(image))  # CLS rows, or received attention (importance option)
 
 
 def _text_attention(method, image: ImageInputs) -> torch.Tensor:

@@ -5,6 +5,10 @@
   token) over all keys of a decoder layer, post-RoPE, GQA-aware, padding masked, from the layer's own
   ``q_proj`` / ``k_proj`` outputs.
 
+* ``IMPORTANCE`` / ``check_importance`` / ``resolve_importance``: the ``importance`` option of CLS-scored methods
+  (``"cls"``: the CLS query's row; ``"received"``: the attention each patch receives, see
+  ``vtprune.functional.received_attention``).
+
 All returned probabilities are float32 (float64 if the inputs are float64).
 """
 
@@ -12,6 +16,32 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+#: values of the ``importance`` option of CLS-scored methods (None: resolved per model by :func:`resolve_importance`)
+IMPORTANCE = ("cls", "received")
+
+
+def check_importance(value) -> None:
+    """Raise ``ValueError`` unless ``value`` is None or one of :data:`IMPORTANCE`."""
+    if value is not None and (not isinstance(value, str) or value not in IMPORTANCE):
+        raise ValueError(f"importance must be one of {IMPORTANCE} or None (cls where the vision tower has a CLS "
+                         f"token, received elsewhere), got {value!r}")
+
+
+def resolve_importance(method_name: str, value, model_type: str, has_cls_token: bool) -> str:
+    """The importance signal a method reads on a model: ``value``, or (None) ``"cls"`` where the vision tower has a
+    CLS token and ``"received"`` elsewhere. Raises ``ValueError`` for ``"cls"`` on a tower without a CLS token."""
+    check_importance(value)
+    if value is None:
+        return "cls" if has_cls_token else "received"
+    if value == "cls" and not has_cls_token:
+        raise ValueError(
+            f"method {method_name!r} with importance='cls' needs the vision tower's CLS attention, but "
+            f"{model_type!r} models have no CLS token; use importance='received' (the attention each patch "
+            "receives, the default on this model) or a method that does not need it (e.g. 'fastv', 'random')"
+        )
+    return value
 
 
 def _score_dtype(t: torch.Tensor) -> torch.dtype:

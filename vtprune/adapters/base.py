@@ -6,11 +6,70 @@ An adapter only *locates* things (modules, token ids, default positions); the pr
 
 from __future__ import annotations
 
+import inspect
 import sys
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+
+@dataclass
+class VisionQK:
+    """One vision-tower attention layer's queries and keys, exactly as that layer's attention uses them (after any
+    q/k norm and the tower's rotary embedding), for every token of one tower call.
+
+    * ``q`` ``[N, H, Dh]`` and ``k`` ``[N, Hkv, Dh]`` (``H`` a multiple of ``Hkv``: grouped keys serve ``H / Hkv``
+      query heads each): the call's ``N`` tokens, flattened in the order the tower holds them (crops / frames /
+      windows concatenated; CLS or other non-patch tokens included);
+    * ``cu_seqlens`` ``[B + 1]`` int64, ascending from 0 to ``N``: tokens ``cu_seqlens[b]:cu_seqlens[b + 1]`` form
+      block ``b``, a set of tokens that attend among themselves and to nothing else (a CLIP crop with its CLS token,
+      a Qwen frame, a Qwen2.5-VL attention window);
+    * ``scaling``: the factor the layer multiplies ``q . k`` by before the softmax (usually ``Dh ** -0.5``).
+
+    Within a block every query sees every key (no causal mask, no padding); a tower that masks keys inside a
+    block is not described by this record.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    cu_seqlens: torch.Tensor
+    scaling: float
+
+
+def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments a forward pre-hook (``with_kwargs=True``) saw, bound to the names of ``module.forward``."""
+    return inspect.signature(module.forward).bind(*args, **kwargs).arguments
+
+
+def qk_from_projections(module: nn.Module, args: tuple, kwargs: dict) -> VisionQK:
+    """:meth:`ModelAdapter.vision_qk` of a CLIP / SigLIP-style attention module: ``q_proj`` / ``k_proj`` linear maps
+    on ``hidden_states [C, T, D]`` (one row per crop, every token of a crop attending to every other), attributes
+    ``num_heads``, ``head_dim`` and ``scale``, no rotary embedding; ``q_norm`` / ``k_norm`` when the module has them
+    (InternViT), over the whole projection or per head as their weight's size says. Raises ``ValueError`` if the call
+    carries an attention mask (padded crops are not described by :class:`VisionQK`)."""
+    bound = bound_arguments(module, args, kwargs)
+    mask = bound.get("attention_mask")
+    if mask is not None:
+        raise ValueError(f"{type(module).__name__} was called with an attention mask; received attention reads "
+                         "towers whose crops attend without masks")
+    hidden = bound["hidden_states"]
+    c, t, _ = hidden.shape
+    dh = module.head_dim
+
+    def heads(x, norm):  # [C, T, H * Dh] -> [C * T, H, Dh], normed as the module norms it
+        if norm is None:
+            return x.reshape(c * t, -1, dh)
+        weight = getattr(norm, "weight", None)
+        if weight is not None and weight.numel() == dh:
+            return norm(x.reshape(c * t, -1, dh))
+        return norm(x).reshape(c * t, -1, dh)
+
+    q = heads(module.q_proj(hidden), getattr(module, "q_norm", None))
+    k = heads(module.k_proj(hidden), getattr(module, "k_norm", None))
+    cu = torch.arange(c + 1, device=hidden.device, dtype=torch.long) * t
+    return VisionQK(q, k, cu, float(module.scale))
 
 
 class ModelAdapter:
@@ -69,8 +128,10 @@ class ModelAdapter:
         return norm
 
     def vision_attention_modules(self) -> list[nn.Module]:
-        """Self-attention modules of the vision encoder layers, in order (for CLS-attention signals)."""
-        raise NotImplementedError(f"{type(self).__name__} has no CLS-attention signal")
+        """Self-attention modules of the vision encoder layers, in order, one per layer (layer ``i`` of a method's
+        ``vision_layers`` is entry ``i``). Used by the CLS signal (hooks on their ``q_proj`` / ``k_proj``) and by
+        ``importance="received"`` (a forward pre-hook with kwargs on the module itself, see :meth:`vision_qk`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no vision-attention signal")
 
     def visual_token_ids(self) -> tuple[int, ...]:
         ids = [getattr(self.config, "image_token_id", None), getattr(self.config, "video_token_id", None)]
@@ -117,8 +178,81 @@ class ModelAdapter:
 
     def pack_crop_scores(self, scores: torch.Tensor, call: dict[str, Any], index: int) -> torch.Tensor:
         """Map per-crop patch scores ``[crops, P]`` of image ``index`` of a ``get_image_features`` call (its bound
-        arguments ``call``) to that image's visual tokens ``[n]``."""
+        arguments ``call``) to that image's visual tokens ``[n]``, in the order the model places them in the
+        prompt. THE one mapping of patch scores to LLM tokens (CLS rows and received attention alike): pool the
+        patches a token is made of as the model pools them (Qwen: the mean of each 2x2 merge unit), reorder /
+        unpad as the model does (LLaVA-NeXT's AnyRes packing), give tokens that carry no patch (newline
+        separators) the image's lowest score. Preserve the dtype (float64 in, float64 out).
+
+        Default: one crop, one token per patch, in order."""
         return scores.reshape(-1)
+
+    # -- attention each patch receives (importance="received") ----------------------------------------------
+    #
+    # A family that implements the three methods below (with vision_attention_modules) gets every CLS-scored method
+    # (cls, visionzip, todre, vispruner) with importance="received" on its tower: the engine registers
+    #   module.register_forward_pre_hook(hook, with_kwargs=True)
+    # on vision_attention_modules()[i] for each layer i the method reads, calls vision_qk(module, args, kwargs) in
+    # the hook, reduces the VisionQK to per-token received attention [N] (vtprune.functional.received_attention:
+    # mean over heads and over the queries of the token's block), maps it to per-image patch scores with
+    # split_vision_tokens, and to the image's visual tokens with pack_crop_scores (the same mapping as CLS scores).
+    # Nothing is recomputed in eager mode: the tower keeps its attention kernel.
+
+    def vision_qk(self, module: nn.Module, args: tuple, kwargs: dict) -> VisionQK:
+        """The queries and keys one vision attention layer uses, from what a forward pre-hook (``with_kwargs=True``)
+        on ``module`` (an entry of :meth:`vision_attention_modules`) received: its positional ``args`` and keyword
+        ``kwargs`` (hidden states, and whatever the tower passes: ``cu_seqlens``, ``position_embeddings``, an
+        attention mask...). Apply the module's own projections (``q_proj``/``k_proj`` or a fused ``qkv``), q/k norms
+        and rotary embedding exactly as its forward does, without running the attention itself. Must not modify
+        the arguments. Returns a :class:`VisionQK` covering every token of the call.
+
+        Raises ``ValueError`` naming the family when it has no implementation (the default)."""
+        raise ValueError(
+            f"importance='received' needs the attention of {self.config.model_type!r}'s vision tower, which vtprune "
+            f"does not read yet ({type(self).__name__}.vision_qk is not implemented)"
+        )
+
+    def split_vision_tokens(self, values: torch.Tensor, call: dict[str, Any], counts: list[int]) -> list[torch.Tensor]:
+        """Per-token values of one vision layer ``[N, *]`` (``N`` = every token of a feature call, in the tower's
+        order, as in :class:`VisionQK`) -> per image ``[crops, P, *]``: the values of the image's ``crops =
+        counts[i]`` crops and each crop's ``P`` patches, in the order :meth:`pack_crop_scores` expects. Drops tokens
+        that are not patches (CLS, registers) and undoes any reordering the tower applies (Qwen2.5-VL's window
+        order). ``call``: the bound arguments of the feature method; ``counts``: :meth:`crop_counts`.
+
+        Default: the crops are concatenated in call order, all of the same length, each led by one CLS token
+        when ``has_cls_token`` (none otherwise)."""
+        crops = sum(counts)
+        if crops == 0 or values.shape[0] % crops:
+            raise ValueError(f"{values.shape[0]} vision tokens cannot be split into {crops} equal crops "
+                             f"({type(self).__name__}.split_vision_tokens)")
+        per_crop = values.reshape(crops, values.shape[0] // crops, *values.shape[1:])
+        if self.has_cls_token:
+            per_crop = per_crop[:, 1:]
+        return list(torch.split(per_crop, counts))
+
+    def token_patches(self, call: dict[str, Any], index: int, crops: int, patches: int) -> torch.Tensor:
+        """``[n, m]`` int64: for each of image ``index``'s ``n`` visual tokens, the flat ids ``c * P + p`` of the
+        ``m`` crop patches it carries (crop ``c`` of ``crops``, patch ``p`` of ``P = patches``, in the order of
+        :meth:`split_vision_tokens`), in the order the model concatenates them (Qwen's merger: the 2x2 unit), or
+        -1 where a token carries no patch (LLaVA-NeXT's row separators). Used by methods that need per-token
+        vectors of the vision layer (``visionzip``'s keys).
+
+        Default: one patch per token, read off :meth:`pack_crop_scores` (it must map each token to one patch
+        exactly, as a plain reorder + newline insertion does); towers that pool several patches per token
+        override it."""
+        flat = torch.arange(crops * patches, dtype=torch.float64).view(crops, patches)
+        packed = self.pack_crop_scores(flat, call, index)
+        if packed.dtype != torch.float64 or not bool((packed == packed.round()).all()):
+            raise ValueError(f"{self.config.model_type!r}: pack_crop_scores pools several patches per visual token; "
+                             f"{type(self).__name__}.token_patches must say which")
+        packed = packed.long()
+        order = torch.arange(packed.numel())
+        first = torch.full((crops * patches,), packed.numel(), dtype=torch.long).scatter_reduce_(0, packed, order, "amin")
+        return torch.where(first[packed] == order, packed, -1).unsqueeze(1)
+
+    def check_cls_strategy(self, importance: str = "cls") -> None:
+        """Raise ``ValueError`` if the model's configuration makes ``importance`` (``"cls"`` or ``"received"``)
+        scores unmappable to its visual tokens (e.g. LLaVA feeding the CLS token to the LLM). Default: nothing."""
 
     # -- projector (zoo, visionzip) -------------------------------------------------------------------
     def projector_module(self) -> nn.Module:

@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from .base import ModelAdapter
+from .base import ModelAdapter, qk_from_projections
 
 
 class _PooledProjector(nn.Module):
@@ -46,6 +46,18 @@ class Gemma3Adapter(ModelAdapter):
         if encoder is None or not hasattr(encoder, "layers"):
             raise ValueError(f"vision tower {type(tower).__name__} has no SigLIP-style encoder.layers")
         return [layer.self_attn for layer in encoder.layers]
+
+    def vision_qk(self, module, args, kwargs):
+        return qk_from_projections(module, args, kwargs)  # SigLIP: q_proj / k_proj on [images, P, D], no CLS
+
+    def token_patches(self, call, index, crops, patches):
+        """``[T, k*k]``: each visual token's ``k x k`` window of the crop's patch grid (row-major inside the window, as
+        :meth:`split_projector_inputs` concatenates them)."""
+        side, k = self.pool_geometry()
+        if crops != 1 or patches != side * side:
+            raise ValueError(f"gemma3 images are one crop of {side * side} patches; got {crops} crop(s) of {patches}")
+        grid = torch.arange(patches).view(side // k, k, side // k, k).permute(0, 2, 1, 3)
+        return grid.reshape((side // k) ** 2, k * k)
 
     def vit_dim(self) -> int:
         return int(self.config.vision_config.hidden_size)

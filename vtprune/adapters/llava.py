@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ModelAdapter
+from .base import ModelAdapter, qk_from_projections
 
 
 class LlavaAdapter(ModelAdapter):
@@ -24,6 +24,9 @@ class LlavaAdapter(ModelAdapter):
                 "CLIP vision tower"
             )
         return [layer.self_attn for layer in encoder.layers]
+
+    def vision_qk(self, module, args, kwargs):
+        return qk_from_projections(module, args, kwargs)  # CLIP: q_proj / k_proj on [crops, 1 + P, D]
 
     def projector_module(self):
         return self.inner.multi_modal_projector
@@ -48,13 +51,15 @@ class LlavaAdapter(ModelAdapter):
             return super().real_patch_mask(image_size, n, threshold)
         return F.pad_mask(image_size, grid=grid, resolution=vcfg.image_size, threshold=threshold)
 
-    def check_cls_strategy(self) -> None:
+    def check_cls_strategy(self, importance: str = "cls") -> None:
         strategy = getattr(self.config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
+        if self.has_cls_token and strategy != "default":  # CLS would be a visual token: scores cannot map
             raise ValueError(
-                f"CLS-attention scoring needs vision_feature_select_strategy='default' (CLS dropped from the "
-                f"visual tokens), got {strategy!r}"
+                f"importance={importance!r} scoring needs vision_feature_select_strategy='default' (CLS dropped "
+                f"from the visual tokens), got {strategy!r}"
             )
+        if importance != "cls":
+            return
         if getattr(self.config.vision_config, "model_type", "clip_vision_model") not in (
             "clip_vision_model", "clip"
         ):

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
-from .base import ModelAdapter
+from .base import ModelAdapter, VisionQK, bound_arguments
 
 
 class _MergerPerToken(nn.Module):
@@ -63,6 +65,39 @@ class QwenVLAdapter(ModelAdapter):
 
     def vit_dim(self) -> int:
         return self.inner.visual.merger.ln_q.weight.shape[0]
+
+    # -- received attention: fused qkv, 2-D vision RoPE, blocks from cu_seqlens (frames; Qwen2.5-VL: windows) ----
+    def vision_attention_modules(self):
+        return [block.attn for block in self.inner.visual.blocks]
+
+    def vision_qk(self, module, args, kwargs):
+        bound = bound_arguments(module, args, kwargs)
+        hidden, cu = bound["hidden_states"], bound["cu_seqlens"]
+        cos, sin = bound["position_embeddings"]
+        n = hidden.shape[0]
+        q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        q, k = rope(q, k, cos, sin)
+        return VisionQK(q, k, torch.as_tensor(cu, device=hidden.device).long(), float(module.scaling))
+
+    def split_vision_tokens(self, values, call, counts):
+        grid = torch.as_tensor(call.get("image_grid_thw", call.get("video_grid_thw"))).reshape(-1, 3)
+        unit = self.inner.visual.spatial_merge_size**2
+        window = self._window_index(grid)
+        if window is not None:  # Qwen2.5-VL's blocks hold the merge units in window order: undo it
+            units = values.reshape(values.shape[0] // unit, unit, *values.shape[1:])
+            values = units[torch.argsort(window.to(values.device))].reshape(values.shape)
+        return [v.unsqueeze(0) for v in torch.split(values, grid.prod(-1).tolist())]
+
+    def pack_crop_scores(self, scores, call, index):
+        # the processor orders each image's patches merge unit by merge unit (2x2 spatially adjacent patches in a
+        # row), and the merger concatenates each unit into one LLM token: pool a token's patches by their mean
+        unit = self.inner.visual.spatial_merge_size**2
+        return scores.reshape(-1, unit).mean(dim=1)
+
+    def token_patches(self, call, index, crops, patches):
+        unit = self.inner.visual.spatial_merge_size**2
+        return torch.arange(crops * patches).view(-1, unit)
 
     def default_position_ids(self, batch, seq, past, device):
         pos = super().default_position_ids(batch, seq, past, device)

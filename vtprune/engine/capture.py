@@ -3,7 +3,10 @@
 Owns :class:`VisionCapture`: it wraps the inner model's ``get_image_features`` / ``get_video_features`` on the
 instance and records, per image feature tensor (:class:`ImageInfo`), its crops, its M-RoPE grid, and the signals
 the vision-stage method asked for: CLS attention rows and head-mean keys of the requested vision layers (hooks on
-their ``q_proj`` / ``k_proj``, one row recomputed, no eager attention) and the projector's input. ``generate``
+their ``q_proj`` / ``k_proj``, one row recomputed, no eager attention) or, with ``importance="received"``, the
+attention each patch receives (a forward pre-hook on each requested attention module hands its arguments to the
+adapter's ``vision_qk``; ``vtprune.functional.received_attention`` reduces the q/k in bounded chunks), and the
+projector's input. ``generate``
 calls the feature method before the forward and hands the features over in ``mm_encoder_outputs``; a plain
 forward calls it inside: either way :meth:`VisionCapture.info` finds an image's record from its feature tensor.
 """
@@ -20,9 +23,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import functional as F
 from ..adapters import ModelAdapter
 from ..methods.base import Method
-from ..signals import cls_attention_rows
+from ..signals import cls_attention_rows, resolve_importance
 
 
 @dataclass
@@ -33,8 +37,10 @@ class ImageInfo:
     grid: torch.Tensor | None  # [1, 3] (t, h, w) for Qwen-VL
     cls_attention: torch.Tensor | None  # [crops, L, H, 1+P] CLS rows of the requested vision layers
     projector_inputs: torch.Tensor | None  # [crops, P, D_in] what the projector received
-    vision_keys: torch.Tensor | None  # [crops, L, 1+P, Dh] head-mean keys of the requested vision layers
+    vision_keys: torch.Tensor | None  # [crops, L, 1+P, Dh] head-mean keys (received: [crops, L, P, Dh], patches)
+    received: torch.Tensor | None  # [crops, L, P] attention each patch receives (importance="received")
     pack: Any  # per-crop patch scores [crops, P] -> per visual token [n]
+    token_patches: Any = None  # (crops, P) -> [n, m] the crop patches each visual token carries
 
 
 class VisionCapture:
@@ -46,14 +52,14 @@ class VisionCapture:
         self.signals = method.signals if method is not None else frozenset()
         self.on_features = on_features
         self.vision_layers: list[int] = []
+        #: "cls" or "received" (the method's ``importance`` option resolved on this model); None: no vision scores
+        self.importance: str | None = None
         if self.signals & {"cls_attention", "vision_keys"}:
-            if not adapter.has_cls_token:
-                raise ValueError(
-                    f"method {method.name!r} needs the vision tower's CLS attention, but "
-                    f"{adapter.config.model_type!r} models have no CLS token; use a method that does not need it "
-                    "(e.g. 'fastv', 'random')"
-                )
-            adapter.check_cls_strategy()
+            self.importance = resolve_importance(method.name, getattr(method.config, "importance", "cls"),
+                                                 adapter.config.model_type, adapter.has_cls_token)
+            adapter.check_cls_strategy(self.importance)
+            if self.importance == "received" and type(adapter).vision_qk is ModelAdapter.vision_qk:
+                adapter.vision_qk(None, (), {})  # the default raises the family's "not implemented" ValueError
             if adapter.multi_crop and not method.multi_crop:
                 raise ValueError(
                     f"method {method.name!r} does not support AnyRes / multi-crop images "
@@ -66,6 +72,7 @@ class VisionCapture:
         #: beams, so its images are found by value (held until that feature method runs again)
         self._batched: dict[int, tuple[torch.Tensor, list[ImageInfo]]] = {}
         self._cls_rows: list | None = None
+        self._received: list | None = None
         self._vision_keys: list | None = None
         self._cls_q: torch.Tensor | None = None
         self._projector_in: list | None = None
@@ -81,6 +88,9 @@ class VisionCapture:
             hook(a.projector_module().register_forward_pre_hook(self._projector_hook))
         for i in self.vision_layers:
             attn = a.vision_attention_modules()[i]
+            if self.importance == "received":
+                hook(attn.register_forward_pre_hook(self._received_hook, with_kwargs=True))
+                continue
             hook(attn.q_proj.register_forward_hook(self._cls_q_hook))
             hook(attn.k_proj.register_forward_hook(self._make_cls_k_hook(attn)))
 
@@ -118,17 +128,20 @@ class VisionCapture:
         @functools.wraps(original)
         def wrapped(*args, **kwargs):
             call = signature.bind(*args, **kwargs).arguments
-            self._cls_rows = [] if self.vision_layers else None
+            received = self.importance == "received"
+            self._cls_rows = [] if self.vision_layers and not received else None
+            self._received = [] if self.vision_layers and received else None
             self._vision_keys = [] if "vision_keys" in self.signals else None
             self._projector_in = [] if "projector_inputs" in self.signals else None
             try:
                 out = original(*args, **kwargs)
             finally:
                 rows, self._cls_rows = self._cls_rows, None
+                got, self._received = self._received, None
                 keys, self._vision_keys = self._vision_keys, None
                 projected, self._projector_in = self._projector_in, None
             feats = list(out.pooler_output)
-            infos = self._record(call, feats, rows, keys, projected)
+            infos = self._record(call, feats, rows, keys, projected, got)
             if isinstance(out.pooler_output, torch.Tensor):
                 self._batched[token_id] = (out.pooler_output.detach(), infos)
             self.on_features(token_id, feats)
@@ -136,13 +149,23 @@ class VisionCapture:
 
         return wrapped
 
-    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected) -> list[ImageInfo]:
+    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, received=None) -> list[ImageInfo]:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
         grid = call.get("image_grid_thw", call.get("video_grid_thw"))
         grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
         counts = self.adapter.crop_counts(call, len(feats))
         per_image = torch.split(torch.stack(rows, dim=1), counts) if rows else [None] * len(feats)
-        keys = torch.split(torch.stack(keys, dim=1), counts) if keys else [None] * len(feats)
+        if received:  # per layer [N] (tower order) / [N, Dh] -> per image [crops, L, P(, Dh)] in packing order
+            split = self.adapter.split_vision_tokens
+            received = [torch.stack(layers, 1) for layers in zip(*(split(r, call, counts) for r in received))]
+            keys = ([torch.stack(layers, 1) for layers in zip(*(split(k, call, counts) for k in keys))] if keys
+                    else [None] * len(feats))
+        else:
+            received = [None] * len(feats)
+            keys = torch.split(torch.stack(keys, dim=1), counts) if keys else [None] * len(feats)
+        if len(received) != len(feats) or len(keys) != len(feats):
+            raise RuntimeError(f"{type(self.adapter).__name__}.split_vision_tokens gave {len(received)} images for "
+                               f"a feature call of {len(feats)}")
         if projected:
             if len(projected) != 1:
                 raise RuntimeError(f"the projector ran {len(projected)} times in one feature call; expected once")
@@ -156,8 +179,10 @@ class VisionCapture:
                 grid=grid[i : i + 1] if grid is not None else None,
                 cls_attention=per_image[i],
                 vision_keys=keys[i],
+                received=received[i],
                 projector_inputs=projector_inputs[i],
                 pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
+                token_patches=functools.partial(self.adapter.token_patches, call, i),
             )
             self._image_info[id(feat)] = (weakref.ref(feat), info)
             infos.append(info)
@@ -167,6 +192,15 @@ class VisionCapture:
     def _projector_hook(self, module, args):
         if self._projector_in is not None:
             self._projector_in.append(args[0].detach())
+
+    def _received_hook(self, module, args, kwargs):
+        if self._received is None:
+            return None
+        qk = self.adapter.vision_qk(module, args, kwargs)  # differentiable, like the CLS rows (robustness attacks)
+        self._received.append(F.received_attention(qk.q, qk.k, qk.cu_seqlens, qk.scaling))
+        if self._vision_keys is not None:
+            self._vision_keys.append(qk.k.detach().mean(1))
+        return None
 
     def _cls_q_hook(self, module, args, output):
         if self._cls_rows is not None:

@@ -6,9 +6,9 @@ from typing import Sequence, Union
 
 import torch
 
-from ._common import as_int, check_k, check_tensor, compute_dtype, topk_lowtie
+from ._common import BLOCK_ELEMENTS, as_int, check_k, check_tensor, compute_dtype, topk_lowtie
 
-__all__ = ["cls_scores", "topk_indices"]
+__all__ = ["cls_scores", "received_attention", "topk_indices"]
 
 
 def _layer_indices(layers, num_layers: int) -> list:
@@ -96,3 +96,70 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     if s.is_floating_point() and bool(torch.isnan(s).any()):
         raise ValueError("scores contains NaN; scores must be comparable numbers")
     return topk_lowtie(s, k).sort(dim=-1).values
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float,
+                       block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+    """Attention each token *receives* in one self-attention layer: the mean over heads and over every query of
+    its block of ``softmax(q . k^T * scaling)``, the importance signal of CLS-scored methods on towers without a
+    CLS token.
+
+    ``score[j] = mean_h mean_{i in block(j)} softmax_{j' in block(j)}(scaling * q[i, h] . k[j', h // (H / Hkv)])[j]``
+
+    Unit: a probability mass per token; the scores of each block of ``T`` tokens sum to 1 (each query's row sums to
+    1, averaged over the ``T`` queries), so a uniform attention gives ``1 / T``. Source: a port, not part of either paper's method. The official VTC-CLS (THU-MIG/VTC-CLS) and
+    VisionZip (dvlab-research/VisionZip @ 3151f6d, LLaVA CLIP towers only) code score patches by the CLS query's
+    row; towers without a CLS token (SigLIP, Qwen's ViT, InternViT after pixel shuffle) have no such row, and the
+    column mean over all queries (what every token receives) is the substitute vtprune offers (issue 13).
+
+    Computed from q/k directly (the model's attention kernel never returns weights), query rows in chunks so that
+    at most ``block_elements`` logits are held at once (bounded memory at thousands of tokens), in float32
+    (float64 for float64 input).
+
+    Args:
+        q: ``[N, H, Dh]`` queries of all tokens, as the layer uses them (after q norm and rotary embedding).
+        k: ``[N, Hkv, Dh]`` keys, ``H`` a multiple of ``Hkv`` (grouped keys serve ``H / Hkv`` query heads each).
+        cu_seqlens: ``[B + 1]`` integer, ascending, from 0 to ``N``: tokens ``cu_seqlens[b]:cu_seqlens[b+1]``
+            attend among themselves only (a crop, a frame, an attention window); empty blocks are allowed.
+        scaling: the factor applied to ``q . k`` before the softmax (``Dh ** -0.5`` in most towers), finite > 0.
+        block_elements: most logits computed at once (>= 1).
+
+    Returns:
+        ``[N]`` float32 (float64) on ``q.device``.
+
+    Raises:
+        TypeError / ValueError: on shapes, dtypes, boundaries or a scaling outside those above.
+    """
+    check_tensor("q", q, ndim=3, shape_hint="[N, H, Dh]")
+    check_tensor("k", k, ndim=3, shape_hint="[N, Hkv, Dh]")
+    n, h, d = q.shape
+    if k.shape[0] != n or k.shape[2] != d or k.shape[1] < 1 or h % k.shape[1]:
+        raise ValueError(f"k must be [N, Hkv, Dh] = [{n}, Hkv, {d}] with H={h} a multiple of Hkv, got shape "
+                         f"{tuple(k.shape)}")
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, shape_hint="[B + 1]")
+    if cu_seqlens.is_floating_point():
+        raise TypeError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != n or any(b > a for a, b in zip(bounds[1:], bounds)):
+        raise ValueError(f"cu_seqlens must ascend from 0 to N={n} (block boundaries), got {bounds}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < float(scaling) < float("inf"):
+        raise ValueError(f"scaling must be a finite number > 0, got {scaling!r}")
+    step_budget = as_int(block_elements, "block_elements must be an int")
+    if step_budget < 1:
+        raise ValueError(f"block_elements must be >= 1, got {step_budget}")
+    dt = compute_dtype(q, k)
+    group = h // k.shape[1]
+    out = torch.zeros(n, dtype=dt, device=q.device)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        t = end - start
+        if t == 0:
+            continue
+        kb = k[start:end].to(dt).transpose(0, 1).repeat_interleave(group, dim=0)  # [H, T, Dh]
+        qb = q[start:end].to(dt).transpose(0, 1)  # [H, T, Dh]
+        rows = max(1, step_budget // (h * t))
+        total = torch.zeros(t, dtype=dt, device=q.device)
+        for r in range(0, t, rows):
+            logits = (qb[:, r : r + rows] @ kb.transpose(-1, -2)) * float(scaling)  # [H, r, T]
+            total += logits.softmax(dim=-1).sum(dim=(0, 1))
+        out[start:end] = total / (h * t)
+    return out

@@ -11,9 +11,13 @@ def packed_patches(image: ImageInputs) -> tuple[torch.Tensor, int, int]:
     """``(ids, C, P)``: ``ids`` ``[n]`` int64, for each of the image's ``n`` visual tokens the flat index ``c * P + p``
     of the crop patch it carries (crop ``c`` of ``C``, patch ``p`` of ``P``, as in ``projector_inputs`` ``[C, P, .]``),
     or -1 for a token that carries no patch (a LLaVA-NeXT row separator: the packing gives it the image's lowest
-    score, i.e. it repeats the id of a patch packed before it). Needs the ``projector_inputs`` signal."""
+    score, i.e. it repeats the id of a patch packed before it). A single crop with one projector row per visual token
+(LLaVA-1.5; Qwen, whose projector rows are merge units) maps token ``j`` to row ``j``. Needs the
+``projector_inputs`` signal."""
     c, p = image.projector_inputs.shape[:2]
     device = image.projector_inputs.device
+    if c == 1 and p == image.n:  # one projector row per visual token (LLaVA-1.5; Qwen's merge units, concatenated)
+        return torch.arange(p, device=device), c, p
     flat = torch.arange(c * p, dtype=torch.float64, device=device).view(c, p)
     packed = image.pack_crop_scores(flat)
     n = packed.numel()

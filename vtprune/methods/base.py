@@ -11,6 +11,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from .. import functional as F
 from ..config import PruneConfig
 
 #: signal names a method may ask for
@@ -29,7 +30,12 @@ class ImageInputs:
     LLM stage (layer K): ``hidden`` ``[S, D]`` input of layer K for the image's sample (padding removed),
     ``keys`` ``[S, Hkv*Dh]`` post-RoPE keys of layer K-1, ``text_attention`` ``[H, S]`` attention of the last
     prompt token at layer K-1, ``image_start`` the image's first position in those ``S`` tokens.
-    ``vision_keys`` ``[C, L, 1+P, Dh]`` head-mean keys (``k_proj`` outputs) of the same vision layers.
+    ``vision_keys`` ``[C, L, 1+P, Dh]`` head-mean keys (``k_proj`` outputs) of the same vision layers; with
+    ``importance="received"`` instead ``received`` ``[C, L, P]``, the attention each patch receives at those layers
+    (mean over heads and queries; ``cls_attention`` is then None) and ``vision_keys`` ``[C, L, P, Dh]`` the head-mean
+    keys as the layer uses them (after its rotary embedding), patches only. :func:`crop_importance` reads either.
+    ``token_patches(C, P)`` ``[n, m]`` int64: the flat crop patches ``c * P + p`` each visual token carries (``m`` per
+    token, e.g. Qwen's 2x2 merge unit), -1 for a token that carries none (LLaVA-NeXT's row separators).
     ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),
     ``projector`` the per-token projector ``[N, D_in] -> [N, D]`` in float32 (a float32 copy for fp16/bf16 models).
     ``real_mask`` ``[n]`` bool, True where a token covers real image content rather than the padding of a
@@ -55,7 +61,9 @@ class ImageInputs:
     features: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
+    received: torch.Tensor | None = None
     pack_crop_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
+    token_patches: Callable[[int, int], torch.Tensor] | None = None
     hidden: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
@@ -71,6 +79,16 @@ class ImageInputs:
     image_columns: torch.Tensor | None = None
     text_columns: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+
+def crop_importance(image: ImageInputs) -> torch.Tensor:
+    """``[C, P]`` float32 importance of each crop patch, summed over the method's vision layers: the head-mean CLS
+    row with the CLS key dropped (``importance="cls"``, ``vtprune.functional.cls_scores``) or the attention the patch
+    receives (``importance="received"``, ``vtprune.functional.received_attention``). Map it to the image's visual
+    tokens with ``image.pack_crop_scores``."""
+    if image.received is not None:
+        return image.received.float().sum(dim=1)
+    return F.cls_scores(image.cls_attention, slice(None))
 
 
 @dataclass

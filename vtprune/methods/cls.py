@@ -11,7 +11,9 @@ an explicit ``start_layer`` is never clamped and raises ``ValueError`` if it lea
 no layer before its last one, so ``cls`` cannot run on it.
 LLaVA-NeXT: every crop's patches are scored by that crop's CLS token and mapped through the model's own AnyRes
 packing; the row-separator (newline) tokens get their image's lowest score.
-Only towers with a CLS token (CLIP) have this signal; others raise at ``patch`` time.
+``importance="received"`` (the default on towers without a CLS token, e.g. Qwen-VL) scores each patch by the
+attention it receives at the same layers instead (mean over heads and queries; a port, not the paper's method:
+docs/methods.md); ``importance="cls"`` on such a tower raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -23,20 +25,25 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
-from .base import ImageInputs, Method
+from ..signals import check_importance
+from .base import ImageInputs, Method, crop_importance
 
 
 @dataclass
 class CLSConfig(PruneConfig):
     """VTC-CLS options. ``start_layer``: first vision layer whose CLS row is summed (0-based; the layers used are
     ``start_layer .. L-2``); None: ``min(2 * L // 3, L - 2)``. Raises ``ValueError`` if it is neither None nor an int
-    >= 0; a start that leaves no layer in the model's tower raises at ``patch`` time."""
+    >= 0; a start that leaves no layer in the model's tower raises at ``patch`` time. ``importance``: ``"cls"``,
+    ``"received"`` or None (``"cls"`` where the vision tower has a CLS token, ``"received"`` elsewhere; resolved at
+    ``patch`` time); another value raises ``ValueError``."""
 
     start_layer: int | None = None
+    importance: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         check_int_option("start_layer", self.start_layer, 0, optional=True)
+        check_importance(self.importance)
 
 
 @register_method("cls", CLSConfig)
@@ -64,5 +71,5 @@ class VTCCLS(Method):
         return layers
 
     def select(self, image: ImageInputs) -> torch.Tensor:
-        crop_scores = F.cls_scores(image.cls_attention, slice(None))  # [C, P]
+        crop_scores = crop_importance(image)  # [C, P]
         return F.topk_indices(image.pack_crop_scores(crop_scores), image.k)

@@ -12,7 +12,8 @@ on the sample's visual tokens, every visual token of that sample leaves the sequ
 all decode steps (our reading of the paper's "task-relevance" stage: docs/methods.md). A budget that keeps every
 token (``ratio=1``) prunes nothing at either stage.
 
-Needs the vision tower's CLS token (CLIP): LLaVA-1.5 and LLaVA-NeXT; Qwen-VL towers have none.
+The pivot reads the vision tower's CLS row (``importance="cls"``, default where the tower has a CLS token) or the
+attention each patch receives (``importance="received"``, default elsewhere, e.g. Qwen-VL; docs/methods.md).
 """
 
 from __future__ import annotations
@@ -24,21 +25,27 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
-from .base import ImageInputs, Method, check_layer
+from ..signals import check_importance
+from .base import ImageInputs, Method, check_layer, crop_importance
 
 _DIVERSITY = ("kcenter", "maxsum")
 
 
 @dataclass
 class ToDREConfig(PruneConfig):
+    """ToDRE options (module docstring). ``importance``: the pivot's score, ``"cls"``, ``"received"`` or None (``"cls"``
+    where the vision tower has a CLS token, ``"received"`` elsewhere)."""
+
     diversity: str = "kcenter"
     cls_layer: int | None = None
     late_drop: bool = True
     drop_layer: int | None = None
     drop_threshold: float = 0.10
+    importance: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        check_importance(self.importance)
         if self.diversity not in _DIVERSITY:
             raise ValueError(f"diversity must be one of {_DIVERSITY}, got {self.diversity!r}")
         check_int_option("cls_layer", self.cls_layer, 0, optional=True)
@@ -75,7 +82,7 @@ class ToDRE(Method):
 
     def pivot(self, image: ImageInputs) -> int:
         """Index of the visual token with the highest CLS attention (base image only for AnyRes)."""
-        crop_scores = F.cls_scores(image.cls_attention, slice(None))  # [C, P]
+        crop_scores = crop_importance(image)  # [C, P]
         crop_scores[1:] = float("-inf")  # AnyRes: crop 0 is the base image
         return int(F.topk_indices(image.pack_crop_scores(crop_scores), 1)[0])
 

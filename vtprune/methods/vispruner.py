@@ -12,7 +12,9 @@ Rules and deviations (docs/methods.md): an odd residual count (where the officia
 token like the others; ``important_ratio=1`` is plain top-k. AnyRes (LLaVA-NeXT): one selection over all the
 image's patches (every crop's patches scored by its own crop's [CLS] row, features of the same layer), within the
 image's budget; row-separator tokens carry no patch and are kept only if the budget exceeds the patches (the
-official code selects T tokens in every crop and keeps every separator). Needs a CLIP tower with a CLS token.
+official code selects T tokens in every crop and keeps every separator). ``importance``: the [CLS] row (default
+where the tower has a CLS token) or the attention each patch receives (default elsewhere, e.g. Qwen-VL, whose
+"patches" are then merge units: one projector row per token; docs/methods.md).
 """
 
 from __future__ import annotations
@@ -25,19 +27,23 @@ from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ._packing import packed_patches
-from .base import ImageInputs, Method
+from ..signals import check_importance
+from .base import ImageInputs, Method, crop_importance
 
 
 @dataclass
 class VisPrunerConfig(PruneConfig):
     """VisPruner options. ``important_ratio``: fraction of the budget chosen by [CLS] attention (official 0.5), a
-    number in [0, 1]; ``layer``: the vision layer read (None: ``L - 2``, the layer LLaVA's projector reads)."""
+    number in [0, 1]; ``layer``: the vision layer read (None: ``L - 2``, the layer LLaVA's projector reads);
+    ``importance``: ``"cls"``, ``"received"`` or None (``"cls"`` where the tower has a CLS token, else ``"received"``)."""
 
     important_ratio: float = 0.5
     layer: int | None = None
+    importance: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        check_importance(self.importance)
         r = self.important_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
             raise ValueError(f"important_ratio must be a number in [0, 1] (fraction of the budget chosen by [CLS] "
@@ -59,12 +65,12 @@ class VisPruner(Method):
         return [layer]
 
     def select(self, image: ImageInputs) -> torch.Tensor:
-        attn = F.cls_scores(image.cls_attention, slice(None)).reshape(-1)  # [C * P] head mean, CLS key dropped
-        feats = image.projector_inputs.reshape(attn.numel(), -1)
+        attn = image.pack_crop_scores(crop_importance(image))  # [n] per visual token (separators: lowest)
+        feats = image.projector_inputs.reshape(-1, image.projector_inputs.shape[-1])
         ids, _, _ = packed_patches(image)
         tokens = (ids >= 0).nonzero().squeeze(1)  # the visual tokens that carry a patch, ascending
         k = min(image.k, tokens.numel())
-        chosen = F.vispruner_select(attn[ids[tokens]], feats[ids[tokens]], k, self.config.important_ratio)
+        chosen = F.vispruner_select(attn[tokens], feats[ids[tokens]], k, self.config.important_ratio)
         kept = tokens[chosen]
         if image.k > k:  # budget beyond the patches: add row separators, first ones first
             extra = (ids < 0).nonzero().squeeze(1)[: image.k - k]
