@@ -141,3 +141,47 @@ def test_visionzip_contextual_tokens_are_the_projector_of_merged_windows(model_f
             grid = mixed.view(2, 2, -1).repeat(4, 4, 1)  # an 8 x 8 tower output whose every window is this one
             expected = proj(grid.reshape(1, 64, -1))[0, 0]
             torch.testing.assert_close(sel.merged[row].float(), expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_llm_stage_compact_renumbers_each_layer_type_from_k(model_factory):
+    """positions="compact" at a decoder point: layers >= K run the kept tokens numbered 0, 1, ... with each layer
+    type's own rotary tables (local / global bases) and masks (the kept image tokens one block; the window over the
+    kept sequence), checked layer by layer on the unpatched decoder layers."""
+    model = model_factory("gemma3")
+    inputs = make_inputs(model, "gemma3", [(5, 1, 4)])
+    layer = 2
+    with vtprune.patched(model, "fastv", keep=4, layer=layer, positions="compact"), torch.no_grad():
+        logits = model(**inputs).logits[:, -1]
+        kept = vtprune.stats(model).kept_indices[0]
+    ids = inputs["input_ids"][0]
+    visual = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    keep[visual] = False
+    keep[visual[kept]] = True
+    lm, text = model.model.language_model, model.config.text_config
+    image = (inputs["token_type_ids"][0] == 1)[keep]
+    n = int(keep.sum())
+    full = torch.ones(n, n, dtype=torch.bool).tril() | (image[:, None] & image[None, :])  # one image: one block
+    near = (torch.arange(n)[:, None] - torch.arange(n)[None, :]) < text.sliding_window
+    masks = {"full_attention": full[None, None], "sliding_attention": (full & near)[None, None]}
+    with torch.no_grad():
+        h = model(**inputs, output_hidden_states=True).hidden_states[layer][:, keep]
+        pos = torch.arange(n)[None]
+        for i, decoder_layer in enumerate(lm.layers[layer:], start=layer):
+            kind = text.layer_types[i]
+            h = decoder_layer(h, attention_mask=masks[kind], position_embeddings=lm.rotary_emb(h, pos, kind),
+                              position_ids=None)
+            h = h[0] if isinstance(h, tuple) else h
+        ref = model.lm_head(lm.norm(h))[:, -1]
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_token_type_ids_of_another_shape_are_refused(model_factory):
+    model = model_factory("gemma3")
+    inputs = make_inputs(model, "gemma3", [(5, 1, 4)])
+    bad = dict(inputs, token_type_ids=inputs["token_type_ids"][:, 1:])
+    with vtprune.patched(model, "random", keep=5), torch.no_grad():
+        with pytest.raises(ValueError, match=r"token_type_ids has shape \(1, 26\); expected the shape of input_ids"):
+            model(**bad)
+        model(**inputs)  # still usable
+        assert vtprune.stats(model).visual_tokens_kept == [5]
