@@ -215,4 +215,3 @@ class VisionCapture:
                 self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
 
         return hook
-
