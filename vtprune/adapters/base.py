@@ -182,7 +182,9 @@ class ModelAdapter:
         prompt. THE one mapping of patch scores to LLM tokens (CLS rows and received attention alike): pool the
         patches a token is made of as the model pools them (Qwen: the mean of each 2x2 merge unit), reorder /
         unpad as the model does (LLaVA-NeXT's AnyRes packing), give tokens that carry no patch (newline
-        separators) the image's lowest score. Preserve the dtype (float64 in, float64 out).
+        separators) the image's lowest score. Preserve the dtype (float64 in, float64 out). A family whose
+        projector reads merged tokens (:meth:`split_projector_inputs` gives one row per visual token, e.g. Qwen)
+        also accepts scores per projector row (``[1, n]``, returned as they are).
 
         Default: one crop, one token per patch, in order."""
         return scores.reshape(-1)

@@ -91,8 +91,16 @@ class QwenVLAdapter(ModelAdapter):
 
     def pack_crop_scores(self, scores, call, index):
         # the processor orders each image's patches merge unit by merge unit (2x2 spatially adjacent patches in a
-        # row), and the merger concatenates each unit into one LLM token: pool a token's patches by their mean
+        # row), and the merger concatenates each unit into one LLM token: pool a token's patches by their mean.
+        # Scores per projector row (split_projector_inputs: one row per token) are already per token.
         unit = self.inner.visual.spatial_merge_size**2
+        grid = torch.as_tensor(call.get("image_grid_thw", call.get("video_grid_thw"))).reshape(-1, 3)
+        patches = int(grid[index].prod())
+        if scores.numel() == patches // unit:
+            return scores.reshape(-1)
+        if scores.numel() != patches:
+            raise ValueError(f"scores of shape {tuple(scores.shape)} fit neither the {patches} patches nor the "
+                             f"{patches // unit} tokens of image {index} (grid {grid[index].tolist()})")
         return scores.reshape(-1, unit).mean(dim=1)
 
     def token_patches(self, call, index, crops, patches):
