@@ -58,7 +58,7 @@ def supports(method: str, family: str) -> bool:
     minutes to the suite)."""
     if refused(method, family):
         return False
-    if method in CLS_METHODS and family.startswith("qwen"):
+    if method in CLS_METHODS and family in RECEIVED_MATRIX:
         return method in RECEIVED_MATRIX[family]
     if method in CLS_METHODS and family == "llava_next_video":  # its images are llava_next's (CLS rows, AnyRes):
         return method == "cls"  # the others run on its videos in tests/test_llava_video.py
@@ -78,6 +78,7 @@ RECEIVED_MATRIX = {
     "qwen3_vl_moe": ("todre",),
     "qwen3_5": ("cls",),
     "qwen3_5_moe": ("vispruner",),
+    "gemma3": ("cls", "todre", "visionzip", "vispruner"),  # SigLIP without CLS, scores pooled as the projector pools
 }
 #: methods that do not handle AnyRes / multi-crop images yet
 SINGLE_CROP_METHODS = ()

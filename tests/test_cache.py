@@ -12,6 +12,7 @@ another name:
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 import torch
@@ -118,22 +119,42 @@ def _dropped(family, inputs, kept, total):
     return drop
 
 
+def _gemma3_masks(model, types, keep):
+    """Gemma 3's masks by layer type, bool ``[1, 1, T, T]``, for decoder layers after a point that dropped the columns
+    ``~keep`` ``[T]`` (``types`` ``[T]``: the conversation's token types), built by hand: every query sees the kept
+    keys before it and the kept tokens of its own image (one block: each image's kept tokens, as in a prompt of the
+    kept tokens alone); a sliding layer only those within ``sliding_window`` slots of the kept-token sequence."""
+    t = keep.numel()
+    rank = keep.long().cumsum(0) - 1  # slot of each column in the sequence of kept tokens
+    image = (types == 1) & keep
+    start = image & ~torch.cat([torch.zeros(1, dtype=torch.bool), image[:-1] | ((types == 1) & ~keep)[:-1]])
+    block = torch.where(image, torch.cumsum(start.long(), 0), -1)  # each image's run of kept tokens: one id
+    same = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
+    base = (torch.ones(t, t, dtype=torch.bool).tril() | same) & keep[None, :]
+    window = model.config.text_config.sliding_window
+    near = (rank[:, None] - rank[None, :]) < window
+    return {"full_attention": base[None, None], "sliding_attention": (base & near)[None, None]}
+
+
 def _reference(model, family, inputs, kept, ids, n, layer=0, compact=False):
     """Greedy continuation (``n`` tokens) of the conversation ``ids`` [1, T] by the UNPATCHED model, on the pruned
     prompt (``kept``), re-run from scratch (``inputs_embeds``, explicit position ids) for every token. ``layer`` 0:
-    the kept tokens only, at their original positions (``compact``: renumbered 0, 1, ...); ``layer`` K > 0: every
+    the kept tokens only, at their original positions (``compact``: renumbered 0, 1, ...; Gemma 3: with the kept
+    tokens' ``token_type_ids``, so each image's kept tokens are one bidirectional block); ``layer`` K > 0: every
     token at its position, with decoder layers >= K masked off the dropped ones. Returns (tokens [1, n], logits
     [n, 1, V])."""
     assert not vtprune.is_patched(model)
     logits_all = []
     state = {}
+    types_of = model.config.text_config.layer_types if family == "gemma3" else None
 
-    def hook(mod, args, kwargs):
-        kwargs["attention_mask"] = state["mask"]
+    def hook(mod, args, kwargs, index):
+        kwargs["attention_mask"] = state["mask"][types_of[index]] if types_of else state["mask"]
         return args, kwargs
 
     layers = model.model.language_model.layers
-    hooks = [lay.register_forward_pre_hook(hook, with_kwargs=True) for lay in layers[layer:]] if layer else []
+    hooks = [lay.register_forward_pre_hook(functools.partial(hook, index=i), with_kwargs=True)
+             for i, lay in enumerate(layers) if i >= layer] if layer else []
     try:
         with torch.no_grad():
             features = _prompt_features(model, family, inputs)
@@ -141,14 +162,22 @@ def _reference(model, family, inputs, kept, ids, n, layer=0, compact=False):
                 t = ids.shape[1]
                 keep = ~_dropped(family, inputs, kept, t)
                 embeds, pos = _embeds(model, inputs, ids, features), _positions(model, family, inputs, ids)
+                extra = {}
+                if "token_type_ids" in inputs:  # Gemma 3
+                    types = torch.cat([inputs["token_type_ids"][0], torch.zeros(t - inputs["input_ids"].shape[1],
+                                                                                dtype=torch.long)])
                 if layer:
                     state["mask"] = (torch.ones(t, t, dtype=torch.bool).tril() & keep[None, :])[None, None]
+                    if types_of:
+                        state["mask"] = _gemma3_masks(model, types, keep)
                     keep = torch.ones(t, dtype=torch.bool)
+                if "token_type_ids" in inputs:
+                    extra["token_type_ids"] = types[keep][None]
                 pos = pos[..., keep]
                 if compact:
                     pos = torch.arange(int(keep.sum()))[None]
                 out = model(inputs_embeds=embeds[:, keep], position_ids=pos,
-                            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long))
+                            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long), **extra)
                 logits = out.logits[:, -1].float()
                 logits_all.append(logits)
                 ids = torch.cat([ids, _argmax(logits)[:, None]], 1)

@@ -377,3 +377,47 @@ def test_qwen3_towers_match_flop_counter(family):
     merger = sum(2 * n * dm * dm + 2 * n * dm * v.out_hidden_size for n in (24, 8))
     no_taps = type(cfg)(**{**cfg.to_dict(), "vision_config": {**v.to_dict(), "deepstack_visual_indexes": []}})
     assert mine - flops.vision_flops(no_taps, image_grid_thw=grid) == taps * merger
+
+
+# ------------------------------------------------------------------ Gemma 3 (SigLIP, pooling projector, sliding layers)
+def test_gemma3_tower_and_projector_match_flop_counter():
+    """SigLIP without CLS on 8 x 8 patches, all 4 layers; the projector's average pooling is element-wise (not
+    counted), its one matmul maps the 16 pooled tokens."""
+    import tiny
+
+    torch.manual_seed(0)
+    cfg = tiny.build("gemma3").config
+    model = _eager(type(tiny.build("gemma3")), cfg)
+    pix = torch.randn(2, 3, 112, 112)
+    ref, ref_attn = _count(lambda: model.model.get_image_features(pixel_values=pix))
+    mine = flops.vision_flops(cfg, num_images=2)
+    assert mine == ref, (mine, ref)
+    v = cfg.vision_config
+    assert ref_attn == 2 * v.num_hidden_layers * 4 * 64 * 64 * v.hidden_size   # 64 patches, no CLS
+    no_proj = mine - 2 * 2 * 16 * v.hidden_size * cfg.text_config.hidden_size
+    assert no_proj == 2 * (2 * 64 * 3 * 14 * 14 * v.hidden_size + v.num_hidden_layers * (
+        4 * 2 * 64 * v.hidden_size ** 2 + 2 * 2 * 64 * 64 * v.hidden_size + 2 * 2 * 64 * v.hidden_size * v.intermediate_size))
+    with pytest.raises(ValueError, match="vision_use_head=True"):
+        flops.vision_flops(type(cfg)(**{**cfg.to_dict(), "vision_config": {**v.to_dict(), "vision_use_head": True}}))
+
+
+def test_gemma3_decoder_matches_flop_counter_and_caps_sliding_layers_by_the_window():
+    """Within the window (S <= W) the eager decoder computes what the formula counts; beyond it, the sliding layers'
+    attention products cover W keys per query (what a windowed kernel computes) while the global ones cover S."""
+    import tiny
+
+    torch.manual_seed(0)
+    cfg = tiny.build("gemma3").config
+    text = cfg.text_config
+    model = _eager(type(tiny.build("gemma3")), cfg)
+    w = text.sliding_window
+    ref, ref_attn = _count(lambda: model.model.language_model(inputs_embeds=torch.randn(1, w, text.hidden_size)))
+    assert flops.decoder_prefill_flops(text, w, lm_head_tokens=0) == ref, ref
+    h, dh = text.num_attention_heads, text.head_dim
+    s = 37
+    sliding = [i for i, t in enumerate(text.layer_types) if t == "sliding_attention"]
+    full = flops.decoder_layer_flops(text, s, layer=1)                          # a global layer
+    for i in sliding:
+        assert full - flops.decoder_layer_flops(text, s, layer=i) == 2 * 2 * s * (s - w) * h * dh
+        assert flops.decoder_layer_flops(text, 1, kv_len=s, layer=i) == flops.decoder_layer_flops(text, 1, kv_len=w,
+                                                                                                    layer=i)

@@ -273,7 +273,8 @@ def test_benchmark_configs_name_real_tasks_and_metrics():
     """The shipped configs parse, and every task and metric exists in lmms-eval's own task index (offline: the
     index is read from the installed package; the datasets and models would come from the hub)."""
     tm = None
-    for name in ("llava15_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35", "llava_onevision_7b", "internvl3_5_8b"):
+    for name in ("llava15_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35", "llava_onevision_7b", "internvl3_5_8b",
+                 "gemma3_4b"):
         cfg = hconfig.load_config(REPO / "configs" / "sweeps" / f"{name}.yaml")
         assert cfg.budgets == [64, 128, 192]
         assert {t.task for t in cfg.tasks} == {"gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img",
@@ -342,3 +343,21 @@ def test_internvl_benchmark_config_runs_on_its_architecture():
     arch = InternVLConfig(text_config={"model_type": "qwen3"})
     hsweep._check_methods(cfg.models[0], arch, cfg.methods, 64)
     assert {m.method for m in cfg.methods} == {m for m in vtprune.list_methods() if m != "pdrop"}
+
+
+def test_gemma3_benchmark_config_runs_on_its_architecture():
+    """Gemma-3-4B-it's architecture (transformers' default Gemma3Config with the 4B's decoder: 34 layers, a global layer
+    every 6th, window 1024) patches with every listed method: every registered one but the CLS-scored ones (which
+    run there with importance="received", left out as in the Qwen sweeps) and pdrop (whose first stage alone costs
+    more than 64 tokens per layer on average)."""
+    import vtprune
+    from transformers import Gemma3Config
+
+    g3 = hconfig.load_config(REPO / "configs/sweeps/gemma3_4b.yaml")
+    assert g3.models[0].pretrained == "google/gemma-3-4b-it"
+    cfg = Gemma3Config(text_config=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                        sliding_window=1024))
+    hsweep._check_methods(g3.models[0], cfg, g3.methods, 64)
+    assert {m.method for m in g3.methods} == \
+        {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}

@@ -7,7 +7,8 @@ row run alone, the model before patching.
 import pytest
 import torch
 from conftest import MULTI_POINT_METHODS, budget, refused, supports
-from tiny import FAMILIES, assert_keep_all_is_bit_identical, make_inputs, run_recording_layer_lengths, split_rows
+from tiny import (FAMILIES, assert_keep_all_is_bit_identical, make_inputs, route_greedy, run_recording_layer_lengths,
+                  split_rows)
 from tiny import greedy as _generate
 from tiny import last_logits as _last_logits
 
@@ -99,9 +100,14 @@ def test_vision_stage_equals_unpatched_model_fed_kept_tokens(method, family, mod
     keep = _kept_positions(model, inputs, st)
     embeds, pos = _full_embeds_and_positions(model, family, inputs)
     route = dict(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep], attention_mask=torch.ones(1, keep.numel(), dtype=torch.long))
+    if "token_type_ids" in inputs:  # Gemma 3: the bidirectional image block restricted to the kept image tokens
+        route["token_type_ids"] = inputs["token_type_ids"][:, keep]
     with torch.no_grad():
         ref_logits = model(**route).logits[:, -1].float()
-        ref_tokens = model.generate(**route, max_new_tokens=5, do_sample=False)[:, -5:]
+        if family == "gemma3":  # its generate does not take inputs_embeds
+            ref_tokens = route_greedy(model, route, 5)
+        else:
+            ref_tokens = model.generate(**route, max_new_tokens=5, do_sample=False)[:, -5:]
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, ref_tokens)
 
@@ -236,7 +242,7 @@ def test_text_only_model_is_rejected():
 
     lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, vocab_size=50))
-    with pytest.raises(ValueError, match=r"model_type='llama'.*supported model types: llava"):
+    with pytest.raises(ValueError, match=r"model_type='llama'.*supported model types: gemma3, llava"):
         vtprune.patch(lm, "random", keep=4)
     with pytest.raises(TypeError, match="expected a transformers model"):
         vtprune.patch("llava", "random", keep=4)

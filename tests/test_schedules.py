@@ -102,6 +102,8 @@ PAIRS_BY_FAMILY = {
     "qwen3_5_moe": [("random", "dart")],
     # tiles joined into one image; CLS rows pooled through the pixel shuffle
     "internvl": [("cls", "dart"), ("vispruner", "fastv"), ("fastv@1", "dart@2")],
+    # image blocks rebuilt at the vision entry and again at layer 1 / 2; local and global layers after each point
+    "gemma3": [("divprune", "fastv"), ("zoo", "pact"), ("fastv@1", "dart@2")],
 }
 assert set(PAIRS_BY_FAMILY) == set(FAMILIES)
 CASES = [

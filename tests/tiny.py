@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlamaConfig,
@@ -37,7 +40,7 @@ from transformers import (
 )
 
 FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl"]
+            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl", "gemma3"]
 #: Qwen3-VL / Qwen3.5 families (interleaved M-RoPE; DeepStack: qwen3_vl*; hybrid linear/full attention: qwen3_5*)
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: LLaVA families with AnyRes (multi-crop) images
@@ -144,6 +147,8 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
         model = _qwen3(family)
     elif family == "internvl":
         model = _internvl()
+    elif family == "gemma3":
+        model = _gemma3()
     else:
         raise ValueError(family)
     model.config._attn_implementation = attn
@@ -208,6 +213,29 @@ def _internvl_images(model, n_images, gen):
     return {"pixel_values": pix}, [t * INTERNVL_TILE_TOKENS for t in tiles]
 
 
+#: Gemma 3: sliding (local) and full (global) layers alternate, so every decoder point K >= 1 has both types after it
+#: and the default points (K=2) read a full layer; the sliding window (8) is shorter than an image's 16 tokens, so
+#: the AND(window, OR(causal, image block)) composition of the sliding layers' masks matters
+GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+GEMMA3_WINDOW = 8
+
+
+def _gemma3():
+    """Tiny Gemma 3: a SigLIP tower (8 x 8 patches, no CLS) whose features the projector average-pools 2 x 2 into
+    16 tokens per image; image tokens wrapped in boi / eoi and marked by ``token_type_ids`` (bidirectional among
+    themselves); a decoder with sliding-window and global layers (own rotary bases)."""
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                image_size=112, patch_size=14, vision_use_head=False)
+    text = Gemma3TextConfig(**dict(_TEXT, head_dim=16), layer_types=GEMMA3_LAYER_TYPES,
+                            sliding_window=GEMMA3_WINDOW, query_pre_attn_scalar=16)
+    cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16, image_token_index=IMAGE_ID,
+                       boi_token_index=VSTART_ID, eoi_token_index=VEND_ID)
+    model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # transformers initialises the projection to zeros (every image token would be alike)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.05)
+    return model
+
+
 def _llava_images(model, n_images, gen):
     pix = torch.randn(n_images, 3, 56, 56, generator=gen)
     n = (56 // 14) ** 2
@@ -246,8 +274,13 @@ def _qwen_images(model, n_images, gen):
     return {"pixel_values": pix, "image_grid_thw": grids}, [int(g.prod()) // 4 for g in grids]
 
 
+def _gemma3_images(model, n_images, gen):
+    pix = torch.randn(n_images, 3, 112, 112, generator=gen)
+    return {"pixel_values": pix}, [model.config.mm_tokens_per_image] * n_images
+
+
 _IMAGES = {"llava": _llava_images, **{f: _next_images for f in ANYRES}, "internvl": _internvl_images,
-           **{f: _qwen_images for f in FAMILIES if "qwen" in f}}
+           "gemma3": _gemma3_images, **{f: _qwen_images for f in FAMILIES if "qwen" in f}}
 
 
 def make_inputs(model, family: str, specs, seed: int = 0):
@@ -257,7 +290,7 @@ def make_inputs(model, family: str, specs, seed: int = 0):
     extra = {"per_row": [s[1] for s in specs]} if family == "llava_onevision" else {}
     image_kwargs, lengths = _IMAGES[family](model, total_images, gen, **extra) if total_images else ({}, [])
     qwen = family.startswith("qwen")
-    wrap = qwen or family == "internvl"  # <vision_start> / <img> ... <vision_end> / </img> around each image
+    wrap = qwen or family in ("internvl", "gemma3")  # <vision_start> / <img> / boi ... <vision_end> / </img> / eoi
     rows, types = [], []
     it = iter(lengths)
     for before, n_img, after in specs:
@@ -284,6 +317,8 @@ def make_inputs(model, family: str, specs, seed: int = 0):
     out = {"input_ids": input_ids, "attention_mask": mask, **image_kwargs}
     if qwen:
         out["mm_token_type_ids"] = tti
+    if family == "gemma3":  # the processor's name for them: image tokens (1) attend to each other bidirectionally
+        out["token_type_ids"] = tti
     return out
 
 
@@ -296,10 +331,11 @@ def split_rows(model, family, specs, seed=0):
         n_img = spec[1]
         real = batch["attention_mask"][i].bool()
         one = {"input_ids": batch["input_ids"][i, real][None], "attention_mask": batch["attention_mask"][i, real][None]}
-        if "mm_token_type_ids" in batch:
-            one["mm_token_type_ids"] = batch["mm_token_type_ids"][i, real][None]
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in batch:
+                one[key] = batch[key][i, real][None]
         if n_img:
-            if family == "llava":
+            if family in ("llava", "gemma3"):
                 one["pixel_values"] = batch["pixel_values"][img0 : img0 + n_img]
             elif family in ANYRES:
                 one["pixel_values"] = batch["pixel_values"][img0 : img0 + n_img]
@@ -383,3 +419,25 @@ def assert_keep_all_is_bit_identical(model, inputs, method, **options):
         st = vtprune.stats(model)
         assert st.visual_tokens_kept == st.visual_tokens_in
         assert st.prefill_flops == st.prefill_flops_full
+
+
+def route_greedy(model, route, n):
+    """The ``n`` greedy tokens the UNPATCHED ``model`` appends to ``route`` (``inputs_embeds`` ``[1, T, D]``, 1-D
+    ``position_ids``, ``attention_mask`` and, Gemma 3, ``token_type_ids``), re-run from scratch for every token (each
+    new token embedded, at the next position, of type 0), with tiny.py's suppressed tokens. For hosts whose
+    ``generate`` does not take ``inputs_embeds`` (Gemma 3); returns ``[1, n]``."""
+    embed = model.get_input_embeddings()
+    route = dict(route)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(**route).logits[:, -1].float()
+            logits[:, model.generation_config.suppress_tokens] = float("-inf")
+            tok = logits.argmax(-1, keepdim=True)
+            out.append(tok)
+            route["inputs_embeds"] = torch.cat([route["inputs_embeds"], embed(tok)], 1)
+            route["position_ids"] = torch.cat([route["position_ids"], route["position_ids"][:, -1:] + 1], 1)
+            route["attention_mask"] = torch.cat([route["attention_mask"], torch.ones_like(tok)], 1)
+            if "token_type_ids" in route:
+                route["token_type_ids"] = torch.cat([route["token_type_ids"], torch.zeros_like(tok)], 1)
+    return torch.cat(out, 1)

@@ -7,7 +7,8 @@ is a one-line change:
   ``cache=`` from 5.24 (the old name is a deprecated alias there until 5.40), and the output field that returns
   the cache (``past_key_values`` / ``cache``);
 * the mask function of each decoder layer type (``create_causal_mask``, ``create_sliding_window_causal_mask``,
-  ``create_recurrent_attention_mask``) and their arguments (``cache`` / ``past_key_values``);
+  ``create_recurrent_attention_mask``) and their arguments (``cache`` / ``past_key_values``), and how a host composes
+  bidirectional image blocks with them (``block_sequence_ids``, ``blockwise_overlay``: Gemma 3);
 * how a cache reports its length: ``Cache.get_seq_length(layer_idx)`` (what generate, position ids and
   ``rope_deltas`` consumers read) and ``Cache.get_query_offset(layer_idx)`` (what the mask functions read), and
   which caches are static (pre-allocated, ``is_compileable``).
@@ -73,12 +74,17 @@ def _cache_keyword(fn) -> str:
     raise TypeError(f"{fn.__qualname__} takes none of the cache keywords {CACHE_KEYWORDS}: unsupported transformers")
 
 
-def causal_masks(config, inputs_embeds: torch.Tensor, attention_mask, cache, layers: dict[str, int]) -> dict[str, Any]:
+def causal_masks(config, inputs_embeds: torch.Tensor, attention_mask, cache, layers: dict[str, int],
+                 block_ids: torch.Tensor | None = None) -> dict[str, Any]:
     """The decoder's masks for ``inputs_embeds`` ``[B, q, D]`` over ``cache`` and the 2-D ``attention_mask``
     ``[B, cached + q]`` (or None), keyed by layer type, as the host's decoder builds them. ``layers`` maps each layer
     type the masks are for (``full_attention``, ``sliding_attention``, ``linear_attention``: Gated DeltaNet /
     Mamba-style layers, which take the 2-D padding mask of the local sequence) to a layer index of that type whose
-    cache sizes the mask."""
+    cache sizes the mask.
+
+    ``block_ids`` ``[B, cached + q]`` (long, -1: none): tokens of one block attend to each other bidirectionally, the
+    rest causally (Gemma 3's image tokens), composed as Gemma 3's ``create_masks_for_vision_model`` does: full layers
+    OR(causal, block), sliding layers AND(window, OR(causal, block))."""
     common = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=None)
     masks = {}
     for kind, layer_idx in layers.items():
@@ -88,8 +94,27 @@ def causal_masks(config, inputs_embeds: torch.Tensor, attention_mask, cache, lay
                                       f"(known: {sorted(_MASK_FUNCTIONS)})")
         fn = getattr(masking_utils, fn)
         extra = {} if kind == "linear_attention" else {"layer_idx": layer_idx}
+        if block_ids is not None and kind == "full_attention":
+            extra["block_sequence_ids"] = block_ids
+        elif block_ids is not None and kind == "sliding_attention":
+            fn = masking_utils.create_causal_mask
+            extra.update(or_mask_function=masking_utils.blockwise_overlay(_pad_blocks(common, cache, layer_idx, block_ids)),
+                         and_mask_function=masking_utils.sliding_window_overlay(config.sliding_window))
+        elif block_ids is not None:
+            raise NotImplementedError(f"bidirectional image blocks on decoder layers of type {kind!r} are not "
+                                      "supported (known: full_attention, sliding_attention)")
         masks[kind] = fn(**common, **{_cache_keyword(fn): cache}, **extra)
     return masks
+
+
+def _pad_blocks(common: dict, cache, layer_idx: int, block_ids: torch.Tensor) -> torch.Tensor:
+    """``block_ids`` padded (-1) to the key length layer ``layer_idx``'s mask spans, as the host pads them for its
+    sliding mask (a mask function given as an overlay is not padded by the mask builder)."""
+    args = (common["config"], common["inputs_embeds"], common["attention_mask"], cache, None, layer_idx)
+    early_exit, _, _, _, kv_length, _, kv_offset = masking_utils._preprocess_mask_arguments(*args)
+    if early_exit:
+        return block_ids
+    return masking_utils.maybe_pad_block_sequence_ids(block_ids, common["attention_mask"], kv_length, kv_offset)
 
 
 #: the host's mask function for each decoder layer type

@@ -18,8 +18,11 @@ Counting convention
   look-ups.  (transformers 5.x builds the RoPE tables element-wise, so ``FlopCounterMode`` does not
   see them either; older versions used an ``inv_freq @ positions`` matmul of ~``S * Dh`` FLOPs per
   forward, negligible.)
-* Dense compute only: padding in a batch is counted (every row is ``S`` long) and sliding-window
-  attention is counted as full. MoE layers count the experts each token is routed to (top-k).
+* Dense compute only: padding in a batch is counted (every row is ``S`` long). MoE layers count the experts each
+  token is routed to (top-k). Sliding-window layers (``layer_types`` entry ``"sliding_attention"``, window ``W =
+  text_config.sliding_window``: Gemma 3's local layers) count ``Q K^T`` and ``A V`` over ``min(K, W)`` keys per
+  query, what a windowed kernel computes; transformers' eager and SDPA paths compute the full ``S x K`` rectangle
+  and mask it (the same count while ``K <= W``).
 
 Symbols
 -------
@@ -115,7 +118,17 @@ for CLIP, ``r`` = ``downsample_ratio`` (0.5) and ``f = 1 / r**2`` patches per LL
 The pixel shuffle is a reshape (no FLOPs); q/k norms (InternViT-6B), the layer scales and the projector's LayerNorm
 are element-wise. All ``Lv`` layers run whatever ``vision_feature_layer`` is read.
 
+SigLIP + Gemma 3 projector (``gemma3``), per image (a pan-and-scan crop is an image), with ``N = (image_size //
+P)**2`` patches (no CLS), ``T = mm_tokens_per_image`` (the projector average-pools the patch grid to ``T`` tokens:
+element-wise, not counted; then its soft-embedding RMSNorm and one ``Dv x Dt`` matmul)::
+
+    patch conv  2 * N * C*P*P * Dv
+    per layer   4 * 2 * N * Dv * Dv + 2 * 2 * N * N * Dv + 2 * 2 * N * Dv * Iv
+    projector   2 * T * Dv * Dt
+
 Decoder layer kinds beyond LLaMA / Qwen2 (``text_config.layer_types``, one sequence of ``S`` tokens):
+
+* Gemma 3: LLaMA-style layers (q/k norms and the gated GELU MLP have the same matmuls); sliding layers as above.
 
 * Qwen3.5 full attention is gated: ``q_proj`` maps to ``2*H*Dh`` (query and output gate), ``+ 2 * S * D * H*Dh``.
 * Qwen3.5 Gated DeltaNet (``linear_attention``), with ``Hk``/``Hv`` key/value heads of ``dk``/``dv`` dims,
@@ -159,7 +172,7 @@ __all__ = [
 
 #: top-level ``config.model_type`` values :func:`vision_flops` / :func:`prefill_flops` understand.
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-                         "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl")
+                         "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl", "gemma3")
 _QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: chunk length of transformers' chunked gated delta rule (``torch_chunk_gated_delta_rule``)
 DELTA_RULE_CHUNK = 64
@@ -250,7 +263,7 @@ def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None, la
     ``seq_len`` queries attend to ``kv_len`` keys (default ``seq_len``: prefill; ``seq_len=1`` and
     ``kv_len=past+1`` is one decode step). Full-attention layers: q/k/v/o projections (GQA: k and v project to
     ``Hkv*Dh``; Qwen3.5's gated query doubles q_proj), ``Q K^T`` and ``A V`` as full ``seq_len x kv_len``
-    products. Linear-attention layers (Qwen3.5 Gated DeltaNet, ``text_config.layer_types``): projections, the
+    products; sliding-window layers (Gemma 3's local layers) over ``min(kv_len, sliding_window)`` keys. Linear-attention layers (Qwen3.5 Gated DeltaNet, ``text_config.layer_types``): projections, the
     depthwise conv and the chunked delta rule (``kv_len`` is not used: the state has a fixed size). MLP: gated
     (3 matmuls of ``D x I``), or the routed experts of an MoE layer. See the module docstring for the formulas.
     """
@@ -266,6 +279,8 @@ def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None, la
         d, h, hkv, dh = _attn_dims(text_config)
         q_out = h * dh * (2 if _gated_query(text_config) else 1)
         proj = 2 * s * d * q_out + 2 * s * (h * dh) * d + 2 * s * d * (hkv * dh) * 2   # q, o  +  k, v
+        if _layer_type(text_config, layer) == "sliding_attention":                      # keys capped by the window
+            k = min(k, int(_require(text_config, "sliding_window", "sliding-window text config")))
         mixer = proj + 2 * 2 * s * k * h * dh                                            # QK^T, AV
     return mixer + _mlp_flops(text_config, s, layer)
 
@@ -478,6 +493,22 @@ def _internvl_vision_flops(config, num_tiles: int) -> int:
     return num_tiles * per_tile
 
 
+def _gemma3_vision_flops(config, num_images: int) -> int:
+    vcfg = _require(config, "vision_config", "gemma3 config")
+    what = "gemma3 SigLIP vision config"
+    if getattr(vcfg, "vision_use_head", False):
+        raise ValueError("gemma3 vision config has vision_use_head=True (an attention-pooling head Gemma 3 does not "
+                         "use and its checkpoints do not have); vtprune.flops counts towers without it")
+    dv, iv = int(_require(vcfg, "hidden_size", what)), int(_require(vcfg, "intermediate_size", what))
+    lv, p = int(_require(vcfg, "num_hidden_layers", what)), int(_require(vcfg, "patch_size", what))
+    c = int(getattr(vcfg, "num_channels", 3) or 3)
+    n = (int(_require(vcfg, "image_size", what)) // p) ** 2
+    t = int(_require(config, "mm_tokens_per_image", "gemma3 config"))
+    dt = int(_require(_text_config(config), "hidden_size", "text config"))
+    per_image = 2 * n * c * p * p * dv + lv * _vit_layer_flops(n, dv, iv, 2, n * n) + 2 * t * dv * dt
+    return num_images * per_image
+
+
 def _grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
     if image_grid_thw is None:
         raise ValueError("image_grid_thw is required for Qwen2-VL / Qwen2.5-VL configs: an [n, 3] tensor or a "
@@ -588,6 +619,7 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: i
       batch) and ``num_frames`` video frames (``llava_next_video``, ``llava_onevision``; all videos of the batch).
       ``image_grid_thw`` must be None.
     * ``internvl``: ``num_images`` tiles (every tile of every image, thumbnails included: ``pixel_values.shape[0]``).
+    * ``gemma3`` (SigLIP, pooling projector): ``num_images`` images (pan-and-scan crops count as images).
     * ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl`` / ``qwen3_vl_moe`` / ``qwen3_5`` / ``qwen3_5_moe``: token counts
       from ``image_grid_thw`` (an ``[n, 3]`` tensor or a list of ``(t, h, w)`` patch grids, one per image/video in
       the batch); ``num_images`` is not used.
@@ -608,6 +640,11 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: i
             raise ValueError("image_grid_thw is only used for Qwen-VL configs, got it for model_type 'internvl'; pass "
                              "num_images (the number of tiles) instead")
         return _internvl_vision_flops(config, _as_count(num_images, "num_images"))
+    if model_type == "gemma3":
+        if image_grid_thw is not None:
+            raise ValueError("image_grid_thw is only used for Qwen-VL configs, got it for model_type 'gemma3'; pass "
+                             "num_images instead")
+        return _gemma3_vision_flops(config, _as_count(num_images, "num_images"))
     if model_type == "qwen2_vl":
         return _qwen_vision_flops(config, image_grid_thw, qwen25=False)
     if model_type == "qwen2_5_vl":

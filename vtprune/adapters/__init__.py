@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen3VLAdapter, Qwen35Adapter, QwenVLAdapter
@@ -12,7 +13,7 @@ from .qwen_vl import Qwen3VLAdapter, Qwen35Adapter, QwenVLAdapter
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
     t: cls
     for cls in (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, QwenVLAdapter,
-                Qwen3VLAdapter, Qwen35Adapter, InternVLAdapter)
+                Qwen3VLAdapter, Qwen35Adapter, InternVLAdapter, Gemma3Adapter)
     for t in cls.model_types
 }
 

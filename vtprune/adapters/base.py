@@ -92,6 +92,12 @@ class ModelAdapter:
     #: the feature method returns one feature tensor per tile, not per image; an image is the contiguous placeholder
     #: run of its consecutive tiles, which the engine joins into one unit (InternVL)
     tiled: ClassVar[bool] = False
+    #: keyword of the inner model's forward whose per-token types make each contiguous run of image tokens (type 1)
+    #: one bidirectional attention block of the decoder's masks (Gemma 3: ``token_type_ids``; None: none)
+    token_types_key: ClassVar[str | None] = None
+    #: the decoder's rotary tables differ per layer type (Gemma 3: local and global bases): :meth:`rotary` takes the
+    #: layer, and a prune point hands each layer type its own tables
+    rotary_per_layer_type: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -148,6 +154,21 @@ class ModelAdapter:
     def layer_type(self, index: int) -> str:
         types = getattr(self.text_config, "layer_types", None)
         return types[index] if types else "full_attention"
+
+    def sliding_window(self, index: int) -> int | None:
+        """The window of decoder layer ``index`` if it is a sliding-window layer (a query sees the keys of the last
+        ``window`` slots, itself included), else None."""
+        if self.layer_type(index) != "sliding_attention":
+            return None
+        return int(self.text_config.sliding_window)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, index: int):
+        """The rotary tables ``(cos, sin)`` decoder layer ``index`` uses at ``position_ids``."""
+        return self.language_model.rotary_emb(hidden, position_ids)
+
+    def block_ids(self, token_types: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` ids of the bidirectional image blocks (-1: no block) from the ``token_types_key`` values."""
+        raise NotImplementedError(f"{type(self).__name__} has no bidirectional image blocks")
 
     def has_attention(self, index: int) -> bool:
         """Decoder layer ``index`` has softmax self-attention (``self_attn`` with q/k projections), whose q/k give

@@ -68,13 +68,12 @@ class VisionCapture:
                 )
             self.vision_layers = method.vision_layers(len(adapter.vision_attention_modules()))
         self._image_info: dict[int, tuple[weakref.ref, ImageInfo]] = {}
-        #: feature methods that return one tensor for all videos (LLaVA-OneVision / -NeXT-Video ``[V, n, D]``): the
-        #: per-video views recorded for it, so that the same tensor handed back in ``mm_encoder_outputs`` (generate)
-        #: finds the records (iterating a tensor makes new view objects each time)
-        self._stacked_views: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
-        #: the last feature call's per-tile records when its ``pooler_output`` was one stacked tensor (InternVL):
-        #: ``generate`` hands such features back as new views (or, for beams, a re-stacked copy), found by content
-        self._stacked: list[tuple[torch.Tensor, ImageInfo]] = []
+        #: per placeholder token id, the last feature call whose ``pooler_output`` was one stacked tensor (InternVL's
+        #: tiles ``[tiles, n, D]``, Gemma 3's images, LLaVA-OneVision / -NeXT-Video videos ``[V, n, D]``): that tensor,
+        #: the per-image views recorded from it and their records. Iterating a tensor makes new view objects, and
+        #: ``generate`` hands such features back (the same tensor, new views of it, or for beams a repeated copy), so
+        #: they are found by identity, then by storage, then by value (held until that feature method runs again)
+        self._batched: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[ImageInfo]]] = {}
         self._cls_rows: list | None = None
         self._received: list | None = None
         self._vision_keys: list | None = None
@@ -107,29 +106,30 @@ class VisionCapture:
     def split_features(self, pooler_output) -> list[torch.Tensor]:
         """A feature method's ``pooler_output`` (a list of per-image tensors, or one stacked tensor) as the per-image
         tensors the capture recorded (the same objects, so :meth:`info` finds their records)."""
-        entry = self._stacked_views.get(id(pooler_output)) if isinstance(pooler_output, torch.Tensor) else None
-        if entry is not None and entry[0]() is pooler_output:
-            return entry[1]
+        if isinstance(pooler_output, torch.Tensor):
+            for batched, feats, _ in self._batched.values():
+                if batched is pooler_output:
+                    return feats
         return list(pooler_output)
 
     def info(self, feat: torch.Tensor) -> ImageInfo | None:
         entry = self._image_info.get(id(feat))
         if entry is not None and entry[0]() is feat:
             return entry[1]
-        for same_view in (True, False):  # a new view of a recorded tile first, then a copy of one (beam expansion)
-            for recorded, info in self._stacked:
-                if recorded.shape != feat.shape or recorded.dtype != feat.dtype or recorded.device != feat.device:
-                    continue
-                if same_view and recorded.data_ptr() == feat.data_ptr() and recorded.stride() == feat.stride():
-                    return info
-                if not same_view and torch.equal(recorded, feat):
-                    return info
+        for same_view in (True, False):  # a new view of a recorded image first, then a copy of one (beam expansion)
+            for _, feats, infos in self._batched.values():
+                for recorded, info in zip(feats, infos):
+                    if recorded.shape != feat.shape or recorded.dtype != feat.dtype or recorded.device != feat.device:
+                        continue
+                    if same_view and recorded.data_ptr() == feat.data_ptr() and recorded.stride() == feat.stride():
+                        return info
+                    if not same_view and torch.equal(recorded, feat):
+                        return info
         return None
 
     def clear(self) -> None:
         """Drop the records kept for stacked features (at unpatch)."""
-        self._stacked = []
-        self._stacked_views = {}
+        self._batched = {}
         self._image_info = {}
 
     def float32_projector(self) -> nn.Module:
@@ -163,19 +163,16 @@ class VisionCapture:
                 keys, self._vision_keys = self._vision_keys, None
                 projected, self._projector_in = self._projector_in, None
             feats = list(out.pooler_output)
+            infos = self._record(call, feats, rows, keys, projected, got)
             if isinstance(out.pooler_output, torch.Tensor):
-                self._stacked_views = {k: v for k, v in self._stacked_views.items() if v[0]() is not None}
-                self._stacked_views[id(out.pooler_output)] = (weakref.ref(out.pooler_output), feats)
-            self._record(call, feats, rows, keys, projected, got, stacked=isinstance(out.pooler_output, torch.Tensor))
+                self._batched[token_id] = (out.pooler_output, feats, infos)
             self.on_features(token_id, feats)
             return out
 
         return wrapped
 
-    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, received=None,
-                stacked: bool = False) -> None:
+    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, received=None) -> list[ImageInfo]:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
-        self._stacked = []
         grid = call.get("image_grid_thw", call.get("video_grid_thw"))
         grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
         counts = self.adapter.crop_counts(call, len(feats))
@@ -197,6 +194,7 @@ class VisionCapture:
             projector_inputs = self.adapter.split_projector_inputs(projected[0], call, counts)
         else:
             projector_inputs = [None] * len(feats)
+        infos = []
         for i, feat in enumerate(feats):
             info = ImageInfo(
                 crops=counts[i],
@@ -209,8 +207,8 @@ class VisionCapture:
                 token_patches=functools.partial(self.adapter.token_patches, call, i),
             )
             self._image_info[id(feat)] = (weakref.ref(feat), info)
-            if stacked:
-                self._stacked.append((feat, info))
+            infos.append(info)
+        return infos
 
     # -- vision tower / projector hooks ----------------------------------------------------------------------
     def _projector_hook(self, module, args):

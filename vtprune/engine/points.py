@@ -83,6 +83,15 @@ class Forward:
     prompt_embeds: torch.Tensor | None = None  # prefill: the LM's input embeddings (signal prompt_embeds)
     visual_ids: torch.Tensor | None = None  # the placeholder token ids of visual tokens
     deepstack: DeepStack | None = None  # prefill of a DeepStack model (Qwen3-VL): the levels' rows per slot
+    mask_in: torch.Tensor | None = None  # the 2-D mask the inner model got (a host that builds the LM's masks itself)
+    token_types: torch.Tensor | None = None  # prefill: [B, S] the prompt's token types (bidirectional image blocks)
+    positions: torch.Tensor | None = None  # prefill, rotary per layer type: [B, L] 1-D position ids of the slots
+
+    def current_types(self) -> torch.Tensor | None:
+        """``[B, L]`` token types of the current sequence's slots (padding: 0), or None."""
+        if self.token_types is None:
+            return None
+        return self.token_types.gather(1, self.cols) * self.real
 
     @property
     def last(self) -> torch.Tensor:
@@ -162,6 +171,8 @@ def compact(fwd: Forward, keep: torch.Tensor, start: int) -> Layout:
     layout.shift = fwd.real.sum(1) - keep.sum(1)
     fwd.cols = layout.take(fwd.cols, 1)
     fwd.real = layout.valid.clone()
+    if fwd.positions is not None:
+        fwd.positions = layout.take(fwd.positions, 1)
     if fwd.deepstack is not None:
         fwd.deepstack.compact(layout)
     if fwd.prompt is None:
@@ -206,9 +217,10 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
     return inputs
 
 
-def _attention_rows(fwd: Forward, row: int, q_all, k, scaling):
+def _attention_rows(fwd: Forward, row: int, q_all, k, scaling, window=None):
     """``fn(columns [R]) -> [H, R, S]``: layer K-1's attention of the tokens at original prompt ``columns`` (present
-    in the current sequence) of ``row`` over its current slots (causal, padding masked)."""
+    in the current sequence) of ``row`` over its current slots (causal, padding masked; ``window``: a sliding layer's,
+    in slots)."""
 
     def fn(columns: torch.Tensor) -> torch.Tensor:
         real, cols = fwd.real[row], fwd.cols[row]
@@ -219,6 +231,8 @@ def _attention_rows(fwd: Forward, row: int, q_all, k, scaling):
             raise ValueError("attention_rows: some query columns are not in the current sequence")
         key_slots = torch.arange(cols.numel(), device=cols.device)
         visible = real[None, :] & (key_slots[None, :] <= slots[:, None])
+        if window is not None:
+            visible = visible & (key_slots[None, :] > slots[:, None] - window)
         return rows_attention(q_all[row][:, slots], k[row], scaling, visible)
 
     return fn
@@ -273,71 +287,101 @@ def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary, hidde
     signals = point.method.signals
     last = fwd.last
     cols = torch.arange(fwd.real.shape[1], device=fwd.real.device)
-    visible = fwd.real & (cols[None, :] <= last[:, None])
+    causal = fwd.real & (cols[None, :] <= last[:, None])
+
+    def visible(layer):  # what the last token sees at ``layer``: causal, and a sliding layer's window
+        window = adapter.sliding_window(layer)
+        return causal if window is None else causal & (cols[None, :] > last[:, None] - window)
+
     if reads_previous_layer(point):
-        attn = adapter.decoder_layers[point.layer - 1].self_attn
+        signal_layer = point.layer - 1
+        attn = adapter.decoder_layers[signal_layer].self_attn
         rope = fwd.signals.pop("_rope")
         k_out = fwd.signals.pop("_k")
         if not adapter.mrope:
-            rope = rotary(k_out, positions_1d(fwd, compact))
+            rope = rotary(k_out, positions_1d(fwd, compact), signal_layer)
         k = rope_keys(attn, k_out, rope, rope_fn)
         if point.needs_text_attention:
             q = rope_query(attn, fwd.signals.pop("_q"), rope, last, rope_fn, gated=adapter.gated_query)
-            fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
+            fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible(signal_layer))
         if "keys" in signals:
             fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
         if "queries" in signals:
             fwd.signals["queries"] = (rope_queries(attn, fwd.signals.pop("_q_all"), rope, rope_fn, gated=adapter.gated_query),
-                                      k, attn.scaling)
+                                      k, attn.scaling, adapter.sliding_window(signal_layer))
     if "layer_attention" in signals:
         attn = adapter.decoder_layers[point.layer].self_attn
         # differentiable like the captured signals (the compression-aware attack reaches pdrop through it); under
         # inference (no_grad / inference_mode) it builds no graph
         x = adapter.input_norm(point.layer)(hidden)
-        rope = layer_rope if adapter.mrope else rotary(hidden, positions_1d(fwd, compact))
+        rope = layer_rope if adapter.mrope else rotary(hidden, positions_1d(fwd, compact), point.layer)
         k = rope_keys(attn, attn.k_proj(x), rope, rope_fn)
         q_rows = attn.q_proj(x[torch.arange(x.shape[0], device=x.device), last])
         q = rope_query(attn, q_rows, rope, last, rope_fn, gated=adapter.gated_query)
-        fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible)
+        fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible(point.layer))
 
 
-def shorten(fwd: Forward, layout: Layout, start: int, hidden, kwargs, cache, masks_fn, rotary, compact_positions):
+def shorten(fwd: Forward, layout: Layout, start: int, hidden, kwargs, cache, masks_fn, rotary, compact_positions,
+            layer_types=None):
     """The cut layer's inputs (hidden states, rotary tables, masks) for the compacted sequence; the layers after it
-    get the same overrides."""
+    get the same overrides. ``layer_types`` (rotary per layer type): ``{type: first layer >= start of that type}``,
+    each type's tables computed at the slots' positions (``fwd.positions``) and handed to its layers."""
     hidden = layout.take(hidden, 1)
     if compact_positions:
-        rope = rotary(hidden, layout.compact_positions())
+        fwd.positions = layout.compact_positions() if fwd.positions is not None else None
+    rope_by_type = None
+    if layer_types is not None:
+        rope_by_type = {kind: rotary(hidden, fwd.positions, layer) for kind, layer in layer_types.items()}
+        rope = next(r for kind, r in rope_by_type.items() if layer_types[kind] == start)
+    elif compact_positions:
+        rope = rotary(hidden, layout.compact_positions(), start)
     else:
         cos, sin = kwargs["position_embeddings"]
         rope = (layout.take(cos, 1), layout.take(sin, 1))
     override = {"position_embeddings": rope, "position_ids": None}
-    masks = masks_fn(hidden, fwd.real.long(), cache, start)
-    fwd.layer_kwargs.update(masks=masks, override=override)
+    masks = masks_fn(hidden, fwd.real.long(), cache, start, fwd.current_types())
+    fwd.layer_kwargs.update(masks=masks, override=override, rope=rope_by_type)
     fwd.override_from = start
     kwargs.update(override)
     return hidden, masks
 
 
-def decode_at(fwd: Forward, start: int, hidden, kwargs, cache, masks_fn, rotary):
+def decode_at(fwd: Forward, start: int, hidden, kwargs, cache, masks_fn, rotary, layer_types=None):
     """A continuation step at a stage's start layer: that layer and the ones after it get masks sized for their
-    shorter cache (and, positions="compact", rotary tables of the renumbered positions)."""
+    shorter cache (and, positions="compact", rotary tables of the renumbered positions: per layer type when
+    ``layer_types``, as in :func:`shorten`)."""
     masks = masks_fn(hidden, fwd.decode_masks[start], cache, start)
     override = {"position_ids": None}
+    rope_by_type = None
     if start in fwd.decode_positions and start > 0:
-        override["position_embeddings"] = rotary(hidden, fwd.decode_positions[start])
-    fwd.layer_kwargs.update(masks=masks, override=override)
+        pos = fwd.decode_positions[start]
+        if layer_types is not None:
+            rope_by_type = {kind: rotary(hidden, pos, layer) for kind, layer in layer_types.items()}
+            override["position_embeddings"] = next(r for kind, r in rope_by_type.items() if layer_types[kind] == start)
+        else:
+            override["position_embeddings"] = rotary(hidden, pos, start)
+    fwd.layer_kwargs.update(masks=masks, override=override, rope=rope_by_type)
     fwd.override_from = start
     kwargs.update(override)
     return masks
 
 
-def layer_masks(adapter, num_layers: int):
-    """``fn(hidden, mask2d, cache, start)``: the masks of layers >= ``start`` for their sequence, by layer type."""
+def first_layers(adapter, start: int, num_layers: int) -> dict[str, int]:
+    """Each layer type of layers >= ``start`` -> its first layer (whose cache sizes that type's mask)."""
+    first = {}
+    for i in range(start, num_layers):
+        first.setdefault(adapter.layer_type(i), i)
+    return first
 
-    def fn(hidden, mask2d, cache, start):
-        first = {}  # each layer type of layers >= start -> its first layer (whose cache sizes that type's mask)
-        for i in range(start, num_layers):
-            first.setdefault(adapter.layer_type(i), i)
-        return compat.causal_masks(adapter.language_model.config, hidden, mask2d, cache, first)
+
+def layer_masks(adapter, num_layers: int):
+    """``fn(hidden, mask2d, cache, start, token_types=None)``: the masks of layers >= ``start`` for their sequence, by
+    layer type; ``token_types`` ``[B, L]`` (families with bidirectional image blocks: the slots' types) make each run
+    of image tokens one block."""
+
+    def fn(hidden, mask2d, cache, start, token_types=None):
+        blocks = adapter.block_ids(token_types) if token_types is not None else None
+        return compat.causal_masks(adapter.language_model.config, hidden, mask2d, cache,
+                                   first_layers(adapter, start, num_layers), blocks)
 
     return fn

@@ -243,7 +243,7 @@ class Session:
             if has_visual:
                 raise ValueError("new images on a KV cache that vtprune pruned are not supported; start a new "
                                  "prompt (no cache)")
-            self.fwd = P.Forward(input_ids=input_ids, prefill=False, prompt=prompt)
+            self.fwd = P.Forward(input_ids=input_ids, prefill=False, prompt=prompt, mask_in=kwargs.get("attention_mask"))
             return
         if not has_visual:
             self.fwd = None
@@ -258,7 +258,13 @@ class Session:
             )
         if input_ids is None:
             raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
-        self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes)
+        self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes,
+                             mask_in=kwargs.get("attention_mask"))
+        if self.adapter.token_types_key is not None and (types := kwargs.get(self.adapter.token_types_key)) is not None:
+            if tuple(types.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{self.adapter.token_types_key} has shape {tuple(types.shape)}; expected the shape of "
+                                 f"input_ids {tuple(input_ids.shape)} (one type per prompt token)")
+            self.fwd.token_types = types.to(input_ids.device).long()
         self.image_sizes = None
         self.fwd.signals["instructions"], self.instructions = self.instructions, None
         for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
@@ -286,6 +292,8 @@ class Session:
             return None
         embeds = kwargs["inputs_embeds"]
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):  # the host built each layer type's mask before the LM (Gemma 3): from this 2-D one
+            mask = fwd.mask_in
         if mask is not None and mask.ndim != 2:
             raise ValueError(f"pruned models need a 2-D attention_mask, got shape {tuple(mask.shape)}")
         if not fwd.prefill:
@@ -303,6 +311,11 @@ class Session:
             fwd.prompt_embeds = embeds
         if self.adapter.deepstack_method is not None and kwargs.get("deepstack_visual_embeds") is not None:
             fwd.deepstack = DeepStack.from_host(kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"])
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = self.adapter.default_position_ids(b, s, 0, embeds.device)
+        if self.adapter.rotary_per_layer_type:  # decoder points compute each layer type's tables at these
+            fwd.positions = pos.expand(b, -1)
         first = self.points[0]
         if first.kind != P.VISION:
             return None
@@ -313,13 +326,15 @@ class Session:
             return None
         embeds = P.merge(fwd, embeds, first.method.name)
         layout = P.compact(fwd, keep, start=0)
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = self.adapter.default_position_ids(b, s, 0, embeds.device)
         kwargs["inputs_embeds"] = layout.take(embeds, 1)
         # always pass a mask (kept position ids have gaps, which transformers would read as packed sequences)
         kwargs["attention_mask"] = layout.compress_mask(fwd.mask2d.long(), s)
+        if fwd.token_types is not None:  # each image's kept tokens: one bidirectional block (the host's masks, rebuilt)
+            kwargs["attention_mask"] = self._masks(kwargs["inputs_embeds"], kwargs["attention_mask"],
+                                                   compat.get_cache(kwargs), 0, fwd.current_types())
         kwargs["position_ids"] = layout.compact_positions() if self.compact else layout.take(pos, -1)
+        if fwd.positions is not None and self.compact:
+            fwd.positions = kwargs["position_ids"]
         if fwd.deepstack is not None:  # the host's own copy, kept consistent with the sequence (injection: ours)
             kwargs["visual_pos_masks"] = fwd.deepstack.index >= 0
         fwd.scrub_position_ids = True
@@ -331,6 +346,8 @@ class Session:
         unpruned length, so the host numbers positions as for the unpruned prompt."""
         cache = compat.get_cache(kwargs)
         q = embeds.shape[1]
+        if isinstance(mask, dict):  # built by the host over the unpruned columns: rebuilt from its 2-D mask
+            mask = fwd.mask_in
         past = cache.get_seq_length()  # unpruned length (PrunedPrompt)
         fwd.decode_masks = fwd.prompt.masks(mask, past + q)
         if self.compact:  # kept tokens renumbered from each row's first real token, dropped ones not counted
@@ -432,6 +449,8 @@ class Session:
             if fwd.override_from is not None and index > fwd.override_from:  # after an earlier point
                 kwargs.update(fwd.layer_kwargs["override"])
                 kwargs["attention_mask"] = fwd.layer_kwargs["masks"][self.adapter.layer_type(index)]
+                if fwd.layer_kwargs.get("rope") is not None:  # rotary tables per layer type (Gemma 3)
+                    kwargs["position_embeddings"] = fwd.layer_kwargs["rope"][self.adapter.layer_type(index)]
             elif fwd.scrub_position_ids:  # after the vision entry: kept position ids have gaps
                 kwargs["position_ids"] = None
             else:
@@ -450,7 +469,8 @@ class Session:
             if point.layer not in fwd.decode_masks:
                 return None
             kwargs.pop("hidden_states", None)
-            masks = P.decode_at(fwd, point.layer, hidden, kwargs, cache, self._masks, self._rotary)
+            masks = P.decode_at(fwd, point.layer, hidden, kwargs, cache, self._masks, self._rotary,
+                                self._rope_types(point.layer))
             kwargs["attention_mask"] = masks[self.adapter.layer_type(point.layer)]
             return (hidden,), kwargs
         if fwd.cols is None:
@@ -476,13 +496,17 @@ class Session:
         hidden = P.merge(fwd, hidden, point.method.name, point.layer)
         layout = P.compact(fwd, keep, start=point.layer)
         hidden, masks = P.shorten(fwd, layout, point.layer, hidden, kwargs, cache, self._masks, self._rotary,
-                                  self.compact)
+                                  self.compact, self._rope_types(point.layer))
         kwargs["attention_mask"] = masks[self.adapter.layer_type(point.layer)]
         return (hidden,), kwargs
 
     def _ran(self, fwd: P.Forward, method: Method) -> bool:
         return any(r.point.method is method and r.pruned for r in fwd.records)
 
-    def _rotary(self, hidden, position_ids):
-        """The LM's rotary tables ``(cos, sin)`` for ``position_ids``."""
-        return self.adapter.language_model.rotary_emb(hidden, position_ids)
+    def _rotary(self, hidden, position_ids, layer: int):
+        """The rotary tables ``(cos, sin)`` decoder layer ``layer`` uses at ``position_ids``."""
+        return self.adapter.rotary(hidden, position_ids, layer)
+
+    def _rope_types(self, start: int) -> dict[str, int] | None:
+        """Rotary per layer type: each layer type of layers >= ``start`` -> its first layer; else None."""
+        return P.first_layers(self.adapter, start, self.num_layers) if self.adapter.rotary_per_layer_type else None
