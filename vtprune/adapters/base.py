@@ -38,6 +38,15 @@ class VisionQK:
     scaling: float
 
 
+def encoder_attention_modules(tower: nn.Module, why: str) -> list[nn.Module]:
+    """Self-attention modules of a CLIP / SigLIP-style vision tower (``[vision_model.]encoder.layers[i].self_attn``),
+    in order; ``ValueError`` ending with ``why`` when the tower has no such encoder."""
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    if encoder is None or not hasattr(encoder, "layers"):
+        raise ValueError(f"vision tower {type(tower).__name__} {why}")
+    return [layer.self_attn for layer in encoder.layers]
+
+
 def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments a forward pre-hook (``with_kwargs=True``) saw, bound to the names of ``module.forward``."""
     return inspect.signature(module.forward).bind(*args, **kwargs).arguments

@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from .base import ModelAdapter, qk_from_projections
+from .base import ModelAdapter, encoder_attention_modules, qk_from_projections
 
 
 class _PooledProjector(nn.Module):
@@ -41,11 +41,7 @@ class Gemma3Adapter(ModelAdapter):
 
     # -- vision tower and projector -------------------------------------------------------------------------
     def vision_attention_modules(self):
-        tower = self.inner.vision_tower
-        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-        if encoder is None or not hasattr(encoder, "layers"):
-            raise ValueError(f"vision tower {type(tower).__name__} has no SigLIP-style encoder.layers")
-        return [layer.self_attn for layer in encoder.layers]
+        return encoder_attention_modules(self.inner.vision_tower, "has no SigLIP-style encoder.layers")
 
     def vision_qk(self, module, args, kwargs):
         return qk_from_projections(module, args, kwargs)  # SigLIP: q_proj / k_proj on [images, P, D], no CLS

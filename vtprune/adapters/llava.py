@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ModelAdapter, qk_from_projections
+from .base import ModelAdapter, encoder_attention_modules, qk_from_projections
 
 
 class LlavaAdapter(ModelAdapter):
@@ -17,14 +17,8 @@ class LlavaAdapter(ModelAdapter):
     has_cls_token = True
 
     def vision_attention_modules(self):
-        tower = self.inner.vision_tower
-        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-        if encoder is None or not hasattr(encoder, "layers"):
-            raise ValueError(
-                f"vision tower {type(tower).__name__} has no CLIP-style encoder.layers; the CLS signal needs a "
-                "CLIP vision tower"
-            )
-        return [layer.self_attn for layer in encoder.layers]
+        return encoder_attention_modules(self.inner.vision_tower,
+                                         "has no CLIP-style encoder.layers; the CLS signal needs a CLIP vision tower")
 
     def vision_qk(self, module, args, kwargs):
         return qk_from_projections(module, args, kwargs)  # CLIP: q_proj / k_proj on [crops, 1 + P, D]
@@ -187,11 +181,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     feature_methods = ("get_image_features", "get_video_features")
 
     def vision_attention_modules(self):
-        tower = self.inner.vision_tower
-        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-        if encoder is None or not hasattr(encoder, "layers"):
-            raise ValueError(f"vision tower {type(tower).__name__} has no SigLIP-style encoder.layers")
-        return [layer.self_attn for layer in encoder.layers]
+        return encoder_attention_modules(self.inner.vision_tower, "has no SigLIP-style encoder.layers")
 
     def check_cls_strategy(self, importance: str = "received") -> None:
         # received attention is read per patch; every patch must be a visual token (SigLIP: strategy "full")
