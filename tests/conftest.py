@@ -32,9 +32,20 @@ def model_factory():
 
 
 def budget(method: str, keep: int) -> dict:
-    """``keep=`` for ``method``; methods whose ``keep`` is an average over decoder layers (``pdrop``), which a tiny
-    4-layer model cannot meet below ``n / 4``, get their official schedule instead (``ratios=(0.5, 0.25, 0.125)``)."""
-    return {"ratios": (0.5, 0.25, 0.125)} if method in AVERAGE_BUDGET_METHODS else {"keep": keep}
+    """``keep=`` for ``method`` (plus :func:`opts`); methods whose ``keep`` is an average over decoder layers
+    (``pdrop``), which a tiny 4-layer model cannot meet below ``n / 4``, get their official schedule instead
+    (``ratios=(0.5, 0.25, 0.125)``)."""
+    return opts(method, **({"ratios": (0.5, 0.25, 0.125)} if method in AVERAGE_BUDGET_METHODS else {"keep": keep}))
+
+
+#: options the method x family tests add to a method's defaults: cdpruner's default on CLIP towers is the paper's
+#: text="clip", which needs a CLIP text tower the tiny models lack (that path: tests/test_baselines.py)
+TEST_OPTIONS = {"cdpruner": {"text": "llm"}}
+
+
+def opts(method, **options) -> dict:
+    """``options`` plus :data:`TEST_OPTIONS` of ``method`` (a name; anything else: ``options`` unchanged)."""
+    return {**TEST_OPTIONS.get(method, {}), **options} if isinstance(method, str) else options
 
 
 #: methods that prune at several decoder layers (their own checks: tests/test_pyramid.py); checks that assume one

@@ -218,7 +218,7 @@ def test_cdpruner_llm_variant_matches_reading_on_unpatched_features(family, mode
     with torch.no_grad():
         feats = model.model.get_image_features(inputs["pixel_values"], **kw).pooler_output[0].double()
     text = _text_after_image(model, inputs).double()
-    st = _kept_after_patch(model, inputs, "cdpruner", keep=6)
+    st = _kept_after_patch(model, inputs, "cdpruner", keep=6, text="llm")
     assert st.kept_indices[0].tolist() == _cdpruner_official(feats, feats, text, 6)
 
 
@@ -256,8 +256,9 @@ def test_cdpruner_clip_variant_matches_reading(words, model_factory):
         txt = clip.text_projection(clip.text_model(input_ids=ids).pooler_output).double()
         feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0].double()
     assert txt.shape[0] == (1 if words == 5 else 2)
-    with vtprune.patched(model, "cdpruner", keep=6, text="clip", clip_model=clip, clip_tokenizer=tok), \
-            torch.no_grad():
+    text = {"text": "clip"} if words == 100 else {}  # words=5: text left at its default, "clip" on a CLIP tower
+    with vtprune.patched(model, "cdpruner", keep=6, clip_model=clip, clip_tokenizer=tok, **text), torch.no_grad():
+        assert model._vtprune_session.methods[0].text == "clip"
         vtprune.set_instructions(model, [question])
         model(**inputs)
         kept = vtprune.stats(model).kept_indices[0]
@@ -304,24 +305,57 @@ def test_cdpruner_clip_variant_accepts_open_clip(model_factory):
         vtprune.CDPrunerConfig(keep=4, text="clip", clip_model=clip)
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_next_video"])
+def test_cdpruner_default_on_a_clip_tower_is_the_papers_and_needs_clip_model(family, model_factory):
+    """text=None resolves to "clip" on CLIP towers: without clip_model, patch refuses and names both ways out; the
+    config is left as given; text="llm" is taken as asked."""
+    model = model_factory(family)
+    with pytest.raises(ValueError, match=r"defaults to the paper's text='clip'.*pass clip_model=.*or text='llm'"):
+        vtprune.patch(model, "cdpruner", keep=4)
+    assert not vtprune.is_patched(model)
+    cfg = vtprune.CDPrunerConfig(keep=4, text="llm")
+    with vtprune.patched(model, cfg):
+        assert model._vtprune_session.methods[0].text == "llm"
+    assert vtprune.CDPrunerConfig(keep=4, clip_model="some/clip").text == "clip"
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl", "internvl", "gemma3"])
+def test_cdpruner_default_elsewhere_is_the_llm_variant(family, model_factory):
+    """Towers that are not CLIP (SigLIP, Qwen's, InternViT) have no paper method: text=None resolves to "llm" (the
+    kept set equals an explicit text="llm" run), the config keeps None, and text="clip" is refused at patch."""
+    model = model_factory(family)
+    inputs = make_inputs(model, family, [(4, 1, 6)])
+    cfg = vtprune.CDPrunerConfig(keep=5)
+    with vtprune.patched(model, cfg), torch.no_grad():
+        assert model._vtprune_session.methods[0].text == "llm"
+        model(**inputs)
+        default = vtprune.stats(model).kept_indices[0]
+    assert cfg.text is None
+    assert _kept_after_patch(model, inputs, "cdpruner", keep=5, text="llm").kept_indices[0].tolist() == default.tolist()
+    with pytest.raises(ValueError, match=r"text='clip' .* not CLIP; use text='llm'"):
+        vtprune.patch(model, "cdpruner", keep=4, text="clip", clip_model=_tiny_clip(32), clip_tokenizer=_WordTokenizer())
+    assert not vtprune.is_patched(model)
+
+
 def test_cdpruner_clip_variant_bad_inputs(model_factory):
     with pytest.raises(ValueError, match="needs clip_model"):
         vtprune.patch(model_factory("llava"), "cdpruner", keep=4, text="clip")
-    with pytest.raises(ValueError, match="text must be one of"):
+    with pytest.raises(ValueError, match="text must be None or one of"):
         vtprune.CDPrunerConfig(keep=4, text="bert")
     with pytest.raises(ValueError, match="would be unused"):
-        vtprune.CDPrunerConfig(keep=4, clip_model="x")
+        vtprune.CDPrunerConfig(keep=4, text="llm", clip_model="x")
     with pytest.raises(TypeError, match="CLIPModel .* or an open_clip CLIP"):
         vtprune.CDPrunerConfig(keep=4, text="clip", clip_model=torch.nn.Linear(2, 2))
     cfg = vtprune.CDPrunerConfig(keep=4, text="clip", clip_model="some/clip")
     assert vtprune.PruneConfig.from_json(cfg.to_json()) == cfg
-    model = model_factory("qwen2_vl")  # no CLIP tower: the projector's input is not CLIP's width
-    inputs = make_inputs(model, "qwen2_vl", [(4, 1, 6)])
-    with vtprune.patched(model, "cdpruner", keep=4, text="clip", clip_model=_tiny_clip(32),
+    model = model_factory("llava")  # a CLIP tower, but clip_model's vision width is not the tower's
+    inputs = make_inputs(model, "llava", [(4, 1, 6)])
+    with vtprune.patched(model, "cdpruner", keep=4, clip_model=_tiny_clip(model.config.vision_config.hidden_size + 8),
                          clip_tokenizer=_WordTokenizer()):
         vtprune.set_instructions(model, ["what is this"])
         with pytest.raises(ValueError, match="width"):
             model(**inputs)
+    model = model_factory("qwen2_vl")
     with pytest.raises(TypeError, match="list of str"):
         with vtprune.patched(model, "cdpruner", keep=4):
             vtprune.set_instructions(model, "what")
@@ -393,5 +427,5 @@ def test_cdpruner_llm_variant_without_text_after_the_image_reads_the_text_before
     with torch.no_grad():
         feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0].double()
         text = model.model.get_input_embeddings()(ids[ids != model.config.image_token_id]).double()
-    st = _kept_after_patch(model, inputs, "cdpruner", keep=5)
+    st = _kept_after_patch(model, inputs, "cdpruner", keep=5, text="llm")
     assert st.kept_indices[0].tolist() == _cdpruner_official(feats, feats, text, 5)

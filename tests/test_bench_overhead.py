@@ -14,6 +14,7 @@ import torch
 
 import vtprune
 from vtprune.latency import build_random_llava
+from conftest import opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +120,7 @@ def test_timed_hook_signals_have_the_engines_shapes(method):
     as the signals the engine hands to the method's ``select``."""
     model, inputs = _tiny()
     seen = {}
-    with vtprune.patched(model, method, keep=16):
+    with vtprune.patched(model, method, **opts(method, keep=16)):
         impl = model._vtprune_session.method
         original = impl.select
 

@@ -16,7 +16,7 @@ import functools
 
 import pytest
 import torch
-from conftest import budget, supports
+from conftest import opts, budget, supports
 from tiny import (
     FAMILIES,
     QWEN3,
@@ -202,7 +202,7 @@ def test_second_turn_on_a_pruned_cache_equals_unpatched_model_fed_kept_tokens(me
     x = make_inputs(model, family, [(5, 1, 4)])
     s = x["input_ids"].shape[1]
     more = torch.tensor([[11, 12, 13]])
-    with vtprune.patched(model, method, keep=5):
+    with vtprune.patched(model, method, **opts(method, keep=5)):
         o1 = model.generate(**x, max_new_tokens=6, **GREEDY)
         st = vtprune.stats(model)
         kept, layer = st.kept_indices[0], st.layer or 0
@@ -266,7 +266,7 @@ def _manual_loop(model, x, n, cache=None):
 def test_hand_written_decode_loop_equals_generate(method, family, batch, model_factory):
     model = model_factory(family)
     x = make_inputs(model, family, LOOP_ROWS[batch])
-    with vtprune.patched(model, method, keep=5), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5)), torch.no_grad():
         ref = model.generate(**x, max_new_tokens=5, **GREEDY)
         ref_kept = vtprune.stats(model).kept_indices
         logits, cache, _ = _manual_loop(model, x, 5)
@@ -289,7 +289,7 @@ def test_qwen_decode_loop_on_an_explicit_dynamic_cache(method, family, batch, mo
                                         image_grid_thw=x["image_grid_thw"], attention_mask=x["attention_mask"])
     expected_first = pos.masked_fill(~x["attention_mask"].bool()[None], -1).amax(-1) + 1  # [3, B]
     seen = []
-    with vtprune.patched(model, method, keep=5), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5)), torch.no_grad():
         hook = model.model.language_model.register_forward_pre_hook(
             lambda mod, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
         try:
@@ -311,7 +311,7 @@ def test_static_cache_is_refused_and_the_model_stays_usable(method, family, mode
     model = model_factory(family)
     x = make_inputs(model, family, [(5, 1, 4)])
     kw = cache_keyword(model)
-    with vtprune.patched(model, method, keep=5), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5)), torch.no_grad():
         before = model.generate(**x, max_new_tokens=4, do_sample=False)
         with pytest.raises(ValueError, match="static"):
             model.generate(**x, max_new_tokens=4, do_sample=False, cache_implementation="static")
@@ -338,7 +338,7 @@ NOCACHE_CASES = [
 def test_llm_stage_generation_without_cache_equals_with_cache(family, method, options, batch, model_factory):
     model = model_factory(family)
     x = make_inputs(model, family, LOOP_ROWS[batch])
-    with vtprune.patched(model, method, keep=5, **options), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5, **options)), torch.no_grad():
         cached = model.generate(**x, max_new_tokens=6, use_cache=True, **GREEDY)
         kept, layer = vtprune.stats(model).kept_indices, vtprune.stats(model).layer
         uncached = model.generate(**x, max_new_tokens=6, use_cache=False, **GREEDY)
@@ -424,7 +424,7 @@ def _video_then_image():
 def test_kept_indices_follow_prompt_order_with_a_video_before_an_image(family, method, model_factory):
     model = model_factory(family)
     x, nv, ni = _video_then_image()
-    with vtprune.patched(model, method, keep=5), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5)), torch.no_grad():
         out = model.generate(**x, max_new_tokens=4, **GREEDY)
         st = vtprune.stats(model)
     kept = st.kept_indices[0]
@@ -448,7 +448,7 @@ def test_compact_decode_loop_and_second_turn_continue_from_pruned_length(method,
     x = make_inputs(model, "llava", [(5, 1, 4)])
     s = x["input_ids"].shape[1]
     more = torch.tensor([[11, 12, 13]])
-    with vtprune.patched(model, method, keep=5, positions="compact"), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5, positions="compact")), torch.no_grad():
         logits, _, _ = _manual_loop(model, x, 5)
         kept = vtprune.stats(model).kept_indices[0]
         o1 = model.generate(**x, max_new_tokens=6, **GREEDY)
@@ -503,7 +503,7 @@ def test_forward_without_cache_uses_no_deprecated_cache_name(method, model_facto
     with torch.no_grad():
         model(**x, use_cache=False)
         assert said == []  # the unpatched model does not read the alias
-        with vtprune.patched(model, method, keep=5):
+        with vtprune.patched(model, method, **opts(method, keep=5)):
             model(**x, use_cache=False)
     assert not [m for m in said if "deprecated" in m]
 
@@ -516,7 +516,7 @@ def test_a_deep_copy_of_a_pruned_cache_continues_like_the_original(method, model
 
     model = model_factory("llava")
     x = make_inputs(model, "llava", [(5, 1, 4), (2, 1, 9)])
-    with vtprune.patched(model, method, keep=6):
+    with vtprune.patched(model, method, **opts(method, keep=6)):
         o1 = model.generate(**x, max_new_tokens=3, **GREEDY)
         snap = copy.deepcopy(_cache_of(o1))
         ids2 = torch.cat([o1.sequences, torch.tensor([[11, 12], [13, 14]])], 1)
@@ -534,7 +534,7 @@ def test_a_deep_copy_of_a_pruned_cache_continues_like_the_original(method, model
 def test_a_pruned_cache_after_unpatch_or_another_patch_is_refused(method, model_factory):
     model = model_factory("llava")
     x = make_inputs(model, "llava", [(5, 1, 4)])
-    with vtprune.patched(model, method, keep=6):
+    with vtprune.patched(model, method, **opts(method, keep=6)):
         cache = _cache_of(model.generate(**x, max_new_tokens=2, **GREEDY))
     ids = torch.tensor([[11]])
     step = dict(input_ids=ids, attention_mask=torch.ones(1, x["input_ids"].shape[1] + 2, dtype=torch.long))

@@ -15,6 +15,7 @@ from transformers import (
 import vtprune
 from vtprune import functional as F
 from vtprune.methods.cls import VTCCLS
+from conftest import opts
 
 
 def _llava(vision_layers: int):
@@ -114,7 +115,7 @@ def test_visionzip_ratio_budget_is_checked_per_image_at_forward_time(model_facto
 def test_stats_after_beam_search_has_one_entry_per_beam_row(method, model_factory):
     model = model_factory("llava")
     inputs = make_inputs(model, "llava", [(4, 1, 5)])  # batch 1
-    with vtprune.patched(model, method, keep=5), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5)), torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         greedy = vtprune.stats(model)
         model.generate(**inputs, max_new_tokens=2, do_sample=False, num_beams=2)

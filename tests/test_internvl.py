@@ -7,6 +7,7 @@ from tiny import INTERNVL_TILE_TOKENS, INTERNVL_TILES, greedy, make_inputs, spli
 
 import vtprune
 from vtprune.adapters import get_adapter
+from conftest import opts
 
 
 def _by_hand(side: int) -> torch.Tensor:
@@ -107,7 +108,7 @@ def test_beam_search_and_cache_rows_alone(method, model_factory):
     """generate encodes the tiles beforehand and, for beams, re-stacks them: the signals still reach the method."""
     model = model_factory("internvl")
     batch, singles = split_rows(model, "internvl", [(3, 1, 4), (9, 2, 2)])
-    with vtprune.patched(model, method, ratio=0.4):
+    with vtprune.patched(model, method, **opts(method, ratio=0.4)):
         beams = greedy(model, batch, num_beams=2)
         assert torch.equal(greedy(model, batch, use_cache=False), greedy(model, batch))
         for i, one in enumerate(singles):

@@ -15,6 +15,7 @@ import vtprune
 from vtprune import flops
 from vtprune import functional as F
 from vtprune.adapters import get_adapter
+from conftest import opts
 
 FAMS = ("llava_next_video", "llava_onevision")
 
@@ -145,7 +146,7 @@ VIDEO_CASES = [("llava_next_video", m) for m in ("random", "divprune", "zoo", "c
 def test_pruned_video_equals_unpatched_model_fed_kept_tokens(family, method, model_factory):
     model = model_factory(family)
     _, (inputs,), (n,) = _video_batch(model, [(3, 5)], frames=3)
-    with vtprune.patched(model, method, keep=5), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5)), torch.no_grad():
         logits = model(**inputs).logits[:, -1]
         tokens = _greedy(model, inputs)
         st = vtprune.stats(model)
@@ -177,7 +178,7 @@ def test_video_batch_equals_rows_alone_and_cache_equals_no_cache(family, method,
     model = model_factory(family)
     batch, singles, _ = _video_batch(model, [(2, 6), (7, 2)], frames=2)
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    with vtprune.patched(model, method, ratio=0.5), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, ratio=0.5)), torch.no_grad():
         logits = model(**batch, position_ids=pos).logits[:, -1]
         tokens = _greedy(model, batch)
         assert torch.equal(tokens, _greedy(model, batch, use_cache=False))
@@ -216,7 +217,7 @@ def test_onevision_downscaled_and_multi_image_prompts_equal_the_kept_token_promp
     # rows: a 56x112 image (not downscaled); a 112x112 image, downscaled (anyres_max_2); two images of one prompt
     # (base crop + newline each)
     inner = model.model
-    with _aspect(model, "anyres_max_2"), vtprune.patched(model, method, ratio=0.4), torch.no_grad():
+    with _aspect(model, "anyres_max_2"), vtprune.patched(model, method, **opts(method, ratio=0.4)), torch.no_grad():
         batch = make_inputs(model, "llava_onevision", [(3, 1, 2), (4, 1, 1), (2, 2, 3)], seed=3)
         st_logits = model(**batch, position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
         st = vtprune.stats(model)
@@ -244,13 +245,13 @@ def test_onevision_downscaled_and_multi_image_prompts_equal_the_kept_token_promp
                                           ("visionzip", "bilinearly downscaled.*visionzip")])
 def test_methods_that_need_one_patch_per_token_refuse_blended_tokens(method, match, model_factory):
     model = model_factory("llava_onevision")
-    with _aspect(model, "anyres_max_2"), vtprune.patched(model, method, keep=4), torch.no_grad():
+    with _aspect(model, "anyres_max_2"), vtprune.patched(model, method, **opts(method, keep=4)), torch.no_grad():
         downscaled = make_inputs(model, "llava_onevision", [(3, 1, 2), (4, 1, 1)], seed=3)  # row 1: 112x112 -> 5x5
         with pytest.raises(ValueError, match=match):
             model(**downscaled)
     _, (video,), _ = _video_batch(model, [(2, 3)])
     match = "bilinearly.*visionzip" if method == "visionzip" else "blend several patches.*video pooling"
-    with vtprune.patched(model, method, keep=4), torch.no_grad(), pytest.raises(ValueError, match=match):
+    with vtprune.patched(model, method, **opts(method, keep=4)), torch.no_grad(), pytest.raises(ValueError, match=match):
         model(**video)
 
 

@@ -6,7 +6,7 @@ row run alone, the model before patching.
 
 import pytest
 import torch
-from conftest import MULTI_POINT_METHODS, budget, refused, supports
+from conftest import opts, MULTI_POINT_METHODS, budget, refused, supports
 from tiny import (FAMILIES, assert_keep_all_is_bit_identical, make_inputs, route_greedy, run_recording_layer_lengths,
                   split_rows)
 from tiny import greedy as _generate
@@ -24,14 +24,14 @@ ROWS = [(5, 1, 4), (2, 1, 9)]  # (text before, images, text after) per batch row
 @pytest.mark.parametrize("method,family", SUPPORTED)
 def test_keep_all_is_bit_identical(method, family, model_factory):
     model = model_factory(family)
-    assert_keep_all_is_bit_identical(model, make_inputs(model, family, ROWS), method, ratio=1.0)
+    assert_keep_all_is_bit_identical(model, make_inputs(model, family, ROWS), method, **opts(method, ratio=1.0))
 
 
 @pytest.mark.parametrize("method,family", UNSUPPORTED)
 def test_unsupported_signal_raises(method, family, model_factory):
     model = model_factory(family)
     with pytest.raises(ValueError, match="CLS|multi-crop|linear_attention"):
-        vtprune.patch(model, method, keep=4)
+        vtprune.patch(model, method, **opts(method, keep=4))
     assert not vtprune.is_patched(model)
 
 
@@ -40,7 +40,7 @@ def test_layers_after_pruning_point_see_text_plus_k(method, family, model_factor
     model = model_factory(family)
     inputs = make_inputs(model, family, [(6, 1, 5)])
     seq = inputs["input_ids"].shape[1]
-    seen, st = run_recording_layer_lengths(model, inputs, method, keep=3)
+    seen, st = run_recording_layer_lengths(model, inputs, method, **opts(method, keep=3))
     n = st.visual_tokens_in[0]
     assert st.visual_tokens_kept == [3] and n > 3
     assert st.kept_indices[0].tolist() == sorted(st.kept_indices[0].tolist()) and len(st.kept_indices[0]) == 3
@@ -93,7 +93,7 @@ def _selects_only(method):
 def test_vision_stage_equals_unpatched_model_fed_kept_tokens(method, family, model_factory):
     model = model_factory(family)
     inputs = make_inputs(model, family, [(6, 1, 5)])
-    with vtprune.patched(model, method, keep=4):
+    with vtprune.patched(model, method, **opts(method, keep=4)):
         tokens = _generate(model, inputs, n=5)
         logits = _last_logits(model, inputs)
         st = vtprune.stats(model)
@@ -117,7 +117,7 @@ def test_left_padded_batch_equals_rows_alone(method, family, model_factory):
     model = model_factory(family)
     specs = [(3, 1, 4), (9, 2, 2), (2, 1, 12)] if family != "llava_next" else [(3, 1, 4), (2, 1, 9)]
     batch, singles = split_rows(model, family, specs)
-    with vtprune.patched(model, method, ratio=0.3):
+    with vtprune.patched(model, method, **opts(method, ratio=0.3)):
         logits = _last_logits(model, batch)
         tokens = _generate(model, batch)
         kept = vtprune.stats(model).visual_tokens_kept
@@ -133,7 +133,7 @@ def test_left_padded_batch_equals_rows_alone(method, family, model_factory):
 def test_generation_with_cache_equals_without(method, family, model_factory):
     model = model_factory(family)
     inputs = make_inputs(model, family, ROWS)
-    with vtprune.patched(model, method, keep=5):
+    with vtprune.patched(model, method, **opts(method, keep=5)):
         assert torch.equal(_generate(model, inputs, use_cache=True), _generate(model, inputs, use_cache=False))
 
 
@@ -233,7 +233,7 @@ def test_bad_arguments_raise_clear_errors(kwargs, exc, match, model_factory):
     model = model_factory("llava")
     method = kwargs.pop("method")
     with pytest.raises(exc, match=match):
-        vtprune.patch(model, method, **kwargs)
+        vtprune.patch(model, method, **opts(method, **kwargs))
     assert not vtprune.is_patched(model)
 
 

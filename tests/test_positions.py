@@ -5,6 +5,7 @@ import torch
 from tiny import make_inputs, split_rows
 
 import vtprune
+from conftest import opts
 
 
 def _keep_mask(model, inputs, kept):
@@ -20,7 +21,7 @@ def _keep_mask(model, inputs, kept):
 def test_vision_stage_compact_equals_a_prompt_without_the_dropped_tokens(method, model_factory):
     model = model_factory("llava")
     inputs = make_inputs(model, "llava", [(5, 1, 4)])
-    with vtprune.patched(model, method, keep=5, positions="compact"), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5, positions="compact")), torch.no_grad():
         logits = model(**inputs).logits[:, -1]
         kept = vtprune.stats(model).kept_indices[0]
         run = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -69,7 +70,7 @@ def test_llm_stage_compact_renumbers_layers_from_k(model_factory):
 def test_compact_batch_equals_rows_alone(method, model_factory):
     model = model_factory("llava_next")
     batch, singles = split_rows(model, "llava_next", [(3, 1, 4), (2, 1, 9)])
-    with vtprune.patched(model, method, ratio=0.3, positions="compact"), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, ratio=0.3, positions="compact")), torch.no_grad():
         tokens = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
         for i, one in enumerate(singles):
             assert torch.equal(model.generate(**one, max_new_tokens=4, do_sample=False)[0, -4:], tokens[i])

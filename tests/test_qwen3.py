@@ -16,6 +16,7 @@ from tiny import (IMAGE_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, cache_keyword, 
 
 import vtprune
 from vtprune import compat
+from conftest import opts
 
 DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe")
 
@@ -95,7 +96,7 @@ def _layer_route(model, inputs, kept, layer):
 def test_vision_entry_equals_text_model_fed_kept_tokens_and_deepstack(family, method, model_factory):
     model = model_factory(family)
     inputs = make_inputs(model, family, [(6, 2, 5)])
-    with vtprune.patched(model, method, keep=5):
+    with vtprune.patched(model, method, **opts(method, keep=5)):
         logits = last_logits(model, inputs)
         st = vtprune.stats(model)
     assert st.visual_tokens_kept == [10]  # two images, 5 each
@@ -113,7 +114,7 @@ def test_decoder_point_equals_layer_by_layer_reference(family, method, layer, mo
         pytest.skip("merging at a DeepStack layer is checked in test_merging_point_merges_deepstack_levels")
     model = model_factory(family)
     inputs = make_inputs(model, family, [(6, 1, 5)])
-    with vtprune.patched(model, method, keep=4, layer=layer):
+    with vtprune.patched(model, method, **opts(method, keep=4, layer=layer)):
         logits = last_logits(model, inputs)
         st = vtprune.stats(model)
     assert st.layer == layer and st.visual_tokens_kept == [4]
@@ -173,7 +174,7 @@ def test_batch_with_cache_and_beam_search_equals_rows_alone(family, method, mode
     model = model_factory(family)
     specs = [(3, 1, 4), (9, 2, 2)]
     batch, singles = split_rows(model, family, specs)
-    with vtprune.patched(model, method, ratio=0.4):
+    with vtprune.patched(model, method, **opts(method, ratio=0.4)):
         tokens = greedy(model, batch)
         beams = greedy(model, batch, num_beams=2)
         assert torch.equal(greedy(model, batch, use_cache=False), tokens)
@@ -205,7 +206,7 @@ def _video(frames=2, h=4, w=6, timestamps=(11, 12)):
 def test_video_budget_covers_all_frames_and_keeps_timestamps(family, method, model_factory):
     model = model_factory(family)
     inputs, n = _video(frames=2)
-    with vtprune.patched(model, method, keep=5):
+    with vtprune.patched(model, method, **opts(method, keep=5)):
         logits = last_logits(model, inputs)
         tokens = greedy(model, inputs)
         st = vtprune.stats(model)
@@ -221,7 +222,7 @@ def test_decoder_point_on_a_video_spanning_timestamped_frames(family, model_fact
     model = model_factory(family)
     inputs, n = _video(frames=2)
     for method in ("fastv", "dart"):
-        with vtprune.patched(model, method, keep=6, layer=2):
+        with vtprune.patched(model, method, **opts(method, keep=6, layer=2)):
             tokens = greedy(model, inputs)
             assert torch.equal(greedy(model, inputs, use_cache=False), tokens)
             st = vtprune.stats(model)
@@ -291,7 +292,7 @@ def test_second_turn_on_a_pruned_cache_equals_the_conversation_run_without_cache
     model = model_factory(family)
     x = make_inputs(model, family, [(5, 1, 4)])
     kw = dict(do_sample=False, return_dict_in_generate=True)
-    with vtprune.patched(model, method, keep=5):
+    with vtprune.patched(model, method, **opts(method, keep=5)):
         o1 = model.generate(**x, max_new_tokens=4, **kw)
         ids2 = torch.cat([o1.sequences, torch.tensor([[11, 12, 13]])], 1)
         cache = compat.output_cache(o1)
@@ -323,9 +324,9 @@ def test_multi_point_methods_at_full_attention_layers(family, method, options, m
     model = model_factory(family)
     if family == "qwen3_5":
         with pytest.raises(ValueError, match="linear_attention"):
-            vtprune.patch(model, method, keep=4) if method == "sparsevlm" else vtprune.patch(model, method, ratio=0.5)
+            vtprune.patch(model, method, **opts(method, keep=4)) if method == "sparsevlm" else vtprune.patch(model, method, **opts(method, ratio=0.5))
     batch, singles = split_rows(model, family, [(3, 1, 4), (9, 2, 2)])
-    with vtprune.patched(model, method, **options):
+    with vtprune.patched(model, method, **opts(method, **options)):
         tokens = greedy(model, batch)
         points = [k + (method == "sparsevlm") for k in options["layers"]]  # sparsevlm prunes after layer k
         assert [s.layer for s in vtprune.stats(model).stages] == points

@@ -14,6 +14,7 @@ import vtprune
 from vtprune import functional as F
 from vtprune.adapters import get_adapter
 from vtprune.adapters.base import ModelAdapter
+from conftest import opts
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _RECORD = "vtprune_test_recording_eager"
@@ -58,7 +59,7 @@ def _unwindow(values, model, grid):
 
 def _captured(model, inputs, method, **options):
     """What the capture recorded per image of one feature call, and the per-image kept indices of a forward."""
-    with vtprune.patched(model, method, **options), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, **options)), torch.no_grad():
         session = getattr(model, vtprune.api._ATTR)
         kw = {k: inputs[k] for k in ("image_sizes", "image_grid_thw") if k in inputs}
         out = model.model.get_image_features(inputs["pixel_values"], **kw)
@@ -174,7 +175,7 @@ def test_importance_option_is_checked(method, model_factory):
         vtprune.patch(model_factory("llava"), method, keep=4, importance=1)
     model = model_factory("qwen2_vl")
     with pytest.raises(ValueError, match="importance='cls' needs the vision tower's CLS attention.*no CLS token"):
-        vtprune.patch(model, method, keep=4, importance="cls")
+        vtprune.patch(model, method, **opts(method, keep=4, importance="cls"))
     assert not vtprune.is_patched(model)
 
 

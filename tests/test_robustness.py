@@ -13,6 +13,9 @@ from vtprune import shapes
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llava-shapes"
+#: the method_options of configs/robustness.yaml: pdrop's budget is what its last drop leaves; cdpruner runs text="llm"
+#: (the bundled model has no CLIP text tower for its default, the paper's text="clip")
+OPTIONS = {"pdrop": {"budget_kind": "last"}, "cdpruner": {"text": "llm"}}
 TASK = REPO / "eval" / "tasks" / "vtprune_shapes"
 
 
@@ -69,8 +72,8 @@ def test_benign_perturbations():
 def test_method_options_reach_the_method_and_bad_ones_are_refused(runner):
     from vtprune import api
 
-    assert R.load_config().method_options == {"pdrop": {"budget_kind": "last"}}  # the committed run's
-    runner.method_options = {"pdrop": {"budget_kind": "last"}}
+    assert R.load_config().method_options == OPTIONS  # the committed run's
+    runner.method_options = OPTIONS
     try:
         with runner.patch("pdrop", 13):
             assert getattr(runner.pruned, api._ATTR).methods[0].config.budget_kind == "last"
@@ -107,7 +110,7 @@ def test_exact_surrogates_rank_like_the_method(runner, items, method):
         seen.append(torch.equal(top.cpu(), kept.cpu()))
         return kept
 
-    runner.method_options = {"pdrop": {"budget_kind": "last"}}
+    runner.method_options = OPTIONS
     try:
         with runner.patch(method, 13), runner.probe(fn), torch.no_grad():
             runner.forward(runner.pruned, x, text)
@@ -124,7 +127,7 @@ def test_every_surrogate_has_a_gradient_on_the_pixels(runner, items, method):
     one = items[:1]
     text = runner.text_inputs(one)
     x = torch.stack([it.image for it in one]).requires_grad_(True)
-    runner.method_options = {"pdrop": {"budget_kind": "last"}}
+    runner.method_options = OPTIONS
     try:
         with runner.patch(method, 13):
             objective = R.caa_objective(runner, x, text, one, surrogate, 13, penalty=0.0)
@@ -137,7 +140,7 @@ def test_every_surrogate_has_a_gradient_on_the_pixels(runner, items, method):
 
 def test_multi_point_methods_are_audited_at_their_first_point(runner, items):
     x, text = torch.stack([it.image for it in items]), runner.text_inputs(items)
-    runner.method_options = {"pdrop": {"budget_kind": "last"}}
+    runner.method_options = OPTIONS
     try:
         with runner.patch("pdrop", 13):
             _, kept, _ = runner.predict_pruned(x, text)

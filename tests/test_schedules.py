@@ -82,6 +82,8 @@ def _cfg(spec: tuple[str, int | None], **budget) -> vtprune.PruneConfig:
         data["layer"] = layer
     if name == "todre":
         data["late_drop"] = False  # one point (its late drop at 7L/8 has its own schedule test below)
+    if name == "cdpruner":
+        data["text"] = "llm"  # its default on CLIP towers (text="clip") needs a CLIP text tower the tiny models lack
     return vtprune.PruneConfig.from_dict(data)
 
 

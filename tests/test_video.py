@@ -6,6 +6,7 @@ import torch
 from tiny import VEND_ID, VIDEO_ID, VSTART_ID
 
 import vtprune
+from conftest import opts
 
 
 def _video_inputs():
@@ -28,7 +29,7 @@ def _video_inputs():
 def test_pruned_video_equals_unpatched_model_fed_kept_tokens(family, method, model_factory):
     model = model_factory(family)
     inputs, n = _video_inputs()
-    with vtprune.patched(model, method, keep=5), torch.no_grad():
+    with vtprune.patched(model, method, **opts(method, keep=5)), torch.no_grad():
         logits = model(**inputs).logits[:, -1]
         tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, -4:]
         st = vtprune.stats(model)

@@ -26,8 +26,10 @@ IMAGE_TOKEN_ID = 32000
 DEFAULT_BUDGETS = (64, 16, 4)
 #: options a method runs with in the benchmarks (``vtprune bench``, eval/bench/overhead.py): pdrop's keep= is an
 #: average over the LM's layers, which the few layers of the benchmark LMs cannot bring that low; with
-#: budget_kind="last" keep is what its last drop leaves (the selection work is the same)
-BENCH_OPTIONS = {"pdrop": {"budget_kind": "last"}}
+#: budget_kind="last" keep is what its last drop leaves (the selection work is the same); cdpruner's default on a
+#: CLIP tower is the paper's text="clip", which needs a CLIP text tower the random benchmark models lack: they run
+#: text="llm" (the same greedy DPP over the same tokens; only the relevance vector comes from elsewhere)
+BENCH_OPTIONS = {"pdrop": {"budget_kind": "last"}, "cdpruner": {"text": "llm"}}
 
 
 def build_random_llava(

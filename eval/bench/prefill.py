@@ -29,7 +29,7 @@ import time
 import torch
 
 import vtprune
-from vtprune.latency import build_random_llava, prefill
+from vtprune.latency import BENCH_OPTIONS, build_random_llava, prefill
 from vtprune.timing import interleaved_times_ms, num_threads, provenance
 
 GOAL_KEEP_ALL = 3.0  # % over unpatched allowed for keep-all
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
         def add_patched(name, method, keep=None):
             """``method``: a registered name (with ``keep``) or a schedule (a list of configs)."""
-            options = {} if keep is None else {"keep": keep}
+            options = {} if keep is None else {"keep": keep, **BENCH_OPTIONS.get(method, {})}
             try:
                 vtprune.patch(model, method, **options)
             except ValueError as err:

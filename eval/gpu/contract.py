@@ -110,6 +110,8 @@ def build(family: str, attn: str, wide: bool, device, dtype, seed: int):
 def check_method(model, method, same, batch, singles, ref, tol, new_tokens) -> dict:
     """Run both checks for one method; returns the report row (``status`` PASS / WARN / FAIL / skip)."""
     row = {"method": method, "status": "PASS", "notes": []}
+    # cdpruner's default on CLIP towers (text="clip") needs a CLIP text tower the VLM checkpoints lack
+    options = {"text": "llm"} if method == "cdpruner" else {}
     spec = vtprune.registry.get_method(method)
     row["stage"] = spec.method_cls.stage
 
@@ -123,7 +125,7 @@ def check_method(model, method, same, batch, singles, ref, tol, new_tokens) -> d
         row["status"] = "FAIL"
 
     try:
-        vtprune.patch(model, method, ratio=1.0)
+        vtprune.patch(model, method, ratio=1.0, **options)
     except ValueError as err:
         return dict(row, status="skip", notes=[f"not supported here: {common.short_error(err, 120)}"])
     except Exception as exc:  # noqa: BLE001
@@ -147,7 +149,7 @@ def check_method(model, method, same, batch, singles, ref, tol, new_tokens) -> d
             vtprune.unpatch(model)
 
         step = "batch (ratio=0.3)"
-        with vtprune.patched(model, method, ratio=0.3):
+        with vtprune.patched(model, method, ratio=0.3, **options):
             logits = last_logits(model, batch)
             st = vtprune.stats(model)
             kept, sel = list(st.visual_tokens_kept), [k.cpu() for k in st.kept_indices]

@@ -123,6 +123,13 @@ class ModelAdapter:
         return self.config.text_config
 
     @property
+    def clip_vision_tower(self) -> bool:
+        """Whether the vision tower is a CLIP vision transformer (``vision_config.model_type`` ``"clip_vision_model"``),
+        i.e. its states live in a CLIP checkpoint's joint image-text space (CDPruner's ``text="clip"``)."""
+        vision = getattr(self.config, "vision_config", None)
+        return getattr(vision, "model_type", None) in ("clip_vision_model", "clip")
+
+    @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
 

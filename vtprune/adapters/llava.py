@@ -55,9 +55,7 @@ class LlavaAdapter(ModelAdapter):
             )
         if importance != "cls":
             return
-        if getattr(self.config.vision_config, "model_type", "clip_vision_model") not in (
-            "clip_vision_model", "clip"
-        ):
+        if not self.clip_vision_tower:
             raise ValueError(
                 f"the 'cls' signal needs a CLIP vision tower with a CLS token; this model's vision tower is "
                 f"{self.config.vision_config.model_type!r}"

@@ -79,6 +79,8 @@ class Session:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, methods: Method | list[Method]):
         self.model, self.adapter = model, adapter
         self.methods = [methods] if isinstance(methods, Method) else list(methods)
+        for method in self.methods:
+            method.bind(adapter)
         self.method = self.methods[0]
         self.num_layers = len(adapter.decoder_layers)
         self.points = build_points(self.methods, self.num_layers)

@@ -119,6 +119,12 @@ class Method:
     def __init__(self, config: PruneConfig):
         self.config = config
 
+    def bind(self, adapter) -> None:
+        """Called once by ``vtprune.patch`` with the model's adapter (:class:`vtprune.adapters.ModelAdapter`), before
+        the method's points and signals are read: resolve options whose default depends on the model (e.g.
+        ``cdpruner``'s ``text``), or raise ``ValueError`` naming the option when the model cannot serve it. The
+        config itself is not changed (one config may patch several models). Default: nothing to resolve."""
+
     def layer(self, num_layers: int) -> int | None:
         """Decoder layer K before which an llm-stage method prunes (None for vision-stage methods)."""
         return None

@@ -15,10 +15,14 @@ Where the relevance comes from (``text=``):
   (e.g. ``open_clip.create_model("ViT-L-14-336", pretrained="openai")``); ``clip_tokenizer``: a tokenizer
   (``tokenizer(text)["input_ids"]``, or open_clip's ``SimpleTokenizer``) or a path (None: ``clip_model``'s path). LLaVA families (CLIP
   towers) only.
-* ``"llm"`` (default; NOT the paper's): the LLM's own input space, for families without a CLIP text tower. Image
-  side: the projected tokens themselves; text side: the LLM input embeddings of the sample's text tokens after the
-  image (all of its text tokens if none follows). Needs nothing beyond the model, which is why it is the default:
-  pass ``text="clip"`` for the paper's method.
+* ``"llm"`` (NOT the paper's): the LLM's own input space, for families without a CLIP text tower. Image side: the
+  projected tokens themselves; text side: the LLM input embeddings of the sample's text tokens after the image (all
+  of its text tokens if none follows). Needs nothing beyond the model.
+* ``None`` (default): resolved when the method meets the model (``vtprune.patch``): ``"clip"`` on a CLIP vision
+  tower (LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video), where it needs ``clip_model=`` (without it ``patch`` raises
+  ``ValueError`` naming ``clip_model=`` and ``text="llm"``: the VLM checkpoint has no CLIP text tower, and vtprune
+  does not swap the paper's method for a variant unasked); ``"llm"`` on every other tower, for which the paper has
+  no method. Giving ``clip_model=`` alone means ``"clip"``.
 
 AnyRes (LLaVA-NeXT): one DPP over all the image's tokens within its budget (the official code runs one per crop,
 ``T`` tokens each, with one min-max over the crops); with ``text="clip"`` the row-separator tokens, which have no
@@ -100,20 +104,24 @@ def clip_token_ids(tokenizer: Any, text: str) -> list[int]:
 
 @dataclass
 class CDPrunerConfig(PruneConfig):
-    """CDPruner options: ``text`` (``"llm"`` default, not the paper's; ``"clip"`` the paper's), ``clip_model`` /
-    ``clip_tokenizer`` (``text="clip"`` only: instances or paths), ``theta`` (None, the official default, or a
-    number in [0, 1): relevance exponent ``exp(theta / (2 (1 - theta)) r)``)."""
+    """CDPruner options: ``text`` (``"clip"`` the paper's; ``"llm"`` vtprune's variant for towers without a CLIP
+    text tower; None (default): ``"clip"`` on CLIP towers, ``"llm"`` elsewhere, see the module docstring),
+    ``clip_model`` / ``clip_tokenizer`` (``text="clip"`` only: instances or paths), ``theta`` (None, the official
+    default, or a number in [0, 1): relevance exponent ``exp(theta / (2 (1 - theta)) r)``)."""
 
-    text: str = "llm"
+    text: str | None = None
     clip_model: Any = None
     clip_tokenizer: Any = None
     theta: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        if self.text not in _TEXTS:
-            raise ValueError(f"text must be one of {_TEXTS} ('clip': the paper's CLIP relevance; 'llm': the LLM's "
-                             f"input embeddings, not the paper's), got {self.text!r}")
+        if self.text is not None and self.text not in _TEXTS:
+            raise ValueError(f"text must be None or one of {_TEXTS} ('clip': the paper's CLIP relevance; 'llm': the "
+                             f"LLM's input embeddings, not the paper's; None: 'clip' on CLIP towers, 'llm' "
+                             f"elsewhere), got {self.text!r}")
+        if self.text is None and self.clip_model is not None:
+            self.text = "clip"
         if self.text == "clip" and self.clip_model is None:
             raise ValueError("cdpruner text='clip' needs clip_model= (a transformers CLIPModel or its path, e.g. the "
                              "checkpoint of the VLM's CLIP tower, openai/clip-vit-large-patch14-336 for LLaVA-1.5)")
@@ -148,12 +156,37 @@ class CDPruner(Method):
 
     def __init__(self, config: CDPrunerConfig):
         super().__init__(config)
-        if config.text == "clip":
+        #: the relevance source in use: ``config.text``, or (None) as resolved by :meth:`bind`; until then the
+        #: signals are those of ``"llm"``, which needs nothing beyond the model
+        self.text = config.text or "llm"
+        self._set_signals()
+        self._clip = self._tokenizer = None
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def _set_signals(self) -> None:
+        if self.text == "clip":
             self.signals = frozenset({"features", "projector_inputs", "instruction"})
         else:
             self.signals = frozenset({"features", "prompt_embeds"})
-        self._clip = self._tokenizer = None
-        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def bind(self, adapter) -> None:
+        """Resolve ``text`` on this model: an explicit value is checked (``"clip"`` needs a CLIP vision tower); None
+        becomes ``"clip"`` on a CLIP tower, which then needs ``clip_model=``, and ``"llm"`` elsewhere."""
+        model_type = adapter.config.model_type
+        text = self.config.text
+        if text == "clip" and not adapter.clip_vision_tower:
+            raise ValueError(
+                f"cdpruner text='clip' scores patches in a CLIP checkpoint's joint space, but {model_type!r}'s vision "
+                f"tower is {getattr(adapter.config.vision_config, 'model_type', None)!r}, not CLIP; use text='llm' "
+                "(the LLM's input embeddings; not the paper's, which has no method for this tower)")
+        if text is None and adapter.clip_vision_tower:
+            raise ValueError(
+                f"cdpruner on {model_type!r} (a CLIP vision tower) defaults to the paper's text='clip', which needs "
+                "the CLIP text tower the VLM checkpoint lacks: pass clip_model= (a transformers CLIPModel or its path, "
+                "e.g. openai/clip-vit-large-patch14-336 for LLaVA-1.5; or an open_clip CLIP), or text='llm' for "
+                "vtprune's variant scored with the LLM's own input embeddings (not the paper's)")
+        self.text = text or "llm"
+        self._set_signals()
 
     def clip(self) -> "tuple[ClipSpace, Any]":
         """``(ClipSpace, tokenizer)``, loaded on first use when given as paths."""
@@ -189,7 +222,7 @@ class CDPruner(Method):
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         cfg = self.config
-        if cfg.text == "llm":
+        if self.text == "llm":
             text = image.extra["prompt_embeds"]
             if text.shape[0] == 0:
                 raise ValueError("cdpruner text='llm' needs text tokens in the prompt to score relevance; the "
