@@ -79,6 +79,25 @@ def _ref_sparsevlm(attn, hidden, k):
     return kept, merged, [best[c] for c in centres]
 
 
+def _ref_sparsevlm_plus(attn, gravity, heads, k):
+    """SparseVLM+ (v2.0 9e1f649e): ``attn_logits / rope_weights``, ``select_attn_head_by_sum`` (the ``heads`` heads of
+    largest rater x image sum; all of them when there are fewer), then v1.5's ``attn_postprocess_topk``; no
+    recycling."""
+    h, r, v = attn.shape
+    corr = [[[float(attn[a, b, j]) / float(gravity[b, j]) for j in range(v)] for b in range(r)] for a in range(h)]
+    mass = [sum(sum(row) for row in corr[a]) for a in range(h)]
+    top = sorted(range(h), key=lambda a: (-mass[a], a))[:heads]
+    score = [sum(corr[a][b][j] for a in top for b in range(r)) / (len(top) * r) for j in range(v)]
+    return _ref_top(score, k)
+
+
+def _ref_gravity(rows, cols, dh, theta=10000.0):
+    """The official all-ones q/k through 1-D RoPE: ``(2 / sqrt(Dh)) sum_f cos(theta_f (p_i - p_j))``."""
+    freqs = [theta ** (-2 * f / dh) for f in range(dh // 2)]
+    return torch.tensor([[2 * sum(math.cos(w * (p - q)) for w in freqs) / math.sqrt(dh) for q in cols] for p in rows],
+                        dtype=torch.float64)
+
+
 def _clusters(gen, groups, size, d=6, spread=0.05):
     centres = torch.randn(groups, d, generator=gen, dtype=torch.float64) * 3
     return (centres.repeat_interleave(size, 0) + spread * torch.randn(groups * size, d, generator=gen,
@@ -134,6 +153,29 @@ def test_sparsevlm_select_matches_reference(seed):
     assert F.sparsevlm_select(attn, hidden, 10, recycle=False)[1].shape == (0, 6)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_sparsevlm_plus_matches_reference(seed):
+    """Gravity correction and priority heads against the reading of the v2.0 code; the gravity term of 1-D RoPE
+    against its closed form, from the rotated all-ones vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    h, r, v, dh = 6, 3, 40, 8
+    attn = torch.rand(h, r, v, generator=gen, dtype=torch.float64).softmax(-1)
+    attn[seed] *= 3  # one head with a clearly larger mass
+    rows, cols = [50, 52, 55], list(range(5, 45))
+    gravity = _ref_gravity(rows, cols, dh)
+    for heads in (2, 6, 14):
+        corrected = F.sparsevlm_plus_attention(attn, gravity, heads)
+        assert corrected.shape[0] == min(heads, h)
+        kept, merged = F.sparsevlm_select(corrected, torch.zeros(v, 4, dtype=torch.float64), 10, recycle=False)
+        assert kept.tolist() == _ref_sparsevlm_plus(attn, gravity, heads, 10) and merged.shape[0] == 0
+    pos = torch.arange(60, dtype=torch.float64)
+    inv = 10000.0 ** (-torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    angles = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)
+    ones = torch.ones(60, dh, dtype=torch.float64)
+    rotated = _rotate(ones, angles.cos(), angles.sin())
+    torch.testing.assert_close(F.rope_gravity(rotated[rows], rotated[cols]), gravity)
+
+
 def test_sparsevlm_rank_count():
     p = torch.zeros(1, 4, 10, dtype=torch.float64)
     p[0, :2] = torch.rand(2, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -154,6 +196,9 @@ def test_sparsevlm_rank_count():
     (lambda: F.sparsevlm_select(torch.zeros(3, 5), torch.zeros(5, 2), 2), ValueError, r"\[H, R, V\]"),
     (lambda: F.sparsevlm_rank_count(torch.zeros(1, 2, 3), float("nan"), 0), ValueError, "scale must be a finite"),
     (lambda: F.dpc_knn_merge(torch.zeros(4, 2), 5), ValueError, r"k must be in \[1, 4\]"),
+    (lambda: F.sparsevlm_plus_attention(torch.ones(2, 3, 5), torch.ones(3, 4)), ValueError, r"gravity must be \[R, V\]"),
+    (lambda: F.sparsevlm_plus_attention(torch.ones(2, 3, 5), torch.ones(3, 5), 0), ValueError, r"heads must be in"),
+    (lambda: F.rope_gravity(torch.ones(3, 4), torch.ones(5, 6)), ValueError, "agree on Dh"),
 ])
 def test_pure_functions_reject_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -211,7 +256,11 @@ def test_sparsevlm_counts_follow_the_official_table():
     (dict(method="sparsevlm", keep=4, scale=2.0, bias=0.0), ValueError, "apply to version='v1'"),
     (dict(method="sparsevlm", keep=4, version="v1", scale=2.0), ValueError, "together"),
     (dict(method="sparsevlm", keep=4, layers=(0, 3)), ValueError, "out of range"),
-    (dict(method="sparsevlm", keep=4, recycle=1), TypeError, "recycle must be True or False"),
+    (dict(method="sparsevlm", keep=4, recycle=1), TypeError, "recycle must be None .*, True or False"),
+    (dict(method="sparsevlm", keep=4, heads=4), ValueError, "heads= .* applies to version='v2'"),
+    (dict(method="sparsevlm", keep=4, version="v2", heads=0), ValueError, "heads must be an int >= 1"),
+    (dict(method="sparsevlm", keep=4, version="v3"), ValueError, "'v2' SparseVLM\\+"),
+    (dict(method="sparsevlm", version="v2", scale=1.0, bias=0.0), ValueError, "v2 takes counts="),
     (dict(method="pdrop", ratio=0.5, positions="compact", family="qwen2_vl"), ValueError, "3-D M-RoPE"),
 ])
 def test_bad_options_raise_clear_errors(options, exc, match, model_factory):
@@ -235,6 +284,7 @@ CONFIGS = {
     "pdrop-budget": vtprune.PDropConfig(ratio=0.5),
     "sparsevlm": vtprune.SparseVLMConfig(counts=(8, 5, 3)),
     "sparsevlm-v1": vtprune.SparseVLMConfig(version="v1", scale=0.8, bias=1.0, layers=(0, 1, 2)),
+    "sparsevlm-v2": vtprune.SparseVLMConfig(version="v2", counts=(8, 5, 3), heads=2),  # SparseVLM+
 }
 #: the tiny Qwen3.5's layers 0 and 3 are linear attention, which these points read: refused there (the points
 #: that run on it are tested in tests/test_qwen3.py)
@@ -436,7 +486,7 @@ def _live_route(model, inputs, name):
     def post(i):
         def hook(mod, args, kwargs, out):
             nonlocal present
-            if name != "sparsevlm" or i not in (0, 1, 2):
+            if not name.startswith("sparsevlm") or i not in (0, 1, 2):
                 return None
             y = out[0] if isinstance(out, tuple) else out
             x, (cos, sin) = state["x"], state["rope"]
@@ -448,6 +498,14 @@ def _live_route(model, inputs, name):
             visible = (torch.arange(s)[None, :] <= raters[:, None]) & ~hidden[None, :]
             attn = logits.masked_fill(~visible, float("-inf")).softmax(-1)[:, :, present]
             n = present.numel()
+            if name == "sparsevlm-v2":  # SparseVLM+: gravity of the rotated all-ones vectors, 2 priority heads
+                ones = _rotate(torch.ones(s, q.shape[-1], dtype=torch.float64), cos.double(), sin.double())
+                gravity = ones[raters] @ ones[present].T / math.sqrt(q.shape[-1])
+                kept = _ref_sparsevlm_plus(attn.double(), gravity, 2, min((8, 5, 3)[i], n - 1))
+                hidden[present[[j for j in range(n) if j not in kept]]] = True
+                present = present[kept]
+                counts.append(present.numel())
+                return None
             kept, merged, centres = _ref_sparsevlm(attn.double(), y[0, present].double(), min((8, 5, 3)[i], n - 1))
             y = y.clone()
             y[0, present[centres]] = merged.to(y.dtype)
@@ -470,7 +528,7 @@ def _live_route(model, inputs, name):
     return logits, counts
 
 
-@pytest.mark.parametrize("name", ["pdrop", "sparsevlm"])
+@pytest.mark.parametrize("name", ["pdrop", "sparsevlm", "sparsevlm-v2"])
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])  # llava_next: 2 clusters
 def test_original_positions_equal_masked_route_on_the_unpatched_model(name, family, model_factory):
     model = copy.deepcopy(model_factory(family))

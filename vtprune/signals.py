@@ -97,6 +97,16 @@ def rope_queries(attn: nn.Module, q_out: torch.Tensor, position_embeddings, rope
     return rope_fn(q, q, cos, sin)[0]
 
 
+def rope_ones(k: torch.Tensor, position_embeddings, rope_fn) -> torch.Tensor:
+    """``[B, S, Dh]``: an all-ones vector rotated to each position by the layer's rotary embedding (``rope_fn`` on
+    ``position_embeddings``, the tables the layer's q/k used; ``k`` ``[B, Hkv, S, Dh]`` gives the shape and dtype).
+    The rotation is the same for every head. SparseVLM+'s gravity term (:func:`vtprune.functional.rope_gravity`)."""
+    b, _, s, dh = k.shape
+    cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
+    ones = torch.ones(b, 1, s, dh, dtype=_score_dtype(k), device=k.device)
+    return rope_fn(ones, ones, cos.to(ones.dtype), sin.to(ones.dtype))[0][:, 0]
+
+
 def rows_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, key_mask: torch.Tensor) -> torch.Tensor:
     """Attention probabilities ``[H, R, S]`` of ``R`` query rows of one sequence: ``q [H, R, Dh]``, ``k [Hkv, S, Dh]``
     (GQA: each kv head serves ``H / Hkv`` query heads), ``key_mask [R, S]`` bool (False: not visible)."""

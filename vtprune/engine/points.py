@@ -15,8 +15,9 @@ from typing import Any, Callable
 import torch
 
 from .. import compat
+from .. import functional as F
 from ..methods.base import ImageInputs, Method, Selection
-from ..signals import query_attention, rope_keys, rope_queries, rope_query, rows_attention
+from ..signals import query_attention, rope_keys, rope_ones, rope_queries, rope_query, rows_attention
 from .deepstack import DeepStack
 from .layout import Layout, PrunedPrompt
 from .units import Unit, check_selection, frame_sizes, refill_frames
@@ -207,6 +208,9 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
     if "queries" in signals:
         rows = _attention_rows(fwd, unit.row, *signals["queries"])
         inputs.attention_rows = rows if order is None else (lambda columns: view(rows(columns), 2))
+    if "rope_gravity" in signals:
+        gravity = _gravity_rows(fwd, unit.row, signals["rope_gravity"])
+        inputs.rope_gravity = gravity if order is None else (lambda columns: view(gravity(columns), 1))
     if "prompt_embeds" in point.method.signals:
         row = fwd.input_ids[unit.row]
         cols = torch.arange(row.numel(), device=row.device)
@@ -217,6 +221,29 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
     return inputs
 
 
+def _slots(fwd: Forward, row: int, columns: torch.Tensor, what: str) -> torch.Tensor:
+    """The current slots of the tokens at original prompt ``columns`` of ``row`` (all must be present)."""
+    real, cols = fwd.real[row], fwd.cols[row]
+    slot_of = torch.full((int(fwd.mask2d.shape[1]),), -1, dtype=torch.long, device=cols.device)
+    slot_of[cols[real]] = torch.arange(cols.numel(), device=cols.device)[real]
+    slots = slot_of[columns.to(cols.device)]
+    if bool((slots < 0).any()):
+        raise ValueError(f"{what}: some query columns are not in the current sequence")
+    return slots
+
+
+def _gravity_rows(fwd: Forward, row: int, rope_ones: torch.Tensor):
+    """``fn(columns [R]) -> [R, S]``: the RoPE-only logit (:func:`vtprune.functional.rope_gravity`) between the tokens
+    at original prompt ``columns`` of ``row`` and its current slots; ``rope_ones`` ``[B, S, Dh]`` all-ones vectors
+    rotated to each slot's position."""
+
+    def fn(columns: torch.Tensor) -> torch.Tensor:
+        slots = _slots(fwd, row, columns, "rope_gravity")
+        return F.rope_gravity(rope_ones[row][slots], rope_ones[row])
+
+    return fn
+
+
 def _attention_rows(fwd: Forward, row: int, q_all, k, scaling, window=None):
     """``fn(columns [R]) -> [H, R, S]``: layer K-1's attention of the tokens at original prompt ``columns`` (present
     in the current sequence) of ``row`` over its current slots (causal, padding masked; ``window``: a sliding layer's,
@@ -224,11 +251,7 @@ def _attention_rows(fwd: Forward, row: int, q_all, k, scaling, window=None):
 
     def fn(columns: torch.Tensor) -> torch.Tensor:
         real, cols = fwd.real[row], fwd.cols[row]
-        slot_of = torch.full((int(fwd.mask2d.shape[1]),), -1, dtype=torch.long, device=cols.device)
-        slot_of[cols[real]] = torch.arange(cols.numel(), device=cols.device)[real]
-        slots = slot_of[columns.to(cols.device)]
-        if bool((slots < 0).any()):
-            raise ValueError("attention_rows: some query columns are not in the current sequence")
+        slots = _slots(fwd, row, columns, "attention_rows")
         key_slots = torch.arange(cols.numel(), device=cols.device)
         visible = real[None, :] & (key_slots[None, :] <= slots[:, None])
         if window is not None:
@@ -309,6 +332,8 @@ def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary, hidde
         if "queries" in signals:
             fwd.signals["queries"] = (rope_queries(attn, fwd.signals.pop("_q_all"), rope, rope_fn, gated=adapter.gated_query),
                                       k, attn.scaling, adapter.sliding_window(signal_layer))
+        if "rope_gravity" in signals:
+            fwd.signals["rope_gravity"] = rope_ones(k, rope, rope_fn)
     if "layer_attention" in signals:
         attn = adapter.decoder_layers[point.layer].self_attn
         # differentiable like the captured signals (the compression-aware attack reaches pdrop through it); under

@@ -20,7 +20,8 @@ from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
 from .merge import visionzip_select
-from .pyramid import dpc_knn_merge, pdrop_select, sparsevlm_raters, sparsevlm_rank_count, sparsevlm_select
+from .pyramid import (dpc_knn_merge, pdrop_select, rope_gravity, sparsevlm_plus_attention, sparsevlm_raters,
+                      sparsevlm_rank_count, sparsevlm_select)
 from .scores import cls_scores, received_attention, topk_indices
 from .vit import (
     merge_tokens, pitome_margins, pitome_match, reduction_schedule, tome_match, tome_schedule, wpr_scores,
@@ -61,5 +62,7 @@ __all__ = [
     "sparsevlm_raters",
     "sparsevlm_select",
     "sparsevlm_rank_count",
+    "sparsevlm_plus_attention",
+    "rope_gravity",
     "dpc_knn_merge",
 ]

@@ -3,7 +3,9 @@ multi-stage pruners. Each stage's selection is a pure function here; the stages 
 
 Official code read: PyramidDrop commit 6444f304 (``llava/model/modeling_llama_pdrop.py``: ``pdrop_rank_drop``);
 SparseVLM v1.5 branch at 26a5f488 (``llava/model/language_model/modelling_sparse_llama.py``, ``score.py``,
-``utils.py: cluster_and_merge``) and the first release 91fb6d98 (``score.py: attn_postprocess_rank``).
+``utils.py: cluster_and_merge``), the first release 91fb6d98 (``score.py: attn_postprocess_rank``) and SparseVLM+ on
+the v2.0 branch at 9e1f649e (``modelling_sparse_llama.py`` with ``USE_VERSION=2_0``; ``score.py:
+select_attn_head_by_sum``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from ._common import check_int, check_k, check_tensor, compute_dtype, topk_lowtie
 
-__all__ = ["pdrop_select", "sparsevlm_raters", "sparsevlm_select", "sparsevlm_rank_count", "dpc_knn_merge"]
+__all__ = ["pdrop_select", "sparsevlm_raters", "sparsevlm_select", "sparsevlm_rank_count", "dpc_knn_merge",
+           "rope_gravity", "sparsevlm_plus_attention"]
 
 
 def pdrop_select(query: torch.Tensor, keys: torch.Tensor, image_start: int, image_len: int, keep: int,
@@ -99,6 +102,65 @@ def _rater_scores(attn: torch.Tensor) -> torch.Tensor:
     if min(attn.shape) < 1:
         raise ValueError(f"attn [H, R, V] must have at least one head, rater and image token, got {list(attn.shape)}")
     return attn.to(compute_dtype(attn)).mean(dim=0)  # [R, V]
+
+
+def rope_gravity(rope_rows: torch.Tensor, rope_cols: torch.Tensor) -> torch.Tensor:
+    """SparseVLM+'s RoPE-only "gravity" term: the attention logit two tokens would have if their query and key were
+    all ones, i.e. only the rotary embedding of their positions speaks. Official (v2.0 9e1f649e,
+    ``modelling_sparse_llama.py``, "Text-Visual Attention Gravity Correction"): ``apply_rotary_pos_emb`` on all-ones
+    q and k at the current position ids, then ``q k^T / sqrt(Dh)``. For 1-D RoPE this is
+    ``(2 / sqrt(Dh)) * sum_f cos(theta_f (p_i - p_j))``: it depends on the distance only, and decays (with
+    oscillations) as tokens move apart.
+
+    Args:
+        rope_rows: ``[R, Dh]`` the rotary embedding of an all-ones vector at each query row's position (the model's
+            own ``apply_rotary_pos_emb`` on ones: the same for every head).
+        rope_cols: ``[S, Dh]`` the same at each key's position.
+
+    Returns:
+        ``[R, S]`` float32 (float64 for float64 input).
+    """
+    check_tensor("rope_rows", rope_rows, ndim=2, shape_hint="[R, Dh]", finite=True)
+    check_tensor("rope_cols", rope_cols, ndim=2, shape_hint="[S, Dh]", finite=True)
+    if rope_rows.shape[1] != rope_cols.shape[1]:
+        raise ValueError(f"rope_rows [R, Dh] and rope_cols [S, Dh] must agree on Dh, got {list(rope_rows.shape)} and "
+                         f"{list(rope_cols.shape)}")
+    dt = compute_dtype(rope_rows, rope_cols)
+    return (rope_rows.to(dt) @ rope_cols.to(dt).T) / math.sqrt(rope_rows.shape[1])
+
+
+def sparsevlm_plus_attention(attn: torch.Tensor, gravity: torch.Tensor, heads: int = 14) -> torch.Tensor:
+    """SparseVLM+ (v2.0 9e1f649e): the rater->image attention after its two corrections, ready for
+    :func:`sparsevlm_select` (with ``recycle=False``: SparseVLM+ merges nothing).
+
+    1. Gravity correction (paper section 4.2): every head's attention probabilities divided elementwise by the
+       RoPE-only term (:func:`rope_gravity`) of the same query / key positions, as the official code divides the
+       whole ``[H, L, L]`` map (no clamping: a term near zero or negative is used as it is).
+    2. Priority heads (section 4.3, ``select_attn_head_by_sum``): the ``heads`` heads with the largest corrected
+       rater->image mass (sum over raters and image tokens) are kept, in descending mass (``torch.topk``; ties ->
+       lower head index here); the official count is 14 (of LLaVA-1.5-7B's 32 heads, Qwen2.5-VL-7B's 28). A model
+       with at most ``heads`` heads keeps all of them (the official ``topk(14)`` would fail there).
+
+    Args:
+        attn: ``[H, R, V]`` attention probabilities of the ``R`` rater rows over the ``V`` image tokens, per head.
+        gravity: ``[R, V]`` the RoPE-only term of the same rows and columns.
+        heads: heads to keep, ``>= 1``.
+
+    Returns:
+        ``[min(heads, H), R, V]`` corrected attention of the kept heads (float32; float64 for float64 input).
+    """
+    check_tensor("attn", attn, ndim=3, shape_hint="[H, R, V]", finite=True)
+    check_tensor("gravity", gravity, ndim=2, shape_hint="[R, V]", finite=True)
+    if tuple(gravity.shape) != tuple(attn.shape[1:]):
+        raise ValueError(f"gravity must be [R, V] = {list(attn.shape[1:])} to match attn [H, R, V], got "
+                         f"{list(gravity.shape)}")
+    heads = check_int("heads", heads, 1)
+    dt = compute_dtype(attn, gravity)
+    corrected = attn.to(dt) / gravity.to(dt)[None]
+    if heads >= corrected.shape[0]:
+        return corrected
+    mass = corrected.sum(dim=(1, 2))
+    return corrected[topk_lowtie(mass, heads)]
 
 
 def sparsevlm_rank_count(attn: torch.Tensor, scale: float, bias: float) -> int:

@@ -17,7 +17,8 @@ from ..config import PruneConfig
 #: signal names a method may ask for
 VISION_SIGNALS = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs", "prompt_embeds",
                             "instruction"})
-LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden", "layer_attention", "queries", "prompt_embeds"})
+LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden", "layer_attention", "queries", "prompt_embeds",
+                         "rope_gravity"})
 
 
 @dataclass
@@ -50,6 +51,9 @@ class ImageInputs:
     q/k projections and rotary tables) instead of layer K-1's. Signal ``queries``: ``attention_rows(columns)``
     gives ``[H, R, S]`` attention probabilities of layer K-1 for the query tokens at the original prompt
     ``columns [R]`` (present text tokens) over the ``S`` slots of the current sequence (causal, padding masked).
+    Signal ``rope_gravity`` (with ``queries``): ``rope_gravity(columns)`` gives ``[R, S]`` the RoPE-only logit of
+    layer K-1 between those rows and every slot (:func:`vtprune.functional.rope_gravity`: all-ones q and k rotated
+    to the positions the layer used; SparseVLM+).
     Signal ``prompt_embeds`` at a decoder point (SparseVLM; at the vision entry it fills ``extra`` as above):
     ``prompt_embeds`` ``[S0, D]`` the language model's input embeddings of the row
     (original prompt columns), ``image_columns`` ``[n_original]`` the image's columns in it and ``text_columns``
@@ -75,6 +79,7 @@ class ImageInputs:
     layer: int = 0
     n_original: int = 0
     attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rope_gravity: Callable[[torch.Tensor], torch.Tensor] | None = None
     prompt_embeds: torch.Tensor | None = None
     image_columns: torch.Tensor | None = None
     text_columns: torch.Tensor | None = None

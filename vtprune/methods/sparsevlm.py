@@ -14,8 +14,15 @@ layer ``l + 1``. Recycling: of the pruned tokens the ``int(0.3 P) + 1`` best-sco
 the row of the nearest budget fraction ``keep / n`` with its counts scaled by ``keep / keep_row`` (rounded, at
 least 1); ``counts=`` gives them directly. ``version="v1"`` (first release 91fb6d98): layers ``(2, 6, 15, 19)``, the count at each layer is
 ``min(int(rank(P) * scale + bias), V - 1)`` (``sparsevlm_rank_count``), (scale, bias) 192 -> (13.5, 0),
-128 -> (9, 6), 64 -> (0.8, 0) (nearest budget fraction otherwise), or ``scale=`` / ``bias=``. SparseVLM+ (v2.0) is
-not offered. A count at or above the image's current tokens keeps them all (the official ``min(count, V - 1)``
+128 -> (9, 6), 64 -> (0.8, 0) (nearest budget fraction otherwise), or ``scale=`` / ``bias=``.
+``version="v2"`` (SparseVLM+, branch v2.0 9e1f649e, ``USE_VERSION=2_0``): the same raters and layers; at each
+pruning layer every head's rater->image attention is divided by the RoPE-only "gravity" term of the same positions
+(``vtprune.functional.rope_gravity``), and only the ``heads`` (official 14) heads with the largest corrected mass
+score the image tokens (``vtprune.functional.sparsevlm_plus_attention``); no recycling (``recycle`` defaults to
+False); its own per-budget counts ``192 -> (300, 200, 118)``, ``128 -> (238, 108, 60)``, ``96 -> (246, 54, 28)``,
+``64 -> (66, 34, 20)`` (scaled like v1.5's); kept tokens keep their position ids, as the official v2.0 code does
+(vtprune's default ``positions="original"``: there is no deviation to document for v2).
+A count at or above the image's current tokens keeps them all (the official ``min(count, V - 1)``
 would still drop and recycle one).
 
 Positions: the official code renumbers the sequence after every pruning layer and places the merged tokens right
@@ -38,10 +45,15 @@ from ..registry import register_method
 from .base import ImageInputs, Method, Selection
 from .pdrop import _check_tuple, check_layer_list
 
-VERSIONS = ("v1.5", "v1")
-_LAYERS = {"v1.5": (2, 6, 15), "v1": (2, 6, 15, 19)}
+VERSIONS = ("v1.5", "v1", "v2")
+_LAYERS = {"v1.5": (2, 6, 15), "v1": (2, 6, 15, 19), "v2": (2, 6, 15)}
 #: v1.5 per-budget counts for a 576-token image (score.py, sparse_token_dict)
 V15_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+#: SparseVLM+ (v2.0 branch, score.py with V2_0) per-budget counts for a 576-token image
+V2_COUNTS = {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)}
+_COUNTS = {"v1.5": V15_COUNTS, "v1": V15_COUNTS, "v2": V2_COUNTS}
+#: SparseVLM+'s priority heads (score.py ``select_attn_head_by_sum``: ``topk(14)``)
+V2_HEADS = 14
 #: first-release (scale, bias) per budget
 V1_RANK = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
 _IMAGE = 576
@@ -59,24 +71,32 @@ class SparseVLMConfig(PruneConfig):
     counts: tuple | None = None
     scale: float | None = None
     bias: float | None = None
-    recycle: bool = True
+    recycle: bool | None = None
+    heads: int | None = None
 
     def __post_init__(self):
         if self.version not in VERSIONS:
-            raise ValueError(f"version must be one of {VERSIONS} (SparseVLM+ / v2.0 is not offered), got "
-                             f"{self.version!r}")
+            raise ValueError(f"version must be one of {VERSIONS} ('v1.5' the v1.5 branch, 'v1' the first release, "
+                             f"'v2' SparseVLM+), got {self.version!r}")
+        if self.heads is not None:
+            if self.version != "v2":
+                raise ValueError(f"heads= (SparseVLM+'s priority heads) applies to version='v2', got version="
+                                 f"{self.version!r}")
+            if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+                raise ValueError(f"heads must be an int >= 1, got {self.heads!r}")
         self.layers = _check_tuple("layers", self.layers, "ints >= 0 (0-based pruning layers)",
                                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
         self.counts = _check_tuple("counts", self.counts, "ints >= 1",
                                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
         _number("scale", self.scale)
         _number("bias", self.bias)
-        if not isinstance(self.recycle, bool):
-            raise TypeError(f"recycle must be True or False, got {self.recycle!r}")
+        if self.recycle is not None and not isinstance(self.recycle, bool):
+            raise TypeError(f"recycle must be None (the version's own: True for v1 / v1.5, False for v2), True or "
+                            f"False, got {self.recycle!r}")
         if self.version == "v1" and self.counts is not None:
             raise ValueError("counts= applies to version='v1.5'; version='v1' counts by rank (scale=, bias=)")
-        if self.version == "v1.5" and (self.scale is not None or self.bias is not None):
-            raise ValueError("scale= / bias= apply to version='v1' (rank-based counts); v1.5 takes counts=")
+        if self.version != "v1" and (self.scale is not None or self.bias is not None):
+            raise ValueError(f"scale= / bias= apply to version='v1' (rank-based counts); {self.version} takes counts=")
         if (self.scale is None) != (self.bias is None):
             raise ValueError(f"give scale= and bias= together, got scale={self.scale!r}, bias={self.bias!r}")
         explicit = self.counts is not None or self.scale is not None
@@ -105,7 +125,7 @@ class SparseVLMConfig(PruneConfig):
         scales its counts: ``keep / keep_row`` (the row's counts as fractions of 576 tokens, times ``n``, times the
         ratio of the budget fractions)."""
         keep = self.keep if self.keep is not None else self.ratio * n
-        row = min(V15_COUNTS, key=lambda b: (abs(keep / n - b / _IMAGE), -b))
+        row = min(_COUNTS[self.version], key=lambda b: (abs(keep / n - b / _IMAGE), -b))
         return row, keep / row
 
 
@@ -114,6 +134,11 @@ class SparseVLM(Method):
     stage = "llm"
     signals = frozenset({"queries", "hidden", "prompt_embeds"})
     merges = True
+
+    def __init__(self, config: SparseVLMConfig):
+        super().__init__(config)
+        if config.version == "v2":  # SparseVLM+ divides the attention by the RoPE-only term
+            self.signals = SparseVLM.signals | {"rope_gravity"}
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         layers = self.config.layers
@@ -133,14 +158,14 @@ class SparseVLM(Method):
         return self.layers(num_layers)[0]
 
     def counts(self, n: int) -> list[int]:
-        """v1.5 per-point counts for an image of ``n`` original visual tokens."""
+        """v1.5 / v2 per-point counts for an image of ``n`` original visual tokens."""
         cfg = self.config
         if cfg.counts is not None:
             return list(cfg.counts)
         row, factor = cfg.row(n)
-        table = V15_COUNTS[row]
+        table = _COUNTS[cfg.version][row]
         if len(self._points) > len(table):
-            raise ValueError(f"sparsevlm v1.5: the official counts {table} are for 3 pruning layers, got "
+            raise ValueError(f"sparsevlm {cfg.version}: the official counts {table} are for 3 pruning layers, got "
                              f"{len(self._points)} layers; pass counts= with one count per layer")
         return [max(1, round(c * factor)) for c in table[len(table) - len(self._points):]]  # fewer layers: the last
 
@@ -169,12 +194,18 @@ class SparseVLM(Method):
         with torch.no_grad():
             raters = F.sparsevlm_raters(image.prompt_embeds[image.image_columns],
                                         image.prompt_embeds[image.text_columns])
-            attn = image.attention_rows(image.text_columns[raters])[:, :, image.image_start : image.image_start + n]
+            columns = image.text_columns[raters]
+            image_slots = slice(image.image_start, image.image_start + n)
+            attn = image.attention_rows(columns)[:, :, image_slots]
+            if self.config.version == "v2":
+                attn = F.sparsevlm_plus_attention(attn, image.rope_gravity(columns)[:, image_slots],
+                                                  self.config.heads or V2_HEADS)
             k = image.k
             if self.config.version == "v1":
                 k = F.sparsevlm_rank_count(attn, *self.rank_rule(image.n_original))
             hidden = image.hidden[image.image_start : image.image_start + n]
-            kept, merged, centres, mix = F.sparsevlm_select(attn, hidden, min(k, n), recycle=self.config.recycle,
+            recycle = self.config.recycle if self.config.recycle is not None else self.config.version != "v2"
+            kept, merged, centres, mix = F.sparsevlm_select(attn, hidden, min(k, n), recycle=recycle,
                                                             return_weights=True)
         if merged.shape[0] == 0:
             return kept
