@@ -256,7 +256,7 @@ def test_bad_input(model_factory):
     assert not vtprune.is_patched(model)
     assert all("forward" not in vars(b) for b in model.model.vision_tower.encoder.layers)
     qwen = model_factory("qwen2_vl")
-    with pytest.raises(ValueError, match="supports \\['llava', 'llava_next'\\]"):
+    with pytest.raises(ValueError, match="supports \\['llava', 'llava_next', 'llava_onevision'\\]"):
         vtprune.patch(qwen, "tome", ratio=0.5)
     with pytest.raises(ValueError, match="not one vtprune knows .*, nor a VLM"):
         vtprune.patch(torch.nn.Linear(2, 2), "tome", ratio=0.5)
