@@ -207,7 +207,8 @@ class TowerMerge(Method):
             weight = weight.to(rows.device)
             keep = FV.packed_representatives(members, weight, pos.to(rows.device))
             keep |= (src < 0).all(1) | (slot == -2).any(1)  # newline tokens and CLS rows stay
-            alive = (weight * (slot >= -2)).sum(1) / weight.sum(1).clamp(min=1e-300)  # what of its blend survived
+            survived = (slot >= 0) | (slot == -2)  # taps on a merged token or a CLS row (not on a dropped patch)
+            alive = (weight * survived).sum(1) / weight.sum(1).clamp(min=1e-300)  # the part of its blend that survived
             kept = keep.nonzero().squeeze(1)
             scale = torch.where((src < 0).all(1), 1.0, alive)[kept]
             scale = None if bool((scale == 1).all()) else scale
