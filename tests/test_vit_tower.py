@@ -1,9 +1,11 @@
-"""Token merging inside the vision tower of LLaVA-1.5 / LLaVA-NeXT (``vtprune.methods.tower``), tiny random models.
+"""Token merging inside the vision tower of LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision (``vtprune.methods.tower``), tiny
+random models.
 
 Independent route: the unpatched tower run block by block with eager attention written here and the reading of
 ToMe's official merge from ``test_vit_functional`` (the patches each merged token holds traced with a one-hot
-source, as ToMe's ``trace_source``), the projector, a representative position per merged token chosen here, and
-the unpatched language model fed those vectors at those positions.
+source, as ToMe's ``trace_source``), the projector, a representative position per merged token chosen here (for
+LLaVA-OneVision's AnyRes-max packing: the model's own packing as a dense matrix read off one-hot features, shares and
+representatives by a loop), and the unpatched language model fed those vectors at those positions.
 """
 
 import contextlib

@@ -1,26 +1,37 @@
-"""Token merging inside a VLM's vision tower (LLaVA-1.5, LLaVA-NeXT): ``vtprune.patch(llava, "tome", ratio=0.5)``.
+"""Token merging inside a VLM's vision tower (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision images):
+``vtprune.patch(llava, "tome", ratio=0.5)``.
 
 A ViT method (``tome``, ``pitome``, ``zerotprune``; :mod:`vtprune.methods.vit`) runs between the blocks of the VLM's
-CLIP tower, as on a plain ViT (:class:`vtprune.engine.vit.ViTSession`), and the reduced token set goes on to the
-language model as the image's visual tokens. The engine sees it as a merging method at the vision entry:
+CLIP / SigLIP tower, as on a plain ViT (:class:`vtprune.engine.vit.ViTSession`), and the reduced token set goes on to
+the language model as the image's visual tokens. The engine sees it as a merging method at the vision entry:
 
 * Budget: ``keep=N`` / ``ratio=r`` = the patch tokens **per crop** that reach the hidden state the projector reads
-  (``vision_feature_layer``: -2 for LLaVA-1.5, i.e. the input of the last block; the blocks from there on do not
-  reduce). The CLS token is never merged.
+  (``vision_feature_layer``: -2 for LLaVA-1.5, i.e. the input of the last block; -1 for LLaVA-OneVision, the last
+  block's output; the blocks from there on do not reduce). A CLS token is never merged; SigLIP has none, so every
+  patch is mergeable (and the selection strategy must be ``'full'``).
 * The tower's blocks follow each original patch to the token its content ends up in. The projector runs on the
   reduced tokens; its output is spread back over the crop's patch grid (every patch of a merged token carries the
-  token's projected vector, a patch Zero-TPrune dropped carries zeros), so the host's placeholder count and
-  LLaVA-NeXT's AnyRes packing (reshape, unpad, newline column) run unchanged.
-* Each merged token then keeps one position: among its member patches that survive the packing, the one nearest
-  to their centroid (:func:`vtprune.functional.vit.group_representatives`). The method returns those positions (plus
-  LLaVA-NeXT's newline tokens, which are never dropped) as a :class:`~vtprune.methods.base.Selection`, so original
-  position ids, left padding, batching, the KV cache, beam search and later points of a schedule (``fastv``...)
-  work as for post-tower methods. A merged token whose member patches all fall in LLaVA-NeXT's unpadded-away
-  border is dropped with them (the unpatched model drops those patches too).
+  token's projected vector, a patch Zero-TPrune dropped carries zeros), so the host's placeholder count and the
+  AnyRes packing (LLaVA-NeXT: reshape, unpad, newline column; LLaVA-OneVision: the same plus the bilinear downscale
+  of large grids, ``anyres_max``) run unchanged.
+* Each merged token then keeps one visual token. The adapter gives each visual token's blend of patches
+  (``pack_crop_weights``: one patch with weight 1, except under OneVision's downscale, up to 2 x 2 bilinear taps);
+  the *share* of a merged token in a visual token is the weight of its patches there, and the merged token keeps the
+  visual token with its largest share; ties (always, without downscale: every share is 1) go to the one nearest the
+  share-weighted centroid, then the first (:func:`vtprune.functional.vit.packed_representatives`; without downscale
+  this is the member patch nearest to the members' centroid, :func:`~vtprune.functional.vit.group_representatives`).
+  A kept token carries what the packing computed there: its merged token's vector, or under the downscale the blend
+  of the merged tokens it overlaps (several may share it), divided by the weight of its patches that were not
+  dropped (Zero-TPrune). The method returns those positions (plus the newline tokens, which are never dropped) as a
+  :class:`~vtprune.methods.base.Selection`, so original position ids, left padding, batching, the KV cache, beam
+  search and later points of a schedule (``fastv``...) work as for post-tower methods. A merged token none of whose
+  patches reaches a visual token (LLaVA-NeXT's unpadded-away border) is dropped with them (the unpatched model drops
+  those patches too).
 
 Refused: a ``vision_feature_layer`` list (hidden states of several layers with different token counts cannot be
-concatenated), a feature layer 0 (the embeddings: nothing to merge before it), towers that are not CLIP, other
-families.
+concatenated), a feature layer 0 (the embeddings: nothing to merge before it), a SigLIP tower read with strategy
+``'default'`` (it would drop the first merged token), towers that are not CLIP / SigLIP, other families, and
+LLaVA-OneVision videos (``get_video_features`` raises ``ValueError``: its frames are pooled after the projector).
 """
 
 from __future__ import annotations
@@ -77,7 +88,8 @@ class _Record:
 
 class TowerMerge(Method):
     """A ViT method (``config``: a ``ToMeConfig`` / ``PiToMeConfig`` / ``ZeroTPruneConfig``) inside the vision tower of
-    a LLaVA-1.5 / LLaVA-NeXT model; the vision-entry point of the patch (see the module docstring)."""
+    a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision model; the vision-entry point of the patch (see the module
+    docstring)."""
 
     stage = "vision"
     merges = True
