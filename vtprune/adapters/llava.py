@@ -244,12 +244,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def pack_crop_weights(self, call, index, crops, tokens):
         """Images (see :meth:`LlavaAdapter.pack_crop_weights`): the base crop's tokens are its patches (``tokens``
-        must be the ``P`` patches: strategy ``'full'``); the AnyRes grid's tokens blend up to ``K = 4`` patches, the
-        taps of the model's bilinear downscale (one patch, weight 1, when it does not downscale), read off the model's
-        own ``pack_image_features`` run on row and column indicator channels of the crop grid (the downscale is
-        separable: a token's weight on patch (y, x) is its row weight times its column weight) and checked against
-        the model's packing of random features. Positions: the base crop's on its own grid, the AnyRes grid's on the
-        whole (padded) crop grid, a token's being the weighted mean of its taps'. Videos: ``ValueError``."""
+        must be the ``P`` patches: strategy ``'full'``); an AnyRes grid token blends up to ``K = 4`` patches, the taps
+        of the model's bilinear downscale (one patch, weight 1, when it does not downscale). They are read off the
+        model's own ``pack_image_features`` run on each patch's (row, column) on the whole (padded) crop grid: a
+        2-tap bilinear downscale blends adjacent rows / columns, so a token's packed row ``i + a`` (``0 <= a < 1``)
+        says rows ``i`` and ``i + 1`` with weights ``1 - a`` and ``a`` (likewise columns; weight = row weight x column
+        weight), and the packed coordinates are the token's position. The map is checked against the model's packing
+        of random features (``RuntimeError`` if it differs). Videos: ``ValueError``."""
         if "pixel_values_videos" in call:
             raise ValueError("llava_onevision videos (apply_pooling) have no patch-to-token map here; images only")
         vcfg = self.config.vision_config
@@ -273,36 +274,38 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         q = torch.arange(crops - 1)[:, None]
         grid_y = torch.div(q, npw, rounding_mode="floor") * side + t // side  # [crops - 1, P] on the whole grid
         grid_x = (q % npw) * side + t % side
-        probe = torch.zeros(crops, patches, rows + cols, dtype=torch.float64)
-        probe[1:].scatter_(2, grid_y[..., None], 1.0).scatter_(2, (rows + grid_x)[..., None], 1.0)
-        packed = self._pack(probe, call, size, rows + cols)[patches:]  # the grid's tokens (base crop first)
-        newline = packed[:, 0].isnan()
-        packed = packed.nan_to_num(0.0)
-        if bool(((packed[:, :rows] != 0).sum(1) > 2).any() or ((packed[:, rows:] != 0).sum(1) > 2).any()):
-            raise RuntimeError("llava_onevision's packing blends more than 2 x 2 patches per token; vtprune reads a "
-                               "2-tap bilinear downscale")
-        wy, iy = packed[:, :rows].topk(2, dim=1)
-        wx, ix = packed[:, rows:].topk(2, dim=1)
-        m = packed.shape[0]
-        yy, xx = iy[:, :, None].expand(m, 2, 2).reshape(m, 4), ix[:, None, :].expand(m, 2, 2).reshape(m, 4)
-        weight = (wy[:, :, None] * wx[:, None, :]).reshape(m, 4)
+        probe = torch.zeros(crops, patches, 3, dtype=torch.float64)
+        probe[1:, :, 0], probe[1:, :, 1] = grid_y, grid_x
+        probe[..., 2] = torch.randn(crops, patches, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        packed = self._pack(probe, call, size, 3)
+        grid = packed[patches:]  # the AnyRes grid's tokens (the base crop's come first)
+        newline = grid[:, 0].isnan()
+        coord = grid[:, :2].nan_to_num(0.0)  # [m, 2]: each token's (row, column), a blend of its taps'
+        low = coord.floor().clamp(min=0)
+        frac = (coord - low).clamp(0.0, 1.0)
+        high = torch.minimum(low + 1, torch.tensor([rows - 1, cols - 1], dtype=torch.float64))
+        taps_y = torch.stack([low[:, 0], high[:, 0]], 1).long()
+        taps_x = torch.stack([low[:, 1], high[:, 1]], 1).long()
+        w_y = torch.stack([1 - frac[:, 0], frac[:, 0]], 1)
+        w_x = torch.stack([1 - frac[:, 1], frac[:, 1]], 1)
+        m = grid.shape[0]
+        yy, xx = taps_y[:, :, None].expand(m, 2, 2).reshape(m, 4), taps_x[:, None, :].expand(m, 2, 2).reshape(m, 4)
+        weight = (w_y[:, :, None] * w_x[:, None, :]).reshape(m, 4)
         crop = 1 + torch.div(yy, side, rounding_mode="floor") * npw + torch.div(xx, side, rounding_mode="floor")
         src = crop * tokens + (yy % side) * side + xx % side
-        used = (weight > 0) & ~newline[:, None]
+        used = (weight > 1e-12) & ~newline[:, None]
         src, weight = torch.where(used, src, -1), torch.where(used, weight, 0.0)
-        pos = (weight[..., None] * torch.stack([yy, xx], -1)).sum(1) / weight.sum(1, keepdim=True).clamp(min=1e-300)
         base = torch.cat([t[:, None], t.new_full((patches, 3), -1)], 1)
         src = torch.cat([base, src])
         weight = torch.cat([(base >= 0).to(torch.float64), weight])
-        pos = torch.cat([base_pos, pos])
+        pos = torch.cat([base_pos, coord])
         # the map must reproduce the model's own packing of arbitrary features
-        feats = torch.randn(crops, patches, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        want = self._pack(feats, call, size, 1)[:, 0]
-        got = (feats.reshape(-1)[src.clamp(min=0)] * weight).sum(1)
+        want = packed[:, 2]
+        got = (probe[..., 2].reshape(-1)[src.clamp(min=0)] * weight).sum(1)
         real = ~want.isnan()
-        if got.shape != want.shape or not torch.allclose(got[real], want[real], rtol=1e-9, atol=1e-12):
-            raise RuntimeError("llava_onevision's AnyRes packing is not the unpad + bilinear downscale vtprune reads "
-                               "(transformers changed?)")
+        if got.shape != want.shape or not torch.allclose(got[real], want[real], rtol=1e-9, atol=1e-9):
+            raise RuntimeError("llava_onevision's AnyRes packing is not the unpad + 2-tap bilinear downscale vtprune "
+                               "reads (transformers changed?)")
         return src, weight, pos
 
     def _pack(self, feats, call, size, channels):
