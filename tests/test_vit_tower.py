@@ -12,6 +12,7 @@ import contextlib
 
 import pytest
 import torch
+import transformers.models.llava_onevision.modeling_llava_onevision as modeling
 from test_vit_functional import _official_tome
 from tiny import (
     assert_keep_all_is_bit_identical,
@@ -24,6 +25,7 @@ from tiny import (
 
 import vtprune
 from vtprune import flops
+from vtprune.adapters import get_adapter
 from vtprune.functional import vit as FV
 from vtprune.methods.vit import ToMeConfig
 
@@ -523,3 +525,35 @@ def test_packed_representatives_shares_and_bad_input():
         FV.packed_representatives(members, weight, pos[:, :1])
     with pytest.raises(ValueError, match="weight must be >= 0"):
         FV.packed_representatives(members, -weight, pos)
+
+
+@pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres_max_2", "anyres_max_1"])
+def test_onevision_pack_crop_weights_are_the_models_packing(aspect, model_factory):
+    """The adapter's patch-to-token map (taps, weights, positions) equals the model's packing read as a dense matrix
+    off one-hot features, with and without unpadding, for downscale factors ~1.2 to 2."""
+    model = model_factory("llava_onevision")
+    adapter = get_adapter(model)
+    nan = torch.tensor([float("nan")], dtype=torch.float64)
+    with _aspect(model, aspect):
+        for size in ([90, 112], [112, 112], [56, 112], [112, 70]):
+            sizes = torch.tensor([size])
+            call = {"image_sizes": sizes, "vision_aspect_ratio": None}
+            crops = adapter.crop_counts(call, 1)[0]
+            src, weight, pos = adapter.pack_crop_weights(call, 0, crops, P)
+            onehot = torch.eye(crops * P, dtype=torch.float64).view(crops, P, crops * P)
+            dense, _ = model.model.pack_image_features([onehot], sizes, image_newline=nan.expand(crops * P),
+                                                       vision_aspect_ratio=aspect)
+            dense = dense[0].nan_to_num(0.0)
+            mine = torch.zeros_like(dense)
+            mine.scatter_add_(1, src.clamp(min=0), weight)
+            torch.testing.assert_close(mine, dense, rtol=0, atol=1e-12)
+            assert bool(((weight > 0) == (src >= 0)).all())
+            # positions: the base crop's patches on its grid; a grid token's, the weighted mean of its patches' on the
+            # whole crop grid (crop k >= 1 sits at row (k - 1) // npw, column (k - 1) % npw of the crop grid)
+            _, npw = modeling.get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, 56)
+            k, q = torch.arange(crops * P) // P, torch.arange(crops * P) % P
+            yx = torch.stack([(k - 1).clamp(min=0) // npw * 4 + q // 4, (k - 1).clamp(min=0) % npw * 4 + q % 4], -1)
+            token = dense[P:].sum(1) > 0
+            want = (dense[P:] @ yx.to(torch.float64))[token] / dense[P:].sum(1, keepdim=True)[token]
+            torch.testing.assert_close(pos[P:][token], want, rtol=0, atol=1e-9)
+            assert torch.equal(pos[:P], torch.stack([q[:P] // 4, q[:P] % 4], -1).to(torch.float64))
