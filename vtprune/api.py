@@ -73,9 +73,10 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
 
     A plain vision transformer (timm ``VisionTransformer``, transformers ``CLIPVisionModel`` / ``SiglipVisionModel``,
     open_clip ``CLIP`` / ``VisionTransformer``) takes one of ``vtprune.list_vit_methods()`` instead, acting between
-    its blocks: ``vtprune.patch(vit, "tome", ratio=0.5)``. On a LLaVA-1.5 / LLaVA-NeXT model, such a method merges
-    inside the vision tower (budget: patch tokens per crop at the layer the projector reads) and the merged tokens
-    are the image's visual tokens (``vtprune.methods.tower``); it takes the vision entry of a schedule:
+    its blocks: ``vtprune.patch(vit, "tome", ratio=0.5)``. On a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision model
+    (images), such a method merges inside the vision tower (budget: patch tokens per crop at the layer the projector
+    reads) and the merged tokens are the image's visual tokens (``vtprune.methods.tower``); it takes the vision entry
+    of a schedule:
     ``vtprune.patch(llava, [vtprune.ToMeConfig(keep=64), vtprune.FastVConfig(keep=32, layer=2)])``.
     """
     compat.check_transformers()

@@ -68,6 +68,19 @@ class LlavaAdapter(ModelAdapter):
         ``c``, row ``t`` of ``tokens``), or -1 for a token of no row (LLaVA-NeXT's newline). LLaVA-1.5: the rows."""
         return torch.arange(crops * tokens)
 
+    def pack_crop_weights(self, call, index: int, crops: int, tokens: int):
+        """``(src [n, K] int64, weight [n, K] float64, pos [n, 2] float64)``: for each of image ``index``'s ``n`` visual
+        tokens, the projector output rows it blends (flat ``c * tokens + t`` as :meth:`pack_crop_index`; -1 for an
+        unused tap and for a newline token) with their weights, and the token's position (row, column, in patches)
+        on the patch grid it was sampled from (here: its crop's grid; the CLS row of a ``'full'`` selection sits at
+        row -1). LLaVA-1.5 / LLaVA-NeXT: every token is one row (``K = 1``, weight 1)."""
+        src = self.pack_crop_index(call, index, crops, tokens)
+        vcfg = self.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        patch = src.clamp(min=0) % tokens - (tokens - side * side)  # the CLS row of a 'full' selection: -1
+        pos = torch.stack([torch.div(patch, side, rounding_mode="floor"), patch % side], -1).to(torch.float64)
+        return src[:, None], (src >= 0).to(torch.float64)[:, None], pos
+
 
 class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
@@ -219,6 +232,88 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             ) if anyres else 1
             for size, anyres in zip(call["image_sizes"], patching)
         ]
+
+    def pack_crop_index(self, call, index, crops, tokens):
+        src, weight, _ = self.pack_crop_weights(call, index, crops, tokens)
+        if bool((weight[:, 1:] > 0).any()):
+            raise ValueError("this llava_onevision image's AnyRes grid is bilinearly downscaled (anyres_max): its "
+                             "tokens blend several patches; use pack_crop_weights")
+        return src[:, 0]
+
+    def pack_crop_weights(self, call, index, crops, tokens):
+        """Images (see :meth:`LlavaAdapter.pack_crop_weights`): the base crop's tokens are its patches (``tokens``
+        must be the ``P`` patches: strategy ``'full'``); an AnyRes grid token blends up to ``K = 4`` patches, the taps
+        of the model's bilinear downscale (one patch, weight 1, when it does not downscale). They are read off the
+        model's own ``pack_image_features`` run on each patch's (row, column) on the whole (padded) crop grid: a
+        2-tap bilinear downscale blends adjacent rows / columns, so a token's packed row ``i + a`` (``0 <= a < 1``)
+        says rows ``i`` and ``i + 1`` with weights ``1 - a`` and ``a`` (likewise columns; weight = row weight x column
+        weight), and the packed coordinates are the token's position. The map is checked against the model's packing
+        of random features (``RuntimeError`` if it differs). Videos: ``ValueError``."""
+        if "pixel_values_videos" in call:
+            raise ValueError("llava_onevision videos (apply_pooling) have no patch-to-token map here; images only")
+        vcfg = self.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        patches = side * side
+        if tokens != patches:
+            raise ValueError(f"llava_onevision crops of {tokens} feature rows; the packing map needs the {patches} "
+                             "patches of vision_feature_select_strategy='full' (SigLIP has no CLS token)")
+        t = torch.arange(patches)
+        base_pos = torch.stack([t // side, t % side], -1).to(torch.float64)
+        if crops == 1:  # the base crop (an image of a multi-image prompt), one newline
+            src = torch.cat([t, t.new_full((1,), -1)])[:, None]
+            pos = torch.cat([base_pos, base_pos.new_zeros(1, 2)])
+            return src, (src >= 0).to(torch.float64), pos
+        module = sys.modules[type(self.inner).__module__]
+        size = torch.as_tensor(call["image_sizes"])[index].cpu()
+        nph, npw = module.get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, vcfg.image_size)
+        if crops != 1 + nph * npw:
+            raise RuntimeError(f"image {index}: {crops} crops for a {nph} x {npw} AnyRes grid plus the base crop")
+        rows, cols = nph * side, npw * side
+        q = torch.arange(crops - 1)[:, None]
+        grid_y = torch.div(q, npw, rounding_mode="floor") * side + t // side  # [crops - 1, P] on the whole grid
+        grid_x = (q % npw) * side + t % side
+        probe = torch.zeros(crops, patches, 3, dtype=torch.float64)
+        probe[1:, :, 0], probe[1:, :, 1] = grid_y, grid_x
+        probe[..., 2] = torch.randn(crops, patches, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        packed = self._pack(probe, call, size, 3)
+        grid = packed[patches:]  # the AnyRes grid's tokens (the base crop's come first)
+        newline = grid[:, 0].isnan()
+        coord = grid[:, :2].nan_to_num(0.0)  # [m, 2]: each token's (row, column), a blend of its taps'
+        low = coord.floor().clamp(min=0)
+        frac = (coord - low).clamp(0.0, 1.0)
+        high = torch.minimum(low + 1, torch.tensor([rows - 1, cols - 1], dtype=torch.float64))
+        taps_y = torch.stack([low[:, 0], high[:, 0]], 1).long()
+        taps_x = torch.stack([low[:, 1], high[:, 1]], 1).long()
+        w_y = torch.stack([1 - frac[:, 0], frac[:, 0]], 1)
+        w_x = torch.stack([1 - frac[:, 1], frac[:, 1]], 1)
+        m = grid.shape[0]
+        yy, xx = taps_y[:, :, None].expand(m, 2, 2).reshape(m, 4), taps_x[:, None, :].expand(m, 2, 2).reshape(m, 4)
+        weight = (w_y[:, :, None] * w_x[:, None, :]).reshape(m, 4)
+        crop = 1 + torch.div(yy, side, rounding_mode="floor") * npw + torch.div(xx, side, rounding_mode="floor")
+        src = crop * tokens + (yy % side) * side + xx % side
+        used = (weight > 1e-12) & ~newline[:, None]
+        src, weight = torch.where(used, src, -1), torch.where(used, weight, 0.0)
+        base = torch.cat([t[:, None], t.new_full((patches, 3), -1)], 1)
+        src = torch.cat([base, src])
+        weight = torch.cat([(base >= 0).to(torch.float64), weight])
+        pos = torch.cat([base_pos, coord])
+        # the map must reproduce the model's own packing of arbitrary features
+        want = packed[:, 2]
+        got = (probe[..., 2].reshape(-1)[src.clamp(min=0)] * weight).sum(1)
+        real = ~want.isnan()
+        if got.shape != want.shape or not torch.allclose(got[real], want[real], rtol=1e-9, atol=1e-9):
+            raise RuntimeError("llava_onevision's AnyRes packing is not the unpad + 2-tap bilinear downscale vtprune "
+                               "reads (transformers changed?)")
+        return src, weight, pos
+
+    def _pack(self, feats, call, size, channels):
+        """The model's ``pack_image_features`` of one image's ``[crops, P, channels]`` float64 features; newline
+        tokens come out as NaN rows."""
+        aspect = call.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        newline = torch.full((channels,), float("nan"), dtype=torch.float64)
+        packed, _ = self.inner.pack_image_features([feats], size[None], image_newline=newline,
+                                                   vision_aspect_ratio=aspect)
+        return packed[0]
 
     def pack_crop_scores(self, scores, call, index):
         newline = torch.full((1,), float("-inf"), dtype=scores.dtype, device=scores.device)

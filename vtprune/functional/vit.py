@@ -23,7 +23,7 @@ from ._common import as_int, check_int, check_tensor, compute_dtype
 
 __all__ = [
     "tome_match", "tome_schedule", "pitome_match", "pitome_margins", "wpr_scores", "zerotprune_match",
-    "merge_tokens", "reduction_schedule", "group_representatives",
+    "merge_tokens", "reduction_schedule", "group_representatives", "packed_representatives",
 ]
 
 
@@ -361,3 +361,60 @@ def group_representatives(group: torch.Tensor, width: int, present: torch.Tensor
     first = torch.full((b, slots), p, dtype=torch.long, device=group.device).scatter_reduce_(
         1, ids, torch.where(nearest, index.expand(b, p), p), "amin")
     return nearest & (index.expand(b, p) == first.gather(1, ids))
+
+
+def packed_representatives(members: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor,
+                           tol: float = 1e-9) -> torch.Tensor:
+    """One output token per merged token, when the output tokens are blends of patches (a VLM's packing that
+    bilinearly downscales the patch grid, LLaVA-OneVision's ``anyres_max``) or plain patches.
+
+    ``members`` ``[N, K]`` int64: for each of an image's ``N`` output tokens, the merged token (any id ``>= 0``)
+    that each of its ``K`` source patches belongs to, or ``-1`` for a source with no merged token (a dropped patch,
+    an empty tap, a newline token); ``weight`` ``[N, K]`` float, ``>= 0``: each source's weight in the token's blend;
+    ``pos`` ``[N, 2]`` float: each token's position (row, column, in patch units) on the grid it was sampled from.
+
+    The share of merged token ``m`` in output token ``n`` is the summed weight of ``n``'s sources in ``m``. Each
+    merged token's representative is the output token with its largest share; among shares equal to ``tol``, the
+    one nearest (Euclidean, to ``tol``) to the share-weighted centroid of the positions of all tokens holding a
+    share of ``m``; then the lower index. When every token is one patch (weights 0 / 1, one source each) this is
+    :func:`group_representatives` in the packing's order. A merged token with no share anywhere gets none.
+
+    Returns ``[N]`` bool, True at the representatives (several merged tokens may share one). A vtprune convention,
+    like :func:`group_representatives` (the ToMe / PiToMe / Zero-TPrune codes never place merged tokens).
+    """
+    check_tensor("members", members, ndim=2, shape_hint="[N, K]")
+    if members.dtype != torch.long:
+        raise TypeError(f"members must be int64, got {members.dtype}")
+    n, k = members.shape
+    if tuple(weight.shape) != (n, k) or not weight.is_floating_point():
+        raise ValueError(f"weight must be a float [N, K] = {(n, k)} tensor, got {tuple(weight.shape)} {weight.dtype}")
+    if tuple(pos.shape) != (n, 2) or not pos.is_floating_point():
+        raise ValueError(f"pos must be a float [N, 2] = {(n, 2)} tensor, got {tuple(pos.shape)} {pos.dtype}")
+    if bool((weight < 0).any()):
+        raise ValueError("weight must be >= 0")
+    dev = members.device
+    keep = torch.zeros(n, dtype=torch.bool, device=dev)
+    live = (members >= 0) & (weight > 0)
+    if not bool(live.any()):
+        return keep
+    token = torch.arange(n, device=dev)[:, None].expand(n, k)[live]
+    ids, m_index = torch.unique(members[live], return_inverse=True)
+    slots = ids.numel()
+    pair, pair_index = torch.unique(token * slots + m_index, return_inverse=True)  # (token, merged token) pairs
+    share = torch.zeros(pair.numel(), dtype=torch.float64, device=dev).index_add_(
+        0, pair_index, weight[live].to(torch.float64))
+    p_tok, p_m = pair // slots, pair % slots
+    p_pos = pos.to(torch.float64)[p_tok]
+    mass = torch.zeros(slots, dtype=torch.float64, device=dev).index_add_(0, p_m, share)
+    centre = torch.zeros(slots, 2, dtype=torch.float64, device=dev).index_add_(0, p_m, p_pos * share[:, None])
+    centre = centre / mass[:, None]
+    best = torch.full((slots,), float("-inf"), dtype=torch.float64, device=dev).scatter_reduce_(
+        0, p_m, share, "amax")
+    top = share >= best[p_m] - tol
+    dist = torch.where(top, ((p_pos - centre[p_m]) ** 2).sum(-1).sqrt(), torch.full_like(share, float("inf")))
+    near = torch.full((slots,), float("inf"), dtype=torch.float64, device=dev).scatter_reduce_(0, p_m, dist, "amin")
+    nearest = top & (dist <= near[p_m] + tol)
+    first = torch.full((slots,), n, dtype=torch.long, device=dev).scatter_reduce_(
+        0, p_m, torch.where(nearest, p_tok, n), "amin")
+    keep[first] = True
+    return keep

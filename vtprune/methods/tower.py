@@ -1,26 +1,37 @@
-"""Token merging inside a VLM's vision tower (LLaVA-1.5, LLaVA-NeXT): ``vtprune.patch(llava, "tome", ratio=0.5)``.
+"""Token merging inside a VLM's vision tower (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision images):
+``vtprune.patch(llava, "tome", ratio=0.5)``.
 
 A ViT method (``tome``, ``pitome``, ``zerotprune``; :mod:`vtprune.methods.vit`) runs between the blocks of the VLM's
-CLIP tower, as on a plain ViT (:class:`vtprune.engine.vit.ViTSession`), and the reduced token set goes on to the
-language model as the image's visual tokens. The engine sees it as a merging method at the vision entry:
+CLIP / SigLIP tower, as on a plain ViT (:class:`vtprune.engine.vit.ViTSession`), and the reduced token set goes on to
+the language model as the image's visual tokens. The engine sees it as a merging method at the vision entry:
 
 * Budget: ``keep=N`` / ``ratio=r`` = the patch tokens **per crop** that reach the hidden state the projector reads
-  (``vision_feature_layer``: -2 for LLaVA-1.5, i.e. the input of the last block; the blocks from there on do not
-  reduce). The CLS token is never merged.
+  (``vision_feature_layer``: -2 for LLaVA-1.5, i.e. the input of the last block; -1 for LLaVA-OneVision, the last
+  block's output; the blocks from there on do not reduce). A CLS token is never merged; SigLIP has none, so every
+  patch is mergeable (and the selection strategy must be ``'full'``).
 * The tower's blocks follow each original patch to the token its content ends up in. The projector runs on the
   reduced tokens; its output is spread back over the crop's patch grid (every patch of a merged token carries the
-  token's projected vector, a patch Zero-TPrune dropped carries zeros), so the host's placeholder count and
-  LLaVA-NeXT's AnyRes packing (reshape, unpad, newline column) run unchanged.
-* Each merged token then keeps one position: among its member patches that survive the packing, the one nearest
-  to their centroid (:func:`vtprune.functional.vit.group_representatives`). The method returns those positions (plus
-  LLaVA-NeXT's newline tokens, which are never dropped) as a :class:`~vtprune.methods.base.Selection`, so original
-  position ids, left padding, batching, the KV cache, beam search and later points of a schedule (``fastv``...)
-  work as for post-tower methods. A merged token whose member patches all fall in LLaVA-NeXT's unpadded-away
-  border is dropped with them (the unpatched model drops those patches too).
+  token's projected vector, a patch Zero-TPrune dropped carries zeros), so the host's placeholder count and the
+  AnyRes packing (LLaVA-NeXT: reshape, unpad, newline column; LLaVA-OneVision: the same plus the bilinear downscale
+  of large grids, ``anyres_max``) run unchanged.
+* Each merged token then keeps one visual token. The adapter gives each visual token's blend of patches
+  (``pack_crop_weights``: one patch with weight 1, except under OneVision's downscale, up to 2 x 2 bilinear taps);
+  the *share* of a merged token in a visual token is the weight of its patches there, and the merged token keeps the
+  visual token with its largest share; ties (always, without downscale: every share is 1) go to the one nearest the
+  share-weighted centroid, then the first (:func:`vtprune.functional.vit.packed_representatives`; without downscale
+  this is the member patch nearest to the members' centroid, :func:`~vtprune.functional.vit.group_representatives`).
+  A kept token carries what the packing computed there: its merged token's vector, or under the downscale the blend
+  of the merged tokens it overlaps (several may share it), divided by the weight of its patches that were not
+  dropped (Zero-TPrune). The method returns those positions (plus the newline tokens, which are never dropped) as a
+  :class:`~vtprune.methods.base.Selection`, so original position ids, left padding, batching, the KV cache, beam
+  search and later points of a schedule (``fastv``...) work as for post-tower methods. A merged token none of whose
+  patches reaches a visual token (LLaVA-NeXT's unpadded-away border) is dropped with them (the unpatched model drops
+  those patches too).
 
 Refused: a ``vision_feature_layer`` list (hidden states of several layers with different token counts cannot be
-concatenated), a feature layer 0 (the embeddings: nothing to merge before it), towers that are not CLIP, other
-families.
+concatenated), a feature layer 0 (the embeddings: nothing to merge before it), a SigLIP tower read with strategy
+``'default'`` (it would drop the first merged token), towers that are not CLIP / SigLIP, other families, and
+LLaVA-OneVision videos (``get_video_features`` raises ``ValueError``: its frames are pooled after the projector).
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from .vit import ViTMethod, get_vit_method
 __all__ = ["TOWER_FAMILIES", "TowerMerge"]
 
 #: VLM families whose vision tower can merge tokens
-TOWER_FAMILIES = ("llava", "llava_next")
+TOWER_FAMILIES = ("llava", "llava_next", "llava_onevision")
 
 
 class _UpToReadLayer(ViTMethod):
@@ -68,15 +79,17 @@ class _UpToReadLayer(ViTMethod):
 
 class _Record:
     """What one image's tower pass left for the vision entry: the kept token indices (ascending, into the image's
-    visual tokens) and the FLOPs the reduced tower and projector saved on its crops."""
+    visual tokens), the factor each kept token's vector is divided by (None: all 1; see the module docstring) and the
+    FLOPs the reduced tower and projector saved on its crops."""
 
-    def __init__(self, kept: torch.Tensor, saved_flops: int):
-        self.kept, self.saved_flops = kept, saved_flops
+    def __init__(self, kept: torch.Tensor, scale: torch.Tensor | None, saved_flops: int):
+        self.kept, self.scale, self.saved_flops = kept, scale, saved_flops
 
 
 class TowerMerge(Method):
     """A ViT method (``config``: a ``ToMeConfig`` / ``PiToMeConfig`` / ``ZeroTPruneConfig``) inside the vision tower of
-    a LLaVA-1.5 / LLaVA-NeXT model; the vision-entry point of the patch (see the module docstring)."""
+    a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision model; the vision-entry point of the patch (see the module
+    docstring)."""
 
     stage = "vision"
     merges = True
@@ -108,9 +121,10 @@ class TowerMerge(Method):
                              f"models, got model_type {config.model_type!r}")
         tower = adapter.inner.vision_tower
         host = find_vit_host(tower)
-        if not isinstance(host, HFHost) or config.vision_config.model_type not in ("clip_vision_model", "clip"):
-            raise ValueError(f"merging inside the vision tower ({self.name!r}) needs a CLIP vision tower; this "
-                             f"model's is {type(tower).__name__} ({config.vision_config.model_type!r})")
+        vtype = config.vision_config.model_type
+        if not isinstance(host, HFHost) or vtype not in ("clip_vision_model", "clip", "siglip_vision_model"):
+            raise ValueError(f"merging inside the vision tower ({self.name!r}) needs a CLIP or SigLIP vision tower; "
+                             f"this model's is {type(tower).__name__} ({vtype!r})")
         layer = config.vision_feature_layer
         num_blocks = len(host.blocks)
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -123,9 +137,11 @@ class TowerMerge(Method):
         self.strategy = config.vision_feature_select_strategy
         if self.strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {self.strategy!r} is not supported; 'default' or 'full'")
+        if host.num_prefix == 0 and self.strategy != "full":
+            raise ValueError(f"merging inside a SigLIP tower (no CLS token) needs vision_feature_select_strategy="
+                             f"'full'; {self.strategy!r} drops the first token, which would be a merged token")
         self.adapter, self.host, self.read = adapter, host, read
         self.patches = host.num_patches()
-        self.width = config.vision_config.image_size // config.vision_config.patch_size
         method = _UpToReadLayer(self.vit, read)
         schedule = method.schedule(self.patches, num_blocks)  # an unreachable budget fails here
         self.keeps_all = not any(schedule)
@@ -135,14 +151,18 @@ class TowerMerge(Method):
         hook(adapter.projector_module().register_forward_hook(self._spread))
         for name in adapter.feature_methods:
             if hasattr(adapter.inner, name):
-                wrap(adapter.inner, name, self._wrapped_features(getattr(adapter.inner, name)))
+                wrap(adapter.inner, name, self._wrapped_features(getattr(adapter.inner, name), name))
 
     # -- inside get_image_features ----------------------------------------------------------------------------------
-    def _wrapped_features(self, original):
+    def _wrapped_features(self, original, name):
         signature = inspect.signature(original)
 
         @functools.wraps(original)
         def wrapped(*args, **kwargs):
+            if name != "get_image_features":
+                raise ValueError(f"{self.name!r} merges inside the vision tower of {self.adapter.config.model_type} "
+                                 f"images only; {name} (videos: each frame's grid is pooled bilinearly, "
+                                 "apply_pooling) is not supported: unpatch for videos, or use a post-tower method")
             call = signature.bind(*args, **kwargs).arguments
             self._in_call, self._spread_rows = True, None
             try:
@@ -190,20 +210,22 @@ class TowerMerge(Method):
         proj_saved = self._projector_flops(rows_all.shape[1]) - self._projector_flops(self._reduced_tokens)
         for i, (feat, rows) in enumerate(zip(feats, torch.split(rows_all, counts))):
             crops, n_rows = rows.shape
-            src = self.adapter.pack_crop_index(call, i, crops, n_rows).to(rows.device)  # [n] flat row or -1
-            if src.numel() != feat.shape[0]:
-                raise RuntimeError(f"image {i}: {feat.shape[0]} visual tokens but the packing maps {src.numel()}")
-            present = torch.zeros(crops * n_rows, dtype=torch.bool, device=rows.device)
-            present[src[src >= 0]] = True
-            patch_cols = slice(n_rows - self.patches, None)  # the patch rows (a 'full' selection's CLS row first)
-            group = rows[:, patch_cols]
-            reps = FV.group_representatives(group, self.width, present.view(crops, n_rows)[:, patch_cols])
-            keep_rows = torch.zeros(crops, n_rows, dtype=torch.bool, device=rows.device)
-            keep_rows[:, patch_cols] = reps
-            keep_rows |= rows == -2
-            keep = torch.where(src >= 0, keep_rows.view(-1)[src.clamp(min=0)], True)  # newlines stay
+            src, weight, pos = self.adapter.pack_crop_weights(call, i, crops, n_rows)  # [n, K]: rows, -1 none
+            if src.shape[0] != feat.shape[0]:
+                raise RuntimeError(f"image {i}: {feat.shape[0]} visual tokens but the packing maps {src.shape[0]}")
+            src = src.to(rows.device)
+            slot = torch.where(src >= 0, rows.reshape(-1)[src.clamp(min=0)], -3)  # -2 prefix row, -1 dropped
+            members = torch.where(slot >= 0, torch.div(src, n_rows, rounding_mode="floor") * n_rows + slot, -1)
+            weight = weight.to(rows.device)
+            keep = FV.packed_representatives(members, weight, pos.to(rows.device))
+            keep |= (src < 0).all(1) | (slot == -2).any(1)  # newline tokens and CLS rows stay
+            survived = (slot >= 0) | (slot == -2)  # taps on a merged token or a CLS row (not on a dropped patch)
+            alive = (weight * survived).sum(1) / weight.sum(1).clamp(min=1e-300)  # the part of its blend that survived
+            kept = keep.nonzero().squeeze(1)
+            scale = torch.where((src < 0).all(1), 1.0, alive)[kept]
+            scale = None if bool((scale == 1).all()) else scale
             saved = crops * (tower_saved + proj_saved)
-            self._records[id(feat)] = (weakref.ref(feat), _Record(keep.nonzero().squeeze(1), saved))
+            self._records[id(feat)] = (weakref.ref(feat), _Record(kept, scale, saved))
 
     def _projector_flops(self, tokens: int) -> int:
         proj = self.adapter.projector_module()
@@ -224,7 +246,10 @@ class TowerMerge(Method):
             raise ValueError(f"{self.name!r} merges inside the vision tower: pass pixel_values so that the patched "
                              "tower computes the image features (features computed elsewhere were not merged)")
         kept = record.kept.to(image.features.device)
-        return Selection(kept=kept, merged=image.features[kept])
+        merged = image.features[kept]
+        if record.scale is not None:
+            merged = (merged / record.scale.to(merged.device)[:, None]).to(merged.dtype)
+        return Selection(kept=kept, merged=merged)
 
     def adjust_stats(self, stats, fwd) -> None:
         """Charge the tower and projector FLOPs the merging saved (the engine charges the unreduced tower)."""
