@@ -18,6 +18,12 @@ PRUNED = {
     "divprune": {"method": "divprune", "ratio": 0.4},
     "pool": {"method": "pool", "ratio": 0.3},  # merges: the kept rows carry window means (and merged DeepStack levels)
     "zoo": {"method": "zoo", "ratio": 0.4},  # the patch merger's input per token and a per-token merger
+    # importance="received" (the default on Qwen-VL): the attention each patch receives in the method's vision
+    # blocks (Qwen2.5-VL's tiny tower: block 0 windowed, block 1 full; Qwen3-VL: block 1 of 3), from vLLM's q/k
+    "cls": {"method": "cls", "ratio": 0.4},
+    "todre": {"method": "todre", "ratio": 0.4, "late_drop": False},
+    "visionzip": {"method": "visionzip", "ratio": 0.5},  # keys of the kept merge units, contextual tokens merged
+    "vispruner": {"method": "vispruner", "ratio": 0.4},
 }
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 

@@ -11,9 +11,9 @@ registry, configs and methods (``vtprune.functional``), so it runs with the tran
 
 from __future__ import annotations
 
-from .setting import KEY, overrides, read, servable_methods
+from .setting import KEY, overrides, read, servable_methods, served
 
-__all__ = ["register", "overrides", "read", "servable_methods", "pruning_log", "KEY", "ARCHITECTURES"]
+__all__ = ["register", "overrides", "read", "servable_methods", "served", "pruning_log", "KEY", "ARCHITECTURES"]
 
 #: vLLM architectures the plugin replaces with its pruning subclass (inert without a ``vtprune`` setting)
 ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen2_5_VL",

@@ -44,6 +44,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
+from .. import functional as F
 from ..methods.base import ImageInputs, Selection
 from . import setting
 
@@ -192,9 +193,27 @@ class _Pruning:
             raise ValueError(f"method {self.vtprune_config.method!r} reads the patch merger's input, which a compiled "
                              "vision encoder (compilation_config.compile_mm_encoder=True) does not show; turn it off "
                              "or use a method that needs only the projected tokens (divprune, pool, random)")
+        #: vision blocks whose attention the method reads (importance="received"; empty: none)
+        self._received_layers: list[int] = []
+        if self._needs_received():
+            if getattr(compilation, "compile_mm_encoder", False):
+                raise ValueError(f"method {self.vtprune_config.method!r} reads the vision tower's attention (the "
+                                 "attention each patch receives), which a compiled vision encoder "
+                                 "(compilation_config.compile_mm_encoder=True) does not show; turn it off or use a "
+                                 "method that needs only the projected tokens (divprune, pool, random)")
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            if tp > 1 or getattr(self, "use_data_parallel", False):
+                raise ValueError(f"method {self.vtprune_config.method!r} reads the vision tower's attention, which "
+                                 f"is split across processes with tensor_parallel_size={tp} (each holds part of the "
+                                 "heads, or with mm_encoder_tp_mode='data' part of the images); serve it with "
+                                 "tensor_parallel_size=1 or use a method that needs only the projected tokens")
+            self._received_layers = self.vtprune_method.vision_layers(len(self.visual.blocks))
 
     def _needs_projector(self) -> bool:
         return self.vtprune_method is not None and "projector_inputs" in self.vtprune_method.signals
+
+    def _needs_received(self) -> bool:
+        return self.vtprune_method is not None and bool(self.vtprune_method.signals & setting.RECEIVED)
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
@@ -230,6 +249,76 @@ class _Pruning:
         """Merged-token order of the merger's input rows -> prompt order (None: the same)."""
         return None
 
+    # -- the attention each patch receives (importance="received") ------------------------------------------------
+    def _attention_blocks(self, grid: list[list[int]], layer: int) -> torch.Tensor:
+        """``[B + 1]`` int64 boundaries of the blocks of patches that attend among themselves in vision block
+        ``layer`` for a tower call on ``grid`` (in the tower's token order): one per frame. Computed from the grid,
+        not read from the call: some attention backends (FlashInfer) receive the boundaries rescaled."""
+        frames = [h * w for t, h, w in grid for _ in range(t)]
+        return torch.tensor([0] + frames).cumsum(0)
+
+    @contextlib.contextmanager
+    def _capture_received(self, grid: list[list[int]], into: dict):
+        """While the vision tower runs on ``grid``: for each of the method's vision blocks, the attention each patch
+        receives (``into[layer] = [N]``, ``vtprune.functional.received_attention`` of the queries and keys the
+        block's attention kernel gets, after vLLM's rotary embedding) and the head-mean keys (``into[("keys",
+        layer)] = [N, Dh]``), in the tower's token order."""
+        if not self._needs_received():
+            yield
+            return
+        modules = []
+        for layer in self._received_layers:
+            kernel = self.visual.blocks[layer].attn.attn  # vLLM's MMEncoderAttention: q/k after the rotary embedding
+            original = kernel.forward
+            blocks = self._attention_blocks(grid, layer)
+
+            def forward(*args, _layer=layer, _kernel=kernel, _original=original, _blocks=blocks, **kwargs):
+                q = kwargs["query"] if "query" in kwargs else args[0]
+                k = kwargs["key"] if "key" in kwargs else args[1]
+                if q.dim() != 4 or q.shape[0] != 1 or k.shape[:2] != q.shape[:2]:
+                    raise RuntimeError(f"vtprune.vllm: vision block {_layer}'s attention got queries of shape "
+                                       f"{tuple(q.shape)} and keys {tuple(k.shape)}; expected [1, N, H, Dh]")
+                if _layer in into:
+                    raise RuntimeError(f"vtprune.vllm: vision block {_layer} ran twice in one tower call")
+                into[_layer] = F.received_attention(q[0], k[0], _blocks.to(q.device), float(_kernel.scale))
+                into[("keys", _layer)] = k[0].detach().mean(1)
+                return _original(*args, **kwargs)
+
+            kernel.forward = forward
+            modules.append(kernel)
+        try:
+            yield
+        finally:
+            for kernel in modules:
+                del kernel.forward
+
+    def _split_received(self, into: dict, grid_thw: torch.Tensor, patches: list[int]):
+        """Per item ``([1, L, P], [1, L, P, Dh])``: received attention and head-mean keys of the method's layers,
+        each item's ``P`` patches in the processor's order (merge unit by merge unit), as vtprune's Hugging Face
+        path hands them (``ImageInputs.received`` / ``vision_keys``)."""
+        if not self._needs_received():
+            return [(None, None)] * len(patches)
+        missing = [layer for layer in self._received_layers if layer not in into]
+        if missing:
+            raise RuntimeError(f"vtprune.vllm: vision block(s) {missing} did not run their attention kernel (a "
+                               "compiled or CUDA-graphed vision encoder hides it)")
+        unit = self.visual.spatial_merge_unit
+        order = self._merger_token_order(grid_thw)
+        per_layer = []
+        for layer in self._received_layers:
+            scores, keys = into[layer], into[("keys", layer)]
+            if order is not None:  # the tower holds merge units in window order: back to the processor's order
+                at = order.to(scores.device)
+                scores = scores.reshape(-1, unit)[at].reshape(-1)
+                keys = keys.reshape(-1, unit, keys.shape[-1])[at].reshape(-1, keys.shape[-1])
+            per_layer.append((torch.split(scores, patches), torch.split(keys, patches)))
+        out = []
+        for i in range(len(patches)):
+            received = torch.stack([scores[i] for scores, _ in per_layer]).unsqueeze(0)  # [1, L, P]
+            keys = torch.stack([keys[i] for _, keys in per_layer]).unsqueeze(0)  # [1, L, P, Dh]
+            out.append((received, keys))
+        return out
+
     def _split_projector_inputs(self, captured: list, grid_thw: torch.Tensor, sizes: list[int]):
         if not self._needs_projector():
             return [None] * len(sizes)
@@ -244,17 +333,34 @@ class _Pruning:
         return list(torch.split(tokens, sizes))
 
     # -- which tokens each item keeps ---------------------------------------------------------------------------
-    def _items(self, modality: str, inputs) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+    def _items(self, modality: str, inputs):
+        """The items' projected tokens, and per item the merger's input and the (received attention, keys)."""
         captured: list = []
-        with self._capture_merger_inputs(captured):
+        attention: dict = {}
+        grid = inputs[f"{modality}_grid_thw"]
+        with self._capture_merger_inputs(captured), self._capture_received(grid.tolist(), attention):
             if modality == "image":
                 embeds = self._process_image_input(inputs)
             else:
                 embeds = self._process_video_input(inputs)
-        grid = inputs[f"{modality}_grid_thw"]
-        return embeds, self._split_projector_inputs(captured, grid, [e.shape[0] for e in embeds])
+        sizes = [e.shape[0] for e in embeds]
+        received = self._split_received(attention, grid, [n * self.visual.spatial_merge_unit for n in sizes])
+        return embeds, list(zip(self._split_projector_inputs(captured, grid, sizes), received))
 
-    def _inputs(self, main: torch.Tensor, k: int, grid: tuple[int, int, int], projector_inputs) -> ImageInputs:
+    def _inputs(self, main: torch.Tensor, k: int, grid: tuple[int, int, int], signals) -> ImageInputs:
+        projector_inputs, (received, vision_keys) = signals
+        unit = self.visual.spatial_merge_unit
+
+        def pack(scores: torch.Tensor) -> torch.Tensor:
+            # per patch (received attention, [1, P]): a token's score is the mean of its merge unit's patches, as
+            # vtprune's Qwen adapter pools them; per token ([1, n]): as they are
+            if scores.numel() == main.shape[0] * unit:
+                return scores.reshape(-1, unit).mean(dim=1)
+            if scores.numel() != main.shape[0]:
+                raise ValueError(f"vtprune.vllm: scores of shape {tuple(scores.shape)} fit neither the "
+                                 f"{main.shape[0] * unit} patches nor the {main.shape[0]} tokens of the item")
+            return scores.reshape(-1)
+
         projector = None
         if projector_inputs is not None:
             projector = self.vtprune_projector
@@ -265,20 +371,21 @@ class _Pruning:
                                    "tower's output (this vLLM version lays the merger out differently)")
             projector_inputs = projector_inputs.unsqueeze(0)
         return ImageInputs(n=main.shape[0], k=k, features=main, projector_inputs=projector_inputs,
-                           projector=projector, pack_crop_scores=lambda scores: scores.reshape(-1),
+                           projector=projector, received=received, vision_keys=vision_keys, pack_crop_scores=pack,
+                           token_patches=lambda crops, patches: torch.arange(crops * patches).view(-1, unit),
                            extra={"grid": torch.tensor([grid])})
 
     def _prune(self, embeds: Sequence[torch.Tensor], grid_thw: torch.Tensor, modality: str,
-               t_factors: Sequence[float], projector_inputs: Sequence) -> tuple[torch.Tensor, ...]:
+               t_factors: Sequence[float], signals: Sequence) -> tuple[torch.Tensor, ...]:
         merge = self.visual.spatial_merge_size
         width = embeds[0].shape[1] // (1 + self._levels) if embeds else 0
         out = []
-        for emb, (t, h, w), t_factor, proj in zip(embeds, grid_thw.tolist(), t_factors, projector_inputs):
+        for emb, (t, h, w), t_factor, item_signals in zip(embeds, grid_thw.tolist(), t_factors, signals):
             n = emb.shape[0]
             k = self.vtprune_config.budget(n)
             main = emb[:, :width]
             start = time.perf_counter()
-            chosen = self.vtprune_method.select(self._inputs(main, k, (t, h, w), proj))
+            chosen = self.vtprune_method.select(self._inputs(main, k, (t, h, w), item_signals))
             select_ms = (time.perf_counter() - start) * 1e3
             sel = chosen if isinstance(chosen, Selection) else Selection(torch.as_tensor(chosen))
             kept = torch.as_tensor(sel.kept, dtype=torch.long).cpu()
@@ -309,9 +416,11 @@ class _Pruning:
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if inputs is None:
                 continue
-            if inputs["type"] not in ("pixel_values", "pixel_values_videos") and self._needs_projector():
-                raise ValueError(f"method {self.vtprune_config.method!r} needs the patch merger's input, which "
-                                 f"precomputed {modality} embeddings ({inputs['type']!r}) do not carry; send pixels")
+            if inputs["type"] not in ("pixel_values", "pixel_values_videos") and (self._needs_projector()
+                                                                                  or self._needs_received()):
+                raise ValueError(f"method {self.vtprune_config.method!r} needs the vision tower's internals (the "
+                                 "patch merger's input or its attention), which precomputed "
+                                 f"{modality} embeddings ({inputs['type']!r}) do not carry; send pixels")
             if modality == "image":
                 embeds, proj = self._items("image", inputs)
                 out += self._prune(embeds, inputs["image_grid_thw"], "image", [1.0] * len(embeds), proj)
@@ -391,6 +500,18 @@ class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
         # the merger runs in window order; the tower puts its output back with these indices
         meta = self.visual.prepare_encoder_metadata(grid_thw.tolist())
         return meta["reverse_indices"]
+
+    def _attention_blocks(self, grid, layer):
+        # full-attention blocks: one block per frame; the others: the attention windows, from the tower's own
+        # per-item window index (as its prepare_encoder_metadata concatenates them, without a backend's rescaling)
+        if layer in self.visual.fullatt_block_indexes:
+            return super()._attention_blocks(grid, layer)
+        bounds, last = [torch.zeros(1, dtype=torch.long)], 0
+        for t, h, w in grid:
+            _, cu = self.visual.get_window_index_thw(int(t), int(h), int(w))
+            bounds.append(cu.long() + last)
+            last = int(bounds[-1][-1])
+        return torch.unique_consecutive(torch.cat(bounds))
 
     def _time_factors(self, inputs, embeds):
         seconds = inputs.get("second_per_grid_ts")
