@@ -25,7 +25,9 @@ PRUNED = {
     "visionzip": {"method": "visionzip", "ratio": 0.5},  # keys of the kept merge units, contextual tokens merged
     "vispruner": {"method": "vispruner", "ratio": 0.4},
 }
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_video")
+#: methods served on Qwen3-VL videos (setting.FRAME_COUNTS_AHEAD): a frame's kept count is known before the tower runs
+VIDEO3 = ("pool", "random")
 
 
 def _items(log):
@@ -43,18 +45,22 @@ def test_stock_vllm_equals_hugging_face(serve, hf, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_equals_vllm_without_pruning(serve, family):
     stock = serve(None, family=family)
-    keep_all = serve({"vtprune": {"method": "divprune", "ratio": 1.0}}, family=family)
+    method = "random" if family == "qwen3_vl_video" else "divprune"
+    keep_all = serve({"vtprune": {"method": method, "ratio": 1.0}}, family=family)
     assert keep_all["outputs"] == stock["outputs"]  # tokens and prompt lengths
     assert keep_all["log"] and all(e["kept"] == list(range(e["n"])) for e in keep_all["log"])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(PRUNED))
+@pytest.mark.parametrize("family, name", [(family, name) for family in FAMILIES for name in sorted(PRUNED)
+                                           if family != "qwen3_vl_video" or name in VIDEO3])
 def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     """A batch of requests (Qwen2.5-VL: one image, another size, two images, a video; Qwen3-VL: images, DeepStack
-    levels following the kept rows) served together equals each request run alone through ``vtprune.patch`` on the
-    same checkpoint: kept tokens, prompt lengths, greedy tokens."""
-    requests_ = request.getfixturevalue("requests_" if family == "qwen2_5_vl" else "requests_qwen3")
+    levels following the kept rows; Qwen3-VL videos, one run per frame, for the methods that size them ahead)
+    served together equals each request run alone through ``vtprune.patch`` on the same checkpoint: kept tokens,
+    prompt lengths, greedy tokens."""
+    from conftest import FAMILY
+
+    requests_ = request.getfixturevalue(FAMILY[family][0])
     method = PRUNED[name]
     ours, ref = serve({"vtprune": method}, family=family), hf(method, family=family)
     stock = serve(None, family=family)
@@ -78,18 +84,20 @@ def _modalities(request):
 
 def _item_sizes(request, family="qwen2_5_vl"):
     """Visual tokens per item of the fixed mix (one merged token per 2 x 2 patches: 28 px for Qwen2.5-VL's 14-pixel
-    patches, 32 px for Qwen3-VL's 16; the 4-frame 112-px video is 2 temporal steps of 4 x 4)."""
+    patches, 32 px for Qwen3-VL's 16; a video's 2 x 2 frames per temporal step)."""
+    import numpy as np
     from PIL import Image
 
     from checkpoint import MERGE, PATCHES
 
-    side = PATCHES[family] * MERGE
+    side = PATCHES[family.removesuffix("_video")] * MERGE
     sizes = []
     for path in request["images"]:
         w, h = Image.open(path).size
         sizes.append((h // side) * (w // side))
     if request["video"]:
-        sizes.append(2 * 4 * 4)
+        frames, h, w, _ = np.load(request["video"]).shape
+        sizes.append(frames // 2 * (h // side) * (w // side))
     return sizes
 
 
@@ -129,7 +137,8 @@ def test_qwen3_video_is_refused_at_startup(ckpts, requests_qwen3, tmp_path):
                 multiprocess=False, requests=requests_qwen3[:1], limit_mm_per_prompt={"image": 1, "video": 1})
     out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
     assert out is None and proc.returncode != 0
-    assert "vtprune.vllm does not prune Qwen3-VL videos" in proc.stderr
+    assert "vtprune.vllm prunes Qwen3-VL videos only with pool and random" in proc.stderr
+    assert "method 'divprune' selects from the pixels" in proc.stderr
     assert "--limit-mm-per-prompt '{\"video\": 0}'" in proc.stderr
 
 

@@ -45,27 +45,63 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from .. import functional as F
+from ..engine.units import refill_frames
 from ..methods.base import ImageInputs, Selection
 from . import setting
 
-#: extra channels appended to each kept row: (rank, t, h, w), each as two base-256 digits so that they are exact
-#: in bf16 / fp16 (integers up to 256 are exact there) for values below 65536
+#: values carried by each kept row in extra channels: the frame of the item it belongs to and the item's number of
+#: frames (placeholder runs: Qwen3-VL videos have one per frame, every other item one), its rank among the kept
+#: tokens of that run, and its original (t, h, w) position offset from the run's first position
+VALUES = 6
+#: each value as two base-256 digits, exact in bf16 / fp16 (integers up to 256 are exact there) below 65536
 _DIGITS = 2
-EXTRA = 4 * _DIGITS
+EXTRA = VALUES * _DIGITS
 
-#: why Qwen3-VL videos are refused with a vtprune setting
+#: why Qwen3-VL videos are refused with a vtprune setting whose method is not in setting.FRAME_COUNTS_AHEAD
 QWEN3_VIDEO_REFUSAL = (
-    "vtprune.vllm does not prune Qwen3-VL videos: Qwen3-VL lays a video out as one placeholder run per frame between "
-    "timestamp text ('<t seconds>'), vLLM sizes those runs before the vision tower runs, and how many tokens a "
-    "method keeps in each frame is known only after it selects (vtprune's Hugging Face path keeps every kept token "
-    "in its own frame). vLLM's EVS instead puts all retained tokens in the first frame's run, ahead of the later "
-    "frames' timestamps, a different prompt. Serve Qwen3-VL with vtprune for images only: start vLLM with "
-    "--limit-mm-per-prompt '{\"video\": 0}' (or use vLLM's --video-pruning-rate without vtprune)"
+    "vtprune.vllm prunes Qwen3-VL videos only with {ahead}: Qwen3-VL lays a video out as one placeholder run per "
+    "frame between timestamp text ('<t seconds>'), and vLLM sizes those runs when the request arrives "
+    "(Qwen3VLMultiModalProcessor._get_prompt_updates, through get_video_repl(tokens_per_frame=...)), before the "
+    "vision tower runs; vtprune's Hugging Face path keeps each kept token in its own frame, so the plugin needs each "
+    "frame's kept count before selecting. Only methods whose kept tokens do not depend on the pixels ({ahead}) "
+    "give it; method {method!r} selects from the pixels. (vLLM's EVS instead puts all retained tokens in the first "
+    "frame's run, ahead of the later frames' timestamps: a different prompt.) Serve Qwen3-VL with {method!r} for "
+    "images only: start vLLM with --limit-mm-per-prompt '{{\"video\": 0}}' (or use vLLM's --video-pruning-rate "
+    "without vtprune)"
 )
 
 
+def qwen3_video_refusal(method: str) -> str:
+    return QWEN3_VIDEO_REFUSAL.format(ahead=" and ".join(sorted(setting.FRAME_COUNTS_AHEAD)), method=method)
+
+
+def frame_plan(config, method, t: int, h: int, w: int, merge: int) -> tuple[torch.Tensor, list[int]]:
+    """A Qwen3-VL video's kept tokens and kept count per frame, known before the vision tower runs, for a method
+    whose selection does not depend on the pixels (``setting.FRAME_COUNTS_AHEAD``): the method's ``select`` on
+    zero features of the video's ``t`` frames of ``h x w`` merged tokens (its (t, h, w) patch grid ``t x h*merge x
+    w*merge`` in ``extra["grid"]``, as the Hugging Face path hands it), then :func:`refill`. Returns ``(kept [k]
+    ascending, counts [t])``."""
+    n = t * h * w
+    inputs = ImageInputs(n=n, k=config.budget(n), features=torch.zeros(n, 1),
+                         pack_crop_scores=lambda scores: scores.reshape(-1),
+                         extra={"grid": torch.tensor([[t, h * merge, w * merge]])})
+    chosen = method.select(inputs)
+    if isinstance(chosen, Selection):
+        return refill(config, torch.as_tensor(chosen.kept).long().cpu(), chosen.merged is not None, t, h * w)
+    return refill(config, torch.as_tensor(chosen).long().cpu(), False, t, h * w)
+
+
+def refill(config, kept: torch.Tensor, merged: bool, t: int, per: int) -> tuple[torch.Tensor, list[int]]:
+    """As vtprune's Hugging Face path treats a video whose frames are separate runs: a frame the method left empty
+    gets a token back (``empty_frames="refill"``, a method that does not merge; ``vtprune.engine.units
+    .refill_frames``). Returns ``(kept, per-frame counts)`` for ``t`` frames of ``per`` tokens."""
+    if config.empty_frames == "refill" and not merged and t > 1:
+        kept = refill_frames(kept, [per] * t)
+    return kept, torch.bincount(kept // per, minlength=t).tolist()
+
+
 def _encode(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` ``[m, 4]`` int64 in [0, 65536) -> ``[m, 8]`` channels (high digit, low digit per value)."""
+    """``values`` ``[m, VALUES]`` int64 in [0, 65536) -> ``[m, EXTRA]`` channels (high, low digit per value)."""
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 256**_DIGITS):
         raise ValueError(f"vtprune.vllm: a position or rank of {int(values.max())} does not fit the extra channels "
                          f"(allowed: 0 <= value < {256 ** _DIGITS})")
@@ -151,19 +187,36 @@ class VTPruneQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
 
 
 class VTPruneQwen3VLProcessor(Qwen3VLMultiModalProcessor):
-    """Image placeholder runs sized to the kept count; a video is refused (:data:`QWEN3_VIDEO_REFUSAL`)."""
+    """Image placeholder runs sized to the kept count; a video's per-frame runs sized to each frame's kept count
+    (:func:`frame_plan`; only for methods in ``setting.FRAME_COUNTS_AHEAD``, others are refused)."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         config = setting.read(self.info.get_hf_config())
         if config is None:
             return updates
+        hf_config = self.info.get_hf_config()
+        merge = hf_config.vision_config.spatial_merge_size
+        tokenizer = self.info.get_tokenizer()
+        method = setting.method(config)
 
-        def refuse(item_idx: int):
-            raise ValueError(QWEN3_VIDEO_REFUSAL)
+        def video(item_idx: int):
+            if config.method not in setting.FRAME_COUNTS_AHEAD:
+                raise ValueError(qwen3_video_refusal(config.method))
+            out_item = out_mm_kwargs["video"][item_idx]
+            t, h, w = (int(v) for v in out_item["video_grid_thw"].data.tolist())
+            timestamps = out_item["timestamps"].data
+            _, counts = frame_plan(config, method, t, h // merge, w // merge, merge)
+            # the stock layout (timestamp text, vision start, the frame's tokens, vision end per frame), each frame's
+            # run holding its kept count
+            return Qwen3VLMultiModalProcessor.get_video_repl(
+                tokens_per_frame=counts, timestamps=timestamps, tokenizer=tokenizer,
+                vision_start_token_id=hf_config.vision_start_token_id,
+                vision_end_token_id=hf_config.vision_end_token_id, video_token_id=hf_config.video_token_id,
+                select_token_id=True)
 
         return [_pruned_replacement(config, u) if u.modality == "image"
-                else PromptReplacement(modality=u.modality, target=u.target, replacement=refuse) for u in updates]
+                else PromptReplacement(modality=u.modality, target=u.target, replacement=video) for u in updates]
 
 
 class _Pruning:
@@ -389,6 +442,13 @@ class _Pruning:
             select_ms = (time.perf_counter() - start) * 1e3
             sel = chosen if isinstance(chosen, Selection) else Selection(torch.as_tensor(chosen))
             kept = torch.as_tensor(sel.kept, dtype=torch.long).cpu()
+            if self._frame_runs(modality):  # a Qwen3-VL video: as the Hugging Face path, and as the prompt was sized
+                hh, ww = h // merge, w // merge
+                kept, counts = refill(self.vtprune_config, kept, sel.merged is not None, t, hh * ww)
+                _, planned = frame_plan(self.vtprune_config, self.vtprune_method, t, hh, ww, merge)
+                if counts != planned:
+                    raise RuntimeError(f"vtprune.vllm: method {self.vtprune_config.method!r} kept {counts} tokens per "
+                                       f"frame of a video whose prompt was sized for {planned}")
             if kept.numel() != k:
                 raise RuntimeError(f"vtprune.vllm: method {self.vtprune_config.method!r} kept {kept.numel()} of {n} "
                                    f"tokens but the prompt was sized for {k}")
@@ -403,8 +463,7 @@ class _Pruning:
                                      "weights (Selection.weights): the DeepStack levels cannot follow them")
                 else:
                     rows.append((sel.weights.to(emb.device, torch.float32) @ level.float()).to(emb.dtype))
-            pos = torch.from_numpy(grid_positions(t, h // merge, w // merge, t_factor))[:, kept]
-            values = torch.cat([torch.arange(k)[None], pos]).T  # [k, 4]: rank, t, h, w
+            values = self._run_values(kept, modality, (t, h // merge, w // merge), t_factor)
             self.vtprune_log.append(dict(modality=modality, n=n, kept=kept.tolist(), select_ms=select_ms))
             out.append(torch.cat(rows + [_encode(values, emb.dtype).to(emb.device)], dim=1))
         return tuple(out)
@@ -431,25 +490,45 @@ class _Pruning:
         return out
 
     def _time_factors(self, inputs, embeds) -> list[float]:
-        raise ValueError(QWEN3_VIDEO_REFUSAL)
+        return [1.0] * len(embeds)
+
+    def _frame_runs(self, modality: str) -> bool:
+        """Whether an item of ``modality`` is one placeholder run per frame (Qwen3-VL videos)."""
+        return False
+
+    def _run_values(self, kept: torch.Tensor, modality: str, grid: tuple[int, int, int], t_factor: float):
+        """``[k, VALUES]``: per kept token (ascending indices into the item's tokens) its frame, the item's number of
+        frames, its rank in its frame's run and its (t, h, w) offset from the run's first position."""
+        t, h, w = grid
+        k = kept.numel()
+        if self._frame_runs(modality):
+            per = h * w
+            frame = kept // per
+            first = torch.searchsorted(frame, frame)  # index of the frame's first kept token (kept ascends)
+            rank = torch.arange(k) - first
+            pos = torch.from_numpy(grid_positions(1, h, w))[:, kept % per]
+            head = torch.stack([frame, torch.full_like(frame, t), rank])
+        else:
+            pos = torch.from_numpy(grid_positions(t, h, w, t_factor))[:, kept]
+            head = torch.stack([torch.zeros(k, dtype=torch.long), torch.ones(k, dtype=torch.long), torch.arange(k)])
+        return torch.cat([head, pos.long()]).T
 
     # -- positions ------------------------------------------------------------------------------------------------
-    def _grids(self, mm_features):
-        """``(offset, t, h, w, t_factor)`` of each item, in prompt order (h, w in merged tokens)."""
+    def _grids(self, input_tokens, mm_features):
+        """``(offset, t, h, w, t_factor, k)`` of each placeholder run, in prompt order (h, w in merged tokens; ``k``
+        the run's kept count)."""
         raise NotImplementedError
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """The pruned prompt's positions: text as in the unpruned prompt; each item's ``k`` placeholders hold
+        """The pruned prompt's positions: text as in the unpruned prompt; each run's ``k`` placeholders hold
         stand-ins until :meth:`recompute_mrope_positions` writes the kept tokens' original positions."""
         if self.vtprune_config is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
         chunks, st, next_pos = [], 0, 0
-        for offset, t, h, w, t_factor in self._grids(mm_features):
+        for offset, t, h, w, t_factor, k in self._grids(input_tokens, mm_features):
             text_len = offset - st
             chunks.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_pos)
             full = grid_positions(t, h, w, t_factor) + text_len + next_pos
-            k = lengths[offset]
             chunks.append(full[:, :k])
             next_pos = int(full.max()) + 1
             st = offset + k
@@ -460,6 +539,19 @@ class _Pruning:
         positions = np.concatenate(chunks, axis=1).reshape(3, -1)
         return torch.from_numpy(positions), next_pos - len(input_tokens)
 
+    def _runs(self, ids: torch.Tensor) -> list[tuple[int, int]]:
+        """``(start, end)`` of every placeholder run of the prompt ``ids``, in order: each maximal run of image /
+        video tokens, and an empty run after each vision-start token followed directly by vision-end (a Qwen3-VL
+        video frame that keeps no token)."""
+        cfg = self.config
+        visual = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+        where = visual.nonzero().squeeze(1)
+        breaks = (where[1:] != where[:-1] + 1).nonzero().squeeze(1) + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in torch.tensor_split(where, breaks.tolist()) if r.numel()]
+        empty = ((ids[:-1] == cfg.vision_start_token_id) & (ids[1:] == cfg.vision_end_token_id)).nonzero()
+        runs += [(int(i) + 1, int(i) + 1) for i in empty.squeeze(1)]
+        return sorted(runs)
+
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
         """Write the kept tokens' original positions (carried in the extra channels) into ``mrope_positions``
         ``[3, N]`` of the whole prompt; ``multimodal_embeddings`` are the slices of the items this step's chunk
@@ -469,19 +561,22 @@ class _Pruning:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
         ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
-        visual = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
-        where = visual.nonzero().squeeze(1)
-        breaks = (where[1:] != where[:-1] + 1).nonzero().squeeze(1) + 1
-        runs = [(int(r[0]), int(r[-1]) + 1) for r in torch.tensor_split(where, breaks.tolist()) if r.numel()]
-        first = next((i for i, (_, end) in enumerate(runs) if end > num_computed_tokens), len(runs))
+        runs = self._runs(ids)
         positions = mrope_positions.clone()
         out = []
-        for i, emb in enumerate(multimodal_embeddings):
-            start, _ = runs[first + i]
-            values = _decode(emb[:, -EXTRA:]).to(positions.device)  # [m, 4]
-            base = positions[0, start - 1] + 1  # the item's first position: one past the vision-start token
-            positions[:, start + values[:, 0]] = base + values[:, 1:].T
+        item = None  # index of the current item's first run
+        for emb in multimodal_embeddings:
+            values = _decode(emb[:, -EXTRA:]).to(positions.device)  # [m, VALUES]
+            frame, frames, rank, offsets = values[:, 0], values[:, 1], values[:, 2], values[:, 3:]
+            if item is None:  # the first slice may start inside its item: at the first kept token to compute
+                here = next(i for i, (start, end) in enumerate(runs) if end > start and end > num_computed_tokens)
+                item = here - int(frame[0])
+            starts = torch.tensor([runs[item + f][0] for f in range(int(frames[0]))], device=positions.device)
+            slots = starts[frame] + rank
+            base = positions[0, starts[frame] - 1] + 1  # each run's first position: one past its vision-start token
+            positions[:, slots] = base + offsets.T
             out.append(emb[:, :-EXTRA])
+            item += int(frames[0])
         delta = int(positions.max()) + 1 - ids.numel()
         return out, positions, delta
 
@@ -519,8 +614,10 @@ class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
         return ([1.0] * len(embeds) if seconds is None
                 else [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()])
 
-    def _grids(self, mm_features):
-        return self.iter_mm_grid_thw(mm_features)
+    def _grids(self, input_tokens, mm_features):
+        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
+        for offset, t, h, w, t_factor in self.iter_mm_grid_thw(mm_features):
+            yield offset, t, h, w, t_factor, lengths[offset]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -528,8 +625,9 @@ class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
 )
 class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
     """vLLM's ``Qwen3VLForConditionalGeneration`` with the deployment's vtprune method before the LLM, on images
-    (several per prompt); every DeepStack level follows the kept rows. Videos are refused
-    (:data:`QWEN3_VIDEO_REFUSAL`)."""
+    (several per prompt) and, for methods whose kept tokens do not depend on the pixels
+    (``setting.FRAME_COUNTS_AHEAD``), videos (each frame's run holding that frame's kept tokens); every DeepStack
+    level follows the kept rows. Other methods with videos allowed are refused (:func:`qwen3_video_refusal`)."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -537,13 +635,27 @@ class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
         if self.vtprune_config is None:
             return
         self._levels = self.deepstack_num_level if self.use_deepstack else 0
-        if self.multimodal_config.get_limit_per_prompt("video") > 0:
-            raise ValueError(QWEN3_VIDEO_REFUSAL)
+        if (self.multimodal_config.get_limit_per_prompt("video") > 0
+                and self.vtprune_config.method not in setting.FRAME_COUNTS_AHEAD):
+            raise ValueError(qwen3_video_refusal(self.vtprune_config.method))
 
-    def _grids(self, mm_features):
+    def _frame_runs(self, modality):
+        return modality == "video"
+
+    def _grids(self, input_tokens, mm_features):
         merge = self.config.vision_config.spatial_merge_size
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            if f.modality != "image":
-                raise ValueError(QWEN3_VIDEO_REFUSAL)
-            t, h, w = f.data["image_grid_thw"].data.tolist()
-            yield f.mm_position.offset, t, h // merge, w // merge, 1.0
+            offset, length = f.mm_position.offset, f.mm_position.length
+            if f.modality == "image":
+                t, h, w = f.data["image_grid_thw"].data.tolist()
+                yield offset, t, h // merge, w // merge, 1.0, length
+                continue
+            t, h, w = f.data["video_grid_thw"].data.tolist()
+            # one run per frame after its timestamp text and vision-start token (positions: a 1 x h x w grid each)
+            runs = [(s, e) for s, e in self._runs(torch.as_tensor(list(input_tokens), dtype=torch.long))
+                    if offset <= s < offset + length]
+            if len(runs) != t:
+                raise RuntimeError(f"vtprune.vllm: a Qwen3-VL video of {t} frames has {len(runs)} placeholder runs "
+                                   f"in its prompt ({length} tokens from position {offset})")
+            for start, end in runs:
+                yield start, 1, h // merge, w // merge, 1.0, end - start

@@ -28,6 +28,9 @@ KEY = "vtprune"
 SIGNALS = frozenset({"features", "projector_inputs", "cls_attention", "vision_keys"})
 #: the signals the plugin gives only as the attention each patch receives (``importance="received"``)
 RECEIVED = frozenset({"cls_attention", "vision_keys"})
+#: methods whose kept tokens depend only on an item's size / grid and options, not on its pixels: the processor can
+#: size each frame's placeholder run of a Qwen3-VL video before the vision tower runs (others are refused there)
+FRAME_COUNTS_AHEAD = frozenset({"random", "pool"})
 #: options with which a method refused on its defaults runs in vLLM (printed with :func:`servable_methods`)
 SERVED_WITH = {"todre": {"late_drop": False}}
 
