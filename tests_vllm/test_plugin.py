@@ -28,6 +28,12 @@ PRUNED = {
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_video")
 #: methods served on Qwen3-VL videos (setting.FRAME_COUNTS_AHEAD): a frame's kept count is known before the tower runs
 VIDEO3 = ("pool", "random")
+#: Qwen3-VL videos only (2 of a video's 18 tokens, seed 0: both in frame 0): the empty frame gets a token back
+#: (empty_frames="refill", the default), or keeps none and its run is empty (vision start, vision end)
+VIDEO3_ONLY = {
+    "random_refill": {"method": "random", "keep": 2, "seed": 0},
+    "random_empty_frame": {"method": "random", "keep": 2, "seed": 0, "empty_frames": "allow"},
+}
 
 
 def _items(log):
@@ -52,7 +58,8 @@ def test_keep_all_equals_vllm_without_pruning(serve, family):
 
 
 @pytest.mark.parametrize("family, name", [(family, name) for family in FAMILIES for name in sorted(PRUNED)
-                                           if family != "qwen3_vl_video" or name in VIDEO3])
+                                           if family != "qwen3_vl_video" or name in VIDEO3]
+                         + [("qwen3_vl_video", name) for name in VIDEO3_ONLY])
 def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     """A batch of requests (Qwen2.5-VL: one image, another size, two images, a video; Qwen3-VL: images, DeepStack
     levels following the kept rows; Qwen3-VL videos, one run per frame, for the methods that size them ahead)
@@ -61,7 +68,7 @@ def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     from conftest import FAMILY
 
     requests_ = request.getfixturevalue(FAMILY[family][0])
-    method = PRUNED[name]
+    method = {**PRUNED, **VIDEO3_ONLY}[name]
     ours, ref = serve({"vtprune": method}, family=family), hf(method, family=family)
     stock = serve(None, family=family)
     expected = Counter()
@@ -76,6 +83,11 @@ def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
             expected[(modality, n, tuple(kept))] += 1
     assert _items(ours["log"]) == expected
     assert any(len(e["kept"]) < e["n"] for e in ours["log"])
+    frames = [{i // (e["n"] // 2) for i in e["kept"]} for e in ours["log"] if e["modality"] == "video"]
+    if name == "random_refill":  # the case is what it claims: each frame keeps one token
+        assert frames and all(f == {0, 1} for f in frames)
+    if name == "random_empty_frame":
+        assert frames and all(f == {0} for f in frames)
 
 
 def _modalities(request):
@@ -151,10 +163,12 @@ class _Cfg:
 @pytest.mark.parametrize("value, message", [
     ({"method": "fastv", "keep": 4}, "prunes inside the language model"),
     ({"method": "dart", "keep": 4}, "prunes inside the language model"),
-    ({"method": "visionzip", "keep": 4}, "cannot run in vLLM"),
-    ({"method": "todre", "keep": 4}, "cannot run in vLLM"),
-    ({"method": "vispruner", "keep": 4}, "needs the signal(s) ['cls_attention']"),
+    ({"method": "visionzip", "keep": 4, "importance": "cls"}, "importance='cls' needs the vision tower's CLS"),
+    ({"method": "cls", "keep": 4, "importance": "cls"}, "Qwen-VL towers have no CLS token"),
+    ({"method": "todre", "keep": 4}, 'a late drop, from a decoder layer\'s attention'),
+    ({"method": "todre", "keep": 4}, 'serve its pre-LLM selection alone with {"late_drop": false}'),
     ({"method": "cdpruner", "keep": 4}, "needs the signal(s) ['prompt_embeds']"),
+    ({"method": "cdpruner", "keep": 4}, "caches its output per media item by content hash"),
     ({"method": "pdrop", "keep": 4}, "prunes inside the language model"),
     ({"method": "divprun", "keep": 4}, "Did you mean 'divprune'"),
     ({"method": "divprune"}, "needs a budget"),
@@ -175,4 +189,6 @@ def test_setting_round_trip():
     text = setting.overrides({"method": "divprune", "ratio": 0.25})
     assert setting.read(_Cfg(json.loads(text)["vtprune"])).ratio == 0.25
     assert setting.read(_Cfg(json.dumps({"method": "random", "keep": 7}))).budget(20) == 7
-    assert setting.servable_methods() == ["divprune", "pool", "random", "zoo"]
+    assert setting.servable_methods() == ["cls", "divprune", "pool", "random", "visionzip", "vispruner", "zoo"]
+    assert setting.served().endswith("zoo, todre with late_drop=false")
+    assert setting.read(_Cfg({"method": "todre", "ratio": 0.5, "late_drop": False})).late_drop is False
