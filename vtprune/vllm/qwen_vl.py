@@ -3,21 +3,24 @@
 How a pruned request runs (the same steps as vLLM's own video pruning, EVS, for any pre-LLM vtprune method):
 
 1. the processor sizes each image / video's placeholder run to the exact kept count ``k = config.budget(n)``
-   (``n`` = the item's visual tokens after the 2x2 merge), so the scheduler and the KV cache see the pruned prompt;
-2. :meth:`get_mrope_input_positions` numbers the pruned prompt as the unpruned one: text after an item keeps its
+   (``n`` = the item's visual tokens after the 2x2 merge), so the scheduler and the KV cache see the pruned prompt
+   (a Qwen3-VL video: each frame's run to that frame's kept count, :func:`frame_plan`);
+2. :meth:`get_mrope_input_positions` numbers the pruned prompt as the unpruned one: text after a run keeps its
    unpruned M-RoPE positions, so decode positions continue from the unpruned length (as vtprune's Hugging Face
    path does);
 3. ``embed_multimodal`` runs the stock vision tower, hands each item's projected tokens ``[n, D]`` (and, for methods
-   that ask, the patch merger's input per token with a float32 per-token copy of the merger, and the item's
-   (t, h, w) grid) to the method's ``select`` (the code the Hugging Face path runs, ``vtprune.functional``) and
-   returns the ``k`` kept rows (a merging method's merged vectors; Qwen3-VL: each row's DeepStack channels sliced,
-   or merged with the method's weights, the same way), each with extra channels carrying its rank among the kept
-   tokens and its original (t, h, w) position;
+   that ask, the patch merger's input per token with a float32 per-token copy of the merger, the attention each
+   patch receives in the method's vision blocks with their head-mean keys, from the queries and keys vLLM's
+   attention kernel gets, and the item's (t, h, w) grid) to the method's ``select`` (the code the Hugging Face path
+   runs, ``vtprune.functional``) and returns the ``k`` kept rows (a merging method's merged vectors; Qwen3-VL: each
+   row's DeepStack channels sliced, or merged with the method's weights, the same way), each with extra channels
+   carrying its frame, rank in its run and original (t, h, w) position;
 4. :meth:`recompute_mrope_positions` (called by the model runner once pruning is enabled there) strips those
    channels and writes the kept tokens' original positions into the request's M-RoPE positions.
 
-Qwen3-VL videos are refused (see :data:`QWEN3_VIDEO_REFUSAL`). Without a ``vtprune`` setting in the model config
-both classes behave exactly as vLLM's stock models.
+Qwen3-VL videos are served only with methods whose kept tokens do not depend on the pixels (``random``, ``pool``;
+see :data:`QWEN3_VIDEO_REFUSAL`). Without a ``vtprune`` setting in the model config both classes behave exactly as
+vLLM's stock models.
 """
 
 from __future__ import annotations
