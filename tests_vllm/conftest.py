@@ -91,10 +91,28 @@ def requests_qwen3(media):
     ]
 
 
-#: per family: the request mix fixture and vLLM's per-prompt item limits (Qwen3-VL: no video, see QWEN3_VIDEO_REFUSAL)
+@pytest.fixture(scope="session")
+def requests_qwen3_video(tmp_path_factory, media):
+    """Qwen3-VL's video mix (one placeholder run per frame, timestamp text between them): a 4-frame 96-px video
+    (2 temporal steps of 3 x 3 merged tokens; the video processor's pixel cap counts every frame, so larger frames
+    would be resized) alone, and after an image in the same prompt."""
+    root = tmp_path_factory.mktemp("video3")
+    rng = np.random.default_rng(1)
+    videos = [str(root / f"video{i}.npy") for i in range(2)]
+    for path in videos:  # two videos: vLLM encodes a repeated item once (its encoder cache), the log would show one
+        np.save(path, rng.integers(0, 256, (4, 96, 96, 3), dtype=np.uint8))
+    return [
+        dict(prompt=f"w20 w21 {VID} w22", images=[], video=videos[0], fps=4.0),
+        dict(prompt=f"w12 {IMG} w13 {VID} w14 w15", images=[media("c", 128, 128)], video=videos[1], fps=4.0),
+    ]
+
+
+#: per family: the request mix fixture, vLLM's per-prompt item limits and the checkpoint (Qwen3-VL: images only,
+#: except in "qwen3_vl_video", which only methods in setting.FRAME_COUNTS_AHEAD serve)
 FAMILY = {
-    "qwen2_5_vl": ("requests_", {"image": 2, "video": 1}),
-    "qwen3_vl": ("requests_qwen3", {"image": 2, "video": 0}),
+    "qwen2_5_vl": ("requests_", {"image": 2, "video": 1}, "qwen2_5_vl"),
+    "qwen3_vl": ("requests_qwen3", {"image": 2, "video": 0}, "qwen3_vl"),
+    "qwen3_vl_video": ("requests_qwen3_video", {"image": 1, "video": 1}, "qwen3_vl"),
 }
 
 
@@ -135,8 +153,8 @@ def serve(ckpts, request, tmp_path_factory):
     def run(overrides, multiprocess=False, requests=None, family="qwen2_5_vl"):
         key = json.dumps([overrides, multiprocess, requests, family], sort_keys=True)
         if key not in cache:
-            mix, limits = FAMILY[family]
-            spec = dict(checkpoint=ckpts(family), hf_overrides=overrides, max_tokens=MAX_TOKENS,
+            mix, limits, ckpt = FAMILY[family]
+            spec = dict(checkpoint=ckpts(ckpt), hf_overrides=overrides, max_tokens=MAX_TOKENS,
                         multiprocess=multiprocess, requests=requests or request.getfixturevalue(mix),
                         limit_mm_per_prompt=limits)
             out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path_factory.mktemp("vllm"))
@@ -156,7 +174,7 @@ def hf(ckpts, request, tmp_path_factory):
     def run(method, family="qwen2_5_vl"):
         key = json.dumps([method, family], sort_keys=True)
         if key not in cache:
-            spec = dict(checkpoint=ckpts(family), method=method, max_tokens=MAX_TOKENS,
+            spec = dict(checkpoint=ckpts(FAMILY[family][2]), method=method, max_tokens=MAX_TOKENS,
                         requests=request.getfixturevalue(FAMILY[family][0]))
             out, proc = run_json(hf_python(), "hf_reference.py", spec, tmp_path_factory.mktemp("hf"))
             assert out is not None, f"Hugging Face reference failed ({family}, {method}):\n{proc.stderr[-4000:]}"

@@ -40,18 +40,29 @@ def _inputs(processor, request):
 
 
 def _split(kept: torch.Tensor, inputs) -> list[list[int]]:
-    """Sample-relative kept indices -> per item (images, then videos, in prompt order)."""
+    """Sample-relative kept indices -> per item, in prompt order. An item is a run of image / video tokens, except
+    that a Qwen3-VL video is one run per frame (timestamp text between them): its runs are joined up to its token
+    count (``video_grid_thw`` / 4)."""
     ids = inputs["input_ids"][0]
-    sizes = []
+    runs = []  # (token id, length) of each run of visual tokens
     visual = torch.isin(ids, torch.tensor([IMAGE_ID, VIDEO_ID]))
     where = visual.nonzero().squeeze(1).tolist()
     start = 0
     for i, col in enumerate(where):
         if i + 1 == len(where) or where[i + 1] != col + 1:
-            sizes.append(i + 1 - start)
+            runs.append((int(ids[col]), i + 1 - start))
             start = i + 1
+    videos = [int(g.prod()) // 4 for g in inputs.get("video_grid_thw", torch.zeros(0, 3))]
+    sizes = []
+    for token, n in runs:
+        if token == VIDEO_ID and sizes and sizes[-1][0] == VIDEO_ID and sizes[-1][1] < videos[0]:
+            sizes[-1][1] += n
+        else:
+            if token == VIDEO_ID and sizes and sizes[-1][0] == VIDEO_ID:
+                videos.pop(0)
+            sizes.append([token, n])
     out, offset = [], 0
-    for n in sizes:
+    for _, n in sizes:
         out.append([int(k) - offset for k in kept.tolist() if offset <= k < offset + n])
         offset += n
     return out

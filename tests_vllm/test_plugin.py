@@ -18,8 +18,22 @@ PRUNED = {
     "divprune": {"method": "divprune", "ratio": 0.4},
     "pool": {"method": "pool", "ratio": 0.3},  # merges: the kept rows carry window means (and merged DeepStack levels)
     "zoo": {"method": "zoo", "ratio": 0.4},  # the patch merger's input per token and a per-token merger
+    # importance="received" (the default on Qwen-VL): the attention each patch receives in the method's vision
+    # blocks (Qwen2.5-VL's tiny tower: block 0 windowed, block 1 full; Qwen3-VL: block 1 of 3), from vLLM's q/k
+    "cls": {"method": "cls", "ratio": 0.4},
+    "todre": {"method": "todre", "ratio": 0.4, "late_drop": False},
+    "visionzip": {"method": "visionzip", "ratio": 0.5},  # keys of the kept merge units, contextual tokens merged
+    "vispruner": {"method": "vispruner", "ratio": 0.4},
 }
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_video")
+#: methods served on Qwen3-VL videos (setting.FRAME_COUNTS_AHEAD): a frame's kept count is known before the tower runs
+VIDEO3 = ("pool", "random")
+#: Qwen3-VL videos only (2 of a video's 18 tokens, seed 0: both in frame 0): the empty frame gets a token back
+#: (empty_frames="refill", the default), or keeps none and its run is empty (vision start, vision end)
+VIDEO3_ONLY = {
+    "random_refill": {"method": "random", "keep": 2, "seed": 0},
+    "random_empty_frame": {"method": "random", "keep": 2, "seed": 0, "empty_frames": "allow"},
+}
 
 
 def _items(log):
@@ -37,19 +51,24 @@ def test_stock_vllm_equals_hugging_face(serve, hf, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_equals_vllm_without_pruning(serve, family):
     stock = serve(None, family=family)
-    keep_all = serve({"vtprune": {"method": "divprune", "ratio": 1.0}}, family=family)
+    method = "random" if family == "qwen3_vl_video" else "divprune"
+    keep_all = serve({"vtprune": {"method": method, "ratio": 1.0}}, family=family)
     assert keep_all["outputs"] == stock["outputs"]  # tokens and prompt lengths
     assert keep_all["log"] and all(e["kept"] == list(range(e["n"])) for e in keep_all["log"])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(PRUNED))
+@pytest.mark.parametrize("family, name", [(family, name) for family in FAMILIES for name in sorted(PRUNED)
+                                           if family != "qwen3_vl_video" or name in VIDEO3]
+                         + [("qwen3_vl_video", name) for name in VIDEO3_ONLY])
 def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     """A batch of requests (Qwen2.5-VL: one image, another size, two images, a video; Qwen3-VL: images, DeepStack
-    levels following the kept rows) served together equals each request run alone through ``vtprune.patch`` on the
-    same checkpoint: kept tokens, prompt lengths, greedy tokens."""
-    requests_ = request.getfixturevalue("requests_" if family == "qwen2_5_vl" else "requests_qwen3")
-    method = PRUNED[name]
+    levels following the kept rows; Qwen3-VL videos, one run per frame, for the methods that size them ahead)
+    served together equals each request run alone through ``vtprune.patch`` on the same checkpoint: kept tokens,
+    prompt lengths, greedy tokens."""
+    from conftest import FAMILY
+
+    requests_ = request.getfixturevalue(FAMILY[family][0])
+    method = {**PRUNED, **VIDEO3_ONLY}[name]
     ours, ref = serve({"vtprune": method}, family=family), hf(method, family=family)
     stock = serve(None, family=family)
     expected = Counter()
@@ -64,6 +83,11 @@ def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
             expected[(modality, n, tuple(kept))] += 1
     assert _items(ours["log"]) == expected
     assert any(len(e["kept"]) < e["n"] for e in ours["log"])
+    frames = [{i // (e["n"] // 2) for i in e["kept"]} for e in ours["log"] if e["modality"] == "video"]
+    if name == "random_refill":  # the case is what it claims: each frame keeps one token
+        assert frames and all(f == {0, 1} for f in frames)
+    if name == "random_empty_frame":
+        assert frames and all(f == {0} for f in frames)
 
 
 def _modalities(request):
@@ -72,18 +96,20 @@ def _modalities(request):
 
 def _item_sizes(request, family="qwen2_5_vl"):
     """Visual tokens per item of the fixed mix (one merged token per 2 x 2 patches: 28 px for Qwen2.5-VL's 14-pixel
-    patches, 32 px for Qwen3-VL's 16; the 4-frame 112-px video is 2 temporal steps of 4 x 4)."""
+    patches, 32 px for Qwen3-VL's 16; a video's 2 x 2 frames per temporal step)."""
+    import numpy as np
     from PIL import Image
 
     from checkpoint import MERGE, PATCHES
 
-    side = PATCHES[family] * MERGE
+    side = PATCHES[family.removesuffix("_video")] * MERGE
     sizes = []
     for path in request["images"]:
         w, h = Image.open(path).size
         sizes.append((h // side) * (w // side))
     if request["video"]:
-        sizes.append(2 * 4 * 4)
+        frames, h, w, _ = np.load(request["video"]).shape
+        sizes.append(frames // 2 * (h // side) * (w // side))
     return sizes
 
 
@@ -123,7 +149,8 @@ def test_qwen3_video_is_refused_at_startup(ckpts, requests_qwen3, tmp_path):
                 multiprocess=False, requests=requests_qwen3[:1], limit_mm_per_prompt={"image": 1, "video": 1})
     out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
     assert out is None and proc.returncode != 0
-    assert "vtprune.vllm does not prune Qwen3-VL videos" in proc.stderr
+    assert "vtprune.vllm prunes Qwen3-VL videos only with pool and random" in proc.stderr
+    assert "method 'divprune' selects from the pixels" in proc.stderr
     assert "--limit-mm-per-prompt '{\"video\": 0}'" in proc.stderr
 
 
@@ -136,10 +163,12 @@ class _Cfg:
 @pytest.mark.parametrize("value, message", [
     ({"method": "fastv", "keep": 4}, "prunes inside the language model"),
     ({"method": "dart", "keep": 4}, "prunes inside the language model"),
-    ({"method": "visionzip", "keep": 4}, "cannot run in vLLM"),
-    ({"method": "todre", "keep": 4}, "cannot run in vLLM"),
-    ({"method": "vispruner", "keep": 4}, "needs the signal(s) ['cls_attention']"),
+    ({"method": "visionzip", "keep": 4, "importance": "cls"}, "importance='cls' needs the vision tower's CLS"),
+    ({"method": "cls", "keep": 4, "importance": "cls"}, "Qwen-VL towers have no CLS token"),
+    ({"method": "todre", "keep": 4}, 'a late drop, from a decoder layer\'s attention'),
+    ({"method": "todre", "keep": 4}, 'serve its pre-LLM selection alone with {"late_drop": false}'),
     ({"method": "cdpruner", "keep": 4}, "needs the signal(s) ['prompt_embeds']"),
+    ({"method": "cdpruner", "keep": 4}, "caches its output per media item by content hash"),
     ({"method": "pdrop", "keep": 4}, "prunes inside the language model"),
     ({"method": "divprun", "keep": 4}, "Did you mean 'divprune'"),
     ({"method": "divprune"}, "needs a budget"),
@@ -160,4 +189,6 @@ def test_setting_round_trip():
     text = setting.overrides({"method": "divprune", "ratio": 0.25})
     assert setting.read(_Cfg(json.loads(text)["vtprune"])).ratio == 0.25
     assert setting.read(_Cfg(json.dumps({"method": "random", "keep": 7}))).budget(20) == 7
-    assert setting.servable_methods() == ["divprune", "pool", "random", "zoo"]
+    assert setting.servable_methods() == ["cls", "divprune", "pool", "random", "visionzip", "vispruner", "zoo"]
+    assert setting.served().endswith("zoo, todre with late_drop=false")
+    assert setting.read(_Cfg({"method": "todre", "ratio": 0.5, "late_drop": False})).late_drop is False

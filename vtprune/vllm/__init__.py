@@ -1,19 +1,20 @@
-"""vtprune in vLLM: pre-LLM visual-token pruning in vLLM's Qwen2.5-VL and Qwen3-VL (images; Qwen2.5-VL also
-videos), as a ``vllm.general_plugins`` plugin.
+"""vtprune in vLLM: pre-LLM visual-token pruning in vLLM's Qwen2.5-VL and Qwen3-VL (images and videos; Qwen3-VL
+videos only with methods whose kept tokens do not depend on the pixels), as a ``vllm.general_plugins`` plugin.
 
 Install with ``pip install 'vtprune[vllm]'``; vLLM then calls :func:`register` in every process it starts. A
 deployment turns pruning on with ``--hf-overrides '{"vtprune": {"method": "divprune", "ratio": 0.25}}'`` (see
 :mod:`vtprune.vllm.setting`); without that key the model runs exactly as vLLM's stock one.
 
 This package imports vLLM only inside :func:`register` and :mod:`vtprune.vllm.qwen_vl`, and of vtprune only the
-registry, configs and methods (``vtprune.functional``), so it runs with the transformers release vLLM pins.
+registry, configs and methods (``vtprune.functional``) and the engine's refill of a video's empty frames
+(``vtprune.engine.units.refill_frames``), so it runs with the transformers release vLLM pins.
 """
 
 from __future__ import annotations
 
-from .setting import KEY, overrides, read, servable_methods
+from .setting import KEY, overrides, read, servable_methods, served
 
-__all__ = ["register", "overrides", "read", "servable_methods", "pruning_log", "KEY", "ARCHITECTURES"]
+__all__ = ["register", "overrides", "read", "servable_methods", "served", "pruning_log", "KEY", "ARCHITECTURES"]
 
 #: vLLM architectures the plugin replaces with its pruning subclass (inert without a ``vtprune`` setting)
 ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen2_5_VL",

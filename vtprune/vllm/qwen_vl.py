@@ -3,21 +3,24 @@
 How a pruned request runs (the same steps as vLLM's own video pruning, EVS, for any pre-LLM vtprune method):
 
 1. the processor sizes each image / video's placeholder run to the exact kept count ``k = config.budget(n)``
-   (``n`` = the item's visual tokens after the 2x2 merge), so the scheduler and the KV cache see the pruned prompt;
-2. :meth:`get_mrope_input_positions` numbers the pruned prompt as the unpruned one: text after an item keeps its
+   (``n`` = the item's visual tokens after the 2x2 merge), so the scheduler and the KV cache see the pruned prompt
+   (a Qwen3-VL video: each frame's run to that frame's kept count, :func:`frame_plan`);
+2. :meth:`get_mrope_input_positions` numbers the pruned prompt as the unpruned one: text after a run keeps its
    unpruned M-RoPE positions, so decode positions continue from the unpruned length (as vtprune's Hugging Face
    path does);
 3. ``embed_multimodal`` runs the stock vision tower, hands each item's projected tokens ``[n, D]`` (and, for methods
-   that ask, the patch merger's input per token with a float32 per-token copy of the merger, and the item's
-   (t, h, w) grid) to the method's ``select`` (the code the Hugging Face path runs, ``vtprune.functional``) and
-   returns the ``k`` kept rows (a merging method's merged vectors; Qwen3-VL: each row's DeepStack channels sliced,
-   or merged with the method's weights, the same way), each with extra channels carrying its rank among the kept
-   tokens and its original (t, h, w) position;
+   that ask, the patch merger's input per token with a float32 per-token copy of the merger, the attention each
+   patch receives in the method's vision blocks with their head-mean keys, from the queries and keys vLLM's
+   attention kernel gets, and the item's (t, h, w) grid) to the method's ``select`` (the code the Hugging Face path
+   runs, ``vtprune.functional``) and returns the ``k`` kept rows (a merging method's merged vectors; Qwen3-VL: each
+   row's DeepStack channels sliced, or merged with the method's weights, the same way), each with extra channels
+   carrying its frame, rank in its run and original (t, h, w) position;
 4. :meth:`recompute_mrope_positions` (called by the model runner once pruning is enabled there) strips those
    channels and writes the kept tokens' original positions into the request's M-RoPE positions.
 
-Qwen3-VL videos are refused (see :data:`QWEN3_VIDEO_REFUSAL`). Without a ``vtprune`` setting in the model config
-both classes behave exactly as vLLM's stock models.
+Qwen3-VL videos are served only with methods whose kept tokens do not depend on the pixels (``random``, ``pool``;
+see :data:`QWEN3_VIDEO_REFUSAL`). Without a ``vtprune`` setting in the model config both classes behave exactly as
+vLLM's stock models.
 """
 
 from __future__ import annotations
@@ -44,27 +47,64 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
+from .. import functional as F
+from ..engine.units import refill_frames
 from ..methods.base import ImageInputs, Selection
 from . import setting
 
-#: extra channels appended to each kept row: (rank, t, h, w), each as two base-256 digits so that they are exact
-#: in bf16 / fp16 (integers up to 256 are exact there) for values below 65536
+#: values carried by each kept row in extra channels: the frame of the item it belongs to and the item's number of
+#: frames (placeholder runs: Qwen3-VL videos have one per frame, every other item one), its rank among the kept
+#: tokens of that run, and its original (t, h, w) position offset from the run's first position
+VALUES = 6
+#: each value as two base-256 digits, exact in bf16 / fp16 (integers up to 256 are exact there) below 65536
 _DIGITS = 2
-EXTRA = 4 * _DIGITS
+EXTRA = VALUES * _DIGITS
 
-#: why Qwen3-VL videos are refused with a vtprune setting
+#: why Qwen3-VL videos are refused with a vtprune setting whose method is not in setting.FRAME_COUNTS_AHEAD
 QWEN3_VIDEO_REFUSAL = (
-    "vtprune.vllm does not prune Qwen3-VL videos: Qwen3-VL lays a video out as one placeholder run per frame between "
-    "timestamp text ('<t seconds>'), vLLM sizes those runs before the vision tower runs, and how many tokens a "
-    "method keeps in each frame is known only after it selects (vtprune's Hugging Face path keeps every kept token "
-    "in its own frame). vLLM's EVS instead puts all retained tokens in the first frame's run, ahead of the later "
-    "frames' timestamps, a different prompt. Serve Qwen3-VL with vtprune for images only: start vLLM with "
-    "--limit-mm-per-prompt '{\"video\": 0}' (or use vLLM's --video-pruning-rate without vtprune)"
+    "vtprune.vllm prunes Qwen3-VL videos only with {ahead}: Qwen3-VL lays a video out as one placeholder run per "
+    "frame between timestamp text ('<t seconds>'), and vLLM sizes those runs when the request arrives "
+    "(Qwen3VLMultiModalProcessor._get_prompt_updates, through get_video_repl(tokens_per_frame=...)), before the "
+    "vision tower runs; vtprune's Hugging Face path keeps each kept token in its own frame, so the plugin needs each "
+    "frame's kept count before selecting. Only methods whose kept tokens do not depend on the pixels ({ahead}) "
+    "give it; method {method!r} selects from the pixels. (vLLM's EVS instead puts all retained tokens in the first "
+    "frame's run, ahead of the later frames' timestamps: a different prompt.) Serve Qwen3-VL with {method!r} for "
+    "images only: start vLLM with --limit-mm-per-prompt '{{\"video\": 0}}' (or use vLLM's --video-pruning-rate "
+    "without vtprune)"
 )
 
 
+def qwen3_video_refusal(method: str) -> str:
+    return QWEN3_VIDEO_REFUSAL.format(ahead=" and ".join(sorted(setting.FRAME_COUNTS_AHEAD)), method=method)
+
+
+def frame_plan(config, method, t: int, h: int, w: int, merge: int) -> tuple[torch.Tensor, list[int]]:
+    """A Qwen3-VL video's kept tokens and kept count per frame, known before the vision tower runs, for a method
+    whose selection does not depend on the pixels (``setting.FRAME_COUNTS_AHEAD``): the method's ``select`` on
+    zero features of the video's ``t`` frames of ``h x w`` merged tokens (its (t, h, w) patch grid ``t x h*merge x
+    w*merge`` in ``extra["grid"]``, as the Hugging Face path hands it), then :func:`refill`. Returns ``(kept [k]
+    ascending, counts [t])``."""
+    n = t * h * w
+    inputs = ImageInputs(n=n, k=config.budget(n), features=torch.zeros(n, 1),
+                         pack_crop_scores=lambda scores: scores.reshape(-1),
+                         extra={"grid": torch.tensor([[t, h * merge, w * merge]])})
+    chosen = method.select(inputs)
+    if isinstance(chosen, Selection):
+        return refill(config, torch.as_tensor(chosen.kept).long().cpu(), chosen.merged is not None, t, h * w)
+    return refill(config, torch.as_tensor(chosen).long().cpu(), False, t, h * w)
+
+
+def refill(config, kept: torch.Tensor, merged: bool, t: int, per: int) -> tuple[torch.Tensor, list[int]]:
+    """As vtprune's Hugging Face path treats a video whose frames are separate runs: a frame the method left empty
+    gets a token back (``empty_frames="refill"``, a method that does not merge; ``vtprune.engine.units
+    .refill_frames``). Returns ``(kept, per-frame counts)`` for ``t`` frames of ``per`` tokens."""
+    if config.empty_frames == "refill" and not merged and t > 1:
+        kept = refill_frames(kept, [per] * t)
+    return kept, torch.bincount(kept // per, minlength=t).tolist()
+
+
 def _encode(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` ``[m, 4]`` int64 in [0, 65536) -> ``[m, 8]`` channels (high digit, low digit per value)."""
+    """``values`` ``[m, VALUES]`` int64 in [0, 65536) -> ``[m, EXTRA]`` channels (high, low digit per value)."""
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 256**_DIGITS):
         raise ValueError(f"vtprune.vllm: a position or rank of {int(values.max())} does not fit the extra channels "
                          f"(allowed: 0 <= value < {256 ** _DIGITS})")
@@ -150,19 +190,36 @@ class VTPruneQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
 
 
 class VTPruneQwen3VLProcessor(Qwen3VLMultiModalProcessor):
-    """Image placeholder runs sized to the kept count; a video is refused (:data:`QWEN3_VIDEO_REFUSAL`)."""
+    """Image placeholder runs sized to the kept count; a video's per-frame runs sized to each frame's kept count
+    (:func:`frame_plan`; only for methods in ``setting.FRAME_COUNTS_AHEAD``, others are refused)."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         config = setting.read(self.info.get_hf_config())
         if config is None:
             return updates
+        hf_config = self.info.get_hf_config()
+        merge = hf_config.vision_config.spatial_merge_size
+        tokenizer = self.info.get_tokenizer()
+        method = setting.method(config)
 
-        def refuse(item_idx: int):
-            raise ValueError(QWEN3_VIDEO_REFUSAL)
+        def video(item_idx: int):
+            if config.method not in setting.FRAME_COUNTS_AHEAD:
+                raise ValueError(qwen3_video_refusal(config.method))
+            out_item = out_mm_kwargs["video"][item_idx]
+            t, h, w = (int(v) for v in out_item["video_grid_thw"].data.tolist())
+            timestamps = out_item["timestamps"].data
+            _, counts = frame_plan(config, method, t, h // merge, w // merge, merge)
+            # the stock layout (timestamp text, vision start, the frame's tokens, vision end per frame), each frame's
+            # run holding its kept count
+            return Qwen3VLMultiModalProcessor.get_video_repl(
+                tokens_per_frame=counts, timestamps=timestamps, tokenizer=tokenizer,
+                vision_start_token_id=hf_config.vision_start_token_id,
+                vision_end_token_id=hf_config.vision_end_token_id, video_token_id=hf_config.video_token_id,
+                select_token_id=True)
 
         return [_pruned_replacement(config, u) if u.modality == "image"
-                else PromptReplacement(modality=u.modality, target=u.target, replacement=refuse) for u in updates]
+                else PromptReplacement(modality=u.modality, target=u.target, replacement=video) for u in updates]
 
 
 class _Pruning:
@@ -192,9 +249,27 @@ class _Pruning:
             raise ValueError(f"method {self.vtprune_config.method!r} reads the patch merger's input, which a compiled "
                              "vision encoder (compilation_config.compile_mm_encoder=True) does not show; turn it off "
                              "or use a method that needs only the projected tokens (divprune, pool, random)")
+        #: vision blocks whose attention the method reads (importance="received"; empty: none)
+        self._received_layers: list[int] = []
+        if self._needs_received():
+            if getattr(compilation, "compile_mm_encoder", False):
+                raise ValueError(f"method {self.vtprune_config.method!r} reads the vision tower's attention (the "
+                                 "attention each patch receives), which a compiled vision encoder "
+                                 "(compilation_config.compile_mm_encoder=True) does not show; turn it off or use a "
+                                 "method that needs only the projected tokens (divprune, pool, random)")
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            if tp > 1 or getattr(self, "use_data_parallel", False):
+                raise ValueError(f"method {self.vtprune_config.method!r} reads the vision tower's attention, which "
+                                 f"is split across processes with tensor_parallel_size={tp} (each holds part of the "
+                                 "heads, or with mm_encoder_tp_mode='data' part of the images); serve it with "
+                                 "tensor_parallel_size=1 or use a method that needs only the projected tokens")
+            self._received_layers = self.vtprune_method.vision_layers(len(self.visual.blocks))
 
     def _needs_projector(self) -> bool:
         return self.vtprune_method is not None and "projector_inputs" in self.vtprune_method.signals
+
+    def _needs_received(self) -> bool:
+        return self.vtprune_method is not None and bool(self.vtprune_method.signals & setting.RECEIVED)
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
@@ -230,6 +305,76 @@ class _Pruning:
         """Merged-token order of the merger's input rows -> prompt order (None: the same)."""
         return None
 
+    # -- the attention each patch receives (importance="received") ------------------------------------------------
+    def _attention_blocks(self, grid: list[list[int]], layer: int) -> torch.Tensor:
+        """``[B + 1]`` int64 boundaries of the blocks of patches that attend among themselves in vision block
+        ``layer`` for a tower call on ``grid`` (in the tower's token order): one per frame. Computed from the grid,
+        not read from the call: some attention backends (FlashInfer) receive the boundaries rescaled."""
+        frames = [h * w for t, h, w in grid for _ in range(t)]
+        return torch.tensor([0] + frames).cumsum(0)
+
+    @contextlib.contextmanager
+    def _capture_received(self, grid: list[list[int]], into: dict):
+        """While the vision tower runs on ``grid``: for each of the method's vision blocks, the attention each patch
+        receives (``into[layer] = [N]``, ``vtprune.functional.received_attention`` of the queries and keys the
+        block's attention kernel gets, after vLLM's rotary embedding) and the head-mean keys (``into[("keys",
+        layer)] = [N, Dh]``), in the tower's token order."""
+        if not self._needs_received():
+            yield
+            return
+        modules = []
+        for layer in self._received_layers:
+            kernel = self.visual.blocks[layer].attn.attn  # vLLM's MMEncoderAttention: q/k after the rotary embedding
+            original = kernel.forward
+            blocks = self._attention_blocks(grid, layer)
+
+            def forward(*args, _layer=layer, _kernel=kernel, _original=original, _blocks=blocks, **kwargs):
+                q = kwargs["query"] if "query" in kwargs else args[0]
+                k = kwargs["key"] if "key" in kwargs else args[1]
+                if q.dim() != 4 or q.shape[0] != 1 or k.shape[:2] != q.shape[:2]:
+                    raise RuntimeError(f"vtprune.vllm: vision block {_layer}'s attention got queries of shape "
+                                       f"{tuple(q.shape)} and keys {tuple(k.shape)}; expected [1, N, H, Dh]")
+                if _layer in into:
+                    raise RuntimeError(f"vtprune.vllm: vision block {_layer} ran twice in one tower call")
+                into[_layer] = F.received_attention(q[0], k[0], _blocks.to(q.device), float(_kernel.scale))
+                into[("keys", _layer)] = k[0].detach().mean(1)
+                return _original(*args, **kwargs)
+
+            kernel.forward = forward
+            modules.append(kernel)
+        try:
+            yield
+        finally:
+            for kernel in modules:
+                del kernel.forward
+
+    def _split_received(self, into: dict, grid_thw: torch.Tensor, patches: list[int]):
+        """Per item ``([1, L, P], [1, L, P, Dh])``: received attention and head-mean keys of the method's layers,
+        each item's ``P`` patches in the processor's order (merge unit by merge unit), as vtprune's Hugging Face
+        path hands them (``ImageInputs.received`` / ``vision_keys``)."""
+        if not self._needs_received():
+            return [(None, None)] * len(patches)
+        missing = [layer for layer in self._received_layers if layer not in into]
+        if missing:
+            raise RuntimeError(f"vtprune.vllm: vision block(s) {missing} did not run their attention kernel (a "
+                               "compiled or CUDA-graphed vision encoder hides it)")
+        unit = self.visual.spatial_merge_unit
+        order = self._merger_token_order(grid_thw)
+        per_layer = []
+        for layer in self._received_layers:
+            scores, keys = into[layer], into[("keys", layer)]
+            if order is not None:  # the tower holds merge units in window order: back to the processor's order
+                at = order.to(scores.device)
+                scores = scores.reshape(-1, unit)[at].reshape(-1)
+                keys = keys.reshape(-1, unit, keys.shape[-1])[at].reshape(-1, keys.shape[-1])
+            per_layer.append((torch.split(scores, patches), torch.split(keys, patches)))
+        out = []
+        for i in range(len(patches)):
+            received = torch.stack([scores[i] for scores, _ in per_layer]).unsqueeze(0)  # [1, L, P]
+            keys = torch.stack([keys[i] for _, keys in per_layer]).unsqueeze(0)  # [1, L, P, Dh]
+            out.append((received, keys))
+        return out
+
     def _split_projector_inputs(self, captured: list, grid_thw: torch.Tensor, sizes: list[int]):
         if not self._needs_projector():
             return [None] * len(sizes)
@@ -244,17 +389,34 @@ class _Pruning:
         return list(torch.split(tokens, sizes))
 
     # -- which tokens each item keeps ---------------------------------------------------------------------------
-    def _items(self, modality: str, inputs) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+    def _items(self, modality: str, inputs):
+        """The items' projected tokens, and per item the merger's input and the (received attention, keys)."""
         captured: list = []
-        with self._capture_merger_inputs(captured):
+        attention: dict = {}
+        grid = inputs[f"{modality}_grid_thw"]
+        with self._capture_merger_inputs(captured), self._capture_received(grid.tolist(), attention):
             if modality == "image":
                 embeds = self._process_image_input(inputs)
             else:
                 embeds = self._process_video_input(inputs)
-        grid = inputs[f"{modality}_grid_thw"]
-        return embeds, self._split_projector_inputs(captured, grid, [e.shape[0] for e in embeds])
+        sizes = [e.shape[0] for e in embeds]
+        received = self._split_received(attention, grid, [n * self.visual.spatial_merge_unit for n in sizes])
+        return embeds, list(zip(self._split_projector_inputs(captured, grid, sizes), received))
 
-    def _inputs(self, main: torch.Tensor, k: int, grid: tuple[int, int, int], projector_inputs) -> ImageInputs:
+    def _inputs(self, main: torch.Tensor, k: int, grid: tuple[int, int, int], signals) -> ImageInputs:
+        projector_inputs, (received, vision_keys) = signals
+        unit = self.visual.spatial_merge_unit
+
+        def pack(scores: torch.Tensor) -> torch.Tensor:
+            # per patch (received attention, [1, P]): a token's score is the mean of its merge unit's patches, as
+            # vtprune's Qwen adapter pools them; per token ([1, n]): as they are
+            if scores.numel() == main.shape[0] * unit:
+                return scores.reshape(-1, unit).mean(dim=1)
+            if scores.numel() != main.shape[0]:
+                raise ValueError(f"vtprune.vllm: scores of shape {tuple(scores.shape)} fit neither the "
+                                 f"{main.shape[0] * unit} patches nor the {main.shape[0]} tokens of the item")
+            return scores.reshape(-1)
+
         projector = None
         if projector_inputs is not None:
             projector = self.vtprune_projector
@@ -265,23 +427,31 @@ class _Pruning:
                                    "tower's output (this vLLM version lays the merger out differently)")
             projector_inputs = projector_inputs.unsqueeze(0)
         return ImageInputs(n=main.shape[0], k=k, features=main, projector_inputs=projector_inputs,
-                           projector=projector, pack_crop_scores=lambda scores: scores.reshape(-1),
+                           projector=projector, received=received, vision_keys=vision_keys, pack_crop_scores=pack,
+                           token_patches=lambda crops, patches: torch.arange(crops * patches).view(-1, unit),
                            extra={"grid": torch.tensor([grid])})
 
     def _prune(self, embeds: Sequence[torch.Tensor], grid_thw: torch.Tensor, modality: str,
-               t_factors: Sequence[float], projector_inputs: Sequence) -> tuple[torch.Tensor, ...]:
+               t_factors: Sequence[float], signals: Sequence) -> tuple[torch.Tensor, ...]:
         merge = self.visual.spatial_merge_size
         width = embeds[0].shape[1] // (1 + self._levels) if embeds else 0
         out = []
-        for emb, (t, h, w), t_factor, proj in zip(embeds, grid_thw.tolist(), t_factors, projector_inputs):
+        for emb, (t, h, w), t_factor, item_signals in zip(embeds, grid_thw.tolist(), t_factors, signals):
             n = emb.shape[0]
             k = self.vtprune_config.budget(n)
             main = emb[:, :width]
             start = time.perf_counter()
-            chosen = self.vtprune_method.select(self._inputs(main, k, (t, h, w), proj))
+            chosen = self.vtprune_method.select(self._inputs(main, k, (t, h, w), item_signals))
             select_ms = (time.perf_counter() - start) * 1e3
             sel = chosen if isinstance(chosen, Selection) else Selection(torch.as_tensor(chosen))
             kept = torch.as_tensor(sel.kept, dtype=torch.long).cpu()
+            if self._frame_runs(modality):  # a Qwen3-VL video: as the Hugging Face path, and as the prompt was sized
+                hh, ww = h // merge, w // merge
+                kept, counts = refill(self.vtprune_config, kept, sel.merged is not None, t, hh * ww)
+                _, planned = frame_plan(self.vtprune_config, self.vtprune_method, t, hh, ww, merge)
+                if counts != planned:
+                    raise RuntimeError(f"vtprune.vllm: method {self.vtprune_config.method!r} kept {counts} tokens per "
+                                       f"frame of a video whose prompt was sized for {planned}")
             if kept.numel() != k:
                 raise RuntimeError(f"vtprune.vllm: method {self.vtprune_config.method!r} kept {kept.numel()} of {n} "
                                    f"tokens but the prompt was sized for {k}")
@@ -296,8 +466,7 @@ class _Pruning:
                                      "weights (Selection.weights): the DeepStack levels cannot follow them")
                 else:
                     rows.append((sel.weights.to(emb.device, torch.float32) @ level.float()).to(emb.dtype))
-            pos = torch.from_numpy(grid_positions(t, h // merge, w // merge, t_factor))[:, kept]
-            values = torch.cat([torch.arange(k)[None], pos]).T  # [k, 4]: rank, t, h, w
+            values = self._run_values(kept, modality, (t, h // merge, w // merge), t_factor)
             self.vtprune_log.append(dict(modality=modality, n=n, kept=kept.tolist(), select_ms=select_ms))
             out.append(torch.cat(rows + [_encode(values, emb.dtype).to(emb.device)], dim=1))
         return tuple(out)
@@ -309,9 +478,11 @@ class _Pruning:
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if inputs is None:
                 continue
-            if inputs["type"] not in ("pixel_values", "pixel_values_videos") and self._needs_projector():
-                raise ValueError(f"method {self.vtprune_config.method!r} needs the patch merger's input, which "
-                                 f"precomputed {modality} embeddings ({inputs['type']!r}) do not carry; send pixels")
+            if inputs["type"] not in ("pixel_values", "pixel_values_videos") and (self._needs_projector()
+                                                                                  or self._needs_received()):
+                raise ValueError(f"method {self.vtprune_config.method!r} needs the vision tower's internals (the "
+                                 "patch merger's input or its attention), which precomputed "
+                                 f"{modality} embeddings ({inputs['type']!r}) do not carry; send pixels")
             if modality == "image":
                 embeds, proj = self._items("image", inputs)
                 out += self._prune(embeds, inputs["image_grid_thw"], "image", [1.0] * len(embeds), proj)
@@ -322,25 +493,45 @@ class _Pruning:
         return out
 
     def _time_factors(self, inputs, embeds) -> list[float]:
-        raise ValueError(QWEN3_VIDEO_REFUSAL)
+        return [1.0] * len(embeds)
+
+    def _frame_runs(self, modality: str) -> bool:
+        """Whether an item of ``modality`` is one placeholder run per frame (Qwen3-VL videos)."""
+        return False
+
+    def _run_values(self, kept: torch.Tensor, modality: str, grid: tuple[int, int, int], t_factor: float):
+        """``[k, VALUES]``: per kept token (ascending indices into the item's tokens) its frame, the item's number of
+        frames, its rank in its frame's run and its (t, h, w) offset from the run's first position."""
+        t, h, w = grid
+        k = kept.numel()
+        if self._frame_runs(modality):
+            per = h * w
+            frame = kept // per
+            first = torch.searchsorted(frame, frame)  # index of the frame's first kept token (kept ascends)
+            rank = torch.arange(k) - first
+            pos = torch.from_numpy(grid_positions(1, h, w))[:, kept % per]
+            head = torch.stack([frame, torch.full_like(frame, t), rank])
+        else:
+            pos = torch.from_numpy(grid_positions(t, h, w, t_factor))[:, kept]
+            head = torch.stack([torch.zeros(k, dtype=torch.long), torch.ones(k, dtype=torch.long), torch.arange(k)])
+        return torch.cat([head, pos.long()]).T
 
     # -- positions ------------------------------------------------------------------------------------------------
-    def _grids(self, mm_features):
-        """``(offset, t, h, w, t_factor)`` of each item, in prompt order (h, w in merged tokens)."""
+    def _grids(self, input_tokens, mm_features):
+        """``(offset, t, h, w, t_factor, k)`` of each placeholder run, in prompt order (h, w in merged tokens; ``k``
+        the run's kept count)."""
         raise NotImplementedError
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """The pruned prompt's positions: text as in the unpruned prompt; each item's ``k`` placeholders hold
+        """The pruned prompt's positions: text as in the unpruned prompt; each run's ``k`` placeholders hold
         stand-ins until :meth:`recompute_mrope_positions` writes the kept tokens' original positions."""
         if self.vtprune_config is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
         chunks, st, next_pos = [], 0, 0
-        for offset, t, h, w, t_factor in self._grids(mm_features):
+        for offset, t, h, w, t_factor, k in self._grids(input_tokens, mm_features):
             text_len = offset - st
             chunks.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_pos)
             full = grid_positions(t, h, w, t_factor) + text_len + next_pos
-            k = lengths[offset]
             chunks.append(full[:, :k])
             next_pos = int(full.max()) + 1
             st = offset + k
@@ -351,6 +542,19 @@ class _Pruning:
         positions = np.concatenate(chunks, axis=1).reshape(3, -1)
         return torch.from_numpy(positions), next_pos - len(input_tokens)
 
+    def _runs(self, ids: torch.Tensor) -> list[tuple[int, int]]:
+        """``(start, end)`` of every placeholder run of the prompt ``ids``, in order: each maximal run of image /
+        video tokens, and an empty run after each vision-start token followed directly by vision-end (a Qwen3-VL
+        video frame that keeps no token)."""
+        cfg = self.config
+        visual = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+        where = visual.nonzero().squeeze(1)
+        breaks = (where[1:] != where[:-1] + 1).nonzero().squeeze(1) + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in torch.tensor_split(where, breaks.tolist()) if r.numel()]
+        empty = ((ids[:-1] == cfg.vision_start_token_id) & (ids[1:] == cfg.vision_end_token_id)).nonzero()
+        runs += [(int(i) + 1, int(i) + 1) for i in empty.squeeze(1)]
+        return sorted(runs)
+
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
         """Write the kept tokens' original positions (carried in the extra channels) into ``mrope_positions``
         ``[3, N]`` of the whole prompt; ``multimodal_embeddings`` are the slices of the items this step's chunk
@@ -360,19 +564,22 @@ class _Pruning:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
         ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
-        visual = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
-        where = visual.nonzero().squeeze(1)
-        breaks = (where[1:] != where[:-1] + 1).nonzero().squeeze(1) + 1
-        runs = [(int(r[0]), int(r[-1]) + 1) for r in torch.tensor_split(where, breaks.tolist()) if r.numel()]
-        first = next((i for i, (_, end) in enumerate(runs) if end > num_computed_tokens), len(runs))
+        runs = self._runs(ids)
         positions = mrope_positions.clone()
         out = []
-        for i, emb in enumerate(multimodal_embeddings):
-            start, _ = runs[first + i]
-            values = _decode(emb[:, -EXTRA:]).to(positions.device)  # [m, 4]
-            base = positions[0, start - 1] + 1  # the item's first position: one past the vision-start token
-            positions[:, start + values[:, 0]] = base + values[:, 1:].T
+        item = None  # index of the current item's first run
+        for emb in multimodal_embeddings:
+            values = _decode(emb[:, -EXTRA:]).to(positions.device)  # [m, VALUES]
+            frame, frames, rank, offsets = values[:, 0], values[:, 1], values[:, 2], values[:, 3:]
+            if item is None:  # the first slice may start inside its item: at the first kept token to compute
+                here = next(i for i, (start, end) in enumerate(runs) if end > start and end > num_computed_tokens)
+                item = here - int(frame[0])
+            starts = torch.tensor([runs[item + f][0] for f in range(int(frames[0]))], device=positions.device)
+            slots = starts[frame] + rank
+            base = positions[0, starts[frame] - 1] + 1  # each run's first position: one past its vision-start token
+            positions[:, slots] = base + offsets.T
             out.append(emb[:, :-EXTRA])
+            item += int(frames[0])
         delta = int(positions.max()) + 1 - ids.numel()
         return out, positions, delta
 
@@ -392,14 +599,28 @@ class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
         meta = self.visual.prepare_encoder_metadata(grid_thw.tolist())
         return meta["reverse_indices"]
 
+    def _attention_blocks(self, grid, layer):
+        # full-attention blocks: one block per frame; the others: the attention windows, from the tower's own
+        # per-item window index (as its prepare_encoder_metadata concatenates them, without a backend's rescaling)
+        if layer in self.visual.fullatt_block_indexes:
+            return super()._attention_blocks(grid, layer)
+        bounds, last = [torch.zeros(1, dtype=torch.long)], 0
+        for t, h, w in grid:
+            _, cu = self.visual.get_window_index_thw(int(t), int(h), int(w))
+            bounds.append(cu.long() + last)
+            last = int(bounds[-1][-1])
+        return torch.unique_consecutive(torch.cat(bounds))
+
     def _time_factors(self, inputs, embeds):
         seconds = inputs.get("second_per_grid_ts")
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         return ([1.0] * len(embeds) if seconds is None
                 else [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()])
 
-    def _grids(self, mm_features):
-        return self.iter_mm_grid_thw(mm_features)
+    def _grids(self, input_tokens, mm_features):
+        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
+        for offset, t, h, w, t_factor in self.iter_mm_grid_thw(mm_features):
+            yield offset, t, h, w, t_factor, lengths[offset]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -407,8 +628,9 @@ class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
 )
 class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
     """vLLM's ``Qwen3VLForConditionalGeneration`` with the deployment's vtprune method before the LLM, on images
-    (several per prompt); every DeepStack level follows the kept rows. Videos are refused
-    (:data:`QWEN3_VIDEO_REFUSAL`)."""
+    (several per prompt) and, for methods whose kept tokens do not depend on the pixels
+    (``setting.FRAME_COUNTS_AHEAD``), videos (each frame's run holding that frame's kept tokens); every DeepStack
+    level follows the kept rows. Other methods with videos allowed are refused (:func:`qwen3_video_refusal`)."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -416,13 +638,27 @@ class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
         if self.vtprune_config is None:
             return
         self._levels = self.deepstack_num_level if self.use_deepstack else 0
-        if self.multimodal_config.get_limit_per_prompt("video") > 0:
-            raise ValueError(QWEN3_VIDEO_REFUSAL)
+        if (self.multimodal_config.get_limit_per_prompt("video") > 0
+                and self.vtprune_config.method not in setting.FRAME_COUNTS_AHEAD):
+            raise ValueError(qwen3_video_refusal(self.vtprune_config.method))
 
-    def _grids(self, mm_features):
+    def _frame_runs(self, modality):
+        return modality == "video"
+
+    def _grids(self, input_tokens, mm_features):
         merge = self.config.vision_config.spatial_merge_size
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            if f.modality != "image":
-                raise ValueError(QWEN3_VIDEO_REFUSAL)
-            t, h, w = f.data["image_grid_thw"].data.tolist()
-            yield f.mm_position.offset, t, h // merge, w // merge, 1.0
+            offset, length = f.mm_position.offset, f.mm_position.length
+            if f.modality == "image":
+                t, h, w = f.data["image_grid_thw"].data.tolist()
+                yield offset, t, h // merge, w // merge, 1.0, length
+                continue
+            t, h, w = f.data["video_grid_thw"].data.tolist()
+            # one run per frame after its timestamp text and vision-start token (positions: a 1 x h x w grid each)
+            runs = [(s, e) for s, e in self._runs(torch.as_tensor(list(input_tokens), dtype=torch.long))
+                    if offset <= s < offset + length]
+            if len(runs) != t:
+                raise RuntimeError(f"vtprune.vllm: a Qwen3-VL video of {t} frames has {len(runs)} placeholder runs "
+                                   f"in its prompt ({length} tokens from position {offset})")
+            for start, end in runs:
+                yield start, 1, h // merge, w // merge, 1.0, end - start

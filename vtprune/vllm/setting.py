@@ -21,26 +21,45 @@ from ..registry import get_method, list_methods
 #: the key of the model config (``--hf-overrides``) that holds the setting
 KEY = "vtprune"
 #: signals the vLLM plugin hands a method: the projected visual tokens of one image / video (``features``, with its
-#: (t, h, w) grid) and the patch merger's input per token with a float32 per-token copy of the merger
-#: (``projector_inputs``, ``projector``)
-SIGNALS = frozenset({"features", "projector_inputs"})
+#: (t, h, w) grid), the patch merger's input per token with a float32 per-token copy of the merger
+#: (``projector_inputs``, ``projector``) and, read from the vision tower's attention, the attention each patch
+#: receives at the method's vision layers and their head-mean keys (``cls_attention`` / ``vision_keys`` with
+#: ``importance="received"``: Qwen-VL towers have no CLS token, see :data:`RECEIVED`)
+SIGNALS = frozenset({"features", "projector_inputs", "cls_attention", "vision_keys"})
+#: the signals the plugin gives only as the attention each patch receives (``importance="received"``)
+RECEIVED = frozenset({"cls_attention", "vision_keys"})
+#: methods whose kept tokens depend only on an item's size / grid and options, not on its pixels: the processor can
+#: size each frame's placeholder run of a Qwen3-VL video before the vision tower runs (others are refused there)
+FRAME_COUNTS_AHEAD = frozenset({"random", "pool"})
+#: options with which a method refused on its defaults runs in vLLM (printed with :func:`servable_methods`)
+SERVED_WITH = {"todre": {"late_drop": False}}
 
 #: why the plugin cannot give a signal
 _MISSING = {
-    "cls_attention": "the vision tower's CLS attention (Qwen-VL vision towers have no CLS token)",
-    "vision_keys": "the vision tower's keys of a CLS-token layer (Qwen-VL vision towers have no CLS token)",
-    "prompt_embeds": "the prompt's text embeddings (vLLM runs the vision encoder on the image alone, before and "
-                     "apart from the prompt's text)",
-    "instruction": "the prompt's instruction text (vLLM runs the vision encoder on the image alone)",
+    "prompt_embeds": "the prompt's text embeddings (vLLM's embed_multimodal receives an image's or video's pixels "
+                     "and grid only, never the prompt's text, and vLLM caches its output per media item by content "
+                     "hash and reuses it for every prompt that carries the same item, so a selection that depends on "
+                     "the prompt would be served to other prompts)",
+    "instruction": "the prompt's instruction text (vLLM's embed_multimodal never sees the prompt's text, and its "
+                   "output is cached per media item by content hash and shared across prompts)",
 }
 
 
 def servable_methods(num_layers: int = 32) -> list[str]:
-    """Registered methods the vLLM plugin can run (with their default options): vision stage, only
-    :data:`SIGNALS`, no late drop inside the language model, and a kept count equal to the config's budget (the
-    processor sizes the prompt before the vision tower runs). Merging methods are served (the merged vectors replace
-    the kept rows; Qwen3-VL's DeepStack levels are merged with the same weights)."""
+    """Registered methods the vLLM plugin can run with their default options: vision stage, only :data:`SIGNALS`
+    (CLS-scored methods with ``importance="received"``, their default on Qwen-VL), no late drop inside the language
+    model, and a kept count equal to the config's budget (the processor sizes the prompt before the vision tower
+    runs). Merging methods are served (the merged vectors replace the kept rows; Qwen3-VL's DeepStack levels are
+    merged with the same weights). :data:`SERVED_WITH` lists methods that run with other options (``todre`` with
+    ``late_drop=False``)."""
     return [name for name in list_methods() if _refusal(get_method(name).config_cls(keep=1), num_layers) is None]
+
+
+def served(num_layers: int = 32) -> str:
+    """What the plugin serves, as printed in its refusals: :func:`servable_methods` and :data:`SERVED_WITH`."""
+    extra = [f"{name} with " + ", ".join(f"{k}={json.dumps(v)}" for k, v in opts.items())
+             for name, opts in SERVED_WITH.items()]
+    return ", ".join(servable_methods(num_layers) + extra)
 
 
 def _refusal(config: PruneConfig, num_layers: int) -> str | None:
@@ -55,8 +74,14 @@ def _refusal(config: PruneConfig, num_layers: int) -> str | None:
         reasons = "; ".join(_MISSING.get(m, m) for m in missing)
         return (f"it needs the signal(s) {missing}, which the vLLM plugin cannot give: {reasons}. The plugin gives "
                 f"{sorted(SIGNALS)}")
+    if method.signals & RECEIVED and getattr(config, "importance", None) == "cls":
+        return ("importance='cls' needs the vision tower's CLS attention, and Qwen-VL towers have no CLS token; use "
+                "importance='received' (the attention each patch receives, the default on Qwen-VL) or leave it unset")
     if method.drop_layer(num_layers) is not None:
-        return "it drops visual tokens again inside the language model (a late drop)"
+        fix = SERVED_WITH.get(config.method)
+        how = f"; serve its pre-LLM selection alone with {json.dumps(fix)}" if fix else ""
+        return ("it drops visual tokens again inside the language model (a late drop, from a decoder layer's attention, "
+                f"which vLLM's paged attention does not expose){how}")
     return None
 
 
@@ -81,7 +106,7 @@ def read(hf_config: Any) -> PruneConfig | None:
     why = _refusal(config, num_layers)
     if why is not None:
         raise ValueError(f"method {config.method!r} cannot run in vLLM: {why}. Methods the vLLM plugin serves: "
-                         f"{', '.join(servable_methods(num_layers))}")
+                         f"{served(num_layers)}")
     if config.positions != "original":
         raise ValueError(f"positions={config.positions!r} is not supported by the vLLM plugin (M-RoPE models keep "
                          "original positions); use positions='original'")
