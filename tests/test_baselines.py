@@ -344,6 +344,8 @@ def test_cdpruner_clip_variant_bad_inputs(model_factory):
         vtprune.CDPrunerConfig(keep=4, text="bert")
     with pytest.raises(ValueError, match="would be unused"):
         vtprune.CDPrunerConfig(keep=4, text="llm", clip_model="x")
+    with pytest.raises(ValueError, match="clip_tokenizer= is the tokenizer of clip_model="):  # not dropped unused
+        vtprune.CDPrunerConfig(keep=4, clip_tokenizer="some/clip")
     with pytest.raises(TypeError, match="CLIPModel .* or an open_clip CLIP"):
         vtprune.CDPrunerConfig(keep=4, text="clip", clip_model=torch.nn.Linear(2, 2))
     cfg = vtprune.CDPrunerConfig(keep=4, text="clip", clip_model="some/clip")
