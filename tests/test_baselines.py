@@ -270,6 +270,24 @@ def test_cdpruner_clip_variant_matches_reading(words, model_factory):
     assert kept.tolist() == _cdpruner_official(feats, img, txt, 6)
 
 
+def test_cdpruner_clip_variant_with_beams_and_return_sequences(model_factory):
+    """generate repeats each prompt row for beams / return sequences: every copy reads its row's instruction (one
+    per prompt row, as documented), so each copy keeps the tokens of its row alone."""
+    model = model_factory("llava")
+    inputs = make_inputs(model, "llava", [(4, 1, 6), (3, 1, 5)])
+    clip, tok = _tiny_clip(model.config.vision_config.hidden_size), _WordTokenizer()
+    questions = ["what color is the circle", "is there a square"]
+    with vtprune.patched(model, "cdpruner", keep=5, clip_model=clip, clip_tokenizer=tok), torch.no_grad():
+        vtprune.set_instructions(model, questions)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        rows = [k.tolist() for k in vtprune.stats(model).kept_indices]
+        for kw, copies in ((dict(num_beams=2), 2), (dict(do_sample=True, num_return_sequences=3), 3)):
+            vtprune.set_instructions(model, questions)
+            model.generate(**inputs, max_new_tokens=2, **kw)
+            assert [k.tolist() for k in vtprune.stats(model).kept_indices] == [r for r in rows for _ in range(copies)]
+    assert rows[0] != rows[1]
+
+
 def test_cdpruner_clip_variant_accepts_open_clip(model_factory):
     """An open_clip CLIP (and its SimpleTokenizer, untruncated: two 77-token segments) gives the kept set of the
     reading with ``ln_post(h) @ proj`` and ``encode_text`` per segment."""
@@ -344,6 +362,8 @@ def test_cdpruner_clip_variant_bad_inputs(model_factory):
         vtprune.CDPrunerConfig(keep=4, text="bert")
     with pytest.raises(ValueError, match="would be unused"):
         vtprune.CDPrunerConfig(keep=4, text="llm", clip_model="x")
+    with pytest.raises(ValueError, match="clip_tokenizer= is the tokenizer of clip_model="):  # not dropped unused
+        vtprune.CDPrunerConfig(keep=4, clip_tokenizer="some/clip")
     with pytest.raises(TypeError, match="CLIPModel .* or an open_clip CLIP"):
         vtprune.CDPrunerConfig(keep=4, text="clip", clip_model=torch.nn.Linear(2, 2))
     cfg = vtprune.CDPrunerConfig(keep=4, text="clip", clip_model="some/clip")

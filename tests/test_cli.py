@@ -56,6 +56,16 @@ def test_unknown_command_is_an_argparse_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_help_texts_print_no_escaped_percent(capsys):
+    """Descriptions are printed as written (argparse %-formats help strings only): no literal '%%'."""
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.choices)
+    for name in commands.choices:
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        assert "%%" not in capsys.readouterr().out, name
+
+
 @pytest.mark.parametrize("argv", [[], ["bench", "--budgets", "0"], ["bench", "--budgets", "a,b"], ["bench", "--threads", "0"], ["demo", "--limit", "0"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -147,6 +147,13 @@ def test_method_the_model_cannot_run_before_loading(no_loading, tmp_path):
                          output_dir=tmp_path)
 
 
+def test_a_later_budget_the_method_cannot_reach_fails_before_loading(tiny_llava_dir, no_loading, tmp_path):
+    """Every budget is checked, not only the first: ToMe in this 2-block tower (read at layer -2: one merging block)
+    reaches 128 of 256 patches but not 64."""
+    with pytest.raises(ValueError, match=r"method 'tome' cannot run on model 'tiny' at budget 64: .*keep must be >= 128"):
+        hsweep.run_sweep(_config(tiny_llava_dir, methods=["tome"], budgets=[128, 64]), output_dir=tmp_path)
+
+
 def test_cli_reports_config_errors(tmp_path, capsys, no_loading):
     path = tmp_path / "bad.yaml"
     path.write_text("models: [x]\nmethods: [nope]\nbudgets: [4]\ntasks: [vtprune_shapes]\n")

@@ -255,7 +255,11 @@ def test_sparsevlm_counts_follow_the_official_table():
     (dict(method="sparsevlm", counts=(3, 2), layers=(0, 1, 2)), ValueError, "one entry per pruning layer"),
     (dict(method="sparsevlm", keep=4, scale=2.0, bias=0.0), ValueError, "apply to version='v1'"),
     (dict(method="sparsevlm", keep=4, version="v1", scale=2.0), ValueError, "together"),
-    (dict(method="sparsevlm", keep=4, layers=(0, 3)), ValueError, "out of range"),
+    (dict(method="sparsevlm", keep=4, layers=(0, 3)), ValueError, r"pruning layer\(s\) \[3\] of layers=\[0, 3\] out of "
+                                                                  r"range .* 0 <= l <= 2"),
+    (dict(method="sparsevlm", keep=4, layers=(1, 1)), ValueError, r"strictly ascending .*got \[1, 1\]"),
+    (dict(method="sparsevlm", keep=4, family="qwen3_5"), ValueError,
+     r"layer\(s\) \[0\] of layers=\[0, 1, 2\] are \['linear_attention'\].*layers=.* from \[1, 2\]"),
     (dict(method="sparsevlm", keep=4, recycle=1), TypeError, "recycle must be None .*, True or False"),
     (dict(method="sparsevlm", keep=4, heads=4), ValueError, "heads= .* applies to version='v2'"),
     (dict(method="sparsevlm", keep=4, version="v2", heads=0), ValueError, "heads must be an int >= 1"),
@@ -269,6 +273,17 @@ def test_bad_options_raise_clear_errors(options, exc, match, model_factory):
     with pytest.raises(exc, match=match):
         vtprune.patch(model, options.pop("method"), **options)
     assert not vtprune.is_patched(model)
+
+
+@pytest.mark.parametrize("version", ["v1.5", "v1", "v2"])
+def test_sparsevlm_budget_of_every_token_keeps_them_all(version, model_factory):
+    """keep >= the image's tokens prunes nothing, as ratio=1 (the scaled official counts would still drop some)."""
+    from tiny import assert_keep_all_is_bit_identical
+
+    model = model_factory("llava")
+    inputs = make_inputs(model, "llava", [(3, 1, 4)])
+    n = int((inputs["input_ids"] == IMAGE_ID).sum())
+    assert_keep_all_is_bit_identical(model, inputs, "sparsevlm", keep=n, version=version)
 
 
 def test_infeasible_average_budget_names_the_floor(model_factory):

@@ -192,8 +192,9 @@ def set_image_sizes(model: nn.Module, sizes) -> None:
 
 def set_instructions(model: nn.Module, texts) -> None:
     """The instruction (question) of each prompt row of the *next* prompt, for methods that score visual tokens by
-    their relevance to it (``cdpruner`` with ``text="clip"``): a list of one ``str`` per batch row. Used by the next
-    forward (or ``generate``) that carries images, then forgotten. ``texts=None`` clears them."""
+    their relevance to it (``cdpruner`` with ``text="clip"``): a list of one ``str`` per batch row (``generate``'s
+    beams / return sequences, copies of a row, read their row's). Used by the next forward (or ``generate``) that
+    carries images, then forgotten. ``texts=None`` clears them."""
     session = _patched_session(model, "setting instructions")
     if texts is None:
         session.instructions = None

@@ -83,7 +83,7 @@ def _add_demo(sub) -> None:
         "demo",
         help="sweep every method x budget on the bundled tiny VLM: accuracy / FLOPs / latency table and plot",
         description="Run configs/sweeps/demo.yaml: the bundled models/tiny-llava-shapes (a LLaVA-architecture VLM "
-        "trained on the synthetic shapes task) with every registered method at 25/11/5%% of its 256 visual tokens "
+        "trained on the synthetic shapes task) with every registered method at 25/11/5% of its 256 visual tokens "
         "plus the unpruned model, on eval/tasks/vtprune_shapes, through the lmms-eval harness. Prints the table "
         "and writes results.jsonl, table.md/.csv/.tex and the accuracy plots to eval/results/demo/.",
     )

@@ -101,11 +101,14 @@ def run_batch(model, inputs, n_visual, budgets, methods, device, repeats, warmup
                  "finite": bool(torch.isfinite(out).all())})
     variants, contexts = {"unpatched": lambda: prefill(model, inputs)}, {}
     for method in methods:
+        # cdpruner's default on this CLIP tower is the paper's text="clip", which needs a CLIP checkpoint the
+        # random model has no text tower for: its text="llm" variant is timed
+        options = {"text": "llm"} if method == "cdpruner" else {}
         for keep in budgets:
             name = f"{method} keep={keep}"
             row = {"variant": name, "method": method, "keep": keep, "status": "ok"}
             try:
-                with vtprune.patched(model, method, keep=keep):
+                with vtprune.patched(model, method, keep=keep, **options):
                     out, row["peak_gib"] = peak_run(model, inputs, device)
                     st = vtprune.stats(model)
                 row.update(stage=st.stage + (f" (layer {st.layer})" if st.layer is not None else ""),
@@ -122,7 +125,7 @@ def run_batch(model, inputs, n_visual, budgets, methods, device, repeats, warmup
                 rows.append(row)
                 continue
             variants[name] = variants["unpatched"]
-            contexts[name] = lambda m=method, k=keep: vtprune.patched(model, m, keep=k)
+            contexts[name] = lambda m=method, k=keep, o=options: vtprune.patched(model, m, keep=k, **o)
             rows.append(row)
     print(f"  timing {len(variants)} variants x {repeats} rounds ...", flush=True)
     times = timing.interleaved_times_ms(variants, repeats=repeats, warmup=warmup, contexts=contexts)

@@ -112,6 +112,8 @@ class Session:
         self.stats: PruneStats | None = None
         #: generate(use_cache=False) re-runs the prompt at every step: selections are reused for the whole call
         self._sticky: dict | None = None
+        #: prompt rows of the ``generate`` call in progress (it repeats each row for beams / return sequences)
+        self._generate_rows: int | None = None
         self._handles: list = []
         self._wrapped: list[tuple[object, str]] = []
         self._rope = adapter.rope_fn() if self.decoder_points else None
@@ -187,10 +189,12 @@ class Session:
             config = kwargs.get("generation_config") or self.model.generation_config
             use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
             outer, self._sticky = self._sticky, (None if use_cache is not False else {})
+            ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+            outer_rows, self._generate_rows = self._generate_rows, (ids.shape[0] if ids is not None else None)
             try:
                 return original(*args, **kwargs)
             finally:
-                self._sticky = outer
+                self._sticky, self._generate_rows = outer, outer_rows
 
         return generate
 
@@ -268,7 +272,12 @@ class Session:
                                  f"input_ids {tuple(input_ids.shape)} (one type per prompt token)")
             self.fwd.token_types = types.to(input_ids.device).long()
         self.image_sizes = None
-        self.fwd.signals["instructions"], self.instructions = self.instructions, None
+        texts, self.instructions = self.instructions, None
+        rows = self._generate_rows
+        if texts is not None and rows and len(texts) == rows and input_ids.shape[0] % rows == 0:
+            # generate repeats each prompt row in place (repeat_interleave) for beams / return sequences
+            texts = [t for t in texts for _ in range(input_ids.shape[0] // rows)]
+        self.fwd.signals["instructions"] = texts
         for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
             if encoded is not None:
                 feats = self.capture.split_features(encoded.pooler_output)

@@ -6,7 +6,7 @@
 
 Before any model loads, :func:`check_config` resolves every task (and its metric) in lmms-eval's task index,
 reads every model's config (a local folder, or the hub's ``config.json`` only) and patches a weightless
-(meta-device) copy of each model with each method, so unknown tasks, models and methods, and methods a model
+(meta-device) copy of each model with each method at each budget, so unknown tasks, models and methods, and methods a model
 cannot run, fail first. Each model is then loaded once; each cell runs ``lmms_eval.evaluator.simple_evaluate``
 in-process with a :class:`~vtprune.harness.model.VTPrune` wrapping the loaded model, so an lmms-eval failure
 raises instead of being reported as a zero exit status, and a result that lacks the metric, is NaN, or was
@@ -140,19 +140,23 @@ def _model_config(spec: ModelSpec):
     return config
 
 
-def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budget: int) -> None:
-    """Patch a weightless (meta-device) copy of the model with every method: a method the model cannot run
-    (e.g. CLS attention on a model without a CLS token) fails here, before any weight is read."""
+def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budgets: int | list[int]) -> None:
+    """Patch a weightless (meta-device) copy of the model with every method at every budget: a method the model
+    cannot run (e.g. CLS attention on a model without a CLS token, a budget a tower merge cannot reach in its
+    blocks) fails here, before any weight is read."""
     from transformers import AutoModelForImageTextToText
 
+    budgets = [budgets] if isinstance(budgets, int) else list(budgets)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     for m in methods:
-        try:
-            patch(model, method_config(m.method, keep=budget, **m.options))
-        except (ValueError, TypeError, NotImplementedError) as err:
-            raise ValueError(f"method {m.name!r} cannot run on model {spec.name!r}: {err}") from err
-        unpatch(model)
+        for budget in budgets:
+            try:
+                patch(model, method_config(m.method, keep=budget, **m.options))
+            except (ValueError, TypeError, NotImplementedError) as err:
+                at = f" at budget {budget}" if len(budgets) > 1 else ""
+                raise ValueError(f"method {m.name!r} cannot run on model {spec.name!r}{at}: {err}") from err
+            unpatch(model)
 
 
 def check_config(cfg: SweepConfig) -> tuple[Any, dict[str, str]]:
@@ -161,7 +165,7 @@ def check_config(cfg: SweepConfig) -> tuple[Any, dict[str, str]]:
     tm = _task_manager(cfg.include_path, [t.task for t in cfg.tasks])
     metrics = {t.task: _resolve_metric(tm, t) for t in cfg.tasks}
     for spec in cfg.models:
-        _check_methods(spec, _model_config(spec), cfg.methods, cfg.budgets[0])
+        _check_methods(spec, _model_config(spec), cfg.methods, cfg.budgets)
     return tm, metrics
 
 

@@ -122,6 +122,9 @@ class CDPrunerConfig(PruneConfig):
                              f"elsewhere), got {self.text!r}")
         if self.text is None and self.clip_model is not None:
             self.text = "clip"
+        if self.text is None and self.clip_tokenizer is not None:  # "llm" on a non-CLIP tower would drop it unused
+            raise ValueError("cdpruner clip_tokenizer= is the tokenizer of clip_model= (text='clip'); give clip_model= "
+                             "too, or leave clip_tokenizer out")
         if self.text == "clip" and self.clip_model is None:
             raise ValueError("cdpruner text='clip' needs clip_model= (a transformers CLIPModel or its path, e.g. the "
                              "checkpoint of the VLM's CLIP tower, openai/clip-vit-large-patch14-336 for LLaVA-1.5)")

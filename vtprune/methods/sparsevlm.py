@@ -23,7 +23,7 @@ False); its own per-budget counts ``192 -> (300, 200, 118)``, ``128 -> (238, 108
 ``64 -> (66, 34, 20)`` (scaled like v1.5's); kept tokens keep their position ids, as the official v2.0 code does
 (vtprune's default ``positions="original"``: there is no deviation to document for v2).
 A count at or above the image's current tokens keeps them all (the official ``min(count, V - 1)``
-would still drop and recycle one).
+would still drop and recycle one); a budget of every token (``keep >= n`` or ``ratio=1``) prunes nothing.
 
 Positions: the official code renumbers the sequence after every pruning layer and places the merged tokens right
 after the kept image tokens: ``positions="compact"`` (1-D positions only) reproduces that exactly. The default
@@ -86,6 +86,8 @@ class SparseVLMConfig(PruneConfig):
                 raise ValueError(f"heads must be an int >= 1, got {self.heads!r}")
         self.layers = _check_tuple("layers", self.layers, "ints >= 0 (0-based pruning layers)",
                                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        if self.layers is not None and list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be strictly ascending (0-based pruning layers), got {list(self.layers)}")
         self.counts = _check_tuple("counts", self.counts, "ints >= 1",
                                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
         _number("scale", self.scale)
@@ -147,8 +149,27 @@ class SparseVLM(Method):
             if self.config.counts is not None and len(self.config.counts) != len(layers):
                 raise ValueError(f"sparsevlm: counts has {len(self.config.counts)} entries but the default layers "
                                  f"{list(layers)} are {len(layers)}; pass layers= too")
-        return [k - 1 for k in check_layer_list("sparsevlm (pruning layer + 1)", tuple(l + 1 for l in layers),
-                                                num_layers)]
+        bad = [l for l in layers if not 0 <= l <= num_layers - 2]
+        if bad:  # named as given: pruning layer l scores, the prune point is before layer l + 1
+            raise ValueError(f"sparsevlm: pruning layer(s) {bad} of layers={list(layers)} out of range for a "
+                             f"{num_layers}-layer language model; allowed: 0 <= l <= {num_layers - 2} (layer l's "
+                             "attention scores the tokens, which are pruned before layer l + 1)")
+        return [k - 1 for k in check_layer_list("sparsevlm", tuple(l + 1 for l in layers), num_layers)]
+
+    def bind(self, adapter) -> None:
+        """Refuse pruning layers without softmax attention (Qwen3.5's linear-attention layers), naming ``layers=``
+        in this method's own terms (0-based pruning layers, not prune points)."""
+        num_layers = len(adapter.decoder_layers)
+        layers = self.pruning_layers(num_layers)
+        linear = [l for l in layers if not adapter.has_attention(l)]
+        if linear:
+            ok = [l for l in range(num_layers - 1) if adapter.has_attention(l)]
+            types = [adapter.layer_type(l) for l in linear]
+            raise ValueError(
+                f"sparsevlm scores tokens with the attention of each pruning layer, but layer(s) {linear} of "
+                f"layers={layers} are {types} (no softmax attention; "
+                f"{'the default layers scaled to this depth' if self.config.layers is None else 'as given'}): "
+                f"pass layers= with full-attention layers, from {ok[:12]}{'...' if len(ok) > 12 else ''}")
 
     def layers(self, num_layers: int) -> list[int]:
         self._points = [l + 1 for l in self.pruning_layers(num_layers)]
@@ -169,12 +190,16 @@ class SparseVLM(Method):
                              f"{len(self._points)} layers; pass counts= with one count per layer")
         return [max(1, round(c * factor)) for c in table[len(table) - len(self._points):]]  # fewer layers: the last
 
-    def keeps_all(self) -> bool:
+    def keeps_all(self, n_original: int) -> bool:
+        """Whether the budget keeps the whole ``n_original``-token image (``ratio=1``, or ``keep >= n_original``: a
+        budget of every token prunes nothing, as for every method; the scaled counts would still drop some)."""
         cfg = self.config
-        return cfg.counts is None and cfg.scale is None and cfg.keep is None and cfg.ratio == 1.0
+        if cfg.counts is not None or cfg.scale is not None:
+            return False
+        return cfg.ratio == 1.0 if cfg.keep is None else cfg.keep >= n_original
 
     def point_budget(self, n: int, n_original: int, layer: int) -> int:
-        if self.keeps_all():
+        if self.keeps_all(n_original):
             return n
         if self.config.version == "v1":
             return n - 1 if n > 1 else n  # the count comes from the rank, in select
