@@ -462,6 +462,12 @@ def main(argv=None) -> int:
         "to select ms for the ratio and the verdict.",
         "ratio = (select ms + signal ms outside select) / one-layer ms; within budget when <= 1.",
     ]
+    bench_options = {m: o for m, o in BENCH_OPTIONS.items() if any(e[0] == m for e in entries)}
+    if bench_options:
+        notes.append("options the method rows ran with (`vtprune.latency.BENCH_OPTIONS`): " + "; ".join(
+            f"{m} {', '.join(f'{k}={v!r}' for k, v in o.items())}" for m, o in bench_options.items())
+            + (" (cdpruner: the random model has no CLIP text tower for its default text='clip'; the greedy DPP is "
+               "the same, the CLIP projections of text='clip' are not timed)" if "cdpruner" in bench_options else ""))
     verdict = "Verdict: " + (
         f"over budget: {', '.join(over)}" if over else "every method that ran is within budget"
     ) + (f"; could not run: {', '.join(cannot)}" if cannot else "") + "."
