@@ -64,6 +64,21 @@ def test_padding_mask_from_image_sizes(model_factory):
         vtprune.unpatch(model)
 
 
+def test_image_sizes_with_beams_follow_their_rows(model_factory):
+    """generate repeats each prompt row for beams: every copy of a row reads that row's image size (one size per
+    image of the prompt as given)."""
+    model = model_factory("llava", attn="eager")
+    inputs = make_inputs(model, "llava", [(4, 1, 5), (4, 1, 5)])
+    wide, tall = F.pad_mask((56, 20), grid=4, resolution=56), F.pad_mask((20, 56), grid=4, resolution=56)
+    assert not torch.equal(wide, tall)
+    with vtprune.patched(model, "fastv", keep=15, layer=K, debias=True), torch.no_grad():
+        vtprune.set_image_sizes(model, [(56, 20), (20, 56)])
+        model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+        kept = [k.tolist() for k in vtprune.stats(model).kept_indices]
+    real = [m.nonzero().squeeze(1).tolist() for m in (wide, wide, tall, tall)]
+    assert kept == real
+
+
 def test_image_sizes_bad_inputs(model_factory):
     llava = model_factory("llava")
     with pytest.raises(ValueError, match="not patched"):

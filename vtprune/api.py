@@ -175,7 +175,8 @@ def _patched_session(model: nn.Module, doing: str):
 def set_image_sizes(model: nn.Module, sizes) -> None:
     """Original ``(width, height)`` of each image of the *next* prompt, in order, for methods that mask the padding
     of padded-to-square LLaVA-1.5 images (``fastv`` with ``debias=True``). Used by the next forward (or
-    ``generate``) that carries images, then forgotten. ``sizes=None`` clears them."""
+    ``generate``) that carries images, then forgotten (``generate``'s beams / return sequences, copies of a row, read
+    their row's sizes). ``sizes=None`` clears them."""
     session = _patched_session(model, "setting image sizes")
     if sizes is None:
         session.image_sizes = None

@@ -69,6 +69,7 @@ class Forward:
     prefill: bool
     prompt: PrunedPrompt | None = None  # prefill: being built; continuation: the one the cache holds
     image_sizes: list | None = None
+    row_copies: int = 1  # generate's in-place copies of each prompt row (beams / return sequences)
     features: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # token id -> per-image features
     units: list[Unit] = field(default_factory=list)
     mask2d: torch.Tensor | None = None  # bool [B, S]: the prompt's real tokens

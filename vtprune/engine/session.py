@@ -264,8 +264,11 @@ class Session:
             )
         if input_ids is None:
             raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
+        rows = self._generate_rows
+        #: generate repeats each prompt row in place (repeat_interleave) for beams / return sequences
+        copies = input_ids.shape[0] // rows if rows and input_ids.shape[0] % rows == 0 else 1
         self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes,
-                             mask_in=kwargs.get("attention_mask"))
+                             mask_in=kwargs.get("attention_mask"), row_copies=copies)
         if self.adapter.token_types_key is not None and (types := kwargs.get(self.adapter.token_types_key)) is not None:
             if tuple(types.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{self.adapter.token_types_key} has shape {tuple(types.shape)}; expected the shape of "
@@ -273,10 +276,8 @@ class Session:
             self.fwd.token_types = types.to(input_ids.device).long()
         self.image_sizes = None
         texts, self.instructions = self.instructions, None
-        rows = self._generate_rows
-        if texts is not None and rows and len(texts) == rows and input_ids.shape[0] % rows == 0:
-            # generate repeats each prompt row in place (repeat_interleave) for beams / return sequences
-            texts = [t for t in texts for _ in range(input_ids.shape[0] // rows)]
+        if texts is not None and copies > 1 and len(texts) * copies == input_ids.shape[0]:
+            texts = [t for t in texts for _ in range(copies)]
         self.fwd.signals["instructions"] = texts
         for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
             if encoded is not None:
@@ -381,7 +382,8 @@ class Session:
     def _find_units(self, fwd: P.Forward) -> list[Unit]:
         units = find_units(fwd.input_ids, self.visual_ids, fwd.features, self.capture.info, tiled=self.adapter.tiled)
         if fwd.image_sizes is not None:
-            attach_real_masks(self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold)
+            attach_real_masks(self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold,
+                              copies=fwd.row_copies)
         needs = self.capture.signals & {"features", "cls_attention", "projector_inputs", "vision_keys"}
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(

@@ -81,9 +81,19 @@ def find_units(input_ids: torch.Tensor, visual_ids, features: dict, info: Callab
     return units
 
 
-def attach_real_masks(adapter: ModelAdapter, input_ids, units: list[Unit], sizes, threshold: float) -> None:
-    """Padding masks of padded-to-square images from their original ``(w, h)`` sizes (one per image, in order)."""
+def attach_real_masks(adapter: ModelAdapter, input_ids, units: list[Unit], sizes, threshold: float,
+                      copies: int = 1) -> None:
+    """Padding masks of padded-to-square images from their original ``(w, h)`` sizes (one per image, in order).
+    ``copies``: ``generate`` repeated each prompt row that many times in place (beams / return sequences), so
+    ``sizes`` may also be given once per image of the original prompt rows."""
     images = [u for u in units if int(input_ids[u.row, u.positions[0]]) == adapter.config.image_token_id]
+    if copies > 1 and len(sizes) * copies == len(images):
+        per_row = [sum(1 for u in images if u.row == r) for r in range(input_ids.shape[0])]
+        chunks, at = [], 0
+        for r in range(0, input_ids.shape[0], copies):  # the first copy of each original row
+            chunks.append(list(sizes[at: at + per_row[r]]))
+            at += per_row[r]
+        sizes = [s for r in range(input_ids.shape[0]) for s in chunks[r // copies]]
     if len(images) != len(sizes):
         raise ValueError(f"vtprune.set_image_sizes gave {len(sizes)} size(s) but the prompt has "
                          f"{len(images)} image(s); give one (width, height) per image, in order")
