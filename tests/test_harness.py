@@ -304,8 +304,8 @@ def test_benchmark_config_methods_run_on_their_models():
     llava = hconfig.load_config(REPO / "configs/sweeps/llava15_7b.yaml")
     qwen = hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml")
     assert {m.method for m in llava.methods} == set(vtprune.list_methods())
-    hsweep._check_methods(llava.models[0], LlavaConfig(), llava.methods, 64)
-    hsweep._check_methods(qwen.models[0], Qwen2_5_VLConfig(), qwen.methods, 64)
+    hsweep._check_methods(llava.models[0], LlavaConfig(), llava.methods, [64])
+    hsweep._check_methods(qwen.models[0], Qwen2_5_VLConfig(), qwen.methods, [64])
 
 
 def test_qwen3_benchmark_configs_run_on_their_architectures():
@@ -320,11 +320,11 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
     assert q3.models[0].pretrained == "Qwen/Qwen3-VL-8B-Instruct" and q35.models[0].pretrained == "Qwen/Qwen3.5-9B"
     cfg35 = Qwen3_5Config()
     assert cfg35.text_config.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
-    hsweep._check_methods(q3.models[0], Qwen3VLConfig(), q3.methods, 64)
-    hsweep._check_methods(q35.models[0], cfg35, q35.methods, 64)
+    hsweep._check_methods(q3.models[0], Qwen3VLConfig(), q3.methods, [64])
+    hsweep._check_methods(q35.models[0], cfg35, q35.methods, [64])
     fastv = [m for m in q35.methods if m.method == "fastv"][:1]
     with pytest.raises(ValueError, match="linear_attention"):
-        hsweep._check_methods(q35.models[0], cfg35, [type(fastv[0])(**{**vars(fastv[0]), "options": {}})], 64)
+        hsweep._check_methods(q35.models[0], cfg35, [type(fastv[0])(**{**vars(fastv[0]), "options": {}})], [64])
     assert {m.method for m in q3.methods} == {m.method for m in q35.methods} == \
         {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
 
@@ -336,7 +336,7 @@ def test_llava_onevision_benchmark_config_runs_on_its_architecture():
 
     ov = hconfig.load_config(REPO / "configs/sweeps/llava_onevision_7b.yaml")
     assert ov.models[0].pretrained == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
-    hsweep._check_methods(ov.models[0], LlavaOnevisionConfig(), ov.methods, 64)
+    hsweep._check_methods(ov.models[0], LlavaOnevisionConfig(), ov.methods, [64])
 
 
 def test_internvl_benchmark_config_runs_on_its_architecture():
@@ -348,7 +348,7 @@ def test_internvl_benchmark_config_runs_on_its_architecture():
     cfg = hconfig.load_config(REPO / "configs/sweeps/internvl3_5_8b.yaml")
     assert cfg.models[0].pretrained == "OpenGVLab/InternVL3_5-8B-HF"
     arch = InternVLConfig(text_config={"model_type": "qwen3"})
-    hsweep._check_methods(cfg.models[0], arch, cfg.methods, 64)
+    hsweep._check_methods(cfg.models[0], arch, cfg.methods, [64])
     assert {m.method for m in cfg.methods} == {m for m in vtprune.list_methods() if m != "pdrop"}
 
 
@@ -365,6 +365,6 @@ def test_gemma3_benchmark_config_runs_on_its_architecture():
     cfg = Gemma3Config(text_config=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                                         num_attention_heads=8, num_key_value_heads=4, head_dim=256,
                                         sliding_window=1024))
-    hsweep._check_methods(g3.models[0], cfg, g3.methods, 64)
+    hsweep._check_methods(g3.models[0], cfg, g3.methods, [64])
     assert {m.method for m in g3.methods} == \
         {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}

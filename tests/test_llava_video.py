@@ -4,11 +4,10 @@ downscale, newline tokens, both video poolings), videos as one unit whose budget
 against the unpatched model fed the kept tokens), OneVision's downscaled and multi-image prompts, beam search, the
 refusals, and the FLOPs of SigLIP towers and video frames against torch's FlopCounterMode."""
 
-import contextlib
-
 import pytest
 import torch
 from tiny import IMAGE_ID, PAD_ID, VIDEO_ID, make_inputs, video_inputs
+from tiny import vision_aspect as _aspect
 from torch.utils.flop_counter import FlopCounterMode
 
 import vtprune
@@ -18,18 +17,6 @@ from vtprune.adapters import get_adapter
 from conftest import opts
 
 FAMS = ("llava_next_video", "llava_onevision")
-
-
-@contextlib.contextmanager
-def _aspect(model, value):
-    """LLaVA-OneVision with another ``vision_aspect_ratio`` (``anyres_max_2``: the tiny 2x2-crop images, 8x8 patches,
-    are downscaled to 5x5, as a 7B model's images beyond 9 crops' worth of patches are; 1x2-crop images are not)."""
-    old = model.config.vision_aspect_ratio
-    model.config.vision_aspect_ratio = value
-    try:
-        yield
-    finally:
-        model.config.vision_aspect_ratio = old
 
 
 def _projector_io(model, fn):

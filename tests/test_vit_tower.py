@@ -8,12 +8,11 @@ LLaVA-OneVision's AnyRes-max packing: the model's own packing as a dense matrix 
 representatives by a loop), and the unpatched language model fed those vectors at those positions.
 """
 
-import contextlib
-
 import pytest
 import torch
 import transformers.models.llava_onevision.modeling_llava_onevision as modeling
 from test_vit_functional import _official_tome
+from tiny import vision_aspect as _aspect
 from tiny import (
     assert_keep_all_is_bit_identical,
     greedy,
@@ -33,21 +32,6 @@ FAMILIES = ["llava", "llava_next", "llava_onevision"]
 P = 16  # tiny CLIP / SigLIP: 56 px / 14 px patches = a 4 x 4 grid
 
 
-@contextlib.contextmanager
-def _aspect(model, value):
-    """LLaVA-OneVision with another ``vision_aspect_ratio`` (``anyres_max_2`` bilinearly downscales the tiny
-    2x2-crop grids: 8x8 patches to 5x5, unpadded 6x8 to 4x6)."""
-    if model.config.model_type != "llava_onevision":
-        yield
-        return
-    old = model.config.vision_aspect_ratio
-    model.config.vision_aspect_ratio = value
-    try:
-        yield
-    finally:
-        model.config.vision_aspect_ratio = old
-
-
 @pytest.mark.parametrize("family,method", [(f, m) for f in ("llava", "llava_onevision")
                                            for m in vtprune.list_vit_methods()] + [("llava_next", "tome")])
 def test_keep_all_is_bit_identical(family, method, model_factory):
@@ -57,13 +41,19 @@ def test_keep_all_is_bit_identical(family, method, model_factory):
         assert_keep_all_is_bit_identical(model, inputs, method, ratio=1.0)
 
 
-def _eager_tower_tome(model, pix, r, read):
-    """Hidden state ``read`` of the unpatched CLIP tower with ToMe (``r`` per block before it, proportional
-    attention), eager attention; returns ``(h [C, T, D], source [C, T, P] > 0)``."""
+def _eager_tower_tome(model, pix, r, read=None):
+    """Hidden state ``read`` (None: the last block's output, LLaVA-OneVision's layer -1) of the unpatched CLIP /
+    SigLIP tower with ToMe (``r`` per block before it, proportional attention; CLIP's CLS token never merged, SigLIP
+    has none), eager attention; returns ``(h [C, T, D], source [C, T, P] > 0)`` (``source[c, j, q]``: patch ``q``
+    is in token ``j``)."""
     vm = model.model.vision_tower
-    h = vm.pre_layrnorm(vm.embeddings(pix))
+    vm = getattr(vm, "vision_model", vm)  # SiglipVisionModel or its core
+    cls = hasattr(vm, "pre_layrnorm")  # CLIP
+    h = vm.pre_layrnorm(vm.embeddings(pix)) if cls else vm.embeddings(pix)
     c = h.shape[0]
-    source = torch.cat([torch.zeros(c, 1, P), torch.eye(P).expand(c, P, P)], 1)
+    source = torch.eye(P).expand(c, P, P)
+    if cls:
+        source = torch.cat([torch.zeros(c, 1, P), source], 1)
     size = None
     for blk in vm.encoder.layers[:read]:
         a = blk.self_attn
@@ -76,7 +66,7 @@ def _eager_tower_tome(model, pix, r, read):
         out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(c, -1, h.shape[-1])
         h = h + a.out_proj(out)
         d = h.shape[-1]
-        merged, size = _official_tome(k.mean(1), torch.cat([h, source], -1), size, r, True, False)
+        merged, size = _official_tome(k.mean(1), torch.cat([h, source], -1), size, r, cls, False)
         h, source = merged[..., :d], merged[..., d:]
         h = h + blk.mlp(blk.layer_norm2(h))
     return h, source > 0
@@ -319,33 +309,6 @@ def test_harness_names_a_tower_method():
 
 
 # -------------------------------------------------------------------------------------------------- LLaVA-OneVision
-def _eager_siglip_tome(model, pix, r):
-    """The output of the last block of the unpatched SigLIP tower (no CLS token; LLaVA-OneVision reads layer -1)
-    with ToMe (``r`` per block, proportional attention), eager attention; returns ``(h [C, T, D], source [C, T, P])``
-    (``source[c, j, q]``: patch ``q`` is in merged token ``j``)."""
-    vm = model.model.vision_tower
-    vm = getattr(vm, "vision_model", vm)  # SiglipVisionModel or its core
-    h = vm.embeddings(pix)
-    c = h.shape[0]
-    source = torch.eye(P).expand(c, P, P)
-    size = None
-    for blk in vm.encoder.layers:
-        a = blk.self_attn
-        y = blk.layer_norm1(h)
-        q, k, v = (t.view(c, t.shape[1], a.num_heads, -1).transpose(1, 2) for t in (a.q_proj(y), a.k_proj(y),
-                                                                                     a.v_proj(y)))
-        logits = (q @ k.transpose(-2, -1)) * a.scale
-        if size is not None:
-            logits = logits + size.log()[:, None, None, :, 0]
-        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(c, -1, h.shape[-1])
-        h = h + a.out_proj(out)
-        d = h.shape[-1]
-        merged, size = _official_tome(k.mean(1), torch.cat([h, source], -1), size, r, False, False)
-        h, source = merged[..., :d], merged[..., d:]
-        h = h + blk.mlp(blk.layer_norm2(h))
-    return h, source > 0
-
-
 def _onevision_route(model, ids, pix, sizes, aspect, source, feats):
     """The independent route of one LLaVA-OneVision image: ``source`` ``[C, T, P]`` bool (patch ``q`` of crop ``c``
     is in merged token ``j``; a dropped patch in none), ``feats`` ``[C, T, D]`` the projector's output of the merged
@@ -421,7 +384,7 @@ def test_onevision_tome_against_independent_route(aspect, model_factory):
     inputs, n = _onevision_image(model, aspect)
     assert n == 16 + (4 * 7 if aspect == "anyres_max_2" else 6 * 9)
     with torch.no_grad():
-        h, source = _eager_siglip_tome(model, inputs["pixel_values"][0], r=2)
+        h, source = _eager_tower_tome(model, inputs["pixel_values"][0], r=2)
         assert source.shape == (5, P - 8, P) and bool((source.sum(1) == 1).all())
         feats = model.model.multi_modal_projector(h)  # [5, 8, D] ('full': every token)
     kept, want, dense = _onevision_route(model, inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],

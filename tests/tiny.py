@@ -6,6 +6,8 @@ A batch spec per row is ``(text_before, n_images, text_after)``; token ids are d
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import (
     CLIPVisionConfig,
@@ -441,3 +443,19 @@ def route_greedy(model, route, n):
             if "token_type_ids" in route:
                 route["token_type_ids"] = torch.cat([route["token_type_ids"], torch.zeros_like(tok)], 1)
     return torch.cat(out, 1)
+
+
+@contextlib.contextmanager
+def vision_aspect(model, value):
+    """LLaVA-OneVision with another ``vision_aspect_ratio`` (``anyres_max_2`` bilinearly downscales the tiny
+    2x2-crop grids, 8x8 patches to 5x5 and unpadded 6x8 to 4x6, as a 7B model's images beyond 9 crops' worth of
+    patches are; 1x2-crop images are not); a model without that setting runs unchanged."""
+    if not hasattr(model.config, "vision_aspect_ratio"):
+        yield
+        return
+    old = model.config.vision_aspect_ratio
+    model.config.vision_aspect_ratio = value
+    try:
+        yield
+    finally:
+        model.config.vision_aspect_ratio = old

@@ -140,13 +140,12 @@ def _model_config(spec: ModelSpec):
     return config
 
 
-def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budgets: int | list[int]) -> None:
+def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budgets: list[int]) -> None:
     """Patch a weightless (meta-device) copy of the model with every method at every budget: a method the model
     cannot run (e.g. CLS attention on a model without a CLS token, a budget a tower merge cannot reach in its
     blocks) fails here, before any weight is read."""
     from transformers import AutoModelForImageTextToText
 
-    budgets = [budgets] if isinstance(budgets, int) else list(budgets)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     for m in methods:

@@ -43,7 +43,7 @@ from .. import functional as F
 from ..config import PruneConfig
 from ..registry import register_method
 from .base import ImageInputs, Method, Selection
-from .pdrop import _check_tuple, check_layer_list
+from .pdrop import _check_tuple
 
 VERSIONS = ("v1.5", "v1", "v2")
 _LAYERS = {"v1.5": (2, 6, 15), "v1": (2, 6, 15, 19), "v2": (2, 6, 15)}
@@ -141,6 +141,8 @@ class SparseVLM(Method):
         super().__init__(config)
         if config.version == "v2":  # SparseVLM+ divides the attention by the RoPE-only term
             self.signals = SparseVLM.signals | {"rope_gravity"}
+        #: recycle pruned tokens: the config's choice, or the version's own (v1 / v1.5 yes, SparseVLM+ no)
+        self.recycle = config.recycle if config.recycle is not None else config.version != "v2"
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         layers = self.config.layers
@@ -154,7 +156,7 @@ class SparseVLM(Method):
             raise ValueError(f"sparsevlm: pruning layer(s) {bad} of layers={list(layers)} out of range for a "
                              f"{num_layers}-layer language model; allowed: 0 <= l <= {num_layers - 2} (layer l's "
                              "attention scores the tokens, which are pruned before layer l + 1)")
-        return [k - 1 for k in check_layer_list("sparsevlm", tuple(l + 1 for l in layers), num_layers)]
+        return list(layers)  # ascending and distinct: the config checks given layers, the default ones are a sorted set
 
     def bind(self, adapter) -> None:
         """Refuse pruning layers without softmax attention (Qwen3.5's linear-attention layers), naming ``layers=``
@@ -229,8 +231,7 @@ class SparseVLM(Method):
             if self.config.version == "v1":
                 k = F.sparsevlm_rank_count(attn, *self.rank_rule(image.n_original))
             hidden = image.hidden[image.image_start : image.image_start + n]
-            recycle = self.config.recycle if self.config.recycle is not None else self.config.version != "v2"
-            kept, merged, centres, mix = F.sparsevlm_select(attn, hidden, min(k, n), recycle=recycle,
+            kept, merged, centres, mix = F.sparsevlm_select(attn, hidden, min(k, n), recycle=self.recycle,
                                                             return_weights=True)
         if merged.shape[0] == 0:
             return kept
