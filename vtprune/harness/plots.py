@@ -2,7 +2,8 @@
 
 Two figures, one panel per (model, limit) table: accuracy against analytic prefill TFLOPs per request, and
 against visual tokens kept. Accuracy is the table's ``Avg`` (or ``Rel. %`` with ``y="rel"``); each method is a
-line over its budgets, the unpruned model a star with a dashed horizontal line. Rows without the y value
+line over its budgets (a colour, marker and line style of its own, :mod:`vtprune.plotstyle`; one legend beside the
+panels), the unpruned model a star with a dashed horizontal line. Rows without the y value
 (a task missing) are left out.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotstyle import legend_beside, series_styles
 from .tables import UNPRUNED_LABEL, build_tables
 
 __all__ = ["plot_results", "series"]
@@ -50,6 +52,7 @@ def plot_results(results: list[dict], out_dir: str | Path, y: str = "avg") -> di
         if not any(data.values()):
             raise ValueError(f"nothing to plot: no row has both {x} and {y} (every task of a row must be present)")
         fig, axes = plt.subplots(1, len(data), figsize=(5.5 * len(data), 4.2), squeeze=False)
+        styles = series_styles(label for lines in data.values() for label in lines if label != UNPRUNED_LABEL)
         for ax, (title, lines) in zip(axes[0], data.items()):
             for label, points in lines.items():
                 xs, ys = zip(*points)
@@ -57,14 +60,14 @@ def plot_results(results: list[dict], out_dir: str | Path, y: str = "avg") -> di
                     ax.axhline(ys[0], color="grey", linestyle="--", linewidth=1)
                     ax.plot(xs, ys, marker="*", markersize=12, linestyle="none", color="black", label=label)
                 else:
-                    ax.plot(xs, ys, marker="o", label=label)
+                    ax.plot(xs, ys, label=label, **styles[label])
             ax.set_title(title)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(_Y[y][1])
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize="small")
+        legend_beside(list(axes[0]))
         fig.tight_layout()
         paths[x] = out / f"accuracy_vs_{x}.png"
-        fig.savefig(paths[x], dpi=120)
+        fig.savefig(paths[x], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return paths

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..markdown import format_table
+from ..plotstyle import legend_beside, series_styles
 from .config import RobustnessConfig
 
 
@@ -187,22 +188,22 @@ def plot_robustness(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
     methods = list(dict.fromkeys(c["method"] for c in summary))
     budgets = sorted({c["budget"] for c in summary}, reverse=True)
     paths = {}
+    styles = series_styles(methods)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for m in methods:
         pts = [(c["budget"], c["benign_jaccard"]) for c in summary if c["method"] == m and c.get("benign_jaccard")
                is not None]
         if pts:
             xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=m)
+            ax.plot(xs, ys, label=m, **styles[m])
     ax.set_xlabel("visual tokens kept (of 256)")
     ax.set_ylabel("kept-set Jaccard vs clean (benign mean)")
     ax.set_title("Ranking stability")
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+    legend_beside(ax)
     fig.tight_layout()
     paths["stability"] = out / "stability_vs_budget.png"
-    fig.savefig(paths["stability"], dpi=120)
+    fig.savefig(paths["stability"], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     eps = sorted({r["epsilon"] for r in rows if r["perturbation"] == "caa" and r.get("accuracy") is not None})
@@ -213,18 +214,17 @@ def plot_robustness(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
             if c is None or c.get("unreachable"):
                 continue
             ys = [c.get("accuracy_clean")] + [c.get(f"caa{e}_accuracy") for e in eps]
-            line, = ax.plot([0, *eps], [100 * y for y in ys], marker="o", label=m)
+            ax.plot([0, *eps], [100 * y for y in ys], label=m, **{**styles[m], "linestyle": "-"})
             ax.plot([0, *eps], [100 * y for y in [c.get("accuracy_unpruned_clean")] +
                                 [c.get(f"caa{e}_accuracy_unpruned") for e in eps]],
-                    linestyle="--", linewidth=0.8, color=line.get_color())
+                    linestyle="--", linewidth=0.8, color=styles[m]["color"])
         ax.set_title(f"keep {b}")
         ax.set_xlabel("epsilon (x 1/255)")
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("accuracy % (solid: pruned, dashed: unpruned)")
-    if axes[0][-1].get_legend_handles_labels()[0]:
-        axes[0][-1].legend(fontsize="small")
+    legend_beside(list(axes[0]))
     fig.tight_layout()
     paths["attack"] = out / "accuracy_under_attack.png"
-    fig.savefig(paths["attack"], dpi=120)
+    fig.savefig(paths["attack"], dpi=120, bbox_inches="tight")
     plt.close(fig)
     return paths
