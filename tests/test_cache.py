@@ -32,7 +32,7 @@ from tiny import (
 
 import vtprune
 
-METHODS = vtprune.list_methods()
+METHODS = vtprune.list_methods(host="vlm")
 SUPPORTED = [(m, f) for m in METHODS for f in FAMILIES if supports(m, f)]
 SUPPRESSED = [IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, PAD_ID]  # tiny.py's generation_config.suppress_tokens
 GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)

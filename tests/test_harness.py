@@ -303,7 +303,7 @@ def test_benchmark_config_methods_run_on_their_models():
 
     llava = hconfig.load_config(REPO / "configs/sweeps/llava15_7b.yaml")
     qwen = hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml")
-    assert {m.method for m in llava.methods} == set(vtprune.list_methods())
+    assert {m.method for m in llava.methods} == set(vtprune.list_methods(host="vlm"))
     hsweep._check_methods(llava.models[0], LlavaConfig(), llava.methods, [64])
     hsweep._check_methods(qwen.models[0], Qwen2_5_VLConfig(), qwen.methods, [64])
 
@@ -326,7 +326,7 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
     with pytest.raises(ValueError, match="linear_attention"):
         hsweep._check_methods(q35.models[0], cfg35, [type(fastv[0])(**{**vars(fastv[0]), "options": {}})], [64])
     assert {m.method for m in q3.methods} == {m.method for m in q35.methods} == \
-        {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
+        {m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
 
 
 def test_llava_onevision_benchmark_config_runs_on_its_architecture():
@@ -349,7 +349,7 @@ def test_internvl_benchmark_config_runs_on_its_architecture():
     assert cfg.models[0].pretrained == "OpenGVLab/InternVL3_5-8B-HF"
     arch = InternVLConfig(text_config={"model_type": "qwen3"})
     hsweep._check_methods(cfg.models[0], arch, cfg.methods, [64])
-    assert {m.method for m in cfg.methods} == {m for m in vtprune.list_methods() if m != "pdrop"}
+    assert {m.method for m in cfg.methods} == {m for m in vtprune.list_methods(host="vlm") if m != "pdrop"}
 
 
 def test_gemma3_benchmark_config_runs_on_its_architecture():
@@ -367,4 +367,4 @@ def test_gemma3_benchmark_config_runs_on_its_architecture():
                                         sliding_window=1024))
     hsweep._check_methods(g3.models[0], cfg, g3.methods, [64])
     assert {m.method for m in g3.methods} == \
-        {m for m in vtprune.list_methods() if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
+        {m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}

@@ -31,7 +31,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     # the cells built what they promise: every method's kept tokens, drawn side by side
     import vtprune
 
-    assert set(namespace["kept"]) == set(vtprune.list_methods())
+    assert set(namespace["kept"]) == set(vtprune.list_methods(host="vlm"))
     keep = namespace["KEEP"]  # sparsevlm: its official per-layer counts end below the budget
     assert all(len(k) == keep if m != "sparsevlm" else 0 < len(k) < keep for m, k in namespace["kept"].items())
     sheet = eval("viz.compare(image, kept, grid=shapes.GRID, size=shapes.IMAGE_SIZE)", namespace)

@@ -14,7 +14,7 @@ from tiny import last_logits as _last_logits
 
 import vtprune
 
-METHODS = vtprune.list_methods()
+METHODS = vtprune.list_methods(host="vlm")
 CASES = [(m, f) for m in METHODS for f in FAMILIES]
 SUPPORTED = [c for c in CASES if supports(*c)]
 UNSUPPORTED = [c for c in CASES if refused(*c)]

@@ -11,7 +11,7 @@ from vtprune import registry
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "methods"
 
 
-@pytest.mark.parametrize("method", vtprune.list_methods())
+@pytest.mark.parametrize("method", vtprune.list_methods(host="vlm"))
 def test_every_method_has_a_preset_with_the_code_defaults(method):
     path = PRESETS / f"{method}.yaml"
     assert path.is_file(), f"no preset {path.name} for registered method {method!r}"

@@ -108,7 +108,7 @@ def requests_qwen3_video(tmp_path_factory, media):
 
 
 #: per family: the request mix fixture, vLLM's per-prompt item limits and the checkpoint (Qwen3-VL: images only,
-#: except in "qwen3_vl_video", which only methods in setting.FRAME_COUNTS_AHEAD serve)
+#: except in "qwen3_vl_video", which only methods in setting.frame_counts_ahead() serve)
 FAMILY = {
     "qwen2_5_vl": ("requests_", {"image": 2, "video": 1}, "qwen2_5_vl"),
     "qwen3_vl": ("requests_qwen3", {"image": 2, "video": 0}, "qwen3_vl"),

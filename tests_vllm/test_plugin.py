@@ -26,7 +26,7 @@ PRUNED = {
     "vispruner": {"method": "vispruner", "ratio": 0.4},
 }
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_video")
-#: methods served on Qwen3-VL videos (setting.FRAME_COUNTS_AHEAD): a frame's kept count is known before the tower runs
+#: methods served on Qwen3-VL videos (setting.frame_counts_ahead()): a frame's kept count is known before the tower runs
 VIDEO3 = ("pool", "random")
 #: Qwen3-VL videos only (2 of a video's 18 tokens, seed 0: both in frame 0): the empty frame gets a token back
 #: (empty_frames="refill", the default), or keeps none and its run is empty (vision start, vision end)

@@ -6,23 +6,20 @@
     vtprune.unpatch(model)
 """
 
-from . import methods as _methods  # noqa: F401  (registers the methods)
+from . import methods as _methods  # registers the methods (every module of vtprune/methods)
 from .api import is_patched, list_methods, patch, patched, set_image_sizes, set_instructions, stats, unpatch
 from .config import PruneConfig
-from .methods import (
-    CLSConfig, DARTConfig, DivPruneConfig, FastVConfig, PACTConfig, RandomConfig, ToDREConfig, VisionZipConfig,
-    ZOOConfig, VisPrunerConfig, CDPrunerConfig, PoolConfig, PDropConfig, SparseVLMConfig,
-)
-from .methods.vit import PiToMeConfig, ToMeConfig, ZeroTPruneConfig, list_vit_methods
-from .registry import register_method
+from .methods.vit import list_vit_methods
+from .registry import _METHODS, register_method
 from .stats import PruneStats
+
+#: every registered method's config class, by class name (vtprune.FastVConfig, vtprune.ToMeConfig, ...)
+_CONFIGS = {spec.config_cls.__name__: spec.config_cls for spec in _METHODS.values()}
+globals().update(_CONFIGS)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "register_method", "set_image_sizes",
-    "set_instructions",
-    "PruneConfig", "PruneStats", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
-    "ZOOConfig", "ToDREConfig", "VisionZipConfig", "PACTConfig", "ToMeConfig", "PiToMeConfig", "ZeroTPruneConfig",
-    "list_vit_methods", "VisPrunerConfig", "CDPrunerConfig", "PoolConfig", "PDropConfig", "SparseVLMConfig",
+    "set_instructions", "list_vit_methods", "PruneConfig", "PruneStats", *sorted(_CONFIGS),
 ]

@@ -14,7 +14,7 @@ from .config import PruneConfig
 from .engine import Session
 from .engine.vit import ViTSession
 from .methods.tower import TOWER_FAMILIES, TowerMerge
-from .methods.vit import get_vit_method, list_vit_methods, make_vit_config
+from .methods.vit import list_vit_methods
 from .registry import get_method, list_methods
 from .stats import PruneStats
 
@@ -25,8 +25,6 @@ __all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched",
 
 
 def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneConfig:
-    if _is_vit_method(method):  # merging inside the VLM's vision tower (vtprune.methods.tower)
-        return make_vit_config(method, options)
     if isinstance(method, PruneConfig):
         if options:
             raise TypeError(
@@ -57,8 +55,7 @@ def _make_configs(method, options: dict[str, Any]) -> list[PruneConfig]:
         if not isinstance(item, PruneConfig):
             raise TypeError(f"schedule element {i} is a {type(item).__name__} ({item!r}); each element must be a "
                             "method config instance (e.g. vtprune.FastVConfig(keep=64)), with its own budget")
-        if not _is_vit_method(item):
-            get_method(item.method)  # registered?
+        get_method(item.method)  # registered?
     return list(method)
 
 
@@ -109,7 +106,7 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
 
 def _is_vit_method(method) -> bool:
     name = method.method if isinstance(method, PruneConfig) else method
-    return isinstance(name, str) and name in list_vit_methods()
+    return isinstance(name, str) and name in list_methods(host="vit")
 
 
 def _patch_vit(model: nn.Module, host, method, options: dict[str, Any]) -> nn.Module:
@@ -119,12 +116,11 @@ def _patch_vit(model: nn.Module, host, method, options: dict[str, Any]) -> nn.Mo
     if not _is_vit_method(method) and isinstance(name, str) and name in list_methods():
         raise ValueError(f"{type(model).__name__} is a vision transformer ({host.name}); method {name!r} prunes a "
                          f"VLM's visual tokens. Methods that act inside a ViT: {', '.join(list_vit_methods())}")
-    config = make_vit_config(method, options)
+    config = _make_config(method, options)
     if getattr(model, _ATTR, None) is not None:
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
         raise ValueError(f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first")
-    method_cls, _ = get_vit_method(config.method)
-    vit_method = method_cls(config)
+    vit_method = get_method(config.method).method_cls(config)
     patches = host.num_patches()
     if patches:  # a budget the method cannot reach fails here, not at the first forward
         vit_method.schedule(patches, len(host.blocks))

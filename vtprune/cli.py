@@ -305,10 +305,38 @@ def _cmd_robustness(args) -> int:
     return 0
 
 
+# -- methods ---------------------------------------------------------------------------------------------------------
+def _add_methods(sub) -> None:
+    p = sub.add_parser(
+        "methods",
+        help="list every registered method with its host, stage, signals and options",
+        description="Every registered method, read from the registry (vtprune.list_methods()): where it acts (host "
+        "vlm: a VLM's visual tokens; vit: between the blocks of a vision transformer), its stage, whether it merges, "
+        "the signals it reads, and its options with their defaults (besides the budget, keep= or ratio=).",
+    )
+    p.add_argument("--host", choices=("vlm", "vit"), default=None, help="only methods of this host")
+    p.add_argument("--stage", choices=("vision", "llm", "tower"), default=None, help="only methods of this stage")
+    p.set_defaults(func=_cmd_methods)
+
+
+def _cmd_methods(args) -> int:
+    from .registry import get_method, list_methods
+
+    filters = {k: v for k, v in (("host", args.host), ("stage", args.stage)) if v is not None}
+    rows = []
+    for name in list_methods(**filters):
+        spec = get_method(name)
+        options = ", ".join(f"{k}={v!r}" for k, v in spec.options().items())
+        rows.append([name, spec.host, spec.stage, "yes" if spec.merges else "no",
+                     ", ".join(sorted(spec.signals)) or "-", options or "-"])
+    print(format_table(["method", "host", "stage", "merges", "signals", "options (defaults)"], rows, align="llllll"))
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
 #: every subcommand: a function that adds its parser to the subparsers (and sets ``func``)
 _COMMANDS: tuple[Callable, ...] = (_add_demo, _add_sweep, _add_table, _add_plot, _add_calibrate, _add_bench,
-                                   _add_robustness)
+                                   _add_robustness, _add_methods)
 
 
 def build_parser() -> argparse.ArgumentParser:

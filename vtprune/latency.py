@@ -16,6 +16,7 @@ from torch import nn
 
 from . import flops
 from .api import list_methods, patch, patched, stats, unpatch
+from .registry import get_method
 from .timing import interleaved_median_ms
 
 __all__ = ["build_random_llava", "build_small_llava", "prefill", "LatencyRow", "run_latency", "DEFAULT_BUDGETS"]
@@ -24,12 +25,6 @@ __all__ = ["build_random_llava", "build_small_llava", "prefill", "LatencyRow", "
 VOCAB_SIZE = 32064
 IMAGE_TOKEN_ID = 32000
 DEFAULT_BUDGETS = (64, 16, 4)
-#: options a method runs with in the benchmarks (``vtprune bench``, eval/bench/overhead.py): pdrop's keep= is an
-#: average over the LM's layers, which the few layers of the benchmark LMs cannot bring that low; with
-#: budget_kind="last" keep is what its last drop leaves (the selection work is the same); cdpruner's default on a
-#: CLIP tower is the paper's text="clip", which needs a CLIP text tower the random benchmark models lack: they run
-#: text="llm" (the same greedy DPP over the same tokens; only the relevance vector comes from elsewhere)
-BENCH_OPTIONS = {"pdrop": {"budget_kind": "last"}, "cdpruner": {"text": "llm"}}
 
 
 def build_random_llava(
@@ -52,7 +47,12 @@ def build_random_llava(
     """A random-weight ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout: CLIP layer -2, CLS dropped, SDPA) in
     eval mode, and inputs for one prompt: ``BOS + text_before-1`` text tokens, ``(image_size // patch_size)**2``
     image tokens, ``text_after`` text tokens, one ``image_size`` image. Deterministic in ``seed``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     if image_size % patch_size:
         raise ValueError(f"image_size must be a multiple of patch_size, got {image_size} and {patch_size}")
@@ -153,9 +153,9 @@ def run_latency(
     seq = inputs["input_ids"].shape[1]
 
     rows = [LatencyRow("unpatched", None, n_visual, n_visual, flops.prefill_flops(model.config, seq) / 1e9)]
-    options = {m: BENCH_OPTIONS.get(m, {}) for m in list_methods()}
+    options = {m: get_method(m).run_options for m in list_methods(host="vlm")}  # what the random models need
     contexts = {}
-    for method in list_methods():
+    for method in options:
         try:
             patch(model, method, keep=budgets[0] if budgets else 1, **options[method])
         except ValueError as err:

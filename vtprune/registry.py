@@ -1,19 +1,96 @@
-"""Method registry: ``@register_method`` adds a method class under a name; lookups suggest close names."""
+"""The method registry: one record per method, VLM and vision-transformer hosts alike.
+
+``@register_method(name, Config)`` adds a method class; its :class:`MethodSpec` record carries what every consumer
+needs to know about the method (the engine, sweeps, benchmarks, the robustness audit, the vLLM plugin, the tests),
+read from the method class itself, so that a method is one file and no table elsewhere is keyed by its name:
+
+* ``host``: ``"vlm"`` (prunes a VLM's visual tokens at the vision entry or inside the language model) or ``"vit"``
+  (reduces tokens between the blocks of a vision transformer: timm, open_clip, CLIP / SigLIP, a VLM's tower);
+* ``stage``: ``"vision"`` (after the projector), ``"llm"`` (before decoder layer K) or ``"tower"`` (between ViT blocks);
+* ``signals``, ``merges``: what the method reads (``vtprune.methods.base.VISION_SIGNALS`` / ``LLM_SIGNALS``) and
+  whether it replaces kept vectors by merged ones;
+* ``kept_from_grid``: the kept count of each frame follows from the image / video grid alone (the vLLM plugin sizes
+  Qwen3-VL video frames before the tower runs);
+* ``vllm_options``: options with which a method refused by vLLM on its defaults is served there;
+* ``run_options``: the options demos, benchmarks and the robustness audit run it with (where its defaults need
+  something the bundled random models lack);
+* ``surrogate`` / ``unreachable``: how the robustness audit's attack reaches it, or why it cannot.
+
+Lookups of unknown names suggest close ones; :func:`list_methods` filters on the record.
+"""
 
 from __future__ import annotations
 
-import difflib
 import dataclasses
+import difflib
 from dataclasses import dataclass
+from typing import Any
 
 from .config import PruneConfig
+
+__all__ = ["MethodSpec", "register_method", "list_methods", "get_method", "HOSTS", "FILTERS"]
+
+#: where a method acts (see the module docstring)
+HOSTS = ("vlm", "vit")
+#: record fields :func:`list_methods` filters on
+FILTERS = ("host", "stage", "merges", "kept_from_grid")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """The registry record of one method (see the module docstring for each field)."""
+
     name: str
     method_cls: type
     config_cls: type[PruneConfig]
+    host: str = "vlm"
+
+    def _fact(self, name: str, default: Any) -> Any:
+        return getattr(self.method_cls, name, default)
+
+    @property
+    def stage(self) -> str:
+        return self._fact("stage", "vision")
+
+    @property
+    def signals(self) -> frozenset[str]:
+        return frozenset(self._fact("signals", frozenset()))
+
+    @property
+    def merges(self) -> bool:
+        return bool(self._fact("merges", False))
+
+    @property
+    def kept_from_grid(self) -> bool:
+        return bool(self._fact("kept_from_grid", False))
+
+    @property
+    def vllm_options(self) -> dict:
+        return dict(self._fact("vllm_options", {}))
+
+    @property
+    def run_options(self) -> dict:
+        return dict(self._fact("run_options", {}))
+
+    @property
+    def surrogate(self):
+        return self._fact("surrogate", None)
+
+    @property
+    def unreachable(self) -> str | None:
+        return self._fact("unreachable", None)
+
+    def options(self) -> dict[str, Any]:
+        """The method's own options (its config's fields beyond those every config has: the budget, ``positions``,
+        ``empty_frames``) -> default (``dataclasses.MISSING`` if required)."""
+        common = {f.name for f in dataclasses.fields(PruneConfig)}
+        out = {}
+        for f in dataclasses.fields(self.config_cls):
+            if f.name.startswith("_") or f.name in common:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f.name] = default
+        return out
 
     def make_config(self, options: dict, error: type[Exception] = TypeError) -> PruneConfig:
         """The method's config from keyword options; unknown names raise ``error`` listing the allowed ones."""
@@ -27,10 +104,13 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type[PruneConfig]):
-    """Class decorator: register a :class:`vtprune.methods.base.Method` subclass under ``name``."""
+def register_method(name: str, config_cls: type[PruneConfig], *, host: str = "vlm"):
+    """Class decorator: register a method class under ``name`` with its config class. ``host``: ``"vlm"`` for a
+    :class:`vtprune.methods.base.Method` subclass, ``"vit"`` for a :class:`vtprune.methods.vit.ViTMethod` one."""
     if not (isinstance(config_cls, type) and issubclass(config_cls, PruneConfig)):
         raise TypeError(f"config_cls must be a PruneConfig subclass, got {config_cls!r}")
+    if host not in HOSTS:
+        raise ValueError(f"host must be one of {HOSTS}, got {host!r}")
 
     def wrap(method_cls):
         if name in _METHODS:
@@ -38,18 +118,33 @@ def register_method(name: str, config_cls: type[PruneConfig]):
         config_cls.method = name
         method_cls.name = name
         method_cls.config_cls = config_cls
-        _METHODS[name] = MethodSpec(name, method_cls, config_cls)
+        _METHODS[name] = MethodSpec(name, method_cls, config_cls, host)
         return method_cls
 
     return wrap
 
 
-def list_methods() -> list[str]:
-    """Names of every registered method, sorted."""
-    return sorted(_METHODS)
+def list_methods(**filters: Any) -> list[str]:
+    """Names of the registered methods whose record matches every filter, sorted: ``list_methods()`` every method,
+    ``list_methods(host="vlm")`` those that prune a VLM's visual tokens, ``list_methods(host="vit")`` those acting
+    inside a vision transformer, ``list_methods(stage="llm")``, ``list_methods(merges=True)``. Filters: :data:`FILTERS`
+    (a value, or a tuple / list / set of allowed values)."""
+    unknown = sorted(set(filters) - set(FILTERS))
+    if unknown:
+        raise TypeError(f"unknown filter(s) {unknown} for list_methods; allowed: {list(FILTERS)}")
+
+    def ok(spec: MethodSpec) -> bool:
+        for key, want in filters.items():
+            have = getattr(spec, key)
+            if have not in (want if isinstance(want, (tuple, list, set, frozenset)) else (want,)):
+                return False
+        return True
+
+    return sorted(name for name, spec in _METHODS.items() if ok(spec))
 
 
 def get_method(name: str) -> MethodSpec:
+    """The record of the method registered as ``name``; unknown names raise ``ValueError`` with close names."""
     if not isinstance(name, str):
         raise TypeError(f"method must be a name (str) or a config instance, got {type(name).__name__}")
     spec = _METHODS.get(name)

@@ -56,7 +56,7 @@ import torch
 import vtprune
 from vtprune import compat
 from vtprune.adapters import get_adapter
-from vtprune.latency import BENCH_OPTIONS, build_random_llava, prefill
+from vtprune.latency import build_random_llava, prefill
 from vtprune.registry import get_method
 from vtprune.signals import cls_attention_rows
 from vtprune.timing import interleaved_times_ms, num_threads, provenance
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
-    methods = vtprune.list_methods()
+    methods = vtprune.list_methods(host="vlm")
     if args.methods is not None:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in methods]
@@ -342,13 +342,13 @@ def main(argv=None) -> int:
             p.error(f"--methods: unknown {unknown or args.methods!r}; registered: {', '.join(methods)}")
         methods = wanted
     for label, method, options in args.variant:
-        if method not in vtprune.list_methods():
-            p.error(f"--variant {label!r}: unknown method {method!r}; registered: {', '.join(vtprune.list_methods())}")
+        if method not in vtprune.list_methods(host="vlm"):
+            p.error(f"--variant {label!r}: unknown method {method!r}; registered: {', '.join(vtprune.list_methods(host='vlm'))}")
         try:
             get_method(method).make_config({"keep": args.keep[0], **options})
         except (TypeError, ValueError) as err:
             p.error(f"--variant {label!r}: {err}")
-    entries = [(m, m, dict(BENCH_OPTIONS.get(m, {}))) for m in methods] + list(args.variant)
+    entries = [(m, m, get_method(m).run_options) for m in methods] + list(args.variant)
     command = _command_line(argv)
     if args.sizes:
         return sizes_report(args, command)
@@ -462,9 +462,9 @@ def main(argv=None) -> int:
         "to select ms for the ratio and the verdict.",
         "ratio = (select ms + signal ms outside select) / one-layer ms; within budget when <= 1.",
     ]
-    bench_options = {m: o for m, o in BENCH_OPTIONS.items() if any(e[0] == m for e in entries)}
+    bench_options = {m: o for label, m, _ in entries if label == m and (o := get_method(m).run_options)}
     if bench_options:
-        notes.append("options the method rows ran with (`vtprune.latency.BENCH_OPTIONS`): " + "; ".join(
+        notes.append("options the method rows ran with (each method's registry `run_options`): " + "; ".join(
             f"{m} {', '.join(f'{k}={v!r}' for k, v in o.items())}" for m, o in bench_options.items())
             + (" (cdpruner: the random model has no CLIP text tower for its default text='clip'; the greedy DPP is "
                "the same, the CLIP projections of text='clip' are not timed)" if "cdpruner" in bench_options else ""))

@@ -29,7 +29,8 @@ import time
 import torch
 
 import vtprune
-from vtprune.latency import BENCH_OPTIONS, build_random_llava, prefill
+from vtprune.latency import build_random_llava, prefill
+from vtprune.registry import get_method
 from vtprune.timing import interleaved_times_ms, num_threads, provenance
 
 GOAL_KEEP_ALL = 3.0  # % over unpatched allowed for keep-all
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
 
         def add_patched(name, method, keep=None):
             """``method``: a registered name (with ``keep``) or a schedule (a list of configs)."""
-            options = {} if keep is None else {"keep": keep, **BENCH_OPTIONS.get(method, {})}
+            options = {} if keep is None else {"keep": keep, **get_method(method).run_options}
             try:
                 vtprune.patch(model, method, **options)
             except ValueError as err:
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         out_ideal = variants[ideal]().logits
         diff = (out_ideal - out_cls).abs().max().item()
         checks.append(f"ideal logits vs cls keep={args.keep} logits: max |diff| = {diff:.2e}")
-        for method in vtprune.list_methods():
+        for method in vtprune.list_methods(host="vlm"):
             if method != "cls":
                 add_patched(f"{method} keep={args.keep}", method, args.keep)
         first = min(3 * args.keep, n_visual)  # a schedule: divprune at the vision entry, then fastv before layer 2

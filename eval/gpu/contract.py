@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--attn", default="sdpa,flash_attention_2", help="comma-separated attn_implementation values")
     p.add_argument("--families", default=None, help=f"comma-separated, of {tiny.FAMILIES} (default: all; "
                    "--smoke: llava,qwen2_vl)")
-    p.add_argument("--methods", default=None, help="comma-separated (default: vtprune.list_methods(); --smoke: "
+    p.add_argument("--methods", default=None, help="comma-separated (default: vtprune.list_methods(host='vlm'); --smoke: "
                    "random,fastv,cls)")
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="the tests' tiny widths, two families (CPU test)")
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     dev, dtype = common.pick_device(args.device), common.DTYPES[args.dtype]
     families = args.families.split(",") if args.families else (["llava", "qwen2_vl"] if args.smoke else tiny.FAMILIES)
     methods = (args.methods.split(",") if args.methods else
-               [m for m in ("random", "fastv", "cls") if m in vtprune.list_methods()] if args.smoke else vtprune.list_methods())
+               [m for m in ("random", "fastv", "cls") if m in vtprune.list_methods(host="vlm")] if args.smoke else vtprune.list_methods(host="vlm"))
     tol = TOL[dtype]
     t0 = time.monotonic()
 

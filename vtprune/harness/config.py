@@ -14,6 +14,9 @@ A config is YAML (or the same structure as a dict)::
         name: llava-1.5-7b                         # optional label (default: last part of pretrained)
         model_args: {attn_implementation: sdpa}    # optional loading options (device_map, revision, ...)
     methods:
+      - all: {stage: vision, exclude: [zoo]}       # every registered VLM method matching (or just: - all), each
+                                                   # with its registry run_options; an entry below naming the same
+                                                   # method (without another name) replaces its expansion
       - fastv                                      # a registered method with its default options
       - {method: dart, options: {layer: 2}, name: dart-l2}   # options go to the method's config
       - name: divprune+fastv                       # a schedule: methods composed (vtprune.patch with a list);
@@ -43,6 +46,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..registry import get_method, list_methods
 from .model import LOAD_ARGS, SCHEDULE, UNPRUNED, method_config
 from .tiny import RANDOM_PRESETS
 
@@ -181,6 +185,51 @@ def _parse_model(i: int, item, base: Path) -> ModelSpec:
     return ModelSpec(name, pretrained, dict(model_args))
 
 
+#: what an ``all`` entry of ``methods`` takes (``exclude``: names; the rest filter the registry record)
+_ALL_KEYS = {"stage", "merges", "exclude"}
+
+
+def _expand_all(items: list) -> list:
+    """``methods`` with each ``all`` entry (``"all"``, or ``{all: {stage: ..., merges: ..., exclude: [...]}}``)
+    replaced, in place, by one entry per registered VLM method that matches (sorted by name), with the options of its
+    registry record (``run_options``). A method listed elsewhere by name (``fastv``, ``{method: fastv, ...}`` without
+    another ``name``) is not expanded: that entry stands instead."""
+    explicit = set()
+    for item in items:
+        if isinstance(item, str) and item != "all":
+            explicit.add(item)
+        elif isinstance(item, dict) and "method" in item and item.get("name") in (None, item["method"]):
+            explicit.add(item["method"])
+    out = []
+    for i, item in enumerate(items):
+        if item != "all" and not (isinstance(item, dict) and "all" in item):
+            out.append(item)
+            continue
+        where = f"methods[{i}]"
+        if isinstance(item, dict):
+            _check_keys(where, item, {"all"}, {"all"})
+        spec = {} if item == "all" or item["all"] in (None, True) else item["all"]
+        _check_keys(where + ".all", spec, _ALL_KEYS)
+        exclude = spec.get("exclude") or []
+        if not isinstance(exclude, list):
+            _fail(where + ".all", f"exclude must be a list of method names, got {exclude!r}")
+        for name in exclude:
+            try:
+                get_method(name)
+            except (ValueError, TypeError) as err:
+                _fail(where + ".all.exclude", str(err))
+        try:
+            names = list_methods(host="vlm", **{k: v for k, v in spec.items() if k != "exclude"})
+        except TypeError as err:
+            _fail(where + ".all", str(err))
+        if not names:
+            _fail(where + ".all", f"{spec} matches no registered method (stages: "
+                  f"{sorted({get_method(n).stage for n in list_methods(host='vlm')})})")
+        out += [{"method": n, "options": get_method(n).run_options} for n in names
+                if n not in exclude and n not in explicit]
+    return out
+
+
 def _parse_method(i: int, item, budgets: list[int]) -> MethodSpec:
     where = f"methods[{i}]"
     if isinstance(item, str):
@@ -256,7 +305,7 @@ def load_config(config: str | Path | dict, base_dir: str | Path | None = None) -
     if len(set(budgets)) != len(budgets):
         _fail("budgets", f"duplicate budgets in {budgets}")
     models = [_parse_model(i, m, base) for i, m in enumerate(_list("models", data["models"]))]
-    methods = [_parse_method(i, m, budgets) for i, m in enumerate(_list("methods", data["methods"]))]
+    methods = [_parse_method(i, m, budgets) for i, m in enumerate(_expand_all(_list("methods", data["methods"])))]
     tasks = [_parse_task(i, t) for i, t in enumerate(_list("tasks", data["tasks"]))]
     _unique("models", [m.name for m in models])
     _unique("methods", [m.name for m in methods])

@@ -40,7 +40,6 @@ from .. import flops
 from ..api import is_patched, patch, set_instructions, stats, unpatch
 from ..config import PruneConfig
 from ..methods import RandomConfig
-from ..methods.vit import list_vit_methods, make_vit_config
 from ..registry import get_method
 
 try:  # lmms-eval is the optional extra ``vtprune[eval]``
@@ -87,9 +86,8 @@ def method_config(method: str | None, keep: int | None = None, ratio: float | No
         return None
     if method == SCHEDULE:
         return _schedule_configs(options, budget)
-    if method in list_vit_methods():  # merging inside the VLM's vision tower (vtprune.methods.tower)
-        return make_vit_config(method, {**budget, **options})
-    return get_method(method).make_config({**budget, **options}, error=ValueError)
+    spec = get_method(method)
+    return spec.make_config({**budget, **options}, error=TypeError if spec.host == "vit" else ValueError)
 
 
 def _schedule_configs(options: dict[str, Any], budget: dict[str, Any]) -> list[PruneConfig]:

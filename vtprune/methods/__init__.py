@@ -1,25 +1,22 @@
-"""Registered pruning methods: importing this package registers them all."""
+"""Registered pruning methods: importing this package imports every module in it, which registers each method.
 
+A new method is one file here (its config, its ``@register_method`` class, its options documented on the config):
+nothing else needs editing. Each registered config and method class is also exported here (and configs from
+``vtprune``) under its class name.
+"""
+
+import importlib
+import pkgutil
+
+from ..registry import _METHODS
 from .base import ImageInputs, Method
-from .cdpruner import CDPruner, CDPrunerConfig
-from .cls import CLSConfig, VTCCLS
-from .dart import DART, DARTConfig
-from .divprune import DivPrune, DivPruneConfig
-from .fastv import FastV, FastVConfig
-from .pact import PACT, PACTConfig
-from .pool import Pool, PoolConfig
-from .pdrop import PDrop, PDropConfig
-from .random import RandomConfig, RandomPrune
-from .sparsevlm import SparseVLM, SparseVLMConfig
-from .todre import ToDRE, ToDREConfig
-from .visionzip import VisionZip, VisionZipConfig
-from .vispruner import VisPruner, VisPrunerConfig
-from .zoo import ZOOConfig, ZOOPrune
 
-__all__ = [
-    "ImageInputs", "Method", "CLSConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "RandomConfig",
-    "VTCCLS", "DART", "DivPrune", "FastV", "RandomPrune", "ZOOConfig", "ZOOPrune",
-    "ToDREConfig", "ToDRE", "VisionZipConfig", "VisionZip", "PACTConfig", "PACT",
-    "VisPrunerConfig", "VisPruner", "CDPrunerConfig", "CDPruner", "PoolConfig", "Pool",
-    "PDropConfig", "PDrop", "SparseVLMConfig", "SparseVLM",
-]
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["ImageInputs", "Method"]
+for _spec in _METHODS.values():
+    for _cls in (_spec.config_cls, _spec.method_cls):
+        globals()[_cls.__name__] = _cls
+        __all__.append(_cls.__name__)

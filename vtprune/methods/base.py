@@ -120,6 +120,20 @@ class Method:
     multi_crop: ClassVar[bool] = True
     #: whether ``select`` returns a :class:`Selection` with merged vectors (not only kept indices)
     merges: ClassVar[bool] = False
+    # -- facts the registry record carries for other consumers (vtprune.registry.MethodSpec) --
+    #: the kept tokens follow from the image / video grid and the options alone, never from the pixels (the vLLM
+    #: plugin sizes Qwen3-VL video frames before the vision tower runs)
+    kept_from_grid: ClassVar[bool] = False
+    #: options with which the vLLM plugin serves a method it refuses on its defaults (e.g. no late drop)
+    vllm_options: ClassVar[dict] = {}
+    #: options demos, benchmarks and the robustness audit run the method with, where its defaults need something the
+    #: bundled random models lack (e.g. a CLIP text tower)
+    run_options: ClassVar[dict] = {}
+    #: how the robustness audit's attack reaches the method (:class:`vtprune.methods.surrogates.Surrogate`); None:
+    #: through the first signal it declares
+    surrogate: ClassVar[object] = None
+    #: why no image perturbation can change the method's selection (the audit reports it unreachable); None: reachable
+    unreachable: ClassVar[str | None] = None
 
     def __init__(self, config: PruneConfig):
         self.config = config

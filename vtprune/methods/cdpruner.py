@@ -40,6 +40,7 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig
 from ..registry import register_method
+from . import surrogates as S
 from ._packing import packed_patches
 from .base import ImageInputs, Method
 
@@ -156,6 +157,14 @@ class CDPrunerConfig(PruneConfig):
 @register_method("cdpruner", CDPrunerConfig)
 class CDPruner(Method):
     stage = "vision"
+    #: what it may read (registry record); an instance reads those of its ``text`` (``_set_signals``)
+    signals = frozenset({"features", "projector_inputs", "instruction", "prompt_embeds"})
+    surrogate = S.Surrogate("dpp-gain", "greedy DPP MAP -> each token's squared relevance to the prompt times its "
+                            "cosine distance to the nearest neighbour (its marginal gain against its closest "
+                            "competitor)", S.dpp_gain)
+    #: its default on a CLIP tower is the paper's text="clip", which needs a CLIP text tower the bundled / random
+    #: models lack: they run text="llm" (the same greedy DPP over the same tokens; only the relevance differs)
+    run_options = {"text": "llm"}
 
     def __init__(self, config: CDPrunerConfig):
         super().__init__(config)

@@ -26,6 +26,7 @@ from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ..signals import check_importance
+from . import surrogates as S
 from .base import ImageInputs, Method, crop_importance
 
 
@@ -50,6 +51,8 @@ class CLSConfig(PruneConfig):
 class VTCCLS(Method):
     stage = "vision"
     signals = frozenset({"cls_attention"})
+    surrogate = S.Surrogate("cls-attention", "the method's own score: CLS attention summed over its vision layers",
+                            S.cls_scores, exact=True)
 
     def vision_layers(self, num_layers: int) -> list[int]:
         """Vision layers ``start_layer .. L-2`` of an ``L``-layer tower (official ``attentions[start_layer:-1]``).

@@ -22,6 +22,7 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
+from . import surrogates as S
 from .base import ImageInputs, Method, check_layer
 
 _ROUNDING = ("exact", "official")
@@ -43,10 +44,27 @@ class DARTConfig(PruneConfig):
             raise ValueError(f"budget_rounding must be one of {_ROUNDING}, got {self.budget_rounding!r}")
 
 
+def _duplication(method, image: ImageInputs) -> torch.Tensor:
+    """The robustness surrogate: minus the lowest cosine similarity of each image token's final-normed hidden state to
+    the key-norm pivots (pivot choice held fixed): DART keeps the tokens least similar to a pivot."""
+    cfg = method.config
+    start, n = image.image_start, image.n
+    l1 = image.keys.detach().float().abs().sum(-1)
+    img_piv = l1[start:start + n].topk(min(cfg.image_pivots, n)).indices + start
+    after = l1[start + n:]
+    txt_piv = after.topk(min(cfg.text_pivots, after.numel())).indices + start + n
+    normed = torch.nn.functional.normalize(image.final_norm(image.hidden).float(), dim=-1)
+    cos = normed[start:start + n] @ normed[torch.cat([img_piv, txt_piv])].T  # [n, pivots]
+    return -cos.min(dim=1).values
+
+
 @register_method("dart", DARTConfig)
 class DART(Method):
     stage = "llm"
     signals = frozenset({"keys", "hidden"})
+    surrogate = S.Surrogate("pivot-duplication", "tokens least cosine-similar to a pivot are kept -> minus the lowest "
+                            "cosine similarity of the (final-normed) hidden state to the key-norm pivots (pivot choice "
+                            "held fixed)", _duplication)
 
     def layer(self, num_layers: int) -> int:
         return check_layer("dart", self.config.layer, num_layers)

@@ -15,6 +15,7 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig
 from ..registry import register_method
+from . import surrogates as S
 from .base import ImageInputs, Method
 
 _METRICS = ("cosine", "l2")
@@ -34,6 +35,8 @@ class DivPruneConfig(PruneConfig):
 class DivPrune(Method):
     stage = "vision"
     signals = frozenset({"features"})
+    surrogate = S.Surrogate("feature-isolation", "greedy k-center on the projected features -> each token's cosine "
+                            "distance to its nearest neighbour (the quantity k-center maximises)", S.feature_isolation)
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         order = F.kcenter_select(image.features, image.k, metric=self.config.metric)

@@ -23,6 +23,7 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
+from . import surrogates as S
 from .base import ImageInputs, Method, check_layer
 
 _BUILTIN_WEIGHTS = ("cubic", "exp", "none")
@@ -65,6 +66,8 @@ class FastVConfig(PruneConfig):
 class FastV(Method):
     stage = "llm"
     signals = frozenset({"text_attention"})
+    surrogate = S.Surrogate("text-attention", "the method's own score: head-mean attention of the last prompt token at "
+                            "layer K-1 (debias weights, when on, are not applied)", S.text_attention, exact=True)
 
     def __init__(self, config: FastVConfig):
         super().__init__(config)

@@ -36,6 +36,7 @@ from .. import functional as F
 from ..config import PruneConfig
 from ..functional.cluster import PACT_DC
 from ..registry import register_method
+from . import surrogates as S
 from .base import ImageInputs, Method, Selection, check_layer, merge_weights
 
 #: official reduction layer (configs/pact.json "layer_for_reduction": 4)
@@ -64,6 +65,8 @@ class PACT(Method):
     stage = "llm"
     signals = frozenset({"keys", "hidden"})
     merges = True
+    surrogate = S.Surrogate("key-isolation", "density-peak clustering of the keys keeps isolated tokens as their own "
+                            "centres -> cosine distance of each key to its nearest neighbour", S.key_isolation)
 
     def layer(self, num_layers: int) -> int:
         layer = self.config.layer if self.config.layer is not None else min(PACT_LAYER, num_layers - 1)

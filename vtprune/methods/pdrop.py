@@ -25,7 +25,6 @@ M-RoPE models): a documented deviation (docs/methods.md).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig
 from ..registry import register_method
+from . import surrogates as S
 from .base import ImageInputs, Method, check_layer
 
 
@@ -133,6 +133,12 @@ def stage_ratios(n: int, average: float, layers: list[int], num_layers: int) -> 
 class PDrop(Method):
     stage = "llm"
     signals = frozenset({"layer_attention"})
+    surrogate = S.Surrogate("layer-attention", "the method's own score at its first point: head-mean attention of the "
+                            "last prompt token at that layer, recomputed on its input (later points are not attacked)",
+                            S.text_attention, exact=True)
+    #: keep= is an average over the LM's layers, which the few layers of the bundled / benchmark LMs cannot bring that
+    #: low; with budget_kind="last" keep is what its last drop leaves (the selection work is the same)
+    run_options = {"budget_kind": "last"}
 
     def layers(self, num_layers: int) -> list[int]:
         self._num_layers = num_layers  # the model's depth, for the per-point budgets

@@ -60,6 +60,7 @@ class Pool(Method):
     stage = "vision"
     signals = frozenset({"features", "projector_inputs"})
     merges = True
+    kept_from_grid = True  # each kept token stands for a fixed window of the grid
 
     def grids(self, image: ImageInputs) -> list[tuple[torch.Tensor, int, int]]:
         """The image's token grids: ``(tokens, H, W)`` with ``tokens`` ``[H * W]`` its visual-token indices, row-major."""

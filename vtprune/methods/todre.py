@@ -26,6 +26,7 @@ from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ..signals import check_importance
+from . import surrogates as S
 from .base import ImageInputs, Method, check_layer, crop_importance
 
 _DIVERSITY = ("kcenter", "maxsum")
@@ -63,6 +64,9 @@ class ToDREConfig(PruneConfig):
 class ToDRE(Method):
     stage = "vision"
     signals = frozenset({"features", "cls_attention"})
+    surrogate = S.Surrogate("feature-isolation", "greedy k-center from the top-CLS pivot -> cosine distance to the "
+                            "nearest neighbour among the features (the pivot choice is not attacked)", S.feature_isolation)
+    vllm_options = {"late_drop": False}  # its late drop acts inside the language model
 
     def vision_layers(self, num_layers: int) -> list[int]:
         layer = num_layers - 2 if self.config.cls_layer is None else self.config.cls_layer

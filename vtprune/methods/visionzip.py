@@ -34,6 +34,7 @@ from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ..signals import check_importance
+from . import surrogates as S
 from ._packing import packed_patches
 from .base import ImageInputs, Method, Selection, crop_importance
 
@@ -103,6 +104,8 @@ class VisionZip(Method):
     stage = "vision"
     signals = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs"})
     merges = True
+    surrogate = S.Surrogate("cls-attention", "the score of its dominant tokens (CLS attention of its layer); the "
+                            "contextual merge of the rest is not attacked", S.cls_scores)
 
     def vision_layers(self, num_layers: int) -> list[int]:
         layer = num_layers - 2 if self.config.layer is None else self.config.layer

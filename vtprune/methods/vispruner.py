@@ -26,8 +26,8 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
-from ._packing import packed_patches
 from ..signals import check_importance
+from ._packing import packed_patches
 from .base import ImageInputs, Method, crop_importance
 
 

@@ -13,8 +13,6 @@ option instead of a budget: ToMe's ``r`` (int, ``(r, inflection)`` or per-layer 
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,52 +21,23 @@ import torch
 
 from ..config import POSITIONS, PruneConfig
 from ..functional import vit as FV
+from ..registry import get_method, list_methods, register_method
 
 __all__ = ["ToMeConfig", "PiToMeConfig", "ZeroTPruneConfig", "list_vit_methods", "get_vit_method", "ViTMethod"]
 
-_VIT: dict[str, tuple[type, type]] = {}
-
-
-def _register(name, config_cls):
-    def wrap(cls):
-        config_cls.method = name
-        cls.name = name
-        _VIT[name] = (cls, config_cls)
-        return cls
-    return wrap
-
 
 def list_vit_methods() -> list[str]:
-    """Names of the methods that act inside a vision transformer, sorted."""
-    return sorted(_VIT)
+    """Names of the methods that act inside a vision transformer, sorted (``vtprune.list_methods(host="vit")``)."""
+    return list_methods(host="vit")
 
 
 def get_vit_method(name: str):
-    """``(method_cls, config_cls)`` of a ViT method; unknown names raise ``ValueError`` with close names."""
-    if name not in _VIT:
-        close = difflib.get_close_matches(name, _VIT, n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown vision-transformer method {name!r}.{hint} Available inside a ViT: "
+    """``(method_cls, config_cls)`` of a ViT method; unknown names (or a VLM method's) raise ``ValueError``."""
+    spec = get_method(name)
+    if spec.host != "vit":
+        raise ValueError(f"{name!r} prunes a VLM's visual tokens; methods that act inside a vision transformer: "
                          f"{', '.join(list_vit_methods())}")
-    return _VIT[name]
-
-
-def make_vit_config(method, options: dict) -> PruneConfig:
-    if isinstance(method, PruneConfig):
-        if options:
-            raise TypeError(f"pass options either in the config or as keywords, not both (got a "
-                            f"{type(method).__name__} and keywords {sorted(options)})")
-        get_vit_method(method.method)
-        return method
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a name or a config instance, got {type(method).__name__}; ViT methods: "
-                        f"{', '.join(list_vit_methods())}")
-    _, config_cls = get_vit_method(method)
-    allowed = sorted(f.name for f in dataclasses.fields(config_cls))
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; allowed: {allowed}")
-    return config_cls(**options)
+    return spec.method_cls, spec.config_cls
 
 
 @dataclass
@@ -101,6 +70,9 @@ class ViTMethod:
     """A method acting between the blocks of a ViT: a per-block reduction schedule and a per-block plan."""
 
     name: ClassVar[str]
+    #: registry facts (vtprune.registry): acts between the blocks of a vision transformer, merging tokens
+    stage: ClassVar[str] = "tower"
+    merges: ClassVar[bool] = True
     #: whether the plan needs the block's attention probabilities (recomputed from q / k)
     needs_attention: ClassVar[bool] = False
 
@@ -144,7 +116,7 @@ class ToMeConfig(_ViTConfig):
             FV.tome_schedule(self.r, 1 if not isinstance(self.r, list) else max(1, len(self.r)))  # validates
 
 
-@_register("tome", ToMeConfig)
+@register_method("tome", ToMeConfig, host="vit")
 class ToMe(ViTMethod):
     def schedule(self, num_patches, num_blocks):
         if self.config.r is not None:
@@ -189,7 +161,7 @@ class PiToMeConfig(_ViTConfig):
             raise TypeError(f"prop_attn must be a bool, got {self.prop_attn!r}")
 
 
-@_register("pitome", PiToMeConfig)
+@register_method("pitome", PiToMeConfig, host="vit")
 class PiToMe(ViTMethod):
     def schedule(self, num_patches, num_blocks):
         if self.config.layer_ratio is None:
@@ -231,9 +203,10 @@ class ZeroTPruneConfig(_ViTConfig):
             raise ValueError(f"iterations must be an int >= 1, got {self.iterations!r}")
 
 
-@_register("zerotprune", ZeroTPruneConfig)
+@register_method("zerotprune", ZeroTPruneConfig, host="vit")
 class ZeroTPrune(ViTMethod):
     needs_attention = True
+    merges = False  # prunes (importance, then similarity), never averages tokens
 
     def cap(self, n):
         return max(n - 1, 0)

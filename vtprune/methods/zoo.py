@@ -39,6 +39,7 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
+from . import surrogates as S
 from .base import ImageInputs, Method
 
 _ESTIMATORS = ("jvp", "literal")
@@ -74,6 +75,9 @@ class ZOOConfig(PruneConfig):
 class ZOOPrune(Method):
     stage = "vision"
     signals = frozenset({"features", "projector_inputs"})
+    surrogate = S.Surrogate("feature-isolation", "its diversity term (1 - max cos to the selected) -> cosine distance "
+                            "to the nearest neighbour; the sensitivity term reads the projector input, which the engine "
+                            "hands over without gradient, and is not attacked", S.feature_isolation)
 
     def __init__(self, config: ZOOConfig):
         super().__init__(config)

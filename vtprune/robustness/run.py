@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..timing import num_threads
 from .attack import caa_attack
 from .config import RobustnessConfig, load_config
 from .data import load_items
@@ -17,7 +18,6 @@ from .perturbations import perturb
 from .report import write_outputs
 from .runner import Runner
 from .surrogates import surrogate_for
-from ..timing import num_threads
 
 
 def jaccard(a, b) -> float:

@@ -60,7 +60,7 @@ VALUES = 6
 _DIGITS = 2
 EXTRA = VALUES * _DIGITS
 
-#: why Qwen3-VL videos are refused with a vtprune setting whose method is not in setting.FRAME_COUNTS_AHEAD
+#: why Qwen3-VL videos are refused with a vtprune setting whose method is not in setting.frame_counts_ahead()
 QWEN3_VIDEO_REFUSAL = (
     "vtprune.vllm prunes Qwen3-VL videos only with {ahead}: Qwen3-VL lays a video out as one placeholder run per "
     "frame between timestamp text ('<t seconds>'), and vLLM sizes those runs when the request arrives "
@@ -75,12 +75,12 @@ QWEN3_VIDEO_REFUSAL = (
 
 
 def qwen3_video_refusal(method: str) -> str:
-    return QWEN3_VIDEO_REFUSAL.format(ahead=" and ".join(sorted(setting.FRAME_COUNTS_AHEAD)), method=method)
+    return QWEN3_VIDEO_REFUSAL.format(ahead=" and ".join(sorted(setting.frame_counts_ahead())), method=method)
 
 
 def frame_plan(config, method, t: int, h: int, w: int, merge: int) -> tuple[torch.Tensor, list[int]]:
     """A Qwen3-VL video's kept tokens and kept count per frame, known before the vision tower runs, for a method
-    whose selection does not depend on the pixels (``setting.FRAME_COUNTS_AHEAD``): the method's ``select`` on
+    whose selection does not depend on the pixels (``setting.frame_counts_ahead()``): the method's ``select`` on
     zero features of the video's ``t`` frames of ``h x w`` merged tokens (its (t, h, w) patch grid ``t x h*merge x
     w*merge`` in ``extra["grid"]``, as the Hugging Face path hands it), then :func:`refill`. Returns ``(kept [k]
     ascending, counts [t])``."""
@@ -191,7 +191,7 @@ class VTPruneQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
 
 class VTPruneQwen3VLProcessor(Qwen3VLMultiModalProcessor):
     """Image placeholder runs sized to the kept count; a video's per-frame runs sized to each frame's kept count
-    (:func:`frame_plan`; only for methods in ``setting.FRAME_COUNTS_AHEAD``, others are refused)."""
+    (:func:`frame_plan`; only for methods in ``setting.frame_counts_ahead()``, others are refused)."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -204,7 +204,7 @@ class VTPruneQwen3VLProcessor(Qwen3VLMultiModalProcessor):
         method = setting.method(config)
 
         def video(item_idx: int):
-            if config.method not in setting.FRAME_COUNTS_AHEAD:
+            if config.method not in setting.frame_counts_ahead():
                 raise ValueError(qwen3_video_refusal(config.method))
             out_item = out_mm_kwargs["video"][item_idx]
             t, h, w = (int(v) for v in out_item["video_grid_thw"].data.tolist())
@@ -629,7 +629,7 @@ class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
 class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
     """vLLM's ``Qwen3VLForConditionalGeneration`` with the deployment's vtprune method before the LLM, on images
     (several per prompt) and, for methods whose kept tokens do not depend on the pixels
-    (``setting.FRAME_COUNTS_AHEAD``), videos (each frame's run holding that frame's kept tokens); every DeepStack
+    (``setting.frame_counts_ahead()``), videos (each frame's run holding that frame's kept tokens); every DeepStack
     level follows the kept rows. Other methods with videos allowed are refused (:func:`qwen3_video_refusal`)."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
@@ -639,7 +639,7 @@ class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
             return
         self._levels = self.deepstack_num_level if self.use_deepstack else 0
         if (self.multimodal_config.get_limit_per_prompt("video") > 0
-                and self.vtprune_config.method not in setting.FRAME_COUNTS_AHEAD):
+                and self.vtprune_config.method not in setting.frame_counts_ahead()):
             raise ValueError(qwen3_video_refusal(self.vtprune_config.method))
 
     def _frame_runs(self, modality):

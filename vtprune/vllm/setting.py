@@ -28,11 +28,6 @@ KEY = "vtprune"
 SIGNALS = frozenset({"features", "projector_inputs", "cls_attention", "vision_keys"})
 #: the signals the plugin gives only as the attention each patch receives (``importance="received"``)
 RECEIVED = frozenset({"cls_attention", "vision_keys"})
-#: methods whose kept tokens depend only on an item's size / grid and options, not on its pixels: the processor can
-#: size each frame's placeholder run of a Qwen3-VL video before the vision tower runs (others are refused there)
-FRAME_COUNTS_AHEAD = frozenset({"random", "pool"})
-#: options with which a method refused on its defaults runs in vLLM (printed with :func:`servable_methods`)
-SERVED_WITH = {"todre": {"late_drop": False}}
 
 #: why the plugin cannot give a signal
 _MISSING = {
@@ -45,20 +40,28 @@ _MISSING = {
 }
 
 
+def frame_counts_ahead() -> list[str]:
+    """Methods whose kept tokens depend only on an item's size / grid and options, not on its pixels (registry
+    ``kept_from_grid``): the processor can size each frame's placeholder run of a Qwen3-VL video before the vision
+    tower runs (others are refused there)."""
+    return list_methods(host="vlm", kept_from_grid=True)
+
+
 def servable_methods(num_layers: int = 32) -> list[str]:
     """Registered methods the vLLM plugin can run with their default options: vision stage, only :data:`SIGNALS`
     (CLS-scored methods with ``importance="received"``, their default on Qwen-VL), no late drop inside the language
     model, and a kept count equal to the config's budget (the processor sizes the prompt before the vision tower
     runs). Merging methods are served (the merged vectors replace the kept rows; Qwen3-VL's DeepStack levels are
-    merged with the same weights). :data:`SERVED_WITH` lists methods that run with other options (``todre`` with
-    ``late_drop=False``)."""
-    return [name for name in list_methods() if _refusal(get_method(name).config_cls(keep=1), num_layers) is None]
+    merged with the same weights). A method's registry record names the options with which a method refused on its
+    defaults is served (``vllm_options``: ``todre`` with ``late_drop=False``)."""
+    return [name for name in list_methods(host="vlm") if _refusal(get_method(name).config_cls(keep=1), num_layers) is None]
 
 
 def served(num_layers: int = 32) -> str:
-    """What the plugin serves, as printed in its refusals: :func:`servable_methods` and :data:`SERVED_WITH`."""
+    """What the plugin serves, as printed in its refusals: :func:`servable_methods` and the methods served with the
+    options of their registry record (``vllm_options``)."""
     extra = [f"{name} with " + ", ".join(f"{k}={json.dumps(v)}" for k, v in opts.items())
-             for name, opts in SERVED_WITH.items()]
+             for name in list_methods(host="vlm") if (opts := get_method(name).vllm_options)]
     return ", ".join(servable_methods(num_layers) + extra)
 
 
@@ -78,7 +81,7 @@ def _refusal(config: PruneConfig, num_layers: int) -> str | None:
         return ("importance='cls' needs the vision tower's CLS attention, and Qwen-VL towers have no CLS token; use "
                 "importance='received' (the attention each patch receives, the default on Qwen-VL) or leave it unset")
     if method.drop_layer(num_layers) is not None:
-        fix = SERVED_WITH.get(config.method)
+        fix = get_method(config.method).vllm_options
         how = f"; serve its pre-LLM selection alone with {json.dumps(fix)}" if fix else ""
         return ("it drops visual tokens again inside the language model (a late drop, from a decoder layer's attention, "
                 f"which vLLM's paged attention does not expose){how}")

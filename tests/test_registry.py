@@ -1,0 +1,104 @@
+"""One registry for every method (VLM and ViT hosts): records, filters, facts read from the method's own file."""
+
+import dataclasses
+
+import pytest
+
+import vtprune
+from vtprune import cli
+from vtprune.methods.base import Method
+from vtprune.registry import FILTERS, get_method, list_methods, register_method
+
+
+def test_every_method_is_listed_once_with_its_host():
+    every = list_methods()
+    assert every == sorted(set(every))
+    vlm, vit = list_methods(host="vlm"), list_methods(host="vit")
+    assert sorted(vlm + vit) == every and not set(vlm) & set(vit)
+    assert vit == vtprune.list_vit_methods() == ["pitome", "tome", "zerotprune"]
+    assert {"fastv", "dart", "divprune", "random"} <= set(vlm)
+    for name in every:
+        spec = get_method(name)
+        assert spec.name == name and spec.config_cls.method == name and spec.method_cls.name == name
+        assert getattr(vtprune, spec.config_cls.__name__) is spec.config_cls  # exported from vtprune
+
+
+def test_filters_read_the_record():
+    assert list_methods(stage="llm") == sorted(n for n in list_methods() if get_method(n).stage == "llm")
+    assert set(list_methods(stage="tower")) == set(list_methods(host="vit"))
+    assert list_methods(stage=("vision", "llm")) == list_methods(host="vlm")
+    assert "pool" in list_methods(merges=True) and "random" not in list_methods(merges=True)
+    assert list_methods(host="vlm", kept_from_grid=True) == ["pool", "random"]
+    with pytest.raises(TypeError, match=r"unknown filter\(s\) \['hots'\].*allowed"):
+        list_methods(hots="vlm")
+    assert set(FILTERS) >= {"host", "stage"}
+
+
+def test_facts_live_on_the_method_class():
+    assert get_method("pdrop").run_options == {"budget_kind": "last"}
+    assert get_method("cdpruner").run_options == {"text": "llm"}
+    assert get_method("todre").vllm_options == {"late_drop": False}
+    assert get_method("random").unreachable and get_method("fastv").unreachable is None
+    assert get_method("fastv").surrogate.exact and get_method("divprune").surrogate.name == "feature-isolation"
+    # a record's dicts are copies: consumers cannot change a method's facts
+    get_method("pdrop").run_options["budget_kind"] = "average"
+    assert get_method("pdrop").run_options == {"budget_kind": "last"}
+
+
+def test_a_method_registers_once_across_hosts():
+    @dataclasses.dataclass
+    class Cfg(vtprune.PruneConfig):
+        pass
+
+    for host in ("vlm", "vit"):
+        with pytest.raises(ValueError, match="'tome' is already registered"):
+            register_method("tome", Cfg, host=host)(type("T", (Method,), {}))
+    with pytest.raises(ValueError, match=r"host must be one of \('vlm', 'vit'\), got 'gpu'"):
+        register_method("x_registry_test", Cfg, host="gpu")
+
+
+def test_vit_method_names_in_vlm_only_places_are_refused_clearly():
+    from vtprune.methods.vit import get_vit_method
+
+    with pytest.raises(ValueError, match="'fastv' prunes a VLM's visual tokens.*pitome, tome, zerotprune"):
+        get_vit_method("fastv")
+    with pytest.raises(ValueError, match="unknown method 'tomee'.*Did you mean 'tome'"):
+        get_method("tomee")
+
+
+def test_options_are_the_method_own_fields_with_defaults():
+    assert get_method("fastv").options()["layer"] == 2
+    assert "keep" not in get_method("fastv").options() and "positions" not in get_method("tome").options()
+    assert get_method("tome").options() == {"r": None, "prop_attn": True}
+
+
+def test_methods_command_lists_the_registry(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines()[2:]]
+    assert rows == list_methods()
+    assert "layer=2" in next(line for line in out.splitlines() if line.startswith("| fastv "))
+    assert cli.main(["methods", "--host", "vit"]) == 0
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == list_methods(host="vit")
+
+
+def test_a_sweep_methods_all_expands_to_the_registry_and_explicit_entries_win():
+    from vtprune.harness import config as hconfig
+
+    base = {"models": [{"pretrained": "x"}], "budgets": [16], "tasks": ["t"]}
+    cfg = hconfig.load_config({**base, "methods": ["all", {"method": "pdrop", "options": {"budget_kind": "average"}},
+                                                  {"method": "fastv", "options": {"debias": True}, "name": "fv+d"}]})
+    names = [m.name for m in cfg.methods]
+    assert sorted(set(names) - {"fv+d"}) == list_methods(host="vlm") and len(names) == len(set(names))
+    by = {m.name: m for m in cfg.methods}
+    assert by["pdrop"].options == {"budget_kind": "average"}  # the explicit entry, not the expansion
+    assert by["cdpruner"].options == get_method("cdpruner").run_options  # expanded with its run options
+    cfg = hconfig.load_config({**base, "methods": [{"all": {"stage": "llm", "exclude": ["pact"]}}]})
+    assert [m.method for m in cfg.methods] == [n for n in list_methods(stage="llm") if n != "pact"]
+    for bad, message in ((["all", {"all": {"stage": "gpu"}}], "matches no registered method"),
+                         (["all", "all"], "duplicate name"),
+                         ([{"all": {"exclude": ["fastvv"]}}], "unknown method 'fastvv'"),
+                         ([{"all": {"hots": "vlm"}}], r"unknown key\(s\) \['hots'\]")):
+        with pytest.raises(ValueError, match=message):
+            hconfig.load_config({**base, "methods": bad})
