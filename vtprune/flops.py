@@ -156,7 +156,7 @@ are not multiplied by the batch size.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -167,22 +167,21 @@ __all__ = [
     "prefill_flops",
     "kv_cache_bytes",
     "linear_state_bytes",
-    "SUPPORTED_MODEL_TYPES",
+    "supported_model_types",
+    "register_vision_flops",
+    "register_gated_query",
 ]
 
-#: top-level ``config.model_type`` values :func:`vision_flops` / :func:`prefill_flops` understand.
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-                         "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl", "gemma3")
-_QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+#: per top-level ``config.model_type``, its vision tower + projector counter (registered by ``vtprune.adapters``)
+_VISION: dict[str, Callable] = {}
+#: text ``model_type`` values whose full-attention ``q_proj`` also projects an output gate (registered by adapters)
+_GATED_QUERY: set[str] = set()
 #: chunk length of transformers' chunked gated delta rule (``torch_chunk_gated_delta_rule``)
 DELTA_RULE_CHUNK = 64
-_CLIP_VISION_TYPES = ("clip_vision_model",)
-_SIGLIP_VISION_TYPES = ("siglip_vision_model",)
-_LLAVA_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
 
 
 # --------------------------------------------------------------------------- input checking
-def _as_count(value, name: str) -> int:
+def as_count(value, name: str) -> int:
     """A non-negative Python int from an int-like (int, numpy/torch integer scalar)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a non-negative int, got bool {value!r}")
@@ -200,14 +199,14 @@ def _as_count(value, name: str) -> int:
     return out
 
 
-def _require(cfg, attr: str, what: str):
+def require(cfg, attr: str, what: str):
     value = getattr(cfg, attr, None)
     if value is None:
         raise ValueError(f"{what} ({type(cfg).__name__}) has no `{attr}`; cannot count its FLOPs")
     return value
 
 
-def _text_config(config):
+def text_config_of(config):
     """Accept a text config or a top-level VLM config (use its ``text_config``)."""
     sub = getattr(config, "text_config", None)
     return sub if sub is not None else config
@@ -216,15 +215,15 @@ def _text_config(config):
 def _attn_dims(text_config) -> tuple[int, int, int, int]:
     """(D, H, Hkv, Dh) of a decoder config."""
     what = "text config"
-    d = _require(text_config, "hidden_size", what)
-    h = _require(text_config, "num_attention_heads", what)
+    d = require(text_config, "hidden_size", what)
+    h = require(text_config, "num_attention_heads", what)
     hkv = getattr(text_config, "num_key_value_heads", None) or h
     dh = getattr(text_config, "head_dim", None) or d // h
     return int(d), int(h), int(hkv), int(dh)
 
 
 def _num_layers(text_config) -> int:
-    return int(_require(text_config, "num_hidden_layers", "text config"))
+    return int(require(text_config, "num_hidden_layers", "text config"))
 
 
 def _layer_lens(text_config, layer_seq_lens, name: str = "layer_seq_lens") -> list[int]:
@@ -232,24 +231,24 @@ def _layer_lens(text_config, layer_seq_lens, name: str = "layer_seq_lens") -> li
     num_layers = _num_layers(text_config)
     if isinstance(layer_seq_lens, torch.Tensor):
         if layer_seq_lens.dim() == 0:
-            return [_as_count(layer_seq_lens, name)] * num_layers
+            return [as_count(layer_seq_lens, name)] * num_layers
         if layer_seq_lens.dim() != 1:
             raise ValueError(f"{name} must be an int or a 1-D sequence with one length per decoder layer, "
                              f"got a tensor of shape {tuple(layer_seq_lens.shape)}")
         layer_seq_lens = layer_seq_lens.tolist()
     if hasattr(layer_seq_lens, "ndim") and hasattr(layer_seq_lens, "tolist"):     # numpy array / scalar
         if layer_seq_lens.ndim == 0:
-            return [_as_count(layer_seq_lens.item(), name)] * num_layers
+            return [as_count(layer_seq_lens.item(), name)] * num_layers
         if layer_seq_lens.ndim != 1:
             raise ValueError(f"{name} must be an int or a 1-D sequence with one length per decoder layer, "
                              f"got an array of shape {tuple(layer_seq_lens.shape)}")
         layer_seq_lens = layer_seq_lens.tolist()
     if isinstance(layer_seq_lens, (str, bytes)) or not isinstance(layer_seq_lens, Sequence):
         if hasattr(layer_seq_lens, "__index__"):
-            return [_as_count(layer_seq_lens, name)] * num_layers
+            return [as_count(layer_seq_lens, name)] * num_layers
         raise TypeError(f"{name} must be an int or a sequence of ints (one per decoder layer), "
                         f"got {type(layer_seq_lens).__name__} {layer_seq_lens!r}")
-    lens = [_as_count(v, f"{name}[{i}]") for i, v in enumerate(layer_seq_lens)]
+    lens = [as_count(v, f"{name}[{i}]") for i, v in enumerate(layer_seq_lens)]
     if len(lens) != num_layers:
         raise ValueError(f"{name} has {len(lens)} entries but the model has num_hidden_layers={num_layers}; "
                          f"give one length per decoder layer, or a single int for all layers")
@@ -267,10 +266,10 @@ def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None, la
     depthwise conv and the chunked delta rule (``kv_len`` is not used: the state has a fixed size). MLP: gated
     (3 matmuls of ``D x I``), or the routed experts of an MoE layer. See the module docstring for the formulas.
     """
-    text_config = _text_config(text_config)
-    s = _as_count(seq_len, "seq_len")
-    k = s if kv_len is None else _as_count(kv_len, "kv_len")
-    layer = _as_count(layer, "layer")
+    text_config = text_config_of(text_config)
+    s = as_count(seq_len, "seq_len")
+    k = s if kv_len is None else as_count(kv_len, "kv_len")
+    layer = as_count(layer, "layer")
     if layer >= _num_layers(text_config):
         raise ValueError(f"layer {layer} out of range for a decoder of {_num_layers(text_config)} layers")
     if _layer_type(text_config, layer) == "linear_attention":
@@ -280,7 +279,7 @@ def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None, la
         q_out = h * dh * (2 if _gated_query(text_config) else 1)
         proj = 2 * s * d * q_out + 2 * s * (h * dh) * d + 2 * s * d * (hkv * dh) * 2   # q, o  +  k, v
         if _layer_type(text_config, layer) == "sliding_attention":                      # keys capped by the window
-            k = min(k, int(_require(text_config, "sliding_window", "sliding-window text config")))
+            k = min(k, int(require(text_config, "sliding_window", "sliding-window text config")))
         mixer = proj + 2 * 2 * s * k * h * dh                                            # QK^T, AV
     return mixer + _mlp_flops(text_config, s, layer)
 
@@ -291,15 +290,15 @@ def _layer_type(text_config, layer: int) -> str:
 
 
 def _gated_query(text_config) -> bool:
-    return getattr(text_config, "model_type", "") in ("qwen3_5_text", "qwen3_5_moe_text")
+    return getattr(text_config, "model_type", "") in _GATED_QUERY
 
 
 def _linear_attention_flops(text_config, s: int) -> int:
     what = "linear-attention text config"
-    d = int(_require(text_config, "hidden_size", what))
-    hk, hv = int(_require(text_config, "linear_num_key_heads", what)), int(_require(text_config, "linear_num_value_heads", what))
-    dk, dv = int(_require(text_config, "linear_key_head_dim", what)), int(_require(text_config, "linear_value_head_dim", what))
-    w = int(_require(text_config, "linear_conv_kernel_dim", what))
+    d = int(require(text_config, "hidden_size", what))
+    hk, hv = int(require(text_config, "linear_num_key_heads", what)), int(require(text_config, "linear_num_value_heads", what))
+    dk, dv = int(require(text_config, "linear_key_head_dim", what)), int(require(text_config, "linear_value_head_dim", what))
+    w = int(require(text_config, "linear_conv_kernel_dim", what))
     kd, vd = hk * dk, hv * dv
     c = DELTA_RULE_CHUNK
     sp = -(-s // c) * c
@@ -311,15 +310,15 @@ def _linear_attention_flops(text_config, s: int) -> int:
 
 
 def _mlp_flops(text_config, s: int, layer: int) -> int:
-    d = int(_require(text_config, "hidden_size", "text config"))
+    d = int(require(text_config, "hidden_size", "text config"))
     experts = int(getattr(text_config, "num_experts", 0) or 0)
     sparse = experts > 0 and layer not in (getattr(text_config, "mlp_only_layers", None) or ()) and (
         (layer + 1) % int(getattr(text_config, "decoder_sparse_step", 1) or 1) == 0)
     if not sparse:
-        inter = int(_require(text_config, "intermediate_size", "text config"))
+        inter = int(require(text_config, "intermediate_size", "text config"))
         return 3 * 2 * s * d * inter                                     # gate, up, down
-    top_k = int(_require(text_config, "num_experts_per_tok", "MoE text config"))
-    ie = int(_require(text_config, "moe_intermediate_size", "MoE text config"))
+    top_k = int(require(text_config, "num_experts_per_tok", "MoE text config"))
+    ie = int(require(text_config, "moe_intermediate_size", "MoE text config"))
     out = 2 * s * d * experts + top_k * 3 * 2 * s * d * ie               # router, routed experts
     shared = int(getattr(text_config, "shared_expert_intermediate_size", 0) or 0)
     if shared:
@@ -331,8 +330,8 @@ def linear_state_bytes(text_config, batch: int = 1, dtype=torch.float16) -> int:
     """Bytes of the decoding state of the linear-attention layers (0 for a decoder without them): per layer and
     sequence ``Hv*dk*dv`` recurrent values (transformers keeps them in float32) + ``(2*Kd + Vd) * (w)`` conv values
     (in ``dtype``). Independent of the prompt length: pruning does not change it."""
-    text_config = _text_config(text_config)
-    b = _as_count(batch, "batch")
+    text_config = text_config_of(text_config)
+    b = as_count(batch, "batch")
     dtype = _dtype(dtype)
     layers = [i for i in range(_num_layers(text_config)) if _layer_type(text_config, i) == "linear_attention"]
     if not layers:
@@ -345,8 +344,8 @@ def linear_state_bytes(text_config, batch: int = 1, dtype=torch.float16) -> int:
 
 
 def _lm_head_flops(text_config, tokens: int) -> int:
-    d = int(_require(text_config, "hidden_size", "text config"))
-    vocab = int(_require(text_config, "vocab_size", "text config"))
+    d = int(require(text_config, "hidden_size", "text config"))
+    vocab = int(require(text_config, "vocab_size", "text config"))
     return 2 * tokens * d * vocab
 
 
@@ -358,10 +357,10 @@ def decoder_prefill_flops(text_config, layer_seq_lens, batch: int = 1, lm_head_t
     (``generate`` computes only the last one: default 1).  Everything is multiplied by ``batch``.
     A top-level VLM config is accepted too (its ``text_config`` is used).
     """
-    text_config = _text_config(text_config)
+    text_config = text_config_of(text_config)
     lens = _layer_lens(text_config, layer_seq_lens)
-    b = _as_count(batch, "batch")
-    t = _as_count(lm_head_tokens, "lm_head_tokens")
+    b = as_count(batch, "batch")
+    t = as_count(lm_head_tokens, "lm_head_tokens")
     per_seq = sum(decoder_layer_flops(text_config, s, layer=i) for i, s in enumerate(lens))
     per_seq += _lm_head_flops(text_config, t)
     return b * per_seq
@@ -374,9 +373,9 @@ def kv_cache_bytes(text_config, layer_seq_lens, batch: int = 1, dtype=torch.floa
     ``layer_seq_lens`` as in :func:`decoder_prefill_flops` (each layer caches its own length).
     ``dtype``: a ``torch.dtype`` or its name (``"bfloat16"``).
     """
-    text_config = _text_config(text_config)
+    text_config = text_config_of(text_config)
     lens = _layer_lens(text_config, layer_seq_lens)
-    b = _as_count(batch, "batch")
+    b = as_count(batch, "batch")
     dtype = _dtype(dtype)
     _, _, hkv, dh = _attn_dims(text_config)
     cached = sum(n for i, n in enumerate(lens) if _layer_type(text_config, i) != "linear_attention")
@@ -394,124 +393,25 @@ def _dtype(dtype) -> torch.dtype:
     return dtype
 
 
-# --------------------------------------------------------------------------- vision towers
-def _vit_layer_flops(tokens: int, dim: int, inter: int, mlp_matmuls: int, attn_sq: int) -> int:
+# --------------------------------------------------------------------------- vision towers: shared pieces
+def vit_layer_flops(tokens: int, dim: int, inter: int, mlp_matmuls: int, attn_sq: int) -> int:
     """One ViT block: q,k,v,out (4 D x D), attention with ``attn_sq = sum of segment_len**2``,
     MLP of ``mlp_matmuls`` D x I matmuls."""
     return 4 * 2 * tokens * dim * dim + 2 * 2 * attn_sq * dim + mlp_matmuls * 2 * tokens * dim * inter
 
 
-def _llava_vision_flops(config, num_images: int, num_frames: int = 0) -> int:
-    vcfg = _require(config, "vision_config", f"{config.model_type} config")
-    vtype = getattr(vcfg, "model_type", None)
-    if vtype not in _CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES:
-        raise ValueError(f"vision tower of model_type {vtype!r} in a {config.model_type!r} config is not supported; "
-                         f"supported: {list(_CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES)}")
-    siglip = vtype in _SIGLIP_VISION_TYPES
-    what = f"{'SigLIP' if siglip else 'CLIP'} vision config"
-    dv = int(_require(vcfg, "hidden_size", what))
-    iv = int(_require(vcfg, "intermediate_size", what))
-    lv = int(_require(vcfg, "num_hidden_layers", what))
-    p = int(_require(vcfg, "patch_size", what))
-    c = int(getattr(vcfg, "num_channels", 3) or 3)
-    n = (int(_require(vcfg, "image_size", what)) // p) ** 2
-    s = n if siglip else n + 1                                        # + CLS (CLIP)
-    dt = int(_require(_text_config(config), "hidden_size", "text config"))
-
-    feature_layer = getattr(config, "vision_feature_layer", -2)
-    n_feat = 1 if isinstance(feature_layer, int) else len(feature_layer)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; supported: 'default', 'full'")
-    n_proj = n if strategy == "default" or siglip else s
-
-    def projector(tokens: int) -> int:                                # linear_1, linear_2
-        return 2 * tokens * (n_feat * dv) * dt + 2 * tokens * dt * dt
-
-    tower = 2 * n * c * p * p * dv + lv * _vit_layer_flops(s, dv, iv, 2, s * s)  # patch conv + all encoder layers
-    if siglip and getattr(vcfg, "vision_use_head", False):           # attention-pooling head, one probe query
-        tower += 2 * dv * dv + 2 * 2 * n * dv * dv + 2 * 2 * n * dv + 2 * dv * dv + 2 * 2 * dv * iv
-    total = num_images * (tower + projector(n_proj))
-    if num_frames:
-        if config.model_type not in ("llava_next_video", "llava_onevision"):
-            raise ValueError(f"num_frames is for video models (llava_next_video, llava_onevision), got it for "
-                             f"model_type {config.model_type!r}")
-        frame = tower + projector(n_proj)
-        if config.model_type == "llava_next_video":                   # pooled before the projector
-            stride = int(getattr(config, "spatial_pool_stride", 2))
-            side = int(round(n_proj**0.5)) // stride
-            frame = tower + projector(side * side)
-            if getattr(config, "spatial_pool_mode", "average") == "conv":
-                out = int(getattr(config, "spatial_pool_out_channels", None) or dv)
-                if out != n_feat * dv:
-                    raise ValueError(f"spatial_pool_out_channels={out} differs from the projector's input width "
-                                     f"{n_feat * dv}: such a model cannot run")
-                frame += 2 * side * side * stride * stride * dv * out
-        total += num_frames * frame
-    return total
-
-
-def _pair(value, name: str) -> tuple[int, int]:
+def pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or an (h, w) pair, got {value!r}")
-        return _as_count(value[0], name), _as_count(value[1], name)
-    v = _as_count(value, name)
+        return as_count(value[0], name), as_count(value[1], name)
+    v = as_count(value, name)
     return v, v
 
 
-def _internvl_vision_flops(config, num_tiles: int) -> int:
-    vcfg = _require(config, "vision_config", "internvl config")
-    vtype = getattr(vcfg, "model_type", None)
-    if vtype != "internvl_vision":
-        raise ValueError(f"vision tower of model_type {vtype!r} in an 'internvl' config is not supported; supported: "
-                         "['internvl_vision']")
-    what = "InternViT vision config"
-    dv = int(_require(vcfg, "hidden_size", what))
-    iv = int(_require(vcfg, "intermediate_size", what))
-    lv = int(_require(vcfg, "num_hidden_layers", what))
-    (h, w), (ph, pw) = _pair(_require(vcfg, "image_size", what), "image_size"), _pair(_require(vcfg, "patch_size", what),
-                                                                                       "patch_size")
-    c = int(getattr(vcfg, "num_channels", 3) or 3)
-    n = (h // ph) * (w // pw)
-    s = n + 1                                                         # + CLS
-    ratio = float(_require(config, "downsample_ratio", "internvl config"))
-    f = round(1 / ratio) ** 2                                         # patches per LLM token
-    if n % f:
-        raise ValueError(f"a tile of {n} patches cannot be pixel-shuffled by downsample_ratio={ratio}")
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy != "default":
-        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported for InternVL (its pixel "
-                         "shuffle needs the square patch grid without CLS); supported: 'default'")
-    dt = int(_require(_text_config(config), "hidden_size", "text config"))
-    tokens = n // f
-    per_tile = (
-        2 * n * c * ph * pw * dv                                      # patch embedding conv
-        + lv * _vit_layer_flops(s, dv, iv, 2, s * s)                  # all encoder layers
-        + 2 * tokens * (f * dv) * dt + 2 * tokens * dt * dt           # projector linear_1, linear_2
-    )
-    return num_tiles * per_tile
-
-
-def _gemma3_vision_flops(config, num_images: int) -> int:
-    vcfg = _require(config, "vision_config", "gemma3 config")
-    what = "gemma3 SigLIP vision config"
-    if getattr(vcfg, "vision_use_head", False):
-        raise ValueError("gemma3 vision config has vision_use_head=True (an attention-pooling head Gemma 3 does not "
-                         "use and its checkpoints do not have); vtprune.flops counts towers without it")
-    dv, iv = int(_require(vcfg, "hidden_size", what)), int(_require(vcfg, "intermediate_size", what))
-    lv, p = int(_require(vcfg, "num_hidden_layers", what)), int(_require(vcfg, "patch_size", what))
-    c = int(getattr(vcfg, "num_channels", 3) or 3)
-    n = (int(_require(vcfg, "image_size", what)) // p) ** 2
-    t = int(_require(config, "mm_tokens_per_image", "gemma3 config"))
-    dt = int(_require(_text_config(config), "hidden_size", "text config"))
-    per_image = 2 * n * c * p * p * dv + lv * _vit_layer_flops(n, dv, iv, 2, n * n) + 2 * t * dv * dt
-    return num_images * per_image
-
-
-def _grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
+def grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
     if image_grid_thw is None:
-        raise ValueError("image_grid_thw is required for Qwen2-VL / Qwen2.5-VL configs: an [n, 3] tensor or a "
+        raise ValueError("image_grid_thw is required for Qwen-VL configs: an [n, 3] tensor or a "
                          "list of (t, h, w) patch grids, one per image or video")
     if isinstance(image_grid_thw, torch.Tensor) or hasattr(image_grid_thw, "tolist"):
         rows = image_grid_thw.tolist()
@@ -523,96 +423,58 @@ def _grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
     for i, row in enumerate(rows):
         if not isinstance(row, (list, tuple)) or len(row) != 3:
             raise ValueError(f"image_grid_thw[{i}] must be (t, h, w), got {row!r}")
-        out.append(tuple(_as_count(v, f"image_grid_thw[{i}][{j}]") for j, v in enumerate(row)))
+        out.append(tuple(as_count(v, f"image_grid_thw[{i}][{j}]") for j, v in enumerate(row)))
     return out
 
 
-def _check_merge(grid, m: int, i: int) -> None:
+def check_merge(grid, m: int, i: int) -> None:
     t, h, w = grid
     if h % m or w % m:
         raise ValueError(f"image_grid_thw[{i}] = {grid}: h and w must be multiples of spatial_merge_size={m}")
 
 
-def _window_sizes(length: int, ws: int) -> list[int]:
+def window_sizes(length: int, ws: int) -> list[int]:
     """Window extents along one axis: ws, ..., ws, remainder (HF pads to a multiple of ws)."""
     full, rem = divmod(length, ws)
     return [ws] * full + ([rem] if rem else [])
 
 
-def _qwen3_vision_flops(config, image_grid_thw) -> int:
-    vcfg = _require(config, "vision_config", f"{config.model_type} config")
-    what = f"{config.model_type} vision config"
-    p, tp = int(_require(vcfg, "patch_size", what)), int(_require(vcfg, "temporal_patch_size", what))
-    c = int(getattr(vcfg, "in_channels", 3) or 3)
-    m, depth = int(_require(vcfg, "spatial_merge_size", what)), int(_require(vcfg, "depth", what))
-    de, iv = int(_require(vcfg, "hidden_size", what)), int(_require(vcfg, "intermediate_size", what))
-    dout = int(_require(vcfg, "out_hidden_size", what))
-    mergers = 1 + len(getattr(vcfg, "deepstack_visual_indexes", None) or ())
-    dm = de * m * m
-    total = 0
-    for i, grid in enumerate(_grid_rows(image_grid_thw)):
-        _check_merge(grid, m, i)
-        t, h, w = grid
-        n = t * h * w
-        total += 2 * n * c * tp * p * p * de                           # patch embedding conv3d
-        total += depth * _vit_layer_flops(n, de, iv, 2, t * (h * w) ** 2)
-        nm = n // (m * m)
-        total += mergers * (2 * nm * dm * dm + 2 * nm * dm * dout)     # main + DeepStack mergers
-    return total
+def register_vision_flops(model_types, counter: Callable) -> None:
+    """Register ``counter(config, num_images, image_grid_thw, num_frames) -> int``, the FLOPs of the vision tower and
+    projector of a top-level config of one of ``model_types`` (each family's adapter module does, with its own
+    formulas; see the module docstring)."""
+    for model_type in model_types:
+        _VISION[model_type] = counter
 
 
-def _qwen_vision_flops(config, image_grid_thw, qwen25: bool) -> int:
-    vcfg = _require(config, "vision_config", f"{config.model_type} config")
-    what = f"{config.model_type} vision config"
-    p = int(_require(vcfg, "patch_size", what))
-    tp = int(_require(vcfg, "temporal_patch_size", what))
-    c = int(getattr(vcfg, "in_channels", 3) or 3)
-    m = int(_require(vcfg, "spatial_merge_size", what))
-    depth = int(_require(vcfg, "depth", what))
-    if qwen25:
-        de = int(_require(vcfg, "hidden_size", what))
-        iv = int(_require(vcfg, "intermediate_size", what))
-        dout = int(_require(vcfg, "out_hidden_size", what))
-        mlp_matmuls = 3                                                # gated MLP
-        # HF tests `layer_num in fullatt_block_indexes`: plain membership, no negative indexing
-        full_blocks = {int(i) for i in (getattr(vcfg, "fullatt_block_indexes", None) or ())}
-        ws = int(_require(vcfg, "window_size", what)) // m // p
-        if ws <= 0:
-            raise ValueError(f"window_size={vcfg.window_size} is smaller than spatial_merge_size*patch_size="
-                             f"{m * p}: no window can be formed")
-    else:
-        de = int(_require(vcfg, "embed_dim", what))
-        iv = int(de * _require(vcfg, "mlp_ratio", what))
-        dout = int(_require(vcfg, "hidden_size", what))
-        mlp_matmuls = 2
-        full_blocks = set(range(depth))
-        ws = 0
+def register_gated_query(text_model_types) -> None:
+    """Text ``model_type`` values whose full-attention ``q_proj`` maps to ``2*H*Dh`` (query and output gate)."""
+    _GATED_QUERY.update(text_model_types)
 
-    dm = de * m * m                                                    # merger hidden size
-    total = 0
-    for i, grid in enumerate(_grid_rows(image_grid_thw)):
-        _check_merge(grid, m, i)
-        t, h, w = grid
-        n = t * h * w
-        full_sq = t * (h * w) ** 2                                     # attention within each frame
-        if ws:
-            rows = _window_sizes(h // m, ws)
-            cols = _window_sizes(w // m, ws)
-            win_sq = t * m ** 4 * sum(r * r for r in rows) * sum(cc * cc for cc in cols)
-        else:
-            win_sq = full_sq
-        total += 2 * n * c * tp * p * p * de                           # patch embedding conv3d
-        for blk in range(depth):
-            total += _vit_layer_flops(n, de, iv, mlp_matmuls, full_sq if blk in full_blocks else win_sq)
-        nm = n // (m * m)
-        total += 2 * nm * dm * dm + 2 * nm * dm * dout                 # patch merger MLP
-    return total
+
+def supported_model_types() -> list[str]:
+    """Top-level ``config.model_type`` values :func:`vision_flops` / :func:`prefill_flops` count (registered by
+    ``vtprune.adapters``, which ``import vtprune`` loads), in registration order."""
+    return list(_VISION)
+
+
+def no_grid(config, image_grid_thw, hint: str = "pass num_images instead") -> None:
+    """Refuse ``image_grid_thw`` for a family whose towers count images / crops / tiles."""
+    if image_grid_thw is not None:
+        raise ValueError(f"image_grid_thw is only used for Qwen-VL configs, got it for model_type "
+                         f"{config.model_type!r}; {hint}")
+
+
+def no_frames(config, num_frames) -> None:
+    """Refuse ``num_frames`` for a family without a frame-count video path."""
+    if num_frames:
+        raise ValueError(f"num_frames is for llava_next_video / llava_onevision configs, got it for model_type "
+                         f"{config.model_type!r}; Qwen-VL videos are rows of image_grid_thw")
 
 
 def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: int = 0) -> int:
-    """FLOPs of the vision tower + projector of a top-level VLM config.
-
-    ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES`:
+    """FLOPs of the vision tower + projector of a top-level VLM config (``config.model_type`` in
+    :func:`supported_model_types`; each family's formulas live with its adapter and in the module docstring).
 
     * ``llava`` / ``llava_next`` / ``llava_next_video`` (CLIP ViT), ``llava_onevision`` (SigLIP ViT): ``num_images``
       images of ``image_size`` (for the AnyRes families, crops: base image + AnyRes patches, all of them in the
@@ -626,33 +488,12 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: i
 
     The count covers all images given; it is not multiplied by any batch size.
     """
-    model_type = getattr(config, "model_type", None)
-    if model_type in _LLAVA_TYPES:
-        if image_grid_thw is not None:
-            raise ValueError(f"image_grid_thw is only used for qwen2_vl / qwen2_5_vl configs, got it for "
-                             f"model_type {model_type!r}; pass num_images instead")
-        return _llava_vision_flops(config, _as_count(num_images, "num_images"), _as_count(num_frames, "num_frames"))
-    if num_frames:
-        raise ValueError(f"num_frames is for llava_next_video / llava_onevision configs, got it for model_type "
-                         f"{model_type!r}; Qwen-VL videos are rows of image_grid_thw")
-    if model_type == "internvl":
-        if image_grid_thw is not None:
-            raise ValueError("image_grid_thw is only used for Qwen-VL configs, got it for model_type 'internvl'; pass "
-                             "num_images (the number of tiles) instead")
-        return _internvl_vision_flops(config, _as_count(num_images, "num_images"))
-    if model_type == "gemma3":
-        if image_grid_thw is not None:
-            raise ValueError("image_grid_thw is only used for Qwen-VL configs, got it for model_type 'gemma3'; pass "
-                             "num_images instead")
-        return _gemma3_vision_flops(config, _as_count(num_images, "num_images"))
-    if model_type == "qwen2_vl":
-        return _qwen_vision_flops(config, image_grid_thw, qwen25=False)
-    if model_type == "qwen2_5_vl":
-        return _qwen_vision_flops(config, image_grid_thw, qwen25=True)
-    if model_type in _QWEN3_TYPES:
-        return _qwen3_vision_flops(config, image_grid_thw)
-    raise ValueError(f"model_type {model_type!r} ({type(config).__name__}) is not supported by vtprune.flops; "
-                     f"supported: {list(SUPPORTED_MODEL_TYPES)} (pass the top-level VLM config)")
+    counter = _VISION.get(getattr(config, "model_type", None))
+    if counter is None:
+        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} ({type(config).__name__}) is not "
+                         f"supported by vtprune.flops; supported: {supported_model_types()} (pass the top-level "
+                         "VLM config)")
+    return counter(config, num_images, image_grid_thw, num_frames)
 
 
 def prefill_flops(config, layer_seq_lens, batch: int = 1, num_images: int = 1, image_grid_thw=None,
@@ -664,7 +505,7 @@ def prefill_flops(config, layer_seq_lens, batch: int = 1, num_images: int = 1, i
     the decoder part.
     """
     vis = vision_flops(config, num_images=num_images, image_grid_thw=image_grid_thw, num_frames=num_frames)
-    text_config = _require(config, "text_config", f"{getattr(config, 'model_type', None)!r} config")
+    text_config = require(config, "text_config", f"{getattr(config, 'model_type', None)!r} config")
     return vis + decoder_prefill_flops(text_config, layer_seq_lens, batch=batch, lm_head_tokens=lm_head_tokens)
 
 
@@ -674,8 +515,8 @@ def vit_block_flops(dim: int, inter: int, tokens_in: int, tokens_out: int | None
     (where ToMe / PiToMe / Zero-TPrune act; ``None``: no drop): q, k, v, out projections and the two attention products
     on ``tokens_in`` tokens, the two MLP matmuls (``D x I``, ``I x D``) on ``tokens_out``. The method's own work (the
     similarity / attention-row products of its plan) is not counted."""
-    t_in = _as_count(tokens_in, "tokens_in")
-    t_out = t_in if tokens_out is None else _as_count(tokens_out, "tokens_out")
+    t_in = as_count(tokens_in, "tokens_in")
+    t_out = t_in if tokens_out is None else as_count(tokens_out, "tokens_out")
     return 4 * 2 * t_in * dim * dim + 2 * 2 * t_in * t_in * dim + 2 * 2 * t_out * dim * inter
 
 
@@ -704,4 +545,4 @@ def vit_flops(model, block_tokens=None, batch: int = 1) -> int:
     for entry in block_tokens:
         t_in, t_out = entry if isinstance(entry, (tuple, list)) else (entry, entry)
         flops += vit_block_flops(dim, inter, t_in, t_out)
-    return _as_count(batch, "batch") * flops
+    return as_count(batch, "batch") * flops

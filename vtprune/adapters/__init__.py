@@ -7,7 +7,12 @@ from torch import nn
 from .base import ModelAdapter
 from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
-from .llava import LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
+from .llava import (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaNextVideoAdapter,
+    LlavaOnevisionAdapter,
+)
 from .qwen_vl import Qwen3VLAdapter, Qwen35Adapter, QwenVLAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {

@@ -15,6 +15,7 @@ import sys
 import torch
 from torch import nn
 
+from .. import flops
 from .base import ModelAdapter, encoder_attention_modules, qk_from_projections
 
 
@@ -101,3 +102,29 @@ class Gemma3Adapter(ModelAdapter):
 
     def rotary(self, hidden, position_ids, index: int):
         return self.language_model.rotary_emb(hidden, position_ids, self.layer_type(index))
+
+
+# -- analytic FLOPs of the vision tower and projector (vtprune.flops) ----------------------------------------
+def gemma3_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
+    """Vision FLOPs of Gemma 3 (SigLIP, pooling projector), see :mod:`vtprune.flops`."""
+    flops.no_grid(config, image_grid_thw)
+    flops.no_frames(config, num_frames)
+    num_images = flops.as_count(num_images, "num_images")
+    vcfg = flops.require(config, "vision_config", "gemma3 config")
+    what = "gemma3 SigLIP vision config"
+    if getattr(vcfg, "vision_use_head", False):
+        raise ValueError("gemma3 vision config has vision_use_head=True (an attention-pooling head Gemma 3 does not "
+                         "use and its checkpoints do not have); vtprune.flops counts towers without it")
+    dv, iv = int(flops.require(vcfg, "hidden_size", what)), int(flops.require(vcfg, "intermediate_size", what))
+    lv, p = int(flops.require(vcfg, "num_hidden_layers", what)), int(flops.require(vcfg, "patch_size", what))
+    c = int(getattr(vcfg, "num_channels", 3) or 3)
+    n = (int(flops.require(vcfg, "image_size", what)) // p) ** 2
+    t = int(flops.require(config, "mm_tokens_per_image", "gemma3 config"))
+    dt = int(flops.require(flops.text_config_of(config), "hidden_size", "text config"))
+    per_image = 2 * n * c * p * p * dv + lv * flops.vit_layer_flops(n, dv, iv, 2, n * n) + 2 * t * dv * dt
+    return num_images * per_image
+
+
+
+
+flops.register_vision_flops(("gemma3",), gemma3_vision_flops)

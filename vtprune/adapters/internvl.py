@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import flops
 from .base import ModelAdapter, qk_from_projections
 
 
@@ -154,3 +155,47 @@ class InternVLAdapter(ModelAdapter):
             raise RuntimeError(f"InternVL projector input of shape {tuple(captured.shape)} does not hold one row "
                                f"block per tile for {sum(counts)} tiles")
         return list(torch.split(captured, counts))
+
+
+# -- analytic FLOPs of the vision tower and projector (vtprune.flops) ----------------------------------------
+def internvl_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
+    """Vision FLOPs of InternVL (InternViT, pixel shuffle, projector) for ``num_images`` tiles, see
+    :mod:`vtprune.flops`."""
+    flops.no_grid(config, image_grid_thw, "pass num_images (the number of tiles) instead")
+    flops.no_frames(config, num_frames)
+    num_tiles = flops.as_count(num_images, "num_images")
+    vcfg = flops.require(config, "vision_config", "internvl config")
+    vtype = getattr(vcfg, "model_type", None)
+    if vtype != "internvl_vision":
+        raise ValueError(f"vision tower of model_type {vtype!r} in an 'internvl' config is not supported; supported: "
+                         "['internvl_vision']")
+    what = "InternViT vision config"
+    dv = int(flops.require(vcfg, "hidden_size", what))
+    iv = int(flops.require(vcfg, "intermediate_size", what))
+    lv = int(flops.require(vcfg, "num_hidden_layers", what))
+    (h, w), (ph, pw) = flops.pair(flops.require(vcfg, "image_size", what), "image_size"), flops.pair(flops.require(vcfg, "patch_size", what),
+                                                                                       "patch_size")
+    c = int(getattr(vcfg, "num_channels", 3) or 3)
+    n = (h // ph) * (w // pw)
+    s = n + 1                                                         # + CLS
+    ratio = float(flops.require(config, "downsample_ratio", "internvl config"))
+    f = round(1 / ratio) ** 2                                         # patches per LLM token
+    if n % f:
+        raise ValueError(f"a tile of {n} patches cannot be pixel-shuffled by downsample_ratio={ratio}")
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported for InternVL (its pixel "
+                         "shuffle needs the square patch grid without CLS); supported: 'default'")
+    dt = int(flops.require(flops.text_config_of(config), "hidden_size", "text config"))
+    tokens = n // f
+    per_tile = (
+        2 * n * c * ph * pw * dv                                      # patch embedding conv
+        + lv * flops.vit_layer_flops(s, dv, iv, 2, s * s)                  # all encoder layers
+        + 2 * tokens * (f * dv) * dt + 2 * tokens * dt * dt           # projector linear_1, linear_2
+    )
+    return num_tiles * per_tile
+
+
+
+
+flops.register_vision_flops(("internvl",), internvl_vision_flops)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import flops
 from .base import ModelAdapter, encoder_attention_modules, qk_from_projections
 
 
@@ -325,3 +326,67 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         packed, _ = self.inner.pack_image_features([scores.unsqueeze(-1)], size, image_newline=newline,
                                                    vision_aspect_ratio=aspect)
         return _floor_newlines(packed[0].reshape(-1))
+
+
+# -- analytic FLOPs of the vision tower and projector (vtprune.flops) ----------------------------------------
+_CLIP_VISION_TYPES = ("clip_vision_model",)
+_SIGLIP_VISION_TYPES = ("siglip_vision_model",)
+
+
+def llava_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
+    """Vision FLOPs of the LLaVA families (CLIP or SigLIP tower, LLaVA projector; videos: ``num_frames``), see
+    :mod:`vtprune.flops`."""
+    flops.no_grid(config, image_grid_thw)
+    num_images, num_frames = flops.as_count(num_images, "num_images"), flops.as_count(num_frames, "num_frames")
+    vcfg = flops.require(config, "vision_config", f"{config.model_type} config")
+    vtype = getattr(vcfg, "model_type", None)
+    if vtype not in _CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES:
+        raise ValueError(f"vision tower of model_type {vtype!r} in a {config.model_type!r} config is not supported; "
+                         f"supported: {list(_CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES)}")
+    siglip = vtype in _SIGLIP_VISION_TYPES
+    what = f"{'SigLIP' if siglip else 'CLIP'} vision config"
+    dv = int(flops.require(vcfg, "hidden_size", what))
+    iv = int(flops.require(vcfg, "intermediate_size", what))
+    lv = int(flops.require(vcfg, "num_hidden_layers", what))
+    p = int(flops.require(vcfg, "patch_size", what))
+    c = int(getattr(vcfg, "num_channels", 3) or 3)
+    n = (int(flops.require(vcfg, "image_size", what)) // p) ** 2
+    s = n if siglip else n + 1                                        # + CLS (CLIP)
+    dt = int(flops.require(flops.text_config_of(config), "hidden_size", "text config"))
+
+    feature_layer = getattr(config, "vision_feature_layer", -2)
+    n_feat = 1 if isinstance(feature_layer, int) else len(feature_layer)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; supported: 'default', 'full'")
+    n_proj = n if strategy == "default" or siglip else s
+
+    def projector(tokens: int) -> int:                                # linear_1, linear_2
+        return 2 * tokens * (n_feat * dv) * dt + 2 * tokens * dt * dt
+
+    tower = 2 * n * c * p * p * dv + lv * flops.vit_layer_flops(s, dv, iv, 2, s * s)  # patch conv + all encoder layers
+    if siglip and getattr(vcfg, "vision_use_head", False):           # attention-pooling head, one probe query
+        tower += 2 * dv * dv + 2 * 2 * n * dv * dv + 2 * 2 * n * dv + 2 * dv * dv + 2 * 2 * dv * iv
+    total = num_images * (tower + projector(n_proj))
+    if num_frames:
+        if config.model_type not in ("llava_next_video", "llava_onevision"):
+            raise ValueError(f"num_frames is for video models (llava_next_video, llava_onevision), got it for "
+                             f"model_type {config.model_type!r}")
+        frame = tower + projector(n_proj)
+        if config.model_type == "llava_next_video":                   # pooled before the projector
+            stride = int(getattr(config, "spatial_pool_stride", 2))
+            side = int(round(n_proj**0.5)) // stride
+            frame = tower + projector(side * side)
+            if getattr(config, "spatial_pool_mode", "average") == "conv":
+                out = int(getattr(config, "spatial_pool_out_channels", None) or dv)
+                if out != n_feat * dv:
+                    raise ValueError(f"spatial_pool_out_channels={out} differs from the projector's input width "
+                                     f"{n_feat * dv}: such a model cannot run")
+                frame += 2 * side * side * stride * stride * dv * out
+        total += num_frames * frame
+    return total
+
+
+
+
+flops.register_vision_flops(("llava", "llava_next", "llava_next_video", "llava_onevision"), llava_vision_flops)

@@ -15,6 +15,7 @@ import sys
 import torch
 from torch import nn
 
+from .. import flops
 from .base import ModelAdapter, VisionQK, bound_arguments
 
 
@@ -137,3 +138,86 @@ class Qwen35Adapter(Qwen3VLAdapter):
     model_types = ("qwen3_5", "qwen3_5_moe")
     deepstack_method = None
     gated_query = True
+
+
+# -- analytic FLOPs of the vision tower and projector (vtprune.flops) ----------------------------------------
+def qwen3_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
+    """Vision FLOPs of Qwen3-VL / Qwen3.5 (per-frame attention, DeepStack mergers), see :mod:`vtprune.flops`."""
+    flops.no_frames(config, num_frames)
+    vcfg = flops.require(config, "vision_config", f"{config.model_type} config")
+    what = f"{config.model_type} vision config"
+    p, tp = int(flops.require(vcfg, "patch_size", what)), int(flops.require(vcfg, "temporal_patch_size", what))
+    c = int(getattr(vcfg, "in_channels", 3) or 3)
+    m, depth = int(flops.require(vcfg, "spatial_merge_size", what)), int(flops.require(vcfg, "depth", what))
+    de, iv = int(flops.require(vcfg, "hidden_size", what)), int(flops.require(vcfg, "intermediate_size", what))
+    dout = int(flops.require(vcfg, "out_hidden_size", what))
+    mergers = 1 + len(getattr(vcfg, "deepstack_visual_indexes", None) or ())
+    dm = de * m * m
+    total = 0
+    for i, grid in enumerate(flops.grid_rows(image_grid_thw)):
+        flops.check_merge(grid, m, i)
+        t, h, w = grid
+        n = t * h * w
+        total += 2 * n * c * tp * p * p * de                           # patch embedding conv3d
+        total += depth * flops.vit_layer_flops(n, de, iv, 2, t * (h * w) ** 2)
+        nm = n // (m * m)
+        total += mergers * (2 * nm * dm * dm + 2 * nm * dm * dout)     # main + DeepStack mergers
+    return total
+
+
+def qwen2_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
+    """Vision FLOPs of Qwen2-VL / Qwen2.5-VL (Qwen2.5-VL: window attention, gated MLP), see :mod:`vtprune.flops`."""
+    flops.no_frames(config, num_frames)
+    qwen25 = config.model_type == "qwen2_5_vl"
+    vcfg = flops.require(config, "vision_config", f"{config.model_type} config")
+    what = f"{config.model_type} vision config"
+    p = int(flops.require(vcfg, "patch_size", what))
+    tp = int(flops.require(vcfg, "temporal_patch_size", what))
+    c = int(getattr(vcfg, "in_channels", 3) or 3)
+    m = int(flops.require(vcfg, "spatial_merge_size", what))
+    depth = int(flops.require(vcfg, "depth", what))
+    if qwen25:
+        de = int(flops.require(vcfg, "hidden_size", what))
+        iv = int(flops.require(vcfg, "intermediate_size", what))
+        dout = int(flops.require(vcfg, "out_hidden_size", what))
+        mlp_matmuls = 3                                                # gated MLP
+        # HF tests `layer_num in fullatt_block_indexes`: plain membership, no negative indexing
+        full_blocks = {int(i) for i in (getattr(vcfg, "fullatt_block_indexes", None) or ())}
+        ws = int(flops.require(vcfg, "window_size", what)) // m // p
+        if ws <= 0:
+            raise ValueError(f"window_size={vcfg.window_size} is smaller than spatial_merge_size*patch_size="
+                             f"{m * p}: no window can be formed")
+    else:
+        de = int(flops.require(vcfg, "embed_dim", what))
+        iv = int(de * flops.require(vcfg, "mlp_ratio", what))
+        dout = int(flops.require(vcfg, "hidden_size", what))
+        mlp_matmuls = 2
+        full_blocks = set(range(depth))
+        ws = 0
+
+    dm = de * m * m                                                    # merger hidden size
+    total = 0
+    for i, grid in enumerate(flops.grid_rows(image_grid_thw)):
+        flops.check_merge(grid, m, i)
+        t, h, w = grid
+        n = t * h * w
+        full_sq = t * (h * w) ** 2                                     # attention within each frame
+        if ws:
+            rows = flops.window_sizes(h // m, ws)
+            cols = flops.window_sizes(w // m, ws)
+            win_sq = t * m ** 4 * sum(r * r for r in rows) * sum(cc * cc for cc in cols)
+        else:
+            win_sq = full_sq
+        total += 2 * n * c * tp * p * p * de                           # patch embedding conv3d
+        for blk in range(depth):
+            total += flops.vit_layer_flops(n, de, iv, mlp_matmuls, full_sq if blk in full_blocks else win_sq)
+        nm = n // (m * m)
+        total += 2 * nm * dm * dm + 2 * nm * dm * dout                 # patch merger MLP
+    return total
+
+
+
+
+flops.register_vision_flops(("qwen2_vl", "qwen2_5_vl"), qwen2_vision_flops)
+flops.register_vision_flops(("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"), qwen3_vision_flops)
+flops.register_gated_query(("qwen3_5_text", "qwen3_5_moe_text"))  # Qwen3.5's full attention gates its output
