@@ -16,7 +16,7 @@ import torch
 
 from .. import compat
 from .. import functional as F
-from ..methods.base import ImageInputs, Method, Selection
+from ..methods.base import ImageInputs, Method
 from ..signals import query_attention, rope_keys, rope_ones, rope_queries, rope_query, rows_attention
 from .deepstack import DeepStack
 from .layout import Layout, PrunedPrompt
@@ -129,16 +129,14 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
         else:
             inputs = make_inputs(unit, slots)
             inputs.k, inputs.layer, inputs.n_original = k, point.layer, unit.positions.numel()
-            kept = point.method.select(inputs)
+            kept = check_selection(point.method, point.describe(), point.method.select(inputs.hide_undeclared(
+                point.method)), n, k, slots.device)
             if sticky is not None:
                 sticky[key] = kept
-        if isinstance(kept, Selection):
+        if kept.merged is not None:
             unit.merged = kept.merged
-            if kept.merged is not None:
-                unit.merge_from = (slots, kept.kept.to(slots.device), kept.weights)
-            kept = kept.kept
-        kept = kept.to(slots.device)
-        check_selection(point.method.name, kept, n, k)
+            unit.merge_from = (slots, kept.kept, kept.weights)
+        kept = kept.kept
         if point.method.config.empty_frames == "refill" and unit.merge_from is None and (sizes := frame_sizes(unit)):
             kept = refill_frames(kept, sizes)
         unit.present = unit.present[kept]

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import compat
 from ..adapters import ModelAdapter
-from ..methods.base import ImageInputs, Method
+from ..methods.base import KEPT_COUNTS, ImageInputs, Method
 from ..stats import PruneStats
 from . import points as P
 from .capture import VisionCapture
@@ -40,6 +40,9 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
     """The prune points of a schedule, in the order they act; two at one point raise ``ValueError``."""
     pts = []
     for method in methods:
+        if method.kept_count not in KEPT_COUNTS:
+            raise ValueError(f"method {method.name!r} declares kept_count={method.kept_count!r}; allowed: "
+                             f"{KEPT_COUNTS} (see vtprune.methods.base.Method.kept_count)")
         if method.stage == "llm":
             pts.extend(P.PrunePoint(method, k, P.LLM) for k in method.layers(num_layers))
         else:

@@ -48,6 +48,11 @@ class DART(Method):
     stage = "llm"
     signals = frozenset({"keys", "hidden"})
 
+    def __init__(self, config: DARTConfig):
+        super().__init__(config)
+        if config.budget_rounding == "official":  # pivots + k // 8 per pivot: the budget is nominal
+            self.kept_count = "own"
+
     def layer(self, num_layers: int) -> int:
         return check_layer("dart", self.config.layer, num_layers)
 
