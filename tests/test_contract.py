@@ -183,3 +183,58 @@ def test_declared_signals_and_model_facts_read_as_before(toy, llava):
     name = toy(select, signals={"features"})
     _run(model, inputs, name, keep=6)
     assert seen["features"][0] == 16 and seen["extra"] is None and seen["real"] is None
+
+
+# -- schedules whose later step would do nothing ------------------------------------------------------------------
+@pytest.mark.parametrize("first,later,match", [
+    (dict(keep=8), dict(keep=8), r"'fastv' \(llm\) at decoder layer 2 with keep=8 acts after 'divprune' \(vision\) at "
+                                 r"the vision entry with keep=8, so it keeps every token .* \(keep < 8 or ratio < 1\)"),
+    (dict(keep=8), dict(keep=12), r"'fastv' .* with keep=12 acts after 'divprune' .* with keep=8"),
+    (dict(ratio=0.5), dict(ratio=1.0), r"'fastv' .* with ratio=1.0 acts after 'divprune' .* with ratio=0.5"),
+])
+def test_a_later_step_that_keeps_everything_is_refused_at_patch(llava, first, later, match):
+    model, _ = llava
+    schedule = [vtprune.DivPruneConfig(**first), vtprune.FastVConfig(layer=2, **later)]
+    with pytest.raises(ValueError, match=rf"schedule: {match}"):
+        vtprune.patch(model, schedule)
+    assert not vtprune.is_patched(model)
+    # the order the configs come in does not matter: the vision entry acts first
+    with pytest.raises(ValueError, match=rf"schedule: {match}"):
+        vtprune.patch(model, schedule[::-1])
+
+
+def test_a_later_step_with_a_smaller_budget_is_accepted(llava):
+    model, inputs = llava
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = _run(model, inputs, [vtprune.DivPruneConfig(keep=8), vtprune.FastVConfig(keep=5, layer=2)])
+    assert [s.visual_tokens_kept for s in stats.stages] == [[8, 8], [5, 5]]
+    assert [s.visual_tokens_nominal for s in stats.stages] == [[8, 8], [5, 5]]
+
+
+def test_a_later_step_known_to_do_nothing_only_per_image_warns(llava):
+    model, inputs = llava  # ratio 0.25 of 16 tokens leaves 4; keep=6 then keeps them all
+    schedule = [vtprune.DivPruneConfig(ratio=0.25), vtprune.FastVConfig(keep=6, layer=2)]
+    with pytest.warns(UserWarning, match=r"schedule: 'fastv' \(llm\) at decoder layer 2 keeps every token that "
+                                         r"reaches it .* does nothing there"):
+        stats = _run(model, inputs, schedule)
+    assert [s.visual_tokens_kept for s in stats.stages] == [[4, 4], [4, 4]]
+
+
+# -- nominal budgets beside the real count -------------------------------------------------------------------------
+def test_stats_show_the_nominal_budget_beside_the_real_count(llava):
+    model, inputs = llava
+    stats = _run(model, inputs, "fastv", keep=6)
+    assert stats.visual_tokens_nominal == stats.visual_tokens_kept == [6, 6]
+    # sparsevlm's budget picks a row of its per-budget counts: keep=6 of 16 ends at 3 tokens + recycled carriers
+    stats = _run(model, inputs, "sparsevlm", keep=6)
+    assert stats.visual_tokens_nominal == [6, 6]
+    assert stats.visual_tokens_kept == [k.numel() for k in stats.kept_indices]
+    assert all(k < 6 for k in stats.visual_tokens_kept)
+    assert all(s.visual_tokens_nominal == [6, 6] for s in stats.stages)
+    # pdrop's keep= is the average over decoder layers: fewer are left after its last stage
+    stats = _run(model, inputs, "pdrop", keep=8)
+    assert stats.visual_tokens_nominal == [8, 8] and all(k < 8 for k in stats.visual_tokens_kept)
+    # a budget above the image's tokens names every token
+    stats = _run(model, inputs, [vtprune.DivPruneConfig(keep=40), vtprune.FastVConfig(keep=6, layer=2)])
+    assert [s.visual_tokens_nominal for s in stats.stages] == [[16, 16], [6, 6]]
