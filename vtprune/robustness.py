@@ -246,7 +246,7 @@ def _dpp_gain(method, image: ImageInputs) -> torch.Tensor:
     to the prompt's LLM embeddings; ``"clip"``: read from the CLIP joint space without gradient, so 1 here)."""
     from . import functional as F
 
-    text = image.extra.get("prompt_embeds")
+    text = image.extra.get("prompt_embeds") if "prompt_embeds" in method.signals else None
     rel = (F.cdpruner_relevance(image.features.float(), text.float()) if text is not None and text.shape[0]
            else image.features.new_ones(image.n, dtype=torch.float32))
     return rel.pow(2) * _isolation(image.features)
