@@ -208,8 +208,11 @@ def test_a_later_step_with_a_smaller_budget_is_accepted(llava):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stats = _run(model, inputs, [vtprune.DivPruneConfig(keep=8), vtprune.FastVConfig(keep=5, layer=2)])
-    assert [s.visual_tokens_kept for s in stats.stages] == [[8, 8], [5, 5]]
-    assert [s.visual_tokens_nominal for s in stats.stages] == [[8, 8], [5, 5]]
+        assert [s.visual_tokens_kept for s in stats.stages] == [[8, 8], [5, 5]]
+        assert [s.visual_tokens_nominal for s in stats.stages] == [[8, 8], [5, 5]]
+        # keeping everything at every step is a schedule that prunes nothing, as a single method's ratio=1 is
+        stats = _run(model, inputs, [vtprune.DivPruneConfig(ratio=1.0), vtprune.FastVConfig(ratio=1.0, layer=2)])
+        assert stats.visual_tokens_kept == stats.visual_tokens_in == [16, 16]
 
 
 def test_a_later_step_known_to_do_nothing_only_per_image_warns(llava):

@@ -60,8 +60,10 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
 
 def check_later_budgets(selecting: list[P.PrunePoint]) -> None:
     """Refuse a schedule step that would keep every token reaching it, where its config says so: a later one-point
-    method with ``ratio=1``, or ``keep=`` at least an earlier one-point method's ``keep=`` (whose count is its budget).
-    Budgets known only per image (a ratio, then a keep) are checked when they run (:func:`points.select` warns)."""
+    method with ``ratio=1`` after a step that prunes, or ``keep=`` at least an earlier one-point method's ``keep=``
+    (whose count is its budget). A schedule that keeps everything at every step (``ratio=1`` throughout) is accepted,
+    as a single method's is (bit-identical to the unpatched model). Budgets known only per image (a ratio, then a
+    keep) are checked when they run (:func:`points.select` warns)."""
     points = {}
     for p in selecting:
         points.setdefault(id(p.method), []).append(p)
@@ -80,7 +82,7 @@ def check_later_budgets(selecting: list[P.PrunePoint]) -> None:
                 continue
             same = (id(a.method) in one and a.method.kept_count in ("budget", "at_most") and ca.keep is not None
                     and cb.keep is not None and cb.keep >= ca.keep)
-            if cb.ratio == 1.0 or same:
+            if (cb.ratio == 1.0 and ca.ratio != 1.0) or same:
                 raise ValueError(
                     f"schedule: {b.describe()} with {budget(cb)} acts after {a.describe()} with {budget(ca)}, so it "
                     "keeps every token that reaches it and does nothing; give the later step a smaller budget "
