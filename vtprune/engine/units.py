@@ -121,7 +121,7 @@ def check_selection(method: Method, where: str, out, n: int, k: int, device) -> 
         hint = " (a keep mask? return mask.nonzero().squeeze(1))" if kept.dtype == torch.bool else ""
         raise TypeError(f"{name} returned a tensor of shape {tuple(kept.shape)} and dtype {kept.dtype}{hint}; "
                         "expected a 1-D int64 tensor of kept indices")
-    count = getattr(method, "kept_count", "budget")
+    count = method.kept_count
     low, high = (k, k) if count == "budget" else (1, k if count == "at_most" else n)
     if not low <= kept.numel() <= high:
         expected = f"exactly {k}" if low == high else f"{low} to {high}"
