@@ -254,6 +254,21 @@ def test_table_formats_agree():
     assert r"\toprule" in tex and r"Rel. \%" in tex and "fastv & 64 & 60.0 & 1200.0 & 60.0" in tex
 
 
+def test_tables_show_a_nominal_budget_beside_the_tokens_kept():
+    rows = [_row("none", None, "acc", 0.8, tokens=16), _row("fastv", 6, "acc", 0.6, tokens=6),
+            _row("sparsevlm", 28, "acc", 0.7, tokens=8), _row("dart", 6, "acc", 0.5, tokens=6)]
+    rows[0]["visual_tokens_nominal"], rows[1]["visual_tokens_nominal"] = 16, 6
+    rows[2]["visual_tokens_nominal"] = 28  # dart's row predates the field: tokens only
+    tables = build_tables(rows)
+    md = [[c.strip() for c in line.strip("|").split("|")] for line in to_markdown(tables).splitlines()[4:]]
+    tokens = md[0].index("16")
+    assert [r[tokens] for r in md] == ["16", "8 (nominal 28)", "6", "6"]
+    csv_rows = [line.split(",") for line in to_csv(tables).strip().splitlines()]
+    col = csv_rows[0].index("tokens_nominal")
+    assert csv_rows[0][col - 1] == "tokens" and [r[col] for r in csv_rows[1:]] == ["16.0", "28.0", "6.0", ""]
+    assert "sparsevlm & 28 & 70.0" in to_latex(tables) and "8 (nominal 28)" in to_latex(tables)
+
+
 def test_rel_is_undefined_against_a_zero_baseline():
     rows = [_row("none", None, "acc", 0.0), _row("fastv", 4, "acc", 0.5)]
     (table,) = build_tables(rows)

@@ -17,6 +17,11 @@ class StageStats:
     visual_tokens_kept: list[int]  # per sample, after this point (a late drop: 0 for the samples it emptied)
     select_ms: float
     late_drop: bool = False  # an all-or-nothing late drop (ToDRE stage 2)
+    #: per sample, the visual tokens the method's budget names (``keep`` / ``ratio`` of each image's tokens at the
+    #: method's first point, summed over the sample's images; None for a late drop). It differs from
+    #: ``visual_tokens_kept`` where the budget is a nominal setting of the method's paper (``sparsevlm``'s per-budget
+    #: counts, ``pdrop``'s layer average, ``dart budget_rounding="official"``) or an image had fewer real tokens
+    visual_tokens_nominal: list[int] | None = None
 
 
 def layer_lengths(stages: list[StageStats], row: int, visual_in: int, prompt_len: int, num_layers: int) -> list[int]:
@@ -62,6 +67,10 @@ class PruneStats:
     #: one entry per prune point that ran, in the order they act (a schedule of several methods, or a method's
     #: own several points)
     stages: list[StageStats] = field(default_factory=list)
+    #: per sample, the visual tokens the last selecting method's budget names (``StageStats.visual_tokens_nominal``)
+    #: beside ``visual_tokens_kept``, what really reached the end: ``sparsevlm keep=28`` may keep 8 (its nominal
+    #: counts), ``pdrop keep=64`` keeps fewer after its last stage (64 is the layer average)
+    visual_tokens_nominal: list[int] = field(default_factory=list)
 
     def sequence_lengths(self, row: int, prompt_len: int, num_layers: int) -> list[int]:
         """Per decoder layer, the length of the prompt that layer ran on and cached for sample ``row``, whose

@@ -9,6 +9,7 @@ of the layers after it, in prefill and in every step that continues a pruned cac
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ import torch
 
 from .. import compat
 from .. import functional as F
-from ..methods.base import ImageInputs, Method, Selection
+from ..methods.base import ImageInputs, Method
 from ..signals import query_attention, rope_keys, rope_ones, rope_queries, rope_query, rows_attention
 from .deepstack import DeepStack
 from .layout import Layout, PrunedPrompt
@@ -58,6 +59,7 @@ class PointRecord:
     pruned: bool  # the point removed tokens (compacted the sequence)
     select_ms: float
     late_dropped: list[bool] | None = None
+    nominal: list[int] | None = None  # visual tokens per row that the method's budget names (not a late drop)
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Forward:
     mask_in: torch.Tensor | None = None  # the 2-D mask the inner model got (a host that builds the LM's masks itself)
     token_types: torch.Tensor | None = None  # prefill: [B, S] the prompt's token types (bidirectional image blocks)
     positions: torch.Tensor | None = None  # prefill, rotary per layer type: [B, L] 1-D position ids of the slots
+    #: prefill: (id(method), unit key) -> the unit's count the method's budget names, from its tokens at its first point
+    nominal: dict[tuple, int] = field(default_factory=dict)
 
     def current_types(self) -> torch.Tensor | None:
         """``[B, L]`` token types of the current sequence's slots (padding: 0), or None."""
@@ -116,11 +120,17 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
     tokens, or None when no visual token is dropped; narrows each unit's ``present`` and sets its ``merged``."""
     keep = fwd.real.clone()
     dropped = False
+    method = point.method
     for unit in fwd.units:
         unit.merged = unit.merge_from = None
         n = unit.present.numel()
-        k = point.method.point_budget(n, unit.positions.numel(), point.layer)
+        fwd.nominal.setdefault((id(method), unit.key), method.config.budget(n))
+        k = method.point_budget(n, unit.positions.numel(), point.layer)
         if k >= n:  # keeps everything: the method is not called (nor stored for reuse)
+            if n < unit.positions.numel() and any(r.pruned and r.point.method is not method for r in fwd.records):
+                warnings.warn(f"schedule: {point.describe()} keeps every token that reaches it (its budget is at "
+                              "least what the earlier step(s) left of an image) and does nothing there; give it a "
+                              "smaller budget", stacklevel=2)
             continue
         slots = fwd.slots(unit)
         key = (point.layer, unit.key, n)
@@ -129,16 +139,14 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
         else:
             inputs = make_inputs(unit, slots)
             inputs.k, inputs.layer, inputs.n_original = k, point.layer, unit.positions.numel()
-            kept = point.method.select(inputs)
+            kept = check_selection(point.method, point.describe(), point.method.select(inputs.hide_undeclared(
+                point.method)), n, k, slots.device)
             if sticky is not None:
                 sticky[key] = kept
-        if isinstance(kept, Selection):
+        if kept.merged is not None:
             unit.merged = kept.merged
-            if kept.merged is not None:
-                unit.merge_from = (slots, kept.kept.to(slots.device), kept.weights)
-            kept = kept.kept
-        kept = kept.to(slots.device)
-        check_selection(point.method.name, kept, n, k)
+            unit.merge_from = (slots, kept.kept, kept.weights)
+        kept = kept.kept
         if point.method.config.empty_frames == "refill" and unit.merge_from is None and (sizes := frame_sizes(unit)):
             kept = refill_frames(kept, sizes)
         unit.present = unit.present[kept]

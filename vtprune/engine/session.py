@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import compat
 from ..adapters import ModelAdapter
-from ..methods.base import ImageInputs, Method
+from ..methods.base import KEPT_COUNTS, ImageInputs, Method
 from ..stats import PruneStats
 from . import points as P
 from .capture import VisionCapture
@@ -40,6 +40,9 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
     """The prune points of a schedule, in the order they act; two at one point raise ``ValueError``."""
     pts = []
     for method in methods:
+        if method.kept_count not in KEPT_COUNTS:
+            raise ValueError(f"method {method.name!r} declares kept_count={method.kept_count!r}; allowed: "
+                             f"{KEPT_COUNTS} (see vtprune.methods.base.Method.kept_count)")
         if method.stage == "llm":
             pts.extend(P.PrunePoint(method, k, P.LLM) for k in method.layers(num_layers))
         else:
@@ -51,7 +54,39 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
         if a.layer == b.layer:
             raise ValueError(f"two methods act at one prune point: {a.describe()} and {b.describe()}; "
                              "a schedule takes one method per point (vision entry, or decoder layer K)")
+    check_later_budgets([p for p in pts if p.kind != P.LATE_DROP])
     return pts
+
+
+def check_later_budgets(selecting: list[P.PrunePoint]) -> None:
+    """Refuse a schedule step that would keep every token reaching it, where its config says so: a later one-point
+    method with ``ratio=1`` after a step that prunes, or ``keep=`` at least an earlier one-point method's ``keep=``
+    (whose count is its budget). A schedule that keeps everything at every step (``ratio=1`` throughout) is accepted,
+    as a single method's is (bit-identical to the unpatched model). Budgets known only per image (a ratio, then a
+    keep) are checked when they run (:func:`points.select` warns)."""
+    points = {}
+    for p in selecting:
+        points.setdefault(id(p.method), []).append(p)
+    one = {i for i, ps in points.items() if len(ps) == 1}  # multi-point methods count their own budgets
+
+    def budget(cfg) -> str:
+        return f"keep={cfg.keep}" if cfg.keep is not None else f"ratio={cfg.ratio}"
+
+    for i, b in enumerate(selecting):
+        cb = b.method.config
+        if id(b.method) not in one or b.method.kept_count != "budget" or (cb.keep is None and cb.ratio is None):
+            continue
+        for a in selecting[:i]:
+            ca = a.method.config
+            if a.method is b.method:
+                continue
+            same = (id(a.method) in one and a.method.kept_count in ("budget", "at_most") and ca.keep is not None
+                    and cb.keep is not None and cb.keep >= ca.keep)
+            if (cb.ratio == 1.0 and ca.ratio != 1.0) or same:
+                raise ValueError(
+                    f"schedule: {b.describe()} with {budget(cb)} acts after {a.describe()} with {budget(ca)}, so it "
+                    "keeps every token that reaches it and does nothing; give the later step a smaller budget "
+                    f"({f'keep < {ca.keep}' if ca.keep is not None else 'keep=N'} or ratio < 1), or leave it out")
 
 
 def check_signal_layer(point: P.PrunePoint, adapter: ModelAdapter, num_layers: int) -> None:
@@ -428,12 +463,14 @@ class Session:
 
     def _record(self, fwd: P.Forward, point: P.PrunePoint, keep, t0: float, late_dropped=None) -> None:
         b = fwd.real.shape[0]
-        kept = [0] * b
+        kept, nominal = [0] * b, [0] * b
         for unit in fwd.units:
             kept[unit.row] += unit.present.numel()
+            nominal[unit.row] += fwd.nominal.get((id(point.method), unit.key), unit.present.numel())
         if late_dropped is not None:
-            kept = [0 if d else k for k, d in zip(kept, late_dropped)]
-        fwd.records.append(P.PointRecord(point, kept, keep is not None, (time.perf_counter() - t0) * 1e3, late_dropped))
+            kept, nominal = [0 if d else k for k, d in zip(kept, late_dropped)], None
+        fwd.records.append(P.PointRecord(point, kept, keep is not None, (time.perf_counter() - t0) * 1e3, late_dropped,
+                                         nominal))
 
     # -- decoder layers: signals, points, the layers after them ---------------------------------------------
     def _signal_hook(self, point: P.PrunePoint, name: str):

@@ -24,7 +24,8 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
         n_kept[unit.row] += unit.present.numel()
     stages = [
         StageStats(method=r.point.method.name, stage=r.point.stage, layer=r.point.layer if r.point.layer else None,
-                   visual_tokens_kept=list(r.kept), select_ms=r.select_ms, late_drop=r.point.kind == LATE_DROP)
+                   visual_tokens_kept=list(r.kept), select_ms=r.select_ms, late_drop=r.point.kind == LATE_DROP,
+                   visual_tokens_nominal=list(r.nominal) if r.nominal is not None else None)
         for r in fwd.records
     ]
     real = fwd.mask2d.sum(1).tolist()
@@ -41,6 +42,7 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
     return PruneStats(
         visual_tokens_in=n_in,
         visual_tokens_kept=n_kept,
+        visual_tokens_nominal=list(selecting[-1].nominal) if selecting else list(n_kept),
         stage=main.stage,
         layer=main.layer if main.stage == "llm" else None,
         select_ms=sum(r.select_ms for r in fwd.records),

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..adapters import ModelAdapter
+from ..methods.base import Method, Selection
 from .capture import ImageInfo, join_infos
 
 
@@ -101,13 +102,52 @@ def attach_real_masks(adapter: ModelAdapter, input_ids, units: list[Unit], sizes
         unit.real_mask = adapter.real_patch_mask(size, unit.positions.numel(), threshold).to(unit.positions.device)
 
 
-def check_selection(name: str, kept: torch.Tensor, n: int, k: int) -> None:
-    """A method returns about ``k`` ascending unique int64 indices in [0, n) (a method may round its budget,
-    e.g. DART's official rounding)."""
-    if kept.dtype != torch.long or kept.ndim != 1 or not 1 <= kept.numel() <= n:
-        raise RuntimeError(f"method {name!r} returned {tuple(kept.shape)} {kept.dtype}; expected ~{k} int64 indices")
-    if int(kept.min()) < 0 or int(kept.max()) >= n or bool((kept[1:] <= kept[:-1]).any()):
-        raise RuntimeError(f"method {name!r} returned indices that are not ascending, unique and in [0, {n})")
+def check_selection(method: Method, where: str, out, n: int, k: int, device) -> Selection:
+    """What ``method.select`` returned for an image of ``n`` visual tokens and a budget of ``k`` at ``where`` (a prune
+    point), as a :class:`Selection` on ``device`` (bare indices: ``merged`` None). A Python list / tuple of ints is
+    taken as indices. Raises naming the method, the point and what was expected unless the kept indices are a 1-D
+    int64 tensor, ascending, unique, in ``[0, n)``, as many as ``method.kept_count`` allows (``"budget"``: ``k``;
+    ``"at_most"``: 1 to ``k``; ``"own"``: 1 to ``n``), and a Selection's ``merged`` / ``weights`` one row per kept
+    index (``[k', D]`` / ``[k', n]``)."""
+    name = f"method {method.name!r} at {where}"
+    sel = out if isinstance(out, Selection) else Selection(out)
+    kept = sel.kept
+    if isinstance(kept, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
+        kept = torch.tensor(kept, dtype=torch.long, device=device)
+    if not isinstance(kept, torch.Tensor):
+        raise TypeError(f"{name} returned {type(kept).__name__}; expected a 1-D int64 tensor of kept indices (or a "
+                        "list of ints), or a vtprune.methods.base.Selection")
+    if kept.dtype != torch.long or kept.ndim != 1:
+        hint = " (a keep mask? return mask.nonzero().squeeze(1))" if kept.dtype == torch.bool else ""
+        raise TypeError(f"{name} returned a tensor of shape {tuple(kept.shape)} and dtype {kept.dtype}{hint}; "
+                        "expected a 1-D int64 tensor of kept indices")
+    count = method.kept_count
+    low, high = (k, k) if count == "budget" else (1, k if count == "at_most" else n)
+    if not low <= kept.numel() <= high:
+        expected = f"exactly {k}" if low == high else f"{low} to {high}"
+        raise RuntimeError(
+            f"{name} returned {kept.numel()} indices for an image of {n} visual tokens with a budget of {k}; "
+            f"expected {expected} (kept_count={count!r}; a method whose count differs from the budget declares "
+            "kept_count='at_most' or 'own')")
+    if int(kept.min()) < 0 or int(kept.max()) >= n:
+        raise RuntimeError(f"{name} returned indices from {int(kept.min())} to {int(kept.max())}; expected indices "
+                           f"in [0, {n}) (the image's {n} visual tokens)")
+    if bool((kept[1:] <= kept[:-1]).any()):
+        what = "duplicates" if kept.unique().numel() < kept.numel() else "indices out of order"
+        raise RuntimeError(f"{name} returned {what}; expected ascending unique indices (e.g. kept.unique())")
+    kept = kept.to(device)
+    for field, rows in (("merged", sel.merged), ("weights", sel.weights)):
+        if rows is None:
+            continue
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] != kept.numel() or (
+                field == "weights" and rows.shape[1] != n):
+            shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+            want = f"[{kept.numel()}, D]" if field == "merged" else f"[{kept.numel()}, {n}]"
+            raise RuntimeError(f"{name} returned Selection.{field} of shape {shape}; expected {want} (one row per "
+                               "kept index)")
+    if sel.weights is not None and sel.merged is None:
+        raise RuntimeError(f"{name} returned Selection.weights without merged vectors; give merged too")
+    return Selection(kept, sel.merged, sel.weights)
 
 
 def _join_tiles(chunks: list[torch.Tensor]) -> list[list[int]]:

@@ -17,7 +17,8 @@ ratio 1.0, which leaves the outputs bit-identical to the unpatched model), so pr
 measured by the same accounting. Per request it records and reports through lmms-eval's metric hook
 (``log_metrics``; lmms-eval reports the means as ``avg_<key>`` under ``results["throughput"]``):
 
-* ``visual_tokens_in`` / ``visual_tokens_kept``: the request's own counts (``vtprune.stats``);
+* ``visual_tokens_in`` / ``visual_tokens_kept``: the request's own counts (``vtprune.stats``), and
+  ``visual_tokens_nominal`` the count its budget names (``PruneStats.visual_tokens_nominal``);
 * ``prefill_tflops``: analytic prefill FLOPs (vision tower, projector, LLM), the batch's total divided by its
   requests (exact at batch size 1);
 * ``prefill_ms``: wall time from the ``generate`` call until its first forward pass returns (vision tower,
@@ -125,6 +126,7 @@ class RequestRecord:
     select_ms: float
     kv_cache_mb: float
     new_tokens: int
+    visual_tokens_nominal: int | None = None  # what the budget names (``PruneStats.visual_tokens_nominal``)
 
 
 class VTPrune(lmms):
@@ -303,12 +305,12 @@ class VTPrune(lmms):
         st = stats(self._model)
         num_layers = self._model.config.get_text_config().num_hidden_layers
         if st is previous:  # no image in this batch: nothing went through the pruning path
-            n_in = n_kept = [0] * rows
+            n_in = n_kept = n_nominal = [0] * rows
             batch_flops, select_ms = sum(flops.decoder_prefill_flops(self._model.config, n) for n in real_lens), 0.0
             lengths = [[n] * num_layers for n in real_lens]
         else:
-            n_in, n_kept, batch_flops, select_ms = (
-                st.visual_tokens_in, st.visual_tokens_kept, st.prefill_flops, st.select_ms)
+            n_in, n_kept, n_nominal, batch_flops, select_ms = (
+                st.visual_tokens_in, st.visual_tokens_kept, st.visual_tokens_nominal, st.prefill_flops, st.select_ms)
             lengths = [st.sequence_lengths(i, real_lens[i], num_layers) for i in range(rows)]
         prefill_ms = (prefill_end[0] - start) * 1e3
         pad = self.pad_token_id
@@ -319,7 +321,7 @@ class VTPrune(lmms):
                 task=tasks[i], doc_id=int(doc_ids[i]), batch_size=rows,
                 visual_tokens_in=int(n_in[i]), visual_tokens_kept=int(n_kept[i]),
                 prefill_tflops=batch_flops / rows / 1e12, prefill_ms=prefill_ms / rows, select_ms=select_ms / rows,
-                kv_cache_mb=kv / 2**20, new_tokens=new_tokens,
+                kv_cache_mb=kv / 2**20, new_tokens=new_tokens, visual_tokens_nominal=int(n_nominal[i]),
             )
             self.records.append(record)
             log_metrics(

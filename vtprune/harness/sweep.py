@@ -48,7 +48,8 @@ __all__ = ["run_sweep", "check_config", "read_results", "cell_key", "RESULT_FIEL
 #: the fields of a results.jsonl row, in order
 RESULT_FIELDS = (
     "config", "model", "pretrained", "method", "method_name", "options", "budget", "task", "metric", "value",
-    "score", "max", "limit", "n", "batch_size", "visual_tokens_in", "visual_tokens", "prefill_tflops",
+    "score", "max", "limit", "n", "batch_size", "visual_tokens_in", "visual_tokens", "visual_tokens_nominal",
+    "prefill_tflops",
     "prefill_ms", "select_ms", "kv_cache_mb", "peak_memory_mb", "device", "dtype", "world_size", "time",
 )
 _KEY_FIELDS = ("model", "pretrained", "method", "method_name", "options", "budget", "task", "metric", "limit")
@@ -235,6 +236,7 @@ def _run_cell(cfg: SweepConfig, tm, model, processor, model_spec: ModelSpec, met
         "limit": limit, "n": len(records), "batch_size": cfg.batch_size,
         "visual_tokens_in": _mean(r.visual_tokens_in for r in records),
         "visual_tokens": _mean(r.visual_tokens_kept for r in records),
+        "visual_tokens_nominal": _mean(r.visual_tokens_nominal for r in records if r.visual_tokens_nominal is not None),
         "prefill_tflops": _mean(r.prefill_tflops for r in records),
         "prefill_ms": statistics.median(r.prefill_ms for r in records),  # robust to one slow batch
         "select_ms": _mean(r.select_ms for r in records),

@@ -7,9 +7,11 @@ order they first appear. Columns:
 * ``Avg``: the mean over tasks of ``score / max * 100`` (every task on 0-100), shown when the row has every task;
 * ``Rel. %``: the mean over tasks of ``value / unpruned value * 100`` (the same model and limit), shown when the
   row and the unpruned row have every task and no unpruned value is 0;
-* ``Tokens``: visual tokens kept per image; ``TFLOPs``: analytic prefill TFLOPs per request; ``Prefill ms``:
-  measured prefill per request (each cell's median); all three averaged over the row's tasks, weighted by their
-  requests.
+* ``Tokens``: visual tokens kept per request (what really reached the end); where the budget names another count
+  (a nominal setting of the method's paper: ``sparsevlm``'s per-budget counts, ``pdrop``'s layer average, ``dart``'s
+  official rounding; the results' ``visual_tokens_nominal``), the cell shows both, ``8 (nominal 28)`` (CSV: column
+  ``tokens_nominal``); ``TFLOPs``: analytic prefill TFLOPs per request; ``Prefill ms``: measured prefill per request
+  (each cell's median); all averaged over the row's tasks, weighted by their requests.
 * ``CAA succ. %``, only when the results also hold rows of ``vtprune robustness`` for the same model (rows with a
   ``perturbation``): the compression-aware attack's success rate on that method and budget at the largest epsilon
   (``-``: not measured, or the attack cannot reach the method).
@@ -44,6 +46,13 @@ class TableRow:
     tflops: float | None
     prefill_ms: float | None
     robust: float | None = None  # CAA success rate in % (robustness rows)
+    tokens_nominal: float | None = None  # what the budget names (None: not recorded)
+
+    @property
+    def nominal_differs(self) -> bool:
+        """Whether the budget names another count than the tokens kept (shown beside them)."""
+        return self.tokens is not None and self.tokens_nominal is not None and round(self.tokens) != round(
+            self.tokens_nominal)
 
     @property
     def label(self) -> str:
@@ -108,7 +117,7 @@ def build_tables(results: list[dict]) -> list[Table]:
             out.append(TableRow(
                 method=method, budget=budget, scores={t: got[t]["score"] for t in tasks if t in got}, avg=avg, rel=rel,
                 tokens=_weighted(present, "visual_tokens"), tflops=_weighted(present, "prefill_tflops"),
-                prefill_ms=_weighted(present, "prefill_ms"),
+                prefill_ms=_weighted(present, "prefill_ms"), tokens_nominal=_weighted(present, "visual_tokens_nominal"),
             ))
         eps = max(caa.get(model, {}), default=None)
         if eps is not None:
@@ -136,7 +145,9 @@ def _cells(table: Table, row: TableRow) -> list[str]:
     return [
         row.label, "-" if row.budget is None else str(row.budget),
         *[_fmt(row.scores.get(t), ".1f") for t in table.tasks],
-        _fmt(row.avg, ".1f"), _fmt(row.rel, ".1f"), _fmt(row.tokens, ".0f"), _fmt(row.tflops, ".3g"),
+        _fmt(row.avg, ".1f"), _fmt(row.rel, ".1f"),
+        _fmt(row.tokens, ".0f") + (f" (nominal {row.tokens_nominal:.0f})" if row.nominal_differs else ""),
+        _fmt(row.tflops, ".3g"),
         _fmt(row.prefill_ms, ".1f"), *([_fmt(row.robust, ".1f")] if table.robust_eps is not None else []),
     ]
 
@@ -162,14 +173,15 @@ def to_csv(tables: list[Table]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     tasks = list(dict.fromkeys(t for table in tables for t in table.tasks))
     robust = any(table.robust_eps is not None for table in tables)
-    writer.writerow(["model", "limit", "method", "budget", *tasks, "avg", "rel_pct", "tokens", "prefill_tflops",
-                     "prefill_ms", *(["caa_success_pct", "caa_epsilon"] if robust else [])])
+    writer.writerow(["model", "limit", "method", "budget", *tasks, "avg", "rel_pct", "tokens", "tokens_nominal",
+                     "prefill_tflops", "prefill_ms", *(["caa_success_pct", "caa_epsilon"] if robust else [])])
     for table in tables:
         for r in table.rows:
             extra = ["" if r.robust is None else r.robust, "" if table.robust_eps is None else table.robust_eps]
             writer.writerow([table.model, "" if table.limit is None else table.limit, r.label,
                              "" if r.budget is None else r.budget, *[r.scores.get(t, "") for t in tasks],
-                             *["" if v is None else v for v in (r.avg, r.rel, r.tokens, r.tflops, r.prefill_ms)],
+                             *["" if v is None else v for v in (r.avg, r.rel, r.tokens, r.tokens_nominal, r.tflops,
+                                                                r.prefill_ms)],
                              *(extra if robust else [])])
     return buf.getvalue()
 

@@ -19,6 +19,45 @@ VISION_SIGNALS = frozenset({"features", "cls_attention", "vision_keys", "project
                             "instruction"})
 LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden", "layer_attention", "queries", "prompt_embeds",
                          "rope_gravity"})
+#: the fields (and ``extra`` keys) of :class:`ImageInputs` that signals fill -> the signals that fill each
+SIGNAL_FIELDS = {
+    "features": {"features"}, "cls_attention": {"cls_attention"}, "received": {"cls_attention"},
+    "vision_keys": {"vision_keys"}, "projector_inputs": {"projector_inputs"}, "projector": {"projector_inputs"},
+    "hidden": {"hidden"}, "keys": {"keys"}, "text_attention": {"text_attention", "layer_attention"},
+    "attention_rows": {"queries"}, "rope_gravity": {"rope_gravity"}, "prompt_embeds": {"prompt_embeds"},
+    "image_columns": {"prompt_embeds"}, "text_columns": {"prompt_embeds"}, "instruction": {"instruction"},
+}
+#: what ``Method.kept_count`` may be
+KEPT_COUNTS = ("budget", "at_most", "own")
+
+
+class UndeclaredSignal:
+    """What a method finds in an :class:`ImageInputs` field (or ``extra`` key) of a signal it did not declare:
+    reading it raises, naming the signal and the method's ``signals``."""
+
+    def __init__(self, field: str, method: str, declared: frozenset, extra: bool = False):
+        self.field, self.method, self.declared = field, method, declared
+        self.where = f"extra[{field!r}]" if extra else field
+
+    def error(self) -> RuntimeError:
+        wanted = " or ".join(repr(s) for s in sorted(SIGNAL_FIELDS[self.field]))
+        return RuntimeError(
+            f"method {self.method!r} read ImageInputs.{self.where}, which signal {wanted} fills, but it declares "
+            f"signals={sorted(self.declared)}; add {wanted} to the method's `signals` (class attribute)"
+        )
+
+
+class _Extra(dict):
+    """``ImageInputs.extra``: a key of an undeclared signal raises when read (``[]`` or ``get``)."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, UndeclaredSignal):
+            raise value.error()
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
 
 
 @dataclass
@@ -85,6 +124,30 @@ class ImageInputs:
     text_columns: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
+    def __getattribute__(self, name):
+        value = object.__getattribute__(self, name)
+        if isinstance(value, UndeclaredSignal):
+            raise value.error()
+        return value
+
+    def __repr__(self) -> str:
+        return f"ImageInputs(n={self.n}, k={self.k}, layer={self.layer})"
+
+    def hide_undeclared(self, method: "Method") -> "ImageInputs":
+        """Mark every field (and ``extra`` key) of a signal ``method`` did not declare, so that reading it raises
+        instead of giving None (or a value filled for another method). Returns ``self``."""
+        declared = frozenset(method.signals)
+        extra = _Extra(self.extra)
+        for name, signals in SIGNAL_FIELDS.items():
+            if signals & declared:
+                continue
+            if name in ("prompt_embeds", "instruction"):  # vision stage: extra keys
+                extra[name] = UndeclaredSignal(name, method.name, declared, extra=True)
+            if name != "instruction":
+                object.__setattr__(self, name, UndeclaredSignal(name, method.name, declared))
+        self.extra = extra
+        return self
+
 
 def crop_importance(image: ImageInputs) -> torch.Tensor:
     """``[C, P]`` float32 importance of each crop patch, summed over the method's vision layers: the head-mean CLS
@@ -134,6 +197,12 @@ class Method:
     surrogate: ClassVar[object] = None
     #: why no image perturbation can change the method's selection (the audit reports it unreachable); None: reachable
     unreachable: ClassVar[str | None] = None
+    #: how many indices ``select`` returns (the engine checks it, with their range, order and type):
+    #: ``"budget"`` exactly ``image.k``; ``"at_most"`` 1 to ``image.k`` (e.g. ``fastv debias=True`` keeps no more
+    #: than the image's real tokens); ``"own"`` the method's own count, 1 to ``image.n``: its budget is a nominal
+    #: setting (``sparsevlm``'s per-budget counts and recycled tokens, ``dart budget_rounding="official"``, a merge
+    #: inside the vision tower), and ``vtprune.stats`` shows it beside the real count. An instance may set its own.
+    kept_count: ClassVar[str] = "budget"
 
     def __init__(self, config: PruneConfig):
         self.config = config

@@ -66,6 +66,11 @@ class DART(Method):
                             "cosine similarity of the (final-normed) hidden state to the key-norm pivots (pivot choice "
                             "held fixed)", _duplication)
 
+    def __init__(self, config: DARTConfig):
+        super().__init__(config)
+        if config.budget_rounding == "official":  # pivots + k // 8 per pivot: the budget is nominal
+            self.kept_count = "own"
+
     def layer(self, num_layers: int) -> int:
         return check_layer("dart", self.config.layer, num_layers)
 

@@ -72,6 +72,8 @@ class FastV(Method):
     def __init__(self, config: FastVConfig):
         super().__init__(config)
         self.profile = None
+        if config.debias:  # no more than the image's real tokens (set_image_sizes)
+            self.kept_count = "at_most"
         if config.debias and config.debias_weights != "none":
             from ..debias import builtin_profile, load_profile
 
@@ -100,6 +102,8 @@ class FastV(Method):
 
 class AttentionRecorder(FastV):
     """Not registered: keeps every token and records each image's attention row (``vtprune.debias.calibrate``)."""
+
+    kept_count = "own"  # every token
 
     def __init__(self, config: FastVConfig):
         super().__init__(config)

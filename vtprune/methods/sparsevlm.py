@@ -136,6 +136,7 @@ class SparseVLM(Method):
     stage = "llm"
     signals = frozenset({"queries", "hidden", "prompt_embeds"})
     merges = True
+    kept_count = "own"  # the per-budget counts (a nominal budget), plus the tokens carrying recycled ones
 
     def __init__(self, config: SparseVLMConfig):
         super().__init__(config)

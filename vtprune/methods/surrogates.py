@@ -64,7 +64,7 @@ def dpp_gain(method, image: ImageInputs) -> torch.Tensor:
     """CDPruner's first greedy-MAP gain is ``L_ii = r_i^2`` and every later one ``r_i^2`` times the part of token i
     not explained by the picked tokens: ``r^2 * (1 - max cos to a neighbour)`` with ``r`` its relevance (``text="llm"``:
     to the prompt's LLM embeddings; ``"clip"``: read from the CLIP joint space without gradient, so 1 here)."""
-    text = image.extra.get("prompt_embeds")
+    text = image.extra.get("prompt_embeds") if "prompt_embeds" in method.signals else None
     rel = (F.cdpruner_relevance(image.features.float(), text.float()) if text is not None and text.shape[0]
            else image.features.new_ones(image.n, dtype=torch.float32))
     return rel.pow(2) * isolation(image.features)

@@ -94,7 +94,8 @@ class TowerMerge(Method):
     stage = "vision"
     merges = True
     multi_crop = True
-    signals = frozenset()
+    signals = frozenset({"features"})
+    kept_count = "own"  # the tower decided (a per-crop budget); select returns what it kept
 
     def __init__(self, config: PruneConfig):
         super().__init__(config)
