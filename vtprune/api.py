@@ -8,12 +8,12 @@ from typing import Any
 from torch import nn
 
 from . import compat
-from .adapters import get_adapter
+from .adapters import get_adapter, tower_merging_families
 from .adapters.vit import find_vit_host, vit_host_names
 from .config import PruneConfig
 from .engine import Session
 from .engine.vit import ViTSession
-from .methods.tower import TOWER_FAMILIES, TowerMerge
+from .methods.tower import TowerMerge
 from .methods.vit import list_vit_methods
 from .registry import get_method, list_methods
 from .stats import PruneStats
@@ -90,7 +90,7 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
         raise ValueError(
             f"method {getattr(tower, 'method', tower)!r} reduces tokens inside a vision transformer, and "
             f"{type(model).__name__} is not one vtprune knows ({'; '.join(vit_host_names())}), nor a VLM whose "
-            f"vision tower it merges in ({', '.join(TOWER_FAMILIES)})") from None
+            f"vision tower it merges in ({', '.join(tower_merging_families())})") from None
     if getattr(model, _ATTR, None) is not None:
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
         raise ValueError(

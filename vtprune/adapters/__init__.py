@@ -30,6 +30,11 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def tower_merging_families() -> list[str]:
+    """Model types whose vision tower takes token merging (``ModelAdapter.tower_merging``)."""
+    return [t for t, cls in _ADAPTERS.items() if cls.tower_merging]
+
+
 def get_adapter(model) -> ModelAdapter:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
@@ -51,4 +56,4 @@ def get_adapter(model) -> ModelAdapter:
     return cls(model)
 
 
-__all__ = ["ModelAdapter", "get_adapter", "supported_model_types"]
+__all__ = ["ModelAdapter", "get_adapter", "supported_model_types", "tower_merging_families"]

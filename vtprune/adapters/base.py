@@ -107,6 +107,9 @@ class ModelAdapter:
     #: the decoder's rotary tables differ per layer type (Gemma 3: local and global bases): :meth:`rotary` takes the
     #: layer, and a prune point hands each layer type its own tables
     rotary_per_layer_type: ClassVar[bool] = False
+    #: token merging inside the vision tower (``tome`` / ``pitome`` / ``zerotprune`` on a VLM, ``vtprune.methods.tower``)
+    #: is supported: a CLIP / SigLIP tower read at one ``vision_feature_layer`` and a per-token projector
+    tower_merging: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -15,6 +15,7 @@ from .base import ModelAdapter, encoder_attention_modules, qk_from_projections
 
 class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
+    tower_merging = True
     has_cls_token = True
 
     def vision_attention_modules(self):
@@ -141,6 +142,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     model_types = ("llava_next_video",)
     feature_methods = ("get_image_features", "get_video_features")
+    tower_merging = False  # its videos pool each frame before the projector (vision_resampler)
 
     def crop_counts(self, call, num_images):
         if "pixel_values_videos" in call:

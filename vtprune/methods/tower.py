@@ -43,15 +43,15 @@ import weakref
 
 import torch
 
+from ..adapters import tower_merging_families
 from ..config import PruneConfig
 from ..functional import vit as FV
 from .base import ImageInputs, Method, Selection
 from .vit import ViTMethod, get_vit_method
 
-__all__ = ["TOWER_FAMILIES", "TowerMerge"]
+__all__ = ["TowerMerge"]
 
 #: VLM families whose vision tower can merge tokens
-TOWER_FAMILIES = ("llava", "llava_next", "llava_onevision")
 
 
 class _UpToReadLayer(ViTMethod):
@@ -117,8 +117,8 @@ class TowerMerge(Method):
         from ..engine.vit import ViTSession
 
         config = adapter.config
-        if config.model_type not in TOWER_FAMILIES:
-            raise ValueError(f"merging inside the vision tower ({self.name!r}) supports {list(TOWER_FAMILIES)} "
+        if not adapter.tower_merging:
+            raise ValueError(f"merging inside the vision tower ({self.name!r}) supports {tower_merging_families()} "
                              f"models, got model_type {config.model_type!r}")
         tower = adapter.inner.vision_tower
         host = find_vit_host(tower)
