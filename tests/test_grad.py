@@ -173,7 +173,7 @@ def _check(model, family, method, options, monkeypatch, checkpointing, k=None):
     ref_loss.backward()
     ref = _grads(model)
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["grad", "checkpointing"])
@@ -214,9 +214,8 @@ def test_a_padded_batch_loss_sums_its_rows_losses(model_factory):
             real = batch["attention_mask"][i].bool()
             grid = batch["image_grid_thw"][i:i + 1]
             start = int(batch["image_grid_thw"][:i].prod(-1).sum())
-            one = dict(input_ids=batch["input_ids"][i:i + 1, real], attention_mask=batch["attention_mask"][i:i + 1, real],
-                       mm_token_type_ids=batch["mm_token_type_ids"][i:i + 1, real], image_grid_thw=grid,
-                       pixel_values=batch["pixel_values"][start:start + int(grid.prod())])
+            one = {key: batch[key][i:i + 1, real] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            one.update(image_grid_thw=grid, pixel_values=batch["pixel_values"][start:start + int(grid.prod())])
             rows.append(model(**one, labels=labels[i:i + 1, real], num_items_in_batch=1).loss)
     torch.testing.assert_close(total, sum(rows), rtol=1e-5, atol=1e-5)
 
