@@ -11,7 +11,10 @@ is a one-line change:
   bidirectional image blocks with them (``block_sequence_ids``, ``blockwise_overlay``: Gemma 3);
 * how a cache reports its length: ``Cache.get_seq_length(layer_idx)`` (what generate, position ids and
   ``rope_deltas`` consumers read) and ``Cache.get_query_offset(layer_idx)`` (what the mask functions read), and
-  which caches are static (pre-allocated, ``is_compileable``).
+  which caches are static (pre-allocated, ``is_compileable``);
+* the loss: a ``*ForConditionalGeneration`` forward computes ``self.loss_function(logits, labels, vocab_size,
+  **kwargs)`` (by keyword or position) on the inner model's output; ``loss_function`` reads the instance attribute
+  ``_loss_function`` first (:func:`wrap_loss_function`).
 
 Checked and found to need nothing here: transformers 5.25 depends on ``kernels`` and turns functions decorated with
 ``use_kernel_forward_from_hub`` (Qwen3.5's ``causal_conv1d_forward``, ...) into ``nn.Module`` instances shared by every
@@ -180,6 +183,22 @@ def restore_lengths(cache) -> None:
     """Undo :func:`report_lengths`."""
     cache.__dict__.pop("get_seq_length", None)
     cache.__dict__.pop("get_query_offset", None)
+
+
+# -- the loss ----------------------------------------------------------------------------------------------
+#: the instance attribute ``PreTrainedModel.loss_function`` returns when set (its setter writes it)
+LOSS_FUNCTION_ATTR = "_loss_function"
+
+
+def wrap_loss_function(model, wrap, fn) -> None:
+    """Make ``model``'s forward compute its loss with ``fn(original, logits, labels, *args, **kwargs)`` (``original``:
+    the loss function in use before), through ``wrap(obj, name, value)`` (which records the attribute for removal)."""
+    original = model.loss_function
+
+    def loss_function(logits, labels, *args, **kwargs):
+        return fn(original, logits, labels, *args, **kwargs)
+
+    wrap(model, LOSS_FUNCTION_ATTR, loss_function)
 
 
 def versions() -> dict[str, str]:

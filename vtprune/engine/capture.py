@@ -30,6 +30,19 @@ from ..methods.base import Method
 from ..signals import cls_attention_rows, resolve_importance
 
 
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def outside_checkpoint():
+    """Context for what a hook computes inside a layer that activation checkpointing may wrap (transformers' gradient
+    checkpointing recomputes a decoder / vision layer's ``forward`` in backward): autograd keeps the tensors these ops
+    save itself, not through the checkpoint. The signal is computed once, in the forward; the recomputation runs the
+    hooks with no forward in progress (nothing recorded), so it saves what the layer alone saved, as the checkpoint
+    requires. Without a checkpoint (or without gradients) this changes nothing."""
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
 @dataclass
 class ImageInfo:
     """What the wrapped feature method recorded about one image (keyed by its feature tensor)."""
@@ -218,23 +231,26 @@ class VisionCapture:
     def _received_hook(self, module, args, kwargs):
         if self._received is None:
             return None
-        qk = self.adapter.vision_qk(module, args, kwargs)  # differentiable, like the CLS rows (robustness attacks)
-        self._received.append(F.received_attention(qk.q, qk.k, qk.cu_seqlens, qk.scaling))
-        if self._vision_keys is not None:
-            self._vision_keys.append(qk.k.detach().mean(1))
+        with outside_checkpoint():  # differentiable, like the CLS rows (robustness attacks)
+            qk = self.adapter.vision_qk(module, args, kwargs)
+            self._received.append(F.received_attention(qk.q, qk.k, qk.cu_seqlens, qk.scaling))
+            if self._vision_keys is not None:
+                self._vision_keys.append(qk.k.detach().mean(1))
         return None
 
     def _cls_q_hook(self, module, args, output):
         if self._cls_rows is not None:
-            self._cls_q = output[:, :1]
+            with outside_checkpoint():
+                self._cls_q = output[:, :1]
 
     def _make_cls_k_hook(self, attn):
         def hook(module, args, output):
-            if self._cls_rows is not None:
-                self._cls_rows.append(cls_attention_rows(self._cls_q, output, attn.num_heads, attn.scale))
-            if self._vision_keys is not None:
-                c, t, e = output.shape
-                self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
+            with outside_checkpoint():
+                if self._cls_rows is not None:
+                    self._cls_rows.append(cls_attention_rows(self._cls_q, output, attn.num_heads, attn.scale))
+                if self._vision_keys is not None:
+                    c, t, e = output.shape
+                    self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
 
         return hook
 

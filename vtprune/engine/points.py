@@ -287,7 +287,7 @@ def late_drop(fwd: Forward, point: PrunePoint, visual_ids, sticky: dict | None):
     ids = fwd.input_ids.gather(1, fwd.cols)
     visual = torch.isin(ids, torch.tensor(visual_ids, device=ids.device)) & fwd.real
     share = (fwd.signals.pop("text_attention").mean(1) * visual).sum(1)
-    dropped = [bool(v) and point.method.drop_all(float(x)) for x, v in zip(share, visual.any(1))]
+    dropped = [v and point.method.drop_all(x) for x, v in zip(share.tolist(), visual.any(1).tolist())]
     if sticky is not None:  # generate(use_cache=False): the prompt's decisions hold for every step
         dropped = sticky.setdefault(("late_drop", point.layer), dropped)
     if not any(dropped):

@@ -29,11 +29,14 @@ from ..adapters import ModelAdapter
 from ..methods.base import KEPT_COUNTS, ImageInputs, Method
 from ..stats import PruneStats
 from . import points as P
-from .capture import VisionCapture
+from .capture import VisionCapture, outside_checkpoint
 from .deepstack import DeepStack
 from .layout import ORPHANED_CACHE, STATIC_CACHE, attach_prompt, detach_prompt, pruned_prompt
 from .stats import make_stats
 from .units import Unit, attach_real_masks, find_units
+
+
+_ABSENT = object()  # an attribute the instance did not have before ``_wrap``
 
 
 def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
@@ -149,8 +152,10 @@ class Session:
         self._sticky: dict | None = None
         #: prompt rows of the ``generate`` call in progress (it repeats each row for beams / return sequences)
         self._generate_rows: int | None = None
+        #: the last prefill that compacted the prompt: its slots' prompt columns, for the host's loss on ``labels``
+        self._label_columns: tuple | None = None
         self._handles: list = []
-        self._wrapped: list[tuple[object, str]] = []
+        self._wrapped: list[tuple[object, str, object]] = []
         self._rope = adapter.rope_fn() if self.decoder_points else None
         self._masks = P.layer_masks(adapter, self.num_layers)
         self.image_sizes: list | None = None  # for the next prompt (vtprune.set_image_sizes)
@@ -175,6 +180,8 @@ class Session:
                     method.install_in(a, self._hook, self._wrap)
             # decoder points, and vision points that read the prompt's text, select from what follows the image
             reads_text = any(p.method.signals & {"prompt_embeds", "instruction"} for p in self.points)
+            if hasattr(self.model, "loss_function"):
+                compat.wrap_loss_function(self.model, self._wrap, self._loss)
             if (self.decoder_points or reads_text) and hasattr(self.model, "generate"):
                 self._wrap(self.model, "generate", self._wrapped_generate())
             for i, layer in enumerate(a.decoder_layers):
@@ -199,8 +206,11 @@ class Session:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        for obj, name in self._wrapped:
-            obj.__dict__.pop(name, None)
+        for obj, name, before in reversed(self._wrapped):  # an attribute the instance had before comes back
+            if before is _ABSENT:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = before
         self._handles, self._wrapped = [], []
         self.capture.clear()
         self.fwd = None
@@ -210,8 +220,8 @@ class Session:
         self._handles.append(handle)
 
     def _wrap(self, obj, name: str, fn) -> None:
+        self._wrapped.append((obj, name, obj.__dict__.get(name, _ABSENT)))
         obj.__dict__[name] = fn
-        self._wrapped.append((obj, name))
 
     def _wrapped_generate(self):
         """``generate(use_cache=False)`` re-runs the whole sequence at every step, and a decoder point would
@@ -253,11 +263,7 @@ class Session:
 
     # -- top-level / inner model ----------------------------------------------------------------------------
     def _top_pre(self, module, args, kwargs):
-        if kwargs.get("labels") is not None:
-            raise ValueError(
-                "labels are not supported on a pruned model: its logits cover only the kept positions. "
-                "Compute the loss on an unpatched model (vtprune.unpatch or the vtprune.patched context)."
-            )
+        self._label_columns = None
         visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
         has_visual = any(kwargs.get(k) is not None for k in visual_keys) or bool(kwargs.get("mm_encoder_outputs"))
         if self.adapter.mrope and has_visual and kwargs.get("mm_token_type_ids") is None:
@@ -323,6 +329,8 @@ class Session:
         fwd, self.fwd = self.fwd, None
         if fwd is None or not fwd.prefill:
             return
+        if fwd.prompt is not None:  # the LM ran on the kept slots: the host's loss reads labels at their columns
+            self._label_columns = (fwd.cols, fwd.real, tuple(fwd.mask2d.shape))
         if fwd.prompt is not None and output is not None and (cache := compat.output_cache(output)) is not None:
             fwd.prompt.owner = self
             attach_prompt(cache, fwd.prompt)  # the cache now holds the pruned prompt: it carries its layout
@@ -331,6 +339,29 @@ class Session:
             for method in self.methods:
                 if hasattr(method, "adjust_stats"):
                     method.adjust_stats(self.stats, fwd)
+
+    def _loss(self, original, logits, labels, *args, **kwargs):
+        """The host's loss after a prefill that pruned: its logits cover the kept slots only, so ``labels`` (one per
+        prompt column) are compacted to the same slots (padding slots ignored): the loss is the unpatched model's fed
+        only the kept tokens, at their original positions, with their labels."""
+        columns, self._label_columns = self._label_columns, None
+        if columns is None or labels is None:
+            return original(logits, labels, *args, **kwargs)
+        cols, real, shape = columns
+        if kwargs.get("shift_labels") is not None:
+            raise ValueError("shift_labels (labels already shifted by one column) cannot follow a pruned prompt: the "
+                             "token after a kept one is the next kept one, not the next column. Pass labels (one per "
+                             "prompt column); vtprune compacts them to the kept tokens")
+        if tuple(labels.shape) != shape:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; a patched model needs one label per prompt "
+                             f"column, the shape of input_ids {shape}")
+        if logits.shape[1] != cols.shape[1]:
+            raise ValueError(f"the loss got logits for {logits.shape[1]} positions but the pruned prompt has "
+                             f"{cols.shape[1]}: compute the loss with logits_to_keep=0 (the default)")
+        ignore = kwargs.get("ignore_index", -100)
+        device = labels.device
+        kept = labels.gather(1, cols.to(device)).masked_fill(~real.to(device), ignore)
+        return original(logits, kept, *args, **kwargs)
 
     # -- language model: units, the vision entry, continuations ---------------------------------------------
     def _lm_pre(self, module, args, kwargs):
@@ -480,8 +511,9 @@ class Session:
                 return None
             if name == "_rope":
                 fwd.signals["_rope"] = out_or_kwargs["position_embeddings"]
-            elif name == "_q":
-                fwd.signals["_q"] = out_or_kwargs[torch.arange(out_or_kwargs.shape[0]), fwd.last]
+            elif name == "_q":  # inside layer K-1, which activation checkpointing may recompute in backward
+                with outside_checkpoint():
+                    fwd.signals["_q"] = out_or_kwargs[torch.arange(out_or_kwargs.shape[0]), fwd.last]
             elif name == "_q_all":
                 fwd.signals["_q_all"] = out_or_kwargs
             else:

@@ -127,6 +127,7 @@ def kcenter_select(features: torch.Tensor, k: int, first: Optional[int] = None,
     return _kcenter_torch(x, k, first, metric)
 
 
+@torch.no_grad()  # indices only: inputs that require grad are read as values (the native op's way)
 def _kcenter_torch(x: torch.Tensor, k: int, first: Optional[int], metric: str) -> torch.Tensor:
     """Pure-torch greedy k-center on ``x`` (compute dtype, raw rows); arguments already checked."""
     n, device, dtype = x.shape[0], x.device, x.dtype

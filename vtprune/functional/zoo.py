@@ -192,6 +192,7 @@ def zoo_sensitivity_jvp(projector: Callable[[torch.Tensor], torch.Tensor], x: to
     return out
 
 
+@torch.no_grad()  # indices only: inputs that require grad (a model run with gradients) are read as values
 def zoo_select(sensitivity: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
     """ZOO-Prune greedy selection: sensitive tokens that are dissimilar to those already kept.
 
