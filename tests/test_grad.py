@@ -18,7 +18,7 @@ import vtprune
 from vtprune import functional as F
 from vtprune.engine import points as P
 
-METHODS = vtprune.list_methods()
+METHODS = vtprune.list_methods(host="vlm")
 ROUTE_FAMILIES = ("llava", "qwen2_5_vl")  # 1-D RoPE and 3-D M-RoPE (received attention on the Qwen tower)
 
 
