@@ -91,23 +91,36 @@ class PruneConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    @staticmethod
-    def from_dict(data: dict[str, Any]) -> "PruneConfig":
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        """The config a dict with a ``method`` key describes (``to_dict``'s output). Unknown options raise
+        ``TypeError`` (as the same options given as keywords to ``vtprune.patch`` or the config class do);
+        called on a method's config class (``FastVConfig.from_dict``), a dict of another method raises
+        ``ValueError``."""
         from .registry import get_method
 
         if not isinstance(data, dict) or "method" not in data:
             raise ValueError(f"a config dict needs a 'method' key, got {data!r}")
         data = dict(data)
-        return get_method(data.pop("method")).make_config(data, error=ValueError)
+        return cls._checked(get_method(data.pop("method")).make_config(data))
 
-    @staticmethod
-    def from_json(text: str) -> "PruneConfig":
-        return PruneConfig.from_dict(json.loads(text))
+    @classmethod
+    def from_json(cls, text: str) -> "PruneConfig":
+        return cls.from_dict(json.loads(text))
 
-    @staticmethod
-    def from_yaml(path) -> "PruneConfig | list[PruneConfig]":
+    @classmethod
+    def _checked(cls, config: "PruneConfig", where: str = "") -> "PruneConfig":
+        if not isinstance(config, cls):
+            raise ValueError(f"{cls.__name__}.from_* was given {where}a config of method {config.method!r} "
+                             f"({type(config).__name__}), not of {cls.method!r}; use PruneConfig.from_* (or "
+                             f"{type(config).__name__}) to read any method's config")
+        return config
+
+    @classmethod
+    def from_yaml(cls, path) -> "PruneConfig | list[PruneConfig]":
         """A config from a YAML mapping with a ``method`` key (the presets in ``configs/methods/*.yaml``), or a
-        schedule from a YAML list of such mappings (``vtprune.patch`` takes either)."""
+        schedule from a YAML list of such mappings (``vtprune.patch`` takes either). Called on a method's config
+        class (``FastVConfig.from_yaml``), a file of another method (or a schedule) raises ``ValueError``."""
         import yaml
 
         with open(path) as f:
@@ -119,8 +132,11 @@ class PruneConfig:
                 if not isinstance(item, dict):
                     raise ValueError(f"{str(path)!r}: schedule element {i} is a {type(item).__name__} ({item!r}); "
                                      "each element must be a mapping with a 'method' key and its options")
+            if cls is not PruneConfig:
+                raise ValueError(f"{cls.__name__}.from_yaml: {str(path)!r} holds a schedule (a list of "
+                                 f"{len(data)} methods); read it with PruneConfig.from_yaml")
             return [PruneConfig.from_dict(item) for item in data]
         if not isinstance(data, dict):
             raise ValueError(f"{str(path)!r} must hold a YAML mapping with a 'method' key (or a list of them: a "
                              f"schedule), got {type(data).__name__}")
-        return PruneConfig.from_dict(data)
+        return cls._checked(PruneConfig.from_dict(data), where=f"{str(path)!r}, ")

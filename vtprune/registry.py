@@ -27,14 +27,22 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type[PruneConfig]):
-    """Class decorator: register a :class:`vtprune.methods.base.Method` subclass under ``name``."""
+def register_method(name: str, config_cls: type[PruneConfig], *, override: bool = False):
+    """Class decorator: register a :class:`vtprune.methods.base.Method` subclass under ``name``.
+
+    A name is registered once; registering it again raises ``ValueError`` unless ``override=True`` or the new
+    class is a redefinition of the registered one in ``__main__`` (a notebook cell or script run again: same
+    class name), which replaces it."""
     if not (isinstance(config_cls, type) and issubclass(config_cls, PruneConfig)):
         raise TypeError(f"config_cls must be a PruneConfig subclass, got {config_cls!r}")
 
     def wrap(method_cls):
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is already registered (by {_METHODS[name].method_cls.__name__})")
+        old = _METHODS.get(name)
+        rerun = (old is not None and method_cls.__module__ == "__main__" == old.method_cls.__module__
+                 and method_cls.__qualname__ == old.method_cls.__qualname__)
+        if old is not None and not (override or rerun):
+            raise ValueError(f"method {name!r} is already registered (by {old.method_cls.__name__}); pass "
+                             "override=True to replace it")
         config_cls.method = name
         method_cls.name = name
         method_cls.config_cls = config_cls

@@ -50,6 +50,8 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
         late_drop_layer=next((p.layer for p in points if p.kind == LATE_DROP), None),
         late_dropped=late.late_dropped if late is not None else None,
         stages=stages,
+        prompt_lengths=[int(n) for n in real],
+        num_layers=num_layers,
     )
 
 
