@@ -28,6 +28,16 @@ def check_int_option(name: str, value, minimum: int = 0, *, optional: bool = Fal
 
 EMPTY_FRAMES = ("refill", "allow")
 
+_COMMON_OPTIONS = """    Common options (every method, :class:`vtprune.PruneConfig`):
+
+    * ``keep`` / ``ratio``: the budget, visual tokens kept per image (``keep=N``) or the fraction kept
+      (``ratio=r``, 0 < r <= 1); exactly one of them.
+    * ``positions`` (``"original"``): kept tokens keep their position ids; ``"compact"``: renumbered 0, 1, ...
+      (1-D positions only).
+    * ``empty_frames`` (``"refill"``): a video frame left without tokens gets its centre token back;
+      ``"allow"``: the selection stands.
+"""
+
 
 @dataclasses.dataclass
 class PruneConfig:
@@ -47,6 +57,13 @@ class PruneConfig:
 
     #: registry name of the method this config belongs to (set by ``@register_method``)
     method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        """A method config's docstring lists its own options; the budget and common options are appended here, so
+        ``help(vtprune.FastVConfig)`` names every field."""
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ and "Common options" not in cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n\n" + _COMMON_OPTIONS
 
     def __post_init__(self) -> None:
         if self.keep is not None and self.ratio is not None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
 import dataclasses
+import difflib
+import importlib
+import importlib.util
+import sys
+import warnings
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 
 from .config import PruneConfig
 
@@ -52,14 +58,61 @@ def register_method(name: str, config_cls: type[PruneConfig], *, override: bool 
     return wrap
 
 
+#: entry-point group of third-party methods: a package declares ``[project.entry-points."vtprune.methods"]``
+#: ``name = "package.module"``; the module (which registers its methods with ``@register_method``) is imported the
+#: first time a method name is not found or the methods are listed
+ENTRY_POINT_GROUP = "vtprune.methods"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the modules of the ``vtprune.methods`` entry points (once); a module that fails to import warns."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as err:  # a broken plugin must not break vtprune's own methods
+            warnings.warn(f"vtprune: the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
+
+
+def import_methods(modules) -> None:
+    """Import each of ``modules`` (module names, importable from the current folder too, or paths of ``.py``
+    files) so that the methods they register are known (``vtprune sweep --import``). Raises ``ValueError``
+    naming a module that cannot be imported."""
+    for name in modules:
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise FileNotFoundError(f"no file {name!r}")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                    sys.path.insert(0, str(Path.cwd()))  # as ``python -m`` does
+                importlib.import_module(name)
+        except Exception as err:
+            raise ValueError(f"cannot import {name!r} (a module name or a .py file that registers methods): "
+                             f"{type(err).__name__}: {err}") from err
+
+
 def list_methods() -> list[str]:
-    """Names of every registered method, sorted."""
+    """Names of every registered method, sorted (those of ``vtprune.methods`` entry points included)."""
+    load_plugins()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> MethodSpec:
     if not isinstance(name, str):
         raise TypeError(f"method must be a name (str) or a config instance, got {type(name).__name__}")
+    if name not in _METHODS:
+        load_plugins()
     spec = _METHODS.get(name)
     if spec is None:
         close = difflib.get_close_matches(name, _METHODS, n=3, cutoff=0.5)
