@@ -85,11 +85,12 @@ def _add_demo(sub) -> None:
         description="Run configs/sweeps/demo.yaml: the bundled models/tiny-llava-shapes (a LLaVA-architecture VLM "
         "trained on the synthetic shapes task) with every registered method at 25/11/5% of its 256 visual tokens "
         "plus the unpruned model, on eval/tasks/vtprune_shapes, through the lmms-eval harness. Prints the table "
-        "and writes results.jsonl, table.md/.csv/.tex and the accuracy plots to eval/results/demo/.",
+        "and writes results.jsonl, table.md/.csv/.tex and the accuracy plots to runs/demo/.",
     )
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="evaluate only the first N questions (default: the whole test split)")
-    p.add_argument("--output-dir", default=None, metavar="DIR", help="default: eval/results/demo")
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="default: runs/demo (untracked); the committed "
+                   "results are eval/results/demo")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 

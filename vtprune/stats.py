@@ -62,6 +62,10 @@ class PruneStats:
     #: one entry per prune point that ran, in the order they act (a schedule of several methods, or a method's
     #: own several points)
     stages: list[StageStats] = field(default_factory=list)
+    #: merging methods (``visionzip``, ``pact``, ``pool``, ...): per sample, for each original visual token the index
+    #: of the kept token it was merged into (a kept token: itself; -1: dropped), None without merges
+    #: (``vtprune.viz`` draws the regions merged tokens cover from it)
+    merged_into: list[torch.Tensor | None] = field(default_factory=list)
     #: per sample, the real (unpadded) tokens of its unpruned prompt; the language model's decoder layer count
     prompt_lengths: list[int] = field(default_factory=list)
     num_layers: int | None = None
@@ -74,6 +78,8 @@ class PruneStats:
             value = getattr(self, f.name)
             if f.name == "kept_indices":
                 value = f"<{len(value)} tensors of {[int(t.numel()) for t in value]} indices>"
+            elif f.name == "merged_into":
+                value = f"<{sum(t is not None for t in value)} of {len(value)} samples merged>"
             elif f.name == "stages":
                 value = f"<{len(value)} stage(s): {[s.method for s in value]}>"
             else:
