@@ -33,7 +33,7 @@ def test_committed_demo_rows_record_the_model_relative_to_the_repository():
     assert recorded_path("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
 
 
-@pytest.mark.parametrize("method,budget", [("dart", 13)])
+@pytest.mark.parametrize("method,budget", [("vispruner", 28)])  # a cell the stale table had wrong
 def test_committed_demo_table_matches_what_the_code_gives(tmp_path, method, budget):
     """Two cells of the committed demo (the unpruned model and one method), rerun on the whole test split: the
     accuracies (and token counts, FLOPs) in eval/results/demo are what the current code produces."""
