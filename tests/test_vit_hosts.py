@@ -248,14 +248,10 @@ def test_vit_flops_against_flop_counter():
 def test_bundled_tiny_vit_loads_and_reduces():
     """The committed tiny ViT: stock timm weights that classify the shapes test scenes well above chance (1/18), and
     keep doing so with half of the patch tokens merged away (the full table: eval/results/vit)."""
-    import os
-    import sys
+    from vtprune import tiny_vit as T  # the loader is package code: no import from eval/
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "eval"))
-    import train_tiny_vit as T
-
-    model, config = T.load(os.path.join(os.path.dirname(__file__), os.pardir, "models", "tiny-vit-shapes"))
-    x, y = T.test_set(100, T.S.DEFAULT_SEED, config["timm_kwargs"]["img_size"])
+    model, config = T.load()
+    x, y = T.test_set(100, size=config["timm_kwargs"]["img_size"])
     full = T.accuracy(model, x, y)
     assert full > 0.5
     with vtprune.patched(model, "tome", ratio=0.5):

@@ -73,11 +73,12 @@ def _add_demo(sub) -> None:
         description="Run configs/sweeps/demo.yaml: the bundled models/tiny-llava-shapes (a LLaVA-architecture VLM "
         "trained on the synthetic shapes task) with every registered method at 25/11/5% of its 256 visual tokens "
         "plus the unpruned model, on eval/tasks/vtprune_shapes, through the lmms-eval harness. Prints the table "
-        "and writes results.jsonl, table.md/.csv/.tex and the accuracy plots to eval/results/demo/.",
+        "and writes results.jsonl, table.md/.csv/.tex and the accuracy plots to runs/demo/.",
     )
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="evaluate only the first N questions (default: the whole test split)")
-    p.add_argument("--output-dir", default=None, metavar="DIR", help="default: eval/results/demo")
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="default: runs/demo (untracked); the committed "
+                   "results are eval/results/demo")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
@@ -164,13 +165,19 @@ def _add_sweep(sub) -> None:
     p.add_argument("--no-resume", action="store_true", help="start a fresh results.jsonl instead of skipping "
                    "finished cells")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (a module name, or a .py file) before the config is checked, so the methods "
+                   "it registers with @vtprune.register_method can be swept; repeatable. Installed packages' "
+                   "vtprune.methods entry points load by themselves")
     p.set_defaults(func=_cmd_sweep)
 
 
 @_user_errors
 def _cmd_sweep(args) -> int:
     from .harness import load_config, run_sweep
+    from .registry import import_methods
 
+    import_methods(args.imports)
     cfg = load_config(args.config)
     out = args.output_dir or cfg.output_dir
     rows = run_sweep(cfg, output_dir=out, limit=args.limit, resume=not args.no_resume, progress=not args.quiet)

@@ -28,6 +28,16 @@ def check_int_option(name: str, value, minimum: int = 0, *, optional: bool = Fal
 
 EMPTY_FRAMES = ("refill", "allow")
 
+_COMMON_OPTIONS = """    Common options (every method, :class:`vtprune.PruneConfig`):
+
+    * ``keep`` / ``ratio``: the budget, visual tokens kept per image (``keep=N``) or the fraction kept
+      (``ratio=r``, 0 < r <= 1); exactly one of them.
+    * ``positions`` (``"original"``): kept tokens keep their position ids; ``"compact"``: renumbered 0, 1, ...
+      (1-D positions only).
+    * ``empty_frames`` (``"refill"``): a video frame left without tokens gets its centre token back;
+      ``"allow"``: the selection stands.
+"""
+
 
 @dataclasses.dataclass
 class PruneConfig:
@@ -47,6 +57,13 @@ class PruneConfig:
 
     #: registry name of the method this config belongs to (set by ``@register_method``)
     method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        """A method config's docstring lists its own options; the budget and common options are appended here, so
+        ``help(vtprune.FastVConfig)`` names every field."""
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ and "Common options" not in cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n\n" + _COMMON_OPTIONS
 
     def __post_init__(self) -> None:
         if self.keep is not None and self.ratio is not None:
@@ -91,23 +108,36 @@ class PruneConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    @staticmethod
-    def from_dict(data: dict[str, Any]) -> "PruneConfig":
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        """The config a dict with a ``method`` key describes (``to_dict``'s output). Unknown options raise
+        ``TypeError`` (as the same options given as keywords to ``vtprune.patch`` or the config class do);
+        called on a method's config class (``FastVConfig.from_dict``), a dict of another method raises
+        ``ValueError``."""
         from .registry import get_method
 
         if not isinstance(data, dict) or "method" not in data:
             raise ValueError(f"a config dict needs a 'method' key, got {data!r}")
         data = dict(data)
-        return get_method(data.pop("method")).make_config(data, error=ValueError)
+        return cls._checked(get_method(data.pop("method")).make_config(data))
 
-    @staticmethod
-    def from_json(text: str) -> "PruneConfig":
-        return PruneConfig.from_dict(json.loads(text))
+    @classmethod
+    def from_json(cls, text: str) -> "PruneConfig":
+        return cls.from_dict(json.loads(text))
 
-    @staticmethod
-    def from_yaml(path) -> "PruneConfig | list[PruneConfig]":
+    @classmethod
+    def _checked(cls, config: "PruneConfig", where: str = "") -> "PruneConfig":
+        if not isinstance(config, cls):
+            raise ValueError(f"{cls.__name__}.from_* was given {where}a config of method {config.method!r} "
+                             f"({type(config).__name__}), not of {cls.method!r}; use PruneConfig.from_* (or "
+                             f"{type(config).__name__}) to read any method's config")
+        return config
+
+    @classmethod
+    def from_yaml(cls, path) -> "PruneConfig | list[PruneConfig]":
         """A config from a YAML mapping with a ``method`` key (the presets in ``configs/methods/*.yaml``), or a
-        schedule from a YAML list of such mappings (``vtprune.patch`` takes either)."""
+        schedule from a YAML list of such mappings (``vtprune.patch`` takes either). Called on a method's config
+        class (``FastVConfig.from_yaml``), a file of another method (or a schedule) raises ``ValueError``."""
         import yaml
 
         with open(path) as f:
@@ -119,8 +149,11 @@ class PruneConfig:
                 if not isinstance(item, dict):
                     raise ValueError(f"{str(path)!r}: schedule element {i} is a {type(item).__name__} ({item!r}); "
                                      "each element must be a mapping with a 'method' key and its options")
+            if cls is not PruneConfig:
+                raise ValueError(f"{cls.__name__}.from_yaml: {str(path)!r} holds a schedule (a list of "
+                                 f"{len(data)} methods); read it with PruneConfig.from_yaml")
             return [PruneConfig.from_dict(item) for item in data]
         if not isinstance(data, dict):
             raise ValueError(f"{str(path)!r} must hold a YAML mapping with a 'method' key (or a list of them: a "
                              f"schedule), got {type(data).__name__}")
-        return PruneConfig.from_dict(data)
+        return cls._checked(PruneConfig.from_dict(data), where=f"{str(path)!r}, ")

@@ -522,7 +522,8 @@ def vit_block_flops(dim: int, inter: int, tokens_in: int, tokens_out: int | None
 
 def vit_flops(model, block_tokens=None, batch: int = 1) -> int:
     """Analytic FLOPs of a ViT host's patch embedding and transformer blocks (heads and pooling not counted), for
-    ``batch`` images. ``block_tokens``: per block, the ``(tokens_in, tokens_out)`` pair (or a plain int for a block
+    ``batch`` images (default one image; a patched ViT's ``stats.flops`` counts its whole batch, i.e.
+    ``vit_flops(model, stats.block_flops_tokens, batch=stats.batch)``). ``block_tokens``: per block, the ``(tokens_in, tokens_out)`` pair (or a plain int for a block
     that keeps its tokens), e.g. from ``vtprune.stats(model).block_flops_tokens`` of a patched ViT; None = the
     unreduced model. Hosts: timm ``VisionTransformer``, transformers ``CLIPVisionModel`` / ``SiglipVisionModel``,
     open_clip ``CLIP`` / ``VisionTransformer``. Raises ``ValueError`` for other models or a list of the wrong

@@ -23,12 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import importlib.util
+import sys
+import warnings
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from .config import PruneConfig
 
-__all__ = ["MethodSpec", "register_method", "list_methods", "get_method", "HOSTS", "FILTERS"]
+__all__ = ["MethodSpec", "register_method", "list_methods", "get_method", "import_methods", "load_plugins", "HOSTS",
+           "FILTERS", "ENTRY_POINT_GROUP"]
 
 #: where a method acts (see the module docstring)
 HOSTS = ("vlm", "vit")
@@ -104,17 +111,25 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type[PruneConfig], *, host: str = "vlm"):
+def register_method(name: str, config_cls: type[PruneConfig], *, host: str = "vlm", override: bool = False):
     """Class decorator: register a method class under ``name`` with its config class. ``host``: ``"vlm"`` for a
-    :class:`vtprune.methods.base.Method` subclass, ``"vit"`` for a :class:`vtprune.methods.vit.ViTMethod` one."""
+    :class:`vtprune.methods.base.Method` subclass, ``"vit"`` for a :class:`vtprune.methods.vit.ViTMethod` one.
+
+    A name is registered once; registering it again raises ``ValueError`` unless ``override=True`` or the new
+    class is a redefinition of the registered one in ``__main__`` (a notebook cell or script run again: same
+    class name), which replaces it."""
     if not (isinstance(config_cls, type) and issubclass(config_cls, PruneConfig)):
         raise TypeError(f"config_cls must be a PruneConfig subclass, got {config_cls!r}")
     if host not in HOSTS:
         raise ValueError(f"host must be one of {HOSTS}, got {host!r}")
 
     def wrap(method_cls):
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is already registered (by {_METHODS[name].method_cls.__name__})")
+        old = _METHODS.get(name)
+        rerun = (old is not None and method_cls.__module__ == "__main__" == old.method_cls.__module__
+                 and method_cls.__qualname__ == old.method_cls.__qualname__)
+        if old is not None and not (override or rerun):
+            raise ValueError(f"method {name!r} is already registered (by {old.method_cls.__name__}); pass "
+                             "override=True to replace it")
         config_cls.method = name
         method_cls.name = name
         method_cls.config_cls = config_cls
@@ -124,14 +139,59 @@ def register_method(name: str, config_cls: type[PruneConfig], *, host: str = "vl
     return wrap
 
 
+#: entry-point group of third-party methods: a package declares ``[project.entry-points."vtprune.methods"]``
+#: ``name = "package.module"``; the module (which registers its methods with ``@register_method``) is imported the
+#: first time a method name is not found or the methods are listed
+ENTRY_POINT_GROUP = "vtprune.methods"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the modules of the ``vtprune.methods`` entry points (once); a module that fails to import warns."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as err:  # a broken plugin must not break vtprune's own methods
+            warnings.warn(f"vtprune: the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
+
+
+def import_methods(modules) -> None:
+    """Import each of ``modules`` (module names, importable from the current folder too, or paths of ``.py``
+    files) so that the methods they register are known (``vtprune sweep --import``). Raises ``ValueError``
+    naming a module that cannot be imported."""
+    for name in modules:
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise FileNotFoundError(f"no file {name!r}")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                    sys.path.insert(0, str(Path.cwd()))  # as ``python -m`` does
+                importlib.import_module(name)
+        except Exception as err:
+            raise ValueError(f"cannot import {name!r} (a module name or a .py file that registers methods): "
+                             f"{type(err).__name__}: {err}") from err
+
+
 def list_methods(**filters: Any) -> list[str]:
-    """Names of the registered methods whose record matches every filter, sorted: ``list_methods()`` every method,
+    """Names of the registered methods whose record matches every filter, sorted (those of ``vtprune.methods`` entry points included): ``list_methods()`` every method,
     ``list_methods(host="vlm")`` those that prune a VLM's visual tokens, ``list_methods(host="vit")`` those acting
     inside a vision transformer, ``list_methods(stage="llm")``, ``list_methods(merges=True)``. Filters: :data:`FILTERS`
     (a value, or a tuple / list / set of allowed values)."""
     unknown = sorted(set(filters) - set(FILTERS))
     if unknown:
         raise TypeError(f"unknown filter(s) {unknown} for list_methods; allowed: {list(FILTERS)}")
+    load_plugins()
 
     def ok(spec: MethodSpec) -> bool:
         for key, want in filters.items():
@@ -147,6 +207,8 @@ def get_method(name: str) -> MethodSpec:
     """The record of the method registered as ``name``; unknown names raise ``ValueError`` with close names."""
     if not isinstance(name, str):
         raise TypeError(f"method must be a name (str) or a config instance, got {type(name).__name__}")
+    if name not in _METHODS:
+        load_plugins()
     spec = _METHODS.get(name)
     if spec is None:
         close = difflib.get_close_matches(name, _METHODS, n=3, cutoff=0.5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -71,11 +71,46 @@ class PruneStats:
     #: beside ``visual_tokens_kept``, what really reached the end: ``sparsevlm keep=28`` may keep 8 (its nominal
     #: counts), ``pdrop keep=64`` keeps fewer after its last stage (64 is the layer average)
     visual_tokens_nominal: list[int] = field(default_factory=list)
+    #: merging methods (``visionzip``, ``pact``, ``pool``, ...): per sample, for each original visual token the index
+    #: of the kept token it was merged into (a kept token: itself; -1: dropped), None without merges
+    #: (``vtprune.viz`` draws the regions merged tokens cover from it)
+    merged_into: list[torch.Tensor | None] = field(default_factory=list)
+    #: per sample, the real (unpadded) tokens of its unpruned prompt; the language model's decoder layer count
+    prompt_lengths: list[int] = field(default_factory=list)
+    num_layers: int | None = None
 
-    def sequence_lengths(self, row: int, prompt_len: int, num_layers: int) -> list[int]:
+    def __repr__(self) -> str:
+        """One line: counts and FLOPs in full, ``kept_indices`` as the number of indices per sample (print
+        ``stats.kept_indices`` for the indices themselves)."""
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "kept_indices":
+                value = f"<{len(value)} tensors of {[int(t.numel()) for t in value]} indices>"
+            elif f.name == "merged_into":
+                value = f"<{sum(t is not None for t in value)} of {len(value)} samples merged>"
+            elif f.name == "stages":
+                value = f"<{len(value)} stage(s): {[s.method for s in value]}>"
+            else:
+                value = repr(value)
+            parts.append(f"{f.name}={value}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def sequence_lengths(self, row: int = 0, prompt_len: int | None = None,
+                         num_layers: int | None = None) -> list[int]:
         """Per decoder layer, the length of the prompt that layer ran on and cached for sample ``row``, whose
-        unpruned prompt has ``prompt_len`` real tokens (every prune point counted, a late drop too)."""
+        unpruned prompt has ``prompt_len`` real tokens (every prune point counted, a late drop too).
+        ``prompt_len`` and ``num_layers`` default to what the forward pass recorded (``prompt_lengths[row]``,
+        ``num_layers``)."""
         rows = len(self.visual_tokens_in)
+        if isinstance(row, int) and not isinstance(row, bool) and 0 <= row < rows:
+            if prompt_len is None and row < len(self.prompt_lengths):
+                prompt_len = self.prompt_lengths[row]
+        if num_layers is None:
+            num_layers = self.num_layers
+        for name, value in (("prompt_len", prompt_len), ("num_layers", num_layers)):
+            if value is None and isinstance(row, int) and 0 <= row < rows:
+                raise ValueError(f"{name} was not recorded by this PruneStats: give {name}=")
         for name, value, low, high in (("row", row, 0, rows - 1), ("num_layers", num_layers, 1, None),
                                        ("prompt_len", prompt_len, self.visual_tokens_in[row] if 0 <= row < rows
                                         else 0, None)):

@@ -21,7 +21,22 @@ from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 
-__all__ = ["median_ms", "interleaved_median_ms", "interleaved_times_ms", "num_threads"]
+__all__ = ["median_ms", "interleaved_median_ms", "interleaved_times_ms", "num_threads", "clock", "elapsed_ms"]
+
+
+def clock() -> float:
+    """``time.perf_counter()`` in eager code; ``0.0`` while ``torch.compile`` traces the caller, so that the clock
+    is not read inside a compiled graph (a patched model under ``torch.compile`` reports ``select_ms`` 0 for the
+    compiled points: time the whole call from outside instead)."""
+    if torch.compiler.is_compiling():
+        return 0.0
+    return time.perf_counter()
+
+
+def elapsed_ms(t0: float) -> float:
+    """Milliseconds since ``t0 = clock()``; 0.0 where either end was read inside a compiled graph."""
+    t1 = clock()
+    return (t1 - t0) * 1e3 if t0 and t1 else 0.0
 
 
 def _sync() -> None:

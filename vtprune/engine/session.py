@@ -19,7 +19,6 @@ Nothing changes a class or the attention implementation; ``remove`` undoes every
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from .. import compat
 from ..adapters import ModelAdapter
 from ..methods.base import KEPT_COUNTS, ImageInputs, Method
 from ..stats import PruneStats
+from ..timing import clock, elapsed_ms
 from . import points as P
 from .capture import VisionCapture, outside_checkpoint
 from .deepstack import DeepStack
@@ -397,7 +397,7 @@ class Session:
         first = self.points[0]
         if first.kind != P.VISION:
             return None
-        t0 = time.perf_counter()
+        t0 = clock()
         keep = P.select(first, fwd, lambda unit, slots: self._vision_inputs(first, unit, embeds), self._sticky)
         self._record(fwd, first, keep, t0)
         if keep is None:
@@ -500,8 +500,7 @@ class Session:
             nominal[unit.row] += fwd.nominal.get((id(point.method), unit.key), unit.present.numel())
         if late_dropped is not None:
             kept, nominal = [0 if d else k for k, d in zip(kept, late_dropped)], None
-        fwd.records.append(P.PointRecord(point, kept, keep is not None, (time.perf_counter() - t0) * 1e3, late_dropped,
-                                         nominal))
+        fwd.records.append(P.PointRecord(point, kept, keep is not None, elapsed_ms(t0), late_dropped, nominal))
 
     # -- decoder layers: signals, points, the layers after them ---------------------------------------------
     def _signal_hook(self, point: P.PrunePoint, name: str):
@@ -560,7 +559,7 @@ class Session:
         if point.kind == P.LATE_DROP and not self._ran(fwd, point.method):
             fwd.signals.clear()
             return None  # the method's own first point kept everything: so does its late drop
-        t0 = time.perf_counter()
+        t0 = clock()
         P.llm_signals(point, fwd, self.adapter, self._rope, self._rotary, hidden, kwargs.get("position_embeddings"),
                       self.compact)
         late_dropped = None

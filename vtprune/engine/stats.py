@@ -28,6 +28,7 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
                    visual_tokens_nominal=list(r.nominal) if r.nominal is not None else None)
         for r in fwd.records
     ]
+    merged_into = _merged_into(fwd, b, n_in)
     real = fwd.mask2d.sum(1).tolist()
     text_cfg = adapter.text_config
     full = pruned = 0
@@ -52,7 +53,31 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
         late_drop_layer=next((p.layer for p in points if p.kind == LATE_DROP), None),
         late_dropped=late.late_dropped if late is not None else None,
         stages=stages,
+        merged_into=merged_into,
+        prompt_lengths=[int(n) for n in real],
+        num_layers=num_layers,
     )
+
+
+def _merged_into(fwd: Forward, b: int, n_in: list[int]) -> list[torch.Tensor | None]:
+    """Per sample, for a merging method's forward: each original visual token's carrier (the index, in the sample's
+    visual-token numbering, of the kept token whose vector it was merged into; a kept token carries itself; -1 for a
+    dropped token). None for a sample without merges, or merges over an already narrowed set (a later point)."""
+    out: list[torch.Tensor | None] = [None] * b
+    offset = [0] * b
+    for unit in fwd.units:
+        n = unit.positions.numel()
+        start, offset[unit.row] = offset[unit.row], offset[unit.row] + n
+        weights = unit.merge_from[2] if unit.merge_from is not None else None
+        if weights is None or weights.shape[1] != n:
+            continue
+        if out[unit.row] is None:
+            out[unit.row] = torch.full((n_in[unit.row],), -1, dtype=torch.long)
+        weights = weights.detach().float().cpu()
+        carrier = unit.present.cpu()[weights.argmax(0)] + start  # present: the kept tokens, in weights' row order
+        out[unit.row][start:start + n] = torch.where(weights.abs().sum(0) > 0, carrier, -1)
+        out[unit.row][unit.present.cpu() + start] = unit.present.cpu() + start
+    return out
 
 
 def _vision_flops(fwd: Forward, adapter) -> int:

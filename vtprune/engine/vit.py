@@ -12,19 +12,21 @@ keys merges or drops tokens (size-weighted means, sizes tracked), then ``x + mlp
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from ..functional import vit as FV
+from ..timing import clock, elapsed_ms
 
 
 @dataclass
 class ViTStats:
     """What the last forward pass of a patched ViT did. ``block_tokens[l]``: tokens (prefix included) entering
     block ``l``; ``patch_tokens_in`` the image's patch tokens, ``patch_tokens_last`` those entering the last block;
-    ``select_ms`` wall time of the plans."""
+    ``select_ms`` wall time of the plans. ``flops`` / ``flops_full``: analytic FLOPs of the whole batch of
+    ``batch`` images, reduced / unreduced (``vtprune.flops.vit_flops(model, stats.block_flops_tokens,
+    batch=stats.batch)``; ``vit_flops`` without ``batch=`` counts one image); ``flops_ratio`` their ratio."""
 
     method: str
     batch: int
@@ -43,6 +45,11 @@ class ViTStats:
         """Per block ``(tokens entering, tokens after the block's reduction)`` (what ``vtprune.flops.vit_flops``
         takes)."""
         return list(zip(self.block_tokens, self.block_tokens_out))
+
+    @property
+    def flops_ratio(self) -> float:
+        """``flops / flops_full`` (as ``PruneStats.flops_ratio``)."""
+        return self.flops / self.flops_full if self.flops_full else 1.0
 
     @property
     def visual_tokens_in(self) -> list[int]:
@@ -155,7 +162,7 @@ class ViTSession:
             state.q = state.k = None
             h, normed = host.attention_half(block, h, bias)
             if r > 0:
-                t0 = time.perf_counter()
+                t0 = clock()
                 q, k = state.q, state.k
                 if q is None:
                     q, k = host.recompute_qk(block, normed)
@@ -173,7 +180,7 @@ class ViTSession:
                 if state.group is not None:
                     moved = dest.gather(1, state.group.clamp(min=0))
                     state.group = torch.where(state.group >= 0, moved, state.group)
-                state.select_s += time.perf_counter() - t0
+                state.select_s += elapsed_ms(t0) / 1e3
             h = host.mlp_half(block, h)
             out = h.transpose(0, 1) if seq_first else h
             self._finish(index, out, seq_first)

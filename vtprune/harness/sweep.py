@@ -43,7 +43,7 @@ from .config import MethodSpec, ModelSpec, SweepConfig, TaskSpec, load_config
 from .model import UNPRUNED, VTPrune, load_pretrained, method_config
 from .tiny import random_model_config, save_random_model
 
-__all__ = ["run_sweep", "check_config", "read_results", "cell_key", "RESULT_FIELDS"]
+__all__ = ["run_sweep", "check_config", "read_results", "cell_key", "recorded_path", "RESULT_FIELDS"]
 
 #: the fields of a results.jsonl row, in order
 RESULT_FIELDS = (
@@ -53,6 +53,23 @@ RESULT_FIELDS = (
     "prefill_ms", "select_ms", "kv_cache_mb", "peak_memory_mb", "device", "dtype", "world_size", "time",
 )
 _KEY_FIELDS = ("model", "pretrained", "method", "method_name", "options", "budget", "task", "metric", "limit")
+
+
+#: the clone vtprune runs from: a local model inside it is recorded relative to it (``models/tiny-llava-shapes``)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def recorded_path(pretrained: str) -> str:
+    """How a row records a model: a local folder inside the repository by its path relative to the repository (so
+    committed results resume, and compare equal, on any clone), anything else (a hub id, a folder elsewhere) as
+    given."""
+    path = Path(pretrained)
+    if path.is_absolute():
+        try:
+            return path.resolve().relative_to(REPO).as_posix()
+        except ValueError:
+            pass
+    return pretrained
 
 
 def cell_key(row: dict) -> str:
@@ -230,8 +247,8 @@ def _run_cell(cfg: SweepConfig, tm, model, processor, model_spec: ModelSpec, met
     if not records:
         raise RuntimeError(f"{where}: lmms-eval sent no request to the model")
     return {
-        "config": cfg.name, "model": model_spec.name, "pretrained": model_spec.pretrained, "method": method.name,
-        "method_name": method.method, "options": method.options, "budget": keep, "task": task.task,
+        "config": cfg.name, "model": model_spec.name, "pretrained": recorded_path(model_spec.pretrained),
+        "method": method.name, "method_name": method.method, "options": method.options, "budget": keep, "task": task.task,
         "metric": metric, "value": float(value), "score": float(value) * task.scale, "max": task.max,
         "limit": limit, "n": len(records), "batch_size": cfg.batch_size,
         "visual_tokens_in": _mean(r.visual_tokens_in for r in records),
@@ -294,7 +311,7 @@ def run_sweep(
     done = {cell_key(r): r for r in existing}
     cells = []
     for model_spec, method, budget, task in cfg.cells():
-        probe = {"model": model_spec.name, "pretrained": model_spec.pretrained, "method": method.name,
+        probe = {"model": model_spec.name, "pretrained": recorded_path(model_spec.pretrained), "method": method.name,
                  "method_name": method.method, "options": method.options, "budget": budget, "task": task.task,
                  "metric": metrics[task.task], "limit": cfg.limit}
         cells.append((cell_key(probe), model_spec, method, budget, task))

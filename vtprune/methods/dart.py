@@ -30,6 +30,15 @@ _ROUNDING = ("exact", "official")
 
 @dataclass
 class DARTConfig(PruneConfig):
+    """DART options (budget: ``keep`` / ``ratio`` and the common options of :class:`vtprune.PruneConfig`).
+
+    * ``layer`` (2): prune before decoder layer K; pivots and similarities come from layer K-1.
+    * ``image_pivots`` (4): image tokens with the largest key L1 norm taken as pivots (and kept).
+    * ``text_pivots`` (4): text tokens after the image taken as pivots.
+    * ``budget_rounding`` (``"exact"``): keep exactly ``keep`` tokens; ``"official"``: the official code's
+      ``per_pivot = k // 8`` (64 / 128 / 192 keep 68 / 132 / 196).
+    """
+
     layer: int = 2
     image_pivots: int = 4
     text_pivots: int = 4

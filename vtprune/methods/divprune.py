@@ -23,6 +23,11 @@ _METRICS = ("cosine", "l2")
 
 @dataclass
 class DivPruneConfig(PruneConfig):
+    """DivPrune options (budget: ``keep`` / ``ratio`` and the common options of :class:`vtprune.PruneConfig`).
+
+    * ``metric`` (``"cosine"``): the distance of the max-min diversity selection on the projected features.
+    """
+
     metric: str = "cosine"
 
     def __post_init__(self):

@@ -32,6 +32,18 @@ _DEFAULT_BETA = 0.003
 
 @dataclass
 class FastVConfig(PruneConfig):
+    """FastV options (budget: ``keep`` / ``ratio`` and the common options of :class:`vtprune.PruneConfig`).
+
+    * ``layer`` (2): prune before decoder layer K, ranking by the last prompt token's attention at layer K-1.
+    * ``debias`` (False): attention debiasing (``vtprune.debias``); the three options below apply only with it.
+    * ``debias_weights`` (``"cubic"``): the recency weights ``w_i = trend(0) / trend(i)`` over the image-token
+      index: ``"cubic"`` (the official FastV vector), ``"exp"`` (``exp(-debias_beta * i)``), ``"none"``, or
+      the path of a profile written by ``vtprune calibrate``.
+    * ``debias_beta``: the decay rate ``beta >= 0`` of ``debias_weights="exp"``.
+    * ``pad_threshold`` (0.5): with image sizes given (``vtprune.set_image_sizes``), a patch with more than this
+      fraction of padding scores 0 and the budget is capped at the real patches.
+    """
+
     layer: int = 2
     debias: bool = False
     debias_weights: str = "cubic"

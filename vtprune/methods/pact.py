@@ -45,6 +45,14 @@ PACT_LAYER = 4
 
 @dataclass
 class PACTConfig(PruneConfig):
+    """PACT options (budget: ``keep`` / ``ratio`` and the common options of :class:`vtprune.PruneConfig`).
+
+    * ``layer`` (None): prune before decoder layer K; None: the official 4 (the last layer of a language model
+      with at most 4 layers).
+    * ``cutoff`` (0.0): the smallest DBDPC distance cutoff tried (official PACT: 0.21, cutoff-driven).
+    * ``dc``: the DBDPC density parameter (official 2).
+    """
+
     layer: int | None = None  # None: the official 4, or the last layer of a language model with <= 4 layers
     cutoff: float = 0.0  # smallest DBDPC cutoff; official PACT uses 0.21 (cutoff-driven)
     dc: float = PACT_DC

@@ -69,6 +69,14 @@ BUDGETS = ("average", "last")
 
 @dataclass
 class PDropConfig(PruneConfig):
+    """PyramidDrop options (budget: ``keep`` / ``ratio``, or ``ratios``; common options: :class:`vtprune.PruneConfig`).
+
+    * ``layers`` (None): the stage boundaries K (prune before decoder layer K); None: ``(L/4, L/2, 3L/4)``.
+    * ``ratios`` (None): per stage, the fraction of the image's original tokens kept (instead of a budget).
+    * ``budget_kind`` (``"average"``): ``keep`` / ``ratio`` is the average per decoder layer; ``"last"``: what
+      is left after the last drop.
+    """
+
     layers: tuple | None = None
     ratios: tuple | None = None
     budget_kind: str = "average"

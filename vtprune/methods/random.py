@@ -17,6 +17,11 @@ from .base import ImageInputs, Method
 
 @dataclass
 class RandomConfig(PruneConfig):
+    """Random baseline options (budget: ``keep`` / ``ratio`` and the common options of :class:`vtprune.PruneConfig`).
+
+    * ``seed`` (0): the generator's seed, re-seeded for every image.
+    """
+
     seed: int = 0
 
     def __post_init__(self):

@@ -66,6 +66,17 @@ def _number(name, v):
 
 @dataclass
 class SparseVLMConfig(PruneConfig):
+    """SparseVLM options (budget: ``keep`` / ``ratio`` and the common options of :class:`vtprune.PruneConfig`).
+
+    * ``version`` (``"v1.5"``): ``"v1.5"`` (fixed per-budget counts), ``"v1"`` (rank-based counts), ``"v2"``
+      (SparseVLM+: RoPE-gravity-corrected attention of the top heads).
+    * ``layers`` (None): the pruning layers (0-based); None: the official ones scaled to the model's depth.
+    * ``counts`` (None): tokens kept at each pruning layer, instead of the version's per-budget table.
+    * ``scale`` / ``bias`` (None): v1's count ``int(rank * scale + bias)``, instead of its per-budget table.
+    * ``recycle`` (None): recycle (cluster and merge) the best pruned tokens; None: True except for v2.
+    * ``heads`` (None): v2 only: how many heads score the image tokens (official 14).
+    """
+
     version: str = "v1.5"
     layers: tuple | None = None
     counts: tuple | None = None

@@ -34,8 +34,18 @@ _DIVERSITY = ("kcenter", "maxsum")
 
 @dataclass
 class ToDREConfig(PruneConfig):
-    """ToDRE options (module docstring). ``importance``: the pivot's score, ``"cls"``, ``"received"`` or None (``"cls"``
-    where the vision tower has a CLS token, ``"received"`` elsewhere)."""
+    """ToDRE options (module docstring; budget: ``keep`` / ``ratio`` and the common options of
+    :class:`vtprune.PruneConfig`).
+
+    * ``diversity`` (``"kcenter"``): stage 1's greedy selection, ``"kcenter"`` (paper v1) or ``"maxsum"`` (v2).
+    * ``cls_layer`` (None): the vision layer whose CLS attention picks the first token; None: ``L-2``.
+    * ``late_drop`` (True): stage 2, drop every visual token of a sample at ``drop_layer`` when the last prompt
+      token's attention on them is below ``drop_threshold``.
+    * ``drop_layer`` (None): the decoder layer of the late drop; None: ``7L/8``, rounded down.
+    * ``drop_threshold`` (0.10): the attention share below which the late drop happens.
+    * ``importance``: the pivot's score, ``"cls"``, ``"received"`` or None (``"cls"`` where the vision tower has
+      a CLS token, ``"received"`` elsewhere).
+    """
 
     diversity: str = "kcenter"
     cls_layer: int | None = None

@@ -47,6 +47,17 @@ _ESTIMATORS = ("jvp", "literal")
 
 @dataclass
 class ZOOConfig(PruneConfig):
+    """ZOO-Prune options (budget: ``keep`` / ``ratio`` and the common options of :class:`vtprune.PruneConfig`).
+
+    * ``num_directions`` (32): random directions ``m`` of the sensitivity estimate (the paper: 64).
+    * ``h`` (0.01): the perturbation step of the literal central difference.
+    * ``seed`` (0): seed of the bank of directions.
+    * ``estimator`` (``"jvp"``): ``"jvp"`` (exact Jacobian-vector products, the ``h -> 0`` limit) or
+      ``"literal"`` (the paper's ``2 m`` perturbed projector passes).
+    * ``sketch`` (None): jvp only: measure each derivative's norm after a seeded projection to ``r`` dimensions.
+    * ``chunk_size`` (16384): rows per projector pass of the literal estimator.
+    """
+
     num_directions: int = 32
     h: float = 0.01
     seed: int = 0

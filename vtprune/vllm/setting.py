@@ -105,7 +105,10 @@ def read(hf_config: Any) -> PruneConfig | None:
                          f'{{"method": "divprune", "ratio": 0.25}}; got {raw!r}')
     text = getattr(hf_config, "text_config", hf_config)
     num_layers = int(getattr(text, "num_hidden_layers"))
-    config = PruneConfig.from_dict(dict(raw))  # unknown method / option, bad budget: ValueError
+    try:
+        config = PruneConfig.from_dict(dict(raw))  # unknown method, bad budget: ValueError; unknown option: TypeError
+    except TypeError as err:  # a setting is a value: every bad one is a ValueError here
+        raise ValueError(str(err)) from None
     why = _refusal(config, num_layers)
     if why is not None:
         raise ValueError(f"method {config.method!r} cannot run in vLLM: {why}. Methods the vLLM plugin serves: "
