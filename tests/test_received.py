@@ -12,7 +12,6 @@ from transformers import AttentionInterface
 
 import vtprune
 from vtprune import functional as F
-from vtprune.adapters import get_adapter
 from vtprune.adapters.base import ModelAdapter
 from conftest import opts
 

@@ -6,7 +6,7 @@
     vtprune.unpatch(model)
 """
 
-from . import methods as _methods  # registers the methods (every module of vtprune/methods)
+from . import methods as _methods  # noqa: F401  (registers the methods: every module of vtprune/methods)
 from .api import is_patched, list_methods, patch, patched, set_image_sizes, set_instructions, stats, unpatch
 from .config import PruneConfig
 from .methods.vit import list_vit_methods
