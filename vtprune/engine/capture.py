@@ -95,11 +95,12 @@ class VisionCapture:
         self._projector32: nn.Module | None = None
 
     def install(self, hook: Callable, wrap: Callable) -> None:
-        """Register the hooks through ``hook(handle)`` and the wrapped methods through ``wrap(obj, name, fn)``."""
+        """Register the hooks through ``hook(handle)`` and the wrapped methods through ``wrap(obj, name, make)``
+        (``make(original)`` returns the wrapper)."""
         a = self.adapter
         for name in a.feature_methods:
             if hasattr(a.inner, name):
-                wrap(a.inner, name, self._wrapped_features(name))
+                wrap(a.inner, name, functools.partial(self._wrapped_features, name=name))
         if "projector_inputs" in self.signals:
             hook(a.projector_module().register_forward_pre_hook(self._projector_hook))
         for i in self.vision_layers:
@@ -155,8 +156,7 @@ class VisionCapture:
         return self._projector32
 
     # -- the wrapped feature methods -------------------------------------------------------------------------
-    def _wrapped_features(self, name: str):
-        original = getattr(self.adapter.inner, name)
+    def _wrapped_features(self, original: Callable, name: str):
         signature = inspect.signature(original)
         token_id = self.token_id(name)
 

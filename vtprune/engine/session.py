@@ -19,6 +19,7 @@ Nothing changes a class or the attention implementation; ``remove`` undoes every
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 from torch import nn
@@ -156,6 +157,8 @@ class Session:
         self._label_columns: tuple | None = None
         self._handles: list = []
         self._wrapped: list[tuple[object, str, object]] = []
+        #: per id of a wrapped object, how many of its wrapped methods' host code is running (see :meth:`_wrap`)
+        self._in_host: dict[int, int] = {}
         self._rope = adapter.rope_fn() if self.decoder_points else None
         self._masks = P.layer_masks(adapter, self.num_layers)
         self.image_sizes: list | None = None  # for the next prompt (vtprune.set_image_sizes)
@@ -181,13 +184,13 @@ class Session:
             # decoder points, and vision points that read the prompt's text, select from what follows the image
             reads_text = any(p.method.signals & {"prompt_embeds", "instruction"} for p in self.points)
             if hasattr(self.model, "loss_function"):
-                compat.wrap_loss_function(self.model, self._wrap, self._loss)
+                compat.wrap_loss_function(self.model, self._set, self._loss)
             if (self.decoder_points or reads_text) and hasattr(self.model, "generate"):
-                self._wrap(self.model, "generate", self._wrapped_generate())
+                self._wrap(self.model, "generate", self._wrapped_generate)
             for i, layer in enumerate(a.decoder_layers):
                 self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
             if a.deepstack_method is not None:
-                self._wrap(a.language_model, a.deepstack_method, self._wrapped_deepstack())
+                self._wrap(a.language_model, a.deepstack_method, self._wrapped_deepstack)
             for point in self.decoder_points.values():
                 if not P.reads_previous_layer(point):
                     continue
@@ -219,15 +222,50 @@ class Session:
     def _hook(self, handle) -> None:
         self._handles.append(handle)
 
-    def _wrap(self, obj, name: str, fn) -> None:
+    def _set(self, obj, name: str, value) -> None:
+        """Set ``obj.name`` on the instance; ``remove`` puts back what the instance had there (or deletes it)."""
         self._wrapped.append((obj, name, obj.__dict__.get(name, _ABSENT)))
-        obj.__dict__[name] = fn
+        obj.__dict__[name] = value
 
-    def _wrapped_generate(self):
+    def _wrap(self, obj, name: str, make: Callable) -> None:
+        """Wrap ``obj.name`` on the instance with ``make(original)``, ``original`` being the method as it is now (the
+        host's own, or a wrapper this patch installed before). A wrapped method that the host's own code calls while
+        a wrapped method of the same object runs (Qwen3-VL's ``get_video_features`` returns
+        ``self.get_image_features(...)``) goes straight to the host's method: wrappers see only the outermost call,
+        each call from outside once."""
+        current = obj.__dict__.get(name)
+        host = getattr(current, "_vtprune_host", None)
+        if host is None:  # the first wrapper of this method: below it, the host's own method, marked while it runs
+            host = getattr(obj, name)
+            current = self._running_host(obj, host)
+        wrapper = make(current)
+
+        @functools.wraps(wrapper)
+        def outermost(*args, **kwargs):
+            if self._in_host.get(id(obj)):  # called by the host's code inside a wrapped call: not a call of ours
+                return host(*args, **kwargs)
+            return wrapper(*args, **kwargs)
+
+        outermost._vtprune_host = host
+        self._set(obj, name, outermost)
+
+    def _running_host(self, obj, host: Callable) -> Callable:
+        """``host`` (a method of ``obj``), counting in ``_in_host`` while it runs."""
+
+        @functools.wraps(host)
+        def run(*args, **kwargs):
+            self._in_host[id(obj)] = self._in_host.get(id(obj), 0) + 1
+            try:
+                return host(*args, **kwargs)
+            finally:
+                self._in_host[id(obj)] -= 1
+
+        return run
+
+    def _wrapped_generate(self, original):
         """``generate(use_cache=False)`` re-runs the whole sequence at every step, and a decoder point would
         re-select with each new token as the "last prompt token": for such a call the first forward's selections
         are reused, so generation without cache gives the tokens generation with cache gives."""
-        original = self.model.generate
 
         @functools.wraps(original)
         def generate(*args, **kwargs):
@@ -243,10 +281,9 @@ class Session:
 
         return generate
 
-    def _wrapped_deepstack(self):
+    def _wrapped_deepstack(self, original):
         """The text model's DeepStack injection: once a point compacted or merged the sequence, each level's rows
         go to the slots that hold them (:class:`~.deepstack.DeepStack`); otherwise the host's own call."""
-        original = getattr(self.adapter.language_model, self.adapter.deepstack_method)
 
         @functools.wraps(original)
         def inject(hidden_states, visual_pos_masks, visual_embeds, *args, **kwargs):

@@ -152,7 +152,7 @@ class TowerMerge(Method):
         hook(adapter.projector_module().register_forward_hook(self._spread))
         for name in adapter.feature_methods:
             if hasattr(adapter.inner, name):
-                wrap(adapter.inner, name, self._wrapped_features(getattr(adapter.inner, name), name))
+                wrap(adapter.inner, name, functools.partial(self._wrapped_features, name=name))
 
     # -- inside get_image_features ----------------------------------------------------------------------------------
     def _wrapped_features(self, original, name):
