@@ -29,7 +29,7 @@ NESTED = ("qwen3_vl", "qwen3_5")
 OTHERS = tuple(f for f in VIDEO_FAMILIES if f not in NESTED)
 #: LLaVA-OneVision's videos blend patches: methods that need one patch per token refuse them (test below)
 VIDEO_REFUSALS = (("pool", "llava_onevision"), ("visionzip", "llava_onevision"), ("vispruner", "llava_onevision"))
-CASES = [(m, f) for i, m in enumerate(vtprune.list_methods()) for f in (*NESTED, OTHERS[i % len(OTHERS)])
+CASES = [(m, f) for i, m in enumerate(vtprune.list_methods(host="vlm")) for f in (*NESTED, OTHERS[i % len(OTHERS)])
          if not refused(m, f) and (m, f) not in VIDEO_REFUSALS]
 
 

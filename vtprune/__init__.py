@@ -7,7 +7,17 @@
 """
 
 from . import methods as _methods  # noqa: F401  (registers the methods: every module of vtprune/methods)
-from .api import is_patched, list_methods, patch, patched, set_image_sizes, set_instructions, stats, unpatch
+from ._version import __version__
+from .api import (
+    is_patched,
+    list_methods,
+    patch,
+    patched,
+    set_image_sizes,
+    set_instructions,
+    stats,
+    unpatch,
+)
 from .config import PruneConfig
 from .methods.vit import list_vit_methods
 from .registry import _METHODS, register_method
@@ -17,9 +27,7 @@ from .stats import PruneStats
 _CONFIGS = {spec.config_cls.__name__: spec.config_cls for spec in _METHODS.values()}
 globals().update(_CONFIGS)
 
-__version__ = "0.1.0"
-
 __all__ = [
     "patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "register_method", "set_image_sizes",
-    "set_instructions", "list_vit_methods", "PruneConfig", "PruneStats", *sorted(_CONFIGS),
+    "set_instructions", "list_vit_methods", "PruneConfig", "PruneStats", "__version__", *sorted(_CONFIGS),
 ]

@@ -24,6 +24,7 @@ import functools
 import sys
 from typing import Callable, Sequence
 
+from ._version import __version__
 from .markdown import format_table
 
 __all__ = ["main", "build_parser", "format_table"]
@@ -350,7 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vtprune", description="Training-free visual-token pruning for Hugging Face VLMs."
     )
-    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 
 #: how kept tokens are numbered: their original position ids, or consecutively ("compact", 1-D positions only)
@@ -37,6 +37,11 @@ _COMMON_OPTIONS = """    Common options (every method, :class:`vtprune.PruneConf
     * ``empty_frames`` (``"refill"``): a video frame left without tokens gets its centre token back;
       ``"allow"``: the selection stands.
 """
+
+
+#: the registry's lookup of a method name (``vtprune.registry.get_method``, which sets it when imported: the registry
+#: depends on this module, never the reverse); ``PruneConfig.from_dict`` builds configs through it
+method_record: Callable[[str], Any] | None = None
 
 
 @dataclasses.dataclass
@@ -114,12 +119,10 @@ class PruneConfig:
         ``TypeError`` (as the same options given as keywords to ``vtprune.patch`` or the config class do);
         called on a method's config class (``FastVConfig.from_dict``), a dict of another method raises
         ``ValueError``."""
-        from .registry import get_method
-
         if not isinstance(data, dict) or "method" not in data:
             raise ValueError(f"a config dict needs a 'method' key, got {data!r}")
         data = dict(data)
-        return cls._checked(get_method(data.pop("method")).make_config(data))
+        return cls._checked(method_record(data.pop("method")).make_config(data))
 
     @classmethod
     def from_json(cls, text: str) -> "PruneConfig":

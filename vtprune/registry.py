@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import config as _config
 from .config import PruneConfig
 
 __all__ = ["MethodSpec", "register_method", "list_methods", "get_method", "import_methods", "load_plugins", "HOSTS",
@@ -215,3 +216,6 @@ def get_method(name: str) -> MethodSpec:
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(list_methods())}")
     return spec
+
+
+_config.method_record = get_method  # PruneConfig.from_dict resolves names here

@@ -21,6 +21,8 @@ from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 
+from ._version import __version__
+
 __all__ = ["median_ms", "interleaved_median_ms", "interleaved_times_ms", "num_threads", "clock", "elapsed_ms"]
 
 
@@ -147,8 +149,6 @@ def provenance(command: str, threads: str) -> list[str]:
     import os
 
     import transformers
-
-    from . import __version__
 
     return [
         f"- command: `{command}`",
