@@ -112,8 +112,11 @@ class Session:
         self.stats: PruneStats | None = None
         #: generate(use_cache=False) re-runs the prompt at every step: selections are reused for the whole call
         self._sticky: dict | None = None
-        #: prompt rows of the ``generate`` call in progress (it repeats each row for beams / return sequences)
-        self._generate_rows: int | None = None
+        #: the prompt ids of the ``generate`` call in progress (it repeats each row for beams / return sequences;
+        #: its forwards may append candidate tokens to the prompt or split it into chunks)
+        self._generate_ids: torch.Tensor | None = None
+        #: some point reads the prompt's text (decoder points: its last token; prompt_embeds: the text after an image)
+        self._reads_text = bool(self.decoder_points) or any("prompt_embeds" in p.method.signals for p in self.points)
         self._handles: list = []
         self._wrapped: list[tuple[object, str]] = []
         self._rope = adapter.rope_fn() if self.decoder_points else None
@@ -138,9 +141,7 @@ class Session:
             for method in self.methods:  # a method acting inside the vision tower (vtprune.methods.tower)
                 if hasattr(method, "install_in"):
                     method.install_in(a, self._hook, self._wrap)
-            # decoder points, and vision points that read the prompt's text, select from what follows the image
-            reads_text = any(p.method.signals & {"prompt_embeds", "instruction"} for p in self.points)
-            if (self.decoder_points or reads_text) and hasattr(self.model, "generate"):
+            if hasattr(self.model, "generate"):  # which tokens of generate's forwards are the prompt
                 self._wrap(self.model, "generate", self._wrapped_generate())
             for i, layer in enumerate(a.decoder_layers):
                 self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
@@ -179,22 +180,23 @@ class Session:
         self._wrapped.append((obj, name))
 
     def _wrapped_generate(self):
-        """``generate(use_cache=False)`` re-runs the whole sequence at every step, and a decoder point would
-        re-select with each new token as the "last prompt token": for such a call the first forward's selections
-        are reused, so generation without cache gives the tokens generation with cache gives."""
+        """Records the prompt of a ``generate`` call: its first forward may run more than the prompt (assisted
+        decoding's candidate tokens, ``use_cache=False``'s grown sequence), which then selects on the prompt's
+        tokens only, or part of it (``prefill_chunk_size``; see :meth:`_prompt_part`). ``generate(use_cache=False)``
+        of a method that reads the prompt's text also reuses the first forward's selections at every step."""
         original = self.model.generate
 
         @functools.wraps(original)
         def generate(*args, **kwargs):
             config = kwargs.get("generation_config") or self.model.generation_config
             use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
-            outer, self._sticky = self._sticky, (None if use_cache is not False else {})
-            ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-            outer_rows, self._generate_rows = self._generate_rows, (ids.shape[0] if ids is not None else None)
+            sticky = {} if use_cache is False and self._reads_text else None
+            outer = self._sticky, self._generate_ids
+            self._sticky, self._generate_ids = sticky, compat.generate_prompt(args, kwargs)
             try:
                 return original(*args, **kwargs)
             finally:
-                self._sticky, self._generate_rows = outer, outer_rows
+                self._sticky, self._generate_ids = outer
 
         return generate
 
@@ -258,17 +260,19 @@ class Session:
             raise ValueError(STATIC_CACHE)
         if stored > 0:
             raise ValueError(
-                f"images in a forward that continues a KV cache already holding {stored} positions (a later turn or a "
-                "prefix cache): vtprune prunes the visual tokens of a prompt's first forward. Put the images in the "
-                "conversation's first prompt, or unpatch to run this turn unpruned"
+                f"images in a forward that continues a KV cache already holding {stored} positions (a later turn, a "
+                "prefix cache, or a later chunk of generate(prefill_chunk_size=N)): vtprune prunes the visual tokens "
+                "of a prompt's first forward. Put the images in the conversation's first prompt (the first chunk), "
+                "or unpatch to run this turn unpruned"
             )
         if input_ids is None:
             raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
-        rows = self._generate_rows
+        prompt_end = self._prompt_part(input_ids)
+        rows = self._generate_ids.shape[0] if self._generate_ids is not None else None
         #: generate repeats each prompt row in place (repeat_interleave) for beams / return sequences
         copies = input_ids.shape[0] // rows if rows and input_ids.shape[0] % rows == 0 else 1
         self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes,
-                             mask_in=kwargs.get("attention_mask"), row_copies=copies)
+                             mask_in=kwargs.get("attention_mask"), row_copies=copies, prompt_end=prompt_end)
         if self.adapter.token_types_key is not None and (types := kwargs.get(self.adapter.token_types_key)) is not None:
             if tuple(types.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{self.adapter.token_types_key} has shape {tuple(types.shape)}; expected the shape of "
@@ -283,6 +287,39 @@ class Session:
             if encoded is not None:
                 feats = self.capture.split_features(encoded.pooler_output)
                 self.fwd.features.setdefault(self.capture.token_id(modality), []).extend(feats)
+
+    def _prompt_part(self, input_ids: torch.Tensor) -> int | None:
+        """Which columns of a prompt's first forward inside ``generate`` are its prompt: a forward longer than the
+        prompt generate was given (assisted decoding appends candidate tokens; ``use_cache=False`` re-runs the grown
+        sequence) selects on the prompt's columns, returned as their count; one that runs a first chunk of it
+        (``prefill_chunk_size``) is refused when a point reads the prompt's text or visual tokens follow in a later
+        chunk. None: the forward is the prompt (or runs outside generate)."""
+        prompt = self._generate_ids
+        if prompt is None:
+            return None
+        s, total = input_ids.shape[1], prompt.shape[1]
+        if s >= total:
+            return total if s > total else None
+        readers = sorted({p.method.name for p in self.points if p.kind != P.VISION or "prompt_embeds" in p.method.signals})
+        if readers:
+            raise ValueError(
+                f"generate ran the first {s} of the prompt's {total} tokens in one forward (generate(prefill_chunk_size={s}) "
+                f"runs a prompt in chunks), "
+                f"but method(s) {readers} select with the whole prompt's text (a decoder point scores the visual tokens "
+                f"with the last prompt token's attention), which a first chunk does not hold: pass prefill_chunk_size "
+                f">= {total} (the prompt's length) or none"
+            )
+        visual = torch.isin(prompt, torch.tensor(self.visual_ids, device=prompt.device))
+        if bool(visual[:, s:].any()):
+            end = int(visual.nonzero()[:, 1].max()) + 1
+            raise ValueError(
+                f"generate ran the first {s} of the prompt's {total} tokens in one forward (generate(prefill_chunk_size={s}) "
+                f"runs a prompt in chunks), "
+                f"and visual tokens follow in a later chunk: vtprune prunes the visual tokens of the forward that "
+                f"starts the prompt, so they must all be in it. Pass prefill_chunk_size >= {end} (past the last visual "
+                f"token) or none"
+            )
+        return None
 
     def _inner_post(self, module, args, output):
         fwd, self.fwd = self.fwd, None
@@ -402,7 +439,7 @@ class Session:
             after = torch.zeros_like(fwd.mask2d[unit.row])
             after[int(unit.positions[-1]) + 1:] = True
             visual = torch.isin(fwd.input_ids[unit.row], torch.tensor(self.visual_ids, device=after.device))
-            text = fwd.mask2d[unit.row] & ~visual
+            text = fwd.prompt_mask[unit.row] & ~visual
             extra["prompt_embeds"] = embeds[unit.row, after & text if bool((after & text).any()) else text]
         if "instruction" in signals:
             texts = self.fwd.signals.get("instructions")

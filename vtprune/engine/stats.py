@@ -27,7 +27,7 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
                    visual_tokens_kept=list(r.kept), select_ms=r.select_ms, late_drop=r.point.kind == LATE_DROP)
         for r in fwd.records
     ]
-    real = fwd.mask2d.sum(1).tolist()
+    real = fwd.prompt_mask.sum(1).tolist()  # the prompt's (not tokens generate appended to its forward)
     text_cfg = adapter.text_config
     full = pruned = 0
     for row in range(b):
