@@ -54,6 +54,15 @@ def generate_prompt(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     return ids if torch.is_tensor(ids) and ids.ndim == 2 else None
 
 
+def prefill_chunk_size(model, kwargs: dict[str, Any]) -> int | None:
+    """The ``prefill_chunk_size`` a ``generate(**kwargs)`` call runs its prompt with (keyword, the call's
+    ``generation_config``, or the model's), or None (the prompt in one forward)."""
+    if "prefill_chunk_size" in kwargs:
+        return kwargs["prefill_chunk_size"]
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(config, "prefill_chunk_size", None)
+
+
 # -- the cache keyword --------------------------------------------------------------------------------------
 def get_cache(kwargs: dict[str, Any]):
     """The KV cache a forward / decoder layer was called with (under either keyword), or None."""

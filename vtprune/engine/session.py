@@ -182,7 +182,7 @@ class Session:
     def _wrapped_generate(self):
         """Records the prompt of a ``generate`` call: its first forward may run more than the prompt (assisted
         decoding's candidate tokens, ``use_cache=False``'s grown sequence), which then selects on the prompt's
-        tokens only, or part of it (``prefill_chunk_size``; see :meth:`_prompt_part`). ``generate(use_cache=False)``
+        tokens only (see :meth:`_prompt_part`); ``prefill_chunk_size`` with images is refused. ``generate(use_cache=False)``
         of a method that reads the prompt's text also reuses the first forward's selections at every step."""
         original = self.model.generate
 
@@ -191,6 +191,15 @@ class Session:
             config = kwargs.get("generation_config") or self.model.generation_config
             use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
             sticky = {} if use_cache is False and self._reads_text else None
+            visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+            if visual and (chunk := compat.prefill_chunk_size(self.model, kwargs)) is not None:
+                raise ValueError(
+                    f"generate(prefill_chunk_size={chunk}) with images on a pruned model: transformers runs the prompt "
+                    "in chunks and hands each chunk its rows of the visual features as one tensor (without the "
+                    "per-image records the methods read), and a decoder point scores the visual tokens with the last "
+                    "prompt token, which only the last chunk holds. vtprune prunes a prompt in one forward: pass "
+                    "prefill_chunk_size=None (or unpatch)"
+                )
             outer = self._sticky, self._generate_ids
             self._sticky, self._generate_ids = sticky, compat.generate_prompt(args, kwargs)
             try:
@@ -260,10 +269,9 @@ class Session:
             raise ValueError(STATIC_CACHE)
         if stored > 0:
             raise ValueError(
-                f"images in a forward that continues a KV cache already holding {stored} positions (a later turn, a "
-                "prefix cache, or a later chunk of generate(prefill_chunk_size=N)): vtprune prunes the visual tokens "
-                "of a prompt's first forward. Put the images in the conversation's first prompt (the first chunk), "
-                "or unpatch to run this turn unpruned"
+                f"images in a forward that continues a KV cache already holding {stored} positions (a later turn or a "
+                "prefix cache): vtprune prunes the visual tokens of a prompt's first forward. Put the images in the "
+                "conversation's first prompt, or unpatch to run this turn unpruned"
             )
         if input_ids is None:
             raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
@@ -289,37 +297,21 @@ class Session:
                 self.fwd.features.setdefault(self.capture.token_id(modality), []).extend(feats)
 
     def _prompt_part(self, input_ids: torch.Tensor) -> int | None:
-        """Which columns of a prompt's first forward inside ``generate`` are its prompt: a forward longer than the
-        prompt generate was given (assisted decoding appends candidate tokens; ``use_cache=False`` re-runs the grown
-        sequence) selects on the prompt's columns, returned as their count; one that runs a first chunk of it
-        (``prefill_chunk_size``) is refused when a point reads the prompt's text or visual tokens follow in a later
-        chunk. None: the forward is the prompt (or runs outside generate)."""
+        """Which columns of a prompt's first forward inside ``generate`` are the prompt generate was given: a forward
+        longer than it (assisted decoding appends candidate tokens; ``use_cache=False`` re-runs the grown sequence)
+        selects on the prompt's columns, returned as their count; one that runs only a first part of it (a custom
+        decoding loop) is refused. None: the forward is the prompt (or runs outside generate)."""
         prompt = self._generate_ids
         if prompt is None:
             return None
         s, total = input_ids.shape[1], prompt.shape[1]
-        if s >= total:
-            return total if s > total else None
-        readers = sorted({p.method.name for p in self.points if p.kind != P.VISION or "prompt_embeds" in p.method.signals})
-        if readers:
+        if s < total:
             raise ValueError(
-                f"generate ran the first {s} of the prompt's {total} tokens in one forward (generate(prefill_chunk_size={s}) "
-                f"runs a prompt in chunks), "
-                f"but method(s) {readers} select with the whole prompt's text (a decoder point scores the visual tokens "
-                f"with the last prompt token's attention), which a first chunk does not hold: pass prefill_chunk_size "
-                f">= {total} (the prompt's length) or none"
+                f"a forward inside generate ran the first {s} of the prompt's {total} tokens: vtprune prunes a prompt "
+                "in one forward (a decoder point scores the visual tokens with the last prompt token's attention, "
+                "which a first part does not hold). Run the whole prompt in the decoding loop's first forward"
             )
-        visual = torch.isin(prompt, torch.tensor(self.visual_ids, device=prompt.device))
-        if bool(visual[:, s:].any()):
-            end = int(visual.nonzero()[:, 1].max()) + 1
-            raise ValueError(
-                f"generate ran the first {s} of the prompt's {total} tokens in one forward (generate(prefill_chunk_size={s}) "
-                f"runs a prompt in chunks), "
-                f"and visual tokens follow in a later chunk: vtprune prunes the visual tokens of the forward that "
-                f"starts the prompt, so they must all be in it. Pass prefill_chunk_size >= {end} (past the last visual "
-                f"token) or none"
-            )
-        return None
+        return total if s > total else None
 
     def _inner_post(self, module, args, output):
         fwd, self.fwd = self.fwd, None
@@ -397,6 +389,14 @@ class Session:
         q = embeds.shape[1]
         if isinstance(mask, dict):  # built by the host over the unpruned columns: rebuilt from its 2-D mask
             mask = fwd.mask_in
+        rows = fwd.prompt.stages[0][1].gather.shape[0]
+        if embeds.shape[0] != rows:
+            raise ValueError(
+                f"a forward continues a pruned KV cache with {embeds.shape[0]} rows, but its prompt was pruned with "
+                f"{rows}: a decoding loop that expands the batch after the prompt's forward (contrastive search, "
+                "a custom_generate loop) cannot continue it. Expand the inputs before the prompt's forward (as beam "
+                "search does), or unpatch"
+            )
         past = cache.get_seq_length()  # unpruned length (PrunedPrompt)
         fwd.decode_masks = fwd.prompt.masks(mask, past + q)
         if self.compact:  # kept tokens renumbered from each row's first real token, dropped ones not counted
