@@ -145,8 +145,8 @@ def test_a_prefix_cache_continues_the_prefix_selection(method, model_factory):
 
 
 def test_a_loop_that_expands_the_batch_after_the_prompt_is_refused(model_factory):
-    # contrastive search (a custom_generate repository on the hub since transformers 4.56) repeats the cache's rows
-    # after the prompt's forward: the pruned prompt's layout has the prompt's rows
+    # contrastive search (transformers 5.24 / 5.25: the hub repository transformers-community/contrastive-search)
+    # repeats the cache's rows after the prompt's forward: the pruned prompt's layout has the prompt's rows
     model = model_factory("llava")
     x = _inputs(model, "llava")
     key = cache_keyword(model)
