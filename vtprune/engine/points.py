@@ -205,7 +205,7 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
         order = span_order(slots, end)
     signals = fwd.signals
 
-    def view(x, dim=0):  # the row as the method sees it: its prompt, the unit's tokens one contiguous span from ``start``
+    def view(x, dim=0):  # the row as the method sees it: its prompt, the unit's tokens one span from ``start``
         x = x.narrow(dim, 0, end)
         return x if order is None else x.index_select(dim, order.to(x.device))
 

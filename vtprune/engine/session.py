@@ -182,8 +182,9 @@ class Session:
     def _wrapped_generate(self):
         """Records the prompt of a ``generate`` call: its first forward may run more than the prompt (assisted
         decoding's candidate tokens, ``use_cache=False``'s grown sequence), which then selects on the prompt's
-        tokens only (see :meth:`_prompt_part`); ``prefill_chunk_size`` with images is refused. ``generate(use_cache=False)``
-        of a method that reads the prompt's text also reuses the first forward's selections at every step."""
+        tokens only (see :meth:`_prompt_part`); ``prefill_chunk_size`` with images is refused.
+        ``generate(use_cache=False)`` of a method that reads the prompt's text also reuses the first forward's
+        selections at every step."""
         original = self.model.generate
 
         @functools.wraps(original)
@@ -191,7 +192,8 @@ class Session:
             config = kwargs.get("generation_config") or self.model.generation_config
             use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
             sticky = {} if use_cache is False and self._reads_text else None
-            visual = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+            visual = any(kwargs.get(k) is not None
+                         for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
             if visual and (chunk := compat.prefill_chunk_size(self.model, kwargs)) is not None:
                 raise ValueError(
                     f"generate(prefill_chunk_size={chunk}) with images on a pruned model: transformers runs the prompt "
