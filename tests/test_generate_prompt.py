@@ -23,7 +23,7 @@ import vtprune
 
 #: a tail that repeats (11, 12, ...): prompt lookup proposes the tokens after its earlier occurrence as candidates
 TAIL = [11, 12, 13, 14, 15, 16, 11, 12]
-GREEDY = dict(max_new_tokens=5, do_sample=False)
+GREEDY = {"max_new_tokens": 5, "do_sample": False}
 #: methods that read the prompt's text: decoder points (the last prompt token, text raters / pivots) and a vision-entry
 #: method reading the text after the image (cdpruner, text="llm")
 TEXT_METHODS = ["fastv", "dart", "pdrop", "sparsevlm", "pact", "todre", "cdpruner"]
