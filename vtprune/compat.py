@@ -9,6 +9,9 @@ is a one-line change:
 * the mask function of each decoder layer type (``create_causal_mask``, ``create_sliding_window_causal_mask``,
   ``create_recurrent_attention_mask``) and their arguments (``cache`` / ``past_key_values``), and how a host composes
   bidirectional image blocks with them (``block_sequence_ids``, ``blockwise_overlay``: Gemma 3);
+* which tokens are the prompt of a ``generate`` call: its ``input_ids`` (keyword ``input_ids`` / ``inputs``, or
+  the first positional argument), whatever forwards its decoding loop then runs (assisted decoding's first forward
+  appends candidate tokens, ``prefill_chunk_size`` splits the prompt, ``use_cache=False`` re-runs it grown);
 * how a cache reports its length: ``Cache.get_seq_length(layer_idx)`` (what generate, position ids and
   ``rope_deltas`` consumers read) and ``Cache.get_query_offset(layer_idx)`` (what the mask functions read), and
   which caches are static (pre-allocated, ``is_compileable``);
@@ -51,6 +54,23 @@ def check_transformers() -> None:
             f"vtprune supports transformers >= {MIN_TRANSFORMERS}, < 6; found {transformers.__version__}. "
             f"Install a supported release: pip install 'transformers>={MIN_TRANSFORMERS},<6'"
         )
+
+
+# -- generate's prompt ----------------------------------------------------------------------------------------
+def generate_prompt(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The prompt ids ``[B, S]`` of a ``generate(*args, **kwargs)`` call (``generate(inputs=None, ...)``: the first
+    positional argument, or keyword ``input_ids`` / ``inputs``), or None (``inputs_embeds`` only)."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    return ids if torch.is_tensor(ids) and ids.ndim == 2 else None
+
+
+def prefill_chunk_size(model, kwargs: dict[str, Any]) -> int | None:
+    """The ``prefill_chunk_size`` a ``generate(**kwargs)`` call runs its prompt with (keyword, the call's
+    ``generation_config``, or the model's), or None (the prompt in one forward)."""
+    if "prefill_chunk_size" in kwargs:
+        return kwargs["prefill_chunk_size"]
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(config, "prefill_chunk_size", None)
 
 
 # -- the cache keyword --------------------------------------------------------------------------------------

@@ -92,6 +92,9 @@ class Forward:
     positions: torch.Tensor | None = None  # prefill, rotary per layer type: [B, L] 1-D position ids of the slots
     #: prefill: (id(method), unit key) -> the unit's count the method's budget names, from its tokens at its first point
     nominal: dict[tuple, int] = field(default_factory=dict)
+    #: prefill: the prompt's columns are those < prompt_end (None: all); the columns after it are tokens generate
+    #: appended to the prompt's first forward (assisted decoding's candidates), which no point selects with
+    prompt_end: int | None = None
 
     def current_types(self) -> torch.Tensor | None:
         """``[B, L]`` token types of the current sequence's slots (padding: 0), or None."""
@@ -100,10 +103,18 @@ class Forward:
         return self.token_types.gather(1, self.cols) * self.real
 
     @property
+    def prompt_mask(self) -> torch.Tensor:
+        """bool ``[B, S]``: the real tokens of the prompt (``mask2d`` without the columns from ``prompt_end`` on)."""
+        if self.prompt_end is None:
+            return self.mask2d
+        return self.mask2d & (torch.arange(self.mask2d.shape[1], device=self.mask2d.device) < self.prompt_end)
+
+    @property
     def last(self) -> torch.Tensor:
-        """``[B]`` slot of each row's last real token in the current sequence."""
-        cols = torch.arange(self.real.shape[1], device=self.real.device)
-        return torch.where(self.real, cols, -1).max(dim=1).values
+        """``[B]`` slot of each row's last real prompt token in the current sequence."""
+        slots = torch.arange(self.real.shape[1], device=self.real.device)
+        prompt = self.real if self.prompt_end is None else self.real & (self.cols < self.prompt_end)
+        return torch.where(prompt, slots, -1).max(dim=1).values
 
     def slots(self, unit: Unit) -> torch.Tensor:
         """Slots of ``unit``'s present tokens in the current sequence (ascending)."""
@@ -195,12 +206,15 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
     """What a decoder point's method reads about one unit: its present tokens at ``slots`` of the current sequence."""
     n = slots.numel()
     start = int(slots[0])
+    # the row's prompt: its slots up to the last prompt token (tokens generate appended to the prompt come after it)
+    end = hidden.shape[1] if fwd.prompt_end is None else int(fwd.last[unit.row]) + 1
     order = None
     if int(slots[-1]) - start + 1 != n:  # a video whose frames are separated by timestamp text (Qwen3-VL)
-        order = span_order(slots, hidden.shape[1])
+        order = span_order(slots, end)
     signals = fwd.signals
 
-    def view(x, dim=0):  # the row as the method sees it: the unit's tokens one contiguous span from ``start``
+    def view(x, dim=0):  # the row as the method sees it: its prompt, the unit's tokens one span from ``start``
+        x = x.narrow(dim, 0, end)
         return x if order is None else x.index_select(dim, order.to(x.device))
 
     inputs = ImageInputs(
@@ -216,14 +230,14 @@ def llm_inputs(fwd: Forward, point: PrunePoint, unit: Unit, slots, hidden, final
     )
     if "queries" in signals:
         rows = _attention_rows(fwd, unit.row, *signals["queries"])
-        inputs.attention_rows = rows if order is None else (lambda columns: view(rows(columns), 2))
+        inputs.attention_rows = lambda columns: view(rows(columns), 2)
     if "rope_gravity" in signals:
         gravity = _gravity_rows(fwd, unit.row, signals["rope_gravity"])
-        inputs.rope_gravity = gravity if order is None else (lambda columns: view(gravity(columns), 1))
+        inputs.rope_gravity = lambda columns: view(gravity(columns), 1)
     if "prompt_embeds" in point.method.signals:
         row = fwd.input_ids[unit.row]
         cols = torch.arange(row.numel(), device=row.device)
-        text = fwd.mask2d[unit.row] & (cols > unit.positions[-1]) & ~torch.isin(row, fwd.visual_ids.to(row.device))
+        text = fwd.prompt_mask[unit.row] & (cols > unit.positions[-1]) & ~torch.isin(row, fwd.visual_ids.to(row.device))
         inputs.prompt_embeds = fwd.prompt_embeds[unit.row]
         inputs.image_columns = unit.positions
         inputs.text_columns = text.nonzero().squeeze(1)

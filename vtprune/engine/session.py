@@ -151,8 +151,11 @@ class Session:
         self.stats: PruneStats | None = None
         #: generate(use_cache=False) re-runs the prompt at every step: selections are reused for the whole call
         self._sticky: dict | None = None
-        #: prompt rows of the ``generate`` call in progress (it repeats each row for beams / return sequences)
-        self._generate_rows: int | None = None
+        #: the prompt ids of the ``generate`` call in progress (it repeats each row for beams / return sequences;
+        #: its forwards may append candidate tokens to the prompt or split it into chunks)
+        self._generate_ids: torch.Tensor | None = None
+        #: some point reads the prompt's text (decoder points: its last token; prompt_embeds: the text after an image)
+        self._reads_text = bool(self.decoder_points) or any("prompt_embeds" in p.method.signals for p in self.points)
         #: the last prefill that compacted the prompt: its slots' prompt columns, for the host's loss on ``labels``
         self._label_columns: tuple | None = None
         self._handles: list = []
@@ -181,11 +184,9 @@ class Session:
             for method in self.methods:  # a method acting inside the vision tower (vtprune.methods.tower)
                 if hasattr(method, "install_in"):
                     method.install_in(a, self._hook, self._wrap)
-            # decoder points, and vision points that read the prompt's text, select from what follows the image
-            reads_text = any(p.method.signals & {"prompt_embeds", "instruction"} for p in self.points)
             if hasattr(self.model, "loss_function"):
                 compat.wrap_loss_function(self.model, self._set, self._loss)
-            if (self.decoder_points or reads_text) and hasattr(self.model, "generate"):
+            if hasattr(self.model, "generate"):  # which tokens of generate's forwards are the prompt
                 self._wrap(self.model, "generate", self._wrapped_generate)
             for i, layer in enumerate(a.decoder_layers):
                 self._hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
@@ -263,21 +264,33 @@ class Session:
         return run
 
     def _wrapped_generate(self, original):
-        """``generate(use_cache=False)`` re-runs the whole sequence at every step, and a decoder point would
-        re-select with each new token as the "last prompt token": for such a call the first forward's selections
-        are reused, so generation without cache gives the tokens generation with cache gives."""
+        """Records the prompt of a ``generate`` call: its first forward may run more than the prompt (assisted
+        decoding's candidate tokens, ``use_cache=False``'s grown sequence), which then selects on the prompt's
+        tokens only (see :meth:`_prompt_part`); ``prefill_chunk_size`` with images is refused.
+        ``generate(use_cache=False)`` of a method that reads the prompt's text also reuses the first forward's
+        selections at every step."""
 
         @functools.wraps(original)
         def generate(*args, **kwargs):
             config = kwargs.get("generation_config") or self.model.generation_config
             use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
-            outer, self._sticky = self._sticky, (None if use_cache is not False else {})
-            ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-            outer_rows, self._generate_rows = self._generate_rows, (ids.shape[0] if ids is not None else None)
+            sticky = {} if use_cache is False and self._reads_text else None
+            visual = any(kwargs.get(k) is not None
+                         for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+            if visual and (chunk := compat.prefill_chunk_size(self.model, kwargs)) is not None:
+                raise ValueError(
+                    f"generate(prefill_chunk_size={chunk}) with images on a pruned model: transformers runs the prompt "
+                    "in chunks and hands each chunk its rows of the visual features as one tensor (without the "
+                    "per-image records the methods read), and a decoder point scores the visual tokens with the last "
+                    "prompt token, which only the last chunk holds. vtprune prunes a prompt in one forward: pass "
+                    "prefill_chunk_size=None (or unpatch)"
+                )
+            outer = self._sticky, self._generate_ids
+            self._sticky, self._generate_ids = sticky, compat.generate_prompt(args, kwargs)
             try:
                 return original(*args, **kwargs)
             finally:
-                self._sticky, self._generate_rows = outer, outer_rows
+                self._sticky, self._generate_ids = outer
 
         return generate
 
@@ -342,11 +355,12 @@ class Session:
             )
         if input_ids is None:
             raise ValueError("a patched model needs input_ids (not only inputs_embeds) to locate the visual tokens")
-        rows = self._generate_rows
+        prompt_end = self._prompt_part(input_ids)
+        rows = self._generate_ids.shape[0] if self._generate_ids is not None else None
         #: generate repeats each prompt row in place (repeat_interleave) for beams / return sequences
         copies = input_ids.shape[0] // rows if rows and input_ids.shape[0] % rows == 0 else 1
         self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes,
-                             mask_in=kwargs.get("attention_mask"), row_copies=copies)
+                             mask_in=kwargs.get("attention_mask"), row_copies=copies, prompt_end=prompt_end)
         if self.adapter.token_types_key is not None and (types := kwargs.get(self.adapter.token_types_key)) is not None:
             if tuple(types.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{self.adapter.token_types_key} has shape {tuple(types.shape)}; expected the shape of "
@@ -361,6 +375,23 @@ class Session:
             if encoded is not None:
                 feats = self.capture.split_features(encoded.pooler_output)
                 self.fwd.features.setdefault(self.capture.token_id(modality), []).extend(feats)
+
+    def _prompt_part(self, input_ids: torch.Tensor) -> int | None:
+        """Which columns of a prompt's first forward inside ``generate`` are the prompt generate was given: a forward
+        longer than it (assisted decoding appends candidate tokens; ``use_cache=False`` re-runs the grown sequence)
+        selects on the prompt's columns, returned as their count; one that runs only a first part of it (a custom
+        decoding loop) is refused. None: the forward is the prompt (or runs outside generate)."""
+        prompt = self._generate_ids
+        if prompt is None:
+            return None
+        s, total = input_ids.shape[1], prompt.shape[1]
+        if s < total:
+            raise ValueError(
+                f"a forward inside generate ran the first {s} of the prompt's {total} tokens: vtprune prunes a prompt "
+                "in one forward (a decoder point scores the visual tokens with the last prompt token's attention, "
+                "which a first part does not hold). Run the whole prompt in the decoding loop's first forward"
+            )
+        return total if s > total else None
 
     def _inner_post(self, module, args, output):
         fwd, self.fwd = self.fwd, None
@@ -463,6 +494,14 @@ class Session:
         q = embeds.shape[1]
         if isinstance(mask, dict):  # built by the host over the unpruned columns: rebuilt from its 2-D mask
             mask = fwd.mask_in
+        rows = fwd.prompt.stages[0][1].gather.shape[0]
+        if embeds.shape[0] != rows:
+            raise ValueError(
+                f"a forward continues a pruned KV cache with {embeds.shape[0]} rows, but its prompt was pruned with "
+                f"{rows}: a decoding loop that expands the batch after the prompt's forward (contrastive search, "
+                "a custom_generate loop) cannot continue it. Expand the inputs before the prompt's forward (as beam "
+                "search does), or unpatch"
+            )
         past = cache.get_seq_length()  # unpruned length (PrunedPrompt)
         fwd.decode_masks = fwd.prompt.masks(mask, past + q)
         if self.compact:  # kept tokens renumbered from each row's first real token, dropped ones not counted
@@ -505,7 +544,7 @@ class Session:
             after = torch.zeros_like(fwd.mask2d[unit.row])
             after[int(unit.positions[-1]) + 1:] = True
             visual = torch.isin(fwd.input_ids[unit.row], torch.tensor(self.visual_ids, device=after.device))
-            text = fwd.mask2d[unit.row] & ~visual
+            text = fwd.prompt_mask[unit.row] & ~visual
             extra["prompt_embeds"] = embeds[unit.row, after & text if bool((after & text).any()) else text]
         if "instruction" in signals:
             texts = self.fwd.signals.get("instructions")

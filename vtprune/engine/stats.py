@@ -29,7 +29,7 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
         for r in fwd.records
     ]
     merged_into = _merged_into(fwd, b, n_in)
-    real = fwd.mask2d.sum(1).tolist()
+    real = fwd.prompt_mask.sum(1).tolist()  # the prompt's (not tokens generate appended to its forward)
     text_cfg = adapter.text_config
     full = pruned = 0
     for row in range(b):
