@@ -39,6 +39,7 @@ import torch
 
 from ..adapters import supported_model_types
 from ..api import patch, unpatch
+from ..progress import progress_bars
 from .config import MethodSpec, ModelSpec, SweepConfig, TaskSpec, load_config
 from .model import UNPRUNED, VTPrune, check_device, load_pretrained, method_config
 from .tiny import random_model_config, save_random_model
@@ -293,7 +294,13 @@ def run_sweep(
     under ``accelerate launch``: an empty list).
 
     ``output_dir`` and ``limit`` override the config's; ``resume=False`` starts a fresh results.jsonl.
-    ``on_row`` is called with each new row as it is written."""
+    ``on_row`` is called with each new row as it is written. ``progress=False`` silences every progress bar, lmms-eval's
+    and transformers' included."""
+    with progress_bars(progress):
+        return _run_sweep(config, output_dir, limit, resume, progress, base_dir, on_row)
+
+
+def _run_sweep(config, output_dir, limit, resume, progress, base_dir, on_row) -> list[dict]:
     from tqdm import tqdm
 
     cfg = config if isinstance(config, SweepConfig) else load_config(config, base_dir)
