@@ -88,3 +88,64 @@ def test_bench_skips_a_method_that_cannot_patch(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert set(_table_rows(out)) == {"unpatched", "random"}
     assert "skipped cls: cls needs a CLS token (test)" in out
+
+
+# -- bad input to any command: one line `vtprune X: error: ...`, exit status 2 ----------------------------------------
+def _cases(tmp):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    image = str(repo / "eval" / "tasks" / "vtprune_shapes" / "images" / "test_00000.png")
+    llava, vit = str(repo / "models" / "tiny-llava-shapes"), str(repo / "models" / "tiny-vit-shapes")
+    text = tmp / "notes.png"
+    text.write_text("not an image")
+    rows = {"list.jsonl": "[1, 2]\n", "fields.jsonl": '{"a": 1}\n',
+            "types.jsonl": '{"model": "m", "method": "x", "task": "t", "value": "high", "score": 1, "max": 100}\n'}
+    for name, body in rows.items():
+        (tmp / name).write_text(body)
+    sweep = tmp / "cuda.yaml"
+    sweep.write_text(f"models: [{{pretrained: {llava}}}]\nmethods: [random]\nbudgets: [16]\ntasks: [vtprune_shapes]\n"
+                     f"include_path: {repo / 'eval' / 'tasks'}\ndevice: cuda\n")
+    out = str(tmp / "p.json")
+    return [
+        (["calibrate", llava, str(tmp / "missing.png"), "--out", out], r"calibration image\(s\) not found"),
+        (["calibrate", llava, str(text), "--out", out], "is not an image PIL can read"),
+        (["calibrate", vit, image, "--out", out], "calibration needs a VLM of a supported type: gemma3"),
+        (["table", str(tmp / "list.jsonl")], r"list.jsonl:1: a result row must be a JSON object, got list"),
+        (["table", str(tmp / "fields.jsonl")], r"fields.jsonl:1: not a row of `vtprune sweep` \(missing \['model'"),
+        (["plot", str(tmp / "types.jsonl")], r"types.jsonl:1: 'value' must be a number, got 'high'"),
+        (["sweep", str(sweep)], "'cuda': this machine has no CUDA device"),
+    ]
+
+
+def test_bad_input_is_one_line_for_every_command(tmp_path, capsys, monkeypatch):
+    """Each case ended in a raw traceback before (PIL, transformers, KeyError / TypeError in the tables, torch's CUDA
+    assertion after the unpruned model loaded)."""
+    import re
+
+    pytest.importorskip("lmms_eval")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the sweep case on any machine
+    for argv, match in _cases(tmp_path):
+        assert cli.main(argv) == 2, argv
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert lines[-1].startswith(f"vtprune {argv[0]}: error: ") and re.search(match, lines[-1]), (argv, lines)
+        assert "Traceback" not in captured.err and not (tmp_path / "p.json").exists()
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors(monkeypatch, tmp_path):
+    def bug(args):
+        raise KeyError("not a user error")
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_cmd_table", bug)
+        with pytest.raises(KeyError):
+            cli.main(["table", str(tmp_path)])
+    assert cli.main(["table", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match="no results file"):
+        cli.main(["--debug", "table", str(tmp_path)])
+    monkeypatch.setenv("VTPRUNE_DEBUG", "1")
+    with pytest.raises(ValueError, match="no results file"):
+        cli.main(["table", str(tmp_path)])

@@ -150,7 +150,7 @@ def test_profile_file_and_trend_errors(tmp_path):
         load_profile(bad)
     with pytest.raises(ValueError, match="needs 4 finite coefficient"):
         DebiasProfile("cubic", (1.0, 2.0))
-    with pytest.raises(ValueError, match="not positive"):
+    with pytest.raises(ValueError, match=r"positive on positions 0..9 only \(it reaches 0 at position 10\)"):
         F.trend_weights(100, "cubic", (1.0, -0.1, 0.0, 0.0))
     with pytest.raises(ValueError, match="kind must be one of"):
         F.fit_trend(torch.ones(10), "linear")
@@ -173,5 +173,82 @@ def test_calibrate_command_writes_a_profile_that_fastv_loads(tmp_path):
     assert main(["calibrate", str(model_dir), *paths, "--layer", "1", "--kind", "exp", "--out", str(out)]) == 0
     profile = load_profile(out)
     assert profile.kind == "exp" and profile.layer == 1 and profile.images == 2 and profile.source == "calibrated"
-    with pytest.raises(ValueError, match="not found"):
-        main(["calibrate", str(model_dir), str(tmp_path / "missing.png"), "--out", str(out)])
+    assert main(["calibrate", str(model_dir), str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+
+
+# -- profiles that cannot weight the model's tokens (refused at calibration and at patch) -----------------------------
+def _crossing(coeffs, n):
+    """First position 0..n-1 where the cubic is not positive, evaluated with numpy (None: positive on all)."""
+    import numpy as np
+
+    values = np.polyval(list(reversed(coeffs)), np.arange(n, dtype=np.float64))
+    bad = np.nonzero(values <= 0)[0]
+    return int(bad[0]) if bad.size else None
+
+
+def test_fit_trend_refuses_a_cubic_that_crosses_zero():
+    """Positive attention whose least-squares cubic dips below zero before the last position (the bundled model's
+    shape: high at the start and the end, near zero between) is refused, naming the coefficients and the crossing;
+    an exponential fit of the same data works."""
+    import numpy as np
+
+    i = torch.arange(256, dtype=torch.float64)
+    attention = torch.exp(-i / 12) + 0.2 * torch.exp((i - 255) / 6) + 1e-4
+    coeffs = np.polynomial.polynomial.polyfit(i.numpy(), attention.numpy(), 3)
+    coeffs = [float(c / coeffs[0]) for c in coeffs]
+    at = _crossing(coeffs, 256)
+    assert at is not None and 0 < at < 255
+    with pytest.raises(ValueError, match=rf"fitted on 256 positions, \[1.0, -?0.0.*is positive on positions "
+                                         rf"0..{at - 1} only .* at position {at}\).*kind='exp'"):
+        F.fit_trend(attention, "cubic")
+    assert F.fit_trend(attention, "exp")[0] < 0
+
+
+def test_patch_refuses_a_profile_that_does_not_cover_the_image_tokens(model_factory, tmp_path):
+    """A profile whose cubic crosses zero at position 10 cannot weight LLaVA's 16 tokens: refused at patch (naming
+    the profile, its valid range and the model's count), not from a decoder-layer hook at the first forward."""
+    coeffs = (1.0, -0.05, -0.005, 0.0)  # 1 - 0.05 i - 0.005 i^2: positive on 0..9, zero at 10
+    assert _crossing(coeffs, 16) == 10
+    path = tmp_path / "short.json"
+    DebiasProfile("cubic", coeffs, source="calibrated").save(path)
+    model = model_factory("llava")
+    with pytest.raises(ValueError, match=rf"debias_weights='{path}' cannot weight this model's 16 visual tokens "
+                                         r"per image: .*positive on positions 0..9 only.*--kind exp"):
+        vtprune.patch(model, "fastv", keep=4, debias=True, debias_weights=str(path))
+    assert not vtprune.is_patched(model)
+    long = tmp_path / "long.json"
+    DebiasProfile("cubic", (1.0, -0.05, 0.0, 0.0), source="calibrated").save(long)  # positive on 0..19
+    inputs = make_inputs(model, "llava", [(4, 1, 5)])
+    assert _kept(model, inputs, keep=4, debias=True, debias_weights=str(long)).numel() == 4
+
+
+def test_calibrate_command_on_the_bundled_model(tmp_path, capsys):
+    """On the bundled model's task images the cubic fit crosses zero inside the 256 tokens: the command refuses it
+    in one line (no profile written); --kind exp gives a profile fastv debias=True runs with."""
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtprune.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    model_dir = repo / "models" / "tiny-llava-shapes"
+    images = [str(p) for p in sorted((repo / "eval" / "tasks" / "vtprune_shapes" / "images").glob("*.png"))[:10]]
+    out = tmp_path / "profile.json"
+    assert main(["calibrate", str(model_dir), *images, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("vtprune calibrate: error: the cubic trend fitted on 256 positions") and "--kind exp" in line
+    assert "Traceback" not in err and not out.exists()
+    assert main(["calibrate", str(model_dir), *images, "--kind", "exp", "--out", str(out)]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]}]
+    from PIL import Image
+
+    with Image.open(images[0]) as im:
+        inputs = processor(images=im.convert("RGB"), text=processor.apply_chat_template(messages,
+                           add_generation_prompt=True), return_tensors="pt")
+    with vtprune.patched(model, "fastv", keep=32, debias=True, debias_weights=str(out)), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert vtprune.stats(model).visual_tokens_kept == [32]

@@ -154,6 +154,13 @@ def test_a_later_budget_the_method_cannot_reach_fails_before_loading(tiny_llava_
         hsweep.run_sweep(_config(tiny_llava_dir, methods=["tome"], budgets=[128, 64]), output_dir=tmp_path)
 
 
+def test_a_pdrop_budget_below_the_floor_fails_before_loading(tiny_llava_dir, no_loading, tmp_path):
+    """pdrop's budget is the average over decoder layers: 8 tokens cannot be met on this 256-token, 4-layer LLaVA
+    (the first layer alone averages 64); refused by the pre-check, not after the unpruned cell."""
+    with pytest.raises(ValueError, match=r"method 'pdrop' cannot run on model 'tiny' at budget 8: .*a budget above 64"):
+        hsweep.run_sweep(_config(tiny_llava_dir, methods=["pdrop"], budgets=[128, 8]), output_dir=tmp_path)
+
+
 def test_cli_reports_config_errors(tmp_path, capsys, no_loading):
     path = tmp_path / "bad.yaml"
     path.write_text("models: [x]\nmethods: [nope]\nbudgets: [4]\ntasks: [vtprune_shapes]\n")

@@ -216,3 +216,20 @@ def test_a_nan_metric_raises(model_dir, tmp_path):
     with pytest.raises(RuntimeError, match="'position_acc' = nan"):
         run_sweep(config, output_dir=tmp_path / "out", limit=2, progress=False)
     assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_no_progress_silences_every_bar(model_dir, tmp_path, capfd):
+    """progress=False (--quiet): no progress bar at all on stderr, lmms-eval's (contexts, postprocessing),
+    transformers' (weight loading), datasets' and vtprune's own included; tqdm is left as it was."""
+    import tqdm.std
+
+    before = tqdm.std.tqdm.__dict__["__init__"]
+    config = {"models": [{"pretrained": str(model_dir)}], "methods": ["random"], "budgets": [16],
+              "tasks": ["vtprune_shapes"], "include_path": str(TASK_DIR.parent), "device": "cpu"}
+    capfd.readouterr()
+    rows = run_sweep(config, output_dir=tmp_path, limit=2, progress=False)
+    err = capfd.readouterr().err
+    assert len(rows) == 2 and "it/s]" not in err and "%|" not in err, err
+    assert tqdm.std.tqdm.__dict__["__init__"] is before
+    with open(tmp_path / "bar.txt", "w") as f, tqdm.std.tqdm(total=1, file=f) as bar:
+        assert not bar.disable

@@ -286,11 +286,43 @@ def test_sparsevlm_budget_of_every_token_keeps_them_all(version, model_factory):
     assert_keep_all_is_bit_identical(model, inputs, "sparsevlm", keep=n, version=version)
 
 
-def test_infeasible_average_budget_names_the_floor(model_factory):
+def test_infeasible_average_budget_fails_at_patch(model_factory):
+    """LLaVA-1.5 fixes the image's tokens (16 here): keep=3 is refused at patch, naming the floor, not from a hook at
+    the first forward. ratio= is checked on any model; keep= where the count varies fails at the forward."""
     model = model_factory("llava")
-    inputs = make_inputs(model, "llava", [(5, 1, 4)])
-    with vtprune.patched(model, "pdrop", keep=3), pytest.raises(ValueError, match="average 4 of the image's 16"):
-        model(**inputs)
+    with pytest.raises(ValueError, match="average 4 of the image's 16"):
+        vtprune.patch(model, "pdrop", keep=3)
+    assert not vtprune.is_patched(model)
+    with pytest.raises(ValueError, match=r"ratio=0.2 .*first drop after layer 1 of 4.* ratio above 0.25"):
+        vtprune.patch(model_factory("qwen2_vl"), "pdrop", ratio=0.2)
+    anyres = model_factory("llava_next")
+    inputs = make_inputs(anyres, "llava_next", [(5, 1, 4)])
+    with vtprune.patched(anyres, "pdrop", keep=3), pytest.raises(ValueError, match="cannot be met"):
+        anyres(**inputs)
+    vtprune.patch(model, "pdrop", keep=5)  # above the floor
+    vtprune.unpatch(model)
+
+
+def test_sparsevlm_counts_for_more_layers_than_the_table_fail_at_patch():
+    from vtprune.methods.sparsevlm import SparseVLM
+
+    method = SparseVLM(vtprune.SparseVLMConfig(keep=8, layers=(0, 1, 2, 3)))
+    with pytest.raises(ValueError, match="official counts .* are for 3 pruning layers, got 4"):
+        method.check_budget(6, 16)
+    SparseVLM(vtprune.SparseVLMConfig(counts=(8, 6, 4, 2), layers=(0, 1, 2, 3))).check_budget(6, 16)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_tokens_is_the_placeholder_count(family, model_factory):
+    """The adapter's fixed per-image token count (what patch checks budgets against) is the model's, or None."""
+    from vtprune.adapters import get_adapter
+
+    model = model_factory(family)
+    tokens = get_adapter(model).image_tokens()
+    assert tokens is None or family in ("llava", "gemma3")
+    if tokens is not None:
+        inputs = make_inputs(model, family, [(3, 2, 4)])
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * tokens
 
 
 # -- model level: every family -------------------------------------------------------------------------------------

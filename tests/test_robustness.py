@@ -79,8 +79,9 @@ def test_method_options_reach_the_method_and_bad_ones_are_refused(runner):
             assert getattr(runner.pruned, api._ATTR).methods[0].config.budget_kind == "last"
     finally:
         runner.method_options = {}
-    with runner.patch("pdrop", 13):
-        assert getattr(runner.pruned, api._ATTR).methods[0].config.budget_kind != "last"
+    with pytest.raises(ValueError, match="cannot be met"):  # without the option: an average of 13 is below the floor
+        with runner.patch("pdrop", 13):
+            pass
     for bad, message in [([1], "must be a mapping"), ({"pdrop": {"keep": 3}}, "other than keep"),
                          ({"pdrp": {}}, "pdrop"), ({"pdrop": {"budget_kind": "most"}}, "budget_kind")]:
         with pytest.raises(ValueError, match=message):

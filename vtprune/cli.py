@@ -20,7 +20,7 @@ list it in ``_COMMANDS``.
 from __future__ import annotations
 
 import argparse
-import functools
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -51,19 +51,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _user_errors(cmd: Callable) -> Callable:
-    """A ``ValueError`` from the library (bad config, unknown task, missing file, ...) becomes
-    ``vtprune <command>: error: ...`` on stderr and exit status 2, like argparse errors."""
-
-    @functools.wraps(cmd)
-    def run(args) -> int:
-        try:
-            return cmd(args)
-        except ValueError as err:
-            print(f"vtprune {args.command}: error: {err}", file=sys.stderr)
-            return 2
-
-    return run
+#: what bad input (a config, an option, a path, a file, a missing extra) raises in the library: ``main`` prints it as
+#: one line ``vtprune <command>: error: ...`` and returns 2, like argparse errors. Any other exception is a bug and
+#: keeps its traceback; ``--debug`` (or ``VTPRUNE_DEBUG=1``) shows the traceback of these too.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, NotImplementedError)
 
 
 # -- demo ------------------------------------------------------------------------------------------------------------
@@ -84,7 +75,6 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-@_user_errors
 def _cmd_demo(args) -> int:
     from .harness.demo import run_demo
 
@@ -173,7 +163,6 @@ def _add_sweep(sub) -> None:
     p.set_defaults(func=_cmd_sweep)
 
 
-@_user_errors
 def _cmd_sweep(args) -> int:
     from .harness import load_config, run_sweep
     from .registry import import_methods
@@ -215,7 +204,6 @@ def _add_table(sub) -> None:
     p.set_defaults(func=_cmd_table)
 
 
-@_user_errors
 def _cmd_table(args) -> int:
     from .harness import write_tables
 
@@ -239,7 +227,6 @@ def _add_plot(sub) -> None:
     p.set_defaults(func=_cmd_plot)
 
 
-@_user_errors
 def _cmd_plot(args) -> int:
     from .harness import plot_results
 
@@ -299,7 +286,6 @@ def _add_robustness(sub) -> None:
     p.set_defaults(func=_cmd_robustness)
 
 
-@_user_errors
 def _cmd_robustness(args) -> int:
     from .robustness import load_config, run_robustness
 
@@ -353,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line "
+                        "(also: VTPRUNE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     for add in _COMMANDS:
         add(sub)
@@ -360,9 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: ``vtprune <command> ...``. Returns the exit status; argparse errors exit with 2."""
+    """Console entry point: ``vtprune <command> ...``. Returns the exit status; argparse errors exit with 2, and so
+    does bad input to any command (:data:`USER_ERRORS`, printed as one line)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if args.debug or os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        print(f"vtprune {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

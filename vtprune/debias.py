@@ -113,13 +113,29 @@ def calibrate_files(model_path: str, images: list[str], layer: int = 2, kind: st
     ``AutoModelForImageTextToText`` / ``AutoProcessor``) on image files, one image per prompt: the processor's
     chat template with the image and ``prompt``."""
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from .adapters import supported_model_types
 
     if not images:
         raise ValueError("calibration needs at least one image file")
     missing = [p for p in images if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"calibration image(s) not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    for path in images:  # before the model loads
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (OSError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"calibration image {path!r} is not an image PIL can read ({err})") from None
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read a transformers model config from {model_path!r} ({str(err).splitlines()[0]}); "
+                         f"calibration needs a VLM of a supported type: {', '.join(supported_model_types())}") from None
+    if config.model_type not in supported_model_types():
+        raise ValueError(f"{model_path!r} is a {config.model_type!r} model; calibration needs a VLM of a supported "
+                         f"type: {', '.join(supported_model_types())}")
     processor = AutoProcessor.from_pretrained(model_path)
     model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

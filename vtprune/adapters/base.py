@@ -136,6 +136,12 @@ class ModelAdapter:
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
 
+    def image_tokens(self) -> int | None:
+        """Visual tokens of every image when the config fixes the count (LLaVA-1.5, Gemma 3), else None (it depends
+        on the image: AnyRes crops, native resolution, tiles, video frames). ``patch`` checks budgets against it
+        (:meth:`vtprune.methods.base.Method.check_budget`)."""
+        return None
+
     @property
     def final_norm(self) -> nn.Module:
         return self.language_model.norm

@@ -56,6 +56,9 @@ class Gemma3Adapter(ModelAdapter):
         grid = torch.arange(patches).view(side // k, k, side // k, k).permute(0, 2, 1, 3)
         return grid.reshape((side // k) ** 2, k * k)
 
+    def image_tokens(self):
+        return int(self.config.mm_tokens_per_image)
+
     def vit_dim(self) -> int:
         return int(self.config.vision_config.hidden_size)
 

@@ -34,6 +34,16 @@ class LlavaAdapter(ModelAdapter):
             return nn.Sequential(proj.linear_1, proj.act, proj.linear_2)
         return proj
 
+    def image_tokens(self):
+        """The tower's patch grid (plus CLS with ``vision_feature_select_strategy='full'``); None for a tower vtprune
+        does not know the grid of."""
+        vcfg = self.config.vision_config
+        if getattr(vcfg, "model_type", None) not in ("clip_vision_model", "clip", "siglip_vision_model"):
+            return None
+        grid = vcfg.image_size // vcfg.patch_size
+        full = getattr(self.config, "vision_feature_select_strategy", "default") == "full" and self.clip_vision_tower
+        return grid * grid + int(full)
+
     def split_projector_inputs(self, captured, call, counts):
         if call.get("image_sizes") is not None and self.config.model_type == "llava":
             raise ValueError("projector inputs of LLaVA models called with image_sizes (Pixtral-style) are not mapped")
@@ -87,6 +97,9 @@ class LlavaAdapter(ModelAdapter):
 class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     multi_crop = True
+
+    def image_tokens(self):
+        return None  # AnyRes: the crop count depends on the image size
 
     def crop_counts(self, call: dict[str, Any], num_images: int) -> list[int]:
         module = sys.modules[type(self.inner).__module__]

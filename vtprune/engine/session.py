@@ -123,6 +123,11 @@ class Session:
         self.method = self.methods[0]
         self.num_layers = len(adapter.decoder_layers)
         self.points = build_points(self.methods, self.num_layers)
+        # a budget the model cannot meet fails here, not in a hook at the first forward; a merge inside the vision
+        # tower changes how many visual tokens reach the LLM
+        tokens = None if any(hasattr(m, "install_in") for m in self.methods) else adapter.image_tokens()
+        for method in self.methods:
+            method.check_budget(self.num_layers, tokens)
         self.decoder_points = {p.layer: p for p in self.points if p.kind != P.VISION}
         vision = next((p.method for p in self.points if p.kind == P.VISION), None)
         self.capture = VisionCapture(adapter, vision, self._on_features)

@@ -148,16 +148,32 @@ def trend_weights(n: int, kind: str, coefficients: Sequence[float]) -> torch.Ten
     i = torch.arange(n, dtype=torch.float64)
     if kind == "exp":
         return torch.exp(-coeffs[0] * i).float()
-    trend = coeffs[0] + coeffs[1] * i + coeffs[2] * i**2 + coeffs[3] * i**3
-    if not bool((trend > 0).all()):
-        raise ValueError(f"the cubic trend {coeffs} is not positive on 0..{n - 1}; it cannot be de-trended")
+    trend = _cubic(i, coeffs)
+    if (problem := _not_positive(trend)) is not None:
+        raise ValueError(f"the cubic trend {coeffs} {problem}, so it cannot de-trend {n} image tokens (0..{n - 1})")
     return (trend[0] / trend).float()
+
+
+def _cubic(i: torch.Tensor, c) -> torch.Tensor:
+    return c[0] + c[1] * i + c[2] * i**2 + c[3] * i**3
+
+
+def _not_positive(trend: torch.Tensor) -> str | None:
+    """Where a trend stops being positive (its valid range), or None when it is positive everywhere."""
+    bad = (trend <= 0).nonzero()
+    if not bad.numel():
+        return None
+    first = int(bad[0])
+    valid = f"is positive on positions 0..{first - 1} only" if first else "is not positive at position 0"
+    return f"{valid} (it reaches {float(trend[first]):.3g} at position {first})"
 
 
 def fit_trend(mean_attention: torch.Tensor, kind: str) -> tuple[float, ...]:
     """Fit the positional trend of ``mean_attention[i]`` (attention to image token ``i`` averaged over images):
     least squares of a cubic polynomial normalised to ``trend(0) = 1`` (``kind="cubic"``), or of
-    ``log a(i) = log A + beta i`` (``kind="exp"``, returns ``(beta,)``). Input of :func:`trend_weights`."""
+    ``log a(i) = log A + beta i`` (``kind="exp"``, returns ``(beta,)``). Input of :func:`trend_weights`. A cubic
+    fit that is not positive on every fitted position ``0 .. N-1`` raises ``ValueError`` naming its coefficients and
+    where it crosses zero (its weights would flip sign there): fit ``"exp"`` instead."""
     check_tensor("mean_attention", mean_attention, ndim=1, shape_hint="[N]", finite=True)
     if kind not in _TRENDS:
         raise ValueError(f"kind must be one of {_TRENDS}, got {kind!r}")
@@ -175,5 +191,11 @@ def fit_trend(mean_attention: torch.Tensor, kind: str) -> tuple[float, ...]:
     design = torch.stack([i**p for p in range(4)], dim=1)
     sol = torch.linalg.lstsq(design, a[:, None]).solution[:, 0]
     if not float(sol[0]) > 0:
-        raise ValueError(f"the fitted cubic trend has a non-positive value at position 0 ({float(sol[0]):.3g})")
-    return tuple(float(c / sol[0]) for c in sol)
+        raise ValueError(f"the fitted cubic trend has a non-positive value at position 0 ({float(sol[0]):.3g}); "
+                         "fit kind='exp' instead (always positive)")
+    coeffs = tuple(float(c / sol[0]) for c in sol)
+    # a trend that crosses zero inside the fitted positions has no weights there
+    if (problem := _not_positive(_cubic(i, coeffs))) is not None:
+        raise ValueError(f"the cubic trend fitted on {n} positions, {list(coeffs)}, {problem}, so its weights would "
+                         "flip sign there: fit kind='exp' instead (always positive; `vtprune calibrate ... --kind exp`)")
+    return coeffs

@@ -373,11 +373,31 @@ class VTPrune(lmms):
         return text.strip()
 
 
+def check_device(device: str | None) -> None:
+    """``ValueError`` unless ``device`` (None: chosen later) is a torch device this machine has, before any weight
+    loads."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                         "use device: cpu, or leave device out (cuda when available, else cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine; use device: cpu")
+
+
 def load_pretrained(pretrained: str, device: str = "cpu", dtype: str | torch.dtype = "auto", device_map=None,
                     attn_implementation: str | None = None, trust_remote_code: bool = False, revision=None):
     """(model, processor) of a local path or hub id, in eval mode on ``device`` (or spread by ``device_map``)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if not device_map:
+        check_device(device)
     if isinstance(dtype, str) and dtype != "auto":
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(resolved, torch.dtype):

@@ -39,8 +39,9 @@ import torch
 
 from ..adapters import supported_model_types
 from ..api import patch, unpatch
+from ..progress import progress_bars
 from .config import MethodSpec, ModelSpec, SweepConfig, TaskSpec, load_config
-from .model import UNPRUNED, VTPrune, load_pretrained, method_config
+from .model import UNPRUNED, VTPrune, check_device, load_pretrained, method_config
 from .tiny import random_model_config, save_random_model
 
 __all__ = ["run_sweep", "check_config", "read_results", "cell_key", "recorded_path", "RESULT_FIELDS"]
@@ -89,10 +90,30 @@ def read_results(path: str | Path) -> list[dict]:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{n}: not a JSON row ({err})") from None
-    return rows
+    for n, row in rows:
+        _check_row(row, f"{path}:{n}")
+    return [row for _, row in rows]
+
+
+#: what a row needs to be tabulated and plotted: a sweep row, or a robustness row (``vtprune robustness``)
+_SWEEP_ROW = {"model": str, "method": str, "task": str, "value": (int, float), "score": (int, float),
+              "max": (int, float)}
+_ROBUSTNESS_ROW = {"model": str, "method": str, "perturbation": str}
+
+
+def _check_row(row, where: str) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a result row must be a JSON object, got {type(row).__name__}")
+    fields = _ROBUSTNESS_ROW if "perturbation" in row else _SWEEP_ROW
+    missing = [k for k in fields if k not in row]
+    if missing:
+        raise ValueError(f"{where}: not a row of `vtprune sweep` (missing {missing}; it has {sorted(row)})")
+    for key, kind in fields.items():
+        if isinstance(row[key], bool) or not isinstance(row[key], kind):
+            raise ValueError(f"{where}: {key!r} must be a {'number' if kind != str else 'string'}, got {row[key]!r}")
 
 
 # -- checks before anything loads ----------------------------------------------------------------------------------
@@ -179,6 +200,7 @@ def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budgets: 
 def check_config(cfg: SweepConfig) -> tuple[Any, dict[str, str]]:
     """Resolve tasks, metrics and models and try every method on every model, without loading weights.
     Returns (lmms-eval TaskManager, task -> metric). Raises ValueError on the first problem."""
+    check_device(cfg.device)
     tm = _task_manager(cfg.include_path, [t.task for t in cfg.tasks])
     metrics = {t.task: _resolve_metric(tm, t) for t in cfg.tasks}
     for spec in cfg.models:
@@ -291,7 +313,13 @@ def run_sweep(
     under ``accelerate launch``: an empty list).
 
     ``output_dir`` and ``limit`` override the config's; ``resume=False`` starts a fresh results.jsonl.
-    ``on_row`` is called with each new row as it is written."""
+    ``on_row`` is called with each new row as it is written. ``progress=False`` silences every progress bar, lmms-eval's
+    and transformers' included."""
+    with progress_bars(progress):
+        return _run_sweep(config, output_dir, limit, resume, progress, base_dir, on_row)
+
+
+def _run_sweep(config, output_dir, limit, resume, progress, base_dir, on_row) -> list[dict]:
     from tqdm import tqdm
 
     cfg = config if isinstance(config, SweepConfig) else load_config(config, base_dir)

@@ -213,6 +213,13 @@ class Method:
         ``cdpruner``'s ``text``), or raise ``ValueError`` naming the option when the model cannot serve it. The
         config itself is not changed (one config may patch several models). Default: nothing to resolve."""
 
+    def check_budget(self, num_layers: int, tokens: int | None) -> None:
+        """Called by ``vtprune.patch`` after :meth:`bind` and the method's points are read (and so by the sweep's
+        pre-check, which patches a weightless copy of each model): raise ``ValueError`` naming the budget (or option)
+        when it cannot be met on a language model of ``num_layers`` decoder layers whose images have ``tokens``
+        visual tokens each (``None``: the count depends on the image; check what does not depend on it), so it fails
+        at ``patch`` rather than from a hook at the first forward. Default: every budget can be met."""
+
     def layer(self, num_layers: int) -> int | None:
         """Decoder layer K before which an llm-stage method prunes (None for vision-stage methods)."""
         return None

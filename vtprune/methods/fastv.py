@@ -97,6 +97,19 @@ class FastV(Method):
     def layer(self, num_layers: int) -> int:
         return check_layer("fastv", self.config.layer, num_layers)
 
+    def check_budget(self, num_layers: int, tokens: int | None) -> None:
+        """A debias profile must weight every visual token of the model's images (a cubic trend that crosses zero
+        before the last one cannot)."""
+        if self.profile is None or tokens is None:
+            return
+        try:
+            self.profile.weights(tokens)
+        except ValueError as err:
+            raise ValueError(
+                f"fastv: debias_weights={self.config.debias_weights!r} cannot weight this model's {tokens} visual "
+                f"tokens per image: {err}. Fit a profile for this model with `vtprune calibrate MODEL IMAGES... "
+                "--kind exp`, or use debias_weights='exp'") from None
+
     def scores(self, image: ImageInputs) -> torch.Tensor:
         """Head-mean attention of the last prompt token to each of the image's tokens."""
         return image.text_attention.mean(dim=0)[image.image_start : image.image_start + image.n]

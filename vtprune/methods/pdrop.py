@@ -180,6 +180,23 @@ class PDrop(Method):
             counts[layers[-1]] = cfg.budget(n)  # exactly the budget after the last drop
         return counts
 
+    def check_budget(self, num_layers: int, tokens: int | None) -> None:
+        """An average budget below what the layers before the first drop cost: ``ratio=`` on any model, ``keep=``
+        where the model's image token count is known."""
+        cfg = self.config
+        if cfg.ratios is not None or cfg.budget_kind == "last":
+            return
+        if tokens is not None:
+            self.schedule(tokens, num_layers)  # raises ValueError naming the floor
+        elif cfg.ratio is not None:
+            first = self.layers(num_layers)[0]
+            if cfg.ratio <= first / num_layers:
+                raise ValueError(
+                    f"pdrop: ratio={cfg.ratio:g} (the average fraction of visual tokens per layer) cannot be met with "
+                    f"a first drop after layer {first} of {num_layers}: the first {first} layers alone keep "
+                    f"{first / num_layers:.4g} of every image's tokens on average; give an earlier first boundary "
+                    f"(layers=...) or a ratio above {first / num_layers:.4g}")
+
     def point_budget(self, n: int, n_original: int, layer: int) -> int:
         return self.schedule(n_original, self._num_layers)[layer]
 

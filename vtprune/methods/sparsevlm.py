@@ -204,6 +204,13 @@ class SparseVLM(Method):
                              f"{len(self._points)} layers; pass counts= with one count per layer")
         return [max(1, round(c * factor)) for c in table[len(table) - len(self._points):]]  # fewer layers: the last
 
+    def check_budget(self, num_layers: int, tokens: int | None) -> None:
+        """A budget's official counts need as many rows as pruning layers (checked at ``patch``, not at the first
+        forward)."""
+        self.layers(num_layers)
+        if self.config.version != "v1" and self.config.counts is None and not self.keeps_all(tokens or _IMAGE):
+            self.counts(tokens or _IMAGE)
+
     def keeps_all(self, n_original: int) -> bool:
         """Whether the budget keeps the whole ``n_original``-token image (``ratio=1``, or ``keep >= n_original``: a
         budget of every token prunes nothing, as for every method; the scaled counts would still drop some)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..progress import progress_bars
 from ..timing import num_threads
 from .attack import caa_attack
 from .config import RobustnessConfig, load_config
@@ -70,7 +71,13 @@ def run_robustness(config: RobustnessConfig | None = None, *, output_dir: str | 
                    progress: bool = True, write: bool = True) -> list[dict]:
     """Run the audit of ``config`` (default: :data:`DEFAULT_CONFIG`) and, with ``write``, write ``results.jsonl``,
     ``table.md`` / ``table.csv``, ``transfer.csv`` and the plots to ``output_dir`` (default
-    ``eval/results/robustness``). Returns the result rows."""
+    ``eval/results/robustness``). Returns the result rows. ``progress=False`` silences every progress bar
+    (transformers' included)."""
+    with progress_bars(progress):
+        return _run_robustness(config, output_dir, progress, write)
+
+
+def _run_robustness(config, output_dir, progress, write) -> list[dict]:
     from tqdm import tqdm
 
     cfg = config if config is not None else load_config()
