@@ -7,7 +7,8 @@ from tiny import make_inputs
 
 import vtprune
 from vtprune import functional as F
-from vtprune.debias import DebiasProfile, builtin_profile, calibrate, load_profile
+from vtprune.calibration import calibrate
+from vtprune.debias import DebiasProfile, builtin_profile, load_profile
 
 K = 2
 

@@ -6,7 +6,7 @@ Commands:
   task, through the harness: accuracy / FLOPs / latency table and plot (``vtprune.harness.demo``);
 * ``sweep`` / ``table`` / ``plot`` — evaluation sweeps through lmms-eval, paper-style tables, accuracy-vs-cost
   plots (``vtprune.harness``; needs the ``vtprune[eval]`` extra);
-* ``calibrate`` — fit a model's positional attention trend for debiased pruning (``vtprune.debias``);
+* ``calibrate`` — fit a model's positional attention trend for debiased pruning (``vtprune.calibration``);
 * ``bench`` — a tiny random-weight LLaVA-1.5, every method at a few budgets: visual tokens kept, analytic prefill
   FLOPs and measured prefill latency (``vtprune.latency``);
 * ``robustness`` — ranking stability under benign perturbations, the compression-aware attack, its transfer
@@ -255,7 +255,7 @@ def _add_calibrate(sub) -> None:
 
 
 def _cmd_calibrate(args) -> int:
-    from .debias import calibrate_files
+    from .calibration import calibrate_files
 
     profile = calibrate_files(args.model, args.images, layer=args.layer, kind=args.kind, prompt=args.prompt)
     profile.save(args.out)

@@ -22,6 +22,7 @@ import torch
 
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
+from ..debias import builtin_profile, load_profile
 from ..registry import register_method
 from . import surrogates as S
 from .base import ImageInputs, Method, check_layer
@@ -87,8 +88,6 @@ class FastV(Method):
         if config.debias:  # no more than the image's real tokens (set_image_sizes)
             self.kept_count = "at_most"
         if config.debias and config.debias_weights != "none":
-            from ..debias import builtin_profile, load_profile
-
             if config.debias_weights in _BUILTIN_WEIGHTS:
                 self.profile = builtin_profile(config.debias_weights, config.debias_beta)
             else:
@@ -123,17 +122,3 @@ class FastV(Method):
             if mask is not None:
                 k = min(k, max(1, int(mask.sum())))
         return F.topk_indices(scores, k)
-
-
-class AttentionRecorder(FastV):
-    """Not registered: keeps every token and records each image's attention row (``vtprune.debias.calibrate``)."""
-
-    kept_count = "own"  # every token
-
-    def __init__(self, config: FastVConfig):
-        super().__init__(config)
-        self.rows: list[torch.Tensor] = []
-
-    def select(self, image: ImageInputs) -> torch.Tensor:
-        self.rows.append(self.scores(image).float().cpu())
-        return torch.arange(image.n, device=image.text_attention.device)
