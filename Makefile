@@ -1,5 +1,6 @@
 # The whole set-up is `make demo` / `make test`: each creates .venv and installs the committed lock
 # (requirements/lock.txt: every package, direct and transitive, at the exact version the suite passed with).
+#   make lint          ruff check + ruff format --check (CI runs it first)
 #   make test-latest   the newest releases pyproject allows, in .venv-latest (CI runs it after `make test`)
 #   make test-oldest   pyproject's floors (requirements/oldest.txt), in .venv-oldest
 #   make lock          regenerate both lock files with pip-tools (then run the three test targets)
@@ -16,7 +17,7 @@ VERSIONS := -c "from vtprune.compat import versions; print('versions:', versions
 # the second environments JIT-build csrc/ into their own cache instead of sharing .venv's in-place vtprune/_C
 ISOLATED_EXT = VTPRUNE_JIT=1 TORCH_EXTENSIONS_DIR=$(abspath $(1))/torch_extensions
 
-.PHONY: demo test bench lock test-latest test-oldest test-vllm gpu-check clean cuda-build
+.PHONY: demo test lint bench lock test-latest test-oldest test-vllm gpu-check clean cuda-build
 
 $(STAMP): requirements/lock.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) $(VERSIONS)
 	$(PY) $(PYTEST)
+
+# ruff (rules and line length in pyproject.toml): lint and the format check
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vtprune tests tests_vllm eval
+	$(VENV)/bin/ruff format --check vtprune tests tests_vllm eval
 
 bench: $(STAMP)
 	$(PY) eval/bench/prefill.py --threads 1 --repeats 15 --out eval/results/prefill.md

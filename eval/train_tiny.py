@@ -57,26 +57,43 @@ MIN_PATCH_PIXELS = 6  # a patch belongs to an object when it holds at least this
 # Model
 
 
-def build_model(processor, args) -> "torch.nn.Module":
+def build_model(processor, args) -> torch.nn.Module:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer
     vision = CLIPVisionConfig(
-        hidden_size=args.vision_width, intermediate_size=4 * args.vision_width, num_hidden_layers=args.vision_layers,
-        num_attention_heads=4, image_size=S.IMAGE_SIZE, patch_size=S.PATCH, hidden_act="quick_gelu",
+        hidden_size=args.vision_width,
+        intermediate_size=4 * args.vision_width,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=4,
+        image_size=S.IMAGE_SIZE,
+        patch_size=S.PATCH,
+        hidden_act="quick_gelu",
         projection_dim=args.vision_width,
     )
     text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=args.text_width, intermediate_size=args.text_width * 8 // 3 // 32 * 32,
-        num_hidden_layers=args.text_layers, num_attention_heads=args.text_width // 32,
-        num_key_value_heads=args.text_width // 32, max_position_embeddings=512, rms_norm_eps=1e-5,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=args.text_width,
+        intermediate_size=args.text_width * 8 // 3 // 32 * 32,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=args.text_width // 32,
+        num_key_value_heads=args.text_width // 32,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=NUM_PATCHES, vision_feature_select_strategy="default", vision_feature_layer=-1,
-        projector_hidden_act="gelu", tie_word_embeddings=False,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=NUM_PATCHES,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
     )
     torch.manual_seed(args.seed)
     model = LlavaForConditionalGeneration(config)
@@ -148,11 +165,19 @@ class VisionHeads(nn.Module):
             # where the objects are and their colour: 7-way per patch; shape: 3-way on object patches only
             "color": F.cross_entropy(color_logits.flatten(0, 1), t["color"].flatten(), weight=COLOR_WEIGHT),
             "shape": 2.0 * F.cross_entropy(shape_logits[..., 1:][obj], t["shape"][obj] - 1)
-            if bool(obj.any()) else shape_logits.sum() * 0,
+            if bool(obj.any())
+            else shape_logits.sum() * 0,
             "centre": F.binary_cross_entropy_with_logits(out[..., 11], t["centre"], pos_weight=torch.tensor(20.0)),
-            "rowcol": 0.3 * (F.cross_entropy(out[..., 12:28].flatten(0, 1), rows.flatten())
-                             + F.cross_entropy(out[..., 28:44].flatten(0, 1), cols.flatten()))
-            + 10 * (F.mse_loss(out[..., 44], rows.float() / (S.GRID - 1)) + F.mse_loss(out[..., 45], cols.float() / (S.GRID - 1))),
+            "rowcol": 0.3
+            * (
+                F.cross_entropy(out[..., 12:28].flatten(0, 1), rows.flatten())
+                + F.cross_entropy(out[..., 28:44].flatten(0, 1), cols.flatten())
+            )
+            + 10
+            * (
+                F.mse_loss(out[..., 44], rows.float() / (S.GRID - 1))
+                + F.mse_loss(out[..., 45], cols.float() / (S.GRID - 1))
+            ),
         }
         c = self.cls(self.cls_norm(cls))
         n_pairs = len(S.COLOR_NAMES) * len(S.SHAPES)
@@ -270,10 +295,25 @@ class Packer:
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         mask = causal & ((ki == -1) | (ki == qi)) & (ki != -2)
         mask |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no NaN rows)
-        return {"ids": ids, "pos": pos, "mask": mask.unsqueeze(1), "ans_q": ans_q, "ans_t": ans_t,
-                "valid": valid, "g_layer": g_layer, "g_head": g_head, "g_q": g_q, "g_t": g_t, "g_ok": g_ok,
-                "r_q": r_q, "r_color": r_color, "r_col": r_col, "r_col2": r_col2, "r_count": r_count,
-                "r_ok": r_ok}
+        return {
+            "ids": ids,
+            "pos": pos,
+            "mask": mask.unsqueeze(1),
+            "ans_q": ans_q,
+            "ans_t": ans_t,
+            "valid": valid,
+            "g_layer": g_layer,
+            "g_head": g_head,
+            "g_q": g_q,
+            "g_t": g_t,
+            "g_ok": g_ok,
+            "r_q": r_q,
+            "r_color": r_color,
+            "r_col": r_col,
+            "r_col2": r_col2,
+            "r_count": r_count,
+            "r_ok": r_ok,
+        }
 
 
 GROUND_ROWS = 6
@@ -433,9 +473,12 @@ def train_vision(model, heads, stream, args, log):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.log_every == 0:
-            log(f"vision {step:5d} {time.time() - t0:7.1f}s loss {loss.item():.3f} "
+            log(
+                f"vision {step:5d} {time.time() - t0:7.1f}s loss {loss.item():.3f} "
                 + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
-                + " " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+                + " "
+                + " ".join(f"{k} {v:.3f}" for k, v in acc.items())
+            )
         step += 1
     log(f"vision stage: {step} steps")
     return step
@@ -463,8 +506,10 @@ def train_language(model, packer, stream, args, log, test_probe, readout, budget
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     model.model.vision_tower.eval()
-    params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters()) + list(
-        model.lm_head.parameters()
+    params = (
+        list(model.model.multi_modal_projector.parameters())
+        + list(model.model.language_model.parameters())
+        + list(model.lm_head.parameters())
     )
     opt = torch.optim.AdamW(params + list(readout.parameters()), lr=args.lm_lr, weight_decay=0.0, betas=(0.9, 0.98))
     t0 = time.time()
@@ -490,8 +535,11 @@ def train_language(model, packer, stream, args, log, test_probe, readout, budget
         ground_loss = torch.zeros(())
         if want_attn:
             words_h, answer_h = attn_logp[1]
-            ground_loss = (grounding_loss(attn_logp[0], batch) + readout_loss(readout[0], words_h, batch, slice(0, 2))
-                           + readout_loss(readout[1], answer_h, batch, slice(2, 3)))
+            ground_loss = (
+                grounding_loss(attn_logp[0], batch)
+                + readout_loss(readout[0], words_h, batch, slice(0, 2))
+                + readout_loss(readout[1], answer_h, batch, slice(2, 3))
+            )
             loss = loss + args.attn_weight * cosine_decay(frac, args.attn_keep) * ground_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -499,9 +547,11 @@ def train_language(model, packer, stream, args, log, test_probe, readout, budget
         opt.step()
         run_acc.append((ans_logits.argmax(-1)[v] == batch["ans_t"][v]).float().mean().item())
         if step % args.log_every == 0:
-            acc = float(np.mean(run_acc[-args.log_every:]))
-            log(f"lm {step:5d} {time.time() - t0:7.1f}s loss {ans_loss.item():.3f} eos {eos_loss.item():.3f} "
-                f"ground {ground_loss.item():.3f} train_acc {acc:.3f}")
+            acc = float(np.mean(run_acc[-args.log_every :]))
+            log(
+                f"lm {step:5d} {time.time() - t0:7.1f}s loss {ans_loss.item():.3f} eos {eos_loss.item():.3f} "
+                f"ground {ground_loss.item():.3f} train_acc {acc:.3f}"
+            )
         if args.probe_every and (step + 1) % args.probe_every == 0:
             log(f"lm {step:5d} probe " + test_probe())
         step += 1
@@ -570,8 +620,9 @@ def packed_probe(model, packer, rows, root: Path, args):
             imgs = [Image.open(root / k).convert("RGB") for k in chunk]
             feats = model.model.vision_tower(pixel_batch(imgs), output_hidden_states=True)
             feats = feats.hidden_states[model.config.vision_feature_layer][:, 1:].float()
-            items = [[(S.Question(r["type"], r["question"], r["answer"]), ([], [])) for r in by_image[k]]
-                     for k in chunk]
+            items = [
+                [(S.Question(r["type"], r["question"], r["answer"]), ([], [])) for r in by_image[k]] for k in chunk
+            ]
             batch = packer.batch(items)
             logits, _, _ = lm_forward(model, feats, batch, False)
             pred = logits.argmax(-1)
@@ -591,7 +642,9 @@ def write_card(out: Path, info: dict, model) -> None:
     """The model card (README.md) from the measured training run and test result."""
     vc, tc = model.config.vision_config, model.config.text_config
     test = info["test"]
-    per_type = "\n".join(f"| {t} | {test['per_type'][t] * 100:.1f}% | {test['per_type_n'][t]} |" for t in test["per_type"])
+    per_type = "\n".join(
+        f"| {t} | {test['per_type'][t] * 100:.1f}% | {test['per_type_n'][t]} |" for t in test["per_type"]
+    )
     cmd = "python eval/train_tiny.py " + " ".join(info["argv"])
     text = f"""---
 library_name: transformers
@@ -601,7 +654,7 @@ license: apache-2.0
 
 # tiny-llava-shapes
 
-A {info['parameters'] / 1e6:.2f} M-parameter `LlavaForConditionalGeneration` trained from scratch on CPU on the
+A {info["parameters"] / 1e6:.2f} M-parameter `LlavaForConditionalGeneration` trained from scratch on CPU on the
 synthetic shapes benchmark of vtprune (`vtprune/shapes.py`, task `eval/tasks/vtprune_shapes`). It exists so
 that visual-token pruning can be measured end to end without downloads or a GPU: it answers the benchmark's
 questions well only when it sees the patches of the objects asked about.
@@ -643,29 +696,29 @@ Exact match of the first generated word on the 600 questions of `eval/tasks/vtpr
 | type | accuracy | questions |
 |---|---|---|
 {per_type}
-| **all** | **{test['accuracy'] * 100:.1f}%** | {test['n']} |
+| **all** | **{test["accuracy"] * 100:.1f}%** | {test["n"]} |
 
 Chance: about 17% (color), 25% (count), 50% (exists), 50% (position).
 
-## Training recipe (`eval/train_tiny.py`, seed {info['args']['seed']})
+## Training recipe (`eval/train_tiny.py`, seed {info["args"]["seed"]})
 
 Command (from the repository root):
 
     {cmd}
 
-Data: fresh scenes of the benchmark's `train` split (seed {info['args']['seed']}; the test split uses seed 1234
-and another stream), {info['train_images']} images in all, each asked several random questions.
+Data: fresh scenes of the benchmark's `train` split (seed {info["args"]["seed"]}; the test split uses seed 1234
+and another stream), {info["train_images"]} images in all, each asked several random questions.
 
-1. Vision stage ({info['args']['vision_steps']} steps, batch {info['args']['vision_batch']}, AdamW lr {info['args']['vision_lr']}, warm-up + cosine):
+1. Vision stage ({info["args"]["vision_steps"]} steps, batch {info["args"]["vision_batch"]}, AdamW lr {info["args"]["vision_lr"]}, warm-up + cosine):
    the CLIP tower learns dense targets from the generator's ground truth through training-only linear heads:
    per patch the colour (or background) and shape of the object covering it, whether it is an object's
    top-left (anchor) patch, its row and column; from the CLS token of layer {2 * vc.num_hidden_layers // 3} (the layer the `cls`
    pruning method reads by default) which (colour, shape) pairs the scene holds and how many of each shape.
-2. Language stage ({info['args']['lm_steps']} steps, batch {info['args']['lm_batch']} images x {info['args']['questions']} questions, AdamW lr {info['args']['lm_lr']}): tower frozen;
-   projector + LM trained on packed sequences (one image prefix, then {info['args']['questions']} question/answer segments,
+2. Language stage ({info["args"]["lm_steps"]} steps, batch {info["args"]["lm_batch"]} images x {info["args"]["questions"]} questions, AdamW lr {info["args"]["lm_lr"]}): tower frozen;
+   projector + LM trained on packed sequences (one image prefix, then {info["args"]["questions"]} question/answer segments,
    each attending only to the prefix and itself, at the positions of a one-question prompt). Loss:
-   cross-entropy on the answer word and on `</s>` after it, plus a grounding loss (weight {info['args']['attn_weight']}, decaying
-   to 0 over the last {1 - info['args']['attn_keep']:.0%} of the steps): KL between the attention of two heads and the generator's
+   cross-entropy on the answer word and on `</s>` after it, plus a grounding loss (weight {info["args"]["attn_weight"]}, decaying
+   to 0 over the last {1 - info["args"]["attn_keep"]:.0%} of the steps): KL between the attention of two heads and the generator's
    ground truth. Layer 0 at each shape word: head 0 over the patches of the objects of that shape, head 1
    over their anchor patches plus BOS in proportion n:1 (a count read-out); layer 1 at the answer position:
    heads 0/1 on the shape word(s) (and the colour word of existence questions). Training-only linear
@@ -673,16 +726,16 @@ and another stream), {info['train_images']} images in all, each asked several ra
    colours, mean x and number of the objects of the named shape(s).
 
 Each stage stops at its step count or at its share of `--max-minutes` of wall clock, whichever comes
-first; this run took {info['vision_steps_done']} vision and {info['lm_steps_done']} language steps.
+first; this run took {info["vision_steps_done"]} vision and {info["lm_steps_done"]} language steps.
 
 The training-only heads are not saved; the checkpoint is a plain LLaVA. Because of the auxiliary losses, the
 CLS token of the tower attends to the objects (as in CLIP models trained on captions) and the LM's early layers
 attend to the object patches named in the question, so CLS- and LM-attention-based pruning have a real signal.
 
-Training time: {info['train_seconds'] / 60:.1f} min wall clock ({info['vision_seconds'] / 60:.1f} min vision stage),
-{info['cpu_seconds'] / 60:.1f} min of process CPU time, `torch.set_num_threads({info['args']['threads']})`, bf16 autocast
-{'on' if info['args']['bf16'] else 'off'}, on a 2-core Xeon machine shared with other jobs (wall time depends on the load).
-Trained on {info['date']}.
+Training time: {info["train_seconds"] / 60:.1f} min wall clock ({info["vision_seconds"] / 60:.1f} min vision stage),
+{info["cpu_seconds"] / 60:.1f} min of process CPU time, `torch.set_num_threads({info["args"]["threads"]})`, bf16 autocast
+{"on" if info["args"]["bf16"] else "off"}, on a 2-core Xeon machine shared with other jobs (wall time depends on the load).
+Trained on {info["date"]}.
 """
     (out / "README.md").write_text(text)
 
@@ -693,8 +746,13 @@ def parse_args(argv=None):
     p.add_argument("--test", default=str(ROOT / "eval" / "tasks" / "vtprune_shapes" / "test.jsonl"))
     p.add_argument("--eval-only", action="store_true", help="only score the saved model (generate route)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
-    p.add_argument("--prune", nargs="*", default=[], metavar="METHOD:KEEP",
-                   help="with --eval-only: also score under vtprune.patched(model, METHOD, keep=KEEP)")
+    p.add_argument(
+        "--prune",
+        nargs="*",
+        default=[],
+        metavar="METHOD:KEEP",
+        help="with --eval-only: also score under vtprune.patched(model, METHOD, keep=KEEP)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vision-width", type=int, default=64)
@@ -715,8 +773,12 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--probe-every", type=int, default=250)
     p.add_argument("--probe-rows", type=int, default=300)
-    p.add_argument("--max-minutes", type=float, default=55,
-                   help="wall-clock budget of the training; each stage ends at its step count or its time share")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=55,
+        help="wall-clock budget of the training; each stage ends at its step count or its time share",
+    )
     p.add_argument("--vision-share", type=float, default=0.3, help="share of --max-minutes for the vision stage")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--save-vision", default=None, help="pilot runs: save the tower after the vision stage")
@@ -775,8 +837,10 @@ def main(argv=None):
     lm_steps = train_language(model, packer, stream, args, log, probe, readout, lm_budget)
     t_train = time.time() - t0
     cpu_train = time.process_time() - c0
-    log(f"training: {t_train:.0f} s ({t_vision:.0f} s vision + {t_train - t_vision:.0f} s language), "
-        f"{stream.index} training images; process CPU time {cpu_train:.0f} s")
+    log(
+        f"training: {t_train:.0f} s ({t_vision:.0f} s vision + {t_train - t_vision:.0f} s language), "
+        f"{stream.index} training images; process CPU time {cpu_train:.0f} s"
+    )
     if args.no_save:
         log("probe " + packed_probe(model, packer, S.load_split(args.test), test_root, args))
         return None
@@ -784,9 +848,16 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    info = {"vision_steps_done": vision_steps, "lm_steps_done": lm_steps, "train_seconds": round(t_train),
-            "vision_seconds": round(t_vision), "train_images": stream.index,
-            "parameters": n_params, "argv": sys.argv[1:], "args": vars(args)}
+    info = {
+        "vision_steps_done": vision_steps,
+        "lm_steps_done": lm_steps,
+        "train_seconds": round(t_train),
+        "vision_seconds": round(t_vision),
+        "train_images": stream.index,
+        "parameters": n_params,
+        "argv": sys.argv[1:],
+        "args": vars(args),
+    }
     (out / "training_log.txt").write_text("\n".join(log_lines) + "\n")
     result = S.evaluate(out, args.test, limit=args.eval_limit, log=log)
     info["test"] = result

@@ -36,7 +36,14 @@ from vtprune import shapes as S  # noqa: E402
 
 # the model's definition, loader and test scenes live in the package (vtprune.tiny_vit); this script trains it
 from vtprune.tiny_vit import (  # noqa: E402,F401
-    CLASSES, PATCH, accuracy, build_vit, load, pixels, scene_and_label, test_set,
+    CLASSES,
+    PATCH,
+    accuracy,
+    build_vit,
+    load,
+    pixels,
+    scene_and_label,
+    test_set,
 )
 
 
@@ -59,8 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=20.0)
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--dense-weight", type=float, default=1.0,
-                   help="weight of the training-only per-patch loss (which object class covers each patch)")
+    p.add_argument(
+        "--dense-weight",
+        type=float,
+        default=1.0,
+        help="weight of the training-only per-patch loss (which object class covers each patch)",
+    )
     return p.parse_args(argv)
 
 
@@ -76,21 +87,35 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     config = {
         "architecture": "timm.models.vision_transformer.VisionTransformer",
-        "timm_kwargs": dict(img_size=args.image_size, patch_size=PATCH, embed_dim=args.width, depth=args.depth,
-                            num_heads=args.heads, mlp_ratio=2.0, num_classes=len(CLASSES), global_pool="token"),
+        "timm_kwargs": dict(
+            img_size=args.image_size,
+            patch_size=PATCH,
+            embed_dim=args.width,
+            depth=args.depth,
+            num_heads=args.heads,
+            mlp_ratio=2.0,
+            num_classes=len(CLASSES),
+            global_pool="token",
+        ),
         "classes": CLASSES,
         "normalization": f"(x / 255 - 0.5) / 0.25, x uint8 RGB {args.image_size}x{args.image_size} (the 224x224 "
-                         "scene box-downsampled: PIL Image.reduce)",
+        "scene box-downsampled: PIL Image.reduce)",
         "task": "shapes classification: the (colour, shape) of the single object of a vtprune.shapes scene",
     }
     model = build_vit(config)
     params = sum(p.numel() for p in model.parameters())
     dense_head = torch.nn.Linear(args.width, len(CLASSES) + 1)  # training-only, not saved
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n
-                                                               and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay + [dense_head.weight], "weight_decay": args.weight_decay},
-                             {"params": no_decay + [dense_head.bias], "weight_decay": 0.0}], lr=args.lr)
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)
+    ]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay + [dense_head.weight], "weight_decay": args.weight_decay},
+            {"params": no_decay + [dense_head.bias], "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+    )
     x_test, y_test = test_set(args.test_images, args.data_seed, args.image_size)
     budget = args.max_minutes * 60.0
     out.mkdir(parents=True, exist_ok=True)
@@ -109,8 +134,9 @@ def main(argv=None) -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1.0 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr
-        items = [scene_and_label("train", index + i, args.data_seed, args.image_size, dense=True)
-                 for i in range(args.batch)]
+        items = [
+            scene_and_label("train", index + i, args.data_seed, args.image_size, dense=True) for i in range(args.batch)
+        ]
         index += args.batch
         images = np.stack([it[0] for it in items])
         dense = np.stack([it[2] for it in items])
@@ -124,7 +150,7 @@ def main(argv=None) -> None:
         loss = F.cross_entropy(logits, y)
         if args.dense_weight:
             target = torch.from_numpy(np.ascontiguousarray(dense)).reshape(args.batch, -1).long()
-            patch_logits = dense_head(feats[:, model.num_prefix_tokens:])
+            patch_logits = dense_head(feats[:, model.num_prefix_tokens :])
             loss = loss + args.dense_weight * F.cross_entropy(patch_logits.flatten(0, 1), target.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,8 +160,10 @@ def main(argv=None) -> None:
         run_loss += float(loss.detach())
         run_acc += float((logits.argmax(-1) == y).float().mean())
         if step % args.log_every == 0:
-            line = (f"step {step:5d} {time.perf_counter() - start:7.1f}s lr {lr:.2e} loss {run_loss / args.log_every:.4f} "
-                    f"train_acc {run_acc / args.log_every:.3f}")
+            line = (
+                f"step {step:5d} {time.perf_counter() - start:7.1f}s lr {lr:.2e} loss {run_loss / args.log_every:.4f} "
+                f"train_acc {run_acc / args.log_every:.3f}"
+            )
             if step % (args.log_every * 10) == 0:
                 line += f" test_acc {accuracy(model, x_test[:300], y_test[:300]):.3f} (first 300)"
             print(line, flush=True)
@@ -151,9 +179,18 @@ def main(argv=None) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     (out / "training_log.txt").write_text("\n".join(log_lines) + "\n")
-    info = {"train_seconds": round(train_s), "steps": step, "train_images": index, "parameters": params,
-            "test_accuracy": acc, "test_images": len(y_test), "argv": sys.argv[1:], "args": vars(args),
-            "torch": torch.__version__, "timm": __import__("timm").__version__}
+    info = {
+        "train_seconds": round(train_s),
+        "steps": step,
+        "train_images": index,
+        "parameters": params,
+        "test_accuracy": acc,
+        "test_images": len(y_test),
+        "argv": sys.argv[1:],
+        "args": vars(args),
+        "torch": torch.__version__,
+        "timm": __import__("timm").__version__,
+    }
     (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
 
 

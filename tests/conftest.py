@@ -13,7 +13,7 @@ import tiny  # noqa: E402
 import vtprune  # noqa: E402
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, attn: str = "sdpa"):
     return tiny.build(family, attn=attn)
 

@@ -46,8 +46,9 @@ cfg = hconfig.load_config({"models": [{"pretrained": "x"}], "methods": ["all"], 
 print("ALL", sorted(m.method for m in cfg.methods))
 """
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "VTPRUNE_NO_EXT": "1"}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"^\| featnorm +\| vlm +\| vision .*p=2\.0", out.stdout, flags=re.M), out.stdout
     assert "'featnorm'" in next(line for line in out.stdout.splitlines() if line.startswith("ALL"))

@@ -106,8 +106,10 @@ def test_cdpruner_matches_official_reading(n, T, M, theta):
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         feats = torch.randn(n, 96, generator=gen, dtype=torch.float64)
-        img, txt = torch.randn(n, 24, generator=gen, dtype=torch.float64), torch.randn(M, 24, generator=gen,
-                                                                                          dtype=torch.float64)
+        img, txt = (
+            torch.randn(n, 24, generator=gen, dtype=torch.float64),
+            torch.randn(M, 24, generator=gen, dtype=torch.float64),
+        )
         assert F.cdpruner_select(feats, img, txt, T, theta).tolist() == _cdpruner_official(feats, img, txt, T, theta)
 
 
@@ -149,21 +151,31 @@ def test_pool_windows_exact_budget_cover_and_means(h, w, k):
     assert bool((weights[torch.arange(k), first] > 0).all())  # the first token belongs to its window
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda: F.vispruner_select(torch.rand(5), torch.rand(4, 3), 2, 0.5), ValueError, "agree on N"),
-    (lambda: F.vispruner_select(torch.rand(5), torch.rand(5, 3), 6, 0.5), ValueError, "k must be in"),
-    (lambda: F.vispruner_select(torch.rand(5), torch.rand(5, 3), 2, 1.5), ValueError, "important_ratio"),
-    (lambda: F.vispruner_select(torch.rand(5, 1), torch.rand(5, 3), 2, 0.5), ValueError, "cls_attn"),
-    (lambda: F.vispruner_select([0.1] * 5, torch.rand(5, 3), 2, 0.5), TypeError, "cls_attn"),
-    (lambda: F.cdpruner_select(torch.rand(5, 4), torch.rand(4, 3), torch.rand(1, 3), 2), ValueError, "agree on N"),
-    (lambda: F.cdpruner_select(torch.rand(5, 4), torch.rand(5, 3), torch.rand(1, 2), 2), ValueError, "text_embeds"),
-    (lambda: F.cdpruner_select(torch.rand(5, 4), torch.rand(5, 3), torch.rand(1, 3), 0), ValueError, "k must be in"),
-    (lambda: F.cdpruner_select(torch.rand(5, 4), torch.rand(5, 3), torch.rand(1, 3), 2, 1.0), ValueError, "theta"),
-    (lambda: F.cdpruner_select(torch.full((5, 4), float("nan")), torch.rand(5, 3), torch.rand(1, 3), 2), ValueError,
-     "NaN"),
-    (lambda: F.pool_windows(4, 4, 17), ValueError, "k must be in"),
-    (lambda: F.pool_windows(0, 4, 1), ValueError, "height"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: F.vispruner_select(torch.rand(5), torch.rand(4, 3), 2, 0.5), ValueError, "agree on N"),
+        (lambda: F.vispruner_select(torch.rand(5), torch.rand(5, 3), 6, 0.5), ValueError, "k must be in"),
+        (lambda: F.vispruner_select(torch.rand(5), torch.rand(5, 3), 2, 1.5), ValueError, "important_ratio"),
+        (lambda: F.vispruner_select(torch.rand(5, 1), torch.rand(5, 3), 2, 0.5), ValueError, "cls_attn"),
+        (lambda: F.vispruner_select([0.1] * 5, torch.rand(5, 3), 2, 0.5), TypeError, "cls_attn"),
+        (lambda: F.cdpruner_select(torch.rand(5, 4), torch.rand(4, 3), torch.rand(1, 3), 2), ValueError, "agree on N"),
+        (lambda: F.cdpruner_select(torch.rand(5, 4), torch.rand(5, 3), torch.rand(1, 2), 2), ValueError, "text_embeds"),
+        (
+            lambda: F.cdpruner_select(torch.rand(5, 4), torch.rand(5, 3), torch.rand(1, 3), 0),
+            ValueError,
+            "k must be in",
+        ),
+        (lambda: F.cdpruner_select(torch.rand(5, 4), torch.rand(5, 3), torch.rand(1, 3), 2, 1.0), ValueError, "theta"),
+        (
+            lambda: F.cdpruner_select(torch.full((5, 4), float("nan")), torch.rand(5, 3), torch.rand(1, 3), 2),
+            ValueError,
+            "NaN",
+        ),
+        (lambda: F.pool_windows(4, 4, 17), ValueError, "k must be in"),
+        (lambda: F.pool_windows(0, 4, 1), ValueError, "height"),
+    ],
+)
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -207,7 +219,7 @@ def _text_after_image(model, inputs):
     ids = inputs["input_ids"][0]
     last = int((ids == model.config.image_token_id).nonzero().max())
     with torch.no_grad():
-        return model.model.get_input_embeddings()(ids[last + 1:])
+        return model.model.get_input_embeddings()(ids[last + 1 :])
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
@@ -234,11 +246,27 @@ def _tiny_clip(width):
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=96, max_position_embeddings=77, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(hidden_size=width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=56, patch_size=14),
-        projection_dim=16)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=96,
+            max_position_embeddings=77,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+        ),
+        projection_dim=16,
+    )
     return CLIPModel(cfg).eval()
 
 
@@ -296,9 +324,11 @@ def test_cdpruner_clip_variant_accepts_open_clip(model_factory):
     inputs = make_inputs(model, "llava", [(4, 1, 6)])
     torch.manual_seed(0)
     width = model.config.vision_config.hidden_size
-    clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=56, patch_size=14, width=width, layers=1,
-                                                              head_width=16, mlp_ratio=2),
-                                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    clip = open_clip.model.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=56, patch_size=14, width=width, layers=1, head_width=16, mlp_ratio=2),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    ).eval()
     tok = open_clip.get_tokenizer("ViT-B-32")  # the bundled BPE vocabulary: offline
     question = " ".join(["red square left of the blue circle"] * 12)  # > 77 tokens
     ids = [tok.sot_token_id, *tok.encode(question), tok.eot_token_id]
@@ -308,8 +338,7 @@ def test_cdpruner_clip_variant_accepts_open_clip(model_factory):
         img = (clip.visual.ln_post(h) @ clip.visual.proj).double()
         txt = clip.encode_text(torch.tensor(ids + [0] * (154 - len(ids))).view(2, 77)).double()
         feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0].double()
-    with vtprune.patched(model, "cdpruner", keep=6, text="clip", clip_model=clip, clip_tokenizer=tok), \
-            torch.no_grad():
+    with vtprune.patched(model, "cdpruner", keep=6, text="clip", clip_model=clip, clip_tokenizer=tok), torch.no_grad():
         vtprune.set_instructions(model, [question])
         model(**inputs)
         kept = vtprune.stats(model).kept_indices[0]
@@ -351,7 +380,9 @@ def test_cdpruner_default_elsewhere_is_the_llm_variant(family, model_factory):
     assert cfg.text is None
     assert _kept_after_patch(model, inputs, "cdpruner", keep=5, text="llm").kept_indices[0].tolist() == default.tolist()
     with pytest.raises(ValueError, match=r"text='clip' .* not CLIP; use text='llm'"):
-        vtprune.patch(model, "cdpruner", keep=4, text="clip", clip_model=_tiny_clip(32), clip_tokenizer=_WordTokenizer())
+        vtprune.patch(
+            model, "cdpruner", keep=4, text="clip", clip_model=_tiny_clip(32), clip_tokenizer=_WordTokenizer()
+        )
     assert not vtprune.is_patched(model)
 
 
@@ -370,8 +401,13 @@ def test_cdpruner_clip_variant_bad_inputs(model_factory):
     assert vtprune.PruneConfig.from_json(cfg.to_json()) == cfg
     model = model_factory("llava")  # a CLIP tower, but clip_model's vision width is not the tower's
     inputs = make_inputs(model, "llava", [(4, 1, 6)])
-    with vtprune.patched(model, "cdpruner", keep=4, clip_model=_tiny_clip(model.config.vision_config.hidden_size + 8),
-                         clip_tokenizer=_WordTokenizer()):
+    with vtprune.patched(
+        model,
+        "cdpruner",
+        keep=4,
+        clip_model=_tiny_clip(model.config.vision_config.hidden_size + 8),
+        clip_tokenizer=_WordTokenizer(),
+    ):
         vtprune.set_instructions(model, ["what is this"])
         with pytest.raises(ValueError, match="width"):
             model(**inputs)
@@ -407,14 +443,21 @@ def test_pool_feeds_window_means_at_first_positions(family, model_factory):
         keep[visual] = False
         keep[visual[kept]] = True
         if family.startswith("qwen"):
-            pos, _ = model.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
-                                                video_grid_thw=None, attention_mask=inputs["attention_mask"],
-                                                mm_token_type_ids=inputs["mm_token_type_ids"])
+            pos, _ = model.model.get_rope_index(
+                inputs["input_ids"],
+                image_grid_thw=inputs["image_grid_thw"],
+                video_grid_thw=None,
+                attention_mask=inputs["attention_mask"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+            )
             pos = pos[..., keep]
         else:
             pos = torch.arange(ids.numel())[keep][None]
-        ref = model(inputs_embeds=embeds[:, keep], position_ids=pos,
-                    attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long)).logits[:, -1]
+        ref = model(
+            inputs_embeds=embeds[:, keep],
+            position_ids=pos,
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        ).logits[:, -1]
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 

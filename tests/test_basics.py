@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import make_inputs
 
 import vtprune
 from vtprune import registry
 from vtprune.methods.base import Method
-
-from tiny import make_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = {12: "twelve", 13: "thirteen", 14: "fourteen", 15: "fifteen", 16: "sixteen", 17: "seventeen"}
@@ -44,7 +43,7 @@ def test_pyproject_description_names_every_family():
 
     text = (REPO / "pyproject.toml").read_text()
     description = re.search(r'^description = "(.*)"$', text, re.M).group(1)
-    families = description[description.index("(") + 1:description.rindex(")")].split(", ")
+    families = description[description.index("(") + 1 : description.rindex(")")].split(", ")
     assert len(families) == len(supported_model_types()) == 12
     key = lambda s: re.sub(r"[^a-z0-9]", "", s.lower())  # noqa: E731  "Qwen2.5-VL" ~ "qwen2_5_vl"
     assert sorted(map(key, families)) == sorted(map(key, supported_model_types()))
@@ -72,7 +71,9 @@ def test_config_docstrings_name_every_option(config_cls):
 
 def test_help_explains_fastv_debias_options():
     doc = vtprune.FastVConfig.__doc__
-    assert re.search(r"``debias_beta``: .*decay", doc) and re.search(r"``pad_threshold`` \(0.5\): [^*]*padding", doc, re.S)
+    assert re.search(r"``debias_beta``: .*decay", doc) and re.search(
+        r"``pad_threshold`` \(0.5\): [^*]*padding", doc, re.S
+    )
 
 
 # -- one exception type for an unknown option ---------------------------------------------------------------------
@@ -175,8 +176,10 @@ def test_sweep_import_option_loads_a_user_method(tmp_path, monkeypatch, clean_re
     random_model_config().save_pretrained(model)
     (tmp_path / "plugin_keepfirst.py").write_text(_PLUGIN.format(name="_cli_keepfirst"))
     config = tmp_path / "sweep.yaml"
-    config.write_text(f"name: t\nmodels: [{model}]\nmethods: [_cli_keepfirst]\nbudgets: [4]\n"
-                      "tasks: [{task: vtprune_shapes, metric: exact_match}]\n")
+    config.write_text(
+        f"name: t\nmodels: [{model}]\nmethods: [_cli_keepfirst]\nbudgets: [4]\n"
+        "tasks: [{task: vtprune_shapes, metric: exact_match}]\n"
+    )
     seen = []
     monkeypatch.setattr(harness, "run_sweep", lambda cfg, **kw: seen.append([m.method for m in cfg.methods]) or [])
     monkeypatch.chdir(tmp_path)
@@ -194,8 +197,7 @@ def test_entry_point_methods_load_on_lookup(tmp_path, monkeypatch, clean_registr
     (tmp_path / "ep_keepfirst.py").write_text(_PLUGIN.format(name="_ep_keepfirst"))
     monkeypatch.syspath_prepend(str(tmp_path))
     eps = [metadata.EntryPoint("keepfirst", "ep_keepfirst", registry.ENTRY_POINT_GROUP)]
-    monkeypatch.setattr(registry.metadata, "entry_points",
-                        lambda group: [e for e in eps if e.group == group])
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [e for e in eps if e.group == group])
     monkeypatch.setattr(registry, "_plugins_loaded", False)
     assert registry.get_method("_ep_keepfirst").name == "_ep_keepfirst"
     assert "_ep_keepfirst" in vtprune.list_methods()

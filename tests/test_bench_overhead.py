@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
+from conftest import opts
 
 import vtprune
 from vtprune.latency import build_random_llava
-from conftest import opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def _load():
 overhead = _load()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny():
     return build_random_llava()
 
@@ -76,12 +76,34 @@ def test_small_run_has_one_row_per_method(tmp_path, capsys):
 
 def test_methods_subset_and_several_budgets(tmp_path):
     out = tmp_path / "o.md"
-    assert overhead.main(["--small", "--repeats", "1", "--warmup", "0", "--methods", "fastv,random",
-                          "--keep", "16,32", "--variant", "fastv:layer=1", "--out", str(out)]) == 0
+    assert (
+        overhead.main(
+            [
+                "--small",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--methods",
+                "fastv,random",
+                "--keep",
+                "16,32",
+                "--variant",
+                "fastv:layer=1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _rows(out.read_text())
     assert [(r[0], r[2], r[3], r[4]) for r in rows] == [
-        ("fastv", "2", "16", "16"), ("fastv", "2", "32", "32"), ("random", "-", "16", "16"),
-        ("random", "-", "32", "32"), ("fastv layer=1", "1", "16", "16"), ("fastv layer=1", "1", "32", "32"),
+        ("fastv", "2", "16", "16"),
+        ("fastv", "2", "32", "32"),
+        ("random", "-", "16", "16"),
+        ("random", "-", "32", "32"),
+        ("fastv layer=1", "1", "16", "16"),
+        ("fastv layer=1", "1", "32", "32"),
     ]
 
 
@@ -103,8 +125,15 @@ def test_timed_layer_is_layer_0_of_the_prefill():
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--keep", "0"], ["--keep", "a"], ["--methods", "nope"], ["--threads", "0"], ["--warmup", "-1"],
-        ["--variant", "fastv"], ["--variant", "nope:a=1"], ["--variant", "fastv:nope=1"], ["--variant", "fastv:layer=0"],
+        ["--keep", "0"],
+        ["--keep", "a"],
+        ["--methods", "nope"],
+        ["--threads", "0"],
+        ["--warmup", "-1"],
+        ["--variant", "fastv"],
+        ["--variant", "nope:a=1"],
+        ["--variant", "fastv:nope=1"],
+        ["--variant", "fastv:layer=0"],
     ],
 )
 def test_bad_flags_exit_2(argv, capsys):
@@ -114,8 +143,7 @@ def test_bad_flags_exit_2(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", [m for m in vtprune.list_methods(host="vlm")
-                                    if m in ("cls", "todre", "visionzip")])
+@pytest.mark.parametrize("method", [m for m in vtprune.list_methods(host="vlm") if m in ("cls", "todre", "visionzip")])
 def test_timed_hook_signals_have_the_engines_shapes(method):
     """The outside-select work timed for a method is the work its vision hooks really do: same layers, same shapes
     as the signals the engine hands to the method's ``select``."""
@@ -147,7 +175,10 @@ def test_sizes_run_times_the_growing_selections_against_a_layer_at_each_size(tmp
     assert "--sizes 40,90" in text
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "_select" in line]
     assert [(r[0].strip(), int(r[1]), int(r[2])) for r in rows] == [
-        ("cdpruner_select", 40, 4), ("vispruner_select", 40, 4), ("cdpruner_select", 90, 10),
-        ("vispruner_select", 90, 10)]
+        ("cdpruner_select", 40, 4),
+        ("vispruner_select", 40, 4),
+        ("cdpruner_select", 90, 10),
+        ("vispruner_select", 90, 10),
+    ]
     for r in rows:  # ratio = ms / one-layer ms, as printed
         assert abs(float(r[6]) - float(r[3]) / float(r[5])) < 1e-2 * max(1.0, float(r[6]))

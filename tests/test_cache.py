@@ -16,12 +16,12 @@ import functools
 
 import pytest
 import torch
-from conftest import opts, budget, supports
+from conftest import budget, opts, supports
 from tiny import (
     FAMILIES,
-    QWEN3,
     IMAGE_ID,
     PAD_ID,
+    QWEN3,
     VEND_ID,
     VIDEO_ID,
     VSTART_ID,
@@ -103,8 +103,11 @@ def _positions(model, family, inputs, ids):
         return torch.arange(ids.shape[1])[None]
     full = _full_inputs(inputs, ids)
     pos, _ = model.model.get_rope_index(
-        ids, mm_token_type_ids=full["mm_token_type_ids"], image_grid_thw=full.get("image_grid_thw"),
-        video_grid_thw=full.get("video_grid_thw"), attention_mask=full["attention_mask"],
+        ids,
+        mm_token_type_ids=full["mm_token_type_ids"],
+        image_grid_thw=full.get("image_grid_thw"),
+        video_grid_thw=full.get("video_grid_thw"),
+        attention_mask=full["attention_mask"],
     )
     return pos
 
@@ -153,8 +156,15 @@ def _reference(model, family, inputs, kept, ids, n, layer=0, compact=False):
         return args, kwargs
 
     layers = model.model.language_model.layers
-    hooks = [lay.register_forward_pre_hook(functools.partial(hook, index=i), with_kwargs=True)
-             for i, lay in enumerate(layers) if i >= layer] if layer else []
+    hooks = (
+        [
+            lay.register_forward_pre_hook(functools.partial(hook, index=i), with_kwargs=True)
+            for i, lay in enumerate(layers)
+            if i >= layer
+        ]
+        if layer
+        else []
+    )
     try:
         with torch.no_grad():
             features = _prompt_features(model, family, inputs)
@@ -164,8 +174,9 @@ def _reference(model, family, inputs, kept, ids, n, layer=0, compact=False):
                 embeds, pos = _embeds(model, inputs, ids, features), _positions(model, family, inputs, ids)
                 extra = {}
                 if "token_type_ids" in inputs:  # Gemma 3
-                    types = torch.cat([inputs["token_type_ids"][0], torch.zeros(t - inputs["input_ids"].shape[1],
-                                                                                dtype=torch.long)])
+                    types = torch.cat(
+                        [inputs["token_type_ids"][0], torch.zeros(t - inputs["input_ids"].shape[1], dtype=torch.long)]
+                    )
                 if layer:
                     state["mask"] = (torch.ones(t, t, dtype=torch.bool).tril() & keep[None, :])[None, None]
                     if types_of:
@@ -176,8 +187,12 @@ def _reference(model, family, inputs, kept, ids, n, layer=0, compact=False):
                 pos = pos[..., keep]
                 if compact:
                     pos = torch.arange(int(keep.sum()))[None]
-                out = model(inputs_embeds=embeds[:, keep], position_ids=pos,
-                            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long), **extra)
+                out = model(
+                    inputs_embeds=embeds[:, keep],
+                    position_ids=pos,
+                    attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+                    **extra,
+                )
                 logits = out.logits[:, -1].float()
                 logits_all.append(logits)
                 ids = torch.cat([ids, _argmax(logits)[:, None]], 1)
@@ -193,7 +208,11 @@ def _reference(model, family, inputs, kept, ids, n, layer=0, compact=False):
 #: routes are built in tests/test_qwen3.py
 ROUTE_FAMILIES = [f for f in FAMILIES if f not in QWEN3]
 TURN_CASES = [(m, f) for f in ROUTE_FAMILIES for m in ("random", "fastv")] + [
-    ("dart", "llava"), ("divprune", "qwen2_vl"), ("random", "qwen3_5"), ("divprune", "qwen3_5_moe")]
+    ("dart", "llava"),
+    ("divprune", "qwen2_vl"),
+    ("random", "qwen3_5"),
+    ("divprune", "qwen3_5_moe"),
+]
 
 
 @pytest.mark.parametrize("method,family", TURN_CASES)
@@ -210,15 +229,20 @@ def test_second_turn_on_a_pruned_cache_equals_unpatched_model_fed_kept_tokens(me
         ids2 = torch.cat([o1.sequences, more], 1)
         cache = _cache_of(o1)
         assert cache.get_seq_length() == s + 5  # the unpruned length: prompt + 5 decoded tokens hold KV
-        o2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), max_new_tokens=4,
-                            **{cache_keyword(model): cache}, **GREEDY)
+        o2 = model.generate(
+            input_ids=ids2,
+            attention_mask=torch.ones_like(ids2),
+            max_new_tokens=4,
+            **{cache_keyword(model): cache},
+            **GREEDY,
+        )
         assert torch.equal(o2.sequences[:, : ids2.shape[1]], ids2)
         assert _cache_of(o2).get_seq_length() == ids2.shape[1] + 3
     ref1, ref_logits1 = _reference(model, family, x, kept, x["input_ids"], 6, layer=layer)
     assert torch.equal(o1.sequences[:, s:], ref1)
     torch.testing.assert_close(torch.stack(o1.logits).float(), ref_logits1, rtol=1e-4, atol=1e-4)
     ref2, ref_logits2 = _reference(model, family, x, kept, ids2, 4, layer=layer)
-    assert torch.equal(o2.sequences[:, ids2.shape[1]:], ref2)
+    assert torch.equal(o2.sequences[:, ids2.shape[1] :], ref2)
     torch.testing.assert_close(torch.stack(o2.logits).float(), ref_logits2, rtol=1e-4, atol=1e-4)
 
 
@@ -238,7 +262,8 @@ def _manual_loop(model, x, n, cache=None):
     qwen = "mm_token_type_ids" in x
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+        lambda mod, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             out = model(**first)
@@ -285,13 +310,18 @@ def test_qwen_decode_loop_on_an_explicit_dynamic_cache(method, family, batch, mo
     model = model_factory(family)
     x = make_inputs(model, family, LOOP_ROWS[batch])
     # the unpruned prompt's M-RoPE numbering: the first decode token comes right after each row's largest position
-    pos, _ = model.model.get_rope_index(x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"],
-                                        image_grid_thw=x["image_grid_thw"], attention_mask=x["attention_mask"])
+    pos, _ = model.model.get_rope_index(
+        x["input_ids"],
+        mm_token_type_ids=x["mm_token_type_ids"],
+        image_grid_thw=x["image_grid_thw"],
+        attention_mask=x["attention_mask"],
+    )
     expected_first = pos.masked_fill(~x["attention_mask"].bool()[None], -1).amax(-1) + 1  # [3, B]
     seen = []
     with vtprune.patched(model, method, **opts(method, keep=5)), torch.no_grad():
         hook = model.model.language_model.register_forward_pre_hook(
-            lambda mod, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+            lambda mod, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True
+        )
         try:
             ref = model.generate(**x, max_new_tokens=4, **GREEDY)
         finally:
@@ -316,8 +346,9 @@ def test_static_cache_is_refused_and_the_model_stays_usable(method, family, mode
         with pytest.raises(ValueError, match="static"):
             model.generate(**x, max_new_tokens=4, do_sample=False, cache_implementation="static")
         with pytest.raises(ValueError, match="StaticCache"):
-            model.generate(**x, max_new_tokens=4, do_sample=False,
-                           **{kw: StaticCache(config=model.config, max_cache_len=64)})
+            model.generate(
+                **x, max_new_tokens=4, do_sample=False, **{kw: StaticCache(config=model.config, max_cache_len=64)}
+            )
         with pytest.raises(ValueError, match="StaticCache"):
             model(**x, **{kw: StaticCache(config=model.config, max_cache_len=64)}, use_cache=True)
         after = model.generate(**x, max_new_tokens=4, do_sample=False)  # nothing left behind by the failed calls
@@ -328,8 +359,13 @@ def test_static_cache_is_refused_and_the_model_stays_usable(method, family, mode
 
 # -- 4. generate(use_cache=False) with llm-stage methods -----------------------------------------------------------
 NOCACHE_CASES = [
-    ("llava", "fastv", {}), ("llava", "fastv", {"debias": True}), ("llava", "dart", {}), ("llava", "pact", {}),
-    ("qwen2_vl", "fastv", {}), ("qwen2_vl", "dart", {}), ("qwen2_5_vl", "fastv", {}),
+    ("llava", "fastv", {}),
+    ("llava", "fastv", {"debias": True}),
+    ("llava", "dart", {}),
+    ("llava", "pact", {}),
+    ("qwen2_vl", "fastv", {}),
+    ("qwen2_vl", "dart", {}),
+    ("qwen2_5_vl", "fastv", {}),
 ]
 
 
@@ -353,8 +389,11 @@ def test_llm_stage_generation_without_cache_equals_with_cache(family, method, op
 # -- 5. the selection does not depend on left padding (plain forward, no position ids) ---------------------------
 PAD_ROWS = [(5, 1, 4), (2, 1, 4)]  # on LLaVA: pads [0, 3]
 # keep=16 is every token of a tiny LLaVA image (a no-op there); llava_next's images have 52 and 88
-PAD_CASES = [(m, f, 5) for m, f in SUPPORTED] + [("dart", "llava", 16), ("dart", "llava", 15),
-                                                 ("dart", "llava_next", 16)]
+PAD_CASES = [(m, f, 5) for m, f in SUPPORTED] + [
+    ("dart", "llava", 16),
+    ("dart", "llava", 15),
+    ("dart", "llava_next", 16),
+]
 
 
 @pytest.mark.parametrize("method,family,keep", PAD_CASES)
@@ -408,19 +447,24 @@ def _video_then_image():
     nv, ni = int(vgrid.prod()) // 4, int(igrid.prod()) // 4  # 12 video tokens, 16 image tokens
     ids = [5, 6, VSTART_ID] + [VIDEO_ID] * nv + [VEND_ID, 7, 8, VSTART_ID] + [IMAGE_ID] * ni + [VEND_ID, 9, 10, 11]
     types = [0, 0, 0] + [2] * nv + [0, 0, 0, 0] + [1] * ni + [0] * 4
-    return dict(
-        input_ids=torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        pixel_values=torch.randn(int(igrid.prod()), 3 * 2 * 14 * 14, generator=gen),
-        image_grid_thw=igrid,
-        pixel_values_videos=torch.randn(int(vgrid.prod()), 3 * 2 * 14 * 14, generator=gen),
-        video_grid_thw=vgrid,
-        mm_token_type_ids=torch.tensor([types]),
-    ), nv, ni
+    return (
+        dict(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pixel_values=torch.randn(int(igrid.prod()), 3 * 2 * 14 * 14, generator=gen),
+            image_grid_thw=igrid,
+            pixel_values_videos=torch.randn(int(vgrid.prod()), 3 * 2 * 14 * 14, generator=gen),
+            video_grid_thw=vgrid,
+            mm_token_type_ids=torch.tensor([types]),
+        ),
+        nv,
+        ni,
+    )
 
 
-@pytest.mark.parametrize("family,method", [("qwen2_vl", "random"), ("qwen2_5_vl", "random"),
-                                           ("qwen2_vl", "divprune"), ("qwen2_vl", "fastv")])
+@pytest.mark.parametrize(
+    "family,method", [("qwen2_vl", "random"), ("qwen2_5_vl", "random"), ("qwen2_vl", "divprune"), ("qwen2_vl", "fastv")]
+)
 def test_kept_indices_follow_prompt_order_with_a_video_before_an_image(family, method, model_factory):
     model = model_factory(family)
     x, nv, ni = _video_then_image()
@@ -431,6 +475,7 @@ def test_kept_indices_follow_prompt_order_with_a_video_before_an_image(family, m
     assert st.visual_tokens_in == [nv + ni] and st.visual_tokens_kept == [10]
     assert int((kept < nv).sum()) == 5  # the first 5 indices are the video's (it comes first in the prompt)
     if method == "random":  # the method's own rule, per unit: randperm(n, seed 0)[:k], sorted
+
         def pick(n):
             return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:5].sort().values
 
@@ -453,13 +498,18 @@ def test_compact_decode_loop_and_second_turn_continue_from_pruned_length(method,
         kept = vtprune.stats(model).kept_indices[0]
         o1 = model.generate(**x, max_new_tokens=6, **GREEDY)
         ids2 = torch.cat([o1.sequences, more], 1)
-        o2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), max_new_tokens=4,
-                            **{cache_keyword(model): _cache_of(o1)}, **GREEDY)
+        o2 = model.generate(
+            input_ids=ids2,
+            attention_mask=torch.ones_like(ids2),
+            max_new_tokens=4,
+            **{cache_keyword(model): _cache_of(o1)},
+            **GREEDY,
+        )
     ref1, ref_logits1 = _reference(model, "llava", x, kept, x["input_ids"], 6, compact=True)
     torch.testing.assert_close(logits, ref_logits1[:5], rtol=1e-4, atol=1e-4)  # the hand-written loop
     assert torch.equal(o1.sequences[:, s:], ref1)
     ref2, ref_logits2 = _reference(model, "llava", x, kept, ids2, 4, compact=True)
-    assert torch.equal(o2.sequences[:, ids2.shape[1]:], ref2)
+    assert torch.equal(o2.sequences[:, ids2.shape[1] :], ref2)
     torch.testing.assert_close(torch.stack(o2.logits).float(), ref_logits2, rtol=1e-4, atol=1e-4)
     # and the original numbering would not have matched (the check can fail)
     _, unpruned_numbering = _reference(model, "llava", x, kept, ids2, 4)
@@ -520,8 +570,12 @@ def test_a_deep_copy_of_a_pruned_cache_continues_like_the_original(method, model
         o1 = model.generate(**x, max_new_tokens=3, **GREEDY)
         snap = copy.deepcopy(_cache_of(o1))
         ids2 = torch.cat([o1.sequences, torch.tensor([[11, 12], [13, 14]])], 1)
-        turn = dict(input_ids=ids2, attention_mask=torch.cat([x["attention_mask"], torch.ones(2, 5, dtype=torch.long)],
-                                                                1), max_new_tokens=3, **GREEDY)
+        turn = dict(
+            input_ids=ids2,
+            attention_mask=torch.cat([x["attention_mask"], torch.ones(2, 5, dtype=torch.long)], 1),
+            max_new_tokens=3,
+            **GREEDY,
+        )
         length = snap.get_seq_length()
         on_original = model.generate(**turn, **{cache_keyword(model): _cache_of(o1)})
         assert snap.get_seq_length() == length  # the original grew; the copy did not
@@ -564,10 +618,13 @@ def test_sequence_lengths_checks_its_arguments(model_factory):
         st = vtprune.stats(model)
     s = x["input_ids"].shape[1]
     assert st.sequence_lengths(0, s, 4) == [s - 8, s - 8, s - 12, s - 12]
-    for args, error, match in [((1, s, 4), ValueError, r"row=1 is out of range; allowed: 0 <= row <= 0"),
-                               ((-1, s, 4), ValueError, "row=-1"), ((0, 3, 4), ValueError, "prompt_len=3"),
-                               ((0, s, 2), ValueError, "num_layers=2 but a prune point acts at layer 2"),
-                               ((0, float(s), 4), TypeError, "prompt_len must be an int")]:
+    for args, error, match in [
+        ((1, s, 4), ValueError, r"row=1 is out of range; allowed: 0 <= row <= 0"),
+        ((-1, s, 4), ValueError, "row=-1"),
+        ((0, 3, 4), ValueError, "prompt_len=3"),
+        ((0, s, 2), ValueError, "num_layers=2 but a prune point acts at layer 2"),
+        ((0, float(s), 4), TypeError, "prompt_len must be an int"),
+    ]:
         with pytest.raises(error, match=match):
             st.sequence_lengths(*args)
 
@@ -575,5 +632,8 @@ def test_sequence_lengths_checks_its_arguments(model_factory):
 def test_a_cache_that_is_not_a_transformers_cache_is_named(model_factory):
     model = model_factory("llava")
     x = make_inputs(model, "llava", [(5, 1, 4)])
-    with vtprune.patched(model, "random", keep=4), pytest.raises(TypeError, match="must be a transformers Cache.*tuple"):
+    with (
+        vtprune.patched(model, "random", keep=4),
+        pytest.raises(TypeError, match="must be a transformers Cache.*tuple"),
+    ):
         model(**x, **{cache_keyword(model): ((torch.zeros(1),),)})

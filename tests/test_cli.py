@@ -66,7 +66,16 @@ def test_help_texts_print_no_escaped_percent(capsys):
         assert "%%" not in capsys.readouterr().out, name
 
 
-@pytest.mark.parametrize("argv", [[], ["bench", "--budgets", "0"], ["bench", "--budgets", "a,b"], ["bench", "--threads", "0"], ["demo", "--limit", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["bench", "--budgets", "0"],
+        ["bench", "--budgets", "a,b"],
+        ["bench", "--threads", "0"],
+        ["demo", "--limit", "0"],
+    ],
+)
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
@@ -99,13 +108,18 @@ def _cases(tmp):
     llava, vit = str(repo / "models" / "tiny-llava-shapes"), str(repo / "models" / "tiny-vit-shapes")
     text = tmp / "notes.png"
     text.write_text("not an image")
-    rows = {"list.jsonl": "[1, 2]\n", "fields.jsonl": '{"a": 1}\n',
-            "types.jsonl": '{"model": "m", "method": "x", "task": "t", "value": "high", "score": 1, "max": 100}\n'}
+    rows = {
+        "list.jsonl": "[1, 2]\n",
+        "fields.jsonl": '{"a": 1}\n',
+        "types.jsonl": '{"model": "m", "method": "x", "task": "t", "value": "high", "score": 1, "max": 100}\n',
+    }
     for name, body in rows.items():
         (tmp / name).write_text(body)
     sweep = tmp / "cuda.yaml"
-    sweep.write_text(f"models: [{{pretrained: {llava}}}]\nmethods: [random]\nbudgets: [16]\ntasks: [vtprune_shapes]\n"
-                     f"include_path: {repo / 'eval' / 'tasks'}\ndevice: cuda\n")
+    sweep.write_text(
+        f"models: [{{pretrained: {llava}}}]\nmethods: [random]\nbudgets: [16]\ntasks: [vtprune_shapes]\n"
+        f"include_path: {repo / 'eval' / 'tasks'}\ndevice: cuda\n"
+    )
     out = str(tmp / "p.json")
     return [
         (["calibrate", llava, str(tmp / "missing.png"), "--out", out], r"calibration image\(s\) not found"),

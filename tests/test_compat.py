@@ -51,8 +51,9 @@ def test_causal_masks_match_the_host_call_and_warn_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a deprecated keyword would raise here
         ours = compat.causal_masks(cfg, hidden, mask2d, None, {"full_attention": 0})
-    ref = masking_utils.create_causal_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask2d,
-                                           position_ids=None, **{_host_keyword(): None})
+    ref = masking_utils.create_causal_mask(
+        config=cfg, inputs_embeds=hidden, attention_mask=mask2d, position_ids=None, **{_host_keyword(): None}
+    )
     assert set(ours) == {"full_attention"}
     if ref is None:
         assert ours["full_attention"] is None

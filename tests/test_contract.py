@@ -29,8 +29,17 @@ def toy():
     def make(select, stage="vision", signals=(), **attrs):
         name = f"_toy_contract_{next(_NAMES)}"
         config = dataclass(type(f"{name}Config", (PruneConfig,), {"__annotations__": {"layer": int}, "layer": 2}))
-        cls = type(name, (Method,), dict(stage=stage, signals=frozenset(signals), select=select,
-                                         layer=lambda self, n: self.config.layer if stage == "llm" else None, **attrs))
+        cls = type(
+            name,
+            (Method,),
+            dict(
+                stage=stage,
+                signals=frozenset(signals),
+                select=select,
+                layer=lambda self, n: self.config.layer if stage == "llm" else None,
+                **attrs,
+            ),
+        )
         registry.register_method(name, config)(cls)
         names.append(name)
         return name
@@ -56,17 +65,23 @@ def llava(model_factory):
 def test_one_index_too_many_is_refused_naming_the_method_and_point(toy, llava):
     model, inputs = llava
     name = toy(lambda self, image: torch.arange(image.k + 1))
-    with pytest.raises(RuntimeError, match=rf"method '{name}' at '{name}' \(vision\) at the vision entry returned 7 "
-                                           r"indices for an image of 16 visual tokens with a budget of 6; expected "
-                                           "exactly 6"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"method '{name}' at '{name}' \(vision\) at the vision entry returned 7 "
+        r"indices for an image of 16 visual tokens with a budget of 6; expected "
+        "exactly 6",
+    ):
         _run(model, inputs, name, keep=6)
 
 
 def test_too_few_at_a_decoder_point_is_refused(toy, llava):
     model, inputs = llava
     name = toy(lambda self, image: torch.arange(image.k - 2), stage="llm", signals={"hidden"})
-    with pytest.raises(RuntimeError, match=rf"'{name}' \(llm\) at decoder layer 2 returned 8 indices .* expected "
-                                           "exactly 10"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"'{name}' \(llm\) at decoder layer 2 returned 8 indices .* expected "
+        "exactly 10",
+    ):
         _run(model, inputs, name, keep=10)
 
 
@@ -78,13 +93,16 @@ def test_a_python_list_is_taken_as_indices(toy, llava):
     assert [k.tolist() for k in stats.kept_indices] == [list(range(0, 12, 2))] * 2
 
 
-@pytest.mark.parametrize("value,match", [
-    ("lambda image: {'kept': 1}", r"returned dict; expected a 1-D int64 tensor"),
-    ("lambda image: torch.arange(image.k).float()", r"dtype torch.float32; expected a 1-D int64"),
-    ("lambda image: torch.arange(image.n) < image.k", r"dtype torch.bool \(a keep mask\? return mask.nonzero"),
-    ("lambda image: torch.arange(image.k)[None]", r"shape \(1, 6\)"),
-    ("lambda image: ['0', '1']", r"returned list; expected"),
-])
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ("lambda image: {'kept': 1}", r"returned dict; expected a 1-D int64 tensor"),
+        ("lambda image: torch.arange(image.k).float()", r"dtype torch.float32; expected a 1-D int64"),
+        ("lambda image: torch.arange(image.n) < image.k", r"dtype torch.bool \(a keep mask\? return mask.nonzero"),
+        ("lambda image: torch.arange(image.k)[None]", r"shape \(1, 6\)"),
+        ("lambda image: ['0', '1']", r"returned list; expected"),
+    ],
+)
 def test_wrong_types_are_refused_with_a_type_error(toy, llava, value, match):
     model, inputs = llava
     fn = eval(value)
@@ -93,12 +111,15 @@ def test_wrong_types_are_refused_with_a_type_error(toy, llava, value, match):
         _run(model, inputs, name, keep=6)
 
 
-@pytest.mark.parametrize("value,match", [
-    ("torch.arange(image.k) + image.n - image.k + 1", r"indices from \d+ to 16; expected indices in \[0, 16\)"),
-    ("torch.arange(image.k) - 1", r"indices from -1 to 4; expected indices in \[0, 16\)"),
-    ("torch.arange(image.k).flip(0)", r"returned indices out of order; expected ascending unique"),
-    ("torch.cat([torch.arange(image.k - 1), torch.tensor([image.k - 2])])", r"returned duplicates"),
-])
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ("torch.arange(image.k) + image.n - image.k + 1", r"indices from \d+ to 16; expected indices in \[0, 16\)"),
+        ("torch.arange(image.k) - 1", r"indices from -1 to 4; expected indices in \[0, 16\)"),
+        ("torch.arange(image.k).flip(0)", r"returned indices out of order; expected ascending unique"),
+        ("torch.cat([torch.arange(image.k - 1), torch.tensor([image.k - 2])])", r"returned duplicates"),
+    ],
+)
 def test_out_of_range_unsorted_and_duplicate_indices_are_refused(toy, llava, value, match):
     model, inputs = llava
     name = toy(lambda self, image: eval(value, {"torch": torch, "image": image}))
@@ -106,8 +127,13 @@ def test_out_of_range_unsorted_and_duplicate_indices_are_refused(toy, llava, val
         _run(model, inputs, name, keep=6)
 
 
-@pytest.mark.parametrize("field,match", [("merged", r"Selection.merged of shape \(5, \d+\); expected \[6, D\]"),
-                                         ("weights", r"Selection.weights of shape \(6, 15\); expected \[6, 16\]")])
+@pytest.mark.parametrize(
+    "field,match",
+    [
+        ("merged", r"Selection.merged of shape \(5, \d+\); expected \[6, D\]"),
+        ("weights", r"Selection.weights of shape \(6, 15\); expected \[6, 16\]"),
+    ],
+)
 def test_selection_shapes_are_checked(toy, llava, field, match):
     model, inputs = llava
 
@@ -140,24 +166,30 @@ def test_a_declared_count_rule_allows_a_different_count(toy, llava):
 def test_an_unknown_count_rule_is_refused_at_patch(toy, llava):
     model, _ = llava
     name = toy(lambda self, image: torch.arange(image.k), kept_count="exact")
-    with pytest.raises(ValueError, match=rf"method '{name}' declares kept_count='exact'; allowed: "
-                                         r"\('budget', 'at_most', 'own'\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"method '{name}' declares kept_count='exact'; allowed: "
+        r"\('budget', 'at_most', 'own'\)",
+    ):
         vtprune.patch(model, name, keep=6)
     assert not vtprune.is_patched(model)
 
 
 # -- signals a method did not declare ------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage,declared,read,signal", [
-    ("llm", {"hidden"}, "image.keys", "keys"),
-    ("llm", {"hidden"}, "image.text_attention", "layer_attention' or 'text_attention"),
-    ("llm", {"keys"}, "image.hidden", "hidden"),
-    ("llm", {"hidden"}, "image.attention_rows", "queries"),
-    ("vision", {"features"}, "image.cls_attention", "cls_attention"),
-    ("vision", set(), "image.features", "features"),
-    ("vision", {"features"}, "image.projector", "projector_inputs"),
-    ("vision", {"features"}, "image.extra.get('instruction')", "instruction"),
-    ("vision", {"features"}, "image.extra['prompt_embeds']", "prompt_embeds"),
-])
+@pytest.mark.parametrize(
+    "stage,declared,read,signal",
+    [
+        ("llm", {"hidden"}, "image.keys", "keys"),
+        ("llm", {"hidden"}, "image.text_attention", "layer_attention' or 'text_attention"),
+        ("llm", {"keys"}, "image.hidden", "hidden"),
+        ("llm", {"hidden"}, "image.attention_rows", "queries"),
+        ("vision", {"features"}, "image.cls_attention", "cls_attention"),
+        ("vision", set(), "image.features", "features"),
+        ("vision", {"features"}, "image.projector", "projector_inputs"),
+        ("vision", {"features"}, "image.extra.get('instruction')", "instruction"),
+        ("vision", {"features"}, "image.extra['prompt_embeds']", "prompt_embeds"),
+    ],
+)
 def test_reading_an_undeclared_signal_raises_naming_it(toy, llava, stage, declared, read, signal):
     model, inputs = llava
 
@@ -167,8 +199,13 @@ def test_reading_an_undeclared_signal_raises_naming_it(toy, llava, stage, declar
 
     name = toy(select, stage=stage, signals=declared)
     field = read.split(".", 1)[1].replace(".get(", "[").replace(")", "]")
-    with pytest.raises(RuntimeError, match=re.escape(f"method '{name}' read ImageInputs.{field}, which signal "
-                                                     f"'{signal}' fills, but it declares signals={sorted(declared)}")):
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
+            f"method '{name}' read ImageInputs.{field}, which signal "
+            f"'{signal}' fills, but it declares signals={sorted(declared)}"
+        ),
+    ):
         _run(model, inputs, name, keep=6)
 
 
@@ -186,12 +223,19 @@ def test_declared_signals_and_model_facts_read_as_before(toy, llava):
 
 
 # -- schedules whose later step would do nothing ------------------------------------------------------------------
-@pytest.mark.parametrize("first,later,match", [
-    (dict(keep=8), dict(keep=8), r"'fastv' \(llm\) at decoder layer 2 with keep=8 acts after 'divprune' \(vision\) at "
-                                 r"the vision entry with keep=8, so it keeps every token .* \(keep < 8 or ratio < 1\)"),
-    (dict(keep=8), dict(keep=12), r"'fastv' .* with keep=12 acts after 'divprune' .* with keep=8"),
-    (dict(ratio=0.5), dict(ratio=1.0), r"'fastv' .* with ratio=1.0 acts after 'divprune' .* with ratio=0.5"),
-])
+@pytest.mark.parametrize(
+    "first,later,match",
+    [
+        (
+            dict(keep=8),
+            dict(keep=8),
+            r"'fastv' \(llm\) at decoder layer 2 with keep=8 acts after 'divprune' \(vision\) at "
+            r"the vision entry with keep=8, so it keeps every token .* \(keep < 8 or ratio < 1\)",
+        ),
+        (dict(keep=8), dict(keep=12), r"'fastv' .* with keep=12 acts after 'divprune' .* with keep=8"),
+        (dict(ratio=0.5), dict(ratio=1.0), r"'fastv' .* with ratio=1.0 acts after 'divprune' .* with ratio=0.5"),
+    ],
+)
 def test_a_later_step_that_keeps_everything_is_refused_at_patch(llava, first, later, match):
     model, _ = llava
     schedule = [vtprune.DivPruneConfig(**first), vtprune.FastVConfig(layer=2, **later)]
@@ -218,8 +262,11 @@ def test_a_later_step_with_a_smaller_budget_is_accepted(llava):
 def test_a_later_step_known_to_do_nothing_only_per_image_warns(llava):
     model, inputs = llava  # ratio 0.25 of 16 tokens leaves 4; keep=6 then keeps them all
     schedule = [vtprune.DivPruneConfig(ratio=0.25), vtprune.FastVConfig(keep=6, layer=2)]
-    with pytest.warns(UserWarning, match=r"schedule: 'fastv' \(llm\) at decoder layer 2 keeps every token that "
-                                         r"reaches it .* does nothing there"):
+    with pytest.warns(
+        UserWarning,
+        match=r"schedule: 'fastv' \(llm\) at decoder layer 2 keeps every token that "
+        r"reaches it .* does nothing there",
+    ):
         stats = _run(model, inputs, schedule)
     assert [s.visual_tokens_kept for s in stats.stages] == [[4, 4], [4, 4]]
 

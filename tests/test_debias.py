@@ -120,8 +120,12 @@ def test_fit_trend_recovers_known_trends():
     i = torch.arange(100.0, dtype=torch.float64)
     coeffs = (1.0, 2e-3, -1e-5, 3e-8)
     cubic = 0.02 * (coeffs[0] + coeffs[1] * i + coeffs[2] * i**2 + coeffs[3] * i**3)
-    torch.testing.assert_close(torch.tensor(F.fit_trend(cubic, "cubic"), dtype=torch.float64),
-                               torch.tensor(coeffs, dtype=torch.float64), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(F.fit_trend(cubic, "cubic"), dtype=torch.float64),
+        torch.tensor(coeffs, dtype=torch.float64),
+        rtol=1e-6,
+        atol=1e-12,
+    )
     assert F.fit_trend(0.5 * torch.exp(0.004 * i), "exp")[0] == pytest.approx(0.004, rel=1e-6)
     w = builtin_profile("cubic").weights(576)
     assert w[0] == 1 and 0.35 < float(w[-1]) < 0.37  # the official FastV vector de-weights late tokens
@@ -134,7 +138,11 @@ def test_fit_trend_recovers_known_trends():
         (dict(debias=True, debias_beta=0.01), ValueError, "applies to debias_weights='exp' only"),
         (dict(debias=True, debias_weights="/nonexistent/profile.json"), ValueError, "does not exist"),
         (dict(debias=True, debias_weights="bogus"), ValueError, r"takes 'cubic', 'exp', 'none' or the path"),
-        (dict(debias=True, debias_weights="exp", debias_beta=-1.0), ValueError, "debias_beta must be a finite number >= 0"),
+        (
+            dict(debias=True, debias_weights="exp", debias_beta=-1.0),
+            ValueError,
+            "debias_beta must be a finite number >= 0",
+        ),
         (dict(debias="yes"), TypeError, "debias must be True or False"),
         (dict(debias=True, pad_threshold=2), ValueError, r"pad_threshold must be a number in \[0, 1\]"),
     ],
@@ -199,8 +207,11 @@ def test_fit_trend_refuses_a_cubic_that_crosses_zero():
     coeffs = [float(c / coeffs[0]) for c in coeffs]
     at = _crossing(coeffs, 256)
     assert at is not None and 0 < at < 255
-    with pytest.raises(ValueError, match=rf"fitted on 256 positions, \[1.0, -?0.0.*is positive on positions "
-                                         rf"0..{at - 1} only .* at position {at}\).*kind='exp'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"fitted on 256 positions, \[1.0, -?0.0.*is positive on positions "
+        rf"0..{at - 1} only .* at position {at}\).*kind='exp'",
+    ):
         F.fit_trend(attention, "cubic")
     assert F.fit_trend(attention, "exp")[0] < 0
 
@@ -213,8 +224,11 @@ def test_patch_refuses_a_profile_that_does_not_cover_the_image_tokens(model_fact
     path = tmp_path / "short.json"
     DebiasProfile("cubic", coeffs, source="calibrated").save(path)
     model = model_factory("llava")
-    with pytest.raises(ValueError, match=rf"debias_weights='{path}' cannot weight this model's 16 visual tokens "
-                                         r"per image: .*positive on positions 0..9 only.*--kind exp"):
+    with pytest.raises(
+        ValueError,
+        match=rf"debias_weights='{path}' cannot weight this model's 16 visual tokens "
+        r"per image: .*positive on positions 0..9 only.*--kind exp",
+    ):
         vtprune.patch(model, "fastv", keep=4, debias=True, debias_weights=str(path))
     assert not vtprune.is_patched(model)
     long = tmp_path / "long.json"
@@ -248,8 +262,11 @@ def test_calibrate_command_on_the_bundled_model(tmp_path, capsys):
     from PIL import Image
 
     with Image.open(images[0]) as im:
-        inputs = processor(images=im.convert("RGB"), text=processor.apply_chat_template(messages,
-                           add_generation_prompt=True), return_tensors="pt")
+        inputs = processor(
+            images=im.convert("RGB"),
+            text=processor.apply_chat_template(messages, add_generation_prompt=True),
+            return_tensors="pt",
+        )
     with vtprune.patched(model, "fastv", keep=32, debias=True, debias_weights=str(out)), torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert vtprune.stats(model).visual_tokens_kept == [32]

@@ -4,6 +4,7 @@ time, ``vtprune.stats`` after beam search."""
 import pytest
 import tiny
 import torch
+from conftest import opts
 from tiny import make_inputs
 from transformers import (
     CLIPVisionConfig,
@@ -15,7 +16,6 @@ from transformers import (
 import vtprune
 from vtprune import functional as F
 from vtprune.methods.cls import VTCCLS
-from conftest import opts
 
 
 def _llava(vision_layers: int):
@@ -34,8 +34,9 @@ def _llava(vision_layers: int):
 
 
 # ------------------------------------------------------------------ cls: default start layer on shallow towers
-@pytest.mark.parametrize("num_layers,expected", [(24, list(range(16, 23))), (12, list(range(8, 11))), (4, [2]),
-                                                 (3, [1]), (2, [0])])
+@pytest.mark.parametrize(
+    "num_layers,expected", [(24, list(range(16, 23))), (12, list(range(8, 11))), (4, [2]), (3, [1]), (2, [0])]
+)
 def test_cls_default_start_layer_is_clamped_into_range(num_layers, expected):
     # 2L/3 as long as it leaves a layer before the last one (16 of 24 for CLIP ViT-L, the official default),
     # else L-2
@@ -61,12 +62,16 @@ def test_cls_patches_and_runs_on_shallow_towers(vision_layers, layers):
     assert st.kept_indices[0].tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("vision_layers,start,allowed", [(3, 2, "0 <= start_layer <= 1"),
-                                                         (2, 1, "0 <= start_layer <= 0")])
+@pytest.mark.parametrize(
+    "vision_layers,start,allowed", [(3, 2, "0 <= start_layer <= 1"), (2, 1, "0 <= start_layer <= 0")]
+)
 def test_cls_explicit_start_layer_that_leaves_no_layer_raises(vision_layers, start, allowed):
     model = _llava(vision_layers)
-    with pytest.raises(ValueError, match=rf"start_layer={start} leaves no vision layer.*{vision_layers}-layer "
-                                         rf"tower.*allowed: {allowed}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"start_layer={start} leaves no vision layer.*{vision_layers}-layer "
+        rf"tower.*allowed: {allowed}",
+    ):
         vtprune.patch(model, "cls", keep=4, start_layer=start)
     assert not vtprune.is_patched(model)
     # an explicit start inside the range is used as given (not clamped)

@@ -29,15 +29,16 @@ from transformers import (
 from vtprune import flops
 
 REL_TOL = 0.05
-_ATTN_OPS = ("bmm",)   # eager attention: Q K^T and A V are batched matmuls
+_ATTN_OPS = ("bmm",)  # eager attention: Q K^T and A V are batched matmuls
 
 
 def _eager(model_cls, cfg):
     """A model of ``cfg`` whose attention (text and vision) runs eagerly, so FlopCounterMode sees it as matmuls
     on every torch version (see the module docstring)."""
     model = model_cls._from_config(cfg, attn_implementation="eager").eval()
-    subs = [model.config] + [getattr(model.config, n) for n in ("text_config", "vision_config")
-                             if getattr(model.config, n, None) is not None]
+    subs = [model.config] + [
+        getattr(model.config, n) for n in ("text_config", "vision_config") if getattr(model.config, n, None) is not None
+    ]
     assert all(c._attn_implementation == "eager" for c in subs), [c._attn_implementation for c in subs]
     return model
 
@@ -68,24 +69,44 @@ def _rel(mine, ref):
 
 
 def _llama_cfg(**kw):
-    base = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2)
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
 
 def _qwen_text(**kw):
-    base = dict(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    base = dict(
+        vocab_size=256,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]},
+    )
     base.update(kw)
     return base
 
 
 def _llava_cfg(cls=LlavaConfig, **kw):
     return cls(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                       num_attention_heads=4, image_size=32, patch_size=8),
+        vision_config=CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
         text_config=_llama_cfg(hidden_size=96, num_hidden_layers=2),
         **kw,
     )
@@ -93,17 +114,34 @@ def _llava_cfg(cls=LlavaConfig, **kw):
 
 def _qwen2vl_cfg():
     return Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=96, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=dict(
+            depth=2,
+            embed_dim=64,
+            hidden_size=96,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
         text_config=_qwen_text(),
     )
 
 
 def _qwen25vl_cfg(fullatt=(1, 3)):
     return Qwen2_5_VLConfig(
-        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, out_hidden_size=96, num_heads=4,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=list(fullatt)),
+        vision_config=dict(
+            depth=4,
+            hidden_size=64,
+            intermediate_size=128,
+            out_hidden_size=96,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=list(fullatt),
+        ),
         text_config=_qwen_text(),
     )
 
@@ -112,11 +150,17 @@ def _qwen25vl_cfg(fullatt=(1, 3)):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decoder_prefill_matches_flop_counter(family):
     torch.manual_seed(0)
-    if family == "llama":   # GQA 4 heads / 2 kv heads
+    if family == "llama":  # GQA 4 heads / 2 kv heads
         cfg, cls = _llama_cfg(num_hidden_layers=3), LlamaForCausalLM
-    else:                   # Qwen2: q/k/v biases, 6 heads / 2 kv heads
-        cfg = Qwen2Config(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-                          num_attention_heads=6, num_key_value_heads=2)
+    else:  # Qwen2: q/k/v biases, 6 heads / 2 kv heads
+        cfg = Qwen2Config(
+            vocab_size=256,
+            hidden_size=96,
+            intermediate_size=200,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+        )
         cls = Qwen2ForCausalLM
     model = _eager(cls, cfg)
     batch, seq = 2, 37
@@ -125,7 +169,7 @@ def test_decoder_prefill_matches_flop_counter(family):
     mine = flops.decoder_prefill_flops(cfg, seq, batch=batch, lm_head_tokens=1)
     assert _rel(mine, ref) < REL_TOL, (mine, ref)
     d, h, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    assert ref_attn == batch * cfg.num_hidden_layers * 4 * seq * seq * h * dh   # causal counted as full S x S
+    assert ref_attn == batch * cfg.num_hidden_layers * 4 * seq * seq * h * dh  # causal counted as full S x S
 
     # all logits (lm_head on every token)
     ref_all, _ = _count(lambda: model(input_ids=ids, use_cache=False))
@@ -135,12 +179,14 @@ def test_decoder_prefill_matches_flop_counter(family):
 
 
 def test_decoder_layer_flops_by_hand():
-    cfg = _llama_cfg()   # D=64, H=4, Hkv=2, Dh=16, I=160
+    cfg = _llama_cfg()  # D=64, H=4, Hkv=2, Dh=16, I=160
     s, k = 10, 25
-    expected = (2 * s * 64 * 64 * 2          # q, o
-                + 2 * s * 64 * 32 * 2        # k, v (GQA: Hkv*Dh = 32)
-                + 2 * 2 * s * k * 64         # QK^T, AV
-                + 3 * 2 * s * 64 * 160)      # gate, up, down
+    expected = (
+        2 * s * 64 * 64 * 2  # q, o
+        + 2 * s * 64 * 32 * 2  # k, v (GQA: Hkv*Dh = 32)
+        + 2 * 2 * s * k * 64  # QK^T, AV
+        + 3 * 2 * s * 64 * 160
+    )  # gate, up, down
     assert flops.decoder_layer_flops(cfg, s, kv_len=k) == expected
     assert flops.decoder_layer_flops(cfg, s) == flops.decoder_layer_flops(cfg, s, kv_len=s)
     # explicit head_dim wins over hidden_size // heads
@@ -169,17 +215,20 @@ def _prune_from_layer(model, k, keep):
 
     for i, layer in enumerate(model.model.layers):
         if i >= k:
-            handles.append(layer.register_forward_pre_hook(
-                lambda m, a, kw, first=(i == k): hook(m, a, kw, first), with_kwargs=True))
+            handles.append(
+                layer.register_forward_pre_hook(
+                    lambda m, a, kw, first=(i == k): hook(m, a, kw, first), with_kwargs=True
+                )
+            )
     return handles
 
 
 def test_per_layer_lengths_match_pruned_model():
     torch.manual_seed(0)
-    cfg = _llama_cfg()   # 4 layers
+    cfg = _llama_cfg()  # 4 layers
     model = _eager(LlamaForCausalLM, cfg)
     seq, k = 40, 2
-    keep = torch.arange(0, seq, 3)   # 14 tokens from layer 2 on
+    keep = torch.arange(0, seq, 3)  # 14 tokens from layer 2 on
     lens = [seq] * k + [len(keep)] * (cfg.num_hidden_layers - k)
     ids = torch.randint(0, cfg.vocab_size, (1, seq))
     handles = _prune_from_layer(model, k, keep)
@@ -229,13 +278,13 @@ def test_qwen2vl_tower_matches_flop_counter():
     torch.manual_seed(0)
     cfg = _qwen2vl_cfg()
     model = _eager(Qwen2VLForConditionalGeneration, cfg)
-    grid = torch.tensor([[1, 8, 12], [2, 4, 4]])   # an image and a 2-frame video
+    grid = torch.tensor([[1, 8, 12], [2, 4, 4]])  # an image and a 2-frame video
     pix = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
     ref, ref_attn = _count(lambda: model.model.get_image_features(pixel_values=pix, image_grid_thw=grid))
     mine = flops.vision_flops(cfg, image_grid_thw=grid)
     assert _rel(mine, ref) < REL_TOL, (mine, ref)
     # attention within each frame: 96**2 + 2 * 16**2, 2 blocks, De=64
-    assert ref_attn == 2 * 4 * 64 * (96 ** 2 + 2 * 16 ** 2)
+    assert ref_attn == 2 * 4 * 64 * (96**2 + 2 * 16**2)
     assert mine == flops.vision_flops(cfg, image_grid_thw=[(1, 8, 12), (2, 4, 4)])
 
 
@@ -251,12 +300,13 @@ def test_qwen25vl_tower_window_attention_matches_flop_counter():
     # window = 112 // 2 // 14 = 4 merged tokens. Image 1: 6 x 10 merged grid -> window rows (4, 2),
     # columns (4, 4, 2): sum of squared window lengths = 2**4 * (16+4) * (16+16+4) = 11520 (vs 240**2 full).
     # Video: 4 x 4 merged grid per frame = one window per frame: 2 * 64**2 = 8192 either way.
-    full_sq = 240 ** 2 + 2 * 64 ** 2
-    win_sq = 16 * 20 * 36 + 2 * 64 ** 2
-    assert ref_attn == 4 * 64 * (2 * full_sq + 2 * win_sq)   # blocks 1, 3 full; blocks 0, 2 windowed
+    full_sq = 240**2 + 2 * 64**2
+    win_sq = 16 * 20 * 36 + 2 * 64**2
+    assert ref_attn == 4 * 64 * (2 * full_sq + 2 * win_sq)  # blocks 1, 3 full; blocks 0, 2 windowed
     # all-full-attention config counts more
-    assert flops.vision_flops(_qwen25vl_cfg(fullatt=(0, 1, 2, 3)), image_grid_thw=grid) - mine == \
-        4 * 64 * 2 * (full_sq - win_sq)
+    assert flops.vision_flops(_qwen25vl_cfg(fullatt=(0, 1, 2, 3)), image_grid_thw=grid) - mine == 4 * 64 * 2 * (
+        full_sq - win_sq
+    )
 
 
 def test_internvl_tower_pixel_shuffle_and_projector_match_flop_counter():
@@ -264,8 +314,15 @@ def test_internvl_tower_pixel_shuffle_and_projector_match_flop_counter():
 
     torch.manual_seed(0)
     cfg = InternVLConfig(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=[56, 56], patch_size=[14, 14], use_qk_norm=True),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=[56, 56],
+            patch_size=[14, 14],
+            use_qk_norm=True,
+        ),
         text_config=_qwen_text(rope_parameters={"rope_type": "default"}),
         image_seq_length=4,
     )
@@ -278,8 +335,9 @@ def test_internvl_tower_pixel_shuffle_and_projector_match_flop_counter():
     # every tile: 16 patches + CLS, all 3 layers; projector on 4 shuffled tokens of 4 * 64 channels
     assert ref_attn == tiles * 3 * 4 * 17 * 17 * 64
     projector = tiles * (2 * 4 * 256 * 96 + 2 * 4 * 96 * 96)
-    assert mine - projector == tiles * (2 * 16 * 3 * 14 * 14 * 64 + 3 * (8 * 17 * 64 * 64 + 4 * 17 * 17 * 64
-                                                                        + 4 * 17 * 64 * 128))
+    assert mine - projector == tiles * (
+        2 * 16 * 3 * 14 * 14 * 64 + 3 * (8 * 17 * 64 * 64 + 4 * 17 * 17 * 64 + 4 * 17 * 64 * 128)
+    )
     assert flops.prefill_flops(cfg, 40, num_images=tiles) == mine + flops.decoder_prefill_flops(cfg.text_config, 40)
     with pytest.raises(ValueError, match="num_images"):
         flops.vision_flops(cfg, image_grid_thw=[(1, 4, 4)])
@@ -290,16 +348,18 @@ def test_prefill_flops_is_vision_plus_decoder():
     grid = [(1, 8, 12)]
     lens = [60, 30]
     total = flops.prefill_flops(cfg, lens, batch=2, image_grid_thw=grid, lm_head_tokens=1)
-    assert total == flops.vision_flops(cfg, image_grid_thw=grid) + \
-        flops.decoder_prefill_flops(cfg.text_config, lens, batch=2)
+    assert total == flops.vision_flops(cfg, image_grid_thw=grid) + flops.decoder_prefill_flops(
+        cfg.text_config, lens, batch=2
+    )
     llava = _llava_cfg()
-    assert flops.prefill_flops(llava, 50, num_images=2) == \
-        flops.vision_flops(llava, num_images=2) + flops.decoder_prefill_flops(llava.text_config, 50)
+    assert flops.prefill_flops(llava, 50, num_images=2) == flops.vision_flops(
+        llava, num_images=2
+    ) + flops.decoder_prefill_flops(llava.text_config, 50)
 
 
 # ------------------------------------------------------------------ KV cache
 def test_kv_cache_bytes_by_hand():
-    cfg = _llama_cfg()   # 4 layers, Hkv=2, Dh=16
+    cfg = _llama_cfg()  # 4 layers, Hkv=2, Dh=16
     lens = [100, 100, 40, 40]
     assert flops.kv_cache_bytes(cfg, lens) == 2 * 2 * 16 * 2 * 280
     assert flops.kv_cache_bytes(cfg, lens, batch=3, dtype=torch.float32) == 2 * 2 * 16 * 4 * 280 * 3
@@ -354,16 +414,25 @@ def test_qwen3_decoders_match_flop_counter(family):
 
     torch.manual_seed(0)
     cfg = tiny.build(family).config
-    model = _frozen(type(tiny.build(family))._from_config(cfg, attn_implementation="eager",
-                                                          experts_implementation="eager").eval())
+    model = _frozen(
+        type(tiny.build(family))._from_config(cfg, attn_implementation="eager", experts_implementation="eager").eval()
+    )
     text = cfg.text_config
     seq = 70
     ref, _ = _count(lambda: model.model.language_model(inputs_embeds=torch.randn(1, seq, text.hidden_size)))
     mine = flops.decoder_prefill_flops(text, seq, lm_head_tokens=0)
     linear = [t for t in (getattr(text, "layer_types", None) or []) if t == "linear_attention"]
     c = flops.DELTA_RULE_CHUNK
-    solves = len(linear) * text.linear_num_value_heads * 2 * c * (c - 1) * (
-        text.linear_key_head_dim + text.linear_value_head_dim) if linear else 0   # 2 chunks at seq 70
+    solves = (
+        len(linear)
+        * text.linear_num_value_heads
+        * 2
+        * c
+        * (c - 1)
+        * (text.linear_key_head_dim + text.linear_value_head_dim)
+        if linear
+        else 0
+    )  # 2 chunks at seq 70
     assert mine == ref + solves, (mine, ref, solves)
 
 
@@ -381,7 +450,7 @@ def test_qwen3_towers_match_flop_counter(family):
     mine = flops.vision_flops(cfg, image_grid_thw=grid)
     assert mine == ref, (mine, ref)
     v = cfg.vision_config
-    assert ref_attn == v.depth * 4 * v.hidden_size * (96 ** 2 + 2 * 16 ** 2)   # full attention within each frame
+    assert ref_attn == v.depth * 4 * v.hidden_size * (96**2 + 2 * 16**2)  # full attention within each frame
     taps = len(getattr(v, "deepstack_visual_indexes", None) or ())
     dm = v.hidden_size * 4
     merger = sum(2 * n * dm * dm + 2 * n * dm * v.out_hidden_size for n in (24, 8))
@@ -403,10 +472,17 @@ def test_gemma3_tower_and_projector_match_flop_counter():
     mine = flops.vision_flops(cfg, num_images=2)
     assert mine == ref, (mine, ref)
     v = cfg.vision_config
-    assert ref_attn == 2 * v.num_hidden_layers * 4 * 64 * 64 * v.hidden_size   # 64 patches, no CLS
+    assert ref_attn == 2 * v.num_hidden_layers * 4 * 64 * 64 * v.hidden_size  # 64 patches, no CLS
     no_proj = mine - 2 * 2 * 16 * v.hidden_size * cfg.text_config.hidden_size
-    assert no_proj == 2 * (2 * 64 * 3 * 14 * 14 * v.hidden_size + v.num_hidden_layers * (
-        4 * 2 * 64 * v.hidden_size ** 2 + 2 * 2 * 64 * 64 * v.hidden_size + 2 * 2 * 64 * v.hidden_size * v.intermediate_size))
+    assert no_proj == 2 * (
+        2 * 64 * 3 * 14 * 14 * v.hidden_size
+        + v.num_hidden_layers
+        * (
+            4 * 2 * 64 * v.hidden_size**2
+            + 2 * 2 * 64 * 64 * v.hidden_size
+            + 2 * 2 * 64 * v.hidden_size * v.intermediate_size
+        )
+    )
     with pytest.raises(ValueError, match="vision_use_head=True"):
         flops.vision_flops(type(cfg)(**{**cfg.to_dict(), "vision_config": {**v.to_dict(), "vision_use_head": True}}))
 
@@ -426,8 +502,9 @@ def test_gemma3_decoder_matches_flop_counter_and_caps_sliding_layers_by_the_wind
     h, dh = text.num_attention_heads, text.head_dim
     s = 37
     sliding = [i for i, t in enumerate(text.layer_types) if t == "sliding_attention"]
-    full = flops.decoder_layer_flops(text, s, layer=1)                          # a global layer
+    full = flops.decoder_layer_flops(text, s, layer=1)  # a global layer
     for i in sliding:
         assert full - flops.decoder_layer_flops(text, s, layer=i) == 2 * 2 * s * (s - w) * h * dh
-        assert flops.decoder_layer_flops(text, 1, kv_len=s, layer=i) == flops.decoder_layer_flops(text, 1, kv_len=w,
-                                                                                                    layer=i)
+        assert flops.decoder_layer_flops(text, 1, kv_len=s, layer=i) == flops.decoder_layer_flops(
+            text, 1, kv_len=w, layer=i
+        )

@@ -38,6 +38,7 @@ def is_index_set(idx, k, n):
 
 # ----------------------------------------------------------------------------- naive references
 
+
 def np_cos(x):
     x = np.asarray(x, dtype=np.float64)
     n = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
@@ -50,13 +51,12 @@ def np_dist(x, metric):
     if metric == "cosine":
         return 1.0 - np_cos(x)
     diff = x[:, None, :] - x[None, :, :]
-    return np.sqrt((diff ** 2).sum(-1))
+    return np.sqrt((diff**2).sum(-1))
 
 
 def naive_first(dist):
     n = dist.shape[0]
-    return np.array([min(dist[i, j] for j in range(n) if j != i) if n > 1 else 0.0
-                     for i in range(n)])
+    return np.array([min(dist[i, j] for j in range(n) if j != i) if n > 1 else 0.0 for i in range(n)])
 
 
 def check_greedy_steps(sel, objective, maximize, tol=1e-9):
@@ -123,8 +123,8 @@ def naive_dart(hidden, keys, start, length, per, n_ip, n_tp):
     seq = hidden.shape[0]
     end = start + length
     l1 = np.abs(keys).sum(1)
-    img = sorted(range(start, end), key=lambda p: (-l1[p], p))[:min(n_ip, length)]
-    txt = sorted(range(end, seq), key=lambda p: (-l1[p], p))[:min(n_tp, seq - end)]
+    img = sorted(range(start, end), key=lambda p: (-l1[p], p))[: min(n_ip, length)]
+    txt = sorted(range(end, seq), key=lambda p: (-l1[p], p))[: min(n_tp, seq - end)]
     pivots = sorted(img) + sorted(txt)
     per = per if isinstance(per, list) else [per] * len(pivots)
     pool = [p for p in range(start, end) if p not in img]
@@ -141,13 +141,16 @@ def naive_dart(hidden, keys, start, length, per, n_ip, n_tp):
 
 # ----------------------------------------------------------------------------- cls_scores
 
+
 def test_cls_scores_hand():
     # L=3 layers, H=2 heads, 1+N=4 keys (CLS + 3 patches)
-    a = torch.tensor([
-        [[0.4, 0.1, 0.2, 0.3], [0.2, 0.3, 0.4, 0.1]],   # layer 0: head mean of patches .2 .3 .2
-        [[0.1, 0.6, 0.2, 0.1], [0.1, 0.2, 0.2, 0.5]],   # layer 1: .4 .2 .3
-        [[0.5, 0.0, 0.0, 0.5], [0.5, 0.0, 0.2, 0.3]],   # layer 2: 0 .1 .4
-    ])
+    a = torch.tensor(
+        [
+            [[0.4, 0.1, 0.2, 0.3], [0.2, 0.3, 0.4, 0.1]],  # layer 0: head mean of patches .2 .3 .2
+            [[0.1, 0.6, 0.2, 0.1], [0.1, 0.2, 0.2, 0.5]],  # layer 1: .4 .2 .3
+            [[0.5, 0.0, 0.0, 0.5], [0.5, 0.0, 0.2, 0.3]],  # layer 2: 0 .1 .4
+        ]
+    )
     exp = {0: [0.2, 0.3, 0.2], 1: [0.4, 0.2, 0.3], 2: [0.0, 0.1, 0.4]}
     torch.testing.assert_close(F.cls_scores(a, 1), torch.tensor(exp[1]))
     torch.testing.assert_close(F.cls_scores(a, slice(1, None)), torch.tensor([0.4, 0.3, 0.7]))
@@ -195,10 +198,11 @@ def test_cls_scores_errors():
 
 # ----------------------------------------------------------------------------- topk_indices
 
+
 def test_topk_hand_and_ties():
     s = torch.tensor([0.1, 0.5, 0.3, 0.5, 0.9, 0.5])
     assert F.topk_indices(s, 1).tolist() == [4]
-    assert F.topk_indices(s, 2).tolist() == [1, 4]          # tie among 1, 3, 5 -> 1
+    assert F.topk_indices(s, 2).tolist() == [1, 4]  # tie among 1, 3, 5 -> 1
     assert F.topk_indices(s, 3).tolist() == [1, 3, 4]
     assert F.topk_indices(s, 6).tolist() == [0, 1, 2, 3, 4, 5]
     assert F.topk_indices(torch.zeros(7), 3).tolist() == [0, 1, 2]
@@ -244,6 +248,7 @@ def test_topk_errors():
 
 # ----------------------------------------------------------------------------- kcenter / maxsum
 
+
 def test_kcenter_hand_cosine():
     # e1, e1 rotated slightly, e2, -e1.  Nearest-neighbour distances: .006 .006 .89 1 -> first = 3;
     # then distances to {3}: 2, 1.994, 1 -> 0; then min(1.994, .006)=.006 vs min(1,1)=1 -> 2; then 1.
@@ -286,8 +291,12 @@ def test_diversity_duplicates_ties_lower_index():
 
     a, b, c = rand(2, 3, 9, dtype=torch.float32)
     x = torch.stack([c, a, b, a, b, c, a])
-    for sel in (F.kcenter_select(x, 7), F.maxsum_select(x, 7), F.kcenter_select(x, 7, metric="l2"),
-                F.kcenter_select(x, 7, first=6)):
+    for sel in (
+        F.kcenter_select(x, 7),
+        F.maxsum_select(x, 7),
+        F.kcenter_select(x, 7, metric="l2"),
+        F.kcenter_select(x, 7, first=6),
+    ):
         sel = sel.tolist()
         assert sorted(sel) == list(range(7))  # never re-picks a selected duplicate
         for group in ([0, 5], [1, 3, 6], [2, 4]):
@@ -310,8 +319,14 @@ def _features(seed, n, d):
 
 
 @PROPS
-@given(st.integers(0, 2**31), st.integers(1, 24), st.integers(2, 8),
-       st.sampled_from(["cosine", "l2"]), st.booleans(), st.data())
+@given(
+    st.integers(0, 2**31),
+    st.integers(1, 24),
+    st.integers(2, 8),
+    st.sampled_from(["cosine", "l2"]),
+    st.booleans(),
+    st.data(),
+)
 def test_kcenter_property(seed, n, d, metric, give_first, data):
     k = data.draw(st.integers(1, n))
     first = data.draw(st.integers(0, n - 1)) if give_first else None
@@ -321,8 +336,7 @@ def test_kcenter_property(seed, n, d, metric, give_first, data):
     assert torch.equal(sel, F.kcenter_select(x, k, first=first, metric=metric))
     if first is not None:
         assert sel[0].item() == first
-    check_greedy_steps(sel.tolist(), KCenterObjective(x.numpy(), metric, first is not None),
-                       maximize=True)
+    check_greedy_steps(sel.tolist(), KCenterObjective(x.numpy(), metric, first is not None), maximize=True)
     # permutation equivariance with a fixed first pick (float64 random features: no ties; the
     # first=None rule itself often ties: a mutual nearest-neighbour pair shares its distance)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
@@ -362,9 +376,12 @@ def test_diversity_blocked_equals_unblocked(monkeypatch):
 
 def test_diversity_dtypes():
     x = rand(4, 30, 16, dtype=torch.bfloat16)
-    for fn in (lambda t: F.kcenter_select(t, 10), lambda t: F.maxsum_select(t, 10),
-               lambda t: F.kcenter_select(t, 10, metric="l2"),
-               lambda t: F.zoo_select(torch.arange(30.0), t, 10)):
+    for fn in (
+        lambda t: F.kcenter_select(t, 10),
+        lambda t: F.maxsum_select(t, 10),
+        lambda t: F.kcenter_select(t, 10, metric="l2"),
+        lambda t: F.zoo_select(torch.arange(30.0), t, 10),
+    ):
         assert torch.equal(fn(x), fn(x.float()))
     x16 = rand(5, 30, 16, dtype=torch.float16)
     assert torch.equal(F.kcenter_select(x16, 10), F.kcenter_select(x16.float(), 10))
@@ -401,12 +418,13 @@ def test_single_token():
 
 # ----------------------------------------------------------------------------- DART
 
+
 def _dart_case():
     # S = 8: position 0 is a system token, image tokens at 1..4, text at 5..7.
     keys = torch.tensor([[9.0], [1.0], [5.0], [2.0], [-3.0], [4.0], [1.0], [-9.0]])
     hidden = torch.zeros(8, 2, dtype=torch.float64)
-    hidden[1:5] = angles(170, 0, 90, 45)   # image: rel 0..3; rel 1 (pos 2) is the image pivot
-    hidden[5:8] = angles(30, 60, 180)      # pos 7 (|key| 9) is the text pivot
+    hidden[1:5] = angles(170, 0, 90, 45)  # image: rel 0..3; rel 1 (pos 2) is the image pivot
+    hidden[5:8] = angles(30, 60, 180)  # pos 7 (|key| 9) is the text pivot
     hidden[0] = torch.tensor([1.0, 1.0])
     return hidden, keys
 
@@ -425,13 +443,10 @@ def test_dart_hand():
     assert F.dart_select(hidden, keys, per_pivot=5, **kw).tolist() == [0, 1, 2, 3]
     # two image pivots (|key| 5 at pos 2, |key| 3 at pos 4), no text pivot: pos 2 picks pos 1,
     # then pos 4 picks the last pool token pos 3
-    assert F.dart_select(hidden, keys, 1, 4, per_pivot=1, image_pivots=2,
-                         text_pivots=0).tolist() == [0, 1, 2, 3]
-    assert F.dart_select(hidden, keys, 1, 4, per_pivot=[1, 0], image_pivots=2,
-                         text_pivots=0).tolist() == [0, 1, 3]
+    assert F.dart_select(hidden, keys, 1, 4, per_pivot=1, image_pivots=2, text_pivots=0).tolist() == [0, 1, 2, 3]
+    assert F.dart_select(hidden, keys, 1, 4, per_pivot=[1, 0], image_pivots=2, text_pivots=0).tolist() == [0, 1, 3]
     # fewer text tokens (3) than text_pivots (4): 1 + 3 pivots
-    assert F.dart_select(hidden, keys, 1, 4, per_pivot=[1, 0, 0, 0], image_pivots=1,
-                         text_pivots=4).tolist() == [0, 1]
+    assert F.dart_select(hidden, keys, 1, 4, per_pivot=[1, 0, 0, 0], image_pivots=1, text_pivots=4).tolist() == [0, 1]
     with pytest.raises(ValueError, match="per_pivot has 5 entries but there are 4 pivots"):
         F.dart_select(hidden, keys, 1, 4, per_pivot=[1] * 5, image_pivots=1, text_pivots=4)
 
@@ -441,13 +456,19 @@ def test_dart_no_text_and_ties():
     keys = torch.ones(6, 2)
     # image = all 6 tokens, no text; pivot = pos 0 (L1 tie -> lower), then picks 1, 2
     assert F.dart_select(hidden, keys, 0, 6, per_pivot=2, image_pivots=1).tolist() == [0, 1, 2]
-    assert F.dart_select(hidden, keys, 2, 3, per_pivot=1, image_pivots=2,
-                         text_pivots=1).tolist() == [0, 1, 2]
+    assert F.dart_select(hidden, keys, 2, 3, per_pivot=1, image_pivots=2, text_pivots=1).tolist() == [0, 1, 2]
 
 
 @PROPS
-@given(st.integers(0, 2**31), st.integers(1, 30), st.integers(0, 5), st.integers(0, 6),
-       st.integers(0, 5), st.integers(0, 5), st.data())
+@given(
+    st.integers(0, 2**31),
+    st.integers(1, 30),
+    st.integers(0, 5),
+    st.integers(0, 6),
+    st.integers(0, 5),
+    st.integers(0, 5),
+    st.data(),
+)
 def test_dart_property(seed, image_len, before, after, n_ip, n_tp, data):
     seq = before + image_len + after
     hidden = rand(seed, seq, 6)
@@ -491,11 +512,12 @@ def test_dart_errors():
 
 # ----------------------------------------------------------------------------- pad_mask / debias
 
+
 def test_pad_mask_wide_and_tall():
-    m = F.pad_mask((672, 336)).view(24, 24)       # 2:1 -> content rows 6..17
+    m = F.pad_mask((672, 336)).view(24, 24)  # 2:1 -> content rows 6..17
     assert m.dtype == torch.bool
     assert not m[:6].any() and not m[18:].any() and m[6:18].all()
-    t = F.pad_mask((300, 600)).view(24, 24)       # 1:2 -> content columns 6..17
+    t = F.pad_mask((300, 600)).view(24, 24)  # 1:2 -> content columns 6..17
     assert not t[:, :6].any() and not t[:, 18:].any() and t[:, 6:18].all()
     assert F.pad_mask((500, 500)).all() and F.pad_mask((500, 500)).shape == (576,)
 
@@ -516,18 +538,19 @@ def test_pad_mask_small_grid():
 
 
 @PROPS
-@given(st.integers(1, 2000), st.integers(1, 2000), st.sampled_from([(24, 336), (27, 378), (5, 50)]),
-       st.floats(0.0, 1.0))
+@given(
+    st.integers(1, 2000), st.integers(1, 2000), st.sampled_from([(24, 336), (27, 378), (5, 50)]), st.floats(0.0, 1.0)
+)
 def test_pad_mask_property(w, h, geometry, threshold):
     grid, res = geometry
     m = F.pad_mask((w, h), grid=grid, resolution=res, threshold=threshold).view(grid, grid)
-    assert torch.equal(m, m.flip(0)) and torch.equal(m, m.flip(1))   # centred padding
+    assert torch.equal(m, m.flip(0)) and torch.equal(m, m.flip(1))  # centred padding
     if w >= h:
-        assert m.all(dim=1).eq(m.any(dim=1)).all()                   # whole rows
+        assert m.all(dim=1).eq(m.any(dim=1)).all()  # whole rows
     if w <= h:
-        assert m.all(dim=0).eq(m.any(dim=0)).all()                   # whole columns
+        assert m.all(dim=0).eq(m.any(dim=0)).all()  # whole columns
     looser = F.pad_mask((w, h), grid=grid, resolution=res, threshold=min(1.0, threshold + 0.1))
-    assert (looser.view(grid, grid) | ~m).all()                      # monotone in threshold
+    assert (looser.view(grid, grid) | ~m).all()  # monotone in threshold
 
 
 def test_pad_mask_errors():
@@ -553,8 +576,7 @@ def test_debias_scores():
     out = F.debias_scores(s)
     assert torch.equal(out, s) and out.data_ptr() != s.data_ptr()
     b = torch.stack([s, -s])
-    torch.testing.assert_close(F.debias_scores(b, w, m),
-                               torch.tensor([[1.0, 0.0, 1.5, 8.0], [-1.0, 0.0, -1.5, -8.0]]))
+    torch.testing.assert_close(F.debias_scores(b, w, m), torch.tensor([[1.0, 0.0, 1.5, 8.0], [-1.0, 0.0, -1.5, -8.0]]))
     assert F.debias_scores(s.double(), w).dtype == torch.float64
     assert F.debias_scores(s.to(torch.bfloat16), w.to(torch.bfloat16)).dtype == torch.float32
     # with pad_mask, then top-k never picks padding
@@ -578,14 +600,21 @@ def test_debias_errors():
 
 # ----------------------------------------------------------------------------- ZOO
 
+
 def _unit_dirs(seed, m, d, dtype=torch.float64):
     u = rand(seed, m, d)
     return (u / u.norm(dim=1, keepdim=True)).to(dtype)
 
 
 @PROPS
-@given(st.integers(0, 2**31), st.integers(1, 7), st.integers(1, 6), st.integers(1, 5),
-       st.integers(1, 5), st.integers(2, 40))
+@given(
+    st.integers(0, 2**31),
+    st.integers(1, 7),
+    st.integers(1, 6),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(2, 40),
+)
 def test_zoo_linear_projector(seed, n, d, d_out, m, chunk):
     # P(x) = x W + b: the central difference is exactly u W, so S(i) = mean_j ||u_j W||
     W = rand(seed, d, d_out)
@@ -605,9 +634,14 @@ def test_zoo_nonlinear_matches_naive_loop():
     u = _unit_dirs(2, 4, 5)
     h = 0.05
     with torch.no_grad():
-        naive = torch.stack([
-            torch.stack([((proj(x[i] + h * u[j]) - proj(x[i] - h * u[j])) / (2 * h)).norm()
-                         for j in range(4)]).mean() for i in range(6)])
+        naive = torch.stack(
+            [
+                torch.stack(
+                    [((proj(x[i] + h * u[j]) - proj(x[i] - h * u[j])) / (2 * h)).norm() for j in range(4)]
+                ).mean()
+                for i in range(6)
+            ]
+        )
     for chunk in (2, 7, 10_000):
         torch.testing.assert_close(F.zoo_sensitivity(proj, x, u, h=h, chunk_size=chunk), naive)
 
@@ -671,8 +705,16 @@ def test_zoo_select_errors():
 def test_public_api():
     # the DESIGN.md contract; later functions may be added beside them
     assert set(F.__all__) >= {
-        "cls_scores", "topk_indices", "dart_select", "kcenter_select", "maxsum_select",
-        "pad_mask", "debias_scores", "zoo_sensitivity", "zoo_select"}
+        "cls_scores",
+        "topk_indices",
+        "dart_select",
+        "kcenter_select",
+        "maxsum_select",
+        "pad_mask",
+        "debias_scores",
+        "zoo_sensitivity",
+        "zoo_select",
+    }
     for name in F.__all__:
         assert getattr(F, name).__doc__
 
@@ -682,11 +724,14 @@ def test_cuda_matches_cpu():
     dev = torch.device("cuda")
     x = rand(11, 300, 64, dtype=torch.float32)
     s = rand(12, 300).abs()
-    for fn in (lambda t: F.kcenter_select(t, 40), lambda t: F.maxsum_select(t, 40),
-               lambda t: F.kcenter_select(t, 40, metric="l2"),
-               lambda t: F.kcenter_select(t, 40, first=7),
-               lambda t: F.zoo_select(s.to(t.device), t, 40),
-               lambda t: F.topk_indices(t[:, 0], 40)):
+    for fn in (
+        lambda t: F.kcenter_select(t, 40),
+        lambda t: F.maxsum_select(t, 40),
+        lambda t: F.kcenter_select(t, 40, metric="l2"),
+        lambda t: F.kcenter_select(t, 40, first=7),
+        lambda t: F.zoo_select(s.to(t.device), t, 40),
+        lambda t: F.topk_indices(t[:, 0], 40),
+    ):
         cpu, gpu = fn(x), fn(x.to(dev))
         assert gpu.device.type == "cuda" and gpu.dtype == torch.int64
         assert torch.equal(cpu, gpu.cpu())
@@ -698,7 +743,11 @@ def test_cuda_matches_cpu():
     assert gpu.device.type == "cuda" and torch.equal(cpu, gpu.cpu())
     proj = torch.nn.Linear(64, 32)
     u = _unit_dirs(15, 8, 64, dtype=torch.float32)
-    torch.testing.assert_close(F.zoo_sensitivity(proj.to(dev), x.to(dev), u.to(dev)).cpu(),
-                               F.zoo_sensitivity(proj.cpu(), x, u), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        F.zoo_sensitivity(proj.to(dev), x.to(dev), u.to(dev)).cpu(),
+        F.zoo_sensitivity(proj.cpu(), x, u),
+        rtol=1e-3,
+        atol=1e-3,
+    )
     a = torch.rand(3, 4, 10, device=dev)
     assert F.cls_scores(a, slice(1, -1)).device.type == "cuda"

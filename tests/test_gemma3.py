@@ -19,9 +19,13 @@ def _kept_prompt(model, inputs, kept):
     keep = torch.ones(ids.numel(), dtype=torch.bool)
     keep[visual] = False
     keep[visual[kept]] = True
-    route = dict(input_ids=ids[keep][None], attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
-                 token_type_ids=inputs["token_type_ids"][0, keep][None],
-                 position_ids=torch.arange(ids.numel())[keep][None], pixel_values=inputs["pixel_values"])
+    route = dict(
+        input_ids=ids[keep][None],
+        attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        token_type_ids=inputs["token_type_ids"][0, keep][None],
+        position_ids=torch.arange(ids.numel())[keep][None],
+        pixel_values=inputs["pixel_values"],
+    )
     original = model.model.get_image_features
 
     def kept_features(pixel_values, **kwargs):
@@ -73,8 +77,7 @@ def test_last_token_attention_equals_eager_attention_weights(layer, model_factor
     for row, attention in enumerate(seen):
         torch.testing.assert_close(attention, eager[row, :, -1].float(), rtol=1e-5, atol=1e-6)
     if layer == 3:  # the window (8 slots) hides the image from the last token at the sliding layer
-        assert float(seen[0][:, : -8].abs().sum()) == 0.0
-
+        assert float(seen[0][:, :-8].abs().sum()) == 0.0
 
 
 def test_received_equals_eager_attention_pooled_by_hand(model_factory):
@@ -169,8 +172,9 @@ def test_llm_stage_compact_renumbers_each_layer_type_from_k(model_factory):
         pos = torch.arange(n)[None]
         for i, decoder_layer in enumerate(lm.layers[layer:], start=layer):
             kind = text.layer_types[i]
-            h = decoder_layer(h, attention_mask=masks[kind], position_embeddings=lm.rotary_emb(h, pos, kind),
-                              position_ids=None)
+            h = decoder_layer(
+                h, attention_mask=masks[kind], position_embeddings=lm.rotary_emb(h, pos, kind), position_ids=None
+            )
             h = h[0] if isinstance(h, tuple) else h
         ref = model.lm_head(lm.norm(h))[:, -1]
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)

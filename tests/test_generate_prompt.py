@@ -31,7 +31,7 @@ TEXT_METHODS = ["fastv", "dart", "pdrop", "sparsevlm", "pact", "todre", "cdprune
 
 def _inputs(model, family):
     x = make_inputs(model, family, [(5, 1, len(TAIL))])
-    x["input_ids"][0, -len(TAIL):] = torch.tensor(TAIL)
+    x["input_ids"][0, -len(TAIL) :] = torch.tensor(TAIL)
     return x
 
 
@@ -42,7 +42,7 @@ def _options(method):
 def _run(model, x, **extra):
     """Generated tokens and what the prompt's prefill selected (kept indices, FLOPs)."""
     with torch.no_grad():
-        out = model.generate(**x, **GREEDY, **extra)[:, x["input_ids"].shape[1]:]
+        out = model.generate(**x, **GREEDY, **extra)[:, x["input_ids"].shape[1] :]
     st = vtprune.stats(model)
     return out, [k.tolist() for k in st.kept_indices], st.prefill_flops
 
@@ -154,7 +154,9 @@ def test_a_loop_that_expands_the_batch_after_the_prompt_is_refused(model_factory
         out = model(**x, **{key: DynamicCache()}, use_cache=True)
         cache = getattr(out, key)
         cache.batch_repeat_interleave(2)
-        step = {"input_ids": out.logits[:, -1].topk(2).indices.reshape(2, 1),
-                "attention_mask": torch.ones(2, x["input_ids"].shape[1] + 1, dtype=torch.long)}
+        step = {
+            "input_ids": out.logits[:, -1].topk(2).indices.reshape(2, 1),
+            "attention_mask": torch.ones(2, x["input_ids"].shape[1] + 1, dtype=torch.long),
+        }
         with pytest.raises(ValueError, match="2 rows, but its prompt was pruned with 1"):
             model(**step, **{key: cache})

@@ -32,8 +32,9 @@ def test_shell_scripts_parse(script):
 
 
 def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
-    out = subprocess.run(["bash", CHECK, "--dry-run"], env=_env(tmp_path), capture_output=True, text=True,
-                         check=True, timeout=60).stdout
+    out = subprocess.run(
+        ["bash", CHECK, "--dry-run"], env=_env(tmp_path), capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     for stage in STAGES:
         assert re.search(rf"^{stage}\s+limit\s+\d+s: ", out, re.MULTILINE), (stage, out)
     assert "VTPRUNE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0" in out
@@ -42,8 +43,9 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
 
 
 def test_bad_argument_is_refused(tmp_path):
-    r = subprocess.run(["bash", CHECK, "--fast"], env=_env(tmp_path), capture_output=True, text=True, timeout=60,
-                       check=False)
+    r = subprocess.run(
+        ["bash", CHECK, "--fast"], env=_env(tmp_path), capture_output=True, text=True, timeout=60, check=False
+    )
     assert r.returncode == 2 and "usage" in r.stderr
 
 
@@ -52,11 +54,18 @@ def _table_rows(md: str) -> list[str]:
 
 
 def test_smoke_run_writes_well_formed_reports(tmp_path):
-    r = subprocess.run(["bash", CHECK, "--smoke"], env=_env(tmp_path, OUT=str(tmp_path / "out")),
-                       capture_output=True, text=True, timeout=400, cwd=tmp_path, check=False)
+    r = subprocess.run(
+        ["bash", CHECK, "--smoke"],
+        env=_env(tmp_path, OUT=str(tmp_path / "out")),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+        check=False,
+    )
     text = r.stdout + r.stderr
     assert r.returncode in (0, 1), text
-    summary = text[text.index("=== GPU check summary"):]
+    summary = text[text.index("=== GPU check summary") :]
     lines = {line.split()[0]: line for line in summary.splitlines()[1:] if line.split() and line.split()[0] in STAGES}
     assert list(lines) == STAGES, summary
     for stage in ("env", "build"):
@@ -116,7 +125,10 @@ def test_near_tie_diagnosis(monkeypatch):
     # rows 1 and 2 are equally far from row 0 (a tie), row 3 is nearer: after [0], picking 1 or 2 is a tie
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [1.0, 0.1]], dtype=torch.float64)
     assert K.compare_selection(torch.tensor([0, 1]), torch.tensor([0, 1]), x, "l2", torch.float32) == "ok"
-    assert K.compare_selection(torch.tensor([0, 2]), torch.tensor([0, 1]), x, "l2", torch.float32).startswith("near-tie")
+    assert K.compare_selection(torch.tensor([0, 2]), torch.tensor([0, 1]), x, "l2", torch.float32).startswith(
+        "near-tie"
+    )
     assert K.compare_selection(torch.tensor([0, 3]), torch.tensor([0, 1]), x, "cosine", torch.float32).startswith(
-        "MISMATCH")
+        "MISMATCH"
+    )
     assert K.greedy_gap(x, [0], 1, 2, "maxsum") == 0.0

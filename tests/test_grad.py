@@ -125,9 +125,11 @@ def _route(model, inputs, labels, spy):
                 if (getattr(lm.config, "layer_types", None) or [None] * (i + 1))[i] == "sliding_attention":
                     allowed = allowed & (q[:, None] - q[None, :] < GEMMA3_WINDOW)
                 allowed = allowed[None, None]
-                kwargs["attention_mask"] = (allowed if mask.dtype == torch.bool else
-                                            torch.zeros(allowed.shape, dtype=mask.dtype).masked_fill(
-                                                ~allowed, torch.finfo(mask.dtype).min))
+                kwargs["attention_mask"] = (
+                    allowed
+                    if mask.dtype == torch.bool
+                    else torch.zeros(allowed.shape, dtype=mask.dtype).masked_fill(~allowed, torch.finfo(mask.dtype).min)
+                )
             return args, kwargs
 
         return hook
@@ -146,7 +148,9 @@ def _route(model, inputs, labels, spy):
 
 
 def _grads(model):
-    return {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
+    return {
+        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()
+    }
 
 
 def _check(model, family, method, options, monkeypatch, checkpointing, k=None):
@@ -206,17 +210,19 @@ def test_a_padded_batch_loss_sums_its_rows_losses(model_factory):
     model = model_factory("qwen2_5_vl")
     batch = make_inputs(model, "qwen2_5_vl", [(6, 1, 5), (2, 1, 9)])
     gen = torch.Generator().manual_seed(4)
-    labels = torch.randint(3, 80, batch["input_ids"].shape, generator=gen).masked_fill(batch["attention_mask"] == 0, -100)
+    labels = torch.randint(3, 80, batch["input_ids"].shape, generator=gen).masked_fill(
+        batch["attention_mask"] == 0, -100
+    )
     with vtprune.patched(model, "fastv", keep=3), torch.no_grad():
         total = model(**batch, labels=labels, num_items_in_batch=1).loss
         rows = []
         for i in range(2):
             real = batch["attention_mask"][i].bool()
-            grid = batch["image_grid_thw"][i:i + 1]
+            grid = batch["image_grid_thw"][i : i + 1]
             start = int(batch["image_grid_thw"][:i].prod(-1).sum())
-            one = {key: batch[key][i:i + 1, real] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-            one.update(image_grid_thw=grid, pixel_values=batch["pixel_values"][start:start + int(grid.prod())])
-            rows.append(model(**one, labels=labels[i:i + 1, real], num_items_in_batch=1).loss)
+            one = {key: batch[key][i : i + 1, real] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            one.update(image_grid_thw=grid, pixel_values=batch["pixel_values"][start : start + int(grid.prod())])
+            rows.append(model(**one, labels=labels[i : i + 1, real], num_items_in_batch=1).loss)
     torch.testing.assert_close(total, sum(rows), rtol=1e-5, atol=1e-5)
 
 
@@ -242,7 +248,10 @@ def test_index_selections_take_inputs_that_require_grad(select, native, monkeypa
         monkeypatch.setenv("VTPRUNE_NO_EXT", "1")
     gen = torch.Generator().manual_seed(0)
     x, s = torch.randn(12, 8, generator=gen), torch.rand(12, generator=gen)
-    call = {"zoo": lambda x, s: F.zoo_select(s, x, 4), "kcenter-cosine": lambda x, s: F.kcenter_select(x, 4),
-            "kcenter-l2": lambda x, s: F.kcenter_select(x, 4, metric="l2")}[select]
+    call = {
+        "zoo": lambda x, s: F.zoo_select(s, x, 4),
+        "kcenter-cosine": lambda x, s: F.kcenter_select(x, 4),
+        "kcenter-l2": lambda x, s: F.kcenter_select(x, 4, metric="l2"),
+    }[select]
     got = call(x.clone().requires_grad_(), s.clone().requires_grad_())
     assert not got.requires_grad and torch.equal(got, call(x, s))

@@ -44,8 +44,14 @@ def tiny_llava_dir(tmp_path_factory):
 
 
 def _config(model_dir, **over):
-    cfg = {"models": [{"pretrained": str(model_dir), "name": "tiny"}], "methods": ["random"], "budgets": [16],
-           "tasks": ["vtprune_shapes"], "include_path": str(TASKS), "device": "cpu"}
+    cfg = {
+        "models": [{"pretrained": str(model_dir), "name": "tiny"}],
+        "methods": ["random"],
+        "budgets": [16],
+        "tasks": ["vtprune_shapes"],
+        "include_path": str(TASKS),
+        "device": "cpu",
+    }
     cfg.update(over)
     return cfg
 
@@ -61,8 +67,9 @@ def test_unknown_method_option_before_loading(tiny_llava_dir, no_loading, tmp_pa
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['layers'\] for method 'dart'.*allowed"):
         hsweep.run_sweep(_config(tiny_llava_dir, methods=[bad]), output_dir=tmp_path)
     with pytest.raises(ValueError, match="budgets"):
-        hsweep.run_sweep(_config(tiny_llava_dir, methods=[{"method": "dart", "options": {"keep": 3}}]),
-                         output_dir=tmp_path)
+        hsweep.run_sweep(
+            _config(tiny_llava_dir, methods=[{"method": "dart", "options": {"keep": 3}}]), output_dir=tmp_path
+        )
 
 
 def test_bad_budgets_and_keys(tiny_llava_dir):
@@ -83,8 +90,9 @@ def test_unknown_task_before_loading(tiny_llava_dir, no_loading, tmp_path):
 
 def test_unknown_metric_before_loading(tiny_llava_dir, no_loading, tmp_path):
     with pytest.raises(ValueError, match="no metric 'accuracy'.*exact_match"):
-        hsweep.run_sweep(_config(tiny_llava_dir, tasks=[{"task": "vtprune_shapes", "metric": "accuracy"}]),
-                         output_dir=tmp_path)
+        hsweep.run_sweep(
+            _config(tiny_llava_dir, tasks=[{"task": "vtprune_shapes", "metric": "accuracy"}]), output_dir=tmp_path
+        )
 
 
 def test_unknown_model_before_loading(no_loading, tmp_path, monkeypatch):
@@ -97,15 +105,17 @@ def test_unknown_model_before_loading(no_loading, tmp_path, monkeypatch):
     from transformers import BertConfig
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
-        tmp_path / "bert")
+        tmp_path / "bert"
+    )
     with pytest.raises(ValueError, match="model_type 'bert'; vtprune supports"):
         hsweep.run_sweep(_config(tmp_path / "bert"), output_dir=tmp_path)
 
 
 def test_a_schedule_is_a_method_of_the_sweep(tiny_llava_dir):
     schedule = [{"method": "divprune", "ratio": 0.5}, {"method": "fastv", "layer": 2}]
-    cfg = hconfig.load_config(_config(tiny_llava_dir, budgets=[4, 8],
-                                      methods=["random", {"name": "divprune+fastv", "schedule": schedule}]))
+    cfg = hconfig.load_config(
+        _config(tiny_llava_dir, budgets=[4, 8], methods=["random", {"name": "divprune+fastv", "schedule": schedule}])
+    )
     spec = cfg.methods[1]
     assert (spec.name, spec.method, spec.options) == ("divprune+fastv", "schedule", {"schedule": schedule})
     configs = method_config(spec.method, keep=8, **spec.options)
@@ -113,13 +123,19 @@ def test_a_schedule_is_a_method_of_the_sweep(tiny_llava_dir):
     assert (configs[0].ratio, configs[0].keep) == (0.5, None) and (configs[1].keep, configs[1].layer) == (8, 2)
 
 
-@pytest.mark.parametrize("schedule,match", [
-    ([{"method": "divprune", "ratio": 0.5}, {"method": "fastv", "keep": 3}], r"last step\) takes the cell's budget"),
-    ([{"method": "divprune"}, {"method": "fastv"}], r"schedule\[0\] \('divprune'\) needs its own budget"),
-    ([{"method": "fastv"}], "two or more"),
-    ([{"method": "divprune", "ratio": 0.5}, {"method": "fastvv"}], "unknown method 'fastvv'"),
-    ([{"method": "divprune", "ratio": 0.5}, "fastv"], r"schedule\[1\] must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "schedule,match",
+    [
+        (
+            [{"method": "divprune", "ratio": 0.5}, {"method": "fastv", "keep": 3}],
+            r"last step\) takes the cell's budget",
+        ),
+        ([{"method": "divprune"}, {"method": "fastv"}], r"schedule\[0\] \('divprune'\) needs its own budget"),
+        ([{"method": "fastv"}], "two or more"),
+        ([{"method": "divprune", "ratio": 0.5}, {"method": "fastvv"}], "unknown method 'fastvv'"),
+        ([{"method": "divprune", "ratio": 0.5}, "fastv"], r"schedule\[1\] must be a mapping"),
+    ],
+)
 def test_bad_schedules_before_loading(tiny_llava_dir, schedule, match):
     with pytest.raises(ValueError, match=match):
         hconfig.load_config(_config(tiny_llava_dir, methods=[{"name": "s", "schedule": schedule}]))
@@ -142,15 +158,20 @@ def test_method_the_model_cannot_run_before_loading(no_loading, tmp_path):
     model.config.save_pretrained(tmp_path / "qwen")
     methods = ["fastv", {"method": "cls", "options": {"importance": "cls"}, "name": "cls"}]
     with pytest.raises(ValueError, match="method 'cls' cannot run on model 'qwen'.*no CLS token"):
-        hsweep.run_sweep(_config(tmp_path / "qwen", methods=methods,
-                                 models=[{"pretrained": str(tmp_path / "qwen"), "name": "qwen"}]),
-                         output_dir=tmp_path)
+        hsweep.run_sweep(
+            _config(
+                tmp_path / "qwen", methods=methods, models=[{"pretrained": str(tmp_path / "qwen"), "name": "qwen"}]
+            ),
+            output_dir=tmp_path,
+        )
 
 
 def test_a_later_budget_the_method_cannot_reach_fails_before_loading(tiny_llava_dir, no_loading, tmp_path):
     """Every budget is checked, not only the first: ToMe in this 2-block tower (read at layer -2: one merging block)
     reaches 128 of 256 patches but not 64."""
-    with pytest.raises(ValueError, match=r"method 'tome' cannot run on model 'tiny' at budget 64: .*keep must be >= 128"):
+    with pytest.raises(
+        ValueError, match=r"method 'tome' cannot run on model 'tiny' at budget 64: .*keep must be >= 128"
+    ):
         hsweep.run_sweep(_config(tiny_llava_dir, methods=["tome"], budgets=[128, 64]), output_dir=tmp_path)
 
 
@@ -174,8 +195,9 @@ def test_cli_reports_config_errors(tmp_path, capsys, no_loading):
 def test_relative_paths_follow_the_config_file(tmp_path):
     (tmp_path / "m").mkdir()
     path = tmp_path / "c.yaml"
-    path.write_text("include_path: tasks_here\nmodels: [{pretrained: m}]\nmethods: [random]\nbudgets: [2]\n"
-                    "tasks: [t]\n")
+    path.write_text(
+        "include_path: tasks_here\nmodels: [{pretrained: m}]\nmethods: [random]\nbudgets: [2]\ntasks: [t]\n"
+    )
     with pytest.raises(ValueError, match="tasks_here.*is not a folder"):
         hconfig.load_config(path)
     (tmp_path / "tasks_here").mkdir()
@@ -183,12 +205,14 @@ def test_relative_paths_follow_the_config_file(tmp_path):
     assert cfg.models[0].pretrained == str((tmp_path / "m").resolve())
     assert cfg.include_path == [(tmp_path / "tasks_here").resolve()]
     assert cfg.output_dir == Path("runs") / "c"
-    hub = hconfig.load_config({"models": ["llava-hf/llava-1.5-7b-hf"], "methods": ["fastv"], "budgets": [64],
-                               "tasks": ["gqa"]}, base_dir=tmp_path)
+    hub = hconfig.load_config(
+        {"models": ["llava-hf/llava-1.5-7b-hf"], "methods": ["fastv"], "budgets": [64], "tasks": ["gqa"]},
+        base_dir=tmp_path,
+    )
     assert hub.models[0].pretrained == "llava-hf/llava-1.5-7b-hf" and hub.models[0].name == "llava-1.5-7b-hf"
 
 
-# -- the lmms-eval plugin ------------------------------------------------------------------------------------------------
+# -- the lmms-eval plugin ----------------------------------------------------------------------------------------------
 def test_plugin_is_registered_with_lmms_eval():
     from lmms_eval.models import get_model
 
@@ -207,12 +231,36 @@ def test_plugin_model_args_are_checked_before_loading(tmp_path):
         VTPrune.create_from_arg_string(f"pretrained={missing},keep=16")
 
 
-# -- tables --------------------------------------------------------------------------------------------------------------
-def _row(method, budget, task, value, *, scale=100.0, maximum=100.0, tokens=8, tflops=1.0, ms=10.0, n=10,
-         limit=None, model="m"):
-    return {"model": model, "limit": limit, "method": method, "budget": budget, "task": task, "value": value,
-            "score": value * scale, "max": maximum, "visual_tokens": tokens, "prefill_tflops": tflops,
-            "prefill_ms": ms, "n": n}
+# -- tables ------------------------------------------------------------------------------------------------------------
+def _row(
+    method,
+    budget,
+    task,
+    value,
+    *,
+    scale=100.0,
+    maximum=100.0,
+    tokens=8,
+    tflops=1.0,
+    ms=10.0,
+    n=10,
+    limit=None,
+    model="m",
+):
+    return {
+        "model": model,
+        "limit": limit,
+        "method": method,
+        "budget": budget,
+        "task": task,
+        "value": value,
+        "score": value * scale,
+        "max": maximum,
+        "visual_tokens": tokens,
+        "prefill_tflops": tflops,
+        "prefill_ms": ms,
+        "n": n,
+    }
 
 
 def _maths_rows():
@@ -231,8 +279,12 @@ def _maths_rows():
 def test_table_maths():
     (table,) = build_tables(_maths_rows())
     assert table.tasks == ["acc", "mme"]
-    assert [(r.label, r.budget) for r in table.rows] == [("Unpruned", None), ("fastv", 128), ("fastv", 64),
-                                                         ("dart", 64)]
+    assert [(r.label, r.budget) for r in table.rows] == [
+        ("Unpruned", None),
+        ("fastv", 128),
+        ("fastv", 64),
+        ("dart", 64),
+    ]
     base, fastv128, fastv64, dart64 = table.rows
     assert base.avg == pytest.approx((80 + 1500 / 2000 * 100) / 2)
     assert base.rel == pytest.approx(100.0)
@@ -262,8 +314,12 @@ def test_table_formats_agree():
 
 
 def test_tables_show_a_nominal_budget_beside_the_tokens_kept():
-    rows = [_row("none", None, "acc", 0.8, tokens=16), _row("fastv", 6, "acc", 0.6, tokens=6),
-            _row("sparsevlm", 28, "acc", 0.7, tokens=8), _row("dart", 6, "acc", 0.5, tokens=6)]
+    rows = [
+        _row("none", None, "acc", 0.8, tokens=16),
+        _row("fastv", 6, "acc", 0.6, tokens=6),
+        _row("sparsevlm", 28, "acc", 0.7, tokens=8),
+        _row("dart", 6, "acc", 0.5, tokens=6),
+    ]
     rows[0]["visual_tokens_nominal"], rows[1]["visual_tokens_nominal"] = 16, 6
     rows[2]["visual_tokens_nominal"] = 28  # dart's row predates the field: tokens only
     tables = build_tables(rows)
@@ -284,8 +340,11 @@ def test_rel_is_undefined_against_a_zero_baseline():
 
 
 def test_tables_split_by_model_and_limit():
-    rows = [_row("none", None, "acc", 0.5), _row("none", None, "acc", 0.4, limit=8),
-            _row("none", None, "acc", 0.3, model="other")]
+    rows = [
+        _row("none", None, "acc", 0.5),
+        _row("none", None, "acc", 0.4, limit=8),
+        _row("none", None, "acc", 0.3, model="other"),
+    ]
     assert [t.title for t in build_tables(rows)] == ["m", "m (limit 8)", "other"]
 
 
@@ -302,26 +361,44 @@ def test_benchmark_configs_name_real_tasks_and_metrics():
     """The shipped configs parse, and every task and metric exists in lmms-eval's own task index (offline: the
     index is read from the installed package; the datasets and models would come from the hub)."""
     tm = None
-    for name in ("llava15_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35", "llava_onevision_7b", "internvl3_5_8b",
-                 "gemma3_4b"):
+    for name in (
+        "llava15_7b",
+        "qwen25vl_7b",
+        "qwen3vl_8b",
+        "qwen35",
+        "llava_onevision_7b",
+        "internvl3_5_8b",
+        "gemma3_4b",
+    ):
         cfg = hconfig.load_config(REPO / "configs" / "sweeps" / f"{name}.yaml")
         assert cfg.budgets == [64, 128, 192]
-        assert {t.task for t in cfg.tasks} == {"gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img",
-                                               "textvqa_val", "vqav2_val"}
+        assert {t.task for t in cfg.tasks} == {
+            "gqa",
+            "mmbench_en_dev_static",
+            "mme",
+            "pope",
+            "scienceqa_img",
+            "textvqa_val",
+            "vqav2_val",
+        }
         tm = tm or hsweep._task_manager([], [t.task for t in cfg.tasks])
         for t in cfg.tasks:
             assert hsweep._resolve_metric(tm, t) == t.metric
-    assert hconfig.load_config(REPO / "configs/sweeps/llava15_7b.yaml").models[0].pretrained == \
-        "llava-hf/llava-1.5-7b-hf"
-    assert hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml").models[0].pretrained == \
-        "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert (
+        hconfig.load_config(REPO / "configs/sweeps/llava15_7b.yaml").models[0].pretrained == "llava-hf/llava-1.5-7b-hf"
+    )
+    assert (
+        hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml").models[0].pretrained
+        == "Qwen/Qwen2.5-VL-7B-Instruct"
+    )
 
 
 def test_benchmark_config_methods_run_on_their_models():
     """Every method of a shipped config patches its model's architecture (weightless: transformers' default
     LlavaConfig / Qwen2_5_VLConfig are the 7B architectures), and llava15_7b lists every registered method."""
-    import vtprune
     from transformers import LlavaConfig, Qwen2_5_VLConfig
+
+    import vtprune
 
     llava = hconfig.load_config(REPO / "configs/sweeps/llava15_7b.yaml")
     qwen = hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml")
@@ -334,8 +411,9 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
     """Qwen3-VL-8B and Qwen3.5-9B (transformers' default Qwen3_5Config is the 9B decoder: 32 layers, a full-attention
     layer every 4th) patch with every listed method; fastv at its default K=2 is refused on Qwen3.5 (layer 1 is
     linear attention), which is why the config runs it at K=4."""
-    import vtprune
     from transformers import Qwen3_5Config, Qwen3VLConfig
+
+    import vtprune
 
     q3 = hconfig.load_config(REPO / "configs/sweeps/qwen3vl_8b.yaml")
     q35 = hconfig.load_config(REPO / "configs/sweeps/qwen35.yaml")
@@ -347,8 +425,11 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
     fastv = [m for m in q35.methods if m.method == "fastv"][:1]
     with pytest.raises(ValueError, match="linear_attention"):
         hsweep._check_methods(q35.models[0], cfg35, [type(fastv[0])(**{**vars(fastv[0]), "options": {}})], [64])
-    assert {m.method for m in q3.methods} == {m.method for m in q35.methods} == \
-        {m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
+    assert (
+        {m.method for m in q3.methods}
+        == {m.method for m in q35.methods}
+        == {m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
+    )
 
 
 def test_llava_onevision_benchmark_config_runs_on_its_architecture():
@@ -364,8 +445,9 @@ def test_llava_onevision_benchmark_config_runs_on_its_architecture():
 def test_internvl_benchmark_config_runs_on_its_architecture():
     """InternVL3.5-8B (transformers' default InternVLConfig vision tower is InternViT-300M at 448 px; a Qwen3 decoder)
     patches with every listed method (the CLS-scored ones with importance="cls"); pdrop is the one left out."""
-    import vtprune
     from transformers import InternVLConfig
+
+    import vtprune
 
     cfg = hconfig.load_config(REPO / "configs/sweeps/internvl3_5_8b.yaml")
     assert cfg.models[0].pretrained == "OpenGVLab/InternVL3_5-8B-HF"
@@ -379,14 +461,24 @@ def test_gemma3_benchmark_config_runs_on_its_architecture():
     every 6th, window 1024) patches with every listed method: every registered one but the CLS-scored ones (which
     run there with importance="received", left out as in the Qwen sweeps) and pdrop (whose first stage alone costs
     more than 64 tokens per layer on average)."""
-    import vtprune
     from transformers import Gemma3Config
+
+    import vtprune
 
     g3 = hconfig.load_config(REPO / "configs/sweeps/gemma3_4b.yaml")
     assert g3.models[0].pretrained == "google/gemma-3-4b-it"
-    cfg = Gemma3Config(text_config=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
-                                        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                                        sliding_window=1024))
+    cfg = Gemma3Config(
+        text_config=dict(
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            sliding_window=1024,
+        )
+    )
     hsweep._check_methods(g3.models[0], cfg, g3.methods, [64])
-    assert {m.method for m in g3.methods} == \
-        {m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
+    assert {m.method for m in g3.methods} == {
+        m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")
+    }

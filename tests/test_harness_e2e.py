@@ -1,4 +1,5 @@
-"""End to end, offline: a sweep of 3 methods (one a schedule) x 2 budgets (+ the unpruned baseline) on a tiny random LLaVA saved
+"""End to end, offline: a sweep of 3 methods (one a schedule) x 2 budgets (+ the unpruned baseline) on a tiny random
+LLaVA saved
 locally, through lmms-eval and the local vtprune_shapes task; then the table and plot commands.
 
 The rows are checked against an independent route: the same documents answered one at a time with plain
@@ -81,8 +82,9 @@ def _reference(model_dir):
     for method, budget, options in cells:
         correct, kept, fl, kv = [], [], [], []
         for doc in docs:
-            prompt = processor.apply_chat_template(shapes.chat(doc["question"]), add_generation_prompt=True,
-                                                   tokenize=False)
+            prompt = processor.apply_chat_template(
+                shapes.chat(doc["question"]), add_generation_prompt=True, tokenize=False
+            )
             from PIL import Image
 
             image = Image.open(TASK_DIR / doc["image"]).convert("RGB")
@@ -112,15 +114,20 @@ def _reference(model_dir):
                 kv.append(flops.kv_cache_bytes(text_cfg, lengths, dtype=torch.float32))
             words = processor.tokenizer.decode(ids[0, seq:], skip_special_tokens=True).split()
             correct.append(bool(words) and words[0] == doc["answer"])
-        out[(method, budget)] = (statistics.fmean(correct), statistics.fmean(kept), statistics.fmean(fl) / 1e12,
-                                 statistics.fmean(kv) / 2**20)
+        out[(method, budget)] = (
+            statistics.fmean(correct),
+            statistics.fmean(kept),
+            statistics.fmean(fl) / 1e12,
+            statistics.fmean(kv) / 2**20,
+        )
     return out
 
 
 def test_sweep_rows_match_an_independent_route(sweep, model_dir):
     _, out, rows = sweep
     assert [(r["method"], r["budget"]) for r in rows] == [("none", None)] + [
-        (m, b) for m, _ in METHODS for b in BUDGETS]
+        (m, b) for m, _ in METHODS for b in BUDGETS
+    ]
     lines = (out / "results.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == rows
     reference = _reference(model_dir)
@@ -138,7 +145,9 @@ def test_sweep_rows_match_an_independent_route(sweep, model_dir):
         assert r["kv_cache_mb"] == pytest.approx(kv_mb, rel=1e-9)
         assert r["prefill_ms"] > 0 and r["peak_memory_mb"] is None  # peak memory is measured on CUDA only
     by = {(r["method"], r["budget"]): r for r in rows}
-    assert by[("dart", 16)]["prefill_tflops"] < by[("dart", 64)]["prefill_tflops"] < by[("none", None)]["prefill_tflops"]
+    assert (
+        by[("dart", 16)]["prefill_tflops"] < by[("dart", 64)]["prefill_tflops"] < by[("none", None)]["prefill_tflops"]
+    )
 
 
 def test_resume_skips_finished_cells(sweep, monkeypatch):
@@ -186,8 +195,9 @@ def test_table_and_plot_commands(sweep, capsys):
         png = (out / "plots" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     (panel,) = series(rows, x="tokens").values()
-    assert panel["dart"] == [(by[("dart", str(b))]["visual_tokens"], by[("dart", str(b))]["score"])
-                             for b in sorted(BUDGETS, reverse=True)]
+    assert panel["dart"] == [
+        (by[("dart", str(b))]["visual_tokens"], by[("dart", str(b))]["score"]) for b in sorted(BUDGETS, reverse=True)
+    ]
 
 
 def test_a_failing_task_raises_and_writes_no_row(model_dir, tmp_path):
@@ -198,10 +208,17 @@ def test_a_failing_task_raises_and_writes_no_row(model_dir, tmp_path):
     yaml_text = yaml_text.replace("task: vtprune_shapes", "task: vtprune_shapes_broken")
     yaml_text = yaml_text.replace("test: test.jsonl", f"test: {TASK_DIR / 'test.jsonl'}")
     (broken / "broken.yaml").write_text(yaml_text)
-    (broken / "utils.py").write_text((TASK_DIR / "utils.py").read_text() + "\n\ndef doc_to_visual(doc):\n"
-                                     "    raise OSError('image unreadable')\n")
-    config = {"models": [{"pretrained": str(model_dir)}], "methods": ["random"], "budgets": [16],
-              "tasks": ["vtprune_shapes_broken"], "include_path": str(tmp_path / "tasks"), "device": "cpu"}
+    (broken / "utils.py").write_text(
+        (TASK_DIR / "utils.py").read_text() + "\n\ndef doc_to_visual(doc):\n    raise OSError('image unreadable')\n"
+    )
+    config = {
+        "models": [{"pretrained": str(model_dir)}],
+        "methods": ["random"],
+        "budgets": [16],
+        "tasks": ["vtprune_shapes_broken"],
+        "include_path": str(tmp_path / "tasks"),
+        "device": "cpu",
+    }
     with pytest.raises(OSError, match="image unreadable"):
         run_sweep(config, output_dir=tmp_path / "out", limit=2, progress=False)
     assert not (tmp_path / "out" / "results.jsonl").exists()
@@ -210,9 +227,14 @@ def test_a_failing_task_raises_and_writes_no_row(model_dir, tmp_path):
 def test_a_nan_metric_raises(model_dir, tmp_path):
     """The first two questions are no position questions: position_acc is NaN, which is refused."""
     assert {d["type"] for d in shapes.load_split(TASK_DIR / "test.jsonl")[:2]} & {"position"} == set()
-    config = {"models": [{"pretrained": str(model_dir)}], "methods": ["random"], "budgets": [16],
-              "tasks": [{"task": "vtprune_shapes", "metric": "position_acc"}], "include_path": str(TASK_DIR.parent),
-              "device": "cpu"}
+    config = {
+        "models": [{"pretrained": str(model_dir)}],
+        "methods": ["random"],
+        "budgets": [16],
+        "tasks": [{"task": "vtprune_shapes", "metric": "position_acc"}],
+        "include_path": str(TASK_DIR.parent),
+        "device": "cpu",
+    }
     with pytest.raises(RuntimeError, match="'position_acc' = nan"):
         run_sweep(config, output_dir=tmp_path / "out", limit=2, progress=False)
     assert not (tmp_path / "out" / "results.jsonl").exists()
@@ -224,8 +246,14 @@ def test_no_progress_silences_every_bar(model_dir, tmp_path, capfd):
     import tqdm.std
 
     before = tqdm.std.tqdm.__dict__["__init__"]
-    config = {"models": [{"pretrained": str(model_dir)}], "methods": ["random"], "budgets": [16],
-              "tasks": ["vtprune_shapes"], "include_path": str(TASK_DIR.parent), "device": "cpu"}
+    config = {
+        "models": [{"pretrained": str(model_dir)}],
+        "methods": ["random"],
+        "budgets": [16],
+        "tasks": ["vtprune_shapes"],
+        "include_path": str(TASK_DIR.parent),
+        "device": "cpu",
+    }
     capfd.readouterr()
     rows = run_sweep(config, output_dir=tmp_path, limit=2, progress=False)
     err = capfd.readouterr().err

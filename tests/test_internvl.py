@@ -3,11 +3,11 @@ CLS scores against the eager tower's attention weights pooled by hand, tiles joi
 
 import pytest
 import torch
+from conftest import opts
 from tiny import INTERNVL_TILE_TOKENS, INTERNVL_TILES, greedy, make_inputs, split_rows
 
 import vtprune
 from vtprune.adapters import get_adapter
-from conftest import opts
 
 
 def _by_hand(side: int) -> torch.Tensor:
@@ -40,8 +40,12 @@ def test_projector_rows_are_the_pixel_shuffled_patches(model_factory):
     torch.testing.assert_close(seen[0], patches[:, ids].flatten(-2), rtol=0, atol=0)
     # per-raw-patch scores: the sum over each token's 2 x 2 block; per-token scores: unchanged
     scores = torch.arange(16, dtype=torch.float64)[None]
-    assert adapter.pack_crop_scores(scores, {}, 0).tolist() == [0 + 1 + 4 + 5, 2 + 3 + 6 + 7, 8 + 9 + 12 + 13,
-                                                                 10 + 11 + 14 + 15]
+    assert adapter.pack_crop_scores(scores, {}, 0).tolist() == [
+        0 + 1 + 4 + 5,
+        2 + 3 + 6 + 7,
+        8 + 9 + 12 + 13,
+        10 + 11 + 14 + 15,
+    ]
     assert adapter.pack_crop_scores(scores[:, :4], {}, 0).tolist() == [0.0, 1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="neither per raw patch"):
         adapter.pack_crop_scores(scores[:, :9], {}, 0)
@@ -100,7 +104,8 @@ def test_tiles_of_an_image_share_one_budget(model_factory):
     assert st.prefill_flops < st.prefill_flops_full
     vision = vtprune.flops.vision_flops(model.config, num_images=sum(INTERNVL_TILES))
     assert st.prefill_flops_full - vision == sum(
-        vtprune.flops.decoder_prefill_flops(model.config.text_config, int(n)) for n in inputs["attention_mask"].sum(1))
+        vtprune.flops.decoder_prefill_flops(model.config.text_config, int(n)) for n in inputs["attention_mask"].sum(1)
+    )
 
 
 @pytest.mark.parametrize("method", ["cls", "visionzip"])  # a scoring and a merging method
@@ -128,9 +133,12 @@ def test_visionzip_works_per_tile_with_pixel_shuffled_keys(model_factory):
         kept = vtprune.stats(model).kept_indices[0]
     assert torch.bincount(kept // INTERNVL_TILE_TOKENS, minlength=3).tolist() == [2, 2, 2]  # budget split evenly
     with torch.no_grad():
-        eager = model_factory("internvl", attn="eager").model.vision_tower(
-            pixel_values=inputs["pixel_values"], output_attentions=True).attentions[2]
-    tiles = [_top_tokens_by_hand(eager[t:t + 1, :, 0, 1:].mean(1), 2) for t in range(3)]
+        eager = (
+            model_factory("internvl", attn="eager")
+            .model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True)
+            .attentions[2]
+        )
+    tiles = [_top_tokens_by_hand(eager[t : t + 1, :, 0, 1:].mean(1), 2) for t in range(3)]
     assert kept.tolist() == [t * INTERNVL_TILE_TOKENS + i for t, top in enumerate(tiles) for i in top]
 
 

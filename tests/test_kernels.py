@@ -37,7 +37,7 @@ def features(seed, n, d, dup=0, dtype=torch.float64):
     dup = min(dup, n - 1)
     if dup:
         src = torch.randint(0, max(1, n - dup), (dup,), generator=g)
-        x[n - dup:] = x[src]
+        x[n - dup :] = x[src]
     return x.to(dtype)
 
 
@@ -48,6 +48,7 @@ def test_available_shape():
 
 
 # ----------------------------------------------------------------------------- registration
+
 
 def test_opcheck_every_op():
     x = features(0, 30, 7, dup=4, dtype=torch.float32)
@@ -75,9 +76,17 @@ def test_torch_compile_fullgraph():
 
 # ----------------------------------------------------------------------------- parity with pure torch
 
+
 @PROPS
-@given(st.integers(0, 2**31), st.integers(1, 40), st.integers(1, 9), st.integers(0, 8),
-       st.sampled_from(["cosine", "l2", "maxsum"]), st.booleans(), st.data())
+@given(
+    st.integers(0, 2**31),
+    st.integers(1, 40),
+    st.integers(1, 9),
+    st.integers(0, 8),
+    st.sampled_from(["cosine", "l2", "maxsum"]),
+    st.booleans(),
+    st.data(),
+)
 def test_greedy_identical_to_pure_torch(seed, n, d, dup, kind, give_first, data):
     dup = min(dup, n - 1)
     k = data.draw(st.sampled_from([1, n, data.draw(st.integers(1, n))]))
@@ -100,8 +109,7 @@ def test_exact_ties_break_to_lower_index():
     # integer-valued rows: every distance is exact in both paths, many ties
     x = torch.randint(0, 3, (40, 5), generator=torch.Generator().manual_seed(3)).float()
     for metric in ("cosine", "l2"):
-        assert torch.equal(ops.kcenter(x, [0, 40], 40, [-1], metric)[0],
-                           diversity._kcenter_torch(x, 40, None, metric))
+        assert torch.equal(ops.kcenter(x, [0, 40], 40, [-1], metric)[0], diversity._kcenter_torch(x, 40, None, metric))
 
 
 @PROPS
@@ -116,13 +124,19 @@ def test_batch_equals_images_alone(seed, sizes, data):
     out = ops.kcenter(x, offsets, k, firsts, "cosine")
     assert out.shape == (len(sizes), k)
     for b, f in enumerate(firsts):
-        alone = diversity._kcenter_torch(x[offsets[b]:offsets[b + 1]], k, None if f < 0 else f, "cosine")
+        alone = diversity._kcenter_torch(x[offsets[b] : offsets[b + 1]], k, None if f < 0 else f, "cosine")
         assert torch.equal(out[b], alone)
 
 
 @PROPS
-@given(st.integers(0, 2**31), st.integers(1, 30), st.integers(0, 4), st.integers(0, 5), st.integers(0, 5),
-       st.integers(0, 8))
+@given(
+    st.integers(0, 2**31),
+    st.integers(1, 30),
+    st.integers(0, 4),
+    st.integers(0, 5),
+    st.integers(0, 5),
+    st.integers(0, 8),
+)
 def test_dart_identical_to_pure_torch(seed, image_len, after, n_ip, n_tp, per):
     seq = 2 + image_len + after
     hidden = features(seed, seq, 6, dup=min(4, seq - 1), dtype=torch.float32)
@@ -138,8 +152,7 @@ def test_dart_identical_to_pure_torch(seed, image_len, after, n_ip, n_tp, per):
 
 
 @PROPS
-@given(st.integers(0, 2**31), st.integers(1, 60), st.integers(2, 8), st.integers(0, 10),
-       st.floats(0.0, 1.5))
+@given(st.integers(0, 2**31), st.integers(1, 60), st.integers(2, 8), st.integers(0, 10), st.floats(0.0, 1.5))
 def test_dbdpc_identical_to_pure_torch(seed, n, d, dup, cutoff):
     x = features(seed, n, d, dup=min(dup, n - 1), dtype=torch.float32)
     dist, rank = cluster._distances(x, 2.0)
@@ -157,6 +170,7 @@ def test_dbdpc_many_rounds_identical():
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 def test_bad_arguments_raise_clear_errors():
     x = torch.rand(6, 3)
@@ -200,6 +214,7 @@ def test_bad_arguments_raise_clear_errors():
 
 # ----------------------------------------------------------------------------- loader
 
+
 def test_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(kernels, "_state", None)
     monkeypatch.setattr(kernels, "_prebuilt_is_fresh", lambda: False)
@@ -217,14 +232,22 @@ def test_fallback_warns_once(monkeypatch):
 
 
 def test_no_ext_env_forces_pure_torch():
-    code = ("import warnings; warnings.simplefilter('error'); import torch, vtprune.functional as F; "
-            "from vtprune import kernels; print(kernels.available(), F.kcenter_select(torch.eye(4), 2).tolist())")
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, VTPRUNE_NO_EXT="1"),
-                         capture_output=True, text=True, check=True).stdout
+    code = (
+        "import warnings; warnings.simplefilter('error'); import torch, vtprune.functional as F; "
+        "from vtprune import kernels; print(kernels.available(), F.kcenter_select(torch.eye(4), 2).tolist())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, VTPRUNE_NO_EXT="1"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == "{'cpp': False, 'cuda': False} [0, 1]"
 
 
 # ----------------------------------------------------------------------------- CUDA
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_ops_match_cpu():
@@ -240,8 +263,10 @@ def test_cuda_ops_match_cpu():
     assert ops.kcenter(x[:1].repeat(50, 1).to(dev), [0, 50], 50, [-1], "cosine").tolist() == [list(range(50))]
     units = F._common.unit_rows(x)
     excl = torch.tensor([3, 9])
-    assert torch.equal(ops.dart_pick(units.to(dev), units[:6].to(dev), excl.to(dev), [7] * 6).cpu(),
-                       ops.dart_pick(units, units[:6], excl, [7] * 6))
+    assert torch.equal(
+        ops.dart_pick(units.to(dev), units[:6].to(dev), excl.to(dev), [7] * 6).cpu(),
+        ops.dart_pick(units, units[:6], excl, [7] * 6),
+    )
     dist, rank = cluster._distances(x, 2.0)
     for cutoff in (0.0, 0.8, 1.0):
         assert torch.equal(ops.dbdpc(dist.to(dev), rank.to(dev), cutoff).cpu(), ops.dbdpc(dist, rank, cutoff))

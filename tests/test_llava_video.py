@@ -6,6 +6,7 @@ refusals, and the FLOPs of SigLIP towers and video frames against torch's FlopCo
 
 import pytest
 import torch
+from conftest import opts
 from tiny import IMAGE_ID, PAD_ID, VIDEO_ID, make_inputs, video_inputs
 from tiny import vision_aspect as _aspect
 from torch.utils.flop_counter import FlopCounterMode
@@ -14,7 +15,6 @@ import vtprune
 from vtprune import flops
 from vtprune import functional as F
 from vtprune.adapters import get_adapter
-from conftest import opts
 
 FAMS = ("llava_next_video", "llava_onevision")
 
@@ -92,8 +92,9 @@ def test_video_packing_is_the_models_own_pooling(family, model_factory):
     # NeXT-Video pools each frame before the projector: a per-patch quantity (the tower's feature layer) pools to
     # the projector's input; one per pooled token (the projector's input itself) is taken as it is
     with torch.no_grad():
-        hidden = model.model.vision_tower(pix["pixel_values_videos"].flatten(0, 1),
-                                          output_hidden_states=True).hidden_states[-2][:, 1:]
+        hidden = model.model.vision_tower(
+            pix["pixel_values_videos"].flatten(0, 1), output_hidden_states=True
+        ).hidden_states[-2][:, 1:]
     for v, (patches, pooled) in enumerate(zip(hidden.split(3), projected_in.split(3))):
         for c in (0, 7):
             torch.testing.assert_close(adapter.pack_crop_scores(patches[..., c], call, v), pooled[..., c].reshape(-1))
@@ -106,17 +107,27 @@ def _video_batch(model, rows, frames=2, seed=0):
     """Left-padded rows ``[(text_before, text_after)]`` of one video of ``frames`` frames each, and each row alone."""
     pix, lengths = video_inputs(model, (frames,) * len(rows), seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    ids = [torch.randint(3, 80, (b,), generator=gen).tolist() + [VIDEO_ID] * n
-           + torch.randint(3, 80, (a,), generator=gen).tolist() for (b, a), n in zip(rows, lengths)]
+    ids = [
+        torch.randint(3, 80, (b,), generator=gen).tolist()
+        + [VIDEO_ID] * n
+        + torch.randint(3, 80, (a,), generator=gen).tolist()
+        for (b, a), n in zip(rows, lengths)
+    ]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), PAD_ID)
     mask = torch.zeros_like(input_ids)
     for i, r in enumerate(ids):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     batch = dict(input_ids=input_ids, attention_mask=mask, **pix)
-    singles = [dict(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
-                    pixel_values_videos=pix["pixel_values_videos"][i:i + 1]) for i, r in enumerate(ids)]
+    singles = [
+        dict(
+            input_ids=torch.tensor([r]),
+            attention_mask=torch.ones(1, len(r), dtype=torch.long),
+            pixel_values_videos=pix["pixel_values_videos"][i : i + 1],
+        )
+        for i, r in enumerate(ids)
+    ]
     return batch, singles, lengths
 
 
@@ -126,7 +137,8 @@ def _greedy(model, inputs, n=4, **kw):
 
 
 VIDEO_CASES = [("llava_next_video", m) for m in ("random", "divprune", "zoo", "cls", "todre", "vispruner")] + [
-    ("llava_onevision", m) for m in ("random", "divprune", "zoo", "cls", "todre")]
+    ("llava_onevision", m) for m in ("random", "divprune", "zoo", "cls", "todre")
+]
 
 
 @pytest.mark.parametrize("family,method", VIDEO_CASES)
@@ -155,12 +167,14 @@ def test_pruned_video_equals_unpatched_model_fed_kept_tokens(family, method, mod
     assert torch.equal(tokens, ref_tokens)
     # the vision tower ran once per frame: FLOPs count 3 frames, no image
     text = model.config.text_config
-    assert st.prefill_flops_full == flops.decoder_prefill_flops(text, ids.numel()) + \
-        flops.vision_flops(model.config, num_images=0, num_frames=3)
+    assert st.prefill_flops_full == flops.decoder_prefill_flops(text, ids.numel()) + flops.vision_flops(
+        model.config, num_images=0, num_frames=3
+    )
 
 
-@pytest.mark.parametrize("family,method", [(f, m) for f in FAMS for m in ("divprune", "fastv")]
-                         + [("llava_next_video", "visionzip")])
+@pytest.mark.parametrize(
+    "family,method", [(f, m) for f in FAMS for m in ("divprune", "fastv")] + [("llava_next_video", "visionzip")]
+)
 def test_video_batch_equals_rows_alone_and_cache_equals_no_cache(family, method, model_factory):
     model = model_factory(family)
     batch, singles, _ = _video_batch(model, [(2, 6), (7, 2)], frames=2)
@@ -193,8 +207,14 @@ def test_beam_search_equals_the_kept_token_prompt(family, model_factory):
         embeds = inner.get_input_embeddings()(inputs["input_ids"])
         embeds[0, visual] = inner.get_image_features(**call).pooler_output[0]
         pos = torch.arange(ids.numel())[keep][None]
-        ref = model.generate(inputs_embeds=embeds[:, keep], position_ids=pos, attention_mask=torch.ones_like(pos),
-                             max_new_tokens=4, num_beams=3, do_sample=False)[:, -4:]
+        ref = model.generate(
+            inputs_embeds=embeds[:, keep],
+            position_ids=pos,
+            attention_mask=torch.ones_like(pos),
+            max_new_tokens=4,
+            num_beams=3,
+            do_sample=False,
+        )[:, -4:]
     assert torch.equal(beams, ref)
 
 
@@ -222,14 +242,20 @@ def test_onevision_downscaled_and_multi_image_prompts_equal_the_kept_token_promp
             keep[visual] = False
             keep[visual[st.kept_indices[row]]] = True
             pos = torch.arange(keep.numel())[keep][None]
-            ref = model(inputs_embeds=embeds[row, real][keep][None], position_ids=pos,
-                        attention_mask=torch.ones_like(pos)).logits[0, -1]
+            ref = model(
+                inputs_embeds=embeds[row, real][keep][None], position_ids=pos, attention_mask=torch.ones_like(pos)
+            ).logits[0, -1]
             torch.testing.assert_close(st_logits[row], ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method,match", [("pool", "blend several patches.*anyres_max downscale"),
-                                          ("vispruner", "blend several patches"),
-                                          ("visionzip", "bilinearly downscaled.*visionzip")])
+@pytest.mark.parametrize(
+    "method,match",
+    [
+        ("pool", "blend several patches.*anyres_max downscale"),
+        ("vispruner", "blend several patches"),
+        ("visionzip", "bilinearly downscaled.*visionzip"),
+    ],
+)
 def test_methods_that_need_one_patch_per_token_refuse_blended_tokens(method, match, model_factory):
     model = model_factory("llava_onevision")
     with _aspect(model, "anyres_max_2"), vtprune.patched(model, method, **opts(method, keep=4)), torch.no_grad():
@@ -238,7 +264,11 @@ def test_methods_that_need_one_patch_per_token_refuse_blended_tokens(method, mat
             model(**downscaled)
     _, (video,), _ = _video_batch(model, [(2, 3)])
     match = "bilinearly.*visionzip" if method == "visionzip" else "blend several patches.*video pooling"
-    with vtprune.patched(model, method, **opts(method, keep=4)), torch.no_grad(), pytest.raises(ValueError, match=match):
+    with (
+        vtprune.patched(model, method, **opts(method, keep=4)),
+        torch.no_grad(),
+        pytest.raises(ValueError, match=match),
+    ):
         model(**video)
 
 
@@ -273,8 +303,9 @@ def test_towers_and_video_frames_match_flop_counter(family):
     assert abs(mine - ref) / ref < 0.05, (mine, ref)
     if family == "llava_next_video":  # the projector sees 4 pooled tokens of a frame, 16 patches of a crop
         dv, dt = 32, 64
-        per = flops.vision_flops(model.config, num_images=1) - flops.vision_flops(model.config, num_frames=1,
-                                                                                  num_images=0)
+        per = flops.vision_flops(model.config, num_images=1) - flops.vision_flops(
+            model.config, num_frames=1, num_images=0
+        )
         assert per == 2 * (16 - 4) * (dv * dt + dt * dt)
 
 
@@ -346,8 +377,7 @@ def test_video_received_equals_eager_attention_pooled_by_hand(family, model_fact
     model = model_factory(family)
     _, (inputs,), _ = _video_batch(model, [(2, 3)], frames=3)
     pix = inputs["pixel_values_videos"]
-    infos, kept = _received_capture(model, inputs, lambda inner: inner.get_video_features(pix),
-                                    importance="received")
+    infos, kept = _received_capture(model, inputs, lambda inner: inner.get_video_features(pix), importance="received")
     (info,) = infos
     assert info.crops == 3 and info.cls_attention is None
     expected = _eager_received(model, pix[0])

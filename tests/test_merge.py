@@ -27,8 +27,16 @@ class _ToyConfig(PruneConfig):
 
 
 def _register(name, stage, select):
-    cls = type(name, (Method,), dict(stage=stage, signals=frozenset({"features"} if stage == "vision" else {"hidden"}),
-                                     select=select, layer=lambda self, n: self.config.layer if stage == "llm" else None))
+    cls = type(
+        name,
+        (Method,),
+        dict(
+            stage=stage,
+            signals=frozenset({"features"} if stage == "vision" else {"hidden"}),
+            select=select,
+            layer=lambda self, n: self.config.layer if stage == "llm" else None,
+        ),
+    )
     config = type(f"{name}Config", (_ToyConfig,), {})
     config = dataclass(config)
     registry.register_method(name, config)(cls)
@@ -81,8 +89,7 @@ def test_vision_stage_merged_features_reach_the_lm(toys, model_factory):
         embeds[0, visual[kept]] = feats[kept] + feats.mean(0)
         keep = _keep_mask(inputs, visual, kept)
         pos = torch.arange(keep.numel())[keep][None]
-        ref = model(inputs_embeds=embeds[:, keep], position_ids=pos,
-                    attention_mask=torch.ones_like(pos)).logits[:, -1]
+        ref = model(inputs_embeds=embeds[:, keep], position_ids=pos, attention_mask=torch.ones_like(pos)).logits[:, -1]
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 

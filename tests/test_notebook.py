@@ -18,8 +18,9 @@ def test_quickstart_notebook_runs(monkeypatch):
     nb = json.loads(NOTEBOOK.read_text())
     assert nb["nbformat"] == 4
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert code and all(c.get("outputs") for c in code[:-1] if "print(" in "".join(c["source"])), \
+    assert code and all(c.get("outputs") for c in code[:-1] if "print(" in "".join(c["source"])), (
         "commit the notebook with its outputs (python notebooks/execute.py)"
+    )
     pictures = [c for c in code if any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
     assert any("viz.compare" in "".join(c["source"]) for c in pictures)  # the kept tokens, visible on the page
     shown = []
@@ -28,8 +29,9 @@ def test_quickstart_notebook_runs(monkeypatch):
     with num_threads(1):
         for i, cell in enumerate(code):
             source = "".join(cell["source"])
-            assert not any(line.lstrip().startswith(("%", "!")) for line in source.splitlines()), \
+            assert not any(line.lstrip().startswith(("%", "!")) for line in source.splitlines()), (
                 "keep the notebook free of IPython magics (the test runs it as plain Python)"
+            )
             exec(compile(source, f"{NOTEBOOK.name}[cell {i}]", "exec"), namespace)
     # the cells built what they promise: every method's kept tokens, drawn side by side
     import vtprune

@@ -33,7 +33,7 @@ def naive_dbdpc(keys, cutoff, dc=2.0):
     u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
     dist = np.maximum(1.0 - u @ u.T, 0.0)
     np.fill_diagonal(dist, 0.0)
-    rho = np.exp(-(dist / dc) ** 2).sum(1)
+    rho = np.exp(-((dist / dc) ** 2)).sum(1)
     n = len(x)
     order = sorted(range(n), key=lambda i: (-rho[i], i))
     rank = np.empty(n, dtype=int)
@@ -53,8 +53,9 @@ def naive_dbdpc(keys, cutoff, dc=2.0):
                 covered |= {j for j in free if rank[j] > rank[i] and dist[i, j] <= cutoff}
             break
     centres = sorted(centres)
-    labels = np.array([c if c in centres else min(centres, key=lambda c: (dist[i, c], c))
-                       for i, c in enumerate(range(n))])
+    labels = np.array(
+        [c if c in centres else min(centres, key=lambda c: (dist[i, c], c)) for i, c in enumerate(range(n))]
+    )
     labels[centres] = centres
     return labels, dist
 
@@ -142,17 +143,25 @@ def test_pact_in_model_hidden_states_are_cluster_means(force_torch, model_factor
     model = model_factory("llava")
     inputs = make_inputs(model, "llava", [(5, 1, 4)])
     layers = model.model.language_model.layers
-    K = vtprune.registry.get_method("pact").method_cls(
-        vtprune.registry.get_method("pact").config_cls(keep=5)).layer(len(layers))
+    K = (
+        vtprune.registry.get_method("pact")
+        .method_cls(vtprune.registry.get_method("pact").config_cls(keep=5))
+        .layer(len(layers))
+    )
     assert K == len(layers) - 1  # tiny 4-layer model: the official layer 4 is capped to 3
 
     captured = {}
-    hooks = [layers[K].register_forward_pre_hook(
-                 lambda m, a, kw: captured.__setitem__("h", (a[0] if a else kw["hidden_states"]).clone()),
-                 with_kwargs=True),
-             layers[K - 1].register_forward_pre_hook(
-                 lambda m, a, kw: captured.__setitem__("prev", ((a[0] if a else kw["hidden_states"]).clone(),
-                                                                kw["position_embeddings"])), with_kwargs=True)]
+    hooks = [
+        layers[K].register_forward_pre_hook(
+            lambda m, a, kw: captured.__setitem__("h", (a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True
+        ),
+        layers[K - 1].register_forward_pre_hook(
+            lambda m, a, kw: captured.__setitem__(
+                "prev", ((a[0] if a else kw["hidden_states"]).clone(), kw["position_embeddings"])
+            ),
+            with_kwargs=True,
+        ),
+    ]
     try:
         with torch.no_grad():
             model(**inputs)  # unpatched: full layer-K inputs and layer K-1 inputs
@@ -162,8 +171,8 @@ def test_pact_in_model_hidden_states_are_cluster_means(force_torch, model_factor
     full_h, (prev_h, (cos, sin)) = captured["h"][0], captured["prev"]
     with vtprune.patched(model, "pact", keep=5), torch.no_grad():
         spy = layers[K].register_forward_pre_hook(  # after patch: runs after the engine's pruning hook
-            lambda m, a, kw: captured.__setitem__("h", (a[0] if a else kw["hidden_states"]).clone()),
-            with_kwargs=True)
+            lambda m, a, kw: captured.__setitem__("h", (a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True
+        )
         try:
             model(**inputs)
         finally:
@@ -181,9 +190,9 @@ def test_pact_in_model_hidden_states_are_cluster_means(force_torch, model_factor
         k = k.view(1, k.shape[1], -1, attn.head_dim).transpose(1, 2)
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         keys = k.transpose(1, 2).reshape(k.shape[2], -1)
-    expected = F.pact_merge(full_h[start:start + n], keys[start:start + n], k=5)
+    expected = F.pact_merge(full_h[start : start + n], keys[start : start + n], k=5)
     assert st_.visual_tokens_kept == [5] and st_.kept_indices[0].tolist() == expected.kept.tolist()
     # kept tokens sit, in order, where the image was; text before them is untouched
-    torch.testing.assert_close(pruned_h[start:start + 5], expected.merged, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pruned_h[start : start + 5], expected.merged, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pruned_h[:start], full_h[:start], rtol=0, atol=0)
     assert not torch.allclose(expected.merged, full_h[start + expected.kept])  # merging changed something

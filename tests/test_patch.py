@@ -6,9 +6,15 @@ row run alone, the model before patching.
 
 import pytest
 import torch
-from conftest import opts, MULTI_POINT_METHODS, budget, refused, supports
-from tiny import (FAMILIES, assert_keep_all_is_bit_identical, make_inputs, route_greedy, run_recording_layer_lengths,
-                  split_rows)
+from conftest import MULTI_POINT_METHODS, budget, opts, refused, supports
+from tiny import (
+    FAMILIES,
+    assert_keep_all_is_bit_identical,
+    make_inputs,
+    route_greedy,
+    run_recording_layer_lengths,
+    split_rows,
+)
 from tiny import greedy as _generate
 from tiny import last_logits as _last_logits
 
@@ -75,8 +81,11 @@ def _full_embeds_and_positions(model, family, inputs):
         embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
         if family.startswith("qwen"):
             pos, _ = inner.get_rope_index(
-                inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], video_grid_thw=None,
-                attention_mask=inputs["attention_mask"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                inputs["input_ids"],
+                image_grid_thw=inputs["image_grid_thw"],
+                video_grid_thw=None,
+                attention_mask=inputs["attention_mask"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
             )
         else:
             pos = torch.arange(embeds.shape[1])[None]
@@ -89,7 +98,9 @@ def _selects_only(method):
     return cls.stage == "vision" and not cls.merges
 
 
-@pytest.mark.parametrize("method,family", [c for c in SUPPORTED if _selects_only(c[0]) and not c[1].startswith("qwen3_vl")])
+@pytest.mark.parametrize(
+    "method,family", [c for c in SUPPORTED if _selects_only(c[0]) and not c[1].startswith("qwen3_vl")]
+)
 def test_vision_stage_equals_unpatched_model_fed_kept_tokens(method, family, model_factory):
     model = model_factory(family)
     inputs = make_inputs(model, family, [(6, 1, 5)])
@@ -99,7 +110,11 @@ def test_vision_stage_equals_unpatched_model_fed_kept_tokens(method, family, mod
         st = vtprune.stats(model)
     keep = _kept_positions(model, inputs, st)
     embeds, pos = _full_embeds_and_positions(model, family, inputs)
-    route = dict(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep], attention_mask=torch.ones(1, keep.numel(), dtype=torch.long))
+    route = dict(
+        inputs_embeds=embeds[:, keep],
+        position_ids=pos[..., keep],
+        attention_mask=torch.ones(1, keep.numel(), dtype=torch.long),
+    )
     if "token_type_ids" in inputs:  # Gemma 3: the bidirectional image block restricted to the kept image tokens
         route["token_type_ids"] = inputs["token_type_ids"][:, keep]
     with torch.no_grad():
@@ -129,7 +144,9 @@ def test_left_padded_batch_equals_rows_alone(method, family, model_factory):
     # (pdrop at ratio=0.3: the last stage keeps int(n lam^3) = 1 of both llava_next images)
 
 
-@pytest.mark.parametrize("method,family", [c for c in SUPPORTED if vtprune.registry.get_method(c[0]).method_cls.stage == "vision"])
+@pytest.mark.parametrize(
+    "method,family", [c for c in SUPPORTED if vtprune.registry.get_method(c[0]).method_cls.stage == "vision"]
+)
 def test_generation_with_cache_equals_without(method, family, model_factory):
     model = model_factory(family)
     inputs = make_inputs(model, family, ROWS)
@@ -240,8 +257,9 @@ def test_bad_arguments_raise_clear_errors(kwargs, exc, match, model_factory):
 def test_text_only_model_is_rejected():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, vocab_size=50))
+    lm = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    )
     with pytest.raises(ValueError, match=r"model_type='llama'.*supported model types: .*\bllava\b.*\bqwen2_vl\b"):
         vtprune.patch(lm, "random", keep=4)
     with pytest.raises(TypeError, match="expected a transformers model"):

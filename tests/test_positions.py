@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import opts
 from tiny import make_inputs, split_rows
 
 import vtprune
-from conftest import opts
 
 
 def _keep_mask(model, inputs, kept):
@@ -100,6 +100,12 @@ def test_beam_search_on_a_pruned_model_equals_the_kept_token_prompt(model_factor
         embeds = inner.get_input_embeddings()(inputs["input_ids"])
         embeds[0, visual] = inner.get_image_features(inputs["pixel_values"]).pooler_output[0]
         pos = torch.arange(keep.numel())[keep][None]
-        ref = model.generate(inputs_embeds=embeds[:, keep], position_ids=pos, attention_mask=torch.ones_like(pos),
-                             max_new_tokens=4, num_beams=3, do_sample=False)[:, -4:]
+        ref = model.generate(
+            inputs_embeds=embeds[:, keep],
+            position_ids=pos,
+            attention_mask=torch.ones_like(pos),
+            max_new_tokens=4,
+            num_beams=3,
+            do_sample=False,
+        )[:, -4:]
     assert torch.equal(beams, ref)

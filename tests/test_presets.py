@@ -37,8 +37,9 @@ def test_bad_preset_files(tmp_path):
         vtprune.PruneConfig.from_yaml(bad)
 
 
-@pytest.mark.parametrize("text,match", [("[]\n", "empty list"), ("- divprune\n- {method: fastv, keep: 4}\n",
-                                                                  "schedule element 0 is a str")])
+@pytest.mark.parametrize(
+    "text,match", [("[]\n", "empty list"), ("- divprune\n- {method: fastv, keep: 4}\n", "schedule element 0 is a str")]
+)
 def test_bad_yaml_schedules_name_the_problem(tmp_path, text, match):
     path = tmp_path / "schedule.yaml"
     path.write_text(text)

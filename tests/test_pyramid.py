@@ -43,19 +43,20 @@ def _ref_pdrop(query, keys, start, n, keep):
     h, s, dh = keys.shape
     avg = [0.0] * s
     for head in range(h):
-        logits = [sum(float(query[head, d]) * float(keys[head, j, d]) for d in range(dh)) / math.sqrt(dh)
-                  for j in range(s)]
+        logits = [
+            sum(float(query[head, d]) * float(keys[head, j, d]) for d in range(dh)) / math.sqrt(dh) for j in range(s)
+        ]
         m = max(logits)
         ex = [math.exp(x - m) for x in logits]
         for j in range(s):
             avg[j] += ex[j] / sum(ex) / h
-    return _ref_top(avg[start:start + n], keep)
+    return _ref_top(avg[start : start + n], keep)
 
 
 def _ref_dpc_knn(x, c):
     n, d = x.shape
     dist = [[math.dist(x[i].tolist(), x[j].tolist()) / math.sqrt(d) for j in range(n)] for i in range(n)]
-    dens = [math.exp(-sum(v ** 2 for v in sorted(row)[:c]) / c) for row in dist]
+    dens = [math.exp(-sum(v**2 for v in sorted(row)[:c]) / c) for row in dist]
     dmax = max(max(row) for row in dist)
     delta = [min([dist[i][j] for j in range(n) if dens[j] > dens[i]] or [dmax]) for i in range(n)]
     score = [delta[i] * dens[i] for i in range(n)]
@@ -63,8 +64,13 @@ def _ref_dpc_knn(x, c):
     assign = [min(range(c), key=lambda a: (dist[i][centres[a]], a)) for i in range(n)]
     for a, ci in enumerate(centres):
         assign[ci] = a
-    merged = torch.stack([x[[i for i in range(n) if assign[i] == a]].double().sum(0) /
-                          (sum(1 for i in range(n) if assign[i] == a) + 1e-6) for a in range(c)])
+    merged = torch.stack(
+        [
+            x[[i for i in range(n) if assign[i] == a]].double().sum(0)
+            / (sum(1 for i in range(n) if assign[i] == a) + 1e-6)
+            for a in range(c)
+        ]
+    )
     return merged, centres
 
 
@@ -94,14 +100,17 @@ def _ref_sparsevlm_plus(attn, gravity, heads, k):
 def _ref_gravity(rows, cols, dh, theta=10000.0):
     """The official all-ones q/k through 1-D RoPE: ``(2 / sqrt(Dh)) sum_f cos(theta_f (p_i - p_j))``."""
     freqs = [theta ** (-2 * f / dh) for f in range(dh // 2)]
-    return torch.tensor([[2 * sum(math.cos(w * (p - q)) for w in freqs) / math.sqrt(dh) for q in cols] for p in rows],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [[2 * sum(math.cos(w * (p - q)) for w in freqs) / math.sqrt(dh) for q in cols] for p in rows],
+        dtype=torch.float64,
+    )
 
 
 def _clusters(gen, groups, size, d=6, spread=0.05):
     centres = torch.randn(groups, d, generator=gen, dtype=torch.float64) * 3
-    return (centres.repeat_interleave(size, 0) + spread * torch.randn(groups * size, d, generator=gen,
-                                                                       dtype=torch.float64))
+    return centres.repeat_interleave(size, 0) + spread * torch.randn(
+        groups * size, d, generator=gen, dtype=torch.float64
+    )
 
 
 # -- pure functions ------------------------------------------------------------------------------------------------
@@ -187,19 +196,34 @@ def test_sparsevlm_rank_count():
     assert F.sparsevlm_rank_count(full, 13.5, 0) == 3  # rank == V: the official layer prunes nothing
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda: F.pdrop_select(torch.zeros(2, 4), torch.zeros(2, 5, 3), 0, 5, 2), ValueError, r"query must be \[H, Dh\]"),
-    (lambda: F.pdrop_select(torch.zeros(2, 3), torch.zeros(2, 5, 3), 3, 5, 2), ValueError, "inside the 5 keys"),
-    (lambda: F.pdrop_select(torch.zeros(2, 3), torch.zeros(2, 5, 3), 0, 5, 6), ValueError, r"k must be in \[1, 5\]"),
-    (lambda: F.sparsevlm_raters(torch.zeros(3, 4), torch.zeros(2, 5)), ValueError, "must share D"),
-    (lambda: F.sparsevlm_select(torch.zeros(2, 3, 5), torch.zeros(4, 2), 2), ValueError, "one row per image token"),
-    (lambda: F.sparsevlm_select(torch.zeros(3, 5), torch.zeros(5, 2), 2), ValueError, r"\[H, R, V\]"),
-    (lambda: F.sparsevlm_rank_count(torch.zeros(1, 2, 3), float("nan"), 0), ValueError, "scale must be a finite"),
-    (lambda: F.dpc_knn_merge(torch.zeros(4, 2), 5), ValueError, r"k must be in \[1, 4\]"),
-    (lambda: F.sparsevlm_plus_attention(torch.ones(2, 3, 5), torch.ones(3, 4)), ValueError, r"gravity must be \[R, V\]"),
-    (lambda: F.sparsevlm_plus_attention(torch.ones(2, 3, 5), torch.ones(3, 5), 0), ValueError, r"heads must be in"),
-    (lambda: F.rope_gravity(torch.ones(3, 4), torch.ones(5, 6)), ValueError, "agree on Dh"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (
+            lambda: F.pdrop_select(torch.zeros(2, 4), torch.zeros(2, 5, 3), 0, 5, 2),
+            ValueError,
+            r"query must be \[H, Dh\]",
+        ),
+        (lambda: F.pdrop_select(torch.zeros(2, 3), torch.zeros(2, 5, 3), 3, 5, 2), ValueError, "inside the 5 keys"),
+        (
+            lambda: F.pdrop_select(torch.zeros(2, 3), torch.zeros(2, 5, 3), 0, 5, 6),
+            ValueError,
+            r"k must be in \[1, 5\]",
+        ),
+        (lambda: F.sparsevlm_raters(torch.zeros(3, 4), torch.zeros(2, 5)), ValueError, "must share D"),
+        (lambda: F.sparsevlm_select(torch.zeros(2, 3, 5), torch.zeros(4, 2), 2), ValueError, "one row per image token"),
+        (lambda: F.sparsevlm_select(torch.zeros(3, 5), torch.zeros(5, 2), 2), ValueError, r"\[H, R, V\]"),
+        (lambda: F.sparsevlm_rank_count(torch.zeros(1, 2, 3), float("nan"), 0), ValueError, "scale must be a finite"),
+        (lambda: F.dpc_knn_merge(torch.zeros(4, 2), 5), ValueError, r"k must be in \[1, 4\]"),
+        (
+            lambda: F.sparsevlm_plus_attention(torch.ones(2, 3, 5), torch.ones(3, 4)),
+            ValueError,
+            r"gravity must be \[R, V\]",
+        ),
+        (lambda: F.sparsevlm_plus_attention(torch.ones(2, 3, 5), torch.ones(3, 5), 0), ValueError, r"heads must be in"),
+        (lambda: F.rope_gravity(torch.ones(3, 4), torch.ones(5, 6)), ValueError, "agree on Dh"),
+    ],
+)
 def test_pure_functions_reject_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -241,32 +265,42 @@ def test_sparsevlm_counts_follow_the_official_table():
     assert half.counts(288) == [round(c * 96 / 192) for c in (300, 200, 110)]  # 1/3 of 288: the 192 row, halved
 
 
-@pytest.mark.parametrize("options,exc,match", [
-    (dict(method="pdrop", keep=4, ratios=(0.5,)), ValueError, "not both"),
-    (dict(method="pdrop", ratios=(0.25, 0.5)), ValueError, "must not increase"),
-    (dict(method="pdrop", ratios=(0.5, 0.25), layers=(1,)), ValueError, "one entry per stage"),
-    (dict(method="pdrop", ratio=0.5, layers=(2, 1)), ValueError, "strictly ascending"),
-    (dict(method="pdrop", ratio=0.5, layers=(1, 4)), ValueError, "layer=4 is out of range"),
-    (dict(method="pdrop", ratio=0.5, layers="12"), TypeError, "layers must be a sequence"),
-    (dict(method="pdrop", ratio=0.5, budget_kind="final"), ValueError, "budget_kind must be one of"),
-    (dict(method="pdrop", ratios=(0.5,), budget_kind="last"), ValueError, "not to an explicit ratios"),
-    (dict(method="sparsevlm", keep=4, version="v2.0"), ValueError, "SparseVLM\\+"),
-    (dict(method="sparsevlm", keep=4, counts=(3, 2)), ValueError, "not both"),
-    (dict(method="sparsevlm", counts=(3, 2), layers=(0, 1, 2)), ValueError, "one entry per pruning layer"),
-    (dict(method="sparsevlm", keep=4, scale=2.0, bias=0.0), ValueError, "apply to version='v1'"),
-    (dict(method="sparsevlm", keep=4, version="v1", scale=2.0), ValueError, "together"),
-    (dict(method="sparsevlm", keep=4, layers=(0, 3)), ValueError, r"pruning layer\(s\) \[3\] of layers=\[0, 3\] out of "
-                                                                  r"range .* 0 <= l <= 2"),
-    (dict(method="sparsevlm", keep=4, layers=(1, 1)), ValueError, r"strictly ascending .*got \[1, 1\]"),
-    (dict(method="sparsevlm", keep=4, family="qwen3_5"), ValueError,
-     r"layer\(s\) \[0\] of layers=\[0, 1, 2\] are \['linear_attention'\].*layers=.* from \[1, 2\]"),
-    (dict(method="sparsevlm", keep=4, recycle=1), TypeError, "recycle must be None .*, True or False"),
-    (dict(method="sparsevlm", keep=4, heads=4), ValueError, "heads= .* applies to version='v2'"),
-    (dict(method="sparsevlm", keep=4, version="v2", heads=0), ValueError, "heads must be an int >= 1"),
-    (dict(method="sparsevlm", keep=4, version="v3"), ValueError, "'v2' SparseVLM\\+"),
-    (dict(method="sparsevlm", version="v2", scale=1.0, bias=0.0), ValueError, "v2 takes counts="),
-    (dict(method="pdrop", ratio=0.5, positions="compact", family="qwen2_vl"), ValueError, "3-D M-RoPE"),
-])
+@pytest.mark.parametrize(
+    "options,exc,match",
+    [
+        (dict(method="pdrop", keep=4, ratios=(0.5,)), ValueError, "not both"),
+        (dict(method="pdrop", ratios=(0.25, 0.5)), ValueError, "must not increase"),
+        (dict(method="pdrop", ratios=(0.5, 0.25), layers=(1,)), ValueError, "one entry per stage"),
+        (dict(method="pdrop", ratio=0.5, layers=(2, 1)), ValueError, "strictly ascending"),
+        (dict(method="pdrop", ratio=0.5, layers=(1, 4)), ValueError, "layer=4 is out of range"),
+        (dict(method="pdrop", ratio=0.5, layers="12"), TypeError, "layers must be a sequence"),
+        (dict(method="pdrop", ratio=0.5, budget_kind="final"), ValueError, "budget_kind must be one of"),
+        (dict(method="pdrop", ratios=(0.5,), budget_kind="last"), ValueError, "not to an explicit ratios"),
+        (dict(method="sparsevlm", keep=4, version="v2.0"), ValueError, "SparseVLM\\+"),
+        (dict(method="sparsevlm", keep=4, counts=(3, 2)), ValueError, "not both"),
+        (dict(method="sparsevlm", counts=(3, 2), layers=(0, 1, 2)), ValueError, "one entry per pruning layer"),
+        (dict(method="sparsevlm", keep=4, scale=2.0, bias=0.0), ValueError, "apply to version='v1'"),
+        (dict(method="sparsevlm", keep=4, version="v1", scale=2.0), ValueError, "together"),
+        (
+            dict(method="sparsevlm", keep=4, layers=(0, 3)),
+            ValueError,
+            r"pruning layer\(s\) \[3\] of layers=\[0, 3\] out of "
+            r"range .* 0 <= l <= 2",
+        ),
+        (dict(method="sparsevlm", keep=4, layers=(1, 1)), ValueError, r"strictly ascending .*got \[1, 1\]"),
+        (
+            dict(method="sparsevlm", keep=4, family="qwen3_5"),
+            ValueError,
+            r"layer\(s\) \[0\] of layers=\[0, 1, 2\] are \['linear_attention'\].*layers=.* from \[1, 2\]",
+        ),
+        (dict(method="sparsevlm", keep=4, recycle=1), TypeError, "recycle must be None .*, True or False"),
+        (dict(method="sparsevlm", keep=4, heads=4), ValueError, "heads= .* applies to version='v2'"),
+        (dict(method="sparsevlm", keep=4, version="v2", heads=0), ValueError, "heads must be an int >= 1"),
+        (dict(method="sparsevlm", keep=4, version="v3"), ValueError, "'v2' SparseVLM\\+"),
+        (dict(method="sparsevlm", version="v2", scale=1.0, bias=0.0), ValueError, "v2 takes counts="),
+        (dict(method="pdrop", ratio=0.5, positions="compact", family="qwen2_vl"), ValueError, "3-D M-RoPE"),
+    ],
+)
 def test_bad_options_raise_clear_errors(options, exc, match, model_factory):
     options = dict(options)
     model = model_factory(options.pop("family", "llava"))
@@ -335,8 +369,12 @@ CONFIGS = {
 }
 #: the tiny Qwen3.5's layers 0 and 3 are linear attention, which these points read: refused there (the points
 #: that run on it are tested in tests/test_qwen3.py)
-CASES = [pytest.param(name, family, id=f"{name}-{family}") for name in CONFIGS for family in FAMILIES
-         if not family.startswith("qwen3_5")]
+CASES = [
+    pytest.param(name, family, id=f"{name}-{family}")
+    for name in CONFIGS
+    for family in FAMILIES
+    if not family.startswith("qwen3_5")
+]
 
 
 @pytest.mark.parametrize("name,family", CASES)
@@ -439,7 +477,7 @@ def _route(model, inputs, name, compact):
                 q, k = _qk(layer, x, cos, sin)
                 s = x.shape[0]
                 logits = (q[:, -1:] @ k.transpose(1, 2))[:, 0] / math.sqrt(q.shape[-1])
-                p = logits.softmax(-1).mean(0)[start:start + n]
+                p = logits.softmax(-1).mean(0)[start : start + n]
                 keep = int(n0 * {1: 0.5, 2: 0.25, 3: 0.125}[i])
                 top = torch.tensor(_ref_top(p.tolist(), keep)) + start
                 cols = torch.cat([torch.arange(start), top, torch.arange(start + n, s)])
@@ -453,18 +491,20 @@ def _route(model, inputs, name, compact):
                 rows = start + n + raters
                 logits = (q[:, rows] @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
                 causal = torch.arange(x.shape[0])[None, :] <= rows[:, None]
-                attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)[:, :, start:start + n]
-                kept, merged, centres = _ref_sparsevlm(attn.double(), y[start:start + n].double(), min((8, 5, 3)[i], n - 1))
+                attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)[:, :, start : start + n]
+                kept, merged, centres = _ref_sparsevlm(
+                    attn.double(), y[start : start + n].double(), min((8, 5, 3)[i], n - 1)
+                )
                 kept = torch.tensor(kept)
                 if compact:
-                    y = torch.cat([y[:start], y[start + kept], merged.to(y.dtype), y[start + n:]])
+                    y = torch.cat([y[:start], y[start + kept], merged.to(y.dtype), y[start + n :]])
                     pos = torch.arange(y.shape[0])
                 else:
                     carriers = torch.cat([kept, torch.tensor(centres)]).sort().values
                     img = y[start + carriers].clone()
                     img[torch.searchsorted(carriers, torch.tensor(centres))] = merged.to(y.dtype)
-                    y = torch.cat([y[:start], img, y[start + n:]])
-                    pos = torch.cat([pos[:start], pos[start + carriers], pos[start + n:]])
+                    y = torch.cat([y[:start], img, y[start + n :]])
+                    pos = torch.cat([pos[:start], pos[start + carriers], pos[start + n :]])
                 n = kept.numel() + merged.shape[0]
                 counts.append(n)
             x = y

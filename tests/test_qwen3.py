@@ -11,12 +11,22 @@ import sys
 
 import pytest
 import torch
-from tiny import (IMAGE_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, cache_keyword, greedy, last_logits, make_inputs,
-                  split_rows)
+from conftest import opts
+from tiny import (
+    IMAGE_ID,
+    QWEN3,
+    VEND_ID,
+    VIDEO_ID,
+    VSTART_ID,
+    cache_keyword,
+    greedy,
+    last_logits,
+    make_inputs,
+    split_rows,
+)
 
 import vtprune
 from vtprune import compat
-from conftest import opts
 
 DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe")
 
@@ -40,10 +50,13 @@ def _prompt(model, inputs, token_id=IMAGE_ID):
         feats, levels = _visual_features(inner, inputs, token_id)
         visual = ids == token_id
         embeds[visual] = feats
-        pos, _ = inner.get_rope_index(ids, image_grid_thw=inputs.get("image_grid_thw"),
-                                      video_grid_thw=inputs.get("video_grid_thw"),
-                                      attention_mask=inputs["attention_mask"],
-                                      mm_token_type_ids=inputs["mm_token_type_ids"])
+        pos, _ = inner.get_rope_index(
+            ids,
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+            attention_mask=inputs["attention_mask"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
     return embeds, pos, visual, levels
 
 
@@ -64,9 +77,12 @@ def _vision_route(model, inputs, kept, token_id=IMAGE_ID):
         rows = kept.sort().values
         extra = dict(visual_pos_masks=visual[:, keep], deepstack_visual_embeds=[lvl[rows] for lvl in levels])
     with torch.no_grad():
-        hidden = model.model.language_model(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep],
-                                            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
-                                            **extra).last_hidden_state
+        hidden = model.model.language_model(
+            inputs_embeds=embeds[:, keep],
+            position_ids=pos[..., keep],
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+            **extra,
+        ).last_hidden_state
         return model.lm_head(hidden[:, -1]).float()
 
 
@@ -195,8 +211,10 @@ def _video(frames=2, h=4, w=6, timestamps=(11, 12)):
     ids += [7, 8, 9]
     types += [0, 0, 0]
     return dict(
-        input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        pixel_values_videos=torch.randn(int(grid.prod()), 3 * 2 * 14 * 14, generator=gen), video_grid_thw=grid,
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pixel_values_videos=torch.randn(int(grid.prod()), 3 * 2 * 14 * 14, generator=gen),
+        video_grid_thw=grid,
         mm_token_type_ids=torch.tensor([types]),
     ), frames * per_frame
 
@@ -211,8 +229,7 @@ def test_video_budget_covers_all_frames_and_keeps_timestamps(family, method, mod
         tokens = greedy(model, inputs)
         st = vtprune.stats(model)
     assert st.visual_tokens_in == [n] and st.visual_tokens_kept == [5]  # one budget for the whole video
-    torch.testing.assert_close(logits, _vision_route(model, inputs, st.kept_indices[0], VIDEO_ID),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, _vision_route(model, inputs, st.kept_indices[0], VIDEO_ID), rtol=1e-5, atol=1e-5)
     assert tokens.shape == (1, 4)
 
 
@@ -250,8 +267,11 @@ def first_k():
     from vtprune.methods.base import Method
 
     cfg = dataclass(type("_FirstKConfig", (PruneConfig,), {}))
-    cls = type("_FirstK", (Method,), dict(stage="vision", signals=frozenset(),
-                                           select=lambda self, image: torch.arange(image.k)))
+    cls = type(
+        "_FirstK",
+        (Method,),
+        dict(stage="vision", signals=frozenset(), select=lambda self, image: torch.arange(image.k)),
+    )
     registry.register_method("_first_k", cfg)(cls)
     yield "_first_k"
     registry._METHODS.pop("_first_k")
@@ -270,16 +290,16 @@ def test_refill_frames_by_hand():
 
 
 @pytest.mark.parametrize("empty_frames,expected", [("refill", [0, 1, 2, 3, 9, 15]), ("allow", [0, 1, 2, 3, 4, 5])])
-def test_video_frames_keep_a_token_unless_the_config_allows_empty_frames(first_k, empty_frames, expected,
-                                                                         model_factory):
+def test_video_frames_keep_a_token_unless_the_config_allows_empty_frames(
+    first_k, empty_frames, expected, model_factory
+):
     model = model_factory("qwen3_vl")
     inputs, n = _video(frames=3, timestamps=(11, 12, 13))  # 3 frames of 6 tokens
     with vtprune.patched(model, first_k, keep=6, empty_frames=empty_frames):
         logits = last_logits(model, inputs)
         st = vtprune.stats(model)
     assert st.kept_indices[0].tolist() == expected
-    torch.testing.assert_close(logits, _vision_route(model, inputs, st.kept_indices[0], VIDEO_ID),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, _vision_route(model, inputs, st.kept_indices[0], VIDEO_ID), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="empty_frames"):
         vtprune.patch(model, "random", keep=4, empty_frames="drop")
 
@@ -296,12 +316,22 @@ def test_second_turn_on_a_pruned_cache_equals_the_conversation_run_without_cache
         o1 = model.generate(**x, max_new_tokens=4, **kw)
         ids2 = torch.cat([o1.sequences, torch.tensor([[11, 12, 13]])], 1)
         cache = compat.output_cache(o1)
-        o2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), max_new_tokens=4,
-                            **{cache_keyword(model): cache}, **kw)
-        types = torch.cat([x["mm_token_type_ids"], torch.zeros(1, ids2.shape[1] - x["input_ids"].shape[1],
-                                                                 dtype=torch.long)], 1)
-        ref = model.generate(**{**x, "input_ids": ids2, "attention_mask": torch.ones_like(ids2),
-                                "mm_token_type_ids": types}, max_new_tokens=4, use_cache=False, **kw)
+        o2 = model.generate(
+            input_ids=ids2,
+            attention_mask=torch.ones_like(ids2),
+            max_new_tokens=4,
+            **{cache_keyword(model): cache},
+            **kw,
+        )
+        types = torch.cat(
+            [x["mm_token_type_ids"], torch.zeros(1, ids2.shape[1] - x["input_ids"].shape[1], dtype=torch.long)], 1
+        )
+        ref = model.generate(
+            **{**x, "input_ids": ids2, "attention_mask": torch.ones_like(ids2), "mm_token_type_ids": types},
+            max_new_tokens=4,
+            use_cache=False,
+            **kw,
+        )
     assert torch.equal(o2.sequences, ref.sequences)
 
 
@@ -315,8 +345,9 @@ def test_frame_sizes_count_present_tokens_of_each_original_run():
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_vl"])
-@pytest.mark.parametrize("method,options", [("pdrop", dict(layers=[1, 2], ratios=[0.5, 0.25])),
-                                            ("sparsevlm", dict(layers=[1, 2], keep=4))])
+@pytest.mark.parametrize(
+    "method,options", [("pdrop", dict(layers=[1, 2], ratios=[0.5, 0.25])), ("sparsevlm", dict(layers=[1, 2], keep=4))]
+)
 def test_multi_point_methods_at_full_attention_layers(family, method, options, model_factory):
     """PyramidDrop reads layer K's own attention, SparseVLM layer K-1's: on the tiny Qwen3.5 their default points
     (pdrop's last at layer 3, sparsevlm's first at K-1 = 0) read linear attention and are refused; at points whose
@@ -324,7 +355,9 @@ def test_multi_point_methods_at_full_attention_layers(family, method, options, m
     model = model_factory(family)
     if family == "qwen3_5":
         with pytest.raises(ValueError, match="linear_attention"):
-            vtprune.patch(model, method, **opts(method, keep=4)) if method == "sparsevlm" else vtprune.patch(model, method, **opts(method, ratio=0.5))
+            vtprune.patch(model, method, **opts(method, keep=4)) if method == "sparsevlm" else vtprune.patch(
+                model, method, **opts(method, ratio=0.5)
+            )
     batch, singles = split_rows(model, family, [(3, 1, 4), (9, 2, 2)])
     with vtprune.patched(model, method, **opts(method, **options)):
         tokens = greedy(model, batch)

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
+from conftest import opts
 from tiny import make_inputs
 from transformers import AttentionInterface
 
 import vtprune
 from vtprune import functional as F
 from vtprune.adapters.base import ModelAdapter
-from conftest import opts
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _RECORD = "vtprune_test_recording_eager"
@@ -81,7 +81,7 @@ def test_qwen_received_equals_eager_attention_pooled_by_hand(family, model_facto
     keys = torch.cat([k.float().mean(0) for _, k in blocks])  # head-mean keys [N, Dh]
     received, keys = _unwindow(received, model, grid), _unwindow(keys, model, grid)
     sizes = grid.prod(-1).tolist()
-    for info, patches, patch_keys in zip(infos, received.split(sizes), keys.split(sizes)):
+    for info, patches, _keys in zip(infos, received.split(sizes), keys.split(sizes)):
         assert info.cls_attention is None and info.received.shape == (1, 1, patches.numel())
         torch.testing.assert_close(info.received[0, 0], patches, rtol=1e-5, atol=1e-7)
         tokens = patches.reshape(-1, 4).mean(1)  # a token = 4 consecutive patches (its 2x2 merge unit)
@@ -150,16 +150,19 @@ def test_received_attention_against_a_dense_reading():
     torch.testing.assert_close(chunked, expected.float())
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda q, k, cu: F.received_attention(q, torch.randn(6, 3, 8), cu, 0.5), ValueError, "multiple of Hkv"),
-    (lambda q, k, cu: F.received_attention(q, k[:5], cu, 0.5), ValueError, "k must be"),
-    (lambda q, k, cu: F.received_attention(q, k, torch.tensor([0, 3]), 0.5), ValueError, "ascend from 0 to N=6"),
-    (lambda q, k, cu: F.received_attention(q, k, torch.tensor([0, 4, 2, 6]), 0.5), ValueError, "ascend"),
-    (lambda q, k, cu: F.received_attention(q, k, cu.float(), 0.5), TypeError, "integer"),
-    (lambda q, k, cu: F.received_attention(q, k, cu, 0.0), ValueError, "scaling"),
-    (lambda q, k, cu: F.received_attention(q, k, cu, 0.5, block_elements=0), ValueError, "block_elements"),
-    (lambda q, k, cu: F.received_attention(q[0], k, cu, 0.5), ValueError, "q must be 3-D"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda q, k, cu: F.received_attention(q, torch.randn(6, 3, 8), cu, 0.5), ValueError, "multiple of Hkv"),
+        (lambda q, k, cu: F.received_attention(q, k[:5], cu, 0.5), ValueError, "k must be"),
+        (lambda q, k, cu: F.received_attention(q, k, torch.tensor([0, 3]), 0.5), ValueError, "ascend from 0 to N=6"),
+        (lambda q, k, cu: F.received_attention(q, k, torch.tensor([0, 4, 2, 6]), 0.5), ValueError, "ascend"),
+        (lambda q, k, cu: F.received_attention(q, k, cu.float(), 0.5), TypeError, "integer"),
+        (lambda q, k, cu: F.received_attention(q, k, cu, 0.0), ValueError, "scaling"),
+        (lambda q, k, cu: F.received_attention(q, k, cu, 0.5, block_elements=0), ValueError, "block_elements"),
+        (lambda q, k, cu: F.received_attention(q[0], k, cu, 0.5), ValueError, "q must be 3-D"),
+    ],
+)
 def test_received_attention_bad_inputs(call, exc, match):
     q, k, cu = torch.randn(6, 4, 8), torch.randn(6, 2, 8), torch.tensor([0, 2, 6])
     with pytest.raises(exc, match=match):
@@ -241,14 +244,21 @@ def test_visionzip_on_qwen_reads_merge_units(model_factory):
         visual = (ids == model.config.image_token_id).nonzero().squeeze(1)
         embeds = inner.get_input_embeddings()(inputs["input_ids"])
         embeds[0, visual[kept]] = vectors
-        pos, _ = inner.get_rope_index(inputs["input_ids"], image_grid_thw=grid, video_grid_thw=None,
-                                      attention_mask=inputs["attention_mask"],
-                                      mm_token_type_ids=inputs["mm_token_type_ids"])
+        pos, _ = inner.get_rope_index(
+            inputs["input_ids"],
+            image_grid_thw=grid,
+            video_grid_thw=None,
+            attention_mask=inputs["attention_mask"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
         keep = torch.ones(ids.numel(), dtype=torch.bool)
         keep[visual] = False
         keep[visual[kept]] = True
-        ref = model(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep],
-                    attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long)).logits[:, -1]
+        ref = model(
+            inputs_embeds=embeds[:, keep],
+            position_ids=pos[..., keep],
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        ).logits[:, -1]
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 

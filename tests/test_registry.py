@@ -87,8 +87,16 @@ def test_a_sweep_methods_all_expands_to_the_registry_and_explicit_entries_win():
     from vtprune.harness import config as hconfig
 
     base = {"models": [{"pretrained": "x"}], "budgets": [16], "tasks": ["t"]}
-    cfg = hconfig.load_config({**base, "methods": ["all", {"method": "pdrop", "options": {"budget_kind": "average"}},
-                                                  {"method": "fastv", "options": {"debias": True}, "name": "fv+d"}]})
+    cfg = hconfig.load_config(
+        {
+            **base,
+            "methods": [
+                "all",
+                {"method": "pdrop", "options": {"budget_kind": "average"}},
+                {"method": "fastv", "options": {"debias": True}, "name": "fv+d"},
+            ],
+        }
+    )
     names = [m.name for m in cfg.methods]
     assert sorted(set(names) - {"fv+d"}) == list_methods(host="vlm") and len(names) == len(set(names))
     by = {m.name: m for m in cfg.methods}
@@ -96,9 +104,11 @@ def test_a_sweep_methods_all_expands_to_the_registry_and_explicit_entries_win():
     assert by["cdpruner"].options == get_method("cdpruner").run_options  # expanded with its run options
     cfg = hconfig.load_config({**base, "methods": [{"all": {"stage": "llm", "exclude": ["pact"]}}]})
     assert [m.method for m in cfg.methods] == [n for n in list_methods(stage="llm") if n != "pact"]
-    for bad, message in ((["all", {"all": {"stage": "gpu"}}], "matches no registered method"),
-                         (["all", "all"], "duplicate name"),
-                         ([{"all": {"exclude": ["fastvv"]}}], "unknown method 'fastvv'"),
-                         ([{"all": {"hots": "vlm"}}], r"unknown key\(s\) \['hots'\]")):
+    for bad, message in (
+        (["all", {"all": {"stage": "gpu"}}], "matches no registered method"),
+        (["all", "all"], "duplicate name"),
+        ([{"all": {"exclude": ["fastvv"]}}], "unknown method 'fastvv'"),
+        ([{"all": {"hots": "vlm"}}], r"unknown key\(s\) \['hots'\]"),
+    ):
         with pytest.raises(ValueError, match=message):
             hconfig.load_config({**base, "methods": bad})

@@ -33,9 +33,20 @@ def items():
 
 
 def _config(**kw):
-    base = dict(model=str(MODEL), task=str(TASK), budgets=[13], perturbations=["gauss4"], epsilons=[8], steps=2,
-                transfer_epsilon=None, defense_augmentations=1, defense_perturbations=["caa"], limit=2, batch_size=2,
-                threads=1)
+    base = dict(
+        model=str(MODEL),
+        task=str(TASK),
+        budgets=[13],
+        perturbations=["gauss4"],
+        epsilons=[8],
+        steps=2,
+        transfer_epsilon=None,
+        defense_augmentations=1,
+        defense_perturbations=["caa"],
+        limit=2,
+        batch_size=2,
+        threads=1,
+    )
     base.update(kw)
     return R.RobustnessConfig(**base)
 
@@ -82,8 +93,12 @@ def test_method_options_reach_the_method_and_bad_ones_are_refused(runner):
     with pytest.raises(ValueError, match="cannot be met"):  # without the option: an average of 13 is below the floor
         with runner.patch("pdrop", 13):
             pass
-    for bad, message in [([1], "must be a mapping"), ({"pdrop": {"keep": 3}}, "other than keep"),
-                         ({"pdrp": {}}, "pdrop"), ({"pdrop": {"budget_kind": "most"}}, "budget_kind")]:
+    for bad, message in [
+        ([1], "must be a mapping"),
+        ({"pdrop": {"keep": 3}}, "other than keep"),
+        ({"pdrp": {}}, "pdrop"),
+        ({"pdrop": {"budget_kind": "most"}}, "budget_kind"),
+    ]:
         with pytest.raises(ValueError, match=message):
             _config(method_options=bad)
 
@@ -188,8 +203,11 @@ def test_keep_everything_has_no_attack_success_and_random_is_stable():
     rows = R.run_robustness(_config(methods=["random", "cls"], budgets=[256, 13]), progress=False, write=False)
 
     def get(method, budget, pert, defense=None):
-        return [r for r in rows if (r["method"], r["budget"], r["perturbation"], r.get("defense")) ==
-                (method, budget, pert, defense)]
+        return [
+            r
+            for r in rows
+            if (r["method"], r["budget"], r["perturbation"], r.get("defense")) == (method, budget, pert, defense)
+        ]
 
     for r in get("cls", 256, "caa"):
         assert r["attack_success"] == 0 and r["kept_jaccard"] == 1 and r["accuracy"] == r["accuracy_unpruned"]
@@ -207,29 +225,56 @@ def test_cli_end_to_end_and_table_column(tmp_path):
     from vtprune import cli
 
     config = tmp_path / "robustness.yaml"
-    config.write_text(f"model: {MODEL}\ntask: {TASK}\nmethods: [random, fastv]\nbudgets: [13]\nperturbations: "
-                      "[shift1]\nepsilons: [4]\nsteps: 2\ntransfer_epsilon: 4\ndefense_augmentations: 1\n"
-                      "defense_perturbations: [caa]\nbatch_size: 2\nthreads: 1\n")
+    config.write_text(
+        f"model: {MODEL}\ntask: {TASK}\nmethods: [random, fastv]\nbudgets: [13]\nperturbations: "
+        "[shift1]\nepsilons: [4]\nsteps: 2\ntransfer_epsilon: 4\ndefense_augmentations: 1\n"
+        "defense_perturbations: [caa]\nbatch_size: 2\nthreads: 1\n"
+    )
     out = tmp_path / "out"
     assert cli.main(["robustness", "--config", str(config), "--limit", "2", "--output-dir", str(out), "--quiet"]) == 0
-    for name in ("results.jsonl", "table.md", "table.csv", "transfer.csv", "stability_vs_budget.png",
-                 "accuracy_under_attack.png"):
+    for name in (
+        "results.jsonl",
+        "table.md",
+        "table.csv",
+        "transfer.csv",
+        "stability_vs_budget.png",
+        "accuracy_under_attack.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert not (out / "results.partial.jsonl").exists()
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == {"random", "fastv"}
     for r in rows:
-        assert {"method", "budget", "perturbation", "kept_jaccard", "accuracy", "accuracy_unpruned",
-                "attack_success"} <= set(r)
+        assert {
+            "method",
+            "budget",
+            "perturbation",
+            "kept_jaccard",
+            "accuracy",
+            "accuracy_unpruned",
+            "attack_success",
+        } <= set(r)
     assert {r["perturbation"] for r in rows} == {"none", "shift1", "caa", "transfer"}
     table = (out / "table.md").read_text()
     assert "unreachable" in table and "fastv" in table
     # a sweep's results with these rows appended get a CAA column in `vtprune table` (the harness: eval extra)
     pytest.importorskip("lmms_eval")
-    from vtprune.harness.tables import to_markdown, build_tables
+    from vtprune.harness.tables import build_tables, to_markdown
 
-    sweep = [{"model": "tiny-llava-shapes", "method": m, "budget": b, "task": "t", "value": 0.5, "score": 50.0,
-              "max": 100.0, "limit": None, "n": 2} for m, b in (("none", None), ("fastv", 13), ("random", 13))]
+    sweep = [
+        {
+            "model": "tiny-llava-shapes",
+            "method": m,
+            "budget": b,
+            "task": "t",
+            "value": 0.5,
+            "score": 50.0,
+            "max": 100.0,
+            "limit": None,
+            "n": 2,
+        }
+        for m, b in (("none", None), ("fastv", 13), ("random", 13))
+    ]
     md = to_markdown(build_tables(sweep + rows))
     fastv_caa = next(r for r in rows if (r["method"], r["perturbation"]) == ("fastv", "caa"))["attack_success"]
     assert "CAA succ. % (4/255)" in md

@@ -58,7 +58,9 @@ def _stage(name: str) -> str:
 
 
 VISION = [m for m in vtprune.list_methods(host="vlm") if _stage(m) == "vision"]
-LLM = [m for m in vtprune.list_methods(host="vlm") if _stage(m) == "llm" and m not in MULTI_POINT_METHODS]  # one-point ones
+LLM = [
+    m for m in vtprune.list_methods(host="vlm") if _stage(m) == "llm" and m not in MULTI_POINT_METHODS
+]  # one-point ones
 
 
 def _default_layer(name: str) -> int:
@@ -216,8 +218,13 @@ def _embeds_and_positions(model, family, ids, inputs):
         return embeds, torch.arange(ids.shape[1])[None]
     tt = inputs["mm_token_type_ids"]
     tt = torch.cat([tt, tt.new_zeros(1, ids.shape[1] - s)], 1)
-    pos, _ = inner.get_rope_index(ids, image_grid_thw=inputs["image_grid_thw"], video_grid_thw=None,
-                                  attention_mask=torch.ones_like(ids), mm_token_type_ids=tt)
+    pos, _ = inner.get_rope_index(
+        ids,
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=None,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=tt,
+    )
     return embeds, pos
 
 
@@ -242,8 +249,12 @@ def _masked_run(model, inputs, family, ids, cols, hidden_from, **kw):
     hooks = [lay.register_forward_pre_hook(hook(i), with_kwargs=True) for i, lay in enumerate(layers)]
     try:
         with torch.no_grad():
-            return model(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep],
-                         attention_mask=torch.ones(1, m, dtype=torch.long), **kw)
+            return model(
+                inputs_embeds=embeds[:, keep],
+                position_ids=pos[..., keep],
+                attention_mask=torch.ones(1, m, dtype=torch.long),
+                **kw,
+            )
     finally:
         for h in hooks:
             h.remove()
@@ -267,8 +278,9 @@ def _route(model, eager, family, inputs, first_layer, kept1, fastv_layer, k, lat
     cols = torch.ones(s, dtype=torch.bool)
     if first_layer == 0:
         cols = ~is_visual | present
-    hidden_from = [is_visual & ~present if i >= first_layer else torch.zeros(s, dtype=torch.bool)
-                   for i in range(NUM_LAYERS)]
+    hidden_from = [
+        is_visual & ~present if i >= first_layer else torch.zeros(s, dtype=torch.bool) for i in range(NUM_LAYERS)
+    ]
     out = _masked_run(eager, inputs, family, ids, cols, hidden_from, output_attentions=True)
     row = out.attentions[fastv_layer - 1][0, :, -1].float().mean(0)  # [columns fed]: last token, head mean
     candidates = (present & cols).nonzero().squeeze(1)  # prompt columns of the present visual tokens
@@ -291,16 +303,17 @@ def _route(model, eager, family, inputs, first_layer, kept1, fastv_layer, k, lat
     return kept, ids[:, s:], torch.stack(steps)
 
 
-ROUTES = [
-    pytest.param("random", None, 2, family, id=f"random+fastv@2-{family}") for family in ("llava", "qwen2_vl")
-] + [
-    pytest.param("divprune", None, 1, family, id=f"divprune+fastv@1-{family}") for family in ("llava", "qwen2_vl")
-] + [
-    pytest.param("divprune", None, 3, "qwen2_5_vl", id="divprune+fastv@3-qwen2_5_vl"),
-] + [
-    pytest.param(first, layer, 3, family, id=f"{first}@{layer}+fastv@3-{family}")
-    for first, layer, family in (("fastv", 1, "llava"), ("dart", 2, "qwen2_vl"))
-]
+ROUTES = (
+    [pytest.param("random", None, 2, family, id=f"random+fastv@2-{family}") for family in ("llava", "qwen2_vl")]
+    + [pytest.param("divprune", None, 1, family, id=f"divprune+fastv@1-{family}") for family in ("llava", "qwen2_vl")]
+    + [
+        pytest.param("divprune", None, 3, "qwen2_5_vl", id="divprune+fastv@3-qwen2_5_vl"),
+    ]
+    + [
+        pytest.param(first, layer, 3, family, id=f"{first}@{layer}+fastv@3-{family}")
+        for first, layer, family in (("fastv", 1, "llava"), ("dart", 2, "qwen2_vl"))
+    ]
+)
 
 
 @pytest.mark.parametrize("first,first_layer,fastv_layer,family", ROUTES)
@@ -313,8 +326,9 @@ def test_then_fastv_equals_independent_route(first, first_layer, fastv_layer, fa
         model(**inputs)
         kept1 = vtprune.stats(model).kept_indices[0]
     with vtprune.patched(model, [first_cfg, vtprune.FastVConfig(keep=K2, layer=fastv_layer)]):
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
+        out = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
         st = vtprune.stats(model)
     kept, tokens, logits = _route(model, eager, family, inputs, first_layer or 0, kept1, fastv_layer, K2)
     assert [s.visual_tokens_kept for s in st.stages] == [[K1], [K2]]
@@ -354,8 +368,9 @@ def test_todre_fastv_late_drop_equals_independent_route(model_factory):
         kept1 = vtprune.stats(model).kept_indices[0]
     schedule = [vtprune.ToDREConfig(keep=K1, drop_threshold=1.0), vtprune.FastVConfig(keep=K2, layer=2)]
     with vtprune.patched(model, schedule):
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
+        out = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
         st = vtprune.stats(model)
     kept, tokens, logits = _route(model, eager, "llava", inputs, 0, kept1, 2, K2, late_drop=3)
     assert st.late_dropped == [True] and st.kept_indices[0].tolist() == kept.tolist()
@@ -365,8 +380,11 @@ def test_todre_fastv_late_drop_equals_independent_route(model_factory):
 
 def test_todre_late_drop_colliding_with_an_llm_point_raises(model_factory):
     model = model_factory("llava")
-    with pytest.raises(ValueError, match=r"two methods act at one prune point.*'todre' \(late drop\).*'fastv'|"
-                                         r"two methods act at one prune point.*'fastv'.*'todre' \(late drop\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"two methods act at one prune point.*'todre' \(late drop\).*'fastv'|"
+        r"two methods act at one prune point.*'fastv'.*'todre' \(late drop\)",
+    ):
         vtprune.patch(model, [vtprune.ToDREConfig(keep=K1), vtprune.FastVConfig(keep=K2, layer=3)])
     assert not vtprune.is_patched(model)
 
@@ -379,17 +397,32 @@ def test_todre_late_drop_colliding_with_an_llm_point_raises(model_factory):
         ([vtprune.RandomConfig(keep=4), "fastv"], {}, TypeError, r"element 1 is a str \('fastv'\)"),
         ([{"method": "fastv", "keep": 4}], {}, TypeError, r"element 0 is a dict \(\{'method': 'fastv'"),
         ([vtprune.RandomConfig(keep=8), vtprune.FastVConfig(keep=4)], {"keep": 4}, TypeError, "not as keywords"),
-        ([vtprune.RandomConfig(keep=8), vtprune.DivPruneConfig(keep=4)], {}, ValueError,
-         r"one prune point.*'random' \(vision\).*'divprune' \(vision\)"),
-        ([vtprune.FastVConfig(keep=8, layer=2), vtprune.DARTConfig(keep=4, layer=2)], {}, ValueError,
-         r"one prune point.*'fastv'.*layer 2.*'dart'.*layer 2"),
-        ([vtprune.RandomConfig(keep=8, positions="compact"), vtprune.FastVConfig(keep=4)], {}, ValueError,
-         "compact.*single method"),
-        ([vtprune.RandomConfig(keep=8), vtprune.FastVConfig(keep=4, positions="compact")], {}, ValueError,
-         "compact.*single method"),
+        (
+            [vtprune.RandomConfig(keep=8), vtprune.DivPruneConfig(keep=4)],
+            {},
+            ValueError,
+            r"one prune point.*'random' \(vision\).*'divprune' \(vision\)",
+        ),
+        (
+            [vtprune.FastVConfig(keep=8, layer=2), vtprune.DARTConfig(keep=4, layer=2)],
+            {},
+            ValueError,
+            r"one prune point.*'fastv'.*layer 2.*'dart'.*layer 2",
+        ),
+        (
+            [vtprune.RandomConfig(keep=8, positions="compact"), vtprune.FastVConfig(keep=4)],
+            {},
+            ValueError,
+            "compact.*single method",
+        ),
+        (
+            [vtprune.RandomConfig(keep=8), vtprune.FastVConfig(keep=4, positions="compact")],
+            {},
+            ValueError,
+            "compact.*single method",
+        ),
     ],
-    ids=["empty", "string", "dict", "keywords", "two-vision", "two-llm-same-layer", "compact-first",
-         "compact-second"],
+    ids=["empty", "string", "dict", "keywords", "two-vision", "two-llm-same-layer", "compact-first", "compact-second"],
 )
 def test_bad_schedules_raise_clear_errors(schedule, options, exc, match, model_factory):
     model = model_factory("llava")
@@ -399,16 +432,31 @@ def test_bad_schedules_raise_clear_errors(schedule, options, exc, match, model_f
 
 
 def _stats_fields(st):
-    fields = ("visual_tokens_in", "visual_tokens_kept", "stage", "layer", "prefill_flops", "prefill_flops_full",
-              "late_drop_layer", "late_dropped")
+    fields = (
+        "visual_tokens_in",
+        "visual_tokens_kept",
+        "stage",
+        "layer",
+        "prefill_flops",
+        "prefill_flops_full",
+        "late_drop_layer",
+        "late_dropped",
+    )
     out = {name: getattr(st, name) for name in fields}
     out["kept_indices"] = [k.tolist() for k in st.kept_indices]
     out["stages"] = [(s.method, s.stage, s.layer, s.visual_tokens_kept, s.late_drop) for s in st.stages]
     return out
 
 
-@pytest.mark.parametrize("config", [vtprune.DivPruneConfig(keep=5), vtprune.FastVConfig(keep=5, layer=2),
-                                    vtprune.ToDREConfig(keep=5, drop_threshold=1.0)], ids=lambda c: c.method)
+@pytest.mark.parametrize(
+    "config",
+    [
+        vtprune.DivPruneConfig(keep=5),
+        vtprune.FastVConfig(keep=5, layer=2),
+        vtprune.ToDREConfig(keep=5, drop_threshold=1.0),
+    ],
+    ids=lambda c: c.method,
+)
 def test_schedule_of_one_equals_the_config_alone(config, model_factory):
     model = model_factory("llava")
     inputs = make_inputs(model, "llava", [(5, 1, 4), (2, 1, 9)])
@@ -430,8 +478,11 @@ def test_list_order_does_not_matter(model_factory):
         with vtprune.patched(model, schedule):
             results.append((_last_logits(model, inputs), _stats_fields(vtprune.stats(model))))
     stages = results[0][1]["stages"]
-    assert [s[:4] for s in stages] == [("divprune", "vision", None, [10, 10]), ("fastv", "llm", 1, [6, 6]),
-                                       ("dart", "llm", 2, [3, 3])]
+    assert [s[:4] for s in stages] == [
+        ("divprune", "vision", None, [10, 10]),
+        ("fastv", "llm", 1, [6, 6]),
+        ("dart", "llm", 2, [3, 3]),
+    ]
     for logits, fields in results[1:]:
         assert torch.equal(logits, results[0][0]) and fields == results[0][1]
 
@@ -468,5 +519,7 @@ def test_yaml_list_is_a_schedule_patch_accepts(tmp_path, model_factory):
         ref = _last_logits(model, inputs)
     with vtprune.patched(model, schedule):
         assert torch.equal(_last_logits(model, inputs), ref)
-        assert [(s.method, s.visual_tokens_kept) for s in vtprune.stats(model).stages] == [("divprune", [8]),
-                                                                                          ("fastv", [4])]
+        assert [(s.method, s.visual_tokens_kept) for s in vtprune.stats(model).stages] == [
+            ("divprune", [8]),
+            ("fastv", [4]),
+        ]

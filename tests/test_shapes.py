@@ -82,9 +82,12 @@ def test_shipped_split_is_the_generators_output():
     rows = S.load_split(TASK / "test.jsonl")
     records = S.test_records(S.DEFAULT_SEED, per_type=150)
     assert len(rows) == len(records) == 600
-    for row, (index, scene, q) in zip(rows, records):
+    for row, (index, _scene, q) in zip(rows, records):
         assert (row["image"], row["question"], row["answer"], row["type"]) == (
-            f"images/test_{index:05d}.png", q.question, q.answer, q.type
+            f"images/test_{index:05d}.png",
+            q.question,
+            q.answer,
+            q.type,
         )
     for index, scene, _ in records[:40:8]:
         shipped = np.asarray(Image.open(TASK / f"images/test_{index:05d}.png").convert("RGB"))
@@ -167,10 +170,22 @@ def test_processor_round_trip(tmp_path):
     ids = b["input_ids"][0].tolist()
     assert ids.count(loaded.tokenizer.convert_tokens_to_ids("<image>")) == 256
     assert loaded.tokenizer.unk_token_id not in ids
-    assert loaded.tokenizer.convert_ids_to_tokens(ids[-8:]) == ["what", "color", "is", "the", "circle", "?",
-                                                                "assistant", ":"]
-    assert loaded.decode([loaded.tokenizer.convert_tokens_to_ids("red"), loaded.tokenizer.eos_token_id],
-                         skip_special_tokens=True).strip() == "red"
+    assert loaded.tokenizer.convert_ids_to_tokens(ids[-8:]) == [
+        "what",
+        "color",
+        "is",
+        "the",
+        "circle",
+        "?",
+        "assistant",
+        ":",
+    ]
+    assert (
+        loaded.decode(
+            [loaded.tokenizer.convert_tokens_to_ids("red"), loaded.tokenizer.eos_token_id], skip_special_tokens=True
+        ).strip()
+        == "red"
+    )
     # every word of every question and answer is in the vocabulary
     for row in S.load_split(TASK / "test.jsonl"):
         assert loaded.tokenizer.unk_token_id not in loaded.tokenizer(row["question"] + " " + row["answer"])["input_ids"]

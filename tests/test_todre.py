@@ -45,8 +45,12 @@ def _route_with_late_drop(model, inputs, kept, drop_layer):
         embeds = inner.get_input_embeddings()(inputs["input_ids"])
         embeds[0, visual] = inner.get_image_features(inputs["pixel_values"]).pooler_output[0]
         pos = torch.arange(ids.numel())[keep][None]
-        hidden = model(inputs_embeds=embeds[:, keep], position_ids=pos, attention_mask=torch.ones_like(pos),
-                       output_hidden_states=True).hidden_states[drop_layer]
+        hidden = model(
+            inputs_embeds=embeds[:, keep],
+            position_ids=pos,
+            attention_mask=torch.ones_like(pos),
+            output_hidden_states=True,
+        ).hidden_states[drop_layer]
         text = ~torch.isin(torch.arange(ids.numel())[keep], visual)
         h, pos = hidden[:, text], pos[:, text]
         rope = lm.rotary_emb(h, pos)
@@ -65,8 +69,9 @@ def test_late_drop_removes_every_visual_token_from_layer_k2(model_factory):
         cached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=True)
         uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
     assert st.late_dropped == [True] and st.late_drop_layer == 7 * 4 // 8 == 3
-    torch.testing.assert_close(logits, _route_with_late_drop(model, inputs, st.kept_indices[0], 3),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits, _route_with_late_drop(model, inputs, st.kept_indices[0], 3), rtol=1e-5, atol=1e-5
+    )
     assert torch.equal(cached, uncached)
     with vtprune.patched(model, "todre", keep=5, late_drop=False), torch.no_grad():
         model(**inputs)

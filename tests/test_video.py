@@ -3,10 +3,10 @@ unpatched model fed the kept tokens at their original 3-D positions."""
 
 import pytest
 import torch
+from conftest import opts
 from tiny import VEND_ID, VIDEO_ID, VSTART_ID
 
 import vtprune
-from conftest import opts
 
 
 def _video_inputs():
@@ -39,17 +39,25 @@ def test_pruned_video_equals_unpatched_model_fed_kept_tokens(family, method, mod
     visual = (ids == VIDEO_ID).nonzero().squeeze(1)
     with torch.no_grad():
         embeds = inner.get_input_embeddings()(inputs["input_ids"])
-        feats = torch.cat(list(inner.get_video_features(inputs["pixel_values_videos"],
-                                                        inputs["video_grid_thw"]).pooler_output))
+        feats = torch.cat(
+            list(inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
+        )
         embeds[0, visual] = feats
-        pos, _ = inner.get_rope_index(inputs["input_ids"], image_grid_thw=None, video_grid_thw=inputs["video_grid_thw"],
-                                      attention_mask=inputs["attention_mask"],
-                                      mm_token_type_ids=inputs["mm_token_type_ids"])
+        pos, _ = inner.get_rope_index(
+            inputs["input_ids"],
+            image_grid_thw=None,
+            video_grid_thw=inputs["video_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
         keep = torch.ones(ids.numel(), dtype=torch.bool)
         keep[visual] = False
         keep[visual[st.kept_indices[0]]] = True
-        route = dict(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep],
-                     attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long))
+        route = dict(
+            inputs_embeds=embeds[:, keep],
+            position_ids=pos[..., keep],
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        )
         ref_logits = model(**route).logits[:, -1]
         ref_tokens = model.generate(**route, max_new_tokens=4, do_sample=False)[:, -4:]
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ with the forward.
 import pytest
 import torch
 from conftest import MULTI_POINT_METHODS, budget, refused
-from tiny import IMAGE_ID, PAD_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, _IMAGES, last_logits, video_inputs
+from tiny import _IMAGES, IMAGE_ID, PAD_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, last_logits, video_inputs
 
 import vtprune
 from vtprune.registry import get_method
@@ -29,8 +29,12 @@ NESTED = ("qwen3_vl", "qwen3_5")
 OTHERS = tuple(f for f in VIDEO_FAMILIES if f not in NESTED)
 #: LLaVA-OneVision's videos blend patches: methods that need one patch per token refuse them (test below)
 VIDEO_REFUSALS = (("pool", "llava_onevision"), ("visionzip", "llava_onevision"), ("vispruner", "llava_onevision"))
-CASES = [(m, f) for i, m in enumerate(vtprune.list_methods(host="vlm")) for f in (*NESTED, OTHERS[i % len(OTHERS)])
-         if not refused(m, f) and (m, f) not in VIDEO_REFUSALS]
+CASES = [
+    (m, f)
+    for i, m in enumerate(vtprune.list_methods(host="vlm"))
+    for f in (*NESTED, OTHERS[i % len(OTHERS)])
+    if not refused(m, f) and (m, f) not in VIDEO_REFUSALS
+]
 
 
 def _units(model, family, seed=0):
@@ -82,13 +86,14 @@ def _assemble(family, rows, numbers):
         ids_rows.append(ids)
         type_rows.append(types)
     width = max(map(len, ids_rows))
-    out = dict(input_ids=torch.full((len(rows), width), PAD_ID), attention_mask=torch.zeros(len(rows), width,
-                                                                                             dtype=torch.long))
+    out = dict(
+        input_ids=torch.full((len(rows), width), PAD_ID), attention_mask=torch.zeros(len(rows), width, dtype=torch.long)
+    )
     types = torch.zeros(len(rows), width, dtype=torch.long)
     for i, (r, t) in enumerate(zip(ids_rows, type_rows)):
-        out["input_ids"][i, width - len(r):] = torch.tensor(r)
-        out["attention_mask"][i, width - len(r):] = 1
-        types[i, width - len(r):] = torch.tensor(t)
+        out["input_ids"][i, width - len(r) :] = torch.tensor(r)
+        out["attention_mask"][i, width - len(r) :] = 1
+        types[i, width - len(r) :] = torch.tensor(t)
     out.update({key: torch.cat(values) for key, values in pixels.items()})
     if family == "llava_onevision" and "pixel_values" in out:
         out["batch_num_images"] = torch.tensor([sum(u[0] == "image" for u in row) for row in rows])
@@ -100,7 +105,11 @@ def _assemble(family, rows, numbers):
 def _batch_and_rows(model, family):
     units = iter(_units(model, family))
     rows = [[next(units) for _ in kinds] for kinds in ROWS]
-    return _assemble(family, rows, range(len(rows))), [_assemble(family, [row], [i]) for i, row in enumerate(rows)], rows
+    return (
+        _assemble(family, rows, range(len(rows))),
+        [_assemble(family, [row], [i]) for i, row in enumerate(rows)],
+        rows,
+    )
 
 
 def _prompt(model, family, one):
@@ -112,23 +121,29 @@ def _prompt(model, family, one):
         embeds = inner.get_input_embeddings()(ids)
         visual = torch.isin(ids, torch.tensor([IMAGE_ID, VIDEO_ID]))
         levels = None
-        for token, key, grid in ((IMAGE_ID, "pixel_values", "image_grid_thw"),
-                                 (VIDEO_ID, "pixel_values_videos", "video_grid_thw")):
+        for token, key, grid in (
+            (IMAGE_ID, "pixel_values", "image_grid_thw"),
+            (VIDEO_ID, "pixel_values_videos", "video_grid_thw"),
+        ):
             if key not in one:
                 continue
             call = {k: one[k] for k in (grid, "image_sizes", "batch_num_images") if k in one}
             out = (inner.get_image_features if token == IMAGE_ID else inner.get_video_features)(one[key], **call)
             embeds[ids == token] = torch.cat(list(out.pooler_output))
             if family in DEEPSTACK:
-                levels = levels or [embeds.new_zeros(int(visual.sum()), embeds.shape[-1]) for _ in
-                                    out.deepstack_features]
+                levels = levels or [
+                    embeds.new_zeros(int(visual.sum()), embeds.shape[-1]) for _ in out.deepstack_features
+                ]
                 for level, feats in zip(levels, out.deepstack_features):
                     level[(ids == token)[visual]] = torch.cat(list(feats))
         if family.startswith("qwen"):
-            pos, _ = inner.get_rope_index(ids, image_grid_thw=one.get("image_grid_thw"),
-                                          video_grid_thw=one.get("video_grid_thw"),
-                                          attention_mask=one["attention_mask"],
-                                          mm_token_type_ids=one["mm_token_type_ids"])
+            pos, _ = inner.get_rope_index(
+                ids,
+                image_grid_thw=one.get("image_grid_thw"),
+                video_grid_thw=one.get("video_grid_thw"),
+                attention_mask=one["attention_mask"],
+                mm_token_type_ids=one["mm_token_type_ids"],
+            )
         else:
             pos = torch.arange(ids.shape[1])[None]
     return embeds, pos, visual, levels
@@ -149,9 +164,12 @@ def _vision_route(model, family, one, kept):
     if levels is not None:  # DeepStack: the kept tokens' rows of every level, the mask of the kept visual tokens
         extra = dict(visual_pos_masks=visual[:, keep], deepstack_visual_embeds=[lvl[kept] for lvl in levels])
     with torch.no_grad():
-        hidden = model.model.language_model(inputs_embeds=embeds[:, keep], position_ids=pos[..., keep],
-                                            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
-                                            **extra).last_hidden_state
+        hidden = model.model.language_model(
+            inputs_embeds=embeds[:, keep],
+            position_ids=pos[..., keep],
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+            **extra,
+        ).last_hidden_state
         return model.lm_head(hidden[:, -1]).float()
 
 
@@ -186,8 +204,9 @@ def test_method_on_videos_alone_and_beside_an_image(method, family, model_factor
         logits = last_logits(model, batch)
         st = vtprune.stats(model)
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=2, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
+            out = model.generate(
+                **batch, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
         st_generate = vtprune.stats(model)
     # one budget per unit: the image and the video of row 0, the video of row 1
     assert st.visual_tokens_in == [sum(n for _, n, _ in row) for row in rows]

@@ -87,8 +87,10 @@ def test_default_split_follows_the_official_ratios():
         vtprune.VisionZipConfig(keep=8, contextual=8).split(8)
 
 
-@pytest.mark.parametrize("options,match", [(dict(contextual=-1), "contextual must be None or an int"),
-                                           (dict(layer=7), "layer=7 is out of range")])
+@pytest.mark.parametrize(
+    "options,match",
+    [(dict(contextual=-1), "contextual must be None or an int"), (dict(layer=7), "layer=7 is out of range")],
+)
 def test_bad_visionzip_options(options, match, model_factory):
     with pytest.raises(ValueError, match=match):
         vtprune.patch(model_factory("llava"), "visionzip", keep=4, **options)

@@ -96,7 +96,7 @@ def _official_pitome(metric, x, size, ratio, margin, class_token, bsm):
             dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
             return torch.cat(([cls] if class_token else []) + [unm, dst], dim=1)
     else:
-        merge_idx, protected_idx = indices[..., :2 * r], indices[..., 2 * r:]
+        merge_idx, protected_idx = indices[..., : 2 * r], indices[..., 2 * r :]
         a_idx, b_idx = merge_idx[..., ::2], merge_idx[..., 1::2]
         s = sim.gather(-1, b_idx[:, None, :].expand(b, t, r)).gather(-2, a_idx[:, :, None].expand(b, r, r))
         dst_idx = s.max(dim=-1).indices
@@ -160,11 +160,11 @@ def test_zerotprune_against_reading():
     for bi in range(b):
         imp = importance[bi, p:].tolist()
         ranked = sorted(range(t - p), key=lambda i: (-imp[i], i))
-        surv = ranked[:t - p - 3]
-        dst, src = surv[:len(surv) - len(surv) // 2], surv[len(surv) - len(surv) // 2:]
+        surv = ranked[: t - p - 3]
+        dst, src = surv[: len(surv) - len(surv) // 2], surv[len(surv) - len(surv) // 2 :]
         u = torch.nn.functional.normalize(metric[bi, p:], dim=-1)
         best = {s: max(float(u[s] @ u[d]) for d in dst) for s in src}
-        dropped = set(ranked[t - p - 3:]) | set(sorted(src, key=lambda s: -best[s])[:4])
+        dropped = set(ranked[t - p - 3 :]) | set(sorted(src, key=lambda s: -best[s])[:4])
         kept = [i for i in range(t) if i < p or (i - p) not in dropped]
         assert (dest[bi] >= 0).nonzero().squeeze(1).tolist() == kept
         assert dest[bi][dest[bi] >= 0].tolist() == list(range(t_out))
@@ -201,8 +201,9 @@ def test_wpr_and_importance_pruning_against_the_authors_tokenrank():
     importance = _author_tokenrank(logits)
     keep_n = int((n - 1) * 0.7)
     want = importance.argsort(-1, descending=True)[:, :keep_n].sort(-1).values + 1
-    dest, t_out = V.zerotprune_match(V.wpr_scores(logits.softmax(-1), 5), torch.randn(b, n, 4, generator=g),
-                                     n - 1 - keep_n, 0, protected=1)
+    dest, t_out = V.zerotprune_match(
+        V.wpr_scores(logits.softmax(-1), 5), torch.randn(b, n, 4, generator=g), n - 1 - keep_n, 0, protected=1
+    )
     assert t_out == 1 + keep_n
     for bi in range(b):
         kept = (dest[bi] >= 0).nonzero().squeeze(1)

@@ -32,8 +32,9 @@ def _build(host):
     if host.startswith("timm"):
         kw = dict(reg_tokens=2) if host == "timm_registers" else {}
         return TimmViT(img_size=IMG, patch_size=4, embed_dim=32, depth=4, num_heads=4, num_classes=5, **kw).eval()
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=IMG,
-               patch_size=4)
+    cfg = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=IMG, patch_size=4
+    )
     if host == "clip":
         return CLIPVisionModel(CLIPVisionConfig(**cfg)).eval()
     if host == "siglip":
@@ -93,8 +94,9 @@ def test_keep_all_half_batch_unpatch(host):
     blocks = _blocks(model)
     seq_first = host == "open_clip_seq_first"
     seen = []
-    handle = blocks[-1].register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0 if seq_first else 1]),
-                                                  with_kwargs=True)
+    handle = blocks[-1].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(a[0].shape[0 if seq_first else 1]), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             ref = _run(model, x)
@@ -109,7 +111,7 @@ def test_keep_all_half_batch_unpatch(host):
                 assert last <= patches // 2, (host, method, last)
                 assert vtprune.stats(model).patch_tokens_last == last
                 assert not torch.allclose(out, ref)
-                alone = torch.cat([_run(model, x[i:i + 1]) for i in range(x.shape[0])])
+                alone = torch.cat([_run(model, x[i : i + 1]) for i in range(x.shape[0])])
                 torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
                 vtprune.unpatch(model)
                 assert all("forward" not in vars(b) for b in blocks)
@@ -146,7 +148,7 @@ def test_timm_tome_against_official_route():
     for r in (5, (8, -1.0)):
         sched = V.tome_schedule(r, 4)
 
-        def plan(i, metric, probs, h, size):
+        def plan(i, metric, probs, h, size, sched=sched):
             return _official_tome(metric, h, size, sched[i], True, False) if sched[i] else (h, size)
 
         with torch.no_grad():
@@ -162,8 +164,15 @@ def test_timm_pitome_against_official_route():
     margins = [0.75 - 0.75 * i / 4 for i in range(4)]
 
     def plan(i, metric, probs, h, size):
-        return _official_pitome(metric, h, torch.ones_like(h[..., :1]) if size is None else size, 0.8, margins[i],
-                                True, i < math.ceil(4 * 0.5))
+        return _official_pitome(
+            metric,
+            h,
+            torch.ones_like(h[..., :1]) if size is None else size,
+            0.8,
+            margins[i],
+            True,
+            i < math.ceil(4 * 0.5),
+        )
 
     with torch.no_grad():
         want = _eager_timm(model, x, plan, prop_attn=False)

@@ -12,7 +12,6 @@ import pytest
 import torch
 import transformers.models.llava_onevision.modeling_llava_onevision as modeling
 from test_vit_functional import _official_tome
-from tiny import vision_aspect as _aspect
 from tiny import (
     assert_keep_all_is_bit_identical,
     greedy,
@@ -21,6 +20,7 @@ from tiny import (
     split_rows,
     video_inputs,
 )
+from tiny import vision_aspect as _aspect
 
 import vtprune
 from vtprune import flops
@@ -32,8 +32,10 @@ FAMILIES = ["llava", "llava_next", "llava_onevision"]
 P = 16  # tiny CLIP / SigLIP: 56 px / 14 px patches = a 4 x 4 grid
 
 
-@pytest.mark.parametrize("family,method", [(f, m) for f in ("llava", "llava_onevision")
-                                           for m in vtprune.list_vit_methods()] + [("llava_next", "tome")])
+@pytest.mark.parametrize(
+    "family,method",
+    [(f, m) for f in ("llava", "llava_onevision") for m in vtprune.list_vit_methods()] + [("llava_next", "tome")],
+)
 def test_keep_all_is_bit_identical(family, method, model_factory):
     model = model_factory(family)
     with _aspect(model, "anyres_max_2"):  # LLaVA-OneVision: the 112x112 image's grid is downscaled
@@ -58,8 +60,9 @@ def _eager_tower_tome(model, pix, r, read=None):
     for blk in vm.encoder.layers[:read]:
         a = blk.self_attn
         y = blk.layer_norm1(h)
-        q, k, v = (t.view(c, t.shape[1], a.num_heads, -1).transpose(1, 2) for t in (a.q_proj(y), a.k_proj(y),
-                                                                                     a.v_proj(y)))
+        q, k, v = (
+            t.view(c, t.shape[1], a.num_heads, -1).transpose(1, 2) for t in (a.q_proj(y), a.k_proj(y), a.v_proj(y))
+        )
         logits = (q @ k.transpose(-2, -1)) * a.scale
         if size is not None:
             logits = logits + size.log()[:, None, None, :, 0]
@@ -162,14 +165,25 @@ def test_half_budget_reaches_the_read_layer_and_the_llm(family, model_factory):
     def tokens(a, kw):
         return (a[0] if a else kw["hidden_states"]).shape[1]
 
-    spies = [b.register_forward_pre_hook(lambda m, a, kw: seen_blocks.append([tokens(a, kw)]), with_kwargs=True)
-             for b in blocks]
-    spies += [b.register_forward_hook(lambda m, a, kw, out: seen_blocks[-1].append(
-        (out[0] if isinstance(out, tuple) else out).shape[1]), with_kwargs=True) for b in blocks]
-    spies.append(model.model.multi_modal_projector.register_forward_pre_hook(
-        lambda m, a: seen_proj.append(a[0].shape[1])))
-    spies.append(model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, kw: seen_llm.append(tokens(a, kw)), with_kwargs=True))
+    spies = [
+        b.register_forward_pre_hook(lambda m, a, kw: seen_blocks.append([tokens(a, kw)]), with_kwargs=True)
+        for b in blocks
+    ]
+    spies += [
+        b.register_forward_hook(
+            lambda m, a, kw, out: seen_blocks[-1].append((out[0] if isinstance(out, tuple) else out).shape[1]),
+            with_kwargs=True,
+        )
+        for b in blocks
+    ]
+    spies.append(
+        model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen_proj.append(a[0].shape[1]))
+    )
+    spies.append(
+        model.model.language_model.layers[0].register_forward_pre_hook(
+            lambda m, a, kw: seen_llm.append(tokens(a, kw)), with_kwargs=True
+        )
+    )
     real = inputs["attention_mask"].sum(1).tolist()
     try:
         for method in vtprune.list_vit_methods():
@@ -198,8 +212,10 @@ def test_half_budget_reaches_the_read_layer_and_the_llm(family, model_factory):
                 reduced = flops.vit_flops(tower, [tuple(b) for b in seen_blocks])
                 projector = 2 * (P - P // 2) * (32 * 64 + 64 * 64)  # linear_1 (32 -> 64), linear_2 (64 -> 64)
                 text = model.config.text_config
-                llm = sum(flops.decoder_prefill_flops(text, r) - flops.decoder_prefill_flops(text, r - n + k)
-                          for r, n, k in zip(real, n_in, kept))
+                llm = sum(
+                    flops.decoder_prefill_flops(text, r) - flops.decoder_prefill_flops(text, r - n + k)
+                    for r, n, k in zip(real, n_in, kept)
+                )
                 assert reduced < full
                 assert st.prefill_flops_full - st.prefill_flops == llm + crops * (full - reduced + projector)
     finally:
@@ -210,8 +226,11 @@ def test_half_budget_reaches_the_read_layer_and_the_llm(family, model_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_rows_alone_and_cache(family, model_factory):
     model = model_factory(family)
-    specs = {"llava": [(3, 1, 4), (9, 2, 2)], "llava_next": [(3, 1, 4), (9, 1, 2)],
-             "llava_onevision": [(3, 1, 4), (2, 1, 2), (9, 2, 2)]}[family]  # 56x112; 112x112; two base crops
+    specs = {
+        "llava": [(3, 1, 4), (9, 2, 2)],
+        "llava_next": [(3, 1, 4), (9, 1, 2)],
+        "llava_onevision": [(3, 1, 4), (2, 1, 2), (9, 2, 2)],
+    }[family]  # 56x112; 112x112; two base crops
     with _aspect(model, "anyres_max_2"):  # LLaVA-OneVision: the 112x112 image's grid is downscaled
         batch, singles = split_rows(model, family, specs)
         _batch_equals_rows_alone_and_cache(model, family, batch, singles)
@@ -238,9 +257,12 @@ def test_schedule_with_fastv(family, model_factory):
     inputs = make_inputs(model, family, [(3, 1, 4), (2, 1, 2)])
     schedule = [ToMeConfig(ratio=0.5), vtprune.FastVConfig(keep=4, layer=2)]
     lengths = []
-    hooks = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: lengths.append(
-        (i, (a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True)
-        for i, layer in enumerate(model.model.language_model.layers)]
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, a, kw, i=i: lengths.append((i, (a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
     try:
         with vtprune.patched(model, schedule), torch.no_grad():
             model(**inputs)
@@ -323,25 +345,29 @@ def _onevision_route(model, ids, pix, sizes, aspect, source, feats):
     nan = torch.tensor([float("nan")], dtype=torch.float64)
     with _aspect(model, aspect), torch.no_grad():
         spread = torch.einsum("cjq,cjd->cqd", source.to(feats.dtype), feats)  # each patch: its token's vector
-        packed, _ = inner.pack_image_features([spread], sizes, image_newline=inner.image_newline,
-                                              vision_aspect_ratio=aspect)
+        packed, _ = inner.pack_image_features(
+            [spread], sizes, image_newline=inner.image_newline, vision_aspect_ratio=aspect
+        )
         packed = packed[0]
         onehot = torch.eye(c * P, dtype=torch.float64).view(c, P, c * P)
-        dense, _ = inner.pack_image_features([onehot], sizes, image_newline=nan.expand(c * P),
-                                             vision_aspect_ratio=aspect)
+        dense, _ = inner.pack_image_features(
+            [onehot], sizes, image_newline=nan.expand(c * P), vision_aspect_ratio=aspect
+        )
         dense = dense[0]  # [n, C P]: each visual token's weights on the crops' patches; newline rows NaN
         q = torch.arange(P)
-        yx = [torch.stack([q // 4, q % 4], -1)] + [torch.stack([(k // 2) * 4 + q // 4, (k % 2) * 4 + q % 4], -1)
-                                                   for k in range(c - 1)]  # base crop; the 2x2 grid's crops
-        pos, _ = inner.pack_image_features([torch.stack(yx).to(torch.float64)], sizes, image_newline=nan.expand(2),
-                                           vision_aspect_ratio=aspect)
+        yx = [torch.stack([q // 4, q % 4], -1)] + [
+            torch.stack([(k // 2) * 4 + q // 4, (k % 2) * 4 + q % 4], -1) for k in range(c - 1)
+        ]  # base crop; the 2x2 grid's crops
+        pos, _ = inner.pack_image_features(
+            [torch.stack(yx).to(torch.float64)], sizes, image_newline=nan.expand(2), vision_aspect_ratio=aspect
+        )
         pos = pos[0].nan_to_num(0.0)  # each visual token's position: its blend of patch coordinates (newlines: 0)
     newline = dense[:, 0].isnan()
     dense = dense.nan_to_num(0.0)
     assert len(dense) == n
     members = torch.zeros(c * P, c * t, dtype=torch.float64)  # patch -> merged token (block diagonal)
     for k in range(c):
-        members[k * P:(k + 1) * P, k * t:(k + 1) * t] = source[k].T.to(torch.float64)
+        members[k * P : (k + 1) * P, k * t : (k + 1) * t] = source[k].T.to(torch.float64)
     share = dense @ members  # [n, merged tokens]: each token's share of each merged token
     reps = set()
     for m in range(share.shape[1]):
@@ -360,8 +386,9 @@ def _onevision_route(model, ids, pix, sizes, aspect, source, feats):
         x = model.get_input_embeddings()(ids)[0]
         x[[3 + i for i in kept]] = vectors.to(x.dtype)
         position = torch.tensor(cols)[None]
-        want = model(inputs_embeds=x[cols][None], position_ids=position,
-                     attention_mask=torch.ones_like(position)).logits[:, -1]
+        want = model(
+            inputs_embeds=x[cols][None], position_ids=position, attention_mask=torch.ones_like(position)
+        ).logits[:, -1]
     return kept, want, dense
 
 
@@ -387,8 +414,9 @@ def test_onevision_tome_against_independent_route(aspect, model_factory):
         h, source = _eager_tower_tome(model, inputs["pixel_values"][0], r=2)
         assert source.shape == (5, P - 8, P) and bool((source.sum(1) == 1).all())
         feats = model.model.multi_modal_projector(h)  # [5, 8, D] ('full': every token)
-    kept, want, dense = _onevision_route(model, inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
-                                         aspect, source, feats)
+    kept, want, dense = _onevision_route(
+        model, inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], aspect, source, feats
+    )
     assert any(bool((dense[t] > 0).sum() > 1) for t in kept) == (aspect == "anyres_max_2")  # kept blends
     with _aspect(model, aspect), vtprune.patched(model, "tome", r=2):
         got = last_logits(model, inputs)
@@ -419,8 +447,9 @@ def test_onevision_zerotprune_downscaled_blends_renormalised(model_factory):
     feats = seen["out"]
     assert feats.shape[:2] == (5, 6) and bool((group < 0).any())
     source = group[:, None, :] == torch.arange(6)[None, :, None]  # [5, 6, P]
-    kept, want, dense = _onevision_route(model, inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
-                                         aspect, source, feats)
+    kept, want, dense = _onevision_route(
+        model, inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], aspect, source, feats
+    )
     dropped = (group < 0).reshape(-1).to(torch.float64)
     assert any(0 < float(dense[t] @ dropped) < float(dense[t].sum()) for t in kept)  # a kept blend lost a part
     assert st.kept_indices[0].tolist() == kept
@@ -432,8 +461,10 @@ def test_onevision_refusals_and_unpatch(model_factory):
     inputs = make_inputs(model, "llava_onevision", [(3, 1, 4)])
     ref = last_logits(model, inputs)
     cfg = model.config
-    for attr, value, match in [("vision_feature_layer", [-2, -1], "one vision_feature_layer"),
-                               ("vision_feature_select_strategy", "default", "needs vision_feature_select_strategy=")]:
+    for attr, value, match in [
+        ("vision_feature_layer", [-2, -1], "one vision_feature_layer"),
+        ("vision_feature_select_strategy", "default", "needs vision_feature_select_strategy="),
+    ]:
         old = getattr(cfg, attr)
         setattr(cfg, attr, value)
         try:
@@ -504,8 +535,9 @@ def test_onevision_pack_crop_weights_are_the_models_packing(aspect, model_factor
             crops = adapter.crop_counts(call, 1)[0]
             src, weight, pos = adapter.pack_crop_weights(call, 0, crops, P)
             onehot = torch.eye(crops * P, dtype=torch.float64).view(crops, P, crops * P)
-            dense, _ = model.model.pack_image_features([onehot], sizes, image_newline=nan.expand(crops * P),
-                                                       vision_aspect_ratio=aspect)
+            dense, _ = model.model.pack_image_features(
+                [onehot], sizes, image_newline=nan.expand(crops * P), vision_aspect_ratio=aspect
+            )
             dense = dense[0].nan_to_num(0.0)
             mine = torch.zeros_like(dense)
             mine.scatter_add_(1, src.clamp(min=0), weight)

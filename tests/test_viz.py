@@ -44,8 +44,10 @@ def test_compare_wraps_into_rows_of_columns():
     pad, title = 6, 16
     assert one_row.size == (5 * (32 + pad) + pad, 32 + title + 2 * pad)
     assert rows.size == (2 * (32 + pad) + pad, 3 * (32 + title + pad) + pad)
-    assert viz.compare(_image(), kept, grid=4, size=32, columns=9).size == viz.compare(_image(), kept, grid=4,
-                                                                                         size=32).size
+    assert (
+        viz.compare(_image(), kept, grid=4, size=32, columns=9).size
+        == viz.compare(_image(), kept, grid=4, size=32).size
+    )
     with pytest.raises(ValueError, match="columns must be None or an int >= 1"):
         viz.compare(_image(), kept, grid=4, columns=0)
 
@@ -72,9 +74,9 @@ def test_pool_stats_draw_its_blocks(model_factory):
     """A merging method's PruneStats: each original token's carrier is a kept token (pool: its block), and compare
     draws every covered patch bright (not only the kept anchors)."""
     import torch
+    from tiny import make_inputs
 
     import vtprune
-    from tiny import make_inputs
 
     model = model_factory("llava")
     x = make_inputs(model, "llava", [(6, 1, 4)])

@@ -35,8 +35,9 @@ def test_projector_of_captured_inputs_gives_the_visual_tokens(family, model_fact
     for image in seen:
         crops = image.n // INTERNVL_TILE_TOKENS if family == "internvl" else 1  # InternVL: one crop per tile
         assert image.projector_inputs.shape[:2] == (crops, image.n // crops)
-        torch.testing.assert_close(image.projector(image.projector_inputs.flatten(0, 1)), image.features, rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            image.projector(image.projector_inputs.flatten(0, 1)), image.features, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_llava_next_crops_pack_to_every_visual_token(model_factory, monkeypatch):

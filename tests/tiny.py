@@ -25,9 +25,9 @@ from transformers import (
     LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
-    Qwen2Config,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen3_5Config,
@@ -41,8 +41,20 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl", "gemma3"]
+FAMILIES = [
+    "llava",
+    "llava_next",
+    "llava_next_video",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "internvl",
+    "gemma3",
+]
 #: Qwen3-VL / Qwen3.5 families (interleaved M-RoPE; DeepStack: qwen3_vl*; hybrid linear/full attention: qwen3_5*)
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: LLaVA families with AnyRes (multi-crop) images
@@ -132,8 +144,9 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
             vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
             cls_cfg, cls_model = Qwen2VLConfig, Qwen2VLForConditionalGeneration
         else:
-            vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56,
-                          fullatt_block_indexes=[1])
+            vision.update(
+                hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1]
+            )
             cls_cfg, cls_model = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
         cfg = cls_cfg(
@@ -159,8 +172,17 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
     return _finish(model)
 
 
-_QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                     spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+_QWEN3_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=16,
+)
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 #: Qwen3.5: layers 1 and 2 are full attention, so the default decoder points (fastv / dart K=2, pact K=3) read a
 #: full-attention layer; a linear layer comes before (0) and after (3) them. Layer 0 being linear makes layer=1 a
@@ -172,21 +194,34 @@ def _qwen3(family: str):
     """Tiny Qwen3-VL (DeepStack taps both vision layers: levels added after decoder layers 0 and 1) and Qwen3.5
     (Gated DeltaNet + gated full attention, partial rotary) models, dense or MoE."""
     text = dict(_TEXT, head_dim=16)
-    ids = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VSTART_ID,
-               vision_end_token_id=VEND_ID)
+    ids = dict(
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID
+    )
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True}
     if family.startswith("qwen3_vl"):
         text["rope_parameters"] = dict(rope, mrope_section=[2, 3, 3])
         vision = dict(_QWEN3_VISION, deepstack_visual_indexes=[0, 1])
-        cfg_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if family.endswith("moe")
-                              else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+        cfg_cls, model_cls = (
+            (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
+            if family.endswith("moe")
+            else (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+        )
     else:
-        text.update(layer_types=QWEN35_LAYER_TYPES, linear_key_head_dim=8, linear_value_head_dim=8,
-                    linear_num_key_heads=2, linear_num_value_heads=4, linear_conv_kernel_dim=4,
-                    rope_parameters=dict(rope, mrope_section=[2, 1, 1], partial_rotary_factor=0.5))
+        text.update(
+            layer_types=QWEN35_LAYER_TYPES,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_conv_kernel_dim=4,
+            rope_parameters=dict(rope, mrope_section=[2, 1, 1], partial_rotary_factor=0.5),
+        )
         vision = dict(_QWEN3_VISION)
-        cfg_cls, model_cls = ((Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if family.endswith("moe")
-                              else (Qwen3_5Config, Qwen3_5ForConditionalGeneration))
+        cfg_cls, model_cls = (
+            (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)
+            if family.endswith("moe")
+            else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+        )
     if family.endswith("moe"):
         text.update(_MOE, shared_expert_intermediate_size=32) if family.startswith("qwen3_5") else text.update(_MOE)
     return model_cls(cfg_cls(vision_config=vision, text_config=text, **ids))
@@ -201,11 +236,24 @@ INTERNVL_TILE_TOKENS = 4
 def _internvl():
     """Tiny InternVL: InternViT (CLS token, q/k RMS norms as in InternViT-6B, biased q/k/v as in InternViT-300M) of
     4 x 4 patches per tile, pixel shuffle 0.5 (4 tokens per tile), a Qwen3 decoder (q/k norms, as InternVL3.5's)."""
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=28,
-                  patch_size=7, use_qk_norm=True, attention_bias=True)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+        use_qk_norm=True,
+        attention_bias=True,
+    )
     text = dict(_TEXT, model_type="qwen3", head_dim=16)
-    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
-                         image_seq_length=INTERNVL_TILE_TOKENS, downsample_ratio=0.5)
+    cfg = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        image_seq_length=INTERNVL_TILE_TOKENS,
+        downsample_ratio=0.5,
+    )
     return InternVLForConditionalGeneration(cfg)
 
 
@@ -226,12 +274,29 @@ def _gemma3():
     """Tiny Gemma 3: a SigLIP tower (8 x 8 patches, no CLS) whose features the projector average-pools 2 x 2 into
     16 tokens per image; image tokens wrapped in boi / eoi and marked by ``token_type_ids`` (bidirectional among
     themselves); a decoder with sliding-window and global layers (own rotary bases)."""
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                image_size=112, patch_size=14, vision_use_head=False)
-    text = Gemma3TextConfig(**dict(_TEXT, head_dim=16), layer_types=GEMMA3_LAYER_TYPES,
-                            sliding_window=GEMMA3_WINDOW, query_pre_attn_scalar=16)
-    cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16, image_token_index=IMAGE_ID,
-                       boi_token_index=VSTART_ID, eoi_token_index=VEND_ID)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=112,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = Gemma3TextConfig(
+        **dict(_TEXT, head_dim=16),
+        layer_types=GEMMA3_LAYER_TYPES,
+        sliding_window=GEMMA3_WINDOW,
+        query_pre_attn_scalar=16,
+    )
+    cfg = Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=16,
+        image_token_index=IMAGE_ID,
+        boi_token_index=VSTART_ID,
+        eoi_token_index=VEND_ID,
+    )
     model = Gemma3ForConditionalGeneration(cfg)
     with torch.no_grad():  # transformers initialises the projection to zeros (every image token would be alike)
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.05)
@@ -281,8 +346,13 @@ def _gemma3_images(model, n_images, gen):
     return {"pixel_values": pix}, [model.config.mm_tokens_per_image] * n_images
 
 
-_IMAGES = {"llava": _llava_images, **{f: _next_images for f in ANYRES}, "internvl": _internvl_images,
-           "gemma3": _gemma3_images, **{f: _qwen_images for f in FAMILIES if "qwen" in f}}
+_IMAGES = {
+    "llava": _llava_images,
+    **{f: _next_images for f in ANYRES},
+    "internvl": _internvl_images,
+    "gemma3": _gemma3_images,
+    **{f: _qwen_images for f in FAMILIES if "qwen" in f},
+}
 
 
 def make_inputs(model, family: str, specs, seed: int = 0):
@@ -357,7 +427,6 @@ def split_rows(model, family, specs, seed=0):
         img0 += n_img
         singles.append(one)
     return batch, singles
-
 
 
 def run_recording_layer_lengths(model, inputs, method, **options):

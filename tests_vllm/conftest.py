@@ -72,8 +72,9 @@ def requests_(tmp_path_factory, media):
     return [
         dict(prompt=f"w3 w4 {IMG} w5 w6 w7", images=[media("a", 112, 112)], video=None, fps=2.0),
         dict(prompt=f"w9 {IMG} w10 w11", images=[media("b", 112, 168)], video=None, fps=2.0),
-        dict(prompt=f"w12 {IMG} w13 {IMG} w14", images=[media("c", 112, 112), media("d", 168, 112)], video=None,
-             fps=2.0),
+        dict(
+            prompt=f"w12 {IMG} w13 {IMG} w14", images=[media("c", 112, 112), media("d", 168, 112)], video=None, fps=2.0
+        ),
         dict(prompt=f"w20 w21 {VID} w22", images=[], video=video, fps=4.0),
     ]
 
@@ -85,8 +86,9 @@ def requests_qwen3(media):
     return [
         dict(prompt=f"w3 w4 {IMG} w5 w6 w7", images=[media("a", 128, 128)], video=None, fps=2.0),
         dict(prompt=f"w9 {IMG} w10 w11", images=[media("b", 128, 192)], video=None, fps=2.0),
-        dict(prompt=f"w12 {IMG} w13 {IMG} w14", images=[media("c", 128, 128), media("d", 192, 128)], video=None,
-             fps=2.0),
+        dict(
+            prompt=f"w12 {IMG} w13 {IMG} w14", images=[media("c", 128, 128), media("d", 192, 128)], video=None, fps=2.0
+        ),
         dict(prompt=f"w30 w31 w32 {IMG}", images=[media("e", 160, 160)], video=None, fps=2.0),
     ]
 
@@ -127,8 +129,14 @@ def run_json(python: str, script: str, spec: dict, tmp, timeout: int = 600):
     env = dict(os.environ, PYTHONPATH=root)  # this checkout's vtprune, whatever the venv has installed
     if python != sys.executable:  # the reference uses its own venv's native kernels
         env.pop("VTPRUNE_NO_EXT", None)
-    proc = subprocess.run([python, os.path.join(HERE, script), spec_path, out_path], capture_output=True, text=True,
-                          timeout=timeout, cwd=root, env=env)
+    proc = subprocess.run(
+        [python, os.path.join(HERE, script), spec_path, out_path],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=root,
+        env=env,
+    )
     if not os.path.exists(out_path):
         return None, proc
     with open(out_path) as f:
@@ -139,8 +147,10 @@ def hf_python() -> str:
     """vtprune's own environment (its transformers release) for the Hugging Face reference."""
     python = os.environ.get("VTPRUNE_HF_PYTHON")
     if not python or not os.path.exists(python):
-        raise RuntimeError(f"set VTPRUNE_HF_PYTHON to the python of vtprune's own venv (make test-vllm sets it to "
-                           f".venv/bin/python); got {python!r}")
+        raise RuntimeError(
+            f"set VTPRUNE_HF_PYTHON to the python of vtprune's own venv (make test-vllm sets it to "
+            f".venv/bin/python); got {python!r}"
+        )
     return python
 
 
@@ -154,9 +164,14 @@ def serve(ckpts, request, tmp_path_factory):
         key = json.dumps([overrides, multiprocess, requests, family], sort_keys=True)
         if key not in cache:
             mix, limits, ckpt = FAMILY[family]
-            spec = dict(checkpoint=ckpts(ckpt), hf_overrides=overrides, max_tokens=MAX_TOKENS,
-                        multiprocess=multiprocess, requests=requests or request.getfixturevalue(mix),
-                        limit_mm_per_prompt=limits)
+            spec = dict(
+                checkpoint=ckpts(ckpt),
+                hf_overrides=overrides,
+                max_tokens=MAX_TOKENS,
+                multiprocess=multiprocess,
+                requests=requests or request.getfixturevalue(mix),
+                limit_mm_per_prompt=limits,
+            )
             out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path_factory.mktemp("vllm"))
             assert out is not None, f"vLLM run failed ({family}, {overrides}):\n{proc.stderr[-4000:]}"
             cache[key] = out
@@ -174,8 +189,12 @@ def hf(ckpts, request, tmp_path_factory):
     def run(method, family="qwen2_5_vl"):
         key = json.dumps([method, family], sort_keys=True)
         if key not in cache:
-            spec = dict(checkpoint=ckpts(FAMILY[family][2]), method=method, max_tokens=MAX_TOKENS,
-                        requests=request.getfixturevalue(FAMILY[family][0]))
+            spec = dict(
+                checkpoint=ckpts(FAMILY[family][2]),
+                method=method,
+                max_tokens=MAX_TOKENS,
+                requests=request.getfixturevalue(FAMILY[family][0]),
+            )
             out, proc = run_json(hf_python(), "hf_reference.py", spec, tmp_path_factory.mktemp("hf"))
             assert out is not None, f"Hugging Face reference failed ({family}, {method}):\n{proc.stderr[-4000:]}"
             cache[key] = out

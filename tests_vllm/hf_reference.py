@@ -32,9 +32,14 @@ def _inputs(processor, request):
     if request.get("video"):
         frames = np.load(request["video"])
         kwargs["videos"] = [frames]
-        kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(frames), fps=request["fps"],
-                                                  duration=len(frames) / request["fps"],
-                                                  frames_indices=list(range(len(frames))))]
+        kwargs["video_metadata"] = [
+            VideoMetadata(
+                total_num_frames=len(frames),
+                fps=request["fps"],
+                duration=len(frames) / request["fps"],
+                frames_indices=list(range(len(frames))),
+            )
+        ]
         kwargs["do_sample_frames"] = False
     return processor(text=[request["prompt"]], return_tensors="pt", **kwargs)
 
@@ -82,7 +87,7 @@ def main(requests_path: str, out_path: str) -> None:
         inputs = _inputs(processor, request)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=spec["max_tokens"], do_sample=False)
-        tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+        tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
         stats = vtprune.stats(model) if spec["method"] is not None else None
         kept = _split(stats.kept_indices[0], inputs) if stats is not None else None
         results.append({"tokens": tokens, "kept": kept})

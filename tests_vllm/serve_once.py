@@ -32,10 +32,18 @@ def main(spec_path: str, out_path: str) -> None:
     from vtprune.vllm import pruning_log
 
     limits = spec.get("limit_mm_per_prompt", {"image": 2, "video": 1})
-    llm = LLM(model=spec["checkpoint"], hf_overrides=spec.get("hf_overrides"), dtype="float32", max_model_len=1024,
-              limit_mm_per_prompt=limits, enforce_eager=True, max_num_seqs=8,
-              compilation_config=spec.get("compilation_config"),
-              distributed_executor_backend=None if spec.get("multiprocess") else "uni", seed=0)
+    llm = LLM(
+        model=spec["checkpoint"],
+        hf_overrides=spec.get("hf_overrides"),
+        dtype="float32",
+        max_model_len=1024,
+        limit_mm_per_prompt=limits,
+        enforce_eager=True,
+        max_num_seqs=8,
+        compilation_config=spec.get("compilation_config"),
+        distributed_executor_backend=None if spec.get("multiprocess") else "uni",
+        seed=0,
+    )
     prompts = []
     for request in spec["requests"]:
         data = {}
@@ -44,15 +52,27 @@ def main(spec_path: str, out_path: str) -> None:
         if request.get("video"):
             frames = np.load(request["video"])
             fps = request["fps"]
-            data["video"] = [(frames, {"fps": fps, "duration": len(frames) / fps, "total_num_frames": len(frames),
-                                       "frames_indices": list(range(len(frames))), "video_backend": "opencv",
-                                       "do_sample_frames": False})]
+            data["video"] = [
+                (
+                    frames,
+                    {
+                        "fps": fps,
+                        "duration": len(frames) / fps,
+                        "total_num_frames": len(frames),
+                        "frames_indices": list(range(len(frames))),
+                        "video_backend": "opencv",
+                        "do_sample_frames": False,
+                    },
+                )
+            ]
         prompts.append({"prompt": request["prompt"], "multi_modal_data": data})
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     log = llm.apply_model(pruning_log)[0]
-    result = {"outputs": [{"tokens": list(o.outputs[0].token_ids), "prompt_len": len(o.prompt_token_ids)}
-                          for o in outputs], "log": log}
+    result = {
+        "outputs": [{"tokens": list(o.outputs[0].token_ids), "prompt_len": len(o.prompt_token_ids)} for o in outputs],
+        "log": log,
+    }
     with open(out_path, "w") as f:
         json.dump(result, f)
 

@@ -9,8 +9,8 @@ import sys
 from collections import Counter
 
 import pytest
-
 from conftest import run_json
+
 from vtprune.vllm import setting
 
 PRUNED = {
@@ -57,9 +57,11 @@ def test_keep_all_equals_vllm_without_pruning(serve, family):
     assert keep_all["log"] and all(e["kept"] == list(range(e["n"])) for e in keep_all["log"])
 
 
-@pytest.mark.parametrize("family, name", [(family, name) for family in FAMILIES for name in sorted(PRUNED)
-                                           if family != "qwen3_vl_video" or name in VIDEO3]
-                         + [("qwen3_vl_video", name) for name in VIDEO3_ONLY])
+@pytest.mark.parametrize(
+    "family, name",
+    [(family, name) for family in FAMILIES for name in sorted(PRUNED) if family != "qwen3_vl_video" or name in VIDEO3]
+    + [("qwen3_vl_video", name) for name in VIDEO3_ONLY],
+)
 def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     """A batch of requests (Qwen2.5-VL: one image, another size, two images, a video; Qwen3-VL: images, DeepStack
     levels following the kept rows; Qwen3-VL videos, one run per frame, for the methods that size them ahead)
@@ -98,9 +100,8 @@ def _item_sizes(request, family="qwen2_5_vl"):
     """Visual tokens per item of the fixed mix (one merged token per 2 x 2 patches: 28 px for Qwen2.5-VL's 14-pixel
     patches, 32 px for Qwen3-VL's 16; a video's 2 x 2 frames per temporal step)."""
     import numpy as np
-    from PIL import Image
-
     from checkpoint import MERGE, PATCHES
+    from PIL import Image
 
     side = PATCHES[family.removesuffix("_video")] * MERGE
     sizes = []
@@ -122,21 +123,36 @@ def test_plugin_runs_in_every_process(serve):
 
 
 def test_in_llm_method_fails_at_startup(ckpt, requests_, tmp_path):
-    spec = dict(checkpoint=ckpt, hf_overrides={"vtprune": {"method": "fastv", "keep": 4}}, max_tokens=1,
-                multiprocess=False, requests=requests_[:1])
+    spec = dict(
+        checkpoint=ckpt,
+        hf_overrides={"vtprune": {"method": "fastv", "keep": 4}},
+        max_tokens=1,
+        multiprocess=False,
+        requests=requests_[:1],
+    )
     out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
     assert out is None and proc.returncode != 0
     assert "method 'fastv' cannot run in vLLM: it prunes inside the language model" in proc.stderr
 
 
-@pytest.mark.parametrize("method, compilation, message", [
-    ("divprune", {"cudagraph_mm_encoder": True}, "cannot run with compilation_config.cudagraph_mm_encoder=True"),
-    ("zoo", {"compile_mm_encoder": True}, "a compiled vision encoder (compilation_config.compile_mm_encoder=True)"),
-])
-def test_encoder_compilation_that_hides_the_selection_is_refused(ckpt, requests_, tmp_path, method, compilation,
-                                                                 message):
-    spec = dict(checkpoint=ckpt, hf_overrides={"vtprune": PRUNED[method]}, max_tokens=1, multiprocess=False,
-                requests=requests_[:1], compilation_config=compilation)
+@pytest.mark.parametrize(
+    "method, compilation, message",
+    [
+        ("divprune", {"cudagraph_mm_encoder": True}, "cannot run with compilation_config.cudagraph_mm_encoder=True"),
+        ("zoo", {"compile_mm_encoder": True}, "a compiled vision encoder (compilation_config.compile_mm_encoder=True)"),
+    ],
+)
+def test_encoder_compilation_that_hides_the_selection_is_refused(
+    ckpt, requests_, tmp_path, method, compilation, message
+):
+    spec = dict(
+        checkpoint=ckpt,
+        hf_overrides={"vtprune": PRUNED[method]},
+        max_tokens=1,
+        multiprocess=False,
+        requests=requests_[:1],
+        compilation_config=compilation,
+    )
     out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
     assert out is None and proc.returncode != 0
     assert message in proc.stderr
@@ -145,8 +161,14 @@ def test_encoder_compilation_that_hides_the_selection_is_refused(ckpt, requests_
 def test_qwen3_video_is_refused_at_startup(ckpts, requests_qwen3, tmp_path):
     """Qwen3-VL's per-frame runs cannot be sized before selection: an engine that would accept videos does not
     start, and says how to serve images only."""
-    spec = dict(checkpoint=ckpts("qwen3_vl"), hf_overrides={"vtprune": PRUNED["divprune"]}, max_tokens=1,
-                multiprocess=False, requests=requests_qwen3[:1], limit_mm_per_prompt={"image": 1, "video": 1})
+    spec = dict(
+        checkpoint=ckpts("qwen3_vl"),
+        hf_overrides={"vtprune": PRUNED["divprune"]},
+        max_tokens=1,
+        multiprocess=False,
+        requests=requests_qwen3[:1],
+        limit_mm_per_prompt={"image": 1, "video": 1},
+    )
     out, proc = run_json(sys.executable, "serve_once.py", spec, tmp_path)
     assert out is None and proc.returncode != 0
     assert "vtprune.vllm prunes Qwen3-VL videos only with pool and random" in proc.stderr
@@ -160,24 +182,27 @@ class _Cfg:
         self.num_hidden_layers = 4
 
 
-@pytest.mark.parametrize("value, message", [
-    ({"method": "fastv", "keep": 4}, "prunes inside the language model"),
-    ({"method": "dart", "keep": 4}, "prunes inside the language model"),
-    ({"method": "visionzip", "keep": 4, "importance": "cls"}, "importance='cls' needs the vision tower's CLS"),
-    ({"method": "cls", "keep": 4, "importance": "cls"}, "Qwen-VL towers have no CLS token"),
-    ({"method": "todre", "keep": 4}, 'a late drop, from a decoder layer\'s attention'),
-    ({"method": "todre", "keep": 4}, 'serve its pre-LLM selection alone with {"late_drop": false}'),
-    ({"method": "cdpruner", "keep": 4}, "needs the signal(s) ['prompt_embeds']"),
-    ({"method": "cdpruner", "keep": 4}, "caches its output per media item by content hash"),
-    ({"method": "pdrop", "keep": 4}, "prunes inside the language model"),
-    ({"method": "divprun", "keep": 4}, "Did you mean 'divprune'"),
-    ({"method": "divprune"}, "needs a budget"),
-    ({"method": "divprune", "keep": 4, "ratio": 0.5}, "not both"),
-    ({"method": "divprune", "keep": 4, "metrc": "l2"}, "unknown option(s) ['metrc']"),
-    ({"keep": 4}, "a mapping with a 'method' key"),
-    ("{not json", "not valid JSON"),
-    ({"method": "random", "keep": 4, "positions": "compact"}, "positions='compact' is not supported"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"method": "fastv", "keep": 4}, "prunes inside the language model"),
+        ({"method": "dart", "keep": 4}, "prunes inside the language model"),
+        ({"method": "visionzip", "keep": 4, "importance": "cls"}, "importance='cls' needs the vision tower's CLS"),
+        ({"method": "cls", "keep": 4, "importance": "cls"}, "Qwen-VL towers have no CLS token"),
+        ({"method": "todre", "keep": 4}, "a late drop, from a decoder layer's attention"),
+        ({"method": "todre", "keep": 4}, 'serve its pre-LLM selection alone with {"late_drop": false}'),
+        ({"method": "cdpruner", "keep": 4}, "needs the signal(s) ['prompt_embeds']"),
+        ({"method": "cdpruner", "keep": 4}, "caches its output per media item by content hash"),
+        ({"method": "pdrop", "keep": 4}, "prunes inside the language model"),
+        ({"method": "divprun", "keep": 4}, "Did you mean 'divprune'"),
+        ({"method": "divprune"}, "needs a budget"),
+        ({"method": "divprune", "keep": 4, "ratio": 0.5}, "not both"),
+        ({"method": "divprune", "keep": 4, "metrc": "l2"}, "unknown option(s) ['metrc']"),
+        ({"keep": 4}, "a mapping with a 'method' key"),
+        ("{not json", "not valid JSON"),
+        ({"method": "random", "keep": 4, "positions": "compact"}, "positions='compact' is not supported"),
+    ],
+)
 def test_bad_setting_is_refused(value, message):
     with pytest.raises(ValueError) as err:
         setting.read(_Cfg(value))

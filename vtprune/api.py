@@ -20,8 +20,7 @@ from .stats import PruneStats
 
 _ATTR = "_vtprune_session"
 
-__all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "set_image_sizes",
-           "set_instructions"]
+__all__ = ["patch", "unpatch", "patched", "stats", "list_methods", "is_patched", "set_image_sizes", "set_instructions"]
 
 
 def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneConfig:
@@ -46,15 +45,21 @@ def _make_configs(method, options: dict[str, Any]) -> list[PruneConfig]:
     if not isinstance(method, (list, tuple)):
         return [_make_config(method, options)]
     if options:
-        raise TypeError(f"a schedule (a list of configs) takes its options inside each config, not as keywords "
-                        f"(got keywords {sorted(options)})")
+        raise TypeError(
+            f"a schedule (a list of configs) takes its options inside each config, not as keywords "
+            f"(got keywords {sorted(options)})"
+        )
     if not method:
-        raise ValueError("an empty schedule: give one or more method configs, e.g. "
-                         "[vtprune.DivPruneConfig(keep=128), vtprune.FastVConfig(keep=64, layer=2)]")
+        raise ValueError(
+            "an empty schedule: give one or more method configs, e.g. "
+            "[vtprune.DivPruneConfig(keep=128), vtprune.FastVConfig(keep=64, layer=2)]"
+        )
     for i, item in enumerate(method):
         if not isinstance(item, PruneConfig):
-            raise TypeError(f"schedule element {i} is a {type(item).__name__} ({item!r}); each element must be a "
-                            "method config instance (e.g. vtprune.FastVConfig(keep=64)), with its own budget")
+            raise TypeError(
+                f"schedule element {i} is a {type(item).__name__} ({item!r}); each element must be a "
+                "method config instance (e.g. vtprune.FastVConfig(keep=64)), with its own budget"
+            )
         get_method(item.method)  # registered?
     return list(method)
 
@@ -90,12 +95,11 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
         raise ValueError(
             f"method {getattr(tower, 'method', tower)!r} reduces tokens inside a vision transformer, and "
             f"{type(model).__name__} is not one vtprune knows ({'; '.join(vit_host_names())}), nor a VLM whose "
-            f"vision tower it merges in ({', '.join(tower_merging_families())})") from None
+            f"vision tower it merges in ({', '.join(tower_merging_families())})"
+        ) from None
     if getattr(model, _ATTR, None) is not None:
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
-        raise ValueError(
-            f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first"
-        )
+        raise ValueError(f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first")
     configs = _make_configs(method, options)
     methods = [TowerMerge(c) if _is_vit_method(c) else get_method(c.method).method_cls(c) for c in configs]
     session = Session(model, adapter, methods)
@@ -114,8 +118,10 @@ def _patch_vit(model: nn.Module, host, method, options: dict[str, Any]) -> nn.Mo
         raise TypeError("a vision transformer takes one token-reduction method, not a schedule (list)")
     name = getattr(method, "method", method)
     if not _is_vit_method(method) and isinstance(name, str) and name in list_methods():
-        raise ValueError(f"{type(model).__name__} is a vision transformer ({host.name}); method {name!r} prunes a "
-                         f"VLM's visual tokens. Methods that act inside a ViT: {', '.join(list_vit_methods())}")
+        raise ValueError(
+            f"{type(model).__name__} is a vision transformer ({host.name}); method {name!r} prunes a "
+            f"VLM's visual tokens. Methods that act inside a ViT: {', '.join(list_vit_methods())}"
+        )
     config = _make_config(method, options)
     if getattr(model, _ATTR, None) is not None:
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)

@@ -8,7 +8,7 @@ the resulting :class:`vtprune.debias.DebiasProfile` is what ``fastv``'s ``debias
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -57,16 +57,25 @@ def calibrate(model, batches: Iterable[dict], layer: int = 2, kind: str = "cubic
         raise ValueError("no image was seen: calibration batches need images (pixel_values) and their placeholders")
     lengths = {r.numel() for r in rows}
     if len(lengths) != 1:
-        raise ValueError(f"calibration images have different numbers of visual tokens {sorted(lengths)}; "
-                         "use images of one size (one trend per token layout)")
+        raise ValueError(
+            f"calibration images have different numbers of visual tokens {sorted(lengths)}; "
+            "use images of one size (one trend per token layout)"
+        )
     mean = torch.stack(rows).mean(0)
     mean = mean / mean.sum()
-    return DebiasProfile(kind, F.fit_trend(mean, kind), source="calibrated",
-                         model_type=model.config.model_type, layer=layer, images=len(rows))
+    return DebiasProfile(
+        kind,
+        F.fit_trend(mean, kind),
+        source="calibrated",
+        model_type=model.config.model_type,
+        layer=layer,
+        images=len(rows),
+    )
 
 
-def calibrate_files(model_path: str, images: list[str], layer: int = 2, kind: str = "cubic",
-                    prompt: str = "Describe the image.") -> DebiasProfile:
+def calibrate_files(
+    model_path: str, images: list[str], layer: int = 2, kind: str = "cubic", prompt: str = "Describe the image."
+) -> DebiasProfile:
     """:func:`calibrate` a model saved at ``model_path`` (a local folder or hub id loadable by
     ``AutoModelForImageTextToText`` / ``AutoProcessor``) on image files, one image per prompt: the processor's
     chat template with the image and ``prompt``."""
@@ -87,11 +96,15 @@ def calibrate_files(model_path: str, images: list[str], layer: int = 2, kind: st
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read a transformers model config from {model_path!r} ({str(err).splitlines()[0]}); "
-                         f"calibration needs a VLM of a supported type: {', '.join(supported_model_types())}") from None
+        raise ValueError(
+            f"cannot read a transformers model config from {model_path!r} ({str(err).splitlines()[0]}); "
+            f"calibration needs a VLM of a supported type: {', '.join(supported_model_types())}"
+        ) from None
     if config.model_type not in supported_model_types():
-        raise ValueError(f"{model_path!r} is a {config.model_type!r} model; calibration needs a VLM of a supported "
-                         f"type: {', '.join(supported_model_types())}")
+        raise ValueError(
+            f"{model_path!r} is a {config.model_type!r} model; calibration needs a VLM of a supported "
+            f"type: {', '.join(supported_model_types())}"
+        )
     processor = AutoProcessor.from_pretrained(model_path)
     model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ._version import __version__
 from .markdown import format_table
@@ -67,10 +67,19 @@ def _add_demo(sub) -> None:
         "plus the unpruned model, on eval/tasks/vtprune_shapes, through the lmms-eval harness. Prints the table "
         "and writes results.jsonl, table.md/.csv/.tex and the accuracy plots to runs/demo/.",
     )
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                   help="evaluate only the first N questions (default: the whole test split)")
-    p.add_argument("--output-dir", default=None, metavar="DIR", help="default: runs/demo (untracked); the committed "
-                   "results are eval/results/demo")
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate only the first N questions (default: the whole test split)",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        metavar="DIR",
+        help="default: runs/demo (untracked); the committed results are eval/results/demo",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
@@ -97,12 +106,27 @@ def _add_bench(sub) -> None:
         "print visual tokens kept, analytic prefill FLOPs and measured prefill time (median of interleaved "
         "repeats) against the unpatched model.",
     )
-    p.add_argument("--budgets", type=_positive_ints, default=[64, 16, 4], metavar="N,N,...",
-                   help="visual tokens kept per image, comma-separated (default: 64,16,4)")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="torch intra-op threads while timing (default: leave torch's setting)")
-    p.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
-                   help="timed prefill runs per variant; the median is reported (default: 5)")
+    p.add_argument(
+        "--budgets",
+        type=_positive_ints,
+        default=[64, 16, 4],
+        metavar="N,N,...",
+        help="visual tokens kept per image, comma-separated (default: 64,16,4)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch intra-op threads while timing (default: leave torch's setting)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="timed prefill runs per variant; the median is reported (default: 5)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.set_defaults(func=_cmd_bench)
 
@@ -121,17 +145,21 @@ def _cmd_bench(args) -> int:
         if r.skipped is not None:
             skipped.append(f"skipped {r.method}: {r.skipped}")
             continue
-        table.append((
-            r.method,
-            "-" if r.budget is None else r.budget,
-            f"{r.visual_tokens_kept}/{r.visual_tokens_in}",
-            f"{r.gflops:.3f}",
-            f"{r.flops_ratio:.3f}",
-            f"{r.prefill_ms:.1f}",
-            f"{r.speedup:.2f}x",
-        ))
-    print(f"vtprune bench: random-weight LLaVA-1.5 (CLIP 224/14, Llama 256x4), 1 image, {threads} thread(s), "
-          f"prefill = median of {args.repeats} interleaved runs, logits_to_keep=1")
+        table.append(
+            (
+                r.method,
+                "-" if r.budget is None else r.budget,
+                f"{r.visual_tokens_kept}/{r.visual_tokens_in}",
+                f"{r.gflops:.3f}",
+                f"{r.flops_ratio:.3f}",
+                f"{r.prefill_ms:.1f}",
+                f"{r.speedup:.2f}x",
+            )
+        )
+    print(
+        f"vtprune bench: random-weight LLaVA-1.5 (CLIP 224/14, Llama 256x4), 1 image, {threads} thread(s), "
+        f"prefill = median of {args.repeats} interleaved runs, logits_to_keep=1"
+    )
     print(format_table(BENCH_HEADERS, table))
     for line in skipped:
         print(line)
@@ -149,17 +177,33 @@ def _add_sweep(sub) -> None:
         "model loads. Multi-GPU: accelerate launch -m vtprune.cli sweep CONFIG.",
     )
     p.add_argument("config", help="sweep config (YAML), e.g. configs/sweeps/smoke.yaml")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                   help="evaluate only the first N documents of each task (quick runs; a separate cell)")
-    p.add_argument("--output-dir", default=None, metavar="DIR", help="where results.jsonl goes (default: the "
-                   "config's output_dir, else runs/<config name>)")
-    p.add_argument("--no-resume", action="store_true", help="start a fresh results.jsonl instead of skipping "
-                   "finished cells")
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate only the first N documents of each task (quick runs; a separate cell)",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        metavar="DIR",
+        help="where results.jsonl goes (default: the config's output_dir, else runs/<config name>)",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="start a fresh results.jsonl instead of skipping finished cells"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE (a module name, or a .py file) before the config is checked, so the methods "
-                   "it registers with @vtprune.register_method can be swept; repeatable. Installed packages' "
-                   "vtprune.methods entry points load by themselves")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a module name, or a .py file) before the config is checked, so the methods "
+        "it registers with @vtprune.register_method can be swept; repeatable. Installed packages' "
+        "vtprune.methods entry points load by themselves",
+    )
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -222,8 +266,12 @@ def _add_plot(sub) -> None:
         "line per method over its budgets, the unpruned model as a star.",
     )
     _results_arg(p)
-    p.add_argument("--y", choices=("avg", "rel"), default="avg",
-                   help="accuracy axis: Avg score (default) or Rel. %% of the unpruned model")
+    p.add_argument(
+        "--y",
+        choices=("avg", "rel"),
+        default="avg",
+        help="accuracy axis: Avg score (default) or Rel. %% of the unpruned model",
+    )
     p.set_defaults(func=_cmd_plot)
 
 
@@ -260,8 +308,9 @@ def _cmd_calibrate(args) -> int:
     profile = calibrate_files(args.model, args.images, layer=args.layer, kind=args.kind, prompt=args.prompt)
     profile.save(args.out)
     coeffs = ", ".join(f"{c:.6g}" for c in profile.coefficients)
-    print(f"fitted a {profile.kind} trend ({coeffs}) at layer {profile.layer} on {profile.images} image(s) -> "
-          f"{args.out}")
+    print(
+        f"fitted a {profile.kind} trend ({coeffs}) at layer {profile.layer} on {profile.images} image(s) -> {args.out}"
+    )
     return 0
 
 
@@ -276,12 +325,25 @@ def _add_robustness(sub) -> None:
         "selection is not differentiable), the transfer matrix of those perturbations, and the vote-over-"
         "augmentations defense with its selection time. Writes results.jsonl, table.md/.csv, transfer.csv and plots.",
     )
-    p.add_argument("--config", default=None, metavar="FILE", help="robustness config YAML (default: "
-                   "configs/robustness.yaml of the repository)")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                   help="audit only the first N questions (default: the config's limit)")
-    p.add_argument("--output-dir", default="eval/results/robustness", metavar="DIR",
-                   help="where the results go (default: eval/results/robustness)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="robustness config YAML (default: configs/robustness.yaml of the repository)",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="audit only the first N questions (default: the config's limit)",
+    )
+    p.add_argument(
+        "--output-dir",
+        default="eval/results/robustness",
+        metavar="DIR",
+        help="where the results go (default: eval/results/robustness)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_robustness)
 
@@ -321,16 +383,32 @@ def _cmd_methods(args) -> int:
     for name in list_methods(**filters):
         spec = get_method(name)
         options = ", ".join(f"{k}={v!r}" for k, v in spec.options().items())
-        rows.append([name, spec.host, spec.stage, "yes" if spec.merges else "no",
-                     ", ".join(sorted(spec.signals)) or "-", options or "-"])
+        rows.append(
+            [
+                name,
+                spec.host,
+                spec.stage,
+                "yes" if spec.merges else "no",
+                ", ".join(sorted(spec.signals)) or "-",
+                options or "-",
+            ]
+        )
     print(format_table(["method", "host", "stage", "merges", "signals", "options (defaults)"], rows, align="llllll"))
     return 0
 
 
 # -- entry point -----------------------------------------------------------------------------------------------------
 #: every subcommand: a function that adds its parser to the subparsers (and sets ``func``)
-_COMMANDS: tuple[Callable, ...] = (_add_demo, _add_sweep, _add_table, _add_plot, _add_calibrate, _add_bench,
-                                   _add_robustness, _add_methods)
+_COMMANDS: tuple[Callable, ...] = (
+    _add_demo,
+    _add_sweep,
+    _add_table,
+    _add_plot,
+    _add_calibrate,
+    _add_bench,
+    _add_robustness,
+    _add_methods,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,8 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line "
-                        "(also: VTPRUNE_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error instead of one line (also: VTPRUNE_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     for add in _COMMANDS:
         add(sub)

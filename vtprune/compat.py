@@ -95,7 +95,7 @@ def output_cache(output: Any):
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_keyword(fn) -> str:
     params = inspect.signature(fn).parameters
     for name in CACHE_KEYWORDS:
@@ -104,8 +104,14 @@ def _cache_keyword(fn) -> str:
     raise TypeError(f"{fn.__qualname__} takes none of the cache keywords {CACHE_KEYWORDS}: unsupported transformers")
 
 
-def causal_masks(config, inputs_embeds: torch.Tensor, attention_mask, cache, layers: dict[str, int],
-                 block_ids: torch.Tensor | None = None) -> dict[str, Any]:
+def causal_masks(
+    config,
+    inputs_embeds: torch.Tensor,
+    attention_mask,
+    cache,
+    layers: dict[str, int],
+    block_ids: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """The decoder's masks for ``inputs_embeds`` ``[B, q, D]`` over ``cache`` and the 2-D ``attention_mask``
     ``[B, cached + q]`` (or None), keyed by layer type, as the host's decoder builds them. ``layers`` maps each layer
     type the masks are for (``full_attention``, ``sliding_attention``, ``linear_attention``: Gated DeltaNet /
@@ -120,19 +126,24 @@ def causal_masks(config, inputs_embeds: torch.Tensor, attention_mask, cache, lay
     for kind, layer_idx in layers.items():
         fn = _MASK_FUNCTIONS.get(kind)
         if fn is None:
-            raise NotImplementedError(f"decoder layers of type {kind!r} are not supported by vtprune yet "
-                                      f"(known: {sorted(_MASK_FUNCTIONS)})")
+            raise NotImplementedError(
+                f"decoder layers of type {kind!r} are not supported by vtprune yet (known: {sorted(_MASK_FUNCTIONS)})"
+            )
         fn = getattr(masking_utils, fn)
         extra = {} if kind == "linear_attention" else {"layer_idx": layer_idx}
         if block_ids is not None and kind == "full_attention":
             extra["block_sequence_ids"] = block_ids
         elif block_ids is not None and kind == "sliding_attention":
             fn = masking_utils.create_causal_mask
-            extra.update(or_mask_function=masking_utils.blockwise_overlay(_pad_blocks(common, cache, layer_idx, block_ids)),
-                         and_mask_function=masking_utils.sliding_window_overlay(config.sliding_window))
+            extra.update(
+                or_mask_function=masking_utils.blockwise_overlay(_pad_blocks(common, cache, layer_idx, block_ids)),
+                and_mask_function=masking_utils.sliding_window_overlay(config.sliding_window),
+            )
         elif block_ids is not None:
-            raise NotImplementedError(f"bidirectional image blocks on decoder layers of type {kind!r} are not "
-                                      "supported (known: full_attention, sliding_attention)")
+            raise NotImplementedError(
+                f"bidirectional image blocks on decoder layers of type {kind!r} are not "
+                "supported (known: full_attention, sliding_attention)"
+            )
         masks[kind] = fn(**common, **{_cache_keyword(fn): cache}, **extra)
     return masks
 
@@ -171,8 +182,9 @@ def stored_length(cache, layer_idx: int = 0) -> int:
     if cache is None:
         return 0
     if not callable(getattr(type(cache), "get_seq_length", None)):
-        raise TypeError(f"the KV cache must be a transformers Cache (e.g. DynamicCache, or none), got "
-                        f"{type(cache).__name__}")
+        raise TypeError(
+            f"the KV cache must be a transformers Cache (e.g. DynamicCache, or none), got {type(cache).__name__}"
+        )
     return int(type(cache).get_seq_length(cache, layer_idx))
 
 
@@ -233,4 +245,3 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[name] = "-"
     return found
-

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Callable, ClassVar
-
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 #: how kept tokens are numbered: their original position ids, or consecutively ("compact", 1-D positions only)
 POSITIONS = ("original", "compact")
@@ -72,9 +72,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if self.keep is not None and self.ratio is not None:
-            raise ValueError(
-                f"give either keep= or ratio=, not both (got keep={self.keep!r}, ratio={self.ratio!r})"
-            )
+            raise ValueError(f"give either keep= or ratio=, not both (got keep={self.keep!r}, ratio={self.ratio!r})")
         if self.keep is None and self.ratio is None:
             raise ValueError(
                 f"{type(self).__name__} needs a budget: keep=N (visual tokens kept per image, N >= 1) "
@@ -94,8 +92,10 @@ class PruneConfig:
         if self.empty_frames not in EMPTY_FRAMES:
             raise ValueError(f"empty_frames must be one of {EMPTY_FRAMES}, got {self.empty_frames!r}")
         if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS} (kept tokens keep their position ids, or are "
-                             f"renumbered consecutively), got {self.positions!r}")
+            raise ValueError(
+                f"positions must be one of {POSITIONS} (kept tokens keep their position ids, or are "
+                f"renumbered consecutively), got {self.positions!r}"
+            )
 
     def budget(self, n: int) -> int:
         """Number of tokens to keep out of ``n`` visual tokens of one image (``min(keep, n)`` or
@@ -114,7 +114,7 @@ class PruneConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
         """The config a dict with a ``method`` key describes (``to_dict``'s output). Unknown options raise
         ``TypeError`` (as the same options given as keywords to ``vtprune.patch`` or the config class do);
         called on a method's config class (``FastVConfig.from_dict``), a dict of another method raises
@@ -125,19 +125,21 @@ class PruneConfig:
         return cls._checked(method_record(data.pop("method")).make_config(data))
 
     @classmethod
-    def from_json(cls, text: str) -> "PruneConfig":
+    def from_json(cls, text: str) -> PruneConfig:
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def _checked(cls, config: "PruneConfig", where: str = "") -> "PruneConfig":
+    def _checked(cls, config: PruneConfig, where: str = "") -> PruneConfig:
         if not isinstance(config, cls):
-            raise ValueError(f"{cls.__name__}.from_* was given {where}a config of method {config.method!r} "
-                             f"({type(config).__name__}), not of {cls.method!r}; use PruneConfig.from_* (or "
-                             f"{type(config).__name__}) to read any method's config")
+            raise ValueError(
+                f"{cls.__name__}.from_* was given {where}a config of method {config.method!r} "
+                f"({type(config).__name__}), not of {cls.method!r}; use PruneConfig.from_* (or "
+                f"{type(config).__name__}) to read any method's config"
+            )
         return config
 
     @classmethod
-    def from_yaml(cls, path) -> "PruneConfig | list[PruneConfig]":
+    def from_yaml(cls, path) -> PruneConfig | list[PruneConfig]:
         """A config from a YAML mapping with a ``method`` key (the presets in ``configs/methods/*.yaml``), or a
         schedule from a YAML list of such mappings (``vtprune.patch`` takes either). Called on a method's config
         class (``FastVConfig.from_yaml``), a file of another method (or a schedule) raises ``ValueError``."""
@@ -150,13 +152,19 @@ class PruneConfig:
                 raise ValueError(f"{str(path)!r} holds an empty list: a schedule needs one or more method mappings")
             for i, item in enumerate(data):
                 if not isinstance(item, dict):
-                    raise ValueError(f"{str(path)!r}: schedule element {i} is a {type(item).__name__} ({item!r}); "
-                                     "each element must be a mapping with a 'method' key and its options")
+                    raise ValueError(
+                        f"{str(path)!r}: schedule element {i} is a {type(item).__name__} ({item!r}); "
+                        "each element must be a mapping with a 'method' key and its options"
+                    )
             if cls is not PruneConfig:
-                raise ValueError(f"{cls.__name__}.from_yaml: {str(path)!r} holds a schedule (a list of "
-                                 f"{len(data)} methods); read it with PruneConfig.from_yaml")
+                raise ValueError(
+                    f"{cls.__name__}.from_yaml: {str(path)!r} holds a schedule (a list of "
+                    f"{len(data)} methods); read it with PruneConfig.from_yaml"
+                )
             return [PruneConfig.from_dict(item) for item in data]
         if not isinstance(data, dict):
-            raise ValueError(f"{str(path)!r} must hold a YAML mapping with a 'method' key (or a list of them: a "
-                             f"schedule), got {type(data).__name__}")
+            raise ValueError(
+                f"{str(path)!r} must hold a YAML mapping with a 'method' key (or a list of them: a "
+                f"schedule), got {type(data).__name__}"
+            )
         return cls._checked(PruneConfig.from_dict(data), where=f"{str(path)!r}, ")

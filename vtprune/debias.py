@@ -3,7 +3,8 @@
 A *profile* is the positional trend of the attention that the last prompt token pays to image token ``i``; the
 pruner multiplies its scores by ``w_i = trend(0) / trend(i)`` (``vtprune.functional.trend_weights``). Built-in
 profiles are the official ones: ``"cubic"`` (the FastV vector) and ``"exp"`` (``exp(-beta i)``, the form shipped
-for the other pruners). :func:`vtprune.calibration.calibrate` fits a profile for a given model and layer on calibration images, and
+for the other pruners). :func:`vtprune.calibration.calibrate` fits a profile for a given model and layer on calibration
+images, and
 :meth:`DebiasProfile.save` writes it to a JSON file that ``debias_weights=PATH`` loads.
 
 The padding half of debiasing (zero score and no budget for patches that are padding of a padded-to-square image)
@@ -63,8 +64,10 @@ def builtin_profile(kind: str, beta: float = 0.003) -> DebiasProfile:
 def load_profile(path: str | os.PathLike) -> DebiasProfile:
     """A profile written by :meth:`DebiasProfile.save` (``vtprune calibrate``)."""
     if not os.path.isfile(path):
-        raise ValueError(f"debias profile file {str(path)!r} does not exist: debias_weights takes 'cubic', 'exp', "
-                         "'none' or the path of a profile written by `vtprune calibrate`")
+        raise ValueError(
+            f"debias profile file {str(path)!r} does not exist: debias_weights takes 'cubic', 'exp', "
+            "'none' or the path of a profile written by `vtprune calibrate`"
+        )
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or data.pop("vtprune_debias_profile", None) != 1:

@@ -187,8 +187,9 @@ def as_count(value, name: str) -> int:
         raise TypeError(f"{name} must be a non-negative int, got bool {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_floating_point() or value.is_complex():
-            raise TypeError(f"{name} must be a non-negative int, got tensor of shape "
-                            f"{tuple(value.shape)} and dtype {value.dtype}")
+            raise TypeError(
+                f"{name} must be a non-negative int, got tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
         value = value.item()
     try:
         out = operator.index(value)
@@ -233,25 +234,33 @@ def _layer_lens(text_config, layer_seq_lens, name: str = "layer_seq_lens") -> li
         if layer_seq_lens.dim() == 0:
             return [as_count(layer_seq_lens, name)] * num_layers
         if layer_seq_lens.dim() != 1:
-            raise ValueError(f"{name} must be an int or a 1-D sequence with one length per decoder layer, "
-                             f"got a tensor of shape {tuple(layer_seq_lens.shape)}")
+            raise ValueError(
+                f"{name} must be an int or a 1-D sequence with one length per decoder layer, "
+                f"got a tensor of shape {tuple(layer_seq_lens.shape)}"
+            )
         layer_seq_lens = layer_seq_lens.tolist()
-    if hasattr(layer_seq_lens, "ndim") and hasattr(layer_seq_lens, "tolist"):     # numpy array / scalar
+    if hasattr(layer_seq_lens, "ndim") and hasattr(layer_seq_lens, "tolist"):  # numpy array / scalar
         if layer_seq_lens.ndim == 0:
             return [as_count(layer_seq_lens.item(), name)] * num_layers
         if layer_seq_lens.ndim != 1:
-            raise ValueError(f"{name} must be an int or a 1-D sequence with one length per decoder layer, "
-                             f"got an array of shape {tuple(layer_seq_lens.shape)}")
+            raise ValueError(
+                f"{name} must be an int or a 1-D sequence with one length per decoder layer, "
+                f"got an array of shape {tuple(layer_seq_lens.shape)}"
+            )
         layer_seq_lens = layer_seq_lens.tolist()
     if isinstance(layer_seq_lens, (str, bytes)) or not isinstance(layer_seq_lens, Sequence):
         if hasattr(layer_seq_lens, "__index__"):
             return [as_count(layer_seq_lens, name)] * num_layers
-        raise TypeError(f"{name} must be an int or a sequence of ints (one per decoder layer), "
-                        f"got {type(layer_seq_lens).__name__} {layer_seq_lens!r}")
+        raise TypeError(
+            f"{name} must be an int or a sequence of ints (one per decoder layer), "
+            f"got {type(layer_seq_lens).__name__} {layer_seq_lens!r}"
+        )
     lens = [as_count(v, f"{name}[{i}]") for i, v in enumerate(layer_seq_lens)]
     if len(lens) != num_layers:
-        raise ValueError(f"{name} has {len(lens)} entries but the model has num_hidden_layers={num_layers}; "
-                         f"give one length per decoder layer, or a single int for all layers")
+        raise ValueError(
+            f"{name} has {len(lens)} entries but the model has num_hidden_layers={num_layers}; "
+            f"give one length per decoder layer, or a single int for all layers"
+        )
     return lens
 
 
@@ -262,7 +271,8 @@ def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None, la
     ``seq_len`` queries attend to ``kv_len`` keys (default ``seq_len``: prefill; ``seq_len=1`` and
     ``kv_len=past+1`` is one decode step). Full-attention layers: q/k/v/o projections (GQA: k and v project to
     ``Hkv*Dh``; Qwen3.5's gated query doubles q_proj), ``Q K^T`` and ``A V`` as full ``seq_len x kv_len``
-    products; sliding-window layers (Gemma 3's local layers) over ``min(kv_len, sliding_window)`` keys. Linear-attention layers (Qwen3.5 Gated DeltaNet, ``text_config.layer_types``): projections, the
+    products; sliding-window layers (Gemma 3's local layers) over ``min(kv_len, sliding_window)`` keys.
+    Linear-attention layers (Qwen3.5 Gated DeltaNet, ``text_config.layer_types``): projections, the
     depthwise conv and the chunked delta rule (``kv_len`` is not used: the state has a fixed size). MLP: gated
     (3 matmuls of ``D x I``), or the routed experts of an MoE layer. See the module docstring for the formulas.
     """
@@ -277,10 +287,10 @@ def decoder_layer_flops(text_config, seq_len: int, kv_len: int | None = None, la
     else:
         d, h, hkv, dh = _attn_dims(text_config)
         q_out = h * dh * (2 if _gated_query(text_config) else 1)
-        proj = 2 * s * d * q_out + 2 * s * (h * dh) * d + 2 * s * d * (hkv * dh) * 2   # q, o  +  k, v
-        if _layer_type(text_config, layer) == "sliding_attention":                      # keys capped by the window
+        proj = 2 * s * d * q_out + 2 * s * (h * dh) * d + 2 * s * d * (hkv * dh) * 2  # q, o  +  k, v
+        if _layer_type(text_config, layer) == "sliding_attention":  # keys capped by the window
             k = min(k, int(require(text_config, "sliding_window", "sliding-window text config")))
-        mixer = proj + 2 * 2 * s * k * h * dh                                            # QK^T, AV
+        mixer = proj + 2 * 2 * s * k * h * dh  # QK^T, AV
     return mixer + _mlp_flops(text_config, s, layer)
 
 
@@ -296,8 +306,14 @@ def _gated_query(text_config) -> bool:
 def _linear_attention_flops(text_config, s: int) -> int:
     what = "linear-attention text config"
     d = int(require(text_config, "hidden_size", what))
-    hk, hv = int(require(text_config, "linear_num_key_heads", what)), int(require(text_config, "linear_num_value_heads", what))
-    dk, dv = int(require(text_config, "linear_key_head_dim", what)), int(require(text_config, "linear_value_head_dim", what))
+    hk, hv = (
+        int(require(text_config, "linear_num_key_heads", what)),
+        int(require(text_config, "linear_num_value_heads", what)),
+    )
+    dk, dv = (
+        int(require(text_config, "linear_key_head_dim", what)),
+        int(require(text_config, "linear_value_head_dim", what)),
+    )
     w = int(require(text_config, "linear_conv_kernel_dim", what))
     kd, vd = hk * dk, hv * dv
     c = DELTA_RULE_CHUNK
@@ -312,17 +328,20 @@ def _linear_attention_flops(text_config, s: int) -> int:
 def _mlp_flops(text_config, s: int, layer: int) -> int:
     d = int(require(text_config, "hidden_size", "text config"))
     experts = int(getattr(text_config, "num_experts", 0) or 0)
-    sparse = experts > 0 and layer not in (getattr(text_config, "mlp_only_layers", None) or ()) and (
-        (layer + 1) % int(getattr(text_config, "decoder_sparse_step", 1) or 1) == 0)
+    sparse = (
+        experts > 0
+        and layer not in (getattr(text_config, "mlp_only_layers", None) or ())
+        and ((layer + 1) % int(getattr(text_config, "decoder_sparse_step", 1) or 1) == 0)
+    )
     if not sparse:
         inter = int(require(text_config, "intermediate_size", "text config"))
-        return 3 * 2 * s * d * inter                                     # gate, up, down
+        return 3 * 2 * s * d * inter  # gate, up, down
     top_k = int(require(text_config, "num_experts_per_tok", "MoE text config"))
     ie = int(require(text_config, "moe_intermediate_size", "MoE text config"))
-    out = 2 * s * d * experts + top_k * 3 * 2 * s * d * ie               # router, routed experts
+    out = 2 * s * d * experts + top_k * 3 * 2 * s * d * ie  # router, routed experts
     shared = int(getattr(text_config, "shared_expert_intermediate_size", 0) or 0)
     if shared:
-        out += 3 * 2 * s * d * shared + 2 * s * d                        # shared expert and its gate
+        out += 3 * 2 * s * d * shared + 2 * s * d  # shared expert and its gate
     return out
 
 
@@ -411,14 +430,16 @@ def pair(value, name: str) -> tuple[int, int]:
 
 def grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
     if image_grid_thw is None:
-        raise ValueError("image_grid_thw is required for Qwen-VL configs: an [n, 3] tensor or a "
-                         "list of (t, h, w) patch grids, one per image or video")
+        raise ValueError(
+            "image_grid_thw is required for Qwen-VL configs: an [n, 3] tensor or a "
+            "list of (t, h, w) patch grids, one per image or video"
+        )
     if isinstance(image_grid_thw, torch.Tensor) or hasattr(image_grid_thw, "tolist"):
         rows = image_grid_thw.tolist()
     else:
         rows = list(image_grid_thw)
     if rows and not isinstance(rows[0], (list, tuple)) and len(rows) == 3:
-        rows = [rows]                                                  # a single (t, h, w)
+        rows = [rows]  # a single (t, h, w)
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, (list, tuple)) or len(row) != 3:
@@ -461,15 +482,18 @@ def supported_model_types() -> list[str]:
 def no_grid(config, image_grid_thw, hint: str = "pass num_images instead") -> None:
     """Refuse ``image_grid_thw`` for a family whose towers count images / crops / tiles."""
     if image_grid_thw is not None:
-        raise ValueError(f"image_grid_thw is only used for Qwen-VL configs, got it for model_type "
-                         f"{config.model_type!r}; {hint}")
+        raise ValueError(
+            f"image_grid_thw is only used for Qwen-VL configs, got it for model_type {config.model_type!r}; {hint}"
+        )
 
 
 def no_frames(config, num_frames) -> None:
     """Refuse ``num_frames`` for a family without a frame-count video path."""
     if num_frames:
-        raise ValueError(f"num_frames is for llava_next_video / llava_onevision configs, got it for model_type "
-                         f"{config.model_type!r}; Qwen-VL videos are rows of image_grid_thw")
+        raise ValueError(
+            f"num_frames is for llava_next_video / llava_onevision configs, got it for model_type "
+            f"{config.model_type!r}; Qwen-VL videos are rows of image_grid_thw"
+        )
 
 
 def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: int = 0) -> int:
@@ -490,18 +514,28 @@ def vision_flops(config, num_images: int = 1, image_grid_thw=None, num_frames: i
     """
     counter = _VISION.get(getattr(config, "model_type", None))
     if counter is None:
-        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} ({type(config).__name__}) is not "
-                         f"supported by vtprune.flops; supported: {supported_model_types()} (pass the top-level "
-                         "VLM config)")
+        raise ValueError(
+            f"model_type {getattr(config, 'model_type', None)!r} ({type(config).__name__}) is not "
+            f"supported by vtprune.flops; supported: {supported_model_types()} (pass the top-level "
+            "VLM config)"
+        )
     return counter(config, num_images, image_grid_thw, num_frames)
 
 
-def prefill_flops(config, layer_seq_lens, batch: int = 1, num_images: int = 1, image_grid_thw=None,
-                  lm_head_tokens: int = 1, num_frames: int = 0) -> int:
+def prefill_flops(
+    config,
+    layer_seq_lens,
+    batch: int = 1,
+    num_images: int = 1,
+    image_grid_thw=None,
+    lm_head_tokens: int = 1,
+    num_frames: int = 0,
+) -> int:
     """Vision tower + projector (:func:`vision_flops`) plus decoder prefill
     (:func:`decoder_prefill_flops` on ``config.text_config``) of a top-level VLM config.
 
-    ``num_images`` / ``num_frames`` / ``image_grid_thw`` describe all images and videos of the batch; ``batch`` multiplies only
+    ``num_images`` / ``num_frames`` / ``image_grid_thw`` describe all images and videos of the batch; ``batch``
+    multiplies only
     the decoder part.
     """
     vis = vision_flops(config, num_images=num_images, image_grid_thw=image_grid_thw, num_frames=num_frames)
@@ -523,7 +557,8 @@ def vit_block_flops(dim: int, inter: int, tokens_in: int, tokens_out: int | None
 def vit_flops(model, block_tokens=None, batch: int = 1) -> int:
     """Analytic FLOPs of a ViT host's patch embedding and transformer blocks (heads and pooling not counted), for
     ``batch`` images (default one image; a patched ViT's ``stats.flops`` counts its whole batch, i.e.
-    ``vit_flops(model, stats.block_flops_tokens, batch=stats.batch)``). ``block_tokens``: per block, the ``(tokens_in, tokens_out)`` pair (or a plain int for a block
+    ``vit_flops(model, stats.block_flops_tokens, batch=stats.batch)``). ``block_tokens``: per block, the ``(tokens_in,
+    tokens_out)`` pair (or a plain int for a block
     that keeps its tokens), e.g. from ``vtprune.stats(model).block_flops_tokens`` of a patched ViT; None = the
     unreduced model. Hosts: timm ``VisionTransformer``, transformers ``CLIPVisionModel`` / ``SiglipVisionModel``,
     open_clip ``CLIP`` / ``VisionTransformer``. Raises ``ValueError`` for other models or a list of the wrong
@@ -532,8 +567,10 @@ def vit_flops(model, block_tokens=None, batch: int = 1) -> int:
 
     host = find_vit_host(model)
     if host is None:
-        raise ValueError(f"{type(model).__name__} is not a vision transformer vtprune.flops knows; supported: "
-                         f"{'; '.join(vit_host_names())}")
+        raise ValueError(
+            f"{type(model).__name__} is not a vision transformer vtprune.flops knows; supported: "
+            f"{'; '.join(vit_host_names())}"
+        )
     dim, inter, patch_weight = host.dims()
     n = host.num_patches()
     total = host.num_prefix + n

@@ -7,12 +7,22 @@ Series ``i`` gets colour ``i % 10`` of matplotlib's ``tab10``, marker ``(i + i /
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["series_styles", "legend_beside"]
 
-COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-          "tab:olive", "tab:cyan")
+COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -24,8 +34,14 @@ def series_styles(labels: Iterable[str]) -> dict[str, dict]:
     limit = len(COLORS) * len(LINESTYLES)
     if len(order) > limit:
         raise ValueError(f"{len(order)} series to style; at most {limit} stay distinguishable")
-    return {label: {"color": COLORS[i % 10], "marker": MARKERS[(i + i // 10) % len(MARKERS)],
-                    "linestyle": LINESTYLES[i // 10]} for i, label in enumerate(order)}
+    return {
+        label: {
+            "color": COLORS[i % 10],
+            "marker": MARKERS[(i + i // 10) % len(MARKERS)],
+            "linestyle": LINESTYLES[i // 10],
+        }
+        for i, label in enumerate(order)
+    }
 
 
 def legend_beside(axes) -> None:
@@ -37,5 +53,12 @@ def legend_beside(axes) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
     if seen:
-        axes[-1].legend(list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                        borderaxespad=0.0, fontsize="small", ncol=1 if len(seen) <= 16 else 2)
+        axes[-1].legend(
+            list(seen.values()),
+            list(seen),
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+            fontsize="small",
+            ncol=1 if len(seen) <= 16 else 2,
+        )

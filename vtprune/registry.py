@@ -35,8 +35,17 @@ from typing import Any
 from . import config as _config
 from .config import PruneConfig
 
-__all__ = ["MethodSpec", "register_method", "list_methods", "get_method", "import_methods", "load_plugins", "HOSTS",
-           "FILTERS", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "MethodSpec",
+    "register_method",
+    "list_methods",
+    "get_method",
+    "import_methods",
+    "load_plugins",
+    "HOSTS",
+    "FILTERS",
+    "ENTRY_POINT_GROUP",
+]
 
 #: where a method acts (see the module docstring)
 HOSTS = ("vlm", "vit")
@@ -126,11 +135,16 @@ def register_method(name: str, config_cls: type[PruneConfig], *, host: str = "vl
 
     def wrap(method_cls):
         old = _METHODS.get(name)
-        rerun = (old is not None and method_cls.__module__ == "__main__" == old.method_cls.__module__
-                 and method_cls.__qualname__ == old.method_cls.__qualname__)
+        rerun = (
+            old is not None
+            and method_cls.__module__ == "__main__" == old.method_cls.__module__
+            and method_cls.__qualname__ == old.method_cls.__qualname__
+        )
         if old is not None and not (override or rerun):
-            raise ValueError(f"method {name!r} is already registered (by {old.method_cls.__name__}); pass "
-                             "override=True to replace it")
+            raise ValueError(
+                f"method {name!r} is already registered (by {old.method_cls.__name__}); pass "
+                "override=True to replace it"
+            )
         config_cls.method = name
         method_cls.name = name
         method_cls.config_cls = config_cls
@@ -157,8 +171,11 @@ def load_plugins() -> None:
         try:
             ep.load()
         except Exception as err:  # a broken plugin must not break vtprune's own methods
-            warnings.warn(f"vtprune: the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: "
-                          f"{type(err).__name__}: {err}", stacklevel=2)
+            warnings.warn(
+                f"vtprune: the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: "
+                f"{type(err).__name__}: {err}",
+                stacklevel=2,
+            )
 
 
 def import_methods(modules) -> None:
@@ -180,12 +197,15 @@ def import_methods(modules) -> None:
                     sys.path.insert(0, str(Path.cwd()))  # as ``python -m`` does
                 importlib.import_module(name)
         except Exception as err:
-            raise ValueError(f"cannot import {name!r} (a module name or a .py file that registers methods): "
-                             f"{type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"cannot import {name!r} (a module name or a .py file that registers methods): "
+                f"{type(err).__name__}: {err}"
+            ) from err
 
 
 def list_methods(**filters: Any) -> list[str]:
-    """Names of the registered methods whose record matches every filter, sorted (those of ``vtprune.methods`` entry points included): ``list_methods()`` every method,
+    """Names of the registered methods whose record matches every filter, sorted (those of ``vtprune.methods`` entry
+    points included): ``list_methods()`` every method,
     ``list_methods(host="vlm")`` those that prune a VLM's visual tokens, ``list_methods(host="vit")`` those acting
     inside a vision transformer, ``list_methods(stage="llm")``, ``list_methods(merges=True)``. Filters: :data:`FILTERS`
     (a value, or a tuple / list / set of allowed values)."""

@@ -60,7 +60,21 @@ DEFAULT_SEED = 1234
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 TEMPLATE_WORDS = ("user", "assistant", ":")
 QUESTION_WORDS = (
-    "what", "color", "is", "the", "how", "many", "are", "there", "a", "an", "left", "or", "right", "of", "?",
+    "what",
+    "color",
+    "is",
+    "the",
+    "how",
+    "many",
+    "are",
+    "there",
+    "a",
+    "an",
+    "left",
+    "or",
+    "right",
+    "of",
+    "?",
 )
 ANSWER_WORDS = COLOR_NAMES + COUNT_WORDS + ("yes", "no", "left", "right")
 
@@ -211,8 +225,10 @@ def object_masks(scene: Scene) -> np.ndarray:
 def object_patches(scene: Scene, min_pixels: int = 1) -> list[list[int]]:
     """For each object, the row-major indices (0..255) of the 14x14 patches holding >= ``min_pixels`` of it."""
     masks = object_masks(scene)
-    per_patch = masks.reshape(len(scene.objects), GRID, PATCH, GRID, PATCH).sum(axis=(2, 4)).reshape(
-        len(scene.objects), GRID * GRID
+    per_patch = (
+        masks.reshape(len(scene.objects), GRID, PATCH, GRID, PATCH)
+        .sum(axis=(2, 4))
+        .reshape(len(scene.objects), GRID * GRID)
     )
     return [np.flatnonzero(row >= min_pixels).tolist() for row in per_patch]
 
@@ -247,16 +263,18 @@ def exists_question(scene: Scene, color: str, shape: str) -> Question:
 def position_question(scene: Scene, first: str, second: str) -> Question:
     a, b = scene.unique(first), scene.unique(second)
     if a is None or b is None or first == second or abs(a.cx - b.cx) < MIN_DX:
-        raise ValueError(f"a position question needs two different unique shapes {MIN_DX}+ px apart; "
-                         f"got {first!r}, {second!r}")
+        raise ValueError(
+            f"a position question needs two different unique shapes {MIN_DX}+ px apart; got {first!r}, {second!r}"
+        )
     return Question("position", f"is the {first} left or right of the {second} ?", "left" if a.cx < b.cx else "right")
 
 
 def askable(scene: Scene) -> dict[str, list]:
     """Every question argument allowed for this scene, per type."""
     uniques = [s for s in SHAPES if scene.unique(s) is not None]
-    pairs = [(a, b) for a in uniques for b in uniques
-             if a != b and abs(scene.unique(a).cx - scene.unique(b).cx) >= MIN_DX]
+    pairs = [
+        (a, b) for a in uniques for b in uniques if a != b and abs(scene.unique(a).cx - scene.unique(b).cx) >= MIN_DX
+    ]
     return {
         "color": uniques,
         "count": list(SHAPES),
@@ -318,8 +336,10 @@ def test_records(seed: int = DEFAULT_SEED, per_type: int = 150) -> list[tuple[in
         for qtype in QUESTION_TYPES:
             if done[qtype] >= per_type:
                 continue
-            target = {"exists": ("yes", "no")[done["exists"] % 2],
-                      "count": COUNT_WORDS[done["count"] % len(COUNT_WORDS)]}.get(qtype)
+            target = {
+                "exists": ("yes", "no")[done["exists"] % 2],
+                "count": COUNT_WORDS[done["count"] % len(COUNT_WORDS)],
+            }.get(qtype)
             q = ask(scene, qtype, qrng, target)
             if q is None or (qtype == "count" and q.answer != target):
                 continue  # keep the answer mix balanced: only take the targeted count
@@ -340,8 +360,11 @@ def write_test_split(out_dir: str | Path, seed: int = DEFAULT_SEED, per_type: in
         if index not in written:
             render(scene).save(out / name, optimize=True)
             written.add(index)
-        lines.append(json.dumps({"id": f"shapes-{n:04d}", "image": name, "question": q.question,
-                                 "answer": q.answer, "type": q.type}))
+        lines.append(
+            json.dumps(
+                {"id": f"shapes-{n:04d}", "image": name, "question": q.question, "answer": q.answer, "type": q.type}
+            )
+        )
     path = out / "test.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -380,8 +403,14 @@ def build_tokenizer():
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=512,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        model_max_length=512,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -394,11 +423,16 @@ def build_processor():
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=PATCH,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -416,12 +450,17 @@ def answer(model, processor, image, question: str, max_new_tokens: int = 4) -> s
     inputs = processor(images=image, text=text, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    words = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).split()
+    words = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).split()
     return words[0].lower() if words else ""
 
 
-def evaluate(model_dir: str | Path, test_path: str | Path, limit: int | None = None, log=None,
-             prune: tuple[str, int] | None = None) -> dict:
+def evaluate(
+    model_dir: str | Path,
+    test_path: str | Path,
+    limit: int | None = None,
+    log=None,
+    prune: tuple[str, int] | None = None,
+) -> dict:
     """Exact-match accuracy of the model in ``model_dir`` on a split file, overall and per question type,
     through ``AutoProcessor`` + ``LlavaForConditionalGeneration.generate`` one question at a time.
 
@@ -429,9 +468,9 @@ def evaluate(model_dir: str | Path, test_path: str | Path, limit: int | None = N
     import contextlib
     import time
 
-    from . import api
-
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from . import api
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()

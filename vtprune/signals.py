@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 #: values of the ``importance`` option of CLS-scored methods (None: resolved per model by :func:`resolve_importance`)
 IMPORTANCE = ("cls", "received")
 
@@ -25,8 +24,10 @@ IMPORTANCE = ("cls", "received")
 def check_importance(value) -> None:
     """Raise ``ValueError`` unless ``value`` is None or one of :data:`IMPORTANCE`."""
     if value is not None and (not isinstance(value, str) or value not in IMPORTANCE):
-        raise ValueError(f"importance must be one of {IMPORTANCE} or None (cls where the vision tower has a CLS "
-                         f"token, received elsewhere), got {value!r}")
+        raise ValueError(
+            f"importance must be one of {IMPORTANCE} or None (cls where the vision tower has a CLS "
+            f"token, received elsewhere), got {value!r}"
+        )
 
 
 def resolve_importance(method_name: str, value, model_type: str, has_cls_token: bool) -> str:
@@ -74,8 +75,9 @@ def rope_keys(attn: nn.Module, k_out: torch.Tensor, position_embeddings, rope_fn
     return rope_fn(k, k, cos, sin)[1]
 
 
-def rope_query(attn: nn.Module, q_rows: torch.Tensor, position_embeddings, index: torch.Tensor, rope_fn,
-               gated: bool = False):
+def rope_query(
+    attn: nn.Module, q_rows: torch.Tensor, position_embeddings, index: torch.Tensor, rope_fn, gated: bool = False
+):
     """Post-RoPE query ``[B, H, 1, Dh]`` of one position per row from ``q_proj`` output rows ``[B, H*Dh]`` taken
     at positions ``index [B]`` (``gated``: as in :func:`rope_queries`)."""
     b = q_rows.shape[0]

@@ -96,8 +96,7 @@ class PruneStats:
             parts.append(f"{f.name}={value}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
-    def sequence_lengths(self, row: int = 0, prompt_len: int | None = None,
-                         num_layers: int | None = None) -> list[int]:
+    def sequence_lengths(self, row: int = 0, prompt_len: int | None = None, num_layers: int | None = None) -> list[int]:
         """Per decoder layer, the length of the prompt that layer ran on and cached for sample ``row``, whose
         unpruned prompt has ``prompt_len`` real tokens (every prune point counted, a late drop too).
         ``prompt_len`` and ``num_layers`` default to what the forward pass recorded (``prompt_lengths[row]``,
@@ -111,17 +110,21 @@ class PruneStats:
         for name, value in (("prompt_len", prompt_len), ("num_layers", num_layers)):
             if value is None and isinstance(row, int) and 0 <= row < rows:
                 raise ValueError(f"{name} was not recorded by this PruneStats: give {name}=")
-        for name, value, low, high in (("row", row, 0, rows - 1), ("num_layers", num_layers, 1, None),
-                                       ("prompt_len", prompt_len, self.visual_tokens_in[row] if 0 <= row < rows
-                                        else 0, None)):
+        for name, value, low, high in (
+            ("row", row, 0, rows - 1),
+            ("num_layers", num_layers, 1, None),
+            ("prompt_len", prompt_len, self.visual_tokens_in[row] if 0 <= row < rows else 0, None),
+        ):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if value < low or (high is not None and value > high):
                 allowed = f"{low} <= {name} <= {high}" if high is not None else f"{name} >= {low}"
                 raise ValueError(f"{name}={value} is out of range; allowed: {allowed}")
         if self.stages and num_layers <= max(s.layer or 0 for s in self.stages):
-            raise ValueError(f"num_layers={num_layers} but a prune point acts at layer "
-                             f"{max(s.layer or 0 for s in self.stages)}: give the model's decoder layer count")
+            raise ValueError(
+                f"num_layers={num_layers} but a prune point acts at layer "
+                f"{max(s.layer or 0 for s in self.stages)}: give the model's decoder layer count"
+            )
         return layer_lengths(self.stages, row, self.visual_tokens_in[row], prompt_len, num_layers)
 
     @property

@@ -17,7 +17,9 @@ import contextlib
 import platform
 import statistics
 import time
-from typing import Any, Callable, ContextManager, Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -73,7 +75,7 @@ def interleaved_times_ms(
     variants: Mapping[str, Callable[[], Any]],
     repeats: int = 5,
     warmup: int = 1,
-    contexts: Mapping[str, Callable[[], ContextManager]] | None = None,
+    contexts: Mapping[str, Callable[[], AbstractContextManager]] | None = None,
 ) -> dict[str, list[float]]:
     """All timings (ms) of every variant, measured in interleaved rounds; see :func:`interleaved_median_ms`."""
     _check_counts(repeats, warmup)
@@ -83,7 +85,7 @@ def interleaved_times_ms(
         raise ValueError(f"contexts given for unknown variants {unknown}; variants: {sorted(variants)}")
     names = list(variants)
 
-    def ctx(name: str) -> ContextManager:
+    def ctx(name: str) -> AbstractContextManager:
         make = contexts.get(name)
         return make() if make is not None else contextlib.nullcontext()
 
@@ -103,7 +105,7 @@ def interleaved_median_ms(
     variants: Mapping[str, Callable[[], Any]],
     repeats: int = 5,
     warmup: int = 1,
-    contexts: Mapping[str, Callable[[], ContextManager]] | None = None,
+    contexts: Mapping[str, Callable[[], AbstractContextManager]] | None = None,
 ) -> dict[str, float]:
     """Median ms of each variant, timed in ``repeats`` interleaved rounds after ``warmup`` untimed calls each.
 

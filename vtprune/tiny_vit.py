@@ -63,8 +63,10 @@ def load(path: str | Path = DEFAULT_PATH):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"no tiny ViT at {str(path)!r} (a folder with config.json and model.safetensors); the "
-                         "bundled one is models/tiny-vit-shapes in a clone of the vtprune repository")
+        raise ValueError(
+            f"no tiny ViT at {str(path)!r} (a folder with config.json and model.safetensors); the "
+            "bundled one is models/tiny-vit-shapes in a clone of the vtprune repository"
+        )
     config = json.loads((path / "config.json").read_text())
     model = build_vit(config)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
@@ -81,5 +83,5 @@ def test_set(n: int, seed: int = S.DEFAULT_SEED, size: int = 112) -> tuple[torch
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 100) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)``, in batches of ``batch``."""
     model.eval()
-    pred = torch.cat([model(x[i:i + batch]).argmax(-1) for i in range(0, len(x), batch)])
+    pred = torch.cat([model(x[i : i + batch]).argmax(-1) for i in range(0, len(x), batch)])
     return float((pred == y).float().mean())

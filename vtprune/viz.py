@@ -12,7 +12,7 @@ shapes model: 16 x 16 at 224 px). The image is shown the way a CLIP processor se
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -38,8 +38,10 @@ def _kept_mask(kept, grid: int) -> torch.Tensor:
         raise ValueError(f"grid must be an int >= 1 (patches per side), got {grid!r}")
     kept = torch.as_tensor(kept, dtype=torch.long).reshape(-1)
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= grid * grid):
-        raise ValueError(f"kept indices must lie in [0, {grid * grid}) for a {grid}x{grid} grid, got "
-                         f"min {int(kept.min())}, max {int(kept.max())}")
+        raise ValueError(
+            f"kept indices must lie in [0, {grid * grid}) for a {grid}x{grid} grid, got "
+            f"min {int(kept.min())}, max {int(kept.max())}"
+        )
     mask = torch.zeros(grid * grid, dtype=torch.bool)
     mask[kept] = True
     return mask
@@ -48,16 +50,23 @@ def _kept_mask(kept, grid: int) -> torch.Tensor:
 def _groups(merged_into, grid: int) -> torch.Tensor:
     groups = torch.as_tensor(merged_into, dtype=torch.long).reshape(-1)
     if groups.numel() != grid * grid:
-        raise ValueError(f"merged_into must have one entry per patch ({grid * grid} for a {grid}x{grid} grid), got "
-                         f"{groups.numel()}")
+        raise ValueError(
+            f"merged_into must have one entry per patch ({grid * grid} for a {grid}x{grid} grid), got {groups.numel()}"
+        )
     if groups.numel() and (int(groups.min()) < -1 or int(groups.max()) >= grid * grid):
         raise ValueError(f"merged_into entries must be -1 (dropped) or a patch index in [0, {grid * grid})")
     return groups
 
 
-def overlay(image: Image.Image, kept: Sequence[int] | torch.Tensor, grid: int, size: int | None = None,
-            dim: float = 0.25, outline: tuple[int, int, int] = (255, 200, 0),
-            merged_into: Sequence[int] | torch.Tensor | None = None) -> Image.Image:
+def overlay(
+    image: Image.Image,
+    kept: Sequence[int] | torch.Tensor,
+    grid: int,
+    size: int | None = None,
+    dim: float = 0.25,
+    outline: tuple[int, int, int] = (255, 200, 0),
+    merged_into: Sequence[int] | torch.Tensor | None = None,
+) -> Image.Image:
     """The image with dropped patches darkened to ``dim`` of their brightness and kept patches outlined.
     ``size``: the processor's input side (default: the image's shorter side, no resize). ``merged_into`` (a merging
     method: ``PruneStats.merged_into[row]``, one entry per patch, the kept patch it was merged into or -1): the
@@ -99,8 +108,14 @@ def overlay(image: Image.Image, kept: Sequence[int] | torch.Tensor, grid: int, s
     return out
 
 
-def compare(image: Image.Image, kept_by_method: Mapping[str, object], grid: int,
-            size: int | None = None, scale: int = 2, columns: int | None = None) -> Image.Image:
+def compare(
+    image: Image.Image,
+    kept_by_method: Mapping[str, object],
+    grid: int,
+    size: int | None = None,
+    scale: int = 2,
+    columns: int | None = None,
+) -> Image.Image:
     """One :func:`overlay` per method under a title line (``name: kept count``), enlarged ``scale``x, in rows of
     ``columns`` panels (default: all in one row). A value is the kept indices, or a :class:`vtprune.PruneStats`
     (its first sample: ``kept_indices[0]`` and, for a merging method, the regions ``merged_into[0]`` covers)."""

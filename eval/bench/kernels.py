@@ -25,7 +25,6 @@ from vtprune.functional import cluster, dart, diversity
 from vtprune.functional._common import unit_rows
 from vtprune.timing import cpu_model
 
-
 DEVICE = torch.device("cpu")  # set by --device
 
 
@@ -74,8 +73,13 @@ def greedy_cells(args):
                     offsets = [i * n for i in range(batch + 1)]
                     first = [0] * batch
                     native = lambda: torch.ops.vtprune.kcenter(x, offsets, k, first, "cosine")  # noqa: E731
-                    pure = lambda: torch.stack([  # noqa: E731
-                        diversity._kcenter_torch(x[i * n:(i + 1) * n], k, 0, "cosine") for i in range(batch)])
+                    pure = (
+                        lambda: torch.stack(
+                            [  # noqa: E731
+                                diversity._kcenter_torch(x[i * n : (i + 1) * n], k, 0, "cosine") for i in range(batch)
+                            ]
+                        )
+                    )
                     rows.append((n, d, k, batch, _compare(native, pure, _repeats(work))))
                     print(rows[-1], flush=True)
     return rows
@@ -88,25 +92,63 @@ def extra_cells():
         x = torch.randn(n, d, generator=g).to(DEVICE)
         k = 64
         reps = _repeats(n * n * d)
-        rows.append(("kcenter, first=None (DivPrune)", n, d, k, _compare(
-            lambda: torch.ops.vtprune.kcenter(x, [0, n], k, [-1], "cosine")[0],
-            lambda: diversity._kcenter_torch(x, k, None, "cosine"), reps)))
-        rows.append(("maxsum, first=None", n, d, k, _compare(
-            lambda: torch.ops.vtprune.maxsum(x, [0, n], k, [-1])[0],
-            lambda: diversity._maxsum_torch(x, k, None), reps)))
+        rows.append(
+            (
+                "kcenter, first=None (DivPrune)",
+                n,
+                d,
+                k,
+                _compare(
+                    lambda: torch.ops.vtprune.kcenter(x, [0, n], k, [-1], "cosine")[0],
+                    lambda: diversity._kcenter_torch(x, k, None, "cosine"),
+                    reps,
+                ),
+            )
+        )
+        rows.append(
+            (
+                "maxsum, first=None",
+                n,
+                d,
+                k,
+                _compare(
+                    lambda: torch.ops.vtprune.maxsum(x, [0, n], k, [-1])[0],
+                    lambda: diversity._maxsum_torch(x, k, None),
+                    reps,
+                ),
+            )
+        )
         units = unit_rows(x)
         pivots = units[:8]
         excluded = torch.arange(4, device=DEVICE)
         counts = [(k - 4) // 8] * 8
 
-        rows.append(("dart per-pivot picks (8 pivots)", n, d, k, _compare(
-            lambda: torch.ops.vtprune.dart_pick(units, pivots, excluded, counts),
-            lambda: dart.dart_pick_torch(units, pivots, excluded, counts), 5)))
+        rows.append(
+            (
+                "dart per-pivot picks (8 pivots)",
+                n,
+                d,
+                k,
+                _compare(
+                    lambda: torch.ops.vtprune.dart_pick(units, pivots, excluded, counts),
+                    lambda: dart.dart_pick_torch(units, pivots, excluded, counts),
+                    5,
+                ),
+            )
+        )
         keys = torch.randn(n, 128, generator=g).to(DEVICE)  # one head's worth of key features
         dist, rank = cluster._distances(keys, cluster.PACT_DC)
-        rows.append(("dbdpc centres + labels, cutoff 0.9", n, 128, None, _compare(
-            lambda: torch.ops.vtprune.dbdpc(dist, rank, 0.9),
-            lambda: cluster._dbdpc_torch(dist, rank, 0.9), 3)))
+        rows.append(
+            (
+                "dbdpc centres + labels, cutoff 0.9",
+                n,
+                128,
+                None,
+                _compare(
+                    lambda: torch.ops.vtprune.dbdpc(dist, rank, 0.9), lambda: cluster._dbdpc_torch(dist, rank, 0.9), 3
+                ),
+            )
+        )
         print(rows[-4:], flush=True)
     return rows
 
@@ -114,11 +156,19 @@ def extra_cells():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the features live: the CPU (C++/OpenMP) or the CUDA kernels")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the features live: the CPU (C++/OpenMP) or the CUDA kernels",
+    )
     parser.add_argument("--out", default=None)
-    parser.add_argument("--max-work", type=float, default=6e10,
-                        help="skip grid cells whose batch*N*D*k exceeds this (pure torch would take minutes)")
+    parser.add_argument(
+        "--max-work",
+        type=float,
+        default=6e10,
+        help="skip grid cells whose batch*N*D*k exceeds this (pure torch would take minutes)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global DEVICE
@@ -126,8 +176,10 @@ def main():
     state = kernels.available()
     needed = "cuda" if args.device == "cuda" else "cpp"
     if not state[needed]:
-        raise SystemExit(f"the native {needed} ops are not available; build them first (pip install -e ., "
-                         "VTPRUNE_CUDA=1 for the CUDA kernels)")
+        raise SystemExit(
+            f"the native {needed} ops are not available; build them first (pip install -e ., "
+            "VTPRUNE_CUDA=1 for the CUDA kernels)"
+        )
     grid = greedy_cells(args)
     extra = extra_cells()
 
@@ -152,7 +204,9 @@ def main():
             lines.append(f"| {n} | {d} | {k} | {batch} | skipped | skipped | | |")
             continue
         tn, tt, same = res
-        lines.append(f"| {n} | {d} | {k} | {batch} | {tn:.1f} | {tt:.1f} | {tt / tn:.2f}x | {'yes' if same else 'NO'} |")
+        lines.append(
+            f"| {n} | {d} | {k} | {batch} | {tn:.1f} | {tt:.1f} | {tt / tn:.2f}x | {'yes' if same else 'NO'} |"
+        )
     lines += [
         "",
         f"Skipped: cells with batch x N x D x k > {args.max_work:.0e} (the pure-torch side alone would take minutes).",
@@ -163,8 +217,10 @@ def main():
         "|---|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for name, n, d, k, (tn, tt, same) in extra:
-        lines.append(f"| {name} | {n} | {d} | {k if k else '-'} | {tn:.1f} | {tt:.1f} | {tt / tn:.2f}x | "
-                     f"{'yes' if same else 'NO'} |")
+        lines.append(
+            f"| {name} | {n} | {d} | {k if k else '-'} | {tn:.1f} | {tt:.1f} | {tt / tn:.2f}x | "
+            f"{'yes' if same else 'NO'} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -65,12 +65,30 @@ LAYER = "one layer"
 
 #: LLaVA-1.5-7B shapes (CLIP ViT-L/14-336 + Vicuna-7B widths) and the tiny --small model
 REAL = dict(
-    image_size=336, patch_size=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
-    text_hidden=4096, text_intermediate=11008, text_heads=32, text_before=5, text_after=70,
+    image_size=336,
+    patch_size=14,
+    vision_hidden=1024,
+    vision_intermediate=4096,
+    vision_layers=24,
+    vision_heads=16,
+    text_hidden=4096,
+    text_intermediate=11008,
+    text_heads=32,
+    text_before=5,
+    text_after=70,
 )
 SMALL = dict(
-    image_size=224, patch_size=14, vision_hidden=128, vision_intermediate=512, vision_layers=4, vision_heads=4,
-    text_hidden=256, text_intermediate=704, text_heads=4, text_before=5, text_after=15,
+    image_size=224,
+    patch_size=14,
+    vision_hidden=128,
+    vision_intermediate=512,
+    vision_layers=4,
+    vision_heads=4,
+    text_hidden=256,
+    text_intermediate=704,
+    text_heads=4,
+    text_before=5,
+    text_after=15,
 )
 
 
@@ -109,8 +127,14 @@ def _probe_model(text_layers: int, vision_layers: int):
     key = (text_layers, vision_layers)
     if key not in _PROBES:
         _PROBES[key] = build_random_llava(
-            image_size=28, patch_size=14, vision_hidden=32, vision_layers=vision_layers, vision_heads=2,
-            text_hidden=32, text_layers=text_layers, text_heads=2,
+            image_size=28,
+            patch_size=14,
+            vision_hidden=32,
+            vision_layers=vision_layers,
+            vision_heads=2,
+            text_hidden=32,
+            text_layers=text_layers,
+            text_heads=2,
         )
     return _PROBES[key]
 
@@ -239,8 +263,17 @@ def _native_ops() -> str:
 
 
 HEADERS = (
-    "method", "stage", "layer", "keep", "kept", "select ms (median)", "p25–p75", "signal ms outside select",
-    "one-layer ms", "ratio", "within budget",
+    "method",
+    "stage",
+    "layer",
+    "keep",
+    "kept",
+    "select ms (median)",
+    "p25–p75",
+    "signal ms outside select",
+    "one-layer ms",
+    "ratio",
+    "within budget",
 )
 
 
@@ -267,8 +300,18 @@ def sizes_report(args, command: str) -> int:
     t_start = time.perf_counter()
     shape = SMALL if args.small else REAL
     with num_threads(args.threads):
-        model, _ = build_random_llava(**{**shape, "image_size": 28, "vision_hidden": 32, "vision_intermediate": 64,
-                                         "vision_layers": 2, "vision_heads": 2}, text_layers=1, seed=args.seed)
+        model, _ = build_random_llava(
+            **{
+                **shape,
+                "image_size": 28,
+                "vision_hidden": 32,
+                "vision_intermediate": 64,
+                "vision_layers": 2,
+                "vision_heads": 2,
+            },
+            text_layers=1,
+            seed=args.seed,
+        )
         hidden_size = model.config.text_config.hidden_size
         layer = model.model.language_model.layers[0]
         lm = model.model.language_model
@@ -278,8 +321,9 @@ def sizes_report(args, command: str) -> int:
             positions = torch.arange(s)[None]
             with torch.no_grad():
                 rotary = lm.rotary_emb(h, positions)
-                mask = compat.causal_masks(lm.config, h, torch.ones(1, s, dtype=torch.long), None,
-                                           {"full_attention": 0})["full_attention"]
+                mask = compat.causal_masks(
+                    lm.config, h, torch.ones(1, s, dtype=torch.long), None, {"full_attention": 0}
+                )["full_attention"]
                 return layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
 
         variants = {}
@@ -293,18 +337,29 @@ def sizes_report(args, command: str) -> int:
         layer_ms = _median_iqr(times[f"{LAYER} N={n}"])[0]
         for fn in ("cdpruner_select", "vispruner_select"):
             ms, q1, q3 = _median_iqr(times[f"{fn} N={n}"])
-            lines.append(f"| {fn} | {n} | {max(1, n // 9)} | {ms:.2f} | {q1:.2f}–{q3:.2f} | {layer_ms:.1f} | "
-                         f"{ms / layer_ms:.4f} |")
-    table = "\n".join(["| function | N | k | ms (median) | p25–p75 | one-layer ms (N + 75 tokens) | ratio |",
-                       "|:--|--:|--:|--:|--:|--:|--:|", *lines])
-    setup = (f"Selection functions alone at N visual tokens (k = N // 9) vs one Llama decoder layer {hidden_size} wide "
-             f"(MLP {model.config.text_config.intermediate_size}, {model.config.text_config.num_attention_heads} heads) "
-             f"on N + 75 hidden states; fp32, no grad, median of {args.repeats} interleaved rounds after "
-             f"{args.warmup} warm-up run(s).")
+            lines.append(
+                f"| {fn} | {n} | {max(1, n // 9)} | {ms:.2f} | {q1:.2f}–{q3:.2f} | {layer_ms:.1f} | "
+                f"{ms / layer_ms:.4f} |"
+            )
+    table = "\n".join(
+        [
+            "| function | N | k | ms (median) | p25–p75 | one-layer ms (N + 75 tokens) | ratio |",
+            "|:--|--:|--:|--:|--:|--:|--:|",
+            *lines,
+        ]
+    )
+    setup = (
+        f"Selection functions alone at N visual tokens (k = N // 9) vs one Llama decoder layer {hidden_size} wide "
+        f"(MLP {model.config.text_config.intermediate_size}, {model.config.text_config.num_attention_heads} heads) "
+        f"on N + 75 hidden states; fp32, no grad, median of {args.repeats} interleaved rounds after "
+        f"{args.warmup} warm-up run(s)."
+    )
     print(setup + "\n\n" + table + f"\n\n({elapsed:.0f} s)")
     if args.out:
-        meta = "\n".join(provenance(command, f"{threads} (both sides)") + [
-            f"- native ops: {_native_ops()}", f"- wall time of the run: {elapsed:.0f} s"])
+        meta = "\n".join(
+            provenance(command, f"{threads} (both sides)")
+            + [f"- native ops: {_native_ops()}", f"- wall time of the run: {elapsed:.0f} s"]
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(f"# Selection cost at AnyRes / video token counts\n\n{setup}\n\n{meta}\n\n{table}\n")
@@ -314,23 +369,40 @@ def sizes_report(args, command: str) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=_positive, default=1,
-                   help="torch intra-op threads for both sides (default 1: the machine's 2 cores are shared)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        help="torch intra-op threads for both sides (default 1: the machine's 2 cores are shared)",
+    )
     p.add_argument("--repeats", type=_positive, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default 1)")
     p.add_argument("--keep", type=_keeps, default=[64], help="comma-separated budgets (default 64)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the registered methods (default: all)")
-    p.add_argument("--variant", type=_variant, action="append", default=[],
-                   help="extra row: a method with non-default options, METHOD:key=value[,key=value] (repeatable)")
-    p.add_argument("--text-layers", type=_positive, default=None,
-                   help="LM layers of the benchmark model (default: the most any method needs)")
+    p.add_argument(
+        "--variant",
+        type=_variant,
+        action="append",
+        default=[],
+        help="extra row: a method with non-default options, METHOD:key=value[,key=value] (repeatable)",
+    )
+    p.add_argument(
+        "--text-layers",
+        type=_positive,
+        default=None,
+        help="LM layers of the benchmark model (default: the most any method needs)",
+    )
     p.add_argument("--max-layers", type=_positive, default=8, help="most LM layers tried per method (default 8)")
     p.add_argument("--small", action="store_true", help="tiny model (seconds; for tests), same code")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the Markdown report to this path")
-    p.add_argument("--sizes", type=_keeps, default=None,
-                   help="comma-separated visual-token counts: time CDPruner's / VisPruner's selection functions there "
-                        "against one decoder layer, instead of the per-method table")
+    p.add_argument(
+        "--sizes",
+        type=_keeps,
+        default=None,
+        help="comma-separated visual-token counts: time CDPruner's / VisPruner's selection functions there "
+        "against one decoder layer, instead of the per-method table",
+    )
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
@@ -343,7 +415,8 @@ def main(argv=None) -> int:
         methods = wanted
     for label, method, options in args.variant:
         if method not in vtprune.list_methods(host="vlm"):
-            p.error(f"--variant {label!r}: unknown method {method!r}; registered: {', '.join(vtprune.list_methods(host='vlm'))}")
+            registered = ", ".join(vtprune.list_methods(host="vlm"))
+            p.error(f"--variant {label!r}: unknown method {method!r}; registered: {registered}")
         try:
             get_method(method).make_config({"keep": args.keep[0], **options})
         except (TypeError, ValueError) as err:
@@ -417,10 +490,12 @@ def main(argv=None) -> int:
         if row.skipped is not None:
             keep = "-" if row.keep is None else str(row.keep)
             cannot.append(f"{row.method}" + ("" if row.keep is None else f" keep={row.keep}"))
-            lines.append(f"| {row.method} | - | - | {keep} | - | - | - | - | {layer_ms:.1f} | - | cannot run: "
-                         f"{row.skipped.replace('|', '/')} |")
+            lines.append(
+                f"| {row.method} | - | - | {keep} | - | - | - | - | {layer_ms:.1f} | - | cannot run: "
+                f"{row.skipped.replace('|', '/')} |"
+            )
             continue
-        sel, q1, q3 = _median_iqr(samples[f"{row.method} keep={row.keep}"][-args.repeats:])
+        sel, q1, q3 = _median_iqr(samples[f"{row.method} keep={row.keep}"][-args.repeats :])
         outside = statistics.median(times[signal_variants[row.method]]) if row.method in signal_variants else 0.0
         ratio = (sel + outside) / layer_ms
         if ratio > 1:
@@ -430,11 +505,13 @@ def main(argv=None) -> int:
             f"| {sel:.2f} | {q1:.2f}–{q3:.2f} | {f'{outside:.2f}' if row.method in signal_variants else '-'} "
             f"| {layer_ms:.1f} | {ratio:.4f} | {'yes' if ratio <= 1 else '**no**'} |"
         )
-    table = "\n".join([
-        "| " + " | ".join(HEADERS) + " |",
-        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|:--|",
-        *lines,
-    ])
+    table = "\n".join(
+        [
+            "| " + " | ".join(HEADERS) + " |",
+            "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|:--|",
+            *lines,
+        ]
+    )
     layers_why = "set by --text-layers" if args.text_layers else "the most any method needs"
     vcfg = cfg.vision_config
     layer_cls = type(model.model.language_model.layers[0]).__name__
@@ -443,7 +520,8 @@ def main(argv=None) -> int:
         f"patches + CLS), {vcfg.hidden_size} wide (MLP {vcfg.intermediate_size}, {vcfg.num_attention_heads} heads) x "
         f"{vcfg.num_hidden_layers} layers; projector to {tcfg.hidden_size}; Llama LM {tcfg.hidden_size} wide (MLP "
         f"{tcfg.intermediate_size}, {tcfg.num_attention_heads} heads) x {text_layers} layers ({layers_why}; the fewest "
-        f"each method accepts: {', '.join(f'{m} {n}' for m, (n, _) in need.items() if n is not None)}). Prompt: {seq} tokens "
+        f"each method accepts: {', '.join(f'{m} {n}' for m, (n, _) in need.items() if n is not None)}). "
+        f"Prompt: {seq} tokens "
         f"({n_visual} visual + {seq - n_visual} text), batch 1, fp32, SDPA, no grad. Median of {args.repeats} "
         f"interleaved rounds after {args.warmup} warm-up run(s) per variant."
     )
@@ -464,23 +542,35 @@ def main(argv=None) -> int:
     ]
     bench_options = {m: o for label, m, _ in entries if label == m and (o := get_method(m).run_options)}
     if bench_options:
-        notes.append("options the method rows ran with (each method's registry `run_options`): " + "; ".join(
-            f"{m} {', '.join(f'{k}={v!r}' for k, v in o.items())}" for m, o in bench_options.items())
-            + (" (cdpruner: the random model has no CLIP text tower for its default text='clip'; the greedy DPP is "
-               "the same, the CLIP projections of text='clip' are not timed)" if "cdpruner" in bench_options else ""))
-    verdict = "Verdict: " + (
-        f"over budget: {', '.join(over)}" if over else "every method that ran is within budget"
-    ) + (f"; could not run: {', '.join(cannot)}" if cannot else "") + "."
+        notes.append(
+            "options the method rows ran with (each method's registry `run_options`): "
+            + "; ".join(f"{m} {', '.join(f'{k}={v!r}' for k, v in o.items())}" for m, o in bench_options.items())
+            + (
+                " (cdpruner: the random model has no CLIP text tower for its default text='clip'; the greedy DPP is "
+                "the same, the CLIP projections of text='clip' are not timed)"
+                if "cdpruner" in bench_options
+                else ""
+            )
+        )
+    verdict = (
+        "Verdict: "
+        + (f"over budget: {', '.join(over)}" if over else "every method that ran is within budget")
+        + (f"; could not run: {', '.join(cannot)}" if cannot else "")
+        + "."
+    )
     body = "\n\n".join([table, verdict, "Notes:\n" + "\n".join(f"- {n}" for n in notes)])
     print(setup + "\n\n" + body)
     print(f"\n({elapsed:.0f} s)")
     if args.out:
-        meta = "\n".join(provenance(command, f"{threads} (both sides)") + [
-            "- the machine was shared with other jobs while this ran: absolute times are noisy, the interleaved "
-            "rounds keep the comparison fair",
-            f"- native ops (csrc/, used by vtprune.functional when loaded): {native}",
-            f"- wall time of the run: {elapsed:.0f} s",
-        ])
+        meta = "\n".join(
+            provenance(command, f"{threads} (both sides)")
+            + [
+                "- the machine was shared with other jobs while this ran: absolute times are noisy, the interleaved "
+                "rounds keep the comparison fair",
+                f"- native ops (csrc/, used by vtprune.functional when loaded): {native}",
+                f"- wall time of the run: {elapsed:.0f} s",
+            ]
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(f"# Selection overhead vs one 7B-wide decoder layer\n\n{setup}\n\n{meta}\n\n{body}\n")

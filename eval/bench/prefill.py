@@ -39,9 +39,19 @@ GOAL_IDEAL = 10.0  # % over the ideal allowed for the pruned model
 
 def build(seed: int = 0):
     return build_random_llava(
-        image_size=336, patch_size=14, vision_hidden=256, vision_intermediate=1024, vision_layers=4, vision_heads=4,
-        text_hidden=1024, text_intermediate=2816, text_layers=8, text_heads=16,
-        text_before=5, text_after=35, seed=seed,
+        image_size=336,
+        patch_size=14,
+        vision_hidden=256,
+        vision_intermediate=1024,
+        vision_layers=4,
+        vision_heads=4,
+        text_hidden=1024,
+        text_intermediate=2816,
+        text_layers=8,
+        text_heads=16,
+        text_before=5,
+        text_after=35,
+        seed=seed,
     )
 
 
@@ -100,7 +110,13 @@ def main(argv=None) -> int:
         seq = inputs["input_ids"].shape[1]
         run = lambda: prefill(model, inputs)  # noqa: E731
 
-        variants, contexts, tokens, ratio, notes = {"unpatched": run}, {}, {"unpatched": n_visual}, {"unpatched": 1.0}, []
+        variants, contexts, tokens, ratio, notes = (
+            {"unpatched": run},
+            {},
+            {"unpatched": n_visual},
+            {"unpatched": 1.0},
+            [],
+        )
         checks = []
         ref = prefill(model, inputs).logits
 
@@ -138,8 +154,10 @@ def main(argv=None) -> int:
             if method != "cls":
                 add_patched(f"{method} keep={args.keep}", method, args.keep)
         first = min(3 * args.keep, n_visual)  # a schedule: divprune at the vision entry, then fastv before layer 2
-        add_patched(f"divprune keep={first} + fastv keep={args.keep} (schedule)",
-                    [vtprune.DivPruneConfig(keep=first), vtprune.FastVConfig(keep=args.keep, layer=2)])
+        add_patched(
+            f"divprune keep={first} + fastv keep={args.keep} (schedule)",
+            [vtprune.DivPruneConfig(keep=first), vtprune.FastVConfig(keep=args.keep, layer=2)],
+        )
 
         times = interleaved_times_ms(variants, repeats=args.repeats, warmup=args.warmup, contexts=contexts)
         elapsed = time.perf_counter() - t_start
@@ -158,18 +176,21 @@ def main(argv=None) -> int:
     over_all = (med[keep_all] / base - 1) * 100
     over_ideal = (med[pruned] / med[ideal] - 1) * 100
     goals = [
-        f"- (b) keep-all within {GOAL_KEEP_ALL:.0f}% of unpatched: **{'PASS' if over_all <= GOAL_KEEP_ALL else 'FAIL'}** "
+        f"- (b) keep-all within {GOAL_KEEP_ALL:.0f}% of unpatched: "
+        f"**{'PASS' if over_all <= GOAL_KEEP_ALL else 'FAIL'}** "
         f"({over_all:+.1f}%: {med[keep_all]:.1f} ms vs {base:.1f} ms)",
         f"- (c) cls keep={args.keep} within {GOAL_IDEAL:.0f}% of the ideal (d): "
         f"**{'PASS' if over_ideal <= GOAL_IDEAL else 'FAIL'}** ({over_ideal:+.1f}%: {med[pruned]:.1f} ms vs "
         f"{med[ideal]:.1f} ms)",
     ]
-    table = "\n".join([
-        "| variant | visual tokens to LLM | prefill ms (median) | p25–p75 ms | vs unpatched (time) | speed-up "
-        "| analytic FLOPs ratio |",
-        "|:--|--:|--:|--:|--:|--:|--:|",
-        *rows,
-    ])
+    table = "\n".join(
+        [
+            "| variant | visual tokens to LLM | prefill ms (median) | p25–p75 ms | vs unpatched (time) | speed-up "
+            "| analytic FLOPs ratio |",
+            "|:--|--:|--:|--:|--:|--:|--:|",
+            *rows,
+        ]
+    )
     cfg = model.config
     setup = (
         f"Random-weight LLaVA-1.5 layout: CLIP tower {cfg.vision_config.image_size} px / patch "
@@ -180,11 +201,15 @@ def main(argv=None) -> int:
         f"fp32, SDPA, no grad, logits_to_keep=1. Median of {args.repeats} interleaved rounds after {args.warmup} "
         f"warm-up runs per variant."
     )
-    body = "\n\n".join([
-        table,
-        "Goals:\n" + "\n".join(goals),
-        "Checks:\n" + "\n".join(f"- {c}" for c in checks) + ("\n" + "\n".join(f"- {n}" for n in notes) if notes else ""),
-    ])
+    body = "\n\n".join(
+        [
+            table,
+            "Goals:\n" + "\n".join(goals),
+            "Checks:\n"
+            + "\n".join(f"- {c}" for c in checks)
+            + ("\n" + "\n".join(f"- {n}" for n in notes) if notes else ""),
+        ]
+    )
     print(setup + "\n\n" + body)
     print(f"\n({elapsed:.0f} s)")
     if args.out:

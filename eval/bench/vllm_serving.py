@@ -50,8 +50,7 @@ def _prompts(n: int, side: int, tiny: bool):
         count, size = (1, side) if i % 2 == 0 else (2, small)
         images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
         body = " ".join([img] * count)
-        prompt = (f"{body} {text}" if tiny else
-                  f"<|im_start|>user\n{body}{text}<|im_end|>\n<|im_start|>assistant\n")
+        prompt = f"{body} {text}" if tiny else f"<|im_start|>user\n{body}{text}<|im_end|>\n<|im_start|>assistant\n"
         prompts.append({"prompt": prompt, "multi_modal_data": {"image": images}})
     return prompts
 
@@ -60,8 +59,9 @@ async def _burst(engine, prompts, max_tokens):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                            output_kind=RequestOutputKind.DELTA)
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    )
 
     async def one(i, prompt):
         start, first, prompt_len = time.perf_counter(), None, None
@@ -84,26 +84,39 @@ def run_one(args, overrides) -> dict:
 
     import vtprune.vllm
 
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=args.checkpoint, hf_overrides=overrides or {}, dtype=args.dtype, max_model_len=args.max_model_len,
-        # image prompts only; "video": 0 lets the plugin serve Qwen3-VL, whose video it refuses at start-up
-        limit_mm_per_prompt={"image": 2, "video": 0}, max_num_seqs=args.requests, enforce_eager=args.enforce_eager, seed=0))
+    engine = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=args.checkpoint,
+            hf_overrides=overrides or {},
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            # image prompts only; "video": 0 lets the plugin serve Qwen3-VL, whose video it refuses at start-up
+            limit_mm_per_prompt={"image": 2, "video": 0},
+            max_num_seqs=args.requests,
+            enforce_eager=args.enforce_eager,
+            seed=0,
+        )
+    )
     warmup, *prompts = _prompts(args.requests + 1, args.image, args.tiny)  # distinct images: no cache hits
 
     async def main():
         await _burst(engine, [warmup], args.max_tokens)
         wall, results = await _burst(engine, prompts, args.max_tokens)
-        log = (await engine.collective_rpc("apply_model", args=(vtprune.vllm.pruning_log,)))
+        log = await engine.collective_rpc("apply_model", args=(vtprune.vllm.pruning_log,))
         return wall, results, log
 
     wall, results, log = asyncio.run(main())
     engine.shutdown()
     ttft = [r[0] * 1e3 for r in results]
     entries = (log[0] if log and isinstance(log[0], list) else [])[1:]  # less the warm-up's image
-    return dict(requests_per_s=len(prompts) / wall, ttft_mean=statistics.mean(ttft),
-                ttft_p50=statistics.median(ttft), ttft_p90=statistics.quantiles(ttft, n=10)[-1],
-                prompt_tokens=statistics.mean(r[1] for r in results),
-                visual=f"{sum(len(e['kept']) for e in entries)}/{sum(e['n'] for e in entries)}" if entries else "all")
+    return dict(
+        requests_per_s=len(prompts) / wall,
+        ttft_mean=statistics.mean(ttft),
+        ttft_p50=statistics.median(ttft),
+        ttft_p90=statistics.quantiles(ttft, n=10)[-1],
+        prompt_tokens=statistics.mean(r[1] for r in results),
+        visual=f"{sum(len(e['kept']) for e in entries)}/{sum(e['n'] for e in entries)}" if entries else "all",
+    )
 
 
 def main(argv=None):
@@ -139,16 +152,30 @@ def main(argv=None):
         open(os.path.join(tmp, "vtprune_tiny"), "w").close()
     rows = []
     for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(CONFIGS[name]),
-               "--checkpoint", args.checkpoint, "--dtype", args.dtype, "--image", str(args.image),
-               "--requests", str(args.requests), "--max-tokens", str(args.max_tokens)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--one",
+            json.dumps(CONFIGS[name]),
+            "--checkpoint",
+            args.checkpoint,
+            "--dtype",
+            args.dtype,
+            "--image",
+            str(args.image),
+            "--requests",
+            str(args.requests),
+            "--max-tokens",
+            str(args.max_tokens),
+        ]
         cmd += (["--enforce-eager"] if args.enforce_eager else []) + (
-            ["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])
+            ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{name}: the benchmark run failed:\n{proc.stderr[-4000:]}")
-        rows.append((name, json.loads(line[len("RESULT "):])))
+        rows.append((name, json.loads(line[len("RESULT ") :])))
         print(name, rows[-1][1], flush=True)
     lines = _report(args, rows)
     print("\n".join(lines))
@@ -164,11 +191,16 @@ def _report(args, rows):
     import transformers
     import vllm
 
-    command = "VTPRUNE_NO_EXT=1 VLLM_CPU_KVCACHE_SPACE=4 PYTHONPATH=. .venv-vllm/bin/python eval/bench/vllm_serving.py " + \
-        " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = (
+        "VTPRUNE_NO_EXT=1 VLLM_CPU_KVCACHE_SPACE=4 PYTHONPATH=. .venv-vllm/bin/python eval/bench/vllm_serving.py "
+        + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    )
     base = rows[0][1]
-    model = ("the tiny random-weight Qwen2.5-VL of tests_vllm/checkpoint.py (2 LM layers x 128 wide, 2 ViT layers "
-             "x 64 wide)" if args.tiny else args.checkpoint)
+    model = (
+        "the tiny random-weight Qwen2.5-VL of tests_vllm/checkpoint.py (2 LM layers x 128 wide, 2 ViT layers x 64 wide)"
+        if args.tiny
+        else args.checkpoint
+    )
     lines = [
         "# vLLM serving: pruned vs unpruned (vtprune.vllm plugin)",
         "",
@@ -185,9 +217,11 @@ def _report(args, rows):
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
-        lines.append(f"| {name} | {r['requests_per_s']:.2f} | {r['ttft_mean']:.0f} | {r['ttft_p50']:.0f} | "
-                     f"{r['ttft_p90']:.0f} | {r['prompt_tokens']:.0f} | {r['visual']} | "
-                     f"{r['requests_per_s'] / base['requests_per_s']:.2f}x |")
+        lines.append(
+            f"| {name} | {r['requests_per_s']:.2f} | {r['ttft_mean']:.0f} | {r['ttft_p50']:.0f} | "
+            f"{r['ttft_p90']:.0f} | {r['prompt_tokens']:.0f} | {r['visual']} | "
+            f"{r['requests_per_s'] / base['requests_per_s']:.2f}x |"
+        )
     return lines
 
 

@@ -38,9 +38,11 @@ DIRECTIONS = (32, 16)
 
 
 def estimators() -> list[tuple[str, dict]]:
-    return ([("jvp", {"estimator": "jvp"})]
-            + [(f"jvp m={m}", {"estimator": "jvp", "num_directions": m}) for m in DIRECTIONS]
-            + [(f"jvp sketch={r}", {"estimator": "jvp", "sketch": r}) for r in SKETCHES])
+    return (
+        [("jvp", {"estimator": "jvp"})]
+        + [(f"jvp m={m}", {"estimator": "jvp", "num_directions": m}) for m in DIRECTIONS]
+        + [(f"jvp sketch={r}", {"estimator": "jvp", "sketch": r}) for r in SKETCHES]
+    )
 
 
 def sensitivity(projector, x, z, seed: int, options: dict) -> torch.Tensor:
@@ -76,8 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     keeps = [int(v) for v in args.keep.split(",")]
-    command = "PYTHONPATH=. python eval/bench/zoo_estimators.py " + " ".join(argv if argv is not None else
-                                                                           os.sys.argv[1:])
+    command = "PYTHONPATH=. python eval/bench/zoo_estimators.py " + " ".join(
+        argv if argv is not None else os.sys.argv[1:]
+    )
     start = time.perf_counter()
     names = ["literal"] + [n for n, _ in estimators()]
     dist = {(n, k): [] for n in names[1:] for k in keeps}
@@ -86,8 +89,9 @@ def main(argv=None) -> int:
     with num_threads(args.threads):
         for image in range(args.images):
             torch.manual_seed(1000 + image)
-            projector = nn.Sequential(nn.Linear(args.width, args.hidden), nn.GELU(),
-                                      nn.Linear(args.hidden, args.hidden)).eval()
+            projector = nn.Sequential(
+                nn.Linear(args.width, args.hidden), nn.GELU(), nn.Linear(args.hidden, args.hidden)
+            ).eval()
             x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(2000 + image))
             with torch.no_grad():
                 z = projector(x)
@@ -101,6 +105,7 @@ def main(argv=None) -> int:
             if image == 0:
                 for name, options in [("literal", {"estimator": "literal"})] + estimators():
                     runs = (1, 0) if name == "literal" else (3, 1)  # the literal estimator: one timed run
+
                     def once(o=options, p=projector, x=x, z=z):
                         return kept_set(sensitivity(p, x, z, 0, o), z, keeps[0])
 
@@ -111,32 +116,49 @@ def main(argv=None) -> int:
     lines, winner = [], {}
     for k in keeps:
         limit = statistics.mean(spread[k])
-        lines.append(f"| literal (other seed) | {k} | {limit:.4f} | {max(spread[k]):.4f} | "
-                     f"{cost['literal'][0]:.0f} | reference |")
+        lines.append(
+            f"| literal (other seed) | {k} | {limit:.4f} | {max(spread[k]):.4f} | "
+            f"{cost['literal'][0]:.0f} | reference |"
+        )
         for name in names[1:]:
             d = statistics.mean(dist[(name, k)])
             ok = d <= limit
-            lines.append(f"| {name} | {k} | {d:.4f} | {max(dist[(name, k)]):.4f} | {cost[name][0]:.0f} | "
-                         f"{'yes' if ok else 'no'} |")
+            lines.append(
+                f"| {name} | {k} | {d:.4f} | {max(dist[(name, k)]):.4f} | {cost[name][0]:.0f} | "
+                f"{'yes' if ok else 'no'} |"
+            )
             winner.setdefault(k, [])
             if ok:
                 winner[k].append(name)
     chosen = [n for n in names[1:] if all(n in winner[k] for k in keeps)]
     cheapest = min(chosen, key=lambda n: cost[n][0]) if chosen else None
-    table = "\n".join(["| estimator | keep | kept tokens differing from literal (mean) | max | ms per image (keep="
-                       f"{keeps[0]}) | within the literal spread |", "|:--|--:|--:|--:|--:|:--|", *lines])
-    verdict = (f"Cheapest estimator within the literal estimator's seed spread at every budget: **{cheapest}**."
-               if cheapest else "No cheaper estimator stays within the literal estimator's seed spread.")
-    setup = (f"{args.images} random-weight projectors {args.width} -> {args.hidden} -> {args.hidden} (Linear, GELU, "
-             f"Linear), {args.tokens} Gaussian tokens each; {args.seeds} seeds of the direction bank (m = 64, h = "
-             "0.01); 'kept tokens differing' = 1 - |A ∩ B| / k. Literal row: between the literal estimator at two "
-             "seeds (mean over seed pairs); other rows: the estimator vs the literal estimator at the same seed.")
+    table = "\n".join(
+        [
+            "| estimator | keep | kept tokens differing from literal (mean) | max | ms per image (keep="
+            f"{keeps[0]}) | within the literal spread |",
+            "|:--|--:|--:|--:|--:|:--|",
+            *lines,
+        ]
+    )
+    verdict = (
+        f"Cheapest estimator within the literal estimator's seed spread at every budget: **{cheapest}**."
+        if cheapest
+        else "No cheaper estimator stays within the literal estimator's seed spread."
+    )
+    setup = (
+        f"{args.images} random-weight projectors {args.width} -> {args.hidden} -> {args.hidden} (Linear, GELU, "
+        f"Linear), {args.tokens} Gaussian tokens each; {args.seeds} seeds of the direction bank (m = 64, h = "
+        "0.01); 'kept tokens differing' = 1 - |A ∩ B| / k. Literal row: between the literal estimator at two "
+        "seeds (mean over seed pairs); other rows: the estimator vs the literal estimator at the same seed."
+    )
     print(setup + "\n\n" + table + "\n\n" + verdict)
     if args.out:
         meta = "\n".join(provenance(command, str(threads)) + [f"- wall time of the run: {elapsed:.0f} s"])
         with open(args.out, "w") as f:
-            f.write(f"# ZOO-Prune estimators vs the literal estimator's own spread\n\n{setup}\n\n{meta}\n\n{table}\n\n"
-                    f"{verdict}\n")
+            f.write(
+                f"# ZOO-Prune estimators vs the literal estimator's own spread\n\n{setup}\n\n{meta}\n\n{table}\n\n"
+                f"{verdict}\n"
+            )
     return 0
 
 

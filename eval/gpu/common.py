@@ -24,8 +24,14 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 if ROOT not in sys.path:  # `python eval/gpu/x.py` from a checkout: import vtprune from the source tree
     sys.path.insert(0, ROOT)
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 def pick_device(name: str) -> torch.device:
@@ -34,15 +40,20 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is visible (torch {torch.__version__}, "
-                         f"built for CUDA {torch.version.cuda}); use --device cpu --smoke on a machine without a GPU")
+        raise SystemExit(
+            f"--device {name}: no CUDA device is visible (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}); use --device cpu --smoke on a machine without a GPU"
+        )
     return dev
 
 
 def command_line() -> str:
     """The command that ran this script, with the environment variables that change what it does."""
-    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("VTPRUNE_CUDA", "VTPRUNE_NO_EXT",
-                                                                 "TORCH_CUDA_ARCH_LIST") if k in os.environ)
+    env = " ".join(
+        f"{k}={shlex.quote(os.environ[k])}"
+        for k in ("VTPRUNE_CUDA", "VTPRUNE_NO_EXT", "TORCH_CUDA_ARCH_LIST")
+        if k in os.environ
+    )
     script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
     words = [os.path.basename(sys.executable), script, *sys.argv[1:]]
     return (env + " " if env else "") + " ".join(shlex.quote(w) for w in words)
@@ -75,16 +86,23 @@ def machine(device: torch.device) -> dict[str, Any]:
         info["flash_attn_2"] = False
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info["device"] = (f"{p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
-                          f"compute capability {p.major}.{p.minor})")
+        info["device"] = (
+            f"{p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
+            f"compute capability {p.major}.{p.minor})"
+        )
         info["driver"] = _nvidia_smi("driver_version")
     return info
 
 
 def _nvidia_smi(field: str) -> str:
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "?"
     except (OSError, subprocess.SubprocessError, IndexError):
         return "?"

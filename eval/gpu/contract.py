@@ -129,7 +129,9 @@ def check_method(model, method, same, batch, singles, ref, tol, new_tokens) -> d
     except ValueError as err:
         return dict(row, status="skip", notes=[f"not supported here: {common.short_error(err, 120)}"])
     except Exception as exc:  # noqa: BLE001
-        return dict(row, status="FAIL", notes=[f"patch: {common.short_error(exc)}"], traceback=traceback.format_exc(limit=6))
+        return dict(
+            row, status="FAIL", notes=[f"patch: {common.short_error(exc)}"], traceback=traceback.format_exc(limit=6)
+        )
     step = "keep-all"
     try:
         try:
@@ -163,7 +165,9 @@ def check_method(model, method, same, batch, singles, ref, tol, new_tokens) -> d
                 st1 = vtprune.stats(model)
                 if st1.visual_tokens_kept != [kept[i]]:
                     fail(f"row {i}: kept {kept[i]} in the batch, {st1.visual_tokens_kept[0]} alone")
-                same_sel.append(len(sel) > i and len(st1.kept_indices) == 1 and torch.equal(sel[i], st1.kept_indices[0].cpu()))
+                same_sel.append(
+                    len(sel) > i and len(st1.kept_indices) == 1 and torch.equal(sel[i], st1.kept_indices[0].cpu())
+                )
                 rels.append(common.rel_err(logits[i], alone))
                 step = f"row {i} alone generate"
                 same_tok.append(bool(torch.equal(generate(model, one, new_tokens)[0], tokens[i])))
@@ -206,10 +210,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(common.DTYPES))
     p.add_argument("--attn", default="sdpa,flash_attention_2", help="comma-separated attn_implementation values")
-    p.add_argument("--families", default=None, help=f"comma-separated, of {tiny.FAMILIES} (default: all; "
-                   "--smoke: llava,qwen2_vl)")
-    p.add_argument("--methods", default=None, help="comma-separated (default: vtprune.list_methods(host='vlm'); --smoke: "
-                   "random,fastv,cls)")
+    p.add_argument(
+        "--families", default=None, help=f"comma-separated, of {tiny.FAMILIES} (default: all; --smoke: llava,qwen2_vl)"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated (default: vtprune.list_methods(host='vlm'); --smoke: random,fastv,cls)",
+    )
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="the tests' tiny widths, two families (CPU test)")
     p.add_argument("--seed", type=int, default=0)
@@ -217,8 +225,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dev, dtype = common.pick_device(args.device), common.DTYPES[args.dtype]
     families = args.families.split(",") if args.families else (["llava", "qwen2_vl"] if args.smoke else tiny.FAMILIES)
-    methods = (args.methods.split(",") if args.methods else
-               [m for m in ("random", "fastv", "cls") if m in vtprune.list_methods(host="vlm")] if args.smoke else vtprune.list_methods(host="vlm"))
+    methods = (
+        args.methods.split(",")
+        if args.methods
+        else [m for m in ("random", "fastv", "cls") if m in vtprune.list_methods(host="vlm")]
+        if args.smoke
+        else vtprune.list_methods(host="vlm")
+    )
     tol = TOL[dtype]
     t0 = time.monotonic()
 
@@ -230,10 +243,13 @@ def main(argv=None) -> int:
             data.append({"attn": attn, "unavailable": why})
             print(f"[{attn}] unavailable: {why}", flush=True)
             continue
-        lines = [f"## attn_implementation={attn}", "",
-                 "| family | method | stage | keep-all rel (bitwise) | batch vs alone rel (unpatched noise) | kept per row "
-                 "| same selection | same tokens | status | notes |",
-                 "|:--|:--|:--|--:|--:|:--|:-:|:-:|:-:|:--|"]
+        lines = [
+            f"## attn_implementation={attn}",
+            "",
+            "| family | method | stage | keep-all rel (bitwise) | batch vs alone rel (unpatched noise) | kept per row "
+            "| same selection | same tokens | status | notes |",
+            "|:--|:--|:--|--:|--:|:--|:-:|:-:|:-:|:--|",
+        ]
         for family in families:
             try:
                 model, same, batch, singles = build(family, attn, not args.smoke, dev, dtype, args.seed)
@@ -241,15 +257,31 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001
                 msg = common.short_error(exc)
                 lines.append(f"| {family} | (unpatched) | | | | | | | FAIL | {msg} |")
-                data.append({"attn": attn, "family": family, "status": "FAIL", "notes": [msg],
-                             "traceback": traceback.format_exc(limit=6)})
+                data.append(
+                    {
+                        "attn": attn,
+                        "family": family,
+                        "status": "FAIL",
+                        "notes": [msg],
+                        "traceback": traceback.format_exc(limit=6),
+                    }
+                )
                 counts["FAIL"] += 1
                 print(f"[{attn}] {family}: model/reference failed: {msg}", flush=True)
                 continue
-            lines.append(f"| {family} | (unpatched) | | | ({ref['noise']:.1e}) | | | {ref['same_tokens_rows']} | ref "
-                         "| the unpatched model's own batch-vs-alone difference |")
-            data.append({"attn": attn, "family": family, "method": None, "noise": ref["noise"],
-                         "same_tokens": ref["same_tokens_rows"]})
+            lines.append(
+                f"| {family} | (unpatched) | | | ({ref['noise']:.1e}) | | | {ref['same_tokens_rows']} | ref "
+                "| the unpatched model's own batch-vs-alone difference |"
+            )
+            data.append(
+                {
+                    "attn": attn,
+                    "family": family,
+                    "method": None,
+                    "noise": ref["noise"],
+                    "same_tokens": ref["same_tokens_rows"],
+                }
+            )
             for method in methods:
                 row = check_method(model, method, same, batch, singles, ref, tol, args.new_tokens)
                 counts[row["status"]] += 1
@@ -260,7 +292,8 @@ def main(argv=None) -> int:
                     f"| {family} | {method} | {row.get('stage', '')} | {fmt(row.get('keep_all_rel'))}{bitwise} "
                     f"| {fmt(row.get('batch_rel'))} ({ref['noise']:.1e}) | {fmt(row.get('kept'))} "
                     f"| {row.get('same_selection', '-')} | {row.get('same_tokens', '-')} | {row['status']} "
-                    f"| {'; '.join(row['notes']).replace('|', '/')} |")
+                    f"| {'; '.join(row['notes']).replace('|', '/')} |"
+                )
                 print(f"[{attn}] {family:11s} {method:10s} {row['status']:4s} {'; '.join(row['notes'])}", flush=True)
             del model
             if dev.type == "cuda":
@@ -269,29 +302,40 @@ def main(argv=None) -> int:
     elapsed = time.monotonic() - t0
 
     info = common.machine(dev)
-    width = "tests/tiny.py widths" if args.smoke else (
-        f"LM {WIDE_TEXT['hidden_size']} wide (16 heads, 8 KV heads) x 4 layers, CLIP {WIDE_CLIP['hidden_size']} wide")
-    head = "\n".join([
-        f"# Model contract on {dev.type.upper()} in {str(dtype)[6:]}",
-        "",
-        *common.provenance_lines(info, common.command_line()),
-        "",
-        f"Tiny random-weight models ({width}); families {', '.join(families)}. keep-all: `ratio=1.0` vs unpatched, "
-        f"rows {ROWS_SAME}; batch vs alone: `ratio=0.3`, left-padded rows {ROWS_BATCH_DEFAULT} "
-        f"(LLaVA-NeXT {ROWS_BATCH['llava_next']}), each row also run alone; {args.new_tokens} greedy tokens. "
-        f"rel = ||a - b|| / ||b|| of last-position logits; FAIL above {tol:.0e} (batch: or 3x the unpatched "
-        "noise). (=) bit-identical, (≠) not. "
-        f"Totals: {counts['PASS']} PASS, {counts['WARN']} WARN, {counts['FAIL']} FAIL, {counts['skip']} skipped "
-        f"(method not supported on that family). {elapsed:.0f} s.",
-    ])
+    width = (
+        "tests/tiny.py widths"
+        if args.smoke
+        else (
+            f"LM {WIDE_TEXT['hidden_size']} wide (16 heads, 8 KV heads) x 4 layers, "
+            f"CLIP {WIDE_CLIP['hidden_size']} wide"
+        )
+    )
+    head = "\n".join(
+        [
+            f"# Model contract on {dev.type.upper()} in {str(dtype)[6:]}",
+            "",
+            *common.provenance_lines(info, common.command_line()),
+            "",
+            f"Tiny random-weight models ({width}); families {', '.join(families)}. keep-all: `ratio=1.0` vs unpatched, "
+            f"rows {ROWS_SAME}; batch vs alone: `ratio=0.3`, left-padded rows {ROWS_BATCH_DEFAULT} "
+            f"(LLaVA-NeXT {ROWS_BATCH['llava_next']}), each row also run alone; {args.new_tokens} greedy tokens. "
+            f"rel = ||a - b|| / ||b|| of last-position logits; FAIL above {tol:.0e} (batch: or 3x the unpatched "
+            "noise). (=) bit-identical, (≠) not. "
+            f"Totals: {counts['PASS']} PASS, {counts['WARN']} WARN, {counts['FAIL']} FAIL, {counts['skip']} skipped "
+            f"(method not supported on that family). {elapsed:.0f} s.",
+        ]
+    )
     text = head + "\n\n" + "\n".join(sections)
     print(text, flush=True)
     common.write_outputs(args.out, text, {"machine": info, "dtype": str(dtype), "rows": data})
     ran = [s for s in args.attn.split(",") if not attn_available(s, dev)]
     verdict = "PASS" if counts["FAIL"] == 0 else "FAIL"
-    common.summary(f"{verdict}: attn {','.join(ran) or 'none'} in {str(dtype)[6:]} on {dev.type}: {counts['PASS']} pass, "
-                   f"{counts['WARN']} warn, {counts['FAIL']} fail, {counts['skip']} skipped"
-                   + "".join(f"; {a} not run" for a in args.attn.split(",") if a not in ran) + f" ({elapsed:.0f} s)")
+    common.summary(
+        f"{verdict}: attn {','.join(ran) or 'none'} in {str(dtype)[6:]} on {dev.type}: {counts['PASS']} pass, "
+        f"{counts['WARN']} warn, {counts['FAIL']} fail, {counts['skip']} skipped"
+        + "".join(f"; {a} not run" for a in args.attn.split(",") if a not in ran)
+        + f" ({elapsed:.0f} s)"
+    )
     return 0 if counts["FAIL"] == 0 else 1
 
 

@@ -25,10 +25,23 @@ def env(require_gpu: bool) -> int:
     cuda = torch.cuda.is_available()
     dev = torch.cuda.get_device_name() if cuda else "no CUDA device"
     tf = transformers.__version__
-    print(f"python {sys.version.split()[0]} ({sys.executable}); torch {torch.__version__} (CUDA {torch.version.cuda}); "
-          f"transformers {tf} from {os.path.dirname(transformers.__file__)}; device: {dev}")
-    print({k: os.environ.get(k) for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "VTPRUNE_CUDA", "VTPRUNE_NO_EXT",
-                                          "TORCH_EXTENSIONS_DIR", "PYTHONPATH")})
+    print(
+        f"python {sys.version.split()[0]} ({sys.executable}); torch {torch.__version__} (CUDA {torch.version.cuda}); "
+        f"transformers {tf} from {os.path.dirname(transformers.__file__)}; device: {dev}"
+    )
+    print(
+        {
+            k: os.environ.get(k)
+            for k in (
+                "CUDA_HOME",
+                "TORCH_CUDA_ARCH_LIST",
+                "VTPRUNE_CUDA",
+                "VTPRUNE_NO_EXT",
+                "TORCH_EXTENSIONS_DIR",
+                "PYTHONPATH",
+            )
+        }
+    )
     floor = Version(tf) >= Version(TRANSFORMERS_FLOOR)
     note = "" if floor else f" (BELOW vtprune's floor {TRANSFORMERS_FLOOR}: carry .whl, see eval/gpu/README.md)"
     common.summary(f"{dev}, torch {torch.__version__}, transformers {tf}{note}")

@@ -39,11 +39,12 @@ def features(gen: torch.Generator, n: int, d: int, dup: int, dtype) -> torch.Ten
     dup = min(dup, n - 1)
     if dup > 0:
         src = torch.randint(0, n - dup, (dup,), generator=gen)
-        x[n - dup:] = x[src]
+        x[n - dup :] = x[src]
     return x.to(dtype)
 
 
 # ----------------------------------------------------------------------------- near-tie diagnosis
+
 
 def _dist_rows(x64: torch.Tensor, cand: torch.Tensor, others: torch.Tensor, mode: str) -> torch.Tensor:
     """[len(cand), len(others)] distances (cosine: 1 - cos; l2: squared) / similarities (maxsum: cos)."""
@@ -92,10 +93,11 @@ def compare_selection(got: torch.Tensor, want: torch.Tensor, x64: torch.Tensor, 
 
 # ----------------------------------------------------------------------------- reference paths
 
+
 def pure_greedy(x: torch.Tensor, offsets, k: int, first, mode: str) -> torch.Tensor:
     rows = []
     for b in range(len(offsets) - 1):
-        xi = x[offsets[b]:offsets[b + 1]]
+        xi = x[offsets[b] : offsets[b + 1]]
         f = None if first[b] < 0 else first[b]
         rows.append(diversity._maxsum_torch(xi, k, f) if mode == "maxsum" else diversity._kcenter_torch(xi, k, f, mode))
     return torch.stack(rows)
@@ -129,6 +131,7 @@ def compare_dart(got, want, units64, pivots64, counts, dtype) -> str:
 
 
 # ----------------------------------------------------------------------------- cases
+
 
 class Tally:
     def __init__(self):
@@ -188,8 +191,9 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
         ok_dev = got.device.type == dev.type and got.dtype == torch.int64 and tuple(got.shape) == (images, k)
         for name, want in refs.items():
             verdicts = ["ok" if ok_dev else f"MISMATCH: output {got.dtype} {tuple(got.shape)} on {got.device}"]
-            verdicts += [compare_selection(got[b], want[b], x64[offsets[b]:offsets[b + 1]], mode, dtype)
-                         for b in range(images)]
+            verdicts += [
+                compare_selection(got[b], want[b], x64[offsets[b] : offsets[b + 1]], mode, dtype) for b in range(images)
+            ]
             tally.add(f"greedy {mode}", name, verdicts, desc)
 
         # DART per-pivot picks on the first image
@@ -207,8 +211,9 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
             if on_gpu:
                 refs = {"vs CPU op": ops.dart_pick(units, pivots, excl, counts), **refs}
             for name, want in refs.items():
-                tally.add("dart_pick", name, [compare_dart(got, want, units.double(), pivots.double(), counts, dtype)],
-                          ddesc)
+                tally.add(
+                    "dart_pick", name, [compare_dart(got, want, units.double(), pivots.double(), counts, dtype)], ddesc
+                )
         except Exception as exc:  # noqa: BLE001
             tally.add("dart_pick", "run", [f"ERROR {type(exc).__name__}: {exc}"[:300]], ddesc)
 
@@ -224,16 +229,23 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
                     refs = {"vs CPU op": ops.dbdpc(dist, rank, cutoff), **refs}
                 for name, want in refs.items():
                     same = torch.equal(got.cpu(), want.cpu())
-                    tally.add("dbdpc", name, ["ok" if same else
-                                              f"MISMATCH: {(got.cpu() != want.cpu()).sum().item()} labels differ"], cdesc)
+                    tally.add(
+                        "dbdpc",
+                        name,
+                        ["ok" if same else f"MISMATCH: {(got.cpu() != want.cpu()).sum().item()} labels differ"],
+                        cdesc,
+                    )
             except Exception as exc:  # noqa: BLE001
                 tally.add("dbdpc", "run", [f"ERROR {type(exc).__name__}: {exc}"[:300]], cdesc)
 
 
 def fixed_cases(dev: torch.device, smoke: bool, tally: Tally) -> None:
     """LLaVA-sized cells (576 / 2880 tokens, 1024 / 4096 wide, batches) and an all-duplicates image."""
-    cells = [(2, 40, 16, 5)] if smoke else [(1, 576, 4096, 64), (8, 576, 4096, 64), (1, 2880, 1024, 288),
-                                           (2, 2880, 4096, 64), (4, 576, 1024, 576)]
+    cells = (
+        [(2, 40, 16, 5)]
+        if smoke
+        else [(1, 576, 4096, 64), (8, 576, 4096, 64), (1, 2880, 1024, 288), (2, 2880, 4096, 64), (4, 576, 1024, 576)]
+    )
     gen = torch.Generator().manual_seed(1234)
     for images, n, d, k in cells:
         x = features(gen, images * n, d, 8, torch.float32)
@@ -242,15 +254,24 @@ def fixed_cases(dev: torch.device, smoke: bool, tally: Tally) -> None:
             for first in ([-1] * images, [3] * images):
                 desc = f"fixed {mode} batch={images} N={n} D={d} k={k} first={first[0]}"
                 got = native_greedy(x.to(dev), offsets, k, first, mode)
-                want = native_greedy(x, offsets, k, first, mode) if dev.type == "cuda" else \
-                    pure_greedy(x, offsets, k, first, mode)
-                verdicts = [compare_selection(got[b], want[b], x[offsets[b]:offsets[b + 1]].double(), mode, torch.float32)
-                            for b in range(images)]
+                want = (
+                    native_greedy(x, offsets, k, first, mode)
+                    if dev.type == "cuda"
+                    else pure_greedy(x, offsets, k, first, mode)
+                )
+                verdicts = [
+                    compare_selection(got[b], want[b], x[offsets[b] : offsets[b + 1]].double(), mode, torch.float32)
+                    for b in range(images)
+                ]
                 tally.add(f"greedy {mode}", "fixed LLaVA-sized cells", verdicts, desc)
     same = torch.ones(50, 7).to(dev)
     got = ops.kcenter(same, [0, 50], 50, [-1], "cosine")[0].tolist()
-    tally.add("greedy cosine", "all-duplicate rows -> 0..N-1",
-              ["ok" if got == list(range(50)) else f"MISMATCH: {got[:8]}..."], "50 identical rows")
+    tally.add(
+        "greedy cosine",
+        "all-duplicate rows -> 0..N-1",
+        ["ok" if got == list(range(50)) else f"MISMATCH: {got[:8]}..."],
+        "50 identical rows",
+    )
 
 
 def opchecks(dev: torch.device, tally: Tally) -> None:
@@ -269,14 +290,18 @@ def opchecks(dev: torch.device, tally: Tally) -> None:
             torch.library.opcheck(op, args)
             tally.add(name, f"torch.library.opcheck on {dev.type}", ["ok"], "opcheck")
         except Exception as exc:  # noqa: BLE001
-            tally.add(name, f"torch.library.opcheck on {dev.type}", [f"ERROR {type(exc).__name__}: {exc}"[:300]],
-                      "opcheck")
+            tally.add(
+                name, f"torch.library.opcheck on {dev.type}", [f"ERROR {type(exc).__name__}: {exc}"[:300]], "opcheck"
+            )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="cuda (CUDA op vs CPU op and vs torch on the GPU), cpu "
-                   "(C++ op vs torch), auto (default: cuda if visible)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cuda (CUDA op vs CPU op and vs torch on the GPU), cpu (C++ op vs torch), auto (default: cuda if visible)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, few cases (a CPU test that the script works)")
     p.add_argument("--cases", type=int, default=None, help="random cases (default 150; 12 with --smoke)")
     p.add_argument("--seed", type=int, default=0)
@@ -323,12 +348,22 @@ def main(argv=None) -> int:
     print(text, flush=True)
     total = sum(r[0] for r in tally.rows.values())
     ties = sum(r[2] for r in tally.rows.values())
-    common.write_outputs(args.out, text, {"machine": info, "rows": [
-        {"op": op, "comparison": c, "cases": r[0], "ok": r[1], "near_tie": r[2], "fail": r[3]}
-        for (op, c), r in sorted(tally.rows.items())], "differences": tally.failures})
+    common.write_outputs(
+        args.out,
+        text,
+        {
+            "machine": info,
+            "rows": [
+                {"op": op, "comparison": c, "cases": r[0], "ok": r[1], "near_tie": r[2], "fail": r[3]}
+                for (op, c), r in sorted(tally.rows.items())
+            ],
+            "differences": tally.failures,
+        },
+    )
     verdict = "PASS" if tally.failed == 0 else "FAIL"
-    common.summary(f"{verdict}: {total} comparisons on {dev.type}, {tally.failed} failed, {ties} near-ties "
-                   f"({elapsed:.0f} s)")
+    common.summary(
+        f"{verdict}: {total} comparisons on {dev.type}, {tally.failed} failed, {ties} near-ties ({elapsed:.0f} s)"
+    )
     return 0 if tally.failed == 0 else 1
 
 

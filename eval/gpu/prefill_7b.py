@@ -3,7 +3,8 @@
 intermediate 11008, vocabulary 32064), built from configs directly on the GPU in bf16, no download.
 
 One prompt: BOS + 4 text tokens, 576 image tokens, 35 text tokens (616), repeated per batch row. Variants: the
-unpatched model, then every method of ``vtprune.list_methods(host="vlm")`` at ``keep`` = 64 / 128 / 192 visual tokens. Each
+unpatched model, then every method of ``vtprune.list_methods(host="vlm")`` at ``keep`` = 64 / 128 / 192 visual tokens.
+Each
 variant first runs once untimed (its stats, analytic FLOPs ratio, selection time and peak memory are read there;
 a method that fails reports its error on its row and is left out of the timing), then all variants are timed in
 interleaved rounds (each variant once per round, order reversed every other round; ``vtprune.timing``, which reads the
@@ -30,26 +31,72 @@ import vtprune
 from vtprune import timing
 
 VOCAB, IMAGE_ID = 32064, 32000
-REAL = dict(image_size=336, patch_size=14, v_hidden=1024, v_inter=4096, v_layers=24, v_heads=16,
-            hidden=4096, inter=11008, layers=32, heads=32, text_before=5, text_after=35)
-SMOKE = dict(image_size=112, patch_size=14, v_hidden=64, v_inter=128, v_layers=2, v_heads=4,
-             hidden=128, inter=256, layers=6, heads=4, text_before=5, text_after=11)
+REAL = dict(
+    image_size=336,
+    patch_size=14,
+    v_hidden=1024,
+    v_inter=4096,
+    v_layers=24,
+    v_heads=16,
+    hidden=4096,
+    inter=11008,
+    layers=32,
+    heads=32,
+    text_before=5,
+    text_after=35,
+)
+SMOKE = dict(
+    image_size=112,
+    patch_size=14,
+    v_hidden=64,
+    v_inter=128,
+    v_layers=2,
+    v_heads=4,
+    hidden=128,
+    inter=256,
+    layers=6,
+    heads=4,
+    text_before=5,
+    text_after=11,
+)
 
 
 def build(shape: dict, device, dtype, attn: str, seed: int):
     """Random-weight LLaVA-1.5 of ``shape``, created on ``device`` in ``dtype`` (no fp32 copy on the host)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=shape["v_hidden"], intermediate_size=shape["v_inter"],
-                              num_hidden_layers=shape["v_layers"], num_attention_heads=shape["v_heads"],
-                              image_size=shape["image_size"], patch_size=shape["patch_size"], projection_dim=768,
-                              hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    text = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"], num_hidden_layers=shape["layers"],
-                       num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"], vocab_size=VOCAB,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    vision = CLIPVisionConfig(
+        hidden_size=shape["v_hidden"],
+        intermediate_size=shape["v_inter"],
+        num_hidden_layers=shape["v_layers"],
+        num_attention_heads=shape["v_heads"],
+        image_size=shape["image_size"],
+        patch_size=shape["patch_size"],
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text = LlamaConfig(
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["inter"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = attn
     torch.manual_seed(seed)
@@ -65,16 +112,23 @@ def build(shape: dict, device, dtype, attn: str, seed: int):
 
     gen = torch.Generator().manual_seed(seed)
     n_image = (shape["image_size"] // shape["patch_size"]) ** 2
-    ids = ([1] + torch.randint(3, 32000, (shape["text_before"] - 1,), generator=gen).tolist() + [IMAGE_ID] * n_image
-           + torch.randint(3, 32000, (shape["text_after"],), generator=gen).tolist())
+    ids = (
+        [1]
+        + torch.randint(3, 32000, (shape["text_before"] - 1,), generator=gen).tolist()
+        + [IMAGE_ID] * n_image
+        + torch.randint(3, 32000, (shape["text_after"],), generator=gen).tolist()
+    )
     pixels = torch.randn(1, 3, shape["image_size"], shape["image_size"], generator=gen)
     return model, torch.tensor([ids]), pixels, n_image
 
 
 def inputs_for(ids, pixels, batch: int, device, dtype) -> dict:
     ids = ids.repeat(batch, 1).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": pixels.repeat(batch, 1, 1, 1).to(device=device, dtype=dtype)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels.repeat(batch, 1, 1, 1).to(device=device, dtype=dtype),
+    }
 
 
 def prefill(model, inputs):
@@ -96,9 +150,20 @@ def run_batch(model, inputs, n_visual, budgets, methods, device, repeats, warmup
     """Check pass + interleaved timing of every variant for one batch size; rows in variant order."""
     rows = []
     out, peak = peak_run(model, inputs, device)
-    rows.append({"variant": "unpatched", "method": None, "keep": n_visual, "stage": "-", "kept": n_visual,
-                 "flops_ratio": 1.0, "select_ms": None, "peak_gib": peak, "status": "ok",
-                 "finite": bool(torch.isfinite(out).all())})
+    rows.append(
+        {
+            "variant": "unpatched",
+            "method": None,
+            "keep": n_visual,
+            "stage": "-",
+            "kept": n_visual,
+            "flops_ratio": 1.0,
+            "select_ms": None,
+            "peak_gib": peak,
+            "status": "ok",
+            "finite": bool(torch.isfinite(out).all()),
+        }
+    )
     variants, contexts = {"unpatched": lambda: prefill(model, inputs)}, {}
     for method in methods:
         # cdpruner's default on this CLIP tower is the paper's text="clip", which needs a CLIP checkpoint the
@@ -111,9 +176,13 @@ def run_batch(model, inputs, n_visual, budgets, methods, device, repeats, warmup
                 with vtprune.patched(model, method, keep=keep, **options):
                     out, row["peak_gib"] = peak_run(model, inputs, device)
                     st = vtprune.stats(model)
-                row.update(stage=st.stage + (f" (layer {st.layer})" if st.layer is not None else ""),
-                           kept=st.visual_tokens_kept[0], flops_ratio=st.flops_ratio, select_ms=st.select_ms,
-                           finite=bool(torch.isfinite(out).all()))
+                row.update(
+                    stage=st.stage + (f" (layer {st.layer})" if st.layer is not None else ""),
+                    kept=st.visual_tokens_kept[0],
+                    flops_ratio=st.flops_ratio,
+                    select_ms=st.select_ms,
+                    finite=bool(torch.isfinite(out).all()),
+                )
                 if not row["finite"]:
                     row["status"] = "non-finite logits"
             except Exception as exc:  # noqa: BLE001  (report the method, time the others)
@@ -140,16 +209,20 @@ def run_batch(model, inputs, n_visual, budgets, methods, device, repeats, warmup
 
 
 def table(rows) -> list[str]:
-    lines = ["| variant | stage | visual tokens to LLM | prefill ms (median) | p25–p75 ms | speed-up | analytic FLOPs "
-             "ratio | select ms | peak GiB | status |",
-             "|:--|:--|--:|--:|--:|--:|--:|--:|--:|:--|"]
+    lines = [
+        "| variant | stage | visual tokens to LLM | prefill ms (median) | p25–p75 ms | speed-up | analytic FLOPs "
+        "ratio | select ms | peak GiB | status |",
+        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|:--|",
+    ]
     f = lambda v, s: "-" if v is None else format(v, s)
     for r in rows:
-        lines.append(f"| {r['variant']} | {r.get('stage', '-')} | {r.get('kept', '-')} | {f(r.get('ms'), '.2f')} | "
-                     f"{f(r.get('p25'), '.2f')}–{f(r.get('p75'), '.2f')} | "
-                     f"{f(r.get('speedup'), '.2f')}{'x' if r.get('speedup') else ''} | {f(r.get('flops_ratio'), '.3f')} | "
-                     f"{f(r.get('select_ms'), '.2f')} | {f(r.get('peak_gib'), '.1f')} | "
-                     f"{r['status'].replace('|', '/')} |")
+        lines.append(
+            f"| {r['variant']} | {r.get('stage', '-')} | {r.get('kept', '-')} | {f(r.get('ms'), '.2f')} | "
+            f"{f(r.get('p25'), '.2f')}–{f(r.get('p75'), '.2f')} | "
+            f"{f(r.get('speedup'), '.2f')}{'x' if r.get('speedup') else ''} | {f(r.get('flops_ratio'), '.3f')} | "
+            f"{f(r.get('select_ms'), '.2f')} | {f(r.get('peak_gib'), '.1f')} | "
+            f"{r['status'].replace('|', '/')} |"
+        )
     return lines
 
 
@@ -163,8 +236,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated (default: vtprune.list_methods(host='vlm'))")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; --smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per variant first (default 2; --smoke 1)")
-    p.add_argument("--budget-s", type=float, default=240.0,
-                   help="start no further batch size once this many seconds have passed")
+    p.add_argument(
+        "--budget-s", type=float, default=240.0, help="start no further batch size once this many seconds have passed"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32-friendly, few repeats (CPU test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
@@ -224,13 +298,34 @@ def main(argv=None) -> int:
         data.append({"batch": batch, "rows": rows})
         sections.append(f"## batch {batch}\n\n" + "\n".join(table(rows)) + "\n")
         elapsed = time.monotonic() - t0
-        text = "\n".join([
-            "# Prefill at LLaVA-1.5-7B width: every method at " + "/".join(map(str, budgets)) + " tokens vs unpatched"
-            if not args.smoke else "# Prefill timing (smoke: tiny shapes)",
-            "", *common.provenance_lines(info, command), "", setup,
-            f"Model built in {built_s:.0f} s; whole run {elapsed:.0f} s.", "", *sections])
-        common.write_outputs(args.out, text, {"machine": info, "command": command, "shape": shape,
-                                              "dtype": str(dtype), "attn": args.attn, "batches": data})
+        text = "\n".join(
+            [
+                "# Prefill at LLaVA-1.5-7B width: every method at "
+                + "/".join(map(str, budgets))
+                + " tokens vs unpatched"
+                if not args.smoke
+                else "# Prefill timing (smoke: tiny shapes)",
+                "",
+                *common.provenance_lines(info, command),
+                "",
+                setup,
+                f"Model built in {built_s:.0f} s; whole run {elapsed:.0f} s.",
+                "",
+                *sections,
+            ]
+        )
+        common.write_outputs(
+            args.out,
+            text,
+            {
+                "machine": info,
+                "command": command,
+                "shape": shape,
+                "dtype": str(dtype),
+                "attn": args.attn,
+                "batches": data,
+            },
+        )
         for r in rows:
             print(f"  {r['variant']:22s} {r.get('ms', float('nan')):9.2f} ms  {r['status']}", flush=True)
     elapsed = time.monotonic() - t0
@@ -238,14 +333,21 @@ def main(argv=None) -> int:
     fails = f"; failed: {', '.join(sorted(map(str, failed)))}" if failed else ""
     best = ""
     for entry in data:  # first batch size timed: best and worst speed-up at the smallest budget
-        cells = sorted((r["speedup"], r["method"]) for r in entry.get("rows", [])
-                       if r.get("method") and r.get("speedup") and r["keep"] == budgets[0])
+        cells = sorted(
+            (r["speedup"], r["method"])
+            for r in entry.get("rows", [])
+            if r.get("method") and r.get("speedup") and r["keep"] == budgets[0]
+        )
         if cells:
-            best = (f"; batch {entry['batch']} keep={budgets[0]}: best {cells[-1][1]} {cells[-1][0]:.2f}x, "
-                    f"worst {cells[0][1]} {cells[0][0]:.2f}x")
+            best = (
+                f"; batch {entry['batch']} keep={budgets[0]}: best {cells[-1][1]} {cells[-1][0]:.2f}x, "
+                f"worst {cells[0][1]} {cells[0][0]:.2f}x"
+            )
             break
-    common.summary(f"{verdict}: {len(methods)} methods x {budgets} at batch {batches} on "
-                   f"{info['device'].split(' (')[0]}{fails}{best} ({elapsed:.0f} s)")
+    common.summary(
+        f"{verdict}: {len(methods)} methods x {budgets} at batch {batches} on "
+        f"{info['device'].split(' (')[0]}{fails}{best} ({elapsed:.0f} s)"
+    )
     return 0 if verdict == "PASS" else 1
 
 

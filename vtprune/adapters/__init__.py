@@ -17,8 +17,17 @@ from .qwen_vl import Qwen3VLAdapter, Qwen35Adapter, QwenVLAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
     t: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, QwenVLAdapter,
-                Qwen3VLAdapter, Qwen35Adapter, InternVLAdapter, Gemma3Adapter)
+    for cls in (
+        LlavaAdapter,
+        LlavaNextAdapter,
+        LlavaNextVideoAdapter,
+        LlavaOnevisionAdapter,
+        QwenVLAdapter,
+        Qwen3VLAdapter,
+        Qwen35Adapter,
+        InternVLAdapter,
+        Gemma3Adapter,
+    )
     for t in cls.model_types
 }
 

@@ -61,8 +61,10 @@ def qk_from_projections(module: nn.Module, args: tuple, kwargs: dict) -> VisionQ
     bound = bound_arguments(module, args, kwargs)
     mask = bound.get("attention_mask")
     if mask is not None:
-        raise ValueError(f"{type(module).__name__} was called with an attention mask; received attention reads "
-                         "towers whose crops attend without masks")
+        raise ValueError(
+            f"{type(module).__name__} was called with an attention mask; received attention reads "
+            "towers whose crops attend without masks"
+        )
     hidden = bound["hidden_states"]
     c, t, _ = hidden.shape
     dh = module.head_dim
@@ -107,7 +109,8 @@ class ModelAdapter:
     #: the decoder's rotary tables differ per layer type (Gemma 3: local and global bases): :meth:`rotary` takes the
     #: layer, and a prune point hands each layer type its own tables
     rotary_per_layer_type: ClassVar[bool] = False
-    #: token merging inside the vision tower (``tome`` / ``pitome`` / ``zerotprune`` on a VLM, ``vtprune.methods.tower``)
+    #: token merging inside the vision tower (``tome`` / ``pitome`` / ``zerotprune`` on a VLM,
+    #: ``vtprune.methods.tower``)
     #: is supported: a CLIP / SigLIP tower read at one ``vision_feature_layer`` and a per-token projector
     tower_merging: ClassVar[bool] = False
 
@@ -151,8 +154,10 @@ class ModelAdapter:
         layer = self.decoder_layers[index]
         norm = getattr(layer, "input_layernorm", None)
         if norm is None:
-            raise ValueError(f"decoder layer {index} of {self.config.model_type!r} has no input_layernorm; "
-                             "its attention cannot be recomputed on its input (signal 'layer_attention')")
+            raise ValueError(
+                f"decoder layer {index} of {self.config.model_type!r} has no input_layernorm; "
+                "its attention cannot be recomputed on its input (signal 'layer_attention')"
+            )
         return norm
 
     def vision_attention_modules(self) -> list[nn.Module]:
@@ -259,8 +264,10 @@ class ModelAdapter:
         when ``has_cls_token`` (none otherwise)."""
         crops = sum(counts)
         if crops == 0 or values.shape[0] % crops:
-            raise ValueError(f"{values.shape[0]} vision tokens cannot be split into {crops} equal crops "
-                             f"({type(self).__name__}.split_vision_tokens)")
+            raise ValueError(
+                f"{values.shape[0]} vision tokens cannot be split into {crops} equal crops "
+                f"({type(self).__name__}.split_vision_tokens)"
+            )
         per_crop = values.reshape(crops, values.shape[0] // crops, *values.shape[1:])
         if self.has_cls_token:
             per_crop = per_crop[:, 1:]
@@ -279,11 +286,15 @@ class ModelAdapter:
         flat = torch.arange(crops * patches, dtype=torch.float64).view(crops, patches)
         packed = self.pack_crop_scores(flat, call, index)
         if packed.dtype != torch.float64 or not bool((packed == packed.round()).all()):
-            raise ValueError(f"{self.config.model_type!r}: pack_crop_scores pools several patches per visual token; "
-                             f"{type(self).__name__}.token_patches must say which")
+            raise ValueError(
+                f"{self.config.model_type!r}: pack_crop_scores pools several patches per visual token; "
+                f"{type(self).__name__}.token_patches must say which"
+            )
         packed = packed.long()
         order = torch.arange(packed.numel())
-        first = torch.full((crops * patches,), packed.numel(), dtype=torch.long).scatter_reduce_(0, packed, order, "amin")
+        first = torch.full((crops * patches,), packed.numel(), dtype=torch.long).scatter_reduce_(
+            0, packed, order, "amin"
+        )
         return torch.where(first[packed] == order, packed, -1).unsqueeze(1)
 
     def check_cls_strategy(self, importance: str = "cls") -> None:
@@ -299,7 +310,9 @@ class ModelAdapter:
         """The projector as a per-token map ``[N, D_in] -> [N, D_lm]`` (sharing the model's weights)."""
         raise NotImplementedError(f"{type(self).__name__} does not locate its projector")
 
-    def split_projector_inputs(self, captured: torch.Tensor, call: dict[str, Any], counts: list[int]) -> list[torch.Tensor]:
+    def split_projector_inputs(
+        self, captured: torch.Tensor, call: dict[str, Any], counts: list[int]
+    ) -> list[torch.Tensor]:
         """The projector's input of one ``get_image_features`` call -> per image ``[crops, P, D_in]``, each crop's
         rows in the order that :meth:`pack_crop_scores` expects."""
         raise NotImplementedError(f"{type(self).__name__} does not locate its projector")

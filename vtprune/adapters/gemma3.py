@@ -89,8 +89,10 @@ class Gemma3Adapter(ModelAdapter):
         side, k = self.pool_geometry()
         tokens = (side // k) ** 2
         if scores.ndim != 2 or scores.shape[0] != 1 or scores.shape[1] not in (side * side, tokens):
-            raise ValueError(f"gemma3 scores per image must be [1, {side * side}] (patches) or [1, {tokens}] (visual "
-                             f"tokens); got {tuple(scores.shape)}")
+            raise ValueError(
+                f"gemma3 scores per image must be [1, {side * side}] (patches) or [1, {tokens}] (visual "
+                f"tokens); got {tuple(scores.shape)}"
+            )
         if scores.shape[1] == tokens:
             return scores.reshape(-1)
         pool = self.inner.multi_modal_projector.avg_pool
@@ -116,8 +118,10 @@ def gemma3_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
     vcfg = flops.require(config, "vision_config", "gemma3 config")
     what = "gemma3 SigLIP vision config"
     if getattr(vcfg, "vision_use_head", False):
-        raise ValueError("gemma3 vision config has vision_use_head=True (an attention-pooling head Gemma 3 does not "
-                         "use and its checkpoints do not have); vtprune.flops counts towers without it")
+        raise ValueError(
+            "gemma3 vision config has vision_use_head=True (an attention-pooling head Gemma 3 does not "
+            "use and its checkpoints do not have); vtprune.flops counts towers without it"
+        )
     dv, iv = int(flops.require(vcfg, "hidden_size", what)), int(flops.require(vcfg, "intermediate_size", what))
     lv, p = int(flops.require(vcfg, "num_hidden_layers", what)), int(flops.require(vcfg, "patch_size", what))
     c = int(getattr(vcfg, "num_channels", 3) or 3)
@@ -126,8 +130,6 @@ def gemma3_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
     dt = int(flops.require(flops.text_config_of(config), "hidden_size", "text config"))
     per_image = 2 * n * c * p * p * dv + lv * flops.vit_layer_flops(n, dv, iv, 2, n * n) + 2 * t * dv * dt
     return num_images * per_image
-
-
 
 
 flops.register_vision_flops(("gemma3",), gemma3_vision_flops)

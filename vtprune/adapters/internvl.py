@@ -75,16 +75,20 @@ class InternVLAdapter(ModelAdapter):
             )
         vtype = getattr(self.config.vision_config, "model_type", None)
         if vtype != "internvl_vision":
-            raise ValueError(f"importance={importance!r} on an InternVL model needs its InternViT tower (model_type "
-                             f"'internvl_vision'); this model's vision tower is {vtype!r}")
+            raise ValueError(
+                f"importance={importance!r} on an InternVL model needs its InternViT tower (model_type "
+                f"'internvl_vision'); this model's vision tower is {vtype!r}"
+            )
 
     # -- the pixel shuffle, on patch ids -----------------------------------------------------------
     def _ratio(self) -> float:
         ratio = float(self.config.downsample_ratio)
         side = round(1 / ratio)
         if not math.isclose(side * ratio, 1.0):
-            raise ValueError(f"InternVL downsample_ratio={ratio} is not 1 / an integer; vtprune maps patches to tokens "
-                             "for integer pixel-shuffle factors only")
+            raise ValueError(
+                f"InternVL downsample_ratio={ratio} is not 1 / an integer; vtprune maps patches to tokens "
+                "for integer pixel-shuffle factors only"
+            )
         return ratio
 
     def token_patch_ids(self, patches: int, device=None) -> torch.Tensor:
@@ -126,8 +130,10 @@ class InternVLAdapter(ModelAdapter):
             return scores[:, ids].sum(-1).reshape(-1)
         if p == tokens:
             return scores.reshape(-1)
-        raise ValueError(f"InternVL tile scores over {p} entries are neither per raw patch ({raw} per tile) nor per "
-                         f"LLM token ({tokens} per tile)")
+        raise ValueError(
+            f"InternVL tile scores over {p} entries are neither per raw patch ({raw} per tile) nor per "
+            f"LLM token ({tokens} per tile)"
+        )
 
     def token_patches(self, call: dict[str, Any], index: int, crops: int, patches: int) -> torch.Tensor:
         """``[crops * T, 4]``: the flat ids ``c * P + p`` of the patches each LLM token of the tile's crops carries,
@@ -152,8 +158,10 @@ class InternVLAdapter(ModelAdapter):
     def split_projector_inputs(self, captured, call, counts):
         """The projector ran once on ``[tiles, T, 4 * D_vit]`` (pixel-shuffled tokens, one row per LLM token)."""
         if captured.ndim != 3 or captured.shape[0] != sum(counts):
-            raise RuntimeError(f"InternVL projector input of shape {tuple(captured.shape)} does not hold one row "
-                               f"block per tile for {sum(counts)} tiles")
+            raise RuntimeError(
+                f"InternVL projector input of shape {tuple(captured.shape)} does not hold one row "
+                f"block per tile for {sum(counts)} tiles"
+            )
         return list(torch.split(captured, counts))
 
 
@@ -167,35 +175,40 @@ def internvl_vision_flops(config, num_images, image_grid_thw, num_frames) -> int
     vcfg = flops.require(config, "vision_config", "internvl config")
     vtype = getattr(vcfg, "model_type", None)
     if vtype != "internvl_vision":
-        raise ValueError(f"vision tower of model_type {vtype!r} in an 'internvl' config is not supported; supported: "
-                         "['internvl_vision']")
+        raise ValueError(
+            f"vision tower of model_type {vtype!r} in an 'internvl' config is not supported; supported: "
+            "['internvl_vision']"
+        )
     what = "InternViT vision config"
     dv = int(flops.require(vcfg, "hidden_size", what))
     iv = int(flops.require(vcfg, "intermediate_size", what))
     lv = int(flops.require(vcfg, "num_hidden_layers", what))
-    (h, w), (ph, pw) = flops.pair(flops.require(vcfg, "image_size", what), "image_size"), flops.pair(flops.require(vcfg, "patch_size", what),
-                                                                                       "patch_size")
+    (h, w), (ph, pw) = (
+        flops.pair(flops.require(vcfg, "image_size", what), "image_size"),
+        flops.pair(flops.require(vcfg, "patch_size", what), "patch_size"),
+    )
     c = int(getattr(vcfg, "num_channels", 3) or 3)
     n = (h // ph) * (w // pw)
-    s = n + 1                                                         # + CLS
+    s = n + 1  # + CLS
     ratio = float(flops.require(config, "downsample_ratio", "internvl config"))
-    f = round(1 / ratio) ** 2                                         # patches per LLM token
+    f = round(1 / ratio) ** 2  # patches per LLM token
     if n % f:
         raise ValueError(f"a tile of {n} patches cannot be pixel-shuffled by downsample_ratio={ratio}")
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     if strategy != "default":
-        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported for InternVL (its pixel "
-                         "shuffle needs the square patch grid without CLS); supported: 'default'")
+        raise ValueError(
+            f"vision_feature_select_strategy {strategy!r} is not supported for InternVL (its pixel "
+            "shuffle needs the square patch grid without CLS); supported: 'default'"
+        )
     dt = int(flops.require(flops.text_config_of(config), "hidden_size", "text config"))
     tokens = n // f
     per_tile = (
-        2 * n * c * ph * pw * dv                                      # patch embedding conv
-        + lv * flops.vit_layer_flops(s, dv, iv, 2, s * s)                  # all encoder layers
-        + 2 * tokens * (f * dv) * dt + 2 * tokens * dt * dt           # projector linear_1, linear_2
+        2 * n * c * ph * pw * dv  # patch embedding conv
+        + lv * flops.vit_layer_flops(s, dv, iv, 2, s * s)  # all encoder layers
+        + 2 * tokens * (f * dv) * dt
+        + 2 * tokens * dt * dt  # projector linear_1, linear_2
     )
     return num_tiles * per_tile
-
-
 
 
 flops.register_vision_flops(("internvl",), internvl_vision_flops)

@@ -19,8 +19,9 @@ class LlavaAdapter(ModelAdapter):
     has_cls_token = True
 
     def vision_attention_modules(self):
-        return encoder_attention_modules(self.inner.vision_tower,
-                                         "has no CLIP-style encoder.layers; the CLS signal needs a CLIP vision tower")
+        return encoder_attention_modules(
+            self.inner.vision_tower, "has no CLIP-style encoder.layers; the CLS signal needs a CLIP vision tower"
+        )
 
     def vision_qk(self, module, args, kwargs):
         return qk_from_projections(module, args, kwargs)  # CLIP: q_proj / k_proj on [crops, 1 + P, D]
@@ -72,7 +73,6 @@ class LlavaAdapter(ModelAdapter):
                 f"the 'cls' signal needs a CLIP vision tower with a CLS token; this model's vision tower is "
                 f"{self.config.vision_config.model_type!r}"
             )
-
 
     def pack_crop_index(self, call, index: int, crops: int, tokens: int) -> torch.Tensor:
         """``[n]`` int64: for each of image ``index``'s ``n`` visual tokens (of a ``get_image_features`` call, bound
@@ -245,15 +245,19 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return [
             module.image_size_to_num_patches(
                 image_size=size, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=vcfg.image_size
-            ) if anyres else 1
+            )
+            if anyres
+            else 1
             for size, anyres in zip(call["image_sizes"], patching)
         ]
 
     def pack_crop_index(self, call, index, crops, tokens):
         src, weight, _ = self.pack_crop_weights(call, index, crops, tokens)
         if bool((weight[:, 1:] > 0).any()):
-            raise ValueError("this llava_onevision image's AnyRes grid is bilinearly downscaled (anyres_max): its "
-                             "tokens blend several patches; use pack_crop_weights")
+            raise ValueError(
+                "this llava_onevision image's AnyRes grid is bilinearly downscaled (anyres_max): its "
+                "tokens blend several patches; use pack_crop_weights"
+            )
         return src[:, 0]
 
     def pack_crop_weights(self, call, index, crops, tokens):
@@ -271,8 +275,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         side = vcfg.image_size // vcfg.patch_size
         patches = side * side
         if tokens != patches:
-            raise ValueError(f"llava_onevision crops of {tokens} feature rows; the packing map needs the {patches} "
-                             "patches of vision_feature_select_strategy='full' (SigLIP has no CLS token)")
+            raise ValueError(
+                f"llava_onevision crops of {tokens} feature rows; the packing map needs the {patches} "
+                "patches of vision_feature_select_strategy='full' (SigLIP has no CLS token)"
+            )
         t = torch.arange(patches)
         base_pos = torch.stack([t // side, t % side], -1).to(torch.float64)
         if crops == 1:  # the base crop (an image of a multi-image prompt), one newline
@@ -318,8 +324,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         got = (probe[..., 2].reshape(-1)[src.clamp(min=0)] * weight).sum(1)
         real = ~want.isnan()
         if got.shape != want.shape or not torch.allclose(got[real], want[real], rtol=1e-9, atol=1e-9):
-            raise RuntimeError("llava_onevision's AnyRes packing is not the unpad + 2-tap bilinear downscale vtprune "
-                               "reads (transformers changed?)")
+            raise RuntimeError(
+                "llava_onevision's AnyRes packing is not the unpad + 2-tap bilinear downscale vtprune "
+                "reads (transformers changed?)"
+            )
         return src, weight, pos
 
     def _pack(self, feats, call, size, channels):
@@ -327,8 +335,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         tokens come out as NaN rows."""
         aspect = call.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
         newline = torch.full((channels,), float("nan"), dtype=torch.float64)
-        packed, _ = self.inner.pack_image_features([feats], size[None], image_newline=newline,
-                                                   vision_aspect_ratio=aspect)
+        packed, _ = self.inner.pack_image_features(
+            [feats], size[None], image_newline=newline, vision_aspect_ratio=aspect
+        )
         return packed[0]
 
     def pack_crop_scores(self, scores, call, index):
@@ -338,8 +347,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return _floor_newlines(torch.cat([pooled, newline]))
         aspect = call.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
         size = torch.as_tensor(call["image_sizes"])[index : index + 1]
-        packed, _ = self.inner.pack_image_features([scores.unsqueeze(-1)], size, image_newline=newline,
-                                                   vision_aspect_ratio=aspect)
+        packed, _ = self.inner.pack_image_features(
+            [scores.unsqueeze(-1)], size, image_newline=newline, vision_aspect_ratio=aspect
+        )
         return _floor_newlines(packed[0].reshape(-1))
 
 
@@ -356,8 +366,10 @@ def llava_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
     vcfg = flops.require(config, "vision_config", f"{config.model_type} config")
     vtype = getattr(vcfg, "model_type", None)
     if vtype not in _CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES:
-        raise ValueError(f"vision tower of model_type {vtype!r} in a {config.model_type!r} config is not supported; "
-                         f"supported: {list(_CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES)}")
+        raise ValueError(
+            f"vision tower of model_type {vtype!r} in a {config.model_type!r} config is not supported; "
+            f"supported: {list(_CLIP_VISION_TYPES + _SIGLIP_VISION_TYPES)}"
+        )
     siglip = vtype in _SIGLIP_VISION_TYPES
     what = f"{'SigLIP' if siglip else 'CLIP'} vision config"
     dv = int(flops.require(vcfg, "hidden_size", what))
@@ -366,7 +378,7 @@ def llava_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
     p = int(flops.require(vcfg, "patch_size", what))
     c = int(getattr(vcfg, "num_channels", 3) or 3)
     n = (int(flops.require(vcfg, "image_size", what)) // p) ** 2
-    s = n if siglip else n + 1                                        # + CLS (CLIP)
+    s = n if siglip else n + 1  # + CLS (CLIP)
     dt = int(flops.require(flops.text_config_of(config), "hidden_size", "text config"))
 
     feature_layer = getattr(config, "vision_feature_layer", -2)
@@ -376,32 +388,34 @@ def llava_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
         raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; supported: 'default', 'full'")
     n_proj = n if strategy == "default" or siglip else s
 
-    def projector(tokens: int) -> int:                                # linear_1, linear_2
+    def projector(tokens: int) -> int:  # linear_1, linear_2
         return 2 * tokens * (n_feat * dv) * dt + 2 * tokens * dt * dt
 
     tower = 2 * n * c * p * p * dv + lv * flops.vit_layer_flops(s, dv, iv, 2, s * s)  # patch conv + all encoder layers
-    if siglip and getattr(vcfg, "vision_use_head", False):           # attention-pooling head, one probe query
+    if siglip and getattr(vcfg, "vision_use_head", False):  # attention-pooling head, one probe query
         tower += 2 * dv * dv + 2 * 2 * n * dv * dv + 2 * 2 * n * dv + 2 * dv * dv + 2 * 2 * dv * iv
     total = num_images * (tower + projector(n_proj))
     if num_frames:
         if config.model_type not in ("llava_next_video", "llava_onevision"):
-            raise ValueError(f"num_frames is for video models (llava_next_video, llava_onevision), got it for "
-                             f"model_type {config.model_type!r}")
+            raise ValueError(
+                f"num_frames is for video models (llava_next_video, llava_onevision), got it for "
+                f"model_type {config.model_type!r}"
+            )
         frame = tower + projector(n_proj)
-        if config.model_type == "llava_next_video":                   # pooled before the projector
+        if config.model_type == "llava_next_video":  # pooled before the projector
             stride = int(getattr(config, "spatial_pool_stride", 2))
             side = int(round(n_proj**0.5)) // stride
             frame = tower + projector(side * side)
             if getattr(config, "spatial_pool_mode", "average") == "conv":
                 out = int(getattr(config, "spatial_pool_out_channels", None) or dv)
                 if out != n_feat * dv:
-                    raise ValueError(f"spatial_pool_out_channels={out} differs from the projector's input width "
-                                     f"{n_feat * dv}: such a model cannot run")
+                    raise ValueError(
+                        f"spatial_pool_out_channels={out} differs from the projector's input width "
+                        f"{n_feat * dv}: such a model cannot run"
+                    )
                 frame += 2 * side * side * stride * stride * dv * out
         total += num_frames * frame
     return total
-
-
 
 
 flops.register_vision_flops(("llava", "llava_next", "llava_next_video", "llava_onevision"), llava_vision_flops)

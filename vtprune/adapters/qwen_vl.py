@@ -100,8 +100,10 @@ class QwenVLAdapter(ModelAdapter):
         if scores.numel() == patches // unit:
             return scores.reshape(-1)
         if scores.numel() != patches:
-            raise ValueError(f"scores of shape {tuple(scores.shape)} fit neither the {patches} patches nor the "
-                             f"{patches // unit} tokens of image {index} (grid {grid[index].tolist()})")
+            raise ValueError(
+                f"scores of shape {tuple(scores.shape)} fit neither the {patches} patches nor the "
+                f"{patches // unit} tokens of image {index} (grid {grid[index].tolist()})"
+            )
         return scores.reshape(-1, unit).mean(dim=1)
 
     def token_patches(self, call, index, crops, patches):
@@ -158,10 +160,10 @@ def qwen3_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
         flops.check_merge(grid, m, i)
         t, h, w = grid
         n = t * h * w
-        total += 2 * n * c * tp * p * p * de                           # patch embedding conv3d
+        total += 2 * n * c * tp * p * p * de  # patch embedding conv3d
         total += depth * flops.vit_layer_flops(n, de, iv, 2, t * (h * w) ** 2)
         nm = n // (m * m)
-        total += mergers * (2 * nm * dm * dm + 2 * nm * dm * dout)     # main + DeepStack mergers
+        total += mergers * (2 * nm * dm * dm + 2 * nm * dm * dout)  # main + DeepStack mergers
     return total
 
 
@@ -180,13 +182,15 @@ def qwen2_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
         de = int(flops.require(vcfg, "hidden_size", what))
         iv = int(flops.require(vcfg, "intermediate_size", what))
         dout = int(flops.require(vcfg, "out_hidden_size", what))
-        mlp_matmuls = 3                                                # gated MLP
+        mlp_matmuls = 3  # gated MLP
         # HF tests `layer_num in fullatt_block_indexes`: plain membership, no negative indexing
         full_blocks = {int(i) for i in (getattr(vcfg, "fullatt_block_indexes", None) or ())}
         ws = int(flops.require(vcfg, "window_size", what)) // m // p
         if ws <= 0:
-            raise ValueError(f"window_size={vcfg.window_size} is smaller than spatial_merge_size*patch_size="
-                             f"{m * p}: no window can be formed")
+            raise ValueError(
+                f"window_size={vcfg.window_size} is smaller than spatial_merge_size*patch_size="
+                f"{m * p}: no window can be formed"
+            )
     else:
         de = int(flops.require(vcfg, "embed_dim", what))
         iv = int(de * flops.require(vcfg, "mlp_ratio", what))
@@ -195,27 +199,25 @@ def qwen2_vision_flops(config, num_images, image_grid_thw, num_frames) -> int:
         full_blocks = set(range(depth))
         ws = 0
 
-    dm = de * m * m                                                    # merger hidden size
+    dm = de * m * m  # merger hidden size
     total = 0
     for i, grid in enumerate(flops.grid_rows(image_grid_thw)):
         flops.check_merge(grid, m, i)
         t, h, w = grid
         n = t * h * w
-        full_sq = t * (h * w) ** 2                                     # attention within each frame
+        full_sq = t * (h * w) ** 2  # attention within each frame
         if ws:
             rows = flops.window_sizes(h // m, ws)
             cols = flops.window_sizes(w // m, ws)
-            win_sq = t * m ** 4 * sum(r * r for r in rows) * sum(cc * cc for cc in cols)
+            win_sq = t * m**4 * sum(r * r for r in rows) * sum(cc * cc for cc in cols)
         else:
             win_sq = full_sq
-        total += 2 * n * c * tp * p * p * de                           # patch embedding conv3d
+        total += 2 * n * c * tp * p * p * de  # patch embedding conv3d
         for blk in range(depth):
             total += flops.vit_layer_flops(n, de, iv, mlp_matmuls, full_sq if blk in full_blocks else win_sq)
         nm = n // (m * m)
-        total += 2 * nm * dm * dm + 2 * nm * dm * dout                 # patch merger MLP
+        total += 2 * nm * dm * dm + 2 * nm * dm * dout  # patch merger MLP
     return total
-
-
 
 
 flops.register_vision_flops(("qwen2_vl", "qwen2_5_vl"), qwen2_vision_flops)

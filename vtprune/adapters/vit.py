@@ -87,7 +87,8 @@ class TimmHost(ViTHost):
                     f"{type(model).__name__}.blocks[{i}] is a {type(blk).__name__} with attention "
                     f"{type(getattr(blk, 'attn', None)).__name__}; token reduction supports timm's pre-norm Block with "
                     "timm.layers.Attention (ViT / DeiT / CLIP-style timm models), not parallel, post-norm or "
-                    "rotary-attention blocks")
+                    "rotary-attention blocks"
+                )
         self.num_prefix = int(model.num_prefix_tokens)
         self.num_heads = self.blocks[0].attn.num_heads
 
@@ -118,8 +119,10 @@ class TimmHost(ViTHost):
     def check_call(self, args, kwargs):
         mask = args[0] if args else kwargs.get("attn_mask")
         if mask is not None or kwargs.get("is_causal") or (len(args) > 1 and args[1]):
-            raise ValueError("token reduction cannot honour an attention mask / causal attention passed to the "
-                             "blocks (timm NaFlex masks): call the patched model without attn_mask")
+            raise ValueError(
+                "token reduction cannot honour an attention mask / causal attention passed to the "
+                "blocks (timm NaFlex masks): call the patched model without attn_mask"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ transformers
@@ -145,8 +148,7 @@ class HFHost(ViTHost):
 
     def dims(self):
         blk = self.blocks[0]
-        return (blk.self_attn.embed_dim, blk.mlp.fc1.out_features,
-                self.core.embeddings.patch_embedding.weight.numel())
+        return (blk.self_attn.embed_dim, blk.mlp.fc1.out_features, self.core.embeddings.patch_embedding.weight.numel())
 
     def qk_modules(self, block):
         return block.self_attn.q_proj, block.self_attn.k_proj  # outputs [B, T, H * Dh]
@@ -181,10 +183,13 @@ class OpenCLIPHost(ViTHost):
         transformer = visual.transformer
         self.blocks = list(transformer.resblocks)
         for i, blk in enumerate(self.blocks):
-            if type(blk).forward is not ResidualAttentionBlock.forward or not isinstance(blk.attn,
-                                                                                      nn.MultiheadAttention):
-                raise ValueError(f"open_clip resblocks[{i}] is a {type(blk).__name__}; token reduction supports "
-                                 "ResidualAttentionBlock with nn.MultiheadAttention")
+            if type(blk).forward is not ResidualAttentionBlock.forward or not isinstance(
+                blk.attn, nn.MultiheadAttention
+            ):
+                raise ValueError(
+                    f"open_clip resblocks[{i}] is a {type(blk).__name__}; token reduction supports "
+                    "ResidualAttentionBlock with nn.MultiheadAttention"
+                )
         self.batch_first = bool(getattr(transformer, "batch_first", True))
         self.num_prefix = 0 if getattr(visual, "class_embedding", None) is None else 1
         self.num_heads = self.blocks[0].attn.num_heads
@@ -208,7 +213,7 @@ class OpenCLIPHost(ViTHost):
         d = attn.embed_dim
         w, bias = attn.in_proj_weight, attn.in_proj_bias
         q = F.linear(h, w[:d], None if bias is None else bias[:d])
-        k = F.linear(h, w[d:2 * d], None if bias is None else bias[d:2 * d])
+        k = F.linear(h, w[d : 2 * d], None if bias is None else bias[d : 2 * d])
         b, n, _ = h.shape
         return (q.view(b, n, self.num_heads, -1).transpose(1, 2), k.view(b, n, self.num_heads, -1).transpose(1, 2))
 
@@ -230,8 +235,10 @@ class OpenCLIPHost(ViTHost):
         names = ("k_x", "v_x", "attn_mask")
         given = {**dict(zip(names, args)), **{n: kwargs.get(n) for n in names if n in kwargs}}
         if any(v is not None for v in given.values()):
-            raise ValueError("token reduction supports plain self-attention open_clip blocks (no k_x / v_x / "
-                             f"attn_mask), got {sorted(n for n, v in given.items() if v is not None)}")
+            raise ValueError(
+                "token reduction supports plain self-attention open_clip blocks (no k_x / v_x / "
+                f"attn_mask), got {sorted(n for n, v in given.items() if v is not None)}"
+            )
 
 
 def _is_instance(model, module_name: str, class_name: str) -> bool:
@@ -252,8 +259,9 @@ def find_vit_host(model) -> ViTHost | None:
         core = getattr(model, "vision_model", model)
         if hasattr(core, "encoder") and hasattr(core, "embeddings"):
             return HFHost(model, core)
-    if _is_instance(model, "open_clip.model", "CLIP") and _is_instance(getattr(model, "visual", None),
-                                                                      "open_clip.transformer", "VisionTransformer"):
+    if _is_instance(model, "open_clip.model", "CLIP") and _is_instance(
+        getattr(model, "visual", None), "open_clip.transformer", "VisionTransformer"
+    ):
         return OpenCLIPHost(model, model.visual)
     if _is_instance(model, "open_clip.transformer", "VisionTransformer"):
         return OpenCLIPHost(model, model)
@@ -261,5 +269,8 @@ def find_vit_host(model) -> ViTHost | None:
 
 
 def vit_host_names() -> list[str]:
-    return ["timm VisionTransformer", "transformers CLIPVisionModel / SiglipVisionModel",
-            "open_clip CLIP / VisionTransformer"]
+    return [
+        "timm VisionTransformer",
+        "transformers CLIPVisionModel / SiglipVisionModel",
+        "open_clip CLIP / VisionTransformer",
+    ]

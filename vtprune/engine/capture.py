@@ -18,8 +18,9 @@ import dataclasses
 import functools
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,8 +70,12 @@ class VisionCapture:
         #: "cls" or "received" (the method's ``importance`` option resolved on this model); None: no vision scores
         self.importance: str | None = None
         if self.signals & {"cls_attention", "vision_keys"}:
-            self.importance = resolve_importance(method.name, getattr(method.config, "importance", "cls"),
-                                                 adapter.config.model_type, adapter.has_cls_token)
+            self.importance = resolve_importance(
+                method.name,
+                getattr(method.config, "importance", "cls"),
+                adapter.config.model_type,
+                adapter.has_cls_token,
+            )
             adapter.check_cls_strategy(self.importance)
             if self.importance == "received" and type(adapter).vision_qk is ModelAdapter.vision_qk:
                 adapter.vision_qk(None, (), {})  # the default raises the family's "not implemented" ValueError
@@ -193,14 +198,19 @@ class VisionCapture:
         if received:  # per layer [N] (tower order) / [N, Dh] -> per image [crops, L, P(, Dh)] in packing order
             split = self.adapter.split_vision_tokens
             received = [torch.stack(layers, 1) for layers in zip(*(split(r, call, counts) for r in received))]
-            keys = ([torch.stack(layers, 1) for layers in zip(*(split(k, call, counts) for k in keys))] if keys
-                    else [None] * len(feats))
+            keys = (
+                [torch.stack(layers, 1) for layers in zip(*(split(k, call, counts) for k in keys))]
+                if keys
+                else [None] * len(feats)
+            )
         else:
             received = [None] * len(feats)
             keys = torch.split(torch.stack(keys, dim=1), counts) if keys else [None] * len(feats)
         if len(received) != len(feats) or len(keys) != len(feats):
-            raise RuntimeError(f"{type(self.adapter).__name__}.split_vision_tokens gave {len(received)} images for "
-                               f"a feature call of {len(feats)}")
+            raise RuntimeError(
+                f"{type(self.adapter).__name__}.split_vision_tokens gave {len(received)} images for "
+                f"a feature call of {len(feats)}"
+            )
         if projected:
             if len(projected) != 1:
                 raise RuntimeError(f"the projector ran {len(projected)} times in one feature call; expected once")

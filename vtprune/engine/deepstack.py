@@ -30,7 +30,7 @@ class DeepStack:
     changed: bool = False  # a point compacted or merged: the host's own injection no longer fits
 
     @staticmethod
-    def from_host(visual_pos_masks: torch.Tensor, levels: list[torch.Tensor]) -> "DeepStack":
+    def from_host(visual_pos_masks: torch.Tensor, levels: list[torch.Tensor]) -> DeepStack:
         mask = visual_pos_masks.bool()
         index = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
         index[mask] = torch.arange(int(mask.sum()), device=mask.device)
@@ -44,17 +44,20 @@ class DeepStack:
         self.index = layout.take(self.index, 1).masked_fill(~layout.valid, -1)
         self.changed = True
 
-    def merge(self, row: int, slots: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor | None, name: str,
-              layer: int = 0) -> None:
+    def merge(
+        self, row: int, slots: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor | None, name: str, layer: int = 0
+    ) -> None:
         """A merging method at decoder layer ``layer`` (0: vision entry) replaced the vectors of ``slots[kept]`` (row
         ``row``) by ``weights [k, n] @`` the vectors of ``slots`` (the unit's tokens before it selected): every level
         still to be injected (level i joins after layer i, so those with ``i >= layer``) is merged the same way."""
         if layer >= len(self.banks):
             return  # every level was injected before this point: nothing left to merge
         if weights is None:
-            raise ValueError(f"method {name!r} merges tokens without saying how (Selection.weights): the DeepStack "
-                             "levels of the merged tokens cannot be merged the same way; use a selecting method or "
-                             "prune after the last DeepStack layer")
+            raise ValueError(
+                f"method {name!r} merges tokens without saying how (Selection.weights): the DeepStack "
+                "levels of the merged tokens cannot be merged the same way; use a selecting method or "
+                "prune after the last DeepStack layer"
+            )
         rows = self.index[row, slots]
         if bool((rows < 0).any()):
             raise RuntimeError("a merged token holds no DeepStack row")

@@ -37,7 +37,7 @@ class Layout:
         return (self.valid.long().cumsum(1) - 1).clamp(min=0)
 
     @staticmethod
-    def from_keep(keep: torch.Tensor) -> "Layout":
+    def from_keep(keep: torch.Tensor) -> Layout:
         """The compaction keeping the True columns of ``keep`` ``[B, S]`` (bool)."""
         b, s = keep.shape
         counts = keep.sum(1)

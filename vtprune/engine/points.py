@@ -10,8 +10,9 @@ of the layers after it, in prefill and in every step that continues a pruned cac
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -125,8 +126,9 @@ class Forward:
         return slot_of[unit.positions[unit.present]]
 
 
-def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.Tensor], ImageInputs],
-           sticky: dict | None) -> torch.Tensor | None:
+def select(
+    point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.Tensor], ImageInputs], sticky: dict | None
+) -> torch.Tensor | None:
     """Run ``point``'s method on every unit. Returns the keep mask ``[B, L]`` over the current sequence's real
     tokens, or None when no visual token is dropped; narrows each unit's ``present`` and sets its ``merged``."""
     keep = fwd.real.clone()
@@ -139,9 +141,12 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
         k = method.point_budget(n, unit.positions.numel(), point.layer)
         if k >= n:  # keeps everything: the method is not called (nor stored for reuse)
             if n < unit.positions.numel() and any(r.pruned and r.point.method is not method for r in fwd.records):
-                warnings.warn(f"schedule: {point.describe()} keeps every token that reaches it (its budget is at "
-                              "least what the earlier step(s) left of an image) and does nothing there; give it a "
-                              "smaller budget", stacklevel=2)
+                warnings.warn(
+                    f"schedule: {point.describe()} keeps every token that reaches it (its budget is at "
+                    "least what the earlier step(s) left of an image) and does nothing there; give it a "
+                    "smaller budget",
+                    stacklevel=2,
+                )
             continue
         slots = fwd.slots(unit)
         key = (point.layer, unit.key, n)
@@ -150,8 +155,14 @@ def select(point: PrunePoint, fwd: Forward, make_inputs: Callable[[Unit, torch.T
         else:
             inputs = make_inputs(unit, slots)
             inputs.k, inputs.layer, inputs.n_original = k, point.layer, unit.positions.numel()
-            kept = check_selection(point.method, point.describe(), point.method.select(inputs.hide_undeclared(
-                point.method)), n, k, slots.device)
+            kept = check_selection(
+                point.method,
+                point.describe(),
+                point.method.select(inputs.hide_undeclared(point.method)),
+                n,
+                k,
+                slots.device,
+            )
             if sticky is not None:
                 sticky[key] = kept
         if kept.merged is not None:
@@ -325,8 +336,9 @@ def reads_previous_layer(point: PrunePoint) -> bool:
     return point.kind == LATE_DROP or bool(point.method.signals & {"text_attention", "keys", "queries"})
 
 
-def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary, hidden=None, layer_rope=None,
-                compact: bool = False) -> None:
+def llm_signals(
+    point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary, hidden=None, layer_rope=None, compact: bool = False
+) -> None:
     """The point's signals on the current sequence: from layer K-1's captured q_proj / k_proj outputs
     (``text_attention``, ``keys``, ``queries``), or recomputed on layer K's input ``hidden`` with layer K's input
     norm, q/k projections and rotary tables ``layer_rope`` (``layer_attention``)."""
@@ -353,8 +365,12 @@ def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary, hidde
         if "keys" in signals:
             fwd.signals["keys"] = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
         if "queries" in signals:
-            fwd.signals["queries"] = (rope_queries(attn, fwd.signals.pop("_q_all"), rope, rope_fn, gated=adapter.gated_query),
-                                      k, attn.scaling, adapter.sliding_window(signal_layer))
+            fwd.signals["queries"] = (
+                rope_queries(attn, fwd.signals.pop("_q_all"), rope, rope_fn, gated=adapter.gated_query),
+                k,
+                attn.scaling,
+                adapter.sliding_window(signal_layer),
+            )
         if "rope_gravity" in signals:
             fwd.signals["rope_gravity"] = rope_ones(k, rope, rope_fn)
     if "layer_attention" in signals:
@@ -369,8 +385,18 @@ def llm_signals(point: PrunePoint, fwd: Forward, adapter, rope_fn, rotary, hidde
         fwd.signals["text_attention"] = query_attention(q, k, attn.scaling, visible(point.layer))
 
 
-def shorten(fwd: Forward, layout: Layout, start: int, hidden, kwargs, cache, masks_fn, rotary, compact_positions,
-            layer_types=None):
+def shorten(
+    fwd: Forward,
+    layout: Layout,
+    start: int,
+    hidden,
+    kwargs,
+    cache,
+    masks_fn,
+    rotary,
+    compact_positions,
+    layer_types=None,
+):
     """The cut layer's inputs (hidden states, rotary tables, masks) for the compacted sequence; the layers after it
     get the same overrides. ``layer_types`` (rotary per layer type): ``{type: first layer >= start of that type}``,
     each type's tables computed at the slots' positions (``fwd.positions``) and handed to its layers."""
@@ -429,7 +455,8 @@ def layer_masks(adapter, num_layers: int):
 
     def fn(hidden, mask2d, cache, start, token_types=None):
         blocks = adapter.block_ids(token_types) if token_types is not None else None
-        return compat.causal_masks(adapter.language_model.config, hidden, mask2d, cache,
-                                   first_layers(adapter, start, num_layers), blocks)
+        return compat.causal_masks(
+            adapter.language_model.config, hidden, mask2d, cache, first_layers(adapter, start, num_layers), blocks
+        )
 
     return fn

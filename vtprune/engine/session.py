@@ -19,7 +19,7 @@ Nothing changes a class or the attention implementation; ``remove`` undoes every
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,7 +36,6 @@ from .layout import ORPHANED_CACHE, STATIC_CACHE, attach_prompt, detach_prompt, 
 from .stats import make_stats
 from .units import Unit, attach_real_masks, find_units
 
-
 _ABSENT = object()  # an attribute the instance did not have before ``_wrap``
 
 
@@ -45,8 +44,10 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
     pts = []
     for method in methods:
         if method.kept_count not in KEPT_COUNTS:
-            raise ValueError(f"method {method.name!r} declares kept_count={method.kept_count!r}; allowed: "
-                             f"{KEPT_COUNTS} (see vtprune.methods.base.Method.kept_count)")
+            raise ValueError(
+                f"method {method.name!r} declares kept_count={method.kept_count!r}; allowed: "
+                f"{KEPT_COUNTS} (see vtprune.methods.base.Method.kept_count)"
+            )
         if method.stage == "llm":
             pts.extend(P.PrunePoint(method, k, P.LLM) for k in method.layers(num_layers))
         else:
@@ -56,8 +57,10 @@ def build_points(methods: list[Method], num_layers: int) -> list[P.PrunePoint]:
     pts.sort(key=lambda p: p.layer)
     for a, b in zip(pts, pts[1:]):
         if a.layer == b.layer:
-            raise ValueError(f"two methods act at one prune point: {a.describe()} and {b.describe()}; "
-                             "a schedule takes one method per point (vision entry, or decoder layer K)")
+            raise ValueError(
+                f"two methods act at one prune point: {a.describe()} and {b.describe()}; "
+                "a schedule takes one method per point (vision entry, or decoder layer K)"
+            )
     check_later_budgets([p for p in pts if p.kind != P.LATE_DROP])
     return pts
 
@@ -84,13 +87,19 @@ def check_later_budgets(selecting: list[P.PrunePoint]) -> None:
             ca = a.method.config
             if a.method is b.method:
                 continue
-            same = (id(a.method) in one and a.method.kept_count in ("budget", "at_most") and ca.keep is not None
-                    and cb.keep is not None and cb.keep >= ca.keep)
+            same = (
+                id(a.method) in one
+                and a.method.kept_count in ("budget", "at_most")
+                and ca.keep is not None
+                and cb.keep is not None
+                and cb.keep >= ca.keep
+            )
             if (cb.ratio == 1.0 and ca.ratio != 1.0) or same:
                 raise ValueError(
                     f"schedule: {b.describe()} with {budget(cb)} acts after {a.describe()} with {budget(ca)}, so it "
                     "keeps every token that reaches it and does nothing; give the later step a smaller budget "
-                    f"({f'keep < {ca.keep}' if ca.keep is not None else 'keep=N'} or ratio < 1), or leave it out")
+                    f"({f'keep < {ca.keep}' if ca.keep is not None else 'keep=N'} or ratio < 1), or leave it out"
+                )
 
 
 def check_signal_layer(point: P.PrunePoint, adapter: ModelAdapter, num_layers: int) -> None:
@@ -138,11 +147,15 @@ class Session:
                 "positions, whose image-grid layout has no compact form: use positions='original'"
             )
         if self.compact and len(self.methods) > 1:
-            raise ValueError(f"positions='compact' needs a single method; this schedule has {len(self.methods)} "
-                             f"({', '.join(p.describe() for p in self.points)}): use positions='original'")
+            raise ValueError(
+                f"positions='compact' needs a single method; this schedule has {len(self.methods)} "
+                f"({', '.join(p.describe() for p in self.points)}): use positions='original'"
+            )
         if self.compact and any(p.kind == P.LATE_DROP for p in self.points):
-            raise ValueError("positions='compact' does not combine with a late drop (todre): pass late_drop=False or "
-                             "positions='original'")
+            raise ValueError(
+                "positions='compact' does not combine with a late drop (todre): pass late_drop=False or "
+                "positions='original'"
+            )
         if self.decoder_points and (why := adapter.unsupported_llm_stage()):
             names = sorted({p.method.name for p in self.decoder_points.values()})
             raise ValueError(f"method(s) {names} prune inside the LLM, which {why}")
@@ -150,8 +163,9 @@ class Session:
             check_signal_layer(point, adapter, self.num_layers)
         self.visual_ids = adapter.visual_token_ids()
         self._needs_embeds = any("prompt_embeds" in p.method.signals for p in self.decoder_points.values())
-        self.pad_threshold = next((m.config.pad_threshold for m in self.methods
-                                   if hasattr(m.config, "pad_threshold")), 0.5)
+        self.pad_threshold = next(
+            (m.config.pad_threshold for m in self.methods if hasattr(m.config, "pad_threshold")), 0.5
+        )
         self.fwd: P.Forward | None = None
         self.stats: PruneStats | None = None
         #: generate(use_cache=False) re-runs the prompt at every step: selections are reused for the whole call
@@ -174,8 +188,10 @@ class Session:
         self.installed = False
 
     def __deepcopy__(self, memo):
-        raise TypeError("a model patched by vtprune cannot be deep-copied (its hooks and wrapped methods belong to "
-                        "this instance): vtprune.unpatch(model), copy it, then patch each copy")
+        raise TypeError(
+            "a model patched by vtprune cannot be deep-copied (its hooks and wrapped methods belong to "
+            "this instance): vtprune.unpatch(model), copy it, then patch each copy"
+        )
 
     # -- install / remove -----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -280,8 +296,9 @@ class Session:
             config = kwargs.get("generation_config") or self.model.generation_config
             use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
             sticky = {} if use_cache is False and self._reads_text else None
-            visual = any(kwargs.get(k) is not None
-                         for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+            visual = any(
+                kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+            )
             if visual and (chunk := compat.prefill_chunk_size(self.model, kwargs)) is not None:
                 raise ValueError(
                     f"generate(prefill_chunk_size={chunk}) with images on a pruned model: transformers runs the prompt "
@@ -343,9 +360,12 @@ class Session:
             if prompt.owner is not self:
                 raise ValueError(ORPHANED_CACHE)
             if has_visual:
-                raise ValueError("new images on a KV cache that vtprune pruned are not supported; start a new "
-                                 "prompt (no cache)")
-            self.fwd = P.Forward(input_ids=input_ids, prefill=False, prompt=prompt, mask_in=kwargs.get("attention_mask"))
+                raise ValueError(
+                    "new images on a KV cache that vtprune pruned are not supported; start a new prompt (no cache)"
+                )
+            self.fwd = P.Forward(
+                input_ids=input_ids, prefill=False, prompt=prompt, mask_in=kwargs.get("attention_mask")
+            )
             return
         if not has_visual:
             self.fwd = None
@@ -364,12 +384,20 @@ class Session:
         rows = self._generate_ids.shape[0] if self._generate_ids is not None else None
         #: generate repeats each prompt row in place (repeat_interleave) for beams / return sequences
         copies = input_ids.shape[0] // rows if rows and input_ids.shape[0] % rows == 0 else 1
-        self.fwd = P.Forward(input_ids=input_ids, prefill=True, image_sizes=self.image_sizes,
-                             mask_in=kwargs.get("attention_mask"), row_copies=copies, prompt_end=prompt_end)
+        self.fwd = P.Forward(
+            input_ids=input_ids,
+            prefill=True,
+            image_sizes=self.image_sizes,
+            mask_in=kwargs.get("attention_mask"),
+            row_copies=copies,
+            prompt_end=prompt_end,
+        )
         if self.adapter.token_types_key is not None and (types := kwargs.get(self.adapter.token_types_key)) is not None:
             if tuple(types.shape) != tuple(input_ids.shape):
-                raise ValueError(f"{self.adapter.token_types_key} has shape {tuple(types.shape)}; expected the shape of "
-                                 f"input_ids {tuple(input_ids.shape)} (one type per prompt token)")
+                raise ValueError(
+                    f"{self.adapter.token_types_key} has shape {tuple(types.shape)}; expected the shape of "
+                    f"input_ids {tuple(input_ids.shape)} (one type per prompt token)"
+                )
             self.fwd.token_types = types.to(input_ids.device).long()
         self.image_sizes = None
         texts, self.instructions = self.instructions, None
@@ -422,15 +450,21 @@ class Session:
             return original(logits, labels, *args, **kwargs)
         cols, real, shape = columns
         if kwargs.get("shift_labels") is not None:
-            raise ValueError("shift_labels (labels already shifted by one column) cannot follow a pruned prompt: the "
-                             "token after a kept one is the next kept one, not the next column. Pass labels (one per "
-                             "prompt column); vtprune compacts them to the kept tokens")
+            raise ValueError(
+                "shift_labels (labels already shifted by one column) cannot follow a pruned prompt: the "
+                "token after a kept one is the next kept one, not the next column. Pass labels (one per "
+                "prompt column); vtprune compacts them to the kept tokens"
+            )
         if tuple(labels.shape) != shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)}; a patched model needs one label per prompt "
-                             f"column, the shape of input_ids {shape}")
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)}; a patched model needs one label per prompt "
+                f"column, the shape of input_ids {shape}"
+            )
         if logits.shape[1] != cols.shape[1]:
-            raise ValueError(f"the loss got logits for {logits.shape[1]} positions but the pruned prompt has "
-                             f"{cols.shape[1]}: compute the loss with logits_to_keep=0 (the default)")
+            raise ValueError(
+                f"the loss got logits for {logits.shape[1]} positions but the pruned prompt has "
+                f"{cols.shape[1]}: compute the loss with logits_to_keep=0 (the default)"
+            )
         ignore = kwargs.get("ignore_index", -100)
         device = labels.device
         kept = labels.gather(1, cols.to(device)).masked_fill(~real.to(device), ignore)
@@ -481,8 +515,9 @@ class Session:
         # always pass a mask (kept position ids have gaps, which transformers would read as packed sequences)
         kwargs["attention_mask"] = layout.compress_mask(fwd.mask2d.long(), s)
         if fwd.token_types is not None:  # each image's kept tokens: one bidirectional block (the host's masks, rebuilt)
-            kwargs["attention_mask"] = self._masks(kwargs["inputs_embeds"], kwargs["attention_mask"],
-                                                   compat.get_cache(kwargs), 0, fwd.current_types())
+            kwargs["attention_mask"] = self._masks(
+                kwargs["inputs_embeds"], kwargs["attention_mask"], compat.get_cache(kwargs), 0, fwd.current_types()
+            )
         kwargs["position_ids"] = layout.compact_positions() if self.compact else layout.take(pos, -1)
         if fwd.positions is not None and self.compact:
             fwd.positions = kwargs["position_ids"]
@@ -529,8 +564,9 @@ class Session:
     def _find_units(self, fwd: P.Forward) -> list[Unit]:
         units = find_units(fwd.input_ids, self.visual_ids, fwd.features, self.capture.info, tiled=self.adapter.tiled)
         if fwd.image_sizes is not None:
-            attach_real_masks(self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold,
-                              copies=fwd.row_copies)
+            attach_real_masks(
+                self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold, copies=fwd.row_copies
+            )
         needs = self.capture.signals & {"features", "cls_attention", "projector_inputs", "vision_keys"}
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(
@@ -547,15 +583,17 @@ class Session:
         if "prompt_embeds" in signals:  # the row's real text tokens after the image (all of them if none follows)
             fwd = self.fwd
             after = torch.zeros_like(fwd.mask2d[unit.row])
-            after[int(unit.positions[-1]) + 1:] = True
+            after[int(unit.positions[-1]) + 1 :] = True
             visual = torch.isin(fwd.input_ids[unit.row], torch.tensor(self.visual_ids, device=after.device))
             text = fwd.prompt_mask[unit.row] & ~visual
             extra["prompt_embeds"] = embeds[unit.row, after & text if bool((after & text).any()) else text]
         if "instruction" in signals:
             texts = self.fwd.signals.get("instructions")
             if texts is not None and len(texts) != self.fwd.input_ids.shape[0]:
-                raise ValueError(f"vtprune.set_instructions gave {len(texts)} text(s) for a batch of "
-                                 f"{self.fwd.input_ids.shape[0]} prompt(s); give one instruction per prompt row")
+                raise ValueError(
+                    f"vtprune.set_instructions gave {len(texts)} text(s) for a batch of "
+                    f"{self.fwd.input_ids.shape[0]} prompt(s); give one instruction per prompt row"
+                )
             extra["instruction"] = texts[unit.row] if texts is not None else None
         return ImageInputs(
             n=n,
@@ -631,8 +669,9 @@ class Session:
             if point.layer not in fwd.decode_masks:
                 return None
             kwargs.pop("hidden_states", None)
-            masks = P.decode_at(fwd, point.layer, hidden, kwargs, cache, self._masks, self._rotary,
-                                self._rope_types(point.layer))
+            masks = P.decode_at(
+                fwd, point.layer, hidden, kwargs, cache, self._masks, self._rotary, self._rope_types(point.layer)
+            )
             kwargs["attention_mask"] = masks[self.adapter.layer_type(point.layer)]
             return (hidden,), kwargs
         if fwd.cols is None:
@@ -641,15 +680,17 @@ class Session:
             fwd.signals.clear()
             return None  # the method's own first point kept everything: so does its late drop
         t0 = clock()
-        P.llm_signals(point, fwd, self.adapter, self._rope, self._rotary, hidden, kwargs.get("position_embeddings"),
-                      self.compact)
+        P.llm_signals(
+            point, fwd, self.adapter, self._rope, self._rotary, hidden, kwargs.get("position_embeddings"), self.compact
+        )
         late_dropped = None
         if point.kind == P.LATE_DROP:
             keep, late_dropped = P.late_drop(fwd, point, self.visual_ids, self._sticky)
         else:
             final_norm = self.adapter.final_norm
-            keep = P.select(point, fwd, lambda unit, slots: P.llm_inputs(fwd, point, unit, slots, hidden, final_norm),
-                            self._sticky)
+            keep = P.select(
+                point, fwd, lambda unit, slots: P.llm_inputs(fwd, point, unit, slots, hidden, final_norm), self._sticky
+            )
         fwd.signals.clear()
         self._record(fwd, point, keep, t0, late_dropped)
         if keep is None:
@@ -657,8 +698,18 @@ class Session:
         kwargs.pop("hidden_states", None)
         hidden = P.merge(fwd, hidden, point.method.name, point.layer)
         layout = P.compact(fwd, keep, start=point.layer)
-        hidden, masks = P.shorten(fwd, layout, point.layer, hidden, kwargs, cache, self._masks, self._rotary,
-                                  self.compact, self._rope_types(point.layer))
+        hidden, masks = P.shorten(
+            fwd,
+            layout,
+            point.layer,
+            hidden,
+            kwargs,
+            cache,
+            self._masks,
+            self._rotary,
+            self.compact,
+            self._rope_types(point.layer),
+        )
         kwargs["attention_mask"] = masks[self.adapter.layer_type(point.layer)]
         return (hidden,), kwargs
 

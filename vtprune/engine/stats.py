@@ -23,9 +23,15 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
         n_in[unit.row] += unit.positions.numel()
         n_kept[unit.row] += unit.present.numel()
     stages = [
-        StageStats(method=r.point.method.name, stage=r.point.stage, layer=r.point.layer if r.point.layer else None,
-                   visual_tokens_kept=list(r.kept), select_ms=r.select_ms, late_drop=r.point.kind == LATE_DROP,
-                   visual_tokens_nominal=list(r.nominal) if r.nominal is not None else None)
+        StageStats(
+            method=r.point.method.name,
+            stage=r.point.stage,
+            layer=r.point.layer if r.point.layer else None,
+            visual_tokens_kept=list(r.kept),
+            select_ms=r.select_ms,
+            late_drop=r.point.kind == LATE_DROP,
+            visual_tokens_nominal=list(r.nominal) if r.nominal is not None else None,
+        )
         for r in fwd.records
     ]
     merged_into = _merged_into(fwd, b, n_in)
@@ -75,7 +81,7 @@ def _merged_into(fwd: Forward, b: int, n_in: list[int]) -> list[torch.Tensor | N
             out[unit.row] = torch.full((n_in[unit.row],), -1, dtype=torch.long)
         weights = weights.detach().float().cpu()
         carrier = unit.present.cpu()[weights.argmax(0)] + start  # present: the kept tokens, in weights' row order
-        out[unit.row][start:start + n] = torch.where(weights.abs().sum(0) > 0, carrier, -1)
+        out[unit.row][start : start + n] = torch.where(weights.abs().sum(0) > 0, carrier, -1)
         out[unit.row][unit.present.cpu() + start] = unit.present.cpu() + start
     return out
 

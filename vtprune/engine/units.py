@@ -8,8 +8,8 @@ with its features and vision-side record), the padding masks of padded-to-square
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -82,8 +82,9 @@ def find_units(input_ids: torch.Tensor, visual_ids, features: dict, info: Callab
     return units
 
 
-def attach_real_masks(adapter: ModelAdapter, input_ids, units: list[Unit], sizes, threshold: float,
-                      copies: int = 1) -> None:
+def attach_real_masks(
+    adapter: ModelAdapter, input_ids, units: list[Unit], sizes, threshold: float, copies: int = 1
+) -> None:
     """Padding masks of padded-to-square images from their original ``(w, h)`` sizes (one per image, in order).
     ``copies``: ``generate`` repeated each prompt row that many times in place (beams / return sequences), so
     ``sizes`` may also be given once per image of the original prompt rows."""
@@ -92,12 +93,14 @@ def attach_real_masks(adapter: ModelAdapter, input_ids, units: list[Unit], sizes
         per_row = [sum(1 for u in images if u.row == r) for r in range(input_ids.shape[0])]
         chunks, at = [], 0
         for r in range(0, input_ids.shape[0], copies):  # the first copy of each original row
-            chunks.append(list(sizes[at: at + per_row[r]]))
+            chunks.append(list(sizes[at : at + per_row[r]]))
             at += per_row[r]
         sizes = [s for r in range(input_ids.shape[0]) for s in chunks[r // copies]]
     if len(images) != len(sizes):
-        raise ValueError(f"vtprune.set_image_sizes gave {len(sizes)} size(s) but the prompt has "
-                         f"{len(images)} image(s); give one (width, height) per image, in order")
+        raise ValueError(
+            f"vtprune.set_image_sizes gave {len(sizes)} size(s) but the prompt has "
+            f"{len(images)} image(s); give one (width, height) per image, in order"
+        )
     for unit, size in zip(images, sizes):
         unit.real_mask = adapter.real_patch_mask(size, unit.positions.numel(), threshold).to(unit.positions.device)
 
@@ -115,12 +118,16 @@ def check_selection(method: Method, where: str, out, n: int, k: int, device) -> 
     if isinstance(kept, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
         kept = torch.tensor(kept, dtype=torch.long, device=device)
     if not isinstance(kept, torch.Tensor):
-        raise TypeError(f"{name} returned {type(kept).__name__}; expected a 1-D int64 tensor of kept indices (or a "
-                        "list of ints), or a vtprune.methods.base.Selection")
+        raise TypeError(
+            f"{name} returned {type(kept).__name__}; expected a 1-D int64 tensor of kept indices (or a "
+            "list of ints), or a vtprune.methods.base.Selection"
+        )
     if kept.dtype != torch.long or kept.ndim != 1:
         hint = " (a keep mask? return mask.nonzero().squeeze(1))" if kept.dtype == torch.bool else ""
-        raise TypeError(f"{name} returned a tensor of shape {tuple(kept.shape)} and dtype {kept.dtype}{hint}; "
-                        "expected a 1-D int64 tensor of kept indices")
+        raise TypeError(
+            f"{name} returned a tensor of shape {tuple(kept.shape)} and dtype {kept.dtype}{hint}; "
+            "expected a 1-D int64 tensor of kept indices"
+        )
     count = method.kept_count
     low, high = (k, k) if count == "budget" else (1, k if count == "at_most" else n)
     if not low <= kept.numel() <= high:
@@ -128,10 +135,13 @@ def check_selection(method: Method, where: str, out, n: int, k: int, device) -> 
         raise RuntimeError(
             f"{name} returned {kept.numel()} indices for an image of {n} visual tokens with a budget of {k}; "
             f"expected {expected} (kept_count={count!r}; a method whose count differs from the budget declares "
-            "kept_count='at_most' or 'own')")
+            "kept_count='at_most' or 'own')"
+        )
     if int(kept.min()) < 0 or int(kept.max()) >= n:
-        raise RuntimeError(f"{name} returned indices from {int(kept.min())} to {int(kept.max())}; expected indices "
-                           f"in [0, {n}) (the image's {n} visual tokens)")
+        raise RuntimeError(
+            f"{name} returned indices from {int(kept.min())} to {int(kept.max())}; expected indices "
+            f"in [0, {n}) (the image's {n} visual tokens)"
+        )
     if bool((kept[1:] <= kept[:-1]).any()):
         what = "duplicates" if kept.unique().numel() < kept.numel() else "indices out of order"
         raise RuntimeError(f"{name} returned {what}; expected ascending unique indices (e.g. kept.unique())")
@@ -139,12 +149,17 @@ def check_selection(method: Method, where: str, out, n: int, k: int, device) -> 
     for field, rows in (("merged", sel.merged), ("weights", sel.weights)):
         if rows is None:
             continue
-        if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] != kept.numel() or (
-                field == "weights" and rows.shape[1] != n):
+        if (
+            not isinstance(rows, torch.Tensor)
+            or rows.ndim != 2
+            or rows.shape[0] != kept.numel()
+            or (field == "weights" and rows.shape[1] != n)
+        ):
             shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
             want = f"[{kept.numel()}, D]" if field == "merged" else f"[{kept.numel()}, {n}]"
-            raise RuntimeError(f"{name} returned Selection.{field} of shape {shape}; expected {want} (one row per "
-                               "kept index)")
+            raise RuntimeError(
+                f"{name} returned Selection.{field} of shape {shape}; expected {want} (one row per kept index)"
+            )
     if sel.weights is not None and sel.merged is None:
         raise RuntimeError(f"{name} returned Selection.weights without merged vectors; give merged too")
     return Selection(kept, sel.merged, sel.weights)

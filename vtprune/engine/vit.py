@@ -98,8 +98,10 @@ class ViTSession:
         for i, block in enumerate(host.blocks):
             if "forward" in vars(block):
                 self.remove()
-                raise ValueError(f"block {i} ({type(block).__name__}) already has an instance-level forward (another "
-                                 "patch, e.g. the official ToMe/PiToMe apply_patch?); vtprune will not stack on it")
+                raise ValueError(
+                    f"block {i} ({type(block).__name__}) already has an instance-level forward (another "
+                    "patch, e.g. the official ToMe/PiToMe apply_patch?); vtprune will not stack on it"
+                )
             mods = host.qk_modules(block)
             if mods is not None:
                 self._handles.append(mods[0].register_forward_hook(self._capture("q")))
@@ -119,6 +121,7 @@ class ViTSession:
     def _capture(self, which):
         def hook(module, args, out):
             setattr(self.state, which, out)
+
         return hook
 
     # -------------------------------------------------------------------------------------------------- forward
@@ -134,8 +137,9 @@ class ViTSession:
             else:
                 name = next((n for n in ("x", "hidden_states", "q_x") if n in kwargs), None)
                 if name is None:
-                    raise TypeError(f"{type(block).__name__} called without its input tokens (got keywords "
-                                    f"{sorted(kwargs)})")
+                    raise TypeError(
+                        f"{type(block).__name__} called without its input tokens (got keywords {sorted(kwargs)})"
+                    )
                 x, rest = kwargs.pop(name), ()
             seq_first = not host.batch_first
             if index == 0:
@@ -196,9 +200,15 @@ class ViTSession:
         if index != len(self.host.blocks) - 1:
             return
         stats = ViTStats(
-            method=self.method.name, batch=state.batch, num_prefix=self.host.num_prefix,
-            patch_tokens_in=state.patches_in, patch_tokens_last=state.tokens[-1] - self.host.num_prefix,
-            block_tokens=list(state.tokens), block_tokens_out=list(state.tokens_out), select_ms=state.select_s * 1e3)
+            method=self.method.name,
+            batch=state.batch,
+            num_prefix=self.host.num_prefix,
+            patch_tokens_in=state.patches_in,
+            patch_tokens_last=state.tokens[-1] - self.host.num_prefix,
+            block_tokens=list(state.tokens),
+            block_tokens_out=list(state.tokens_out),
+            select_ms=state.select_s * 1e3,
+        )
         if state.patches_in == self.host.num_patches():
             stats.flops = vit_flops(self.model, stats.block_flops_tokens, batch=state.batch)
             stats.flops_full = vit_flops(self.model, batch=state.batch)

@@ -20,11 +20,24 @@ from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
 from .merge import visionzip_select
-from .pyramid import (dpc_knn_merge, pdrop_select, rope_gravity, sparsevlm_plus_attention, sparsevlm_raters,
-                      sparsevlm_rank_count, sparsevlm_select)
+from .pyramid import (
+    dpc_knn_merge,
+    pdrop_select,
+    rope_gravity,
+    sparsevlm_plus_attention,
+    sparsevlm_rank_count,
+    sparsevlm_raters,
+    sparsevlm_select,
+)
 from .scores import cls_scores, received_attention, topk_indices
 from .vit import (
-    merge_tokens, pitome_margins, pitome_match, reduction_schedule, tome_match, tome_schedule, wpr_scores,
+    merge_tokens,
+    pitome_margins,
+    pitome_match,
+    reduction_schedule,
+    tome_match,
+    tome_schedule,
+    wpr_scores,
     zerotprune_match,
 )
 from .zoo import zoo_select, zoo_sensitivity, zoo_sensitivity_jvp

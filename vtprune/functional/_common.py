@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional
 
 import torch
 
@@ -36,25 +35,25 @@ def check_tensor(
     name: str,
     x,
     ndim=None,
-    min_ndim: Optional[int] = None,
+    min_ndim: int | None = None,
     shape_hint: str = "",
     allow_bool: bool = False,
     finite: bool = False,
 ) -> torch.Tensor:
     """Check that ``x`` is a real-valued tensor with the given number of dimensions."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor{shape_hint and ' ' + shape_hint}, "
-                        f"got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor{shape_hint and ' ' + shape_hint}, got {type(x).__name__}")
     if x.is_complex() or (x.dtype == torch.bool and not allow_bool):
         raise TypeError(f"{name} must be a real (floating or integer) tensor, got dtype {x.dtype}")
     allowed = (ndim,) if isinstance(ndim, int) else ndim
     if allowed is not None and x.ndim not in allowed:
         want = " or ".join(f"{d}-D" for d in allowed)
-        raise ValueError(f"{name} must be {want}{shape_hint and ' ' + shape_hint}, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be {want}{shape_hint and ' ' + shape_hint}, got shape {tuple(x.shape)}")
     if min_ndim is not None and x.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimensions"
-                         f"{shape_hint and ' ' + shape_hint}, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions"
+            f"{shape_hint and ' ' + shape_hint}, got shape {tuple(x.shape)}"
+        )
     if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values; only finite values are allowed")
     return x
@@ -70,7 +69,7 @@ def as_int(value, what: str) -> int:
         raise TypeError(f"{what}, got {type(value).__name__} {value!r}") from None
 
 
-def check_int(name: str, value, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return ``value`` as a Python int (bools rejected), checking ``minimum <= value <= maximum``."""
     v = as_int(value, f"{name} must be an int")
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
@@ -88,7 +87,7 @@ def check_k(k, n: int, what: str = "tokens") -> int:
     return v
 
 
-def unit_rows(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def unit_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rows of ``x`` (cast to ``dtype``) divided by ``max(||row||_2, eps)``."""
     x = x.to(dtype or compute_dtype(x))
     # the native ops (csrc/ops.cpp unit_rows) make the same ATen calls: bitwise identical unit rows
@@ -116,7 +115,7 @@ def rowwise(x: torch.Tensor, row: torch.Tensor, fn) -> torch.Tensor:
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     for start in range(0, n, step):
         start = min(start, n - step)
-        out[start:start + step] = fn(x[start:start + step], row)
+        out[start : start + step] = fn(x[start : start + step], row)
     return out
 
 

@@ -23,8 +23,9 @@ VISPRUNER_ROUND = 8
 GRAM_ELEMENTS = 1 << 26
 
 
-def vispruner_select(cls_attn: torch.Tensor, features: torch.Tensor, k: int, important_ratio: float = 0.5
-                     ) -> torch.Tensor:
+def vispruner_select(
+    cls_attn: torch.Tensor, features: torch.Tensor, k: int, important_ratio: float = 0.5
+) -> torch.Tensor:
     """VisPruner token selection: important tokens by [CLS] attention, then diverse tokens by repeated bipartite
     duplicate removal (Theia-4869/VisPruner ``encode_images``, commit aefa01ad).
 
@@ -61,11 +62,15 @@ def vispruner_select(cls_attn: torch.Tensor, features: torch.Tensor, k: int, imp
     check_tensor("features", features, ndim=2, shape_hint="[N, C]", finite=True)
     n = cls_attn.shape[0]
     if features.shape[0] != n:
-        raise ValueError(f"cls_attn [N] and features [N, C] must agree on N, got {tuple(cls_attn.shape)} and "
-                         f"{tuple(features.shape)}")
+        raise ValueError(
+            f"cls_attn [N] and features [N, C] must agree on N, got {tuple(cls_attn.shape)} and {tuple(features.shape)}"
+        )
     k = check_k(k, n)
-    if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)) \
-            or not 0.0 <= float(important_ratio) <= 1.0:
+    if (
+        isinstance(important_ratio, bool)
+        or not isinstance(important_ratio, (int, float))
+        or not 0.0 <= float(important_ratio) <= 1.0
+    ):
         raise ValueError(f"important_ratio must be a number in [0, 1], got {important_ratio!r}")
     dt = compute_dtype(cls_attn, features)
     n_imp = int(k * float(important_ratio))
@@ -90,15 +95,17 @@ def vispruner_select(cls_attn: torch.Tensor, features: torch.Tensor, k: int, imp
         a, b = pos[0::2], pos[1::2]
         sim = gram.index_select(0, a).index_select(1, b) if gram is not None else units[a] @ units[b].T
         ranked = topk_lowtie(sim.max(dim=1).values, a.numel())  # descending score, ties -> earlier in A
-        pos = torch.cat([a[ranked[min(r, a.numel()):]], b])
+        pos = torch.cat([a[ranked[min(r, a.numel()) :]], b])
     kept = residual[pos] if gram is not None else pos
     return torch.cat([important, kept]).sort().values
 
 
 def _theta_exponent(theta) -> float:
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0.0 <= float(theta) < 1.0:
-        raise ValueError(f"theta must be None or a number in [0, 1) (relevance exponent alpha = theta / "
-                         f"(2 (1 - theta))), got {theta!r}")
+        raise ValueError(
+            f"theta must be None or a number in [0, 1) (relevance exponent alpha = theta / "
+            f"(2 (1 - theta))), got {theta!r}"
+        )
     return float(theta) / (2.0 * (1.0 - float(theta)))
 
 
@@ -110,8 +117,10 @@ def cdpruner_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor, th
     check_tensor("image_embeds", image_embeds, ndim=2, shape_hint="[N, C]", finite=True)
     check_tensor("text_embeds", text_embeds, ndim=2, shape_hint="[M, C]", finite=True)
     if text_embeds.shape[1] != image_embeds.shape[1] or text_embeds.shape[0] < 1:
-        raise ValueError(f"text_embeds must be [M >= 1, C] with the C of image_embeds [N, C], got "
-                         f"{tuple(text_embeds.shape)} and {tuple(image_embeds.shape)}")
+        raise ValueError(
+            f"text_embeds must be [M >= 1, C] with the C of image_embeds [N, C], got "
+            f"{tuple(text_embeds.shape)} and {tuple(image_embeds.shape)}"
+        )
     dt = compute_dtype(image_embeds, text_embeds)
     rel = -(unit_rows(image_embeds, dt) @ unit_rows(text_embeds, dt).T).mean(dim=1)
     lo, hi = rel.min(), rel.max()
@@ -121,8 +130,9 @@ def cdpruner_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor, th
     return rel
 
 
-def cdpruner_select(features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: int,
-                    theta=None) -> torch.Tensor:
+def cdpruner_select(
+    features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: int, theta=None
+) -> torch.Tensor:
     """CDPruner: conditional DPP over the visual tokens, greedy MAP inference (Theia-4869/CDPruner
     ``encode_images``, commit 9541616c; Chen et al., "Fast Greedy MAP Inference for DPP", NeurIPS 2018).
 
@@ -148,8 +158,10 @@ def cdpruner_select(features: torch.Tensor, image_embeds: torch.Tensor, text_emb
     n = features.shape[0]
     check_tensor("image_embeds", image_embeds, ndim=2, shape_hint="[N, C]", finite=True)
     if image_embeds.shape[0] != n:
-        raise ValueError(f"features [N, D] and image_embeds [N, C] must agree on N, got {tuple(features.shape)} and "
-                         f"{tuple(image_embeds.shape)}")
+        raise ValueError(
+            f"features [N, D] and image_embeds [N, C] must agree on N, got {tuple(features.shape)} and "
+            f"{tuple(image_embeds.shape)}"
+        )
     k = check_k(k, n)
     rel = cdpruner_relevance(image_embeds, text_embeds, theta)
     dt = compute_dtype(features, rel)

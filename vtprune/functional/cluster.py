@@ -26,7 +26,7 @@ numbers and return the same labels.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -98,7 +98,7 @@ def _dbdpc_torch(dist: torch.Tensor, rank: torch.Tensor, cutoff: float) -> torch
                 if bool(done[a]):
                     continue
                 is_centre[rest[a]] = True
-                done[a + 1:] |= within[a, a + 1:]
+                done[a + 1 :] |= within[a, a + 1 :]
             break
         unassigned = rest
     centres = is_centre.nonzero().squeeze(1)
@@ -172,9 +172,16 @@ def _budget_labels(dist, rank, k: int, cutoff: float) -> tuple[torch.Tensor, flo
     return labels, cutoff
 
 
-def pact_merge(hidden: torch.Tensor, keys: torch.Tensor, k: Optional[int] = None, cutoff: Optional[float] = None,
-               importance: Optional[torch.Tensor] = None, prune_keep: float = PACT_PRUNE_KEEP,
-               coef_pruned: float = PACT_COEF_PRUNED, dc: float = PACT_DC) -> PactMerge:
+def pact_merge(
+    hidden: torch.Tensor,
+    keys: torch.Tensor,
+    k: int | None = None,
+    cutoff: float | None = None,
+    importance: torch.Tensor | None = None,
+    prune_keep: float = PACT_PRUNE_KEEP,
+    coef_pruned: float = PACT_COEF_PRUNED,
+    dc: float = PACT_DC,
+) -> PactMerge:
     """PACT's clustering and merging of one image's tokens: DBDPC on ``keys``, cluster means of ``hidden``.
 
     1. Importance pruning (EUTI), only if ``importance`` [N] is given: the ``max(1, int(prune_keep * N))``
@@ -209,8 +216,10 @@ def pact_merge(hidden: torch.Tensor, keys: torch.Tensor, k: Optional[int] = None
     check_tensor("keys", keys, ndim=2, shape_hint="[N, Dk]", finite=True)
     n = hidden.shape[0]
     if n < 1 or keys.shape[0] != n:
-        raise ValueError(f"hidden and keys must hold the same N >= 1 tokens, got hidden {tuple(hidden.shape)} "
-                         f"and keys {tuple(keys.shape)}")
+        raise ValueError(
+            f"hidden and keys must hold the same N >= 1 tokens, got hidden {tuple(hidden.shape)} "
+            f"and keys {tuple(keys.shape)}"
+        )
     if k is None and cutoff is None:
         raise ValueError("give a token budget k, a cutoff (official PACT: 0.21), or both")
     k = None if k is None else check_k(k, n)

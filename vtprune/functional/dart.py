@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -20,15 +20,23 @@ def _per_pivot_list(per_pivot, num_pivots: int) -> list:
     except TypeError:  # a single int for every pivot
         return [check_int("per_pivot", per_pivot, 0)] * num_pivots
     if len(items) != num_pivots:
-        raise ValueError(f"per_pivot has {len(items)} entries but there are {num_pivots} pivots "
-                         "(min(image_pivots, image_len) + min(text_pivots, number of text tokens "
-                         "after the image)); give one count per pivot, in ascending position order")
+        raise ValueError(
+            f"per_pivot has {len(items)} entries but there are {num_pivots} pivots "
+            "(min(image_pivots, image_len) + min(text_pivots, number of text tokens "
+            "after the image)); give one count per pivot, in ascending position order"
+        )
     return [check_int(f"per_pivot[{i}]", v, 0) for i, v in enumerate(items)]
 
 
-def dart_select(hidden: torch.Tensor, keys: torch.Tensor, image_start: int, image_len: int,
-                per_pivot: Union[int, Sequence[int]], image_pivots: int = 4,
-                text_pivots: int = 4) -> torch.Tensor:
+def dart_select(
+    hidden: torch.Tensor,
+    keys: torch.Tensor,
+    image_start: int,
+    image_len: int,
+    per_pivot: int | Sequence[int],
+    image_pivots: int = 4,
+    text_pivots: int = 4,
+) -> torch.Tensor:
     """DART token selection (ZichenWen1/DART): keep pivots plus the tokens least similar to them.
 
     1. Pivots: the ``image_pivots`` image tokens (positions ``image_start ..
@@ -65,8 +73,10 @@ def dart_select(hidden: torch.Tensor, keys: torch.Tensor, image_start: int, imag
     check_tensor("keys", keys, ndim=2, shape_hint="[S, Dk]", finite=True)
     seq = hidden.shape[0]
     if keys.shape[0] != seq:
-        raise ValueError(f"hidden and keys must have the same sequence length, got hidden "
-                         f"{tuple(hidden.shape)} and keys {tuple(keys.shape)}")
+        raise ValueError(
+            f"hidden and keys must have the same sequence length, got hidden "
+            f"{tuple(hidden.shape)} and keys {tuple(keys.shape)}"
+        )
     image_start = check_int("image_start", image_start, 0, max(seq - 1, 0))
     image_len = check_int("image_len", image_len, 1, seq - image_start)
     image_pivots = check_int("image_pivots", image_pivots, 0)
@@ -87,8 +97,9 @@ def dart_select(hidden: torch.Tensor, keys: torch.Tensor, image_start: int, imag
     image_units = units[image_start:image_end]
 
     if kernels.native(device):  # the per-pivot loop in one native call (csrc/cpu/select.cpp, csrc/cuda)
-        picks = torch.ops.vtprune.dart_pick(image_units.contiguous(), units[pivots].contiguous(),
-                                            img_piv.contiguous(), counts)
+        picks = torch.ops.vtprune.dart_pick(
+            image_units.contiguous(), units[pivots].contiguous(), img_piv.contiguous(), counts
+        )
         return torch.cat([img_piv, picks]).sort().values
 
     picks = dart_pick_torch(image_units, units[pivots], img_piv, counts)

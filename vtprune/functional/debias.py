@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Optional, Sequence
 
 import torch
 
@@ -28,8 +28,7 @@ def _real_fractions(lo: Fraction, hi: Fraction, grid: int, patch: Fraction) -> l
     return out
 
 
-def pad_mask(image_size: Sequence[int], grid: int = 24, resolution: int = 336,
-             threshold: float = 0.5) -> torch.Tensor:
+def pad_mask(image_size: Sequence[int], grid: int = 24, resolution: int = 336, threshold: float = 0.5) -> torch.Tensor:
     """Which patches of a padded-to-square image hold real content.
 
     LLaVA-1.5 pads an image of size ``(w, h)`` to a centred square of side ``s = max(w, h)`` and
@@ -54,16 +53,19 @@ def pad_mask(image_size: Sequence[int], grid: int = 24, resolution: int = 336,
     try:
         size = list(image_size)
     except TypeError:
-        raise TypeError("image_size must be a (width, height) pair of ints, "
-                        f"got {type(image_size).__name__}") from None
+        raise TypeError(f"image_size must be a (width, height) pair of ints, got {type(image_size).__name__}") from None
     if len(size) != 2:
         raise ValueError(f"image_size must be a (width, height) pair, got {len(size)} values: {size!r}")
     w = check_int("image_size[0] (width)", size[0], 1)
     h = check_int("image_size[1] (height)", size[1], 1)
     grid = check_int("grid", grid, 1)
     resolution = check_int("resolution", resolution, 1)
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
-            or not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not math.isfinite(threshold)
+        or not 0.0 <= threshold <= 1.0
+    ):
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
 
     side = max(w, h)
@@ -79,8 +81,9 @@ def pad_mask(image_size: Sequence[int], grid: int = 24, resolution: int = 336,
     return torch.tensor(mask, dtype=torch.bool)
 
 
-def debias_scores(scores: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def debias_scores(
+    scores: torch.Tensor, weight: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Debiased attention scores: ``out = scores * weight``, then ``out = 0`` where ``mask`` is False.
 
     ``weight`` is the recency de-trending weight ``w_i = 1 / trend(i)`` normalised to ``w_0 = 1``
@@ -108,8 +111,10 @@ def debias_scores(scores: torch.Tensor, weight: Optional[torch.Tensor] = None,
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
-            raise TypeError(f"mask must have dtype torch.bool (True = real content), got {mask.dtype}; "
-                            "convert a 0/1 mask with mask.bool()")
+            raise TypeError(
+                f"mask must have dtype torch.bool (True = real content), got {mask.dtype}; "
+                "convert a 0/1 mask with mask.bool()"
+            )
         _check_broadcast("mask", mask, scores)
         out = torch.where(mask.to(scores.device), out, torch.zeros((), dtype=dtype, device=scores.device))
     elif weight is None:
@@ -123,9 +128,11 @@ def _check_broadcast(name: str, t: torch.Tensor, scores: torch.Tensor) -> None:
     except RuntimeError:
         shape = None
     if shape != scores.shape:
-        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to scores of shape "
-                         f"{tuple(scores.shape)} (give [N] = [{scores.shape[-1]}] or a shape "
-                         "broadcastable to scores)")
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not broadcast to scores of shape "
+            f"{tuple(scores.shape)} (give [N] = [{scores.shape[-1]}] or a shape "
+            "broadcastable to scores)"
+        )
 
 
 def trend_weights(n: int, kind: str, coefficients: Sequence[float]) -> torch.Tensor:
@@ -191,11 +198,15 @@ def fit_trend(mean_attention: torch.Tensor, kind: str) -> tuple[float, ...]:
     design = torch.stack([i**p for p in range(4)], dim=1)
     sol = torch.linalg.lstsq(design, a[:, None]).solution[:, 0]
     if not float(sol[0]) > 0:
-        raise ValueError(f"the fitted cubic trend has a non-positive value at position 0 ({float(sol[0]):.3g}); "
-                         "fit kind='exp' instead (always positive)")
+        raise ValueError(
+            f"the fitted cubic trend has a non-positive value at position 0 ({float(sol[0]):.3g}); "
+            "fit kind='exp' instead (always positive)"
+        )
     coeffs = tuple(float(c / sol[0]) for c in sol)
     # a trend that crosses zero inside the fitted positions has no weights there
     if (problem := _not_positive(_cubic(i, coeffs))) is not None:
-        raise ValueError(f"the cubic trend fitted on {n} positions, {list(coeffs)}, {problem}, so its weights would "
-                         "flip sign there: fit kind='exp' instead (always positive; `vtprune calibrate ... --kind exp`)")
+        raise ValueError(
+            f"the cubic trend fitted on {n} positions, {list(coeffs)}, {problem}, so its weights would "
+            "flip sign there: fit kind='exp' instead (always positive; `vtprune calibrate ... --kind exp`)"
+        )
     return coeffs

@@ -14,8 +14,6 @@ pure-torch code.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import kernels
@@ -43,7 +41,7 @@ def _check_features(features) -> torch.Tensor:
     return features
 
 
-def _check_first(first, n: int) -> Optional[int]:
+def _check_first(first, n: int) -> int | None:
     if first is None:
         return None
     return check_int("first", first, 0, n - 1)
@@ -69,24 +67,23 @@ def _farthest_nearest_neighbour(x: torch.Tensor, metric: str) -> torch.Tensor:
     sq = x.square().sum(dim=1) if metric == "l2" else None
     step = _block_rows(n)
     for start in range(0, n, step):
-        blk = x[start:start + step]
+        blk = x[start : start + step]
         b = blk.shape[0]
         d = blk @ x.T  # [b, N], updated in place to bound memory
         if metric == "cosine":
             d.neg_().add_(1.0).clamp_(0.0, 2.0)
             d.masked_fill_(d <= tol, 0.0)
         else:
-            scale = sq[start:start + b, None] + sq[None, :]
+            scale = sq[start : start + b, None] + sq[None, :]
             d.mul_(-2.0).add_(scale).clamp_(min=0.0)
             d.masked_fill_(d <= scale.mul_(tol), 0.0)
         diag = torch.arange(b, device=x.device)
         d[diag, diag + start] = float("inf")
-        nn[start:start + b] = d.min(dim=1).values
+        nn[start : start + b] = d.min(dim=1).values
     return torch.argmax(nn).view(1)
 
 
-def kcenter_select(features: torch.Tensor, k: int, first: Optional[int] = None,
-                   metric: str = "cosine") -> torch.Tensor:
+def kcenter_select(features: torch.Tensor, k: int, first: int | None = None, metric: str = "cosine") -> torch.Tensor:
     """Greedy k-center (max-min diversity) selection, as in DivPrune (vbdi/divprune).
 
     Distance ``d(i, j) = 1 - cos(f_i, f_j)`` (``metric="cosine"``, DivPrune) or
@@ -128,7 +125,7 @@ def kcenter_select(features: torch.Tensor, k: int, first: Optional[int] = None,
 
 
 @torch.no_grad()  # indices only: inputs that require grad are read as values (the native op's way)
-def _kcenter_torch(x: torch.Tensor, k: int, first: Optional[int], metric: str) -> torch.Tensor:
+def _kcenter_torch(x: torch.Tensor, k: int, first: int | None, metric: str) -> torch.Tensor:
     """Pure-torch greedy k-center on ``x`` (compute dtype, raw rows); arguments already checked."""
     n, device, dtype = x.shape[0], x.device, x.dtype
     if metric == "cosine":
@@ -143,7 +140,7 @@ def _kcenter_torch(x: torch.Tensor, k: int, first: Optional[int], metric: str) -
     min_dist = torch.full((n,), float("inf"), dtype=dtype, device=device)
     tol = near_zero_tol(dtype, x.shape[1])
     for t in range(k):
-        selected[t:t + 1] = cur
+        selected[t : t + 1] = cur
         if t == k - 1:
             break
         if metric == "cosine":
@@ -157,7 +154,7 @@ def _kcenter_torch(x: torch.Tensor, k: int, first: Optional[int], metric: str) -
     return selected
 
 
-def maxsum_select(features: torch.Tensor, k: int, first: Optional[int] = None) -> torch.Tensor:
+def maxsum_select(features: torch.Tensor, k: int, first: int | None = None) -> torch.Tensor:
     """Greedy max-sum diversity selection (ToDRE stage 1, paper v2; no public code).
 
     * first pick: ``first`` if given (ToDRE: highest vision CLS attention), else the DivPrune
@@ -186,7 +183,7 @@ def maxsum_select(features: torch.Tensor, k: int, first: Optional[int] = None) -
     return _maxsum_torch(x, k, first)
 
 
-def _maxsum_torch(x: torch.Tensor, k: int, first: Optional[int]) -> torch.Tensor:
+def _maxsum_torch(x: torch.Tensor, k: int, first: int | None) -> torch.Tensor:
     """Pure-torch greedy max-sum on ``x`` (compute dtype, raw rows); arguments already checked."""
     n, device, dtype = x.shape[0], x.device, x.dtype
     x = unit_rows(x, dtype)
@@ -199,7 +196,7 @@ def _maxsum_torch(x: torch.Tensor, k: int, first: Optional[int]) -> torch.Tensor
     sim_sum = torch.zeros(n, dtype=dtype, device=device)
     tol = near_zero_tol(dtype, x.shape[1])
     for t in range(k):
-        selected[t:t + 1] = cur
+        selected[t : t + 1] = cur
         if t == k - 1:
             break
         sims = cosine_to(x, cur)

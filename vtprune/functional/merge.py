@@ -10,8 +10,9 @@ from .scores import topk_indices
 __all__ = ["visionzip_select"]
 
 
-def visionzip_select(scores: torch.Tensor, keys: torch.Tensor, dominant: int,
-                     contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+def visionzip_select(
+    scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip token selection and merging (dvlab-research/VisionZip, ``visionzip/clip_encoder.py``).
 
     1. Dominant: the ``dominant`` tokens with the highest ``scores`` (the CLS attention of the penultimate vision
@@ -30,8 +31,9 @@ def visionzip_select(scores: torch.Tensor, keys: torch.Tensor, dominant: int,
     check_tensor("keys", keys, ndim=2, shape_hint="[N, Dk]", finite=True)
     n = scores.shape[0]
     if keys.shape[0] != n:
-        raise ValueError(f"scores [N] and keys [N, Dk] must agree on N, got {tuple(scores.shape)} and "
-                         f"{tuple(keys.shape)}")
+        raise ValueError(
+            f"scores [N] and keys [N, Dk] must agree on N, got {tuple(scores.shape)} and {tuple(keys.shape)}"
+        )
     dominant = check_int("dominant", dominant, 0, n)
     contextual = check_int("contextual", contextual, 0, n - dominant)
     if dominant + contextual < 1:

@@ -11,18 +11,25 @@ select_attn_head_by_sum``).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from ._common import check_int, check_k, check_tensor, compute_dtype, topk_lowtie
 
-__all__ = ["pdrop_select", "sparsevlm_raters", "sparsevlm_select", "sparsevlm_rank_count", "dpc_knn_merge",
-           "rope_gravity", "sparsevlm_plus_attention"]
+__all__ = [
+    "pdrop_select",
+    "sparsevlm_raters",
+    "sparsevlm_select",
+    "sparsevlm_rank_count",
+    "dpc_knn_merge",
+    "rope_gravity",
+    "sparsevlm_plus_attention",
+]
 
 
-def pdrop_select(query: torch.Tensor, keys: torch.Tensor, image_start: int, image_len: int, keep: int,
-                 scale: Optional[float] = None) -> torch.Tensor:
+def pdrop_select(
+    query: torch.Tensor, keys: torch.Tensor, image_start: int, image_len: int, keep: int, scale: float | None = None
+) -> torch.Tensor:
     """PyramidDrop's selection at one stage boundary: the image tokens the last instruction token attends to most.
 
     ``p = softmax(query . keys^T * scale)`` per head over all ``S`` keys, averaged over heads; the ``keep`` image
@@ -47,13 +54,15 @@ def pdrop_select(query: torch.Tensor, keys: torch.Tensor, image_start: int, imag
     check_tensor("keys", keys, ndim=3, shape_hint="[H, S, Dh]", finite=True)
     h, s, dh = keys.shape
     if tuple(query.shape) != (h, dh):
-        raise ValueError(f"query must be [H, Dh] = {[h, dh]} to match keys [H, S, Dh] = {list(keys.shape)}, "
-                         f"got {list(query.shape)}")
+        raise ValueError(
+            f"query must be [H, Dh] = {[h, dh]} to match keys [H, S, Dh] = {list(keys.shape)}, got {list(query.shape)}"
+        )
     image_start = check_int("image_start", image_start, 0)
     image_len = check_int("image_len", image_len, 1)
     if image_start + image_len > s:
-        raise ValueError(f"the image (positions {image_start}..{image_start + image_len - 1}) must lie inside the "
-                         f"{s} keys")
+        raise ValueError(
+            f"the image (positions {image_start}..{image_start + image_len - 1}) must lie inside the {s} keys"
+        )
     keep = check_k(keep, image_len, "image tokens")
     if scale is None:
         scale = 1.0 / math.sqrt(dh)
@@ -61,7 +70,7 @@ def pdrop_select(query: torch.Tensor, keys: torch.Tensor, image_start: int, imag
         raise ValueError(f"scale must be a positive number, got {scale!r}")
     dt = compute_dtype(query, keys)
     logits = torch.einsum("hd,hsd->hs", query.to(dt), keys.to(dt)) * scale
-    p = logits.softmax(dim=-1).mean(dim=0)[image_start:image_start + image_len]
+    p = logits.softmax(dim=-1).mean(dim=0)[image_start : image_start + image_len]
     return topk_lowtie(p, keep).sort().values
 
 
@@ -84,11 +93,15 @@ def sparsevlm_raters(vis_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tor
     check_tensor("vis_embeds", vis_embeds, ndim=2, shape_hint="[V, D]", finite=True)
     check_tensor("text_embeds", text_embeds, ndim=2, shape_hint="[T, D]", finite=True)
     if vis_embeds.shape[0] < 1 or text_embeds.shape[0] < 1:
-        raise ValueError(f"sparsevlm_raters needs at least one image and one text token, got V={vis_embeds.shape[0]}"
-                         f", T={text_embeds.shape[0]}")
+        raise ValueError(
+            f"sparsevlm_raters needs at least one image and one text token, got V={vis_embeds.shape[0]}"
+            f", T={text_embeds.shape[0]}"
+        )
     if vis_embeds.shape[1] != text_embeds.shape[1]:
-        raise ValueError(f"vis_embeds [V, D] and text_embeds [T, D] must share D, got {vis_embeds.shape[1]} and "
-                         f"{text_embeds.shape[1]}")
+        raise ValueError(
+            f"vis_embeds [V, D] and text_embeds [T, D] must share D, got {vis_embeds.shape[1]} and "
+            f"{text_embeds.shape[1]}"
+        )
     dt = compute_dtype(vis_embeds, text_embeds)
     m = (vis_embeds.to(dt) @ text_embeds.to(dt).T).softmax(dim=1).mean(dim=0)
     raters = (m > m.mean()).nonzero().squeeze(1)
@@ -123,8 +136,10 @@ def rope_gravity(rope_rows: torch.Tensor, rope_cols: torch.Tensor) -> torch.Tens
     check_tensor("rope_rows", rope_rows, ndim=2, shape_hint="[R, Dh]", finite=True)
     check_tensor("rope_cols", rope_cols, ndim=2, shape_hint="[S, Dh]", finite=True)
     if rope_rows.shape[1] != rope_cols.shape[1]:
-        raise ValueError(f"rope_rows [R, Dh] and rope_cols [S, Dh] must agree on Dh, got {list(rope_rows.shape)} and "
-                         f"{list(rope_cols.shape)}")
+        raise ValueError(
+            f"rope_rows [R, Dh] and rope_cols [S, Dh] must agree on Dh, got {list(rope_rows.shape)} and "
+            f"{list(rope_cols.shape)}"
+        )
     dt = compute_dtype(rope_rows, rope_cols)
     return (rope_rows.to(dt) @ rope_cols.to(dt).T) / math.sqrt(rope_rows.shape[1])
 
@@ -152,8 +167,9 @@ def sparsevlm_plus_attention(attn: torch.Tensor, gravity: torch.Tensor, heads: i
     check_tensor("attn", attn, ndim=3, shape_hint="[H, R, V]", finite=True)
     check_tensor("gravity", gravity, ndim=2, shape_hint="[R, V]", finite=True)
     if tuple(gravity.shape) != tuple(attn.shape[1:]):
-        raise ValueError(f"gravity must be [R, V] = {list(attn.shape[1:])} to match attn [H, R, V], got "
-                         f"{list(gravity.shape)}")
+        raise ValueError(
+            f"gravity must be [R, V] = {list(attn.shape[1:])} to match attn [H, R, V], got {list(gravity.shape)}"
+        )
     heads = check_int("heads", heads, 1)
     dt = compute_dtype(attn, gravity)
     corrected = attn.to(dt) / gravity.to(dt)[None]
@@ -210,7 +226,7 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int, return_weights: bool = False):
     xf = x.to(dt)
     dist = torch.cdist(xf, xf, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)
     nearest = torch.sort(dist, dim=1, stable=True).values[:, :c]
-    density = (-(nearest ** 2).mean(dim=1)).exp()
+    density = (-(nearest**2).mean(dim=1)).exp()
     denser = density[None, :] > density[:, None]  # [i, j]: j denser than i
     delta = torch.where(denser, dist, dist.max()).min(dim=1).values
     centres = topk_lowtie(delta * density, c)
@@ -226,8 +242,14 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int, return_weights: bool = False):
     return merged, centres, weights
 
 
-def sparsevlm_select(attn: torch.Tensor, hidden: torch.Tensor, k: int, recycle: bool = True,
-                     return_centres: bool = False, return_weights: bool = False):
+def sparsevlm_select(
+    attn: torch.Tensor,
+    hidden: torch.Tensor,
+    k: int,
+    recycle: bool = True,
+    return_centres: bool = False,
+    return_weights: bool = False,
+):
     """SparseVLM's selection at one pruning layer (v1.5 and first release), with token recycling.
 
     Score of image token v = mean over heads, then over rater rows, of the rater->image attention; the ``k`` best
@@ -253,8 +275,9 @@ def sparsevlm_select(attn: torch.Tensor, hidden: torch.Tensor, k: int, recycle: 
     check_tensor("hidden", hidden, ndim=2, shape_hint="[V, D]", finite=True)
     v = scores.numel()
     if hidden.shape[0] != v:
-        raise ValueError(f"hidden must have one row per image token (V={v} from attn [H, R, V]), got "
-                         f"{hidden.shape[0]} rows")
+        raise ValueError(
+            f"hidden must have one row per image token (V={v} from attn [H, R, V]), got {hidden.shape[0]} rows"
+        )
     if not isinstance(recycle, bool):
         raise TypeError(f"recycle must be True or False, got {recycle!r}")
     k = check_k(k, v, "image tokens")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -27,8 +27,9 @@ def _layer_indices(layers, num_layers: int) -> list:
             items = list(layers)
         except TypeError:  # not iterable: a single index (int, numpy integer, ...)
             if not hasattr(layers, "__index__"):
-                raise TypeError("layers must be a slice, an int or a sequence of ints, "
-                                f"got {type(layers).__name__}") from None
+                raise TypeError(
+                    f"layers must be a slice, an int or a sequence of ints, got {type(layers).__name__}"
+                ) from None
             items = [layers]
     if not items:
         raise ValueError("layers is an empty sequence; give at least one layer index")
@@ -36,16 +37,16 @@ def _layer_indices(layers, num_layers: int) -> list:
     for item in items:
         i = as_int(item, "layers must contain ints")
         if not -num_layers <= i < num_layers:
-            raise ValueError(f"layer index {i} is out of range for {num_layers} layers "
-                             f"(allowed: {-num_layers} .. {num_layers - 1})")
+            raise ValueError(
+                f"layer index {i} is out of range for {num_layers} layers (allowed: {-num_layers} .. {num_layers - 1})"
+            )
         out.append(i % num_layers)
     if len(set(out)) != len(out):
-        raise ValueError(f"layers={list(items)!r} names the same layer more than once "
-                         f"(normalised: {out})")
+        raise ValueError(f"layers={list(items)!r} names the same layer more than once (normalised: {out})")
     return out
 
 
-def cls_scores(cls_attn: torch.Tensor, layers: Union[slice, int, Sequence[int]]) -> torch.Tensor:
+def cls_scores(cls_attn: torch.Tensor, layers: slice | int | Sequence[int]) -> torch.Tensor:
     """VTC-CLS token scores from CLS-query attention rows.
 
     ``score[..., i] = sum_{l in layers} mean_h cls_attn[..., l, h, 1 + i]``
@@ -66,8 +67,9 @@ def cls_scores(cls_attn: torch.Tensor, layers: Union[slice, int, Sequence[int]])
     """
     check_tensor("cls_attn", cls_attn, min_ndim=3, shape_hint="[..., L, H, 1+N]")
     if cls_attn.shape[-1] < 2:
-        raise ValueError("cls_attn must have at least 2 keys on its last axis (CLS + >=1 patch), "
-                         f"got shape {tuple(cls_attn.shape)}")
+        raise ValueError(
+            f"cls_attn must have at least 2 keys on its last axis (CLS + >=1 patch), got shape {tuple(cls_attn.shape)}"
+        )
     if cls_attn.shape[-2] < 1:
         raise ValueError(f"cls_attn has no heads (shape {tuple(cls_attn.shape)})")
     idx = _layer_indices(layers, cls_attn.shape[-3])
@@ -98,8 +100,9 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return topk_lowtie(s, k).sort(dim=-1).values
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float,
-                       block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+def received_attention(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float, block_elements: int = BLOCK_ELEMENTS
+) -> torch.Tensor:
     """Attention each token *receives* in one self-attention layer: the mean over heads and over every query of
     its block of ``softmax(q . k^T * scaling)``, the importance signal of CLS-scored methods on towers without a
     CLS token.
@@ -107,7 +110,8 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tenso
     ``score[j] = mean_h mean_{i in block(j)} softmax_{j' in block(j)}(scaling * q[i, h] . k[j', h // (H / Hkv)])[j]``
 
     Unit: a probability mass per token; the scores of each block of ``T`` tokens sum to 1 (each query's row sums to
-    1, averaged over the ``T`` queries), so a uniform attention gives ``1 / T``. Source: a port, not part of either paper's method. The official VTC-CLS (THU-MIG/VTC-CLS) and
+    1, averaged over the ``T`` queries), so a uniform attention gives ``1 / T``. Source: a port, not part of either
+    paper's method. The official VTC-CLS (THU-MIG/VTC-CLS) and
     VisionZip (dvlab-research/VisionZip @ 3151f6d, LLaVA CLIP towers only) code score patches by the CLS query's
     row; towers without a CLS token (SigLIP, Qwen's ViT, InternViT after pixel shuffle) have no such row, and the
     column mean over all queries (what every token receives) is the substitute vtprune offers (issue 13).
@@ -134,8 +138,9 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tenso
     check_tensor("k", k, ndim=3, shape_hint="[N, Hkv, Dh]")
     n, h, d = q.shape
     if k.shape[0] != n or k.shape[2] != d or k.shape[1] < 1 or h % k.shape[1]:
-        raise ValueError(f"k must be [N, Hkv, Dh] = [{n}, Hkv, {d}] with H={h} a multiple of Hkv, got shape "
-                         f"{tuple(k.shape)}")
+        raise ValueError(
+            f"k must be [N, Hkv, Dh] = [{n}, Hkv, {d}] with H={h} a multiple of Hkv, got shape {tuple(k.shape)}"
+        )
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, shape_hint="[B + 1]")
     if cu_seqlens.is_floating_point():
         raise TypeError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")

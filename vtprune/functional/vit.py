@@ -16,14 +16,23 @@ Similarities are computed in float32 (float64 for float64 input).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 
 from ._common import as_int, check_int, check_tensor, compute_dtype
 
 __all__ = [
-    "tome_match", "tome_schedule", "pitome_match", "pitome_margins", "wpr_scores", "zerotprune_match",
-    "merge_tokens", "reduction_schedule", "group_representatives", "packed_representatives",
+    "tome_match",
+    "tome_schedule",
+    "pitome_match",
+    "pitome_margins",
+    "wpr_scores",
+    "zerotprune_match",
+    "merge_tokens",
+    "reduction_schedule",
+    "group_representatives",
+    "packed_representatives",
 ]
 
 
@@ -86,8 +95,8 @@ def tome_match(metric: torch.Tensor, r: int, protected: int = 1) -> tuple[torch.
         order = torch.cat([unm_pos, b_pos.expand(b, tb)], dim=1)  # positions in output order
         if prefix_b:
             # move the prefix B tokens right after the prefix A tokens, then sort the prefix block by position
-            head = torch.cat([order[:, :prefix_a], order[:, n_unm:n_unm + prefix_b]], dim=1).sort(dim=1).values
-            order = torch.cat([head, order[:, prefix_a:n_unm], order[:, n_unm + prefix_b:]], dim=1)
+            head = torch.cat([order[:, :prefix_a], order[:, n_unm : n_unm + prefix_b]], dim=1).sort(dim=1).values
+            order = torch.cat([head, order[:, prefix_a:n_unm], order[:, n_unm + prefix_b :]], dim=1)
         slot = torch.empty_like(dest)
         slot.scatter_(1, order, torch.arange(t - r, device=device).expand(b, t - r))
         dest = slot
@@ -137,7 +146,9 @@ def reduction_schedule(num_patches: int, keep: int, num_layers: int, cap) -> lis
         raise ValueError(
             f"cannot bring {num_patches} patch tokens down to keep={keep} before the last of {num_layers} blocks: "
             f"this method removes at most about half of a block's tokens, so keep must be >= {n_min} "
-            f"(ratio >= {n_min / num_patches:.4g})")
+            f"(ratio >= {n_min / num_patches:.4g})"
+        )
+
     def least(n: int, blocks_left: int) -> int:  # fewest tokens reachable from n with blocks_left blocks
         for _ in range(blocks_left):
             n -= cap(n)
@@ -163,8 +174,9 @@ def pitome_margins(num_layers: int, start: float = 0.75) -> list[float]:
     return [start - start * (i / num_layers) for i in range(num_layers)]
 
 
-def pitome_match(metric: torch.Tensor, r: int, margin: float, protected: int = 1, alpha: float = 1.0,
-                 bipartite: bool = False) -> tuple[torch.Tensor, int]:
+def pitome_match(
+    metric: torch.Tensor, r: int, margin: float, protected: int = 1, alpha: float = 1.0, bipartite: bool = False
+) -> tuple[torch.Tensor, int]:
     """PiToMe, spectrum-preserving token merging (hchautran/PiToMe ``algo/pitome/merge.py`` ``pitome_vision``,
     commit 550b5de; Tran et al., NeurIPS 2024).
 
@@ -207,7 +219,7 @@ def pitome_match(metric: torch.Tensor, r: int, margin: float, protected: int = 1
             src = a_idx.gather(1, edge_idx[:, :r])
             dst_rank = node_idx.gather(1, edge_idx[:, :r])  # rank within B
         else:
-            merge_idx, keep_a = indices[:, :2 * r], indices[:, 2 * r:]
+            merge_idx, keep_a = indices[:, : 2 * r], indices[:, 2 * r :]
             src, b_idx = merge_idx[:, ::2], merge_idx[:, 1::2]
             scores = sim.gather(2, b_idx[:, None, :].expand(b, n, r)).gather(1, src[:, :, None].expand(b, r, r))
             dst_rank = scores.max(dim=-1).indices
@@ -241,8 +253,9 @@ def wpr_scores(attn: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     return s.mean(dim=1)
 
 
-def zerotprune_match(importance: torch.Tensor, metric: torch.Tensor, r_importance: int, r_similarity: int,
-                     protected: int = 1) -> tuple[torch.Tensor, int]:
+def zerotprune_match(
+    importance: torch.Tensor, metric: torch.Tensor, r_importance: int, r_similarity: int, protected: int = 1
+) -> tuple[torch.Tensor, int]:
     """Zero-TPrune pruning of one block (Wang, Dedhia & Jha, CVPR 2024): the I-stage, then the S-stage.
 
     * I-stage: the ``r_importance`` non-prefix tokens with the lowest ``importance`` ``[B, T]`` (:func:`wpr_scores`)
@@ -259,8 +272,9 @@ def zerotprune_match(importance: torch.Tensor, metric: torch.Tensor, r_importanc
     check_tensor("importance", importance, ndim=2, shape_hint="[B, T]", finite=True)
     b, t, _ = metric.shape
     if tuple(importance.shape) != (b, t):
-        raise ValueError(f"importance [B, T] and metric [B, T, C] disagree: {tuple(importance.shape)} vs "
-                         f"{tuple(metric.shape)}")
+        raise ValueError(
+            f"importance [B, T] and metric [B, T, C] disagree: {tuple(importance.shape)} vs {tuple(metric.shape)}"
+        )
     r_i = check_int("r_importance", r_importance, 0)
     r_s = check_int("r_similarity", r_similarity, 0)
     device = metric.device
@@ -276,7 +290,7 @@ def zerotprune_match(importance: torch.Tensor, metric: torch.Tensor, r_importanc
         order = torch.argsort(imp, dim=-1, descending=True, stable=True)  # [B, n]
         survivors = order[:, :m]  # I-stage keeps the m most important
         if r_i:
-            keep[:, protected:].scatter_(1, order[:, m:] , False)
+            keep[:, protected:].scatter_(1, order[:, m:], False)
         if r_s:
             n_dst = m - m // 2
             dst, src = survivors[:, :n_dst], survivors[:, n_dst:]
@@ -291,8 +305,9 @@ def zerotprune_match(importance: torch.Tensor, metric: torch.Tensor, r_importanc
     return dest, t - r_i - r_s
 
 
-def merge_tokens(x: torch.Tensor, dest: torch.Tensor, t_out: int,
-                 size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_tokens(
+    x: torch.Tensor, dest: torch.Tensor, t_out: int, size: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply a plan: the size-weighted mean of the tokens sharing a slot (ToMe ``merge_wavg``).
 
     ``x`` ``[B, T, C]``, ``dest`` ``[B, T]`` (slot or -1 = dropped), ``size`` ``[B, T, 1]`` (how many original
@@ -339,8 +354,9 @@ def group_representatives(group: torch.Tensor, width: int, present: torch.Tensor
     member = group >= 0
     if present is not None:
         if tuple(present.shape) != (b, p) or present.dtype != torch.bool:
-            raise ValueError(f"present must be a [B, P] = {(b, p)} bool tensor, got {tuple(present.shape)} "
-                             f"{present.dtype}")
+            raise ValueError(
+                f"present must be a [B, P] = {(b, p)} bool tensor, got {tuple(present.shape)} {present.dtype}"
+            )
         member = member & present
     if not bool(member.any()):
         return member
@@ -351,20 +367,24 @@ def group_representatives(group: torch.Tensor, width: int, present: torch.Tensor
     w = member.to(torch.float64)
     count = torch.zeros(b, slots, dtype=torch.float64, device=group.device).scatter_add_(1, ids, w)
     total = torch.zeros(b, slots, 2, dtype=torch.float64, device=group.device).scatter_add_(
-        1, ids[..., None].expand(b, p, 2), coords * w[..., None])
+        1, ids[..., None].expand(b, p, 2), coords * w[..., None]
+    )
     centre = total / count.clamp(min=1.0)[..., None]
     dist = ((coords - centre.gather(1, ids[..., None].expand(b, p, 2))) ** 2).sum(-1)
     dist = torch.where(member, dist, torch.full_like(dist, float("inf")))
     best = torch.full((b, slots), float("inf"), dtype=torch.float64, device=group.device).scatter_reduce_(
-        1, ids, dist, "amin")
+        1, ids, dist, "amin"
+    )
     nearest = member & (dist == best.gather(1, ids))
     first = torch.full((b, slots), p, dtype=torch.long, device=group.device).scatter_reduce_(
-        1, ids, torch.where(nearest, index.expand(b, p), p), "amin")
+        1, ids, torch.where(nearest, index.expand(b, p), p), "amin"
+    )
     return nearest & (index.expand(b, p) == first.gather(1, ids))
 
 
-def packed_representatives(members: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor,
-                           tol: float = 1e-9) -> torch.Tensor:
+def packed_representatives(
+    members: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, tol: float = 1e-9
+) -> torch.Tensor:
     """One output token per merged token, when the output tokens are blends of patches (a VLM's packing that
     bilinearly downscales the patch grid, LLaVA-OneVision's ``anyres_max``) or plain patches.
 
@@ -402,19 +422,20 @@ def packed_representatives(members: torch.Tensor, weight: torch.Tensor, pos: tor
     slots = ids.numel()
     pair, pair_index = torch.unique(token * slots + m_index, return_inverse=True)  # (token, merged token) pairs
     share = torch.zeros(pair.numel(), dtype=torch.float64, device=dev).index_add_(
-        0, pair_index, weight[live].to(torch.float64))
+        0, pair_index, weight[live].to(torch.float64)
+    )
     p_tok, p_m = pair // slots, pair % slots
     p_pos = pos.to(torch.float64)[p_tok]
     mass = torch.zeros(slots, dtype=torch.float64, device=dev).index_add_(0, p_m, share)
     centre = torch.zeros(slots, 2, dtype=torch.float64, device=dev).index_add_(0, p_m, p_pos * share[:, None])
     centre = centre / mass[:, None]
-    best = torch.full((slots,), float("-inf"), dtype=torch.float64, device=dev).scatter_reduce_(
-        0, p_m, share, "amax")
+    best = torch.full((slots,), float("-inf"), dtype=torch.float64, device=dev).scatter_reduce_(0, p_m, share, "amax")
     top = share >= best[p_m] - tol
     dist = torch.where(top, ((p_pos - centre[p_m]) ** 2).sum(-1).sqrt(), torch.full_like(share, float("inf")))
     near = torch.full((slots,), float("inf"), dtype=torch.float64, device=dev).scatter_reduce_(0, p_m, dist, "amin")
     nearest = top & (dist <= near[p_m] + tol)
     first = torch.full((slots,), n, dtype=torch.long, device=dev).scatter_reduce_(
-        0, p_m, torch.where(nearest, p_tok, n), "amin")
+        0, p_m, torch.where(nearest, p_tok, n), "amin"
+    )
     keep[first] = True
     return keep

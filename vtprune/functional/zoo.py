@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import warnings
 import numbers
-from typing import Callable
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +23,8 @@ def _check_projector_dtype(projector, dtype: torch.dtype) -> None:
                 f"projector parameter {name!r} has dtype {p.dtype}, but the sensitivity is computed "
                 f"in {dtype} (x is {'float64' if dtype == torch.float64 else 'not float64'}); pass a "
                 f"projector in {dtype}, e.g. copy.deepcopy(projector).to({dtype}) "
-                "(in fp16/bf16 most x + h*u round back to x)")
+                "(in fp16/bf16 most x + h*u round back to x)"
+            )
 
 
 def _check_inputs(projector, x, directions) -> tuple[int, int, int]:
@@ -37,14 +38,19 @@ def _check_inputs(projector, x, directions) -> tuple[int, int, int]:
     if n < 1 or d < 1:
         raise ValueError(f"x must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
     if m < 1 or directions.shape[1] != d:
-        raise ValueError(f"directions must be [m, D] with m >= 1 and D = {d} (x's feature size), "
-                         f"got shape {tuple(directions.shape)}")
+        raise ValueError(
+            f"directions must be [m, D] with m >= 1 and D = {d} (x's feature size), got shape {tuple(directions.shape)}"
+        )
     return n, d, m
 
 
-def zoo_sensitivity(projector: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                    directions: torch.Tensor, h: float = 0.01,
-                    chunk_size: int = 8192) -> torch.Tensor:
+def zoo_sensitivity(
+    projector: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    directions: torch.Tensor,
+    h: float = 0.01,
+    chunk_size: int = 8192,
+) -> torch.Tensor:
     """Zeroth-order (central-difference) sensitivity of the projector at each token.
 
     ``S(i) = (1/m) sum_j || (P(x_i + h u_j) - P(x_i - h u_j)) / (2h) ||_2``
@@ -90,11 +96,12 @@ def zoo_sensitivity(projector: Callable[[torch.Tensor], torch.Tensor], x: torch.
             out = projector(torch.cat([base + step, base - step]))
             if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != 2 * p.numel():
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"projector must map [rows, D] to [rows, D'] row-wise; for "
-                                 f"{2 * p.numel()} rows it returned {got}")
+                raise ValueError(
+                    f"projector must map [rows, D] to [rows, D'] row-wise; for {2 * p.numel()} rows it returned {got}"
+                )
             out = out.to(dtype).reshape(2 * p.numel(), -1)
-            plus, minus = out[: p.numel()], out[p.numel():]
-            norms[start:start + p.numel()] = ((plus - minus) / (2.0 * h)).norm(dim=-1)
+            plus, minus = out[: p.numel()], out[p.numel() :]
+            norms[start : start + p.numel()] = ((plus - minus) / (2.0 * h)).norm(dim=-1)
     return norms.view(m, n).mean(dim=0)
 
 
@@ -120,14 +127,20 @@ def _check_sketch(sketch, out_dim: int, dtype, device):
         return None
     check_tensor("sketch", sketch, ndim=2, shape_hint="[r, D']", finite=True)
     if sketch.shape[0] < 1 or sketch.shape[1] != out_dim:
-        raise ValueError(f"sketch must be [r, D'] with r >= 1 and D' = {out_dim} (the projector's output size), "
-                         f"got shape {tuple(sketch.shape)}")
+        raise ValueError(
+            f"sketch must be [r, D'] with r >= 1 and D' = {out_dim} (the projector's output size), "
+            f"got shape {tuple(sketch.shape)}"
+        )
     return sketch.to(device=device, dtype=dtype)
 
 
-def zoo_sensitivity_jvp(projector: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        directions: torch.Tensor, chunk_size: int = 65536,
-                        sketch: torch.Tensor | None = None) -> torch.Tensor:
+def zoo_sensitivity_jvp(
+    projector: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    directions: torch.Tensor,
+    chunk_size: int = 65536,
+    sketch: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The quantity :func:`zoo_sensitivity` estimates, in its ``h -> 0`` limit: ``S(i) = (1/m) sum_j
     || J_P(x_i) u_j ||_2``, the mean norm of the projector's directional derivatives (Jacobian-vector products).
 
@@ -165,15 +178,15 @@ def zoo_sensitivity_jvp(projector: Callable[[torch.Tensor], torch.Tensor], x: to
             w2 = w2 if sk is None else sk @ w2
             wu = us @ first.weight.to(dtype).T  # [m, D_h], shared by every token
             for start in range(0, n, rows):
-                pre = first(xs[start:start + rows])
+                pre = first(xs[start : start + rows])
                 slope = _elementwise_slope(act, pre)
                 tangents = slope[:, None, :] * wu[None]  # [c, m, D_h]
-                out[start:start + rows] = (tangents @ w2.T).norm(dim=-1).mean(dim=1)
+                out[start : start + rows] = (tangents @ w2.T).norm(dim=-1).mean(dim=1)
         else:
             sk = None
             for start in range(0, n, rows):
                 with torch.inference_mode(False):  # forward AD needs normal tensors: clone out of inference mode
-                    chunk = xs[start:start + rows].clone()
+                    chunk = xs[start : start + rows].clone()
                     tangent = us.clone()[:, None, :].expand(m, chunk.shape[0], d)
 
                     def directional(t, chunk=chunk):
@@ -188,7 +201,7 @@ def zoo_sensitivity_jvp(projector: Callable[[torch.Tensor], torch.Tensor], x: to
                     sk = _check_sketch(sketch, tangents.shape[-1], dtype, x.device) if sketch is not None else False
                 if sk is not False:
                     tangents = tangents @ sk.T
-                out[start:start + rows] = tangents.norm(dim=-1).mean(dim=0)
+                out[start : start + rows] = tangents.norm(dim=-1).mean(dim=0)
     return out
 
 
@@ -215,8 +228,10 @@ def zoo_select(sensitivity: torch.Tensor, features: torch.Tensor, k: int) -> tor
     check_tensor("features", features, ndim=2, shape_hint="[N, D]", finite=True)
     n = features.shape[0]
     if sensitivity.shape[0] != n or features.shape[1] < 1:
-        raise ValueError(f"sensitivity [N] and features [N, D] must agree on N (D >= 1), got "
-                         f"{tuple(sensitivity.shape)} and {tuple(features.shape)}")
+        raise ValueError(
+            f"sensitivity [N] and features [N, D] must agree on N (D >= 1), got "
+            f"{tuple(sensitivity.shape)} and {tuple(features.shape)}"
+        )
     k = check_k(k, n)
     dtype = compute_dtype(sensitivity, features)
     device = features.device
@@ -231,7 +246,7 @@ def zoo_select(sensitivity: torch.Tensor, features: torch.Tensor, k: int) -> tor
     taken = torch.zeros(n, dtype=torch.bool, device=device)
     cur = torch.argmax(s).view(1)
     for t in range(k):
-        selected[t:t + 1] = cur
+        selected[t : t + 1] = cur
         if t == k - 1:
             break
         taken.index_fill_(0, cur, True)

@@ -12,5 +12,13 @@ from .plots import plot_results
 from .sweep import check_config, read_results, run_sweep
 from .tables import build_tables, write_tables
 
-__all__ = ["run_sweep", "check_config", "load_config", "SweepConfig", "read_results", "build_tables",
-           "write_tables", "plot_results"]
+__all__ = [
+    "run_sweep",
+    "check_config",
+    "load_config",
+    "SweepConfig",
+    "read_results",
+    "build_tables",
+    "write_tables",
+    "plot_results",
+]

@@ -52,8 +52,19 @@ from .tiny import RANDOM_PRESETS
 
 __all__ = ["SweepConfig", "ModelSpec", "MethodSpec", "TaskSpec", "load_config"]
 
-_TOP_KEYS = {"name", "output_dir", "include_path", "batch_size", "limit", "device", "dtype", "models", "methods",
-             "budgets", "tasks"}
+_TOP_KEYS = {
+    "name",
+    "output_dir",
+    "include_path",
+    "batch_size",
+    "limit",
+    "device",
+    "dtype",
+    "models",
+    "methods",
+    "budgets",
+    "tasks",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -157,8 +168,10 @@ def _parse_model(i: int, item, base: Path) -> ModelSpec:
         item = {"pretrained": item}
     _check_keys(where, item, {"pretrained", "random", "seed", "name", "model_args"})
     if ("pretrained" in item) == ("random" in item):
-        _fail(where, "give exactly one of 'pretrained' (a local path or hub id) or 'random' (a preset: "
-              f"{list(RANDOM_PRESETS)})")
+        _fail(
+            where,
+            f"give exactly one of 'pretrained' (a local path or hub id) or 'random' (a preset: {list(RANDOM_PRESETS)})",
+        )
     model_args = item.get("model_args") or {}
     _check_keys(f"{where}.model_args", model_args, set(LOAD_ARGS))
     if "random" in item:
@@ -223,10 +236,14 @@ def _expand_all(items: list) -> list:
         except TypeError as err:
             _fail(where + ".all", str(err))
         if not names:
-            _fail(where + ".all", f"{spec} matches no registered method (stages: "
-                  f"{sorted({get_method(n).stage for n in list_methods(host='vlm')})})")
-        out += [{"method": n, "options": get_method(n).run_options} for n in names
-                if n not in exclude and n not in explicit]
+            _fail(
+                where + ".all",
+                f"{spec} matches no registered method (stages: "
+                f"{sorted({get_method(n).stage for n in list_methods(host='vlm')})})",
+            )
+        out += [
+            {"method": n, "options": get_method(n).run_options} for n in names if n not in exclude and n not in explicit
+        ]
     return out
 
 
@@ -329,7 +346,15 @@ def load_config(config: str | Path | dict, base_dir: str | Path | None = None) -
         if value is not None and not isinstance(value, str):
             _fail(key, f"expected a string, got {value!r}")
     return SweepConfig(
-        name=str(name), output_dir=output_dir, include_path=include_paths, models=models, methods=methods,
-        budgets=budgets, tasks=tasks, batch_size=_positive_int("batch_size", data.get("batch_size", 1)),
-        limit=limit, device=device, dtype=dtype,
+        name=str(name),
+        output_dir=output_dir,
+        include_path=include_paths,
+        models=models,
+        methods=methods,
+        budgets=budgets,
+        tasks=tasks,
+        batch_size=_positive_int("batch_size", data.get("batch_size", 1)),
+        limit=limit,
+        device=device,
+        dtype=dtype,
     )

@@ -15,15 +15,22 @@ __all__ = ["DEMO_CONFIG", "run_demo"]
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "demo.yaml"
 
 
-def run_demo(config: str | Path = DEMO_CONFIG, *, output_dir: str | Path | None = None, limit: int | None = None,
-             progress: bool = True) -> dict[str, Path]:
+def run_demo(
+    config: str | Path = DEMO_CONFIG,
+    *,
+    output_dir: str | Path | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Run the demo sweep from scratch (no resume: every cell is measured anew), then write its tables and
     plots next to ``results.jsonl``. Returns name -> path of what was written (``md``, ``csv``, ``tex``,
     ``flops``, ``tokens``, ``results``)."""
     config = Path(config)
     if not config.is_file():
-        raise ValueError(f"demo sweep config {str(config)!r} not found: the demo runs from a clone of the vtprune "
-                         "repository (it uses models/tiny-llava-shapes and eval/tasks/vtprune_shapes)")
+        raise ValueError(
+            f"demo sweep config {str(config)!r} not found: the demo runs from a clone of the vtprune "
+            "repository (it uses models/tiny-llava-shapes and eval/tasks/vtprune_shapes)"
+        )
     from .config import load_config
 
     cfg = load_config(config)

@@ -72,8 +72,9 @@ def manifest():
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.VTPrune")
 
 
-def method_config(method: str | None, keep: int | None = None, ratio: float | None = None,
-                  **options: Any) -> PruneConfig | list[PruneConfig] | None:
+def method_config(
+    method: str | None, keep: int | None = None, ratio: float | None = None, **options: Any
+) -> PruneConfig | list[PruneConfig] | None:
     """The validated config of ``method`` at the given budget, or None for the unpruned model (``none``).
 
     ``method="schedule"`` composes methods (``vtprune.patch`` with a list): ``schedule=[{"method": "divprune",
@@ -94,8 +95,10 @@ def method_config(method: str | None, keep: int | None = None, ratio: float | No
 def _schedule_configs(options: dict[str, Any], budget: dict[str, Any]) -> list[PruneConfig]:
     steps = options.get("schedule")
     if set(options) != {"schedule"} or not isinstance(steps, (list, tuple)) or len(steps) < 2:
-        raise ValueError(f"method {SCHEDULE!r} takes one option, schedule: a list of two or more method option "
-                         f"mappings ({{'method': NAME, ...}}), got {options!r}")
+        raise ValueError(
+            f"method {SCHEDULE!r} takes one option, schedule: a list of two or more method option "
+            f"mappings ({{'method': NAME, ...}}), got {options!r}"
+        )
     configs = []
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or not isinstance(step.get("method"), str):
@@ -103,11 +106,15 @@ def _schedule_configs(options: dict[str, Any], budget: dict[str, Any]) -> list[P
         opts = {k: v for k, v in step.items() if k != "method"}
         last = i == len(steps) - 1
         if last and ({"keep", "ratio"} & set(opts)):
-            raise ValueError(f"schedule[{i}] (the last step) takes the cell's budget; remove its "
-                             f"{sorted({'keep', 'ratio'} & set(opts))}")
+            raise ValueError(
+                f"schedule[{i}] (the last step) takes the cell's budget; remove its "
+                f"{sorted({'keep', 'ratio'} & set(opts))}"
+            )
         if not last and not ({"keep", "ratio"} & set(opts)):
-            raise ValueError(f"schedule[{i}] ({step['method']!r}) needs its own budget (keep or ratio); only the "
-                             "last step takes the cell's budget")
+            raise ValueError(
+                f"schedule[{i}] ({step['method']!r}) needs its own budget (keep or ratio); only the "
+                "last step takes the cell's budget"
+            )
         configs.append(get_method(step["method"]).make_config({**(budget if last else {}), **opts}, error=ValueError))
     return configs
 
@@ -181,8 +188,13 @@ class VTPrune(lmms):
             if not pretrained:
                 raise ValueError("the vtprune model needs pretrained=<local path or hub id> in model_args")
             model, processor = load_pretrained(
-                pretrained, device=device, dtype=dtype, device_map=device_map,
-                attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, revision=revision,
+                pretrained,
+                device=device,
+                dtype=dtype,
+                device_map=device_map,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                revision=revision,
             )
         elif processor is None:
             raise ValueError("pass the processor together with an already loaded model")
@@ -262,7 +274,9 @@ class VTPrune(lmms):
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
         contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk)
-        visuals = [list(fn(self.task_dict[t][s][d]) or []) for fn, t, s, d in zip(doc_to_visuals, tasks, splits, doc_ids)]
+        visuals = [
+            list(fn(self.task_dict[t][s][d]) or []) for fn, t, s, d in zip(doc_to_visuals, tasks, splits, doc_ids)
+        ]
         texts = [self._prompt(ctx, len(v)) for ctx, v in zip(contexts, visuals)]
         images = [im for v in visuals for im in v]
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
@@ -300,7 +314,9 @@ class VTPrune(lmms):
         rows = len(texts)
         prompt_len = inputs["input_ids"].shape[1]
         new_ids = out[:, prompt_len:]
-        answers = [self._stop(t, until) for t in self.processor.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+        answers = [
+            self._stop(t, until) for t in self.processor.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+        ]
         real_lens = inputs["attention_mask"].sum(1).tolist()
         st = stats(self._model)
         num_layers = self._model.config.get_text_config().num_hidden_layers
@@ -310,7 +326,12 @@ class VTPrune(lmms):
             lengths = [[n] * num_layers for n in real_lens]
         else:
             n_in, n_kept, n_nominal, batch_flops, select_ms = (
-                st.visual_tokens_in, st.visual_tokens_kept, st.visual_tokens_nominal, st.prefill_flops, st.select_ms)
+                st.visual_tokens_in,
+                st.visual_tokens_kept,
+                st.visual_tokens_nominal,
+                st.prefill_flops,
+                st.select_ms,
+            )
             lengths = [st.sequence_lengths(i, real_lens[i], num_layers) for i in range(rows)]
         prefill_ms = (prefill_end[0] - start) * 1e3
         pad = self.pad_token_id
@@ -318,18 +339,28 @@ class VTPrune(lmms):
             kv = flops.kv_cache_bytes(self._model.config, lengths[i], dtype=self._model.dtype)
             new_tokens = int((new_ids[i] != pad).sum()) if pad is not None else new_ids.shape[1]
             record = RequestRecord(
-                task=tasks[i], doc_id=int(doc_ids[i]), batch_size=rows,
-                visual_tokens_in=int(n_in[i]), visual_tokens_kept=int(n_kept[i]),
-                prefill_tflops=batch_flops / rows / 1e12, prefill_ms=prefill_ms / rows, select_ms=select_ms / rows,
-                kv_cache_mb=kv / 2**20, new_tokens=new_tokens, visual_tokens_nominal=int(n_nominal[i]),
+                task=tasks[i],
+                doc_id=int(doc_ids[i]),
+                batch_size=rows,
+                visual_tokens_in=int(n_in[i]),
+                visual_tokens_kept=int(n_kept[i]),
+                prefill_tflops=batch_flops / rows / 1e12,
+                prefill_ms=prefill_ms / rows,
+                select_ms=select_ms / rows,
+                kv_cache_mb=kv / 2**20,
+                new_tokens=new_tokens,
+                visual_tokens_nominal=int(n_nominal[i]),
             )
             self.records.append(record)
             log_metrics(
-                total_elapsed_time=total_s / rows, total_gen_tokens=new_tokens,
+                total_elapsed_time=total_s / rows,
+                total_gen_tokens=new_tokens,
                 avg_speed=new_tokens * rows / total_s if total_s > 0 else 0.0,
                 additional_metrics={
-                    "prefill_ms": record.prefill_ms, "visual_tokens_kept": record.visual_tokens_kept,
-                    "prefill_tflops": record.prefill_tflops, "kv_cache_mb": record.kv_cache_mb,
+                    "prefill_ms": record.prefill_ms,
+                    "visual_tokens_kept": record.visual_tokens_kept,
+                    "prefill_tflops": record.prefill_tflops,
+                    "kv_cache_mb": record.kv_cache_mb,
                 },
             )
             self.cache_hook.add_partial("generate_until", (contexts[i], all_gen_kwargs[i]), answers[i])
@@ -383,16 +414,25 @@ def check_device(device: str | None) -> None:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this machine has no CUDA device (torch.cuda.is_available() is False); "
-                         "use device: cpu, or leave device out (cuda when available, else cpu)")
+        raise ValueError(
+            f"device {device!r}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+            "use device: cpu, or leave device out (cuda when available, else cpu)"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r}: MPS is not available on this machine; use device: cpu")
 
 
-def load_pretrained(pretrained: str, device: str = "cpu", dtype: str | torch.dtype = "auto", device_map=None,
-                    attn_implementation: str | None = None, trust_remote_code: bool = False, revision=None):
+def load_pretrained(
+    pretrained: str,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "auto",
+    device_map=None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision=None,
+):
     """(model, processor) of a local path or hub id, in eval mode on ``device`` (or spread by ``device_map``)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -413,8 +453,9 @@ def load_pretrained(pretrained: str, device: str = "cpu", dtype: str | torch.dty
     model = AutoModelForImageTextToText.from_pretrained(pretrained, **kwargs)
     if not device_map:
         model.to(device)
-    processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code,
-                                              **({"revision": revision} if revision else {}))
+    processor = AutoProcessor.from_pretrained(
+        pretrained, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {})
+    )
     return model.eval(), processor
 
 

@@ -6,7 +6,8 @@
 
 Before any model loads, :func:`check_config` resolves every task (and its metric) in lmms-eval's task index,
 reads every model's config (a local folder, or the hub's ``config.json`` only) and patches a weightless
-(meta-device) copy of each model with each method at each budget, so unknown tasks, models and methods, and methods a model
+(meta-device) copy of each model with each method at each budget, so unknown tasks, models and methods, and methods a
+model
 cannot run, fail first. Each model is then loaded once; each cell runs ``lmms_eval.evaluator.simple_evaluate``
 in-process with a :class:`~vtprune.harness.model.VTPrune` wrapping the loaded model, so an lmms-eval failure
 raises instead of being reported as a zero exit status, and a result that lacks the metric, is NaN, or was
@@ -32,8 +33,9 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -48,10 +50,33 @@ __all__ = ["run_sweep", "check_config", "read_results", "cell_key", "recorded_pa
 
 #: the fields of a results.jsonl row, in order
 RESULT_FIELDS = (
-    "config", "model", "pretrained", "method", "method_name", "options", "budget", "task", "metric", "value",
-    "score", "max", "limit", "n", "batch_size", "visual_tokens_in", "visual_tokens", "visual_tokens_nominal",
+    "config",
+    "model",
+    "pretrained",
+    "method",
+    "method_name",
+    "options",
+    "budget",
+    "task",
+    "metric",
+    "value",
+    "score",
+    "max",
+    "limit",
+    "n",
+    "batch_size",
+    "visual_tokens_in",
+    "visual_tokens",
+    "visual_tokens_nominal",
     "prefill_tflops",
-    "prefill_ms", "select_ms", "kv_cache_mb", "peak_memory_mb", "device", "dtype", "world_size", "time",
+    "prefill_ms",
+    "select_ms",
+    "kv_cache_mb",
+    "peak_memory_mb",
+    "device",
+    "dtype",
+    "world_size",
+    "time",
 )
 _KEY_FIELDS = ("model", "pretrained", "method", "method_name", "options", "budget", "task", "metric", "limit")
 
@@ -99,8 +124,14 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 #: what a row needs to be tabulated and plotted: a sweep row, or a robustness row (``vtprune robustness``)
-_SWEEP_ROW = {"model": str, "method": str, "task": str, "value": (int, float), "score": (int, float),
-              "max": (int, float)}
+_SWEEP_ROW = {
+    "model": str,
+    "method": str,
+    "task": str,
+    "value": (int, float),
+    "score": (int, float),
+    "max": (int, float),
+}
 _ROBUSTNESS_ROW = {"model": str, "method": str, "perturbation": str}
 
 
@@ -113,7 +144,9 @@ def _check_row(row, where: str) -> None:
         raise ValueError(f"{where}: not a row of `vtprune sweep` (missing {missing}; it has {sorted(row)})")
     for key, kind in fields.items():
         if isinstance(row[key], bool) or not isinstance(row[key], kind):
-            raise ValueError(f"{where}: {key!r} must be a {'number' if kind != str else 'string'}, got {row[key]!r}")
+            raise ValueError(
+                f"{where}: {key!r} must be a {'number' if kind is not str else 'string'}, got {row[key]!r}"
+            )
 
 
 # -- checks before anything loads ----------------------------------------------------------------------------------
@@ -140,10 +173,14 @@ def _resolve_metric(tm, spec: TaskSpec) -> str:
     if spec.task not in tm.all_tasks:
         close = difflib.get_close_matches(spec.task, tm.all_tasks, n=3, cutoff=0.6)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown lmms-eval task {spec.task!r}.{hint} (list them with `lmms-eval --tasks list`; "
-                         "local tasks need include_path)")
+        raise ValueError(
+            f"unknown lmms-eval task {spec.task!r}.{hint} (list them with `lmms-eval --tasks list`; "
+            "local tasks need include_path)"
+        )
     if tm.task_index[spec.task]["type"] != "task":
-        raise ValueError(f"{spec.task!r} is an lmms-eval {tm.task_index[spec.task]['type']}, not a task; list its tasks")
+        raise ValueError(
+            f"{spec.task!r} is an lmms-eval {tm.task_index[spec.task]['type']}, not a task; list its tasks"
+        )
     metrics = [m["metric"] for m in tm._get_config(spec.task).get("metric_list", []) if isinstance(m, dict)]
     if spec.metric is None:
         if not metrics:
@@ -164,18 +201,25 @@ def _model_config(spec: ModelSpec):
     path = Path(spec.pretrained)
     if path.is_absolute():
         if not (path / "config.json").is_file():
-            raise ValueError(f"model {spec.name!r}: {spec.pretrained!r} is not a folder with a config.json "
-                             "(and not a hub id such as llava-hf/llava-1.5-7b-hf)")
+            raise ValueError(
+                f"model {spec.name!r}: {spec.pretrained!r} is not a folder with a config.json "
+                "(and not a hub id such as llava-hf/llava-1.5-7b-hf)"
+            )
     try:
-        config = AutoConfig.from_pretrained(spec.pretrained, trust_remote_code=trust,
-                                            **({"revision": spec.model_args["revision"]}
-                                               if spec.model_args.get("revision") else {}))
+        config = AutoConfig.from_pretrained(
+            spec.pretrained,
+            trust_remote_code=trust,
+            **({"revision": spec.model_args["revision"]} if spec.model_args.get("revision") else {}),
+        )
     except Exception as err:  # noqa: BLE001 - any failure to resolve the model is reported the same way
-        raise ValueError(f"model {spec.name!r}: cannot read the config of {spec.pretrained!r} ({type(err).__name__}: "
-                         f"{err})") from err
+        raise ValueError(
+            f"model {spec.name!r}: cannot read the config of {spec.pretrained!r} ({type(err).__name__}: {err})"
+        ) from err
     if config.model_type not in supported_model_types():
-        raise ValueError(f"model {spec.name!r} ({spec.pretrained}) has model_type {config.model_type!r}; vtprune "
-                         f"supports {supported_model_types()}")
+        raise ValueError(
+            f"model {spec.name!r} ({spec.pretrained}) has model_type {config.model_type!r}; vtprune "
+            f"supports {supported_model_types()}"
+        )
     return config
 
 
@@ -241,15 +285,34 @@ def _mean(values) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _run_cell(cfg: SweepConfig, tm, model, processor, model_spec: ModelSpec, method: MethodSpec,
-              budget: int | None, task: TaskSpec, metric: str, limit: int | None) -> dict | None:
+def _run_cell(
+    cfg: SweepConfig,
+    tm,
+    model,
+    processor,
+    model_spec: ModelSpec,
+    method: MethodSpec,
+    budget: int | None,
+    task: TaskSpec,
+    metric: str,
+    limit: int | None,
+) -> dict | None:
     from lmms_eval.evaluator import simple_evaluate
 
     keep = None if method.method == UNPRUNED else budget
-    lm = VTPrune(model=model, processor=processor, method=method.method, keep=keep, batch_size=cfg.batch_size,
-                 **method.options)
-    results = simple_evaluate(model=lm, tasks=[task.task], limit=limit, task_manager=tm, log_samples=False,
-                              bootstrap_iters=0, verbosity="WARNING", batch_size=cfg.batch_size)
+    lm = VTPrune(
+        model=model, processor=processor, method=method.method, keep=keep, batch_size=cfg.batch_size, **method.options
+    )
+    results = simple_evaluate(
+        model=lm,
+        tasks=[task.task],
+        limit=limit,
+        task_manager=tm,
+        log_samples=False,
+        bootstrap_iters=0,
+        verbosity="WARNING",
+        batch_size=cfg.batch_size,
+    )
     records = [r for part in _gather(lm.records) for r in part]
     peaks = [p for p in _gather(lm.peak_memory_bytes) if p is not None]
     rank, world = _world()
@@ -269,10 +332,21 @@ def _run_cell(cfg: SweepConfig, tm, model, processor, model_spec: ModelSpec, met
     if not records:
         raise RuntimeError(f"{where}: lmms-eval sent no request to the model")
     return {
-        "config": cfg.name, "model": model_spec.name, "pretrained": recorded_path(model_spec.pretrained),
-        "method": method.name, "method_name": method.method, "options": method.options, "budget": keep, "task": task.task,
-        "metric": metric, "value": float(value), "score": float(value) * task.scale, "max": task.max,
-        "limit": limit, "n": len(records), "batch_size": cfg.batch_size,
+        "config": cfg.name,
+        "model": model_spec.name,
+        "pretrained": recorded_path(model_spec.pretrained),
+        "method": method.name,
+        "method_name": method.method,
+        "options": method.options,
+        "budget": keep,
+        "task": task.task,
+        "metric": metric,
+        "value": float(value),
+        "score": float(value) * task.scale,
+        "max": task.max,
+        "limit": limit,
+        "n": len(records),
+        "batch_size": cfg.batch_size,
         "visual_tokens_in": _mean(r.visual_tokens_in for r in records),
         "visual_tokens": _mean(r.visual_tokens_kept for r in records),
         "visual_tokens_nominal": _mean(r.visual_tokens_nominal for r in records if r.visual_tokens_nominal is not None),
@@ -281,7 +355,9 @@ def _run_cell(cfg: SweepConfig, tm, model, processor, model_spec: ModelSpec, met
         "select_ms": _mean(r.select_ms for r in records),
         "kv_cache_mb": _mean(r.kv_cache_mb for r in records),
         "peak_memory_mb": max(peaks) / 2**20 if peaks else None,
-        "device": str(lm.device), "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
+        "device": str(lm.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "world_size": world,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -339,25 +415,41 @@ def _run_sweep(config, output_dir, limit, resume, progress, base_dir, on_row) ->
     done = {cell_key(r): r for r in existing}
     cells = []
     for model_spec, method, budget, task in cfg.cells():
-        probe = {"model": model_spec.name, "pretrained": recorded_path(model_spec.pretrained), "method": method.name,
-                 "method_name": method.method, "options": method.options, "budget": budget, "task": task.task,
-                 "metric": metrics[task.task], "limit": cfg.limit}
+        probe = {
+            "model": model_spec.name,
+            "pretrained": recorded_path(model_spec.pretrained),
+            "method": method.name,
+            "method_name": method.method,
+            "options": method.options,
+            "budget": budget,
+            "task": task.task,
+            "metric": metrics[task.task],
+            "limit": cfg.limit,
+        }
         cells.append((cell_key(probe), model_spec, method, budget, task))
     pending = [c for c in cells if c[0] not in done]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not resume:
             path.write_text("")
-    bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc=f"sweep {cfg.name}", unit="cell",
-               disable=not progress or rank != 0)
+    bar = tqdm(
+        total=len(cells),
+        initial=len(cells) - len(pending),
+        desc=f"sweep {cfg.name}",
+        unit="cell",
+        disable=not progress or rank != 0,
+    )
     try:
         loaded_name, model, processor = None, None, None
         for key, model_spec, method, budget, task in pending:
             if model_spec.name != loaded_name:
                 model = processor = None
                 gc.collect()
-                args = {"device": cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"), "dtype": cfg.dtype,
-                        **model_spec.model_args}
+                args = {
+                    "device": cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                    "dtype": cfg.dtype,
+                    **model_spec.model_args,
+                }
                 if distributed_device is not None:
                     args["device"] = distributed_device
                 model, processor = load_pretrained(model_spec.pretrained, **args)

@@ -51,8 +51,11 @@ class TableRow:
     @property
     def nominal_differs(self) -> bool:
         """Whether the budget names another count than the tokens kept (shown beside them)."""
-        return self.tokens is not None and self.tokens_nominal is not None and round(self.tokens) != round(
-            self.tokens_nominal)
+        return (
+            self.tokens is not None
+            and self.tokens_nominal is not None
+            and round(self.tokens) != round(self.tokens_nominal)
+        )
 
     @property
     def label(self) -> str:
@@ -114,11 +117,19 @@ def build_tables(results: list[dict]) -> list[Table]:
             if complete and all(t in base and base[t]["value"] != 0 for t in tasks):
                 rel = sum(got[t]["value"] / base[t]["value"] * 100 for t in tasks) / len(tasks)
             present = list(got.values())
-            out.append(TableRow(
-                method=method, budget=budget, scores={t: got[t]["score"] for t in tasks if t in got}, avg=avg, rel=rel,
-                tokens=_weighted(present, "visual_tokens"), tflops=_weighted(present, "prefill_tflops"),
-                prefill_ms=_weighted(present, "prefill_ms"), tokens_nominal=_weighted(present, "visual_tokens_nominal"),
-            ))
+            out.append(
+                TableRow(
+                    method=method,
+                    budget=budget,
+                    scores={t: got[t]["score"] for t in tasks if t in got},
+                    avg=avg,
+                    rel=rel,
+                    tokens=_weighted(present, "visual_tokens"),
+                    tflops=_weighted(present, "prefill_tflops"),
+                    prefill_ms=_weighted(present, "prefill_ms"),
+                    tokens_nominal=_weighted(present, "visual_tokens_nominal"),
+                )
+            )
         eps = max(caa.get(model, {}), default=None)
         if eps is not None:
             for row in out:
@@ -143,12 +154,15 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _cells(table: Table, row: TableRow) -> list[str]:
     return [
-        row.label, "-" if row.budget is None else str(row.budget),
+        row.label,
+        "-" if row.budget is None else str(row.budget),
         *[_fmt(row.scores.get(t), ".1f") for t in table.tasks],
-        _fmt(row.avg, ".1f"), _fmt(row.rel, ".1f"),
+        _fmt(row.avg, ".1f"),
+        _fmt(row.rel, ".1f"),
         _fmt(row.tokens, ".0f") + (f" (nominal {row.tokens_nominal:.0f})" if row.nominal_differs else ""),
         _fmt(row.tflops, ".3g"),
-        _fmt(row.prefill_ms, ".1f"), *([_fmt(row.robust, ".1f")] if table.robust_eps is not None else []),
+        _fmt(row.prefill_ms, ".1f"),
+        *([_fmt(row.robust, ".1f")] if table.robust_eps is not None else []),
     ]
 
 
@@ -159,11 +173,16 @@ def to_markdown(tables: list[Table]) -> str:
         body = [_cells(table, r) for r in table.rows]
         widths = [max(len(x) for x in col) for col in zip(headers, *body)]
 
-        def line(cells):
-            return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                     for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        def line(cells, widths=widths):
+            return (
+                "| "
+                + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+                + " |"
+            )
 
-        rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+        rule = (
+            "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+        )
         parts.append("\n".join([f"### {table.title}", "", line(headers), rule, *map(line, body)]))
     return "\n\n".join(parts) + "\n"
 
@@ -173,16 +192,39 @@ def to_csv(tables: list[Table]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     tasks = list(dict.fromkeys(t for table in tables for t in table.tasks))
     robust = any(table.robust_eps is not None for table in tables)
-    writer.writerow(["model", "limit", "method", "budget", *tasks, "avg", "rel_pct", "tokens", "tokens_nominal",
-                     "prefill_tflops", "prefill_ms", *(["caa_success_pct", "caa_epsilon"] if robust else [])])
+    writer.writerow(
+        [
+            "model",
+            "limit",
+            "method",
+            "budget",
+            *tasks,
+            "avg",
+            "rel_pct",
+            "tokens",
+            "tokens_nominal",
+            "prefill_tflops",
+            "prefill_ms",
+            *(["caa_success_pct", "caa_epsilon"] if robust else []),
+        ]
+    )
     for table in tables:
         for r in table.rows:
             extra = ["" if r.robust is None else r.robust, "" if table.robust_eps is None else table.robust_eps]
-            writer.writerow([table.model, "" if table.limit is None else table.limit, r.label,
-                             "" if r.budget is None else r.budget, *[r.scores.get(t, "") for t in tasks],
-                             *["" if v is None else v for v in (r.avg, r.rel, r.tokens, r.tokens_nominal, r.tflops,
-                                                                r.prefill_ms)],
-                             *(extra if robust else [])])
+            writer.writerow(
+                [
+                    table.model,
+                    "" if table.limit is None else table.limit,
+                    r.label,
+                    "" if r.budget is None else r.budget,
+                    *[r.scores.get(t, "") for t in tasks],
+                    *[
+                        "" if v is None else v
+                        for v in (r.avg, r.rel, r.tokens, r.tokens_nominal, r.tflops, r.prefill_ms)
+                    ],
+                    *(extra if robust else []),
+                ]
+            )
     return buf.getvalue()
 
 
@@ -197,8 +239,13 @@ def to_latex(tables: list[Table]) -> str:
     parts = []
     for table in tables:
         headers = _headers(table)
-        lines = [f"% {_tex(table.title)}", r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", r"\toprule",
-                 " & ".join(_tex(h) for h in headers) + r" \\", r"\midrule"]
+        lines = [
+            f"% {_tex(table.title)}",
+            r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
+            r"\toprule",
+            " & ".join(_tex(h) for h in headers) + r" \\",
+            r"\midrule",
+        ]
         for i, row in enumerate(table.rows):
             lines.append(" & ".join(_tex(c) for c in _cells(table, row)) + r" \\")
             if i == 0 and row.method == UNPRUNED and len(table.rows) > 1:

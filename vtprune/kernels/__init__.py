@@ -70,7 +70,11 @@ def _jit_build() -> None:
     sources = _sources(cuda)
     if not sources:
         raise RuntimeError(f"no C++ sources under {source_dir()} (an installed wheel without the extension)")
-    kwargs = dict(extra_cflags=["-O3", "-fopenmp"] + os.environ.get("VTPRUNE_CFLAGS", "").split(), extra_ldflags=["-fopenmp"], is_python_module=False)
+    kwargs = dict(
+        extra_cflags=["-O3", "-fopenmp"] + os.environ.get("VTPRUNE_CFLAGS", "").split(),
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
     if cuda:
         kwargs["extra_cuda_cflags"] = ["-O3"]
     cpp_extension.load(name="vtprune_native_cuda" if cuda else "vtprune_native", sources=sources, **kwargs)
@@ -97,7 +101,8 @@ def _load() -> dict:
         _fake.register()
         return {"cpp": _has_kernel("CPU"), "cuda": _has_kernel("CUDA")}
     warnings.warn(
-        f"vtprune: native ops unavailable ({type(error).__name__ + ': ' + detail[:300] if error else 'not registered'}); "
+        f"vtprune: native ops unavailable "
+        f"({type(error).__name__ + ': ' + detail[:300] if error else 'not registered'}); "
         "using the pure-torch implementations (same results, slower). Set VTPRUNE_NO_EXT=1 to silence this.",
         RuntimeWarning,
         stacklevel=3,

@@ -10,8 +10,7 @@ _registered = False
 
 def _check_features(x: torch.Tensor, name: str) -> None:
     if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float32 or float64 (the compute dtype: upcast bf16/fp16 first), "
-                        f"got {x.dtype}")
+        raise TypeError(f"{name} must be float32 or float64 (the compute dtype: upcast bf16/fp16 first), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] < 1:
         raise ValueError(f"{name} must be 2-D [tokens, D] with D >= 1, got shape {tuple(x.shape)}")
 
@@ -45,8 +44,10 @@ def _dart_pick(units, pivots, excluded, counts):
     _check_features(units, "units")
     _check_features(pivots, "pivots")
     if not (units.device == pivots.device == excluded.device):
-        raise ValueError(f"units, pivots and excluded must be on one device, got {units.device}, "
-                         f"{pivots.device} and {excluded.device}")
+        raise ValueError(
+            f"units, pivots and excluded must be on one device, got {units.device}, "
+            f"{pivots.device} and {excluded.device}"
+        )
     if len(counts) != pivots.shape[0]:
         raise ValueError(f"counts must have one entry per pivot ({pivots.shape[0]}), got {len(counts)}")
     total = min(sum(counts), units.shape[0] - excluded.shape[0])

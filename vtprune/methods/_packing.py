@@ -9,11 +9,13 @@ from .base import ImageInputs
 
 def packed_patches(image: ImageInputs) -> tuple[torch.Tensor, int, int]:
     """``(ids, C, P)``: ``ids`` ``[n]`` int64, for each of the image's ``n`` visual tokens the flat index ``c * P + p``
-    of the crop patch it carries (crop ``c`` of ``C``, patch ``p`` of ``P``, as in ``projector_inputs`` ``[C, P, .]``),
-    or -1 for a token that carries no patch (a LLaVA-NeXT row separator: the packing gives it the image's lowest
-    score, i.e. it repeats the id of a patch packed before it). A single crop with one projector row per visual token
-(LLaVA-1.5; Qwen, whose projector rows are merge units) maps token ``j`` to row ``j``. Needs the
-``projector_inputs`` signal."""
+        of the crop patch it carries (crop ``c`` of ``C``, patch ``p`` of ``P``, as in ``projector_inputs`` ``[C, P,
+        .]``),
+        or -1 for a token that carries no patch (a LLaVA-NeXT row separator: the packing gives it the image's lowest
+        score, i.e. it repeats the id of a patch packed before it). A single crop with one projector row per visual
+        token
+    (LLaVA-1.5; Qwen, whose projector rows are merge units) maps token ``j`` to row ``j``. Needs the
+    ``projector_inputs`` signal."""
     c, p = image.projector_inputs.shape[:2]
     device = image.projector_inputs.device
     if c == 1 and p == image.n:  # one projector row per visual token (LLaVA-1.5; Qwen's merge units, concatenated)
@@ -29,8 +31,10 @@ def packed_patches(image: ImageInputs) -> tuple[torch.Tensor, int, int]:
             "(e.g. 'random', 'divprune', 'zoo', 'fastv', 'dart') on such inputs"
         )
     if n != image.n or packed.dtype != torch.float64 or not bool((packed == packed.round()).all()):
-        raise RuntimeError(f"the model's packing did not map patch ids exactly ({n} tokens of dtype {packed.dtype} for "
-                           f"an image of {image.n} visual tokens)")
+        raise RuntimeError(
+            f"the model's packing did not map patch ids exactly ({n} tokens of dtype {packed.dtype} for "
+            f"an image of {image.n} visual tokens)"
+        )
     packed = packed.long()
     order = torch.arange(n, device=device)
     first = torch.full((c * p,), n, dtype=torch.long, device=device).scatter_reduce_(0, packed, order, "amin")

@@ -6,8 +6,9 @@ whose signals were gathered by the adapter-driven hooks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -15,17 +16,29 @@ from .. import functional as F
 from ..config import PruneConfig
 
 #: signal names a method may ask for
-VISION_SIGNALS = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs", "prompt_embeds",
-                            "instruction"})
-LLM_SIGNALS = frozenset({"text_attention", "keys", "hidden", "layer_attention", "queries", "prompt_embeds",
-                         "rope_gravity"})
+VISION_SIGNALS = frozenset(
+    {"features", "cls_attention", "vision_keys", "projector_inputs", "prompt_embeds", "instruction"}
+)
+LLM_SIGNALS = frozenset(
+    {"text_attention", "keys", "hidden", "layer_attention", "queries", "prompt_embeds", "rope_gravity"}
+)
 #: the fields (and ``extra`` keys) of :class:`ImageInputs` that signals fill -> the signals that fill each
 SIGNAL_FIELDS = {
-    "features": {"features"}, "cls_attention": {"cls_attention"}, "received": {"cls_attention"},
-    "vision_keys": {"vision_keys"}, "projector_inputs": {"projector_inputs"}, "projector": {"projector_inputs"},
-    "hidden": {"hidden"}, "keys": {"keys"}, "text_attention": {"text_attention", "layer_attention"},
-    "attention_rows": {"queries"}, "rope_gravity": {"rope_gravity"}, "prompt_embeds": {"prompt_embeds"},
-    "image_columns": {"prompt_embeds"}, "text_columns": {"prompt_embeds"}, "instruction": {"instruction"},
+    "features": {"features"},
+    "cls_attention": {"cls_attention"},
+    "received": {"cls_attention"},
+    "vision_keys": {"vision_keys"},
+    "projector_inputs": {"projector_inputs"},
+    "projector": {"projector_inputs"},
+    "hidden": {"hidden"},
+    "keys": {"keys"},
+    "text_attention": {"text_attention", "layer_attention"},
+    "attention_rows": {"queries"},
+    "rope_gravity": {"rope_gravity"},
+    "prompt_embeds": {"prompt_embeds"},
+    "image_columns": {"prompt_embeds"},
+    "text_columns": {"prompt_embeds"},
+    "instruction": {"instruction"},
 }
 #: what ``Method.kept_count`` may be
 KEPT_COUNTS = ("budget", "at_most", "own")
@@ -133,7 +146,7 @@ class ImageInputs:
     def __repr__(self) -> str:
         return f"ImageInputs(n={self.n}, k={self.k}, layer={self.layer})"
 
-    def hide_undeclared(self, method: "Method") -> "ImageInputs":
+    def hide_undeclared(self, method: Method) -> ImageInputs:
         """Mark every field (and ``extra`` key) of a signal ``method`` did not declare, so that reading it raises
         instead of giving None (or a value filled for another method). Returns ``self``."""
         declared = frozenset(method.signals)
@@ -249,7 +262,7 @@ class Method:
         """Vision-encoder layers whose CLS attention rows this method reads (``cls_attention`` signal)."""
         return []
 
-    def select(self, image: ImageInputs) -> "torch.Tensor | Selection":
+    def select(self, image: ImageInputs) -> torch.Tensor | Selection:
         """Ascending image-relative indices (int64) of the ``image.k`` visual tokens to keep, or a
         :class:`Selection` when the kept tokens' vectors are replaced (merging methods)."""
         raise NotImplementedError

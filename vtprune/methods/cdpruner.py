@@ -13,7 +13,8 @@ Where the relevance comes from (``text=``):
   tokenizer, zero-padded to a multiple of 77 tokens, one embedding per 77-token segment). ``clip_model``: a
   transformers ``CLIPModel``, a path / hub name loaded with ``CLIPModel.from_pretrained``, or an open_clip ``CLIP``
   (e.g. ``open_clip.create_model("ViT-L-14-336", pretrained="openai")``); ``clip_tokenizer``: a tokenizer
-  (``tokenizer(text)["input_ids"]``, or open_clip's ``SimpleTokenizer``) or a path (None: ``clip_model``'s path). LLaVA families (CLIP
+  (``tokenizer(text)["input_ids"]``, or open_clip's ``SimpleTokenizer``) or a path (None: ``clip_model``'s path). LLaVA
+  families (CLIP
   towers) only.
 * ``"llm"`` (NOT the paper's): the LLM's own input space, for families without a CLIP text tower. Image side: the
   projected tokens themselves; text side: the LLM input embeddings of the sample's text tokens after the image (all
@@ -62,17 +63,22 @@ class ClipSpace:
             self.kind = "transformers"
             self.width = int(model.vision_model.post_layernorm.normalized_shape[0])
             self.device = model.visual_projection.weight.device
-        elif hasattr(model, "encode_text") and all(hasattr(getattr(model, "visual", None), p)
-                                                   for p in ("ln_post", "proj")):
+        elif hasattr(model, "encode_text") and all(
+            hasattr(getattr(model, "visual", None), p) for p in ("ln_post", "proj")
+        ):
             if model.visual.proj is None:
-                raise TypeError("clip_model is an open_clip CLIP whose vision tower has no output projection "
-                                "(visual.proj is None); CDPruner needs the joint-space projection")
+                raise TypeError(
+                    "clip_model is an open_clip CLIP whose vision tower has no output projection "
+                    "(visual.proj is None); CDPruner needs the joint-space projection"
+                )
             self.kind = "open_clip"
             self.width = int(model.visual.ln_post.normalized_shape[0])
             self.device = model.visual.proj.device
         else:
-            raise TypeError(f"clip_model must be a transformers CLIPModel (or its path) or an open_clip CLIP "
-                            f"(encode_text, visual.ln_post, visual.proj); got {type(model).__name__}")
+            raise TypeError(
+                f"clip_model must be a transformers CLIPModel (or its path) or an open_clip CLIP "
+                f"(encode_text, visual.ln_post, visual.proj); got {type(model).__name__}"
+            )
         self.model = model
 
     def image(self, states: torch.Tensor) -> torch.Tensor:
@@ -98,8 +104,10 @@ def clip_token_ids(tokenizer: Any, text: str) -> list[int]:
         return [int(tokenizer.sot_token_id), *map(int, tokenizer.encode(text)), int(tokenizer.eot_token_id)]
     out = tokenizer(text)
     if not hasattr(out, "__getitem__") or "input_ids" not in out:
-        raise TypeError(f"clip_tokenizer must return a mapping with 'input_ids' (a transformers tokenizer) or be "
-                        f"open_clip's SimpleTokenizer; {type(tokenizer).__name__} returned {type(out).__name__}")
+        raise TypeError(
+            f"clip_tokenizer must return a mapping with 'input_ids' (a transformers tokenizer) or be "
+            f"open_clip's SimpleTokenizer; {type(tokenizer).__name__} returned {type(out).__name__}"
+        )
     return [int(i) for i in out["input_ids"]]
 
 
@@ -118,17 +126,23 @@ class CDPrunerConfig(PruneConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.text is not None and self.text not in _TEXTS:
-            raise ValueError(f"text must be None or one of {_TEXTS} ('clip': the paper's CLIP relevance; 'llm': the "
-                             f"LLM's input embeddings, not the paper's; None: 'clip' on CLIP towers, 'llm' "
-                             f"elsewhere), got {self.text!r}")
+            raise ValueError(
+                f"text must be None or one of {_TEXTS} ('clip': the paper's CLIP relevance; 'llm': the "
+                f"LLM's input embeddings, not the paper's; None: 'clip' on CLIP towers, 'llm' "
+                f"elsewhere), got {self.text!r}"
+            )
         if self.text is None and self.clip_model is not None:
             self.text = "clip"
         if self.text is None and self.clip_tokenizer is not None:  # "llm" on a non-CLIP tower would drop it unused
-            raise ValueError("cdpruner clip_tokenizer= is the tokenizer of clip_model= (text='clip'); give clip_model= "
-                             "too, or leave clip_tokenizer out")
+            raise ValueError(
+                "cdpruner clip_tokenizer= is the tokenizer of clip_model= (text='clip'); give clip_model= "
+                "too, or leave clip_tokenizer out"
+            )
         if self.text == "clip" and self.clip_model is None:
-            raise ValueError("cdpruner text='clip' needs clip_model= (a transformers CLIPModel or its path, e.g. the "
-                             "checkpoint of the VLM's CLIP tower, openai/clip-vit-large-patch14-336 for LLaVA-1.5)")
+            raise ValueError(
+                "cdpruner text='clip' needs clip_model= (a transformers CLIPModel or its path, e.g. the "
+                "checkpoint of the VLM's CLIP tower, openai/clip-vit-large-patch14-336 for LLaVA-1.5)"
+            )
         if self.text == "llm" and (self.clip_model is not None or self.clip_tokenizer is not None):
             raise ValueError("clip_model / clip_tokenizer are for text='clip'; with text='llm' they would be unused")
         if self.theta is not None:
@@ -144,11 +158,14 @@ class CDPrunerConfig(PruneConfig):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in ("clip_model", "clip_tokenizer") and value is not None and not isinstance(value, str):
-                path = getattr(value, "name_or_path", None) or getattr(getattr(value, "config", None),
-                                                                       "_name_or_path", None)
+                path = getattr(value, "name_or_path", None) or getattr(
+                    getattr(value, "config", None), "_name_or_path", None
+                )
                 if not path:
-                    raise ValueError(f"cdpruner: {f.name} is an in-memory object without a path; a config with it "
-                                     "cannot be written as JSON (pass a path instead)")
+                    raise ValueError(
+                        f"cdpruner: {f.name} is an in-memory object without a path; a config with it "
+                        "cannot be written as JSON (pass a path instead)"
+                    )
                 value = path
             out[f.name] = value
         return out
@@ -159,9 +176,13 @@ class CDPruner(Method):
     stage = "vision"
     #: what it may read (registry record); an instance reads those of its ``text`` (``_set_signals``)
     signals = frozenset({"features", "projector_inputs", "instruction", "prompt_embeds"})
-    surrogate = S.Surrogate("dpp-gain", "greedy DPP MAP -> each token's squared relevance to the prompt times its "
-                            "cosine distance to the nearest neighbour (its marginal gain against its closest "
-                            "competitor)", S.dpp_gain)
+    surrogate = S.Surrogate(
+        "dpp-gain",
+        "greedy DPP MAP -> each token's squared relevance to the prompt times its "
+        "cosine distance to the nearest neighbour (its marginal gain against its closest "
+        "competitor)",
+        S.dpp_gain,
+    )
     #: its default on a CLIP tower is the paper's text="clip", which needs a CLIP text tower the bundled / random
     #: models lack: they run text="llm" (the same greedy DPP over the same tokens; only the relevance differs)
     run_options = {"text": "llm"}
@@ -190,17 +211,19 @@ class CDPruner(Method):
             raise ValueError(
                 f"cdpruner text='clip' scores patches in a CLIP checkpoint's joint space, but {model_type!r}'s vision "
                 f"tower is {getattr(adapter.config.vision_config, 'model_type', None)!r}, not CLIP; use text='llm' "
-                "(the LLM's input embeddings; not the paper's, which has no method for this tower)")
+                "(the LLM's input embeddings; not the paper's, which has no method for this tower)"
+            )
         if text is None and adapter.clip_vision_tower:
             raise ValueError(
                 f"cdpruner on {model_type!r} (a CLIP vision tower) defaults to the paper's text='clip', which needs "
                 "the CLIP text tower the VLM checkpoint lacks: pass clip_model= (a transformers CLIPModel or its path, "
                 "e.g. openai/clip-vit-large-patch14-336 for LLaVA-1.5; or an open_clip CLIP), or text='llm' for "
-                "vtprune's variant scored with the LLM's own input embeddings (not the paper's)")
+                "vtprune's variant scored with the LLM's own input embeddings (not the paper's)"
+            )
         self.text = text or "llm"
         self._set_signals()
 
-    def clip(self) -> "tuple[ClipSpace, Any]":
+    def clip(self) -> tuple[ClipSpace, Any]:
         """``(ClipSpace, tokenizer)``, loaded on first use when given as paths."""
         if self._clip is None:
             cfg = self.config
@@ -212,8 +235,10 @@ class CDPruner(Method):
             if tok is None:
                 tok = cfg.clip_model if isinstance(cfg.clip_model, str) else getattr(model, "name_or_path", None)
                 if not tok:
-                    raise ValueError("cdpruner text='clip' with an in-memory clip_model needs clip_tokenizer= "
-                                     "(a CLIP tokenizer or its path; for open_clip: open_clip.get_tokenizer(name))")
+                    raise ValueError(
+                        "cdpruner text='clip' with an in-memory clip_model needs clip_tokenizer= "
+                        "(a CLIP tokenizer or its path; for open_clip: open_clip.get_tokenizer(name))"
+                    )
             if isinstance(tok, str):
                 from transformers import AutoTokenizer
 
@@ -237,22 +262,27 @@ class CDPruner(Method):
         if self.text == "llm":
             text = image.extra["prompt_embeds"]
             if text.shape[0] == 0:
-                raise ValueError("cdpruner text='llm' needs text tokens in the prompt to score relevance; the "
-                                 "sample has none")
+                raise ValueError(
+                    "cdpruner text='llm' needs text tokens in the prompt to score relevance; the sample has none"
+                )
             return F.cdpruner_select(image.features, image.features, text, image.k, cfg.theta)
         instruction = image.extra.get("instruction")
         if instruction is None:
-            raise ValueError("cdpruner text='clip' needs each prompt's instruction: call "
-                             "vtprune.set_instructions(model, [question, ...]) (one str per batch row) before the "
-                             "forward / generate call")
+            raise ValueError(
+                "cdpruner text='clip' needs each prompt's instruction: call "
+                "vtprune.set_instructions(model, [question, ...]) (one str per batch row) before the "
+                "forward / generate call"
+            )
         space, _ = self.clip()
         ids, _, _ = packed_patches(image)
         tokens = (ids >= 0).nonzero().squeeze(1)
         states = image.projector_inputs.reshape(-1, image.projector_inputs.shape[-1])[ids[tokens]]
         if states.shape[-1] != space.width:
-            raise ValueError(f"cdpruner text='clip': the projector's input has width {states.shape[-1]} but "
-                             f"clip_model's vision tower has width {space.width}; "
-                             "clip_model must be the checkpoint of the VLM's own CLIP vision tower")
+            raise ValueError(
+                f"cdpruner text='clip': the projector's input has width {states.shape[-1]} but "
+                f"clip_model's vision tower has width {space.width}; "
+                "clip_model must be the checkpoint of the VLM's own CLIP vision tower"
+            )
         with torch.no_grad():
             embeds = space.image(states).float()
         text = self.text_embeds(instruction).to(embeds.device)

@@ -51,8 +51,9 @@ class CLSConfig(PruneConfig):
 class VTCCLS(Method):
     stage = "vision"
     signals = frozenset({"cls_attention"})
-    surrogate = S.Surrogate("cls-attention", "the method's own score: CLS attention summed over its vision layers",
-                            S.cls_scores, exact=True)
+    surrogate = S.Surrogate(
+        "cls-attention", "the method's own score: CLS attention summed over its vision layers", S.cls_scores, exact=True
+    )
 
     def vision_layers(self, num_layers: int) -> list[int]:
         """Vision layers ``start_layer .. L-2`` of an ``L``-layer tower (official ``attentions[start_layer:-1]``).

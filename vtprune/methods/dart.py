@@ -59,11 +59,11 @@ def _duplication(method, image: ImageInputs) -> torch.Tensor:
     cfg = method.config
     start, n = image.image_start, image.n
     l1 = image.keys.detach().float().abs().sum(-1)
-    img_piv = l1[start:start + n].topk(min(cfg.image_pivots, n)).indices + start
-    after = l1[start + n:]
+    img_piv = l1[start : start + n].topk(min(cfg.image_pivots, n)).indices + start
+    after = l1[start + n :]
     txt_piv = after.topk(min(cfg.text_pivots, after.numel())).indices + start + n
     normed = torch.nn.functional.normalize(image.final_norm(image.hidden).float(), dim=-1)
-    cos = normed[start:start + n] @ normed[torch.cat([img_piv, txt_piv])].T  # [n, pivots]
+    cos = normed[start : start + n] @ normed[torch.cat([img_piv, txt_piv])].T  # [n, pivots]
     return -cos.min(dim=1).values
 
 
@@ -71,9 +71,13 @@ def _duplication(method, image: ImageInputs) -> torch.Tensor:
 class DART(Method):
     stage = "llm"
     signals = frozenset({"keys", "hidden"})
-    surrogate = S.Surrogate("pivot-duplication", "tokens least cosine-similar to a pivot are kept -> minus the lowest "
-                            "cosine similarity of the (final-normed) hidden state to the key-norm pivots (pivot choice "
-                            "held fixed)", _duplication)
+    surrogate = S.Surrogate(
+        "pivot-duplication",
+        "tokens least cosine-similar to a pivot are kept -> minus the lowest "
+        "cosine similarity of the (final-normed) hidden state to the key-norm pivots (pivot choice "
+        "held fixed)",
+        _duplication,
+    )
 
     def __init__(self, config: DARTConfig):
         super().__init__(config)
@@ -96,6 +100,11 @@ class DART(Method):
         with torch.no_grad():
             normed = image.final_norm(image.hidden)
         return F.dart_select(
-            normed, image.keys, image.image_start, n, per_pivot, image_pivots=image_pivots,
+            normed,
+            image.keys,
+            image.image_start,
+            n,
+            per_pivot,
+            image_pivots=image_pivots,
             text_pivots=cfg.text_pivots,
         )

@@ -40,8 +40,12 @@ class DivPruneConfig(PruneConfig):
 class DivPrune(Method):
     stage = "vision"
     signals = frozenset({"features"})
-    surrogate = S.Surrogate("feature-isolation", "greedy k-center on the projected features -> each token's cosine "
-                            "distance to its nearest neighbour (the quantity k-center maximises)", S.feature_isolation)
+    surrogate = S.Surrogate(
+        "feature-isolation",
+        "greedy k-center on the projected features -> each token's cosine "
+        "distance to its nearest neighbour (the quantity k-center maximises)",
+        S.feature_isolation,
+    )
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         order = F.kcenter_select(image.features, image.k, metric=self.config.metric)

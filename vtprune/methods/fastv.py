@@ -57,30 +57,42 @@ class FastVConfig(PruneConfig):
         if not isinstance(self.debias, bool):
             raise TypeError(f"debias must be True or False, got {self.debias!r}")
         if not isinstance(self.debias_weights, str) or not self.debias_weights:
-            raise TypeError(f"debias_weights must be one of {_BUILTIN_WEIGHTS} or a profile path, "
-                            f"got {self.debias_weights!r}")
+            raise TypeError(
+                f"debias_weights must be one of {_BUILTIN_WEIGHTS} or a profile path, got {self.debias_weights!r}"
+            )
         beta = self.debias_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-            raise ValueError(f"debias_beta must be a finite number >= 0 (weights exp(-beta * i) must not grow with "
-                             f"position), got {beta!r}")
+            raise ValueError(
+                f"debias_beta must be a finite number >= 0 (weights exp(-beta * i) must not grow with "
+                f"position), got {beta!r}"
+            )
         t = self.pad_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise ValueError(f"pad_threshold must be a number in [0, 1], got {t!r}")
-        changed = [n for n, default in (("debias_weights", "cubic"), ("debias_beta", _DEFAULT_BETA),
-                                        ("pad_threshold", 0.5)) if getattr(self, n) != default]
+        changed = [
+            n
+            for n, default in (("debias_weights", "cubic"), ("debias_beta", _DEFAULT_BETA), ("pad_threshold", 0.5))
+            if getattr(self, n) != default
+        ]
         if changed and not self.debias:
             raise ValueError(f"{changed} only apply with debias=True; pass debias=True or drop them")
         if self.debias_beta != _DEFAULT_BETA and self.debias_weights != "exp":
-            raise ValueError(f"debias_beta applies to debias_weights='exp' only (got debias_weights="
-                             f"{self.debias_weights!r})")
+            raise ValueError(
+                f"debias_beta applies to debias_weights='exp' only (got debias_weights={self.debias_weights!r})"
+            )
 
 
 @register_method("fastv", FastVConfig)
 class FastV(Method):
     stage = "llm"
     signals = frozenset({"text_attention"})
-    surrogate = S.Surrogate("text-attention", "the method's own score: head-mean attention of the last prompt token at "
-                            "layer K-1 (debias weights, when on, are not applied)", S.text_attention, exact=True)
+    surrogate = S.Surrogate(
+        "text-attention",
+        "the method's own score: head-mean attention of the last prompt token at "
+        "layer K-1 (debias weights, when on, are not applied)",
+        S.text_attention,
+        exact=True,
+    )
 
     def __init__(self, config: FastVConfig):
         super().__init__(config)
@@ -107,7 +119,8 @@ class FastV(Method):
             raise ValueError(
                 f"fastv: debias_weights={self.config.debias_weights!r} cannot weight this model's {tokens} visual "
                 f"tokens per image: {err}. Fit a profile for this model with `vtprune calibrate MODEL IMAGES... "
-                "--kind exp`, or use debias_weights='exp'") from None
+                "--kind exp`, or use debias_weights='exp'"
+            ) from None
 
     def scores(self, image: ImageInputs) -> torch.Tensor:
         """Head-mean attention of the last prompt token to each of the image's tokens."""

@@ -59,8 +59,9 @@ class PACTConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
-                                       or self.layer < 1):
+        if self.layer is not None and (
+            isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1
+        ):
             raise ValueError(f"layer must be an int >= 1 (prune before decoder layer K) or None, got {self.layer!r}")
         for name, low in (("cutoff", 0.0), ("dc", 1e-12)):
             value = getattr(self, name)
@@ -73,8 +74,12 @@ class PACT(Method):
     stage = "llm"
     signals = frozenset({"keys", "hidden"})
     merges = True
-    surrogate = S.Surrogate("key-isolation", "density-peak clustering of the keys keeps isolated tokens as their own "
-                            "centres -> cosine distance of each key to its nearest neighbour", S.key_isolation)
+    surrogate = S.Surrogate(
+        "key-isolation",
+        "density-peak clustering of the keys keeps isolated tokens as their own "
+        "centres -> cosine distance of each key to its nearest neighbour",
+        S.key_isolation,
+    )
 
     def layer(self, num_layers: int) -> int:
         layer = self.config.layer if self.config.layer is not None else min(PACT_LAYER, num_layers - 1)
@@ -83,6 +88,7 @@ class PACT(Method):
     def select(self, image: ImageInputs) -> Selection:
         span = slice(image.image_start, image.image_start + image.n)
         with torch.no_grad():
-            out = F.pact_merge(image.hidden[span], image.keys[span], k=image.k, cutoff=self.config.cutoff,
-                               dc=self.config.dc)
+            out = F.pact_merge(
+                image.hidden[span], image.keys[span], k=image.k, cutoff=self.config.cutoff, dc=self.config.dc
+            )
         return Selection(kept=out.kept, merged=out.merged, weights=merge_weights(out.assignment, out.kept.numel()))

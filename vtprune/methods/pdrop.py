@@ -83,22 +83,28 @@ class PDropConfig(PruneConfig):
 
     def __post_init__(self):
         if self.budget_kind not in BUDGETS:
-            raise ValueError(f"budget_kind must be one of {BUDGETS} (keep= / ratio= as the average visual tokens per "
-                             f"layer, or as the tokens left after the last drop), got {self.budget_kind!r}")
+            raise ValueError(
+                f"budget_kind must be one of {BUDGETS} (keep= / ratio= as the average visual tokens per "
+                f"layer, or as the tokens left after the last drop), got {self.budget_kind!r}"
+            )
         if self.ratios is not None and self.budget_kind != "average":
             raise ValueError("budget_kind applies to a budget (keep= / ratio=), not to an explicit ratios= schedule")
         self.layers = _check_tuple("layers", self.layers, "ints >= 1 (prune before decoder layer K)", _is_layer)
         self.ratios = _check_tuple("ratios", self.ratios, "fractions in (0, 1]", _is_ratio)
         if self.ratios is not None:
             if self.keep is not None or self.ratio is not None:
-                raise ValueError(f"give either ratios= (the schedule) or a budget keep= / ratio= (the average visual "
-                                 f"tokens per layer, mapped to a schedule), not both (got ratios={self.ratios}, "
-                                 f"keep={self.keep}, ratio={self.ratio})")
+                raise ValueError(
+                    f"give either ratios= (the schedule) or a budget keep= / ratio= (the average visual "
+                    f"tokens per layer, mapped to a schedule), not both (got ratios={self.ratios}, "
+                    f"keep={self.keep}, ratio={self.ratio})"
+                )
             if list(self.ratios) != sorted(self.ratios, reverse=True):
                 raise ValueError(f"ratios must not increase from one stage to the next, got {list(self.ratios)}")
             if self.layers is not None and len(self.layers) != len(self.ratios):
-                raise ValueError(f"layers and ratios need one entry per stage, got {len(self.layers)} layers "
-                                 f"{list(self.layers)} and {len(self.ratios)} ratios {list(self.ratios)}")
+                raise ValueError(
+                    f"layers and ratios need one entry per stage, got {len(self.layers)} layers "
+                    f"{list(self.layers)} and {len(self.ratios)} ratios {list(self.ratios)}"
+                )
             self.keep, self.ratio = None, 1.0  # checked by the base class; the schedule is ``ratios``
             super().__post_init__()
             self.ratio = None
@@ -118,7 +124,9 @@ def stage_ratios(n: int, average: float, layers: list[int], num_layers: int) -> 
     bounds = list(layers) + [num_layers]
 
     def mean(lam: float) -> float:
-        return n * (bounds[0] + sum((bounds[s + 1] - bounds[s]) * lam ** (s + 1) for s in range(len(layers)))) / num_layers
+        return (
+            n * (bounds[0] + sum((bounds[s + 1] - bounds[s]) * lam ** (s + 1) for s in range(len(layers)))) / num_layers
+        )
 
     floor = n * bounds[0] / num_layers
     if average >= n:
@@ -141,9 +149,13 @@ def stage_ratios(n: int, average: float, layers: list[int], num_layers: int) -> 
 class PDrop(Method):
     stage = "llm"
     signals = frozenset({"layer_attention"})
-    surrogate = S.Surrogate("layer-attention", "the method's own score at its first point: head-mean attention of the "
-                            "last prompt token at that layer, recomputed on its input (later points are not attacked)",
-                            S.text_attention, exact=True)
+    surrogate = S.Surrogate(
+        "layer-attention",
+        "the method's own score at its first point: head-mean attention of the "
+        "last prompt token at that layer, recomputed on its input (later points are not attacked)",
+        S.text_attention,
+        exact=True,
+    )
     #: keep= is an average over the LM's layers, which the few layers of the bundled / benchmark LMs cannot bring that
     #: low; with budget_kind="last" keep is what its last drop leaves (the selection work is the same)
     run_options = {"budget_kind": "last"}
@@ -155,8 +167,10 @@ class PDrop(Method):
             n = 3 if self.config.ratios is None else len(self.config.ratios)
             layers = tuple(sorted({max(1, (s + 1) * num_layers // (n + 1)) for s in range(n)}))
             if len(layers) < n and self.config.ratios is not None:
-                raise ValueError(f"pdrop: a {num_layers}-layer language model has room for only {len(layers)} of the "
-                                 f"{n} default stage boundaries; pass layers= with one layer per ratio")
+                raise ValueError(
+                    f"pdrop: a {num_layers}-layer language model has room for only {len(layers)} of the "
+                    f"{n} default stage boundaries; pass layers= with one layer per ratio"
+                )
         return check_layer_list("pdrop", layers, num_layers)
 
     def layer(self, num_layers: int) -> int:
@@ -195,7 +209,8 @@ class PDrop(Method):
                     f"pdrop: ratio={cfg.ratio:g} (the average fraction of visual tokens per layer) cannot be met with "
                     f"a first drop after layer {first} of {num_layers}: the first {first} layers alone keep "
                     f"{first / num_layers:.4g} of every image's tokens on average; give an earlier first boundary "
-                    f"(layers=...) or a ratio above {first / num_layers:.4g}")
+                    f"(layers=...) or a ratio above {first / num_layers:.4g}"
+                )
 
     def point_budget(self, n: int, n_original: int, layer: int) -> int:
         return self.schedule(n_original, self._num_layers)[layer]

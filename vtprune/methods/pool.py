@@ -63,7 +63,8 @@ class Pool(Method):
     kept_from_grid = True  # each kept token stands for a fixed window of the grid
 
     def grids(self, image: ImageInputs) -> list[tuple[torch.Tensor, int, int]]:
-        """The image's token grids: ``(tokens, H, W)`` with ``tokens`` ``[H * W]`` its visual-token indices, row-major."""
+        """The image's token grids: ``(tokens, H, W)`` with ``tokens`` ``[H * W]`` its visual-token indices,
+        row-major."""
         grid = image.extra.get("grid")
         if grid is not None:  # Qwen-VL: t temporal steps of (h / m) x (w / m) merged tokens, in order
             t, h, w = (int(v) for v in grid.reshape(-1))

@@ -34,8 +34,9 @@ class RandomConfig(PruneConfig):
 class RandomPrune(Method):
     stage = "vision"
     kept_from_grid = True
-    unreachable = ("its kept set depends only on its seed and the token count, never on the image: no perturbation "
-                   "can change it")
+    unreachable = (
+        "its kept set depends only on its seed and the token count, never on the image: no perturbation can change it"
+    )
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.config.seed)

@@ -12,7 +12,8 @@ layer ``l + 1``. Recycling: of the pruned tokens the ``int(0.3 P) + 1`` best-sco
 ``version="v1.5"`` (default, the v1.5 branch): fixed per-budget counts, official for 576-token images
 ``192 -> (300, 200, 110)``, ``128 -> (303, 110, 36)``, ``64 -> (66, 30, 17)``; another budget / image size takes
 the row of the nearest budget fraction ``keep / n`` with its counts scaled by ``keep / keep_row`` (rounded, at
-least 1); ``counts=`` gives them directly. ``version="v1"`` (first release 91fb6d98): layers ``(2, 6, 15, 19)``, the count at each layer is
+least 1); ``counts=`` gives them directly. ``version="v1"`` (first release 91fb6d98): layers ``(2, 6, 15, 19)``, the
+count at each layer is
 ``min(int(rank(P) * scale + bias), V - 1)`` (``sparsevlm_rank_count``), (scale, bias) 192 -> (13.5, 0),
 128 -> (9, 6), 64 -> (0.8, 0) (nearest budget fraction otherwise), or ``scale=`` / ``bias=``.
 ``version="v2"`` (SparseVLM+, branch v2.0 9e1f649e, ``USE_VERSION=2_0``): the same raters and layers; at each
@@ -87,25 +88,35 @@ class SparseVLMConfig(PruneConfig):
 
     def __post_init__(self):
         if self.version not in VERSIONS:
-            raise ValueError(f"version must be one of {VERSIONS} ('v1.5' the v1.5 branch, 'v1' the first release, "
-                             f"'v2' SparseVLM+), got {self.version!r}")
+            raise ValueError(
+                f"version must be one of {VERSIONS} ('v1.5' the v1.5 branch, 'v1' the first release, "
+                f"'v2' SparseVLM+), got {self.version!r}"
+            )
         if self.heads is not None:
             if self.version != "v2":
-                raise ValueError(f"heads= (SparseVLM+'s priority heads) applies to version='v2', got version="
-                                 f"{self.version!r}")
+                raise ValueError(
+                    f"heads= (SparseVLM+'s priority heads) applies to version='v2', got version={self.version!r}"
+                )
             if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
                 raise ValueError(f"heads must be an int >= 1, got {self.heads!r}")
-        self.layers = _check_tuple("layers", self.layers, "ints >= 0 (0-based pruning layers)",
-                                   lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        self.layers = _check_tuple(
+            "layers",
+            self.layers,
+            "ints >= 0 (0-based pruning layers)",
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        )
         if self.layers is not None and list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be strictly ascending (0-based pruning layers), got {list(self.layers)}")
-        self.counts = _check_tuple("counts", self.counts, "ints >= 1",
-                                   lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        self.counts = _check_tuple(
+            "counts", self.counts, "ints >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        )
         _number("scale", self.scale)
         _number("bias", self.bias)
         if self.recycle is not None and not isinstance(self.recycle, bool):
-            raise TypeError(f"recycle must be None (the version's own: True for v1 / v1.5, False for v2), True or "
-                            f"False, got {self.recycle!r}")
+            raise TypeError(
+                f"recycle must be None (the version's own: True for v1 / v1.5, False for v2), True or "
+                f"False, got {self.recycle!r}"
+            )
         if self.version == "v1" and self.counts is not None:
             raise ValueError("counts= applies to version='v1.5'; version='v1' counts by rank (scale=, bias=)")
         if self.version != "v1" and (self.scale is not None or self.bias is not None):
@@ -115,11 +126,15 @@ class SparseVLMConfig(PruneConfig):
         explicit = self.counts is not None or self.scale is not None
         if explicit:
             if self.keep is not None or self.ratio is not None:
-                raise ValueError("give either counts= / scale=+bias= (the per-layer rule) or a budget keep= / ratio=, "
-                                 f"not both (got keep={self.keep}, ratio={self.ratio})")
+                raise ValueError(
+                    "give either counts= / scale=+bias= (the per-layer rule) or a budget keep= / ratio=, "
+                    f"not both (got keep={self.keep}, ratio={self.ratio})"
+                )
             if self.counts is not None and self.layers is not None and len(self.counts) != len(self.layers):
-                raise ValueError(f"layers and counts need one entry per pruning layer, got {list(self.layers)} and "
-                                 f"{list(self.counts)}")
+                raise ValueError(
+                    f"layers and counts need one entry per pruning layer, got {list(self.layers)} and "
+                    f"{list(self.counts)}"
+                )
             self.ratio = 1.0  # the base class wants a budget; the rule above replaces it
             super().__post_init__()
             self.ratio = None
@@ -161,13 +176,17 @@ class SparseVLM(Method):
         if layers is None:  # scaled to the depth; on shallow models the layers that collide merge into one
             layers = tuple(sorted({int(l * num_layers / 32 + 0.5) for l in _LAYERS[self.config.version]}))
             if self.config.counts is not None and len(self.config.counts) != len(layers):
-                raise ValueError(f"sparsevlm: counts has {len(self.config.counts)} entries but the default layers "
-                                 f"{list(layers)} are {len(layers)}; pass layers= too")
+                raise ValueError(
+                    f"sparsevlm: counts has {len(self.config.counts)} entries but the default layers "
+                    f"{list(layers)} are {len(layers)}; pass layers= too"
+                )
         bad = [l for l in layers if not 0 <= l <= num_layers - 2]
         if bad:  # named as given: pruning layer l scores, the prune point is before layer l + 1
-            raise ValueError(f"sparsevlm: pruning layer(s) {bad} of layers={list(layers)} out of range for a "
-                             f"{num_layers}-layer language model; allowed: 0 <= l <= {num_layers - 2} (layer l's "
-                             "attention scores the tokens, which are pruned before layer l + 1)")
+            raise ValueError(
+                f"sparsevlm: pruning layer(s) {bad} of layers={list(layers)} out of range for a "
+                f"{num_layers}-layer language model; allowed: 0 <= l <= {num_layers - 2} (layer l's "
+                "attention scores the tokens, which are pruned before layer l + 1)"
+            )
         return list(layers)  # ascending and distinct: the config checks given layers, the default ones are a sorted set
 
     def bind(self, adapter) -> None:
@@ -183,7 +202,8 @@ class SparseVLM(Method):
                 f"sparsevlm scores tokens with the attention of each pruning layer, but layer(s) {linear} of "
                 f"layers={layers} are {types} (no softmax attention; "
                 f"{'the default layers scaled to this depth' if self.config.layers is None else 'as given'}): "
-                f"pass layers= with full-attention layers, from {ok[:12]}{'...' if len(ok) > 12 else ''}")
+                f"pass layers= with full-attention layers, from {ok[:12]}{'...' if len(ok) > 12 else ''}"
+            )
 
     def layers(self, num_layers: int) -> list[int]:
         self._points = [l + 1 for l in self.pruning_layers(num_layers)]
@@ -200,9 +220,11 @@ class SparseVLM(Method):
         row, factor = cfg.row(n)
         table = _COUNTS[cfg.version][row]
         if len(self._points) > len(table):
-            raise ValueError(f"sparsevlm {cfg.version}: the official counts {table} are for 3 pruning layers, got "
-                             f"{len(self._points)} layers; pass counts= with one count per layer")
-        return [max(1, round(c * factor)) for c in table[len(table) - len(self._points):]]  # fewer layers: the last
+            raise ValueError(
+                f"sparsevlm {cfg.version}: the official counts {table} are for 3 pruning layers, got "
+                f"{len(self._points)} layers; pass counts= with one count per layer"
+            )
+        return [max(1, round(c * factor)) for c in table[len(table) - len(self._points) :]]  # fewer layers: the last
 
     def check_budget(self, num_layers: int, tokens: int | None) -> None:
         """A budget's official counts need as many rows as pruning layers (checked at ``patch``, not at the first
@@ -238,20 +260,23 @@ class SparseVLM(Method):
         if image.text_columns.numel() == 0:
             raise ValueError("sparsevlm needs text after the image (its raters); the prompt has none")
         with torch.no_grad():
-            raters = F.sparsevlm_raters(image.prompt_embeds[image.image_columns],
-                                        image.prompt_embeds[image.text_columns])
+            raters = F.sparsevlm_raters(
+                image.prompt_embeds[image.image_columns], image.prompt_embeds[image.text_columns]
+            )
             columns = image.text_columns[raters]
             image_slots = slice(image.image_start, image.image_start + n)
             attn = image.attention_rows(columns)[:, :, image_slots]
             if self.config.version == "v2":
-                attn = F.sparsevlm_plus_attention(attn, image.rope_gravity(columns)[:, image_slots],
-                                                  self.config.heads or V2_HEADS)
+                attn = F.sparsevlm_plus_attention(
+                    attn, image.rope_gravity(columns)[:, image_slots], self.config.heads or V2_HEADS
+                )
             k = image.k
             if self.config.version == "v1":
                 k = F.sparsevlm_rank_count(attn, *self.rank_rule(image.n_original))
             hidden = image.hidden[image.image_start : image.image_start + n]
-            kept, merged, centres, mix = F.sparsevlm_select(attn, hidden, min(k, n), recycle=self.recycle,
-                                                            return_weights=True)
+            kept, merged, centres, mix = F.sparsevlm_select(
+                attn, hidden, min(k, n), recycle=self.recycle, return_weights=True
+            )
         if merged.shape[0] == 0:
             return kept
         carriers = torch.cat([kept, centres]).sort().values

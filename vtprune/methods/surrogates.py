@@ -7,16 +7,25 @@ a method whose selection no perturbation can change says why (``unreachable``). 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .. import functional as F
 from .base import ImageInputs, crop_importance
 
-__all__ = ["Surrogate", "cls_scores", "text_attention", "isolation", "feature_isolation", "hidden_isolation",
-           "key_isolation", "dpp_gain", "from_signals"]
+__all__ = [
+    "Surrogate",
+    "cls_scores",
+    "text_attention",
+    "isolation",
+    "feature_isolation",
+    "hidden_isolation",
+    "key_isolation",
+    "dpp_gain",
+    "from_signals",
+]
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,7 @@ def cls_scores(method, image: ImageInputs) -> torch.Tensor:
 
 
 def text_attention(method, image: ImageInputs) -> torch.Tensor:
-    return image.text_attention.mean(dim=0)[image.image_start: image.image_start + image.n]
+    return image.text_attention.mean(dim=0)[image.image_start : image.image_start + image.n]
 
 
 def isolation(x: torch.Tensor) -> torch.Tensor:
@@ -53,11 +62,11 @@ def feature_isolation(method, image: ImageInputs) -> torch.Tensor:
 
 
 def hidden_isolation(method, image: ImageInputs) -> torch.Tensor:
-    return isolation(image.hidden[image.image_start: image.image_start + image.n])
+    return isolation(image.hidden[image.image_start : image.image_start + image.n])
 
 
 def key_isolation(method, image: ImageInputs) -> torch.Tensor:
-    return isolation(image.keys[image.image_start: image.image_start + image.n])
+    return isolation(image.keys[image.image_start : image.image_start + image.n])
 
 
 def dpp_gain(method, image: ImageInputs) -> torch.Tensor:
@@ -65,21 +74,46 @@ def dpp_gain(method, image: ImageInputs) -> torch.Tensor:
     not explained by the picked tokens: ``r^2 * (1 - max cos to a neighbour)`` with ``r`` its relevance (``text="llm"``:
     to the prompt's LLM embeddings; ``"clip"``: read from the CLIP joint space without gradient, so 1 here)."""
     text = image.extra.get("prompt_embeds") if "prompt_embeds" in method.signals else None
-    rel = (F.cdpruner_relevance(image.features.float(), text.float()) if text is not None and text.shape[0]
-           else image.features.new_ones(image.n, dtype=torch.float32))
+    rel = (
+        F.cdpruner_relevance(image.features.float(), text.float())
+        if text is not None and text.shape[0]
+        else image.features.new_ones(image.n, dtype=torch.float32)
+    )
     return rel.pow(2) * isolation(image.features)
 
 
 #: the signal-level stand-ins for methods without their own surrogate, tried in this order
 BY_SIGNAL = (
-    ("text_attention", Surrogate("text-attention", "declared signal text_attention: head-mean attention of the "
-                                 "last prompt token over the image tokens", text_attention)),
-    ("cls_attention", Surrogate("cls-attention", "declared signal cls_attention: CLS attention summed over the "
-                                "method's vision layers", cls_scores)),
-    ("features", Surrogate("feature-isolation", "declared signal features: cosine distance to the nearest "
-                           "neighbour", feature_isolation)),
-    ("hidden", Surrogate("hidden-isolation", "declared signal hidden: cosine distance of the hidden states to the "
-                         "nearest neighbour", hidden_isolation)),
+    (
+        "text_attention",
+        Surrogate(
+            "text-attention",
+            "declared signal text_attention: head-mean attention of the last prompt token over the image tokens",
+            text_attention,
+        ),
+    ),
+    (
+        "cls_attention",
+        Surrogate(
+            "cls-attention",
+            "declared signal cls_attention: CLS attention summed over the method's vision layers",
+            cls_scores,
+        ),
+    ),
+    (
+        "features",
+        Surrogate(
+            "feature-isolation", "declared signal features: cosine distance to the nearest neighbour", feature_isolation
+        ),
+    ),
+    (
+        "hidden",
+        Surrogate(
+            "hidden-isolation",
+            "declared signal hidden: cosine distance of the hidden states to the nearest neighbour",
+            hidden_isolation,
+        ),
+    ),
 )
 
 

@@ -74,15 +74,21 @@ class ToDREConfig(PruneConfig):
 class ToDRE(Method):
     stage = "vision"
     signals = frozenset({"features", "cls_attention"})
-    surrogate = S.Surrogate("feature-isolation", "greedy k-center from the top-CLS pivot -> cosine distance to the "
-                            "nearest neighbour among the features (the pivot choice is not attacked)", S.feature_isolation)
+    surrogate = S.Surrogate(
+        "feature-isolation",
+        "greedy k-center from the top-CLS pivot -> cosine distance to the "
+        "nearest neighbour among the features (the pivot choice is not attacked)",
+        S.feature_isolation,
+    )
     vllm_options = {"late_drop": False}  # its late drop acts inside the language model
 
     def vision_layers(self, num_layers: int) -> list[int]:
         layer = num_layers - 2 if self.config.cls_layer is None else self.config.cls_layer
         if not 0 <= layer < num_layers:
-            raise ValueError(f"todre: cls_layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                             f"allowed: 0 <= cls_layer <= {num_layers - 1}")
+            raise ValueError(
+                f"todre: cls_layer={layer} is out of range for a {num_layers}-layer vision tower; "
+                f"allowed: 0 <= cls_layer <= {num_layers - 1}"
+            )
         return [layer]
 
     def drop_layer(self, num_layers: int) -> int | None:

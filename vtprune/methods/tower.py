@@ -118,29 +118,39 @@ class TowerMerge(Method):
 
         config = adapter.config
         if not adapter.tower_merging:
-            raise ValueError(f"merging inside the vision tower ({self.name!r}) supports {tower_merging_families()} "
-                             f"models, got model_type {config.model_type!r}")
+            raise ValueError(
+                f"merging inside the vision tower ({self.name!r}) supports {tower_merging_families()} "
+                f"models, got model_type {config.model_type!r}"
+            )
         tower = adapter.inner.vision_tower
         host = find_vit_host(tower)
         vtype = config.vision_config.model_type
         if not isinstance(host, HFHost) or vtype not in ("clip_vision_model", "clip", "siglip_vision_model"):
-            raise ValueError(f"merging inside the vision tower ({self.name!r}) needs a CLIP or SigLIP vision tower; "
-                             f"this model's is {type(tower).__name__} ({vtype!r})")
+            raise ValueError(
+                f"merging inside the vision tower ({self.name!r}) needs a CLIP or SigLIP vision tower; "
+                f"this model's is {type(tower).__name__} ({vtype!r})"
+            )
         layer = config.vision_feature_layer
         num_blocks = len(host.blocks)
         if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"merging inside the vision tower needs one vision_feature_layer (int); this model "
-                             f"concatenates layers {layer!r}, whose token counts would differ after merging")
+            raise ValueError(
+                f"merging inside the vision tower needs one vision_feature_layer (int); this model "
+                f"concatenates layers {layer!r}, whose token counts would differ after merging"
+            )
         read = layer if layer >= 0 else num_blocks + 1 + layer
         if not 1 <= read <= num_blocks:
-            raise ValueError(f"vision_feature_layer={layer} reads the patch embeddings (hidden state {read} of a "
-                             f"{num_blocks}-block tower): there is no block before it to merge tokens in")
+            raise ValueError(
+                f"vision_feature_layer={layer} reads the patch embeddings (hidden state {read} of a "
+                f"{num_blocks}-block tower): there is no block before it to merge tokens in"
+            )
         self.strategy = config.vision_feature_select_strategy
         if self.strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {self.strategy!r} is not supported; 'default' or 'full'")
         if host.num_prefix == 0 and self.strategy != "full":
-            raise ValueError(f"merging inside a SigLIP tower (no CLS token) needs vision_feature_select_strategy="
-                             f"'full'; {self.strategy!r} drops the first token, which would be a merged token")
+            raise ValueError(
+                f"merging inside a SigLIP tower (no CLS token) needs vision_feature_select_strategy="
+                f"'full'; {self.strategy!r} drops the first token, which would be a merged token"
+            )
         self.adapter, self.host, self.read = adapter, host, read
         self.patches = host.num_patches()
         method = _UpToReadLayer(self.vit, read)
@@ -161,9 +171,11 @@ class TowerMerge(Method):
         @functools.wraps(original)
         def wrapped(*args, **kwargs):
             if name != "get_image_features":
-                raise ValueError(f"{self.name!r} merges inside the vision tower of {self.adapter.config.model_type} "
-                                 f"images only; {name} (videos: each frame's grid is pooled bilinearly, "
-                                 "apply_pooling) is not supported: unpatch for videos, or use a post-tower method")
+                raise ValueError(
+                    f"{self.name!r} merges inside the vision tower of {self.adapter.config.model_type} "
+                    f"images only; {name} (videos: each frame's grid is pooled bilinearly, "
+                    "apply_pooling) is not supported: unpatch for videos, or use a post-tower method"
+                )
             call = signature.bind(*args, **kwargs).arguments
             self._in_call, self._spread_rows = True, None
             try:
@@ -187,8 +199,10 @@ class TowerMerge(Method):
         t_read = int(group.max()) + 1 if bool((group >= 0).any()) else prefix
         c, t, d = out.shape
         if c != group.shape[0] or t not in (t_read, t_read - prefix):
-            raise RuntimeError(f"the projector output {tuple(out.shape)} does not match the vision tower's "
-                               f"{group.shape[0]} crops of {t_read} tokens at the read layer")
+            raise RuntimeError(
+                f"the projector output {tuple(out.shape)} does not match the vision tower's "
+                f"{group.shape[0]} crops of {t_read} tokens at the read layer"
+            )
         offset = t_read - t  # the CLS rows the feature selection dropped
         spread = out.gather(1, (group - offset).clamp(min=0)[..., None].expand(c, group.shape[1], d))
         spread = spread.masked_fill((group < 0)[..., None], 0)
@@ -244,8 +258,10 @@ class TowerMerge(Method):
     def select(self, image: ImageInputs) -> Selection:
         record = self.record(image.features)
         if record is None:
-            raise ValueError(f"{self.name!r} merges inside the vision tower: pass pixel_values so that the patched "
-                             "tower computes the image features (features computed elsewhere were not merged)")
+            raise ValueError(
+                f"{self.name!r} merges inside the vision tower: pass pixel_values so that the patched "
+                "tower computes the image features (features computed elsewhere were not merged)"
+            )
         kept = record.kept.to(image.features.device)
         merged = image.features[kept]
         if record.scale is not None:

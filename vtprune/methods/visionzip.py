@@ -104,14 +104,20 @@ class VisionZip(Method):
     stage = "vision"
     signals = frozenset({"features", "cls_attention", "vision_keys", "projector_inputs"})
     merges = True
-    surrogate = S.Surrogate("cls-attention", "the score of its dominant tokens (CLS attention of its layer); the "
-                            "contextual merge of the rest is not attacked", S.cls_scores)
+    surrogate = S.Surrogate(
+        "cls-attention",
+        "the score of its dominant tokens (CLS attention of its layer); the "
+        "contextual merge of the rest is not attacked",
+        S.cls_scores,
+    )
 
     def vision_layers(self, num_layers: int) -> list[int]:
         layer = num_layers - 2 if self.config.layer is None else self.config.layer
         if not 0 <= layer < num_layers:
-            raise ValueError(f"visionzip: layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                             f"allowed: 0 <= layer <= {num_layers - 1}")
+            raise ValueError(
+                f"visionzip: layer={layer} is out of range for a {num_layers}-layer vision tower; "
+                f"allowed: 0 <= layer <= {num_layers - 1}"
+            )
         return [layer]
 
     def select(self, image: ImageInputs) -> Selection:

@@ -35,7 +35,8 @@ from .base import ImageInputs, Method, crop_importance
 class VisPrunerConfig(PruneConfig):
     """VisPruner options. ``important_ratio``: fraction of the budget chosen by [CLS] attention (official 0.5), a
     number in [0, 1]; ``layer``: the vision layer read (None: ``L - 2``, the layer LLaVA's projector reads);
-    ``importance``: ``"cls"``, ``"received"`` or None (``"cls"`` where the tower has a CLS token, else ``"received"``)."""
+    ``importance``: ``"cls"``, ``"received"`` or None (``"cls"`` where the tower has a CLS token, else
+    ``"received"``)."""
 
     important_ratio: float = 0.5
     layer: int | None = None
@@ -46,8 +47,10 @@ class VisPrunerConfig(PruneConfig):
         check_importance(self.importance)
         r = self.important_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
-            raise ValueError(f"important_ratio must be a number in [0, 1] (fraction of the budget chosen by [CLS] "
-                             f"attention; official 0.5), got {r!r}")
+            raise ValueError(
+                f"important_ratio must be a number in [0, 1] (fraction of the budget chosen by [CLS] "
+                f"attention; official 0.5), got {r!r}"
+            )
         self.important_ratio = float(r)
         check_int_option("layer", self.layer, 0, optional=True)
 
@@ -60,8 +63,10 @@ class VisPruner(Method):
     def vision_layers(self, num_layers: int) -> list[int]:
         layer = num_layers - 2 if self.config.layer is None else self.config.layer
         if not 0 <= layer < num_layers:
-            raise ValueError(f"vispruner: layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                             f"allowed: 0 <= layer <= {num_layers - 1}")
+            raise ValueError(
+                f"vispruner: layer={layer} is out of range for a {num_layers}-layer vision tower; "
+                f"allowed: 0 <= layer <= {num_layers - 1}"
+            )
         return [layer]
 
     def select(self, image: ImageInputs) -> torch.Tensor:

@@ -35,8 +35,10 @@ def get_vit_method(name: str):
     """``(method_cls, config_cls)`` of a ViT method; unknown names (or a VLM method's) raise ``ValueError``."""
     spec = get_method(name)
     if spec.host != "vit":
-        raise ValueError(f"{name!r} prunes a VLM's visual tokens; methods that act inside a vision transformer: "
-                         f"{', '.join(list_vit_methods())}")
+        raise ValueError(
+            f"{name!r} prunes a VLM's visual tokens; methods that act inside a vision transformer: "
+            f"{', '.join(list_vit_methods())}"
+        )
     return spec.method_cls, spec.config_cls
 
 
@@ -53,8 +55,10 @@ class _ViTConfig(PruneConfig):
             super().__post_init__()
             return
         if self.keep is not None or self.ratio is not None:
-            raise ValueError(f"give a budget (keep= / ratio=) or {self._own}=, not both (got keep={self.keep!r}, "
-                             f"ratio={self.ratio!r}, {self._own}={own!r})")
+            raise ValueError(
+                f"give a budget (keep= / ratio=) or {self._own}=, not both (got keep={self.keep!r}, "
+                f"ratio={self.ratio!r}, {self._own}={own!r})"
+            )
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
 
@@ -91,8 +95,9 @@ class ViTMethod:
         keep = self.config.budget(num_patches)
         return FV.reduction_schedule(num_patches, keep, num_blocks, self.cap)
 
-    def plan(self, index: int, num_blocks: int, r: int, metric: torch.Tensor, attn: torch.Tensor | None,
-             protected: int):
+    def plan(
+        self, index: int, num_blocks: int, r: int, metric: torch.Tensor, attn: torch.Tensor | None, protected: int
+    ):
         raise NotImplementedError
 
 
@@ -146,16 +151,21 @@ class PiToMeConfig(_ViTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.layer_ratio is not None and not (isinstance(self.layer_ratio, (int, float))
-                                                 and 0.5 <= float(self.layer_ratio) <= 1.0):
-            raise ValueError(f"layer_ratio must be in [0.5, 1] (each block keeps at least half), got "
-                             f"{self.layer_ratio!r}")
+        if self.layer_ratio is not None and not (
+            isinstance(self.layer_ratio, (int, float)) and 0.5 <= float(self.layer_ratio) <= 1.0
+        ):
+            raise ValueError(
+                f"layer_ratio must be in [0.5, 1] (each block keeps at least half), got {self.layer_ratio!r}"
+            )
         for name in ("margin", "alpha"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise TypeError(f"{name} must be a finite float, got {v!r}")
-        if self.bipartite_blocks is not None and (isinstance(self.bipartite_blocks, bool) or not isinstance(
-                self.bipartite_blocks, int) or self.bipartite_blocks < 0):
+        if self.bipartite_blocks is not None and (
+            isinstance(self.bipartite_blocks, bool)
+            or not isinstance(self.bipartite_blocks, int)
+            or self.bipartite_blocks < 0
+        ):
             raise ValueError(f"bipartite_blocks must be None or an int >= 0, got {self.bipartite_blocks!r}")
         if not isinstance(self.prop_attn, bool):
             raise TypeError(f"prop_attn must be a bool, got {self.prop_attn!r}")

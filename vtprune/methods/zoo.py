@@ -3,7 +3,8 @@ code yet; docs/methods.md).
 
 Vision stage, using only the projector P. Each visual token's sensitivity is the mean norm of P's response to small
 perturbations of its input, ``S(i) = mean_j ||(P(x_i + h u_j) - P(x_i - h u_j)) / 2h||`` over ``m`` unit Gaussian
-directions (paper m=64, h=0.01; default m=32, see below); ``S`` is min-max normalised, the first pick is the most sensitive token, then
+directions (paper m=64, h=0.01; default m=32, see below); ``S`` is min-max normalised, the first pick is the most
+sensitive token, then
 ``argmax_i S(i) * (1 - max_{j kept} cos(z_i, z_j))`` on the projected features z. Kept tokens in original order.
 
 Our reading (docs/methods.md): one bank of directions shared by all tokens, drawn from a generator seeded by
@@ -86,9 +87,13 @@ class ZOOConfig(PruneConfig):
 class ZOOPrune(Method):
     stage = "vision"
     signals = frozenset({"features", "projector_inputs"})
-    surrogate = S.Surrogate("feature-isolation", "its diversity term (1 - max cos to the selected) -> cosine distance "
-                            "to the nearest neighbour; the sensitivity term reads the projector input, which the engine "
-                            "hands over without gradient, and is not attacked", S.feature_isolation)
+    surrogate = S.Surrogate(
+        "feature-isolation",
+        "its diversity term (1 - max cos to the selected) -> cosine distance "
+        "to the nearest neighbour; the sensitivity term reads the projector input, which the engine "
+        "hands over without gradient, and is not attacked",
+        S.feature_isolation,
+    )
 
     def __init__(self, config: ZOOConfig):
         super().__init__(config)

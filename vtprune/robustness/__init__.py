@@ -30,7 +30,8 @@ generator (:mod:`vtprune.shapes`) knows which patches hold the objects a questio
 image, the share whose pruned answer is wrong under the perturbation while the unpruned answer stays right.
 An answer is the argmax of the first generated token (the task's answers are one word = one token).
 
-Surrogates (each method's registry record, :mod:`vtprune.methods.surrogates`; :func:`surrogate_for`): methods that rank by a score (``cls``, ``fastv``, the
+Surrogates (each method's registry record, :mod:`vtprune.methods.surrogates`; :func:`surrogate_for`): methods that rank
+by a score (``cls``, ``fastv``, the
 dominant tokens of ``visionzip``) are attacked through that exact score; methods whose selection is greedy
 diversity (``divprune``, ``todre``, ``zoo``), duplication (``dart``) or clustering (``pact``) through a
 differentiable stand-in documented with each surrogate. A method registered later without its own surrogate is
@@ -63,8 +64,27 @@ from .runner import Runner
 from .surrogates import Surrogate, surrogate_for
 
 __all__ = [
-    "RobustnessConfig", "load_config", "Surrogate", "surrogate_for", "PERTURBATIONS", "perturb",
-    "quantize", "Item", "load_items", "critical_patches", "Runner", "caa_attack", "caa_objective", "answer_hinge",
-    "vote_select", "jaccard", "run_robustness", "write_outputs", "render_markdown", "summary_rows",
-    "transfer_matrix", "plot_robustness", "DEFAULT_CONFIG",
+    "RobustnessConfig",
+    "load_config",
+    "Surrogate",
+    "surrogate_for",
+    "PERTURBATIONS",
+    "perturb",
+    "quantize",
+    "Item",
+    "load_items",
+    "critical_patches",
+    "Runner",
+    "caa_attack",
+    "caa_objective",
+    "answer_hinge",
+    "vote_select",
+    "jaccard",
+    "run_robustness",
+    "write_outputs",
+    "render_markdown",
+    "summary_rows",
+    "transfer_matrix",
+    "plot_robustness",
+    "DEFAULT_CONFIG",
 ]

@@ -28,8 +28,16 @@ def _push_loss(scores: torch.Tensor, critical: list[int], k: int) -> torch.Tenso
     return torch.relu(s[mask] - tau + 0.1 * sigma).sum() / sigma
 
 
-def caa_objective(runner: Runner, x: torch.Tensor, text: dict, items: list[Item], surrogate: Surrogate,
-                  budget: int, penalty: float, margin: float = 2.0) -> torch.Tensor:
+def caa_objective(
+    runner: Runner,
+    x: torch.Tensor,
+    text: dict,
+    items: list[Item],
+    surrogate: Surrogate,
+    budget: int,
+    penalty: float,
+    margin: float = 2.0,
+) -> torch.Tensor:
     """Per-row attack objective ``J [B]`` (differentiable in ``x``): minus the push loss of the critical tokens
     through ``surrogate``, minus ``penalty`` times the unpruned model's :func:`answer_hinge` (it must keep its right
     answer by ``margin`` logits). The
@@ -50,8 +58,9 @@ def caa_objective(runner: Runner, x: torch.Tensor, text: dict, items: list[Item]
             runner.forward(runner.pruned, x, text)
         except Stop:
             pass
-    return -torch.stack(push) - penalty * answer_hinge(runner.forward(runner.plain, x, text).logits[:, -1],
-                                                         text["answers"], margin)
+    return -torch.stack(push) - penalty * answer_hinge(
+        runner.forward(runner.plain, x, text).logits[:, -1], text["answers"], margin
+    )
 
 
 def answer_hinge(logits: torch.Tensor, answers: torch.Tensor, margin: float) -> torch.Tensor:
@@ -63,9 +72,18 @@ def answer_hinge(logits: torch.Tensor, answers: torch.Tensor, margin: float) -> 
     return torch.relu(margin - (right - other))
 
 
-def caa_attack(runner: Runner, items: list[Item], method: str, budget: int, epsilon: float, steps: int = 20,
-               step_size: float | None = None, penalty: float = 1.0, margin: float = 2.0,
-               x0: torch.Tensor | None = None):
+def caa_attack(
+    runner: Runner,
+    items: list[Item],
+    method: str,
+    budget: int,
+    epsilon: float,
+    steps: int = 20,
+    step_size: float | None = None,
+    penalty: float = 1.0,
+    margin: float = 2.0,
+    x0: torch.Tensor | None = None,
+):
     """Compression-aware PGD against ``method`` at ``keep=budget`` (the runner's ``pruned`` model is patched here).
 
     ``epsilon`` and ``step_size`` in [0, 1] pixel units (``step_size`` None: ``2.5 * epsilon / steps``). Returns

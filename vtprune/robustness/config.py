@@ -18,7 +18,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "robustness.y
 class RobustnessConfig:
     """What :func:`run_robustness` measures. Paths are relative to the working directory (or, from
     :func:`load_config`, to the config file). ``methods`` None: every registered method; ``method_options`` maps a
-    method name to options its config gets besides ``keep`` (e.g. ``{"pdrop": {"budget_kind": "last"}}``). ``epsilons`` and
+    method name to options its config gets besides ``keep`` (e.g. ``{"pdrop": {"budget_kind": "last"}}``). ``epsilons``
+    and
     ``transfer_epsilon`` in units of 1/255; ``step_size`` None: ``2.5 * epsilon / steps`` (Madry et al.)."""
 
     model: str = "models/tiny-llava-shapes"
@@ -45,8 +46,11 @@ class RobustnessConfig:
 
     def __post_init__(self):
         def ints(name, low, values):
-            if not isinstance(values, list) or not values or any(
-                    isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+            if (
+                not isinstance(values, list)
+                or not values
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values)
+            ):
                 raise ValueError(f"{name} must be a non-empty list of ints >= {low}, got {values!r}")
 
         def one_int(name, value, low, optional=False):
@@ -67,37 +71,45 @@ class RobustnessConfig:
         one_int("threads", self.threads, 1, optional=True)
         one_int("transfer_epsilon", self.transfer_epsilon, 1, optional=True)
         if self.transfer_epsilon is not None and self.transfer_epsilon not in self.epsilons:
-            raise ValueError(f"transfer_epsilon={self.transfer_epsilon} must be one of epsilons {self.epsilons} "
-                             "(the transfer attack reuses those perturbations), or None (no transfer matrix)")
+            raise ValueError(
+                f"transfer_epsilon={self.transfer_epsilon} must be one of epsilons {self.epsilons} "
+                "(the transfer attack reuses those perturbations), or None (no transfer matrix)"
+            )
         for name in ("penalty", "margin", "defense_noise"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.step_size is not None and (isinstance(self.step_size, bool) or not isinstance(
-                self.step_size, (int, float)) or not 0 < self.step_size < math.inf):
+        if self.step_size is not None and (
+            isinstance(self.step_size, bool)
+            or not isinstance(self.step_size, (int, float))
+            or not 0 < self.step_size < math.inf
+        ):
             raise ValueError(f"step_size must be a number > 0 (units of 1/255) or None, got {self.step_size!r}")
         unknown = [p for p in self.perturbations if p not in PERTURBATIONS]
         if not isinstance(self.perturbations, list) or unknown:
-            raise ValueError(f"unknown perturbation(s) {unknown or self.perturbations!r}; "
-                             f"allowed: {list(PERTURBATIONS)}")
+            raise ValueError(
+                f"unknown perturbation(s) {unknown or self.perturbations!r}; allowed: {list(PERTURBATIONS)}"
+            )
         bad = [p for p in self.defense_perturbations if p != "caa" and p not in self.perturbations]
         if bad:
-            raise ValueError(f"defense_perturbations {bad} are not among perturbations {self.perturbations} "
-                             "(or 'caa')")
+            raise ValueError(f"defense_perturbations {bad} are not among perturbations {self.perturbations} (or 'caa')")
         if self.methods is not None:
             if not isinstance(self.methods, list) or not self.methods:
-                raise ValueError(f"methods must be a non-empty list of method names or None (every registered "
-                                 f"method), got {self.methods!r}")
+                raise ValueError(
+                    f"methods must be a non-empty list of method names or None (every registered "
+                    f"method), got {self.methods!r}"
+                )
             for m in self.methods:
                 get_method(m)  # unknown names raise ValueError with suggestions
         if not isinstance(self.method_options, dict):
-            raise ValueError(f"method_options must be a mapping of method name -> options, got "
-                             f"{self.method_options!r}")
+            raise ValueError(f"method_options must be a mapping of method name -> options, got {self.method_options!r}")
         for m, options in self.method_options.items():
             spec = get_method(m)
             if not isinstance(options, dict) or {"keep", "ratio"} & set(options):
-                raise ValueError(f"method_options[{m!r}] must be a mapping of {m}'s options other than keep / ratio "
-                                 f"(the budgets set keep), got {options!r}")
+                raise ValueError(
+                    f"method_options[{m!r}] must be a mapping of {m}'s options other than keep / ratio "
+                    f"(the budgets set keep), got {options!r}"
+                )
             spec.make_config({"keep": self.budgets[0], **options})  # unknown / bad options raise here
 
     def method_names(self) -> list[str]:
@@ -111,8 +123,10 @@ def load_config(path: str | Path | None = None, **overrides) -> RobustnessConfig
 
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise ValueError(f"robustness config {str(path)!r} not found (the default run uses the repository's "
-                         "configs/robustness.yaml, models/ and eval/tasks/: run it from a clone)")
+        raise ValueError(
+            f"robustness config {str(path)!r} not found (the default run uses the repository's "
+            "configs/robustness.yaml, models/ and eval/tasks/: run it from a clone)"
+        )
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")

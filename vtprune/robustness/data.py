@@ -60,10 +60,15 @@ def load_items(task: str | Path, scene_seed: int = shapes.DEFAULT_SEED, limit: i
             with Image.open(task / row["image"]) as im:
                 stored = np.asarray(im.convert("RGB"))
             if not np.array_equal(np.asarray(shapes.render(scene)), stored):
-                raise ValueError(f"{row['image']} is not scene {index} of seed {scene_seed}: the generator cannot "
-                                 "say which patches hold its objects (pass the scene_seed the split was written with)")
+                raise ValueError(
+                    f"{row['image']} is not scene {index} of seed {scene_seed}: the generator cannot "
+                    "say which patches hold its objects (pass the scene_seed the split was written with)"
+                )
             scenes[index] = (scene, torch.from_numpy(stored.copy()).permute(2, 0, 1).float() / 255)
         scene, image = scenes[index]
-        items.append(Item(row["id"], image, row["question"], row["answer"], row["type"],
-                          critical_patches(scene, row["question"])))
+        items.append(
+            Item(
+                row["id"], image, row["question"], row["answer"], row["type"], critical_patches(scene, row["question"])
+            )
+        )
     return items

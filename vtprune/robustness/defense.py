@@ -8,8 +8,16 @@ from .perturbations import quantize, shift_image
 from .runner import Runner
 
 
-def vote_select(runner: Runner, x: torch.Tensor, text: dict, budget: int, augmentations: int, noise: float,
-                shift: int, generator: torch.Generator) -> list[list[int]]:
+def vote_select(
+    runner: Runner,
+    x: torch.Tensor,
+    text: dict,
+    budget: int,
+    augmentations: int,
+    noise: float,
+    shift: int,
+    generator: torch.Generator,
+) -> list[list[int]]:
     """Per row, the ``budget`` tokens the patched method keeps most often over ``x`` and ``augmentations`` copies
     of it (Gaussian noise of ``noise`` pixel units, a random shift of up to ``shift`` pixels each way); ties go to
     tokens kept on ``x`` itself, then to the lower index."""

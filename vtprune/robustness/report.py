@@ -58,47 +58,99 @@ def transfer_matrix(rows: list[dict]) -> tuple[list[str], list[str], dict]:
     t = [r for r in rows if r["perturbation"] == "transfer"]
     sources = list(dict.fromkeys(f"{r['source_method']}@{r['source_budget']}" for r in t))
     targets = list(dict.fromkeys(f"{r['method']}@{r['budget']}" for r in t))
-    cells = {(f"{r['source_method']}@{r['source_budget']}", f"{r['method']}@{r['budget']}"): r["attack_success"]
-             for r in t}
+    cells = {
+        (f"{r['source_method']}@{r['source_budget']}", f"{r['method']}@{r['budget']}"): r["attack_success"] for r in t
+    }
     return sources, targets, cells
 
 
 def render_markdown(rows: list[dict], cfg: RobustnessConfig | None = None) -> str:
     summary = summary_rows(rows)
-    perts = list(dict.fromkeys(r["perturbation"] for r in rows
-                               if r["perturbation"] not in ("none", "caa", "transfer") and not r.get("defense")))
+    perts = list(
+        dict.fromkeys(
+            r["perturbation"]
+            for r in rows
+            if r["perturbation"] not in ("none", "caa", "transfer") and not r.get("defense")
+        )
+    )
     eps = sorted({r["epsilon"] for r in rows if r["perturbation"] == "caa"})
     n = next((r["n"] for r in rows if r["perturbation"] == "none"), 0)
     parts = [f"Questions: {n}. Accuracy and attack success in %; Jaccard of the kept set with the clean image's.", ""]
     parts += ["### Ranking stability (kept-set Jaccard) and accuracy under benign perturbations", ""]
     body = []
     for c in summary:
-        body.append([c["method"], c["budget"], _pct(c.get("accuracy_clean")),
-                     *[f"{c.get(f'{p}_jaccard'):.3f}" if c.get(f"{p}_jaccard") is not None else "-" for p in perts],
-                     f"{c['benign_jaccard']:.3f}" if c.get("benign_jaccard") is not None else "-",
-                     *[_pct(c.get(f"{p}_accuracy")) for p in perts]])
+        body.append(
+            [
+                c["method"],
+                c["budget"],
+                _pct(c.get("accuracy_clean")),
+                *[f"{c.get(f'{p}_jaccard'):.3f}" if c.get(f"{p}_jaccard") is not None else "-" for p in perts],
+                f"{c['benign_jaccard']:.3f}" if c.get("benign_jaccard") is not None else "-",
+                *[_pct(c.get(f"{p}_accuracy")) for p in perts],
+            ]
+        )
     unpruned = [r for r in rows if r["perturbation"] in ("none", *perts) and not r.get("defense")]
     acc_un = {r["perturbation"]: r["accuracy_unpruned"] for r in unpruned}
-    body.insert(0, ["unpruned", "-", _pct(acc_un.get("none")), *["1.000"] * len(perts), "1.000",
-                    *[_pct(acc_un.get(p)) for p in perts]])
-    parts.append(format_table(["method", "budget", "acc clean", *[f"J {p}" for p in perts], "J mean",
-                      *[f"acc {p}" for p in perts]], body))
+    body.insert(
+        0,
+        [
+            "unpruned",
+            "-",
+            _pct(acc_un.get("none")),
+            *["1.000"] * len(perts),
+            "1.000",
+            *[_pct(acc_un.get(p)) for p in perts],
+        ],
+    )
+    parts.append(
+        format_table(
+            ["method", "budget", "acc clean", *[f"J {p}" for p in perts], "J mean", *[f"acc {p}" for p in perts]], body
+        )
+    )
     parts += ["", "### Compression-aware attack (white box, PGD through the method's surrogate)", ""]
     body = []
     for c in summary:
         if c.get("unreachable"):
-            body.append([c["method"], c["budget"], "-", _pct(c.get("accuracy_clean")),
-                         *["n/a"] * (4 * len(eps)), "unreachable: " + c["unreachable"]])
+            body.append(
+                [
+                    c["method"],
+                    c["budget"],
+                    "-",
+                    _pct(c.get("accuracy_clean")),
+                    *["n/a"] * (4 * len(eps)),
+                    "unreachable: " + c["unreachable"],
+                ]
+            )
             continue
-        body.append([c["method"], c["budget"], c.get("surrogate") or "-", _pct(c.get("accuracy_clean")),
-                     *[_pct(c.get(f"caa{e}_accuracy")) for e in eps],
-                     *[_pct(c.get(f"caa{e}_accuracy_unpruned")) for e in eps],
-                     *[_pct(c.get(f"caa{e}_success")) for e in eps],
-                     *["-" if c.get(f"caa{e}_jaccard") is None else f"{c[f'caa{e}_jaccard']:.3f}" for e in eps], ""])
-    parts.append(format_table(["method", "budget", "surrogate", "acc clean", *[f"acc CAA {e}/255" for e in eps],
-                      *[f"unpruned acc CAA {e}/255" for e in eps], *[f"success {e}/255" for e in eps],
-                      *[f"J CAA {e}/255" for e in eps], "note"],
-                     body))
+        body.append(
+            [
+                c["method"],
+                c["budget"],
+                c.get("surrogate") or "-",
+                _pct(c.get("accuracy_clean")),
+                *[_pct(c.get(f"caa{e}_accuracy")) for e in eps],
+                *[_pct(c.get(f"caa{e}_accuracy_unpruned")) for e in eps],
+                *[_pct(c.get(f"caa{e}_success")) for e in eps],
+                *["-" if c.get(f"caa{e}_jaccard") is None else f"{c[f'caa{e}_jaccard']:.3f}" for e in eps],
+                "",
+            ]
+        )
+    parts.append(
+        format_table(
+            [
+                "method",
+                "budget",
+                "surrogate",
+                "acc clean",
+                *[f"acc CAA {e}/255" for e in eps],
+                *[f"unpruned acc CAA {e}/255" for e in eps],
+                *[f"success {e}/255" for e in eps],
+                *[f"J CAA {e}/255" for e in eps],
+                "note",
+            ],
+            body,
+        )
+    )
     sources, targets, cells = transfer_matrix(rows)
     if sources:
         te = next(r["epsilon"] for r in rows if r["perturbation"] == "transfer")
@@ -108,42 +160,75 @@ def render_markdown(rows: list[dict], cfg: RobustnessConfig | None = None) -> st
         for sm in src_m:
             line = [sm]
             for tm in tgt_m:
-                vals = [v for (s, t), v in cells.items() if s.split("@")[0] == sm and t.split("@")[0] == tm
-                        and v is not None]
+                vals = [
+                    v
+                    for (s, t), v in cells.items()
+                    if s.split("@")[0] == sm and t.split("@")[0] == tm and v is not None
+                ]
                 line.append(_pct(sum(vals) / len(vals)) if vals else "-")
             body.append(line)
-        parts += ["", f"### Transfer attack (black box, epsilon {te}/255): attack success on the target, source "
-                  "method (rows) x target method (columns), mean over source and target budgets; per budget in "
-                  "transfer.csv", ""]
+        parts += [
+            "",
+            f"### Transfer attack (black box, epsilon {te}/255): attack success on the target, source "
+            "method (rows) x target method (columns), mean over source and target budgets; per budget in "
+            "transfer.csv",
+            "",
+        ]
         parts.append(format_table(["source \\ target", *tgt_m], body))
     if any(r.get("defense") for r in rows):
-        dperts = list(dict.fromkeys(r["perturbation"] if r["perturbation"] != "caa" else f"caa{r['epsilon']}"
-                                    for r in rows if r.get("defense") and r["perturbation"] != "none"))
+        dperts = list(
+            dict.fromkeys(
+                r["perturbation"] if r["perturbation"] != "caa" else f"caa{r['epsilon']}"
+                for r in rows
+                if r.get("defense") and r["perturbation"] != "none"
+            )
+        )
         aug = next(r["augmentations"] for r in rows if r.get("defense"))
-        parts += ["", f"### Defense: kept set by vote over the image and {aug} random augmentations "
-                  "(attack rows: perturbations crafted against the undefended method)", ""]
-        index = {(r["method"], r["budget"], r["perturbation"], r.get("epsilon"), bool(r.get("defense"))): r
-                 for r in rows if r["perturbation"] != "transfer"}
+        parts += [
+            "",
+            f"### Defense: kept set by vote over the image and {aug} random augmentations "
+            "(attack rows: perturbations crafted against the undefended method)",
+            "",
+        ]
+        index = {
+            (r["method"], r["budget"], r["perturbation"], r.get("epsilon"), bool(r.get("defense"))): r
+            for r in rows
+            if r["perturbation"] != "transfer"
+        }
         body = []
         for c in summary:
             m, b = c["method"], c["budget"]
-            line = [m, b, f"{c.get('select_ms') or 0:.2f}", f"{c.get('vote_select_ms') or 0:.2f}",
-                    _pct(c.get("accuracy_clean")), _pct(c.get("vote_accuracy_clean"))]
+            line = [
+                m,
+                b,
+                f"{c.get('select_ms') or 0:.2f}",
+                f"{c.get('vote_select_ms') or 0:.2f}",
+                _pct(c.get("accuracy_clean")),
+                _pct(c.get("vote_accuracy_clean")),
+            ]
             for p in dperts:
                 key = ("caa", int(p[3:])) if p.startswith("caa") else (p, None)
                 plain, dfd = index.get((m, b, key[0], key[1], False)), index.get((m, b, key[0], key[1], True))
                 if p.startswith("caa"):
                     line += [_pct(plain and plain["attack_success"]), _pct(dfd and dfd["attack_success"])]
                 else:
-                    line += [f"{plain['kept_jaccard']:.3f}" if plain else "-",
-                             f"{dfd['kept_jaccard']:.3f}" if dfd else "-"]
+                    line += [
+                        f"{plain['kept_jaccard']:.3f}" if plain else "-",
+                        f"{dfd['kept_jaccard']:.3f}" if dfd else "-",
+                    ]
             body.append(line)
         heads = []
         for p in dperts:
-            heads += ([f"success {p[3:]}/255", f"vote success {p[3:]}/255"] if p.startswith("caa")
-                      else [f"J {p}", f"vote J {p}"])
-        parts.append(format_table(["method", "budget", "select ms", "vote select ms", "acc clean", "vote acc clean", *heads],
-                         body))
+            heads += (
+                [f"success {p[3:]}/255", f"vote success {p[3:]}/255"]
+                if p.startswith("caa")
+                else [f"J {p}", f"vote J {p}"]
+            )
+        parts.append(
+            format_table(
+                ["method", "budget", "select ms", "vote select ms", "acc clean", "vote acc clean", *heads], body
+            )
+        )
     return "\n".join(parts) + "\n"
 
 
@@ -191,8 +276,11 @@ def plot_robustness(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
     styles = series_styles(methods)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for m in methods:
-        pts = [(c["budget"], c["benign_jaccard"]) for c in summary if c["method"] == m and c.get("benign_jaccard")
-               is not None]
+        pts = [
+            (c["budget"], c["benign_jaccard"])
+            for c in summary
+            if c["method"] == m and c.get("benign_jaccard") is not None
+        ]
         if pts:
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, label=m, **styles[m])
@@ -215,9 +303,16 @@ def plot_robustness(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
                 continue
             ys = [c.get("accuracy_clean")] + [c.get(f"caa{e}_accuracy") for e in eps]
             ax.plot([0, *eps], [100 * y for y in ys], label=m, **{**styles[m], "linestyle": "-"})
-            ax.plot([0, *eps], [100 * y for y in [c.get("accuracy_unpruned_clean")] +
-                                [c.get(f"caa{e}_accuracy_unpruned") for e in eps]],
-                    linestyle="--", linewidth=0.8, color=styles[m]["color"])
+            ax.plot(
+                [0, *eps],
+                [
+                    100 * y
+                    for y in [c.get("accuracy_unpruned_clean")] + [c.get(f"caa{e}_accuracy_unpruned") for e in eps]
+                ],
+                linestyle="--",
+                linewidth=0.8,
+                color=styles[m]["color"],
+            )
         ax.set_title(f"keep {b}")
         ax.set_xlabel("epsilon (x 1/255)")
         ax.grid(True, alpha=0.3)

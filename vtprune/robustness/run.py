@@ -28,7 +28,7 @@ def jaccard(a, b) -> float:
 
 
 def _batches(items: list, size: int):
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @dataclass
@@ -67,8 +67,13 @@ def _row(model, method, budget, perturbation, tally: _Tally, clean: _Tally | Non
     return row
 
 
-def run_robustness(config: RobustnessConfig | None = None, *, output_dir: str | Path | None = None,
-                   progress: bool = True, write: bool = True) -> list[dict]:
+def run_robustness(
+    config: RobustnessConfig | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    write: bool = True,
+) -> list[dict]:
     """Run the audit of ``config`` (default: :data:`DEFAULT_CONFIG`) and, with ``write``, write ``results.jsonl``,
     ``table.md`` / ``table.csv``, ``transfer.csv`` and the plots to ``output_dir`` (default
     ``eval/results/robustness``). Returns the result rows. ``progress=False`` silences every progress bar
@@ -95,16 +100,26 @@ def _run_robustness(config, output_dir, progress, write) -> list[dict]:
                 cannot[m] = f"cannot patch {runner.name}: {err}"
         cells = [(m, b) for m in methods for b in cfg.budgets if m not in cannot]
         transfer = cfg.transfer_epsilon is not None
-        bar = tqdm(total=len(cells) * len(batches) * (4 if transfer else 3), desc="vtprune robustness",
-                   unit="step", disable=not progress)
+        bar = tqdm(
+            total=len(cells) * len(batches) * (4 if transfer else 3),
+            desc="vtprune robustness",
+            unit="step",
+            disable=not progress,
+        )
         gen = torch.Generator().manual_seed(cfg.seed)
         data = []  # per batch: items, text inputs, images per perturbation, unpruned predictions
         for batch in batches:
             x = torch.stack([it.image for it in batch])
             text = runner.text_inputs(batch)
             images = {"none": x, **{p: torch.stack([perturb(xi, p, gen) for xi in x]) for p in cfg.perturbations}}
-            data.append({"items": batch, "text": text, "images": images,
-                         "plain": {p: runner.predict_plain(xp, text) for p, xp in images.items()}})
+            data.append(
+                {
+                    "items": batch,
+                    "text": text,
+                    "images": images,
+                    "plain": {p: runner.predict_plain(xp, text) for p, xp in images.items()},
+                }
+            )
         answers_all = torch.cat([d["text"]["answers"] for d in data])
         plain_clean = (torch.cat([d["plain"]["none"] for d in data]) == answers_all).tolist()
         perts = ["none", *cfg.perturbations]
@@ -140,8 +155,18 @@ def _run_robustness(config, output_dir, progress, write) -> list[dict]:
                 text = d["text"]
                 for e in cfg.epsilons if surrogate is not None else []:
                     step = None if cfg.step_size is None else cfg.step_size / 255
-                    x_adv, _ = caa_attack(runner, d["items"], method, budget, e / 255, cfg.steps, step, cfg.penalty,
-                                          cfg.margin, x0=d["images"]["none"])
+                    x_adv, _ = caa_attack(
+                        runner,
+                        d["items"],
+                        method,
+                        budget,
+                        e / 255,
+                        cfg.steps,
+                        step,
+                        cfg.penalty,
+                        cfg.margin,
+                        x0=d["images"]["none"],
+                    )
                     plain_pred = runner.predict_plain(x_adv, text)
                     with runner.patch(method, budget):
                         pred, kept, _ = runner.predict_pruned(x_adv, text)
@@ -149,22 +174,32 @@ def _run_robustness(config, output_dir, progress, write) -> list[dict]:
                     adv_images[e].append((x_adv, plain_pred))
                 bar.update(1)
             if transfer and surrogate is not None:
-                adv[(method, budget)] = [((x * 255).round().to(torch.uint8), pp)
-                                         for x, pp in adv_images[cfg.transfer_epsilon]]
+                adv[(method, budget)] = [
+                    ((x * 255).round().to(torch.uint8), pp) for x, pp in adv_images[cfg.transfer_epsilon]
+                ]
             # the defense, on the clean, benign and attacked images
             defended: dict[str, _Tally] = {}
             with runner.patch(method, budget):
                 for i, d in enumerate(data):
                     voted_clean = None
                     text = d["text"]
-                    inputs = {p: (d["images"][p], d["plain"][p]) for p in ["none", *cfg.defense_perturbations]
-                              if p != "caa"}
+                    inputs = {
+                        p: (d["images"][p], d["plain"][p]) for p in ["none", *cfg.defense_perturbations] if p != "caa"
+                    }
                     if "caa" in cfg.defense_perturbations:
                         inputs.update({f"caa{e}": adv_images[e][i] for e in cfg.epsilons if adv_images[e]})
                     for key, (x, plain_pred) in inputs.items():
                         t0 = time.perf_counter()
-                        voted = vote_select(runner, x, text, budget, cfg.defense_augmentations,
-                                            cfg.defense_noise / 255, cfg.defense_shift, gen)
+                        voted = vote_select(
+                            runner,
+                            x,
+                            text,
+                            budget,
+                            cfg.defense_augmentations,
+                            cfg.defense_noise / 255,
+                            cfg.defense_shift,
+                            gen,
+                        )
                         spent = time.perf_counter() - t0
                         pred, kept, _ = runner.predict_pruned(x, text, override=voted)
                         voted_clean = kept if key == "none" else voted_clean  # "none" comes first
@@ -176,20 +211,68 @@ def _run_robustness(config, output_dir, progress, write) -> list[dict]:
             n = len(items)
             select_ms = 1000 * tallies["none"].select_s / n
             for p in perts:
-                rows.append(_row(runner.name, method, budget, p, tallies[p], tallies["none"],
-                                 select_ms=1000 * tallies[p].select_s / n, **base))
+                rows.append(
+                    _row(
+                        runner.name,
+                        method,
+                        budget,
+                        p,
+                        tallies[p],
+                        tallies["none"],
+                        select_ms=1000 * tallies[p].select_s / n,
+                        **base,
+                    )
+                )
             for e in cfg.epsilons:
                 if surrogate is None:
-                    rows.append(_row(runner.name, method, budget, "caa", _Tally(), None, epsilon=e,
-                                     reachable=False, reason=reason, **base))
+                    rows.append(
+                        _row(
+                            runner.name,
+                            method,
+                            budget,
+                            "caa",
+                            _Tally(),
+                            None,
+                            epsilon=e,
+                            reachable=False,
+                            reason=reason,
+                            **base,
+                        )
+                    )
                 else:
-                    rows.append(_row(runner.name, method, budget, "caa", caa[e], tallies["none"], epsilon=e,
-                                     steps=cfg.steps, penalty=cfg.penalty, margin=cfg.margin, **base))
+                    rows.append(
+                        _row(
+                            runner.name,
+                            method,
+                            budget,
+                            "caa",
+                            caa[e],
+                            tallies["none"],
+                            epsilon=e,
+                            steps=cfg.steps,
+                            penalty=cfg.penalty,
+                            margin=cfg.margin,
+                            **base,
+                        )
+                    )
             for key, tally in defended.items():
                 pert, extra = ("caa", {"epsilon": int(key[3:])}) if key.startswith("caa") else (key, {})
-                rows.append(_row(runner.name, method, budget, pert, tally, defended["none"], defense="vote",
-                                 augmentations=cfg.defense_augmentations, select_ms=select_ms,
-                                 defense_select_ms=1000 * tally.select_s / n, **extra, **base))
+                rows.append(
+                    _row(
+                        runner.name,
+                        method,
+                        budget,
+                        pert,
+                        tally,
+                        defended["none"],
+                        defense="vote",
+                        augmentations=cfg.defense_augmentations,
+                        select_ms=select_ms,
+                        defense_select_ms=1000 * tally.select_s / n,
+                        **extra,
+                        **base,
+                    )
+                )
             if write:
                 with partial.open("a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows[done:])
@@ -208,14 +291,39 @@ def _run_robustness(config, output_dir, progress, write) -> list[dict]:
                     bar.update(1)
             clean = _Tally(pruned=clean_pruned[(method, budget)], unpruned=plain_clean)
             for s, tally in tallies.items():
-                rows.append(_row(runner.name, method, budget, "transfer", tally, clean, epsilon=cfg.transfer_epsilon,
-                                 source_method=s[0], source_budget=s[1]))
+                rows.append(
+                    _row(
+                        runner.name,
+                        method,
+                        budget,
+                        "transfer",
+                        tally,
+                        clean,
+                        epsilon=cfg.transfer_epsilon,
+                        source_method=s[0],
+                        source_budget=s[1],
+                    )
+                )
         bar.close()
     for m, why in cannot.items():
-        rows += [{"model": runner.name, "method": m, "budget": b, "perturbation": p, **({"epsilon": e} if e else {}),
-                  "kept_jaccard": None, "accuracy": None, "accuracy_unpruned": None, "attack_success": None, "n": 0,
-                  "reachable": False, "reason": why}
-                 for b in cfg.budgets for p, e in [("none", None), *[("caa", e) for e in cfg.epsilons]]]
+        rows += [
+            {
+                "model": runner.name,
+                "method": m,
+                "budget": b,
+                "perturbation": p,
+                **({"epsilon": e} if e else {}),
+                "kept_jaccard": None,
+                "accuracy": None,
+                "accuracy_unpruned": None,
+                "attack_success": None,
+                "n": 0,
+                "reachable": False,
+                "reason": why,
+            }
+            for b in cfg.budgets
+            for p, e in [("none", None), *[("caa", e) for e in cfg.epsilons]]
+        ]
     for row in rows:
         row["limit"] = cfg.limit
     if write:

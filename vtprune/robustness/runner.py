@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -47,19 +47,25 @@ class Runner:
         """``input_ids`` / ``attention_mask`` (left padded) and the answer token ids of a batch."""
         key = tuple(it.id for it in items)
         if key not in self._text_cache:
-            texts = [self.processor.apply_chat_template(shapes.chat(it.question), add_generation_prompt=True)
-                     for it in items]
+            texts = [
+                self.processor.apply_chat_template(shapes.chat(it.question), add_generation_prompt=True) for it in items
+            ]
             images = [to_pil(it.image) for it in items]
             enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
             tok = self.processor.tokenizer
             answers = torch.tensor(tok.convert_tokens_to_ids([it.answer for it in items]))
-            self._text_cache = {key: {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                                      "answers": answers}}
+            self._text_cache = {
+                key: {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "answers": answers}
+            }
         return self._text_cache[key]
 
     def forward(self, model, x: torch.Tensor, text: dict):
-        return model(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
-                     pixel_values=(x - self.mean) / self.std, logits_to_keep=1)
+        return model(
+            input_ids=text["input_ids"],
+            attention_mask=text["attention_mask"],
+            pixel_values=(x - self.mean) / self.std,
+            logits_to_keep=1,
+        )
 
     @contextlib.contextmanager
     def patch(self, method: str, budget: int):

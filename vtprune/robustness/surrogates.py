@@ -17,5 +17,6 @@ def surrogate_for(method: str) -> tuple[Surrogate | None, str | None]:
     surrogate = spec.surrogate or from_signals(spec.signals)
     if surrogate is not None:
         return surrogate, None
-    return None, (f"it declares no image-dependent signal a gradient can reach (signals: "
-                  f"{sorted(spec.signals) or 'none'})")
+    return None, (
+        f"it declares no image-dependent signal a gradient can reach (signals: {sorted(spec.signals) or 'none'})"
+    )

@@ -17,8 +17,10 @@ from .setting import KEY, overrides, read, servable_methods, served
 __all__ = ["register", "overrides", "read", "servable_methods", "served", "pruning_log", "KEY", "ARCHITECTURES"]
 
 #: vLLM architectures the plugin replaces with its pruning subclass (inert without a ``vtprune`` setting)
-ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen2_5_VL",
-                 "Qwen3VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen3VL"}
+ARCHITECTURES = {
+    "Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "vtprune.vllm.qwen_vl:VTPruneQwen3VL",
+}
 
 _registered = False
 

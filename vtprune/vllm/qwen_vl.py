@@ -85,9 +85,13 @@ def frame_plan(config, method, t: int, h: int, w: int, merge: int) -> tuple[torc
     w*merge`` in ``extra["grid"]``, as the Hugging Face path hands it), then :func:`refill`. Returns ``(kept [k]
     ascending, counts [t])``."""
     n = t * h * w
-    inputs = ImageInputs(n=n, k=config.budget(n), features=torch.zeros(n, 1),
-                         pack_crop_scores=lambda scores: scores.reshape(-1),
-                         extra={"grid": torch.tensor([[t, h * merge, w * merge]])})
+    inputs = ImageInputs(
+        n=n,
+        k=config.budget(n),
+        features=torch.zeros(n, 1),
+        pack_crop_scores=lambda scores: scores.reshape(-1),
+        extra={"grid": torch.tensor([[t, h * merge, w * merge]])},
+    )
     chosen = method.select(inputs)
     if isinstance(chosen, Selection):
         return refill(config, torch.as_tensor(chosen.kept).long().cpu(), chosen.merged is not None, t, h * w)
@@ -106,8 +110,10 @@ def refill(config, kept: torch.Tensor, merged: bool, t: int, per: int) -> tuple[
 def _encode(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``values`` ``[m, VALUES]`` int64 in [0, 65536) -> ``[m, EXTRA]`` channels (high, low digit per value)."""
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 256**_DIGITS):
-        raise ValueError(f"vtprune.vllm: a position or rank of {int(values.max())} does not fit the extra channels "
-                         f"(allowed: 0 <= value < {256 ** _DIGITS})")
+        raise ValueError(
+            f"vtprune.vllm: a position or rank of {int(values.max())} does not fit the extra channels "
+            f"(allowed: 0 <= value < {256**_DIGITS})"
+        )
     return torch.stack([values // 256, values % 256], dim=-1).reshape(values.shape[0], -1).to(dtype)
 
 
@@ -140,8 +146,10 @@ class PerTokenMerger(nn.Module):
         fc1 = merger.mlp[0] if hasattr(merger, "mlp") else getattr(merger, "linear_fc1", None)
         fc2 = merger.mlp[2] if hasattr(merger, "mlp") else getattr(merger, "linear_fc2", None)
         if norm is None or fc1 is None or fc2 is None:
-            raise RuntimeError(f"vtprune.vllm: unknown patch merger layout ({type(merger).__name__}); expected a "
-                               "norm and two linear layers")
+            raise RuntimeError(
+                f"vtprune.vllm: unknown patch merger layout ({type(merger).__name__}); expected a "
+                "norm and two linear layers"
+            )
         self.vit_dim = vit_dim
         self.postshuffle = bool(getattr(merger, "use_postshuffle_norm", False))
         if isinstance(norm, nn.LayerNorm):
@@ -213,13 +221,21 @@ class VTPruneQwen3VLProcessor(Qwen3VLMultiModalProcessor):
             # the stock layout (timestamp text, vision start, the frame's tokens, vision end per frame), each frame's
             # run holding its kept count
             return Qwen3VLMultiModalProcessor.get_video_repl(
-                tokens_per_frame=counts, timestamps=timestamps, tokenizer=tokenizer,
+                tokens_per_frame=counts,
+                timestamps=timestamps,
+                tokenizer=tokenizer,
                 vision_start_token_id=hf_config.vision_start_token_id,
-                vision_end_token_id=hf_config.vision_end_token_id, video_token_id=hf_config.video_token_id,
-                select_token_id=True)
+                vision_end_token_id=hf_config.vision_end_token_id,
+                video_token_id=hf_config.video_token_id,
+                select_token_id=True,
+            )
 
-        return [_pruned_replacement(config, u) if u.modality == "image"
-                else PromptReplacement(modality=u.modality, target=u.target, replacement=video) for u in updates]
+        return [
+            _pruned_replacement(config, u)
+            if u.modality == "image"
+            else PromptReplacement(modality=u.modality, target=u.target, replacement=video)
+            for u in updates
+        ]
 
 
 class _Pruning:
@@ -238,31 +254,41 @@ class _Pruning:
         if self.vtprune_config is None:
             return
         if self.is_multimodal_pruning_enabled:
-            raise ValueError("vtprune cannot be combined with vLLM's video pruning (EVS): the 'vtprune' setting and "
-                             f"video_pruning_rate={self.video_pruning_rate} were both given; give one of them")
+            raise ValueError(
+                "vtprune cannot be combined with vLLM's video pruning (EVS): the 'vtprune' setting and "
+                f"video_pruning_rate={self.video_pruning_rate} were both given; give one of them"
+            )
         self.vtprune_method = setting.method(self.vtprune_config)
         compilation = vllm_config.compilation_config
         if getattr(compilation, "cudagraph_mm_encoder", False):
-            raise ValueError("vtprune cannot run with compilation_config.cudagraph_mm_encoder=True: the encoder's CUDA "
-                             "graph replaces embed_multimodal, where the plugin selects the kept tokens; turn it off")
+            raise ValueError(
+                "vtprune cannot run with compilation_config.cudagraph_mm_encoder=True: the encoder's CUDA "
+                "graph replaces embed_multimodal, where the plugin selects the kept tokens; turn it off"
+            )
         if self._needs_projector() and getattr(compilation, "compile_mm_encoder", False):
-            raise ValueError(f"method {self.vtprune_config.method!r} reads the patch merger's input, which a compiled "
-                             "vision encoder (compilation_config.compile_mm_encoder=True) does not show; turn it off "
-                             "or use a method that needs only the projected tokens (divprune, pool, random)")
+            raise ValueError(
+                f"method {self.vtprune_config.method!r} reads the patch merger's input, which a compiled "
+                "vision encoder (compilation_config.compile_mm_encoder=True) does not show; turn it off "
+                "or use a method that needs only the projected tokens (divprune, pool, random)"
+            )
         #: vision blocks whose attention the method reads (importance="received"; empty: none)
         self._received_layers: list[int] = []
         if self._needs_received():
             if getattr(compilation, "compile_mm_encoder", False):
-                raise ValueError(f"method {self.vtprune_config.method!r} reads the vision tower's attention (the "
-                                 "attention each patch receives), which a compiled vision encoder "
-                                 "(compilation_config.compile_mm_encoder=True) does not show; turn it off or use a "
-                                 "method that needs only the projected tokens (divprune, pool, random)")
+                raise ValueError(
+                    f"method {self.vtprune_config.method!r} reads the vision tower's attention (the "
+                    "attention each patch receives), which a compiled vision encoder "
+                    "(compilation_config.compile_mm_encoder=True) does not show; turn it off or use a "
+                    "method that needs only the projected tokens (divprune, pool, random)"
+                )
             tp = vllm_config.parallel_config.tensor_parallel_size
             if tp > 1 or getattr(self, "use_data_parallel", False):
-                raise ValueError(f"method {self.vtprune_config.method!r} reads the vision tower's attention, which "
-                                 f"is split across processes with tensor_parallel_size={tp} (each holds part of the "
-                                 "heads, or with mm_encoder_tp_mode='data' part of the images); serve it with "
-                                 "tensor_parallel_size=1 or use a method that needs only the projected tokens")
+                raise ValueError(
+                    f"method {self.vtprune_config.method!r} reads the vision tower's attention, which "
+                    f"is split across processes with tensor_parallel_size={tp} (each holds part of the "
+                    "heads, or with mm_encoder_tp_mode='data' part of the images); serve it with "
+                    "tensor_parallel_size=1 or use a method that needs only the projected tokens"
+                )
             self._received_layers = self.vtprune_method.vision_layers(len(self.visual.blocks))
 
     def _needs_projector(self) -> bool:
@@ -276,8 +302,9 @@ class _Pruning:
         if self._needs_projector():  # before the linear layers are pre-packed (vLLM's CPU kernels drop weights)
             merger = self.visual.merger
             # not a submodule: vLLM's loader checks that every parameter of the model came from the checkpoint
-            object.__setattr__(self, "vtprune_projector",
-                               PerTokenMerger(merger, merger.hidden_size // self.visual.spatial_merge_unit))
+            object.__setattr__(
+                self, "vtprune_projector", PerTokenMerger(merger, merger.hidden_size // self.visual.spatial_merge_unit)
+            )
         return loaded
 
     # -- the merger's input per token ---------------------------------------------------------------------------
@@ -332,8 +359,10 @@ class _Pruning:
                 q = kwargs["query"] if "query" in kwargs else args[0]
                 k = kwargs["key"] if "key" in kwargs else args[1]
                 if q.dim() != 4 or q.shape[0] != 1 or k.shape[:2] != q.shape[:2]:
-                    raise RuntimeError(f"vtprune.vllm: vision block {_layer}'s attention got queries of shape "
-                                       f"{tuple(q.shape)} and keys {tuple(k.shape)}; expected [1, N, H, Dh]")
+                    raise RuntimeError(
+                        f"vtprune.vllm: vision block {_layer}'s attention got queries of shape "
+                        f"{tuple(q.shape)} and keys {tuple(k.shape)}; expected [1, N, H, Dh]"
+                    )
                 if _layer in into:
                     raise RuntimeError(f"vtprune.vllm: vision block {_layer} ran twice in one tower call")
                 into[_layer] = F.received_attention(q[0], k[0], _blocks.to(q.device), float(_kernel.scale))
@@ -356,8 +385,10 @@ class _Pruning:
             return [(None, None)] * len(patches)
         missing = [layer for layer in self._received_layers if layer not in into]
         if missing:
-            raise RuntimeError(f"vtprune.vllm: vision block(s) {missing} did not run their attention kernel (a "
-                               "compiled or CUDA-graphed vision encoder hides it)")
+            raise RuntimeError(
+                f"vtprune.vllm: vision block(s) {missing} did not run their attention kernel (a "
+                "compiled or CUDA-graphed vision encoder hides it)"
+            )
         unit = self.visual.spatial_merge_unit
         order = self._merger_token_order(grid_thw)
         per_layer = []
@@ -379,8 +410,10 @@ class _Pruning:
         if not self._needs_projector():
             return [None] * len(sizes)
         if len(captured) != 1:
-            raise RuntimeError(f"vtprune.vllm: the patch merger ran {len(captured)} times for one batch of items; "
-                               "expected once (a compiled vision encoder, compile_mm_encoder, hides its input)")
+            raise RuntimeError(
+                f"vtprune.vllm: the patch merger ran {len(captured)} times for one batch of items; "
+                "expected once (a compiled vision encoder, compile_mm_encoder, hides its input)"
+            )
         unit = self.visual.spatial_merge_unit
         tokens = captured[0].reshape(-1, unit * captured[0].shape[-1])
         order = self._merger_token_order(grid_thw)
@@ -413,8 +446,10 @@ class _Pruning:
             if scores.numel() == main.shape[0] * unit:
                 return scores.reshape(-1, unit).mean(dim=1)
             if scores.numel() != main.shape[0]:
-                raise ValueError(f"vtprune.vllm: scores of shape {tuple(scores.shape)} fit neither the "
-                                 f"{main.shape[0] * unit} patches nor the {main.shape[0]} tokens of the item")
+                raise ValueError(
+                    f"vtprune.vllm: scores of shape {tuple(scores.shape)} fit neither the "
+                    f"{main.shape[0] * unit} patches nor the {main.shape[0]} tokens of the item"
+                )
             return scores.reshape(-1)
 
         projector = None
@@ -423,16 +458,32 @@ class _Pruning:
             check = projector(projector_inputs.float())
             scale = float(main.float().abs().max()) + 1e-6
             if not torch.allclose(check, main.float(), rtol=0.0, atol=0.02 * scale):
-                raise RuntimeError("vtprune.vllm: the float32 copy of the patch merger does not reproduce the vision "
-                                   "tower's output (this vLLM version lays the merger out differently)")
+                raise RuntimeError(
+                    "vtprune.vllm: the float32 copy of the patch merger does not reproduce the vision "
+                    "tower's output (this vLLM version lays the merger out differently)"
+                )
             projector_inputs = projector_inputs.unsqueeze(0)
-        return ImageInputs(n=main.shape[0], k=k, features=main, projector_inputs=projector_inputs,
-                           projector=projector, received=received, vision_keys=vision_keys, pack_crop_scores=pack,
-                           token_patches=lambda crops, patches: torch.arange(crops * patches).view(-1, unit),
-                           extra={"grid": torch.tensor([grid])})
+        return ImageInputs(
+            n=main.shape[0],
+            k=k,
+            features=main,
+            projector_inputs=projector_inputs,
+            projector=projector,
+            received=received,
+            vision_keys=vision_keys,
+            pack_crop_scores=pack,
+            token_patches=lambda crops, patches: torch.arange(crops * patches).view(-1, unit),
+            extra={"grid": torch.tensor([grid])},
+        )
 
-    def _prune(self, embeds: Sequence[torch.Tensor], grid_thw: torch.Tensor, modality: str,
-               t_factors: Sequence[float], signals: Sequence) -> tuple[torch.Tensor, ...]:
+    def _prune(
+        self,
+        embeds: Sequence[torch.Tensor],
+        grid_thw: torch.Tensor,
+        modality: str,
+        t_factors: Sequence[float],
+        signals: Sequence,
+    ) -> tuple[torch.Tensor, ...]:
         merge = self.visual.spatial_merge_size
         width = embeds[0].shape[1] // (1 + self._levels) if embeds else 0
         out = []
@@ -450,20 +501,26 @@ class _Pruning:
                 kept, counts = refill(self.vtprune_config, kept, sel.merged is not None, t, hh * ww)
                 _, planned = frame_plan(self.vtprune_config, self.vtprune_method, t, hh, ww, merge)
                 if counts != planned:
-                    raise RuntimeError(f"vtprune.vllm: method {self.vtprune_config.method!r} kept {counts} tokens per "
-                                       f"frame of a video whose prompt was sized for {planned}")
+                    raise RuntimeError(
+                        f"vtprune.vllm: method {self.vtprune_config.method!r} kept {counts} tokens per "
+                        f"frame of a video whose prompt was sized for {planned}"
+                    )
             if kept.numel() != k:
-                raise RuntimeError(f"vtprune.vllm: method {self.vtprune_config.method!r} kept {kept.numel()} of {n} "
-                                   f"tokens but the prompt was sized for {k}")
+                raise RuntimeError(
+                    f"vtprune.vllm: method {self.vtprune_config.method!r} kept {kept.numel()} of {n} "
+                    f"tokens but the prompt was sized for {k}"
+                )
             at = kept.to(emb.device)
             rows = [main[at] if sel.merged is None else sel.merged.to(emb.device, emb.dtype)]
             for i in range(self._levels):  # DeepStack levels follow the kept rows (merged: with the same weights)
-                level = emb[:, width * (1 + i): width * (2 + i)]
+                level = emb[:, width * (1 + i) : width * (2 + i)]
                 if sel.merged is None:
                     rows.append(level[at])
                 elif sel.weights is None:
-                    raise ValueError(f"method {self.vtprune_config.method!r} merges tokens without their merge "
-                                     "weights (Selection.weights): the DeepStack levels cannot follow them")
+                    raise ValueError(
+                        f"method {self.vtprune_config.method!r} merges tokens without their merge "
+                        "weights (Selection.weights): the DeepStack levels cannot follow them"
+                    )
                 else:
                     rows.append((sel.weights.to(emb.device, torch.float32) @ level.float()).to(emb.dtype))
             values = self._run_values(kept, modality, (t, h // merge, w // merge), t_factor)
@@ -478,18 +535,20 @@ class _Pruning:
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if inputs is None:
                 continue
-            if inputs["type"] not in ("pixel_values", "pixel_values_videos") and (self._needs_projector()
-                                                                                  or self._needs_received()):
-                raise ValueError(f"method {self.vtprune_config.method!r} needs the vision tower's internals (the "
-                                 "patch merger's input or its attention), which precomputed "
-                                 f"{modality} embeddings ({inputs['type']!r}) do not carry; send pixels")
+            if inputs["type"] not in ("pixel_values", "pixel_values_videos") and (
+                self._needs_projector() or self._needs_received()
+            ):
+                raise ValueError(
+                    f"method {self.vtprune_config.method!r} needs the vision tower's internals (the "
+                    "patch merger's input or its attention), which precomputed "
+                    f"{modality} embeddings ({inputs['type']!r}) do not carry; send pixels"
+                )
             if modality == "image":
                 embeds, proj = self._items("image", inputs)
                 out += self._prune(embeds, inputs["image_grid_thw"], "image", [1.0] * len(embeds), proj)
             elif modality == "video":
                 embeds, proj = self._items("video", inputs)
-                out += self._prune(embeds, inputs["video_grid_thw"], "video", self._time_factors(inputs, embeds),
-                                   proj)
+                out += self._prune(embeds, inputs["video_grid_thw"], "video", self._time_factors(inputs, embeds), proj)
         return out
 
     def _time_factors(self, inputs, embeds) -> list[float]:
@@ -561,8 +620,9 @@ class _Pruning:
         covers, in prompt order (a slice may be part of an item under chunked prefill). Returns the rows without
         the extra channels (Qwen3-VL: the projected feature and its DeepStack levels, as vLLM splits them)."""
         if self.vtprune_config is None:
-            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
-                                                     num_computed_tokens)
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )
         ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
         runs = self._runs(ids)
         positions = mrope_positions.clone()
@@ -614,8 +674,11 @@ class VTPruneQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
     def _time_factors(self, inputs, embeds):
         seconds = inputs.get("second_per_grid_ts")
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-        return ([1.0] * len(embeds) if seconds is None
-                else [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()])
+        return (
+            [1.0] * len(embeds)
+            if seconds is None
+            else [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()]
+        )
 
     def _grids(self, input_tokens, mm_features):
         lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
@@ -638,8 +701,10 @@ class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
         if self.vtprune_config is None:
             return
         self._levels = self.deepstack_num_level if self.use_deepstack else 0
-        if (self.multimodal_config.get_limit_per_prompt("video") > 0
-                and self.vtprune_config.method not in setting.frame_counts_ahead()):
+        if (
+            self.multimodal_config.get_limit_per_prompt("video") > 0
+            and self.vtprune_config.method not in setting.frame_counts_ahead()
+        ):
             raise ValueError(qwen3_video_refusal(self.vtprune_config.method))
 
     def _frame_runs(self, modality):
@@ -655,10 +720,15 @@ class VTPruneQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
                 continue
             t, h, w = f.data["video_grid_thw"].data.tolist()
             # one run per frame after its timestamp text and vision-start token (positions: a 1 x h x w grid each)
-            runs = [(s, e) for s, e in self._runs(torch.as_tensor(list(input_tokens), dtype=torch.long))
-                    if offset <= s < offset + length]
+            runs = [
+                (s, e)
+                for s, e in self._runs(torch.as_tensor(list(input_tokens), dtype=torch.long))
+                if offset <= s < offset + length
+            ]
             if len(runs) != t:
-                raise RuntimeError(f"vtprune.vllm: a Qwen3-VL video of {t} frames has {len(runs)} placeholder runs "
-                                   f"in its prompt ({length} tokens from position {offset})")
+                raise RuntimeError(
+                    f"vtprune.vllm: a Qwen3-VL video of {t} frames has {len(runs)} placeholder runs "
+                    f"in its prompt ({length} tokens from position {offset})"
+                )
             for start, end in runs:
                 yield start, 1, h // merge, w // merge, 1.0, end - start

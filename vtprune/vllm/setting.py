@@ -32,11 +32,11 @@ RECEIVED = frozenset({"cls_attention", "vision_keys"})
 #: why the plugin cannot give a signal
 _MISSING = {
     "prompt_embeds": "the prompt's text embeddings (vLLM's embed_multimodal receives an image's or video's pixels "
-                     "and grid only, never the prompt's text, and vLLM caches its output per media item by content "
-                     "hash and reuses it for every prompt that carries the same item, so a selection that depends on "
-                     "the prompt would be served to other prompts)",
+    "and grid only, never the prompt's text, and vLLM caches its output per media item by content "
+    "hash and reuses it for every prompt that carries the same item, so a selection that depends on "
+    "the prompt would be served to other prompts)",
     "instruction": "the prompt's instruction text (vLLM's embed_multimodal never sees the prompt's text, and its "
-                   "output is cached per media item by content hash and shared across prompts)",
+    "output is cached per media item by content hash and shared across prompts)",
 }
 
 
@@ -54,14 +54,19 @@ def servable_methods(num_layers: int = 32) -> list[str]:
     runs). Merging methods are served (the merged vectors replace the kept rows; Qwen3-VL's DeepStack levels are
     merged with the same weights). A method's registry record names the options with which a method refused on its
     defaults is served (``vllm_options``: ``todre`` with ``late_drop=False``)."""
-    return [name for name in list_methods(host="vlm") if _refusal(get_method(name).config_cls(keep=1), num_layers) is None]
+    return [
+        name for name in list_methods(host="vlm") if _refusal(get_method(name).config_cls(keep=1), num_layers) is None
+    ]
 
 
 def served(num_layers: int = 32) -> str:
     """What the plugin serves, as printed in its refusals: :func:`servable_methods` and the methods served with the
     options of their registry record (``vllm_options``)."""
-    extra = [f"{name} with " + ", ".join(f"{k}={json.dumps(v)}" for k, v in opts.items())
-             for name in list_methods(host="vlm") if (opts := get_method(name).vllm_options)]
+    extra = [
+        f"{name} with " + ", ".join(f"{k}={json.dumps(v)}" for k, v in opts.items())
+        for name in list_methods(host="vlm")
+        if (opts := get_method(name).vllm_options)
+    ]
     return ", ".join(servable_methods(num_layers) + extra)
 
 
@@ -69,22 +74,30 @@ def _refusal(config: PruneConfig, num_layers: int) -> str | None:
     """Why ``config``'s method cannot run in vLLM, or None."""
     cls = get_method(config.method).method_cls
     if cls.stage != "vision":
-        return (f"it prunes inside the language model (stage {cls.stage!r}, from attention or hidden states of a "
-                "decoder layer), which vLLM's paged attention does not expose")
+        return (
+            f"it prunes inside the language model (stage {cls.stage!r}, from attention or hidden states of a "
+            "decoder layer), which vLLM's paged attention does not expose"
+        )
     method = cls(config)  # some methods' signals depend on their options (cdpruner's text=)
     missing = sorted(method.signals - SIGNALS)
     if missing:
         reasons = "; ".join(_MISSING.get(m, m) for m in missing)
-        return (f"it needs the signal(s) {missing}, which the vLLM plugin cannot give: {reasons}. The plugin gives "
-                f"{sorted(SIGNALS)}")
+        return (
+            f"it needs the signal(s) {missing}, which the vLLM plugin cannot give: {reasons}. The plugin gives "
+            f"{sorted(SIGNALS)}"
+        )
     if method.signals & RECEIVED and getattr(config, "importance", None) == "cls":
-        return ("importance='cls' needs the vision tower's CLS attention, and Qwen-VL towers have no CLS token; use "
-                "importance='received' (the attention each patch receives, the default on Qwen-VL) or leave it unset")
+        return (
+            "importance='cls' needs the vision tower's CLS attention, and Qwen-VL towers have no CLS token; use "
+            "importance='received' (the attention each patch receives, the default on Qwen-VL) or leave it unset"
+        )
     if method.drop_layer(num_layers) is not None:
         fix = get_method(config.method).vllm_options
         how = f"; serve its pre-LLM selection alone with {json.dumps(fix)}" if fix else ""
-        return ("it drops visual tokens again inside the language model (a late drop, from a decoder layer's attention, "
-                f"which vLLM's paged attention does not expose){how}")
+        return (
+            "it drops visual tokens again inside the language model (a late drop, from a decoder layer's attention, "
+            f"which vLLM's paged attention does not expose){how}"
+        )
     return None
 
 
@@ -101,21 +114,26 @@ def read(hf_config: Any) -> PruneConfig | None:
         except json.JSONDecodeError as err:
             raise ValueError(f"the {KEY!r} setting is not valid JSON ({err}): {raw!r}") from None
     if not isinstance(raw, dict) or "method" not in raw:
-        raise ValueError(f"the {KEY!r} setting must be a mapping with a 'method' key and the method's options, e.g. "
-                         f'{{"method": "divprune", "ratio": 0.25}}; got {raw!r}')
+        raise ValueError(
+            f"the {KEY!r} setting must be a mapping with a 'method' key and the method's options, e.g. "
+            f'{{"method": "divprune", "ratio": 0.25}}; got {raw!r}'
+        )
     text = getattr(hf_config, "text_config", hf_config)
-    num_layers = int(getattr(text, "num_hidden_layers"))
+    num_layers = int(text.num_hidden_layers)
     try:
         config = PruneConfig.from_dict(dict(raw))  # unknown method, bad budget: ValueError; unknown option: TypeError
     except TypeError as err:  # a setting is a value: every bad one is a ValueError here
         raise ValueError(str(err)) from None
     why = _refusal(config, num_layers)
     if why is not None:
-        raise ValueError(f"method {config.method!r} cannot run in vLLM: {why}. Methods the vLLM plugin serves: "
-                         f"{served(num_layers)}")
+        raise ValueError(
+            f"method {config.method!r} cannot run in vLLM: {why}. Methods the vLLM plugin serves: {served(num_layers)}"
+        )
     if config.positions != "original":
-        raise ValueError(f"positions={config.positions!r} is not supported by the vLLM plugin (M-RoPE models keep "
-                         "original positions); use positions='original'")
+        raise ValueError(
+            f"positions={config.positions!r} is not supported by the vLLM plugin (M-RoPE models keep "
+            "original positions); use positions='original'"
+        )
     return config
 
 
