@@ -72,7 +72,7 @@ class VisionCapture:
         if self.signals & {"cls_attention", "vision_keys"}:
             self.importance = resolve_importance(
                 method.name,
-                getattr(method.config, "importance", "cls"),
+                method.importance(),
                 adapter.config.model_type,
                 adapter.has_cls_token,
             )

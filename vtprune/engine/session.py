@@ -134,7 +134,7 @@ class Session:
         self.points = build_points(self.methods, self.num_layers)
         # a budget the model cannot meet fails here, not in a hook at the first forward; a merge inside the vision
         # tower changes how many visual tokens reach the LLM
-        tokens = None if any(hasattr(m, "install_in") for m in self.methods) else adapter.image_tokens()
+        tokens = None if any(m.acts_in_tower for m in self.methods) else adapter.image_tokens()
         for method in self.methods:
             method.check_budget(self.num_layers, tokens)
         self.decoder_points = {p.layer: p for p in self.points if p.kind != P.VISION}
@@ -163,9 +163,7 @@ class Session:
             check_signal_layer(point, adapter, self.num_layers)
         self.visual_ids = adapter.visual_token_ids()
         self._needs_embeds = any("prompt_embeds" in p.method.signals for p in self.decoder_points.values())
-        self.pad_threshold = next(
-            (m.config.pad_threshold for m in self.methods if hasattr(m.config, "pad_threshold")), 0.5
-        )
+        self.pad_threshold = next((t for m in self.methods if (t := m.pad_threshold()) is not None), 0.5)
         self.fwd: P.Forward | None = None
         self.stats: PruneStats | None = None
         #: generate(use_cache=False) re-runs the prompt at every step: selections are reused for the whole call
@@ -203,8 +201,7 @@ class Session:
             self._hook(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
             self.capture.install(self._hook, self._wrap)
             for method in self.methods:  # a method acting inside the vision tower (vtprune.methods.tower)
-                if hasattr(method, "install_in"):
-                    method.install_in(a, self._hook, self._wrap)
+                method.install_in(a, self._hook, self._wrap)
             if hasattr(self.model, "loss_function"):
                 compat.wrap_loss_function(self.model, self._set, self._loss)
             if hasattr(self.model, "generate"):  # which tokens of generate's forwards are the prompt
@@ -438,8 +435,7 @@ class Session:
         if fwd.records:
             self.stats = make_stats(fwd, self.adapter, self.num_layers, self.points)
             for method in self.methods:
-                if hasattr(method, "adjust_stats"):
-                    method.adjust_stats(self.stats, fwd)
+                method.adjust_stats(self.stats, fwd)
 
     def _loss(self, original, logits, labels, *args, **kwargs):
         """The host's loss after a prefill that pruned: its logits cover the kept slots only, so ``labels`` (one per

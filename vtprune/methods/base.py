@@ -233,6 +233,29 @@ class Method:
         visual tokens each (``None``: the count depends on the image; check what does not depend on it), so it fails
         at ``patch`` rather than from a hook at the first forward. Default: every budget can be met."""
 
+    #: the method acts inside the vision tower (:meth:`install_in`), so the visual tokens that reach the LLM are not
+    #: the model's fixed per-image count (``vtprune.methods.tower``)
+    acts_in_tower: ClassVar[bool] = False
+
+    def install_in(self, adapter, hook, wrap) -> None:
+        """Install what the method needs beyond the engine's hooks (``acts_in_tower`` methods: the vision tower's),
+        through ``hook(handle)`` and ``wrap(obj, name, make)`` so ``unpatch`` removes it. Default: nothing."""
+
+    def adjust_stats(self, stats, fwd) -> None:
+        """Correct the ``PruneStats`` of a prefill the method took part in (e.g. a tower merge's vision FLOPs).
+        Default: nothing."""
+
+    def importance(self) -> str | None:
+        """How the vision-side scores are read (signals ``cls_attention`` / ``vision_keys``): the method's
+        ``importance`` option (``"cls"``, ``"received"`` or None: the tower's default); ``"cls"`` for a method without
+        that option."""
+        return getattr(self.config, "importance", "cls")
+
+    def pad_threshold(self) -> float | None:
+        """The share of a patch that must be padding for ``vtprune.set_image_sizes`` to mask it (``real_mask``);
+        None: the method does not set it (the engine's default 0.5)."""
+        return None
+
     def layer(self, num_layers: int) -> int | None:
         """Decoder layer K before which an llm-stage method prunes (None for vision-stage methods)."""
         return None

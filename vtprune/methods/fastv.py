@@ -105,6 +105,9 @@ class FastV(Method):
             else:
                 self.profile = load_profile(config.debias_weights)
 
+    def pad_threshold(self) -> float:
+        return self.config.pad_threshold
+
     def layer(self, num_layers: int) -> int:
         return check_layer("fastv", self.config.layer, num_layers)
 

@@ -96,6 +96,7 @@ class TowerMerge(Method):
     multi_crop = True
     signals = frozenset({"features"})
     kept_count = "own"  # the tower decided (a per-crop budget); select returns what it kept
+    acts_in_tower = True
 
     def __init__(self, config: PruneConfig):
         super().__init__(config)
