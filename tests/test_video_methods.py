@@ -232,7 +232,7 @@ def test_method_on_videos_alone_and_beside_an_image(method, family, model_factor
 
 @pytest.mark.parametrize("method", [m for m, f in VIDEO_REFUSALS])
 def test_methods_needing_one_patch_per_token_refuse_onevision_videos(method, model_factory):
-    """LLaVA-OneVision pools each frame bilinearly: a video token blends patches (README, LLaVA video table)."""
+    """LLaVA-OneVision pools each frame bilinearly: a video token blends patches (docs/models.md, LLaVA video table)."""
     model = model_factory("llava_onevision")
     batch, _, _ = _batch_and_rows(model, "llava_onevision")
     with vtprune.patched(model, method, **budget(method, KEEP)), pytest.raises(ValueError, match="blend"):
