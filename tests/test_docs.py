@@ -22,9 +22,12 @@ RUNNABLE = re.compile(r"^( *)<!-- runnable[^\n]*-->\n\1```python\n(.*?)^\1```", 
 
 def runnable_blocks(page: str) -> list[str]:
     """The runnable blocks of a page, in order (a block indented under a list item is dedented)."""
-    return [textwrap.dedent("".join(line[len(indent):] if line.startswith(indent) else line
-                                    for line in code.splitlines(keepends=True)))
-            for indent, code in RUNNABLE.findall((REPO / page).read_text())]
+    return [
+        textwrap.dedent(
+            "".join(line[len(indent) :] if line.startswith(indent) else line for line in code.splitlines(keepends=True))
+        )
+        for indent, code in RUNNABLE.findall((REPO / page).read_text())
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -33,8 +36,13 @@ def test_runnable_blocks_run(page, monkeypatch):
     blocks = runnable_blocks(page)
     assert blocks, f"{page} has no runnable block"
     model = tiny.build("llava")
-    namespace = {"__name__": "docs", "model": model, "inputs": tiny.make_inputs(model, "llava", [(3, 1, 4)]),
-                 "tiny": tiny, "torch": torch}
+    namespace = {
+        "__name__": "docs",
+        "model": model,
+        "inputs": tiny.make_inputs(model, "llava", [(3, 1, 4)]),
+        "tiny": tiny,
+        "torch": torch,
+    }
     for i, block in enumerate(blocks):
         with torch.no_grad():
             exec(compile(block, f"{page}[runnable block {i}]", "exec"), namespace)
@@ -73,6 +81,7 @@ def test_readme_is_a_front_door():
 
 def test_relative_links_resolve():
     """Every relative link of README.md and docs/*.md points at a file that exists, and every #anchor at a heading."""
+
     def anchors(path: Path) -> set[str]:
         heads = re.findall(r"^#+ (.*)$", path.read_text(), re.M)
         return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
