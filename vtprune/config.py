@@ -107,22 +107,44 @@ class PruneConfig:
         return min(n, max(1, round(self.ratio * n)))
 
     # -- JSON round trip ---------------------------------------------------------------------------
+    #: the version of the dict form (``to_dict``); :meth:`from_dict` reads every version up to it, migrating older
+    #: ones (:meth:`migrate`), and refuses newer ones
+    VERSION: ClassVar[int] = 1
+
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        """``{"method": name, "version": VERSION, **options}``: what :meth:`from_dict` / ``vtprune.patch`` read back."""
+        return {"method": self.method, "version": self.VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def migrate(cls, options: dict[str, Any], version: int) -> dict[str, Any]:
+        """A method's options as written by dict-form ``version`` (older than :data:`VERSION`), as this version reads
+        them. Version 0 (dicts written before versions existed) reads as is; a method whose options change overrides
+        this and migrates from each older version."""
+        return options
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
-        """The config a dict with a ``method`` key describes (``to_dict``'s output). Unknown options raise
+        """The config a dict with a ``method`` key describes (``to_dict``'s output; an optional ``version``, older ones
+        migrated, newer ones refused with ``ValueError``). Unknown options raise
         ``TypeError`` (as the same options given as keywords to ``vtprune.patch`` or the config class do);
         called on a method's config class (``FastVConfig.from_dict``), a dict of another method raises
         ``ValueError``."""
         if not isinstance(data, dict) or "method" not in data:
             raise ValueError(f"a config dict needs a 'method' key, got {data!r}")
         data = dict(data)
-        return cls._checked(method_record(data.pop("method")).make_config(data))
+        spec = method_record(data.pop("method"))
+        version = data.pop("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= spec.config_cls.VERSION:
+            raise ValueError(
+                f"a {spec.name!r} config dict of version {version!r}; this vtprune reads versions 0 to "
+                f"{spec.config_cls.VERSION} (a newer vtprune wrote it: upgrade vtprune)"
+            )
+        if version < spec.config_cls.VERSION:
+            data = spec.config_cls.migrate(data, version)
+        return cls._checked(spec.make_config(data))
 
     @classmethod
     def from_json(cls, text: str) -> PruneConfig:
