@@ -117,14 +117,14 @@ def test_a_sweep_methods_all_expands_to_the_registry_and_explicit_entries_win():
 def test_config_dicts_carry_a_version_and_old_ones_migrate(monkeypatch):
     cfg = vtprune.FastVConfig(keep=5, layer=3)
     data = cfg.to_dict()
-    assert data["version"] == vtprune.PruneConfig.VERSION == 1 and data["method"] == "fastv"
+    assert data["config_version"] == vtprune.PruneConfig.VERSION == 1 and data["method"] == "fastv"
     assert vtprune.PruneConfig.from_dict(data) == cfg
-    legacy = {k: v for k, v in data.items() if k != "version"}  # written before versions existed
+    legacy = {k: v for k, v in data.items() if k != "config_version"}  # written before versions existed
     assert vtprune.PruneConfig.from_dict(legacy) == cfg
     with pytest.raises(ValueError, match=r"version 2; this vtprune reads versions 0 to 1"):
-        vtprune.PruneConfig.from_dict({**data, "version": 2})
+        vtprune.PruneConfig.from_dict({**data, "config_version": 2})
     with pytest.raises(ValueError, match="version 'one'"):
-        vtprune.PruneConfig.from_dict({**data, "version": "one"})
+        vtprune.PruneConfig.from_dict({**data, "config_version": "one"})
     # a method whose options changed migrates from the older versions
     seen = []
 
@@ -136,5 +136,8 @@ def test_config_dicts_carry_a_version_and_old_ones_migrate(monkeypatch):
 
     monkeypatch.setattr(vtprune.FastVConfig, "VERSION", 2)
     monkeypatch.setattr(vtprune.FastVConfig, "migrate", classmethod(migrate))
-    old = vtprune.PruneConfig.from_dict({"method": "fastv", "version": 1, "keep": 5, "old_layer": 3})
+    old = vtprune.PruneConfig.from_dict({"method": "fastv", "config_version": 1, "keep": 5, "old_layer": 3})
     assert old == cfg and seen == [1]
+    # a method option named "version" is an option, not the dict's version (sparsevlm's)
+    sparse = vtprune.SparseVLMConfig(keep=64, version="v2")
+    assert vtprune.PruneConfig.from_dict(sparse.to_dict()) == sparse

@@ -107,13 +107,14 @@ class PruneConfig:
         return min(n, max(1, round(self.ratio * n)))
 
     # -- JSON round trip ---------------------------------------------------------------------------
-    #: the version of the dict form (``to_dict``); :meth:`from_dict` reads every version up to it, migrating older
-    #: ones (:meth:`migrate`), and refuses newer ones
+    #: the version of the dict form (``to_dict``'s ``config_version``; not ``version``, which is an option of some
+    #: methods, e.g. sparsevlm's); :meth:`from_dict` reads every version up to it, migrating older ones
+    #: (:meth:`migrate`), and refuses newer ones
     VERSION: ClassVar[int] = 1
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"method": name, "version": VERSION, **options}``: what :meth:`from_dict` / ``vtprune.patch`` read back."""
-        return {"method": self.method, "version": self.VERSION, **dataclasses.asdict(self)}
+        """``{"method": name, "config_version": VERSION, **options}``: what :meth:`from_dict` reads back."""
+        return {"method": self.method, "config_version": self.VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def migrate(cls, options: dict[str, Any], version: int) -> dict[str, Any]:
@@ -127,8 +128,8 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
-        """The config a dict with a ``method`` key describes (``to_dict``'s output; an optional ``version``, older ones
-        migrated, newer ones refused with ``ValueError``). Unknown options raise
+        """The config a dict with a ``method`` key describes (``to_dict``'s output; an optional
+        ``config_version``, older ones migrated, newer ones refused with ``ValueError``). Unknown options raise
         ``TypeError`` (as the same options given as keywords to ``vtprune.patch`` or the config class do);
         called on a method's config class (``FastVConfig.from_dict``), a dict of another method raises
         ``ValueError``."""
@@ -136,7 +137,7 @@ class PruneConfig:
             raise ValueError(f"a config dict needs a 'method' key, got {data!r}")
         data = dict(data)
         spec = method_record(data.pop("method"))
-        version = data.pop("version", 0)
+        version = data.pop("config_version", 0)
         if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= spec.config_cls.VERSION:
             raise ValueError(
                 f"a {spec.name!r} config dict of version {version!r}; this vtprune reads versions 0 to "
