@@ -83,7 +83,7 @@ COMPILE := .venv-tools/bin/pip-compile -q --allow-unsafe --strip-extras --no-emi
 lock:
 	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/python $(PIP) "pip-tools==7.6.2")
 	rm -f requirements/lock.txt requirements/oldest.txt
-	$(COMPILE) --extra dev --extra eval --extra vit --output-file requirements/lock.txt pyproject.toml requirements/lock.in
+	$(COMPILE) --extra cuda --extra dev --extra eval --extra vit --output-file requirements/lock.txt pyproject.toml requirements/lock.in
 	$(COMPILE) --output-file requirements/oldest.txt requirements/oldest.in
 
 gpu-check:

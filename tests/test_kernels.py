@@ -43,7 +43,7 @@ def features(seed, n, d, dup=0, dtype=torch.float64):
 
 def test_available_shape():
     state = kernels.available()
-    assert set(state) == {"cpp", "cuda"} and all(isinstance(v, bool) for v in state.values())
+    assert set(state) == {"cpp", "cuda", "nvrtc"} and all(isinstance(v, bool) for v in state.values())
     assert state["cuda"] == torch._C._dispatch_has_kernel_for_dispatch_key("vtprune::kcenter", "CUDA")
 
 
@@ -225,7 +225,7 @@ def test_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(kernels, "_jit_build", no_compiler)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert kernels.available() == {"cpp": False, "cuda": False}
+        assert kernels.available() == {"cpp": False, "cuda": False, "nvrtc": False}
         assert not kernels.native(torch.device("cpu"))
         F.kcenter_select(torch.rand(5, 3), 2)
     assert [str(w.message).count("no C++ compiler") for w in caught] == [1]
@@ -243,7 +243,7 @@ def test_no_ext_env_forces_pure_torch():
         text=True,
         check=True,
     ).stdout
-    assert out.strip() == "{'cpp': False, 'cuda': False} [0, 1]"
+    assert out.strip() == "{'cpp': False, 'cuda': False, 'nvrtc': False} [0, 1]"
 
 
 # ----------------------------------------------------------------------------- CUDA
