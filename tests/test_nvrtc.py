@@ -6,6 +6,7 @@ registration defines the ops with their schemas and fake kernels. GPU parity is 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
@@ -182,6 +183,50 @@ def test_launchers_check_arguments_before_touching_a_device():
         nvrtc.dbdpc(dist, torch.arange(6), float("nan"))
     with pytest.raises(ValueError, match="must be a CUDA tensor here"):
         nvrtc.dbdpc(dist, torch.arange(6), 0.5)
+
+
+@needs_nvrtc
+def test_launchers_pass_what_the_kernels_declare(cache, monkeypatch):
+    """Every launch the four ops make (driven on CPU tensors with the device stubbed) names an entry point of the
+    compiled PTX and passes as many arguments, of the same sizes, as its ``.param`` list; grids as computed."""
+    from vtprune.functional import _common, cluster
+
+    params = {}
+    for image in kernels.compile_nvrtc("sm_80", "ptx").values():
+        for entry, body in re.findall(r"\.entry (\w+)\(([^)]*)\)", image.decode()):
+            params[entry] = [int(bits) for bits in re.findall(r"\.param \.[a-z](\d+)", body)]
+    calls = []
+
+    class Recorder:
+        def launch(self, entry, cfg, args):
+            calls.append((entry, cfg, args))
+
+    monkeypatch.setattr(nvrtc, "_device", lambda t: Recorder())
+    monkeypatch.setattr(nvrtc, "_check_cuda", lambda t, name: None)
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(0))
+    nvrtc.kcenter(x, [0, 20, 50], 4, [-1, 3], "cosine")
+    nvrtc.kcenter(x, [0, 50], 1, [-1], "l2")  # k = 1: no launch
+    nvrtc.maxsum(x.double(), [0, 50], 3, [-1])
+    units = _common.unit_rows(x)
+    nvrtc.dart_pick(units, units[:3], torch.tensor([0, 7]), [2, 0, 5])
+    dist, rank = cluster._distances(x, 2.0)
+    nvrtc.dbdpc(dist, rank, 0.5)
+    entries = [entry for entry, _, _ in calls]
+    assert entries == (
+        ["greedy_step_cosine_f32"] * 3
+        + ["greedy_finish_f32"]
+        + ["greedy_step_maxsum_f64"] * 2
+        + ["greedy_finish_f64"]
+        + ["dart_sims_f32"] * 2
+        + ["dbdpc_centres_f32", "dbdpc_labels_f32"]
+    )
+    for entry, _cfg, args in calls:
+        sizes = [64 if isinstance(a, torch.Tensor) else ctypes.sizeof(a) * 8 for a in args]
+        assert sizes == params[entry], entry
+    assert calls[0][1] == nvrtc.launch_greedy_step(30, 2) and calls[3][1] == nvrtc.launch_greedy_finish(2)
+    assert [a.value for a in calls[0][2] if isinstance(a, ctypes.c_int64)][-1] == 1  # step t = 1 first
+    assert calls[-2][1] == nvrtc.launch_dbdpc(50)[0] and calls[-1][1] == nvrtc.launch_dbdpc(50)[1]
+    assert isinstance(calls[-2][2][4], ctypes.c_float)  # the cutoff in the dtype of dist
 
 
 # ----------------------------------------------------------------------------- loader

@@ -11,12 +11,22 @@ else is a FAIL. Also ``torch.library.opcheck`` of every op on the device.
     python eval/gpu/kernels_cuda.py --device cpu --smoke                                       # CPU: C++ vs torch
 
 On the CPU (``--device cpu``) the native CPU op is compared with the pure-torch code instead.
+
+``--impl nvrtc`` tests the NVRTC kernels (``vtprune.kernels.nvrtc``, called directly, so the compiled CUDA
+extension can be loaded beside them) against the CPU op, the CUDA extension's op (when built) and pure torch, checks
+their registration as ``torch.ops.vtprune.*`` in a fresh process (``VTPRUNE_KERNELS=nvrtc``: ``opcheck`` on CUDA,
+``vtprune.functional`` on CUDA tensors), and reports the NVRTC compile time. Every run ends with a timing table of
+LLaVA-sized cells: the op under test beside the other back ends on the same device (CUDA-synchronised medians).
+
+    python eval/gpu/kernels_cuda.py --impl nvrtc --out eval/results/gpu/kernels_nvrtc.md   # on a GPU, no nvcc needed
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import subprocess
 import sys
 import time
 
@@ -28,6 +38,8 @@ from vtprune.functional import cluster, diversity
 from vtprune.functional._common import unit_rows
 
 ops = torch.ops.vtprune
+# the implementation under test on the device, by op name: the registered torch.ops (default) or the NVRTC launchers
+UT: dict = {}
 NEAR_TIE = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
@@ -103,10 +115,24 @@ def pure_greedy(x: torch.Tensor, offsets, k: int, first, mode: str) -> torch.Ten
     return torch.stack(rows)
 
 
-def native_greedy(x: torch.Tensor, offsets, k: int, first, mode: str) -> torch.Tensor:
+def native_greedy(x: torch.Tensor, offsets, k: int, first, mode: str, impl=None) -> torch.Tensor:
+    """The greedy op of ``impl`` (op name -> callable; default the registered ``torch.ops.vtprune``)."""
+    impl = impl or {"kcenter": ops.kcenter, "maxsum": ops.maxsum}
     if mode == "maxsum":
-        return ops.maxsum(x, offsets, k, first)
-    return ops.kcenter(x, offsets, k, first, mode)
+        return impl["maxsum"](x, offsets, k, first)
+    return impl["kcenter"](x, offsets, k, first, mode)
+
+
+def references(on_gpu: bool) -> dict[str, str]:
+    """Extra reference back ends besides pure torch on the device: the CPU op, and the CUDA extension's op when the
+    op under test is NVRTC (both only when loaded)."""
+    state = kernels.available()
+    refs = {}
+    if on_gpu and state["cpp"]:
+        refs["vs CPU op"] = "cpu"
+    if on_gpu and UT.get("name") == "nvrtc" and state["cuda"]:
+        refs["vs CUDA extension op"] = "cuda"
+    return refs
 
 
 def pure_dart(units: torch.Tensor, pivots: torch.Tensor, excluded: torch.Tensor, counts) -> torch.Tensor:
@@ -161,7 +187,7 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     on_gpu = dev.type == "cuda"
-    # comparisons: name -> (reference device, reference kind)
+    extra = references(on_gpu)  # comparison name -> device of the registered op
     for case in range(n_cases):
         if time.monotonic() > deadline:
             print(f"time budget reached after {case} cases", flush=True)
@@ -181,10 +207,9 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
         desc = f"#{case} {mode} {str(dtype)[6:]} sizes={sizes} D={d} k={k} first={first}"
         xd = x.to(dev)
         try:
-            got = native_greedy(xd, offsets, k, first, mode)
-            refs = {"vs pure torch, same device": pure_greedy(xd, offsets, k, first, mode)}
-            if on_gpu:
-                refs = {"vs CPU op": native_greedy(x, offsets, k, first, mode), **refs}
+            got = native_greedy(xd, offsets, k, first, mode, UT["ops"])
+            refs = {name: native_greedy(x.to(where), offsets, k, first, mode) for name, where in extra.items()}
+            refs["vs pure torch, same device"] = pure_greedy(xd, offsets, k, first, mode)
         except Exception as exc:  # noqa: BLE001
             tally.add(f"greedy {mode}", "run", [f"ERROR {type(exc).__name__}: {exc}"[:300]], desc)
             continue
@@ -206,10 +231,12 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
         counts = [rng.randint(0, max(0, free // p)) for _ in range(p)]
         ddesc = f"#{case} dart {str(dtype)[6:]} N={n} D={d} pivots={p} excluded={excl.numel()} counts={counts}"
         try:
-            got = ops.dart_pick(units.to(dev), pivots.to(dev), excl.to(dev), counts)
-            refs = {"vs pure torch, same device": pure_dart(units.to(dev), pivots.to(dev), excl.to(dev), counts)}
-            if on_gpu:
-                refs = {"vs CPU op": ops.dart_pick(units, pivots, excl, counts), **refs}
+            got = UT["ops"]["dart_pick"](units.to(dev), pivots.to(dev), excl.to(dev), counts)
+            refs = {
+                name: ops.dart_pick(units.to(where), pivots.to(where), excl.to(where), counts)
+                for name, where in extra.items()
+            }
+            refs["vs pure torch, same device"] = pure_dart(units.to(dev), pivots.to(dev), excl.to(dev), counts)
             for name, want in refs.items():
                 tally.add(
                     "dart_pick", name, [compare_dart(got, want, units.double(), pivots.double(), counts, dtype)], ddesc
@@ -223,10 +250,9 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
             cutoff = rng.choice([0.0, 0.21, 0.5, 0.9, 1.0, 2.5])
             cdesc = f"#{case} dbdpc {str(dtype)[6:]} N={n} D={d} cutoff={cutoff}"
             try:
-                got = ops.dbdpc(dist.to(dev), rank.to(dev), cutoff)
-                refs = {"vs pure torch, same device": cluster._dbdpc_torch(dist.to(dev), rank.to(dev), cutoff)}
-                if on_gpu:
-                    refs = {"vs CPU op": ops.dbdpc(dist, rank, cutoff), **refs}
+                got = UT["ops"]["dbdpc"](dist.to(dev), rank.to(dev), cutoff)
+                refs = {name: ops.dbdpc(dist.to(where), rank.to(where), cutoff) for name, where in extra.items()}
+                refs["vs pure torch, same device"] = cluster._dbdpc_torch(dist.to(dev), rank.to(dev), cutoff)
                 for name, want in refs.items():
                     same = torch.equal(got.cpu(), want.cpu())
                     tally.add(
@@ -253,11 +279,11 @@ def fixed_cases(dev: torch.device, smoke: bool, tally: Tally) -> None:
         for mode in ("cosine", "l2", "maxsum"):
             for first in ([-1] * images, [3] * images):
                 desc = f"fixed {mode} batch={images} N={n} D={d} k={k} first={first[0]}"
-                got = native_greedy(x.to(dev), offsets, k, first, mode)
+                got = native_greedy(x.to(dev), offsets, k, first, mode, UT["ops"])
                 want = (
                     native_greedy(x, offsets, k, first, mode)
-                    if dev.type == "cuda"
-                    else pure_greedy(x, offsets, k, first, mode)
+                    if dev.type == "cuda" and kernels.available()["cpp"]
+                    else pure_greedy(x.to(dev), offsets, k, first, mode)
                 )
                 verdicts = [
                     compare_selection(got[b], want[b], x[offsets[b] : offsets[b + 1]].double(), mode, torch.float32)
@@ -265,7 +291,7 @@ def fixed_cases(dev: torch.device, smoke: bool, tally: Tally) -> None:
                 ]
                 tally.add(f"greedy {mode}", "fixed LLaVA-sized cells", verdicts, desc)
     same = torch.ones(50, 7).to(dev)
-    got = ops.kcenter(same, [0, 50], 50, [-1], "cosine")[0].tolist()
+    got = UT["ops"]["kcenter"](same, [0, 50], 50, [-1], "cosine")[0].tolist()
     tally.add(
         "greedy cosine",
         "all-duplicate rows -> 0..N-1",
@@ -295,6 +321,125 @@ def opchecks(dev: torch.device, tally: Tally) -> None:
             )
 
 
+REGISTRATION_CHECK = """
+import torch, vtprune.functional as F
+from vtprune import kernels
+from vtprune.functional import _common, cluster, diversity
+state = kernels.available()
+assert state["nvrtc"], f"NVRTC kernels not registered: {state}"
+ops, dev = torch.ops.vtprune, torch.device("cuda")
+x = torch.randn(30, 7, device=dev)
+units = _common.unit_rows(x)
+dist, rank = cluster._distances(x, 2.0)
+torch.library.opcheck(ops.kcenter, (x, [0, 12, 30], 5, [-1, 3], "cosine"))
+torch.library.opcheck(ops.maxsum, (x.double(), [0, 30], 9, [2]))
+torch.library.opcheck(ops.dart_pick, (units, units[:3], torch.tensor([0, 4], device=dev), [2, 0, 5]))
+torch.library.opcheck(ops.dbdpc, (dist, rank, 0.5))
+got = F.kcenter_select(x, 6)
+assert got.device.type == "cuda" and torch.equal(got.cpu(), diversity._kcenter_torch(x.cpu(), 6, None, "cosine"))
+print("registered:", state)
+"""
+
+
+def registration_check(tally: Tally) -> None:
+    """NVRTC as the registered CUDA implementation, in a fresh process with ``VTPRUNE_KERNELS=nvrtc``."""
+    env = dict(os.environ, VTPRUNE_KERNELS="nvrtc")
+    env.pop("VTPRUNE_NO_EXT", None)
+    r = subprocess.run(
+        [sys.executable, "-c", REGISTRATION_CHECK], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    text = (r.stdout + r.stderr).strip()
+    print(text, flush=True)
+    lines = text.splitlines() or [""]
+    verdict = "ok" if r.returncode == 0 else f"ERROR: {lines[-1][:280]}"
+    tally.add("all ops", "torch.ops + opcheck + functional (VTPRUNE_KERNELS=nvrtc)", [verdict], "registration")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _time_ms(fn, repeats: int, dev: torch.device) -> float:
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return common.median(times)
+
+
+def timing(dev: torch.device, smoke: bool, repeats: int) -> tuple[list[str], list[dict]]:
+    """The op under test beside the other back ends on ``dev``: LLaVA-sized cells, median ms per call."""
+    state = kernels.available()
+    backends = {}
+    if dev.type == "cuda":
+        if state["cuda"]:
+            backends["CUDA extension"] = {
+                "kcenter": ops.kcenter,
+                "maxsum": ops.maxsum,
+                "dart_pick": ops.dart_pick,
+                "dbdpc": ops.dbdpc,
+            }
+        if UT["name"] == "nvrtc":
+            backends["NVRTC"] = UT["ops"]
+    elif state["cpp"]:
+        backends["C++ op"] = {
+            "kcenter": ops.kcenter,
+            "maxsum": ops.maxsum,
+            "dart_pick": ops.dart_pick,
+            "dbdpc": ops.dbdpc,
+        }
+    pure = {
+        "kcenter": lambda x, o, k, f, m: pure_greedy(x, o, k, f, m),
+        "maxsum": lambda x, o, k, f: pure_greedy(x, o, k, f, "maxsum"),
+        "dart_pick": pure_dart,
+        "dbdpc": cluster._dbdpc_torch,
+    }
+    backends["pure torch"] = pure
+    gen = torch.Generator().manual_seed(99)
+    greedy = [(1, 40, 16, 8)] if smoke else [(1, 576, 4096, 64), (8, 576, 4096, 64), (1, 2880, 1024, 288)]
+    cells = []
+    for images, n, d, k in greedy:
+        x = features(gen, images * n, d, 0, torch.float32).to(dev)
+        offsets = [i * n for i in range(images + 1)]
+        first = [-1] * images
+        cells.append((f"kcenter cosine batch={images} N={n} D={d} k={k}", "kcenter", (x, offsets, k, first, "cosine")))
+        cells.append((f"maxsum batch={images} N={n} D={d} k={k}", "maxsum", (x, offsets, k, first)))
+    n, d = (40, 16) if smoke else (576, 4096)
+    units = unit_rows(features(gen, n, d, 0, torch.float32)).to(dev)
+    cells.append(
+        (f"dart_pick N={n} D={d} pivots=8", "dart_pick", (units, units[:8], torch.arange(8, device=dev), [8] * 8))
+    )
+    for n in [40] if smoke else [576, 2880]:
+        dist, rank = cluster._distances(features(gen, n, 64, 0, torch.float32), 2.0)
+        cells.append((f"dbdpc N={n} cutoff=0.5", "dbdpc", (dist.to(dev), rank.to(dev), 0.5)))
+    names = list(backends)
+    sync = ", CUDA-synchronised" if dev.type == "cuda" else ""
+    lines = [
+        "",
+        f"## Timing on {dev.type.upper()} (median of {repeats} calls, ms{sync})",
+        "",
+        "| cell | " + " | ".join(names) + " |",
+        "|:--|" + "--:|" * len(names),
+    ]
+    rows = []
+    for desc, op, args in cells:
+        row = {"cell": desc}
+        for name in names:
+            try:
+                row[name] = round(_time_ms(lambda fn=backends[name][op], a=args: fn(*a), repeats, dev), 3)
+            except Exception as exc:  # noqa: BLE001
+                row[name] = f"error: {common.short_error(exc, 80)}"
+        rows.append(row)
+        cols = [f"{row[n]:.3f}" if isinstance(row[n], float) else str(row[n]) for n in names]
+        lines.append(f"| {desc} | " + " | ".join(cols) + " |")
+    print("\n".join(lines), flush=True)
+    return lines, rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -303,6 +448,13 @@ def main(argv=None) -> int:
         help="cuda (CUDA op vs CPU op and vs torch on the GPU), cpu (C++ op vs torch), auto (default: cuda if visible)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, few cases (a CPU test that the script works)")
+    p.add_argument(
+        "--impl",
+        choices=("ext", "nvrtc"),
+        default="ext",
+        help="op under test on the GPU: the registered torch.ops (ext, default) or the NVRTC kernels (nvrtc)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per cell (default 7; 2 with --smoke)")
     p.add_argument("--cases", type=int, default=None, help="random cases (default 150; 12 with --smoke)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=100.0, help="stop drawing random cases after this many seconds")
@@ -311,27 +463,62 @@ def main(argv=None) -> int:
     dev = common.pick_device(args.device)
     t0 = time.monotonic()
     state = kernels.available()
-    need = "cuda" if dev.type == "cuda" else "cpp"
-    if not state[need]:
-        common.summary(f"FAIL: the native {need} ops are not loaded ({state}); build them first (VTPRUNE_CUDA=1)")
-        return 1
+    UT.clear()
+    compile_s = None
+    if args.impl == "nvrtc":
+        if dev.type != "cuda":
+            common.summary("FAIL: --impl nvrtc needs a CUDA device (tests/test_nvrtc.py compiles the sources on a CPU)")
+            return 1
+        from vtprune.kernels import nvrtc
+
+        t = time.monotonic()
+        why = nvrtc.probe()  # compiles (or reads the cache) and loads the modules on this GPU
+        compile_s = time.monotonic() - t
+        if why is not None:
+            common.summary(f"FAIL: NVRTC kernels do not load here: {why}")
+            return 1
+        UT.update(name="nvrtc", ops=nvrtc.ops())
+    else:
+        need = "cuda" if dev.type == "cuda" else "cpp"
+        if not state[need]:
+            common.summary(f"FAIL: the native {need} ops are not loaded ({state}); build them first (VTPRUNE_CUDA=1)")
+            return 1
+        UT.update(
+            name="ext",
+            ops={"kcenter": ops.kcenter, "maxsum": ops.maxsum, "dart_pick": ops.dart_pick, "dbdpc": ops.dbdpc},
+        )
     n_cases = args.cases if args.cases is not None else (12 if args.smoke else 150)
     max_n, max_d = (24, 16) if args.smoke else (1500, 1024)
     tally = Tally()
     if dev.type == "cuda":
         torch.cuda.manual_seed_all(args.seed)
-    opchecks(dev, tally)
+    if UT["name"] == "nvrtc":
+        registration_check(tally)
+    else:
+        opchecks(dev, tally)
     fixed_cases(dev, args.smoke, tally)
     run_cases(dev, n_cases, max_n, max_d, args.seed, tally, deadline=t0 + args.budget_s)
+    time_lines, time_rows = timing(dev, args.smoke, args.repeats or (2 if args.smoke else 7))
     elapsed = time.monotonic() - t0
 
     info = common.machine(dev)
-    under = "CUDA op" if dev.type == "cuda" else "C++ (CPU) op"
+    under = ("NVRTC op" if UT["name"] == "nvrtc" else "CUDA op") if dev.type == "cuda" else "C++ (CPU) op"
+    nvrtc_line = []
+    if compile_s is not None:
+        from vtprune.kernels import nvrtc
+
+        arch = next(iter(nvrtc._devices.values()))
+        nvrtc_line = [
+            f"NVRTC {'.'.join(map(str, nvrtc.nvrtc_version()))}: {arch.kind} for {arch.arch}, compiled or read from "
+            f"the cache ({nvrtc.cache_dir()}) and loaded in {compile_s:.1f} s.",
+            "",
+        ]
     lines = [
         f"# Native ops on {dev.type.upper()}: {under} vs reference",
         "",
         *common.provenance_lines(info, common.command_line()),
         "",
+        *nvrtc_line,
         f"Random inputs (seed {args.seed}; up to {max_n} tokens per image, D up to {max_d}, duplicated rows, "
         "float32 / float64) plus LLaVA-sized cells. ok = identical indices; near-tie = the paths part where the "
         "two picks' objectives agree within rounding (float64 gap <= 1e-4 float32 / 1e-9 float64); FAIL = any "
@@ -342,6 +529,7 @@ def main(argv=None) -> int:
     ]
     for (op, comp), (n, ok, tie, fail) in sorted(tally.rows.items()):
         lines.append(f"| {op} | {comp} | {n} | {ok} | {tie} | {fail} |")
+    lines += time_lines
     if tally.failures:
         lines += ["", "Differences (first 40):", ""] + [f"- {f}" for f in tally.failures[:40]]
     text = "\n".join(lines) + "\n"
@@ -358,6 +546,9 @@ def main(argv=None) -> int:
                 for (op, c), r in sorted(tally.rows.items())
             ],
             "differences": tally.failures,
+            "impl": UT["name"],
+            "nvrtc_load_s": compile_s,
+            "timing": time_rows,
         },
     )
     verdict = "PASS" if tally.failed == 0 else "FAIL"

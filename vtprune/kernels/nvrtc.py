@@ -238,16 +238,17 @@ class _Device:
 
     def __init__(self, index: int):
         driver, _ = _bindings()
-        self.driver = driver
+        self.driver, self.index = driver, index
         dev = _ok(driver.cuDeviceGet(index), "cuDeviceGet")
         self.ctx = _ok(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
         self.make_current()
         props = torch.cuda.get_device_properties(index)
         self.arch, self.kind = pick_target((props.major, props.minor), supported_archs())
-        self.functions = {}
+        self.functions, self.modules = {}, []
         for name, entries in KERNELS.items():
             image, _ = compile_source(name, self.arch, self.kind)
             module = _ok(driver.cuModuleLoadData(image), f"cuModuleLoadData({name}, {self.arch})")
+            self.modules.append(module)
             for entry in entries:
                 self.functions[entry] = _ok(driver.cuModuleGetFunction(module, entry.encode()), entry)
 
@@ -259,7 +260,7 @@ class _Device:
         """Launch ``entry`` on torch's current stream; ``args``: tensors (device pointers) or ctypes scalars."""
         values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
         params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-        stream = self.driver.CUstream(torch.cuda.current_stream().cuda_stream)
+        stream = self.driver.CUstream(torch.cuda.current_stream(self.index).cuda_stream)
         _ok(
             self.driver.cuLaunchKernel(
                 self.functions[entry], *cfg.grid, *cfg.block, cfg.shared, stream, ctypes.addressof(params), 0
