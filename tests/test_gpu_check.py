@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = os.path.join(ROOT, "eval", "gpu")
 CHECK = os.path.join(GPU, "check.sh")
-STAGES = ["env", "build", "kernel-tests", "kernels-cuda", "contract", "prefill-7b", "bench"]
+STAGES = ["env", "build", "kernel-tests", "kernels-cuda", "kernels-nvrtc", "contract", "prefill-7b", "bench"]
 
 
 def _env(tmp_path, **extra):
@@ -39,6 +39,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
         assert re.search(rf"^{stage}\s+limit\s+\d+s: ", out, re.MULTILINE), (stage, out)
     assert "VTPRUNE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0" in out
     assert "eval/bench/kernels.py --device cuda" in out and "prefill_7b.py" in out
+    assert "kernels_cuda.py --impl nvrtc" in out
     assert not (tmp_path / "res").exists()
 
 
@@ -70,7 +71,7 @@ def test_smoke_run_writes_well_formed_reports(tmp_path):
     assert list(lines) == STAGES, summary
     for stage in ("env", "build"):
         assert " PASS " in lines[stage], lines[stage]
-    for stage in ("kernel-tests", "bench"):
+    for stage in ("kernel-tests", "kernels-nvrtc", "bench"):
         assert " SKIP " in lines[stage], lines[stage]
     # every Python stage ran to its own verdict (PASS, or FAIL for a failed check, never a crash or a timeout)
     native = os.environ.get("VTPRUNE_NO_EXT") != "1"
@@ -111,6 +112,9 @@ def test_smoke_run_writes_well_formed_reports(tmp_path):
         ops = {row["op"] for row in kern["rows"]}
         assert {"greedy cosine", "greedy l2", "greedy maxsum", "dart_pick", "dbdpc", "kcenter"} <= ops
         assert all(row["cases"] == row["ok"] + row["near_tie"] + row["fail"] for row in kern["rows"])
+        # the timing table: every cell timed on the C++ op and pure torch (on a GPU: CUDA extension, NVRTC, torch)
+        assert kern["impl"] == "ext" and len(kern["timing"]) == 4
+        assert all(row["C++ op"] > 0 and row["pure torch"] > 0 for row in kern["timing"])
 
     # what the device tool would bring back: at most 8 plain files, names of letters, digits, '.', '_', '-'
     out = sorted(os.listdir(tmp_path / "out"))

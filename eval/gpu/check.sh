@@ -6,6 +6,8 @@
 #   build         JIT-build csrc/ with its CUDA kernels (VTPRUNE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0)
 #   kernel-tests  pytest tests/test_kernels.py (CPU parity + the CUDA-vs-CPU test)
 #   kernels-cuda  eval/gpu/kernels_cuda.py: CUDA ops vs CPU ops vs torch on random inputs
+#   kernels-nvrtc eval/gpu/kernels_cuda.py --impl nvrtc: NVRTC kernels (no nvcc) vs CPU ops, CUDA ops and torch,
+#                 their torch.ops registration, and the timing of all three back ends
 #   contract      eval/gpu/contract.py: keep-all == unpatched and batch == rows alone, SDPA / FA2, bf16
 #   prefill-7b    eval/gpu/prefill_7b.py: LLaVA-1.5-7B-width prefill, every method at 64/128/192 vs unpatched
 #   bench         eval/bench/kernels.py --device cuda: native CUDA ops vs pure torch on the GPU
@@ -83,14 +85,14 @@ run_stage() {
   return 0
 }
 
-# export_out [tar]: copy the reports to $OUT (the device tool's folder; at most 8 files come back: 6 reports, the
-# log, and at the end one archive of the whole results folder). Called after every stage, so a run killed by
+# export_out [tar]: copy the reports to $OUT (the device tool's folder; at most 8 files come back: 5 reports, the
+# summary, the log, and at the end one archive of the whole results folder). Called after every stage, so a run killed by
 # the tool's own time limit still brings back what it had.
 export_out() {
   [[ -n ${OUT:-} && $MODE != dry ]] || return 0
   mkdir -p "$OUT"
   local f n=0
-  for f in summary.md check.log prefill_7b.md contract.md kernels_cuda.md kernels.md; do
+  for f in summary.md check.log prefill_7b.md contract.md kernels_cuda.md kernels_nvrtc.md kernels.md; do
     [[ -f $RES/$f ]] && cp "$RES/$f" "$OUT/" && n=$((n + 1))
   done
   if [[ ${1:-} == tar ]]; then
@@ -127,6 +129,7 @@ if [[ $MODE == gpu || $MODE == dry ]]; then
   export VTPRUNE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/vtprune-torch-extensions}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  export VTPRUNE_NVRTC_CACHE=${VTPRUNE_NVRTC_CACHE:-/tmp/vtprune-nvrtc}
   if [[ -z ${CUDA_HOME:-} ]]; then # the toolkit root: the folder whose bin/ holds nvcc and lib64/ libcudart
     for d in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")")"; do
       if [[ -x $d/bin/nvcc ]]; then export CUDA_HOME=$d; break; fi
@@ -178,6 +181,13 @@ if ((BUILT)); then
   run_stage kernels-cuda 90 180 "$PY" eval/gpu/kernels_cuda.py "${DEV[@]}" --budget-s 35 --out "$RES/kernels_cuda.md"
 else
   skip_stage kernels-cuda "the CUDA build failed"
+fi
+
+# NVRTC needs no nvcc: it runs whether the build passed or not (then against pure torch only)
+if [[ $MODE == smoke ]]; then
+  skip_stage kernels-nvrtc "smoke: needs a GPU (tests/test_nvrtc.py compiles the NVRTC sources on the CPU)"
+else
+  run_stage kernels-nvrtc 75 170 "$PY" eval/gpu/kernels_cuda.py --impl nvrtc --budget-s 25 --out "$RES/kernels_nvrtc.md"
 fi
 
 run_stage contract 150 130 "$PY" eval/gpu/contract.py "${DEV[@]}" --out "$RES/contract.md"
