@@ -140,15 +140,18 @@ def _load_nvrtc(define: bool) -> str | None:
     why = nvrtc.probe()
     if why is not None:
         return why
-    if define:
-        lib = torch.library.Library("vtprune", "DEF")
-        for schema in _SCHEMAS:
-            lib.define(schema)
+    try:
+        if define:
+            lib = torch.library.Library("vtprune", "DEF")
+            for schema in _SCHEMAS:
+                lib.define(schema)
+            _libraries.append(lib)
+        lib = torch.library.Library("vtprune", "IMPL")
+        for name, fn in nvrtc.ops().items():
+            lib.impl(name, fn, "CUDA")
         _libraries.append(lib)
-    lib = torch.library.Library("vtprune", "IMPL")
-    for name, fn in nvrtc.ops().items():
-        lib.impl(name, fn, "CUDA")
-    _libraries.append(lib)
+    except Exception as exc:  # noqa: BLE001  (a torch.library conflict: keep pure torch rather than fail)
+        return f"registration failed ({_first_error_line(exc)})"
     return None
 
 
