@@ -129,6 +129,13 @@ def test_launch_constants_match_the_sources():
     from vtprune.functional import cluster
 
     assert int(defines["VT_SEQUENTIAL_BELOW"]) == cluster.SEQUENTIAL_BELOW
+    # the nvcc kernels of the extension (csrc/cuda, a source checkout) use the same blocks: one device-code design
+    csrc = os.path.join(kernels.source_dir(), "cuda")
+    if os.path.isdir(csrc):
+        text = "".join(open(os.path.join(csrc, f)).read() for f in ("select.cu", "dbdpc.cu"))
+        nvcc = dict(re.findall(r"constexpr int (k\w+) = (\d+);", text))
+        assert (nvcc["kWarps"], nvcc["kRowsPerWarp"]) == (defines["VT_WARPS"], defines["VT_ROWS_PER_WARP"])
+        assert (nvcc["kBlock"], nvcc["kSequentialBelow"]) == (defines["VT_DBDPC_BLOCK"], defines["VT_SEQUENTIAL_BELOW"])
 
 
 def _rows_of_greedy_grid(cfg: nvrtc.Launch) -> list[int]:

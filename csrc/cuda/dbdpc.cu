@@ -1,5 +1,6 @@
 // CUDA DBDPC (PACT): centre finding in one thread block (rounds, then the sequential densest-first pass, all on
 // the device: no host synchronisation), then nearest-centre labels in a grid. Same rules as csrc/cpu/dbdpc.cpp.
+// The same device code, for NVRTC (no nvcc), is vtprune/kernels/src/dbdpc.cu: keep the two in step.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

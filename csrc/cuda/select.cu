@@ -1,6 +1,7 @@
 // CUDA greedy selection kernels: k-center, max-sum (one launch per greedy step, batched over images, no host
 // synchronisation) and DART's per-pivot similarity rows. Rows and first picks are prepared with ATen exactly as
-// on CPU (csrc/ops.cpp). Every kernel runs on the current stream.
+// on CPU (csrc/ops.cpp). Every kernel runs on the current stream. The same device code, for NVRTC (no nvcc),
+// is vtprune/kernels/src/select.cu: keep the two in step (tests/test_nvrtc.py checks the launch constants).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
