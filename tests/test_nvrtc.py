@@ -113,6 +113,24 @@ def test_pick_target():
         nvrtc.pick_target((7, 0), supported)
 
 
+def test_row_preparation_is_bitwise_the_functional_one():
+    """The launchers prepare rows and DivPrune first picks without importing vtprune.functional (an import cycle);
+    they must give what it gives, bit for bit, or the greedy loops would start from other numbers."""
+    from vtprune.functional import _common, diversity
+
+    assert nvrtc.COSINE_EPS == _common.COSINE_EPS and nvrtc.BLOCK_ELEMENTS == _common.BLOCK_ELEMENTS
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(70, 9, generator=g).to(dtype)
+        x[60:] = x[:10]  # duplicates: distances within rounding of 0
+        x[5] = 0.0  # a zero row: the eps clamp
+        unit = nvrtc._unit_rows(x)
+        assert torch.equal(unit, _common.unit_rows(x, dtype))
+        for rows, l2, metric in ((unit, False, "cosine"), (x, True, "l2"), (unit[:1], False, "cosine")):
+            got = nvrtc._farthest_nearest_neighbour(rows, l2)
+            assert torch.equal(got, diversity._farthest_nearest_neighbour(rows, metric))
+
+
 # ----------------------------------------------------------------------------- launch parameters
 
 

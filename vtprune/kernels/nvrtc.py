@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
+import math
 import os
 import threading
 
@@ -325,10 +326,44 @@ def _check_cuda(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a CUDA tensor here, got {t.device}")
 
 
-def _greedy(x_in: torch.Tensor, offsets, k: int, first, mode: str) -> torch.Tensor:
-    from ..functional._common import unit_rows
-    from ..functional.diversity import _farthest_nearest_neighbour
+# Row preparation, the torch calls of vtprune.functional line by line (as csrc/ops.cpp mirrors them in ATen; this
+# package never imports vtprune.functional, which imports it), so the greedy loops see bitwise identical rows.
+COSINE_EPS = 1e-8  # keep in sync with vtprune/functional/_common.py (tests/test_nvrtc.py checks)
+BLOCK_ELEMENTS = 1 << 24
 
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``vtprune.functional._common.unit_rows`` in ``x``'s dtype."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+
+
+def _farthest_nearest_neighbour(x: torch.Tensor, l2: bool) -> torch.Tensor:
+    """``vtprune.functional.diversity._farthest_nearest_neighbour``: DivPrune's first pick as a [1] long tensor."""
+    n = x.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=x.device)
+    nn = torch.empty(n, dtype=x.dtype, device=x.device)
+    tol = 4.0 * math.sqrt(max(x.shape[1], 1)) * torch.finfo(x.dtype).eps
+    sq = x.square().sum(dim=1) if l2 else None
+    step = max(1, BLOCK_ELEMENTS // n)
+    for start in range(0, n, step):
+        blk = x[start : start + step]
+        b = blk.shape[0]
+        d = blk @ x.T
+        if not l2:
+            d.neg_().add_(1.0).clamp_(0.0, 2.0)
+            d.masked_fill_(d <= tol, 0.0)
+        else:
+            scale = sq[start : start + b, None] + sq[None, :]
+            d.mul_(-2.0).add_(scale).clamp_(min=0.0)
+            d.masked_fill_(d <= scale.mul_(tol), 0.0)
+        diag = torch.arange(b, device=x.device)
+        d[diag, diag + start] = float("inf")
+        nn[start : start + b] = d.min(dim=1).values
+    return torch.argmax(nn).view(1)
+
+
+def _greedy(x_in: torch.Tensor, offsets, k: int, first, mode: str) -> torch.Tensor:
     _fake._check_offsets(x_in, offsets, k, first)
     for b, f in enumerate(first):
         n = offsets[b + 1] - offsets[b]
@@ -336,13 +371,13 @@ def _greedy(x_in: torch.Tensor, offsets, k: int, first, mode: str) -> torch.Tens
             raise ValueError(f"first[{b}] must be in [-1, {n - 1}], got {f}")
     _check_cuda(x_in, "x")
     l2 = mode == "l2"
-    x = (x_in if l2 else unit_rows(x_in, x_in.dtype)).contiguous()
+    x = (x_in if l2 else _unit_rows(x_in)).contiguous()
     images = len(offsets) - 1
     firsts = torch.cat(
         [
             torch.full((1,), f, dtype=torch.long, device=x.device)
             if f >= 0
-            else _farthest_nearest_neighbour(x[offsets[b] : offsets[b + 1]], "l2" if l2 else "cosine")
+            else _farthest_nearest_neighbour(x[offsets[b] : offsets[b + 1]], l2)
             for b, f in enumerate(first)
         ]
     )
