@@ -105,6 +105,15 @@ def test_grid_by_hand(h, w, budget, grid):
     assert downsample_grid(h, w, budget) == grid
 
 
+def test_grid_respects_the_processor_floor():
+    """Qwen3-VL's processor enlarges images below 65536 px = 64 tokens of 32 px: at budget 64 a 4:3 image must be
+    exactly 64 tokens, and 8 x 8 is the closest in aspect ratio (4 x 16, 2 x 32, ... are further)."""
+    assert downsample_grid(336, 448, 64, least=64) == (8, 8)
+    assert downsample_grid(336, 448, 128, least=64) == (9, 14)
+    with pytest.raises(ValueError, match="least <= budget"):
+        downsample_grid(336, 448, 63, least=64)
+
+
 def test_grid_stays_within_the_budget_and_close_to_it():
     """Every aspect ratio up to 3:1 and budget 16..576: at most the budget, at least 80 % of it."""
     worst = 1.0
@@ -272,7 +281,7 @@ def test_sweep_rows_tables_and_plots(qwen_dir, tmp_path):
     from vtprune.harness.plots import series
 
     model = {"pretrained": str(qwen_dir), "name": "q"}
-    rows = run_sweep(_sweep(model, ["downsample", "random"], [16, 36]), output_dir=tmp_path, limit=2, progress=False)
+    rows = run_sweep(_sweep(model, ["downsample", "random"], [16, 36]), output_dir=tmp_path, limit=1, progress=False)
     down = {r["budget"]: r for r in rows if r["method"] == "downsample"}
     base = [r for r in rows if r["method"] == "none"][0]
     assert base["visual_tokens"] == 64  # 224 x 224 shapes images: 8 x 8 tokens of 28 px
@@ -289,5 +298,5 @@ def test_sweep_rows_tables_and_plots(qwen_dir, tmp_path):
         ("downsample", 16),
         ("random", 16),
     ]
-    lines = series(rows, x="tokens")["q (limit 2)"]
+    lines = series(rows, x="tokens")["q (limit 1)"]
     assert [x for x, _ in lines["downsample"]] == [36, 16]

@@ -33,25 +33,33 @@ class _MergerPerToken(nn.Module):
         return self.merger(x.reshape(-1, self.vit_dim))
 
 
-def downsample_grid(height: int, width: int, budget: int) -> tuple[int, int]:
-    """The token grid ``(rows, cols)`` the ``downsample`` row resizes an image of ``height x width`` pixels to: at most
-    ``budget`` tokens, at the image's aspect ratio to within one token per side. With ``s = sqrt(budget / (height *
-    width))``, rows is ``floor`` or ``ceil`` of ``height * s`` and cols ``floor`` or ``ceil`` of ``width * s`` (each at
-    least 1); of the grids within ``budget``, the one with the most tokens wins, then the one closest in aspect ratio
-    (``|log(rows / cols * width / height)|``), then fewer rows. A 4:3 image at 64 tokens is 7 x 9 = 63 tokens
-    (``smart_resize`` shrinking to 64 tokens' worth of pixels rounds both sides down: 6 x 9 = 54), 16:9 is 6 x 10 =
-    60, square 8 x 8. An image whose short side scales below one token is one token across and ``budget`` along."""
-    if budget < 1 or height < 1 or width < 1:
-        raise ValueError(f"downsample_grid needs positive sizes and budget, got {height} x {width}, budget {budget}")
+def downsample_grid(height: int, width: int, budget: int, least: int = 1) -> tuple[int, int]:
+    """The token grid ``(rows, cols)`` the ``downsample`` row resizes an image of ``height x width`` pixels to: between
+    ``least`` (the processor's floor) and ``budget`` tokens, at the image's aspect ratio to within one token per side.
+    With ``s = sqrt(budget / (height * width))``, rows is ``floor`` or ``ceil`` of ``height * s`` and cols ``floor`` or
+    ``ceil`` of ``width * s`` (each at least 1); of those grids within ``[least, budget]``, the one with the most tokens
+    wins, then the one closest in aspect ratio (``|log(rows / cols * width / height)|``), then fewer rows. A 4:3 image
+    at 64 tokens is 7 x 9 = 63 tokens (``smart_resize`` shrinking to 64 tokens' worth of pixels rounds both sides
+    down: 6 x 9 = 54), 16:9 is 6 x 10 = 60, square 8 x 8. When none of them is within ``[least, budget]`` (a short
+    side below one token; ``least`` close to ``budget``), the grid within it closest in aspect ratio (then the larger)."""
+    if not 1 <= least <= budget or height < 1 or width < 1:
+        raise ValueError(
+            f"downsample_grid needs positive sizes and 1 <= least <= budget, got {height} x {width}, "
+            f"least {least}, budget {budget}"
+        )
     scale = math.sqrt(budget / (height * width))
 
     def sides(x):
         return {min(budget, max(1, f(x * scale))) for f in (math.floor, math.ceil)}
 
-    grids = [(r, c) for r in sides(height) for c in sides(width) if r * c <= budget]
-    if not grids:  # a side below one token (aspect ratio beyond budget : 1): one token across, the rest along
-        grids = [(1, budget) if height <= width else (budget, 1)]
-    return max(grids, key=lambda g: (g[0] * g[1], -abs(math.log(g[0] * width / (g[1] * height))), -g[0]))
+    def distortion(grid):
+        return abs(math.log(grid[0] * width / (grid[1] * height)))
+
+    grids = [(r, c) for r in sides(height) for c in sides(width) if least <= r * c <= budget]
+    if grids:
+        return max(grids, key=lambda g: (g[0] * g[1], -distortion(g), -g[0]))
+    grids = [(r, c) for r in range(1, budget + 1) for c in range(max(1, -(-least // r)), budget // r + 1)]
+    return min(grids, key=lambda g: (distortion(g), -g[0] * g[1], g[0]))
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -177,7 +185,7 @@ class QwenVLAdapter(ModelAdapter):
             if (nh // factor) * (nw // factor) <= budget:
                 out.append(image)  # the processor already gives no more than the budget: never upsample
                 continue
-            gh, gw = downsample_grid(h, w, budget)
+            gh, gw = downsample_grid(h, w, budget, least=math.ceil(low / factor**2))
             size = (gh * factor, gw * factor)
             if compat.qwen_smart_resize(*size, factor, low, high) != size:
                 raise ValueError(
