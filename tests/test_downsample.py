@@ -175,20 +175,22 @@ class _Request:
         self.args = args
 
 
-def _by_hand(model, processor, context, img, size, max_new):
+def _by_hand(model, processor, context, img, size, max_new, **processor_kwargs):
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context}]}],
         add_generation_prompt=True,
         tokenize=False,
     )
     small = img if size is None else img.resize(size, resample=Image.BICUBIC)
-    inputs = processor(text=[prompt], images=[small], return_tensors="pt")
+    inputs = processor(text=[prompt], images=[small], return_tensors="pt", **processor_kwargs)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=tiny.PAD_ID)
     seq = inputs["input_ids"].shape[1]
     text = processor.tokenizer.decode(out[0, seq:], skip_special_tokens=True).strip()
-    grid = inputs["image_grid_thw"]
-    return text, int(grid.prod()) // MERGE**2, flops.prefill_flops(model.config, seq, image_grid_thw=grid)
+    n = int((inputs["input_ids"] == tiny.IMAGE_ID).sum())
+    grid = inputs.get("image_grid_thw")
+    images = {"image_grid_thw": grid} if grid is not None else {"num_images": inputs["pixel_values"].shape[0]}
+    return text, n, flops.prefill_flops(model.config, seq, **images)
 
 
 def test_harness_row_is_the_unpatched_model_on_the_resized_image(qwen, processor):
@@ -212,6 +214,88 @@ def test_harness_row_is_the_unpatched_model_on_the_resized_image(qwen, processor
         assert r.visual_tokens_nominal == 64
         assert r.prefill_tflops == pytest.approx(fl / 1e12)
     assert [records[i].visual_tokens_kept for i in range(3)] == [63, 60, 16]
+
+
+# -- InternVL: fewer tiles ------------------------------------------------------------------------------------------
+INTERNVL_SPECIAL = {**SPECIAL, tiny.IMAGE_ID: "<IMG_CONTEXT>", tiny.VSTART_ID: "<img>", tiny.VEND_ID: "</img>"}
+
+
+def internvl_processor(max_patches=6):
+    """An offline InternVL processor for tests/tiny.py's InternVL: 28 px tiles of 4 tokens, up to ``max_patches``
+    tiles (+ thumbnail), ``<IMG_CONTEXT>`` as the image placeholder of the chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor, PreTrainedTokenizerFast
+
+    vocab = {INTERNVL_SPECIAL.get(i, f"w{i}"): i for i in range(tiny.VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL[tiny.PAD_ID]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=SPECIAL[2],
+        pad_token=SPECIAL[tiny.PAD_ID],
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<|video_pad|>",
+        },
+    )
+    tile = {"height": 28, "width": 28}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=tile, max_patches=max_patches, min_patches=1, crop_to_patches=True),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=tile),
+        image_seq_length=tiny.INTERNVL_TILE_TOKENS,
+        chat_template=TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>"),
+    )
+
+
+@pytest.mark.parametrize(
+    "budget,max_patches,tokens",
+    [
+        (100, None, 20),  # 6 tiles allowed already (4 x 1 + thumbnail = 5 tiles of 4 tokens): unchanged
+        (12, 2, 12),  # 3 tiles of 4 = 2 tiles + thumbnail: max_patches 2 -> 2 x 1 + thumbnail
+        (11, 1, 4),  # 2 tiles would come with a thumbnail (12 > 11): one tile alone
+        (4, 1, 4),
+    ],
+)
+def test_internvl_takes_fewer_tiles(budget, max_patches, tokens):
+    internvl = tiny.build("internvl")
+    processor = internvl_processor()
+    wide = image(240, 60)
+    images, proc = get_adapter(internvl).downsample_inputs(processor, [wide], budget)
+    assert images == [wide] and processor.image_processor.max_patches == 6  # the given processor is left alone
+    assert (proc is processor) == (max_patches is None)
+    prompt = "w3 <IMG_CONTEXT> w4"
+    got = proc(text=[prompt], images=images, return_tensors="pt")
+    by_hand = processor(text=[prompt], images=[wide], return_tensors="pt", max_patches=max_patches or 6)
+    assert torch.equal(got["input_ids"], by_hand["input_ids"])
+    assert torch.equal(got["pixel_values"], by_hand["pixel_values"])
+    assert int((got["input_ids"] == tiny.IMAGE_ID).sum()) == tokens <= budget
+
+
+def test_internvl_refuses_budgets_below_one_tile():
+    adapter = get_adapter(tiny.build("internvl"))
+    with pytest.raises(ValueError, match=r"budget 3 is below one InternVL tile \(4 visual tokens\).*>= 4 \(one tile\)"):
+        adapter.check_downsample(3)
+
+
+def test_harness_row_on_internvl_is_the_unpatched_model_with_fewer_tiles():
+    pytest.importorskip("lmms_eval")
+    from vtprune.harness.model import VTPrune
+
+    model, processor = tiny.build("internvl").eval(), internvl_processor()
+    docs = [image(240, 60, 6), image(60, 60, 7)]
+    gen = {"max_new_tokens": 4, "temperature": 0, "do_sample": False}
+    lm = VTPrune(model=model, processor=processor, method="downsample", keep=12, batch_size=1, device="cpu")
+    lm.task_dict = {"toy": {"test": docs}}
+    answers = lm.generate_until([_Request("w5 w6", gen, lambda d: [d], i, "toy", "test") for i in range(2)])
+    records = {r.doc_id: r for r in lm.records}
+    for i, img in enumerate(docs):
+        text, n, fl = _by_hand(model, processor, "w5 w6", img, None, 4, max_patches=2)
+        assert answers[i] == text
+        assert records[i].visual_tokens_kept == n and records[i].prefill_tflops == pytest.approx(fl / 1e12)
+    assert [records[i].visual_tokens_kept for i in range(2)] == [12, 4]  # 2 x 1 + thumbnail; a square: one tile
 
 
 def test_harness_arguments_are_checked():
