@@ -14,10 +14,10 @@ import math
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from PIL import Image
 
-import tiny
 from vtprune import flops
 from vtprune.adapters import get_adapter
 from vtprune.adapters.qwen_vl import downsample_grid

@@ -174,8 +174,8 @@ class InternVLAdapter(ModelAdapter):
         per_tile = self.tile_tokens()
         if budget < per_tile:
             raise ValueError(
-                f"downsample: budget {budget} is below one InternVL tile ({per_tile} visual tokens): the smallest input "
-                "InternVL takes is the whole image resized to one tile; give a budget >= "
+                f"downsample: budget {budget} is below one InternVL tile ({per_tile} visual tokens): the smallest "
+                "input InternVL takes is the whole image resized to one tile; give a budget >= "
                 f"{per_tile} (one tile), {3 * per_tile} (two tiles + thumbnail), ..."
             )
         seq = getattr(processor, "image_seq_length", per_tile) if processor is not None else per_tile

@@ -41,7 +41,8 @@ def downsample_grid(height: int, width: int, budget: int, least: int = 1) -> tup
     wins, then the one closest in aspect ratio (``|log(rows / cols * width / height)|``), then fewer rows. A 4:3 image
     at 64 tokens is 7 x 9 = 63 tokens (``smart_resize`` shrinking to 64 tokens' worth of pixels rounds both sides
     down: 6 x 9 = 54), 16:9 is 6 x 10 = 60, square 8 x 8. When none of them is within ``[least, budget]`` (a short
-    side below one token; ``least`` close to ``budget``), the grid within it closest in aspect ratio (then the larger)."""
+    side below one token; ``least`` close to ``budget``): the grid within it closest in aspect ratio, then the
+    larger."""
     if not 1 <= least <= budget or height < 1 or width < 1:
         raise ValueError(
             f"downsample_grid needs positive sizes and 1 <= least <= budget, got {height} x {width}, "

@@ -9,9 +9,9 @@ reads every model's config (a local folder, or the hub's ``config.json`` only) a
 (meta-device) copy of each model with each method at each budget, so unknown tasks, models and methods, and methods a
 model cannot run, fail first; the ``downsample`` row is checked by the model's adapter and processor instead (a family
 that cannot shrink its input, a budget below the processor's floor). Each model is then loaded once; each cell runs
-``lmms_eval.evaluator.simple_evaluate`` in-process with a :class:`~vtprune.harness.model.VTPrune` wrapping the loaded model, so an lmms-eval failure
-raises instead of being reported as a zero exit status, and a result that lacks the metric, is NaN, or was
-computed from fewer answers than the documents evaluated raises too.
+``lmms_eval.evaluator.simple_evaluate`` in-process with a :class:`~vtprune.harness.model.VTPrune` wrapping the loaded
+model, so an lmms-eval failure raises instead of being reported as a zero exit status, and a result that lacks the
+metric, is NaN, or was computed from fewer answers than the documents evaluated raises too.
 
 Per cell, visual tokens, prefill TFLOPs, select ms and KV-cache MiB are means over the requests, prefill ms
 the median over the requests (one batch slowed by another process does not move it), peak memory the CUDA
