@@ -384,3 +384,29 @@ def test_sweep_rows_tables_and_plots(qwen_dir, tmp_path):
     ]
     lines = series(rows, x="tokens")["q (limit 1)"]
     assert [x for x, _ in lines["downsample"]] == [36, 16]
+
+
+def test_shipped_qwen_configs_pass_the_pre_check(monkeypatch):
+    """The benchmark configs' downsample row on their architectures and their processors' pixel bounds (Qwen2.5-VL:
+    14 px patches, min_pixels 56^2 = 4 tokens; Qwen3-VL and Qwen3.5: 16 px patches, min_pixels 65536 = 64 tokens, the
+    smallest budget of the configs), with offline processors of those settings standing in for the hub's."""
+    pytest.importorskip("lmms_eval")
+    from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessor, Qwen3_5Config, Qwen3VLConfig
+
+    from vtprune.harness import config as hconfig
+    from vtprune.harness import sweep as hsweep
+
+    qwen3_pixels = dict(patch_size=16, merge_size=2, size={"shortest_edge": 65536, "longest_edge": 16777216})
+    for name, arch, ip in (
+        ("qwen25vl_7b", Qwen2_5_VLConfig(), Qwen2VLImageProcessor()),
+        ("qwen3vl_8b", Qwen3VLConfig(), Qwen2VLImageProcessor(**qwen3_pixels)),
+        ("qwen35", Qwen3_5Config(), Qwen2VLImageProcessor(**qwen3_pixels)),
+    ):
+        cfg = hconfig.load_config(REPO / f"configs/sweeps/{name}.yaml")
+        rows = [m for m in cfg.methods if m.method == "downsample"]
+        assert len(rows) == 1 and cfg.budgets == [64, 128, 192]
+        monkeypatch.setattr(hsweep, "_processor", lambda spec, ip=ip: ip)
+        hsweep._check_methods(cfg.models[0], arch, rows, cfg.budgets)
+        if name != "qwen25vl_7b":
+            with pytest.raises(ValueError, match="budget 63 is below.*min_pixels=65536.*64 visual tokens"):
+                hsweep._check_methods(cfg.models[0], arch, rows, [63])
