@@ -7,9 +7,9 @@ lmms-eval finds it through the ``lmms_eval.models`` entry point (:func:`manifest
 
 ``model_args``: ``pretrained`` (local path or hub id of any model type vtprune supports), ``method`` (a name
 from ``vtprune.list_methods()``, ``none`` for the unpruned model, or ``downsample`` for the downsampling baseline
-below), ``keep=N`` or ``ratio=r`` (the budget),
-loading options (``device``, ``dtype``, ``device_map``, ``attn_implementation``, ``trust_remote_code``,
-``revision``) and every other key is an option of the method, validated by its config before anything loads.
+below), ``keep=N`` or ``ratio=r`` (the budget), loading options (``device``, ``dtype``, ``device_map``,
+``attn_implementation``, ``trust_remote_code``, ``revision``) and every other key is an option of the method,
+validated by its config before anything loads.
 
 Each batch of requests is rendered with the processor's chat template (one user turn: the request's images,
 then its text), left-padded and passed to ``generate`` (greedy unless the task asks for sampling). The model is
