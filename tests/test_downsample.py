@@ -45,6 +45,7 @@ TEMPLATE = (
 def qwen_processor():
     """An offline Qwen2.5-VL processor for the tiny model's vocabulary: word-level tokenizer (``w3`` ... ``w79`` and
     the Qwen special tokens), 14 px patches merged 2 x 2, pixel bounds [56^2, 448^2], a one-turn chat template."""
+    pytest.importorskip("torchvision")  # the processors' video halves need it (make test-oldest installs none)
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
@@ -223,6 +224,7 @@ INTERNVL_SPECIAL = {**SPECIAL, tiny.IMAGE_ID: "<IMG_CONTEXT>", tiny.VSTART_ID: "
 def internvl_processor(max_patches=6):
     """An offline InternVL processor for tests/tiny.py's InternVL: 28 px tiles of 4 tokens, up to ``max_patches``
     tiles (+ thumbnail), ``<IMG_CONTEXT>`` as the image placeholder of the chat template."""
+    pytest.importorskip("torchvision")
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor, PreTrainedTokenizerFast
 
