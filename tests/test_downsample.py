@@ -97,6 +97,7 @@ def tokens_of(processor, images):
         (448, 336, 64, (9, 7)),
         (360, 640, 64, (6, 10)),  # 16:9: 6 x 10.67 -> 6 x 10 = 60 (6 x 11 = 66 is over)
         (224, 224, 16, (4, 4)),
+        (480, 480, 192, (13, 14)),  # 13.86 per side: 14 x 14 is over; 13 x 14 and 14 x 13 tie: fewer rows
         (336, 448, 128, (9, 14)),  # 9.80 x 13.06: 9 x 13, 9 x 14 = 126, 10 x 13 over
         (100, 1000, 64, (2, 26)),  # 2.53 x 25.3: 2 x 26 = 52 (3 x 25 over); aspect kept to one token per side
         (10, 10000, 50, (1, 50)),  # the short side scales below one token

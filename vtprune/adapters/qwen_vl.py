@@ -53,8 +53,8 @@ def downsample_grid(height: int, width: int, budget: int, least: int = 1) -> tup
     def sides(x):
         return {min(budget, max(1, f(x * scale))) for f in (math.floor, math.ceil)}
 
-    def distortion(grid):
-        return abs(math.log(grid[0] * width / (grid[1] * height)))
+    def distortion(grid):  # rounded: r x c and c x r of a square image tie exactly
+        return round(abs(math.log(grid[0] * width / (grid[1] * height))), 12)
 
     grids = [(r, c) for r in sides(height) for c in sides(width) if least <= r * c <= budget]
     if grids:
