@@ -15,6 +15,8 @@ is a one-line change:
 * how a cache reports its length: ``Cache.get_seq_length(layer_idx)`` (what generate, position ids and
   ``rope_deltas`` consumers read) and ``Cache.get_query_offset(layer_idx)`` (what the mask functions read), and
   which caches are static (pre-allocated, ``is_compileable``);
+* Qwen-VL image processors: where their pixel bounds live (``size`` with ``shortest_edge`` / ``longest_edge``, or the
+  older ``min_pixels`` / ``max_pixels`` attributes) and their ``smart_resize`` (the sweeps' ``downsample`` row);
 * the loss: a ``*ForConditionalGeneration`` forward computes ``self.loss_function(logits, labels, vocab_size,
   **kwargs)`` (by keyword or position) on the inner model's output; ``loss_function`` reads the instance attribute
   ``_loss_function`` first (:func:`wrap_loss_function`).
@@ -231,6 +233,32 @@ def wrap_loss_function(model, wrap, fn) -> None:
         return fn(original, logits, labels, *args, **kwargs)
 
     wrap(model, LOSS_FUNCTION_ATTR, loss_function)
+
+
+# -- image processors -------------------------------------------------------------------------------------------
+def qwen_pixel_bounds(image_processor) -> tuple[int, int]:
+    """``(min_pixels, max_pixels)`` of a Qwen-VL image processor: its ``size`` (``shortest_edge`` / ``longest_edge``, a
+    ``SizeDict`` or a dict in 5.x), else its ``min_pixels`` / ``max_pixels`` attributes. ``ValueError`` if neither."""
+    size = getattr(image_processor, "size", None)
+    get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+    low, high = get("shortest_edge"), get("longest_edge")
+    low = low if low is not None else getattr(image_processor, "min_pixels", None)
+    high = high if high is not None else getattr(image_processor, "max_pixels", None)
+    if low is None or high is None:
+        raise ValueError(
+            f"{type(image_processor).__name__} gives no pixel bounds (size.shortest_edge / longest_edge or "
+            f"min_pixels / max_pixels); got size={size!r}"
+        )
+    return int(low), int(high)
+
+
+def qwen_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The ``(height, width)`` in pixels a Qwen-VL image processor resizes an image of ``height x width`` to
+    (transformers' ``smart_resize``: multiples of ``factor`` = patch size x merge size, within the pixel bounds)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return int(h), int(w)
 
 
 def versions() -> dict[str, str]:

@@ -328,3 +328,40 @@ class ModelAdapter:
     def unsupported_llm_stage(self) -> str | None:
         """Why llm-stage pruning is not possible on this family (None: it is)."""
         return None
+
+    # -- the downsampling baseline (sweeps' ``downsample`` row) ----------------------------------------------------
+    #
+    # The unpatched model run on a smaller input: images (or the processor's tiling) shrunk so that the model itself
+    # produces about the budget's number of visual tokens per image. A family serves it by overriding both methods.
+
+    def check_downsample(self, budget: int, processor: Any = None) -> None:
+        """Raise ``ValueError`` unless a smaller input gives this family about ``budget`` visual tokens per image.
+        Without ``processor``: what the config decides (the family, a per-tile floor); with it: what the processor
+        decides too (e.g. Qwen-VL's ``min_pixels``). Called by the sweep's pre-check before any weight loads.
+
+        Default: refused. A fixed-resolution family (:meth:`image_tokens` not None: LLaVA-1.5, Gemma 3) resizes
+        every image to its one input size, so a lower-resolution image is upsampled back and gives the same token
+        count: no token is saved, and the row would only measure blur. Its token-level analogue is the ``pool``
+        method (average pooling of the token grid)."""
+        fixed = self.image_tokens()
+        kind = self.config.model_type
+        if fixed is not None:
+            raise ValueError(
+                f"downsample: {kind!r} sees every image at one fixed resolution ({fixed} visual tokens per image); a "
+                "lower-resolution image is resized back up by the processor and still gives "
+                f"{fixed} tokens, so downsampling reduces no token there (budget {budget}). The token-grid baseline "
+                "for fixed-resolution models is the 'pool' method"
+            )
+        raise ValueError(
+            f"downsample: not available for {kind!r} ({type(self).__name__} does not say how to shrink its input); "
+            "served by the dynamic-resolution families qwen2_vl, qwen2_5_vl, qwen3_vl(_moe), qwen3_5(_moe) and "
+            "internvl"
+        )
+
+    def downsample_inputs(self, processor: Any, images: list, budget: int) -> tuple[list, Any]:
+        """``(images, processor)`` that render a request for the unpatched model at about ``budget`` visual tokens per
+        image (at most ``budget``; an image that already gives no more is left as it is: nothing is upsampled):
+        resized images and / or a copy of ``processor`` with fewer tiles. ``processor`` is not modified.
+        Raises what :meth:`check_downsample` raises."""
+        self.check_downsample(budget, processor)
+        raise NotImplementedError(f"{type(self).__name__}.downsample_inputs")  # pragma: no cover

@@ -28,6 +28,7 @@ sum over its 2 x 2 patches: the attention mass the token's patches receive), nev
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -163,6 +164,47 @@ class InternVLAdapter(ModelAdapter):
                 f"block per tile for {sum(counts)} tiles"
             )
         return list(torch.split(captured, counts))
+
+    # -- the downsampling baseline: fewer tiles ----------------------------------------------------------------
+    def tile_tokens(self) -> int:
+        """LLM tokens of one tile: its raw patches pixel-shuffled by ``downsample_ratio`` (256 for 448 px / 14)."""
+        return round(self.tile_patches() * self._ratio() ** 2)
+
+    def check_downsample(self, budget: int, processor: Any = None) -> None:
+        per_tile = self.tile_tokens()
+        if budget < per_tile:
+            raise ValueError(
+                f"downsample: budget {budget} is below one InternVL tile ({per_tile} visual tokens): the smallest "
+                "input InternVL takes is the whole image resized to one tile; give a budget >= "
+                f"{per_tile} (one tile), {3 * per_tile} (two tiles + thumbnail), ..."
+            )
+        seq = getattr(processor, "image_seq_length", per_tile) if processor is not None else per_tile
+        if seq != per_tile:
+            raise ValueError(
+                f"downsample: the processor puts {seq} image tokens per tile, the model config {per_tile}; "
+                "they must agree"
+            )
+
+    def downsample_inputs(self, processor: Any, images: list, budget: int) -> tuple[list, Any]:
+        """Fewer tiles: a copy of ``processor`` whose image processor tiles each image into at most ``m`` tiles, the
+        most whose tokens fit ``budget`` (``T`` per tile: one tile alone is ``T`` tokens, ``n >= 2`` tiles come with
+        the thumbnail, ``(n + 1) T``), i.e. ``max_patches = 1`` below ``3 T`` and ``budget // T - 1`` above. The
+        processor still picks the tile grid closest to each image's aspect ratio among those of at most ``m``
+        tiles (``get_optimal_tiled_canvas``), so an image may use fewer tokens than the budget (as the unreduced
+        model may use fewer than ``max_patches``): the row reports what ran. Images are not resized (every tile is
+        resized to the tile size anyway). When the processor already tiles into no more than ``m``, it is returned
+        as it is."""
+        self.check_downsample(budget, processor)
+        per_tile = self.tile_tokens()
+        tiles = max(1, budget // per_tile - 1) if budget >= 3 * per_tile else 1
+        ip = processor.image_processor
+        if int(ip.max_patches) <= tiles:
+            return images, processor
+        out = copy.copy(processor)
+        out.image_processor = copy.copy(ip)
+        out.image_processor.max_patches = tiles
+        out.image_processor.min_patches = min(int(ip.min_patches), tiles)
+        return images, out
 
 
 # -- analytic FLOPs of the vision tower and projector (vtprune.flops) ----------------------------------------

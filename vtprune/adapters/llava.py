@@ -101,6 +101,16 @@ class LlavaNextAdapter(LlavaAdapter):
     def image_tokens(self):
         return None  # AnyRes: the crop count depends on the image size
 
+    def check_downsample(self, budget, processor=None):
+        vcfg = self.config.vision_config
+        base = (vcfg.image_size // vcfg.patch_size) ** 2
+        raise ValueError(
+            f"downsample: not available for {self.config.model_type!r} (AnyRes) yet: every image is its base crop "
+            f"({base} visual tokens) plus a grid of crops chosen from image_grid_pinpoints, so no input gives fewer "
+            f"than about {2 * base} tokens (budget {budget}), and shrinking the grid above that is not implemented; "
+            "served by qwen2_vl, qwen2_5_vl, qwen3_vl(_moe), qwen3_5(_moe) and internvl"
+        )
+
     def crop_counts(self, call: dict[str, Any], num_images: int) -> list[int]:
         module = sys.modules[type(self.inner).__module__]
         vcfg = self.config.vision_config

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import math
 import sys
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import flops
+from .. import compat, flops
 from .base import ModelAdapter, VisionQK, bound_arguments
 
 
@@ -29,6 +31,36 @@ class _MergerPerToken(nn.Module):
 
     def forward(self, x):
         return self.merger(x.reshape(-1, self.vit_dim))
+
+
+def downsample_grid(height: int, width: int, budget: int, least: int = 1) -> tuple[int, int]:
+    """The token grid ``(rows, cols)`` the ``downsample`` row resizes an image of ``height x width`` pixels to: between
+    ``least`` (the processor's floor) and ``budget`` tokens, at the image's aspect ratio to within one token per side.
+    With ``s = sqrt(budget / (height * width))``, rows is ``floor`` or ``ceil`` of ``height * s`` and cols ``floor`` or
+    ``ceil`` of ``width * s`` (each at least 1); of those grids within ``[least, budget]``, the one with the most tokens
+    wins, then the one closest in aspect ratio (``|log(rows / cols * width / height)|``), then fewer rows. A 4:3 image
+    at 64 tokens is 7 x 9 = 63 tokens (``smart_resize`` shrinking to 64 tokens' worth of pixels rounds both sides
+    down: 6 x 9 = 54), 16:9 is 6 x 10 = 60, square 8 x 8. When none of them is within ``[least, budget]`` (a short
+    side below one token; ``least`` close to ``budget``): the grid within it closest in aspect ratio, then the
+    larger."""
+    if not 1 <= least <= budget or height < 1 or width < 1:
+        raise ValueError(
+            f"downsample_grid needs positive sizes and 1 <= least <= budget, got {height} x {width}, "
+            f"least {least}, budget {budget}"
+        )
+    scale = math.sqrt(budget / (height * width))
+
+    def sides(x):
+        return {min(budget, max(1, f(x * scale))) for f in (math.floor, math.ceil)}
+
+    def distortion(grid):  # rounded: r x c and c x r of a square image tie exactly
+        return round(abs(math.log(grid[0] * width / (grid[1] * height))), 12)
+
+    grids = [(r, c) for r in sides(height) for c in sides(width) if least <= r * c <= budget]
+    if grids:
+        return max(grids, key=lambda g: (g[0] * g[1], -distortion(g), -g[0]))
+    grids = [(r, c) for r in range(1, budget + 1) for c in range(max(1, -(-least // r)), budget // r + 1)]
+    return min(grids, key=lambda g: (distortion(g), -g[0] * g[1], g[0]))
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -113,6 +145,56 @@ class QwenVLAdapter(ModelAdapter):
     def default_position_ids(self, batch, seq, past, device):
         pos = super().default_position_ids(batch, seq, past, device)
         return pos.unsqueeze(0).expand(3, -1, -1)
+
+    # -- the downsampling baseline: images resized before the processor -----------------------------------------
+    @staticmethod
+    def _resize_facts(processor) -> tuple[int, int, int]:
+        """``(factor, min_pixels, max_pixels)`` of the processor's image processor: one visual token is a
+        ``factor x factor`` pixel square (patch size x merge size)."""
+        ip = getattr(processor, "image_processor", processor)
+        factor = int(ip.patch_size) * int(ip.merge_size)
+        return (factor, *compat.qwen_pixel_bounds(ip))
+
+    def check_downsample(self, budget: int, processor: Any = None) -> None:
+        if processor is None:
+            return
+        factor, low, high = self._resize_facts(processor)
+        floor = math.ceil(low / factor**2)
+        if budget < floor:
+            raise ValueError(
+                f"downsample: budget {budget} is below what {self.config.model_type!r}'s processor can give: it "
+                f"enlarges every image to at least min_pixels={low} pixels, i.e. {floor} visual tokens of "
+                f"{factor} x {factor} pixels; give a budget >= {floor}"
+            )
+
+    def downsample_inputs(self, processor: Any, images: list, budget: int) -> tuple[list, Any]:
+        """Each image whose processor grid gives more than ``budget`` merged tokens is resized (PIL bicubic, as
+        VTC-Bench resizes before the processor: Chenfei-Liao/VTC-Bench@983e443,
+        ``external/DART/lmms-eval/lmms_eval/models/qwen2_vl.py`` l. 259-264) to ``gw x gh`` tokens' worth of pixels,
+        ``(gh, gw) = downsample_grid(height, width, budget)``: multiples of the token size within the processor's
+        pixel bounds, which the processor then keeps as they are. The processor is returned unchanged."""
+        from PIL import Image
+
+        self.check_downsample(budget, processor)
+        factor, low, high = self._resize_facts(processor)
+        out = []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"downsample resizes PIL images; got {type(image).__name__}")
+            w, h = image.size
+            nh, nw = compat.qwen_smart_resize(h, w, factor, low, high)
+            if (nh // factor) * (nw // factor) <= budget:
+                out.append(image)  # the processor already gives no more than the budget: never upsample
+                continue
+            gh, gw = downsample_grid(h, w, budget, least=math.ceil(low / factor**2))
+            size = (gh * factor, gw * factor)
+            if compat.qwen_smart_resize(*size, factor, low, high) != size:
+                raise ValueError(
+                    f"downsample: a {w} x {h} image at budget {budget} would be {gw} x {gh} tokens ({size[1]} x "
+                    f"{size[0]} px), outside the processor's pixel bounds [{low}, {high}]"
+                )
+            out.append(image.convert("RGB").resize((size[1], size[0]), resample=Image.BICUBIC))
+        return out, processor
 
 
 class Qwen3VLAdapter(QwenVLAdapter):

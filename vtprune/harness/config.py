@@ -19,6 +19,8 @@ A config is YAML (or the same structure as a dict)::
                                                    # method (without another name) replaces its expansion
       - fastv                                      # a registered method with its default options
       - {method: dart, options: {layer: 2}, name: dart-l2}   # options go to the method's config
+      - downsample                                 # the unpatched model on inputs shrunk to ~budget tokens per image
+                                                   # (dynamic-resolution families; not part of ``all``)
       - name: divprune+fastv                       # a schedule: methods composed (vtprune.patch with a list);
         schedule: [{method: divprune, ratio: 0.5}, {method: fastv, layer: 2}]   # the last step gets the budget
     budgets: [64, 128, 192]                        # visual tokens kept per image (keep=N)

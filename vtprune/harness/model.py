@@ -6,9 +6,10 @@ lmms-eval finds it through the ``lmms_eval.models`` entry point (:func:`manifest
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=dart,keep=128,layer=2
 
 ``model_args``: ``pretrained`` (local path or hub id of any model type vtprune supports), ``method`` (a name
-from ``vtprune.list_methods()``, or ``none`` for the unpruned model), ``keep=N`` or ``ratio=r`` (the budget),
-loading options (``device``, ``dtype``, ``device_map``, ``attn_implementation``, ``trust_remote_code``,
-``revision``) and every other key is an option of the method, validated by its config before anything loads.
+from ``vtprune.list_methods()``, ``none`` for the unpruned model, or ``downsample`` for the downsampling baseline
+below), ``keep=N`` or ``ratio=r`` (the budget), loading options (``device``, ``dtype``, ``device_map``,
+``attn_implementation``, ``trust_remote_code``, ``revision``) and every other key is an option of the method,
+validated by its config before anything loads.
 
 Each batch of requests is rendered with the processor's chat template (one user turn: the request's images,
 then its text), left-padded and passed to ``generate`` (greedy unless the task asks for sampling). The model is
@@ -27,6 +28,14 @@ measured by the same accounting. Per request it records and reports through lmms
 * ``kv_cache_mb``: bytes of the request's KV cache after prefill (``vtprune.flops.kv_cache_bytes``), in MiB.
 
 The same records are kept in :attr:`VTPrune.records` for the sweep runner.
+
+``method=downsample,keep=N`` is the downsampling baseline (VTC-Bench's row to beat): the *unpatched* model (kept
+tokens: all, as for ``none``) on inputs shrunk so that the model itself produces at most ``N`` (about ``N``) visual
+tokens per image: the adapter's :meth:`~vtprune.adapters.base.ModelAdapter.downsample_inputs` resizes the images
+(Qwen-VL) or gives the processor fewer tiles (InternVL) before the request is rendered; images that already give no
+more than ``N`` are left as they are. The records hold the tokens and FLOPs of what really ran (vision tower on the
+smaller input included), and ``visual_tokens_nominal = N``. Fixed-resolution families (LLaVA-1.5, Gemma 3, the
+bundled demo model) refuse it: their processor resizes every image back to one size, so no token is saved.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import Any
 import torch
 
 from .. import flops
+from ..adapters import get_adapter
 from ..api import is_patched, patch, set_instructions, stats, unpatch
 from ..config import PruneConfig
 from ..methods import RandomConfig
@@ -48,12 +58,14 @@ try:  # lmms-eval is the optional extra ``vtprune[eval]``
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("vtprune.harness needs lmms-eval: pip install 'vtprune[eval]'") from err
 
-__all__ = ["VTPrune", "RequestRecord", "manifest", "method_config", "UNPRUNED", "MODEL_NAME"]
+__all__ = ["VTPrune", "RequestRecord", "manifest", "method_config", "UNPRUNED", "DOWNSAMPLE", "MODEL_NAME"]
 
 #: the name lmms-eval knows this model by (``--model vtprune``)
 MODEL_NAME = "vtprune"
 #: the method name of the unpruned baseline
 UNPRUNED = "none"
+#: the method name of the downsampling baseline: the unpatched model on inputs shrunk to about the budget's tokens
+DOWNSAMPLE = "downsample"
 #: the method name of a composed schedule (options: schedule=[{"method": ..., ...}, ...])
 SCHEDULE = "schedule"
 #: model_args that configure loading, not the method
@@ -75,7 +87,8 @@ def manifest():
 def method_config(
     method: str | None, keep: int | None = None, ratio: float | None = None, **options: Any
 ) -> PruneConfig | list[PruneConfig] | None:
-    """The validated config of ``method`` at the given budget, or None for the unpruned model (``none``).
+    """The validated config of ``method`` at the given budget, or None for the unpruned model (``none``) and for the
+    downsampling baseline (``downsample``: the unpatched model on smaller inputs; it takes ``keep`` and nothing else).
 
     ``method="schedule"`` composes methods (``vtprune.patch`` with a list): ``schedule=[{"method": "divprune",
     "ratio": 0.33}, {"method": "fastv", "layer": 2}]``, each element a method's options; every element but the
@@ -85,6 +98,15 @@ def method_config(
     if method is None or method == UNPRUNED:
         if budget or options:
             raise ValueError(f"method {UNPRUNED!r} (unpruned) takes no budget or options, got {budget | options}")
+        return None
+    if method == DOWNSAMPLE:
+        if options or ratio is not None:
+            raise ValueError(
+                f"method {DOWNSAMPLE!r} (the unpatched model on smaller inputs) takes only keep=N (visual tokens per "
+                f"image), got {({'ratio': ratio} if ratio is not None else {}) | options}"
+            )
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"method {DOWNSAMPLE!r} needs keep=N, an int >= 1 (visual tokens per image); got {keep!r}")
         return None
     if method == SCHEDULE:
         return _schedule_configs(options, budget)
@@ -163,7 +185,10 @@ class VTPrune(lmms):
         del max_batch_size  # lmms-eval passes it; batches have a fixed size here
         # everything about the method is checked before any weight is read
         self.prune_config = method_config(method, keep, ratio, **options)
-        if self.prune_config is None:
+        self.downsample = keep if method == DOWNSAMPLE else None  # tokens per image the inputs are shrunk to
+        if self.downsample is not None:
+            self.method = DOWNSAMPLE
+        elif self.prune_config is None:
             self.method = UNPRUNED
         elif isinstance(self.prune_config, list):
             self.method = "+".join(c.method for c in self.prune_config)
@@ -200,6 +225,8 @@ class VTPrune(lmms):
             raise ValueError("pass the processor together with an already loaded model")
         self._model = model
         self.processor = processor
+        if self.downsample is not None:
+            get_adapter(model).check_downsample(self.downsample, processor)
         self.pretrained = pretrained or getattr(model.config, "_name_or_path", type(model).__name__)
         self._device = next(model.parameters()).device
         if getattr(processor, "chat_template", None) is None:
@@ -279,7 +306,10 @@ class VTPrune(lmms):
         ]
         texts = [self._prompt(ctx, len(v)) for ctx, v in zip(contexts, visuals)]
         images = [im for v in visuals for im in v]
-        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        processor = self.processor
+        if self.downsample is not None and images:
+            images, processor = get_adapter(self._model).downsample_inputs(processor, images, self.downsample)
+        inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         inputs = inputs.to(self._device)
         for key, value in inputs.items():
             if torch.is_tensor(value) and value.is_floating_point():
@@ -333,6 +363,8 @@ class VTPrune(lmms):
                 st.select_ms,
             )
             lengths = [st.sequence_lengths(i, real_lens[i], num_layers) for i in range(rows)]
+        if self.downsample is not None:  # what the budget names: N tokens per image of the request
+            n_nominal = [self.downsample * len(v) for v in visuals]
         prefill_ms = (prefill_end[0] - start) * 1e3
         pad = self.pad_token_id
         for i in range(rows):

@@ -7,11 +7,11 @@
 Before any model loads, :func:`check_config` resolves every task (and its metric) in lmms-eval's task index,
 reads every model's config (a local folder, or the hub's ``config.json`` only) and patches a weightless
 (meta-device) copy of each model with each method at each budget, so unknown tasks, models and methods, and methods a
-model
-cannot run, fail first. Each model is then loaded once; each cell runs ``lmms_eval.evaluator.simple_evaluate``
-in-process with a :class:`~vtprune.harness.model.VTPrune` wrapping the loaded model, so an lmms-eval failure
-raises instead of being reported as a zero exit status, and a result that lacks the metric, is NaN, or was
-computed from fewer answers than the documents evaluated raises too.
+model cannot run, fail first; the ``downsample`` row is checked by the model's adapter and processor instead (a family
+that cannot shrink its input, a budget below the processor's floor). Each model is then loaded once; each cell runs
+``lmms_eval.evaluator.simple_evaluate`` in-process with a :class:`~vtprune.harness.model.VTPrune` wrapping the loaded
+model, so an lmms-eval failure raises instead of being reported as a zero exit status, and a result that lacks the
+metric, is NaN, or was computed from fewer answers than the documents evaluated raises too.
 
 Per cell, visual tokens, prefill TFLOPs, select ms and KV-cache MiB are means over the requests, prefill ms
 the median over the requests (one batch slowed by another process does not move it), peak memory the CUDA
@@ -39,11 +39,11 @@ from typing import Any
 
 import torch
 
-from ..adapters import supported_model_types
+from ..adapters import get_adapter, supported_model_types
 from ..api import patch, unpatch
 from ..progress import progress_bars
 from .config import MethodSpec, ModelSpec, SweepConfig, TaskSpec, load_config
-from .model import UNPRUNED, VTPrune, check_device, load_pretrained, method_config
+from .model import DOWNSAMPLE, UNPRUNED, VTPrune, check_device, load_pretrained, method_config
 from .tiny import random_model_config, save_random_model
 
 __all__ = ["run_sweep", "check_config", "read_results", "cell_key", "recorded_path", "RESULT_FIELDS"]
@@ -231,14 +231,40 @@ def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budgets: 
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
+    processor = []
     for m in methods:
         for budget in budgets:
             try:
+                if m.method == DOWNSAMPLE:  # the unpatched model on smaller inputs: can the family shrink to budget?
+                    adapter = get_adapter(model)
+                    adapter.check_downsample(budget)  # what the config decides (the family, a per-tile floor)
+                    processor = processor or [_processor(spec)]
+                    adapter.check_downsample(budget, processor[0])  # what the processor decides (min_pixels, ...)
+                    continue
                 patch(model, method_config(m.method, keep=budget, **m.options))
             except (ValueError, TypeError, NotImplementedError) as err:
                 at = f" at budget {budget}" if len(budgets) > 1 else ""
                 raise ValueError(f"method {m.name!r} cannot run on model {spec.name!r}{at}: {err}") from err
             unpatch(model)
+
+
+def _processor(spec: ModelSpec):
+    """The processor of a model (its small files only: no weight is read), for the ``downsample`` row's checks."""
+    if spec.random is not None:
+        from .. import shapes
+
+        return shapes.build_processor()
+    from transformers import AutoProcessor
+
+    args = spec.model_args
+    try:
+        return AutoProcessor.from_pretrained(
+            spec.pretrained,
+            trust_remote_code=bool(args.get("trust_remote_code", False)),
+            **({"revision": args["revision"]} if args.get("revision") else {}),
+        )
+    except Exception as err:  # noqa: BLE001 - any failure to read the processor is reported the same way
+        raise ValueError(f"cannot read the processor of {spec.pretrained!r} ({type(err).__name__}: {err})") from err
 
 
 def check_config(cfg: SweepConfig) -> tuple[Any, dict[str, str]]:
