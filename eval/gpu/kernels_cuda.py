@@ -24,7 +24,7 @@ import common
 import torch
 
 from vtprune import kernels
-from vtprune.functional import cluster, diversity
+from vtprune.functional import diversity, pact
 from vtprune.functional._common import unit_rows
 
 ops = torch.ops.vtprune
@@ -219,12 +219,12 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
 
         # DBDPC on a precomputed distance matrix (comparisons only: must be exact)
         if n >= 2:
-            dist, rank = cluster._distances(x[:n], 2.0)
+            dist, rank = pact._distances(x[:n], 2.0)
             cutoff = rng.choice([0.0, 0.21, 0.5, 0.9, 1.0, 2.5])
             cdesc = f"#{case} dbdpc {str(dtype)[6:]} N={n} D={d} cutoff={cutoff}"
             try:
                 got = ops.dbdpc(dist.to(dev), rank.to(dev), cutoff)
-                refs = {"vs pure torch, same device": cluster._dbdpc_torch(dist.to(dev), rank.to(dev), cutoff)}
+                refs = {"vs pure torch, same device": pact._dbdpc_torch(dist.to(dev), rank.to(dev), cutoff)}
                 if on_gpu:
                     refs = {"vs CPU op": ops.dbdpc(dist, rank, cutoff), **refs}
                 for name, want in refs.items():
@@ -278,7 +278,7 @@ def opchecks(dev: torch.device, tally: Tally) -> None:
     gen = torch.Generator().manual_seed(7)
     x = features(gen, 30, 7, 4, torch.float32).to(dev)
     units = unit_rows(x)
-    dist, rank = cluster._distances(x, 2.0)
+    dist, rank = pact._distances(x, 2.0)
     checks = {
         "kcenter": (ops.kcenter, (x, [0, 12, 30], 5, [-1, 3], "cosine")),
         "maxsum": (ops.maxsum, (x.double(), [0, 30], 9, [2])),
