@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import vtprune.functional as F
 from vtprune import kernels
-from vtprune.functional import cluster, diversity
+from vtprune.functional import diversity, pact
 
 NO_EXT = os.environ.get("VTPRUNE_NO_EXT") == "1"
 pytestmark = pytest.mark.skipif(NO_EXT, reason="VTPRUNE_NO_EXT=1 forces the pure-torch path")
@@ -57,7 +57,7 @@ def test_opcheck_every_op():
     torch.library.opcheck(ops.maxsum, (x.double(), [0, 30], 9, [2]))
     units = F._common.unit_rows(x)
     torch.library.opcheck(ops.dart_pick, (units, units[:3], torch.tensor([0, 4]), [2, 0, 5]))
-    dist, rank = cluster._distances(x, 2.0)
+    dist, rank = pact._distances(x, 2.0)
     torch.library.opcheck(ops.dbdpc, (dist, rank, 0.5))
 
 
@@ -68,7 +68,7 @@ def test_torch_compile_fullgraph():
         return order.sort(dim=1).values, labels.bincount(minlength=dist.shape[0])
 
     x = features(1, 25, 6, dup=3, dtype=torch.float32)
-    dist, rank = cluster._distances(x, 2.0)
+    dist, rank = pact._distances(x, 2.0)
     compiled = torch.compile(pipeline, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(x, dist, rank), pipeline(x, dist, rank)):
         assert torch.equal(got, want)
@@ -155,8 +155,8 @@ def test_dart_identical_to_pure_torch(seed, image_len, after, n_ip, n_tp, per):
 @given(st.integers(0, 2**31), st.integers(1, 60), st.integers(2, 8), st.integers(0, 10), st.floats(0.0, 1.5))
 def test_dbdpc_identical_to_pure_torch(seed, n, d, dup, cutoff):
     x = features(seed, n, d, dup=min(dup, n - 1), dtype=torch.float32)
-    dist, rank = cluster._distances(x, 2.0)
-    assert torch.equal(ops.dbdpc(dist, rank, cutoff), cluster._dbdpc_torch(dist, rank, cutoff))
+    dist, rank = pact._distances(x, 2.0)
+    assert torch.equal(ops.dbdpc(dist, rank, cutoff), pact._dbdpc_torch(dist, rank, cutoff))
 
 
 def test_dbdpc_many_rounds_identical():
@@ -164,9 +164,9 @@ def test_dbdpc_many_rounds_identical():
     g = torch.Generator().manual_seed(5)
     centres = torch.randn(40, 16, generator=g)
     x = centres.repeat_interleave(6, 0) + 0.05 * torch.randn(240, 16, generator=g)
-    dist, rank = cluster._distances(x, 2.0)
+    dist, rank = pact._distances(x, 2.0)
     for cutoff in (0.0, 0.01, 0.05, 0.3, 2.5):
-        assert torch.equal(ops.dbdpc(dist, rank, cutoff), cluster._dbdpc_torch(dist, rank, cutoff))
+        assert torch.equal(ops.dbdpc(dist, rank, cutoff), pact._dbdpc_torch(dist, rank, cutoff))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -200,7 +200,7 @@ def test_bad_arguments_raise_clear_errors():
         ops.dart_pick(x, x[:2], torch.tensor([0]), [1])
     with pytest.raises(ValueError, match="not repeat an index"):
         ops.dart_pick(x, x[:2], torch.tensor([1, 1]), [1, 1])
-    dist, rank = cluster._distances(x, 2.0)
+    dist, rank = pact._distances(x, 2.0)
     with pytest.raises(ValueError, match="cutoff must be a finite number >= 0"):
         ops.dbdpc(dist, rank, -0.1)
     with pytest.raises(ValueError, match="permutation"):
@@ -267,7 +267,7 @@ def test_cuda_ops_match_cpu():
         ops.dart_pick(units.to(dev), units[:6].to(dev), excl.to(dev), [7] * 6).cpu(),
         ops.dart_pick(units, units[:6], excl, [7] * 6),
     )
-    dist, rank = cluster._distances(x, 2.0)
+    dist, rank = pact._distances(x, 2.0)
     for cutoff in (0.0, 0.8, 1.0):
         assert torch.equal(ops.dbdpc(dist.to(dev), rank.to(dev), cutoff).cpu(), ops.dbdpc(dist, rank, cutoff))
     torch.library.opcheck(ops.kcenter, (x.to(dev), offsets, 5, [-1, 2], "cosine"))

@@ -144,9 +144,9 @@ def test_launch_constants_match_the_sources():
     assert int(defines["VT_WARPS"]) * int(defines["VT_ROWS_PER_WARP"]) == nvrtc.ROWS_PER_BLOCK
     assert int(defines["VT_DBDPC_BLOCK"]) == nvrtc.DBDPC_BLOCK
     assert int(defines["VT_LABEL_BLOCK"]) == nvrtc.LABEL_BLOCK
-    from vtprune.functional import cluster
+    from vtprune.functional import pact
 
-    assert int(defines["VT_SEQUENTIAL_BELOW"]) == cluster.SEQUENTIAL_BELOW
+    assert int(defines["VT_SEQUENTIAL_BELOW"]) == pact.SEQUENTIAL_BELOW
     # the nvcc kernels of the extension (csrc/cuda, a source checkout) use the same blocks: one device-code design
     csrc = os.path.join(kernels.source_dir(), "cuda")
     if os.path.isdir(csrc):
@@ -215,7 +215,7 @@ def test_launchers_check_arguments_before_touching_a_device():
 def test_launchers_pass_what_the_kernels_declare(cache, monkeypatch):
     """Every launch the four ops make (driven on CPU tensors with the device stubbed) names an entry point of the
     compiled PTX and passes as many arguments, of the same sizes, as its ``.param`` list; grids as computed."""
-    from vtprune.functional import _common, cluster
+    from vtprune.functional import _common, pact
 
     params = {}
     for image in kernels.compile_nvrtc("sm_80", "ptx").values():
@@ -235,7 +235,7 @@ def test_launchers_pass_what_the_kernels_declare(cache, monkeypatch):
     nvrtc.maxsum(x.double(), [0, 50], 3, [-1])
     units = _common.unit_rows(x)
     nvrtc.dart_pick(units, units[:3], torch.tensor([0, 7]), [2, 0, 5])
-    dist, rank = cluster._distances(x, 2.0)
+    dist, rank = pact._distances(x, 2.0)
     nvrtc.dbdpc(dist, rank, 0.5)
     entries = [entry for entry, _, _ in calls]
     assert entries == (

@@ -110,6 +110,26 @@ def test_pact_merge_budget_and_means(seed, n, data):
     assert torch.equal(free.kept, F.dbdpc_cluster(keys, 0.3).unique())
 
 
+@PROPS
+@given(st.integers(0, 2**31), st.integers(2, 40), st.data())
+def test_dbdpc_budget_exact_count_and_nearest_centres(seed, n, data):
+    k = data.draw(st.integers(1, n))
+    keys = keys_with_groups(seed, n, 5, data.draw(st.integers(1, 8)))
+    labels, used = F.dbdpc_cluster(keys, 0.0, k=k, return_cutoff=True)
+    centres = labels[labels == torch.arange(n)].numpy()
+    assert len(centres) == k and used >= 0.0
+    u = (keys / keys.norm(dim=1, keepdim=True)).numpy()
+    dist = np.maximum(1.0 - u @ u.T, 0.0)
+    np.fill_diagonal(dist, 0.0)
+    owner = np.array([i if i in centres else centres[np.argmin(dist[i, centres])] for i in range(n)])
+    assert labels.tolist() == owner.tolist()
+    # a budget equal to the fixed cutoff's count of centres leaves that clustering as it is
+    fixed = F.dbdpc_cluster(keys, 0.3)
+    count = int((fixed == torch.arange(n)).sum())
+    free, cutoff = F.dbdpc_cluster(keys, 0.3, k=count, return_cutoff=True)
+    assert torch.equal(free, fixed) and cutoff == 0.3
+
+
 def test_pact_merge_retrieval():
     # importance keeps tokens 0..3 (clustered); pruned 4 is near 0's key, pruned 5 is far from every centre
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [1.0, 0.05], [1.0, 1.0]])
@@ -132,6 +152,10 @@ def test_pact_errors():
         F.pact_merge(h, torch.rand(4, 2), k=2)
     with pytest.raises(ValueError, match=r"cutoff must be a number in \[0.0, inf\], got -1"):
         F.dbdpc_cluster(k, -1)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 5\]"):
+        F.dbdpc_cluster(k, k=0)
+    with pytest.raises(TypeError, match="return_cutoff must be True or False, got 1"):
+        F.dbdpc_cluster(k, return_cutoff=1)
     with pytest.raises(ValueError, match="layer must be an int >= 1"):
         vtprune.registry.get_method("pact").config_cls(keep=4, layer=0)
 

@@ -20,7 +20,9 @@ from tiny import (
     VSTART_ID,
     cache_keyword,
     greedy,
+    keep_columns,
     last_logits,
+    layer_route,
     make_inputs,
     split_rows,
 )
@@ -60,18 +62,10 @@ def _prompt(model, inputs, token_id=IMAGE_ID):
     return embeds, pos, visual, levels
 
 
-def _keep_columns(visual_row: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Bool [S]: every text column and the kept visual ones (``kept`` indexes the row's visual tokens)."""
-    cols = visual_row.nonzero().squeeze(1)
-    keep = ~visual_row
-    keep[cols[kept]] = True
-    return keep
-
-
 def _vision_route(model, inputs, kept, token_id=IMAGE_ID):
     """Last logits of the unpatched text model fed only the kept tokens (batch of one)."""
     embeds, pos, visual, levels = _prompt(model, inputs, token_id)
-    keep = _keep_columns(visual[0], kept)
+    keep = keep_columns(visual[0], kept)
     extra = {}
     if levels:  # DeepStack: the kept tokens' rows of every level, the mask of the kept visual tokens
         rows = kept.sort().values
@@ -84,27 +78,6 @@ def _vision_route(model, inputs, kept, token_id=IMAGE_ID):
             **extra,
         ).last_hidden_state
         return model.lm_head(hidden[:, -1]).float()
-
-
-def _layer_route(model, inputs, kept, layer):
-    """Last logits of a layer-by-layer run that drops the unkept visual tokens before decoder layer ``layer``."""
-    embeds, pos, visual, levels = _prompt(model, inputs)
-    lm = model.model.language_model
-    keep = _keep_columns(visual[0], kept)
-    vis_rows = torch.full(visual.shape[1:], -1, dtype=torch.long)
-    vis_rows[visual[0]] = torch.arange(int(visual.sum()))
-    with torch.no_grad():
-        h = embeds
-        cos, sin = lm.rotary_emb(h, pos)
-        for i, decoder_layer in enumerate(lm.layers):
-            if i == layer:
-                h, cos, sin, vis_rows = h[:, keep], cos[:, keep], sin[:, keep], vis_rows[keep]
-            h = decoder_layer(h, position_embeddings=(cos, sin), attention_mask=None, position_ids=None)
-            if i < len(levels):  # DeepStack level i joins the visual rows still present
-                present = vis_rows >= 0
-                h = h.clone()
-                h[0, present] = h[0, present] + levels[i][vis_rows[present]]
-        return model.lm_head(lm.norm(h)[:, -1]).float()
 
 
 @pytest.mark.parametrize("family", QWEN3)
@@ -136,7 +109,9 @@ def test_decoder_point_equals_layer_by_layer_reference(family, method, layer, mo
     assert st.layer == layer and st.visual_tokens_kept == [4]
     if method == "pact":  # merged vectors: compare the mechanics only where pact keeps tokens unmerged
         return
-    torch.testing.assert_close(logits, _layer_route(model, inputs, st.kept_indices[0], layer), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits, layer_route(model, _prompt(model, inputs), st.kept_indices[0], layer), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_merging_point_merges_deepstack_levels_like_the_main_vectors(model_factory):
@@ -162,7 +137,7 @@ def test_merging_point_merges_deepstack_levels_like_the_main_vectors(model_facto
         keys = keys.transpose(1, 2).reshape(1, keys.shape[2], -1)[0, cols]
         out = F.pact_merge(h[0, cols], keys, k=4)
         merged_level1 = torch.stack([levels[1][out.assignment == c].mean(0) for c in range(4)])
-        keep = _keep_columns(visual[0], out.kept)
+        keep = keep_columns(visual[0], out.kept)
         h[0, cols[out.kept]] = out.merged
         h, cos, sin = h[:, keep], cos[:, keep], sin[:, keep]
         for i in range(1, len(lm.layers)):

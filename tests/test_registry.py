@@ -1,13 +1,16 @@
 """One registry for every method (VLM and ViT hosts): records, filters, facts read from the method's own file."""
 
 import dataclasses
+from typing import ClassVar
 
 import pytest
+import torch
+from tiny import make_inputs
 
 import vtprune
 from vtprune import cli
 from vtprune.methods.base import Method
-from vtprune.registry import FILTERS, get_method, list_methods, register_method
+from vtprune.registry import FILTERS, get_method, list_methods, register_method, spec_for_config
 
 
 def test_every_method_is_listed_once_with_its_host():
@@ -141,3 +144,51 @@ def test_config_dicts_carry_a_version_and_old_ones_migrate(monkeypatch):
     # a method option named "version" is an option, not the dict's version (sparsevlm's)
     sparse = vtprune.SparseVLMConfig(keep=64, version="v2")
     assert vtprune.PruneConfig.from_dict(sparse.to_dict()) == sparse
+
+
+def test_a_config_finds_its_method_by_its_type(model_factory):
+    for name in list_methods():
+        spec = get_method(name)
+        config = spec.config_cls(keep=4, **spec.run_options)
+        assert spec_for_config(config) is spec and get_method(config) is spec
+
+    # the type decides, not the name string on the class: a subclass that claims another method's name runs its own
+    @dataclasses.dataclass
+    class Claims(vtprune.DivPruneConfig):
+        method: ClassVar[str] = "fastv"
+
+    assert spec_for_config(Claims(keep=4)).name == "divprune"
+    model = model_factory("llava")
+    inputs = make_inputs(model, "llava", [(3, 1, 2)])
+    kept = []
+    for config in (Claims(keep=4), vtprune.DivPruneConfig(keep=4)):
+        with vtprune.patched(model, config), torch.no_grad():
+            model(**inputs)
+            stats = vtprune.stats(model)
+            kept.append(([s.method for s in stats.stages], stats.visual_tokens_kept))
+    assert kept[0] == kept[1] == (["divprune"], [4])
+
+
+def test_an_unregistered_config_type_is_refused_naming_the_registered_ones(model_factory):
+    @dataclasses.dataclass
+    class Unregistered(vtprune.PruneConfig):
+        pass
+
+    model = model_factory("llava")
+    for config in (Unregistered(keep=2), vtprune.PruneConfig(keep=2)):
+        name = type(config).__qualname__
+        with pytest.raises(
+            TypeError, match=rf"no method is registered for config type .*{name}.*DivPruneConfig \(divp"
+        ):
+            vtprune.patch(model, config)
+        with pytest.raises(TypeError, match="no method is registered for config type"):
+            vtprune.patch(model, [vtprune.FastVConfig(keep=2), config])
+    assert not vtprune.is_patched(model)
+    with pytest.raises(TypeError, match=r"expected a method config instance .* got str"):
+        spec_for_config("divprune")
+
+
+def test_a_config_class_belongs_to_one_method():
+    with pytest.raises(ValueError, match=r"config class DivPruneConfig already belongs to method 'divprune'"):
+        register_method("x_registry_shared", vtprune.DivPruneConfig)(type("Shared", (Method,), {}))
+    assert "x_registry_shared" not in list_methods()

@@ -13,7 +13,19 @@ with the forward.
 import pytest
 import torch
 from conftest import MULTI_POINT_METHODS, budget, refused
-from tiny import _IMAGES, IMAGE_ID, PAD_ID, QWEN3, VEND_ID, VIDEO_ID, VSTART_ID, last_logits, video_inputs
+from tiny import (
+    _IMAGES,
+    IMAGE_ID,
+    PAD_ID,
+    QWEN3,
+    VEND_ID,
+    VIDEO_ID,
+    VSTART_ID,
+    keep_columns,
+    last_logits,
+    layer_route,
+    video_inputs,
+)
 
 import vtprune
 from vtprune.registry import get_method
@@ -149,17 +161,10 @@ def _prompt(model, family, one):
     return embeds, pos, visual, levels
 
 
-def _keep_columns(visual_row, kept):
-    """Bool [S]: every text column and the kept visual ones (``kept`` indexes the row's visual tokens)."""
-    keep = ~visual_row
-    keep[visual_row.nonzero().squeeze(1)[kept]] = True
-    return keep
-
-
 def _vision_route(model, family, one, kept):
     """Last logits of the unpatched text model fed only the row's kept tokens, at their original positions."""
     embeds, pos, visual, levels = _prompt(model, family, one)
-    keep = _keep_columns(visual[0], kept)
+    keep = keep_columns(visual[0], kept)
     extra = {}
     if levels is not None:  # DeepStack: the kept tokens' rows of every level, the mask of the kept visual tokens
         extra = dict(visual_pos_masks=visual[:, keep], deepstack_visual_embeds=[lvl[kept] for lvl in levels])
@@ -171,28 +176,6 @@ def _vision_route(model, family, one, kept):
             **extra,
         ).last_hidden_state
         return model.lm_head(hidden[:, -1]).float()
-
-
-def _layer_route(model, family, one, kept, layer):
-    """Last logits of a layer-by-layer run of the row that drops the unkept visual tokens before decoder ``layer``."""
-    embeds, pos, visual, levels = _prompt(model, family, one)
-    lm = model.model.language_model
-    keep = _keep_columns(visual[0], kept)
-    rows = torch.full(visual.shape[1:], -1, dtype=torch.long)
-    rows[visual[0]] = torch.arange(int(visual.sum()))
-    with torch.no_grad():
-        h = embeds
-        cos, sin = lm.rotary_emb(h, pos)
-        for i, decoder_layer in enumerate(lm.layers):
-            if i == layer:
-                h, cos, sin, rows = h[:, keep], cos[:, keep], sin[:, keep], rows[keep]
-            h = decoder_layer(h, position_embeddings=(cos, sin), attention_mask=None, position_ids=None)
-            h = h[0] if isinstance(h, tuple) else h
-            if levels is not None and i < len(levels):  # DeepStack level i joins the visual rows still present
-                present = rows >= 0
-                h = h.clone()
-                h[0, present] = h[0, present] + levels[i][rows[present]]
-        return model.lm_head(lm.norm(h)[:, -1]).float()
 
 
 @pytest.mark.parametrize("method,family", CASES)
@@ -224,7 +207,7 @@ def test_method_on_videos_alone_and_beside_an_image(method, family, model_factor
         if cls.stage == "vision" and not cls.merges and not late:
             ref = _vision_route(model, family, one, kept)
         elif cls.stage == "llm" and not cls.merges and method not in MULTI_POINT_METHODS:
-            ref = _layer_route(model, family, one, kept, st.layer)
+            ref = layer_route(model, _prompt(model, family, one), kept, st.layer)
         else:  # merged vectors, late drops, several points: their own tests; here the counts and generate above
             continue
         torch.testing.assert_close(logits[row], ref[0], rtol=1e-4, atol=1e-4)

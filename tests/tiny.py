@@ -492,6 +492,39 @@ def assert_keep_all_is_bit_identical(model, inputs, method, **options):
         assert st.prefill_flops == st.prefill_flops_full
 
 
+def keep_columns(visual_row: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Bool [S]: every text column and the kept visual ones (``kept`` indexes the row's visual tokens)."""
+    keep = ~visual_row
+    keep[visual_row.nonzero().squeeze(1)[kept]] = True
+    return keep
+
+
+def layer_route(model, prompt, kept, layer):
+    """Last logits ``[1, V]`` of a layer-by-layer run of the UNPATCHED language model on one row that drops the unkept
+    visual tokens before decoder layer ``layer``. ``prompt = (embeds [1, S, D], positions, visual [1, S] bool,
+    levels)``: the row's input embeddings with the visual features in place, its position ids (1-D or M-RoPE), its
+    visual mask, and (Qwen3-VL's DeepStack) one ``[V, D]`` row per visual token (prompt order) for each level added
+    after decoder layer i, or None. Kept tokens keep their positions; a level joins the visual rows still present."""
+    embeds, pos, visual, levels = prompt
+    lm = model.model.language_model
+    keep = keep_columns(visual[0], kept)
+    rows = torch.full(visual.shape[1:], -1, dtype=torch.long)
+    rows[visual[0]] = torch.arange(int(visual.sum()))
+    with torch.no_grad():
+        h = embeds
+        cos, sin = lm.rotary_emb(h, pos)
+        for i, decoder_layer in enumerate(lm.layers):
+            if i == layer:
+                h, cos, sin, rows = h[:, keep], cos[:, keep], sin[:, keep], rows[keep]
+            h = decoder_layer(h, position_embeddings=(cos, sin), attention_mask=None, position_ids=None)
+            h = h[0] if isinstance(h, tuple) else h
+            if levels is not None and i < len(levels):
+                present = rows >= 0
+                h = h.clone()
+                h[0, present] = h[0, present] + levels[i][rows[present]]
+        return model.lm_head(lm.norm(h)[:, -1]).float()
+
+
 def route_greedy(model, route, n):
     """The ``n`` greedy tokens the UNPATCHED ``model`` appends to ``route`` (``inputs_embeds`` ``[1, T, D]``, 1-D
     ``position_ids``, ``attention_mask`` and, Gemma 3, ``token_type_ids``), re-run from scratch for every token (each

@@ -15,7 +15,7 @@ from .engine import Session
 from .engine.vit import ViTSession
 from .methods.tower import TowerMerge
 from .methods.vit import list_vit_methods
-from .registry import get_method, list_methods
+from .registry import MethodSpec, get_method, list_methods, spec_for_config
 from .stats import PruneStats
 
 _ATTR = "_vtprune_session"
@@ -30,7 +30,7 @@ def _make_config(method: str | PruneConfig, options: dict[str, Any]) -> PruneCon
                 f"pass options either in the config or as keywords, not both (got a {type(method).__name__} "
                 f"and keywords {sorted(options)})"
             )
-        get_method(method.method)  # registered?
+        spec_for_config(method)  # registered? (its type names the method)
         return method
     if not isinstance(method, str):
         raise TypeError(
@@ -60,7 +60,7 @@ def _make_configs(method, options: dict[str, Any]) -> list[PruneConfig]:
                 f"schedule element {i} is a {type(item).__name__} ({item!r}); each element must be a "
                 "method config instance (e.g. vtprune.FastVConfig(keep=64)), with its own budget"
             )
-        get_method(item.method)  # registered?
+        spec_for_config(item)  # registered?
     return list(method)
 
 
@@ -93,7 +93,7 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
         if tower is None:
             raise
         raise ValueError(
-            f"method {getattr(tower, 'method', tower)!r} reduces tokens inside a vision transformer, and "
+            f"method {_spec(tower).name!r} reduces tokens inside a vision transformer, and "
             f"{type(model).__name__} is not one vtprune knows ({'; '.join(vit_host_names())}), nor a VLM whose "
             f"vision tower it merges in ({', '.join(tower_merging_families())})"
         ) from None
@@ -101,32 +101,44 @@ def patch(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **opt
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
         raise ValueError(f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first")
     configs = _make_configs(method, options)
-    methods = [TowerMerge(c) if _is_vit_method(c) else get_method(c.method).method_cls(c) for c in configs]
+    specs = [spec_for_config(c) for c in configs]
+    methods = [TowerMerge(c) if s.host == "vit" else s.method_cls(c) for s, c in zip(specs, configs)]
     session = Session(model, adapter, methods)
     session.install()
     setattr(model, _ATTR, session)
     return model
 
 
+def _spec(method) -> MethodSpec | None:
+    """The record of ``method`` (a config instance: by its type; a name), None if it names no registered method (the
+    configs are made, and refused with the registered names / config types, by :func:`_make_config`)."""
+    if isinstance(method, PruneConfig):
+        try:
+            return spec_for_config(method)
+        except TypeError:
+            return None
+    return get_method(method) if isinstance(method, str) and method in list_methods() else None
+
+
 def _is_vit_method(method) -> bool:
-    name = method.method if isinstance(method, PruneConfig) else method
-    return isinstance(name, str) and name in list_methods(host="vit")
+    spec = _spec(method)
+    return spec is not None and spec.host == "vit"
 
 
 def _patch_vit(model: nn.Module, host, method, options: dict[str, Any]) -> nn.Module:
     if isinstance(method, (list, tuple)):
         raise TypeError("a vision transformer takes one token-reduction method, not a schedule (list)")
-    name = getattr(method, "method", method)
-    if not _is_vit_method(method) and isinstance(name, str) and name in list_methods():
+    spec = _spec(method)
+    if spec is not None and spec.host != "vit":
         raise ValueError(
-            f"{type(model).__name__} is a vision transformer ({host.name}); method {name!r} prunes a "
+            f"{type(model).__name__} is a vision transformer ({host.name}); method {spec.name!r} prunes a "
             f"VLM's visual tokens. Methods that act inside a ViT: {', '.join(list_vit_methods())}"
         )
     config = _make_config(method, options)
     if getattr(model, _ATTR, None) is not None:
         current = "+".join(m.name for m in getattr(model, _ATTR).methods)
         raise ValueError(f"this model is already patched (method {current!r}); call vtprune.unpatch(model) first")
-    vit_method = get_method(config.method).method_cls(config)
+    vit_method = spec_for_config(config).method_cls(config)
     patches = host.num_patches()
     if patches:  # a budget the method cannot reach fails here, not at the first forward
         vit_method.schedule(patches, len(host.blocks))

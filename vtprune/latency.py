@@ -43,10 +43,14 @@ def build_random_llava(
     text_after: int = 15,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn: str = "sdpa",
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A random-weight ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout: CLIP layer -2, CLS dropped, SDPA) in
-    eval mode, and inputs for one prompt: ``BOS + text_before-1`` text tokens, ``(image_size // patch_size)**2``
-    image tokens, ``text_after`` text tokens, one ``image_size`` image. Deterministic in ``seed``."""
+    """A random-weight ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout: CLIP layer -2, CLS dropped) in eval mode,
+    and inputs for one prompt: ``BOS + text_before-1`` text tokens, ``(image_size // patch_size)**2`` image tokens,
+    ``text_after`` text tokens, one ``image_size`` image. Deterministic in ``seed`` (per device). The weights are
+    created on ``device`` in ``dtype`` directly (a 7B model in bf16 on a GPU needs no float32 copy on the host); the
+    inputs are on ``device`` too. ``attn``: the attention implementation (``"sdpa"``, ``"flash_attention_2"``, ...)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -89,8 +93,15 @@ def build_random_llava(
         projector_hidden_act="gelu",
     )
     for c in (cfg, cfg.text_config, cfg.vision_config):
-        c._attn_implementation = "sdpa"
-    model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+        c._attn_implementation = attn
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to(device=device, dtype=dtype).eval()  # a no-op unless some buffer was made elsewhere
     model.generation_config.pad_token_id = 0
 
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +114,7 @@ def build_random_llava(
         "attention_mask": torch.ones_like(input_ids),
         "pixel_values": torch.randn(1, 3, image_size, image_size, generator=gen).to(dtype),
     }
-    return model, inputs
+    return model, {k: v.to(device) for k, v in inputs.items()}
 
 
 def build_small_llava(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:

@@ -16,7 +16,10 @@ read from the method class itself, so that a method is one file and no table els
   something the bundled random models lack);
 * ``surrogate`` / ``unreachable``: how the robustness audit's attack reaches it, or why it cannot.
 
-Lookups of unknown names suggest close ones; :func:`list_methods` filters on the record.
+A config instance finds its method by its type (:func:`spec_for_config`, walking the config class's MRO, as
+torchao's handlers are keyed on the config type): ``vtprune.patch(model, DivPruneConfig(ratio=0.25))`` never goes
+through a name. Names stay for YAML / JSON / the CLI (:func:`get_method`); lookups of unknown names suggest close
+ones. :func:`list_methods` filters on the record.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "register_method",
     "list_methods",
     "get_method",
+    "spec_for_config",
     "import_methods",
     "load_plugins",
     "HOSTS",
@@ -145,6 +149,13 @@ def register_method(name: str, config_cls: type[PruneConfig], *, host: str = "vl
                 f"method {name!r} is already registered (by {old.method_cls.__name__}); pass "
                 "override=True to replace it"
             )
+        owner = _spec_of_type(config_cls, exact=True)
+        if owner is not None and owner.name != name:
+            raise ValueError(
+                f"config class {config_cls.__qualname__} already belongs to method {owner.name!r}: a config finds its "
+                f"method by its type, so {name!r} needs a config class of its own (e.g. a dataclass subclass of "
+                f"{config_cls.__qualname__})"
+            )
         config_cls.method = name
         method_cls.name = name
         method_cls.config_cls = config_cls
@@ -224,8 +235,11 @@ def list_methods(**filters: Any) -> list[str]:
     return sorted(name for name, spec in _METHODS.items() if ok(spec))
 
 
-def get_method(name: str) -> MethodSpec:
-    """The record of the method registered as ``name``; unknown names raise ``ValueError`` with close names."""
+def get_method(name: str | PruneConfig) -> MethodSpec:
+    """The record of the method registered as ``name``; unknown names raise ``ValueError`` with close names. A config
+    instance is resolved by its type (:func:`spec_for_config`)."""
+    if isinstance(name, PruneConfig):
+        return spec_for_config(name)
     if not isinstance(name, str):
         raise TypeError(f"method must be a name (str) or a config instance, got {type(name).__name__}")
     if name not in _METHODS:
@@ -235,6 +249,39 @@ def get_method(name: str) -> MethodSpec:
         close = difflib.get_close_matches(name, _METHODS, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(list_methods())}")
+    return spec
+
+
+def _spec_of_type(config_cls: type, exact: bool = False) -> MethodSpec | None:
+    """The record whose config class is ``config_cls`` or, unless ``exact``, its nearest registered base (MRO order)."""
+    by_type = {spec.config_cls: spec for spec in _METHODS.values()}
+    for cls in (config_cls,) if exact else config_cls.__mro__:
+        if cls in by_type:
+            return by_type[cls]
+    return None
+
+
+def spec_for_config(config: PruneConfig) -> MethodSpec:
+    """The record of the method ``config`` belongs to, found from its type: the first class in ``type(config)``'s MRO
+    that a method registered (``@register_method(name, ThatConfig)``), so a subclass of a method's config runs that
+    method. Raises ``TypeError`` naming the config's type and the registered config types when none is registered
+    (``PruneConfig`` itself, or a config class no method registered)."""
+    if not isinstance(config, PruneConfig):
+        raise TypeError(
+            f"expected a method config instance (a vtprune.PruneConfig subclass, e.g. vtprune.FastVConfig(keep=64)), "
+            f"got {type(config).__name__}"
+        )
+    spec = _spec_of_type(type(config))
+    if spec is None:
+        load_plugins()
+        spec = _spec_of_type(type(config))
+    if spec is None:
+        known = ", ".join(f"{s.config_cls.__name__} ({name})" for name, s in sorted(_METHODS.items()))
+        raise TypeError(
+            f"no method is registered for config type {type(config).__module__}.{type(config).__qualname__}; "
+            f"register one with @vtprune.register_method(name, {type(config).__qualname__}), or use a registered "
+            f"config type: {known}"
+        )
     return spec
 
 

@@ -1,7 +1,7 @@
 // CPU (OpenMP) DBDPC centre finding and nearest-centre assignment (PACT, orailix/PACT).
 //
 // Input: the cosine-distance matrix dist [N, N] and each token's density rank (0 = densest), both computed by
-// vtprune.functional.cluster with ATen, so this kernel and the pure-torch reference compare the same numbers.
+// vtprune.functional.pact with ATen, so this kernel and the pure-torch reference compare the same numbers.
 //
 // Rounds: among the unassigned tokens U, delta_i = min dist[i][j] over the denser j in U (inf for the densest);
 // tokens with delta_i > cutoff become centres, and every token of U within cutoff of a new centre is assigned.

@@ -14,7 +14,7 @@ namespace {
 
 constexpr int kBlock = 1024;
 enum : int8_t { kFree = 0, kAssigned = 1, kCentre = 2, kFresh = 3 };
-constexpr int kSequentialBelow = 10;  // keep in sync with vtprune/functional/cluster.py SEQUENTIAL_BELOW
+constexpr int kSequentialBelow = 10;  // keep in sync with vtprune/functional/pact.py SEQUENTIAL_BELOW
 
 template <typename T>
 __global__ void centres_kernel(const T* __restrict__ dist, const int64_t* __restrict__ rank,

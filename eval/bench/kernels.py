@@ -21,7 +21,7 @@ import time
 import torch
 
 from vtprune import kernels
-from vtprune.functional import cluster, dart, diversity
+from vtprune.functional import dart, diversity, pact
 from vtprune.functional._common import unit_rows
 from vtprune.timing import cpu_model
 
@@ -137,7 +137,7 @@ def extra_cells():
             )
         )
         keys = torch.randn(n, 128, generator=g).to(DEVICE)  # one head's worth of key features
-        dist, rank = cluster._distances(keys, cluster.PACT_DC)
+        dist, rank = pact._distances(keys, pact.PACT_DC)
         rows.append(
             (
                 "dbdpc centres + labels, cutoff 0.9",
@@ -145,7 +145,7 @@ def extra_cells():
                 128,
                 None,
                 _compare(
-                    lambda: torch.ops.vtprune.dbdpc(dist, rank, 0.9), lambda: cluster._dbdpc_torch(dist, rank, 0.9), 3
+                    lambda: torch.ops.vtprune.dbdpc(dist, rank, 0.9), lambda: pact._dbdpc_torch(dist, rank, 0.9), 3
                 ),
             )
         )

@@ -34,7 +34,7 @@ import common
 import torch
 
 from vtprune import kernels
-from vtprune.functional import cluster, diversity
+from vtprune.functional import diversity, pact
 from vtprune.functional._common import unit_rows
 
 ops = torch.ops.vtprune
@@ -246,13 +246,13 @@ def run_cases(dev: torch.device, n_cases: int, max_n: int, max_d: int, seed: int
 
         # DBDPC on a precomputed distance matrix (comparisons only: must be exact)
         if n >= 2:
-            dist, rank = cluster._distances(x[:n], 2.0)
+            dist, rank = pact._distances(x[:n], 2.0)
             cutoff = rng.choice([0.0, 0.21, 0.5, 0.9, 1.0, 2.5])
             cdesc = f"#{case} dbdpc {str(dtype)[6:]} N={n} D={d} cutoff={cutoff}"
             try:
                 got = UT["ops"]["dbdpc"](dist.to(dev), rank.to(dev), cutoff)
                 refs = {name: ops.dbdpc(dist.to(where), rank.to(where), cutoff) for name, where in extra.items()}
-                refs["vs pure torch, same device"] = cluster._dbdpc_torch(dist.to(dev), rank.to(dev), cutoff)
+                refs["vs pure torch, same device"] = pact._dbdpc_torch(dist.to(dev), rank.to(dev), cutoff)
                 for name, want in refs.items():
                     same = torch.equal(got.cpu(), want.cpu())
                     tally.add(
@@ -304,7 +304,7 @@ def opchecks(dev: torch.device, tally: Tally) -> None:
     gen = torch.Generator().manual_seed(7)
     x = features(gen, 30, 7, 4, torch.float32).to(dev)
     units = unit_rows(x)
-    dist, rank = cluster._distances(x, 2.0)
+    dist, rank = pact._distances(x, 2.0)
     checks = {
         "kcenter": (ops.kcenter, (x, [0, 12, 30], 5, [-1, 3], "cosine")),
         "maxsum": (ops.maxsum, (x.double(), [0, 30], 9, [2])),
@@ -324,13 +324,13 @@ def opchecks(dev: torch.device, tally: Tally) -> None:
 REGISTRATION_CHECK = """
 import torch, vtprune.functional as F
 from vtprune import kernels
-from vtprune.functional import _common, cluster, diversity
+from vtprune.functional import _common, diversity, pact
 state = kernels.available()
 assert state["nvrtc"], f"NVRTC kernels not registered: {state}"
 ops, dev = torch.ops.vtprune, torch.device("cuda")
 x = torch.randn(30, 7, device=dev)
 units = _common.unit_rows(x)
-dist, rank = cluster._distances(x, 2.0)
+dist, rank = pact._distances(x, 2.0)
 torch.library.opcheck(ops.kcenter, (x, [0, 12, 30], 5, [-1, 3], "cosine"))
 torch.library.opcheck(ops.maxsum, (x.double(), [0, 30], 9, [2]))
 torch.library.opcheck(ops.dart_pick, (units, units[:3], torch.tensor([0, 4], device=dev), [2, 0, 5]))
@@ -396,7 +396,7 @@ def timing(dev: torch.device, smoke: bool, repeats: int) -> tuple[list[str], lis
         "kcenter": lambda x, o, k, f, m: pure_greedy(x, o, k, f, m),
         "maxsum": lambda x, o, k, f: pure_greedy(x, o, k, f, "maxsum"),
         "dart_pick": pure_dart,
-        "dbdpc": cluster._dbdpc_torch,
+        "dbdpc": pact._dbdpc_torch,
     }
     backends["pure torch"] = pure
     gen = torch.Generator().manual_seed(99)
@@ -414,7 +414,7 @@ def timing(dev: torch.device, smoke: bool, repeats: int) -> tuple[list[str], lis
         (f"dart_pick N={n} D={d} pivots=8", "dart_pick", (units, units[:8], torch.arange(8, device=dev), [8] * 8))
     )
     for n in [40] if smoke else [576, 2880]:
-        dist, rank = cluster._distances(features(gen, n, 64, 0, torch.float32), 2.0)
+        dist, rank = pact._distances(features(gen, n, 64, 0, torch.float32), 2.0)
         cells.append((f"dbdpc N={n} cutoff=0.5", "dbdpc", (dist.to(dev), rank.to(dev), 0.5)))
     names = list(backends)
     sync = ", CUDA-synchronised" if dev.type == "cuda" else ""

@@ -29,97 +29,44 @@ import torch
 
 import vtprune
 from vtprune import timing
+from vtprune.latency import IMAGE_TOKEN_ID, VOCAB_SIZE, build_random_llava
 
-VOCAB, IMAGE_ID = 32064, 32000
 REAL = dict(
     image_size=336,
     patch_size=14,
-    v_hidden=1024,
-    v_inter=4096,
-    v_layers=24,
-    v_heads=16,
-    hidden=4096,
-    inter=11008,
-    layers=32,
-    heads=32,
+    vision_hidden=1024,
+    vision_intermediate=4096,
+    vision_layers=24,
+    vision_heads=16,
+    text_hidden=4096,
+    text_intermediate=11008,
+    text_layers=32,
+    text_heads=32,
     text_before=5,
     text_after=35,
 )
 SMOKE = dict(
     image_size=112,
     patch_size=14,
-    v_hidden=64,
-    v_inter=128,
-    v_layers=2,
-    v_heads=4,
-    hidden=128,
-    inter=256,
-    layers=6,
-    heads=4,
+    vision_hidden=64,
+    vision_intermediate=128,
+    vision_layers=2,
+    vision_heads=4,
+    text_hidden=128,
+    text_intermediate=256,
+    text_layers=6,
+    text_heads=4,
     text_before=5,
     text_after=11,
 )
 
 
 def build(shape: dict, device, dtype, attn: str, seed: int):
-    """Random-weight LLaVA-1.5 of ``shape``, created on ``device`` in ``dtype`` (no fp32 copy on the host)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=shape["v_hidden"],
-        intermediate_size=shape["v_inter"],
-        num_hidden_layers=shape["v_layers"],
-        num_attention_heads=shape["v_heads"],
-        image_size=shape["image_size"],
-        patch_size=shape["patch_size"],
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
-    text = LlamaConfig(
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["inter"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        vocab_size=VOCAB,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    for c in (cfg, cfg.text_config, cfg.vision_config):
-        c._attn_implementation = attn
-    torch.manual_seed(seed)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(before)
-    model = model.to(device=device, dtype=dtype).eval()  # no-op unless some buffer was made elsewhere
-    model.generation_config.pad_token_id = 0
-
-    gen = torch.Generator().manual_seed(seed)
-    n_image = (shape["image_size"] // shape["patch_size"]) ** 2
-    ids = (
-        [1]
-        + torch.randint(3, 32000, (shape["text_before"] - 1,), generator=gen).tolist()
-        + [IMAGE_ID] * n_image
-        + torch.randint(3, 32000, (shape["text_after"],), generator=gen).tolist()
-    )
-    pixels = torch.randn(1, 3, shape["image_size"], shape["image_size"], generator=gen)
-    return model, torch.tensor([ids]), pixels, n_image
+    """Random-weight LLaVA-1.5 of ``shape`` (:func:`vtprune.latency.build_random_llava`), created on ``device`` in
+    ``dtype`` (no fp32 copy on the host): the model, the prompt's ids ``[1, S]``, its image and its image tokens."""
+    model, inputs = build_random_llava(**shape, seed=seed, dtype=dtype, device=device, attn=attn)
+    ids = inputs["input_ids"].cpu()
+    return model, ids, inputs["pixel_values"].cpu(), int((ids == IMAGE_TOKEN_ID).sum())
 
 
 def inputs_for(ids, pixels, batch: int, device, dtype) -> dict:
@@ -267,10 +214,11 @@ def main(argv=None) -> int:
     seq = ids.shape[1]
     setup = (
         f"Random-weight LLaVA-1.5 shapes: CLIP tower {shape['image_size']} px / patch {shape['patch_size']} "
-        f"({n_visual} patches + CLS), {shape['v_hidden']} wide x {shape['v_layers']} layers; Llama LM "
-        f"{shape['hidden']} wide x {shape['layers']} layers ({shape['heads']} heads, intermediate {shape['inter']}, "
-        f"vocabulary {VOCAB}); {n_params / 1e9:.2f} B parameters, {str(dtype)[6:]}, attn_implementation="
-        f"{args.attn}. Prompt: {n_visual} visual + {seq - n_visual} text tokens per row, rows identical. Prefill = "
+        f"({n_visual} patches + CLS), {shape['vision_hidden']} wide x {shape['vision_layers']} layers; Llama LM "
+        f"{shape['text_hidden']} wide x {shape['text_layers']} layers ({shape['text_heads']} heads, intermediate "
+        f"{shape['text_intermediate']}, vocabulary {VOCAB_SIZE}); {n_params / 1e9:.2f} B parameters, "
+        f"{str(dtype)[6:]}, attn_implementation={args.attn}. Prompt: {n_visual} visual + {seq - n_visual} text "
+        "tokens per row, rows identical. Prefill = "
         f"one forward with `logits_to_keep=1`, no grad; "
         + ("CUDA-event time" if dev.type == "cuda" else "host-clock time")
         + f", median of {repeats} interleaved rounds after {warmup} warm-up run(s) per variant; the patch is "

@@ -11,25 +11,32 @@ Conventions shared by every function:
   result to keep tokens in their original order);
 * bad input raises ``ValueError`` / ``TypeError`` naming what was given and what is allowed.
 
-The exact math of each method, and the official code it follows, is in each docstring.
+The exact math of each method, and the official code it follows, is in each docstring. A method's math lives in the
+module named after it (``cdpruner``, ``dart``, ``pact``, ``pdrop``, ``pool``, ``sparsevlm``, ``visionzip``,
+``vispruner``, ``zoo``; ``vit``: the ViT-host methods tome, pitome, zerotprune); what several methods share has a
+module named for what it is: ``scores`` (attention-derived scores, top-k), ``diversity`` (greedy k-center / max-sum),
+``debias`` (the debiasing option: padding masks, recency trends), ``rope`` (the RoPE-only gravity term), ``_common``
+(private: input checks, the compute-dtype rule, cosine rows, tie-breaking top-k).
 """
 
-from .baselines import cdpruner_relevance, cdpruner_select, pool_windows, vispruner_select
-from .cluster import dbdpc_cluster, pact_merge
+from .cdpruner import cdpruner_relevance, cdpruner_select
 from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
-from .merge import visionzip_select
-from .pyramid import (
+from .pact import dbdpc_cluster, pact_merge
+from .pdrop import pdrop_select
+from .pool import pool_windows
+from .rope import rope_gravity
+from .scores import cls_scores, received_attention, topk_indices
+from .sparsevlm import (
     dpc_knn_merge,
-    pdrop_select,
-    rope_gravity,
     sparsevlm_plus_attention,
     sparsevlm_rank_count,
     sparsevlm_raters,
     sparsevlm_select,
 )
-from .scores import cls_scores, received_attention, topk_indices
+from .visionzip import visionzip_select
+from .vispruner import vispruner_select
 from .vit import (
     merge_tokens,
     pitome_margins,

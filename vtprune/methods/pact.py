@@ -34,7 +34,7 @@ import torch
 
 from .. import functional as F
 from ..config import PruneConfig
-from ..functional.cluster import PACT_DC
+from ..functional.pact import PACT_DC
 from ..registry import register_method
 from . import surrogates as S
 from .base import ImageInputs, Method, Selection, check_layer, merge_weights

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from ..config import PruneConfig
-from ..registry import get_method, list_methods
+from ..registry import get_method, list_methods, spec_for_config
 
 #: the key of the model config (``--hf-overrides``) that holds the setting
 KEY = "vtprune"
@@ -72,7 +72,7 @@ def served(num_layers: int = 32) -> str:
 
 def _refusal(config: PruneConfig, num_layers: int) -> str | None:
     """Why ``config``'s method cannot run in vLLM, or None."""
-    cls = get_method(config.method).method_cls
+    cls = spec_for_config(config).method_cls
     if cls.stage != "vision":
         return (
             f"it prunes inside the language model (stage {cls.stage!r}, from attention or hidden states of a "
@@ -92,7 +92,7 @@ def _refusal(config: PruneConfig, num_layers: int) -> str | None:
             "importance='received' (the attention each patch receives, the default on Qwen-VL) or leave it unset"
         )
     if method.drop_layer(num_layers) is not None:
-        fix = get_method(config.method).vllm_options
+        fix = spec_for_config(config).vllm_options
         how = f"; serve its pre-LLM selection alone with {json.dumps(fix)}" if fix else ""
         return (
             "it drops visual tokens again inside the language model (a late drop, from a decoder layer's attention, "
@@ -139,7 +139,7 @@ def read(hf_config: Any) -> PruneConfig | None:
 
 def method(config: PruneConfig):
     """The method object that selects the kept tokens (the same class the Hugging Face path runs)."""
-    return get_method(config.method).method_cls(config)
+    return spec_for_config(config).method_cls(config)
 
 
 def overrides(config: PruneConfig | dict) -> str:

@@ -1,11 +1,12 @@
-"""PyramidDrop (Cooperx521/PyramidDrop, CVPR 2025) and SparseVLM (Gumpest/SparseVLMs, ICML 2025): the in-LLM,
-multi-stage pruners. Each stage's selection is a pure function here; the stages are run by ``vtprune.methods``.
+"""SparseVLM (Gumpest/SparseVLMs, ICML 2025): text raters, rater-scored selection at each pruning layer, recycling of
+pruned tokens by DPC-KNN clustering; SparseVLM+'s gravity correction and priority heads. Each layer's selection is a
+pure function here; the layers are run by ``vtprune.methods.sparsevlm``.
 
-Official code read: PyramidDrop commit 6444f304 (``llava/model/modeling_llama_pdrop.py``: ``pdrop_rank_drop``);
-SparseVLM v1.5 branch at 26a5f488 (``llava/model/language_model/modelling_sparse_llama.py``, ``score.py``,
-``utils.py: cluster_and_merge``), the first release 91fb6d98 (``score.py: attn_postprocess_rank``) and SparseVLM+ on
-the v2.0 branch at 9e1f649e (``modelling_sparse_llama.py`` with ``USE_VERSION=2_0``; ``score.py:
-select_attn_head_by_sum``).
+Official code read: SparseVLM v1.5 branch at 26a5f488 (``llava/model/language_model/modelling_sparse_llama.py``,
+``score.py``, ``utils.py: cluster_and_merge``), the first release 91fb6d98 (``score.py: attn_postprocess_rank``) and
+SparseVLM+ on the v2.0 branch at 9e1f649e (``modelling_sparse_llama.py`` with ``USE_VERSION=2_0``; ``score.py:
+select_attn_head_by_sum``). The RoPE-only gravity term SparseVLM+ divides by is :func:`vtprune.functional.rope_gravity`
+(``rope.py``: the engine offers it to every method).
 """
 
 from __future__ import annotations
@@ -17,61 +18,12 @@ import torch
 from ._common import check_int, check_k, check_tensor, compute_dtype, topk_lowtie
 
 __all__ = [
-    "pdrop_select",
     "sparsevlm_raters",
     "sparsevlm_select",
     "sparsevlm_rank_count",
     "dpc_knn_merge",
-    "rope_gravity",
     "sparsevlm_plus_attention",
 ]
-
-
-def pdrop_select(
-    query: torch.Tensor, keys: torch.Tensor, image_start: int, image_len: int, keep: int, scale: float | None = None
-) -> torch.Tensor:
-    """PyramidDrop's selection at one stage boundary: the image tokens the last instruction token attends to most.
-
-    ``p = softmax(query . keys^T * scale)`` per head over all ``S`` keys, averaged over heads; the ``keep`` image
-    tokens (positions ``image_start .. image_start + image_len - 1``) with the largest ``p`` are kept (ties -> lower
-    index). Official ``pdrop_rank_drop``: layer K's input norm, ``q_proj`` / ``k_proj`` and RoPE applied to the
-    output of layer K-1 (the stage boundary "after K layers"), the query at the last prompt token, the causal mask.
-    The official code casts the softmax to the model dtype before the head mean; here everything is float32
-    (float64 for float64 input).
-
-    Args:
-        query: ``[H, Dh]`` post-RoPE query of the last instruction token, one row per head.
-        keys: ``[H, S, Dh]`` post-RoPE keys of the ``S`` tokens the query sees (grouped-query models: expand the
-            kv heads to ``H`` first); the image must lie inside them.
-        image_start, image_len: the image's first position in ``keys`` and its number of tokens (``>= 1``).
-        keep: tokens to keep, ``1 <= keep <= image_len``.
-        scale: logit scale, default ``1 / sqrt(Dh)`` (the official ``math.sqrt(head_dim)``).
-
-    Returns:
-        int64 ``[keep]`` ascending, relative to the image (0 = the token at ``image_start``).
-    """
-    check_tensor("query", query, ndim=2, shape_hint="[H, Dh]", finite=True)
-    check_tensor("keys", keys, ndim=3, shape_hint="[H, S, Dh]", finite=True)
-    h, s, dh = keys.shape
-    if tuple(query.shape) != (h, dh):
-        raise ValueError(
-            f"query must be [H, Dh] = {[h, dh]} to match keys [H, S, Dh] = {list(keys.shape)}, got {list(query.shape)}"
-        )
-    image_start = check_int("image_start", image_start, 0)
-    image_len = check_int("image_len", image_len, 1)
-    if image_start + image_len > s:
-        raise ValueError(
-            f"the image (positions {image_start}..{image_start + image_len - 1}) must lie inside the {s} keys"
-        )
-    keep = check_k(keep, image_len, "image tokens")
-    if scale is None:
-        scale = 1.0 / math.sqrt(dh)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
-    dt = compute_dtype(query, keys)
-    logits = torch.einsum("hd,hsd->hs", query.to(dt), keys.to(dt)) * scale
-    p = logits.softmax(dim=-1).mean(dim=0)[image_start : image_start + image_len]
-    return topk_lowtie(p, keep).sort().values
 
 
 def sparsevlm_raters(vis_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -117,40 +69,13 @@ def _rater_scores(attn: torch.Tensor) -> torch.Tensor:
     return attn.to(compute_dtype(attn)).mean(dim=0)  # [R, V]
 
 
-def rope_gravity(rope_rows: torch.Tensor, rope_cols: torch.Tensor) -> torch.Tensor:
-    """SparseVLM+'s RoPE-only "gravity" term: the attention logit two tokens would have if their query and key were
-    all ones, i.e. only the rotary embedding of their positions speaks. Official (v2.0 9e1f649e,
-    ``modelling_sparse_llama.py``, "Text-Visual Attention Gravity Correction"): ``apply_rotary_pos_emb`` on all-ones
-    q and k at the current position ids, then ``q k^T / sqrt(Dh)``. For 1-D RoPE this is
-    ``(2 / sqrt(Dh)) * sum_f cos(theta_f (p_i - p_j))``: it depends on the distance only, and decays (with
-    oscillations) as tokens move apart.
-
-    Args:
-        rope_rows: ``[R, Dh]`` the rotary embedding of an all-ones vector at each query row's position (the model's
-            own ``apply_rotary_pos_emb`` on ones: the same for every head).
-        rope_cols: ``[S, Dh]`` the same at each key's position.
-
-    Returns:
-        ``[R, S]`` float32 (float64 for float64 input).
-    """
-    check_tensor("rope_rows", rope_rows, ndim=2, shape_hint="[R, Dh]", finite=True)
-    check_tensor("rope_cols", rope_cols, ndim=2, shape_hint="[S, Dh]", finite=True)
-    if rope_rows.shape[1] != rope_cols.shape[1]:
-        raise ValueError(
-            f"rope_rows [R, Dh] and rope_cols [S, Dh] must agree on Dh, got {list(rope_rows.shape)} and "
-            f"{list(rope_cols.shape)}"
-        )
-    dt = compute_dtype(rope_rows, rope_cols)
-    return (rope_rows.to(dt) @ rope_cols.to(dt).T) / math.sqrt(rope_rows.shape[1])
-
-
 def sparsevlm_plus_attention(attn: torch.Tensor, gravity: torch.Tensor, heads: int = 14) -> torch.Tensor:
     """SparseVLM+ (v2.0 9e1f649e): the rater->image attention after its two corrections, ready for
     :func:`sparsevlm_select` (with ``recycle=False``: SparseVLM+ merges nothing).
 
     1. Gravity correction (paper section 4.2): every head's attention probabilities divided elementwise by the
-       RoPE-only term (:func:`rope_gravity`) of the same query / key positions, as the official code divides the
-       whole ``[H, L, L]`` map (no clamping: a term near zero or negative is used as it is).
+       RoPE-only term (:func:`vtprune.functional.rope_gravity`) of the same query / key positions, as the official
+       code divides the whole ``[H, L, L]`` map (no clamping: a term near zero or negative is used as it is).
     2. Priority heads (section 4.3, ``select_attn_head_by_sum``): the ``heads`` heads with the largest corrected
        rater->image mass (sum over raters and image tokens) are kept, in descending mass (``torch.topk``; ties ->
        lower head index here); the official count is 14 (of LLaVA-1.5-7B's 32 heads, Qwen2.5-VL-7B's 28). A model

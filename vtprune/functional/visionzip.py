@@ -1,4 +1,5 @@
-"""VisionZip: dominant tokens by CLS attention, contextual tokens merged by key similarity."""
+"""VisionZip (dvlab-research/VisionZip, CVPR 2025): dominant tokens by CLS attention, contextual tokens merged by key
+similarity."""
 
 from __future__ import annotations
 

@@ -113,30 +113,6 @@ def _labels(dist: torch.Tensor, rank: torch.Tensor, cutoff: float) -> torch.Tens
     return _dbdpc_torch(dist, rank, cutoff)
 
 
-def dbdpc_cluster(keys: torch.Tensor, cutoff: float = PACT_CUTOFF, dc: float = PACT_DC) -> torch.Tensor:
-    """DBDPC density-peak clustering of ``keys`` [N, D] (PACT): the centre index of every token.
-
-    See the module docstring for the exact rules. Distances are cosine distances computed in float32 (float64
-    for float64 input) with rows scaled by ``1 / max(||k||, 1e-8)``.
-
-    Args:
-        keys: ``[N, D]`` vectors to cluster (PACT: the image tokens' post-RoPE keys, heads flattened).
-        cutoff: distance cutoff, ``>= 0`` (PACT: 0.21).
-        dc: density bandwidth, ``> 0`` (PACT: 2).
-
-    Returns:
-        int64 ``[N]`` labels on ``keys.device``: ``labels[i]`` is the index of token i's centre; the centres are
-        the tokens with ``labels[i] == i``.
-    """
-    check_tensor("keys", keys, ndim=2, shape_hint="[N, D]", finite=True)
-    if keys.shape[0] < 1 or keys.shape[1] < 1:
-        raise ValueError(f"keys must be a non-empty [N, D] tensor, got shape {tuple(keys.shape)}")
-    cutoff = _check_number("cutoff", cutoff, 0.0)
-    dc = _check_number("dc", dc, 1e-12)
-    dist, rank = _distances(keys, dc)
-    return _labels(dist, rank, cutoff)
-
-
 def _budget_labels(dist, rank, k: int, cutoff: float) -> tuple[torch.Tensor, float]:
     """Labels at the smallest cutoff >= ``cutoff`` whose DBDPC has at most ``k`` centres (bisection; a cutoff of 2
     or more leaves one centre), then, if fewer than ``k``, the tokens farthest from their centre (ties -> lower
@@ -172,6 +148,47 @@ def _budget_labels(dist, rank, k: int, cutoff: float) -> tuple[torch.Tensor, flo
     return labels, cutoff
 
 
+def dbdpc_cluster(
+    keys: torch.Tensor,
+    cutoff: float = PACT_CUTOFF,
+    dc: float = PACT_DC,
+    k: int | None = None,
+    return_cutoff: bool = False,
+):
+    """DBDPC density-peak clustering of ``keys`` [N, D] (PACT): the centre index of every token.
+
+    See the module docstring for the exact rules. Distances are cosine distances computed in float32 (float64
+    for float64 input) with rows scaled by ``1 / max(||k||, 1e-8)``.
+
+    Args:
+        keys: ``[N, D]`` vectors to cluster (PACT: the image tokens' post-RoPE keys, heads flattened).
+        cutoff: distance cutoff, ``>= 0`` (PACT: 0.21); with ``k``, the smallest cutoff tried.
+        dc: density bandwidth, ``> 0`` (PACT: 2).
+        k: None (official: the cutoff decides the number of centres) or a budget ``1 <= k <= N``: the cutoff is the
+            smallest one ``>= cutoff`` whose DBDPC has at most ``k`` centres (bisection; fewer centres -> larger
+            cutoff); if that leaves fewer than ``k`` centres, the tokens farthest from their centre (ties -> lower
+            index) become centres too and every token is relabelled with its nearest centre: exactly ``k`` centres.
+        return_cutoff: also return the cutoff used (``cutoff`` itself when ``k`` is None).
+
+    Returns:
+        int64 ``[N]`` labels on ``keys.device``: ``labels[i]`` is the index of token i's centre; the centres are
+        the tokens with ``labels[i] == i``. With ``return_cutoff``: ``(labels, cutoff used)``.
+    """
+    check_tensor("keys", keys, ndim=2, shape_hint="[N, D]", finite=True)
+    if keys.shape[0] < 1 or keys.shape[1] < 1:
+        raise ValueError(f"keys must be a non-empty [N, D] tensor, got shape {tuple(keys.shape)}")
+    cutoff = _check_number("cutoff", cutoff, 0.0)
+    dc = _check_number("dc", dc, 1e-12)
+    if not isinstance(return_cutoff, bool):
+        raise TypeError(f"return_cutoff must be True or False, got {return_cutoff!r}")
+    dist, rank = _distances(keys, dc)
+    if k is None:
+        labels = _labels(dist, rank, cutoff)
+    else:
+        labels, cutoff = _budget_labels(dist, rank, check_k(k, keys.shape[0]), cutoff)
+    return (labels, cutoff) if return_cutoff else labels
+
+
 def pact_merge(
     hidden: torch.Tensor,
     keys: torch.Tensor,
@@ -186,7 +203,7 @@ def pact_merge(
 
     1. Importance pruning (EUTI), only if ``importance`` [N] is given: the ``max(1, int(prune_keep * N))``
        tokens with the largest importance are clustered (ties -> lower index), the others are "pruned".
-    2. DBDPC of the clustered tokens' keys (see :func:`dbdpc_cluster`).
+    2. DBDPC of the clustered tokens' keys (:func:`dbdpc_cluster`, with the budget ``min(k, clustered tokens)``).
        Budget: with ``k`` (``1 <= k <= N``), the cutoff is the smallest one ``>= cutoff`` (default 0) that gives at
        most ``k`` centres (bisection; fewer centres -> larger cutoff); if that leaves fewer than ``k`` centres,
        the clustered tokens farthest from their centre become centres too, and every clustered token is
@@ -241,11 +258,8 @@ def pact_merge(
         mask[top] = True
         clustered, pruned = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
 
-    dist, rank = _distances(keys[clustered], dc)
-    if k is None:
-        labels = _labels(dist, rank, cutoff)
-    else:
-        labels, cutoff = _budget_labels(dist, rank, min(k, clustered.numel()), cutoff)
+    budget = None if k is None else min(k, clustered.numel())
+    labels, cutoff = dbdpc_cluster(keys[clustered], cutoff, dc, k=budget, return_cutoff=True)
     centres = (labels == torch.arange(labels.numel(), device=device)).nonzero().squeeze(1)
     slot = torch.full((labels.numel(),), -1, dtype=torch.long, device=device)
     slot[centres] = torch.arange(centres.numel(), device=device)
