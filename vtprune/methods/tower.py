@@ -46,8 +46,9 @@ import torch
 from ..adapters import tower_merging_families
 from ..config import PruneConfig
 from ..functional import vit as FV
+from ..registry import spec_for_config
 from .base import ImageInputs, Method, Selection
-from .vit import ViTMethod, get_vit_method
+from .vit import ViTMethod
 
 __all__ = ["TowerMerge"]
 
@@ -100,9 +101,9 @@ class TowerMerge(Method):
 
     def __init__(self, config: PruneConfig):
         super().__init__(config)
-        vit_cls, _ = get_vit_method(config.method)
-        self.name = config.method
-        self.vit = vit_cls(config)
+        spec = spec_for_config(config)  # by the config's type: a subclass of tome's config runs tome
+        self.name = spec.name
+        self.vit = spec.method_cls(config)
         self.session = None  # the ViTSession on the tower
         self.keeps_all = False
         self._records: dict[int, tuple[weakref.ref, _Record]] = {}
