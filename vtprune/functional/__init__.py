@@ -20,6 +20,7 @@ from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
 from .merge import visionzip_select
+from .prumerge import prumerge_attention, prumerge_count, prumerge_select
 from .pyramid import (
     dpc_knn_merge,
     pdrop_select,
@@ -57,6 +58,9 @@ __all__ = [
     "zoo_sensitivity_jvp",
     "zoo_select",
     "visionzip_select",
+    "prumerge_select",
+    "prumerge_attention",
+    "prumerge_count",
     "dbdpc_cluster",
     "pact_merge",
     "tome_match",
