@@ -8,6 +8,7 @@ from tiny import make_inputs
 
 import vtprune
 from vtprune import functional as F
+from vtprune.methods.prumerge import PruMergeConfig
 
 # -- a literal re-implementation of 42Shawn/LLaVA-PruMerge 097c0411, clip_encoder.py (batch of 1) -----------------
 
@@ -166,3 +167,92 @@ def test_keep_plus_spreads_spatial_tokens_with_a_coarser_step():
 def test_bad_inputs_are_refused(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         F.prumerge_select(*args, **kwargs)
+
+
+# -- the method --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"plus": 1}, TypeError, r"plus must be a bool"),
+        ({"count": "iqr"}, ValueError, r"count must be one of \('adaptive', 'budget'\)"),
+        ({"count": "budget"}, ValueError, r"count='budget' needs a budget"),
+        ({"layer": -1}, ValueError, r"layer must be None or an int >= 0"),
+        ({"keep": 0}, ValueError, r"keep must be >= 1"),
+    ],
+)
+def test_bad_options_are_refused_at_construction(options, error, match):
+    with pytest.raises(error, match=match):
+        PruMergeConfig(**options)
+
+
+def test_the_count_follows_the_budget_unless_adaptive_is_asked():
+    assert PruMergeConfig().adaptive and PruMergeConfig(keep=64, count="adaptive").adaptive
+    assert not PruMergeConfig(keep=64).adaptive and not PruMergeConfig(ratio=0.25).adaptive
+    assert PruMergeConfig().budget(16) == 15  # nominal, below n so that the method runs
+
+
+@pytest.mark.parametrize("family,match", [("qwen2_vl", "no CLS token"), ("llava_next", "multi-crop")])
+def test_families_without_a_cls_token_or_with_crops_are_refused_at_patch(model_factory, family, match):
+    model = model_factory(family)
+    with pytest.raises(ValueError, match=match):
+        vtprune.patch(model, "prumerge")
+    assert not vtprune.is_patched(model)
+
+
+def _route(model, inputs, plus, keep):
+    """The unpatched model's own vision states, PruMerge on them (q/k of the last layer recomputed from its input,
+    hidden_states[-2]), the merged vectors projected, and the language model fed the text plus those vectors at the
+    kept slots, with their original positions: its last logits and the kept slots."""
+    inner = model.model
+    with torch.no_grad():
+        hs = inner.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        layer = inner.vision_tower.encoder.layers[-1]
+        x = layer.layer_norm1(hs[-2][0])
+        q, k = layer.self_attn.q_proj(x), layer.self_attn.k_proj(x)
+        feats = hs[-2][0, 1:]
+        kept, merged = F.prumerge_select(q[0], k, feats, plus=plus, keep=keep)
+        attn = F.prumerge_attention(q[0], k)
+        pruned = torch.ones(feats.shape[0], dtype=torch.bool)
+        pruned[kept] = False
+        slots = torch.cat([kept, attn.masked_fill(~pruned, -1).argmax().view(1)])
+        order = torch.argsort(slots)
+        vectors = inner.multi_modal_projector(merged[order])
+        ids = inputs["input_ids"][0]
+        embeds = inner.get_input_embeddings()(ids)
+        visual = (ids == model.config.image_token_id).nonzero().squeeze(1)
+        embeds[visual[slots[order]]] = vectors
+        keep_mask = ids != model.config.image_token_id
+        keep_mask[visual[slots]] = True
+        cols = keep_mask.nonzero().squeeze(1)
+        out = model(inputs_embeds=embeds[cols][None], position_ids=cols[None], attention_mask=torch.ones(1, len(cols)))
+    return out.logits[0, -1], slots.sort().values
+
+
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("keep", [None, 6])
+def test_the_patched_model_equals_the_unpatched_model_fed_the_merged_tokens(model_factory, plus, keep):
+    model = model_factory("llava")
+    inputs = make_inputs(model, "llava", [(3, 1, 5)])
+    expected, slots = _route(model, inputs, plus, keep)
+    options = {"plus": plus} if keep is None else {"plus": plus, "keep": keep}
+    with vtprune.patched(model, "prumerge", **options), torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+        st = vtprune.stats(model)
+    assert st.kept_indices[0].tolist() == slots.tolist()
+    assert keep is None or st.visual_tokens_kept == [keep]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adaptive_count_with_a_nominal_budget_is_the_same_at_every_budget(model_factory):
+    model = model_factory("llava")
+    inputs = make_inputs(model, "llava", [(3, 1, 5)])
+    kept = []
+    for keep in (4, 8):
+        with vtprune.patched(model, "prumerge", keep=keep, count="adaptive"), torch.no_grad():
+            model(**inputs)
+            st = vtprune.stats(model)
+        assert st.visual_tokens_nominal == [keep]
+        kept.append(st.kept_indices[0].tolist())
+    assert kept[0] == kept[1]
