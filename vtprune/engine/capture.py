@@ -275,7 +275,7 @@ class VisionCapture:
                     c, t, e = output.shape
                     self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
                 if self._vision_qk is not None:
-                    self._vision_qk.append(torch.stack([self._cls_q, output], dim=1).detach())  # [C, 2, 1+P, E]
+                    self._vision_qk.append(torch.stack([self._cls_q, output], dim=1))  # [C, 2, 1+P, E] (differentiable)
 
         return hook
 
