@@ -59,12 +59,12 @@ def refused(method: str, family: str) -> bool:
     """Whether patching ``family`` with ``method`` raises (its signal or point does not exist there)."""
     if method in SINGLE_CROP_METHODS and family in tiny.ANYRES:
         return True
-    if isinstance(method, str) and _refused_by_capabilities(method, family):
+    if isinstance(method, str) and refused_by_capabilities(method, family):
         return True
     return method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5")  # a default point reads a linear layer
 
 
-def _refused_by_capabilities(method: str, family: str) -> bool:
+def refused_by_capabilities(method: str, family: str) -> bool:
     """From the method's registry record and the family's adapter: a method for single-crop images (``multi_crop =
     False``) on a multi-crop family, or one reading the full-width CLS query (signal ``vision_qk``) on a tower
     without a CLS token; both are refused at ``patch``."""
