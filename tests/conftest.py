@@ -59,7 +59,24 @@ def refused(method: str, family: str) -> bool:
     """Whether patching ``family`` with ``method`` raises (its signal or point does not exist there)."""
     if method in SINGLE_CROP_METHODS and family in tiny.ANYRES:
         return True
+    if isinstance(method, str) and refused_by_capabilities(method, family):
+        return True
     return method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5")  # a default point reads a linear layer
+
+
+def refused_by_capabilities(method: str, family: str) -> bool:
+    """From the method's registry record and the family's adapter: a method for single-crop images (``multi_crop =
+    False``) on a multi-crop family, or one reading the full-width CLS query (signal ``vision_qk``) on a tower
+    without a CLS token; both are refused at ``patch``."""
+    from vtprune.adapters import _ADAPTERS
+    from vtprune.registry import get_method
+
+    spec, adapter = get_method(method), _ADAPTERS.get(family)
+    if adapter is None or spec.host != "vlm":
+        return False
+    if not getattr(spec.method_cls, "multi_crop", True) and adapter.multi_crop:
+        return True
+    return "vision_qk" in spec.signals and not adapter.has_cls_token
 
 
 def supports(method: str, family: str) -> bool:

@@ -143,7 +143,9 @@ def test_bad_flags_exit_2(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", [m for m in vtprune.list_methods(host="vlm") if m in ("cls", "todre", "visionzip")])
+@pytest.mark.parametrize(
+    "method", [m for m in vtprune.list_methods(host="vlm") if m in ("cls", "todre", "visionzip", "prumerge")]
+)
 def test_timed_hook_signals_have_the_engines_shapes(method):
     """The outside-select work timed for a method is the work its vision hooks really do: same layers, same shapes
     as the signals the engine hands to the method's ``select``."""
@@ -155,18 +157,20 @@ def test_timed_hook_signals_have_the_engines_shapes(method):
 
         def spy(image):
             # an undeclared signal raises when read (the engine hands vision_keys only to methods declaring it)
-            seen["cls"] = image.cls_attention
+            seen["cls"] = image.cls_attention if "cls_attention" in impl.signals else None
             seen["keys"] = image.vision_keys if "vision_keys" in impl.signals else None
+            seen["qk"] = image.vision_qk if "vision_qk" in impl.signals else None
             return original(image)
 
         impl.select = spy
         with torch.no_grad():
             model(**inputs)
-    rows, keys = overhead.vision_hook_work(model, method, 16)()
-    assert rows.shape == seen["cls"].shape
-    assert (keys is None) == (seen["keys"] is None)
-    if keys is not None:
-        assert keys.shape == seen["keys"].shape
+    rows, keys, qk = overhead.vision_hook_work(model, method, 16)()
+    assert seen["cls"] is None or rows.shape == seen["cls"].shape
+    for timed, handed in ((keys, seen["keys"]), (qk, seen["qk"])):
+        assert (timed is None) == (handed is None)
+        if timed is not None:
+            assert timed.shape == handed.shape
     assert overhead.vision_hook_work(model, "random", 16) is None
 
 

@@ -398,6 +398,15 @@ def _pruning(methods):
     return [m for m in methods if m.method != "downsample"]
 
 
+def _refused_on(family: str) -> set:
+    """The methods whose capabilities refuse ``family`` at ``patch`` (e.g. ``prumerge``: no CLS token, or crops)."""
+    from conftest import refused_by_capabilities
+
+    import vtprune
+
+    return {m for m in vtprune.list_methods(host="vlm") if refused_by_capabilities(m, family)}
+
+
 def test_benchmark_config_methods_run_on_their_models():
     """Every method of a shipped config patches its model's architecture (weightless: transformers' default
     LlavaConfig / Qwen2_5_VLConfig are the 7B architectures), and llava15_7b lists every registered method."""
@@ -435,6 +444,7 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
         {m.method for m in _pruning(q3.methods)}
         == {m.method for m in _pruning(q35.methods)}
         == {m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
+        - _refused_on("qwen3_vl")
     )
     assert "downsample" in {m.method for m in q3.methods} & {m.method for m in q35.methods}
 
@@ -460,7 +470,9 @@ def test_internvl_benchmark_config_runs_on_its_architecture():
     assert cfg.models[0].pretrained == "OpenGVLab/InternVL3_5-8B-HF"
     arch = InternVLConfig(text_config={"model_type": "qwen3"})
     hsweep._check_methods(cfg.models[0], arch, cfg.methods, [64])
-    assert {m.method for m in cfg.methods} == {m for m in vtprune.list_methods(host="vlm") if m != "pdrop"}
+    assert {m.method for m in cfg.methods} == {
+        m for m in vtprune.list_methods(host="vlm") if m != "pdrop"
+    } - _refused_on("internvl")
 
 
 def test_gemma3_benchmark_config_runs_on_its_architecture():
@@ -488,4 +500,4 @@ def test_gemma3_benchmark_config_runs_on_its_architecture():
     hsweep._check_methods(g3.models[0], cfg, g3.methods, [64])
     assert {m.method for m in g3.methods} == {
         m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")
-    }
+    } - _refused_on("gemma3")

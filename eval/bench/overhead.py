@@ -14,9 +14,10 @@ Timed in interleaved rounds (``vtprune.timing``: every variant once per round, o
 * per method x keep: a full prefill of the patched model; the number recorded is the engine's own
   ``vtprune.stats(model).select_ms`` (the method's ``select`` plus the signal post-processing: for llm-stage methods
   RoPE on the captured keys/query and the attention row);
-* per method whose signals include ``cls_attention`` / ``vision_keys``: what the vision-tower hooks compute while
-  the tower runs (``vtprune.signals.cls_attention_rows`` on [1, 577, 1024] q/k and the head-mean keys, once per
-  hooked layer) — selection work outside ``select_ms``, added to it for the verdict;
+* per method whose signals include ``cls_attention`` / ``vision_keys`` / ``vision_qk``: what the vision-tower hooks
+  compute while the tower runs (``vtprune.signals.cls_attention_rows`` on [1, 577, 1024] q/k and the head-mean keys
+  or the stacked full-width q/k, once per hooked layer) — selection work outside ``select_ms``, added to it for the
+  verdict;
 * ``one layer``: decoder layer 0 of that LM (a ``LlamaDecoderLayer`` of the 4096 / 11008 / 32-head config) alone on
   the prompt's 651 hidden states, with its rotary embeddings and the causal mask the model itself builds.
 
@@ -167,11 +168,12 @@ def vision_hook_work(model, method: str, keep: int, options: dict | None = None)
     On random q/k of the tower's shape ``[1, 1+P, E]``."""
     spec = get_method(method)
     impl = spec.method_cls(spec.make_config({"keep": keep, **(options or {})}))
-    if not impl.signals & {"cls_attention", "vision_keys"}:
+    if not impl.signals & {"cls_attention", "vision_keys", "vision_qk"}:
         return None
     attn = get_adapter(model).vision_attention_modules()
     hooked = impl.vision_layers(len(attn))
     keys = "vision_keys" in impl.signals
+    full = "vision_qk" in impl.signals  # the full-width q / k outputs stacked (prumerge)
     vcfg = model.config.vision_config
     tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
     gen = torch.Generator().manual_seed(0)
@@ -179,14 +181,20 @@ def vision_hook_work(model, method: str, keep: int, options: dict | None = None)
     k = torch.randn(1, tokens, vcfg.hidden_size, generator=gen).to(model.dtype)
 
     def run():
-        rows, means = [], []
+        rows, means, qks = [], [], []
         with torch.no_grad():
             for i in hooked:
                 heads = attn[i].num_heads
                 rows.append(cls_attention_rows(q[:, :1], k, heads, attn[i].scale))
                 if keys:
                     means.append(k.view(1, tokens, heads, -1).mean(2))
-            return torch.stack(rows, dim=1), torch.stack(means, dim=1) if means else None
+                if full:
+                    qks.append(torch.stack([q, k], dim=1))
+            return (
+                torch.stack(rows, dim=1),
+                torch.stack(means, dim=1) if means else None,
+                torch.stack(qks, dim=1) if qks else None,
+            )
 
     return run
 
@@ -536,8 +544,8 @@ def main(argv=None) -> int:
         "included). Capturing layer outputs and projector inputs with hooks costs no compute.",
         "signal ms outside select: for methods that read the vision tower's CLS attention or keys, what the tower "
         "hooks compute while the tower runs (not in `select_ms`): per hooked layer the CLS attention row and, for "
-        "`vision_keys`, the head-mean keys; timed separately in the same rounds (same shapes, random q/k) and added "
-        "to select ms for the ratio and the verdict.",
+        "`vision_keys`, the head-mean keys, for `vision_qk`, the full-width q / k stacked; timed separately in the "
+        "same rounds (same shapes, random q/k) and added to select ms for the ratio and the verdict.",
         "ratio = (select ms + signal ms outside select) / one-layer ms; within budget when <= 1.",
     ]
     bench_options = {m: o for label, m, _ in entries if label == m and (o := get_method(m).run_options)}

@@ -53,6 +53,7 @@ class ImageInfo:
     cls_attention: torch.Tensor | None  # [crops, L, H, 1+P] CLS rows of the requested vision layers
     projector_inputs: torch.Tensor | None  # [crops, P, D_in] what the projector received
     vision_keys: torch.Tensor | None  # [crops, L, 1+P, Dh] head-mean keys (received: [crops, L, P, Dh], patches)
+    vision_qk: torch.Tensor | None  # [crops, L, 2, 1+P, E] full-width q_proj / k_proj outputs (signal vision_qk)
     received: torch.Tensor | None  # [crops, L, P] attention each patch receives (importance="received")
     pack: Any  # per-crop patch scores [crops, P] -> per visual token [n]
     token_patches: Any = None  # (crops, P) -> [n, m] the crop patches each visual token carries
@@ -69,7 +70,7 @@ class VisionCapture:
         self.vision_layers: list[int] = []
         #: "cls" or "received" (the method's ``importance`` option resolved on this model); None: no vision scores
         self.importance: str | None = None
-        if self.signals & {"cls_attention", "vision_keys"}:
+        if self.signals & {"cls_attention", "vision_keys", "vision_qk"}:
             self.importance = resolve_importance(
                 method.name,
                 method.importance(),
@@ -77,6 +78,11 @@ class VisionCapture:
                 adapter.has_cls_token,
             )
             adapter.check_cls_strategy(self.importance)
+            if "vision_qk" in self.signals and self.importance != "cls":
+                raise ValueError(
+                    f"method {method.name!r} reads the vision tower's full-width CLS query and keys (signal "
+                    f"'vision_qk'), which needs a CLS token and importance='cls'; got importance={self.importance!r}"
+                )
             if self.importance == "received" and type(adapter).vision_qk is ModelAdapter.vision_qk:
                 adapter.vision_qk(None, (), {})  # the default raises the family's "not implemented" ValueError
             if adapter.multi_crop and not method.multi_crop:
@@ -95,6 +101,7 @@ class VisionCapture:
         self._cls_rows: list | None = None
         self._received: list | None = None
         self._vision_keys: list | None = None
+        self._vision_qk: list | None = None
         self._cls_q: torch.Tensor | None = None
         self._projector_in: list | None = None
         self._projector32: nn.Module | None = None
@@ -172,6 +179,7 @@ class VisionCapture:
             self._cls_rows = [] if self.vision_layers and not received else None
             self._received = [] if self.vision_layers and received else None
             self._vision_keys = [] if "vision_keys" in self.signals else None
+            self._vision_qk = [] if "vision_qk" in self.signals else None
             self._projector_in = [] if "projector_inputs" in self.signals else None
             try:
                 out = original(*args, **kwargs)
@@ -179,9 +187,10 @@ class VisionCapture:
                 rows, self._cls_rows = self._cls_rows, None
                 got, self._received = self._received, None
                 keys, self._vision_keys = self._vision_keys, None
+                qk, self._vision_qk = self._vision_qk, None
                 projected, self._projector_in = self._projector_in, None
             feats = list(out.pooler_output)
-            infos = self._record(call, feats, rows, keys, projected, got)
+            infos = self._record(call, feats, rows, keys, projected, got, qk)
             if isinstance(out.pooler_output, torch.Tensor):
                 self._batched[token_id] = (out.pooler_output, feats, infos)
             self.on_features(token_id, feats)
@@ -189,7 +198,9 @@ class VisionCapture:
 
         return wrapped
 
-    def _record(self, call: dict, feats: list[torch.Tensor], rows, keys, projected, received=None) -> list[ImageInfo]:
+    def _record(
+        self, call: dict, feats: list[torch.Tensor], rows, keys, projected, received=None, qk=None
+    ) -> list[ImageInfo]:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
         grid = call.get("image_grid_thw", call.get("video_grid_thw"))
         grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
@@ -211,6 +222,7 @@ class VisionCapture:
                 f"{type(self.adapter).__name__}.split_vision_tokens gave {len(received)} images for "
                 f"a feature call of {len(feats)}"
             )
+        qk = torch.split(torch.stack(qk, dim=1), counts) if qk else [None] * len(feats)
         if projected:
             if len(projected) != 1:
                 raise RuntimeError(f"the projector ran {len(projected)} times in one feature call; expected once")
@@ -224,6 +236,7 @@ class VisionCapture:
                 grid=grid[i : i + 1] if grid is not None else None,
                 cls_attention=per_image[i],
                 vision_keys=keys[i],
+                vision_qk=qk[i],
                 received=received[i],
                 projector_inputs=projector_inputs[i],
                 pack=functools.partial(self.adapter.pack_crop_scores, call=call, index=i),
@@ -251,7 +264,7 @@ class VisionCapture:
     def _cls_q_hook(self, module, args, output):
         if self._cls_rows is not None:
             with outside_checkpoint():
-                self._cls_q = output[:, :1]
+                self._cls_q = output if self._vision_qk is not None else output[:, :1]  # vision_qk: every query
 
     def _make_cls_k_hook(self, attn):
         def hook(module, args, output):
@@ -261,6 +274,8 @@ class VisionCapture:
                 if self._vision_keys is not None:
                     c, t, e = output.shape
                     self._vision_keys.append(output.detach().view(c, t, attn.num_heads, e // attn.num_heads).mean(2))
+                if self._vision_qk is not None:
+                    self._vision_qk.append(torch.stack([self._cls_q, output], dim=1))  # [C, 2, 1+P, E] (differentiable)
 
         return hook
 

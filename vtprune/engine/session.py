@@ -563,7 +563,7 @@ class Session:
             attach_real_masks(
                 self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold, copies=fwd.row_copies
             )
-        needs = self.capture.signals & {"features", "cls_attention", "projector_inputs", "vision_keys"}
+        needs = self.capture.signals & {"features", "cls_attention", "projector_inputs", "vision_keys", "vision_qk"}
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(
                 f"method {self.points[0].method.name!r} needs {sorted(needs)} from the vision tower; pass "
@@ -597,6 +597,7 @@ class Session:
             features=unit.features,
             cls_attention=info.cls_attention if info else None,
             vision_keys=info.vision_keys if info else None,
+            vision_qk=info.vision_qk if info else None,
             received=info.received if info else None,
             pack_crop_scores=info.pack if info else None,
             token_patches=info.token_patches if info else None,

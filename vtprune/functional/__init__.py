@@ -26,6 +26,7 @@ from .diversity import kcenter_select, maxsum_select
 from .pact import dbdpc_cluster, pact_merge
 from .pdrop import pdrop_select
 from .pool import pool_windows
+from .prumerge import prumerge_attention, prumerge_count, prumerge_select
 from .rope import rope_gravity
 from .scores import cls_scores, received_attention, topk_indices
 from .sparsevlm import (
@@ -64,6 +65,9 @@ __all__ = [
     "zoo_sensitivity_jvp",
     "zoo_select",
     "visionzip_select",
+    "prumerge_select",
+    "prumerge_attention",
+    "prumerge_count",
     "dbdpc_cluster",
     "pact_merge",
     "tome_match",

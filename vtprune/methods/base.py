@@ -17,7 +17,7 @@ from ..config import PruneConfig
 
 #: signal names a method may ask for
 VISION_SIGNALS = frozenset(
-    {"features", "cls_attention", "vision_keys", "projector_inputs", "prompt_embeds", "instruction"}
+    {"features", "cls_attention", "vision_keys", "vision_qk", "projector_inputs", "prompt_embeds", "instruction"}
 )
 LLM_SIGNALS = frozenset(
     {"text_attention", "keys", "hidden", "layer_attention", "queries", "prompt_embeds", "rope_gravity"}
@@ -28,6 +28,7 @@ SIGNAL_FIELDS = {
     "cls_attention": {"cls_attention"},
     "received": {"cls_attention"},
     "vision_keys": {"vision_keys"},
+    "vision_qk": {"vision_qk"},
     "projector_inputs": {"projector_inputs"},
     "projector": {"projector_inputs"},
     "hidden": {"hidden"},
@@ -87,6 +88,8 @@ class ImageInputs:
     ``importance="received"`` instead ``received`` ``[C, L, P]``, the attention each patch receives at those layers
     (mean over heads and queries; ``cls_attention`` is then None) and ``vision_keys`` ``[C, L, P, Dh]`` the head-mean
     keys as the layer uses them (after its rotary embedding), patches only. :func:`crop_importance` reads either.
+    ``vision_qk`` ``[C, L, 2, 1+P, E]`` the ``q_proj`` (index 0) and ``k_proj`` (index 1) outputs of the same vision
+    layers at full width (heads concatenated), CLS first (towers with a CLS token and ``importance="cls"`` only).
     ``token_patches(C, P)`` ``[n, m]`` int64: the flat crop patches ``c * P + p`` each visual token carries (``m`` per
     token, e.g. Qwen's 2x2 merge unit), -1 for a token that carries none (LLaVA-NeXT's row separators).
     ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),
@@ -117,6 +120,7 @@ class ImageInputs:
     features: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
+    vision_qk: torch.Tensor | None = None
     received: torch.Tensor | None = None
     pack_crop_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
     token_patches: Callable[[int, int], torch.Tensor] | None = None
