@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_k
-from .vidcom2 import vidcom2_scales, vidcom2_scores
+from .vidcom2 import vidcom2_scores
 from .video import check_fraction, check_video, dyseg_segments, frame_similarity
 
 __all__ = ["frame_budgets", "FRAME_BUDGET_RULES"]

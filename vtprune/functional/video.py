@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._common import compute_dtype, check_int, check_tensor, topk_lowtie
+from ._common import check_int, check_tensor, compute_dtype, topk_lowtie
 
 __all__ = ["check_video", "frame_similarity", "dyseg_segments", "dpc_knn_scores"]
 
