@@ -137,7 +137,7 @@ def test_vidcom2_bad_input():
         F.vidcom2_select(torch.zeros(2, 4, 1))
 
 
-# ---------------------------------------------------------------- DySeg (FastVID modeling_qwen2_5_vl.py 1898-1910)
+# ---------------------------------------------------------------- DySeg (FastVID modeling_qwen2_5_vl.py 1899-1910)
 
 
 def ref_global(video):
@@ -171,6 +171,15 @@ def test_dyseg_short_videos():
     assert F.dyseg_segments(video, c=8, tau=-1.0) == [1, 1, 1]
     with pytest.raises(ValueError, match="c must be in"):
         F.dyseg_segments(video, c=0)
+
+
+def test_dpc_knn_scores_agree_with_sparsevlm_centres():
+    # the shared DPC-KNN scores rank centres as SparseVLM's dpc_knn_merge does (neighbours = clusters there)
+    x = rand(6, 30, 5)
+    for c in (1, 4, 9):
+        scores = F.dpc_knn_scores(x, c)
+        assert torch.equal(torch.sort(scores, descending=True, stable=True).indices[:c], F.dpc_knn_merge(x, c)[1])
+    assert torch.equal(F.dpc_knn_scores(x[:3], 4), F.dpc_knn_scores(x[:3], 3))  # neighbours clipped to M
 
 
 # ---------------------------------------------------------------- frame budgets
@@ -215,7 +224,7 @@ def test_frame_budgets_bad_input():
         F.frame_budgets(video, 4, "video")
 
 
-# ---------------------------------------------------------------- FastVID (modeling_qwen2_5_vl.py 1888-2087)
+# ---------------------------------------------------------------- FastVID (modeling_qwen2_5_vl.py 1889-2095)
 
 
 def ref_fastvid(video, attn, ratio, c, tau, ignore, d, p, beta, sizes=None, seed=0):

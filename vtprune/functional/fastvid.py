@@ -18,7 +18,7 @@ def _chunks(total: int, parts: int) -> list[int]:
 def fastvid_frame_counts(
     sizes: list[int], sims: list[float], n: int, frame_retain: int, tau_ignore: float, d: float, p: int
 ) -> tuple[list[int], list[int]]:
-    """FastVID's per-frame (salient, context) counts, official lines 1918-1985 (see :func:`fastvid_select`).
+    """FastVID's per-frame (salient, context) counts, official lines 1920-1989 (see :func:`fastvid_select`).
 
     Args:
         sizes: DySeg segment lengths (sum ``T``); sims: the ``T - 1`` consecutive-frame similarities;
@@ -85,7 +85,7 @@ def fastvid_select(
        ``w = max(1 / (m_a + 1), beta)`` (unchanged when ``m_a = 0``).
 
     Official: LunarShen/FastVID ``fastvid_qwen25vl/lmms-eval/lmms_eval/models/qwenvlutils/modeling_qwen2_5_vl.py``
-    lines 1888-2087 (forward; ``frame_attn`` from lines 195-203 and 590-596), ``fastvid_qwen25vl/scripts/eval.sh``
+    lines 1889-2095 (forward; ``frame_attn`` from lines 195-203 and 590-596), ``fastvid_qwen25vl/scripts/eval.sh``
     (defaults), commit a40a109cb8df20e8c2c17c6850f8269717369990. Deviations: no ``1e-6 * rand`` density noise and
     every tie goes to the lower index; scores and merging in float32 (output in ``features``' dtype); unit vectors
     with an epsilon; ``min(c - 1, T - 1)`` DySeg cuts and ``min(neighbours, M)`` neighbours (the official ``topk``
@@ -93,8 +93,8 @@ def fastvid_select(
 
     Args:
         features: ``[T, N, D]`` one video's post-merger tokens (the LLM's input embeddings).
-        frame_attn: ``[T, N]`` attention each token receives in the last vision block, per frame (official: mean
-            over heads and queries of the frame's softmax, 2x2-merged keys).
+        frame_attn: ``[T, N]`` attention each token receives in the last vision block, per frame (official: the
+            softmax of the frame's mean query over its 2x2-averaged keys, averaged over heads; rows sum to 1).
         retention_ratio: in ``(0, 1]``, with ``int(N * retention_ratio) >= 1``.
         c, tau, tau_ignore: DySeg (``c >= 1``; ``tau`` any float; ``tau_ignore`` in ``[-1, 1]``).
         d: context share in ``[0, 1]``. p: one context anchor per ``p >= 1`` runs. beta: merge floor in ``[0, 1]``.

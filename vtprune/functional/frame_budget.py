@@ -78,7 +78,7 @@ def frame_budgets(
       ``u`` (:func:`vidcom2_scores`). Deviations, so that the counts sum to exactly ``k``: quotas over ``N`` are
       capped and the excess shared in proportion among the other frames (official: clamp, excess dropped), and
       counts are rounded by largest remainder (official: ``round``, at least 1 per frame; here a frame may get 0).
-    * ``"segments"`` (DySeg, FastVID ``modeling_qwen2_5_vl.py`` lines 1898-1985 at commit
+    * ``"segments"`` (DySeg, FastVID ``modeling_qwen2_5_vl.py`` lines 1899-1989 at commit
       a40a109cb8df20e8c2c17c6850f8269717369990): each :func:`dyseg_segments` segment gets ``k`` in proportion to
       its length (largest remainder, ties -> earlier segment); inside a segment the budget goes evenly to its
       anchor frames, the last frame of each run of near-duplicates (consecutive frame similarity

@@ -42,7 +42,7 @@ def frame_similarity(features: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of consecutive frames' mean tokens (FastVID's DySeg input).
 
     ``g_t = mean_i features[t, i]`` normalised to unit length, ``s_t = <g_t, g_{t+1}>`` for ``t < T - 1``
-    (FastVID ``modeling_qwen2_5_vl.py`` lines 1836 and 1898-1899). Returns ``[T - 1]`` float32 (float64 for
+    (FastVID ``modeling_qwen2_5_vl.py`` lines 1836 and 1899-1900). Returns ``[T - 1]`` float32 (float64 for
     float64 input).
     """
     check_video("features", features)
@@ -57,7 +57,7 @@ def dyseg_segments(features: torch.Tensor, c: int = 8, tau: float = 0.84) -> lis
     With ``s = frame_similarity(features)`` (``[T - 1]``), a segment ends after frame ``t`` when ``s_t`` is one of
     the ``c - 1`` smallest (ties -> lower ``t``) or ``s_t < tau``; the last segment ends at frame ``T - 1``.
     Official: LunarShen/FastVID ``fastvid_qwen25vl/lmms-eval/lmms_eval/models/qwenvlutils/modeling_qwen2_5_vl.py``
-    lines 1898-1910, commit a40a109cb8df20e8c2c17c6850f8269717369990. Deviations: the official ``topk`` fails when
+    lines 1899-1910, commit a40a109cb8df20e8c2c17c6850f8269717369990. Deviations: the official ``topk`` fails when
     ``T - 1 < c - 1`` (and ``T = 1``); here it takes ``min(c - 1, T - 1)`` cuts, and ``T = 1`` is one segment.
 
     Args:
