@@ -50,6 +50,14 @@ from .vit import (
 )
 from .zoo import zoo_select, zoo_sensitivity, zoo_sensitivity_jvp
 
+# isort: split
+# video methods (one video per call, flat index t * N + i)
+from .evs import evs_select
+from .fastvid import fastvid_select
+from .frame_budget import frame_budgets
+from .vidcom2 import vidcom2_select
+from .video import dpc_knn_scores, dyseg_segments, frame_similarity
+
 __all__ = [
     "cls_scores",
     "received_attention",
@@ -89,4 +97,12 @@ __all__ = [
     "sparsevlm_plus_attention",
     "rope_gravity",
     "dpc_knn_merge",
+    # video methods
+    "evs_select",
+    "vidcom2_select",
+    "frame_budgets",
+    "fastvid_select",
+    "dyseg_segments",
+    "frame_similarity",
+    "dpc_knn_scores",
 ]
