@@ -19,6 +19,7 @@ from .cluster import dbdpc_cluster, pact_merge
 from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
+from .hiprune import hiprune_anchor_count, hiprune_select
 from .merge import visionzip_select
 from .pyramid import (
     dpc_knn_merge,
@@ -29,6 +30,7 @@ from .pyramid import (
     sparsevlm_raters,
     sparsevlm_select,
 )
+from .scope import scope_select
 from .scores import cls_scores, received_attention, topk_indices
 from .vit import (
     merge_tokens,
@@ -78,4 +80,7 @@ __all__ = [
     "sparsevlm_plus_attention",
     "rope_gravity",
     "dpc_knn_merge",
+    "scope_select",
+    "hiprune_select",
+    "hiprune_anchor_count",
 ]
