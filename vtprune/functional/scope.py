@@ -70,13 +70,14 @@ def scope_select(cls_attn: torch.Tensor, features: torch.Tensor, k: int, alpha: 
     sim = units @ units.T  # [N, N], symmetric
     weight = cls_attn.to(dt) ** float(alpha)
     covered = torch.zeros(n, dtype=dt, device=features.device)  # m[i]: best similarity of token i to the picks
-    free = torch.ones(n, dtype=torch.bool, device=features.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=features.device)
     kept = torch.empty(k, dtype=torch.long, device=features.device)
+    buf = torch.empty_like(sim)
     for step in range(k):
-        cols = free.nonzero().squeeze(1)  # unselected tokens, ascending
-        gain = (sim[:, cols] - covered[:, None]).clamp_min_(0).sum(dim=0)
-        best = cols[int(torch.argmax(gain * weight[cols]))]  # argmax: the first maximum, i.e. the lower index
+        torch.sub(sim, covered[:, None], out=buf)
+        gain = buf.clamp_min_(0).sum(dim=0).mul_(weight).masked_fill_(taken, -math.inf)
+        best = int(torch.argmax(gain))  # argmax: the first maximum, i.e. the lower index
         kept[step] = best
-        free[best] = False
-        covered = torch.maximum(covered, sim[best])
+        taken[best] = True
+        torch.maximum(covered, sim[best], out=covered)
     return kept.sort().values
