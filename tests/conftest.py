@@ -96,17 +96,18 @@ def supports(method: str, family: str) -> bool:
 #: CLS-scored methods: the vision tower's CLS attention where it has a CLS token (LLaVA), else (default
 #: importance="received") the attention each patch receives (Qwen-VL); tests/test_received.py. InternVL has a CLS
 #: token: its default is "cls" (tests/test_internvl.py checks "received" there too)
-CLS_METHODS = ("cls", "todre", "visionzip", "vispruner")
+CLS_METHODS = ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune")
 #: which CLS-scored methods the method x family tests run on each Qwen family (every method on at least one
 #: family; visionzip where tokens are merge units in window order and where DeepStack levels are merged)
 RECEIVED_MATRIX = {
     "qwen2_vl": ("cls",),
-    "qwen2_5_vl": ("visionzip",),
-    "qwen3_vl": ("visionzip",),
+    "qwen2_5_vl": ("visionzip", "hiprune"),  # hiprune: its official Qwen port
+    "qwen3_vl": ("visionzip", "scope"),
     "qwen3_vl_moe": ("todre",),
     "qwen3_5": ("cls",),
     "qwen3_5_moe": ("vispruner",),
-    "gemma3": ("cls", "todre", "visionzip", "vispruner"),  # SigLIP without CLS, scores pooled as the projector pools
+    # SigLIP without CLS, scores pooled as the projector pools
+    "gemma3": ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune"),
 }
 #: methods that do not handle AnyRes / multi-crop images yet
 SINGLE_CROP_METHODS = ()

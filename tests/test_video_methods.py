@@ -40,7 +40,7 @@ NESTED = ("qwen3_vl", "qwen3_5")
 #: the other video families: each method on one of them, in turn (each family gets two or three methods)
 OTHERS = tuple(f for f in VIDEO_FAMILIES if f not in NESTED)
 #: LLaVA-OneVision's videos blend patches: methods that need one patch per token refuse them (test below)
-VIDEO_REFUSALS = (("pool", "llava_onevision"), ("visionzip", "llava_onevision"), ("vispruner", "llava_onevision"))
+VIDEO_REFUSALS = tuple((m, "llava_onevision") for m in ("pool", "visionzip", "vispruner", "scope", "hiprune"))
 CASES = [
     (m, f)
     for i, m in enumerate(vtprune.list_methods(host="vlm"))

@@ -23,11 +23,13 @@ from .cdpruner import cdpruner_relevance, cdpruner_select
 from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
+from .hiprune import hiprune_anchor_count, hiprune_select
 from .pact import dbdpc_cluster, pact_merge
 from .pdrop import pdrop_select
 from .pool import pool_windows
 from .prumerge import prumerge_attention, prumerge_count, prumerge_select
 from .rope import rope_gravity
+from .scope import scope_select
 from .scores import cls_scores, received_attention, topk_indices
 from .sparsevlm import (
     dpc_knn_merge,
@@ -105,4 +107,7 @@ __all__ = [
     "dyseg_segments",
     "frame_similarity",
     "dpc_knn_scores",
+    "scope_select",
+    "hiprune_select",
+    "hiprune_anchor_count",
 ]

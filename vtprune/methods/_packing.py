@@ -39,3 +39,13 @@ def packed_patches(image: ImageInputs) -> tuple[torch.Tensor, int, int]:
     order = torch.arange(n, device=device)
     first = torch.full((c * p,), n, dtype=torch.long, device=device).scatter_reduce_(0, packed, order, "amin")
     return torch.where(first[packed] == order, packed, -1), c, p
+
+
+def crop_tokens(image: ImageInputs) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
+    """``(ids, P, parts)``: ``ids`` and ``P`` as :func:`packed_patches` (one crop's projector rows), and per crop that
+    has visual tokens, ascending, the visual tokens carrying its patches (``[t]`` int64, ascending). Row separators
+    (``ids == -1``) belong to no part. Needs the ``projector_inputs`` signal."""
+    ids, _, p = packed_patches(image)
+    crop_of = torch.where(ids >= 0, ids // p, -1)
+    crops = crop_of[crop_of >= 0].unique()
+    return ids, p, [(crop_of == c).nonzero().squeeze(1) for c in crops.tolist()]
