@@ -19,6 +19,8 @@ from .cluster import dbdpc_cluster, pact_merge
 from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
+from .holov import holov_select
+from .idpruner import idpruner_select
 from .merge import visionzip_select
 from .pyramid import (
     dpc_knn_merge,
@@ -78,4 +80,6 @@ __all__ = [
     "sparsevlm_plus_attention",
     "rope_gravity",
     "dpc_knn_merge",
+    "holov_select",
+    "idpruner_select",
 ]
