@@ -80,5 +80,6 @@ def idpruner_select(
         picked[best] = True
         count += take
         if count < k:  # the similarity columns of the new picks
-            max_sim = torch.maximum(max_sim, (units @ units[best].T).amax(dim=1))
+            cols = torch.mv(units, units[best[0]]) if take == 1 else (units @ units[best].T).amax(dim=1)
+            max_sim = torch.maximum(max_sim, cols)
     return torch.cat(chosen).sort().values
