@@ -24,6 +24,8 @@ from .dart import dart_select
 from .debias import debias_scores, fit_trend, pad_mask, trend_weights
 from .diversity import kcenter_select, maxsum_select
 from .hiprune import hiprune_anchor_count, hiprune_select
+from .holov import holov_select
+from .idpruner import idpruner_select
 from .pact import dbdpc_cluster, pact_merge
 from .pdrop import pdrop_select
 from .pool import pool_windows
@@ -110,4 +112,6 @@ __all__ = [
     "scope_select",
     "hiprune_select",
     "hiprune_anchor_count",
+    "holov_select",
+    "idpruner_select",
 ]
