@@ -15,22 +15,10 @@ import sys
 from typing import Any
 
 import torch
-from torch import nn
 
 from .. import compat, flops
+from . import qwen_grid
 from .base import ModelAdapter, VisionQK, bound_arguments
-
-
-class _MergerPerToken(nn.Module):
-    """Qwen's patch merger as a per-token map: ``[N, merge_unit * D_vit]`` (a token's patches, concatenated)
-    -> ``[N, D_lm]``."""
-
-    def __init__(self, merger: nn.Module, vit_dim: int):
-        super().__init__()
-        self.merger, self.vit_dim = merger, vit_dim
-
-    def forward(self, x):
-        return self.merger(x.reshape(-1, self.vit_dim))
 
 
 def downsample_grid(height: int, width: int, budget: int, least: int = 1) -> tuple[int, int]:
@@ -73,16 +61,16 @@ class QwenVLAdapter(ModelAdapter):
         return self.inner.visual.merger
 
     def projector(self):
-        return _MergerPerToken(self.inner.visual.merger, self.vit_dim())
+        return qwen_grid.PerTokenMerger.of(self.inner.visual.merger, self.vit_dim())
 
     def split_projector_inputs(self, captured, call, counts):
         visual = self.inner.visual
         unit = visual.spatial_merge_size**2
         grid = torch.as_tensor(call.get("image_grid_thw", call.get("video_grid_thw")))
-        tokens = captured.reshape(-1, unit * captured.shape[-1])
+        tokens = qwen_grid.pack_merge_units(captured, unit)
         window = self._window_index(grid)
         if window is not None:  # Qwen2.5-VL runs the merger in window order; undo it as the model does
-            tokens = tokens[torch.argsort(window.to(tokens.device))]
+            tokens = qwen_grid.undo_window_order(tokens, qwen_grid.window_order_inverse(window))
         sizes = (grid.prod(-1) // unit).tolist()
         return [t.unsqueeze(0) for t in torch.split(tokens, sizes)]
 
@@ -118,8 +106,7 @@ class QwenVLAdapter(ModelAdapter):
         unit = self.inner.visual.spatial_merge_size**2
         window = self._window_index(grid)
         if window is not None:  # Qwen2.5-VL's blocks hold the merge units in window order: undo it
-            units = values.reshape(values.shape[0] // unit, unit, *values.shape[1:])
-            values = units[torch.argsort(window.to(values.device))].reshape(values.shape)
+            values = qwen_grid.undo_window_order(values, qwen_grid.window_order_inverse(window), unit)
         return [v.unsqueeze(0) for v in torch.split(values, grid.prod(-1).tolist())]
 
     def pack_crop_scores(self, scores, call, index):
@@ -128,19 +115,11 @@ class QwenVLAdapter(ModelAdapter):
         # Scores per projector row (split_projector_inputs: one row per token) are already per token.
         unit = self.inner.visual.spatial_merge_size**2
         grid = torch.as_tensor(call.get("image_grid_thw", call.get("video_grid_thw"))).reshape(-1, 3)
-        patches = int(grid[index].prod())
-        if scores.numel() == patches // unit:
-            return scores.reshape(-1)
-        if scores.numel() != patches:
-            raise ValueError(
-                f"scores of shape {tuple(scores.shape)} fit neither the {patches} patches nor the "
-                f"{patches // unit} tokens of image {index} (grid {grid[index].tolist()})"
-            )
-        return scores.reshape(-1, unit).mean(dim=1)
+        tokens = int(grid[index].prod()) // unit
+        return qwen_grid.pool_merge_units(scores, tokens, unit, f"image {index} (grid {grid[index].tolist()})")
 
     def token_patches(self, call, index, crops, patches):
-        unit = self.inner.visual.spatial_merge_size**2
-        return torch.arange(crops * patches).view(-1, unit)
+        return qwen_grid.token_patches(crops, patches, self.inner.visual.spatial_merge_size**2)
 
     def default_position_ids(self, batch, seq, past, device):
         pos = super().default_position_ids(batch, seq, past, device)

@@ -5,9 +5,11 @@ Install with ``pip install 'vtprune[vllm]'``; vLLM then calls :func:`register` i
 deployment turns pruning on with ``--hf-overrides '{"vtprune": {"method": "divprune", "ratio": 0.25}}'`` (see
 :mod:`vtprune.vllm.setting`); without that key the model runs exactly as vLLM's stock one.
 
-This package imports vLLM only inside :func:`register` and :mod:`vtprune.vllm.qwen_vl`, and of vtprune only the
-registry, configs and methods (``vtprune.functional``) and the engine's refill of a video's empty frames
-(``vtprune.engine.units.refill_frames``), so it runs with the transformers release vLLM pins.
+This package imports vLLM only inside :func:`register`, :mod:`vtprune.vllm.qwen_vl` (the model classes) and
+:mod:`vtprune.vllm.sizing` (the processors), and of vtprune only the registry, configs and methods
+(``vtprune.functional``), Qwen's grid (:mod:`vtprune.adapters.qwen_grid`, shared with the Hugging Face adapter) and
+the engine's refill of a video's empty frames (``vtprune.engine.units.refill_frames``), so it runs with the
+transformers release vLLM pins.
 """
 
 from __future__ import annotations
