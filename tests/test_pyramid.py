@@ -23,6 +23,7 @@ from tiny import last_logits as _last_logits
 
 import vtprune
 from vtprune import functional as F
+from vtprune.engine import build_points
 from vtprune.methods.pdrop import PDrop, stage_ratios
 
 
@@ -255,14 +256,15 @@ def test_pdrop_last_stage_budget_and_shallow_models():
 def test_sparsevlm_counts_follow_the_official_table():
     method = vtprune.registry.get_method("sparsevlm").method_cls(vtprune.SparseVLMConfig(keep=128))
     assert method.layers(32) == [3, 7, 16]  # after the official pruning layers 2, 6, 15
-    assert method.counts(576) == [303, 110, 36]
-    assert [method.point_budget(576, 576, k) for k in (3, 7, 16)] == [303, 110, 36]
-    assert method.point_budget(100, 576, 7) == 100  # a count at or above the tokens left keeps them all
+    assert method.counts(576, 3) == [303, 110, 36]
+    points = {p.layer: p for p in build_points([method], 32)}  # the plan's points carry the model's depth
+    assert [points[k].budget(576, 576) for k in (3, 7, 16)] == [303, 110, 36]
+    assert points[7].budget(100, 576) == 100  # a count at or above the tokens left keeps them all
     shallow = vtprune.registry.get_method("sparsevlm").method_cls(vtprune.SparseVLMConfig(keep=64))
-    assert shallow.layers(3) == [1, 2] and shallow.counts(256) == [round(c * 64 / 128) for c in (110, 36)]
+    assert shallow.layers(3) == [1, 2] and shallow.counts(256, 2) == [round(c * 64 / 128) for c in (110, 36)]
     half = vtprune.registry.get_method("sparsevlm").method_cls(vtprune.SparseVLMConfig(keep=96))
     half.layers(32)
-    assert half.counts(288) == [round(c * 96 / 192) for c in (300, 200, 110)]  # 1/3 of 288: the 192 row, halved
+    assert half.counts(288, 3) == [round(c * 96 / 192) for c in (300, 200, 110)]  # 1/3 of 288: the 192 row, halved
 
 
 @pytest.mark.parametrize(

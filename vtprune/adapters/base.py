@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import flops
+
 
 @dataclass
 class VisionQK:
@@ -204,6 +206,32 @@ class ModelAdapter:
         """Decoder layer ``index`` has softmax self-attention (``self_attn`` with q/k projections), whose q/k give
         attention-based signals; linear-attention (Gated DeltaNet) layers do not."""
         return hasattr(self.decoder_layers[index], "self_attn")
+
+    # -- the model's call: its model-specific input keywords ----------------------------------------
+    def check_model_inputs(self, kwargs: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the keyword when a call of the top-level model (``kwargs``) lacks an input
+        pruning needs (Qwen-VL: ``mm_token_type_ids``). Default: nothing needed."""
+
+    def token_types(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``[B, S]`` int64 per-token types of a prompt (the ``token_types_key`` keyword of the inner model's call,
+        checked against ``input_ids``), or None where the family has none or none was passed."""
+        if self.token_types_key is None or (types := kwargs.get(self.token_types_key)) is None:
+            return None
+        if tuple(types.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"{self.token_types_key} has shape {tuple(types.shape)}; expected the shape of "
+                f"input_ids {tuple(input_ids.shape)} (one type per prompt token)"
+            )
+        return types.to(input_ids.device).long()
+
+    def patch_grids(self, call: dict[str, Any]) -> torch.Tensor | None:
+        """``[n, 3]`` (t, h, w) patch grid of each image / video of a feature call (Qwen-VL), or None."""
+        return None
+
+    def vision_flops(self, crops: int, frames: int, grids: list[torch.Tensor | None]) -> int:
+        """FLOPs of the vision tower + projector of a prefill whose images ran ``crops`` tower crops and whose
+        videos ``frames`` frames (``grids``: each unit's ``[1, 3]`` patch grid, families with :meth:`patch_grids`)."""
+        return flops.vision_flops(self.config, num_images=crops, **({"num_frames": frames} if frames else {}))
 
     # -- positions --------------------------------------------------------------------------------
     def default_position_ids(self, batch: int, seq: int, past: int, device) -> torch.Tensor:

@@ -57,6 +57,24 @@ class QwenVLAdapter(ModelAdapter):
     feature_methods = ("get_image_features", "get_video_features")
     mrope = True
 
+    def check_model_inputs(self, kwargs):
+        visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+        has_visual = any(kwargs.get(k) is not None for k in visual_keys) or bool(kwargs.get("mm_encoder_outputs"))
+        if has_visual and kwargs.get("mm_token_type_ids") is None:
+            raise ValueError(
+                f"{self.config.model_type!r} needs mm_token_type_ids with pixel_values / pixel_values_videos "
+                "to number the visual tokens' 3-D M-RoPE positions (without it the model falls back to 1-D positions "
+                "and the kept tokens would lose theirs): pass the processor's mm_token_type_ids (1 for image "
+                "tokens, 2 for video tokens, 0 elsewhere)"
+            )
+
+    def patch_grids(self, call):
+        grid = call.get("image_grid_thw", call.get("video_grid_thw"))
+        return torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
+
+    def vision_flops(self, crops, frames, grids):
+        return flops.vision_flops(self.config, image_grid_thw=torch.cat(grids))
+
     def projector_module(self):
         return self.inner.visual.merger
 

@@ -202,8 +202,7 @@ class VisionCapture:
         self, call: dict, feats: list[torch.Tensor], rows, keys, projected, received=None, qk=None
     ) -> list[ImageInfo]:
         self._image_info = {k: v for k, v in self._image_info.items() if v[0]() is not None}
-        grid = call.get("image_grid_thw", call.get("video_grid_thw"))
-        grid = torch.as_tensor(grid).reshape(-1, 3) if grid is not None else None
+        grid = self.adapter.patch_grids(call)
         counts = self.adapter.crop_counts(call, len(feats))
         per_image = torch.split(torch.stack(rows, dim=1), counts) if rows else [None] * len(feats)
         if received:  # per layer [N] (tower order) / [N, Dh] -> per image [crops, L, P(, Dh)] in packing order

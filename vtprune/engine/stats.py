@@ -11,7 +11,8 @@ import torch
 
 from .. import flops
 from ..stats import PruneStats, StageStats, layer_lengths
-from .points import LATE_DROP, Forward
+from .forward import Forward
+from .plan import LATE_DROP
 
 
 def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
@@ -90,10 +91,8 @@ def _vision_flops(fwd: Forward, adapter) -> int:
     units = [u for u in fwd.units if u.info is not None]
     if not units:
         return 0  # features computed elsewhere: the vision tower did not run here
-    if adapter.mrope:
-        return flops.vision_flops(adapter.config, image_grid_thw=torch.cat([u.info.grid for u in units]))
     video_id = getattr(adapter.config, "video_token_id", None)
     video = [int(fwd.input_ids[u.row, u.positions[0]]) == video_id for u in units]
     frames = sum(u.info.crops for u, v in zip(units, video) if v)  # a video's crops are its frames
     crops = sum(u.info.crops for u, v in zip(units, video) if not v)
-    return flops.vision_flops(adapter.config, num_images=crops, **({"num_frames": frames} if frames else {}))
+    return adapter.vision_flops(crops, frames, [u.info.grid for u in units])

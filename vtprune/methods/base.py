@@ -7,7 +7,7 @@ whose signals were gathered by the adapter-driven hooks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -76,14 +76,80 @@ class _Extra(dict):
 
 @dataclass
 class ImageInputs:
-    """Everything a method may read about one image's (or video's) visual tokens.
+    """Everything a method may read about one image's (or video's) visual tokens: the fields both prune points give.
+    The engine hands a method a :class:`VisionInputs` (vision entry) or a :class:`DecoderInputs` (decoder point);
+    ``ImageInputs`` is their common type (annotate ``select`` with it). A field of the other kind reads as None
+    (a vision-stage method reading ``hidden`` gets None), and a field of a signal the method did not declare raises.
+    Calling ``ImageInputs(...)`` builds a :class:`DecoderInputs` when a decoder-only field is given, else a
+    :class:`VisionInputs`.
 
-    Vision stage: ``features`` ``[n, D]`` projected visual tokens; ``cls_attention`` ``[C, L, H, 1+P]`` CLS rows of
-    the requested vision layers for each of the image's ``C`` crops, and ``pack_crop_scores`` maps per-crop patch
-    scores ``[C, P]`` to the image's ``n`` visual tokens.
-    LLM stage (layer K): ``hidden`` ``[S, D]`` input of layer K for the image's sample (padding removed),
-    ``keys`` ``[S, Hkv*Dh]`` post-RoPE keys of layer K-1, ``text_attention`` ``[H, S]`` attention of the last
-    prompt token at layer K-1, ``image_start`` the image's first position in those ``S`` tokens.
+    ``n`` the image's visual tokens reaching the point, ``k`` how many to keep, ``features`` ``[n, D]`` projected
+    visual tokens (decoder points: those still present), ``image_start`` the image's first position (vision entry:
+    in the prompt; decoder point: in the ``S`` tokens of ``hidden``), ``real_mask`` ``[n]`` bool, True where a token
+    covers real image content rather than the padding of a padded-to-square image (only when the image sizes were
+    given with ``vtprune.set_image_sizes``). Multi-point methods (:meth:`Method.layers`): ``layer`` the point's
+    decoder layer K (0: vision entry) and ``n_original`` the image's visual token count before any point.
+    ``extra``: ``"grid"`` the image's ``[1, 3]`` (t, h, w) patch grid (Qwen-VL; None elsewhere); with signal
+    ``prompt_embeds`` (vision entry), ``"prompt_embeds"`` ``[T, D]`` the LLM input embeddings of the sample's real
+    text tokens after the image; with signal ``instruction``, ``"instruction"`` the sample's text from
+    ``vtprune.set_instructions`` (None when none was given).
+    """
+
+    n: int
+    k: int
+    features: torch.Tensor | None = None
+    image_start: int = 0
+    real_mask: torch.Tensor | None = None
+    layer: int = 0
+    n_original: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __new__(cls, *args, **kwargs):
+        if cls is ImageInputs:  # the common type called directly: the record its keywords belong to
+            cls = DecoderInputs if kwargs.keys() & _DECODER_ONLY else VisionInputs
+        return object.__new__(cls)
+
+    def __getattribute__(self, name):
+        value = object.__getattribute__(self, name)
+        if isinstance(value, UndeclaredSignal):
+            raise value.error()
+        return value
+
+    def __getattr__(self, name):  # a field of the other kind of record: None, as before the split
+        if name not in _ALL_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        undeclared = self.__dict__.get("_undeclared")
+        if undeclared is not None and name in SIGNAL_FIELDS and not SIGNAL_FIELDS[name] & undeclared[1]:
+            raise UndeclaredSignal(name, *undeclared).error()
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, k={self.k}, layer={self.layer})"
+
+    def hide_undeclared(self, method: Method) -> ImageInputs:
+        """Mark every field (and ``extra`` key) of a signal ``method`` did not declare, so that reading it raises
+        instead of giving None (or a value filled for another method). Returns ``self``."""
+        declared = frozenset(method.signals)
+        object.__setattr__(self, "_undeclared", (method.name, declared))
+        own = {f.name for f in fields(self)}
+        extra = _Extra(self.extra)
+        for name, signals in SIGNAL_FIELDS.items():
+            if signals & declared:
+                continue
+            if name in ("prompt_embeds", "instruction"):  # vision stage: extra keys
+                extra[name] = UndeclaredSignal(name, method.name, declared, extra=True)
+            if name in own:
+                object.__setattr__(self, name, UndeclaredSignal(name, method.name, declared))
+        self.extra = extra
+        return self
+
+
+@dataclass(repr=False)
+class VisionInputs(ImageInputs):
+    """What the vision entry (after the projector) gives a method about one image, beyond :class:`ImageInputs`.
+
+    ``cls_attention`` ``[C, L, H, 1+P]`` CLS rows of the requested vision layers for each of the image's ``C``
+    crops, and ``pack_crop_scores`` maps per-crop patch scores ``[C, P]`` to the image's ``n`` visual tokens.
     ``vision_keys`` ``[C, L, 1+P, Dh]`` head-mean keys (``k_proj`` outputs) of the same vision layers; with
     ``importance="received"`` instead ``received`` ``[C, L, P]``, the attention each patch receives at those layers
     (mean over heads and queries; ``cls_attention`` is then None) and ``vision_keys`` ``[C, L, P, Dh]`` the head-mean
@@ -94,76 +160,50 @@ class ImageInputs:
     token, e.g. Qwen's 2x2 merge unit), -1 for a token that carries none (LLaVA-NeXT's row separators).
     ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),
     ``projector`` the per-token projector ``[N, D_in] -> [N, D]`` in float32 (a float32 copy for fp16/bf16 models).
-    ``real_mask`` ``[n]`` bool, True where a token covers real image content rather than the padding of a
-    padded-to-square image (only when the image sizes were given with ``vtprune.set_image_sizes``).
-    ``extra``: ``"grid"`` the image's ``[1, 3]`` (t, h, w) patch grid (Qwen-VL; None elsewhere); with signal
-    ``prompt_embeds``, ``"prompt_embeds"`` ``[T, D]`` the LLM input embeddings of the sample's real text tokens after
-    the image; with signal ``instruction``, ``"instruction"`` the sample's text from ``vtprune.set_instructions``
-    (None when none was given).
-    Multi-point methods (:meth:`Method.layers`): ``layer`` the point's decoder layer K (0: vision entry) and
-    ``n_original`` the image's visual token count before any point. Signal ``layer_attention``: ``text_attention``
-    is then the last prompt token's attention at layer K itself, recomputed on layer K's input (its input norm,
-    q/k projections and rotary tables) instead of layer K-1's. Signal ``queries``: ``attention_rows(columns)``
-    gives ``[H, R, S]`` attention probabilities of layer K-1 for the query tokens at the original prompt
-    ``columns [R]`` (present text tokens) over the ``S`` slots of the current sequence (causal, padding masked).
-    Signal ``rope_gravity`` (with ``queries``): ``rope_gravity(columns)`` gives ``[R, S]`` the RoPE-only logit of
-    layer K-1 between those rows and every slot (:func:`vtprune.functional.rope_gravity`: all-ones q and k rotated
-    to the positions the layer used; SparseVLM+).
-    Signal ``prompt_embeds`` at a decoder point (SparseVLM; at the vision entry it fills ``extra`` as above):
-    ``prompt_embeds`` ``[S0, D]`` the language model's input embeddings of the row
-    (original prompt columns), ``image_columns`` ``[n_original]`` the image's columns in it and ``text_columns``
-    the columns of the real non-visual tokens after the image.
     """
 
-    n: int
-    k: int
-    features: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
     vision_qk: torch.Tensor | None = None
     received: torch.Tensor | None = None
     pack_crop_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
     token_patches: Callable[[int, int], torch.Tensor] | None = None
+    projector_inputs: torch.Tensor | None = None
+    projector: torch.nn.Module | None = None
+
+
+@dataclass(repr=False)
+class DecoderInputs(ImageInputs):
+    """What a decoder point (before layer K) gives a method about one image, beyond :class:`ImageInputs`.
+
+    ``hidden`` ``[S, D]`` input of layer K for the image's sample (padding removed), ``keys`` ``[S, Hkv*Dh]``
+    post-RoPE keys of layer K-1, ``text_attention`` ``[H, S]`` attention of the last prompt token at layer K-1,
+    ``final_norm`` the language model's final norm. Signal ``layer_attention``: ``text_attention`` is then the last
+    prompt token's attention at layer K itself, recomputed on layer K's input (its input norm, q/k projections and
+    rotary tables) instead of layer K-1's. Signal ``queries``: ``attention_rows(columns)`` gives ``[H, R, S]``
+    attention probabilities of layer K-1 for the query tokens at the original prompt ``columns [R]`` (present text
+    tokens) over the ``S`` slots of the current sequence (causal, padding masked). Signal ``rope_gravity`` (with
+    ``queries``): ``rope_gravity(columns)`` gives ``[R, S]`` the RoPE-only logit of layer K-1 between those rows and
+    every slot (:func:`vtprune.functional.rope_gravity`: all-ones q and k rotated to the positions the layer used;
+    SparseVLM+). Signal ``prompt_embeds`` (SparseVLM): ``prompt_embeds`` ``[S0, D]`` the language model's input
+    embeddings of the row (original prompt columns), ``image_columns`` ``[n_original]`` the image's columns in it and
+    ``text_columns`` the columns of the real non-visual tokens after the image.
+    """
+
     hidden: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
-    image_start: int = 0
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
-    projector_inputs: torch.Tensor | None = None
-    projector: torch.nn.Module | None = None
-    real_mask: torch.Tensor | None = None
-    layer: int = 0
-    n_original: int = 0
     attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
     rope_gravity: Callable[[torch.Tensor], torch.Tensor] | None = None
     prompt_embeds: torch.Tensor | None = None
     image_columns: torch.Tensor | None = None
     text_columns: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
-    def __getattribute__(self, name):
-        value = object.__getattribute__(self, name)
-        if isinstance(value, UndeclaredSignal):
-            raise value.error()
-        return value
 
-    def __repr__(self) -> str:
-        return f"ImageInputs(n={self.n}, k={self.k}, layer={self.layer})"
-
-    def hide_undeclared(self, method: Method) -> ImageInputs:
-        """Mark every field (and ``extra`` key) of a signal ``method`` did not declare, so that reading it raises
-        instead of giving None (or a value filled for another method). Returns ``self``."""
-        declared = frozenset(method.signals)
-        extra = _Extra(self.extra)
-        for name, signals in SIGNAL_FIELDS.items():
-            if signals & declared:
-                continue
-            if name in ("prompt_embeds", "instruction"):  # vision stage: extra keys
-                extra[name] = UndeclaredSignal(name, method.name, declared, extra=True)
-            if name != "instruction":
-                object.__setattr__(self, name, UndeclaredSignal(name, method.name, declared))
-        self.extra = extra
-        return self
+_SHARED = frozenset(f.name for f in fields(ImageInputs))
+_DECODER_ONLY = frozenset(f.name for f in fields(DecoderInputs)) - _SHARED
+_ALL_FIELDS = frozenset(f.name for f in fields(VisionInputs)) | _DECODER_ONLY
 
 
 def crop_importance(image: ImageInputs) -> torch.Tensor:
@@ -269,10 +309,13 @@ class Method:
         :meth:`layer`). A multi-point method (``pdrop``, ``sparsevlm``) returns several, ascending."""
         return [self.layer(num_layers)]
 
-    def point_budget(self, n: int, n_original: int, layer: int) -> int:
+    def point_budget(self, n: int, n_original: int, layer: int, point) -> int:
         """Tokens to keep at the point before decoder ``layer`` (0: the vision entry) of an image that has ``n`` of
         its ``n_original`` visual tokens left (default: the config's budget of ``n``). Multi-point methods give
-        each point its own count; a count ``>= n`` skips the point for that image."""
+        each point its own count; a count ``>= n`` skips the point for that image. ``point`` is the prune point
+        of the model's plan (:class:`vtprune.engine.plan.PrunePoint`): ``point.num_layers`` the model's decoder
+        depth, ``point.layers`` every point layer of this method on that model (read these from it: a method keeps
+        no per-model state, one instance may be bound to several models)."""
         return self.config.budget(n)
 
     def drop_layer(self, num_layers: int) -> int | None:

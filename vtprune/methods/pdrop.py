@@ -161,7 +161,6 @@ class PDrop(Method):
     run_options = {"budget_kind": "last"}
 
     def layers(self, num_layers: int) -> list[int]:
-        self._num_layers = num_layers  # the model's depth, for the per-point budgets
         layers = self.config.layers
         if layers is None:
             n = 3 if self.config.ratios is None else len(self.config.ratios)
@@ -212,8 +211,8 @@ class PDrop(Method):
                     f"(layers=...) or a ratio above {first / num_layers:.4g}"
                 )
 
-    def point_budget(self, n: int, n_original: int, layer: int) -> int:
-        return self.schedule(n_original, self._num_layers)[layer]
+    def point_budget(self, n: int, n_original: int, layer: int, point) -> int:
+        return self.schedule(n_original, point.num_layers)[layer]
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         scores = image.text_attention.mean(dim=0)[image.image_start : image.image_start + image.n]

@@ -206,32 +206,31 @@ class SparseVLM(Method):
             )
 
     def layers(self, num_layers: int) -> list[int]:
-        self._points = [l + 1 for l in self.pruning_layers(num_layers)]
-        return self._points
+        return [l + 1 for l in self.pruning_layers(num_layers)]
 
     def layer(self, num_layers: int) -> int:
         return self.layers(num_layers)[0]
 
-    def counts(self, n: int) -> list[int]:
-        """v1.5 / v2 per-point counts for an image of ``n`` original visual tokens."""
+    def counts(self, n: int, points: int) -> list[int]:
+        """v1.5 / v2 per-point counts for an image of ``n`` original visual tokens, at ``points`` prune points."""
         cfg = self.config
         if cfg.counts is not None:
             return list(cfg.counts)
         row, factor = cfg.row(n)
         table = _COUNTS[cfg.version][row]
-        if len(self._points) > len(table):
+        if points > len(table):
             raise ValueError(
                 f"sparsevlm {cfg.version}: the official counts {table} are for 3 pruning layers, got "
-                f"{len(self._points)} layers; pass counts= with one count per layer"
+                f"{points} layers; pass counts= with one count per layer"
             )
-        return [max(1, round(c * factor)) for c in table[len(table) - len(self._points) :]]  # fewer layers: the last
+        return [max(1, round(c * factor)) for c in table[len(table) - points :]]  # fewer layers: the last
 
     def check_budget(self, num_layers: int, tokens: int | None) -> None:
         """A budget's official counts need as many rows as pruning layers (checked at ``patch``, not at the first
         forward)."""
-        self.layers(num_layers)
+        points = len(self.layers(num_layers))
         if self.config.version != "v1" and self.config.counts is None and not self.keeps_all(tokens or _IMAGE):
-            self.counts(tokens or _IMAGE)
+            self.counts(tokens or _IMAGE, points)
 
     def keeps_all(self, n_original: int) -> bool:
         """Whether the budget keeps the whole ``n_original``-token image (``ratio=1``, or ``keep >= n_original``: a
@@ -241,12 +240,12 @@ class SparseVLM(Method):
             return False
         return cfg.ratio == 1.0 if cfg.keep is None else cfg.keep >= n_original
 
-    def point_budget(self, n: int, n_original: int, layer: int) -> int:
+    def point_budget(self, n: int, n_original: int, layer: int, point) -> int:
         if self.keeps_all(n_original):
             return n
         if self.config.version == "v1":
             return n - 1 if n > 1 else n  # the count comes from the rank, in select
-        count = self.counts(n_original)[self._points.index(layer)]
+        count = self.counts(n_original, len(point.layers))[point.layers.index(layer)]
         return n if count >= n else count
 
     def rank_rule(self, n: int) -> tuple[float, float]:
