@@ -5,7 +5,11 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+_TESTS = os.path.dirname(__file__)
+# tests/tiny.py and this file by module name; test modules are grouped by layer (functional, methods, adapters, engine,
+# tools) and a few import another's reference implementation by its module name (e.g. ``from test_cache import
+# _reference``): every layer folder is importable, whichever file runs first
+sys.path[:0] = [_TESTS] + [os.path.join(_TESTS, d) for d in ("functional", "methods", "adapters", "engine", "tools")]
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import tiny  # noqa: E402
@@ -39,7 +43,7 @@ def budget(method: str, keep: int) -> dict:
 
 
 #: options the method x family tests add to a method's defaults: cdpruner's default on CLIP towers is the paper's
-#: text="clip", which needs a CLIP text tower the tiny models lack (that path: tests/test_baselines.py)
+#: text="clip", which needs a CLIP text tower the tiny models lack (that path: tests/methods/test_baselines.py)
 TEST_OPTIONS = {"cdpruner": {"text": "llm"}}
 
 
@@ -48,8 +52,8 @@ def opts(method, **options) -> dict:
     return {**TEST_OPTIONS.get(method, {}), **options} if isinstance(method, str) else options
 
 
-#: methods that prune at several decoder layers (their own checks: tests/test_pyramid.py); checks that assume one
-#: prune point with ``keep`` tokens after it skip them
+#: methods that prune at several decoder layers (their own checks: tests/methods/test_pyramid.py); checks that assume
+#: one prune point with ``keep`` tokens after it skip them
 MULTI_POINT_METHODS = ("pdrop", "sparsevlm")
 #: methods whose ``keep`` is the average number of visual tokens over the decoder layers
 AVERAGE_BUDGET_METHODS = ("pdrop",)
@@ -82,20 +86,20 @@ def refused_by_capabilities(method: str, family: str) -> bool:
 def supports(method: str, family: str) -> bool:
     """Whether the method x family tests run ``method`` on ``family``: every pair that is not :func:`refused`, except
     that the CLS-scored methods run on the Qwen families through :data:`RECEIVED_MATRIX` only (their signal,
-    importance="received", is checked on every family by tests/test_received.py; the full 4 x 6 product would add
+    importance="received", is checked on every family by tests/engine/test_received.py; the full 4 x 6 product would add
     minutes to the suite)."""
     if refused(method, family):
         return False
     if method in CLS_METHODS and family in RECEIVED_MATRIX:
         return method in RECEIVED_MATRIX[family]
     if method in CLS_METHODS and family == "llava_next_video":  # its images are llava_next's (CLS rows, AnyRes):
-        return method == "cls"  # the others run on its videos in tests/test_llava_video.py
+        return method == "cls"  # the others run on its videos in tests/adapters/test_llava_video.py
     return True
 
 
 #: CLS-scored methods: the vision tower's CLS attention where it has a CLS token (LLaVA), else (default
-#: importance="received") the attention each patch receives (Qwen-VL); tests/test_received.py. InternVL has a CLS
-#: token: its default is "cls" (tests/test_internvl.py checks "received" there too)
+#: importance="received") the attention each patch receives (Qwen-VL); tests/engine/test_received.py. InternVL has a CLS
+#: token: its default is "cls" (tests/adapters/test_internvl.py checks "received" there too)
 CLS_METHODS = ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune")
 #: which CLS-scored methods the method x family tests run on each Qwen family (every method on at least one
 #: family; visionzip where tokens are merge units in window order and where DeepStack levels are merged)
@@ -114,6 +118,6 @@ SINGLE_CROP_METHODS = ()
 #: families whose images are several vision-tower crops (LLaVA-NeXT's AnyRes, InternVL's tiles)
 MULTI_CROP_FAMILIES = ("llava_next", "internvl")
 #: multi-point methods whose default points read a linear-attention layer of the tiny Qwen3.5 (layers 0 and 3):
-#: pdrop's last point (layer 3's own attention), sparsevlm's first (layer 0); tests/test_qwen3.py runs them at
+#: pdrop's last point (layer 3's own attention), sparsevlm's first (layer 0); tests/adapters/test_qwen3.py runs them at
 #: full-attention layers
 REFUSED_ON_TINY_QWEN35 = ("pdrop", "sparsevlm")

@@ -126,7 +126,8 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
         model = LlavaNextVideoForConditionalGeneration(cfg)
     elif family == "llava_onevision":
         # SigLIP (no CLS token, all patches are tokens), Qwen2 LM; anyres_max_9 (the checkpoints' setting) never
-        # downscales the tiny images (at most 2x2 crops); tests/test_llava_video.py sets anyres_max_1 to downscale
+        # downscales the tiny images (at most 2x2 crops); tests/adapters/test_llava_video.py sets anyres_max_1 to
+        # downscale
         cfg = LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(**_CLIP, vision_use_head=False),
             text_config=Qwen2Config(**_TEXT),

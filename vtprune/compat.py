@@ -24,8 +24,8 @@ is a one-line change:
 Checked and found to need nothing here: transformers 5.25 depends on ``kernels`` and turns functions decorated with
 ``use_kernel_forward_from_hub`` (Qwen3.5's ``causal_conv1d_forward``, ...) into ``nn.Module`` instances shared by every
 model. vtprune hooks the model's own named modules (decoder layers, attention, projections), never those kernel
-layers, and the FLOPs of Qwen3.5's linear-attention layers are unchanged (``tests/test_flops.py``). What 5.25 broke
-was torch's ``FlopCounterMode`` module tracker in the test's cross-check (it hooks gradients of module inputs that
+layers, and the FLOPs of Qwen3.5's linear-attention layers are unchanged (``tests/tools/test_flops.py``). What 5.25
+broke was torch's ``FlopCounterMode`` module tracker in the test's cross-check (it hooks gradients of module inputs that
 require grad); the cross-check freezes the model's parameters.
 """
 

@@ -4,7 +4,7 @@
 #   setup         carried wheels (.whl/, made by eval/gpu/fetch_wheels.sh) -> /tmp/site on PYTHONPATH
 #   env           GPU, driver, python / torch / transformers versions (vtprune's floor: transformers 5.23)
 #   build         JIT-build csrc/ with its CUDA kernels (VTPRUNE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0)
-#   kernel-tests  pytest tests/test_kernels.py (CPU parity + the CUDA-vs-CPU test)
+#   kernel-tests  pytest tests/functional/test_kernels.py (CPU parity + the CUDA-vs-CPU test)
 #   kernels-cuda  eval/gpu/kernels_cuda.py: CUDA ops vs CPU ops vs torch on random inputs
 #   kernels-nvrtc eval/gpu/kernels_cuda.py --impl nvrtc: NVRTC kernels (no nvcc) vs CPU ops, CUDA ops and torch,
 #                 their torch.ops registration, and the timing of all three back ends
@@ -18,7 +18,7 @@
 #
 #   bash eval/gpu/check.sh             on the GPU machine (python3 = the one with CUDA torch; PYTHON overrides)
 #   bash eval/gpu/check.sh --dry-run   print the plan, run nothing
-#   bash eval/gpu/check.sh --smoke     CPU only: each script's --smoke mode (what tests/test_gpu_check.py runs)
+#   bash eval/gpu/check.sh --smoke     CPU only: each script's --smoke mode (what tests/tools/test_gpu_check.py runs)
 set -uo pipefail
 
 MODE=gpu
@@ -170,9 +170,9 @@ if [[ $MODE != dry ]] && [[ ${SUMMARIES[-1]} != build*PASS* ]]; then
 fi
 
 if [[ $MODE == smoke ]]; then
-  skip_stage kernel-tests "smoke: tests/test_kernels.py is part of the test suite"
+  skip_stage kernel-tests "smoke: tests/functional/test_kernels.py is part of the test suite"
 elif ((BUILT)); then
-  run_stage kernel-tests 120 210 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+  run_stage kernel-tests 120 210 "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_kernels.py
 else
   skip_stage kernel-tests "the CUDA build failed"
 fi
@@ -185,7 +185,7 @@ fi
 
 # NVRTC needs no nvcc: it runs whether the build passed or not (then against pure torch only)
 if [[ $MODE == smoke ]]; then
-  skip_stage kernels-nvrtc "smoke: needs a GPU (tests/test_nvrtc.py compiles the NVRTC sources on the CPU)"
+  skip_stage kernels-nvrtc "smoke: needs a GPU (tests/functional/test_nvrtc.py compiles the NVRTC sources on the CPU)"
 else
   run_stage kernels-nvrtc 75 170 "$PY" eval/gpu/kernels_cuda.py --impl nvrtc --budget-s 25 --out "$RES/kernels_nvrtc.md"
 fi

@@ -1,7 +1,7 @@
 """Shared helpers of the GPU check's scripts (eval/gpu/): device / dtype choice, the machine and version lines a
 report starts with, the exact command, CUDA-event timing, and the one-line ``SUMMARY:`` that check.sh prints.
 
-Every script here also runs on the CPU with ``--smoke`` (tiny shapes, few repeats), so tests/test_gpu_check.py
+Every script here also runs on the CPU with ``--smoke`` (tiny shapes, few repeats), so tests/tools/test_gpu_check.py
 proves on a machine without a GPU that the scripts are not broken.
 """
 

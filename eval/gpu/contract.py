@@ -60,7 +60,7 @@ def to_device(inputs: dict, device, dtype) -> dict:
 
 def last_logits(model, inputs) -> torch.Tensor:
     if "mm_token_type_ids" not in inputs and "position_ids" not in inputs:
-        # positions from the mask, as generate() numbers them (tests/test_patch.py does the same)
+        # positions from the mask, as generate() numbers them (tests/engine/test_patch.py does the same)
         mask = inputs["attention_mask"]
         inputs = dict(inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     with torch.no_grad():

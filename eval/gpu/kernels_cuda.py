@@ -467,7 +467,9 @@ def main(argv=None) -> int:
     compile_s = None
     if args.impl == "nvrtc":
         if dev.type != "cuda":
-            common.summary("FAIL: --impl nvrtc needs a CUDA device (tests/test_nvrtc.py compiles the sources on a CPU)")
+            common.summary(
+                "FAIL: --impl nvrtc needs a CUDA device (tests/functional/test_nvrtc.py compiles the sources on a CPU)"
+            )
             return 1
         from vtprune.kernels import nvrtc
 

@@ -40,7 +40,7 @@ KERNELS = {
 }
 _OPTIONS = ("-std=c++17",)
 
-# launch constants; keep in sync with the #defines of select.cu / dbdpc.cu (tests/test_nvrtc.py checks them)
+# launch constants; keep in sync with the #defines of select.cu / dbdpc.cu (tests/functional/test_nvrtc.py checks them)
 WARPS = 8
 THREADS = WARPS * 32
 ROWS_PER_BLOCK = WARPS * 4
@@ -328,7 +328,7 @@ def _check_cuda(t: torch.Tensor, name: str) -> None:
 
 # Row preparation, the torch calls of vtprune.functional line by line (as csrc/ops.cpp mirrors them in ATen; this
 # package never imports vtprune.functional, which imports it), so the greedy loops see bitwise identical rows.
-COSINE_EPS = 1e-8  # keep in sync with vtprune/functional/_common.py (tests/test_nvrtc.py checks)
+COSINE_EPS = 1e-8  # keep in sync with vtprune/functional/_common.py (tests/functional/test_nvrtc.py checks)
 BLOCK_ELEMENTS = 1 << 24
 
 

@@ -5,7 +5,7 @@ kernels)."""
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "vtprune"
+PACKAGE = Path(__file__).resolve().parents[2] / "vtprune"
 
 
 def _modules() -> dict[str, Path]:

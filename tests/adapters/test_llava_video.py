@@ -1,4 +1,4 @@
-"""LLaVA-NeXT-Video and LLaVA-OneVision beyond the method x family tests (tests/test_patch.py and co. cover their
+"""LLaVA-NeXT-Video and LLaVA-OneVision beyond the method x family tests (tests/engine/test_patch.py and co. cover their
 images): the adapters' packing of per-patch quantities against the models' own features (AnyRes-max unpadding and
 downscale, newline tokens, both video poolings), videos as one unit whose budget covers all its frames (checked
 against the unpatched model fed the kept tokens), OneVision's downscaled and multi-image prompts, beam search, the

@@ -11,7 +11,7 @@ import vtprune
 from vtprune import robustness as R
 from vtprune import shapes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "tiny-llava-shapes"
 #: the method_options of configs/robustness.yaml: pdrop's budget is what its last drop leaves; cdpruner runs text="llm"
 #: (the bundled model has no CLIP text tower for its default, the paper's text="clip")

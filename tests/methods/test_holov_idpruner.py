@@ -4,10 +4,8 @@ independent route. The model-level contract on every family is in the registry-p
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import tiny  # tests/tiny.py (tests/conftest.py puts tests/ on sys.path)
 import torch
 
 import vtprune
@@ -15,9 +13,6 @@ import vtprune.functional as F
 from vtprune.methods.base import ImageInputs, Selection
 from vtprune.methods.holov import HoloV, HoloVConfig
 from vtprune.methods.idpruner import IDPruner, IDPrunerConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-import tiny  # noqa: E402
 
 
 def rand(seed, *shape):

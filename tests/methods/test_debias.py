@@ -246,7 +246,7 @@ def test_calibrate_command_on_the_bundled_model(tmp_path, capsys):
 
     from vtprune.cli import main
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     model_dir = repo / "models" / "tiny-llava-shapes"
     images = [str(p) for p in sorted((repo / "eval" / "tasks" / "vtprune_shapes" / "images").glob("*.png"))[:10]]
     out = tmp_path / "profile.json"

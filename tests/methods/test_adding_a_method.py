@@ -13,7 +13,7 @@ import pytest
 
 from vtprune.registry import _METHODS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "adding-a-method.md"
 
 

@@ -8,7 +8,7 @@ import pytest
 import vtprune
 from vtprune import registry
 
-PRESETS = Path(__file__).resolve().parent.parent / "configs" / "methods"
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods"
 
 
 @pytest.mark.parametrize("method", vtprune.list_methods(host="vlm"))

@@ -205,7 +205,7 @@ def _reference(model, family, inputs, kept, ids, n, layer=0, compact=False):
 # -- 1. a second turn on a pruned cache ----------------------------------------------------------------------------
 #: the references here feed the unpatched model ``inputs_embeds`` (and 4-D masks for decoder points): no DeepStack
 #: levels (Qwen3-VL) and no 2-D padding masks for linear-attention layers (Qwen3.5 decoder points). Those families'
-#: routes are built in tests/test_qwen3.py
+#: routes are built in tests/adapters/test_qwen3.py
 ROUTE_FAMILIES = [f for f in FAMILIES if f not in QWEN3]
 TURN_CASES = [(m, f) for f in ROUTE_FAMILIES for m in ("random", "fastv")] + [
     ("dart", "llava"),

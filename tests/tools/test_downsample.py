@@ -22,7 +22,7 @@ from vtprune import flops
 from vtprune.adapters import get_adapter
 from vtprune.adapters.qwen_vl import downsample_grid
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "eval" / "tasks"
 PATCH, MERGE, MIN_PIXELS, MAX_PIXELS = 14, 2, 56 * 56, 448 * 448
 FACTOR = PATCH * MERGE  # one merged token is 28 x 28 pixels

@@ -14,7 +14,7 @@ import torch
 from vtprune.adapters import get_adapter, qwen_grid
 from vtprune.adapters import qwen_vl as hf_qwen
 
-VLLM = Path(__file__).resolve().parents[1] / "vtprune" / "vllm"
+VLLM = Path(__file__).resolve().parents[2] / "vtprune" / "vllm"
 #: what qwen_grid owns; no module of vtprune/vllm/ may define its own copy of these
 GRID_NAMES = {
     "pack_merge_units",

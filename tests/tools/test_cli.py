@@ -103,7 +103,7 @@ def test_bench_skips_a_method_that_cannot_patch(monkeypatch, capsys):
 def _cases(tmp):
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     image = str(repo / "eval" / "tasks" / "vtprune_shapes" / "images" / "test_00000.png")
     llava, vit = str(repo / "models" / "tiny-llava-shapes"), str(repo / "models" / "tiny-vit-shapes")
     text = tmp / "notes.png"

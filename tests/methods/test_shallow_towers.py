@@ -1,5 +1,6 @@
-"""Regression tests for issue 10: ``cls`` on shallow vision towers, ``visionzip`` budgets checked at ``patch``
-time, ``vtprune.stats`` after beam search."""
+"""Shallow vision towers and budgets known at ``patch``: ``cls``'s start layer on towers of few layers, ``visionzip``'s
+``contextual`` against ``keep`` at ``patch`` time (``ratio``: per image at forward time), and ``vtprune.stats`` after
+beam search (one entry per expanded row)."""
 
 import pytest
 import tiny

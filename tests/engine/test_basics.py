@@ -20,7 +20,7 @@ import vtprune
 from vtprune import registry
 from vtprune.methods.base import Method
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORDS = {12: "twelve", 13: "thirteen", 14: "fourteen", 15: "fifteen", 16: "sixteen", 17: "seventeen"}
 
 

@@ -7,7 +7,7 @@
   layer's rater rows for SparseVLM, recycling included), the sequence cut and, ``positions="compact"``, renumbered
   as the official code does — gives the patched model's logits; PyramidDrop with original positions against eager
   attention weights of the unpatched model with masks; every family: per-layer lengths, batch == rows alone, cache
-  == no cache (keep-all bit-identical runs in tests/test_patch.py for every registered method).
+  == no cache (keep-all bit-identical runs in tests/engine/test_patch.py for every registered method).
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ CONFIGS = {
     "sparsevlm-v2": vtprune.SparseVLMConfig(version="v2", counts=(8, 5, 3), heads=2),  # SparseVLM+
 }
 #: the tiny Qwen3.5's layers 0 and 3 are linear attention, which these points read: refused there (the points
-#: that run on it are tested in tests/test_qwen3.py)
+#: that run on it are tested in tests/adapters/test_qwen3.py)
 CASES = [
     pytest.param(name, family, id=f"{name}-{family}")
     for name in CONFIGS

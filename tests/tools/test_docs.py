@@ -12,7 +12,7 @@ import torch
 
 import vtprune
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 import tiny  # noqa: E402
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU = os.path.join(ROOT, "eval", "gpu")
 CHECK = os.path.join(GPU, "check.sh")
 STAGES = ["env", "build", "kernel-tests", "kernels-cuda", "kernels-nvrtc", "contract", "prefill-7b", "bench"]

@@ -11,7 +11,7 @@ import vtprune  # noqa: E402
 from vtprune.harness import config as hconfig  # noqa: E402
 from vtprune.harness.demo import DEMO_CONFIG, run_demo  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_config_sweeps_every_method_on_the_bundled_model():

@@ -27,7 +27,7 @@ from vtprune.harness.model import load_pretrained  # noqa: E402
 from vtprune.harness.plots import series  # noqa: E402
 from vtprune.harness.tiny import save_random_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "eval" / "tasks" / "vtprune_shapes"
 LIMIT = 12
 BUDGETS = [16, 64]

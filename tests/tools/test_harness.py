@@ -18,7 +18,7 @@ from vtprune.harness import sweep as hsweep  # noqa: E402
 from vtprune.harness.model import VTPrune, method_config  # noqa: E402
 from vtprune.harness.tables import build_tables, to_csv, to_latex, to_markdown  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "eval" / "tasks"
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from vtprune import shapes as S
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK = ROOT / "eval" / "tasks" / "vtprune_shapes"
 MODEL = ROOT / "models" / "tiny-llava-shapes"
 

@@ -16,7 +16,7 @@ from conftest import opts
 import vtprune
 from vtprune.latency import build_random_llava
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load():
