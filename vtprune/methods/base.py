@@ -350,6 +350,20 @@ def check_layer(name: str, layer: int, num_layers: int) -> int:
     return layer
 
 
+def vision_layer(method: str, value: int | None, num_layers: int, option: str = "layer") -> int:
+    """The vision-tower layer a method reads (:meth:`Method.vision_layers`): ``value``, or ``num_layers - 2`` when it
+    is None (the layer whose output the projector reads: LLaVA's ``vision_feature_layer=-2``, the official code's
+    ``attentions[-2]`` / ``hidden_states[-2]``). Raises ``ValueError`` naming ``method``'s ``option`` when the layer is
+    outside ``0 <= layer < num_layers``."""
+    layer = num_layers - 2 if value is None else value
+    if not 0 <= layer < num_layers:
+        raise ValueError(
+            f"{method}: {option}={layer} is out of range for a {num_layers}-layer vision tower; "
+            f"allowed: 0 <= {option} <= {num_layers - 1}"
+        )
+    return layer
+
+
 def merge_weights(assignment: torch.Tensor, k: int) -> torch.Tensor:
     """``[k, n]`` mean-merge weights (:attr:`Selection.weights`) from ``assignment [n]``: the kept token (0..k-1)
     each input token merged into, -1 for dropped tokens. Row ``i`` averages the tokens assigned to ``i``."""

@@ -32,7 +32,7 @@ from ..functional.holov import HOLOV_ALPHA
 from ..registry import register_method
 from ..signals import check_importance
 from . import surrogates as S
-from .base import ImageInputs, Method, Selection, crop_importance
+from .base import ImageInputs, Method, Selection, crop_importance, vision_layer
 
 _FILLS = ("attention", "zeros", "none")
 
@@ -92,13 +92,7 @@ class HoloV(Method):
             self.merges = True
 
     def vision_layers(self, num_layers: int) -> list[int]:
-        layer = num_layers - 2 if self.config.layer is None else self.config.layer
-        if not 0 <= layer < num_layers:
-            raise ValueError(
-                f"holov: layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                f"allowed: 0 <= layer <= {num_layers - 1}"
-            )
-        return [layer]
+        return [vision_layer("holov", self.config.layer, num_layers)]
 
     def select(self, image: ImageInputs) -> torch.Tensor | Selection:
         crop_scores = crop_importance(image)  # [C, P]

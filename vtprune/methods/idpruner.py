@@ -27,7 +27,7 @@ from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ..signals import check_importance
 from . import surrogates as S
-from .base import ImageInputs, Method, crop_importance
+from .base import ImageInputs, Method, crop_importance, vision_layer
 
 
 @dataclass
@@ -116,13 +116,7 @@ class IDPruner(Method):
     def vision_layers(self, num_layers: int) -> list[int]:
         if self.config.scorer is not None:
             return []
-        layer = num_layers - 2 if self.config.layer is None else self.config.layer
-        if not 0 <= layer < num_layers:
-            raise ValueError(
-                f"idpruner: layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                f"allowed: 0 <= layer <= {num_layers - 1}"
-            )
-        return [layer]
+        return [vision_layer("idpruner", self.config.layer, num_layers)]
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         with torch.no_grad():

@@ -28,7 +28,7 @@ from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ..signals import check_importance
 from ._packing import crop_tokens
-from .base import ImageInputs, Method, crop_importance
+from .base import ImageInputs, Method, crop_importance, vision_layer
 from .visionzip import even_shares
 
 
@@ -59,13 +59,7 @@ class Scope(Method):
     signals = frozenset({"features", "cls_attention", "projector_inputs"})
 
     def vision_layers(self, num_layers: int) -> list[int]:
-        layer = num_layers - 2 if self.config.layer is None else self.config.layer
-        if not 0 <= layer < num_layers:
-            raise ValueError(
-                f"scope: layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                f"allowed: 0 <= layer <= {num_layers - 1}"
-            )
-        return [layer]
+        return [vision_layer("scope", self.config.layer, num_layers)]
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         attn = image.pack_crop_scores(crop_importance(image))  # [n] per visual token

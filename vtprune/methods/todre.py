@@ -27,7 +27,7 @@ from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ..signals import check_importance
 from . import surrogates as S
-from .base import ImageInputs, Method, check_layer, crop_importance
+from .base import ImageInputs, Method, check_layer, crop_importance, vision_layer
 
 _DIVERSITY = ("kcenter", "maxsum")
 
@@ -83,13 +83,7 @@ class ToDRE(Method):
     vllm_options = {"late_drop": False}  # its late drop acts inside the language model
 
     def vision_layers(self, num_layers: int) -> list[int]:
-        layer = num_layers - 2 if self.config.cls_layer is None else self.config.cls_layer
-        if not 0 <= layer < num_layers:
-            raise ValueError(
-                f"todre: cls_layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                f"allowed: 0 <= cls_layer <= {num_layers - 1}"
-            )
-        return [layer]
+        return [vision_layer("todre", self.config.cls_layer, num_layers, "cls_layer")]
 
     def drop_layer(self, num_layers: int) -> int | None:
         if not self.config.late_drop:

@@ -36,7 +36,7 @@ from ..registry import register_method
 from ..signals import check_importance
 from . import surrogates as S
 from ._packing import packed_patches
-from .base import ImageInputs, Method, Selection, crop_importance
+from .base import ImageInputs, Method, Selection, crop_importance, vision_layer
 
 
 @dataclass
@@ -112,13 +112,7 @@ class VisionZip(Method):
     )
 
     def vision_layers(self, num_layers: int) -> list[int]:
-        layer = num_layers - 2 if self.config.layer is None else self.config.layer
-        if not 0 <= layer < num_layers:
-            raise ValueError(
-                f"visionzip: layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                f"allowed: 0 <= layer <= {num_layers - 1}"
-            )
-        return [layer]
+        return [vision_layer("visionzip", self.config.layer, num_layers)]
 
     def select(self, image: ImageInputs) -> Selection:
         crop_scores = crop_importance(image)  # [C, P]

@@ -28,7 +28,7 @@ from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ..signals import check_importance
 from ._packing import packed_patches
-from .base import ImageInputs, Method, crop_importance
+from .base import ImageInputs, Method, crop_importance, vision_layer
 
 
 @dataclass
@@ -61,13 +61,7 @@ class VisPruner(Method):
     signals = frozenset({"features", "cls_attention", "projector_inputs"})
 
     def vision_layers(self, num_layers: int) -> list[int]:
-        layer = num_layers - 2 if self.config.layer is None else self.config.layer
-        if not 0 <= layer < num_layers:
-            raise ValueError(
-                f"vispruner: layer={layer} is out of range for a {num_layers}-layer vision tower; "
-                f"allowed: 0 <= layer <= {num_layers - 1}"
-            )
-        return [layer]
+        return [vision_layer("vispruner", self.config.layer, num_layers)]
 
     def select(self, image: ImageInputs) -> torch.Tensor:
         attn = image.pack_crop_scores(crop_importance(image))  # [n] per visual token (separators: lowest)
