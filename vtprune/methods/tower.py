@@ -254,7 +254,7 @@ class TowerMerge(Method):
         return entry[1] if entry is not None and entry[0]() is feat else None
 
     # -- the vision entry -----------------------------------------------------------------------------------------
-    def point_budget(self, n: int, n_original: int, layer: int) -> int:
+    def point_budget(self, n: int, n_original: int, layer: int, point) -> int:
         return n if self.keeps_all else n - 1  # the tower decided; select() returns what it kept
 
     def select(self, image: ImageInputs) -> Selection:
