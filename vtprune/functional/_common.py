@@ -13,15 +13,14 @@ Each piece of knowledge lives here once:
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 
+from ..kernels.reference import BLOCK_ELEMENTS, near_zero_tol  # noqa: F401  (functional's modules import them here)
+
 COSINE_EPS = 1e-8
 
-# Upper bound on the number of elements of a temporary matrix (rows x N): 2**24 float32 = 64 MiB.
-BLOCK_ELEMENTS = 1 << 24
 # Row block of the per-step similarity rows on CPU: 2**18 float32 = 1 MiB, cache-resident.
 ROW_BLOCK_ELEMENTS_CPU = 1 << 18
 
@@ -144,12 +143,6 @@ def sq_l2_to(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distance of every row of ``x`` to row ``index`` ([1] long), from explicit
     differences (exactly 0 for duplicate rows)."""
     return rowwise(x, x.index_select(0, index), _sq_dists)
-
-
-def near_zero_tol(dtype: torch.dtype, dim: int) -> float:
-    """Relative rounding tolerance of a length-``dim`` dot product computed by a matrix multiply:
-    ``4 sqrt(dim) eps``. Distances below it are treated as exactly 0 (duplicates)."""
-    return 4.0 * math.sqrt(max(dim, 1)) * torch.finfo(dtype).eps
 
 
 def topk_lowtie(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:

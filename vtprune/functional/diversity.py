@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels import reference
 from ._common import (
     BLOCK_ELEMENTS,
     check_int,
@@ -52,35 +53,9 @@ def _block_rows(n: int) -> int:
 
 
 def _farthest_nearest_neighbour(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """``argmax_i min_{j != i} d(i, j)`` as a [1] long tensor (ties -> lower index).
-
-    ``x`` holds unit rows for ``metric="cosine"`` (d = 1 - cos) or raw rows for ``"l2"`` (compared
-    through squared distances, which rank identically). Computed with matrix multiplies in blocks
-    of rows; distances within matmul rounding of 0 (see ``near_zero_tol``) are set to exactly 0,
-    so duplicated tokens tie and the lower index wins.
-    """
-    n = x.shape[0]
-    if n == 1:
-        return torch.zeros(1, dtype=torch.long, device=x.device)
-    nn = torch.empty(n, dtype=x.dtype, device=x.device)
-    tol = near_zero_tol(x.dtype, x.shape[1])
-    sq = x.square().sum(dim=1) if metric == "l2" else None
-    step = _block_rows(n)
-    for start in range(0, n, step):
-        blk = x[start : start + step]
-        b = blk.shape[0]
-        d = blk @ x.T  # [b, N], updated in place to bound memory
-        if metric == "cosine":
-            d.neg_().add_(1.0).clamp_(0.0, 2.0)
-            d.masked_fill_(d <= tol, 0.0)
-        else:
-            scale = sq[start : start + b, None] + sq[None, :]
-            d.mul_(-2.0).add_(scale).clamp_(min=0.0)
-            d.masked_fill_(d <= scale.mul_(tol), 0.0)
-        diag = torch.arange(b, device=x.device)
-        d[diag, diag + start] = float("inf")
-        nn[start : start + b] = d.min(dim=1).values
-    return torch.argmax(nn).view(1)
+    """DivPrune's first pick (:func:`vtprune.kernels.reference.farthest_nearest_neighbour`, which the NVRTC back end
+    runs too)."""
+    return reference.farthest_nearest_neighbour(x, metric, BLOCK_ELEMENTS)
 
 
 def kcenter_select(features: torch.Tensor, k: int, first: int | None = None, metric: str = "cosine") -> torch.Tensor:

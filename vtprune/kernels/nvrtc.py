@@ -21,13 +21,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
-import math
 import os
 import threading
 
 import torch
 
-from . import _fake
+from . import _fake, reference
 
 __all__ = ["KERNELS", "Launch", "cache_dir", "compile_nvrtc", "nvrtc_version", "ops", "probe"]
 
@@ -329,7 +328,7 @@ def _check_cuda(t: torch.Tensor, name: str) -> None:
 # Row preparation, the torch calls of vtprune.functional line by line (as csrc/ops.cpp mirrors them in ATen; this
 # package never imports vtprune.functional, which imports it), so the greedy loops see bitwise identical rows.
 COSINE_EPS = 1e-8  # keep in sync with vtprune/functional/_common.py (tests/functional/test_nvrtc.py checks)
-BLOCK_ELEMENTS = 1 << 24
+BLOCK_ELEMENTS = reference.BLOCK_ELEMENTS
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -338,29 +337,8 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _farthest_nearest_neighbour(x: torch.Tensor, l2: bool) -> torch.Tensor:
-    """``vtprune.functional.diversity._farthest_nearest_neighbour``: DivPrune's first pick as a [1] long tensor."""
-    n = x.shape[0]
-    if n == 1:
-        return torch.zeros(1, dtype=torch.long, device=x.device)
-    nn = torch.empty(n, dtype=x.dtype, device=x.device)
-    tol = 4.0 * math.sqrt(max(x.shape[1], 1)) * torch.finfo(x.dtype).eps
-    sq = x.square().sum(dim=1) if l2 else None
-    step = max(1, BLOCK_ELEMENTS // n)
-    for start in range(0, n, step):
-        blk = x[start : start + step]
-        b = blk.shape[0]
-        d = blk @ x.T
-        if not l2:
-            d.neg_().add_(1.0).clamp_(0.0, 2.0)
-            d.masked_fill_(d <= tol, 0.0)
-        else:
-            scale = sq[start : start + b, None] + sq[None, :]
-            d.mul_(-2.0).add_(scale).clamp_(min=0.0)
-            d.masked_fill_(d <= scale.mul_(tol), 0.0)
-        diag = torch.arange(b, device=x.device)
-        d[diag, diag + start] = float("inf")
-        nn[start : start + b] = d.min(dim=1).values
-    return torch.argmax(nn).view(1)
+    """DivPrune's first pick as a [1] long tensor (the code ``vtprune.functional`` runs)."""
+    return reference.farthest_nearest_neighbour(x, "l2" if l2 else "cosine")
 
 
 def _greedy(x_in: torch.Tensor, offsets, k: int, first, mode: str) -> torch.Tensor:
