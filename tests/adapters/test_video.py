@@ -62,3 +62,37 @@ def test_pruned_video_equals_unpatched_model_fed_kept_tokens(family, method, mod
         ref_tokens = model.generate(**route, max_new_tokens=4, do_sample=False)[:, -4:]
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next_video"])
+def test_a_video_unit_knows_its_frames_and_an_image_does_not(family, model_factory, monkeypatch):
+    """``VisionInputs.frames``: a video's frames as the LLM sees them (Qwen-VL: temporal patches; LLaVA-NeXT-Video:
+    sampled frames), None for an image; the tokens are ``frames`` equal runs."""
+    from tiny import make_inputs, video_inputs
+
+    from vtprune.registry import get_method
+
+    cls = get_method("random").method_cls
+    seen = []
+    original = cls.select
+
+    def select(self, image):
+        seen.append((image.n, image.frames))
+        return original(self, image)
+
+    monkeypatch.setattr(cls, "select", select)
+    model = model_factory(family)
+    if family == "llava_next_video":
+        pix, sizes = video_inputs(model, frames=(3,))
+        inputs = make_inputs(model, family, [(2, 1, 3)])
+        ids = torch.cat([torch.tensor([[5] + [VIDEO_ID] * sizes[0]]), inputs["input_ids"]], 1)
+        inputs = dict(inputs, **pix, input_ids=ids, attention_mask=torch.ones_like(ids))
+        frames, images = 3, 1
+    else:
+        inputs, _ = _video_inputs()
+        frames, images = 2, 0
+    with vtprune.patched(model, "random", keep=2), torch.no_grad():
+        model(**inputs)
+    videos = [(n, f) for n, f in seen if f is not None]
+    assert len(videos) == 1 and videos[0][1] == frames and videos[0][0] % frames == 0
+    assert len(seen) - len(videos) == images

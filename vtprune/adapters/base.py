@@ -228,6 +228,13 @@ class ModelAdapter:
         """``[n, 3]`` (t, h, w) patch grid of each image / video of a feature call (Qwen-VL), or None."""
         return None
 
+    def video_frames(self, info, n: int) -> int | None:
+        """A video's frame count as the LLM sees it, from its vision-side record ``info`` (:class:`ImageInfo`) and its
+        ``n`` visual tokens: the temporal patches of its M-RoPE grid (Qwen-VL: one per two frames), else its tower
+        crops (one per sampled frame). None where the video's tokens are not ``T`` equal frames in order."""
+        frames = int(info.grid.reshape(-1)[0]) if info.grid is not None else int(info.crops)
+        return frames if frames > 0 and n % frames == 0 else None
+
     def vision_flops(self, crops: int, frames: int, grids: list[torch.Tensor | None]) -> int:
         """FLOPs of the vision tower + projector of a prefill whose images ran ``crops`` tower crops and whose
         videos ``frames`` frames (``grids``: each unit's ``[1, 3]`` patch grid, families with :meth:`patch_grids`)."""

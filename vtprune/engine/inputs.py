@@ -59,6 +59,7 @@ def vision_inputs(
         projector=projector() if "projector_inputs" in signals else None,
         real_mask=unit.real_mask,
         image_start=int(unit.positions[0]),
+        frames=unit.frames,
         extra=extra,
     )
     return _finish(inputs, point, unit, k)

@@ -314,6 +314,10 @@ class Session:
             attach_real_masks(
                 self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold, copies=fwd.row_copies
             )
+        video_id = getattr(self.adapter.config, "video_token_id", None)
+        for unit in units:
+            if unit.info is not None and int(fwd.input_ids[unit.row, unit.positions[0]]) == video_id:
+                unit.frames = self.adapter.video_frames(unit.info, unit.positions.numel())
         needs = self.capture.signals & _VISION_SIGNALS
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(

@@ -33,6 +33,8 @@ class Unit:
     merged: torch.Tensor | None = None  # [n', D] replacement vectors of a merging method, this point
     #: a merging method's selection at this point: (slots before it, kept indices into them, Selection.weights)
     merge_from: tuple | None = None
+    #: a video's frame count as the LLM sees it (``ModelAdapter.video_frames``); None: an image
+    frames: int | None = None
 
     @functools.cached_property
     def frame_breaks(self) -> torch.Tensor:

@@ -160,6 +160,9 @@ class VisionInputs(ImageInputs):
     token, e.g. Qwen's 2x2 merge unit), -1 for a token that carries none (LLaVA-NeXT's row separators).
     ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),
     ``projector`` the per-token projector ``[N, D_in] -> [N, D]`` in float32 (a float32 copy for fp16/bf16 models).
+    ``frames``: for a video, its frame count ``T`` as the LLM sees it (Qwen-VL: temporal patches, each two frames;
+    LLaVA-NeXT-Video: sampled frames): the unit's ``n`` tokens are ``T`` frames of ``n // T`` tokens in frame order,
+    raster order inside a frame (frame ``t``'s token ``i`` at ``t * (n // T) + i``); None for an image.
     """
 
     cls_attention: torch.Tensor | None = None
@@ -170,6 +173,7 @@ class VisionInputs(ImageInputs):
     token_patches: Callable[[int, int], torch.Tensor] | None = None
     projector_inputs: torch.Tensor | None = None
     projector: torch.nn.Module | None = None
+    frames: int | None = None
 
 
 @dataclass(repr=False)
