@@ -9,6 +9,8 @@ read from the method class itself, so that a method is one file and no table els
 * ``stage``: ``"vision"`` (after the projector), ``"llm"`` (before decoder layer K) or ``"tower"`` (between ViT blocks);
 * ``signals``, ``merges``: what the method reads (``vtprune.methods.base.VISION_SIGNALS`` / ``LLM_SIGNALS``) and
   whether it replaces kept vectors by merged ones;
+* ``modalities``: what the method prunes, ``"image"`` and / or ``"video"`` units (video methods read a video's
+  frames; filter with ``list_methods(modality="video")``);
 * ``kept_from_grid``: the kept count of each frame follows from the image / video grid alone (the vLLM plugin sizes
   Qwen3-VL video frames before the tower runs);
 * ``vllm_options``: options with which a method refused by vLLM on its defaults is served there;
@@ -54,7 +56,7 @@ __all__ = [
 #: where a method acts (see the module docstring)
 HOSTS = ("vlm", "vit")
 #: record fields :func:`list_methods` filters on
-FILTERS = ("host", "stage", "merges", "kept_from_grid")
+FILTERS = ("host", "stage", "merges", "kept_from_grid", "modality")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ class MethodSpec:
     @property
     def merges(self) -> bool:
         return bool(self._fact("merges", False))
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        return frozenset(self._fact("modalities", frozenset({"image", "video"})))
 
     @property
     def kept_from_grid(self) -> bool:
@@ -218,8 +224,9 @@ def list_methods(**filters: Any) -> list[str]:
     """Names of the registered methods whose record matches every filter, sorted (those of ``vtprune.methods`` entry
     points included): ``list_methods()`` every method,
     ``list_methods(host="vlm")`` those that prune a VLM's visual tokens, ``list_methods(host="vit")`` those acting
-    inside a vision transformer, ``list_methods(stage="llm")``, ``list_methods(merges=True)``. Filters: :data:`FILTERS`
-    (a value, or a tuple / list / set of allowed values)."""
+    inside a vision transformer, ``list_methods(stage="llm")``, ``list_methods(merges=True)``,
+    ``list_methods(modality="video")`` those that prune videos (``modality`` matches when the record's ``modalities``
+    hold any of the values). Filters: :data:`FILTERS` (a value, or a tuple / list / set of allowed values)."""
     unknown = sorted(set(filters) - set(FILTERS))
     if unknown:
         raise TypeError(f"unknown filter(s) {unknown} for list_methods; allowed: {list(FILTERS)}")
@@ -227,8 +234,11 @@ def list_methods(**filters: Any) -> list[str]:
 
     def ok(spec: MethodSpec) -> bool:
         for key, want in filters.items():
-            have = getattr(spec, key)
-            if have not in (want if isinstance(want, (tuple, list, set, frozenset)) else (want,)):
+            wanted = want if isinstance(want, (tuple, list, set, frozenset)) else (want,)
+            if key == "modality":
+                if not spec.modalities & set(wanted):
+                    return False
+            elif getattr(spec, key) not in wanted:
                 return False
         return True
 

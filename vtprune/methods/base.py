@@ -248,6 +248,8 @@ class Method:
     #: the kept tokens follow from the image / video grid and the options alone, never from the pixels (the vLLM
     #: plugin sizes Qwen3-VL video frames before the vision tower runs)
     kept_from_grid: ClassVar[bool] = False
+    #: what the method prunes: ``"image"`` and / or ``"video"`` units (a video method reads ``VisionInputs.frames``)
+    modalities: ClassVar[frozenset[str]] = frozenset({"image", "video"})
     #: options with which the vLLM plugin serves a method it refuses on its defaults (e.g. no late drop)
     vllm_options: ClassVar[dict] = {}
     #: options demos, benchmarks and the robustness audit run the method with, where its defaults need something the
