@@ -24,6 +24,12 @@ PRUNED = {
     "todre": {"method": "todre", "ratio": 0.4, "late_drop": False},
     "visionzip": {"method": "visionzip", "ratio": 0.5},  # keys of the kept merge units, contextual tokens merged
     "vispruner": {"method": "vispruner", "ratio": 0.4},
+    # the 2026 baselines: received attention of their vision blocks (scope, holov: the projector's block; hiprune: a
+    # middle block for the anchors and the projector's for the registers) and the merger's input (idpruner)
+    "scope": {"method": "scope", "ratio": 0.4},
+    "hiprune": {"method": "hiprune", "ratio": 0.4},
+    "holov": {"method": "holov", "ratio": 0.4},
+    "idpruner": {"method": "idpruner", "ratio": 0.4},
 }
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_video")
 #: methods served on Qwen3-VL videos (setting.frame_counts_ahead()): a frame's kept count is known before the tower runs
@@ -214,6 +220,19 @@ def test_setting_round_trip():
     text = setting.overrides({"method": "divprune", "ratio": 0.25})
     assert setting.read(_Cfg(json.loads(text)["vtprune"])).ratio == 0.25
     assert setting.read(_Cfg(json.dumps({"method": "random", "keep": 7}))).budget(20) == 7
-    assert setting.servable_methods() == ["cls", "divprune", "pool", "random", "visionzip", "vispruner", "zoo"]
+    assert setting.servable_methods() == [
+        "cls",
+        "divprune",
+        "hiprune",
+        "holov",
+        "idpruner",
+        "pool",
+        "random",
+        "scope",
+        "visionzip",
+        "vispruner",
+        "zoo",
+    ]
+    assert set(setting.servable_methods()) | {"todre"} == set(PRUNED)  # every served method is compared to HF
     assert setting.served().endswith("zoo, todre with late_drop=false")
     assert setting.read(_Cfg({"method": "todre", "ratio": 0.5, "late_drop": False})).late_drop is False
