@@ -58,6 +58,21 @@ def check_tensor(
     return x
 
 
+def check_rows(*named: tuple[str, torch.Tensor, str], at_least: int = 0) -> int:
+    """Check ``(name, tensor, shape_hint)`` triples whose hints start with ``[N``: each is a finite real tensor of
+    as many dimensions as its hint names, and all agree on ``N`` (``>= at_least``). Returns ``N``. Raises
+    ``TypeError`` / ``ValueError`` naming the tensors and their shapes."""
+    for name, x, hint in named:
+        check_tensor(name, x, ndim=hint.count(",") + 1, shape_hint=hint, finite=True)
+    n = named[0][1].shape[0]
+    if any(x.shape[0] != n for _, x, _ in named) or n < at_least:
+        names = " and ".join(f"{name} {hint}" for name, _, hint in named)
+        shapes = " and ".join(str(tuple(x.shape)) for _, x, _ in named)
+        floor = f" >= {at_least}" if at_least else ""
+        raise ValueError(f"{names} must agree on N{floor}, got {shapes}")
+    return n
+
+
 def as_int(value, what: str) -> int:
     """``value`` as a Python int (bools and non-integers rejected: "``what``, got ...")."""
     if isinstance(value, bool):

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ._common import check_k, check_tensor, compute_dtype, topk_lowtie, unit_rows
+from ._common import check_k, check_rows, check_tensor, compute_dtype, topk_lowtie, unit_rows
 
 __all__ = ["cdpruner_relevance", "cdpruner_select"]
 
@@ -67,14 +67,7 @@ def cdpruner_select(
 
     Returns: ``[k]`` int64 ascending indices. Computed in float32 (float64 for float64 inputs).
     """
-    check_tensor("features", features, ndim=2, shape_hint="[N, D]", finite=True)
-    n = features.shape[0]
-    check_tensor("image_embeds", image_embeds, ndim=2, shape_hint="[N, C]", finite=True)
-    if image_embeds.shape[0] != n:
-        raise ValueError(
-            f"features [N, D] and image_embeds [N, C] must agree on N, got {tuple(features.shape)} and "
-            f"{tuple(image_embeds.shape)}"
-        )
+    n = check_rows(("features", features, "[N, D]"), ("image_embeds", image_embeds, "[N, C]"))
     k = check_k(k, n)
     rel = cdpruner_relevance(image_embeds, text_embeds, theta)
     dt = compute_dtype(features, rel)

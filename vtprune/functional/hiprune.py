@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._common import check_int, check_k, check_tensor, compute_dtype, topk_lowtie
+from ._common import check_int, check_k, check_rows, compute_dtype, topk_lowtie
 
 __all__ = ["hiprune_anchor_count", "hiprune_select"]
 
@@ -69,14 +69,7 @@ def hiprune_select(
 
     Raises: ``TypeError`` / ``ValueError`` on bad shapes or values (a non-square ``N`` without ``width``).
     """
-    check_tensor("object_attn", object_attn, ndim=1, shape_hint="[N]", finite=True)
-    check_tensor("deep_attn", deep_attn, ndim=1, shape_hint="[N]", finite=True)
-    n = object_attn.shape[0]
-    if deep_attn.shape[0] != n:
-        raise ValueError(
-            f"object_attn [N] and deep_attn [N] must agree on N, got {tuple(object_attn.shape)} and "
-            f"{tuple(deep_attn.shape)}"
-        )
+    n = check_rows(("object_attn", object_attn, "[N]"), ("deep_attn", deep_attn, "[N]"))
     k = check_k(k, n)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1] (share of anchors and buffer; official 0.1), got {alpha!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_int, check_k, check_tensor, compute_dtype, topk_lowtie
+from ._common import as_int, check_k, check_rows, compute_dtype, topk_lowtie
 
 __all__ = ["holov_crop_count", "holov_select"]
 
@@ -68,14 +68,7 @@ def holov_select(
     Returns: ``[<= k]`` int64 indices in emission order. Scores in float32 (float64 for float64 input).
     Raises ``TypeError`` / ``ValueError`` on bad shapes or values.
     """
-    check_tensor("features", features, ndim=2, shape_hint="[N, D]", finite=True)
-    check_tensor("cls_attn", cls_attn, ndim=1, shape_hint="[N]", finite=True)
-    n = features.shape[0]
-    if cls_attn.shape[0] != n or n < 1:
-        raise ValueError(
-            f"features [N, D] and cls_attn [N] must agree on N >= 1, got {tuple(features.shape)} and "
-            f"{tuple(cls_attn.shape)}"
-        )
+    n = check_rows(("features", features, "[N, D]"), ("cls_attn", cls_attn, "[N]"), at_least=1)
     if bool((cls_attn < 0).any()):
         raise ValueError("cls_attn must be non-negative (attention weights: HoloV allocates in proportion to them)")
     k = check_k(k, n)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_int, check_k, check_tensor, compute_dtype, topk_lowtie
+from ._common import as_int, check_k, check_rows, compute_dtype, topk_lowtie
 
 __all__ = ["idpruner_select"]
 
@@ -46,14 +46,7 @@ def idpruner_select(
     Returns: ``[k]`` int64 ascending indices. Computed in float32 (float64 for float64 input).
     Raises ``TypeError`` / ``ValueError`` on bad shapes or values.
     """
-    check_tensor("features", features, ndim=2, shape_hint="[N, D]", finite=True)
-    check_tensor("scores", scores, ndim=1, shape_hint="[N]", finite=True)
-    n = features.shape[0]
-    if scores.shape[0] != n or n < 1:
-        raise ValueError(
-            f"features [N, D] and scores [N] must agree on N >= 1, got {tuple(features.shape)} and "
-            f"{tuple(scores.shape)}"
-        )
+    n = check_rows(("features", features, "[N, D]"), ("scores", scores, "[N]"), at_least=1)
     k = check_k(k, n)
     lam = mmr_lambda
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= float(lam) <= 1.0:

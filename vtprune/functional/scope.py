@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._common import check_k, check_tensor, compute_dtype, unit_rows
+from ._common import check_k, check_rows, compute_dtype, unit_rows
 
 __all__ = ["scope_select"]
 
@@ -50,13 +50,7 @@ def scope_select(cls_attn: torch.Tensor, features: torch.Tensor, k: int, alpha: 
 
     Raises: ``TypeError`` / ``ValueError`` on bad shapes, a negative or non-finite ``cls_attn``, ``k`` or ``alpha``.
     """
-    check_tensor("cls_attn", cls_attn, ndim=1, shape_hint="[N]", finite=True)
-    check_tensor("features", features, ndim=2, shape_hint="[N, C]", finite=True)
-    n = cls_attn.shape[0]
-    if features.shape[0] != n:
-        raise ValueError(
-            f"cls_attn [N] and features [N, C] must agree on N, got {tuple(cls_attn.shape)} and {tuple(features.shape)}"
-        )
+    n = check_rows(("cls_attn", cls_attn, "[N]"), ("features", features, "[N, C]"))
     k = check_k(k, n)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0 (the saliency exponent; official 1.0), got {alpha!r}")

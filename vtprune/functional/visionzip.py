@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_int, check_tensor, unit_rows
+from ._common import check_int, check_rows, unit_rows
 from .scores import topk_indices
 
 __all__ = ["visionzip_select"]
@@ -28,13 +28,7 @@ def visionzip_select(
     targets) and ``merge`` ``[len(kept), N]`` (float32) such that ``merge @ x`` gives the kept tokens' vectors for
     per-token vectors ``x`` ``[N, D]`` (one-hot rows for dominant tokens).
     """
-    check_tensor("scores", scores, ndim=1, shape_hint="[N]", finite=True)
-    check_tensor("keys", keys, ndim=2, shape_hint="[N, Dk]", finite=True)
-    n = scores.shape[0]
-    if keys.shape[0] != n:
-        raise ValueError(
-            f"scores [N] and keys [N, Dk] must agree on N, got {tuple(scores.shape)} and {tuple(keys.shape)}"
-        )
+    n = check_rows(("scores", scores, "[N]"), ("keys", keys, "[N, Dk]"))
     dominant = check_int("dominant", dominant, 0, n)
     contextual = check_int("contextual", contextual, 0, n - dominant)
     if dominant + contextual < 1:

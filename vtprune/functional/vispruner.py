@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_k, check_tensor, compute_dtype, topk_lowtie, unit_rows
+from ._common import check_k, check_rows, compute_dtype, topk_lowtie, unit_rows
 
 __all__ = ["vispruner_select"]
 
@@ -51,13 +51,7 @@ def vispruner_select(
 
     Returns: ``[k]`` int64 ascending indices. Raises ``TypeError`` / ``ValueError`` on bad shapes or values.
     """
-    check_tensor("cls_attn", cls_attn, ndim=1, shape_hint="[N]", finite=True)
-    check_tensor("features", features, ndim=2, shape_hint="[N, C]", finite=True)
-    n = cls_attn.shape[0]
-    if features.shape[0] != n:
-        raise ValueError(
-            f"cls_attn [N] and features [N, C] must agree on N, got {tuple(cls_attn.shape)} and {tuple(features.shape)}"
-        )
+    n = check_rows(("cls_attn", cls_attn, "[N]"), ("features", features, "[N, C]"))
     k = check_k(k, n)
     if (
         isinstance(important_ratio, bool)
