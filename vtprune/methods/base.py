@@ -340,9 +340,8 @@ class Method:
 
     def score(self, image: ImageInputs) -> torch.Tensor:
         """``[n]`` importance of each of the image's visual tokens (higher: kept first). A method that keeps the
-        top ``image.k`` of one score defines only this and inherits :meth:`select` (kvpress's ``ScorerPress``); where
-        the score is differentiable, ``surrogate = Surrogate(..., surrogates.score, exact=True)`` lets the robustness
-        audit attack it. Default: none (the method defines :meth:`select`)."""
+        top ``image.k`` of one score defines only this and inherits :meth:`select` (kvpress's ``ScorerPress``).
+        Default: none (the method defines :meth:`select`)."""
         raise NotImplementedError(f"method {self.name!r} defines neither select() nor score()")
 
     def select(self, image: ImageInputs) -> torch.Tensor | Selection:

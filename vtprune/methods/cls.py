@@ -51,7 +51,7 @@ class VTCCLS(Method):
     stage = "vision"
     signals = frozenset({"cls_attention"})
     surrogate = S.Surrogate(
-        "cls-attention", "the method's own score: CLS attention summed over its vision layers", S.score, exact=True
+        "cls-attention", "the method's own score: CLS attention summed over its vision layers", S.cls_scores, exact=True
     )
 
     def vision_layers(self, num_layers: int) -> list[int]:

@@ -17,7 +17,6 @@ from .base import ImageInputs, crop_importance
 
 __all__ = [
     "Surrogate",
-    "score",
     "cls_scores",
     "text_attention",
     "isolation",
@@ -39,11 +38,6 @@ class Surrogate:
     description: str
     scores: Callable[[object, ImageInputs], torch.Tensor]
     exact: bool = False
-
-
-def score(method, image: ImageInputs) -> torch.Tensor:
-    """The method's own :meth:`~vtprune.methods.base.Method.score` (a method that keeps its top-k: ``exact``)."""
-    return method.score(image)
 
 
 def cls_scores(method, image: ImageInputs) -> torch.Tensor:
