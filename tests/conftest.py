@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import os
 import sys
@@ -15,6 +16,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 import tiny  # noqa: E402
 
 import vtprune  # noqa: E402
+from vtprune.methods.base import Method  # noqa: E402
 
 
 @functools.cache
@@ -52,20 +54,45 @@ def opts(method, **options) -> dict:
     return {**TEST_OPTIONS.get(method, {}), **options} if isinstance(method, str) else options
 
 
+def _record(method: str):
+    from vtprune.registry import get_method
+
+    return get_method(method)
+
+
 #: methods that prune at several decoder layers (their own checks: tests/methods/test_pyramid.py); checks that assume
-#: one prune point with ``keep`` tokens after it skip them
-MULTI_POINT_METHODS = ("pdrop", "sparsevlm")
-#: methods whose ``keep`` is the average number of visual tokens over the decoder layers
-AVERAGE_BUDGET_METHODS = ("pdrop",)
+#: one prune point with ``keep`` tokens after it skip them. From the record: the method overrides ``Method.layers``
+MULTI_POINT_METHODS = tuple(
+    m for m in vtprune.list_methods(host="vlm") if _record(m).method_cls.layers is not Method.layers
+)
+#: methods whose ``keep`` is the average number of visual tokens over the decoder layers: their config's
+#: ``budget_kind`` option defaults to ``"average"``
+AVERAGE_BUDGET_METHODS = tuple(
+    m for m in vtprune.list_methods(host="vlm") if getattr(_record(m).config_cls, "budget_kind", None) == "average"
+)
 
 
 def refused(method: str, family: str) -> bool:
     """Whether patching ``family`` with ``method`` raises (its signal or point does not exist there)."""
-    if method in SINGLE_CROP_METHODS and family in tiny.ANYRES:
-        return True
     if isinstance(method, str) and refused_by_capabilities(method, family):
         return True
-    return method in REFUSED_ON_TINY_QWEN35 and family.startswith("qwen3_5")  # a default point reads a linear layer
+    return isinstance(method, str) and reads_linear_layer(method, family)
+
+
+@functools.cache
+def reads_linear_layer(method: str, family: str) -> bool:
+    """Whether a default prune point of ``method`` (at the tests' :func:`budget`) reads its signal from a
+    linear-attention layer of the tiny hybrid Qwen3.5 (:data:`tiny.QWEN35_LAYER_TYPES`: layers 0 and 3; e.g. pdrop's
+    last point reads layer 3's own attention, sparsevlm's first layer 0): ``patch`` refuses it there.
+    tests/adapters/test_qwen3.py runs such methods at full-attention layers."""
+    spec = _record(method)
+    if not family.startswith("qwen3_5") or spec.host != "vlm" or spec.stage != "llm":
+        return False
+    from vtprune.engine.plan import build_points
+
+    types = tiny.QWEN35_LAYER_TYPES
+    points = build_points([spec.method_cls(spec.make_config(budget(method, 4)))], len(types))
+    return any(types[layer] != "full_attention" for p in points for layer in p.signal_layers)
 
 
 def refused_by_capabilities(method: str, family: str) -> bool:
@@ -85,24 +112,30 @@ def refused_by_capabilities(method: str, family: str) -> bool:
 
 def supports(method: str, family: str) -> bool:
     """Whether the method x family tests run ``method`` on ``family``: every pair that is not :func:`refused`, except
-    that the CLS-scored methods run on the Qwen families through :data:`RECEIVED_MATRIX` only (their signal,
-    importance="received", is checked on every family by tests/engine/test_received.py; the full 4 x 6 product would add
-    minutes to the suite)."""
+    that a CLS-scored method (:func:`cls_scored`) named in :data:`RECEIVED_MATRIX` runs on the families there only
+    where it is named (its signal, importance="received", is checked on every family by tests/engine/test_received.py;
+    the full product would add minutes to the suite). A CLS-scored method the matrix does not name (a new one) runs on
+    every family."""
     if refused(method, family):
         return False
-    if method in CLS_METHODS and family in RECEIVED_MATRIX:
+    if cls_scored(method) and family in RECEIVED_MATRIX and method in _NAMED:
         return method in RECEIVED_MATRIX[family]
-    if method in CLS_METHODS and family == "llava_next_video":  # its images are llava_next's (CLS rows, AnyRes):
-        return method == "cls"  # the others run on its videos in tests/adapters/test_llava_video.py
     return True
 
 
-#: CLS-scored methods: the vision tower's CLS attention where it has a CLS token (LLaVA), else (default
-#: importance="received") the attention each patch receives (Qwen-VL); tests/engine/test_received.py. InternVL has a CLS
-#: token: its default is "cls" (tests/adapters/test_internvl.py checks "received" there too)
-CLS_METHODS = ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune")
-#: which CLS-scored methods the method x family tests run on each Qwen family (every method on at least one
-#: family; visionzip where tokens are merge units in window order and where DeepStack levels are merged)
+def cls_scored(method: str) -> bool:
+    """From the record: the method reads signal ``cls_attention`` and has an ``importance`` option, i.e. the vision
+    tower's CLS attention where it has a CLS token (LLaVA), else (default importance="received") the attention each
+    patch receives (Qwen-VL); tests/engine/test_received.py. InternVL has a CLS token: its default is "cls"
+    (tests/adapters/test_internvl.py checks "received" there too)."""
+    spec = _record(method)
+    return "cls_attention" in spec.signals and "importance" in {f.name for f in dataclasses.fields(spec.config_cls)}
+
+
+#: which CLS-scored methods the method x family tests run on each Qwen family (each named method on at least one
+#: family; visionzip where tokens are merge units in window order and where DeepStack levels are merged), and on
+#: LLaVA-NeXT-Video, whose images are llava_next's (CLS rows, AnyRes): the others run on its videos in
+#: tests/adapters/test_llava_video.py. Gemma 3 (SigLIP without CLS, scores pooled as the projector pools) runs all
 RECEIVED_MATRIX = {
     "qwen2_vl": ("cls",),
     "qwen2_5_vl": ("visionzip", "hiprune"),  # hiprune: its official Qwen port
@@ -110,14 +143,8 @@ RECEIVED_MATRIX = {
     "qwen3_vl_moe": ("todre",),
     "qwen3_5": ("cls",),
     "qwen3_5_moe": ("vispruner",),
-    # SigLIP without CLS, scores pooled as the projector pools
-    "gemma3": ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune"),
+    "llava_next_video": ("cls",),
 }
-#: methods that do not handle AnyRes / multi-crop images yet
-SINGLE_CROP_METHODS = ()
+_NAMED = {m for ms in RECEIVED_MATRIX.values() for m in ms}
 #: families whose images are several vision-tower crops (LLaVA-NeXT's AnyRes, InternVL's tiles)
 MULTI_CROP_FAMILIES = ("llava_next", "internvl")
-#: multi-point methods whose default points read a linear-attention layer of the tiny Qwen3.5 (layers 0 and 3):
-#: pdrop's last point (layer 3's own attention), sparsevlm's first (layer 0); tests/adapters/test_qwen3.py runs them at
-#: full-attention layers
-REFUSED_ON_TINY_QWEN35 = ("pdrop", "sparsevlm")

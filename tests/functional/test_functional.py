@@ -737,10 +737,9 @@ def test_every_export_runs_in_the_library():
     """What runs is what is tested: every exported function is called by the library itself (a method, the engine, an
     adapter, calibration, or another exported function), not only by the tests."""
     uncalled = set(F.__all__) - _called_names(Path(vtprune.__file__).parent)
-    # pdrop_select: the PyramidDrop method is being moved onto it (architecture issue, item 3). The video functions
-    # land before their methods (video issue, part 1: the engine's per-frame units come next); each leaves this set
-    # when its method file calls it
-    pending = {"pdrop_select", "evs_select", "vidcom2_select", "fastvid_select", "frame_budgets"}
+    # The video functions land before their methods (video issue, part 1: the engine's per-frame units come next);
+    # each leaves this set when its method file calls it
+    pending = {"evs_select", "vidcom2_select", "fastvid_select", "frame_budgets"}
     assert uncalled <= pending, f"exported but called nowhere in vtprune/: {sorted(uncalled - pending)}"
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vtprune.registry import _METHODS
 
@@ -68,3 +69,22 @@ def test_the_guide_config_refuses_bad_options(bad, monkeypatch):
             namespace["FeatureNormConfig"](keep=4, p=bad)
     finally:
         _METHODS.pop("featnorm", None)
+
+
+def test_a_scoring_method_inherits_top_k():
+    """``score`` only: the base ``select`` keeps the k largest, ties to the lower index, ascending; neither defined:
+    a clear error."""
+    from vtprune.config import PruneConfig
+    from vtprune.methods.base import ImageInputs, Method
+
+    class Scored(Method):
+        name = "scored"
+
+        def score(self, image):
+            return torch.tensor([0.5, 2.0, 1.0, 2.0, 0.1, 1.0, 3.0], dtype=torch.float16)
+
+    image = ImageInputs(n=7, k=4)
+    assert Scored(PruneConfig(keep=4)).select(image).tolist() == [1, 2, 3, 6]  # 3.0, 2.0, 2.0, then 1.0 at index 2
+    Bare = type("Bare", (Method,), {"name": "bare"})
+    with pytest.raises(NotImplementedError, match="'bare' defines neither select"):
+        Bare(PruneConfig(keep=4)).select(image)

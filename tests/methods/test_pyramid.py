@@ -126,6 +126,29 @@ def test_pdrop_select_matches_reference(seed):
     assert F.pdrop_select(query.float(), keys.float(), 4, 12, 5).tolist() == kept.tolist()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_pdrop_select_mask_and_attention_rows(seed):
+    """A masked key (padding, a later token, outside a sliding window) is as if absent: the reference run on the
+    visible keys only; the engine's route (its own probabilities as ``attention=``) keeps what the reference keeps."""
+    gen = torch.Generator().manual_seed(seed)
+    h, s, dh = 3, 24, 8
+    keys = torch.randn(h, s, dh, generator=gen, dtype=torch.float64) * 2
+    query = torch.randn(h, dh, generator=gen, dtype=torch.float64) * 2
+    mask = torch.ones(s, dtype=torch.bool)
+    mask[:3] = False  # left padding
+    mask[20:] = False  # after the query
+    visible = mask.nonzero().squeeze(1)
+    kept = F.pdrop_select(query, keys, 6, 12, 5, mask=mask)
+    assert kept.tolist() == _ref_pdrop(query, keys[:, visible], 3, 12, 5)
+    if seed != 1:  # the masked keys change the per-head normalisers, hence the head mean's ranking
+        assert kept.tolist() != F.pdrop_select(query, keys, 6, 12, 5).tolist()
+    probs = (torch.einsum("hd,hsd->hs", query, keys[:, visible]) / math.sqrt(dh)).softmax(-1)
+    rows = torch.zeros(h, s, dtype=torch.float64)
+    rows[:, visible] = probs
+    assert F.pdrop_select(None, None, 6, 12, 5, attention=rows).tolist() == kept.tolist()
+    assert F.pdrop_select(None, None, 6, 12, 5, attention=rows.float()).tolist() == kept.tolist()
+
+
 def test_sparsevlm_raters_match_reference():
     gen = torch.Generator().manual_seed(0)
     vis, text = torch.randn(12, 5, generator=gen), torch.randn(7, 5, generator=gen)
@@ -210,6 +233,18 @@ def test_sparsevlm_rank_count():
             lambda: F.pdrop_select(torch.zeros(2, 3), torch.zeros(2, 5, 3), 0, 5, 6),
             ValueError,
             r"k must be in \[1, 5\]",
+        ),
+        (
+            lambda: F.pdrop_select(torch.zeros(2, 3), torch.zeros(2, 5, 3), 0, 5, 2, attention=torch.zeros(2, 5)),
+            ValueError,
+            "either attention=",
+        ),
+        (lambda: F.pdrop_select(None, None, 0, 5, 2), ValueError, "or attention="),
+        (lambda: F.pdrop_select(None, None, 3, 5, 2, attention=torch.zeros(2, 5)), ValueError, "inside the 5 keys"),
+        (
+            lambda: F.pdrop_select(torch.zeros(2, 3), torch.zeros(2, 5, 3), 0, 5, 2, mask=torch.zeros(5).bool()),
+            ValueError,
+            "at least one True",
         ),
         (lambda: F.sparsevlm_raters(torch.zeros(3, 4), torch.zeros(2, 5)), ValueError, "must share D"),
         (lambda: F.sparsevlm_select(torch.zeros(2, 3, 5), torch.zeros(4, 2), 2), ValueError, "one row per image token"),

@@ -338,10 +338,18 @@ class Method:
         """Vision-encoder layers whose CLS attention rows this method reads (``cls_attention`` signal)."""
         return []
 
+    def score(self, image: ImageInputs) -> torch.Tensor:
+        """``[n]`` importance of each of the image's visual tokens (higher: kept first). A method that keeps the
+        top ``image.k`` of one score defines only this and inherits :meth:`select` (kvpress's ``ScorerPress``).
+        Default: none (the method defines :meth:`select`)."""
+        raise NotImplementedError(f"method {self.name!r} defines neither select() nor score()")
+
     def select(self, image: ImageInputs) -> torch.Tensor | Selection:
         """Ascending image-relative indices (int64) of the ``image.k`` visual tokens to keep, or a
-        :class:`Selection` when the kept tokens' vectors are replaced (merging methods)."""
-        raise NotImplementedError
+        :class:`Selection` when the kept tokens' vectors are replaced (merging methods). Default: the ``image.k``
+        tokens of largest :meth:`score`, ties to the lower index, ascending (:func:`vtprune.functional.topk_indices`,
+        compared in float32, float64 for float64 scores)."""
+        return F.topk_indices(self.score(image), image.k)
 
 
 def check_layer(name: str, layer: int, num_layers: int) -> int:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
 from ..signals import check_importance
@@ -74,6 +73,7 @@ class VTCCLS(Method):
             )
         return layers
 
-    def select(self, image: ImageInputs) -> torch.Tensor:
-        crop_scores = crop_importance(image)  # [C, P]
-        return F.topk_indices(image.pack_crop_scores(crop_scores), image.k)
+    def score(self, image: ImageInputs) -> torch.Tensor:
+        """CLS attention (or received attention, ``importance="received"``) summed over the vision layers, per visual
+        token; the base class keeps the top ``image.k`` (official ``topk`` then sorted indices)."""
+        return image.pack_crop_scores(crop_importance(image))  # [C, P] -> [n]

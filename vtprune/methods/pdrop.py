@@ -215,5 +215,7 @@ class PDrop(Method):
         return self.schedule(n_original, point.num_layers)[layer]
 
     def select(self, image: ImageInputs) -> torch.Tensor:
-        scores = image.text_attention.mean(dim=0)[image.image_start : image.image_start + image.n]
-        return F.topk_indices(scores, image.k)
+        """The ``k`` image tokens of largest head-mean attention of the last prompt token at layer K
+        (:func:`vtprune.functional.pdrop_select` on the engine's ``text_attention`` row: padding, causal order and
+        a sliding window already masked)."""
+        return F.pdrop_select(None, None, image.image_start, image.n, image.k, attention=image.text_attention)
