@@ -70,8 +70,9 @@ def refused(method: str, family: str) -> bool:
 
 def refused_by_capabilities(method: str, family: str) -> bool:
     """From the method's registry record and the family's adapter: a method for single-crop images (``multi_crop =
-    False``) on a multi-crop family, or one reading the full-width CLS query (signal ``vision_qk``) on a tower
-    without a CLS token; both are refused at ``patch``."""
+    False``) on a multi-crop family, or one reading only the full-width CLS query (signal ``vision_qk`` without
+    ``cls_attention``, whose ``received`` attention serves where there is no CLS token) on a tower without a CLS
+    token; both are refused at ``patch``."""
     from vtprune.adapters import _ADAPTERS
     from vtprune.registry import get_method
 
@@ -80,7 +81,8 @@ def refused_by_capabilities(method: str, family: str) -> bool:
         return False
     if not getattr(spec.method_cls, "multi_crop", True) and adapter.multi_crop:
         return True
-    return "vision_qk" in spec.signals and not adapter.has_cls_token
+    only_cls = "vision_qk" in spec.signals and "cls_attention" not in spec.signals
+    return only_cls and not adapter.has_cls_token
 
 
 def supports(method: str, family: str) -> bool:
@@ -100,18 +102,18 @@ def supports(method: str, family: str) -> bool:
 #: CLS-scored methods: the vision tower's CLS attention where it has a CLS token (LLaVA), else (default
 #: importance="received") the attention each patch receives (Qwen-VL); tests/engine/test_received.py. InternVL has a CLS
 #: token: its default is "cls" (tests/adapters/test_internvl.py checks "received" there too)
-CLS_METHODS = ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune")
+CLS_METHODS = ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune", "prumerge")
 #: which CLS-scored methods the method x family tests run on each Qwen family (every method on at least one
 #: family; visionzip where tokens are merge units in window order and where DeepStack levels are merged)
 RECEIVED_MATRIX = {
-    "qwen2_vl": ("cls",),
+    "qwen2_vl": ("cls", "prumerge"),
     "qwen2_5_vl": ("visionzip", "hiprune"),  # hiprune: its official Qwen port
-    "qwen3_vl": ("visionzip", "scope"),
+    "qwen3_vl": ("visionzip", "scope", "prumerge"),  # prumerge: DeepStack levels merged by its weights
     "qwen3_vl_moe": ("todre",),
     "qwen3_5": ("cls",),
     "qwen3_5_moe": ("vispruner",),
     # SigLIP without CLS, scores pooled as the projector pools
-    "gemma3": ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune"),
+    "gemma3": ("cls", "todre", "visionzip", "vispruner", "scope", "hiprune", "prumerge"),
 }
 #: methods that do not handle AnyRes / multi-crop images yet
 SINGLE_CROP_METHODS = ()

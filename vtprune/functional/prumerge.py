@@ -128,9 +128,7 @@ def prumerge_merge(
             f"{tuple(keys.shape)}"
         )
     if features.shape[0] != n:
-        raise ValueError(
-            f"features [N, D] must have one row per patch, got {tuple(features.shape)} for {n} patches"
-        )
+        raise ValueError(f"features [N, D] must have one row per patch, got {tuple(features.shape)} for {n} patches")
     if not isinstance(plus, bool):
         raise TypeError(f"plus must be a bool (True: PruMerge+), got {plus!r}")
     if keep is not None:
