@@ -97,8 +97,9 @@ def reads_linear_layer(method: str, family: str) -> bool:
 
 def refused_by_capabilities(method: str, family: str) -> bool:
     """From the method's registry record and the family's adapter: a method for single-crop images (``multi_crop =
-    False``) on a multi-crop family, or one reading the full-width CLS query (signal ``vision_qk``) on a tower
-    without a CLS token; both are refused at ``patch``."""
+    False``) on a multi-crop family, or one reading only the full-width CLS query (signal ``vision_qk`` without
+    ``cls_attention``, whose ``received`` attention serves where there is no CLS token) on a tower without a CLS
+    token; both are refused at ``patch``."""
     from vtprune.adapters import _ADAPTERS
     from vtprune.registry import get_method
 
@@ -107,7 +108,8 @@ def refused_by_capabilities(method: str, family: str) -> bool:
         return False
     if not getattr(spec.method_cls, "multi_crop", True) and adapter.multi_crop:
         return True
-    return "vision_qk" in spec.signals and not adapter.has_cls_token
+    only_cls = "vision_qk" in spec.signals and "cls_attention" not in spec.signals
+    return only_cls and not adapter.has_cls_token
 
 
 def supports(method: str, family: str) -> bool:
@@ -137,9 +139,9 @@ def cls_scored(method: str) -> bool:
 #: LLaVA-NeXT-Video, whose images are llava_next's (CLS rows, AnyRes): the others run on its videos in
 #: tests/adapters/test_llava_video.py. Gemma 3 (SigLIP without CLS, scores pooled as the projector pools) runs all
 RECEIVED_MATRIX = {
-    "qwen2_vl": ("cls",),
+    "qwen2_vl": ("cls", "prumerge"),
     "qwen2_5_vl": ("visionzip", "hiprune"),  # hiprune: its official Qwen port
-    "qwen3_vl": ("visionzip", "scope"),
+    "qwen3_vl": ("visionzip", "scope", "prumerge"),  # prumerge: DeepStack levels merged by its weights
     "qwen3_vl_moe": ("todre",),
     "qwen3_5": ("cls",),
     "qwen3_5_moe": ("vispruner",),

@@ -16,8 +16,9 @@ Timed in interleaved rounds (``vtprune.timing``: every variant once per round, o
   RoPE on the captured keys/query and the attention row);
 * per method whose signals include ``cls_attention`` / ``vision_keys`` / ``vision_qk``: what the vision-tower hooks
   compute while the tower runs (``vtprune.signals.cls_attention_rows`` on [1, 577, 1024] q/k and the head-mean keys
-  or the stacked full-width q/k, once per hooked layer) — selection work outside ``select_ms``, added to it for the
-  verdict;
+  or the stacked full-width q/k, once per hooked layer; with ``importance="received"``, e.g. ``hiprune``'s default,
+  the q/k recomputed from the layer's input and the attention every patch receives) — selection work outside
+  ``select_ms``, added to it for the verdict;
 * ``one layer``: decoder layer 0 of that LM (a ``LlamaDecoderLayer`` of the 4096 / 11008 / 32-head config) alone on
   the prompt's 651 hidden states, with its rotary embeddings and the causal mask the model itself builds.
 
@@ -56,10 +57,11 @@ import torch
 
 import vtprune
 from vtprune import compat
+from vtprune import functional as F
 from vtprune.adapters import get_adapter
 from vtprune.latency import build_random_llava, prefill
 from vtprune.registry import get_method
-from vtprune.signals import cls_attention_rows
+from vtprune.signals import cls_attention_rows, resolve_importance
 from vtprune.timing import interleaved_times_ms, num_threads, provenance
 
 LAYER = "one layer"
@@ -162,23 +164,45 @@ def one_layer(model, hidden: torch.Tensor):
 
 def vision_hook_work(model, method: str, keep: int, options: dict | None = None):
     """The selection signals the engine's vision-tower hooks compute while the tower runs (outside ``select_ms``),
-    as a timed callable, or None when the method reads none: for a method that reads ``cls_attention`` or
-    ``vision_keys``, per hooked vision layer the CLS attention row (``cls_attention_rows``) and, for
-    ``vision_keys``, the head-mean of that layer's keys; then the per-layer results stacked, as the engine does.
-    On random q/k of the tower's shape ``[1, 1+P, E]``."""
+    as a timed callable, or None when the method reads none. The method's ``importance`` is resolved on the model as
+    the engine resolves it (``vtprune.signals.resolve_importance``): with ``"cls"``, per hooked vision layer the CLS
+    attention row (``cls_attention_rows``) on the layer's q / k outputs, for ``vision_keys`` the head-mean of its keys,
+    for ``vision_qk`` the stacked full-width q / k; with ``"received"`` (e.g. ``hiprune``'s default), per hooked layer
+    the adapter's ``vision_qk`` (the layer's q / k projections recomputed from its input) and
+    ``vtprune.functional.received_attention`` over every query, CLS dropped, for ``vision_keys`` the head-mean keys;
+    then the per-layer results stacked, as the engine does. On random inputs of the tower's shape ``[1, 1+P, E]``.
+    Returns ``run() -> (cls rows or received attention, head-mean keys or None, full-width q / k or None)``."""
     spec = get_method(method)
     impl = spec.method_cls(spec.make_config({"keep": keep, **(options or {})}))
     if not impl.signals & {"cls_attention", "vision_keys", "vision_qk"}:
         return None
-    attn = get_adapter(model).vision_attention_modules()
+    adapter = get_adapter(model)
+    attn = adapter.vision_attention_modules()
     hooked = impl.vision_layers(len(attn))
+    importance = resolve_importance(method, impl.importance(), model.config.model_type, adapter.has_cls_token)
+    received = importance == "received"
     keys = "vision_keys" in impl.signals
-    full = "vision_qk" in impl.signals  # the full-width q / k outputs stacked (prumerge)
+    full = "vision_qk" in impl.signals and not received  # the full-width q / k outputs stacked (prumerge)
     vcfg = model.config.vision_config
     tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, tokens, vcfg.hidden_size, generator=gen).to(model.dtype)
     k = torch.randn(1, tokens, vcfg.hidden_size, generator=gen).to(model.dtype)
+    x = torch.randn(1, tokens, vcfg.hidden_size, generator=gen).to(model.dtype)  # a hooked layer's input
+
+    def run_received():
+        got, means = [], []
+        with torch.no_grad():
+            for i in hooked:
+                qk = adapter.vision_qk(attn[i], (x,), {})
+                got.append(F.received_attention(qk.q, qk.k, qk.cu_seqlens, qk.scaling)[1:])  # CLS dropped
+                if keys:
+                    means.append(qk.k.mean(1)[1:])
+            return (
+                torch.stack(got).unsqueeze(0),  # [1, L, P], as the engine hands it
+                torch.stack(means).unsqueeze(0) if means else None,  # [1, L, P, Dh]
+                None,
+            )
 
     def run():
         rows, means, qks = [], [], []
@@ -196,7 +220,7 @@ def vision_hook_work(model, method: str, keep: int, options: dict | None = None)
                 torch.stack(qks, dim=1) if qks else None,
             )
 
-    return run
+    return run_received if received else run
 
 
 def _layers(st) -> str:
@@ -544,8 +568,10 @@ def main(argv=None) -> int:
         "included). Capturing layer outputs and projector inputs with hooks costs no compute.",
         "signal ms outside select: for methods that read the vision tower's CLS attention or keys, what the tower "
         "hooks compute while the tower runs (not in `select_ms`): per hooked layer the CLS attention row and, for "
-        "`vision_keys`, the head-mean keys, for `vision_qk`, the full-width q / k stacked; timed separately in the "
-        "same rounds (same shapes, random q/k) and added to select ms for the ratio and the verdict.",
+        "`vision_keys`, the head-mean keys, for `vision_qk`, the full-width q / k stacked; with "
+        "`importance=\"received\"` (hiprune's default) instead the layer's q / k recomputed from its input and the "
+        "attention every patch receives (all queries); timed separately in the same rounds (same shapes, random "
+        "inputs) and added to select ms for the ratio and the verdict.",
         "ratio = (select ms + signal ms outside select) / one-layer ms; within budget when <= 1.",
     ]
     bench_options = {m: o for label, m, _ in entries if label == m and (o := get_method(m).run_options)}

@@ -3,6 +3,7 @@ config, and the model-level route on the tiny LLaVA."""
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from tiny import make_inputs
 
@@ -193,12 +194,155 @@ def test_the_count_follows_the_budget_unless_adaptive_is_asked():
     assert PruMergeConfig().budget(16) == 15  # nominal, below n so that the method runs
 
 
-@pytest.mark.parametrize("family,match", [("qwen2_vl", "no CLS token"), ("llava_next", "multi-crop")])
-def test_families_without_a_cls_token_or_with_crops_are_refused_at_patch(model_factory, family, match):
-    model = model_factory(family)
-    with pytest.raises(ValueError, match=match):
-        vtprune.patch(model, "prumerge")
+def test_cls_importance_on_a_tower_without_a_cls_token_is_refused_at_patch(model_factory):
+    model = model_factory("qwen2_vl")
+    with pytest.raises(ValueError, match="importance='received'"):
+        vtprune.patch(model, "prumerge", importance="cls")
     assert not vtprune.is_patched(model)
+
+
+def test_bad_importance_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"importance must be one of \('cls', 'received'\)"):
+        PruMergeConfig(importance="row")
+
+
+# -- other families: a from-scratch reading of the official code on the signals the method received ----------------
+
+
+def _official_on_scores(cls_attn, keys, feats, plus):
+    """The official token list and vectors (``_official`` from step ``if if_adaptive`` on) of one crop, given its
+    attention ``[N]``, patch keys ``[N, C]`` and features ``[N, D]``; ``575`` read as ``N - 1``."""
+    n = cls_attn.shape[0]
+    attn = cls_attn[None]
+    ratio = _official_outlier_ratio(attn)
+    _, idx = torch.topk(attn, int(n * ratio), dim=1, largest=True)
+    if plus:
+        seq = torch.arange(0, n - 1, int(int(1 / ratio) / 3))
+        filtered = torch.tensor([x for x in seq if x not in idx.flatten()], dtype=torch.long)
+        idx = torch.cat((idx, filtered.unsqueeze(0)), dim=1)
+    out = []
+    others = [i for i in range(n) if i not in idx[0].tolist()]  # the official complement, ascending
+    units = torch.nn.functional.normalize(keys, p=2, dim=-1)
+    for pos, i in enumerate(idx[0].tolist()):
+        rest = idx[0, :pos].tolist() + idx[0, pos + 1 :].tolist() + others
+        sim = units[rest] @ units[i]
+        near = [rest[j] for j in torch.topk(sim, k=min(32, len(rest))).indices.tolist()]
+        out.append(feats[i] + (feats[near] * cls_attn[near, None]).sum(0))
+    out.append((feats[others] * cls_attn[others, None]).sum(0))
+    return idx[0], torch.stack(out), others
+
+
+def _recorded(monkeypatch, model, inputs, **options):
+    """Run the patched model once; the VisionInputs and Selection of each select call."""
+    from vtprune.methods.prumerge import PruMerge
+
+    calls, original = [], PruMerge.select
+
+    def select(self, image):
+        out = original(self, image)
+        calls.append((image, out))
+        return out
+
+    monkeypatch.setattr(PruMerge, "select", select)
+    with vtprune.patched(model, "prumerge", **options), torch.no_grad():
+        model(**inputs)
+    return calls
+
+
+def _reference(image, attn, keys, plus):
+    """Per crop, the official reading on that crop's visual tokens: the image's kept slots (ascending) and their
+    projected vectors. ``attn`` ``[C, P]`` / ``keys`` ``[C, P, E]``: each crop patch's attention and key; a token's
+    attention is the mean of its patches', its key their concatenation, its feature its projector input row (a
+    crop's patch where the projector reads patches, LLaVA; the token's own row where it reads merge units, Qwen)."""
+    c, big_p = attn.shape
+    rows_per_crop = image.projector_inputs.shape[1]
+    x_all = image.projector_inputs.reshape(-1, image.projector_inputs.shape[-1]).float()
+    patches = image.token_patches(c, big_p)  # [n, m] flat crop patches per token, -1: none
+    slots, vectors = [], []
+    for crop in range(c):
+        tokens = [t for t in range(image.n) if patches[t, 0] >= 0 and int(patches[t, 0]) // big_p == crop]
+        if not tokens:
+            continue
+        local = patches[tokens] - crop * big_p  # [t, m]
+        a = attn[crop][local].mean(1)
+        k = keys[crop][local].flatten(1)
+        rows = [crop * rows_per_crop + int(local[i, 0]) if rows_per_crop == big_p else t for i, t in enumerate(tokens)]
+        idx, merged, others = _official_on_scores(a, k, x_all[rows], plus)
+        emitted = [tokens[i] for i in idx.tolist()]
+        if others:
+            emitted.append(tokens[max(others, key=lambda j: float(a[j]))])
+        else:
+            merged = merged[:-1]
+        slots += emitted
+        vectors.append(image.projector(merged))
+    order = torch.argsort(torch.tensor(slots))
+    return torch.tensor(slots)[order], torch.cat(vectors)[order]
+
+
+def _peaked(model, names, scale, seed=1):
+    """Redraw the weights of the vision attention projections ``names`` (``std = scale / sqrt(fan_in)``, seeded) so
+    that the tiny tower's attention has clear IQR outliers, well separated from the bound and from each other (the
+    tiny models' own attention is close to uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            w = model.get_submodule(name).weight
+            w.copy_(torch.randn(w.shape, generator=g) * scale / w.shape[1] ** 0.5)
+    return model
+
+
+def _check_separated(attn):
+    """Each crop's attention: at least one outlier, none near the IQR bound, no near ties."""
+    for row in attn:
+        q1, q3 = np.percentile(row.numpy(), 25), np.percentile(row.numpy(), 75)
+        bound = q3 + 1.5 * (q3 - q1)
+        assert F.prumerge_count(row) > 0
+        assert float((row - bound).abs().min()) > 0.05 * float(row.mean())
+        assert float(row.sort().values.diff().min()) > 1e-5 * float(row.mean())
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_anyres_runs_the_official_reading_on_each_crop(monkeypatch, plus):
+    model = _peaked(
+        tiny.build("llava_next"), [f"model.vision_tower.encoder.layers.3.self_attn.{m}_proj" for m in "qk"], 1.5
+    )
+    inputs = make_inputs(model, "llava_next", [(3, 1, 5)])
+    ((image, sel),) = _recorded(monkeypatch, model, inputs, plus=plus)
+    qk = image.vision_qk[:, 0]  # [C, 2, 1+P, E]
+    attn = torch.stack([torch.softmax(k @ q[0] * q.shape[-1] ** -0.5, 0)[1:] for q, k in qk])  # official CLS row
+    _check_separated(attn)
+    slots, vectors = _reference(image, attn, qk[:, 1, 1:], plus)
+    assert image.vision_qk.shape[0] == 3  # base crop + a 1 x 2 grid of crops
+    assert sel.kept.tolist() == slots.tolist()
+    torch.testing.assert_close(sel.merged.float(), vectors, rtol=1e-5, atol=1e-5)
+
+
+def _qwen_inputs(side=16):
+    """One Qwen2-VL image of ``side x side`` patches (``side**2 / 4`` visual tokens, more than PruMerge's 32
+    neighbours, so that the key similarity decides which tokens merge) inside a short prompt."""
+    g = torch.Generator().manual_seed(0)
+    n = side * side // 4
+    ids = [5, 6, 7, tiny.VSTART_ID] + [tiny.IMAGE_ID] * n + [tiny.VEND_ID, 8, 9, 10]
+    types = [0] * 4 + [1] * n + [0] * 4
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": torch.randn(side * side, 3 * 2 * 14 * 14, generator=g),
+        "image_grid_thw": torch.tensor([[1, side, side]]),
+        "mm_token_type_ids": torch.tensor([types]),
+    }
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_no_cls_towers_read_the_received_attention_and_head_mean_keys(monkeypatch, plus):
+    model = _peaked(tiny.build("qwen2_vl"), ["model.visual.blocks.1.attn.qkv"], 4.0)
+    ((image, sel),) = _recorded(monkeypatch, model, _qwen_inputs(), plus=plus)
+    assert image.vision_qk is None and image.cls_attention is None and image.n == 64
+    attn = image.received[:, 0].float()  # [1, P]: per patch; a token's is its 2 x 2 unit's mean
+    _check_separated(image.pack_crop_scores(attn)[None])
+    slots, vectors = _reference(image, attn, image.vision_keys[:, 0], plus)
+    assert sel.kept.tolist() == slots.tolist()
+    torch.testing.assert_close(sel.merged.float(), vectors, rtol=1e-5, atol=1e-5)
 
 
 def _route(model, inputs, plus, keep):

@@ -40,7 +40,9 @@ NESTED = ("qwen3_vl", "qwen3_5")
 #: the other video families: each method on one of them, in turn (each family gets two or three methods)
 OTHERS = tuple(f for f in VIDEO_FAMILIES if f not in NESTED)
 #: LLaVA-OneVision's videos blend patches: methods that need one patch per token refuse them (test below)
-VIDEO_REFUSALS = tuple((m, "llava_onevision") for m in ("pool", "visionzip", "vispruner", "scope", "hiprune"))
+VIDEO_REFUSALS = tuple(
+    (m, "llava_onevision") for m in ("pool", "visionzip", "vispruner", "scope", "hiprune", "prumerge")
+)
 CASES = [
     (m, f)
     for i, m in enumerate(vtprune.list_methods(host="vlm"))

@@ -144,7 +144,8 @@ def test_bad_flags_exit_2(argv, capsys):
 
 
 @pytest.mark.parametrize(
-    "method", [m for m in vtprune.list_methods(host="vlm") if m in ("cls", "todre", "visionzip", "prumerge")]
+    "method",
+    [m for m in vtprune.list_methods(host="vlm") if m in ("cls", "todre", "visionzip", "prumerge", "hiprune")],
 )
 def test_timed_hook_signals_have_the_engines_shapes(method):
     """The outside-select work timed for a method is the work its vision hooks really do: same layers, same shapes
@@ -157,7 +158,9 @@ def test_timed_hook_signals_have_the_engines_shapes(method):
 
         def spy(image):
             # an undeclared signal raises when read (the engine hands vision_keys only to methods declaring it)
+            # importance="received" (hiprune's default): the received attention instead of the CLS rows
             seen["cls"] = image.cls_attention if "cls_attention" in impl.signals else None
+            seen["received"] = image.received if "cls_attention" in impl.signals else None
             seen["keys"] = image.vision_keys if "vision_keys" in impl.signals else None
             seen["qk"] = image.vision_qk if "vision_qk" in impl.signals else None
             return original(image)
@@ -166,7 +169,8 @@ def test_timed_hook_signals_have_the_engines_shapes(method):
         with torch.no_grad():
             model(**inputs)
     rows, keys, qk = overhead.vision_hook_work(model, method, 16)()
-    assert seen["cls"] is None or rows.shape == seen["cls"].shape
+    handed_rows = seen["cls"] if seen["cls"] is not None else seen["received"]
+    assert handed_rows is None or rows.shape == handed_rows.shape
     for timed, handed in ((keys, seen["keys"]), (qk, seen["qk"])):
         assert (timed is None) == (handed is None)
         if timed is not None:

@@ -78,10 +78,11 @@ class VisionCapture:
                 adapter.has_cls_token,
             )
             adapter.check_cls_strategy(self.importance)
-            if "vision_qk" in self.signals and self.importance != "cls":
+            if "vision_qk" in self.signals and "cls_attention" not in self.signals and self.importance != "cls":
                 raise ValueError(
                     f"method {method.name!r} reads the vision tower's full-width CLS query and keys (signal "
-                    f"'vision_qk'), which needs a CLS token and importance='cls'; got importance={self.importance!r}"
+                    f"'vision_qk'), which needs a CLS token and importance='cls', and declares no 'cls_attention' "
+                    f"to read the received attention instead; got importance={self.importance!r}"
                 )
             if self.importance == "received" and type(adapter).vision_qk is ModelAdapter.vision_qk:
                 adapter.vision_qk(None, (), {})  # the default raises the family's "not implemented" ValueError
@@ -179,7 +180,8 @@ class VisionCapture:
             self._cls_rows = [] if self.vision_layers and not received else None
             self._received = [] if self.vision_layers and received else None
             self._vision_keys = [] if "vision_keys" in self.signals else None
-            self._vision_qk = [] if "vision_qk" in self.signals else None
+            # the full-width CLS query and keys exist with importance="cls" only (None with "received")
+            self._vision_qk = [] if "vision_qk" in self.signals and not received else None
             self._projector_in = [] if "projector_inputs" in self.signals else None
             try:
                 out = original(*args, **kwargs)

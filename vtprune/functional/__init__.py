@@ -29,7 +29,7 @@ from .idpruner import idpruner_select
 from .pact import dbdpc_cluster, pact_merge
 from .pdrop import pdrop_select
 from .pool import pool_windows
-from .prumerge import prumerge_attention, prumerge_count, prumerge_select
+from .prumerge import prumerge_attention, prumerge_count, prumerge_merge, prumerge_select
 from .rope import rope_gravity
 from .scope import scope_select
 from .scores import cls_scores, received_attention, topk_indices
@@ -80,6 +80,7 @@ __all__ = [
     "prumerge_select",
     "prumerge_attention",
     "prumerge_count",
+    "prumerge_merge",
     "dbdpc_cluster",
     "pact_merge",
     "tome_match",

@@ -6,7 +6,7 @@ import torch
 
 from ._common import check_int, check_tensor, compute_dtype, topk_lowtie, unit_rows
 
-__all__ = ["prumerge_attention", "prumerge_count", "prumerge_select"]
+__all__ = ["prumerge_attention", "prumerge_count", "prumerge_merge", "prumerge_select"]
 
 #: tokens each kept token merges (the official ``torch.topk(cos_sim_matrix, k=int(32))``)
 NEIGHBOURS = 32
@@ -98,18 +98,42 @@ def prumerge_select(
     with ``merged = weights @ features``. Raises ``ValueError`` / ``TypeError`` on bad shapes or values.
     """
     _check_qk(query, keys)
+    return prumerge_merge(
+        prumerge_attention(query, keys), keys[1:], features, plus, keep=keep, return_weights=return_weights
+    )
+
+
+def prumerge_merge(
+    attn: torch.Tensor,
+    keys: torch.Tensor,
+    features: torch.Tensor,
+    plus: bool = False,
+    *,
+    keep: int | None = None,
+    return_weights: bool = False,
+):
+    """Steps 2-4 of :func:`prumerge_select` on given scores: ``attn`` ``[N]`` the attention of each patch (the CLS
+    row of :func:`prumerge_attention`; on towers without a CLS token, the attention each patch receives, not the
+    paper's), ``keys`` ``[N, C]`` the patch keys whose cosine similarity picks each kept token's neighbours (no CLS
+    row), ``features`` ``[N, D]`` the vectors merged. ``plus``, ``keep``, ``return_weights`` and the returns as
+    :func:`prumerge_select`, whose result this is for ``attn = prumerge_attention(query, keys)``,
+    ``keys = keys[1:]``. Raises ``ValueError`` / ``TypeError`` on bad shapes or values."""
+    check_tensor("attn", attn, ndim=1, shape_hint="[N] (the attention of each patch)", finite=True)
+    check_tensor("keys", keys, ndim=2, shape_hint="[N, C] (the patch keys, no CLS row)", finite=True)
     check_tensor("features", features, ndim=2, shape_hint="[N, D] (the patch features the projector reads)")
-    n = keys.shape[0] - 1
-    if features.shape[0] != n:
+    n = attn.shape[0]
+    if n == 0 or keys.shape[0] != n:
         raise ValueError(
-            f"features [N, D] must have one row per patch of keys [N+1, C], got {tuple(features.shape)} for {n} patches"
+            f"attn [N] and keys [N, C] must hold the same N >= 1 patches, got {tuple(attn.shape)} and "
+            f"{tuple(keys.shape)}"
         )
+    if features.shape[0] != n:
+        raise ValueError(f"features [N, D] must have one row per patch, got {tuple(features.shape)} for {n} patches")
     if not isinstance(plus, bool):
         raise TypeError(f"plus must be a bool (True: PruMerge+), got {plus!r}")
     if keep is not None:
         keep = check_int("keep", keep, 1, n)
-    attn = prumerge_attention(query, keys)
-    dt = compute_dtype(query, keys, features)
+    dt = compute_dtype(attn, keys, features)
     order = topk_lowtie(attn, n)  # every patch by attention, descending, ties -> lower index
     c = prumerge_count(attn)
     if keep is None:
@@ -138,7 +162,7 @@ def prumerge_select(
     weights = torch.zeros(m + 1, n, dtype=dt, device=attn.device)
     if m:
         columns = torch.cat([picked, pruned])  # the search order of each kept token's "rest" (itself excluded)
-        units = unit_rows(keys[1:], dt)[columns]
+        units = unit_rows(keys, dt)[columns]
         sim = units[:m] @ units.T  # [m, N] in search order
         rows = torch.arange(m, device=attn.device)
         sim[rows, rows] = float("-inf")  # not itself

@@ -155,7 +155,8 @@ class VisionInputs(ImageInputs):
     (mean over heads and queries; ``cls_attention`` is then None) and ``vision_keys`` ``[C, L, P, Dh]`` the head-mean
     keys as the layer uses them (after its rotary embedding), patches only. :func:`crop_importance` reads either.
     ``vision_qk`` ``[C, L, 2, 1+P, E]`` the ``q_proj`` (index 0) and ``k_proj`` (index 1) outputs of the same vision
-    layers at full width (heads concatenated), CLS first (towers with a CLS token and ``importance="cls"`` only).
+    layers at full width (heads concatenated), CLS first (towers with a CLS token and ``importance="cls"`` only; None
+    with ``importance="received"``).
     ``token_patches(C, P)`` ``[n, m]`` int64: the flat crop patches ``c * P + p`` each visual token carries (``m`` per
     token, e.g. Qwen's 2x2 merge unit), -1 for a token that carries none (LLaVA-NeXT's row separators).
     ``projector_inputs`` ``[C, P, D_in]`` what the projector received for each crop (signal ``projector_inputs``),

@@ -25,9 +25,28 @@ the emission order maps to positions through the kept indices; the extra row tak
 pruned token with the largest attention (its largest contributor). The attention is float32 (the official code
 computes it in the model's dtype).
 
-Families: towers with a CLS token and one visual token per patch, single crop (LLaVA-1.5). Towers without a CLS token
-(Qwen-VL, LLaVA-OneVision's SigLIP, Gemma 3) are refused at ``patch`` (the method is defined by the CLS query; the
-received-attention port other methods offer is not PruMerge), as are AnyRes / tiled images (LLaVA-NeXT, InternVL).
+Families (each deviation from the official code, which serves LLaVA-1.5's single 336 px crop only, is an option or
+a consequence of the model's layout, as below):
+
+* ``importance`` (None: ``"cls"`` where the tower has a CLS token, ``"received"`` elsewhere). ``"cls"`` is the
+  paper's signal, as above. ``"received"`` (not the paper's; the default on towers without a CLS token: Qwen-VL,
+  LLaVA-OneVision's SigLIP, Gemma 3) scores each patch by the attention it receives at ``layer`` (mean over heads and
+  queries, ``vtprune.functional.received_attention``) in place of the CLS row, and the key similarity of the merge
+  reads the layer's head-mean keys (signal ``vision_keys``, after the tower's rotary embedding) in place of the
+  full-width keys (:func:`vtprune.functional.prumerge_merge` runs the count, merge and extra row on them).
+* Tokens that carry several patches (Qwen-VL's 2x2 merge units, InternVL's pixel-shuffled 2x2, Gemma 3's pooled 4x4
+  windows): a token's attention is its patches' as the model packs scores (mean), its key the concatenation of its
+  patches' keys, its feature the projector's input row (``visionzip``'s and ``scope``'s convention).
+* AnyRes / multi-crop images (LLaVA-NeXT, LLaVA-OneVision, InternVL tiles): the official repository has no AnyRes
+  path (42Shawn/LLaVA-PruMerge 097c0411, main and every branch: ``clip_encoder.py`` only), so PruMerge runs on each
+  crop as on one LLaVA-1.5 image, the natural generalisation of its batch of crops: its own CLS softmax (over all of
+  the crop's patches), IQR count, PruMerge+ spatial tokens (over the crop's tokens in raster order), merges within
+  the crop and its own extra row (at the slot of the crop's largest-attention pruned token). Patches removed by
+  LLaVA-NeXT's unpadding have no visual token: they are neither kept nor merged. Row separators (no patch) are
+  dropped; with ``count="budget"`` the budget is split evenly over the crops (``visionzip``'s ``even_shares``, exact
+  total; each crop's share includes its extra row) and the separators are kept only where it exceeds the patches.
+  An image whose tokens blend patches (LLaVA-OneVision's ``anyres_max`` downscale of a large image) is refused with
+  a ``ValueError`` at the forward that brings it (its token count is known only then).
 """
 
 from __future__ import annotations
@@ -39,8 +58,11 @@ import torch
 from .. import functional as F
 from ..config import PruneConfig, check_int_option
 from ..registry import register_method
+from ..signals import check_importance
 from . import surrogates as S
+from ._packing import packed_patches
 from .base import ImageInputs, Method, Selection
+from .visionzip import even_shares
 
 #: values of the ``count`` option
 COUNTS = ("adaptive", "budget")
@@ -54,16 +76,22 @@ class PruMergeConfig(PruneConfig):
     * ``count`` (None): ``"adaptive"`` (the paper's IQR count; a budget is then nominal) or ``"budget"`` (exactly the
       budget's tokens, not the paper's); None: ``"adaptive"`` without a budget, ``"budget"`` with one.
     * ``layer`` (None): the vision layer whose q/k are read (0-based); None: ``L - 1``, the official ``layers[23]``.
+    * ``importance`` (None): ``"cls"`` (the paper's: the CLS query's full-width row and keys), ``"received"`` (not the
+      paper's: the attention each patch receives and the head-mean keys) or None (``"cls"`` where the tower has a CLS
+      token, else ``"received"``).
 
     Raises ``ValueError`` for a ``count`` outside :data:`COUNTS`, ``count="budget"`` without ``keep`` / ``ratio``,
-    a ``layer`` that is not None or an int >= 0, and ``TypeError`` for a ``plus`` that is not a bool.
+    a ``layer`` that is not None or an int >= 0, an ``importance`` outside ``("cls", "received", None)``, and
+    ``TypeError`` for a ``plus`` that is not a bool.
     """
 
     plus: bool = False
     count: str | None = None
     layer: int | None = None
+    importance: str | None = None
 
     def __post_init__(self):
+        check_importance(self.importance)
         if not isinstance(self.plus, bool):
             raise TypeError(f"plus must be a bool (True: PruMerge+, False: PruMerge), got {self.plus!r}")
         if self.count is not None and (not isinstance(self.count, str) or self.count not in COUNTS):
@@ -94,21 +122,27 @@ class PruMergeConfig(PruneConfig):
         return super().budget(n)
 
 
+def _crop_attention(image: ImageInputs) -> torch.Tensor:
+    """``[C, P]`` float32 attention of each crop patch: the CLS query's full-width row (``importance="cls"``,
+    :func:`vtprune.functional.prumerge_attention`, per crop) or the attention the patch receives (``"received"``)."""
+    if image.vision_qk is not None:
+        return torch.stack([F.prumerge_attention(qk[0, 0], qk[1]) for qk in image.vision_qk[:, 0]]).float()
+    return image.received[:, 0].float()
+
+
 def _attention(method, image: ImageInputs) -> torch.Tensor:
-    qk = image.vision_qk[0, 0]
-    return F.prumerge_attention(qk[0, 0], qk[1])
+    return image.pack_crop_scores(_crop_attention(image))
 
 
 @register_method("prumerge", PruMergeConfig)
 class PruMerge(Method):
     stage = "vision"
-    signals = frozenset({"features", "vision_qk", "projector_inputs"})
+    signals = frozenset({"features", "cls_attention", "vision_keys", "vision_qk", "projector_inputs"})
     merges = True
-    multi_crop = False
     kept_count = "own"  # the adaptive count; an instance with count="budget" keeps exactly its budget
     surrogate = S.Surrogate(
         "cls-attention",
-        "the full-width CLS attention of its layer, which ranks the kept tokens (the adaptive count and the merge "
+        "the CLS (or received) attention of its layer, which ranks the kept tokens (the adaptive count and the merge "
         "are not attacked)",
         _attention,
     )
@@ -117,20 +151,6 @@ class PruMerge(Method):
         super().__init__(config)
         if not config.adaptive:
             self.kept_count = "budget"
-
-    def bind(self, adapter) -> None:
-        """Refuse towers without a CLS token and multi-crop images, naming the model type."""
-        kind = adapter.config.model_type
-        if not adapter.has_cls_token:
-            raise ValueError(
-                f"prumerge scores patches with the vision tower's CLS query, but {kind!r} models have no CLS token; "
-                "use a method with importance='received' there (e.g. 'visionzip', 'cls') or 'divprune'"
-            )
-        if adapter.multi_crop:
-            raise ValueError(
-                f"prumerge does not support AnyRes / multi-crop images ({kind!r}); use it on single-crop "
-                "LLaVA-1.5-style models"
-            )
 
     def vision_layers(self, num_layers: int) -> list[int]:
         layer = num_layers - 1 if self.config.layer is None else self.config.layer
@@ -142,27 +162,55 @@ class PruMerge(Method):
         return [layer]
 
     def select(self, image: ImageInputs) -> Selection:
-        qk = image.vision_qk[0, 0]  # [2, 1+P, E]: q_proj / k_proj outputs of the one crop
-        x = image.projector_inputs[0]  # [P, D_in]
-        if qk.shape[1] - 1 != image.n or x.shape[0] != image.n:
-            raise RuntimeError(
-                f"prumerge needs one visual token per patch: {qk.shape[1] - 1} patches, {x.shape[0]} projector rows, "
-                f"{image.n} visual tokens"
-            )
-        keep = None if self.config.adaptive else image.k
         with torch.no_grad():
-            query, keys = qk[0, 0], qk[1]
-            kept, merged, weights = F.prumerge_select(
-                query, keys, x.float(), self.config.plus, keep=keep, return_weights=True
-            )
-            attn = F.prumerge_attention(query, keys)
-            pruned = torch.ones(image.n, dtype=torch.bool, device=attn.device)
-            pruned[kept] = False
-            if bool(pruned.any()):  # the extra row sits at its largest contributor's slot
-                carrier = int(torch.where(pruned, attn, -1.0).argmax())
-                kept = torch.cat([kept, torch.tensor([carrier], device=kept.device)])
-            else:  # no pruned token: the extra row is zero and has no slot
-                merged, weights = merged[:-1], weights[:-1]
+            attn = _crop_attention(image)  # [C, P]
+            c, p = attn.shape
+            # [C, P, E]: the full-width patch keys (CLS dropped) or the head-mean ones
+            keys = image.vision_qk[:, 0, 1, 1:] if image.vision_qk is not None else image.vision_keys[:, 0]
+            scores = image.pack_crop_scores(attn)  # [n] per visual token
+            patches = image.token_patches(c, p).to(scores.device)  # [n, m]: the crop patches each token carries
+            token_keys = keys.reshape(c * p, -1)[patches.clamp(min=0)].flatten(1)  # [n, m * E]
+            rows, _, _ = packed_patches(image)  # [n]: each token's projector row (-1: a row separator)
+            x = image.projector_inputs.reshape(-1, image.projector_inputs.shape[-1])[rows.clamp(min=0)].float()
+            carrier = rows >= 0
+            crop_of = torch.where(carrier, patches[:, 0] // p, -1)
+            parts = [t for t in ((crop_of == i).nonzero().squeeze(1) for i in range(c)) if t.numel()]
+            if self.config.adaptive:
+                shares = [None] * len(parts)
+            else:
+                shares = even_shares(min(image.k, int(carrier.sum())), [t.numel() for t in parts])
+            kept, merged, weights = [], [], []
+            for tokens, share in zip(parts, shares):
+                if share == 0:
+                    continue
+                got = self._select_crop(scores[tokens], token_keys[tokens], x[tokens], share, tokens, image.n)
+                for out, part in zip((kept, merged, weights), got):
+                    out.append(part)
+            vectors = image.projector(torch.cat(merged)).to(image.features.dtype) if merged else None
+            extra = image.k - int(carrier.sum())
+            if not self.config.adaptive and extra > 0:  # budget beyond the patches: row separators, first ones first
+                seps = (~carrier).nonzero().squeeze(1)[:extra]
+                kept.append(seps)
+                sep_weights = torch.zeros(seps.numel(), image.n, device=scores.device)
+                sep_weights[torch.arange(seps.numel()), seps] = 1.0
+                weights.append(sep_weights)
+                vectors = torch.cat([v for v in (vectors, image.features[seps]) if v is not None])
+            kept, weights = torch.cat(kept), torch.cat(weights)
             order = torch.argsort(kept)
-            vectors = image.projector(merged[order]).to(image.features.dtype)
-        return Selection(kept[order], vectors, weights=weights[order].float())
+        return Selection(kept[order], vectors[order], weights=weights[order])
+
+    def _select_crop(self, attn, keys, x, share, tokens, n):
+        """PruMerge on one crop's ``tokens`` (``[t]`` ascending image token indices, raster order in the crop):
+        ``(kept [m] image indices, merged [m, D_in] projector inputs, weights [m, n] over the image's tokens)``, the
+        extra row included at the slot of the crop's largest-attention pruned token (none when nothing is pruned)."""
+        local, merged, w = F.prumerge_merge(attn, keys, x, self.config.plus, keep=share, return_weights=True)
+        pruned = torch.ones(attn.numel(), dtype=torch.bool, device=attn.device)
+        pruned[local] = False
+        if bool(pruned.any()):  # the extra row sits at its largest contributor's slot
+            slot = torch.where(pruned, attn, -1.0).argmax().view(1)
+            local = torch.cat([local, slot])
+        else:  # no pruned token: the extra row is zero and has no slot
+            merged, w = merged[:-1], w[:-1]
+        full = torch.zeros(w.shape[0], n, dtype=torch.float32, device=w.device)
+        full[:, tokens] = w.float()
+        return tokens[local], merged, full
