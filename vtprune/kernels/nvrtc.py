@@ -4,9 +4,9 @@ The device code (``vtprune/kernels/src/*.cuh``: plain CUDA C++, no host code, no
 extension ``csrc/cuda/*.cu`` includes too, so a kernel edit happens once) with its C entry points (``src/*.cu``) is
 compiled at first use with NVRTC for the GPU's architecture, cached on disk per (source hash, architecture, NVRTC
 version), loaded with the driver API into the device's primary context (the one torch uses) and launched on torch's
-current stream with the tensors' device pointers. The Python launchers here do what ``csrc/cuda/*.cu`` does on the host side (argument
-checks, unit rows and DivPrune first picks with the same torch calls as ``vtprune.functional``, the per-pivot sorts
-of DART), so the three paths (CPU op, CUDA op, NVRTC op) pick identical indices.
+current stream with the tensors' device pointers. The Python launchers here do what ``csrc/cuda/*.cu`` does on the
+host side (argument checks, unit rows and DivPrune first picks with the same torch calls as ``vtprune.functional``,
+the per-pivot sorts of DART), so the three paths (CPU op, CUDA op, NVRTC op) pick identical indices.
 
 * ``compile_nvrtc(arch="sm_90", kind="cubin")``: every kernel source compiled for ``arch``, no GPU needed;
 * ``launch_*``: grid / block / shared-memory logic of each kernel (pure Python, unit-tested without a GPU);
