@@ -40,8 +40,10 @@ def native_extensions():
             try:
                 super().build_extension(extension)
             except Exception as exc:  # compiler missing or broken toolchain
-                print(f"WARNING: vtprune native ops not built ({type(exc).__name__}: {exc}); "
-                      "vtprune will JIT-build them on first use or fall back to pure torch")
+                print(
+                    f"WARNING: vtprune native ops not built ({type(exc).__name__}: {exc}); "
+                    "vtprune will JIT-build them on first use or fall back to pure torch"
+                )
 
     return [ext], {"build_ext": OptionalBuildExtension}
 
