@@ -486,7 +486,7 @@ def video_report(args, command: str) -> int:
                     over.append(f"{fn} {shape} ({ratio:.3f})")
                 lines.append(
                     f"| {fn} | {frames} | {tokens} | {frames * tokens} | {ms:.2f} | {q1:.2f}–{q3:.2f} "
-                    f"| {layer_ms:.1f} | {ratio:.4f} |"
+                    f"| {layer_ms:.2f} | {ratio:.4f} |"
                 )
     table = "\n".join(
         [
