@@ -20,7 +20,11 @@ def native_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return [], {}
-    flags = {"extra_compile_args": ["-O3", "-fopenmp"], "extra_link_args": ["-fopenmp"]}
+    # headers: csrc's own, and the device code of vtprune/kernels/src that csrc/cuda/*.cu includes (the one copy,
+    # shared with the NVRTC back end); as depends they are rebuilt on change and shipped in the sdist
+    depends = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
+    depends += sorted(glob.glob(os.path.join("vtprune", "kernels", "src", "*.cuh")))
+    flags = {"extra_compile_args": ["-O3", "-fopenmp"], "extra_link_args": ["-fopenmp"], "depends": depends}
     # CUDA kernels only on request: nvcc takes minutes here, the CPU build seconds (see README, native ops)
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     if os.environ.get("VTPRUNE_CUDA") == "1" and torch.version.cuda and CUDA_HOME and cuda_sources:
@@ -36,8 +40,10 @@ def native_extensions():
             try:
                 super().build_extension(extension)
             except Exception as exc:  # compiler missing or broken toolchain
-                print(f"WARNING: vtprune native ops not built ({type(exc).__name__}: {exc}); "
-                      "vtprune will JIT-build them on first use or fall back to pure torch")
+                print(
+                    f"WARNING: vtprune native ops not built ({type(exc).__name__}: {exc}); "
+                    "vtprune will JIT-build them on first use or fall back to pure torch"
+                )
 
     return [ext], {"build_ext": OptionalBuildExtension}
 

@@ -1,94 +1,31 @@
 // CUDA DBDPC (PACT): centre finding in one thread block (rounds, then the sequential densest-first pass, all on
 // the device: no host synchronisation), then nearest-centre labels in a grid. Same rules as csrc/cpu/dbdpc.cpp.
-// The same device code, for NVRTC (no nvcc), is vtprune/kernels/src/dbdpc.cu: keep the two in step.
+// Host code only: the device code is vtprune/kernels/src/dbdpc.cuh, the one copy NVRTC compiles too
+// (vtprune/kernels/src/dbdpc.cu); the kernels below only wrap its functions.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <limits>
-
+#include "../../vtprune/kernels/src/dbdpc.cuh"
 #include "../vtprune.h"
 
 namespace vtprune {
 namespace {
 
-constexpr int kBlock = 1024;
-enum : int8_t { kFree = 0, kAssigned = 1, kCentre = 2, kFresh = 3 };
-constexpr int kSequentialBelow = 10;  // keep in sync with vtprune/functional/pact.py SEQUENTIAL_BELOW
+constexpr int kBlock = VT_DBDPC_BLOCK;
+constexpr int kLabelBlock = VT_LABEL_BLOCK;
 
 template <typename T>
-__global__ void centres_kernel(const T* __restrict__ dist, const int64_t* __restrict__ rank,
-                               const int64_t* __restrict__ by_rank, int64_t n, T cutoff, int8_t* state,
-                               T* delta) {
-  __shared__ int fresh_count;
-  __shared__ int free_count;
-  for (;;) {
-    // delta_i over the free tokens, new centres marked kFresh
-    if (threadIdx.x == 0) fresh_count = 0;
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      if (state[i] != kFree) continue;
-      const T* row = dist + i * n;
-      T best = std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j < n; ++j)
-        if (state[j] == kFree && rank[j] < rank[i] && row[j] < best) best = row[j];
-      delta[i] = best;
-    }
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-      if (state[i] == kFree && delta[i] > cutoff) {
-        state[i] = kFresh;
-        atomicAdd(&fresh_count, 1);
-      }
-    __syncthreads();
-    // free tokens within cutoff of a new centre are assigned
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      if (state[i] != kFree) continue;
-      const T* row = dist + i * n;
-      for (int64_t c = 0; c < n; ++c)
-        if (state[c] == kFresh && row[c] <= cutoff) {
-          state[i] = kAssigned;
-          break;
-        }
-    }
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-      if (state[i] == kFresh) state[i] = kCentre;
-    if (threadIdx.x == 0) free_count = 0;
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-      if (state[i] == kFree) atomicAdd(&free_count, 1);
-    __syncthreads();
-    if (free_count == 0) return;
-    if (fresh_count < kSequentialBelow) break;
-  }
-  // sequential pass over the free tokens, densest first
-  for (int64_t p = 0; p < n; ++p) {
-    const int64_t c = by_rank[p];
-    if (state[c] != kFree) continue;  // block-uniform: state[c] is only written before the barrier below
-    __syncthreads();
-    if (threadIdx.x == 0) state[c] = kCentre;
-    const T* row = dist + c * n;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
-      if (j != c && state[j] == kFree && rank[j] > p && row[j] <= cutoff) state[j] = kAssigned;
-    __syncthreads();
-  }
+__global__ void __launch_bounds__(VT_DBDPC_BLOCK)
+    centres_kernel(const T* dist, const int64_t* rank, const int64_t* by_rank, int64_t n, T cutoff, int8_t* state,
+                   T* delta) {
+  centres<T>(dist, rank, by_rank, n, cutoff, state, delta);
 }
 
 template <typename T>
-__global__ void labels_kernel(const T* __restrict__ dist, const int8_t* __restrict__ state, int64_t n,
-                              int64_t* __restrict__ labels) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  if (state[i] == kCentre) {
-    labels[i] = i;
-    return;
-  }
-  const T* row = dist + i * n;
-  int64_t best = -1;
-  for (int64_t c = 0; c < n; ++c)
-    if (state[c] == kCentre && (best < 0 || row[c] < row[best])) best = c;
-  labels[i] = best;
+__global__ void __launch_bounds__(VT_LABEL_BLOCK)
+    labels_kernel(const T* dist, const int8_t* state, int64_t n, int64_t* out) {
+  labels<T>(dist, state, n, out);
 }
 
 }  // namespace
@@ -113,9 +50,8 @@ at::Tensor dbdpc_cuda(const at::Tensor& dist_in, const at::Tensor& rank_in, doub
                                                         static_cast<scalar_t>(cutoff), state.data_ptr<int8_t>(),
                                                         delta.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    labels_kernel<scalar_t><<<(n + 255) / 256, 256, 0, stream>>>(dist.data_ptr<scalar_t>(),
-                                                                  state.data_ptr<int8_t>(), n,
-                                                                  labels.data_ptr<int64_t>());
+    labels_kernel<scalar_t><<<(n + kLabelBlock - 1) / kLabelBlock, kLabelBlock, 0, stream>>>(
+        dist.data_ptr<scalar_t>(), state.data_ptr<int8_t>(), n, labels.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return labels;

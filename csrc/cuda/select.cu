@@ -1,7 +1,8 @@
-// CUDA greedy selection kernels: k-center, max-sum (one launch per greedy step, batched over images, no host
+// CUDA greedy selection ops: k-center, max-sum (one launch per greedy step, batched over images, no host
 // synchronisation) and DART's per-pivot similarity rows. Rows and first picks are prepared with ATen exactly as
-// on CPU (csrc/ops.cpp). Every kernel runs on the current stream. The same device code, for NVRTC (no nvcc),
-// is vtprune/kernels/src/select.cu: keep the two in step (tests/test_nvrtc.py checks the launch constants).
+// on CPU (csrc/ops.cpp). Every kernel runs on the current stream. Host code only: the device code is
+// vtprune/kernels/src/select.cuh, the one copy NVRTC compiles too (vtprune/kernels/src/select.cu); the kernels
+// below only wrap its functions (tests/functional/test_nvrtc.py checks both back ends include the same text).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,144 +10,33 @@
 
 #include <limits>
 
+#include "../../vtprune/kernels/src/select.cuh"
 #include "../vtprune.h"
 
 namespace vtprune {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRowsPerWarp = 4;
-constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kThreads = VT_THREADS;
+constexpr int kRowsPerBlock = VT_ROWS_PER_BLOCK;
 
-enum Mode { kCosine = 0, kL2 = 1, kMaxSum = 2 };
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Is (v1, i1) a better candidate than (v2, i2)? Index -1 means "none"; ties go to the lower index.
-template <typename T>
-__device__ __forceinline__ bool better(T v1, int64_t i1, T v2, int64_t i2, bool maximize) {
-  if (i1 < 0) return false;
-  if (i2 < 0) return true;
-  if (v1 == v2) return i1 < i2;
-  return maximize ? v1 > v2 : v1 < v2;
-}
-
-template <typename T>
-__device__ void warp_best(T& v, int64_t& i, bool maximize) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const T ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int64_t oi = __shfl_xor_sync(0xffffffffu, i, o);
-    if (better(ov, oi, v, i, maximize)) {
-      v = ov;
-      i = oi;
-    }
-  }
-}
-
-// Winner of the previous step for image b, from that step's per-block partial results (warp 0 of each block).
-template <typename T>
-__device__ int64_t reduce_partials(const T* val, const int64_t* idx, int nblocks, bool maximize) {
-  T v = 0;
-  int64_t i = -1;
-  for (int p = threadIdx.x; p < nblocks; p += 32)
-    if (better(val[p], idx[p], v, i, maximize)) {
-      v = val[p];
-      i = idx[p];
-    }
-  warp_best(v, i, maximize);
-  return i;
-}
-
-// Greedy step t >= 1 for every image (grid.y): find the pick of step t-1, then update each row's state against it
-// (k-center: running min distance; max-sum: running cosine sum), mark the pick taken, and leave this block's best
-// candidate in the partials of buffer t % 2.
 template <typename T, int MODE>
-__global__ void greedy_step_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets, int64_t d,
-                                   T* __restrict__ state, const int64_t* __restrict__ firsts,
-                                   const T* __restrict__ prev_val, const int64_t* __restrict__ prev_idx,
-                                   T* __restrict__ part_val, int64_t* __restrict__ part_idx, int nblocks,
-                                   int64_t* __restrict__ out, int64_t k, int64_t t) {
-  constexpr bool maximize = MODE != kMaxSum;
-  const int b = blockIdx.y;
-  const int64_t base = offsets[b], n = offsets[b + 1] - base;
-  __shared__ int64_t cur_s;
-  __shared__ T wv[kWarps];
-  __shared__ int64_t wi[kWarps];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (warp == 0) {
-    const int64_t cur = t == 1 ? firsts[b] : reduce_partials(prev_val + b * nblocks, prev_idx + b * nblocks,
-                                                            nblocks, maximize);
-    if (lane == 0) {
-      cur_s = cur;
-      if (blockIdx.x == 0 && t >= 2) out[b * k + t - 1] = cur;
-    }
-  }
-  __syncthreads();
-  const int64_t cur = cur_s;
-  const T* c = x + (base + cur) * d;
-  const T taken = maximize ? -std::numeric_limits<T>::infinity() : std::numeric_limits<T>::infinity();
-  // duplicates of a pick: distance exactly 0 / cosine exactly 1 (same tolerance as the CPU and torch code)
-  const T tol = T(4) * sqrt(static_cast<T>(d < 1 ? 1 : d)) * std::numeric_limits<T>::epsilon();
-  T bv = 0;
-  int64_t bi = -1;
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp + r;
-    if (i >= n) break;
-    const T* row = x + (base + i) * d;
-    T acc = 0;
-    for (int64_t j = lane; j < d; j += 32) {
-      if (MODE == kL2) {
-        const T diff = row[j] - c[j];
-        acc += diff * diff;
-      } else {
-        acc += row[j] * c[j];
-      }
-    }
-    acc = warp_sum(acc);
-    T s = state[base + i];
-    if (MODE == kCosine) {
-      const T dist = T(1) - min(max(acc, T(-1)), T(1));
-      s = min(s, dist <= tol ? T(0) : dist);
-    } else if (MODE == kL2) {
-      s = min(s, acc);
-    } else {
-      const T cos = min(max(acc, T(-1)), T(1));
-      s = s + (cos >= T(1) - tol ? T(1) : cos);
-    }
-    if (i == cur) s = taken;
-    if (lane == 0) state[base + i] = s;
-    if (better(s, i, bv, bi, maximize)) {
-      bv = s;
-      bi = i;
-    }
-  }
-  if (lane == 0) {
-    wv[warp] = bv;
-    wi[warp] = bi;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < kWarps; ++w)
-      if (better(wv[w], wi[w], bv, bi, maximize)) {
-        bv = wv[w];
-        bi = wi[w];
-      }
-    part_val[b * nblocks + blockIdx.x] = bv;
-    part_idx[b * nblocks + blockIdx.x] = bi;
-  }
+__global__ void __launch_bounds__(VT_THREADS)
+    greedy_step_kernel(const T* x, const int64_t* offsets, int64_t d, T* state, const int64_t* firsts,
+                       const T* prev_val, const int64_t* prev_idx, T* part_val, int64_t* part_idx, int nblocks,
+                       int64_t* out, int64_t k, int64_t t) {
+  greedy_step<T, MODE>(x, offsets, d, state, firsts, prev_val, prev_idx, part_val, part_idx, nblocks, out, k, t);
 }
 
 template <typename T>
 __global__ void finish_kernel(const T* val, const int64_t* idx, int nblocks, bool maximize, int64_t* out,
                               int64_t k) {
-  const int b = blockIdx.x;
-  const int64_t i = reduce_partials(val + b * nblocks, idx + b * nblocks, nblocks, maximize);
-  if (threadIdx.x == 0) out[b * k + k - 1] = i;
+  greedy_finish<T>(val, idx, nblocks, maximize, out, k);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(VT_THREADS)
+    dart_sims_kernel(const T* units, const T* pivot, const bool* available, int64_t n, int64_t d, T* sims) {
+  dart_sims<T>(units, pivot, reinterpret_cast<const u8*>(available), n, d, sims);
 }
 
 template <typename T, int MODE>
@@ -197,20 +87,6 @@ at::Tensor greedy_cuda(const at::Tensor& x_in, at::IntArrayRef offsets_in, int64
   return out;
 }
 
-// Cosine of every row of `units` to `pivot`, clamped to [-1, 1]; +inf where the token is not available.
-template <typename T>
-__global__ void dart_sims_kernel(const T* __restrict__ units, const T* __restrict__ pivot, const bool* available,
-                                 int64_t n, int64_t d, T* __restrict__ sims) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (i >= n) return;
-  const T* row = units + i * d;
-  T acc = 0;
-  for (int64_t j = lane; j < d; j += 32) acc += row[j] * pivot[j];
-  acc = warp_sum(acc);
-  if (lane == 0) sims[i] = available[i] ? min(max(acc, T(-1)), T(1)) : std::numeric_limits<T>::infinity();
-}
-
 }  // namespace
 
 at::Tensor kcenter_cuda(const at::Tensor& x, at::IntArrayRef offsets, int64_t k, at::IntArrayRef first,
@@ -239,7 +115,7 @@ at::Tensor dart_pick_cuda(const at::Tensor& units_in, const at::Tensor& pivots_i
     const int64_t take = std::min<int64_t>(counts[t], remaining);
     if (take == 0) continue;
     AT_DISPATCH_FLOATING_TYPES(units.scalar_type(), "vtprune_dart_cuda", [&] {
-      dart_sims_kernel<scalar_t><<<(n + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
+      dart_sims_kernel<scalar_t><<<(n + VT_WARPS - 1) / VT_WARPS, kThreads, 0, stream>>>(
           units.data_ptr<scalar_t>(), pivots[t].data_ptr<scalar_t>(), available.data_ptr<bool>(), n, d,
           sims.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -10,6 +10,8 @@
 #                 their torch.ops registration, and the timing of all three back ends
 #   contract      eval/gpu/contract.py: keep-all == unpatched and batch == rows alone, SDPA / FA2, bf16
 #   prefill-7b    eval/gpu/prefill_7b.py: LLaVA-1.5-7B-width prefill, every method at 64/128/192 vs unpatched
+#   video         eval/bench/overhead.py --video --device cuda: the pure video selection functions (evs, vidcom2,
+#                 fastvid, frame_budgets, dyseg, dpc_knn) at 16 / 32 frames x 100 / 400 tokens vs one 7B layer
 #   bench         eval/bench/kernels.py --device cuda: native CUDA ops vs pure torch on the GPU
 #
 # Each stage runs under its own `timeout` (and a total budget, GPU_CHECK_BUDGET_S, default 450 s); a failed
@@ -195,7 +197,16 @@ run_stage contract 150 130 "$PY" eval/gpu/contract.py "${DEV[@]}" --out "$RES/co
 if [[ $MODE == smoke ]]; then
   run_stage prefill-7b 120 0 "$PY" eval/gpu/prefill_7b.py "${DEV[@]}" --dtype float32 --out "$RES/prefill_7b.md"
 else
-  run_stage prefill-7b 200 40 "$PY" eval/gpu/prefill_7b.py --budget-s 70 --out "$RES/prefill_7b.md"
+  run_stage prefill-7b 200 85 "$PY" eval/gpu/prefill_7b.py --budget-s 70 --out "$RES/prefill_7b.md"
+fi
+
+# every registered method is in contract and prefill-7b (vtprune.list_methods); the video functions are timed here
+if [[ $MODE == smoke ]]; then
+  run_stage video 120 0 "$PY" eval/bench/overhead.py --video --small --frames 2,4 --frame-tokens 8 --repeats 1 \
+    --out "$RES/overhead_video.md"
+else
+  run_stage video 60 40 "$PY" eval/bench/overhead.py --video --device cuda --frames 16,32 --frame-tokens 100,400 \
+    --repeats 5 --out "$RES/overhead_video.md"
 fi
 
 if [[ $MODE == smoke ]]; then

@@ -7,6 +7,7 @@ registration defines the ops with their schemas and fake kernels. GPU parity is 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import re
 import subprocess
@@ -147,13 +148,33 @@ def test_launch_constants_match_the_sources():
     from vtprune.functional import pact
 
     assert int(defines["VT_SEQUENTIAL_BELOW"]) == pact.SEQUENTIAL_BELOW
-    # the nvcc kernels of the extension (csrc/cuda, a source checkout) use the same blocks: one device-code design
-    csrc = os.path.join(kernels.source_dir(), "cuda")
-    if os.path.isdir(csrc):
-        text = "".join(open(os.path.join(csrc, f)).read() for f in ("select.cu", "dbdpc.cu"))
-        nvcc = dict(re.findall(r"constexpr int (k\w+) = (\d+);", text))
-        assert (nvcc["kWarps"], nvcc["kRowsPerWarp"]) == (defines["VT_WARPS"], defines["VT_ROWS_PER_WARP"])
-        assert (nvcc["kBlock"], nvcc["kSequentialBelow"]) == (defines["VT_DBDPC_BLOCK"], defines["VT_SEQUENTIAL_BELOW"])
+
+
+@pytest.mark.parametrize("name", sorted(nvrtc.KERNELS))
+def test_both_back_ends_compile_one_device_source(name):
+    """The device code exists once (vtprune/kernels/src/<name>.cuh): the NVRTC source and the nvcc extension's
+    csrc/cuda/<name>.cu include the same text (same hash), and csrc/cuda holds host code and kernel wrappers only,
+    so a kernel edit cannot reach one back end and miss the other."""
+    header = os.path.join(os.path.dirname(nvrtc.__file__), "src", f"{name}.cuh")
+    guard, close = f"#ifndef VTPRUNE_{name.upper()}_CUH", f"#endif  // VTPRUNE_{name.upper()}_CUH"
+
+    def included(text: str) -> str:  # the device header's text inside an expanded source, from guard to guard
+        start, end = text.find(guard), text.find(close)
+        assert 0 <= start < end, "the device header is not included"
+        return text[start : end + len(close)]
+
+    device = included(nvrtc.expand(header))
+    assert "__device__" in device and '#include "' not in device  # common.cuh expanded in it, nothing left to fetch
+    digest = hashlib.sha256(device.encode()).hexdigest()
+
+    assert hashlib.sha256(included(nvrtc.source(name)).encode()).hexdigest() == digest
+    csrc = os.path.join(kernels.source_dir(), "cuda", f"{name}.cu")
+    if not os.path.isfile(csrc):
+        pytest.skip("no csrc/ (an installed wheel): only the NVRTC back end")
+    host = open(csrc).read()
+    assert hashlib.sha256(included(nvrtc.expand(csrc)).encode()).hexdigest() == digest
+    # no second copy: the extension's own code has no device functions, warp intrinsics or shared memory
+    assert not re.findall(r"__device__|__shfl\w*|__shared__|__syncthreads", host), csrc
 
 
 def _rows_of_greedy_grid(cfg: nvrtc.Launch) -> list[int]:

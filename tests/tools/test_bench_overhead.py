@@ -192,3 +192,39 @@ def test_sizes_run_times_the_growing_selections_against_a_layer_at_each_size(tmp
     ]
     for r in rows:  # ratio = ms / one-layer ms, as printed
         assert abs(float(r[6]) - float(r[3]) / float(r[5])) < 1e-2 * max(1.0, float(r[6]))
+
+
+def test_video_run_times_every_video_function_against_a_layer_at_each_size(tmp_path, capsys):
+    out = tmp_path / "video.md"
+    argv = ["--small", "--video", "--frames", "2,4", "--frame-tokens", "6", "--repeats", "1", "--warmup", "0"]
+    assert overhead.main([*argv, "--out", str(out)]) == 0
+    assert "SUMMARY: PASS: 7 video functions x 2 sizes on cpu" in capsys.readouterr().out
+    text = out.read_text()
+    assert "--video --frames 2,4" in text and "Verdict (goal: <= 0.1 of a layer at 4 frames)" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and " ms " not in line]
+    assert [(r[0].strip(), int(r[1]), int(r[2]), int(r[3])) for r in rows] == [
+        (fn, t, 6, t * 6) for t in (2, 4) for fn in overhead.VIDEO_FUNCTIONS
+    ]
+    for r in rows:  # ratio = ms / one-layer ms, up to the printed rounding (ms and layer ms to 0.01, ratio to 1e-4)
+        ms, layer, ratio = float(r[4]), float(r[6]), float(r[7])
+        assert (ms - 0.005) / (layer + 0.005) - 5e-5 <= ratio <= (ms + 0.005) / max(layer - 0.005, 1e-9) + 5e-5
+
+
+def test_video_layer_is_layer_0_of_a_qwen2_model():
+    """The timed video layer is the Qwen2 model's own layer in prefill: its output, normed, is the 1-layer model's
+    last hidden state on the same embeddings (mask and rotary embeddings built as the model builds them)."""
+    run = overhead.qwen2_layer(overhead.VIDEO_LAYER_SMALL)
+    h = torch.randn(1, 30, overhead.VIDEO_LAYER_SMALL["hidden_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = run.model(inputs_embeds=h).last_hidden_state
+        torch.testing.assert_close(run.model.norm(run(h)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_video_features_have_scenes_the_segment_search_finds():
+    """The timed inputs make the data-dependent paths work as on a real video: DySeg cuts at the four scene changes
+    (and only there, with c large enough not to force more cuts) and FastVID's frame attention rows sum to 1."""
+    from vtprune import functional as F
+
+    feats, attn = overhead.video_features(16, 20, 48)
+    assert F.dyseg_segments(feats, c=1) == [4, 4, 4, 4]
+    torch.testing.assert_close(attn.sum(-1), torch.ones(16))

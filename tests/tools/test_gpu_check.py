@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU = os.path.join(ROOT, "eval", "gpu")
 CHECK = os.path.join(GPU, "check.sh")
-STAGES = ["env", "build", "kernel-tests", "kernels-cuda", "kernels-nvrtc", "contract", "prefill-7b", "bench"]
+STAGES = ["env", "build", "kernel-tests", "kernels-cuda", "kernels-nvrtc", "contract", "prefill-7b", "video", "bench"]
 
 
 def _env(tmp_path, **extra):
@@ -40,6 +40,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     assert "VTPRUNE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0" in out
     assert "eval/bench/kernels.py --device cuda" in out and "prefill_7b.py" in out
     assert "kernels_cuda.py --impl nvrtc" in out
+    assert "eval/bench/overhead.py --video --device cuda --frames 16,32 --frame-tokens 100,400" in out
     assert not (tmp_path / "res").exists()
 
 
@@ -75,7 +76,7 @@ def test_smoke_run_writes_well_formed_reports(tmp_path):
         assert " SKIP " in lines[stage], lines[stage]
     # every Python stage ran to its own verdict (PASS, or FAIL for a failed check, never a crash or a timeout)
     native = os.environ.get("VTPRUNE_NO_EXT") != "1"
-    for stage in ("kernels-cuda", "contract", "prefill-7b") if native else ("contract", "prefill-7b"):
+    for stage in ("kernels-cuda", "contract", "prefill-7b", "video") if native else ("contract", "prefill-7b", "video"):
         assert re.search(r"\s(PASS|FAIL\(1\))\s+\d+s\s+(PASS|FAIL|PARTIAL): ", lines[stage]), lines[stage]
 
     res = tmp_path / "res"
@@ -99,6 +100,11 @@ def test_smoke_run_writes_well_formed_reports(tmp_path):
     md = (res / "prefill_7b.md").read_text()
     assert md.startswith("# ") and "- command: `" in md and "## batch 2" in md
     assert len(_table_rows(md)) == 2 * (1 + 1 + 3 * len(methods))  # header + rows, per batch
+
+    # the video stage: every pure video selection function timed against a layer at each smoke size
+    video = (res / "overhead_video.md").read_text()
+    for fn in ("evs_select", "vidcom2_select", "fastvid_select", "frame_budgets", "dyseg_segments", "dpc_knn_scores"):
+        assert video.count(f"| {fn} ") == (4 if fn == "frame_budgets" else 2), fn
 
     contract = json.loads((res / "contract.json").read_text())
     rows = [row for row in contract["rows"] if row.get("family")]

@@ -80,6 +80,7 @@ def _prebuilt_is_fresh() -> bool:
         return False
     stamp = min(os.path.getmtime(p) for p in built)
     sources = glob.glob(os.path.join(source_dir(), "**", "*.*"), recursive=True)
+    sources += glob.glob(os.path.join(os.path.dirname(__file__), "src", "*.cuh"))  # device code csrc/cuda includes
     return all(os.path.getmtime(s) <= stamp for s in sources)
 
 

@@ -1,11 +1,12 @@
 """CUDA kernels of vtprune's native ops without a compiler: NVRTC through cuda-python (``pip install vtprune[cuda]``).
 
-The device code (``vtprune/kernels/src/*.cu``: plain CUDA C++, no host code, no torch) is compiled at first use with
-NVRTC for the GPU's architecture, cached on disk per (source hash, architecture, NVRTC version), loaded with the
-driver API into the device's primary context (the one torch uses) and launched on torch's current stream with the
-tensors' device pointers. The Python launchers here do what ``csrc/cuda/*.cu`` does on the host side (argument
-checks, unit rows and DivPrune first picks with the same torch calls as ``vtprune.functional``, the per-pivot sorts
-of DART), so the three paths (CPU op, CUDA op, NVRTC op) pick identical indices.
+The device code (``vtprune/kernels/src/*.cuh``: plain CUDA C++, no host code, no torch; the one copy, which the nvcc
+extension ``csrc/cuda/*.cu`` includes too, so a kernel edit happens once) with its C entry points (``src/*.cu``) is
+compiled at first use with NVRTC for the GPU's architecture, cached on disk per (source hash, architecture, NVRTC
+version), loaded with the driver API into the device's primary context (the one torch uses) and launched on torch's
+current stream with the tensors' device pointers. The Python launchers here do what ``csrc/cuda/*.cu`` does on the
+host side (argument checks, unit rows and DivPrune first picks with the same torch calls as ``vtprune.functional``,
+the per-pivot sorts of DART), so the three paths (CPU op, CUDA op, NVRTC op) pick identical indices.
 
 * ``compile_nvrtc(arch="sm_90", kind="cubin")``: every kernel source compiled for ``arch``, no GPU needed;
 * ``launch_*``: grid / block / shared-memory logic of each kernel (pure Python, unit-tested without a GPU);
@@ -22,6 +23,7 @@ import ctypes
 import dataclasses
 import hashlib
 import os
+import re
 import threading
 
 import torch
@@ -85,14 +87,31 @@ def supported_archs() -> list[int]:
 # ----------------------------------------------------------------------------- compilation and cache
 
 
+_INCLUDE = re.compile(r'^#include "([\w./]+)"[ \t]*$', re.MULTILINE)
+
+
+def expand(path: str, _seen: set[str] | None = None) -> str:
+    """Text of the CUDA file at ``path`` with its ``#include "x"`` lines replaced by the files' text (looked up beside
+    it, recursively, each file once: the include guards' effect). Other ``#include <...>`` lines stay as written (the
+    device code has none under NVRTC, see common.cuh). The nvcc extension includes the same headers
+    (csrc/cuda/*.cu), so ``expand`` of a header is the device code both back ends compile."""
+    seen = set() if _seen is None else _seen
+    path = os.path.abspath(path)
+    if path in seen:
+        return ""
+    seen.add(path)
+    with open(path) as f:
+        text = f.read()
+    folder = os.path.dirname(path)
+    return _INCLUDE.sub(lambda m: expand(os.path.join(folder, m.group(1)), seen).rstrip("\n"), text)
+
+
 def source(name: str) -> str:
-    """The full source NVRTC compiles for kernel source ``name`` (common.cuh, then ``<name>.cu``)."""
+    """The full source NVRTC compiles for kernel source ``name``: ``src/<name>.cu`` (its C entry points) with the
+    device code it includes (``<name>.cuh``, ``common.cuh``) expanded in place, so the cache key hashes all of it."""
     if name not in KERNELS:
         raise ValueError(f"kernel source must be one of {sorted(KERNELS)}, got {name!r}")
-    with open(os.path.join(_HERE, "common.cuh")) as f:
-        common = f.read()
-    with open(os.path.join(_HERE, f"{name}.cu")) as f:
-        return common + "\n" + f.read()
+    return expand(os.path.join(_HERE, f"{name}.cu"))
 
 
 def cache_dir() -> str:
@@ -101,7 +120,7 @@ def cache_dir() -> str:
     if root:
         return root
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "vtprune", "src")
+    return os.path.join(base, "vtprune", "nvrtc")
 
 
 def _check_arch(arch: str, kind: str) -> int:

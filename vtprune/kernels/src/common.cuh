@@ -1,7 +1,14 @@
-// Shared helpers of vtprune's NVRTC kernels (plain CUDA C++: no host code, no torch, no standard headers, so
-// NVRTC compiles it with no toolkit installed). Included textually by vtprune/kernels/nvrtc.py before each
-// kernel source; the same rules as csrc/cpu/rows.h and csrc/cuda/select.cu.
-typedef long long i64;
+// Shared helpers of vtprune's device code (plain CUDA C++: no host code, no torch, no standard headers under NVRTC,
+// so NVRTC compiles it with no toolkit installed); the same rules as csrc/cpu/rows.h. Included by select.cuh and
+// dbdpc.cuh, which both back ends compile: NVRTC (nvrtc.py expands the #include lines) and nvcc (csrc/cuda/*.cu).
+#ifndef VTPRUNE_COMMON_CUH
+#define VTPRUNE_COMMON_CUH
+#ifdef __CUDACC_RTC__
+typedef long long i64;  // NVRTC: no <cstdint>
+#else
+#include <cstdint>
+typedef int64_t i64;  // nvcc: the type of at::Tensor::data_ptr<int64_t>()
+#endif
 typedef unsigned char u8;
 typedef signed char i8;
 
@@ -38,3 +45,5 @@ __device__ __forceinline__ bool better(T v1, i64 i1, T v2, i64 i2, bool maximize
   if (v1 == v2) return i1 < i2;
   return maximize ? v1 > v2 : v1 < v2;
 }
+
+#endif  // VTPRUNE_COMMON_CUH
