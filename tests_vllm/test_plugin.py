@@ -201,6 +201,9 @@ class _Cfg:
         ({"keep": 4}, "a mapping with a 'method' key"),
         ("{not json", "not valid JSON"),
         ({"method": "random", "keep": 4, "positions": "compact"}, "positions='compact' is not supported"),
+        ({"method": "vidcom2", "ratio": 0.25}, "its kept count is its own (kept_count='own'"),
+        ({"method": "evs", "q": 1.0}, "q must be in [0, 1)"),
+        ({"method": "evs", "q": 0.5, "ratio": 0.5}, "exactly one budget"),
     ],
 )
 def test_bad_setting_is_refused(value, message):
@@ -214,6 +217,28 @@ def test_setting_round_trip():
     text = setting.overrides({"method": "divprune", "ratio": 0.25})
     assert setting.read(_Cfg(json.loads(text)["vtprune"])).ratio == 0.25
     assert setting.read(_Cfg(json.dumps({"method": "random", "keep": 7}))).budget(20) == 7
-    assert setting.servable_methods() == ["cls", "divprune", "pool", "random", "visionzip", "vispruner", "zoo"]
+    assert setting.servable_methods() == [
+        *("cls", "divprune", "evs", "hiprune", "holov", "idpruner", "pool", "random", "scope", "visionzip"),
+        *("vispruner", "zoo"),
+    ]
+    assert setting.read(_Cfg({"method": "evs", "q": 0.75})).q == 0.75
     assert setting.served().endswith("zoo, todre with late_drop=false")
     assert setting.read(_Cfg({"method": "todre", "ratio": 0.5, "late_drop": False})).late_drop is False
+
+
+def test_video_methods_size_a_video_from_its_grid_and_refuse_images():
+    """``evs`` with vLLM's pruning rate: a Qwen2.5-VL video's one placeholder run holds ``max(N, int(T N (1 - q)))``
+    tokens (known from the grid); an image under a videos-only method is refused with the reason."""
+    from vtprune.vllm import sizing
+
+    for value, frames, n, expected in (
+        ({"method": "evs", "q": 0.3}, 4, 24, int(24 * 0.7)),
+        ({"method": "evs", "q": 0.9}, 4, 24, 6),  # never less than a frame
+        ({"method": "evs", "ratio": 0.25}, 4, 24, 6),
+        ({"method": "random", "keep": 5}, 4, 24, 5),
+    ):
+        config = setting.read(_Cfg(value))
+        assert sizing.kept_count(config, setting.method(config), "video", n, frames) == expected, value
+    config = setting.read(_Cfg({"method": "evs", "q": 0.5}))
+    with pytest.raises(ValueError, match=r"method 'evs' prunes videos only.*--limit-mm-per-prompt"):
+        sizing.kept_count(config, setting.method(config), "image", 24, None)

@@ -209,3 +209,16 @@ def test_evs_first_in_a_schedule_with_a_decoder_method(model_factory):
     with vtprune.patched(model, schedule):
         last_logits(model, one)
         assert vtprune.stats(model).visual_tokens_kept == [3]
+
+
+def test_kept_counts_known_from_the_grid():
+    """``Method.grid_count`` (what the vLLM plugin sizes a prompt with): EVS's ``q`` count needs the frames; VidCom2's
+    own count depends on the pixels (None)."""
+    from vtprune.methods.evs import EVS
+    from vtprune.methods.vidcom2 import VidCom2
+
+    assert EVS(vtprune.EVSConfig(q=0.3)).grid_count(24, 4) == int(24 * 0.7)
+    assert EVS(vtprune.EVSConfig(q=0.9)).grid_count(24, 4) == 6
+    assert EVS(vtprune.EVSConfig(q=0.3)).grid_count(24) is None
+    assert EVS(vtprune.EVSConfig(keep=5)).grid_count(24, 4) == 5
+    assert VidCom2(vtprune.VidCom2Config(ratio=0.25)).grid_count(24, 4) is None

@@ -289,6 +289,13 @@ class Method:
     def __init__(self, config: PruneConfig):
         self.config = config
 
+    def grid_count(self, n: int, frames: int | None = None) -> int | None:
+        """How many tokens the method keeps of a unit of ``n`` visual tokens (a video: ``frames`` frames of
+        ``n // frames``), known before its pixels are seen (the vLLM plugin sizes a prompt's placeholder run with it);
+        None when the count depends on the pixels. Default: the config's budget when ``kept_count`` is
+        ``"budget"``."""
+        return self.config.budget(n) if self.kept_count == "budget" else None
+
     def bind(self, adapter) -> None:
         """Called once by ``vtprune.patch`` with the model's adapter (:class:`vtprune.adapters.ModelAdapter`), before
         the method's points and signals are read: resolve options whose default depends on the model (e.g.

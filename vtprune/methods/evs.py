@@ -79,6 +79,13 @@ class EVS(Method):
         if config.q is not None:
             self.kept_count = "own"
 
+    def grid_count(self, n: int, frames: int | None = None) -> int | None:
+        """``q``: vLLM's count ``max(N, int(T * N * (1 - q)))`` of a video of ``frames`` frames (None without them);
+        else the budget."""
+        if self.config.q is None:
+            return super().grid_count(n, frames)
+        return evs_count(n // frames, frames, self.config.q) if frames else None
+
     def select(self, image: VisionInputs) -> torch.Tensor:
         video = video_tokens(image, self.name)
         if self.config.q is None:
