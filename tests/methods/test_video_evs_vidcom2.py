@@ -108,11 +108,12 @@ def test_batch_rows_equal_rows_alone_and_the_image_is_kept_whole(family, case, m
             last_logits(model, batch)
         st = vtprune.stats(model)
         alone = [last_logits(model, one) for one in singles]
-        with torch.no_grad():
-            cached = model.generate(**batch, max_new_tokens=3, do_sample=False)
-            uncached = model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False)
+        if case == "evs-q":  # generate with cache equals without (one case per family: the slowest check)
+            with torch.no_grad():
+                cached = model.generate(**batch, max_new_tokens=2, do_sample=False)
+                uncached = model.generate(**batch, max_new_tokens=2, do_sample=False, use_cache=False)
+            assert torch.equal(cached, uncached)
     assert sum("prunes video units only" in str(w.message) for w in record) == 1
-    assert torch.equal(cached, uncached)
     image_n = rows[0][0][1]
     assert st.kept_indices[0][:image_n].tolist() == list(range(image_n))  # the image, whole
     for i, one in enumerate(singles):
