@@ -35,6 +35,12 @@ VIDEO3_ONLY = {
     "random_empty_frame": {"method": "random", "keep": 2, "seed": 0, "empty_frames": "allow"},
 }
 
+#: Qwen2.5-VL videos only: the video methods (videos only; vidcom2's own count cannot be sized ahead, it is refused)
+VIDEO25 = {
+    "evs_q": {"method": "evs", "q": 0.3},
+    "evs_ratio": {"method": "evs", "ratio": 0.25},
+}
+
 
 def _items(log):
     return Counter((e["modality"], e["n"], tuple(e["kept"])) for e in log)
@@ -60,7 +66,8 @@ def test_keep_all_equals_vllm_without_pruning(serve, family):
 @pytest.mark.parametrize(
     "family, name",
     [(family, name) for family in FAMILIES for name in sorted(PRUNED) if family != "qwen3_vl_video" or name in VIDEO3]
-    + [("qwen3_vl_video", name) for name in VIDEO3_ONLY],
+    + [("qwen3_vl_video", name) for name in VIDEO3_ONLY]
+    + [("qwen2_5_vl_video", name) for name in VIDEO25],
 )
 def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     """A batch of requests (Qwen2.5-VL: one image, another size, two images, a video; Qwen3-VL: images, DeepStack
@@ -70,7 +77,7 @@ def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     from conftest import FAMILY
 
     requests_ = request.getfixturevalue(FAMILY[family][0])
-    method = {**PRUNED, **VIDEO3_ONLY}[name]
+    method = {**PRUNED, **VIDEO3_ONLY, **VIDEO25}[name]
     ours, ref = serve({"vtprune": method}, family=family), hf(method, family=family)
     stock = serve(None, family=family)
     expected = Counter()
