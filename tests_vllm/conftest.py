@@ -80,6 +80,21 @@ def requests_(tmp_path_factory, media):
 
 
 @pytest.fixture(scope="session")
+def requests_qwen25_video(tmp_path_factory):
+    """Qwen2.5-VL videos only (the video methods, which refuse images): two 4-frame videos (grid 2 x 8 x 8), at 4 fps
+    as in :func:`requests_`."""
+    root = tmp_path_factory.mktemp("video25")
+    rng = np.random.default_rng(1)
+    videos = [str(root / f"video{i}.npy") for i in range(2)]
+    for path in videos:  # two different videos: vLLM encodes a repeated item once (its encoder cache)
+        np.save(path, rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8))
+    return [
+        dict(prompt=f"w20 w21 {VID} w22", images=[], video=videos[0], fps=4.0),
+        dict(prompt=f"w5 {VID} w6 w7", images=[], video=videos[1], fps=4.0),
+    ]
+
+
+@pytest.fixture(scope="session")
 def requests_qwen3(media):
     """Qwen3-VL's mix (images only; 16-pixel patches: 128 px = 4 merged tokens): one image, another size, two images
     in one prompt, an image at the end of the prompt."""
@@ -115,6 +130,7 @@ FAMILY = {
     "qwen2_5_vl": ("requests_", {"image": 2, "video": 1}, "qwen2_5_vl"),
     "qwen3_vl": ("requests_qwen3", {"image": 2, "video": 0}, "qwen3_vl"),
     "qwen3_vl_video": ("requests_qwen3_video", {"image": 1, "video": 1}, "qwen3_vl"),
+    "qwen2_5_vl_video": ("requests_qwen25_video", {"image": 0, "video": 1}, "qwen2_5_vl"),
 }
 
 

@@ -41,6 +41,12 @@ VIDEO3_ONLY = {
     "random_empty_frame": {"method": "random", "keep": 2, "seed": 0, "empty_frames": "allow"},
 }
 
+#: Qwen2.5-VL videos only: the video methods (videos only; vidcom2's own count cannot be sized ahead, it is refused)
+VIDEO25 = {
+    "evs_q": {"method": "evs", "q": 0.3},
+    "evs_ratio": {"method": "evs", "ratio": 0.25},
+}
+
 
 def _items(log):
     return Counter((e["modality"], e["n"], tuple(e["kept"])) for e in log)
@@ -66,7 +72,8 @@ def test_keep_all_equals_vllm_without_pruning(serve, family):
 @pytest.mark.parametrize(
     "family, name",
     [(family, name) for family in FAMILIES for name in sorted(PRUNED) if family != "qwen3_vl_video" or name in VIDEO3]
-    + [("qwen3_vl_video", name) for name in VIDEO3_ONLY],
+    + [("qwen3_vl_video", name) for name in VIDEO3_ONLY]
+    + [("qwen2_5_vl_video", name) for name in VIDEO25],
 )
 def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     """A batch of requests (Qwen2.5-VL: one image, another size, two images, a video; Qwen3-VL: images, DeepStack
@@ -76,7 +83,7 @@ def test_pruned_equals_hugging_face_path(serve, hf, request, family, name):
     from conftest import FAMILY
 
     requests_ = request.getfixturevalue(FAMILY[family][0])
-    method = {**PRUNED, **VIDEO3_ONLY}[name]
+    method = {**PRUNED, **VIDEO3_ONLY, **VIDEO25}[name]
     ours, ref = serve({"vtprune": method}, family=family), hf(method, family=family)
     stock = serve(None, family=family)
     expected = Counter()
@@ -207,6 +214,9 @@ class _Cfg:
         ({"keep": 4}, "a mapping with a 'method' key"),
         ("{not json", "not valid JSON"),
         ({"method": "random", "keep": 4, "positions": "compact"}, "positions='compact' is not supported"),
+        ({"method": "vidcom2", "ratio": 0.25}, "its kept count is its own (kept_count='own'"),
+        ({"method": "evs", "q": 1.0}, "q must be in [0, 1)"),
+        ({"method": "evs", "q": 0.5, "ratio": 0.5}, "exactly one budget"),
     ],
 )
 def test_bad_setting_is_refused(value, message):
@@ -221,18 +231,30 @@ def test_setting_round_trip():
     assert setting.read(_Cfg(json.loads(text)["vtprune"])).ratio == 0.25
     assert setting.read(_Cfg(json.dumps({"method": "random", "keep": 7}))).budget(20) == 7
     assert setting.servable_methods() == [
-        "cls",
-        "divprune",
-        "hiprune",
-        "holov",
-        "idpruner",
-        "pool",
-        "random",
-        "scope",
-        "visionzip",
-        "vispruner",
-        "zoo",
+        *("cls", "divprune", "evs", "hiprune", "holov", "idpruner", "pool", "random", "scope", "visionzip"),
+        *("vispruner", "zoo"),
     ]
-    assert set(setting.servable_methods()) | {"todre"} == set(PRUNED)  # every served method is compared to HF
+    assert setting.read(_Cfg({"method": "evs", "q": 0.75})).q == 0.75
+    # every served method is compared with the Hugging Face path (images and videos: PRUNED, videos only: VIDEO25)
+    compared = {c["method"] for c in (*PRUNED.values(), *VIDEO25.values()) if c.get("late_drop", True)}
+    assert set(setting.servable_methods()) == compared
     assert setting.served().endswith("zoo, todre with late_drop=false")
     assert setting.read(_Cfg({"method": "todre", "ratio": 0.5, "late_drop": False})).late_drop is False
+
+
+def test_video_methods_size_a_video_from_its_grid_and_refuse_images():
+    """``evs`` with vLLM's pruning rate: a Qwen2.5-VL video's one placeholder run holds ``max(N, int(T N (1 - q)))``
+    tokens (known from the grid); an image under a videos-only method is refused with the reason."""
+    from vtprune.vllm import sizing
+
+    for value, frames, n, expected in (
+        ({"method": "evs", "q": 0.3}, 4, 24, int(24 * 0.7)),
+        ({"method": "evs", "q": 0.9}, 4, 24, 6),  # never less than a frame
+        ({"method": "evs", "ratio": 0.25}, 4, 24, 6),
+        ({"method": "random", "keep": 5}, 4, 24, 5),
+    ):
+        config = setting.read(_Cfg(value))
+        assert sizing.kept_count(config, setting.method(config), "video", n, frames) == expected, value
+    config = setting.read(_Cfg({"method": "evs", "q": 0.5}))
+    with pytest.raises(ValueError, match=r"method 'evs' prunes videos only.*--limit-mm-per-prompt"):
+        sizing.kept_count(config, setting.method(config), "image", 24, None)

@@ -71,6 +71,18 @@ class PruneConfig:
             cls.__doc__ = cls.__doc__.rstrip() + "\n\n" + _COMMON_OPTIONS
 
     def __post_init__(self) -> None:
+        self.check_budget_fields()
+        if self.empty_frames not in EMPTY_FRAMES:
+            raise ValueError(f"empty_frames must be one of {EMPTY_FRAMES}, got {self.empty_frames!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"positions must be one of {POSITIONS} (kept tokens keep their position ids, or are "
+                f"renumbered consecutively), got {self.positions!r}"
+            )
+
+    def check_budget_fields(self) -> None:
+        """Refuse a missing, doubled or malformed budget (``keep`` / ``ratio``); a method with a budget of its own
+        (``evs``'s pruning rate ``q``) overrides this."""
         if self.keep is not None and self.ratio is not None:
             raise ValueError(f"give either keep= or ratio=, not both (got keep={self.keep!r}, ratio={self.ratio!r})")
         if self.keep is None and self.ratio is None:
@@ -89,13 +101,6 @@ class PruneConfig:
             if not (0.0 < float(self.ratio) <= 1.0) or math.isnan(self.ratio):
                 raise ValueError(f"ratio must be in (0, 1] (fraction of visual tokens kept), got {self.ratio}")
             self.ratio = float(self.ratio)
-        if self.empty_frames not in EMPTY_FRAMES:
-            raise ValueError(f"empty_frames must be one of {EMPTY_FRAMES}, got {self.empty_frames!r}")
-        if self.positions not in POSITIONS:
-            raise ValueError(
-                f"positions must be one of {POSITIONS} (kept tokens keep their position ids, or are "
-                f"renumbered consecutively), got {self.positions!r}"
-            )
 
     def budget(self, n: int) -> int:
         """Number of tokens to keep out of ``n`` visual tokens of one image (``min(keep, n)`` or

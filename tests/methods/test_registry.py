@@ -32,9 +32,13 @@ def test_filters_read_the_record():
     assert list_methods(stage=("vision", "llm")) == list_methods(host="vlm")
     assert "pool" in list_methods(merges=True) and "random" not in list_methods(merges=True)
     assert list_methods(host="vlm", kept_from_grid=True) == ["pool", "random"]
-    # every method prunes images and videos unless its record says otherwise; modality matches any of the values
-    assert list_methods(modality="image") == list_methods() == list_methods(modality=("image", "video"))
+    # every method prunes images and videos unless its record says otherwise (the video methods: videos only);
+    # modality matches any of the values
+    videos_only = {"evs", "vidcom2"}
+    assert list_methods(modality=("image", "video")) == list_methods() == list_methods(modality="video")
+    assert set(list_methods()) - set(list_methods(modality="image")) == videos_only
     assert all(get_method(n).modalities == {"image", "video"} for n in list_methods(modality="image"))
+    assert all(get_method(n).modalities == {"video"} for n in videos_only)
     with pytest.raises(TypeError, match=r"unknown filter\(s\) \['hots'\].*allowed"):
         list_methods(hots="vlm")
     assert set(FILTERS) >= {"host", "stage"}
@@ -104,12 +108,16 @@ def test_a_sweep_methods_all_expands_to_the_registry_and_explicit_entries_win():
         }
     )
     names = [m.name for m in cfg.methods]
-    assert sorted(set(names) - {"fv+d"}) == list_methods(host="vlm") and len(names) == len(set(names))
+    # ``all`` is the methods that prune images unless it names a modality
+    assert sorted(set(names) - {"fv+d"}) == list_methods(host="vlm", modality="image") and len(names) == len(set(names))
     by = {m.name: m for m in cfg.methods}
     assert by["pdrop"].options == {"budget_kind": "average"}  # the explicit entry, not the expansion
     assert by["cdpruner"].options == get_method("cdpruner").run_options  # expanded with its run options
     cfg = hconfig.load_config({**base, "methods": [{"all": {"stage": "llm", "exclude": ["pact"]}}]})
     assert [m.method for m in cfg.methods] == [n for n in list_methods(stage="llm") if n != "pact"]
+    cfg = hconfig.load_config({**base, "methods": [{"all": {"modality": "video"}}]})
+    assert [m.method for m in cfg.methods] == list_methods(host="vlm", modality="video")
+    assert {"evs", "vidcom2"} <= {m.method for m in cfg.methods}
     for bad, message in (
         (["all", {"all": {"stage": "gpu"}}], "matches no registered method"),
         (["all", "all"], "duplicate name"),

@@ -45,7 +45,7 @@ VIDEO_REFUSALS = tuple(
 )
 CASES = [
     (m, f)
-    for i, m in enumerate(vtprune.list_methods(host="vlm"))
+    for i, m in enumerate(vtprune.list_methods(host="vlm", modality="image"))
     for f in (*NESTED, OTHERS[i % len(OTHERS)])
     if not refused(m, f) and (m, f) not in VIDEO_REFUSALS
 ]

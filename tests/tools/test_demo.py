@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_demo_config_sweeps_every_method_on_the_bundled_model():
     cfg = hconfig.load_config(DEMO_CONFIG)
-    assert {m.method for m in cfg.methods} == set(vtprune.list_methods(host="vlm"))
+    assert {m.method for m in cfg.methods} == set(vtprune.list_methods(host="vlm", modality="image"))
     assert cfg.budgets == [64, 28, 13]  # 25 / 11 / 5 % of 256 visual tokens
     model = Path(cfg.models[0].pretrained)
     assert model.resolve() == REPO / "models" / "tiny-llava-shapes" and (model / "model.safetensors").is_file()

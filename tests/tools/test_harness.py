@@ -404,7 +404,7 @@ def _refused_on(family: str) -> set:
 
     import vtprune
 
-    return {m for m in vtprune.list_methods(host="vlm") if refused_by_capabilities(m, family)}
+    return {m for m in vtprune.list_methods(host="vlm", modality="image") if refused_by_capabilities(m, family)}
 
 
 def test_benchmark_config_methods_run_on_their_models():
@@ -416,7 +416,7 @@ def test_benchmark_config_methods_run_on_their_models():
 
     llava = hconfig.load_config(REPO / "configs/sweeps/llava15_7b.yaml")
     qwen = hconfig.load_config(REPO / "configs/sweeps/qwen25vl_7b.yaml")
-    assert {m.method for m in llava.methods} == set(vtprune.list_methods(host="vlm"))
+    assert {m.method for m in llava.methods} == set(vtprune.list_methods(host="vlm", modality="image"))
     hsweep._check_methods(llava.models[0], LlavaConfig(), llava.methods, [64])
     assert "downsample" in {m.method for m in qwen.methods}  # its processor check needs the hub: test_downsample.py
     hsweep._check_methods(qwen.models[0], Qwen2_5_VLConfig(), _pruning(qwen.methods), [64])
@@ -443,7 +443,11 @@ def test_qwen3_benchmark_configs_run_on_their_architectures():
     assert (
         {m.method for m in _pruning(q3.methods)}
         == {m.method for m in _pruning(q35.methods)}
-        == {m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")}
+        == {
+            m
+            for m in vtprune.list_methods(host="vlm", modality="image")
+            if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")
+        }
         - _refused_on("qwen3_vl")
     )
     assert "downsample" in {m.method for m in q3.methods} & {m.method for m in q35.methods}
@@ -471,7 +475,7 @@ def test_internvl_benchmark_config_runs_on_its_architecture():
     arch = InternVLConfig(text_config={"model_type": "qwen3"})
     hsweep._check_methods(cfg.models[0], arch, cfg.methods, [64])
     assert {m.method for m in cfg.methods} == {
-        m for m in vtprune.list_methods(host="vlm") if m != "pdrop"
+        m for m in vtprune.list_methods(host="vlm", modality="image") if m != "pdrop"
     } - _refused_on("internvl")
 
 
@@ -499,5 +503,7 @@ def test_gemma3_benchmark_config_runs_on_its_architecture():
     )
     hsweep._check_methods(g3.models[0], cfg, g3.methods, [64])
     assert {m.method for m in g3.methods} == {
-        m for m in vtprune.list_methods(host="vlm") if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")
+        m
+        for m in vtprune.list_methods(host="vlm", modality="image")
+        if m not in ("cls", "todre", "visionzip", "vispruner", "pdrop")
     } - _refused_on("gemma3")

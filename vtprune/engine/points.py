@@ -27,15 +27,21 @@ def select(
     fwd: Forward,
     make_inputs: Callable[[Unit, torch.Tensor, int], ImageInputs],
     sticky: dict | None,
+    warned: set[str] | None = None,
 ) -> torch.Tensor | None:
     """Run ``point``'s method on every unit (``make_inputs(unit, slots, k)``: its inputs, from :mod:`.inputs`).
     Returns the keep mask ``[B, L]`` over the current sequence's real tokens, or None when no visual token is
-    dropped; narrows each unit's ``present`` and sets its ``merged``."""
+    dropped; narrows each unit's ``present`` and sets its ``merged``. A unit whose modality (image / video) the
+    method does not prune (:attr:`~vtprune.methods.base.Method.modalities`) is kept whole, with one warning per
+    method of the patch (``warned``: the names already warned)."""
     keep = fwd.real.clone()
     dropped = False
     method = point.method
     for unit in fwd.units:
         unit.merged = unit.merge_from = None
+        if unit.modality not in method.modalities:
+            _warn_kept_whole(method, unit.modality, warned)
+            continue
         n = unit.present.numel()
         fwd.nominal.setdefault((id(method), unit.key), method.config.budget(n))
         k = point.budget(n, unit.positions.numel())
@@ -68,6 +74,20 @@ def select(
         keep[unit.row, slots[kept]] = True
         dropped = True
     return keep if dropped else None
+
+
+def _warn_kept_whole(method, modality: str, warned: set[str] | None) -> None:
+    if warned is not None and method.name in warned:
+        return
+    if warned is not None:
+        warned.add(method.name)
+    prunes = " and ".join(sorted(method.modalities))
+    warnings.warn(
+        f"method {method.name!r} prunes {prunes} units only: every {modality} in the prompt is kept whole (all its "
+        f"visual tokens reach the language model; this warning is given once per patch). To prune {modality}s too, "
+        f"use a method that prunes them: vtprune.list_methods(modality={modality!r})",
+        stacklevel=3,
+    )
 
 
 def merge(fwd: Forward, x: torch.Tensor, name: str, layer: int = 0) -> torch.Tensor:

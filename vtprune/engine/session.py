@@ -71,6 +71,8 @@ class Session:
         self.stats: PruneStats | None = None
         #: generate(use_cache=False) re-runs the prompt at every step: selections are reused for the whole call
         self._sticky: dict | None = None
+        #: the methods already warned that they keep some unit whole (``points.select``: one warning per patch)
+        self._warned: set[str] = set()
         #: the prompt ids of the ``generate`` call in progress (it repeats each row for beams / return sequences;
         #: its forwards may append candidate tokens to the prompt or split it into chunks)
         self._generate_ids: torch.Tensor | None = None
@@ -280,7 +282,7 @@ class Session:
         def make_inputs(unit, slots, k):
             return vision_inputs(fwd, point, unit, k, embeds, projector)
 
-        keep = P.select(point, fwd, make_inputs, self._sticky)
+        keep = P.select(point, fwd, make_inputs, self._sticky, self._warned)
         P.record(fwd, point, keep, t0)
         if keep is None:
             return None
@@ -316,7 +318,8 @@ class Session:
             )
         video_id = getattr(self.adapter.config, "video_token_id", None)
         for unit in units:
-            if unit.info is not None and int(fwd.input_ids[unit.row, unit.positions[0]]) == video_id:
+            unit.video = video_id is not None and int(fwd.input_ids[unit.row, unit.positions[0]]) == video_id
+            if unit.video and unit.info is not None:
                 unit.frames = self.adapter.video_frames(unit.info, unit.positions.numel())
         needs = self.capture.signals & _VISION_SIGNALS
         if units and needs and any(u.info is None or u.features is None for u in units):
@@ -380,7 +383,7 @@ class Session:
         def make_inputs(unit, slots, k):
             return decoder_inputs(fwd, point, unit, slots, k, hidden, signals, final_norm)
 
-        return P.select(point, fwd, make_inputs, self._sticky), None
+        return P.select(point, fwd, make_inputs, self._sticky, self._warned), None
 
     def _layer_inputs(self, point: PrunePoint, hidden, kwargs, masks):
         """Layer K's call on the shortened sequence: ``hidden`` positional, its layer type's mask."""

@@ -33,8 +33,16 @@ class Unit:
     merged: torch.Tensor | None = None  # [n', D] replacement vectors of a merging method, this point
     #: a merging method's selection at this point: (slots before it, kept indices into them, Selection.weights)
     merge_from: tuple | None = None
-    #: a video's frame count as the LLM sees it (``ModelAdapter.video_frames``); None: an image
+    #: a video's frame count as the LLM sees it (``ModelAdapter.video_frames``); None: an image, or a video the
+    #: adapter cannot split into frames
     frames: int | None = None
+    #: the unit is a video (its placeholder is the model's video token), else an image
+    video: bool = False
+
+    @property
+    def modality(self) -> str:
+        """``"video"`` or ``"image"``: what :attr:`vtprune.methods.base.Method.modalities` is matched against."""
+        return "video" if self.video else "image"
 
     @functools.cached_property
     def frame_breaks(self) -> torch.Tensor:

@@ -16,7 +16,9 @@ A config is YAML (or the same structure as a dict)::
     methods:
       - all: {stage: vision, exclude: [zoo]}       # every registered VLM method matching (or just: - all), each
                                                    # with its registry run_options; an entry below naming the same
-                                                   # method (without another name) replaces its expansion
+                                                   # method (without another name) replaces its expansion;
+                                                   # modality: image (default: the methods that prune images) or
+                                                   # video (those that prune videos, e.g. evs, vidcom2)
       - fastv                                      # a registered method with its default options
       - {method: dart, options: {layer: 2}, name: dart-l2}   # options go to the method's config
       - downsample                                 # the unpatched model on inputs shrunk to ~budget tokens per image
@@ -201,12 +203,13 @@ def _parse_model(i: int, item, base: Path) -> ModelSpec:
 
 
 #: what an ``all`` entry of ``methods`` takes (``exclude``: names; the rest filter the registry record)
-_ALL_KEYS = {"stage", "merges", "exclude"}
+_ALL_KEYS = {"stage", "merges", "modality", "exclude"}
 
 
 def _expand_all(items: list) -> list:
-    """``methods`` with each ``all`` entry (``"all"``, or ``{all: {stage: ..., merges: ..., exclude: [...]}}``)
-    replaced, in place, by one entry per registered VLM method that matches (sorted by name), with the options of its
+    """``methods`` with each ``all`` entry (``"all"``, or ``{all: {stage: ..., merges: ..., modality: ..., exclude:
+    [...]}}``) replaced, in place, by one entry per registered VLM method that matches (sorted by name; ``modality``
+    defaults to ``"image"``: a benchmark of images runs the methods that prune images), with the options of its
     registry record (``run_options``). A method listed elsewhere by name (``fastv``, ``{method: fastv, ...}`` without
     another ``name``) is not expanded: that entry stands instead."""
     explicit = set()
@@ -234,7 +237,8 @@ def _expand_all(items: list) -> list:
             except (ValueError, TypeError) as err:
                 _fail(where + ".all.exclude", str(err))
         try:
-            names = list_methods(host="vlm", **{k: v for k, v in spec.items() if k != "exclude"})
+            filters = {"modality": "image", **{k: v for k, v in spec.items() if k != "exclude"}}
+            names = list_methods(host="vlm", **filters)
         except TypeError as err:
             _fail(where + ".all", str(err))
         if not names:

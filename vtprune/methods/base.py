@@ -211,6 +211,25 @@ _DECODER_ONLY = frozenset(f.name for f in fields(DecoderInputs)) - _SHARED
 _ALL_FIELDS = frozenset(f.name for f in fields(VisionInputs)) | _DECODER_ONLY
 
 
+def video_tokens(image: VisionInputs, method: str) -> torch.Tensor:
+    """``[T, N, D]`` a video unit's projected features (signal ``features``) as ``T`` frames of ``N = n // T``
+    tokens, for a video method (``modalities = {"video"}``). Raises ``ValueError`` naming ``method`` when the
+    model's adapter cannot split the video into frames (``frames`` None) or an earlier step of a schedule already
+    pruned it (``n < n_original``: the frames are no longer whole)."""
+    if image.frames is None:
+        raise ValueError(
+            f"{method}: this video's tokens are not split into frames for this model (VisionInputs.frames is None: "
+            "ModelAdapter.video_frames cannot tell its frames); a video method needs them. Use an image method "
+            "(vtprune.list_methods(modality='image')), which treats the video as one unit"
+        )
+    if image.n_original and image.n != image.n_original:
+        raise ValueError(
+            f"{method}: the video reaches it with {image.n} of its {image.n_original} tokens (an earlier step of the "
+            "schedule pruned it); a video method needs whole frames: put it first in the schedule"
+        )
+    return image.features.reshape(image.frames, image.n // image.frames, -1)
+
+
 def crop_importance(image: ImageInputs) -> torch.Tensor:
     """``[C, P]`` float32 importance of each crop patch, summed over the method's vision layers: the head-mean CLS
     row with the CLS key dropped (``importance="cls"``, ``vtprune.functional.cls_scores``) or the attention the patch
@@ -270,6 +289,13 @@ class Method:
 
     def __init__(self, config: PruneConfig):
         self.config = config
+
+    def grid_count(self, n: int, frames: int | None = None) -> int | None:
+        """How many tokens the method keeps of a unit of ``n`` visual tokens (a video: ``frames`` frames of
+        ``n // frames``), known before its pixels are seen (the vLLM plugin sizes a prompt's placeholder run with it);
+        None when the count depends on the pixels. Default: the config's budget when ``kept_count`` is
+        ``"budget"``."""
+        return self.config.budget(n) if self.kept_count == "budget" else None
 
     def bind(self, adapter) -> None:
         """Called once by ``vtprune.patch`` with the model's adapter (:class:`vtprune.adapters.ModelAdapter`), before

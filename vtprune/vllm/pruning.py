@@ -17,7 +17,7 @@ from ..methods.base import ImageInputs, Selection
 from . import setting
 from .capture import Capture
 from .positions import Positions, encode_values
-from .sizing import frame_plan, refill
+from .sizing import frame_plan, kept_count, refill
 
 
 class Pruning(Capture, Positions):
@@ -92,7 +92,9 @@ class Pruning(Capture, Positions):
         return loaded
 
     # -- which tokens each item keeps ---------------------------------------------------------------------------
-    def _inputs(self, main: torch.Tensor, k: int, grid: tuple[int, int, int], signals) -> ImageInputs:
+    def _inputs(
+        self, main: torch.Tensor, k: int, grid: tuple[int, int, int], signals, frames: int | None = None
+    ) -> ImageInputs:
         projector_inputs, (received, vision_keys) = signals
         unit = self.visual.spatial_merge_unit
 
@@ -123,6 +125,8 @@ class Pruning(Capture, Positions):
             pack_crop_scores=pack,
             token_patches=lambda crops, patches: qwen_grid.token_patches(crops, patches, unit),
             extra={"grid": torch.tensor([grid])},
+            frames=frames,
+            n_original=main.shape[0],
         )
 
     def _prune(
@@ -138,10 +142,11 @@ class Pruning(Capture, Positions):
         out = []
         for emb, (t, h, w), t_factor, item_signals in zip(embeds, grid_thw.tolist(), t_factors, signals):
             n = emb.shape[0]
-            k = self.vtprune_config.budget(n)
+            frames = t if modality == "video" else None
+            k = kept_count(self.vtprune_config, self.vtprune_method, modality, n, frames)
             main = emb[:, :width]
             start = time.perf_counter()
-            chosen = self.vtprune_method.select(self._inputs(main, k, (t, h, w), item_signals))
+            chosen = self.vtprune_method.select(self._inputs(main, k, (t, h, w), item_signals, frames))
             select_ms = (time.perf_counter() - start) * 1e3
             sel = chosen if isinstance(chosen, Selection) else Selection(torch.as_tensor(chosen))
             kept = torch.as_tensor(sel.kept, dtype=torch.long).cpu()

@@ -50,10 +50,12 @@ def frame_counts_ahead() -> list[str]:
 def servable_methods(num_layers: int = 32) -> list[str]:
     """Registered methods the vLLM plugin can run with their default options: vision stage, only :data:`SIGNALS`
     (CLS-scored methods with ``importance="received"``, their default on Qwen-VL), no late drop inside the language
-    model, and a kept count equal to the config's budget (the processor sizes the prompt before the vision tower
-    runs). Merging methods are served (the merged vectors replace the kept rows; Qwen3-VL's DeepStack levels are
-    merged with the same weights). A method's registry record names the options with which a method refused on its
-    defaults is served (``vllm_options``: ``todre`` with ``late_drop=False``)."""
+    model, and a kept count known from the item's grid (``Method.grid_count``: the config's budget, or ``evs``'s
+    count from its pruning rate ``q``; the processor sizes the prompt before the vision tower runs). A method that
+    prunes videos only (``evs``) serves Qwen2.5-VL videos; a request with an image is refused. Merging methods are
+    served (the merged vectors replace the kept rows; Qwen3-VL's DeepStack levels are merged with the same weights).
+    A method's registry record names the options with which a method refused on its defaults is served
+    (``vllm_options``: ``todre`` with ``late_drop=False``)."""
     return [
         name for name in list_methods(host="vlm") if _refusal(get_method(name).config_cls(keep=1), num_layers) is None
     ]
@@ -90,6 +92,11 @@ def _refusal(config: PruneConfig, num_layers: int) -> str | None:
         return (
             "importance='cls' needs the vision tower's CLS attention, and Qwen-VL towers have no CLS token; use "
             "importance='received' (the attention each patch receives, the default on Qwen-VL) or leave it unset"
+        )
+    if method.grid_count(12, 2) is None:  # a probe: a video of 2 frames of 6 tokens
+        return (
+            f"its kept count is its own (kept_count={method.kept_count!r}: it depends on the pixels), and vLLM sizes "
+            "each image's or video's placeholder run when the request arrives, before the vision tower runs"
         )
     if method.drop_layer(num_layers) is not None:
         fix = spec_for_config(config).vllm_options

@@ -65,10 +65,32 @@ def refill(config, kept: torch.Tensor, merged: bool, t: int, per: int) -> tuple[
     return kept, torch.bincount(kept // per, minlength=t).tolist()
 
 
-def _pruned_replacement(config, update: PromptReplacement) -> PromptReplacement:
+#: why a request with an image is refused under a method that prunes videos only
+IMAGE_REFUSAL = (
+    "vtprune.vllm: method {method!r} prunes videos only (its registry record's modalities: {modalities}), and this "
+    "request has an image; the plugin sizes every image's placeholder run to a pruned count, so it refuses the image "
+    "instead of keeping it whole (vtprune's Hugging Face path keeps it whole). Serve {method!r} for videos only: start "
+    "vLLM with --limit-mm-per-prompt '{{\"image\": 0}}', or choose a method that prunes images"
+)
+
+
+def kept_count(config, method, modality: str, n: int, frames: int | None) -> int:
+    """The kept count of an image / video of ``n`` tokens (a video: ``frames`` frames) as the prompt is sized:
+    ``Method.grid_count``; a modality the method does not prune is refused (:data:`IMAGE_REFUSAL`)."""
+    if modality not in method.modalities:
+        raise ValueError(IMAGE_REFUSAL.format(method=config.method, modalities=sorted(method.modalities)))
+    return method.grid_count(n, frames if modality == "video" else None)
+
+
+def _pruned_replacement(config, update: PromptReplacement, out_mm_kwargs=None) -> PromptReplacement:
+    method = setting.method(config)
+
     def pruned(item_idx: int):
         full = update.replacement(item_idx)
-        return full[:1] * config.budget(len(full))
+        frames = None
+        if update.modality == "video" and out_mm_kwargs is not None:
+            frames = int(out_mm_kwargs["video"][item_idx]["video_grid_thw"].data[0])
+        return full[:1] * kept_count(config, method, update.modality, len(full), frames)
 
     return PromptReplacement(modality=update.modality, target=update.target, replacement=pruned)
 
@@ -81,7 +103,7 @@ class VTPruneQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
         config = setting.read(self.info.get_hf_config())
         if config is None:
             return updates
-        return [_pruned_replacement(config, u) for u in updates]
+        return [_pruned_replacement(config, u, out_mm_kwargs) for u in updates]
 
 
 class VTPruneQwen3VLProcessor(Qwen3VLMultiModalProcessor):
