@@ -166,5 +166,7 @@ def test_flashvid_select_refuses_bad_inputs():
         flashvid_select(video, attn, 4, selection="div")
     with pytest.raises(ValueError, match="alpha must be in"):
         flashvid_select(video, attn, 4, alpha=1.5)
+    with pytest.raises(ValueError, match="keeps no token"):
+        flashvid_select(video, attn, 4, alpha=0.0, temporal_threshold=1.0)
     with pytest.raises(ValueError, match=">= 0"):
         flashvid_select(video, -attn, 4)

@@ -178,6 +178,7 @@ def test_a_keep_below_the_frame_count_is_refused(method, model_factory):
         ("flashvid", dict(min_segments=0), "min_segments must be an int >= 1"),
         ("flashvid", dict(selection="div"), "selection must be one of"),
         ("flashvid", dict(expansion=0), "expansion must be a float > 0"),
+        ("flashvid", dict(alpha=0, temporal_threshold=1), "keeps no token"),
     ],
 )
 def test_bad_options_are_refused_at_config(method, options, match):

@@ -132,7 +132,8 @@ def flashvid_select(
         frame_attn: ``[T, N]`` attention each token receives in the last vision block (official: per frame, the
             mean over heads and queries, then over each 2x2 merge unit), finite, >= 0.
         frame_tokens: ``B`` in ``[1, N]``.
-        alpha: ADTS share in ``[0, 1]``; temporal_threshold: any float in ``[-1, 1]`` (``1``: no TSTM tokens);
+        alpha: ADTS share in ``[0, 1]``; temporal_threshold: any float in ``[-1, 1]`` (``1``: no TSTM tokens; not
+            with ``alpha = 0``, which would keep nothing);
         segment_threshold: DySeg cut below it; min_segments: ``>= 1``; selection: one of :data:`FLASHVID_SELECTIONS`.
 
     Returns:
@@ -154,6 +155,11 @@ def flashvid_select(
     sizes = dyseg_segments(features, min_segments, segment_threshold)
     adts = math.ceil(frame_tokens * alpha)
     sttm = frame_tokens - adts
+    if adts == 0 and temporal_threshold >= 1.0:
+        raise ValueError(
+            f"alpha={alpha!r} (no ADTS token) with temporal_threshold={temporal_threshold!r} (no TSTM token) keeps no "
+            "token; allowed: alpha > 0 or temporal_threshold < 1"
+        )
 
     dt = compute_dtype(features)
     x, attn = features.to(dt), frame_attn.to(dt)

@@ -39,8 +39,8 @@ class FlashVIDConfig(PruneConfig):
     only), ``expansion`` (per-frame budget factor; official 1.25 with its in-LLM stage, 1.0 here without it).
 
     Raises ``ValueError`` for ``alpha`` outside ``[0, 1]``, ``temporal_threshold`` outside ``[-1, 1]``,
-    ``segment_threshold`` not a finite float, ``min_segments`` not an int >= 1, an unknown ``selection``, or
-    ``expansion`` not a float > 0."""
+    ``alpha=0`` with ``temporal_threshold=1`` (nothing kept), ``segment_threshold`` not a finite float,
+    ``min_segments`` not an int >= 1, an unknown ``selection``, or ``expansion`` not a float > 0."""
 
     alpha: float = 0.7
     temporal_threshold: float = 0.8
@@ -59,6 +59,11 @@ class FlashVIDConfig(PruneConfig):
         check_int_option("min_segments", self.min_segments, 1)
         if self.selection not in FLASHVID_SELECTIONS:
             raise ValueError(f"selection must be one of {FLASHVID_SELECTIONS}, got {self.selection!r}")
+        if self.alpha == 0 and self.temporal_threshold >= 1:
+            raise ValueError(
+                f"alpha=0 (no ADTS token) with temporal_threshold={self.temporal_threshold!r} (no TSTM token) keeps no "
+                "token; allowed: alpha > 0 or temporal_threshold < 1"
+            )
         ex = self.expansion
         if isinstance(ex, bool) or not isinstance(ex, (int, float)) or not (math.isfinite(ex) and ex > 0):
             raise ValueError(f"expansion must be a float > 0, got {ex!r}")
