@@ -170,3 +170,19 @@ def test_flashvid_select_refuses_bad_inputs():
         flashvid_select(video, attn, 4, alpha=0.0, temporal_threshold=1.0)
     with pytest.raises(ValueError, match=">= 0"):
         flashvid_select(video, -attn, 4)
+
+
+def test_fastvid_frame_attention_matches_the_official_lines():
+    """FastVID ``modeling_qwen2_5_vl.py`` lines 195-203 @a40a109, on one grid of frames (q, k ``[seq, H, Dh]``)."""
+    from vtprune.functional import fastvid_frame_attention
+
+    gen = torch.Generator().manual_seed(0)
+    heads, t, hw, dh = 3, 3, 8, 4
+    q, k = torch.randn(2, t * hw, heads, dh, generator=gen, dtype=torch.float64)
+    q_attn = q.transpose(0, 1).reshape(heads, t, hw, dh).mean(-2, keepdim=True)
+    k_attn = k.transpose(0, 1).reshape(heads, t, hw // 4, 4, dh).mean(-2)
+    official = (torch.matmul(q_attn, k_attn.transpose(-2, -1)) / math.sqrt(dh)).softmax(-1).mean(2).mean(0)
+    got = fastvid_frame_attention(q, k, torch.arange(t + 1) * hw, dh**-0.5)
+    torch.testing.assert_close(got.view(t, hw // 4, 4), official[..., None].expand(-1, -1, 4))
+    with pytest.raises(ValueError, match="not a whole number of 4-token"):
+        fastvid_frame_attention(q, k, torch.tensor([0, 6, t * hw]), 0.5)

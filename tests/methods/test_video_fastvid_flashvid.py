@@ -7,6 +7,7 @@ own window index (Qwen2.5-VL). The functional call on those gives the kept token
 logits must equal the unpatched text model fed exactly those vectors at the kept tokens' original 3-D positions."""
 
 import pytest
+import tiny
 import torch
 from tiny import PAD_ID, VEND_ID, VIDEO_ID, VSTART_ID
 
@@ -53,19 +54,36 @@ def _inputs(rows):
     )
 
 
-def _features_and_attention(model, pix, grid, monkeypatch):
-    """The unpatched model's video features ``[T, N, D]`` and each token's received attention ``[T, N]`` in the
-    last vision block, from the eager softmax rows transformers computes there."""
+def _sharp(family):
+    """A tiny eager model whose last vision block has 8x larger q / k projections: attention far from uniform, so
+    the received attention and FastVID's mean-query softmax rank tokens differently (near uniform, both are linear
+    in the mean query and agree)."""
+    model = tiny.build(family, attn="eager")
+    qkv = model.model.visual.blocks[-1].attn.qkv
+    with torch.no_grad():
+        qkv.weight[: 2 * qkv.out_features // 3] *= 8
+    return model
+
+
+def _features_and_attention(model, pix, grid, monkeypatch, mean_query=False):
+    """The unpatched model's video features ``[T, N, D]`` and each token's score ``[T, N]`` in the last vision block:
+    the attention it receives, from the eager softmax rows transformers computes there, or (``mean_query``) FastVID's
+    official score from the eager call's post-rotary queries and keys."""
     visual = model.model.visual
     last = visual.blocks[-1].attn
     module = __import__(type(last).__module__, fromlist=["eager_attention_forward"])
     original = module.eager_attention_forward
     rows = []
 
-    def recording(mod, *args, **kwargs):
-        out, weights = original(mod, *args, **kwargs)
+    def recording(mod, query, key, *args, **kwargs):
+        out, weights = original(mod, query, key, *args, **kwargs)
         if mod is last:
-            rows.append(weights[0].mean(dim=(0, 1)))  # [L]: mean over heads and queries of the frame's rows
+            if mean_query:  # official FastVID: the frame's mean query over its units' mean keys, softmax, head mean
+                q, k = query[0].float().mean(1), key[0].float().unflatten(1, (-1, 4)).mean(2)  # [H, Dh], [H, U, Dh]
+                units = (torch.einsum("hd,hud->hu", q, k) / q.shape[-1] ** 0.5).softmax(-1).mean(0)
+                rows.append(units.repeat_interleave(4))
+            else:  # [L]: mean over heads and queries of the frame's softmax rows (official FlashVID)
+                rows.append(weights[0].mean(dim=(0, 1)))
         return out, weights
 
     monkeypatch.setattr(module, "eager_attention_forward", recording)
@@ -119,8 +137,8 @@ def _route(model, one, kept, tokens):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("method", ["fastvid", "flashvid"])
-def test_selection_and_logits_follow_the_official_reading_batched(method, family, model_factory, monkeypatch):
-    model = model_factory(family, attn="eager")
+def test_selection_and_logits_follow_the_official_reading_batched(method, family, monkeypatch):
+    model = _sharp(family)
     rows = [_row(0, before=5), _row(1, before=2)]
     batch, singles = _inputs(rows), [_inputs([r]) for r in rows]
     with vtprune.patched(model, method, **OPTIONS[method]), torch.no_grad():
@@ -128,13 +146,25 @@ def test_selection_and_logits_follow_the_official_reading_batched(method, family
         st = vtprune.stats(model)
         alone = [model(**one).logits[:, -1].float() for one in singles]
     for i, (one, (_, _, pix, grid)) in enumerate(zip(singles, rows)):
-        feats, attn = _features_and_attention(model, pix, grid, monkeypatch)
+        feats, attn = _features_and_attention(model, pix, grid, monkeypatch, mean_query=method == "fastvid")
         kept, tokens = _expected(method, feats, attn)
         assert kept.numel() < FRAMES * N
         assert st.kept_indices[i].tolist() == kept.tolist()
         assert st.visual_tokens_kept[i] == kept.numel()
         torch.testing.assert_close(logits[i], _route(model, one, kept, tokens)[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits[i], alone[i][0], rtol=1e-4, atol=1e-4)  # the row alone
+
+
+def test_fastvid_attention_received_reads_the_attention_each_token_receives(monkeypatch):
+    model = _sharp("qwen2_5_vl")
+    one = _inputs([_row(3)])
+    with vtprune.patched(model, "fastvid", ratio=0.5, c=2, attention="received"), torch.no_grad():
+        logits = model(**one).logits[:, -1].float()
+        st = vtprune.stats(model)
+    feats, attn = _features_and_attention(model, one["pixel_values_videos"], one["video_grid_thw"], monkeypatch)
+    kept, tokens = F.fastvid_select(feats, attn / attn.sum(1, keepdim=True), retention_ratio=0.5, c=2)
+    assert st.kept_indices[0].tolist() == kept.tolist()
+    torch.testing.assert_close(logits[0], _route(model, one, kept, tokens)[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["fastvid", "flashvid"])
@@ -166,6 +196,7 @@ def test_a_keep_below_the_frame_count_is_refused(method, model_factory):
 @pytest.mark.parametrize(
     "method,options,match",
     [
+        ("fastvid", dict(attention="cls"), "attention must be one of"),
         ("fastvid", dict(c=0), "c must be an int >= 1"),
         ("fastvid", dict(p=1.5), "p must be an int >= 1"),
         ("fastvid", dict(tau=float("nan")), "tau must be a finite float"),

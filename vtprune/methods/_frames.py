@@ -34,8 +34,9 @@ def video_frames(method: str, image: ImageInputs) -> tuple[int, int]:
 
 
 def frame_attention(image: ImageInputs, frames: int) -> torch.Tensor:
-    """``[T, N]`` float32: the attention each video token receives in the method's one vision layer (the mean over
-    heads and the queries of its frame, ``importance="received"``), a token's the mean of its patches' (Qwen: the 2x2
-    merge unit, as official FlashVID averages it; ``pack_crop_scores``)."""
+    """``[T, N]`` float32: each video token's score in the method's one vision layer under ``importance="received"``
+    (what the method's :meth:`~vtprune.methods.base.Method.received_attention` reduces that layer's q / k to: by
+    default the attention each patch receives, the mean over heads and the queries of its frame), a token's the mean
+    of its patches' (Qwen: the 2x2 merge unit, as official FlashVID averages it; ``pack_crop_scores``)."""
     scores = image.pack_crop_scores(image.received.float().sum(dim=1))  # [n]
     return scores.reshape(frames, -1)

@@ -8,12 +8,11 @@ many (segments of near-duplicate frames keep fewer), so a video keeps 1 to ``bud
 "at_most"``). A merged context token keeps the position of the token it is merged into (its anchor).
 
 Official: ``fastvid_qwen25vl/lmms-eval/lmms_eval/models/qwenvlutils/modeling_qwen2_5_vl.py`` lines 1889-2095 and
-``fastvid_qwen25vl/scripts/eval.sh`` (defaults), commit a40a109cb8df20e8c2c17c6850f8269717369990. Deviation in the
-signal (docs/methods.md): the official ``frame_attn`` (lines 195-203, 590-596) is, per frame, the softmax of the
-frame's *mean query* over its 2x2 merge units' mean keys, averaged over heads; vtprune reads the attention each patch
-receives (the mean over the frame's queries of each query's softmax, averaged over heads; the engine's
-``importance="received"``, one pass, no eager attention), averaged over the merge unit and normalised to sum to 1
-per frame. Both rank a frame's tokens by how much its queries attend to them.
+``fastvid_qwen25vl/scripts/eval.sh`` (defaults), commit a40a109cb8df20e8c2c17c6850f8269717369990. The signal: the
+official ``frame_attn`` (lines 195-203, 590-596), per frame the softmax of the frame's mean query over its 2x2 merge
+units' mean keys in the last vision block, averaged over heads (``attention="mean_query"``, default; the engine calls
+:meth:`received_attention` with that block's q / k, no eager attention); ``attention="received"`` reads the attention
+each token receives instead (the mean over the frame's queries of their softmax rows), normalised per frame.
 """
 
 from __future__ import annotations
@@ -28,6 +27,9 @@ from ..registry import register_method
 from ._frames import check_frame_attention, frame_attention, video_frames
 from .base import ImageInputs, Method, Selection
 
+#: how each frame's token scores are read from the last vision block (``FastVIDConfig.attention``)
+FASTVID_ATTENTION = ("mean_query", "received")
+
 
 @dataclass
 class FastVIDConfig(PruneConfig):
@@ -36,9 +38,14 @@ class FastVIDConfig(PruneConfig):
     collapse into the last of their run), ``d`` (context share of a segment's budget), ``p`` (one context anchor
     frame in ``p`` runs), ``beta`` (merge weight floor of an anchor's own vector).
 
-    Raises ``ValueError`` for ``c`` or ``p`` not an int >= 1, ``tau`` not a finite float, ``tau_ignore`` outside
-    ``[-1, 1]``, ``d`` or ``beta`` outside ``[0, 1]``."""
+    ``attention``: each frame's token scores from the last vision block, ``"mean_query"`` (official: the softmax of
+    the frame's mean query over its merge units' mean keys, :func:`vtprune.functional.fastvid_frame_attention`) or
+    ``"received"`` (the attention each token receives, averaged over the frame's queries).
 
+    Raises ``ValueError`` for an unknown ``attention``, ``c`` or ``p`` not an int >= 1, ``tau`` not a finite float,
+    ``tau_ignore`` outside ``[-1, 1]``, ``d`` or ``beta`` outside ``[0, 1]``."""
+
+    attention: str = "mean_query"
     c: int = 8
     tau: float = 0.84
     tau_ignore: float = 0.95
@@ -48,6 +55,8 @@ class FastVIDConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.attention not in FASTVID_ATTENTION:
+            raise ValueError(f"attention must be one of {FASTVID_ATTENTION}, got {self.attention!r}")
         check_int_option("c", self.c, 1)
         check_int_option("p", self.p, 1)
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
@@ -73,6 +82,11 @@ class FastVID(Method):
 
     def vision_layers(self, num_layers: int) -> list[int]:
         return [num_layers - 1]  # official: the last vision block
+
+    def received_attention(self, q, k, cu_seqlens, scaling):
+        if self.config.attention == "mean_query":  # official, with its hard-coded 4-token (2x2) merge unit
+            return F.fastvid_frame_attention(q, k, cu_seqlens, scaling, unit=4)
+        return super().received_attention(q, k, cu_seqlens, scaling)
 
     def retention(self, n: int, frames: int) -> float:
         """FastVID's ``retention_ratio`` for a video of ``frames`` frames of ``n`` tokens each: ``ratio``, or with
