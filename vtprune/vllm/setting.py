@@ -79,6 +79,11 @@ def _refusal(config: PruneConfig, num_layers: int) -> str | None:
             "decoder layer), which vLLM's paged attention does not expose"
         )
     method = cls(config)  # some methods' signals depend on their options (cdpruner's text=)
+    if method.kept_count != "budget":
+        return (
+            f"it keeps a count of its own (kept_count={method.kept_count!r}, e.g. per-frame rounding), but the plugin "
+            "sizes each image's or video's placeholder run from the budget before the vision tower runs"
+        )
     missing = sorted(method.signals - SIGNALS)
     if missing:
         reasons = "; ".join(_MISSING.get(m, m) for m in missing)
