@@ -32,9 +32,13 @@ def test_filters_read_the_record():
     assert list_methods(stage=("vision", "llm")) == list_methods(host="vlm")
     assert "pool" in list_methods(merges=True) and "random" not in list_methods(merges=True)
     assert list_methods(host="vlm", kept_from_grid=True) == ["pool", "random"]
-    # every method prunes images and videos unless its record says otherwise; modality matches any of the values
-    assert list_methods(modality="image") == list_methods() == list_methods(modality=("image", "video"))
+    # every method prunes images and videos unless its record says otherwise (the video methods: videos only);
+    # modality matches any of the values
+    videos_only = {"fastvid", "flashvid"}
+    assert list_methods(modality=("image", "video")) == list_methods() == list_methods(modality="video")
+    assert set(list_methods()) - set(list_methods(modality="image")) == videos_only
     assert all(get_method(n).modalities == {"image", "video"} for n in list_methods(modality="image"))
+    assert all(get_method(n).modalities == {"video"} for n in videos_only)
     with pytest.raises(TypeError, match=r"unknown filter\(s\) \['hots'\].*allowed"):
         list_methods(hots="vlm")
     assert set(FILTERS) >= {"host", "stage"}
