@@ -32,7 +32,7 @@ from tiny import (
 
 import vtprune
 
-METHODS = vtprune.list_methods(host="vlm")
+METHODS = vtprune.list_methods(host="vlm", modality="image")  # videos only: tests/methods/test_video_evs_vidcom2.py
 SUPPORTED = [(m, f) for m in METHODS for f in FAMILIES if supports(m, f)]
 SUPPRESSED = [IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, PAD_ID]  # tiny.py's generation_config.suppress_tokens
 GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)

@@ -18,7 +18,7 @@ import vtprune
 from vtprune import functional as F
 from vtprune.engine import points as P
 
-METHODS = vtprune.list_methods(host="vlm")
+METHODS = vtprune.list_methods(host="vlm", modality="image")  # videos only: tests/methods/test_video_evs_vidcom2.py
 ROUTE_FAMILIES = ("llava", "qwen2_5_vl")  # 1-D RoPE and 3-D M-RoPE (received attention on the Qwen tower)
 
 

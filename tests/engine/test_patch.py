@@ -20,7 +20,7 @@ from tiny import last_logits as _last_logits
 
 import vtprune
 
-METHODS = vtprune.list_methods(host="vlm")
+METHODS = vtprune.list_methods(host="vlm", modality="image")  # videos only: tests/methods/test_video_evs_vidcom2.py
 CASES = [(m, f) for m in METHODS for f in FAMILIES]
 SUPPORTED = [c for c in CASES if supports(*c)]
 UNSUPPORTED = [c for c in CASES if refused(*c)]

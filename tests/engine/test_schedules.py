@@ -57,9 +57,9 @@ def _stage(name: str) -> str:
     return get_method(name).method_cls.stage
 
 
-VISION = [m for m in vtprune.list_methods(host="vlm") if _stage(m) == "vision"]
+VISION = [m for m in vtprune.list_methods(host="vlm", modality="image") if _stage(m) == "vision"]
 LLM = [
-    m for m in vtprune.list_methods(host="vlm") if _stage(m) == "llm" and m not in MULTI_POINT_METHODS
+    m for m in vtprune.list_methods(host="vlm", modality="image") if _stage(m) == "llm" and m not in MULTI_POINT_METHODS
 ]  # one-point ones
 
 

@@ -43,7 +43,7 @@ OTHERS = tuple(f for f in VIDEO_FAMILIES if f not in NESTED)
 VIDEO_REFUSALS = tuple((m, "llava_onevision") for m in ("pool", "visionzip", "vispruner", "scope", "hiprune"))
 CASES = [
     (m, f)
-    for i, m in enumerate(vtprune.list_methods(host="vlm"))
+    for i, m in enumerate(vtprune.list_methods(host="vlm", modality="image"))
     for f in (*NESTED, OTHERS[i % len(OTHERS)])
     if not refused(m, f) and (m, f) not in VIDEO_REFUSALS
 ]

@@ -103,7 +103,7 @@ def test_method_options_reach_the_method_and_bad_ones_are_refused(runner):
             _config(method_options=bad)
 
 
-@pytest.mark.parametrize("method", vtprune.list_methods(host="vlm"))
+@pytest.mark.parametrize("method", vtprune.list_methods(host="vlm", modality="image"))
 def test_every_method_is_attacked_or_reported_unreachable(method):
     surrogate, reason = R.surrogate_for(method)
     assert (surrogate is None) != (reason is None)
@@ -135,7 +135,9 @@ def test_exact_surrogates_rank_like_the_method(runner, items, method):
     assert seen == [True] * len(items)
 
 
-@pytest.mark.parametrize("method", [m for m in vtprune.list_methods(host="vlm") if R.surrogate_for(m)[0] is not None])
+@pytest.mark.parametrize(
+    "method", [m for m in vtprune.list_methods(host="vlm", modality="image") if R.surrogate_for(m)[0] is not None]
+)
 def test_every_surrogate_has_a_gradient_on_the_pixels(runner, items, method):
     """The attack can move every reachable method: its surrogate scores are not detached from the image (a signal
     computed under no_grad would leave PGD at the clean image)."""
