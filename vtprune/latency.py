@@ -164,7 +164,7 @@ def run_latency(
     seq = inputs["input_ids"].shape[1]
 
     rows = [LatencyRow("unpatched", None, n_visual, n_visual, flops.prefill_flops(model.config, seq) / 1e9)]
-    options = {m: get_method(m).run_options for m in list_methods(host="vlm")}  # what the random models need
+    options = {m: get_method(m).run_options for m in list_methods(host="vlm", modality="image")}  # an image prompt
     contexts = {}
     for method in options:
         try:

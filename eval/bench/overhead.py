@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
-    methods = vtprune.list_methods(host="vlm")
+    methods = vtprune.list_methods(host="vlm", modality="image")
     if args.methods is not None:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in methods]

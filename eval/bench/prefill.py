@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         out_ideal = variants[ideal]().logits
         diff = (out_ideal - out_cls).abs().max().item()
         checks.append(f"ideal logits vs cls keep={args.keep} logits: max |diff| = {diff:.2e}")
-        for method in vtprune.list_methods(host="vlm"):
+        for method in vtprune.list_methods(host="vlm", modality="image"):
             if method != "cls":
                 add_patched(f"{method} keep={args.keep}", method, args.keep)
         first = min(3 * args.keep, n_visual)  # a schedule: divprune at the vision entry, then fastv before layer 2

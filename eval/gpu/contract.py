@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated (default: vtprune.list_methods(host='vlm'); --smoke: random,fastv,cls)",
+        help="comma-separated (default: vtprune.list_methods(host='vlm', modality='image'); --smoke: random,fastv,cls)",
     )
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="the tests' tiny widths, two families (CPU test)")
@@ -228,9 +228,9 @@ def main(argv=None) -> int:
     methods = (
         args.methods.split(",")
         if args.methods
-        else [m for m in ("random", "fastv", "cls") if m in vtprune.list_methods(host="vlm")]
+        else [m for m in ("random", "fastv", "cls") if m in vtprune.list_methods(host="vlm", modality="image")]
         if args.smoke
-        else vtprune.list_methods(host="vlm")
+        else vtprune.list_methods(host="vlm", modality="image")
     )
     tol = TOL[dtype]
     t0 = time.monotonic()

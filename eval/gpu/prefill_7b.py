@@ -3,7 +3,8 @@
 intermediate 11008, vocabulary 32064), built from configs directly on the GPU in bf16, no download.
 
 One prompt: BOS + 4 text tokens, 576 image tokens, 35 text tokens (616), repeated per batch row. Variants: the
-unpatched model, then every method of ``vtprune.list_methods(host="vlm")`` at ``keep`` = 64 / 128 / 192 visual tokens.
+unpatched model, then every method of ``vtprune.list_methods(host="vlm", modality="image")`` at ``keep`` = 64 / 128 /
+192 visual tokens.
 Each
 variant first runs once untimed (its stats, analytic FLOPs ratio, selection time and peak memory are read there;
 a method that fails reports its error on its row and is left out of the timing), then all variants are timed in
@@ -180,7 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--keep", default=None, help="comma-separated budgets (default 64,128,192; --smoke 8,16,24)")
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8; --smoke 1,2)")
-    p.add_argument("--methods", default=None, help="comma-separated (default: vtprune.list_methods(host='vlm'))")
+    p.add_argument(
+        "--methods", default=None, help="comma-separated (default: vtprune.list_methods(host='vlm', modality='image'))"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; --smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per variant first (default 2; --smoke 1)")
     p.add_argument(
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
     shape = SMOKE if args.smoke else REAL
     budgets = [int(b) for b in (args.keep or ("8,16,24" if args.smoke else "64,128,192")).split(",")]
     batches = [int(b) for b in (args.batch or ("1,2" if args.smoke else "1,8")).split(",")]
-    methods = args.methods.split(",") if args.methods else vtprune.list_methods(host="vlm")
+    methods = args.methods.split(",") if args.methods else vtprune.list_methods(host="vlm", modality="image")
     repeats = args.repeats if args.repeats is not None else (2 if args.smoke else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
     if args.attn == "flash_attention_2":

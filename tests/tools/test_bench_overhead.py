@@ -54,7 +54,7 @@ def test_small_run_has_one_row_per_method(tmp_path, capsys):
     text = out.read_text()
     assert "command: `" in text and "--small" in text and "threads: 1" in text
     rows = _rows(text)
-    assert [r[0] for r in rows] == vtprune.list_methods(host="vlm")
+    assert [r[0] for r in rows] == vtprune.list_methods(host="vlm", modality="image")
     assert _rows(capsys.readouterr().out) == rows  # printed too
     for method in ("random", "fastv", "cls", "dart", "divprune"):  # these run on LLaVA
         (row,) = [r for r in rows if r[0] == method]
@@ -144,7 +144,8 @@ def test_bad_flags_exit_2(argv, capsys):
 
 
 @pytest.mark.parametrize(
-    "method", [m for m in vtprune.list_methods(host="vlm") if m in ("cls", "todre", "visionzip", "prumerge")]
+    "method",
+    [m for m in vtprune.list_methods(host="vlm", modality="image") if m in ("cls", "todre", "visionzip", "prumerge")],
 )
 def test_timed_hook_signals_have_the_engines_shapes(method):
     """The outside-select work timed for a method is the work its vision hooks really do: same layers, same shapes

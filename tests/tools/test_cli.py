@@ -34,7 +34,7 @@ def test_bench_table(capsys):
     assert rows["unpatched"][1:3] == ["-", f"{n}/{n}"]
     assert rows["unpatched"][4] == "1.000" and rows["unpatched"][6] == "1.00x"
     skipped = {line.split(":")[0].removeprefix("skipped ") for line in out.splitlines() if line.startswith("skipped ")}
-    assert set(rows) | skipped == {"unpatched", *vtprune.list_methods(host="vlm")}
+    assert set(rows) | skipped == {"unpatched", *vtprune.list_methods(host="vlm", modality="image")}
     assert not set(rows) & skipped
     assert {"random", "fastv", "cls"} <= set(rows)  # these all run on LLaVA
     for method in set(rows) - {"unpatched"}:

@@ -85,7 +85,7 @@ def test_smoke_run_writes_well_formed_reports(tmp_path):
 
     import vtprune
 
-    methods = vtprune.list_methods(host="vlm")
+    methods = vtprune.list_methods(host="vlm", modality="image")
     prefill = json.loads((res / "prefill_7b.json").read_text())
     assert [b["batch"] for b in prefill["batches"]] == [1, 2]
     for entry in prefill["batches"]:

@@ -36,7 +36,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     # the cells built what they promise: every method's kept tokens, drawn side by side
     import vtprune
 
-    assert set(namespace["kept"]) == set(vtprune.list_methods(host="vlm"))
+    assert set(namespace["kept"]) == set(vtprune.list_methods(host="vlm", modality="image"))
     keep = namespace["KEEP"]  # sparsevlm: its official per-layer counts end below the budget
     kept = {m: st.kept_indices[0] for m, st in namespace["kept"].items()}
     assert all(len(k) == keep if m != "sparsevlm" else 0 < len(k) < keep for m, k in kept.items())

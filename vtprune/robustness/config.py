@@ -113,7 +113,7 @@ class RobustnessConfig:
             spec.make_config({"keep": self.budgets[0], **options})  # unknown / bad options raise here
 
     def method_names(self) -> list[str]:
-        return list(self.methods) if self.methods is not None else list_methods(host="vlm")
+        return list(self.methods) if self.methods is not None else list_methods(host="vlm", modality="image")
 
 
 def load_config(path: str | Path | None = None, **overrides) -> RobustnessConfig:
