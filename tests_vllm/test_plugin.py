@@ -215,6 +215,8 @@ class _Cfg:
         ("{not json", "not valid JSON"),
         ({"method": "random", "keep": 4, "positions": "compact"}, "positions='compact' is not supported"),
         ({"method": "vidcom2", "ratio": 0.25}, "its kept count is its own (kept_count='own'"),
+        ({"method": "fastvid", "ratio": 0.25}, "its kept count is its own (kept_count='at_most'"),
+        ({"method": "flashvid", "ratio": 0.25}, "its kept count is its own (kept_count='own'"),
         ({"method": "evs", "q": 1.0}, "q must be in [0, 1)"),
         ({"method": "evs", "q": 0.5, "ratio": 0.5}, "exactly one budget"),
     ],

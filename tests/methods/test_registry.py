@@ -34,7 +34,7 @@ def test_filters_read_the_record():
     assert list_methods(host="vlm", kept_from_grid=True) == ["pool", "random"]
     # every method prunes images and videos unless its record says otherwise (the video methods: videos only);
     # modality matches any of the values
-    videos_only = {"evs", "vidcom2"}
+    videos_only = {"evs", "fastvid", "flashvid", "vidcom2"}
     assert list_methods(modality=("image", "video")) == list_methods() == list_methods(modality="video")
     assert set(list_methods()) - set(list_methods(modality="image")) == videos_only
     assert all(get_method(n).modalities == {"image", "video"} for n in list_methods(modality="image"))

@@ -115,6 +115,10 @@ class ModelAdapter:
     #: ``vtprune.methods.tower``)
     #: is supported: a CLIP / SigLIP tower read at one ``vision_feature_layer`` and a per-token projector
     tower_merging: ClassVar[bool] = False
+    #: a video's frames are separate blocks of the vision tower's last layer, whose received attention
+    #: (``importance="received"``) maps to each frame's tokens one patch set per token: the per-frame attention the
+    #: video methods ``fastvid`` / ``flashvid`` read (Qwen2-VL / Qwen2.5-VL temporal patches)
+    frame_attention: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -54,6 +54,7 @@ def downsample_grid(height: int, width: int, budget: int, least: int = 1) -> tup
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     has_cls_token = False
+    frame_attention = True
     feature_methods = ("get_image_features", "get_video_features")
     mrope = True
 
@@ -200,6 +201,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     layer ``i`` through ``deepstack_method``, which the engine wraps so every level follows the kept tokens."""
 
     model_types = ("qwen3_vl", "qwen3_vl_moe")
+    frame_attention = False  # not yet checked against a video's timestamped frame blocks
     #: the text model's method that adds one DeepStack level to the visual rows: ``fn(hidden, visual_pos_masks,
     #: level_rows)`` (transformers' Qwen3VLTextModel)
     deepstack_method = "_deepstack_process"

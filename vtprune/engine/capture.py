@@ -68,6 +68,8 @@ class VisionCapture:
         self.signals = method.signals if method is not None else frozenset()
         self.on_features = on_features
         self.vision_layers: list[int] = []
+        #: the method's reduction of a vision layer's q/k to per-token scores (importance="received")
+        self.reduce = method.received_attention if method is not None else F.received_attention
         #: "cls" or "received" (the method's ``importance`` option resolved on this model); None: no vision scores
         self.importance: str | None = None
         if self.signals & {"cls_attention", "vision_keys", "vision_qk"}:
@@ -257,7 +259,7 @@ class VisionCapture:
             return None
         with outside_checkpoint():  # differentiable, like the CLS rows (robustness attacks)
             qk = self.adapter.vision_qk(module, args, kwargs)
-            self._received.append(F.received_attention(qk.q, qk.k, qk.cu_seqlens, qk.scaling))
+            self._received.append(self.reduce(qk.q, qk.k, qk.cu_seqlens, qk.scaling))
             if self._vision_keys is not None:
                 self._vision_keys.append(qk.k.detach().mean(1))
         return None

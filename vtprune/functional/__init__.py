@@ -57,7 +57,8 @@ from .zoo import zoo_select, zoo_sensitivity, zoo_sensitivity_jvp
 # isort: split
 # video methods (one video per call, flat index t * N + i)
 from .evs import evs_select
-from .fastvid import fastvid_select
+from .fastvid import fastvid_frame_attention, fastvid_select
+from .flashvid import flashvid_frame_tokens, flashvid_select
 from .frame_budget import frame_budgets
 from .vidcom2 import vidcom2_select
 from .video import dpc_knn_scores, dyseg_segments, frame_similarity
@@ -107,6 +108,9 @@ __all__ = [
     "vidcom2_select",
     "frame_budgets",
     "fastvid_select",
+    "fastvid_frame_attention",
+    "flashvid_select",
+    "flashvid_frame_tokens",
     "dyseg_segments",
     "frame_similarity",
     "dpc_knn_scores",

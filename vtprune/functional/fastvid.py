@@ -7,7 +7,54 @@ import torch
 from ._common import check_int, check_tensor, compute_dtype, topk_lowtie, unit_rows
 from .video import check_fraction, check_video, dpc_knn_scores, dyseg_segments, frame_similarity
 
-__all__ = ["fastvid_select", "fastvid_frame_counts"]
+__all__ = ["fastvid_select", "fastvid_frame_counts", "fastvid_frame_attention"]
+
+
+def fastvid_frame_attention(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float, unit: int = 4
+) -> torch.Tensor:
+    """FastVID's ``frame_attn`` of one vision attention layer, per token: in each block (a frame), the softmax of the
+    block's mean query over its merge units' mean keys, averaged over heads; each token gets its unit's value.
+
+    ``a[u] = mean_h softmax_u(scaling * mean_{i in block} q[i, h] . mean_{j in unit u} k[j, h])``; a unit is
+    ``unit`` consecutive tokens (the tower's order holds a 2x2 merge unit's patches together; official hard-coded
+    4). Each block's units sum to 1, so its tokens sum to ``unit``. Official: LunarShen/FastVID
+    ``fastvid_qwen25vl/lmms-eval/lmms_eval/models/qwenvlutils/modeling_qwen2_5_vl.py`` lines 195-203 (the last
+    vision block's frames; rotary applied to q and k), commit a40a109cb8df20e8c2c17c6850f8269717369990.
+
+    Args:
+        q: ``[N, H, Dh]`` queries, k: ``[N, Hkv, Dh]`` keys as the layer uses them (``H`` a multiple of ``Hkv``),
+            cu_seqlens: ``[B + 1]`` block boundaries, scaling: the layer's logit scale (finite > 0), as
+            :func:`vtprune.functional.received_attention` takes them.
+        unit: tokens per merge unit (>= 1); every block's length must be a multiple of it.
+
+    Returns:
+        ``[N]`` float32 (float64 for float64 input).
+    """
+    check_tensor("q", q, ndim=3, shape_hint="[N, H, Dh]")
+    check_tensor("k", k, ndim=3, shape_hint="[N, Hkv, Dh]")
+    n, h, d = q.shape
+    if k.shape[0] != n or k.shape[2] != d or k.shape[1] < 1 or h % k.shape[1]:
+        raise ValueError(f"k must be [N, Hkv, Dh] = [{n}, Hkv, {d}] with H={h} a multiple of Hkv, got {tuple(k.shape)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < float(scaling) < float("inf"):
+        raise ValueError(f"scaling must be a finite number > 0, got {scaling!r}")
+    unit = check_int("unit", unit, 1)
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != n or any(b > a for a, b in zip(bounds[1:], bounds)):
+        raise ValueError(f"cu_seqlens must ascend from 0 to N={n} (block boundaries), got {bounds}")
+    dt = compute_dtype(q, k)
+    group = h // k.shape[1]
+    out = torch.zeros(n, dtype=dt, device=q.device)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if (end - start) % unit:
+            raise ValueError(f"a block of {end - start} tokens is not a whole number of {unit}-token merge units")
+        if end == start:
+            continue
+        qm = q[start:end].to(dt).mean(dim=0)  # [H, Dh]
+        ku = k[start:end].to(dt).reshape(-1, unit, k.shape[1], d).mean(dim=1).repeat_interleave(group, dim=1)
+        share = torch.einsum("hd,uhd->hu", qm, ku).mul(float(scaling)).softmax(dim=-1).mean(dim=0)  # [U]
+        out[start:end] = share.repeat_interleave(unit)
+    return out
 
 
 def _chunks(total: int, parts: int) -> list[int]:

@@ -328,6 +328,13 @@ class Method:
         that option."""
         return getattr(self.config, "importance", "cls")
 
+    def received_attention(self, q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float):
+        """With ``importance="received"``: the per-token score ``[N]`` of one vision attention layer from its queries
+        and keys (:class:`vtprune.adapters.base.VisionQK`), which the engine splits per image as ``received``.
+        Default: the attention each token receives (:func:`vtprune.functional.received_attention`); a method whose
+        official code reduces the layer's attention otherwise overrides it (``fastvid``)."""
+        return F.received_attention(q, k, cu_seqlens, scaling)
+
     def pad_threshold(self) -> float | None:
         """The share of a patch that must be padding for ``vtprune.set_image_sizes`` to mask it (``real_mask``);
         None: the method does not set it (the engine's default 0.5)."""

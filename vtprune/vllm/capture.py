@@ -11,13 +11,13 @@ import contextlib
 
 import torch
 
-from .. import functional as F
 from ..adapters import qwen_grid
 
 
 class Capture:
     """The capture part of the pruning model classes (a mixin before vLLM's model class; it reads
-    ``_needs_projector`` / ``_needs_received`` and ``_received_layers`` of :class:`vtprune.vllm.pruning.Pruning`)."""
+    ``_needs_projector`` / ``_needs_received``, ``_received_layers`` and ``vtprune_method`` of
+    :class:`vtprune.vllm.pruning.Pruning`)."""
 
     # -- the merger's input per token ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -55,7 +55,8 @@ class Capture:
     @contextlib.contextmanager
     def _capture_received(self, grid: list[list[int]], into: dict):
         """While the vision tower runs on ``grid``: for each of the method's vision blocks, the attention each patch
-        receives (``into[layer] = [N]``, ``vtprune.functional.received_attention`` of the queries and keys the
+        receives (``into[layer] = [N]``, the method's ``received_attention``, by default
+        ``vtprune.functional.received_attention``, of the queries and keys the
         block's attention kernel gets, after vLLM's rotary embedding) and the head-mean keys (``into[("keys",
         layer)] = [N, Dh]``), in the tower's token order."""
         if not self._needs_received():
@@ -77,7 +78,8 @@ class Capture:
                     )
                 if _layer in into:
                     raise RuntimeError(f"vtprune.vllm: vision block {_layer} ran twice in one tower call")
-                into[_layer] = F.received_attention(q[0], k[0], _blocks.to(q.device), float(_kernel.scale))
+                reduce = self.vtprune_method.received_attention  # the method's reduction (default: received)
+                into[_layer] = reduce(q[0], k[0], _blocks.to(q.device), float(_kernel.scale))
                 into[("keys", _layer)] = k[0].detach().mean(1)
                 return _original(*args, **kwargs)
 
