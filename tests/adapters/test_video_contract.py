@@ -228,3 +228,31 @@ def test_frame_budget_is_refused_where_it_cannot_act(model_factory):
     assert not vtprune.is_patched(model_factory("internvl"))
     with vtprune.patched(model_factory("internvl"), "divprune", keep=4):  # the default stays served
         pass
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next_video"])
+def test_per_frame_vision_signals_are_the_videos_restricted_to_the_frame(family, model_factory, monkeypatch):
+    """With ``frame_budget``, a method reading vision-side scores (``cls``: CLS rows on LLaVA-NeXT-Video, received
+    attention on Qwen2.5-VL) gets, per frame, exactly the frame's part of what the whole video gives: the packed
+    per-token scores of the frames, joined, equal the whole video's."""
+    from vtprune.methods.base import crop_importance
+    from vtprune.registry import get_method
+
+    cls = get_method("cls").method_cls
+    seen = []
+    original = cls.select
+
+    def select(self, image):
+        seen.append((image.frames, image.pack_crop_scores(crop_importance(image)), image.image_start))
+        return original(self, image)
+
+    monkeypatch.setattr(cls, "select", select)
+    model = model_factory(family)
+    inputs, m = _prompt(model, family, frames=3)
+    for fb in ("video", "uniform"):
+        with vtprune.patched(model, "cls", keep=4, frame_budget=fb), torch.no_grad():
+            model(**inputs)
+    (frames, whole, start), *pieces = seen
+    assert frames == 3 and [p[0] for p in pieces] == [1, 1, 1] and whole.numel() == 3 * m
+    torch.testing.assert_close(torch.cat([p[1] for p in pieces]), whole)
+    assert [p[2] for p in pieces] == [start + t * m for t in range(3)]  # one run: frames follow each other
