@@ -28,6 +28,10 @@ def check_int_option(name: str, value, minimum: int = 0, *, optional: bool = Fal
 
 EMPTY_FRAMES = ("refill", "allow")
 
+#: how a vision-stage method's video budget is shared among the frames: the method sees the whole video ("video"),
+#: or the engine gives each frame a budget (vtprune.functional.frame_budgets' rules) and runs the method per frame
+FRAME_BUDGETS = ("video", "uniform", "uniqueness", "segments")
+
 _COMMON_OPTIONS = """    Common options (every method, :class:`vtprune.PruneConfig`):
 
     * ``keep`` / ``ratio``: the budget, visual tokens kept per image (``keep=N``) or the fraction kept
@@ -36,6 +40,9 @@ _COMMON_OPTIONS = """    Common options (every method, :class:`vtprune.PruneConf
       (1-D positions only).
     * ``empty_frames`` (``"refill"``): a video frame left without tokens gets its centre token back;
       ``"allow"``: the selection stands.
+    * ``frame_budget`` (``"video"``): a vision-stage method selects over a whole video; ``"uniform"``,
+      ``"uniqueness"`` (VidCom2) or ``"segments"`` (DySeg): the engine splits the video's budget among its frames
+      (:func:`vtprune.functional.frame_budgets`) and runs the method once per frame (images are unaffected).
 """
 
 
@@ -59,6 +66,11 @@ class PruneConfig:
     #: from the frame keeping the most (possible when the budget covers a token per frame); ``"allow"``: the
     #: method's selection stands, frames may keep no token
     empty_frames: str = "refill"
+    #: ``"video"``: a vision-stage method selects over a whole video unit; ``"uniform"`` / ``"uniqueness"`` /
+    #: ``"segments"``: the engine shares the video's budget among its frames by that rule
+    #: (:func:`vtprune.functional.frame_budgets`) and calls the method once per frame (``vtprune/engine/frames.py``).
+    #: Images are unaffected; a method pruning inside the LLM accepts only ``"video"``
+    frame_budget: str = "video"
 
     #: registry name of the method this config belongs to (set by ``@register_method``)
     method: ClassVar[str] = ""
@@ -74,6 +86,17 @@ class PruneConfig:
         self.check_budget_fields()
         if self.empty_frames not in EMPTY_FRAMES:
             raise ValueError(f"empty_frames must be one of {EMPTY_FRAMES}, got {self.empty_frames!r}")
+        if self.frame_budget not in FRAME_BUDGETS:
+            raise ValueError(
+                f"frame_budget must be one of {FRAME_BUDGETS} (how a video's budget is shared among its frames), "
+                f"got {self.frame_budget!r}"
+            )
+        if self.frame_budget != "video" and self.method and method_record is not None:
+            if (stage := method_record(self.method).stage) != "vision":
+                raise ValueError(
+                    f"frame_budget={self.frame_budget!r} needs a method that prunes at the vision entry; "
+                    f"{self.method!r} prunes inside the LLM (stage {stage!r}): use frame_budget='video'"
+                )
         if self.positions not in POSITIONS:
             raise ValueError(
                 f"positions must be one of {POSITIONS} (kept tokens keep their position ids, or are "

@@ -78,6 +78,9 @@ class PruneStats:
     #: per sample, the real (unpadded) tokens of its unpruned prompt; the language model's decoder layer count
     prompt_lengths: list[int] = field(default_factory=list)
     num_layers: int | None = None
+    #: per sample, one entry per image / video in prompt order: for a video (``VisionInputs.frames`` ``T``) the
+    #: tokens each of its ``T`` frames kept (what reaches the last decoder layer, in frame order), None for an image
+    frame_tokens_kept: list[list[list[int] | None]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         """One line: counts and FLOPs in full, ``kept_indices`` as the number of indices per sample (print

@@ -201,14 +201,29 @@ def test_evs_q_round_trips_and_zero_keeps_everything(model_factory):
         assert vtprune.stats(model).kept_indices[0].tolist() == list(range(n // 3))
 
 
-@pytest.mark.parametrize("method", ["evs", "vidcom2"])
-def test_a_video_without_frames_is_refused(method, model_factory):
-    """LLaVA-OneVision's videos end in a newline token: the engine cannot split them into frames (yet)."""
+@pytest.mark.parametrize("method,options", [("evs", {"q": 0.3}), ("vidcom2", {"ratio": 0.4})])
+def test_onevision_videos_are_frames_and_their_newline_is_kept(method, options, model_factory):
+    """LLaVA-OneVision ends a video with one newline token: the method sees the frames' tokens only (the official
+    reading on them), and the newline reaches the language model like text."""
     model = model_factory("llava_onevision")
-    pix, (n,) = video_inputs(model, frames=(2,))
+    frames = 4
+    pix, (n,) = video_inputs(model, frames=(frames,), seed=3)
     one = _assemble("llava_onevision", [[("video", n, pix)]], [0])
-    with vtprune.patched(model, method, ratio=0.5), pytest.raises(ValueError, match=f"{method}: this video's tokens"):
-        last_logits(model, one)
+    with vtprune.patched(model, method, **options):
+        logits = last_logits(model, one)
+        st = vtprune.stats(model)
+    x = _features(model, one).float()[: n - 1]  # the frames' tokens; the newline is the video's last placeholder
+    expected = official_evs(x, frames, q=options["q"]) if method == "evs" else official_vidcom2(x, frames, 0.4)
+    assert st.visual_tokens_in == [n - 1] and torch.equal(st.kept_indices[0], expected)
+    # the route feeds the newline as text (kept) and the kept frame tokens
+    torch.testing.assert_close(logits, _vision_route(model, "llava_onevision", one, expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["evs", "vidcom2"])
+def test_internvl_has_no_video_input_and_is_refused_at_patch(method, model_factory):
+    model = model_factory("internvl")
+    with pytest.raises(ValueError, match=f"method {method!r}.*internvl has no video input"):
+        vtprune.patch(model, method, ratio=0.5)
 
 
 def test_evs_first_in_a_schedule_with_a_decoder_method(model_factory):

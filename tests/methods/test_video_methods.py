@@ -69,6 +69,12 @@ def _units(model, family, seed=0):
     return units
 
 
+def _counted(family, kind, n):
+    """A unit's tokens as the engine counts them: LLaVA-OneVision's newline after a video is a structure token
+    outside the unit (always kept)."""
+    return n - (family == "llava_onevision" and kind == "video")
+
+
 def _tokens(family, kind, n):
     """(ids, mm_token_type_ids) of one unit's placeholder block."""
     if not family.startswith("qwen"):
@@ -134,6 +140,8 @@ def _prompt(model, family, one):
     with torch.no_grad():
         embeds = inner.get_input_embeddings()(ids)
         visual = torch.isin(ids, torch.tensor([IMAGE_ID, VIDEO_ID]))
+        if family == "llava_onevision" and bool((ids == VIDEO_ID).any()):  # the video's newline: text, kept
+            visual[0, (ids[0] == VIDEO_ID).nonzero()[-1]] = False
         levels = None
         for token, key, grid in (
             (IMAGE_ID, "pixel_values", "image_grid_thw"),
@@ -194,11 +202,11 @@ def test_method_on_videos_alone_and_beside_an_image(method, family, model_factor
             )
         st_generate = vtprune.stats(model)
     # one budget per unit: the image and the video of row 0, the video of row 1
-    assert st.visual_tokens_in == [sum(n for _, n, _ in row) for row in rows]
+    assert st.visual_tokens_in == [sum(_counted(family, k, n) for k, n, _ in row) for row in rows]
     if method not in MULTI_POINT_METHODS:
         assert st.visual_tokens_kept == [KEEP * len(row) for row in rows]
         for kept, row in zip(st.kept_indices, rows):
-            ends = torch.tensor([n for _, n, _ in row]).cumsum(0)
+            ends = torch.tensor([_counted(family, k, n) for k, n, _ in row]).cumsum(0)
             assert torch.bucketize(kept, ends, right=True).bincount(minlength=len(row)).tolist() == [KEEP] * len(row)
     # generate (which may compute the features before the forward) selects the same tokens, with the same logits
     assert [k.tolist() for k in st_generate.kept_indices] == [k.tolist() for k in st.kept_indices]

@@ -105,6 +105,13 @@ class ModelAdapter:
     #: the feature method returns one feature tensor per tile, not per image; an image is the contiguous placeholder
     #: run of its consecutive tiles, which the engine joins into one unit (InternVL)
     tiled: ClassVar[bool] = False
+    #: why the family's videos are not video units (``VisionInputs.frames``), so that video methods and
+    #: ``frame_budget`` are refused at ``patch`` (None: a video is one unit whose frames the engine knows)
+    no_video_units: ClassVar[str | None] = None
+    #: structure tokens that end a video's placeholder run after its frames (LLaVA-OneVision: one newline). The
+    #: engine leaves them out of the video unit: methods see and budgets count the frames' tokens only, and the
+    #: structure tokens are always kept (``vtprune.engine.units.mark_videos``)
+    video_structure_tokens: ClassVar[int] = 0
     #: keyword of the inner model's forward whose per-token types make each contiguous run of image tokens (type 1)
     #: one bidirectional attention block of the decoder's masks (Gemma 3: ``token_type_ids``; None: none)
     token_types_key: ClassVar[str | None] = None

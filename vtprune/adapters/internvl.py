@@ -45,6 +45,13 @@ class InternVLAdapter(ModelAdapter):
     multi_crop = True
     #: ``pooler_output`` holds one feature tensor per tile; an image is the contiguous placeholder run of its tiles
     tiled = True
+    #: the model has no video input: its processor writes a video as one ``<img>...</img>`` image run per frame
+    #: between ``FrameN:`` text, and nothing in the model's inputs says which image runs are one video's frames
+    #: (grouping them would guess from the text). So frames stay images of one tile each
+    no_video_units = (
+        "internvl has no video input: its processor writes each video frame as an image (one <img> run per "
+        "frame), so vtprune sees images, not a video of frames"
+    )
 
     # -- modules ---------------------------------------------------------------------------------
     def _vision_layers(self) -> nn.ModuleList:

@@ -215,6 +215,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     model_types = ("llava_onevision",)
     has_cls_token = False
+    #: a video's pooled frames are followed by one newline token (``image_newline``, same placeholder id): a structure
+    #: token the engine leaves out of the video unit and always keeps, so a video method sees ``T`` frames of equal
+    #: size and a budget counts only frame tokens (``visual_tokens_in`` of a video is ``T * tokens per frame``)
+    video_structure_tokens = 1
     feature_methods = ("get_image_features", "get_video_features")
 
     def vision_attention_modules(self):

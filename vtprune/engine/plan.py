@@ -95,6 +95,7 @@ def bind(methods: list[Method], adapter) -> Plan:
     for method in methods:
         method.check_budget(num_layers, tokens)
     check_positions(plan, adapter)
+    check_frame_budget(methods, adapter)
     decoder = plan.decoder_points
     if decoder and (why := adapter.unsupported_llm_stage()):
         names = sorted({p.method.name for p in decoder.values()})
@@ -102,6 +103,34 @@ def bind(methods: list[Method], adapter) -> Plan:
     for point in decoder.values():
         check_signal_layer(point, adapter, num_layers)
     return plan
+
+
+def check_frame_budget(methods: list[Method], adapter) -> None:
+    """Refuse, at ``patch``, a ``frame_budget`` other than ``"video"`` (or a video-only method) that the schedule
+    cannot honour: a method pruning inside the LLM or inside the vision tower, or a family without video units
+    (``ModelAdapter.no_video_units``)."""
+    for method in methods:
+        rule = getattr(method.config, "frame_budget", "video")
+        video_only = "image" not in method.modalities
+        if rule == "video" and not video_only:
+            continue
+        if (why := adapter.no_video_units) is not None:
+            what = f"frame_budget={rule!r} of method {method.name!r}"
+            if rule == "video":
+                what = f"method {method.name!r} (it prunes videos only)"
+            raise ValueError(
+                f"{what}: {why}; use an image method with frame_budget='video' there, "
+                "or a video family (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5, llava_next_video, llava_onevision)"
+            )
+        if rule == "video":
+            continue
+        where = "inside the LLM" if method.stage == "llm" else "inside the vision tower" if method.acts_in_tower else ""
+        if where:
+            raise ValueError(
+                f"frame_budget={rule!r} runs a method once per video frame at the vision entry; method "
+                f"{method.name!r} prunes {where}: use frame_budget='video' (or a vision-entry method such as "
+                "'divprune', 'cls', 'visionzip')"
+            )
 
 
 def build_points(methods: list[Method], num_layers: int) -> list[PrunePoint]:

@@ -16,6 +16,7 @@ import torch
 
 from ..methods.base import ImageInputs
 from ..timing import elapsed_ms
+from . import frames
 from .forward import Forward, PointRecord
 from .layout import Layout, PrunedPrompt
 from .plan import PrunePoint
@@ -59,7 +60,11 @@ def select(
         if sticky is not None and key in sticky:  # generate(use_cache=False): reuse the prompt's selection
             kept = sticky[key]
         else:
-            chosen = point.method.select(make_inputs(unit, slots, k))
+            inputs = make_inputs(unit, slots, k)
+            if frames.splits(method, inputs):  # frame_budget: the method runs once per frame
+                chosen = frames.select_per_frame(method, inputs, unit.features, unit.positions, point.describe())
+            else:
+                chosen = method.select(inputs)
             kept = check_selection(point.method, point.describe(), chosen, n, k, slots.device)
             if sticky is not None:
                 sticky[key] = kept

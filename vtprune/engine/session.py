@@ -43,7 +43,7 @@ from .layout import ORPHANED_CACHE, STATIC_CACHE, attach_prompt, detach_prompt, 
 from .plan import LATE_DROP, PrunePoint, bind
 from .scoring import install_capture, point_signals
 from .stats import make_stats
-from .units import Unit, attach_real_masks, find_units
+from .units import Unit, attach_real_masks, find_units, mark_videos
 
 _VISION_SIGNALS = {"features", "cls_attention", "projector_inputs", "vision_keys", "vision_qk"}
 
@@ -312,15 +312,9 @@ class Session:
 
     def _find_units(self, fwd: Forward) -> list[Unit]:
         units = find_units(fwd.input_ids, self.visual_ids, fwd.features, self.capture.info, tiled=self.adapter.tiled)
-        if fwd.image_sizes is not None:
-            attach_real_masks(
-                self.adapter, fwd.input_ids, units, fwd.image_sizes, self.pad_threshold, copies=fwd.row_copies
-            )
-        video_id = getattr(self.adapter.config, "video_token_id", None)
-        for unit in units:
-            unit.video = video_id is not None and int(fwd.input_ids[unit.row, unit.positions[0]]) == video_id
-            if unit.video and unit.info is not None:
-                unit.frames = self.adapter.video_frames(unit.info, unit.positions.numel())
+        if (sizes := fwd.image_sizes) is not None:
+            attach_real_masks(self.adapter, fwd.input_ids, units, sizes, self.pad_threshold, copies=fwd.row_copies)
+        mark_videos(self.adapter, fwd.input_ids, units)
         needs = self.capture.signals & _VISION_SIGNALS
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(

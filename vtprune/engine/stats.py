@@ -19,7 +19,9 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
     b = fwd.mask2d.shape[0]
     n_in, n_kept = [0] * b, [0] * b
     kept_indices: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    per_frame: list[list[list[int] | None]] = [[] for _ in range(b)]
     for unit in fwd.units:
+        per_frame[unit.row].append(_frame_counts(unit))
         kept_indices[unit.row].append(unit.present.cpu() + n_in[unit.row])
         n_in[unit.row] += unit.positions.numel()
         n_kept[unit.row] += unit.present.numel()
@@ -63,7 +65,16 @@ def make_stats(fwd: Forward, adapter, num_layers: int, points) -> PruneStats:
         merged_into=merged_into,
         prompt_lengths=[int(n) for n in real],
         num_layers=num_layers,
+        frame_tokens_kept=per_frame,
     )
+
+
+def _frame_counts(unit) -> list[int] | None:
+    """A video unit's kept tokens per frame (its ``frames`` equal runs), None for an image."""
+    if unit.frames is None:
+        return None
+    size = unit.positions.numel() // unit.frames
+    return torch.bincount(unit.present.cpu() // size, minlength=unit.frames).tolist()
 
 
 def _merged_into(fwd: Forward, b: int, n_in: list[int]) -> list[torch.Tensor | None]:

@@ -7,6 +7,7 @@ with its features and vision-side record), the padding masks of padded-to-square
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,6 +91,29 @@ def find_units(input_ids: torch.Tensor, visual_ids, features: dict, info: Callab
             units.append(unit)
     units.sort(key=lambda u: u.key)  # each sample's visual tokens in prompt order
     return units
+
+
+def mark_videos(adapter: ModelAdapter, input_ids: torch.Tensor, units: list[Unit]) -> None:
+    """Give each video unit its ``frames`` (:meth:`ModelAdapter.video_frames`). A video whose placeholder run ends
+    in structure tokens after its frames (``ModelAdapter.video_structure_tokens``: LLaVA-OneVision's one newline)
+    loses them from the unit: a method sees, and a budget / ``PruneStats`` counts, only the ``T`` frames' tokens;
+    the structure tokens stay in the prompt like text (always kept)."""
+    video_id = getattr(adapter.config, "video_token_id", None)
+    extra = adapter.video_structure_tokens
+    for unit in units:
+        unit.video = video_id is not None and int(input_ids[unit.row, unit.positions[0]]) == video_id
+        if unit.info is None or not unit.video:
+            continue
+        n = unit.positions.numel() - extra
+        if extra:
+            info, unit.info = unit.info, dataclasses.replace(unit.info)
+            unit.positions, unit.present = unit.positions[:n], unit.present[:n]
+            unit.features = unit.features[:n] if unit.features is not None else None
+            if info.pack is not None:
+                unit.info.pack = lambda scores, pack=info.pack, n=n: pack(scores)[:n]
+            if info.token_patches is not None:
+                unit.info.token_patches = lambda c, p, tp=info.token_patches, n=n: tp(c, p)[:n]
+        unit.frames = adapter.video_frames(unit.info, n)
 
 
 def attach_real_masks(
