@@ -40,48 +40,14 @@ TEST = ROOT / "eval" / "tasks" / "vtprune_video_shapes" / "test.jsonl"
 
 
 def build_model(processor, args):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
-    tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in V.SPECIAL_TOKENS}
-    vision = dict(
-        depth=args.vision_layers,
-        embed_dim=args.vision_width,
-        hidden_size=args.width,
-        num_heads=2,
-        mlp_ratio=2,
-        patch_size=V.PATCH,
-        spatial_merge_size=V.MERGE,
-        temporal_patch_size=V.TEMPORAL,
-        in_channels=3,
-    )
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=args.width,
-        intermediate_size=args.width * 5 // 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-        pad_token_id=ids["<pad>"],
-        bos_token_id=ids["<|im_start|>"],
-        eos_token_id=ids["<|im_end|>"],
-        tie_word_embeddings=False,
-    )
-    cfg = Qwen2VLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    cfg = V.model_config(args.width, args.layers, args.vision_width, args.vision_layers)
     torch.manual_seed(args.seed)
     model = Qwen2VLForConditionalGeneration(cfg)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<pad>"]
+    tok = processor.tokenizer
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.do_sample = False
     return model
 

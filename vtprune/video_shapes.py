@@ -295,6 +295,51 @@ def build_processor():
     )
 
 
+def model_config(width: int = 128, layers: int = 3, vision_width: int = 64, vision_layers: int = 2):
+    """The ``Qwen2VLConfig`` of the task's tiny video VLM (the bundled ``models/tiny-qwen2vl-video-shapes`` and the
+    harness's ``random: qwen2_vl_video``): vision tower ``vision_layers`` x ``vision_width`` (16-pixel patches,
+    merge size 1, temporal patch 1), LM ``layers`` x ``width`` (4 heads, MLP 2.5x, M-RoPE sections [4, 6, 6]
+    for a 32-dim head), the task's word-level vocabulary."""
+    from transformers import Qwen2VLConfig
+
+    tok = build_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vision = dict(
+        depth=vision_layers,
+        embed_dim=vision_width,
+        hidden_size=width,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=PATCH,
+        spatial_merge_size=MERGE,
+        temporal_patch_size=TEMPORAL,
+        in_channels=3,
+    )
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=width * 5 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        tie_word_embeddings=False,
+    )
+    return Qwen2VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
 def chat(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
 

@@ -17,6 +17,8 @@ A config is YAML (or the same structure as a dict)::
       - all: {stage: vision, exclude: [zoo]}       # every registered VLM method matching (or just: - all), each
                                                    # with its registry run_options; an entry below naming the same
                                                    # method (without another name) replaces its expansion
+                                                   # ({all: {modalities: [video], optional: true}}: the video-only
+                                                   # methods, however many are registered, none included)
       - fastv                                      # a registered method with its default options
       - {method: dart, options: {layer: 2}, name: dart-l2}   # options go to the method's config
       - downsample                                 # the unpatched model on inputs shrunk to ~budget tokens per image
@@ -200,8 +202,10 @@ def _parse_model(i: int, item, base: Path) -> ModelSpec:
     return ModelSpec(name, pretrained, dict(model_args))
 
 
-#: what an ``all`` entry of ``methods`` takes (``exclude``: names; the rest filter the registry record)
-_ALL_KEYS = {"stage", "merges", "exclude"}
+#: what an ``all`` entry of ``methods`` takes (``exclude``: names; ``modalities``: the record's exact modalities, e.g.
+#: ``[video]`` for the video-only methods; ``optional: true``: the entry may match no method (methods that land
+#: later); the rest filter the registry record)
+_ALL_KEYS = {"stage", "merges", "exclude", "modalities", "optional"}
 
 
 def _expand_all(items: list) -> list:
@@ -234,10 +238,17 @@ def _expand_all(items: list) -> list:
             except (ValueError, TypeError) as err:
                 _fail(where + ".all.exclude", str(err))
         try:
-            names = list_methods(host="vlm", **{k: v for k, v in spec.items() if k != "exclude"})
+            names = list_methods(host="vlm", **{k: v for k, v in spec.items() if k not in _ALL_OWN})
         except TypeError as err:
             _fail(where + ".all", str(err))
-        if not names:
+        if "modalities" in spec:
+            modalities = spec["modalities"]
+            if not isinstance(modalities, list) or not set(modalities) <= {"image", "video"}:
+                _fail(where + ".all", f"modalities must be a list of 'image' / 'video', got {modalities!r}")
+            names = [n for n in names if get_method(n).modalities == frozenset(modalities)]
+        if spec.get("optional") not in (None, True, False):
+            _fail(where + ".all", f"optional must be true or false, got {spec['optional']!r}")
+        if not names and not spec.get("optional"):
             _fail(
                 where + ".all",
                 f"{spec} matches no registered method (stages: "
@@ -247,6 +258,10 @@ def _expand_all(items: list) -> list:
             {"method": n, "options": get_method(n).run_options} for n in names if n not in exclude and n not in explicit
         ]
     return out
+
+
+#: the keys of an ``all`` entry that are not registry filters
+_ALL_OWN = {"exclude", "modalities", "optional"}
 
 
 def _parse_method(i: int, item, budgets: list[int]) -> MethodSpec:

@@ -11,12 +11,12 @@ below), ``keep=N`` or ``ratio=r`` (the budget), loading options (``device``, ``d
 ``attn_implementation``, ``trust_remote_code``, ``revision``) and every other key is an option of the method,
 validated by its config before anything loads.
 
-Each batch of requests is rendered with the processor's chat template (one user turn: the request's images,
-then its text), left-padded and passed to ``generate`` (greedy unless the task asks for sampling). The model is
-always run through vtprune's engine: with the method, or for ``none`` with every visual token kept (random at
-ratio 1.0, which leaves the outputs bit-identical to the unpatched model), so pruned and unpruned runs are
-measured by the same accounting. Per request it records and reports through lmms-eval's metric hook
-(``log_metrics``; lmms-eval reports the means as ``avg_<key>`` under ``results["throughput"]``):
+Each batch of requests is rendered with the processor's chat template (one user turn: the request's images
+and videos (:func:`is_video`), then its text), left-padded and passed to ``generate`` (greedy unless the task asks
+for sampling). The model is always run through vtprune's engine: with the method, or for ``none`` with every
+visual token kept (random at ratio 1.0, which leaves the outputs bit-identical to the unpatched model), so pruned
+and unpruned runs are measured by the same accounting. Per request it records and reports through
+lmms-eval's metric hook (``log_metrics``; lmms-eval reports the means as ``avg_<key>`` under ``results["throughput"]``):
 
 * ``visual_tokens_in`` / ``visual_tokens_kept``: the request's own counts (``vtprune.stats``), and
   ``visual_tokens_nominal`` the count its budget names (``PruneStats.visual_tokens_nominal``);
@@ -304,12 +304,19 @@ class VTPrune(lmms):
         visuals = [
             list(fn(self.task_dict[t][s][d]) or []) for fn, t, s, d in zip(doc_to_visuals, tasks, splits, doc_ids)
         ]
-        texts = [self._prompt(ctx, len(v)) for ctx, v in zip(contexts, visuals)]
-        images = [im for v in visuals for im in v]
+        texts = [self._prompt(ctx, v) for ctx, v in zip(contexts, visuals)]
+        images = [im for v in visuals for im in v if not is_video(im)]
+        videos = [im for v in visuals for im in v if is_video(im)]
         processor = self.processor
+        if self.downsample is not None and videos:
+            raise ValueError(
+                f"method {DOWNSAMPLE!r} shrinks images only; task {tasks[0]!r} gives videos (run the video-capable "
+                "methods on it instead)"
+            )
         if self.downsample is not None and images:
             images, processor = get_adapter(self._model).downsample_inputs(processor, images, self.downsample)
-        inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        media = {"images": images or None} | ({"videos": videos} if videos else {})
+        inputs = processor(text=texts, **media, padding=True, return_tensors="pt")
         inputs = inputs.to(self._device)
         for key, value in inputs.items():
             if torch.is_tensor(value) and value.is_floating_point():
@@ -398,8 +405,8 @@ class VTPrune(lmms):
             self.cache_hook.add_partial("generate_until", (contexts[i], all_gen_kwargs[i]), answers[i])
         return answers
 
-    def _prompt(self, context: str, n_images: int) -> str:
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+    def _prompt(self, context: str, visuals: list) -> str:
+        content = [{"type": "video" if is_video(v) else "image"} for v in visuals] + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
@@ -434,6 +441,15 @@ class VTPrune(lmms):
             if stop:
                 text = text.split(stop)[0]
         return text.strip()
+
+
+def is_video(visual) -> bool:
+    """Whether a visual returned by a task's ``doc_to_visual`` is a video: an array (numpy or torch) of frames
+    ``[T, H, W, C]`` or ``[T, C, H, W]``, or a list / tuple of frames (PIL images or 3-D arrays). A PIL image or a
+    3-D array is an image. Videos go to the processor's ``videos=`` and the prompt's ``{"type": "video"}``."""
+    if isinstance(visual, (list, tuple)):
+        return len(visual) > 0
+    return getattr(visual, "ndim", None) == 4
 
 
 def check_device(device: str | None) -> None:
