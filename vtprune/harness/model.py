@@ -12,7 +12,8 @@ below), ``keep=N`` or ``ratio=r`` (the budget), loading options (``device``, ``d
 validated by its config before anything loads.
 
 Each batch of requests is rendered with the processor's chat template (one user turn: the request's images
-and videos (:func:`is_video`), then its text), left-padded and passed to ``generate`` (greedy unless the task asks
+and videos (:func:`is_video`; video files are decoded, ``num_frames`` frames sampled uniformly), then its text),
+left-padded and passed to ``generate`` (greedy unless the task asks
 for sampling). The model is always run through vtprune's engine: with the method, or for ``none`` with every
 visual token kept (random at ratio 1.0, which leaves the outputs bit-identical to the unpatched model), so pruned
 and unpruned runs are measured by the same accounting. Per request it records and reports through
@@ -58,7 +59,16 @@ try:  # lmms-eval is the optional extra ``vtprune[eval]``
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("vtprune.harness needs lmms-eval: pip install 'vtprune[eval]'") from err
 
-__all__ = ["VTPrune", "RequestRecord", "manifest", "method_config", "UNPRUNED", "DOWNSAMPLE", "MODEL_NAME"]
+__all__ = [
+    "VTPrune",
+    "RequestRecord",
+    "manifest",
+    "method_config",
+    "budget_options",
+    "UNPRUNED",
+    "DOWNSAMPLE",
+    "MODEL_NAME",
+]
 
 #: the name lmms-eval knows this model by (``--model vtprune``)
 MODEL_NAME = "vtprune"
@@ -82,6 +92,15 @@ def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.VTPrune")
+
+
+def budget_options(budget: int | float | None) -> dict[str, Any]:
+    """A sweep budget as the method's budget option: an int is ``keep=N`` (visual tokens kept per unit), a float in
+    (0, 1) is ``ratio=r`` (the kept fraction of each unit's tokens: a retention rate, for inputs such as videos whose
+    token count varies); None (the unpruned row) is no option."""
+    if budget is None:
+        return {}
+    return {"ratio": budget} if isinstance(budget, float) else {"keep": budget}
 
 
 def method_config(
@@ -177,6 +196,7 @@ class VTPrune(lmms):
         trust_remote_code: bool = False,
         revision: str | None = None,
         max_batch_size: int | None = None,
+        num_frames: int | str | None = None,
         model=None,
         processor=None,
         **options: Any,
@@ -194,6 +214,9 @@ class VTPrune(lmms):
             self.method = "+".join(c.method for c in self.prune_config)
         else:
             self.method = self.prune_config.method
+        self.num_frames = None if num_frames in (None, "") else int(num_frames)
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be an int >= 1 (frames sampled per video file), got {num_frames!r}")
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -304,6 +327,7 @@ class VTPrune(lmms):
         visuals = [
             list(fn(self.task_dict[t][s][d]) or []) for fn, t, s, d in zip(doc_to_visuals, tasks, splits, doc_ids)
         ]
+        visuals = [[self._load_video(x) if is_video_file(x) else x for x in v] for v in visuals]
         texts = [self._prompt(ctx, v) for ctx, v in zip(contexts, visuals)]
         images = [im for v in visuals for im in v if not is_video(im)]
         videos = [im for v in visuals for im in v if is_video(im)]
@@ -405,6 +429,14 @@ class VTPrune(lmms):
             self.cache_hook.add_partial("generate_until", (contexts[i], all_gen_kwargs[i]), answers[i])
         return answers
 
+    def _load_video(self, path) -> Any:
+        """A video file's frames (``uint8 [T, H, W, 3]``), ``num_frames`` of them sampled uniformly (all when
+        None), decoded by transformers' ``load_video`` (PyAV)."""
+        from transformers.video_utils import load_video
+
+        video, _ = load_video(str(path), num_frames=self.num_frames)
+        return video
+
     def _prompt(self, context: str, visuals: list) -> str:
         content = [{"type": "video" if is_video(v) else "image"} for v in visuals] + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template(
@@ -450,6 +482,17 @@ def is_video(visual) -> bool:
     if isinstance(visual, (list, tuple)):
         return len(visual) > 0
     return getattr(visual, "ndim", None) == 4
+
+
+#: file name endings of the video files lmms-eval video tasks give (``doc_to_visual`` returns their paths)
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpeg", ".mpg")
+
+
+def is_video_file(visual) -> bool:
+    """Whether a visual is the path of a video file (a ``str`` / ``Path`` ending in :data:`VIDEO_SUFFIXES`)."""
+    from pathlib import PurePath
+
+    return isinstance(visual, (str, PurePath)) and str(visual).lower().endswith(VIDEO_SUFFIXES)
 
 
 def check_device(device: str | None) -> None:
