@@ -194,3 +194,18 @@ def test_video_benchmark_configs_name_real_tasks_metrics_and_methods(name):
     assert {m.method for m in cfg.methods} == {"random", "pool"} | _video_only()
     arch = {"qwen25vl_7b_video": Qwen2_5_VLConfig, "qwen3vl_8b_video": Qwen3VLConfig}.get(name, LlavaOnevisionConfig)
     hsweep._check_methods(cfg.models[0], arch(), cfg.methods, cfg.budgets)
+
+
+def test_demo_skips_a_part_whose_model_is_not_in_the_checkout(tmp_path, monkeypatch, capsys):
+    from vtprune import cli
+    from vtprune.harness import demo
+
+    config = tmp_path / "demo_video.yaml"
+    config.write_text(
+        "models:\n  - {pretrained: ./no-such-model}\nmethods: [random]\nbudgets: [13]\n"
+        "tasks:\n  - {task: vtprune_video_shapes}\n"
+    )
+    assert demo.missing_models(config) == [str((tmp_path / "no-such-model").resolve())]
+    monkeypatch.setattr(demo, "DEMO_VIDEO_CONFIG", config)
+    assert cli.main(["demo", "--only", "video", "--limit", "1"]) == 1
+    assert "skipped the video demo" in capsys.readouterr().out

@@ -165,7 +165,7 @@ def _budget(where: str, value) -> int | float:
             _fail(where, f"a ratio budget must be a float in (0, 1), got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(where, f"expected an int >= 1 (keep) or a float in (0, 1) (ratio), got {value!r}")
+        _fail(where, f"expected an int >= 1, got {value!r} (keep=N; or a float in (0, 1): ratio=r)")
     return value
 
 
