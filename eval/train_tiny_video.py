@@ -159,6 +159,53 @@ def train(model, processor, args, log) -> dict:
     return {"steps_done": step, "train_videos": index, "train_seconds": round(time.time() - start)}
 
 
+def write_card(out: Path, info: dict) -> None:
+    """The model card (README.md): architecture, use, test accuracy per question type, the recipe and its run."""
+    a, t = info["args"], info["test"]
+    chance = {"move": "25%", "appear": "33%", "disappear": "33%", "color": "about 20%"}
+    rows = "\n".join(
+        f"| {k} | {100 * v:.1f}% | {t['per_type_n'][k]} | {chance.get(k, '')} |"
+        for k, v in sorted(t["per_type"].items())
+    )
+    text = f"""---
+library_name: transformers
+pipeline_tag: video-text-to-text
+license: apache-2.0
+---
+
+# tiny-qwen2vl-video-shapes
+
+A {info["parameters"] / 1e6:.2f} M-parameter `Qwen2VLForConditionalGeneration` trained from scratch on CPU on the
+synthetic video task of vtprune (`vtprune/video_shapes.py`, task `eval/tasks/vtprune_video_shapes`): 8 frames of
+64x64 pixels, 16-pixel patches, merge size 1, one frame per temporal patch: 16 visual tokens per frame, 128 per video.
+Vision tower {a["vision_layers"]} x {a["vision_width"]}; LM {a["layers"]} layers x {a["width"]} (4 heads, M-RoPE);
+word-level vocabulary of the task. **Not a general VLM.**
+
+## Test accuracy
+
+Exact match of the first generated word on {t["n"]} questions of `eval/tasks/vtprune_video_shapes/test.jsonl`
+(`python eval/train_tiny_video.py --eval-only`):
+
+| type | accuracy | questions | chance |
+|---|---|---|---|
+{rows}
+| **all** | **{100 * t["accuracy"]:.1f}%** | {t["n"]} | |
+
+## Training recipe (`eval/train_tiny_video.py`, seed {a["seed"]})
+
+    python eval/train_tiny_video.py {" ".join(info["argv"])}
+
+One stage, every parameter trained on fresh `train` videos (batch {a["batch"]}, AdamW lr {a["lr"]}, warm-up
+{a["warmup"]} steps then cosine over {a["steps"]} steps or `--max-minutes` {a["max_minutes"]}): cross-entropy on the
+answer word and `<|im_end|>`, plus (weight {a["aux_weight"]}) a dense auxiliary loss on the merger output through
+training-only linear heads (per token: the colour and the shape of the object in that cell, or background). The heads
+are not saved. This run: {info["steps_done"]} steps, {info["train_videos"]} videos, {info["train_seconds"]} s wall
+clock, {info["cpu_seconds"]} s process CPU time, `torch.set_num_threads({a["threads"]})`, on {info["date"]}
+(log: `training_log.txt`).
+"""
+    (out / "README.md").write_text(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "models" / "tiny-qwen2vl-video-shapes"))
@@ -217,6 +264,7 @@ def main(argv=None):
         processor.save_pretrained(out)
         (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
         (out / "training_log.txt").write_text("\n".join(lines) + "\n")
+        write_card(out, info)
 
 
 if __name__ == "__main__":

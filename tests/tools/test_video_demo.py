@@ -209,3 +209,29 @@ def test_demo_skips_a_part_whose_model_is_not_in_the_checkout(tmp_path, monkeypa
     monkeypatch.setattr(demo, "DEMO_VIDEO_CONFIG", config)
     assert cli.main(["demo", "--only", "video", "--limit", "1"]) == 1
     assert "skipped the video demo" in capsys.readouterr().out
+
+
+def test_the_training_script_saves_a_plain_qwen2_vl_with_its_card(tmp_path):
+    """Two training steps (the recipe's code path, not its accuracy): the checkpoint loads with stock classes and
+    answers through its processor; the card and the run's record are written."""
+    import json
+    import sys
+
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    sys.path.insert(0, str(REPO / "eval"))
+    import train_tiny_video
+
+    out = tmp_path / "model"
+    train_tiny_video.main(["--out", str(out), "--steps", "2", "--batch", "2", "--eval-limit", "4", "--threads", "1"])
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["steps_done"] == 2 and info["test"]["n"] == 4
+    assert "tiny-qwen2vl-video-shapes" in (out / "README.md").read_text()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    v = V.sample(0, "test", 1)
+    text = processor.apply_chat_template(V.chat(v.question), add_generation_prompt=True)
+    inputs = processor(text=[text], videos=[V.frames(v)], return_tensors="pt")
+    with torch.inference_mode():
+        assert model.generate(**inputs, max_new_tokens=1).shape[1] == inputs["input_ids"].shape[1] + 1
