@@ -7,6 +7,7 @@ A config is YAML (or the same structure as a dict)::
     include_path: ../../eval/tasks   # optional; folder(s) of local lmms-eval tasks
     batch_size: 1                    # optional
     limit: null                      # optional; documents per task (quick runs)
+    num_frames: 32                   # optional; frames sampled uniformly from each video file a task gives
     device: cuda                     # optional; default: cuda when available, else cpu
     dtype: float16                   # optional; default: auto (the checkpoint's dtype)
     models:
@@ -18,14 +19,17 @@ A config is YAML (or the same structure as a dict)::
                                                    # with its registry run_options; an entry below naming the same
                                                    # method (without another name) replaces its expansion;
                                                    # modality: image (default: the methods that prune images) or
-                                                   # video (those that prune videos, e.g. evs, vidcom2)
+                                                   # video (those that prune videos, e.g. evs, vidcom2);
+                                                   # {all: {modalities: [video], optional: true}}: the video-only
+                                                   # methods, however many are registered, none included
       - fastv                                      # a registered method with its default options
       - {method: dart, options: {layer: 2}, name: dart-l2}   # options go to the method's config
       - downsample                                 # the unpatched model on inputs shrunk to ~budget tokens per image
                                                    # (dynamic-resolution families; not part of ``all``)
       - name: divprune+fastv                       # a schedule: methods composed (vtprune.patch with a list);
         schedule: [{method: divprune, ratio: 0.5}, {method: fastv, layer: 2}]   # the last step gets the budget
-    budgets: [64, 128, 192]                        # visual tokens kept per image (keep=N)
+    budgets: [64, 128, 192]                        # visual tokens kept per image (keep=N); or ratios in (0, 1)
+                                                   # ([0.1, 0.25]: ratio=r, the kept fraction of each unit)
     tasks:
       - gqa                                        # metric: the task's first metric, scale 100, max 100
       - {task: mme, metric: mme_perception_score, scale: 1, max: 2000}
@@ -51,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import get_method, list_methods
-from .model import LOAD_ARGS, SCHEDULE, UNPRUNED, method_config
+from .model import LOAD_ARGS, SCHEDULE, UNPRUNED, budget_options, method_config
 from .tiny import RANDOM_PRESETS
 
 __all__ = ["SweepConfig", "ModelSpec", "MethodSpec", "TaskSpec", "load_config"]
@@ -62,6 +66,7 @@ _TOP_KEYS = {
     "include_path",
     "batch_size",
     "limit",
+    "num_frames",
     "device",
     "dtype",
     "models",
@@ -106,10 +111,11 @@ class SweepConfig:
     include_path: list[Path]
     models: list[ModelSpec]
     methods: list[MethodSpec]
-    budgets: list[int]
+    budgets: list[int | float]  # keep=N (int) or ratio=r (float in (0, 1))
     tasks: list[TaskSpec]
     batch_size: int = 1
     limit: int | None = None
+    num_frames: int | None = None  # frames sampled from each video file (None: every frame)
     device: str | None = None
     dtype: str = "auto"
 
@@ -150,6 +156,18 @@ def _check_keys(where: str, given: dict, allowed: set[str], required: set[str] =
 def _positive_int(where: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         _fail(where, f"expected an int >= 1, got {value!r}")
+    return value
+
+
+def _budget(where: str, value) -> int | float:
+    """A budget: an int >= 1 (``keep``: visual tokens kept per unit) or a float in (0, 1) (``ratio``: the kept
+    fraction of each unit's tokens)."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if not 0.0 < value < 1.0:
+            _fail(where, f"a ratio budget must be a float in (0, 1), got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(where, f"expected an int >= 1, got {value!r} (keep=N; or a float in (0, 1): ratio=r)")
     return value
 
 
@@ -202,8 +220,11 @@ def _parse_model(i: int, item, base: Path) -> ModelSpec:
     return ModelSpec(name, pretrained, dict(model_args))
 
 
-#: what an ``all`` entry of ``methods`` takes (``exclude``: names; the rest filter the registry record)
-_ALL_KEYS = {"stage", "merges", "modality", "exclude"}
+#: what an ``all`` entry of ``methods`` takes (``exclude``: names; ``modalities``: the record's exact modalities, e.g.
+#: ``[video]`` for the video-only methods; ``optional: true``: the entry may match no method (methods that land
+#: later); the rest filter the registry record: ``stage``, ``merges``, ``modality`` (default ``image`` unless
+#: ``modalities`` is given))
+_ALL_KEYS = {"stage", "merges", "modality", "exclude", "modalities", "optional"}
 
 
 def _expand_all(items: list) -> list:
@@ -237,11 +258,20 @@ def _expand_all(items: list) -> list:
             except (ValueError, TypeError) as err:
                 _fail(where + ".all.exclude", str(err))
         try:
-            filters = {"modality": "image", **{k: v for k, v in spec.items() if k != "exclude"}}
+            filters = {k: v for k, v in spec.items() if k not in _ALL_OWN}
+            if "modalities" not in spec:
+                filters = {"modality": "image", **filters}
             names = list_methods(host="vlm", **filters)
         except TypeError as err:
             _fail(where + ".all", str(err))
-        if not names:
+        if "modalities" in spec:
+            modalities = spec["modalities"]
+            if not isinstance(modalities, list) or not set(modalities) <= {"image", "video"}:
+                _fail(where + ".all", f"modalities must be a list of 'image' / 'video', got {modalities!r}")
+            names = [n for n in names if get_method(n).modalities == frozenset(modalities)]
+        if spec.get("optional") not in (None, True, False):
+            _fail(where + ".all", f"optional must be true or false, got {spec['optional']!r}")
+        if not names and not spec.get("optional"):
             _fail(
                 where + ".all",
                 f"{spec} matches no registered method (stages: "
@@ -253,7 +283,11 @@ def _expand_all(items: list) -> list:
     return out
 
 
-def _parse_method(i: int, item, budgets: list[int]) -> MethodSpec:
+#: the keys of an ``all`` entry that are not registry filters
+_ALL_OWN = {"exclude", "modalities", "optional"}
+
+
+def _parse_method(i: int, item, budgets: list[int | float]) -> MethodSpec:
     where = f"methods[{i}]"
     if isinstance(item, str):
         item = {"method": item}
@@ -271,7 +305,7 @@ def _parse_method(i: int, item, budgets: list[int]) -> MethodSpec:
             _fail(where, f"give budgets in the top-level 'budgets' list, not as the option {budget_key!r}")
     try:
         for budget in budgets:
-            method_config(method, keep=budget, **options)
+            method_config(method, **budget_options(budget), **options)
     except (ValueError, TypeError) as err:
         _fail(where, str(err))
     name = item.get("name") or method
@@ -324,7 +358,7 @@ def load_config(config: str | Path | dict, base_dir: str | Path | None = None) -
         raise TypeError(f"config must be a YAML path or a dict, got {type(config).__name__}")
     _check_keys("top level", data, _TOP_KEYS, {"models", "methods", "budgets", "tasks"})
 
-    budgets = [_positive_int(f"budgets[{i}]", b) for i, b in enumerate(_list("budgets", data["budgets"]))]
+    budgets = [_budget(f"budgets[{i}]", b) for i, b in enumerate(_list("budgets", data["budgets"]))]
     if len(set(budgets)) != len(budgets):
         _fail("budgets", f"duplicate budgets in {budgets}")
     models = [_parse_model(i, m, base) for i, m in enumerate(_list("models", data["models"]))]
@@ -347,6 +381,9 @@ def load_config(config: str | Path | dict, base_dir: str | Path | None = None) -
     limit = data.get("limit")
     if limit is not None:
         limit = _positive_int("limit", limit)
+    num_frames = data.get("num_frames")
+    if num_frames is not None:
+        num_frames = _positive_int("num_frames", num_frames)
     device, dtype = data.get("device"), data.get("dtype", "auto")
     for key, value in (("device", device), ("dtype", dtype)):
         if value is not None and not isinstance(value, str):
@@ -361,6 +398,7 @@ def load_config(config: str | Path | dict, base_dir: str | Path | None = None) -
         tasks=tasks,
         batch_size=_positive_int("batch_size", data.get("batch_size", 1)),
         limit=limit,
+        num_frames=num_frames,
         device=device,
         dtype=dtype,
     )

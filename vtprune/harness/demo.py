@@ -1,5 +1,6 @@
 """``vtprune demo`` / ``make demo``: the bundled tiny VLM swept over every method and budget, with a real accuracy
-table and plot (``configs/sweeps/demo.yaml``)."""
+table and plot (``configs/sweeps/demo.yaml``), then the bundled tiny video VLM swept over the video methods and image
+methods applied to videos (``configs/sweeps/demo_video.yaml``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ from .plots import plot_results
 from .sweep import run_sweep
 from .tables import write_tables
 
-__all__ = ["DEMO_CONFIG", "run_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_VIDEO_CONFIG", "missing_models", "run_demo"]
 
 #: the demo sweep, in the repository (the bundled model and task are repository files, not package data)
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "demo.yaml"
+#: the video part: models/tiny-qwen2vl-video-shapes on eval/tasks/vtprune_video_shapes
+DEMO_VIDEO_CONFIG = DEMO_CONFIG.with_name("demo_video.yaml")
+
+
+def missing_models(config: str | Path) -> list[str]:
+    """The local model folders a demo config names that hold no ``config.json`` (e.g. a video model not trained yet
+    in this checkout), as given in the config."""
+    from .config import load_config
+
+    cfg = load_config(config)
+    return [m.pretrained for m in cfg.models if m.random is None and not (Path(m.pretrained) / "config.json").is_file()]
 
 
 def run_demo(

@@ -11,12 +11,13 @@ below), ``keep=N`` or ``ratio=r`` (the budget), loading options (``device``, ``d
 ``attn_implementation``, ``trust_remote_code``, ``revision``) and every other key is an option of the method,
 validated by its config before anything loads.
 
-Each batch of requests is rendered with the processor's chat template (one user turn: the request's images,
-then its text), left-padded and passed to ``generate`` (greedy unless the task asks for sampling). The model is
-always run through vtprune's engine: with the method, or for ``none`` with every visual token kept (random at
-ratio 1.0, which leaves the outputs bit-identical to the unpatched model), so pruned and unpruned runs are
-measured by the same accounting. Per request it records and reports through lmms-eval's metric hook
-(``log_metrics``; lmms-eval reports the means as ``avg_<key>`` under ``results["throughput"]``):
+Each batch of requests is rendered with the processor's chat template (one user turn: the request's images
+and videos (:func:`is_video`; video files are decoded, ``num_frames`` frames sampled uniformly), then its text),
+left-padded and passed to ``generate`` (greedy unless the task asks
+for sampling). The model is always run through vtprune's engine: with the method, or for ``none`` with every
+visual token kept (random at ratio 1.0, which leaves the outputs bit-identical to the unpatched model), so pruned
+and unpruned runs are measured by the same accounting. Per request it records and reports through
+lmms-eval's metric hook (``log_metrics``; lmms-eval reports the means as ``avg_<key>`` under ``results["throughput"]``):
 
 * ``visual_tokens_in`` / ``visual_tokens_kept``: the request's own counts (``vtprune.stats``), and
   ``visual_tokens_nominal`` the count its budget names (``PruneStats.visual_tokens_nominal``);
@@ -58,7 +59,16 @@ try:  # lmms-eval is the optional extra ``vtprune[eval]``
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("vtprune.harness needs lmms-eval: pip install 'vtprune[eval]'") from err
 
-__all__ = ["VTPrune", "RequestRecord", "manifest", "method_config", "UNPRUNED", "DOWNSAMPLE", "MODEL_NAME"]
+__all__ = [
+    "VTPrune",
+    "RequestRecord",
+    "manifest",
+    "method_config",
+    "budget_options",
+    "UNPRUNED",
+    "DOWNSAMPLE",
+    "MODEL_NAME",
+]
 
 #: the name lmms-eval knows this model by (``--model vtprune``)
 MODEL_NAME = "vtprune"
@@ -82,6 +92,15 @@ def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.VTPrune")
+
+
+def budget_options(budget: int | float | None) -> dict[str, Any]:
+    """A sweep budget as the method's budget option: an int is ``keep=N`` (visual tokens kept per unit), a float in
+    (0, 1) is ``ratio=r`` (the kept fraction of each unit's tokens: a retention rate, for inputs such as videos whose
+    token count varies); None (the unpruned row) is no option."""
+    if budget is None:
+        return {}
+    return {"ratio": budget} if isinstance(budget, float) else {"keep": budget}
 
 
 def method_config(
@@ -177,6 +196,7 @@ class VTPrune(lmms):
         trust_remote_code: bool = False,
         revision: str | None = None,
         max_batch_size: int | None = None,
+        num_frames: int | str | None = None,
         model=None,
         processor=None,
         **options: Any,
@@ -194,6 +214,9 @@ class VTPrune(lmms):
             self.method = "+".join(c.method for c in self.prune_config)
         else:
             self.method = self.prune_config.method
+        self.num_frames = None if num_frames in (None, "") else int(num_frames)
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be an int >= 1 (frames sampled per video file), got {num_frames!r}")
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -304,12 +327,20 @@ class VTPrune(lmms):
         visuals = [
             list(fn(self.task_dict[t][s][d]) or []) for fn, t, s, d in zip(doc_to_visuals, tasks, splits, doc_ids)
         ]
-        texts = [self._prompt(ctx, len(v)) for ctx, v in zip(contexts, visuals)]
-        images = [im for v in visuals for im in v]
+        visuals = [[self._load_video(x) if is_video_file(x) else x for x in v] for v in visuals]
+        texts = [self._prompt(ctx, v) for ctx, v in zip(contexts, visuals)]
+        images = [im for v in visuals for im in v if not is_video(im)]
+        videos = [im for v in visuals for im in v if is_video(im)]
         processor = self.processor
+        if self.downsample is not None and videos:
+            raise ValueError(
+                f"method {DOWNSAMPLE!r} shrinks images only; task {tasks[0]!r} gives videos (run the video-capable "
+                "methods on it instead)"
+            )
         if self.downsample is not None and images:
             images, processor = get_adapter(self._model).downsample_inputs(processor, images, self.downsample)
-        inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        media = {"images": images or None} | ({"videos": videos} if videos else {})
+        inputs = processor(text=texts, **media, padding=True, return_tensors="pt")
         inputs = inputs.to(self._device)
         for key, value in inputs.items():
             if torch.is_tensor(value) and value.is_floating_point():
@@ -398,8 +429,16 @@ class VTPrune(lmms):
             self.cache_hook.add_partial("generate_until", (contexts[i], all_gen_kwargs[i]), answers[i])
         return answers
 
-    def _prompt(self, context: str, n_images: int) -> str:
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+    def _load_video(self, path) -> Any:
+        """A video file's frames (``uint8 [T, H, W, 3]``), ``num_frames`` of them sampled uniformly (all when
+        None), decoded by transformers' ``load_video`` (PyAV)."""
+        from transformers.video_utils import load_video
+
+        video, _ = load_video(str(path), num_frames=self.num_frames)
+        return video
+
+    def _prompt(self, context: str, visuals: list) -> str:
+        content = [{"type": "video" if is_video(v) else "image"} for v in visuals] + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
@@ -434,6 +473,26 @@ class VTPrune(lmms):
             if stop:
                 text = text.split(stop)[0]
         return text.strip()
+
+
+def is_video(visual) -> bool:
+    """Whether a visual returned by a task's ``doc_to_visual`` is a video: an array (numpy or torch) of frames
+    ``[T, H, W, C]`` or ``[T, C, H, W]``, or a list / tuple of frames (PIL images or 3-D arrays). A PIL image or a
+    3-D array is an image. Videos go to the processor's ``videos=`` and the prompt's ``{"type": "video"}``."""
+    if isinstance(visual, (list, tuple)):
+        return len(visual) > 0
+    return getattr(visual, "ndim", None) == 4
+
+
+#: file name endings of the video files lmms-eval video tasks give (``doc_to_visual`` returns their paths)
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpeg", ".mpg")
+
+
+def is_video_file(visual) -> bool:
+    """Whether a visual is the path of a video file (a ``str`` / ``Path`` ending in :data:`VIDEO_SUFFIXES`)."""
+    from pathlib import PurePath
+
+    return isinstance(visual, (str, PurePath)) and str(visual).lower().endswith(VIDEO_SUFFIXES)
 
 
 def check_device(device: str | None) -> None:

@@ -43,7 +43,7 @@ from ..adapters import get_adapter, supported_model_types
 from ..api import patch, unpatch
 from ..progress import progress_bars
 from .config import MethodSpec, ModelSpec, SweepConfig, TaskSpec, load_config
-from .model import DOWNSAMPLE, UNPRUNED, VTPrune, check_device, load_pretrained, method_config
+from .model import DOWNSAMPLE, UNPRUNED, VTPrune, budget_options, check_device, load_pretrained, method_config
 from .tiny import random_model_config, save_random_model
 
 __all__ = ["run_sweep", "check_config", "read_results", "cell_key", "recorded_path", "RESULT_FIELDS"]
@@ -223,7 +223,7 @@ def _model_config(spec: ModelSpec):
     return config
 
 
-def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budgets: list[int]) -> None:
+def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budgets: list[int | float]) -> None:
     """Patch a weightless (meta-device) copy of the model with every method at every budget: a method the model
     cannot run (e.g. CLS attention on a model without a CLS token, a budget a tower merge cannot reach in its
     blocks) fails here, before any weight is read."""
@@ -241,7 +241,7 @@ def _check_methods(spec: ModelSpec, config, methods: list[MethodSpec], budgets: 
                     processor = processor or [_processor(spec)]
                     adapter.check_downsample(budget, processor[0])  # what the processor decides (min_pixels, ...)
                     continue
-                patch(model, method_config(m.method, keep=budget, **m.options))
+                patch(model, method_config(m.method, **budget_options(budget), **m.options))
             except (ValueError, TypeError, NotImplementedError) as err:
                 at = f" at budget {budget}" if len(budgets) > 1 else ""
                 raise ValueError(f"method {m.name!r} cannot run on model {spec.name!r}{at}: {err}") from err
@@ -318,7 +318,7 @@ def _run_cell(
     processor,
     model_spec: ModelSpec,
     method: MethodSpec,
-    budget: int | None,
+    budget: int | float | None,
     task: TaskSpec,
     metric: str,
     limit: int | None,
@@ -327,7 +327,13 @@ def _run_cell(
 
     keep = None if method.method == UNPRUNED else budget
     lm = VTPrune(
-        model=model, processor=processor, method=method.method, keep=keep, batch_size=cfg.batch_size, **method.options
+        model=model,
+        processor=processor,
+        method=method.method,
+        batch_size=cfg.batch_size,
+        num_frames=cfg.num_frames,
+        **budget_options(keep),
+        **method.options,
     )
     results = simple_evaluate(
         model=lm,

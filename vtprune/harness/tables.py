@@ -38,7 +38,7 @@ UNPRUNED_LABEL = "Unpruned"
 @dataclasses.dataclass
 class TableRow:
     method: str
-    budget: int | None
+    budget: int | float | None
     scores: dict[str, float]
     avg: float | None
     rel: float | None

@@ -1,6 +1,7 @@
 """A tiny random-weight LLaVA for offline sweeps (``random: llava`` in a sweep config), with the shapes
 benchmark's processor (``vtprune.shapes.build_processor``: word-level tokenizer, 224 px CLIP image processor,
-chat template), so it runs the ``vtprune_shapes`` task without any download.
+chat template), so it runs the ``vtprune_shapes`` task without any download; ``random: qwen2_vl_video``: a
+Qwen2-VL with the video benchmark's processor (``vtprune.video_shapes``), for ``vtprune_video_shapes``.
 
 Its weights are random, so its answers are noise; generation is restricted to the benchmark's answer words
 (``suppress_tokens``), so its scores sit near chance level instead of at zero. It exists to exercise the
@@ -14,7 +15,7 @@ from pathlib import Path
 __all__ = ["RANDOM_PRESETS", "random_model_config", "save_random_model"]
 
 #: ``random:`` values a sweep config accepts
-RANDOM_PRESETS = ("llava",)
+RANDOM_PRESETS = ("llava", "qwen2_vl_video")
 
 
 def _check(preset: str) -> None:
@@ -24,8 +25,13 @@ def _check(preset: str) -> None:
 
 def random_model_config(preset: str = "llava"):
     """The ``LlavaConfig`` of the random model: CLIP 224/14 (256 visual tokens), 64 wide, 2 layers; Llama LM
-    128 wide, 4 layers, the shapes vocabulary."""
+    128 wide, 4 layers, the shapes vocabulary. ``qwen2_vl_video``: the ``Qwen2VLConfig`` of the video benchmark's
+    model (``vtprune.video_shapes.model_config``: 16 tokens per 64x64 frame)."""
     _check(preset)
+    if preset == "qwen2_vl_video":
+        from .. import video_shapes
+
+        return video_shapes.model_config()
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     from .. import shapes
@@ -61,17 +67,19 @@ def random_model_config(preset: str = "llava"):
 def save_random_model(path: str | Path, preset: str = "llava", seed: int = 0) -> Path:
     """Build the random model (deterministic in ``seed``) and save it with its processor to ``path``."""
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from .. import shapes
+    from .. import shapes, video_shapes
 
     config = random_model_config(preset)
-    processor = shapes.build_processor()
+    bench = video_shapes if preset == "qwen2_vl_video" else shapes
+    processor = bench.build_processor()
     tok = processor.tokenizer
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
-    answers = set(tok.convert_tokens_to_ids(list(shapes.ANSWER_WORDS)))
+        cls = Qwen2VLForConditionalGeneration if preset == "qwen2_vl_video" else LlavaForConditionalGeneration
+        model = cls(config).eval()
+    answers = set(tok.convert_tokens_to_ids(list(bench.ANSWER_WORDS)))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.suppress_tokens = [i for i in range(len(tok)) if i not in answers]
