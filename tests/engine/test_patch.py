@@ -195,6 +195,25 @@ def test_patched_context_unpatches_on_error(model_factory):
     assert not vtprune.is_patched(model)
 
 
+def test_patched_context_removes_only_its_own_patch(model_factory):
+    # the body may unpatch (and patch again) itself: exit neither raises "not patched" nor removes the body's own
+    # patch, and an error in the body is not masked by one from the exit
+    model = model_factory("llava")
+    with vtprune.patched(model, "random", keep=2):
+        vtprune.unpatch(model)
+    assert not vtprune.is_patched(model)
+    with vtprune.patched(model, "random", keep=2):
+        vtprune.unpatch(model)
+        vtprune.patch(model, "cls", keep=3)
+    assert [m.name for m in model._vtprune_session.methods] == ["cls"]
+    vtprune.unpatch(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with vtprune.patched(model, "random", keep=2):
+            vtprune.unpatch(model)
+            raise RuntimeError("boom")
+    assert not vtprune.is_patched(model)
+
+
 def test_stats_flops_match_flops_module(model_factory):
     from vtprune import flops
 
