@@ -273,6 +273,24 @@ def test_bad_arguments_raise_clear_errors(kwargs, exc, match, model_factory):
     assert not vtprune.is_patched(model)
 
 
+def test_numpy_budgets_are_plain_numbers():
+    # a sweep's budgets often come from numpy (np.arange, a DataFrame column): numpy ints / floats are ints / floats,
+    # stored as Python numbers (JSON round-trip); bools and tensors stay refused
+    import numpy as np
+
+    cfg = vtprune.RandomConfig(keep=np.int64(4))
+    assert cfg.keep == 4 and type(cfg.keep) is int
+    assert vtprune.PruneConfig.from_json(cfg.to_json()) == cfg
+    cfg = vtprune.RandomConfig(ratio=np.float32(0.25))
+    assert cfg.ratio == 0.25 and type(cfg.ratio) is float
+    with pytest.raises(TypeError, match="keep must be an int"):
+        vtprune.RandomConfig(keep=np.bool_(True))
+    with pytest.raises(TypeError, match="keep must be an int"):
+        vtprune.RandomConfig(keep=torch.tensor(4))
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        vtprune.RandomConfig(keep=np.int32(0))
+
+
 def test_text_only_model_is_rejected():
     from transformers import LlamaConfig, LlamaForCausalLM
 
