@@ -165,12 +165,16 @@ def is_patched(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def patched(model: nn.Module, method: str | PruneConfig | list[PruneConfig], **options: Any):
     """``with vtprune.patched(model, "cls", ratio=0.25): ...`` — unpatches on exit, even on error. Takes what
-    :func:`patch` takes (a schedule too)."""
+    :func:`patch` takes (a schedule too). Exit removes only the patch this block made: if the body already unpatched
+    it (and maybe patched again), exit leaves the model as the body left it (no "not patched" error masking the
+    body's own)."""
     patch(model, method, **options)
+    session = getattr(model, _ATTR)
     try:
         yield model
     finally:
-        unpatch(model)
+        if getattr(model, _ATTR, None) is session:
+            unpatch(model)
 
 
 def stats(model: nn.Module) -> PruneStats | None:

@@ -32,7 +32,6 @@ require grad); the cross-check freezes the model's parameters.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import types
 from typing import Any
@@ -97,13 +96,22 @@ def output_cache(output: Any):
     return None
 
 
-@functools.cache
+#: ``_cache_keyword``'s answers per function: a plain dict, not ``functools.cache`` (the lookup runs inside a patched
+#: forward, which users ``torch.compile``; dynamo warns on every lru_cache-wrapped call it traces)
+_CACHE_KEYWORD: dict = {}
+
+
 def _cache_keyword(fn) -> str:
-    params = inspect.signature(fn).parameters
-    for name in CACHE_KEYWORDS:
-        if name in params:
-            return name
-    raise TypeError(f"{fn.__qualname__} takes none of the cache keywords {CACHE_KEYWORDS}: unsupported transformers")
+    name = _CACHE_KEYWORD.get(fn)
+    if name is None:
+        params = inspect.signature(fn).parameters
+        name = next((n for n in CACHE_KEYWORDS if n in params), None)
+        if name is None:
+            raise TypeError(
+                f"{fn.__qualname__} takes none of the cache keywords {CACHE_KEYWORDS}: unsupported transformers"
+            )
+        _CACHE_KEYWORD[fn] = name
+    return name
 
 
 def causal_masks(

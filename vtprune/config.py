@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -114,12 +115,14 @@ class PruneConfig:
                 "or ratio=r (fraction kept, 0 < r <= 1)"
             )
         if self.keep is not None:
-            if isinstance(self.keep, bool) or not isinstance(self.keep, int):
+            # numbers.Integral: numpy ints too (np.bool_ is not one), stored as a Python int
+            if isinstance(self.keep, bool) or not isinstance(self.keep, numbers.Integral):
                 raise TypeError(f"keep must be an int >= 1, got {self.keep!r} ({type(self.keep).__name__})")
+            self.keep = int(self.keep)
             if self.keep < 1:
                 raise ValueError(f"keep must be >= 1 (visual tokens kept per image), got {self.keep}")
         if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real):  # numpy floats too
                 raise TypeError(f"ratio must be a float in (0, 1], got {self.ratio!r} ({type(self.ratio).__name__})")
             if not (0.0 < float(self.ratio) <= 1.0) or math.isnan(self.ratio):
                 raise ValueError(f"ratio must be in (0, 1] (fraction of visual tokens kept), got {self.ratio}")

@@ -110,3 +110,18 @@ def test_reported_lengths_follow_a_deep_copy():
     cache.update(k[:, :, :2], k[:, :, :2], 0)  # the original grows; the copy must not
     assert cache.get_seq_length() == 17 and cache.get_query_offset(0) == 7
     assert snap.get_seq_length() == 15 and snap.get_query_offset(0) == 5
+
+
+def test_cache_keyword_lookup_traces_under_torch_compile_without_warnings():
+    # compat's mask builders run inside a patched forward, which users torch.compile: the keyword lookup must trace
+    # (fullgraph) without dynamo's "call to a functools.lru_cache-wrapped function" warning
+    fn = masking_utils.create_causal_mask
+
+    def f(x):
+        return x + len(compat._cache_keyword(fn))
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(1))
+    assert out.item() == len(compat._cache_keyword(fn)) > 0

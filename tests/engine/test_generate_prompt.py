@@ -160,3 +160,23 @@ def test_a_loop_that_expands_the_batch_after_the_prompt_is_refused(model_factory
         }
         with pytest.raises(ValueError, match="2 rows, but its prompt was pruned with 1"):
             model(**step, **{key: cache})
+
+
+def test_beam_search_on_a_passed_pruned_cache_names_the_cause(model_factory):
+    # a second turn with num_beams > 1 on the first turn's cache: generate hands the prompt's rows expanded to the
+    # beams while the cache (and its pruned layout) has the prompt's rows (the unpatched model fails there too, on
+    # a shape error); the error says so and how to do it
+    model = model_factory("llava")
+    x = make_inputs(model, "llava", [(5, 1, 4)])
+    with vtprune.patched(model, "random", keep=4), torch.no_grad():
+        o1 = model.generate(**x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([o1.sequences, torch.full((1, 2), 11)], 1)
+        cache = o1.get("cache") or o1.get("past_key_values")
+        with pytest.raises(ValueError, match=r"2 rows, but its prompt was pruned with 1.*num_beams"):
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=2,
+                num_beams=2,
+                **{cache_keyword(model): cache},
+            )

@@ -195,6 +195,25 @@ def test_patched_context_unpatches_on_error(model_factory):
     assert not vtprune.is_patched(model)
 
 
+def test_patched_context_removes_only_its_own_patch(model_factory):
+    # the body may unpatch (and patch again) itself: exit neither raises "not patched" nor removes the body's own
+    # patch, and an error in the body is not masked by one from the exit
+    model = model_factory("llava")
+    with vtprune.patched(model, "random", keep=2):
+        vtprune.unpatch(model)
+    assert not vtprune.is_patched(model)
+    with vtprune.patched(model, "random", keep=2):
+        vtprune.unpatch(model)
+        vtprune.patch(model, "cls", keep=3)
+    assert [m.name for m in model._vtprune_session.methods] == ["cls"]
+    vtprune.unpatch(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with vtprune.patched(model, "random", keep=2):
+            vtprune.unpatch(model)
+            raise RuntimeError("boom")
+    assert not vtprune.is_patched(model)
+
+
 def test_stats_flops_match_flops_module(model_factory):
     from vtprune import flops
 
@@ -252,6 +271,24 @@ def test_bad_arguments_raise_clear_errors(kwargs, exc, match, model_factory):
     with pytest.raises(exc, match=match):
         vtprune.patch(model, method, **opts(method, **kwargs))
     assert not vtprune.is_patched(model)
+
+
+def test_numpy_budgets_are_plain_numbers():
+    # a sweep's budgets often come from numpy (np.arange, a DataFrame column): numpy ints / floats are ints / floats,
+    # stored as Python numbers (JSON round-trip); bools and tensors stay refused
+    import numpy as np
+
+    cfg = vtprune.RandomConfig(keep=np.int64(4))
+    assert cfg.keep == 4 and type(cfg.keep) is int
+    assert vtprune.PruneConfig.from_json(cfg.to_json()) == cfg
+    cfg = vtprune.RandomConfig(ratio=np.float32(0.25))
+    assert cfg.ratio == 0.25 and type(cfg.ratio) is float
+    with pytest.raises(TypeError, match="keep must be an int"):
+        vtprune.RandomConfig(keep=np.bool_(True))
+    with pytest.raises(TypeError, match="keep must be an int"):
+        vtprune.RandomConfig(keep=torch.tensor(4))
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        vtprune.RandomConfig(keep=np.int32(0))
 
 
 def test_text_only_model_is_rejected():

@@ -471,6 +471,40 @@ def test_pool_anyres_pools_every_crop(model_factory):
     assert st.visual_tokens_kept == [2]
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_pool_refuses_a_cls_visual_token_at_patch(family):
+    # vision_feature_select_strategy="full" feeds the CLS token to the LLM: a crop's tokens are no square grid, which
+    # pool used to find only at the first forward ("a crop of 17 patches is not a square grid")
+    import tiny
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
+
+    cfg_cls, model_cls = {
+        "llava": (LlavaConfig, LlavaForConditionalGeneration),
+        "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+    }[family]
+    extra = {"image_grid_pinpoints": [[56, 112]]} if family == "llava_next" else {}
+    cfg = cfg_cls(
+        vision_config=CLIPVisionConfig(**tiny._CLIP),
+        text_config=LlamaConfig(**tiny._TEXT),
+        image_token_id=tiny.IMAGE_ID,
+        vision_feature_select_strategy="full",
+        **extra,
+    )
+    model = model_cls(cfg)
+    with pytest.raises(ValueError, match=r"pool.*CLS.*vision_feature_select_strategy='full'.*'default'"):
+        vtprune.patch(model, "pool", keep=4)
+    assert not vtprune.is_patched(model)
+    vtprune.patch(model, "divprune", keep=4)  # a method that does not read the grid runs there
+    vtprune.unpatch(model)
+
+
 def test_pool_pools_each_temporal_step_of_a_video(model_factory):
     from test_cache import _video_then_image
 

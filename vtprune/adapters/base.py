@@ -142,6 +142,12 @@ class ModelAdapter:
         return self.config.text_config
 
     @property
+    def cls_is_visual_token(self) -> bool:
+        """Whether the vision tower's CLS token reaches the LLM as one of an image's (or crop's) visual tokens, so a
+        crop's tokens are its patch grid plus one (LLaVA's ``vision_feature_select_strategy="full"``). Default: no."""
+        return False
+
+    @property
     def clip_vision_tower(self) -> bool:
         """Whether the vision tower is a CLIP vision transformer (``vision_config.model_type`` ``"clip_vision_model"``),
         i.e. its states live in a CLIP checkpoint's joint image-text space (CDPruner's ``text="clip"``)."""

@@ -42,8 +42,11 @@ class LlavaAdapter(ModelAdapter):
         if getattr(vcfg, "model_type", None) not in ("clip_vision_model", "clip", "siglip_vision_model"):
             return None
         grid = vcfg.image_size // vcfg.patch_size
-        full = getattr(self.config, "vision_feature_select_strategy", "default") == "full" and self.clip_vision_tower
-        return grid * grid + int(full)
+        return grid * grid + int(self.cls_is_visual_token)
+
+    @property
+    def cls_is_visual_token(self) -> bool:
+        return getattr(self.config, "vision_feature_select_strategy", "default") == "full" and self.clip_vision_tower
 
     def split_projector_inputs(self, captured, call, counts):
         if call.get("image_sizes") is not None and self.config.model_type == "llava":

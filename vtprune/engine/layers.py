@@ -89,9 +89,11 @@ class LayerInputs:
         if embeds.shape[0] != rows:
             raise ValueError(
                 f"a forward continues a pruned KV cache with {embeds.shape[0]} rows, but its prompt was pruned with "
-                f"{rows}: a decoding loop that expands the batch after the prompt's forward (contrastive search, "
-                "a custom_generate loop) cannot continue it. Expand the inputs before the prompt's forward (as beam "
-                "search does), or unpatch"
+                f"{rows}: a decoding loop that expands the batch after the prompt's forward (a cache passed to "
+                "generate with num_beams / num_return_sequences > 1, which transformers does not expand either; "
+                "contrastive search, a custom_generate loop) cannot continue it. Expand the inputs before the "
+                "prompt's forward (as beam search does; a second turn: greedy / sampling with one sequence per "
+                "row, or a new prompt with the images), or unpatch"
             )
         past = cache.get_seq_length()  # unpruned length (PrunedPrompt)
         fwd.decode_masks = fwd.prompt.masks(mask, past + q)

@@ -62,6 +62,16 @@ class Pool(Method):
     merges = True
     kept_from_grid = True  # each kept token stands for a fixed window of the grid
 
+    def bind(self, adapter) -> None:
+        """Refuse a model whose visual tokens include the vision tower's CLS token (no square patch grid to pool)."""
+        if adapter.cls_is_visual_token:
+            raise ValueError(
+                f"pool averages windows of each crop's square patch grid, but this {adapter.config.model_type!r} "
+                "model also feeds the vision tower's CLS token to the LLM (vision_feature_select_strategy='full'); "
+                "use vision_feature_select_strategy='default' or a method that does not read the grid (e.g. "
+                "'divprune', 'random', 'zoo')"
+            )
+
     def grids(self, image: ImageInputs) -> list[tuple[torch.Tensor, int, int]]:
         """The image's token grids: ``(tokens, H, W)`` with ``tokens`` ``[H * W]`` its visual-token indices,
         row-major."""
