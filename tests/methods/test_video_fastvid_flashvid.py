@@ -1,10 +1,12 @@
-"""``fastvid`` and ``flashvid`` on Qwen2-VL / Qwen2.5-VL videos.
+"""``fastvid`` and ``flashvid`` on Qwen2-VL / Qwen2.5-VL and LLaVA-NeXT-Video videos.
 
 Independent route: the unpatched model's own video features and, from its eager vision attention (the softmax rows
 transformers computes per frame block in the last vision block, recorded on the way), the attention each patch
 receives, averaged over heads and queries, then over the 2x2 merge unit, put back in raster order with the model's
 own window index (Qwen2.5-VL). The functional call on those gives the kept tokens and merged vectors; the pruned
-logits must equal the unpatched text model fed exactly those vectors at the kept tokens' original 3-D positions."""
+logits must equal the unpatched text model fed exactly those vectors at the kept tokens' original 3-D positions.
+LLaVA-NeXT-Video (each frame one CLIP crop): the same from the last CLIP layer's eager softmax per frame, the CLS key
+dropped, each token the 2x2 average of its patches (``avg_pool2d``), at the original 1-D positions."""
 
 import pytest
 import tiny
@@ -178,7 +180,7 @@ def test_generate_with_cache_equals_without(method, model_factory):
 
 
 @pytest.mark.parametrize("method", ["fastvid", "flashvid"])
-@pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision", "llava_next_video"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision"])
 def test_families_without_per_frame_attention_refuse_at_patch(method, family, model_factory):
     model = model_factory(family)
     with pytest.raises(ValueError, match=f"{method} reads each video frame's attention.*{family}.*supported"):
@@ -227,3 +229,150 @@ def test_registry_records_video_methods_that_merge():
         assert spec.modalities == {"video"} and spec.method_cls.merges
     assert {"fastvid", "flashvid"} <= set(vtprune.list_methods(modality="video"))
     assert not {"fastvid", "flashvid"} & set(vtprune.list_methods(modality="image"))
+
+
+# -- LLaVA-NeXT-Video: each frame one CLIP crop, pooled 2x2 (average) before the projector -------------------------
+LNV_FRAMES = 4
+
+
+def _lnv_sharp():
+    """A tiny eager LLaVA-NeXT-Video whose last CLIP layer has 8x larger q / k projections (attention far from
+    uniform, so the two FastVID readings rank tokens differently)."""
+    model = tiny.build("llava_next_video", attn="eager")
+    attn = model.model.vision_tower.encoder.layers[-1].self_attn
+    with torch.no_grad():
+        attn.q_proj.weight *= 8
+        attn.k_proj.weight *= 8
+    return model
+
+
+def _lnv_row(model, seed, before=3):
+    pix, (n,) = tiny.video_inputs(model, (LNV_FRAMES,), seed)
+    gen = torch.Generator().manual_seed(70 + seed)
+    text = torch.randint(3, 80, (before + 4,), generator=gen).tolist()
+    ids = text[:before] + [VIDEO_ID] * n + text[before:]
+    return dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **pix)
+
+
+def _lnv_batch(rows):
+    width = max(r["input_ids"].shape[1] for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r["input_ids"].shape[1] :] = r["input_ids"][0]
+        mask[i, width - r["input_ids"].shape[1] :] = 1
+    pix = torch.cat([r["pixel_values_videos"] for r in rows])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=pix)
+
+
+def _lnv_features_and_attention(model, pix, monkeypatch, mean_query):
+    """The unpatched model's video features ``[T, N, D]`` and each token's score ``[T, N]`` from the last CLIP layer's
+    eager attention of each frame crop (CLS first): the attention each patch receives (mean over heads and queries),
+    or (``mean_query``) the softmax of the crop's mean query over every key, head-averaged; the CLS key dropped, each
+    token the mean of its 2x2 window of patches (``avg_pool2d``, as the model's resampler pools the frame)."""
+    last = model.model.vision_tower.encoder.layers[-1].self_attn
+    module = __import__(type(last).__module__, fromlist=["eager_attention_forward"])
+    original = module.eager_attention_forward
+    rows = []
+
+    def recording(mod, query, key, value, mask, scaling, *args, **kwargs):
+        out, weights = original(mod, query, key, value, mask, scaling, *args, **kwargs)
+        if mod is last:  # query / key [T, H, 1 + P, Dh]
+            if mean_query:
+                q = query.float().mean(2)  # [T, H, Dh]
+                rows.append((torch.einsum("thd,thpd->thp", q, key.float()) * scaling).softmax(-1).mean(1))
+            else:
+                rows.append(weights.float().mean(dim=(1, 2)))
+        return out, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    with torch.no_grad():
+        feats = model.model.get_video_features(pix).pooler_output[0]
+    monkeypatch.setattr(module, "eager_attention_forward", original)
+    patches = rows[-1][:, 1:]  # [T, P]: the CLS key dropped
+    side = round(patches.shape[1] ** 0.5)
+    pooled = torch.nn.functional.avg_pool2d(patches.reshape(-1, 1, side, side), 2).reshape(LNV_FRAMES, -1)
+    return feats.reshape(LNV_FRAMES, pooled.shape[1], -1), pooled
+
+
+def _lnv_expected(method, feats, attn):
+    o = OPTIONS[method]
+    if method == "fastvid":
+        return F.fastvid_select(feats, attn / attn.sum(1, keepdim=True), retention_ratio=o["ratio"], c=o["c"])
+    n = feats.shape[1]
+    return F.flashvid_select(
+        feats, attn, F.flashvid_frame_tokens(n, o["ratio"]), alpha=o["alpha"], min_segments=o["min_segments"]
+    )
+
+
+def _lnv_route(model, one, kept, tokens):
+    """Last logits of the UNPATCHED language model fed the row's text and only the kept video tokens (``tokens`` as
+    their vectors) at their original 1-D positions."""
+    ids = one["input_ids"]
+    visual = (ids[0] == VIDEO_ID).nonzero().squeeze(1)
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep[visual] = False
+    keep[visual[kept]] = True
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(ids)
+        embeds[0, visual[kept]] = tokens.to(embeds.dtype)
+        hidden = model.model.language_model(
+            inputs_embeds=embeds[:, keep], position_ids=torch.arange(ids.shape[1])[None, keep]
+        ).last_hidden_state
+        return model.lm_head(hidden[:, -1]).float()
+
+
+@pytest.mark.parametrize("method", ["fastvid", "flashvid"])
+def test_llava_next_video_selection_and_logits_follow_the_official_reading_batched(method, monkeypatch):
+    model = _lnv_sharp()
+    rows = [_lnv_row(model, 0, before=5), _lnv_row(model, 1, before=2)]
+    batch = _lnv_batch(rows)
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with vtprune.patched(model, method, **OPTIONS[method]), torch.no_grad():
+        logits = model(**batch).logits[:, -1].float()
+        st = vtprune.stats(model)
+        alone = [model(**one).logits[:, -1].float() for one in rows]
+    for i, one in enumerate(rows):
+        feats, attn = _lnv_features_and_attention(model, one["pixel_values_videos"], monkeypatch, method == "fastvid")
+        kept, tokens = _lnv_expected(method, feats, attn)
+        assert 0 < kept.numel() < feats.shape[0] * feats.shape[1]
+        assert st.kept_indices[i].tolist() == kept.tolist()
+        assert st.frame_tokens_kept[i] == [[int(((kept // feats.shape[1]) == t).sum()) for t in range(LNV_FRAMES)]]
+        torch.testing.assert_close(logits[i], _lnv_route(model, one, kept, tokens)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[i], alone[i][0], rtol=1e-4, atol=1e-4)  # the row alone
+
+
+def test_llava_next_video_fastvid_readings_differ_and_received_follows_its_own(monkeypatch):
+    """``attention="received"`` reads the attention each patch receives; on these inputs it keeps other tokens than
+    the mean-query reading (so each test above can fail on the wrong signal)."""
+    model = _lnv_sharp()
+    one = _lnv_row(model, 3)
+    with vtprune.patched(model, "fastvid", ratio=0.5, c=2, attention="received"), torch.no_grad():
+        logits = model(**one).logits[:, -1].float()
+        got = vtprune.stats(model).kept_indices[0]
+    feats, attn = _lnv_features_and_attention(model, one["pixel_values_videos"], monkeypatch, mean_query=False)
+    kept, tokens = F.fastvid_select(feats, attn / attn.sum(1, keepdim=True), retention_ratio=0.5, c=2)
+    assert got.tolist() == kept.tolist()
+    torch.testing.assert_close(logits[0], _lnv_route(model, one, kept, tokens)[0], rtol=1e-4, atol=1e-4)
+    _, other = _lnv_features_and_attention(model, one["pixel_values_videos"], monkeypatch, mean_query=True)
+    mean_query, _ = F.fastvid_select(feats, other / other.sum(1, keepdim=True), retention_ratio=0.5, c=2)
+    assert mean_query.tolist() != kept.tolist()
+
+
+@pytest.mark.parametrize("method", ["fastvid", "flashvid"])
+def test_llava_next_video_generate_with_cache_equals_without(method, model_factory):
+    model = model_factory("llava_next_video")
+    inputs = _lnv_row(model, 2)
+    with vtprune.patched(model, method, **OPTIONS[method]), torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        plain = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("method", ["fastvid", "flashvid"])
+def test_llava_next_video_with_conv_pooling_is_refused_at_patch(method):
+    model = tiny.build("llava_next_video")
+    model.config.spatial_pool_mode = "conv"
+    with pytest.raises(ValueError, match="spatial_pool_mode='conv'.*'average' or 'max'"):
+        vtprune.patch(model, method, ratio=0.5)
+    assert not vtprune.is_patched(model)

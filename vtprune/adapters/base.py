@@ -124,7 +124,9 @@ class ModelAdapter:
     tower_merging: ClassVar[bool] = False
     #: a video's frames are separate blocks of the vision tower's last layer, whose received attention
     #: (``importance="received"``) maps to each frame's tokens one patch set per token: the per-frame attention the
-    #: video methods ``fastvid`` / ``flashvid`` read (Qwen2-VL / Qwen2.5-VL temporal patches)
+    #: video methods ``fastvid`` / ``flashvid`` read (Qwen2-VL / Qwen2.5-VL temporal patches, LLaVA-NeXT-Video's
+    #: per-frame crops pooled as the model pools them); :meth:`check_frame_attention` refuses a model whose settings
+    #: break that map
     frame_attention: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
@@ -261,6 +263,16 @@ class ModelAdapter:
     def default_position_ids(self, batch: int, seq: int, past: int, device) -> torch.Tensor:
         """Position ids the decoder computes when none are passed (1-D: ``arange + past``)."""
         return (torch.arange(seq, device=device) + past).unsqueeze(0).expand(batch, -1)
+
+    def vision_merge_unit(self) -> int:
+        """How many consecutive tokens of the vision tower's order (:class:`VisionQK`) the projector merges into one
+        visual token before anything else pools them (Qwen-VL: the ``spatial_merge_size ** 2`` patches of a merge
+        unit; 1: every patch is its own, e.g. a CLIP tower whose patches the model pools later). Default: 1."""
+        return 1
+
+    def check_frame_attention(self) -> None:
+        """``ValueError`` when this model's videos give no per-frame attention a video method can read (see
+        :attr:`frame_attention`); a family with ``frame_attention`` refuses here the settings that break the map."""
 
     # -- CLS scores per visual token ----------------------------------------------------------------
     def crop_counts(self, call: dict[str, Any], num_images: int) -> list[int]:

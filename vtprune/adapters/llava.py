@@ -169,6 +169,18 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     model_types = ("llava_next_video",)
     feature_methods = ("get_image_features", "get_video_features")
     tower_merging = False  # its videos pool each frame before the projector (vision_resampler)
+    #: each frame is one tower crop: its last layer's attention stays within the frame, and pack_crop_scores pools
+    #: a frame's patch scores to its tokens with the model's own resampler (average / max pooling)
+    frame_attention = True
+
+    def check_frame_attention(self):
+        mode = getattr(self.config, "spatial_pool_mode", "average")
+        if mode not in ("average", "max"):
+            raise ValueError(
+                f"llava_next_video pools video frames with spatial_pool_mode={mode!r} (a learned convolution), so a "
+                "frame's patch attention has no pooled counterpart per token; per-frame attention needs "
+                "spatial_pool_mode 'average' or 'max'"
+            )
 
     def crop_counts(self, call, num_images):
         if "pixel_values_videos" in call:

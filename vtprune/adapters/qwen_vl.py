@@ -58,6 +58,9 @@ class QwenVLAdapter(ModelAdapter):
     feature_methods = ("get_image_features", "get_video_features")
     mrope = True
 
+    def vision_merge_unit(self):
+        return int(self.inner.visual.spatial_merge_size) ** 2
+
     def check_model_inputs(self, kwargs):
         visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
         has_visual = any(kwargs.get(k) is not None for k in visual_keys) or bool(kwargs.get("mm_encoder_outputs"))

@@ -10,16 +10,19 @@ from .base import ImageInputs
 
 def check_frame_attention(method: str, adapter) -> None:
     """``ValueError`` naming ``method`` unless the model's adapter gives a video's per-frame attention
-    (:attr:`vtprune.adapters.ModelAdapter.frame_attention`)."""
+    (:attr:`vtprune.adapters.ModelAdapter.frame_attention`, then its ``check_frame_attention`` of the model's
+    settings)."""
     if not adapter.frame_attention:
         from ..adapters import _ADAPTERS
 
         able = sorted(t for t, cls in _ADAPTERS.items() if cls.frame_attention)
         raise ValueError(
             f"{method} reads each video frame's attention in the last vision block, which vtprune does not map to "
-            f"the frame's tokens on {adapter.config.model_type!r} models (e.g. pooled or timestamped frames); "
+            f"the frame's tokens on {adapter.config.model_type!r} models "
+            "(e.g. bilinearly pooled or timestamped frames); "
             f"supported: {able}"
         )
+    adapter.check_frame_attention()
 
 
 def video_frames(method: str, image: ImageInputs) -> tuple[int, int]:

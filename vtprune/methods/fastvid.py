@@ -13,6 +13,14 @@ official ``frame_attn`` (lines 195-203, 590-596), per frame the softmax of the f
 units' mean keys in the last vision block, averaged over heads (``attention="mean_query"``, default; the engine calls
 :meth:`received_attention` with that block's q / k, no eager attention); ``attention="received"`` reads the attention
 each token receives instead (the mean over the frame's queries of their softmax rows), normalised per frame.
+
+LLaVA-NeXT-Video: each frame is one CLIP crop, the last layer's block. ``"mean_query"`` takes the softmax of the
+crop's mean query over every key of the crop (merge unit 1: the model pools patches only after the tower), the CLS
+key's share dropped; each token then gets the mean of its pooled patches' scores, as the model pools them
+(``pack_crop_scores``: the model's own ``vision_resampler``). The official LLaVA-Video fork
+(``fastvid_llavavideo/LLaVA-NeXT/llava/model/llava_arch.py`` lines 188-223, same commit) pools its frame attention
+with the same 2x2 ``avg_pool2d``; its attention is the SigLIP head's probe query over the patches, which a CLIP
+tower lacks: the frame's mean query stands in for it (as on Qwen).
 """
 
 from __future__ import annotations
@@ -74,8 +82,13 @@ class FastVID(Method):
     modalities = frozenset({"video"})
     kept_count = "at_most"
 
+    #: tokens per merge unit of the tower's order that ``attention="mean_query"`` averages keys over (official: the
+    #: hard-coded 2x2 unit of Qwen2.5-VL); :meth:`bind` reads the model's (``ModelAdapter.vision_merge_unit``)
+    unit = 4
+
     def bind(self, adapter) -> None:
         check_frame_attention("fastvid", adapter)
+        self.unit = adapter.vision_merge_unit()
 
     def importance(self) -> str:
         return "received"
@@ -84,8 +97,8 @@ class FastVID(Method):
         return [num_layers - 1]  # official: the last vision block
 
     def received_attention(self, q, k, cu_seqlens, scaling):
-        if self.config.attention == "mean_query":  # official, with its hard-coded 4-token (2x2) merge unit
-            return F.fastvid_frame_attention(q, k, cu_seqlens, scaling, unit=4)
+        if self.config.attention == "mean_query":  # official: over the merge units' mean keys (Qwen: 2x2)
+            return F.fastvid_frame_attention(q, k, cu_seqlens, scaling, unit=self.unit)
         return super().received_attention(q, k, cu_seqlens, scaling)
 
     def retention(self, n: int, frames: int) -> float:
