@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .shapes import COLOR_NAMES, COLORS, SHAPES
+from .shapes import load_split as load_split  # the same JSONL reader for both tasks
 
 FRAMES = 8
 CELL = 16  # pixels per grid cell = one visual token (one 16-pixel patch; the merger merges 1x1)
@@ -221,11 +222,6 @@ def write_test_split(out_dir: str | Path, seed: int = DEFAULT_SEED, per_type: in
         for i in range(per_type * len(QUESTION_TYPES)):
             f.write(json.dumps(record(seed, "test", i)) + "\n")
     return path
-
-
-def load_split(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # Processor

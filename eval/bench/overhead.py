@@ -539,22 +539,28 @@ def video_report(args, command: str) -> int:
         f"on {args.device}; {len(over)} over 0.1 of a layer at {goal_frames} frames"
     )
     if args.out:
-        meta = "\n".join(
-            provenance(command, f"{threads} (both sides)")
-            + [
-                "- the machine was shared with other jobs while this ran: absolute times are noisy, the interleaved "
-                "rounds keep the comparison fair",
-                f"- native ops: {native}",
-                f"- wall time of the run: {elapsed:.0f} s",
-            ]
+        title = "Video selection cost vs one 7B-wide decoder layer"
+        _write_table(
+            args.out, title, setup, command, threads, f"native ops: {native}", elapsed, f"{table}\n\n{verdict}"
         )
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(
-                f"# Video selection cost vs one 7B-wide decoder layer\n\n{setup}\n\n{meta}\n\n{table}\n\n{verdict}\n"
-            )
         print(f"wrote {args.out}")
     return 0
+
+
+def _write_table(path, title, setup, command, threads, native, elapsed, body) -> None:
+    """Write a committed overhead table: title, setup, provenance (command, threads, native ops, wall time), body."""
+    meta = "\n".join(
+        provenance(command, f"{threads} (both sides)")
+        + [
+            "- the machine was shared with other jobs while this ran: absolute times are noisy, the interleaved "
+            "rounds keep the comparison fair",
+            f"- {native}",
+            f"- wall time of the run: {elapsed:.0f} s",
+        ]
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# {title}\n\n{setup}\n\n{meta}\n\n{body}\n")
 
 
 def main(argv=None) -> int:
@@ -766,18 +772,10 @@ def main(argv=None) -> int:
     print(setup + "\n\n" + body)
     print(f"\n({elapsed:.0f} s)")
     if args.out:
-        meta = "\n".join(
-            provenance(command, f"{threads} (both sides)")
-            + [
-                "- the machine was shared with other jobs while this ran: absolute times are noisy, the interleaved "
-                "rounds keep the comparison fair",
-                f"- native ops (csrc/, used by vtprune.functional when loaded): {native}",
-                f"- wall time of the run: {elapsed:.0f} s",
-            ]
+        native = f"native ops (csrc/, used by vtprune.functional when loaded): {native}"
+        _write_table(
+            args.out, "Selection overhead vs one 7B-wide decoder layer", setup, command, threads, native, elapsed, body
         )
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(f"# Selection overhead vs one 7B-wide decoder layer\n\n{setup}\n\n{meta}\n\n{body}\n")
         print(f"wrote {args.out}")
     return 0
 
