@@ -53,12 +53,100 @@ def build_model(processor, args):
 
 
 class Heads(torch.nn.Module):
-    """Training-only read-outs of the merged tokens: colour (7 classes) and shape (4 classes)."""
+    """Training-only read-outs: of the merged tokens, colour (7 classes) and shape (4 classes); of the video tokens'
+    LM states after layer 0, the event class (:data:`EVENTS`) and the shape there in the previous frame."""
 
     def __init__(self, width: int):
         super().__init__()
         self.color = torch.nn.Linear(width, len(V.COLOR_NAMES) + 1)
         self.shape = torch.nn.Linear(width, len(V.SHAPES) + 1)
+        self.event = torch.nn.Linear(width, len(EVENTS))
+        self.prev_shape = torch.nn.Linear(width, len(V.SHAPES) + 1)
+
+
+# Grounding (training only). Per video token (frame t, cell r, c), what changed since frame t - 1 in its cell:
+EVENTS = ("none", "appeared", "vanished", "recoloured", "from-left", "from-right", "from-above", "from-below")
+# the cell the object came from, relative to where it is now, for each "from-*" event
+FROM = {"from-left": (0, -1), "from-right": (0, 1), "from-above": (-1, 0), "from-below": (1, 0)}
+# Layer-0 heads of the LM, each supervised to look at one cell of the previous frame, relative to the query's cell
+# (frame, row, col): head 0 the same cell, heads 1-3 the left, right and upper neighbours (an object coming from
+# below is the one left over). Where that cell does not exist (frame 0, the grid's edge) the target is the first
+# token of the sequence (an attention sink).
+LAYER0_OFFSETS = ((-1, 0, 0), (-1, 0, -1), (-1, 0, 1), (-1, -1, 0))
+
+
+def events(v: V.Video) -> tuple[np.ndarray, np.ndarray]:
+    """``int64 [FRAMES, GRID * GRID]`` each: the event class (index in :data:`EVENTS`) of every video token, and the
+    shape index + 1 (0: background) of its cell in the previous frame (0 in frame 0). Only the video's actor has
+    events: it appears, vanishes, changes colour, or arrives in a cell from a neighbour (a move)."""
+    ev = np.zeros((V.FRAMES, V.GRID * V.GRID), dtype=np.int64)
+    prev = np.zeros_like(ev)
+    for f in range(1, V.FRAMES):
+        for tr in v.tracks:
+            before, now = tr.cells[f - 1], tr.cells[f]
+            if before is not None:
+                prev[f, before[0] * V.GRID + before[1]] = V.SHAPES.index(tr.shape) + 1
+            if before == now and (now is None or tr.colors[f] == tr.colors[f - 1]):
+                continue
+            if before is None:
+                ev[f, now[0] * V.GRID + now[1]] = EVENTS.index("appeared")
+            elif now is None:
+                ev[f, before[0] * V.GRID + before[1]] = EVENTS.index("vanished")
+            elif before == now:
+                ev[f, now[0] * V.GRID + now[1]] = EVENTS.index("recoloured")
+            else:
+                d = (before[0] - now[0], before[1] - now[1])
+                ev[f, now[0] * V.GRID + now[1]] = EVENTS.index(next(k for k, o in FROM.items() if o == d))
+                ev[f, before[0] * V.GRID + before[1]] = EVENTS.index("vanished")
+    return ev, prev
+
+
+def answer_tokens(v: V.Video, ev: np.ndarray) -> np.ndarray:
+    """``bool [FRAMES * GRID * GRID]``: the video tokens that hold the answer, which the answer position's grounded
+    heads look at: where the actor arrived (move) or its appear / vanish / recolour event (the other types)."""
+    flat = ev.reshape(-1)
+    return flat >= EVENTS.index("from-left") if v.qtype == "move" else flat > 0
+
+
+def layer0_keys(video_pos: torch.Tensor, sink: int) -> torch.Tensor:
+    """``int64 [len(LAYER0_OFFSETS), FRAMES * GRID * GRID]``: for each supervised layer-0 head and each video token
+    (raster order), the sequence position of the key it should attend to (``video_pos``: the video tokens' sequence
+    positions; ``sink``: the first token's)."""
+    keys = torch.full((len(LAYER0_OFFSETS), V.FRAMES * V.GRID * V.GRID), sink, dtype=torch.long)
+    for h, (dt, dr, dc) in enumerate(LAYER0_OFFSETS):
+        for f in range(V.FRAMES):
+            for r in range(V.GRID):
+                for c in range(V.GRID):
+                    f2, r2, c2 = f + dt, r + dr, c + dc
+                    if f2 >= 0 and 0 <= r2 < V.GRID and 0 <= c2 < V.GRID:
+                        keys[h, (f * V.GRID + r) * V.GRID + c] = video_pos[(f2 * V.GRID + r2) * V.GRID + c2]
+    return keys
+
+
+def grounding_loss(out, inputs, videos, heads, video_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention grounding loss, event read-out loss) of one batch (left padded; the answer word is second to last,
+    so the position that predicts it is third to last). Attention: cross-entropy between the target distribution
+    and the attention of layer 0's heads at every video token (:data:`LAYER0_OFFSETS`) and of layer 1's heads 0 and
+    1 at the answer position (uniform over :func:`answer_tokens`)."""
+    att0, att1 = out.attentions[0].float(), out.attentions[1].float()  # [B, heads, L, L]
+    h0 = out.hidden_states[1].float()  # the LM states after layer 0
+    ground, readout = [], []
+    for b, v in enumerate(videos):
+        ids = inputs["input_ids"][b]
+        pos = (ids == video_token_id).nonzero().squeeze(1)
+        sink = int(inputs["attention_mask"][b].nonzero()[0])
+        keys = layer0_keys(pos, sink)
+        a0 = att0[b, : len(LAYER0_OFFSETS)][:, pos]  # [heads, 128, L]
+        ground.append(-torch.log(a0.gather(-1, keys.unsqueeze(-1)) + 1e-6).mean())
+        ev, prev = events(v)
+        target = pos[torch.from_numpy(answer_tokens(v, ev))]
+        a1 = att1[b, :2, -3]  # [2, L]
+        ground.append(-torch.log(a1[:, target] + 1e-6).mean())
+        readout.append(
+            F.cross_entropy(heads.event(h0[b, pos]), torch.from_numpy(ev.reshape(-1)))
+            + F.cross_entropy(heads.prev_shape(h0[b, pos]), torch.from_numpy(prev.reshape(-1)))
+        )
+    return torch.stack(ground).mean(), torch.stack(readout).mean()
 
 
 def make_batch(processor, videos: list[V.Video]):
@@ -117,6 +205,9 @@ def train(model, processor, args, log) -> dict:
     for g in params:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(params, weight_decay=0.01)
+    video_token_id = model.config.video_token_id
+    if args.ground_weight:
+        model.set_attn_implementation("eager")  # attention probabilities for the grounding loss
     merged: list[torch.Tensor] = []
     hook = model.model.visual.merger.register_forward_hook(lambda m, a, out: merged.append(out))
     start, index, step = time.time(), 0, 0
@@ -131,12 +222,18 @@ def train(model, processor, args, log) -> dict:
             g["lr"] = g["base_lr"] * lr_factor(step, args.steps, args.warmup)
         merged.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            out = model(**inputs)
+            grounded = bool(args.ground_weight)
+            out = model(**inputs, output_attentions=grounded, output_hidden_states=grounded)
             feats = merged[-1].float()
             logits = out.logits[:, -3:-1].float()  # predicts ANSWER and <|im_end|>
             lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, -2:].reshape(-1))
             aux = F.cross_entropy(heads.color(feats), color) + F.cross_entropy(heads.shape(feats), shape)
             loss = lm + args.aux_weight * aux
+            if grounded:
+                ground, readout = grounding_loss(out, inputs, videos, heads, video_token_id)
+                loss = loss + args.ground_weight * (ground + readout)
+                run["ground"] += float(ground.detach())
+                run["readout"] += float(readout.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -151,10 +248,12 @@ def train(model, processor, args, log) -> dict:
             n = run.pop("n")
             log(
                 f"step {step} videos {index} lm {run['lm'] / n:.3f} aux {run['aux'] / n:.3f} "
+                f"ground {run['ground'] / n:.3f} readout {run['readout'] / n:.3f} "
                 f"train-acc {run['acc'] / n:.3f} lr {opt.param_groups[1]['lr']:.2e} {time.time() - start:.0f}s"
             )
             run.clear()
     hook.remove()
+    model.set_attn_implementation("sdpa")
     model.eval()
     return {"steps_done": step, "train_videos": index, "train_seconds": round(time.time() - start)}
 
@@ -223,6 +322,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vision-lr-scale", type=float, default=1.0)
     p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--ground-weight", type=float, default=1.0)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--bf16", type=int, default=0)  # bf16 autocast: measured 7x slower per step on this CPU
     p.add_argument("--log-every", type=int, default=25)
