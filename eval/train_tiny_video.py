@@ -42,7 +42,7 @@ TEST = ROOT / "eval" / "tasks" / "vtprune_video_shapes" / "test.jsonl"
 def build_model(processor, args):
     from transformers import Qwen2VLForConditionalGeneration
 
-    cfg = V.model_config(args.width, args.layers, args.vision_width, args.vision_layers)
+    cfg = V.model_config(args.width, args.layers, args.vision_width, args.vision_layers, args.rope_theta)
     torch.manual_seed(args.seed)
     model = Qwen2VLForConditionalGeneration(cfg)
     tok = processor.tokenizer
@@ -123,30 +123,30 @@ def layer0_keys(video_pos: torch.Tensor, sink: int) -> torch.Tensor:
     return keys
 
 
-def grounding_loss(out, inputs, videos, heads, video_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention grounding loss, event read-out loss) of one batch (left padded; the answer word is second to last,
+def grounding_loss(out, inputs, videos, heads, video_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layer-0 attention grounding loss, layer-1 attention grounding loss, event read-out loss) of one batch (left padded; the answer word is second to last,
     so the position that predicts it is third to last). Attention: cross-entropy between the target distribution
     and the attention of layer 0's heads at every video token (:data:`LAYER0_OFFSETS`) and of layer 1's heads 0 and
     1 at the answer position (uniform over :func:`answer_tokens`)."""
     att0, att1 = out.attentions[0].float(), out.attentions[1].float()  # [B, heads, L, L]
     h0 = out.hidden_states[1].float()  # the LM states after layer 0
-    ground, readout = [], []
+    ground0, ground1, readout = [], [], []
     for b, v in enumerate(videos):
         ids = inputs["input_ids"][b]
         pos = (ids == video_token_id).nonzero().squeeze(1)
         sink = int(inputs["attention_mask"][b].nonzero()[0])
         keys = layer0_keys(pos, sink)
         a0 = att0[b, : len(LAYER0_OFFSETS)][:, pos]  # [heads, 128, L]
-        ground.append(-torch.log(a0.gather(-1, keys.unsqueeze(-1)) + 1e-6).mean())
+        ground0.append(-torch.log(a0.gather(-1, keys.unsqueeze(-1)) + 1e-6).mean())
         ev, prev = events(v)
         target = pos[torch.from_numpy(answer_tokens(v, ev))]
         a1 = att1[b, :2, -3]  # [2, L]
-        ground.append(-torch.log(a1[:, target] + 1e-6).mean())
+        ground1.append(-torch.log(a1[:, target] + 1e-6).mean())
         readout.append(
             F.cross_entropy(heads.event(h0[b, pos]), torch.from_numpy(ev.reshape(-1)))
             + F.cross_entropy(heads.prev_shape(h0[b, pos]), torch.from_numpy(prev.reshape(-1)))
         )
-    return torch.stack(ground).mean(), torch.stack(readout).mean()
+    return torch.stack(ground0).mean(), torch.stack(ground1).mean(), torch.stack(readout).mean()
 
 
 def make_batch(processor, videos: list[V.Video]):
@@ -230,9 +230,10 @@ def train(model, processor, args, log) -> dict:
             aux = F.cross_entropy(heads.color(feats), color) + F.cross_entropy(heads.shape(feats), shape)
             loss = lm + args.aux_weight * aux
             if grounded:
-                ground, readout = grounding_loss(out, inputs, videos, heads, video_token_id)
-                loss = loss + args.ground_weight * (ground + readout)
-                run["ground"] += float(ground.detach())
+                ground0, ground1, readout = grounding_loss(out, inputs, videos, heads, video_token_id)
+                loss = loss + args.ground_weight * (ground0 + ground1 + readout)
+                run["ground0"] += float(ground0.detach())
+                run["ground1"] += float(ground1.detach())
                 run["readout"] += float(readout.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -248,7 +249,7 @@ def train(model, processor, args, log) -> dict:
             n = run.pop("n")
             log(
                 f"step {step} videos {index} lm {run['lm'] / n:.3f} aux {run['aux'] / n:.3f} "
-                f"ground {run['ground'] / n:.3f} readout {run['readout'] / n:.3f} "
+                f"ground0 {run['ground0'] / n:.3f} ground1 {run['ground1'] / n:.3f} readout {run['readout'] / n:.3f} "
                 f"train-acc {run['acc'] / n:.3f} lr {opt.param_groups[1]['lr']:.2e} {time.time() - start:.0f}s"
             )
             run.clear()
@@ -317,6 +318,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--vision-width", type=int, default=64)
     p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--rope-theta", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
