@@ -7,7 +7,18 @@ A stock ``Qwen2VLForConditionalGeneration`` (16-pixel patches, merge size 1, one
 * loss on the answer word and the ``<|im_end|>`` after it (cross-entropy), fresh videos every step;
 * a dense auxiliary loss on the merger's output (what the LLM reads): per merged token, through training-only linear
   heads, the colour (or background) and the shape of the object in that grid cell (``video_shapes.cell_targets``).
-  The heads are not saved: the checkpoint is a plain Qwen2-VL.
+* attention grounding (``--ground-weight``), from the generator's ground truth, as in ``eval/train_tiny.py``: each of
+  the LM's layer-0 heads, at every video token, is trained (cross-entropy against a one-hot target) to look at one cell
+  of the previous frame (:data:`LAYER0_OFFSETS`: the same cell, the left, right and upper neighbour), so a token's
+  state holds what changed in its cell and where an object came from; layer 1's heads 0 and 1, at the answer
+  position, look at the event tokens (:func:`answer_tokens`: where the object appeared, vanished, changed colour or
+  arrived); training-only linear read-outs of the states after layer 0 (each token's event class, :data:`EVENTS`, and
+  the shape its cell held in the previous frame) and of the answer position after layer 1 (the answer word).
+* a small M-RoPE base (``--rope-theta 4``): at the default 10000, M-RoPE gives the row and column the lowest
+  frequencies (one cell turns them by at most 0.1 rad) and the layer-0 heads could not single out one cell.
+
+The heads are not saved: the checkpoint is a plain Qwen2-VL (eager attention only while training, to read the
+attention probabilities).
 
 AdamW, linear warm-up then cosine decay; stops at ``--steps`` or ``--max-minutes``, whichever comes first; then
 evaluates on the test split through ``AutoProcessor`` + ``generate`` and writes the model card data
@@ -54,14 +65,16 @@ def build_model(processor, args):
 
 class Heads(torch.nn.Module):
     """Training-only read-outs: of the merged tokens, colour (7 classes) and shape (4 classes); of the video tokens'
-    LM states after layer 0, the event class (:data:`EVENTS`) and the shape there in the previous frame."""
+    LM states after layer 0, the event class (:data:`EVENTS`) and the shape there in the previous frame; of the answer
+    position's state after layer 1 (where the grounded heads have read the event tokens), the answer word."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, vocab: int):
         super().__init__()
         self.color = torch.nn.Linear(width, len(V.COLOR_NAMES) + 1)
         self.shape = torch.nn.Linear(width, len(V.SHAPES) + 1)
         self.event = torch.nn.Linear(width, len(EVENTS))
         self.prev_shape = torch.nn.Linear(width, len(V.SHAPES) + 1)
+        self.answer = torch.nn.Linear(width, vocab)
 
 
 # Grounding (training only). Per video token (frame t, cell r, c), what changed since frame t - 1 in its cell:
@@ -124,12 +137,14 @@ def layer0_keys(video_pos: torch.Tensor, sink: int) -> torch.Tensor:
 
 
 def grounding_loss(out, inputs, videos, heads, video_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(layer-0 attention grounding loss, layer-1 attention grounding loss, event read-out loss) of one batch (left padded; the answer word is second to last,
-    so the position that predicts it is third to last). Attention: cross-entropy between the target distribution
-    and the attention of layer 0's heads at every video token (:data:`LAYER0_OFFSETS`) and of layer 1's heads 0 and
-    1 at the answer position (uniform over :func:`answer_tokens`)."""
+    """(layer-0 attention grounding loss, layer-1 attention grounding loss, read-out loss) of one batch (left padded;
+    the answer word is second to last, so the position that predicts it is third to last). Attention: cross-entropy
+    between the target distribution and the attention of layer 0's heads at every video token
+    (:data:`LAYER0_OFFSETS`) and of layer 1's heads 0 and 1 at the answer position (uniform over
+    :func:`answer_tokens`). Read-outs: :class:`Heads`."""
     att0, att1 = out.attentions[0].float(), out.attentions[1].float()  # [B, heads, L, L]
     h0 = out.hidden_states[1].float()  # the LM states after layer 0
+    answer = F.cross_entropy(heads.answer(out.hidden_states[2][:, -3].float()), inputs["input_ids"][:, -2])
     ground0, ground1, readout = [], [], []
     for b, v in enumerate(videos):
         ids = inputs["input_ids"][b]
@@ -146,7 +161,7 @@ def grounding_loss(out, inputs, videos, heads, video_token_id: int) -> tuple[tor
             F.cross_entropy(heads.event(h0[b, pos]), torch.from_numpy(ev.reshape(-1)))
             + F.cross_entropy(heads.prev_shape(h0[b, pos]), torch.from_numpy(prev.reshape(-1)))
         )
-    return torch.stack(ground0).mean(), torch.stack(ground1).mean(), torch.stack(readout).mean()
+    return torch.stack(ground0).mean(), torch.stack(ground1).mean(), torch.stack(readout).mean() + answer
 
 
 def make_batch(processor, videos: list[V.Video]):
@@ -196,7 +211,7 @@ def evaluate(model, processor, rows: list[dict], batch: int = 32) -> dict:
 
 
 def train(model, processor, args, log) -> dict:
-    heads = Heads(args.width)
+    heads = Heads(args.width, model.config.text_config.vocab_size)
     params = [
         {"params": [p for n, p in model.named_parameters() if "visual" in n], "lr": args.lr * args.vision_lr_scale},
         {"params": [p for n, p in model.named_parameters() if "visual" not in n], "lr": args.lr},
@@ -278,8 +293,8 @@ license: apache-2.0
 A {info["parameters"] / 1e6:.2f} M-parameter `Qwen2VLForConditionalGeneration` trained from scratch on CPU on the
 synthetic video task of vtprune (`vtprune/video_shapes.py`, task `eval/tasks/vtprune_video_shapes`): 8 frames of
 64x64 pixels, 16-pixel patches, merge size 1, one frame per temporal patch: 16 visual tokens per frame, 128 per video.
-Vision tower {a["vision_layers"]} x {a["vision_width"]}; LM {a["layers"]} layers x {a["width"]} (4 heads, M-RoPE);
-word-level vocabulary of the task. **Not a general VLM.**
+Vision tower {a["vision_layers"]} x {a["vision_width"]}; LM {a["layers"]} layers x {a["width"]} (4 heads,
+M-RoPE with base {a.get("rope_theta", 10000.0)}); word-level vocabulary of the task. **Not a general VLM.**
 
 ## Test accuracy
 
@@ -298,9 +313,16 @@ Exact match of the first generated word on {t["n"]} questions of `eval/tasks/vtp
 One stage, every parameter trained on fresh `train` videos (batch {a["batch"]}, AdamW lr {a["lr"]}, warm-up
 {a["warmup"]} steps then cosine over {a["steps"]} steps or `--max-minutes` {a["max_minutes"]}): cross-entropy on the
 answer word and `<|im_end|>`, plus (weight {a["aux_weight"]}) a dense auxiliary loss on the merger output through
-training-only linear heads (per token: the colour and the shape of the object in that cell, or background). The heads
-are not saved. This run: {info["steps_done"]} steps, {info["train_videos"]} videos, {info["train_seconds"]} s wall
-clock, {info["cpu_seconds"]} s process CPU time, `torch.set_num_threads({a["threads"]})`, on {info["date"]}
+training-only linear heads (per token: the colour and the shape of the object in that cell, or background), plus
+(weight {a.get("ground_weight", 0)}) attention grounding from the generator's ground truth: every layer-0 head of the
+LM, at every video token, is trained to look at one cell of the previous frame (head 0 the same cell, heads 1-3 the
+left, right and upper neighbour; the first token where there is none), so a token knows what changed in its cell and
+where an object came from; layer 1's heads 0 and 1, at the answer position, look at the tokens of the event (where the
+object appeared, vanished, changed colour or arrived); training-only linear read-outs predict each video token's event
+class and the shape its cell held one frame earlier (after layer 0) and the answer word (after layer 1). The heads are
+not saved; the checkpoint is a plain Qwen2-VL. This run: {info["steps_done"]} steps, {info["train_videos"]} videos,
+{info["train_seconds"]} s wall clock, {info["cpu_seconds"]} s process CPU time,
+`torch.set_num_threads({a["threads"]})`, on {info["date"]}
 (log: `training_log.txt`).
 """
     (out / "README.md").write_text(text)
