@@ -134,6 +134,20 @@ def test_training_layer0_keys_point_at_the_previous_frames_cell_or_the_sink():
     assert keys[3, (3 * V.GRID + 0) * V.GRID + 2] == 3 and keys[3, (3 * V.GRID + 1) * V.GRID + 2] == at(2, 0, 2)
 
 
+def test_shipped_video_model_answers_test_questions():
+    """The bundled models/tiny-qwen2vl-video-shapes, loaded through AutoProcessor and the stock class, answers the
+    test split's questions (checked against the records' answers, which the pixel test above reads back)."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model_dir = REPO / "models" / "tiny-qwen2vl-video-shapes"
+    assert (model_dir / "model.safetensors").stat().st_size <= 10 * 2**20
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    assert model.config.text_config.rope_parameters["rope_theta"] == 4.0
+    rows = V.load_split(TASK / "test.jsonl")[:40]
+    result = _train_script().evaluate(model, AutoProcessor.from_pretrained(model_dir), rows, batch=20)
+    assert result["n"] == 40 and result["accuracy"] >= 0.9 and min(result["per_type"].values()) >= 0.8
+
+
 # -- harness: videos and budgets -------------------------------------------------------------------------------------
 pytest.importorskip("lmms_eval")
 
