@@ -291,11 +291,15 @@ def build_processor():
     )
 
 
-def model_config(width: int = 128, layers: int = 3, vision_width: int = 64, vision_layers: int = 2):
+def model_config(
+    width: int = 128, layers: int = 3, vision_width: int = 64, vision_layers: int = 2, rope_theta: float = 10000.0
+):
     """The ``Qwen2VLConfig`` of the task's tiny video VLM (the bundled ``models/tiny-qwen2vl-video-shapes`` and the
     harness's ``random: qwen2_vl_video``): vision tower ``vision_layers`` x ``vision_width`` (16-pixel patches,
     merge size 1, temporal patch 1), LM ``layers`` x ``width`` (4 heads, MLP 2.5x, M-RoPE sections [4, 6, 6]
-    for a 32-dim head), the task's word-level vocabulary."""
+    for a 32-dim head, base ``rope_theta``), the task's word-level vocabulary. M-RoPE gives the row and column the
+    lowest frequencies: at the default base one cell turns them by 0.1 rad at most, too little for a head to single
+    out one cell; the bundled model uses a small base (``eval/train_tiny_video.py --rope-theta``)."""
     from transformers import Qwen2VLConfig
 
     tok = build_tokenizer()
@@ -319,7 +323,7 @@ def model_config(width: int = 128, layers: int = 3, vision_width: int = 64, visi
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta), "mrope_section": [4, 6, 6]},
         pad_token_id=ids["<pad>"],
         bos_token_id=ids["<|im_start|>"],
         eos_token_id=ids["<|im_end|>"],

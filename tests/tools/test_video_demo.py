@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from vtprune import video_shapes as V
@@ -82,6 +83,69 @@ def test_the_processor_gives_one_token_per_cell_and_frame():
     assert int((inputs["input_ids"] == video_id).sum()) == V.FRAMES * V.GRID * V.GRID
     unk = processor.tokenizer.convert_tokens_to_ids("<unk>")
     assert unk not in inputs["input_ids"][0].tolist()
+
+
+def _train_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tiny_video", REPO / "eval" / "train_tiny_video.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("index", range(16))
+def test_training_event_targets_are_the_cells_whose_pixels_change(index):
+    """The grounding targets of eval/train_tiny_video.py, read back from the pixels: a token has an event exactly where
+    its cell's pixels differ from the previous frame's; a move's arrivals name the cell the answer's direction came
+    from (the pixels of that cell one frame earlier hold the object's colour); the answer tokens carry the answer."""
+    T = _train_script()
+    v = V.sample(11, "train", index)
+    fr = V.frames(v).reshape(V.FRAMES, V.GRID, V.CELL, V.GRID, V.CELL, 3)
+    changed = (fr[1:] != fr[:-1]).any(axis=(2, 4, 5))  # [FRAMES - 1, GRID, GRID]
+    ev, _ = T.events(v)
+    ev = ev.reshape(V.FRAMES, V.GRID, V.GRID)
+    assert (ev[0] == 0).all() and np.array_equal(ev[1:] > 0, changed)
+    answer = T.answer_tokens(v, ev.reshape(V.FRAMES, -1)).reshape(V.FRAMES, V.GRID, V.GRID)
+    if v.qtype == "move":
+        came_from = {"right": "from-left", "left": "from-right", "down": "from-above", "up": "from-below"}[v.answer]
+        color = np.array(V.COLORS[v.question.split()[4]], dtype=np.uint8)
+        arrivals = np.argwhere(answer)
+        assert len(arrivals) >= 2 and all(T.EVENTS[ev[f, r, c]] == came_from for f, r, c in arrivals)
+        for f, r, c in arrivals:
+            dr, dc = T.FROM[came_from]
+            assert (fr[f - 1, r + dr, :, c + dc] == color).all(-1).any()
+    else:
+        assert answer.sum() == 1 and np.array_equal(answer, ev > 0)
+
+
+def test_training_layer0_keys_point_at_the_previous_frames_cell_or_the_sink():
+    T = _train_script()
+    pos = torch.arange(10, 10 + V.FRAMES * V.GRID * V.GRID)
+    keys = T.layer0_keys(pos, sink=3)
+
+    def at(f, r, c):
+        return 10 + (f * V.GRID + r) * V.GRID + c
+
+    q = (2 * V.GRID + 1) * V.GRID + 1  # frame 2, row 1, col 1
+    assert keys[:, q].tolist() == [at(1, 1, 1), at(1, 1, 0), at(1, 1, 2), at(1, 0, 1)]
+    assert (keys[:, : V.GRID * V.GRID] == 3).all()  # frame 0 has no previous frame
+    assert keys[1, (3 * V.GRID + 2) * V.GRID + 0] == 3 and keys[2, (3 * V.GRID + 2) * V.GRID + 3] == 3
+    assert keys[3, (3 * V.GRID + 0) * V.GRID + 2] == 3 and keys[3, (3 * V.GRID + 1) * V.GRID + 2] == at(2, 0, 2)
+
+
+def test_shipped_video_model_answers_test_questions():
+    """The bundled models/tiny-qwen2vl-video-shapes, loaded through AutoProcessor and the stock class, answers the
+    test split's questions (checked against the records' answers, which the pixel test above reads back)."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model_dir = REPO / "models" / "tiny-qwen2vl-video-shapes"
+    assert (model_dir / "model.safetensors").stat().st_size <= 10 * 2**20
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    assert model.config.text_config.rope_parameters["rope_theta"] == 4.0
+    rows = V.load_split(TASK / "test.jsonl")[:40]
+    result = _train_script().evaluate(model, AutoProcessor.from_pretrained(model_dir), rows, batch=20)
+    assert result["n"] == 40 and result["accuracy"] >= 0.9 and min(result["per_type"].values()) >= 0.8
 
 
 # -- harness: videos and budgets -------------------------------------------------------------------------------------
