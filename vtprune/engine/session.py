@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import compat
 from ..adapters import ModelAdapter
-from ..methods.base import Method
+from ..methods.base import TOWER_SIGNALS, Method
 from ..stats import PruneStats
 from ..timing import clock
 from . import host
@@ -44,8 +44,6 @@ from .plan import LATE_DROP, PrunePoint, bind
 from .scoring import install_capture, point_signals
 from .stats import make_stats
 from .units import Unit, attach_real_masks, find_units, mark_videos
-
-_VISION_SIGNALS = {"features", "cls_attention", "projector_inputs", "vision_keys", "vision_qk"}
 
 
 class Session:
@@ -315,7 +313,7 @@ class Session:
         if (sizes := fwd.image_sizes) is not None:
             attach_real_masks(self.adapter, fwd.input_ids, units, sizes, self.pad_threshold, copies=fwd.row_copies)
         mark_videos(self.adapter, fwd.input_ids, units)
-        needs = self.capture.signals & _VISION_SIGNALS
+        needs = self.capture.signals & TOWER_SIGNALS
         if units and needs and any(u.info is None or u.features is None for u in units):
             raise ValueError(
                 f"method {self.points[0].method.name!r} needs {sorted(needs)} from the vision tower; pass "

@@ -16,9 +16,9 @@ from .. import functional as F
 from ..config import PruneConfig
 
 #: signal names a method may ask for
-VISION_SIGNALS = frozenset(
-    {"features", "cls_attention", "vision_keys", "vision_qk", "projector_inputs", "prompt_embeds", "instruction"}
-)
+#: the vision-entry signals the vision tower and projector produce (a method reading any needs ``pixel_values``)
+TOWER_SIGNALS = frozenset({"features", "cls_attention", "vision_keys", "vision_qk", "projector_inputs"})
+VISION_SIGNALS = TOWER_SIGNALS | {"prompt_embeds", "instruction"}
 LLM_SIGNALS = frozenset(
     {"text_attention", "keys", "hidden", "layer_attention", "queries", "prompt_embeds", "rope_gravity"}
 )

@@ -121,7 +121,7 @@ class HiPrune(Method):
     def _select_crop(self, obj, deep, local, p, width, share, tokens) -> torch.Tensor:
         """The kept ``tokens`` of one crop whose tokens sit at grid cells ``local`` of its ``p``-cell grid."""
         # an unpadded crop's absent cells score below every present one: they are never anchors or registers
-        low = torch.minimum(obj.min(), deep.min()) - 1.0
+        low = torch.minimum(obj.min(), deep.min()).detach() - 1.0  # a fill value: no gradient
         full_obj = torch.full((p,), float(low), dtype=obj.dtype, device=obj.device).index_copy_(0, local, obj)
         full_deep = torch.full((p,), float(low), dtype=deep.dtype, device=deep.device).index_copy_(0, local, deep)
         cell_token = torch.full((p,), -1, dtype=torch.long, device=obj.device).index_copy_(0, local, tokens)
