@@ -12,7 +12,7 @@
 #   prefill-7b    eval/gpu/prefill_7b.py: LLaVA-1.5-7B-width prefill, every method at 64/128/192 vs unpatched
 #   video         eval/bench/overhead.py --video --device cuda: the pure video selection functions (evs, vidcom2,
 #                 fastvid, frame_budgets, dyseg, dpc_knn) at 16 / 32 frames x 100 / 400 tokens vs one 7B layer
-#   bench         eval/bench/kernels.py --device cuda: native CUDA ops vs pure torch on the GPU
+#   bench         eval/bench/native_ops.py --device cuda: native CUDA ops vs pure torch on the GPU
 #
 # Each stage runs under its own `timeout` (and a total budget, GPU_CHECK_BUDGET_S, default 450 s); a failed
 # stage never stops the next. One summary line per stage at the end. Results: eval/results/gpu/ (override:
@@ -210,9 +210,9 @@ else
 fi
 
 if [[ $MODE == smoke ]]; then
-  skip_stage bench "smoke: eval/bench/kernels.py has no CPU smoke size"
+  skip_stage bench "smoke: eval/bench/native_ops.py has no CPU smoke size"
 elif ((BUILT)); then
-  run_stage bench 120 0 "$PY" eval/bench/kernels.py --device cuda --max-work 1e12 --out "$RES/kernels.md"
+  run_stage bench 120 0 "$PY" eval/bench/native_ops.py --device cuda --max-work 1e12 --out "$RES/kernels.md"
 else
   skip_stage bench "the CUDA build failed"
 fi

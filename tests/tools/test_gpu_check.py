@@ -38,7 +38,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     for stage in STAGES:
         assert re.search(rf"^{stage}\s+limit\s+\d+s: ", out, re.MULTILINE), (stage, out)
     assert "VTPRUNE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0" in out
-    assert "eval/bench/kernels.py --device cuda" in out and "prefill_7b.py" in out
+    assert "eval/bench/native_ops.py --device cuda" in out and "prefill_7b.py" in out
     assert "kernels_cuda.py --impl nvrtc" in out
     assert "eval/bench/overhead.py --video --device cuda --frames 16,32 --frame-tokens 100,400" in out
     assert not (tmp_path / "res").exists()

@@ -81,3 +81,16 @@ def test_no_import_cycles():
 
 def test_the_checker_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_script_shadows_an_importable_package():
+    """Running a script puts its folder first on ``sys.path``: a script named like an installed package (``kernels``:
+    Hugging Face's kernels hub, which newer transformers import) or a standard-library module would shadow it."""
+    import sys
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    taken = set(sys.stdlib_module_names) | set(packages_distributions())
+    root = Path(__file__).resolve().parents[2]
+    clashes = [str(p) for folder in ("eval", "eval/bench", "eval/gpu") for p in (root / folder).glob("*.py")]
+    assert [p for p in clashes if Path(p).stem in taken] == []

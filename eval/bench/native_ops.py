@@ -7,7 +7,7 @@ Native = one ``torch.ops.vtprune`` call per batch; pure torch = the functional c
 semantics, one call per image. Variants are interleaved and the median of the repeats is reported; every cell
 also checks that both paths return identical indices.
 
-    python eval/bench/kernels.py --threads 1 --out eval/results/kernels.md
+    python eval/bench/native_ops.py --threads 1 --out eval/results/kernels.md
 """
 
 from __future__ import annotations
